@@ -1,0 +1,108 @@
+#!/usr/bin/env node
+// Runs every test of the project and ends with one line: "N passed, N failed".
+//   1. the Rust unit tests (`cargo test`), counted from libtest's "test result" lines;
+//   2. every tapbundle file test/test.*.ts in its own Node process (tsx), counted from its TAP.
+// A file that crashes, exits non-zero or hangs past TEST_FILE_TIMEOUT_MS counts as a failure.
+// Arguments filter the test files by substring; `--no-cargo` skips the Rust tests.
+import { spawn } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
+
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const testDir = path.join(root, 'test');
+const args = process.argv.slice(2);
+const runCargo = !args.includes('--no-cargo') && args.filter((a) => !a.startsWith('--')).length === 0;
+const filter = args.filter((a) => !a.startsWith('--'));
+const timeoutMs = Number(process.env.TEST_FILE_TIMEOUT_MS ?? 180_000);
+
+function run(command, argv, label, onLine) {
+  return new Promise((resolve) => {
+    const child = spawn(command, argv, {
+      cwd: root,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, FORCE_COLOR: '0' },
+    });
+    let buf = '';
+    const feed = (d) => {
+      buf += d;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        process.stdout.write(`[${label}] ${line}\n`);
+        onLine(line);
+      }
+    };
+    child.stdout.on('data', feed);
+    child.stderr.on('data', feed);
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (buf) {
+        process.stdout.write(`[${label}] ${buf}\n`);
+        onLine(buf);
+      }
+      resolve({ code, signal, timedOut });
+    });
+  });
+}
+
+async function runCargoTests() {
+  let passed = 0;
+  let failed = 0;
+  const result = await run('cargo', ['test', '--lib', '--quiet'], 'cargo test', (line) => {
+    const m = /^test result: \w+\. (\d+) passed; (\d+) failed/.exec(line);
+    if (m) {
+      passed += Number(m[1]);
+      failed += Number(m[2]);
+    }
+  });
+  if (result.code !== 0 && failed === 0) failed = 1;
+  return { passed, failed };
+}
+
+async function runTapFile(file) {
+  let plan = null;
+  let passed = 0;
+  let failed = 0;
+  const result = await run(process.execPath, ['--import', 'tsx', path.join(testDir, file)], file, (line) => {
+    let m;
+    if ((m = /^1\.\.(\d+)\s*$/.exec(line))) plan = Number(m[1]);
+    else if (/^ok \d+\b/.test(line)) passed++;
+    else if (/^not ok \d+\b/.test(line)) failed++;
+  });
+  let missing = plan === null ? (passed + failed === 0 ? 1 : 0) : Math.max(0, plan - passed - failed);
+  if ((result.code !== 0 || result.timedOut) && failed === 0 && missing === 0) missing = 1;
+  if (missing > 0) {
+    const why = result.timedOut ? `timed out after ${timeoutMs} ms` : `exit ${result.code ?? result.signal}`;
+    process.stdout.write(`[${file}] not ok - ${missing} test(s) did not report (${why})\n`);
+  }
+  return { passed, failed: failed + missing };
+}
+
+let passed = 0;
+let failed = 0;
+if (runCargo) {
+  const r = await runCargoTests();
+  passed += r.passed;
+  failed += r.failed;
+}
+const files = readdirSync(testDir)
+  .filter((f) => /^test\..+\.ts$/.test(f))
+  .filter((f) => filter.length === 0 || filter.some((p) => f.includes(p)))
+  .sort();
+if (files.length === 0) {
+  console.log('no test files found');
+  failed++;
+}
+for (const file of files) {
+  const r = await runTapFile(file);
+  passed += r.passed;
+  failed += r.failed;
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed > 0 ? 1 : 0);

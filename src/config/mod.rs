@@ -1,0 +1,215 @@
+//! The serde model of the configuration the TypeScript wrapper hands the engine (`INativeConfig` in
+//! `ts/models/native-config.ts`): shapes and defaults only. The wrapper has already normalised the
+//! user's options; semantic checks that need compiled patterns happen in `routing::table`.
+//! Knows nothing of napi, sockets or routing.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EngineConfig {
+    pub routes: Vec<RouteConfig>,
+    pub options: EngineOptions,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EngineOptions {
+    pub initial_data_timeout_ms: u64,
+    pub socket_timeout_ms: u64,
+    pub inactivity_timeout_ms: u64,
+    pub max_connection_lifetime_ms: u64,
+    pub graceful_shutdown_timeout_ms: u64,
+    pub max_connections_per_ip: u32,
+    pub connection_rate_limit_per_minute: u32,
+    pub no_delay: bool,
+    pub keep_alive: bool,
+    pub keep_alive_initial_delay_ms: u64,
+    pub max_pending_data_size: usize,
+    pub worker_threads: Option<usize>,
+    pub enable_detailed_logging: bool,
+    pub default_security: DefaultSecurity,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DefaultSecurity {
+    pub ip_allow_list: Vec<String>,
+    pub ip_block_list: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteConfig {
+    /// Position in the user's `routes` array, so errors and metrics name the route the user wrote.
+    pub index: usize,
+    pub name: Option<String>,
+    pub id: Option<String>,
+    pub priority: f64,
+    #[serde(rename = "match")]
+    pub match_: MatchConfig,
+    pub action: ActionConfig,
+    pub security: RouteSecurityConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MatchConfig {
+    pub ports: Vec<u16>,
+    pub domains: Vec<String>,
+    pub client_ip: Vec<String>,
+    pub tls_version: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ActionConfig {
+    pub tls: Option<TlsConfig>,
+    pub targets: Vec<TargetConfig>,
+    pub connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode")]
+pub enum TlsConfig {
+    #[serde(rename = "passthrough")]
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetConfig {
+    pub hosts: Vec<String>,
+    pub port: TargetPort,
+    pub match_ports: Option<Vec<u16>>,
+    pub priority: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Fixed(u16),
+    Preserve(PreserveKeyword),
+}
+
+/// The literal `'preserve'`: connect to the port the client connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum PreserveKeyword {
+    #[serde(rename = "preserve")]
+    Preserve,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteSecurityConfig {
+    pub ip_allow_list: Vec<String>,
+    pub ip_block_list: Vec<String>,
+    pub max_connections: Option<u32>,
+}
+
+/// A configuration the engine cannot run, with the route and field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl ConfigError {
+    /// `routes[2] "api": match.ports: ...` — the form users see from the wrapper's own checks too.
+    pub fn in_route(index: usize, name: Option<&str>, field: &str, reason: impl fmt::Display) -> Self {
+        let who = match name {
+            Some(name) => format!("routes[{index}] {name:?}"),
+            None => format!("routes[{index}]"),
+        };
+        ConfigError { message: format!("{who}: {field}: {reason}") }
+    }
+
+    pub fn in_options(field: &str, reason: impl fmt::Display) -> Self {
+        ConfigError { message: format!("options.{field}: {reason}") }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Deserialises the wrapper's config, turning a serde path such as `routes[0].match.ports[1]` into
+/// the user's route index and name.
+pub fn parse(value: serde_json::Value) -> Result<EngineConfig, ConfigError> {
+    serde_path_to_error::deserialize::<_, EngineConfig>(&value).map_err(|err| {
+        let path = err.path().to_string();
+        let reason = err.inner().to_string();
+        match route_of_path(&value, &path) {
+            Some((index, name, rest)) => ConfigError::in_route(index, name.as_deref(), &rest, reason),
+            None => ConfigError { message: format!("invalid SmartProxy config at {path}: {reason}") },
+        }
+    })
+}
+
+fn route_of_path(value: &serde_json::Value, path: &str) -> Option<(usize, Option<String>, String)> {
+    let rest = path.strip_prefix("routes[")?;
+    let close = rest.find(']')?;
+    let position: usize = rest[..close].parse().ok()?;
+    let field = rest[close + 1..].trim_start_matches('.').to_string();
+    let route = value.get("routes")?.get(position)?;
+    let index = route.get("index").and_then(|i| i.as_u64()).map_or(position, |i| i as usize);
+    let name = route.get("name").and_then(|n| n.as_str()).map(str::to_string);
+    Some((index, name, if field.is_empty() { ".".to_string() } else { field }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn options() -> serde_json::Value {
+        json!({
+            "initialDataTimeoutMs": 120000, "socketTimeoutMs": 3600000, "inactivityTimeoutMs": 14400000,
+            "maxConnectionLifetimeMs": 86400000, "gracefulShutdownTimeoutMs": 30000,
+            "maxConnectionsPerIp": 100, "connectionRateLimitPerMinute": 300, "noDelay": true,
+            "keepAlive": true, "keepAliveInitialDelayMs": 10000, "maxPendingDataSize": 10485760,
+            "workerThreads": null, "enableDetailedLogging": false,
+            "defaultSecurity": { "ipAllowList": [], "ipBlockList": [] }
+        })
+    }
+
+    fn route(port: serde_json::Value) -> serde_json::Value {
+        json!({
+            "index": 3, "name": "api", "id": null, "priority": 0,
+            "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [] },
+            "action": { "tls": { "mode": "passthrough" }, "connectTimeoutMs": null,
+                        "targets": [{ "hosts": ["a"], "port": "preserve", "matchPorts": null, "priority": 0 }] },
+            "security": { "ipAllowList": [], "ipBlockList": [], "maxConnections": null }
+        })
+    }
+
+    #[test]
+    fn parses_a_normalised_config() {
+        let cfg = parse(json!({ "routes": [route(json!(443))], "options": options() })).expect("valid");
+        assert_eq!(cfg.routes[0].match_.ports, vec![443]);
+        assert_eq!(cfg.routes[0].action.tls, Some(TlsConfig::Passthrough));
+        assert_eq!(cfg.routes[0].action.targets[0].port, TargetPort::Preserve(PreserveKeyword::Preserve));
+    }
+
+    #[test]
+    fn errors_name_the_users_route_index_and_name() {
+        let err = parse(json!({ "routes": [route(json!(70000))], "options": options() })).unwrap_err();
+        assert_eq!(
+            err.message,
+            "routes[3] \"api\": match.ports[0]: invalid value: integer `70000`, expected u16"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let mut opts = options();
+        opts["bogus"] = json!(1);
+        let err = parse(json!({ "routes": [], "options": opts })).unwrap_err();
+        assert!(err.message.starts_with("invalid SmartProxy config at options.bogus: unknown field `bogus`"), "{}", err.message);
+    }
+}

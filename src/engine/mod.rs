@@ -1,0 +1,249 @@
+//! One proxy instance (one `new SmartProxy()`): its route table snapshot, listening ports,
+//! sessions, limits and metrics, and the control operations on them (start, stop, updateRoutes,
+//! ports). Control operations are serialised; the data path never waits on them. Knows nothing of
+//! napi: `lib.rs` wraps it.
+
+mod logging;
+mod runtime;
+mod stats;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
+use crate::listener::{BindError, OnAccept, PortManager};
+use crate::metrics::EngineMetrics;
+use crate::routing::ip::IpList;
+use crate::routing::RouteTable;
+use crate::security::{ConnectionLimiter, IpPolicy};
+use crate::session::{Session, SessionEnv};
+
+
+/// After the grace period, sessions are cancelled; this bounds the wait for them to unwind.
+const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(5);
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Engine {
+    options: EngineOptions,
+    global_policy: IpPolicy,
+    metrics: Arc<EngineMetrics>,
+    limiter: Arc<ConnectionLimiter>,
+    table: Arc<RwLock<Arc<RouteTable>>>,
+    next_session_id: Arc<AtomicU64>,
+    control: tokio::sync::Mutex<Control>,
+    /// What `getListeningPorts()` answers without waiting for a control operation to finish.
+    listening: Mutex<Vec<u16>>,
+}
+
+#[derive(Default)]
+struct Control {
+    /// Ports added with `addListeningPort` beyond those of the routes.
+    extra_ports: BTreeSet<u16>,
+    /// Route ports closed with `removeListeningPort`, until `updateRoutes` or `addListeningPort`.
+    removed_ports: BTreeSet<u16>,
+    running: Option<Running>,
+}
+
+struct Running {
+    ports: PortManager,
+    on_accept: OnAccept,
+    sessions: TaskTracker,
+    force_close: CancellationToken,
+    sampler: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+pub enum EngineError {
+    Config(ConfigError),
+    Bind(BindError),
+    NotStarted,
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Config(e) => e.fmt(f),
+            EngineError::Bind(e) => e.fmt(f),
+            EngineError::NotStarted => f.write_str("the proxy is not started"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Result<Engine, ConfigError> {
+        if config.options.enable_detailed_logging {
+            logging::enable_detailed_logging();
+        }
+        let metrics = Arc::new(EngineMetrics::default());
+        let table = RouteTable::compile(&config.routes, &metrics.routes)?;
+        let global_policy = global_policy(&config.options)?;
+        let limiter = ConnectionLimiter::new(
+            config.options.max_connections_per_ip,
+            config.options.connection_rate_limit_per_minute,
+        );
+        Ok(Engine {
+            global_policy,
+            metrics,
+            limiter: Arc::new(limiter),
+            table: Arc::new(RwLock::new(Arc::new(table))),
+            next_session_id: Arc::new(AtomicU64::new(1)),
+            control: tokio::sync::Mutex::default(),
+            listening: Mutex::default(),
+            options: config.options,
+        })
+    }
+
+    /// The runtime this engine's work runs on.
+    pub fn runtime(&self) -> &'static tokio::runtime::Runtime {
+        runtime::shared(self.options.worker_threads)
+    }
+
+    /// Binds every route port (all or none) and starts accepting. Starting twice is a no-op.
+    pub async fn start(&self) -> Result<(), EngineError> {
+        let mut control = self.control.lock().await;
+        if control.running.is_some() {
+            return Ok(());
+        }
+        let sessions = TaskTracker::new();
+        let force_close = CancellationToken::new();
+        let env = Arc::new(self.session_env(force_close.clone()));
+        let on_accept = self.accept_callback(env, sessions.clone());
+        let mut ports = PortManager::default();
+        ports.bind_all(&self.wanted_ports(&control), &on_accept).map_err(EngineError::Bind)?;
+        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone()));
+        *self.listening.lock() = ports.ports();
+        control.running = Some(Running { ports, on_accept, sessions, force_close, sampler });
+        Ok(())
+    }
+
+    /// Stops accepting, lets open connections finish within `gracefulShutdownTimeout`, then closes
+    /// the rest. Stopping a stopped engine is a no-op.
+    pub async fn stop(&self) {
+        let mut control = self.control.lock().await;
+        let Some(mut running) = control.running.take() else {
+            return;
+        };
+        running.ports.release_all().await;
+        self.listening.lock().clear();
+        running.sampler.abort();
+        running.sessions.close();
+        let grace = Duration::from_millis(self.options.graceful_shutdown_timeout_ms);
+        if tokio::time::timeout(grace, running.sessions.wait()).await.is_err() {
+            running.force_close.cancel();
+            let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, running.sessions.wait()).await;
+        }
+    }
+
+    /// Swaps in a new route table; binds the ports it adds (all or none, else nothing changes) and
+    /// releases the ports nobody uses any more. Open connections keep the table they started with.
+    pub async fn update_routes(&self, routes: &[RouteConfig]) -> Result<(), EngineError> {
+        let mut control = self.control.lock().await;
+        let table = Arc::new(RouteTable::compile(routes, &self.metrics.routes).map_err(EngineError::Config)?);
+        let previous = std::mem::replace(&mut *self.table.write(), table.clone());
+        let removed_before = std::mem::take(&mut control.removed_ports);
+        let wanted = self.wanted_ports(&control);
+        if let Some(running) = control.running.as_mut() {
+            if let Err(err) = running.ports.bind_all(&wanted, &running.on_accept) {
+                *self.table.write() = previous;
+                control.removed_ports = removed_before;
+                return Err(EngineError::Bind(err));
+            }
+            for port in running.ports.ports() {
+                if !wanted.contains(&port) {
+                    running.ports.release(port).await;
+                }
+            }
+            *self.listening.lock() = running.ports.ports();
+        }
+        let live: Vec<Arc<str>> = table.routes().iter().map(|r| r.label.clone()).collect();
+        self.metrics.routes.retain_labels(&live);
+        Ok(())
+    }
+
+    pub async fn add_listening_port(&self, port: u16) -> Result<(), EngineError> {
+        let mut control = self.control.lock().await;
+        let running = control.running.as_mut().ok_or(EngineError::NotStarted)?;
+        running.ports.bind_all(&[port], &running.on_accept).map_err(EngineError::Bind)?;
+        *self.listening.lock() = running.ports.ports();
+        control.removed_ports.remove(&port);
+        control.extra_ports.insert(port);
+        Ok(())
+    }
+
+    pub async fn remove_listening_port(&self, port: u16) {
+        let mut control = self.control.lock().await;
+        control.extra_ports.remove(&port);
+        control.removed_ports.insert(port);
+        if let Some(running) = control.running.as_mut() {
+            running.ports.release(port).await;
+            *self.listening.lock() = running.ports.ports();
+        }
+    }
+
+    pub fn listening_ports(&self) -> Vec<u16> {
+        self.listening.lock().clone()
+    }
+
+    fn wanted_ports(&self, control: &Control) -> Vec<u16> {
+        let mut ports = self.table.read().ports();
+        ports.extend(control.extra_ports.iter().copied());
+        ports.retain(|p| !control.removed_ports.contains(p));
+        ports.into_iter().collect()
+    }
+
+    fn session_env(&self, force_close: CancellationToken) -> SessionEnv {
+        let o = &self.options;
+        SessionEnv {
+            metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
+            global_policy: self.global_policy.clone(),
+            initial_data_timeout: Duration::from_millis(o.initial_data_timeout_ms),
+            idle_timeout: Duration::from_millis(o.socket_timeout_ms.min(o.inactivity_timeout_ms)),
+            max_lifetime: Duration::from_millis(o.max_connection_lifetime_ms),
+            max_pending_data: o.max_pending_data_size,
+            no_delay: o.no_delay,
+            keep_alive: o.keep_alive.then(|| Duration::from_millis(o.keep_alive_initial_delay_ms.max(1000))),
+            force_close,
+        }
+    }
+
+    fn accept_callback(&self, env: Arc<SessionEnv>, sessions: TaskTracker) -> OnAccept {
+        let table = self.table.clone();
+        let next_id = self.next_session_id.clone();
+        Arc::new(move |stream, peer, port| {
+            let snapshot = table.read().clone();
+            let session = Session::new(next_id.fetch_add(1, Ordering::Relaxed), peer, port);
+            sessions.spawn(session.run(env.clone(), snapshot, stream));
+        })
+    }
+}
+
+fn global_policy(options: &EngineOptions) -> Result<IpPolicy, ConfigError> {
+    let list = |items: &[String], field: &str| {
+        IpList::parse(items).map_err(|(i, reason)| ConfigError::in_options(&format!("defaults.security.{field}[{i}]"), reason))
+    };
+    Ok(IpPolicy {
+        allow: list(&options.default_security.ip_allow_list, "ipAllowList")?,
+        block: list(&options.default_security.ip_block_list, "ipBlockList")?,
+    })
+}
+
+async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<ConnectionLimiter>) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        metrics.sample(now_ms);
+        limiter.sample_and_sweep(now_ms);
+    }
+}

@@ -1,0 +1,137 @@
+//! Host sniffing on a buffered prefix of a connection, without consuming it. Only methods from the
+//! HTTP registry are recognised, so a server-first or binary protocol is told apart after at most
+//! a few bytes instead of waiting for a request head that never comes.
+
+/// Largest request head we buffer to find the Host header (the HTTP engine's default
+/// `maxHeaderSize`).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI",
+];
+const LONGEST_METHOD: usize = 7;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpSniff {
+    /// An HTTP/1.x request head: its Host without port, lowercased, trailing dot removed.
+    Request { host: Option<String> },
+    /// The HTTP/2 prior-knowledge preface (no Host until the HEADERS frame).
+    H2Preface,
+    /// Could still be HTTP: read more.
+    Incomplete,
+    /// Not HTTP (or a head too large or malformed to route by).
+    NotHttp,
+}
+
+pub fn sniff(buf: &[u8]) -> HttpSniff {
+    match method_prefix(buf) {
+        MethodPrefix::Unknown => return HttpSniff::NotHttp,
+        MethodPrefix::Partial => return HttpSniff::Incomplete,
+        MethodPrefix::Known => {}
+    }
+    if buf.starts_with(b"PRI ") {
+        let seen = buf.len().min(H2_PREFACE.len());
+        return if buf[..seen] != H2_PREFACE[..seen] {
+            HttpSniff::NotHttp
+        } else if seen == H2_PREFACE.len() {
+            HttpSniff::H2Preface
+        } else {
+            HttpSniff::Incomplete
+        };
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => HttpSniff::Request { host: host_of(request.headers) },
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => HttpSniff::Incomplete,
+        Ok(httparse::Status::Partial) | Err(_) => HttpSniff::NotHttp,
+    }
+}
+
+enum MethodPrefix {
+    Known,
+    Partial,
+    Unknown,
+}
+
+fn method_prefix(buf: &[u8]) -> MethodPrefix {
+    match buf.iter().position(|b| *b == b' ') {
+        Some(space) if METHODS.contains(&&buf[..space]) => MethodPrefix::Known,
+        Some(_) => MethodPrefix::Unknown,
+        None if buf.len() <= LONGEST_METHOD && METHODS.iter().any(|m| m.starts_with(buf)) => MethodPrefix::Partial,
+        None => MethodPrefix::Unknown,
+    }
+}
+
+fn host_of(headers: &[httparse::Header<'_>]) -> Option<String> {
+    let value = headers.iter().find(|h| h.name.eq_ignore_ascii_case("host"))?.value;
+    let value = std::str::from_utf8(value).ok()?.trim();
+    Some(normalise_host(value)).filter(|h| !h.is_empty())
+}
+
+/// `Example.COM.:8080` → `example.com`; `[::1]:80` → `::1`.
+pub fn normalise_host(authority: &str) -> String {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(host, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) { host } else { authority }
+        })
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_host_of_a_request_head() {
+        let head = b"GET /x HTTP/1.1\r\nUser-Agent: t\r\nHOST: Api.Example.com.:8080\r\n\r\nbody";
+        assert_eq!(sniff(head), HttpSniff::Request { host: Some("api.example.com".into()) });
+    }
+
+    #[test]
+    fn a_request_without_host_has_no_domain() {
+        assert_eq!(sniff(b"GET / HTTP/1.0\r\n\r\n"), HttpSniff::Request { host: None });
+    }
+
+    #[test]
+    fn every_prefix_of_a_request_is_incomplete() {
+        let head = b"POST /p HTTP/1.1\r\nHost: a.b\r\n\r\n";
+        for end in 1..head.len() {
+            assert_eq!(sniff(&head[..end]), HttpSniff::Incomplete, "prefix {end}");
+        }
+    }
+
+    #[test]
+    fn binary_and_server_first_protocols_are_recognised_early() {
+        assert_eq!(sniff(b"\x16\x03\x01"), HttpSniff::NotHttp);
+        assert_eq!(sniff(b"EHLO x"), HttpSniff::NotHttp);
+        assert_eq!(sniff(b"HELLO WORLD"), HttpSniff::NotHttp);
+        assert_eq!(sniff(b"GE"), HttpSniff::Incomplete);
+        assert_eq!(sniff(b"get / HTTP/1.1\r\n"), HttpSniff::NotHttp);
+    }
+
+    #[test]
+    fn the_h2_preface_is_recognised() {
+        assert_eq!(sniff(H2_PREFACE), HttpSniff::H2Preface);
+        assert_eq!(sniff(&H2_PREFACE[..10]), HttpSniff::Incomplete);
+        assert_eq!(sniff(b"PRI * HTTP/1.1\r\n"), HttpSniff::NotHttp);
+    }
+
+    #[test]
+    fn an_oversized_head_is_not_routed_as_http() {
+        let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        head.resize(MAX_HEAD_BYTES + 1, b'a');
+        assert_eq!(sniff(&head), HttpSniff::NotHttp);
+    }
+
+    #[test]
+    fn hosts_are_normalised() {
+        assert_eq!(normalise_host("[::1]:443"), "::1");
+        assert_eq!(normalise_host("EXAMPLE.com."), "example.com");
+        assert_eq!(normalise_host("a.com:x"), "a.com:x");
+    }
+}

@@ -1,0 +1,132 @@
+//! napi exports only: the `NativeEngine` class the TypeScript wrapper drives, and conversions of
+//! engine results and errors into JavaScript values. All behaviour lives in the modules below.
+
+mod config;
+mod engine;
+mod http;
+mod listener;
+mod metrics;
+mod routing;
+mod security;
+mod session;
+mod tcp;
+mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use crate::engine::{Engine, EngineError};
+
+/// One proxy instance on the shared Rust runtime. Constructed from the normalised config
+/// (`INativeConfig`); throws with `code: 'InvalidArg'` and a message naming the route and field.
+#[napi]
+pub struct NativeEngine {
+    engine: Arc<Engine>,
+}
+
+#[napi]
+impl NativeEngine {
+    #[napi(constructor)]
+    pub fn new(config: serde_json::Value) -> Result<Self> {
+        let config = config::parse(config).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
+        let engine = Engine::new(config).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
+        Ok(NativeEngine { engine: Arc::new(engine) })
+    }
+
+    /// Binds every route port (all or none; rejects with `EADDRINUSE: port N ...`) and accepts.
+    #[napi]
+    pub async fn start(&self) -> Result<()> {
+        let engine = self.engine.clone();
+        on_engine_runtime(&self.engine, async move { engine.start().await }).await?.map_err(engine_error)
+    }
+
+    /// Stops accepting, drains up to `gracefulShutdownTimeout`, then closes what is left.
+    #[napi]
+    pub async fn stop(&self) -> Result<()> {
+        let engine = self.engine.clone();
+        on_engine_runtime(&self.engine, async move { engine.stop().await }).await
+    }
+
+    /// Replaces the routes with those of `config` (a whole normalised config; its options are
+    /// ignored: they are fixed at construction).
+    #[napi]
+    pub async fn update_routes(&self, config: serde_json::Value) -> Result<()> {
+        let config = config::parse(config).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
+        let engine = self.engine.clone();
+        on_engine_runtime(&self.engine, async move { engine.update_routes(&config.routes).await })
+            .await?
+            .map_err(engine_error)
+    }
+
+    #[napi]
+    pub async fn add_listening_port(&self, port: u32) -> Result<()> {
+        let port = valid_port(port)?;
+        let engine = self.engine.clone();
+        on_engine_runtime(&self.engine, async move { engine.add_listening_port(port).await })
+            .await?
+            .map_err(engine_error)
+    }
+
+    #[napi]
+    pub async fn remove_listening_port(&self, port: u32) -> Result<()> {
+        let port = valid_port(port)?;
+        let engine = self.engine.clone();
+        on_engine_runtime(&self.engine, async move { engine.remove_listening_port(port).await }).await
+    }
+
+    #[napi]
+    pub fn listening_ports(&self) -> Vec<u32> {
+        self.engine.listening_ports().into_iter().map(u32::from).collect()
+    }
+
+    #[napi]
+    pub fn statistics(&self) -> Result<serde_json::Value> {
+        to_json(&self.engine.statistics())
+    }
+
+    /// Connection counts, totals and throughput averaged over `windowSeconds`.
+    #[napi]
+    pub fn metrics(&self, window_seconds: u32) -> Result<serde_json::Value> {
+        to_json(&self.engine.metrics(window_seconds as usize))
+    }
+
+    /// Per-second throughput of the last `seconds` seconds, oldest first.
+    #[napi]
+    pub fn history(&self, seconds: u32) -> Result<serde_json::Value> {
+        to_json(&self.engine.history(seconds as usize))
+    }
+}
+
+/// Runs engine work on the engine's own runtime (napi's async plumbing only awaits it).
+async fn on_engine_runtime<T: Send + 'static>(
+    engine: &Engine,
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T> {
+    engine
+        .runtime()
+        .spawn(work)
+        .await
+        .map_err(|e| Error::from_reason(format!("smartproxy engine task failed: {e}")))
+}
+
+fn engine_error(err: EngineError) -> Error {
+    let status = match err {
+        EngineError::Config(_) => Status::InvalidArg,
+        EngineError::Bind(_) | EngineError::NotStarted => Status::GenericFailure,
+    };
+    Error::new(status, err.to_string())
+}
+
+fn valid_port(port: u32) -> Result<u16> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Error::new(Status::InvalidArg, format!("{port} is not a valid port")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| Error::from_reason(e.to_string()))
+}

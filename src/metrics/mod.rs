@@ -1,0 +1,236 @@
+//! Counters and throughput rings for one engine: connections (global, per route, per client IP),
+//! bytes on the client side, requests and termination reasons; a per-second sampler turns byte
+//! totals into rates. Lock-free on the data path (relaxed atomics); rings are touched once a second.
+//! Knows nothing of sockets or napi.
+
+mod rate;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub use rate::{Rate, RateRing};
+
+/// Why a connection ended. Every exit path of a session names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminationReason {
+    /// Both directions finished with an orderly close.
+    Completed,
+    ClientClosedBeforeData,
+    ClientClosedDuringConnect,
+    ClientError,
+    BackendError,
+    InitialDataTimeout,
+    IdleTimeout,
+    LifetimeExceeded,
+    InvalidTls,
+    InvalidHttp,
+    NoRoute,
+    NoTarget,
+    IpBlocked,
+    RouteIpBlocked,
+    PerIpLimit,
+    RateLimited,
+    RouteConnectionLimit,
+    BackendConnectFailed,
+    BackendConnectTimeout,
+    Shutdown,
+    PendingDataOverflow,
+}
+
+impl TerminationReason {
+    pub const ALL: [TerminationReason; 21] = [
+        Self::Completed,
+        Self::ClientClosedBeforeData,
+        Self::ClientClosedDuringConnect,
+        Self::ClientError,
+        Self::BackendError,
+        Self::InitialDataTimeout,
+        Self::IdleTimeout,
+        Self::LifetimeExceeded,
+        Self::InvalidTls,
+        Self::InvalidHttp,
+        Self::NoRoute,
+        Self::NoTarget,
+        Self::IpBlocked,
+        Self::RouteIpBlocked,
+        Self::PerIpLimit,
+        Self::RateLimited,
+        Self::RouteConnectionLimit,
+        Self::BackendConnectFailed,
+        Self::BackendConnectTimeout,
+        Self::Shutdown,
+        Self::PendingDataOverflow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::ClientClosedBeforeData => "client_closed_before_data",
+            Self::ClientClosedDuringConnect => "client_closed_during_connect",
+            Self::ClientError => "client_error",
+            Self::BackendError => "backend_error",
+            Self::InitialDataTimeout => "initial_data_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::LifetimeExceeded => "lifetime_exceeded",
+            Self::InvalidTls => "invalid_tls",
+            Self::InvalidHttp => "invalid_http",
+            Self::NoRoute => "no_route",
+            Self::NoTarget => "no_target",
+            Self::IpBlocked => "ip_blocked",
+            Self::RouteIpBlocked => "route_ip_blocked",
+            Self::PerIpLimit => "per_ip_limit",
+            Self::RateLimited => "rate_limited",
+            Self::RouteConnectionLimit => "route_connection_limit",
+            Self::BackendConnectFailed => "backend_connect_failed",
+            Self::BackendConnectTimeout => "backend_connect_timeout",
+            Self::Shutdown => "shutdown",
+            Self::PendingDataOverflow => "pending_data_overflow",
+        }
+    }
+
+    fn slot(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Bytes on the client side: `bytes_in` read from the client, `bytes_out` written to it.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+impl ByteCounters {
+    pub fn totals(&self) -> (u64, u64) {
+        (self.bytes_in.load(Ordering::Relaxed), self.bytes_out.load(Ordering::Relaxed))
+    }
+}
+
+/// Per-route counters. They outlive a route table: `updateRoutes` keeps a route's counters when a
+/// route of the same name survives, so `maxConnections` and metrics stay true across updates.
+#[derive(Debug)]
+pub struct RouteStats {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    pub bytes: ByteCounters,
+    pub ring: Mutex<RateRing>,
+}
+
+impl Default for RouteStats {
+    fn default() -> Self {
+        RouteStats {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes: ByteCounters::default(),
+            ring: Mutex::new(RateRing::new(PER_KEY_HISTORY_SECONDS)),
+        }
+    }
+}
+
+/// Seconds of per-route and per-IP history kept for `byRoute(window)` / `byIP(window)`.
+pub const PER_KEY_HISTORY_SECONDS: usize = 60;
+/// Seconds of engine-wide history kept for `history(seconds)` and `custom(seconds)`.
+pub const ENGINE_HISTORY_SECONDS: usize = 3600;
+
+#[derive(Debug, Default)]
+pub struct RouteStatsRegistry {
+    by_label: Mutex<HashMap<Arc<str>, Arc<RouteStats>>>,
+}
+
+impl RouteStatsRegistry {
+    pub fn get(&self, label: &Arc<str>) -> Arc<RouteStats> {
+        self.by_label.lock().entry(label.clone()).or_default().clone()
+    }
+
+    pub fn all(&self) -> Vec<(Arc<str>, Arc<RouteStats>)> {
+        self.by_label.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Forget routes that no table uses and no connection holds any more.
+    pub fn retain_labels(&self, live: &[Arc<str>]) {
+        self.by_label
+            .lock()
+            .retain(|label, stats| live.contains(label) || stats.active.load(Ordering::Relaxed) > 0);
+    }
+}
+
+#[derive(Debug)]
+pub struct EngineMetrics {
+    pub active: AtomicU64,
+    pub active_tls: AtomicU64,
+    pub total: AtomicU64,
+    pub requests: AtomicU64,
+    pub bytes: ByteCounters,
+    terminations: [AtomicU64; TerminationReason::ALL.len()],
+    pub ring: Mutex<RateRing>,
+    pub routes: RouteStatsRegistry,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        EngineMetrics {
+            active: AtomicU64::new(0),
+            active_tls: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            bytes: ByteCounters::default(),
+            terminations: std::array::from_fn(|_| AtomicU64::new(0)),
+            ring: Mutex::new(RateRing::new(ENGINE_HISTORY_SECONDS)),
+            routes: RouteStatsRegistry::default(),
+        }
+    }
+}
+
+impl EngineMetrics {
+    pub fn record_termination(&self, reason: TerminationReason) {
+        self.terminations[reason.slot()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn terminations(&self) -> Vec<(&'static str, u64)> {
+        TerminationReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.terminations[r.slot()].load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Called once a second by the engine's sampler.
+    pub fn sample(&self, now_ms: u64) {
+        let (bytes_in, bytes_out) = self.bytes.totals();
+        self.ring.lock().push(now_ms, bytes_in, bytes_out, self.requests.load(Ordering::Relaxed));
+        for (_, stats) in self.routes.all() {
+            let (i, o) = stats.bytes.totals();
+            stats.ring.lock().push(now_ms, i, o, stats.total.load(Ordering::Relaxed));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_slot() {
+        let m = EngineMetrics::default();
+        for r in TerminationReason::ALL {
+            m.record_termination(r);
+        }
+        let all = m.terminations();
+        assert_eq!(all.len(), TerminationReason::ALL.len());
+        assert!(all.iter().all(|(_, n)| *n == 1));
+    }
+
+    #[test]
+    fn route_stats_survive_a_new_table_under_the_same_label() {
+        let reg = RouteStatsRegistry::default();
+        let label: Arc<str> = "api".into();
+        let a = reg.get(&label);
+        a.active.fetch_add(1, Ordering::Relaxed);
+        assert!(Arc::ptr_eq(&a, &reg.get(&label)));
+        reg.retain_labels(&[]);
+        assert!(Arc::ptr_eq(&a, &reg.get(&label)), "an active route's counters are kept");
+    }
+}

@@ -1,0 +1,374 @@
+//! The route table: routes compiled from config, grouped by port in matching order (priority
+//! descending, then the user's array order). A table is immutable; `updateRoutes` builds a new one
+//! and live connections keep the table they were accepted under.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{ConfigError, RouteConfig, TargetPort, TlsConfig};
+use crate::metrics::{RouteStats, RouteStatsRegistry};
+use crate::routing::domain::DomainPattern;
+use crate::routing::ip::IpList;
+use crate::security::IpPolicy;
+
+/// What the listener learned about a connection before routing it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionFacts<'a> {
+    pub local_port: u16,
+    pub client_ip: IpAddr,
+    /// SNI for TLS, the Host header (without port) for plain HTTP.
+    pub domain: Option<&'a str>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The port's routes need nothing from the client, so nothing was read before routing.
+    NotSniffed,
+    Tls { version: Option<&'static str> },
+    Http,
+    Other,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// How metrics and logs name the route: its name, else its id, else `routes[index]`.
+    pub label: Arc<str>,
+    pub priority: f64,
+    domains: Vec<DomainPattern>,
+    client_ip: IpList,
+    tls_versions: Vec<String>,
+    pub tls: Option<TlsConfig>,
+    targets: Vec<Target>,
+    pub connect_timeout: Option<Duration>,
+    pub policy: IpPolicy,
+    pub max_connections: Option<u32>,
+    pub stats: Arc<RouteStats>,
+}
+
+#[derive(Debug)]
+struct Target {
+    hosts: Vec<String>,
+    port: TargetPort,
+    match_ports: Option<Vec<u16>>,
+    priority: f64,
+    /// Round-robin position over `hosts`, per table: a route update restarts the rotation.
+    next_host: AtomicUsize,
+}
+
+/// The backend a connection goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedTarget<'a> {
+    pub host: &'a str,
+    pub port: u16,
+}
+
+/// The routes of one port, in matching order, and what must be read from a client to choose.
+#[derive(Debug, Default)]
+pub struct PortPlan {
+    pub routes: Vec<Arc<Route>>,
+    /// Some route here matches on domain or TLS version: the first bytes must be sniffed.
+    pub needs_client_data: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    ports: HashMap<u16, PortPlan>,
+}
+
+impl RouteTable {
+    pub fn compile(configs: &[RouteConfig], stats: &RouteStatsRegistry) -> Result<RouteTable, ConfigError> {
+        let mut routes = Vec::with_capacity(configs.len());
+        for config in configs {
+            routes.push(Arc::new(Route::compile(config, stats)?));
+        }
+        // Stable sort keeps array order among equal priorities.
+        let mut ordered: Vec<(usize, Arc<Route>)> = routes.iter().cloned().enumerate().collect();
+        ordered.sort_by(|(ai, a), (bi, b)| b.priority.total_cmp(&a.priority).then(ai.cmp(bi)));
+        let mut ports: HashMap<u16, PortPlan> = HashMap::new();
+        for (position, route) in &ordered {
+            for port in &configs[*position].match_.ports {
+                let plan = ports.entry(*port).or_default();
+                plan.needs_client_data |= !route.domains.is_empty() || !route.tls_versions.is_empty();
+                plan.routes.push(route.clone());
+            }
+        }
+        Ok(RouteTable { routes, ports })
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// Every port some route listens on.
+    pub fn ports(&self) -> BTreeSet<u16> {
+        self.ports.keys().copied().collect()
+    }
+
+    pub fn port(&self, port: u16) -> Option<&PortPlan> {
+        self.ports.get(&port)
+    }
+
+    /// The first route of the connection's port that matches, in matching order.
+    pub fn find(&self, facts: &ConnectionFacts<'_>) -> Option<&Arc<Route>> {
+        self.ports.get(&facts.local_port)?.routes.iter().find(|route| route.matches(facts))
+    }
+}
+
+impl Route {
+    fn compile(config: &RouteConfig, stats: &RouteStatsRegistry) -> Result<Route, ConfigError> {
+        let name = config.name.as_deref();
+        let fail = |field: String, reason: String| ConfigError::in_route(config.index, name, &field, reason);
+
+        let mut domains = Vec::with_capacity(config.match_.domains.len());
+        for (i, pattern) in config.match_.domains.iter().enumerate() {
+            domains.push(DomainPattern::parse(pattern).map_err(|r| fail(format!("match.domains[{i}]"), r))?);
+        }
+        let client_ip = IpList::parse(&config.match_.client_ip)
+            .map_err(|(i, r)| fail(format!("match.clientIp[{i}]"), r))?;
+        let allow = IpList::parse(&config.security.ip_allow_list)
+            .map_err(|(i, r)| fail(format!("security.ipAllowList[{i}]"), r))?;
+        let block = IpList::parse(&config.security.ip_block_list)
+            .map_err(|(i, r)| fail(format!("security.ipBlockList[{i}]"), r))?;
+        if config.match_.ports.is_empty() {
+            return Err(fail("match.ports".into(), "at least one port is required".into()));
+        }
+        if let Some(i) = config.match_.ports.iter().position(|p| *p == 0) {
+            return Err(fail(format!("match.ports[{i}]"), "0 is not a valid port".into()));
+        }
+        if config.action.targets.is_empty() {
+            return Err(fail("action.targets".into(), "a forward route needs at least one target".into()));
+        }
+        let mut targets = Vec::with_capacity(config.action.targets.len());
+        for (i, target) in config.action.targets.iter().enumerate() {
+            if target.hosts.is_empty() || target.hosts.iter().any(|h| h.trim().is_empty()) {
+                return Err(fail(format!("action.targets[{i}].host"), "a target needs a non-empty host".into()));
+            }
+            if target.port == TargetPort::Fixed(0) {
+                return Err(fail(format!("action.targets[{i}].port"), "0 is not a valid port".into()));
+            }
+            targets.push(Target {
+                hosts: target.hosts.clone(),
+                port: target.port,
+                match_ports: target.match_ports.clone(),
+                priority: target.priority,
+                next_host: AtomicUsize::new(0),
+            });
+        }
+        let label: Arc<str> = match (&config.name, &config.id) {
+            (Some(name), _) => name.as_str().into(),
+            (None, Some(id)) => id.as_str().into(),
+            (None, None) => format!("routes[{}]", config.index).into(),
+        };
+        Ok(Route {
+            stats: stats.get(&label),
+            label,
+            priority: config.priority,
+            domains,
+            client_ip,
+            tls_versions: config.match_.tls_version.clone(),
+            tls: config.action.tls,
+            targets,
+            connect_timeout: config.action.connect_timeout_ms.map(Duration::from_millis),
+            policy: IpPolicy { allow, block },
+            max_connections: config.security.max_connections,
+        })
+    }
+
+    pub fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
+        if self.tls.is_some() && !matches!(facts.protocol, Protocol::Tls { .. } | Protocol::NotSniffed) {
+            return false;
+        }
+        if !self.domains.is_empty() {
+            match facts.domain {
+                Some(domain) if self.domains.iter().any(|p| p.matches(domain)) => {}
+                _ => return false,
+            }
+        }
+        if !self.client_ip.is_empty() && !self.client_ip.matches(facts.client_ip) {
+            return false;
+        }
+        if !self.tls_versions.is_empty() {
+            match facts.protocol {
+                Protocol::Tls { version: Some(v) } if self.tls_versions.iter().any(|w| w == v) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// The highest-priority target whose `match` fits the connection, else the highest-priority one
+    /// without a `match`; equal priorities keep array order. Host arrays rotate round robin.
+    pub fn select_target(&self, local_port: u16) -> Option<SelectedTarget<'_>> {
+        let best = |want_match: bool| {
+            self.targets
+                .iter()
+                .filter(|t| match &t.match_ports {
+                    Some(ports) => want_match && ports.contains(&local_port),
+                    None => !want_match,
+                })
+                .fold(None::<&Target>, |best, t| match best {
+                    Some(b) if b.priority >= t.priority => Some(b),
+                    _ => Some(t),
+                })
+        };
+        let target = best(true).or_else(|| best(false))?;
+        let turn = target.next_host.fetch_add(1, Ordering::Relaxed);
+        let host = target.hosts.get(turn % target.hosts.len())?;
+        let port = match target.port {
+            TargetPort::Fixed(port) => port,
+            TargetPort::Preserve(_) => local_port,
+        };
+        Some(SelectedTarget { host, port })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ActionConfig, MatchConfig, PreserveKeyword, RouteSecurityConfig, TargetConfig};
+
+    fn route(index: usize, name: &str, ports: &[u16], domains: &[&str], priority: f64) -> RouteConfig {
+        RouteConfig {
+            index,
+            name: Some(name.into()),
+            id: None,
+            priority,
+            match_: MatchConfig {
+                ports: ports.to_vec(),
+                domains: domains.iter().map(|d| d.to_string()).collect(),
+                client_ip: vec![],
+                tls_version: vec![],
+            },
+            action: ActionConfig {
+                tls: None,
+                targets: vec![TargetConfig {
+                    hosts: vec!["10.0.0.1".into()],
+                    port: TargetPort::Fixed(80),
+                    match_ports: None,
+                    priority: 0.0,
+                }],
+                connect_timeout_ms: None,
+            },
+            security: RouteSecurityConfig::default(),
+        }
+    }
+
+    fn facts(port: u16, domain: Option<&str>) -> ConnectionFacts<'_> {
+        ConnectionFacts { local_port: port, client_ip: "127.0.0.1".parse().unwrap(), domain, protocol: Protocol::Http }
+    }
+
+    fn table(routes: &[RouteConfig]) -> RouteTable {
+        RouteTable::compile(routes, &RouteStatsRegistry::default()).expect("valid table")
+    }
+
+    fn winner(t: &RouteTable, port: u16, domain: Option<&str>) -> Option<String> {
+        t.find(&facts(port, domain)).map(|r| r.label.to_string())
+    }
+
+    #[test]
+    fn higher_priority_wins_and_equal_priority_keeps_array_order() {
+        let t = table(&[
+            route(0, "first", &[80], &["*.example.com"], 0.0),
+            route(1, "second", &[80], &["*.example.com"], 0.0),
+            route(2, "urgent", &[80], &["api.example.com"], 10.0),
+        ]);
+        assert_eq!(winner(&t, 80, Some("api.example.com")).as_deref(), Some("urgent"));
+        assert_eq!(winner(&t, 80, Some("www.example.com")).as_deref(), Some("first"));
+    }
+
+    #[test]
+    fn a_route_with_domains_never_matches_a_connection_without_one() {
+        let t = table(&[route(0, "named", &[443], &["a.com"], 0.0), route(1, "any", &[443], &[], 0.0)]);
+        assert_eq!(winner(&t, 443, None).as_deref(), Some("any"));
+        assert_eq!(winner(&t, 443, Some("A.COM.")).as_deref(), Some("named"));
+    }
+
+    #[test]
+    fn ports_partition_the_routes() {
+        let t = table(&[route(0, "a", &[80, 81], &[], 0.0), route(1, "b", &[82], &[], 0.0)]);
+        assert_eq!(winner(&t, 81, None).as_deref(), Some("a"));
+        assert_eq!(winner(&t, 82, None).as_deref(), Some("b"));
+        assert_eq!(winner(&t, 83, None), None);
+        assert!(!t.port(80).unwrap().needs_client_data);
+    }
+
+    #[test]
+    fn client_ip_and_tls_version_restrict_matches() {
+        let mut r = route(0, "lan", &[443], &[], 0.0);
+        r.match_.client_ip = vec!["10.0.0.0/8".into()];
+        let mut v13 = route(1, "tls13", &[443], &[], 0.0);
+        v13.match_.tls_version = vec!["TLSv1.3".into()];
+        let t = table(&[r, v13]);
+        let mut f = facts(443, None);
+        f.client_ip = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(t.find(&f).map(|r| &*r.label), Some("lan"));
+        f.client_ip = "192.168.0.1".parse().unwrap();
+        assert!(t.find(&f).is_none());
+        f.protocol = Protocol::Tls { version: Some("TLSv1.3") };
+        assert_eq!(t.find(&f).map(|r| &*r.label), Some("tls13"));
+        assert!(t.port(443).unwrap().needs_client_data);
+    }
+
+    #[test]
+    fn passthrough_routes_only_take_tls() {
+        let mut r = route(0, "pt", &[443], &[], 0.0);
+        r.action.tls = Some(TlsConfig::Passthrough);
+        let t = table(&[r]);
+        assert!(t.find(&facts(443, None)).is_none());
+        let mut f = facts(443, None);
+        f.protocol = Protocol::Tls { version: None };
+        assert!(t.find(&f).is_some());
+    }
+
+    #[test]
+    fn host_arrays_rotate_and_preserve_keeps_the_port() {
+        let mut r = route(0, "rr", &[8000], &[], 0.0);
+        r.action.targets[0].hosts = vec!["a".into(), "b".into()];
+        r.action.targets[0].port = TargetPort::Preserve(PreserveKeyword::Preserve);
+        let t = table(&[r]);
+        let route = t.find(&facts(8000, None)).unwrap();
+        let picks: Vec<_> = (0..4).map(|_| route.select_target(8000).unwrap()).collect();
+        assert_eq!(picks.iter().map(|p| p.host).collect::<Vec<_>>(), vec!["a", "b", "a", "b"]);
+        assert!(picks.iter().all(|p| p.port == 8000));
+    }
+
+    #[test]
+    fn targets_with_a_matching_port_win_over_the_default() {
+        let mut r = route(0, "t", &[80, 81], &[], 0.0);
+        r.action.targets.push(TargetConfig {
+            hosts: vec!["special".into()],
+            port: TargetPort::Fixed(9000),
+            match_ports: Some(vec![81]),
+            priority: 0.0,
+        });
+        let t = table(&[r]);
+        let route = t.find(&facts(81, None)).unwrap();
+        assert_eq!(route.select_target(81).unwrap().host, "special");
+        assert_eq!(route.select_target(80).unwrap().host, "10.0.0.1");
+    }
+
+    #[test]
+    fn bad_patterns_are_config_errors_naming_the_route() {
+        let mut r = route(4, "api", &[80], &[], 0.0);
+        r.security.ip_allow_list = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
+        let err = RouteTable::compile(&[r], &RouteStatsRegistry::default()).unwrap_err();
+        assert!(err.message.starts_with("routes[4] \"api\": security.ipAllowList[1]: "), "{}", err.message);
+    }
+
+    #[test]
+    fn block_beats_allow() {
+        let mut r = route(0, "s", &[80], &[], 0.0);
+        r.security.ip_allow_list = vec!["10.0.0.0/8".into()];
+        r.security.ip_block_list = vec!["10.0.0.5".into()];
+        let t = table(&[r]);
+        let route = &t.routes()[0];
+        assert!(route.policy.admits("10.0.0.4".parse().unwrap()));
+        assert!(!route.policy.admits("10.0.0.5".parse().unwrap()));
+        assert!(!route.policy.admits("11.0.0.1".parse().unwrap()));
+    }
+}

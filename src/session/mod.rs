@@ -1,0 +1,269 @@
+//! One accepted connection from accept to close: its context (`Session`) and its state machine,
+//! read top to bottom in `Session::drive`. See LIFECYCLE.md beside this file for the states,
+//! transitions and invariants. Uses routing, tls, http, tcp and security; knows nothing of napi.
+
+mod guards;
+mod sniff;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{EngineMetrics, TerminationReason};
+use crate::routing::ip::canonical_ip;
+use crate::routing::{ConnectionFacts, Protocol, RouteTable};
+use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
+use crate::tcp::{relay, ByteSinks, RelayEnd, RelayLimits};
+use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
+
+use guards::ConnectionGuard;
+use sniff::Sniffed;
+
+/// What a backend connect may take when the route sets no `timeouts.connectMs`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A refusal alert is best effort: a client that does not read it does not hold the session.
+const ALERT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Everything of the engine a session needs, fixed for the life of a started engine.
+pub struct SessionEnv {
+    pub metrics: Arc<EngineMetrics>,
+    pub limiter: Arc<ConnectionLimiter>,
+    pub global_policy: IpPolicy,
+    pub initial_data_timeout: Duration,
+    /// `min(socketTimeout, inactivityTimeout)`: both bound how long a connection may sit idle.
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub max_pending_data: usize,
+    pub no_delay: bool,
+    pub keep_alive: Option<Duration>,
+    /// Cancelled when a stop's grace period is over: every session closes at once.
+    pub force_close: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Accepted,
+    Sniffing,
+    Routed,
+    Connecting,
+    Relaying,
+    Closed,
+}
+
+/// The per-connection context.
+pub struct Session {
+    pub id: u64,
+    pub local_port: u16,
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    pub accepted_at: Instant,
+    pub state: State,
+    pub domain: Option<String>,
+    pub tls_version: Option<&'static str>,
+    pub route_label: Option<Arc<str>>,
+    pub termination: Option<TerminationReason>,
+}
+
+impl Session {
+    pub fn new(id: u64, peer: SocketAddr, local_port: u16) -> Self {
+        Session {
+            id,
+            local_port,
+            client_ip: canonical_ip(peer.ip()),
+            client_port: peer.port(),
+            accepted_at: Instant::now(),
+            state: State::Accepted,
+            domain: None,
+            tls_version: None,
+            route_label: None,
+            termination: None,
+        }
+    }
+
+    /// Runs the connection to its end and records why it ended.
+    pub async fn run(mut self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) {
+        let reason = self.drive(&env, &table, client).await;
+        self.state = State::Closed;
+        self.termination = Some(reason);
+        env.metrics.record_termination(reason);
+        tracing::debug!(
+            id = self.id,
+            client = %self.client_ip,
+            client_port = self.client_port,
+            port = self.local_port,
+            domain = self.domain.as_deref().unwrap_or("-"),
+            route = self.route_label.as_deref().unwrap_or("-"),
+            reason = reason.as_str(),
+            "connection closed"
+        );
+    }
+
+    async fn drive(&mut self, env: &SessionEnv, table: &RouteTable, mut client: TcpStream) -> TerminationReason {
+        // Accepted: counted at once, so every exit below releases exactly what it took (guards).
+        let mut counted = ConnectionGuard::new(&env.metrics);
+        if !env.global_policy.admits(self.client_ip) {
+            return TerminationReason::IpBlocked;
+        }
+        let ip_slot = match env.limiter.admit(self.client_ip) {
+            Ok(slot) => slot,
+            Err(IpRefusal::TooManyConnections) => return TerminationReason::PerIpLimit,
+            Err(IpRefusal::RateLimited) => return TerminationReason::RateLimited,
+        };
+        apply_socket_options(&client, env);
+        let Some(plan) = table.port(self.local_port) else {
+            return TerminationReason::NoRoute;
+        };
+
+        // Sniffing: only where some route of this port needs facts from the client.
+        self.state = State::Sniffing;
+        let mut initial = Vec::new();
+        let early_bytes = |n: usize| {
+            env.metrics.bytes.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            ip_slot.bytes.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        };
+        let sniffed = if plan.needs_client_data {
+            let deadline = self.accepted_at + env.initial_data_timeout;
+            match sniff::sniff(&mut client, &mut initial, deadline, early_bytes).await {
+                Ok(sniffed) => Some(sniffed),
+                Err(reason) => return reason,
+            }
+        } else {
+            None
+        };
+        let protocol = match &sniffed {
+            None => Protocol::NotSniffed,
+            Some(Sniffed::Tls(hello)) => Protocol::Tls { version: hello.max_version_name() },
+            Some(Sniffed::Http { .. }) => Protocol::Http,
+            Some(Sniffed::Other) => Protocol::Other,
+        };
+        self.domain = match sniffed {
+            Some(Sniffed::Tls(hello)) => hello.sni,
+            Some(Sniffed::Http { host }) => host,
+            _ => None,
+        };
+        if let Protocol::Tls { version } = protocol {
+            self.tls_version = version;
+        }
+
+        // Routed: the table this connection was accepted under decides, whatever updates follow.
+        self.state = State::Routed;
+        let facts = ConnectionFacts {
+            local_port: self.local_port,
+            client_ip: self.client_ip,
+            domain: self.domain.as_deref(),
+            protocol,
+        };
+        let Some(route) = table.find(&facts) else {
+            if matches!(protocol, Protocol::Tls { .. }) {
+                let alert = fatal_alert(ALERT_UNRECOGNIZED_NAME);
+                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&alert)).await;
+            }
+            return TerminationReason::NoRoute;
+        };
+        self.route_label = Some(route.label.clone());
+        if !route.policy.admits(self.client_ip) {
+            return TerminationReason::RouteIpBlocked;
+        }
+        let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
+            return TerminationReason::RouteConnectionLimit;
+        };
+        if matches!(protocol, Protocol::Tls { .. }) || (protocol == Protocol::NotSniffed && route.tls.is_some()) {
+            counted.mark_tls();
+        }
+        route_slot.stats.bytes.bytes_in.fetch_add(initial.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let Some(target) = route.select_target(self.local_port) else {
+            return TerminationReason::NoTarget;
+        };
+
+        // Connecting: the client may keep sending (kept, up to maxPendingDataSize) or leave.
+        self.state = State::Connecting;
+        let sinks = ByteSinks { sinks: [&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
+        let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let connected = connect_backend(
+            (target.host, target.port),
+            connect_timeout,
+            &mut client,
+            &mut initial,
+            env,
+            &sinks,
+        )
+        .await;
+        let (mut backend, client_done) = match connected {
+            Ok(connected) => connected,
+            Err(reason) => return reason,
+        };
+        apply_socket_options(&backend, env);
+        if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
+            return TerminationReason::BackendError;
+        }
+        if client_done {
+            let _ = backend.shutdown().await;
+        }
+        drop(initial);
+
+        // Relaying until both sides are done or a limit ends it.
+        self.state = State::Relaying;
+        let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
+        match relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done).await {
+            RelayEnd::Completed => TerminationReason::Completed,
+            RelayEnd::ClientError => TerminationReason::ClientError,
+            RelayEnd::BackendError => TerminationReason::BackendError,
+            RelayEnd::IdleTimeout => TerminationReason::IdleTimeout,
+            RelayEnd::LifetimeExceeded => TerminationReason::LifetimeExceeded,
+            RelayEnd::Shutdown => TerminationReason::Shutdown,
+        }
+    }
+}
+
+/// Connects to the backend while watching the client. Bytes the client sends meanwhile are kept
+/// for the backend (reading pauses at `maxPendingDataSize`). A client that closes having sent
+/// nothing aborts the connect; one that half-closes after sending keeps its request going.
+/// Returns the backend and whether the client has already half-closed.
+async fn connect_backend(
+    target: (&str, u16),
+    timeout: Duration,
+    client: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    env: &SessionEnv,
+    sinks: &ByteSinks<'_>,
+) -> Result<(TcpStream, bool), TerminationReason> {
+    let connect = tokio::time::timeout(timeout, TcpStream::connect(target));
+    tokio::pin!(connect);
+    let mut client_done = false;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let may_read = !client_done && pending.len() < env.max_pending_data;
+        tokio::select! {
+            result = &mut connect => {
+                return match result {
+                    Err(_) => Err(TerminationReason::BackendConnectTimeout),
+                    Ok(Err(_)) => Err(TerminationReason::BackendConnectFailed),
+                    Ok(Ok(backend)) => Ok((backend, client_done)),
+                };
+            }
+            read = client.read(&mut chunk), if may_read => match read {
+                Ok(0) if pending.is_empty() => return Err(TerminationReason::ClientClosedDuringConnect),
+                Ok(0) => client_done = true,
+                Ok(n) => {
+                    sinks.add_in(n);
+                    pending.extend_from_slice(&chunk[..n]);
+                }
+                Err(_) => return Err(TerminationReason::ClientError),
+            },
+            _ = env.force_close.cancelled() => return Err(TerminationReason::Shutdown),
+        }
+    }
+}
+
+fn apply_socket_options(stream: &TcpStream, env: &SessionEnv) {
+    // Best effort: a socket that refuses an option still relays correctly.
+    let _ = stream.set_nodelay(env.no_delay);
+    if let Some(delay) = env.keep_alive {
+        let _ = SockRef::from(stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(delay));
+    }
+}

@@ -1,0 +1,137 @@
+// L4 admission: allow/block lists (route and defaults), the per-IP limit, the connection rate
+// limit, per-route maxConnections, and the idle timeout. Clients use distinct loopback addresses
+// (127.0.0.x) to be distinct IPs.
+import { tap, expect } from '@push.rocks/tapbundle';
+import * as net from 'node:net';
+
+import { SmartProxy } from '../ts/index.js';
+import { connectAndRead, freePort, sleep, startTaggedServer, waitFor, waitForClose } from './helpers/net.js';
+
+const backend = await startTaggedServer('welcome');
+
+function forward(port: number, extra: Record<string, unknown> = {}) {
+  return { match: { ports: port }, action: { type: 'forward' as const, target: { host: '127.0.0.1', port: backend.port } }, ...extra };
+}
+
+tap.test('a route allow list admits listed clients and closes the others', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({ routes: [forward(port, { security: { ipAllowList: ['127.0.0.2', '10.0.0.0/8'] } })] });
+  await proxy.start();
+  expect((await connectAndRead(port, undefined, '127.0.0.2')).data).toEqual('welcome\n');
+  const refused = await connectAndRead(port, undefined, '127.0.0.3');
+  expect(refused.closed).toBeTrue();
+  expect(refused.data).toEqual('');
+  expect(proxy.getStatistics().terminationReasons.route_ip_blocked).toEqual(1);
+  await proxy.stop();
+});
+
+tap.test('block beats allow, with globs', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({
+    routes: [forward(port, { security: { ipAllowList: ['127.0.0.*'], ipBlockList: ['127.0.0.4'] } })],
+  });
+  await proxy.start();
+  expect((await connectAndRead(port, undefined, '127.0.0.5')).data).toEqual('welcome\n');
+  expect((await connectAndRead(port, undefined, '127.0.0.4')).closed).toBeTrue();
+  await proxy.stop();
+});
+
+tap.test('defaults.security applies to every route', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({ defaults: { security: { ipBlockList: ['127.0.0.6'] } }, routes: [forward(port)] });
+  await proxy.start();
+  expect((await connectAndRead(port, undefined, '127.0.0.6')).closed).toBeTrue();
+  expect((await connectAndRead(port, undefined, '127.0.0.7')).data).toEqual('welcome\n');
+  expect(proxy.getStatistics().terminationReasons.ip_blocked).toEqual(1);
+  await proxy.stop();
+});
+
+tap.test('maxConnectionsPerIP refuses the extra connection from one IP only', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({ maxConnectionsPerIP: 2, routes: [forward(port)] });
+  await proxy.start();
+  const first = await connectAndRead(port, undefined, '127.0.0.8');
+  const second = await connectAndRead(port, undefined, '127.0.0.8');
+  expect(first.data + second.data).toEqual('welcome\nwelcome\n');
+  const third = await connectAndRead(port, undefined, '127.0.0.8');
+  expect(third.closed).toBeTrue();
+  const otherIp = await connectAndRead(port, undefined, '127.0.0.9');
+  expect(otherIp.data).toEqual('welcome\n');
+  first.socket.destroy();
+  await waitFor(() => (proxy.getMetrics().connections.byIP().get('127.0.0.8') ?? 0) < 2, 3000, 'the slot to be freed');
+  const again = await connectAndRead(port, undefined, '127.0.0.8');
+  expect(again.data).toEqual('welcome\n');
+  for (const c of [second, otherIp, again]) c.socket.destroy();
+  await proxy.stop();
+});
+
+tap.test('connectionRateLimitPerMinute refuses connections over the budget', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({ connectionRateLimitPerMinute: 3, routes: [forward(port)] });
+  await proxy.start();
+  for (let i = 0; i < 3; i++) {
+    const ok = await connectAndRead(port, undefined, '127.0.0.10');
+    expect(ok.data).toEqual('welcome\n');
+    ok.socket.destroy();
+  }
+  expect((await connectAndRead(port, undefined, '127.0.0.10')).closed).toBeTrue();
+  expect((await connectAndRead(port, undefined, '127.0.0.11')).data).toEqual('welcome\n');
+  expect(proxy.getStatistics().terminationReasons.rate_limited).toEqual(1);
+  await proxy.stop();
+});
+
+tap.test('route maxConnections refuses the N+1th concurrent connection and admits it once one closes', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({ routes: [forward(port, { security: { maxConnections: 2 } })] });
+  await proxy.start();
+  const a = await connectAndRead(port);
+  const b = await connectAndRead(port);
+  expect(a.data + b.data).toEqual('welcome\nwelcome\n');
+  expect((await connectAndRead(port)).closed).toBeTrue();
+  a.socket.destroy();
+  await waitFor(() => proxy.getStatistics().activeConnections === 1, 3000, 'one connection to close');
+  const c = await connectAndRead(port);
+  expect(c.data).toEqual('welcome\n');
+  b.socket.destroy();
+  c.socket.destroy();
+  await proxy.stop();
+});
+
+tap.test('an idle connection is closed after inactivityTimeout, an active one is not', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({ inactivityTimeout: 600, routes: [forward(port)] });
+  await proxy.start();
+  const idle = await connectAndRead(port);
+  const busy = await connectAndRead(port);
+  const busyClosed = waitForClose(busy.socket);
+  let busyOpen = true;
+  busyClosed.then(() => (busyOpen = false));
+  for (let i = 0; i < 8 && busyOpen; i++) {
+    busy.socket.write('ping');
+    await sleep(150);
+  }
+  await waitForClose(idle.socket);
+  expect(busyOpen).toBeTrue();
+  busy.socket.destroy();
+  expect(proxy.getStatistics().terminationReasons.idle_timeout).toEqual(1);
+  await proxy.stop();
+});
+
+tap.test('initialDataTimeout closes a client that never sends on a port that needs its first bytes', async () => {
+  const port = await freePort();
+  const proxy = new SmartProxy({
+    initialDataTimeout: 300,
+    routes: [{ match: { ports: port, domains: 'a.example.com' }, action: { type: 'forward', target: { host: '127.0.0.1', port: backend.port } } }],
+  });
+  await proxy.start();
+  const socket = net.connect(port, '127.0.0.1');
+  await waitForClose(socket);
+  expect(proxy.getStatistics().terminationReasons.initial_data_timeout).toEqual(1);
+  await proxy.stop();
+});
+
+tap.test('close the backend', async () => {
+  await backend.close();
+});
+
+tap.start({ throwOnError: true });

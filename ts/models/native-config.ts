@@ -1,0 +1,41 @@
+// The serialisable config handed to the Rust engine (deserialised there with deny_unknown_fields
+// by src/config/mod.rs). Internal: not exported from the package.
+export interface INativeConfig {
+  routes: INativeRoute[];
+  options: INativeOptions;
+}
+
+export interface INativeOptions {
+  initialDataTimeoutMs: number;
+  socketTimeoutMs: number;
+  inactivityTimeoutMs: number;
+  maxConnectionLifetimeMs: number;
+  gracefulShutdownTimeoutMs: number;
+  maxConnectionsPerIp: number;
+  connectionRateLimitPerMinute: number;
+  noDelay: boolean;
+  keepAlive: boolean;
+  keepAliveInitialDelayMs: number;
+  maxPendingDataSize: number;
+  workerThreads: number | null;
+  enableDetailedLogging: boolean;
+  defaultSecurity: { ipAllowList: string[]; ipBlockList: string[] };
+}
+
+export interface INativeRoute {
+  /** Position in the user's routes array (disabled routes keep their slot). */
+  index: number;
+  name: string | null;
+  id: string | null;
+  priority: number;
+  match: { ports: number[]; domains: string[]; clientIp: string[]; tlsVersion: string[] };
+  action: { tls: { mode: 'passthrough' } | null; targets: INativeTarget[]; connectTimeoutMs: number | null };
+  security: { ipAllowList: string[]; ipBlockList: string[]; maxConnections: number | null };
+}
+
+export interface INativeTarget {
+  hosts: string[];
+  port: number | 'preserve';
+  matchPorts: number[] | null;
+  priority: number;
+}

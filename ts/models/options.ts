@@ -1,0 +1,144 @@
+// ISmartProxyOptions and the shapes SmartProxy returns (API.md "ISmartProxyOptions", "IMetrics").
+import type { IRouteConfig, IRouteSecurity, IRouteTarget } from './route-types.js';
+
+/** The original's certificate object (`certProvisionFunction` may return one). */
+export interface TSmartProxyCertProvisionObject {
+  id?: string;
+  domainName: string;
+  created?: number;
+  validUntil: number;
+  privateKey: string;
+  /** The certificate chain, PEM. */
+  publicKey: string;
+  csr?: string;
+}
+
+export interface IAcmeOptions {
+  /** Required when any route uses `certificate: 'auto'`. Alias: `accountEmail`. */
+  email?: string;
+  accountEmail?: string;
+  /** HTTP-01 challenge port (default 80). */
+  port?: number;
+  /** Default false (staging). */
+  useProduction?: boolean;
+  environment?: 'production' | 'staging';
+  /** Default 30. */
+  renewThresholdDays?: number;
+  /** Default true. */
+  autoRenew?: boolean;
+  /** Default './certs'. */
+  certificateStore?: string;
+  /** Default 24. */
+  renewCheckIntervalHours?: number;
+  /** (ext) Any RFC 8555 directory. */
+  directoryUrl?: string;
+  /** (ext) PEM CA file to trust for the directory's HTTPS. */
+  directoryCaFile?: string;
+}
+
+export interface ISmartProxyOptions {
+  routes: IRouteConfig[];
+  defaults?: { target?: IRouteTarget; security?: IRouteSecurity; preserveSourceIP?: boolean };
+  /** Default false. */
+  acceptProxyProtocol?: boolean;
+  /** Trusted PROXY-protocol senders. */
+  proxyIPs?: string[];
+  /** Default false. */
+  sendProxyProtocol?: boolean | 1 | 2;
+  /** ms; default 120000. */
+  initialDataTimeout?: number;
+  /** ms; default 3600000. */
+  socketTimeout?: number;
+  /** ms; default 14400000. */
+  inactivityTimeout?: number;
+  /** ms; default 86400000. */
+  maxConnectionLifetime?: number;
+  /** ms; default 30000. */
+  gracefulShutdownTimeout?: number;
+  /** Default 100. */
+  maxConnectionsPerIP?: number;
+  /** Default 300. */
+  connectionRateLimitPerMinute?: number;
+  /** Default true. */
+  noDelay?: boolean;
+  /** Default true. */
+  keepAlive?: boolean;
+  /** ms; default 10000. */
+  keepAliveInitialDelay?: number;
+  /** Bytes; default 10 MiB. */
+  maxPendingDataSize?: number;
+  /** Default false. */
+  enableDetailedLogging?: boolean;
+  acme?: IAcmeOptions;
+  certProvisionFunction?: (domain: string) => Promise<TSmartProxyCertProvisionObject | 'http01'>;
+  /** Default true. */
+  certProvisionFallbackToAcme?: boolean;
+  metrics?: { enabled?: boolean; sampleIntervalMs?: number; retentionSeconds?: number };
+  /** (ext) Tokio worker threads; default one per core. */
+  workerThreads?: number;
+  /** (ext) Shared state across replicas. */
+  redis?: { url: string; keyPrefix?: string };
+  /** (ext) ms; default 30000. */
+  jsCallTimeout?: number;
+}
+
+export interface ICertStatus {
+  domain: string;
+  status: 'valid' | 'pending' | 'expired' | 'error';
+  expiryDate?: Date;
+  issueDate?: Date;
+  source: 'static' | 'acme' | 'custom';
+  error?: string;
+}
+
+export interface IStatistics {
+  activeConnections: number;
+  tlsConnections: number;
+  nonTlsConnections: number;
+  totalConnections: number;
+  /** Enabled routes. */
+  routes: number;
+  listeningPorts: number[];
+  /** How many connections ended for each reason (reasons never seen are absent). */
+  terminationReasons: Record<string, number>;
+  bytesIn: number;
+  bytesOut: number;
+}
+
+/** Bytes per second, on the client side: `in` from clients, `out` to them. */
+export interface IThroughput {
+  in: number;
+  out: number;
+}
+
+export interface IMetrics {
+  connections: {
+    active(): number;
+    total(): number;
+    byRoute(): Map<string, number>;
+    byIP(): Map<string, number>;
+    topIPs(limit?: number): Array<{ ip: string; count: number }>;
+  };
+  throughput: {
+    /** Last second. */
+    instant(): IThroughput;
+    /** Last 10 s. */
+    recent(): IThroughput;
+    /** Last 60 s. */
+    average(): IThroughput;
+    custom(seconds: number): IThroughput;
+    history(seconds: number): Array<{ timestamp: number } & IThroughput>;
+    byRoute(windowSeconds?: number): Map<string, IThroughput>;
+    byIP(windowSeconds?: number): Map<string, IThroughput>;
+  };
+  requests: {
+    perSecond(): number;
+    perMinute(): number;
+    total(): number;
+  };
+  totals: {
+    bytesIn(): number;
+    bytesOut(): number;
+    connections(): number;
+  };
+}

@@ -1,0 +1,142 @@
+// The route types of the public API (API.md "Routes"): what users write in `routes`.
+import type * as net from 'node:net';
+
+/** A port, a list of ports, or ranges (`{ from, to }`, inclusive). */
+export type TPortRange = number | Array<number | { from: number; to: number }>;
+
+export type TTlsMode = 'passthrough' | 'terminate' | 'terminate-and-reencrypt';
+
+/** What a connection or request is known by when a route's functions and handlers run. */
+export interface IRouteContext {
+  port: number;
+  domain?: string;
+  clientIp: string;
+  serverIp: string;
+  /** HTTP only. */
+  path?: string;
+  query?: string;
+  headers?: Record<string, string>;
+  isTls: boolean;
+  tlsVersion?: string;
+  routeName?: string;
+  routeId?: string;
+  targetHost?: string | string[];
+  targetPort?: number;
+  timestamp: number;
+  connectionId: string;
+}
+
+export type TSocketHandler = (socket: net.Socket, context: IRouteContext) => void | Promise<void>;
+
+export interface IRouteMatch {
+  /** Required: the ports this route listens on. */
+  ports: TPortRange;
+  /** `'*.example.com'`, `'example.*'`, `'*'`; case-insensitive, trailing dot ignored. */
+  domains?: string | string[];
+  /** `/api` (exact), `/api/*` or `/api/` (prefix), `/users/:id` (parameter). */
+  path?: string;
+  /** Exact, glob `'192.168.*'`, CIDR `'10.0.0.0/8'`, IPv6; `::ffff:a.b.c.d` equals `a.b.c.d`. */
+  clientIp?: string[];
+  /** `'TLSv1.2'` | `'TLSv1.3'`. */
+  tlsVersion?: string[];
+  headers?: Record<string, string | RegExp>;
+}
+
+export interface IRouteTls {
+  mode: TTlsMode;
+  certificate?: 'auto' | { key: string; cert: string; ca?: string };
+  acme?: {
+    email: string;
+    useProduction?: boolean;
+    challengePort?: number;
+    renewBeforeDays?: number;
+  };
+  versions?: string[];
+  /** Upstream verification on re-encrypt (default true). (ext) */
+  rejectUnauthorized?: boolean;
+}
+
+export interface IRouteTarget {
+  host: string | string[] | ((context: IRouteContext) => string | string[] | Promise<string | string[]>);
+  port: number | 'preserve' | ((context: IRouteContext) => number | Promise<number>);
+  match?: { ports?: number[]; path?: string; headers?: Record<string, string | RegExp>; method?: string[] };
+  /** Among targets: the highest-priority matching target wins, else the one without `match`. */
+  priority?: number;
+  /** (ext) Share of new connections or requests under load balancing (default 1). */
+  weight?: number;
+  tls?: IRouteTls;
+  headers?: { request?: Record<string, string>; response?: Record<string, string> };
+}
+
+export interface IRouteSecurity {
+  ipAllowList?: string[];
+  ipBlockList?: string[];
+  /** Concurrent connections on this route. */
+  maxConnections?: number;
+  rateLimit?: {
+    enabled: boolean;
+    maxRequests: number;
+    /** Seconds. */
+    window: number;
+    keyBy?: 'ip' | 'path' | 'header';
+    headerName?: string;
+    errorMessage?: string;
+  };
+  basicAuth?: {
+    enabled: boolean;
+    users: Array<{ username: string; password: string }>;
+    realm?: string;
+    excludePaths?: string[];
+  };
+  jwtAuth?: {
+    enabled: boolean;
+    secret: string;
+    algorithm?: string;
+    issuer?: string;
+    audience?: string;
+    excludePaths?: string[];
+  };
+}
+
+export interface IRouteAction {
+  type: 'forward' | 'socket-handler';
+  /** 21.x form. */
+  targets?: IRouteTarget[];
+  /** 19.x form: normalised to `targets: [target]`. */
+  target?: IRouteTarget;
+  tls?: IRouteTls;
+  socketHandler?: TSocketHandler;
+  websocket?: { enabled?: boolean; pingInterval?: number; pingTimeout?: number; maxPayloadSize?: number };
+  loadBalancing?: {
+    algorithm?: 'round-robin' | 'least-connections' | 'ip-hash';
+    healthCheck?: { path: string; interval: number; timeout: number; unhealthyThreshold: number; healthyThreshold: number };
+    /** (ext) Sticky sessions. */
+    affinity?: { key: 'ip' | `header:${string}` | `cookie:${string}`; ttlSeconds?: number; onUnknown?: 'assign' | 'reject' };
+  };
+  /** Compatibility: `'nftables'` is relayed by the Rust core. */
+  forwardingEngine?: 'node' | 'nftables';
+  nftables?: { preserveSourceIP?: boolean; protocol?: 'tcp' | 'udp' | 'all'; maxRate?: string; priority?: number };
+  options?: { backendProtocol?: 'auto' | 'http1' | 'http2' | 'http3'; raw?: boolean };
+  sendProxyProtocol?: boolean | 1 | 2;
+  /** (ext) */
+  retry?: { maxRetries?: number; onConnectFailure?: boolean; on5xx?: boolean; onTimeout?: boolean; backoffMs?: number };
+  /** (ext) */
+  timeouts?: { connectMs?: number; responseMs?: number; idleMs?: number };
+  /** Also accepted here; `route.security` wins. */
+  security?: IRouteSecurity;
+}
+
+export interface IRouteConfig {
+  id?: string;
+  name?: string;
+  description?: string;
+  tags?: string[];
+  /** Higher first; default 0; equal priority keeps array order. */
+  priority?: number;
+  /** `false`: the route is ignored. */
+  enabled?: boolean;
+  match: IRouteMatch;
+  action: IRouteAction;
+  security?: IRouteSecurity;
+  headers?: { request?: Record<string, string>; response?: Record<string, string> };
+}

@@ -1,0 +1,356 @@
+// Validates user options and turns them into the engine's serialisable config. Pure: the input is
+// never mutated. The first problem throws a SmartProxyConfigError naming the route and field;
+// string patterns (domains, IPs) are checked by the engine itself, in the same message format.
+import type { IRouteConfig, IRouteSecurity, IRouteTarget } from '../models/route-types.js';
+import type { ISmartProxyOptions } from '../models/options.js';
+import type { INativeConfig, INativeOptions, INativeRoute, INativeTarget } from '../models/native-config.js';
+import { expandPortRange, isValidPort } from './port-range.js';
+
+export class SmartProxyConfigError extends Error {
+  public readonly code = 'ERR_SMARTPROXY_CONFIG';
+  /** `routes[2] "api"` or `options`: where the problem is. */
+  public readonly path: string;
+
+  constructor(message: string, path: string) {
+    super(message);
+    this.name = 'SmartProxyConfigError';
+    this.path = path;
+  }
+}
+
+export interface INormalizedOptions {
+  config: INativeConfig;
+  warnings: string[];
+}
+
+type TRecord = Record<string, unknown>;
+
+const KNOWN_OPTIONS = new Set([
+  'routes', 'defaults', 'acceptProxyProtocol', 'proxyIPs', 'sendProxyProtocol', 'initialDataTimeout', 'socketTimeout',
+  'inactivityTimeout', 'maxConnectionLifetime', 'gracefulShutdownTimeout', 'maxConnectionsPerIP',
+  'connectionRateLimitPerMinute', 'noDelay', 'keepAlive', 'keepAliveInitialDelay', 'maxPendingDataSize',
+  'enableDetailedLogging', 'acme', 'certProvisionFunction', 'certProvisionFallbackToAcme', 'metrics', 'workerThreads',
+  'redis', 'jsCallTimeout',
+]);
+const ROUTE_KEYS = new Set(['id', 'name', 'description', 'tags', 'priority', 'enabled', 'match', 'action', 'security', 'headers']);
+const MATCH_KEYS = new Set(['ports', 'domains', 'path', 'clientIp', 'tlsVersion', 'headers']);
+const ACTION_KEYS = new Set([
+  'type', 'targets', 'target', 'tls', 'socketHandler', 'websocket', 'loadBalancing', 'forwardingEngine', 'nftables',
+  'options', 'sendProxyProtocol', 'retry', 'timeouts', 'security',
+]);
+const TARGET_KEYS = new Set(['host', 'port', 'match', 'priority', 'weight', 'tls', 'headers']);
+const SECURITY_KEYS = new Set(['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth']);
+const TLS_VERSIONS = ['TLSv1.0', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
+const TLS_MODES = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
+
+const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
+const show = (v: unknown): string => (typeof v === 'function' ? 'a function' : JSON.stringify(v) ?? String(v));
+
+/** Raises errors for one place (`routes[2] "api"` or `options`), with the field path relative to it. */
+class Place {
+  constructor(private readonly where: string) {}
+
+  fail(field: string, reason: string): never {
+    throw new SmartProxyConfigError(`${this.where}: ${field}: ${reason}`, this.where);
+  }
+
+  notYet(field: string, why: string): never {
+    this.fail(field, `not supported yet (${why})`);
+  }
+}
+
+export function normalizeOptions(options: ISmartProxyOptions): INormalizedOptions {
+  const root: Place = new Place('options');
+  if (!isRecord(options)) {
+    throw new SmartProxyConfigError(`options: expected an object, got ${show(options)}`, 'options');
+  }
+  const raw = options as unknown as TRecord;
+  if (!Array.isArray(raw.routes)) root.fail('routes', `expected an array of routes, got ${show(raw.routes)}`);
+  const warnings: string[] = [];
+  const unknown = Object.keys(raw).filter((k) => !KNOWN_OPTIONS.has(k));
+  if (unknown.length > 0) warnings.push(`unknown options ignored: ${unknown.join(', ')}`);
+
+  const nativeOptions = normalizeEngineOptions(raw, root, warnings);
+  const defaults = isRecord(raw.defaults) ? raw.defaults : {};
+  if (raw.defaults !== undefined && !isRecord(raw.defaults)) root.fail('defaults', `expected an object, got ${show(raw.defaults)}`);
+  if (defaults.preserveSourceIP === true) warnings.push('defaults.preserveSourceIP is not supported yet and is ignored');
+  const defaultSecurity = defaults.security === undefined ? {} : defaults.security;
+  if (!isRecord(defaultSecurity)) root.fail('defaults.security', `expected an object, got ${show(defaultSecurity)}`);
+  const defaultLists = securityLists(defaultSecurity, root, 'defaults.security');
+  nativeOptions.defaultSecurity = { ipAllowList: defaultLists.ipAllowList, ipBlockList: defaultLists.ipBlockList };
+  const defaultMaxConnections = optionalPositiveInt(defaultSecurity.maxConnections, root, 'defaults.security.maxConnections');
+
+  const routes: INativeRoute[] = [];
+  (raw.routes as unknown[]).forEach((route, index) => {
+    const normalized = normalizeRoute(route, index, defaults.target, defaultMaxConnections, warnings);
+    if (normalized !== null) routes.push(normalized);
+  });
+  return { config: { routes, options: nativeOptions }, warnings };
+}
+
+function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): INativeOptions {
+  const ms = (key: string, fallback: number): number => {
+    const v = raw[key];
+    if (v === undefined) return fallback;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) root.fail(key, `expected a non-negative number, got ${show(v)}`);
+    return Math.floor(v);
+  };
+  const flag = (key: string, fallback: boolean): boolean => {
+    const v = raw[key];
+    if (v === undefined) return fallback;
+    if (typeof v !== 'boolean') root.fail(key, `expected true or false, got ${show(v)}`);
+    return v;
+  };
+  if (raw.acceptProxyProtocol === true) root.notYet('acceptProxyProtocol', 'the PROXY protocol comes with the scale-out work');
+  if (raw.sendProxyProtocol !== undefined && raw.sendProxyProtocol !== false) {
+    root.notYet('sendProxyProtocol', 'the PROXY protocol comes with the scale-out work');
+  }
+  if (raw.proxyIPs !== undefined && !(Array.isArray(raw.proxyIPs) && raw.proxyIPs.every((x) => typeof x === 'string'))) {
+    root.fail('proxyIPs', `expected an array of strings, got ${show(raw.proxyIPs)}`);
+  }
+  for (const key of ['acme', 'metrics', 'redis'] as const) {
+    if (raw[key] !== undefined && !isRecord(raw[key])) root.fail(key, `expected an object, got ${show(raw[key])}`);
+  }
+  if (raw.certProvisionFunction !== undefined && typeof raw.certProvisionFunction !== 'function') {
+    root.fail('certProvisionFunction', `expected a function, got ${show(raw.certProvisionFunction)}`);
+  }
+  flag('certProvisionFallbackToAcme', true);
+  ms('jsCallTimeout', 30000);
+  if (raw.redis !== undefined) warnings.push('redis is not used yet: there is no shared state before load balancing lands');
+  let workerThreads: number | null = null;
+  if (raw.workerThreads !== undefined) {
+    const w = raw.workerThreads;
+    if (typeof w !== 'number' || !Number.isInteger(w) || w < 1) root.fail('workerThreads', `expected a positive integer, got ${show(w)}`);
+    workerThreads = w;
+  }
+  return {
+    initialDataTimeoutMs: ms('initialDataTimeout', 120000),
+    socketTimeoutMs: ms('socketTimeout', 3600000),
+    inactivityTimeoutMs: ms('inactivityTimeout', 14400000),
+    maxConnectionLifetimeMs: ms('maxConnectionLifetime', 86400000),
+    gracefulShutdownTimeoutMs: ms('gracefulShutdownTimeout', 30000),
+    maxConnectionsPerIp: ms('maxConnectionsPerIP', 100),
+    connectionRateLimitPerMinute: ms('connectionRateLimitPerMinute', 300),
+    noDelay: flag('noDelay', true),
+    keepAlive: flag('keepAlive', true),
+    keepAliveInitialDelayMs: ms('keepAliveInitialDelay', 10000),
+    maxPendingDataSize: ms('maxPendingDataSize', 10 * 1024 * 1024),
+    workerThreads,
+    enableDetailedLogging: flag('enableDetailedLogging', false),
+    defaultSecurity: { ipAllowList: [], ipBlockList: [] },
+  };
+}
+
+function normalizeRoute(
+  route: unknown,
+  index: number,
+  defaultTarget: unknown,
+  defaultMaxConnections: number | null,
+  warnings: string[],
+): INativeRoute | null {
+  const bare: Place = new Place(`routes[${index}]`);
+  if (!isRecord(route)) bare.fail('.', `expected a route object, got ${show(route)}`);
+  const name = route.name;
+  if (name !== undefined && typeof name !== 'string') bare.fail('name', `expected a string, got ${show(name)}`);
+  const at: Place = new Place(name === undefined ? `routes[${index}]` : `routes[${index}] ${JSON.stringify(name)}`);
+  rejectUnknownKeys(route, ROUTE_KEYS, at, '');
+  if (route.enabled === false) return null;
+  if (route.id !== undefined && typeof route.id !== 'string') at.fail('id', `expected a string, got ${show(route.id)}`);
+  const priority = route.priority ?? 0;
+  if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail('priority', `expected a number, got ${show(priority)}`);
+  if (route.headers !== undefined) at.notYet('headers', 'header rewriting comes with the HTTP engine');
+
+  const match = normalizeMatch(route.match, at);
+  const action = route.action;
+  if (!isRecord(action)) at.fail('action', `expected an object, got ${show(action)}`);
+  rejectUnknownKeys(action, ACTION_KEYS, at, 'action.');
+  if (action.type === 'socket-handler') {
+    at.fail('action.type', `'socket-handler' routes are not supported yet (they need the JavaScript bridge)`);
+  }
+  if (action.type !== 'forward') at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
+  const tls = normalizeTls(action.tls, at, warnings);
+  rejectLaterActionFeatures(action, at);
+  if (action.forwardingEngine === 'nftables' || action.nftables !== undefined) {
+    warnings.push(`${describe(index, name)}: nftables forwarding is relayed by the Rust core`);
+  }
+
+  let targetList: unknown[];
+  if (action.targets !== undefined) {
+    if (!Array.isArray(action.targets)) at.fail('action.targets', `expected an array of targets, got ${show(action.targets)}`);
+    if (action.target !== undefined) warnings.push(`${describe(index, name)}: both action.targets and action.target are set; action.target is ignored`);
+    targetList = action.targets;
+  } else if (action.target !== undefined) {
+    targetList = [action.target];
+  } else if (defaultTarget !== undefined) {
+    targetList = [defaultTarget];
+  } else {
+    at.fail('action.targets', 'a forward route needs at least one target');
+  }
+  if (targetList.length === 0) at.fail('action.targets', 'a forward route needs at least one target');
+  const field = action.targets !== undefined ? 'action.targets' : action.target !== undefined ? 'action.target' : 'defaults.target';
+  const targets = targetList.map((t, i) => normalizeTarget(t, at, field === 'action.targets' ? `${field}[${i}]` : field));
+
+  const security = pickSecurity(route.security, action.security, at, index, name, warnings);
+  const lists = securityLists(security, at, 'security');
+  const maxConnections = optionalPositiveInt(security.maxConnections, at, 'security.maxConnections') ?? defaultMaxConnections;
+  for (const httpOnly of ['rateLimit', 'basicAuth', 'jwtAuth'] as const) {
+    if (security[httpOnly] !== undefined) at.notYet(`security.${httpOnly}`, 'it needs HTTP-level security, which comes with the HTTP engine');
+  }
+  let connectTimeoutMs: number | null = null;
+  if (isRecord(action.timeouts) && action.timeouts.connectMs !== undefined) {
+    connectTimeoutMs = optionalPositiveInt(action.timeouts.connectMs, at, 'action.timeouts.connectMs');
+  }
+  return {
+    index,
+    name: name ?? null,
+    id: (route.id as string | undefined) ?? null,
+    priority,
+    match,
+    action: { tls, targets, connectTimeoutMs },
+    security: { ...lists, maxConnections },
+  };
+}
+
+function describe(index: number, name: unknown): string {
+  return typeof name === 'string' ? `routes[${index}] ${JSON.stringify(name)}` : `routes[${index}]`;
+}
+
+function rejectUnknownKeys(obj: TRecord, known: Set<string>, at: Place, prefix: string): void {
+  for (const key of Object.keys(obj)) {
+    if (!known.has(key)) at.fail(`${prefix}${key}`, `unknown field (expected one of ${[...known].join(', ')})`);
+  }
+}
+
+function normalizeMatch(match: unknown, at: Place): INativeRoute['match'] {
+  if (!isRecord(match)) at.fail('match', `expected an object with ports, got ${show(match)}`);
+  rejectUnknownKeys(match, MATCH_KEYS, at, 'match.');
+  if (match.ports === undefined) at.fail('match.ports', 'required');
+  const ports = normalizePorts(match.ports, at, 'match.ports');
+  const domains = match.domains === undefined ? [] : stringList(match.domains, at, 'match.domains', true);
+  const clientIp = match.clientIp === undefined ? [] : stringList(match.clientIp, at, 'match.clientIp', false);
+  const tlsVersion = match.tlsVersion === undefined ? [] : stringList(match.tlsVersion, at, 'match.tlsVersion', false);
+  tlsVersion.forEach((v, i) => {
+    if (!TLS_VERSIONS.includes(v)) at.fail(`match.tlsVersion[${i}]`, `${show(v)} is not one of ${TLS_VERSIONS.join(', ')}`);
+  });
+  if (match.path !== undefined) at.notYet('match.path', 'path matching needs HTTP-level routing, which comes with the HTTP engine');
+  if (match.headers !== undefined) at.notYet('match.headers', 'header matching needs HTTP-level routing, which comes with the HTTP engine');
+  return { ports, domains, clientIp, tlsVersion };
+}
+
+function normalizePorts(spec: unknown, at: Place, field: string): number[] {
+  const items = Array.isArray(spec) ? spec : [spec];
+  if (items.length === 0) at.fail(field, 'at least one port is required');
+  items.forEach((item, i) => {
+    const itemField = Array.isArray(spec) ? `${field}[${i}]` : field;
+    if (isRecord(item)) {
+      if (!isValidPort(item.from)) at.fail(`${itemField}.from`, `${show(item.from)} is not a valid port`);
+      if (!isValidPort(item.to)) at.fail(`${itemField}.to`, `${show(item.to)} is not a valid port`);
+      if (item.from > item.to) at.fail(itemField, `range from ${item.from} to ${item.to} is empty (from > to)`);
+    } else if (!isValidPort(item)) {
+      at.fail(itemField, `${show(item)} is not a valid port`);
+    }
+  });
+  return expandPortRange(items as Array<number | { from: number; to: number }>);
+}
+
+function stringList(value: unknown, at: Place, field: string, allowSingle: boolean): string[] {
+  const items = allowSingle && typeof value === 'string' ? [value] : value;
+  if (!Array.isArray(items)) at.fail(field, `expected ${allowSingle ? 'a string or ' : ''}an array of strings, got ${show(value)}`);
+  items.forEach((item, i) => {
+    if (typeof item !== 'string' || item.length === 0) at.fail(`${field}[${i}]`, `expected a non-empty string, got ${show(item)}`);
+  });
+  return [...(items as string[])];
+}
+
+function normalizeTls(tls: unknown, at: Place, warnings: string[]): INativeRoute['action']['tls'] {
+  if (tls === undefined || tls === null) return null;
+  if (!isRecord(tls)) at.fail('action.tls', `expected an object, got ${show(tls)}`);
+  if (!TLS_MODES.includes(tls.mode as string)) at.fail('action.tls.mode', `expected one of ${TLS_MODES.join(', ')}, got ${show(tls.mode)}`);
+  if (tls.certificate === 'auto') at.notYet('action.tls.certificate', `'auto' certificates come with ACME`);
+  if (tls.mode !== 'passthrough') {
+    at.fail('action.tls.mode', `'${String(tls.mode)}' is not supported yet (TLS termination comes with the HTTP engine)`);
+  }
+  const ignored = ['certificate', 'acme', 'versions'].filter((k) => tls[k] !== undefined);
+  if (ignored.length > 0) warnings.push(`action.tls.${ignored.join(', ')} ignored: a passthrough route does not terminate TLS`);
+  return { mode: 'passthrough' };
+}
+
+function rejectLaterActionFeatures(action: TRecord, at: Place): void {
+  if (action.websocket !== undefined) at.notYet('action.websocket', 'WebSocket settings come with the HTTP engine');
+  if (action.loadBalancing !== undefined) {
+    const lb = action.loadBalancing;
+    const plainRoundRobin = isRecord(lb) && Object.keys(lb).every((k) => k === 'algorithm') && (lb.algorithm ?? 'round-robin') === 'round-robin';
+    if (!plainRoundRobin) at.notYet('action.loadBalancing', 'only round-robin over host arrays works until load balancing lands');
+  }
+  if (action.sendProxyProtocol !== undefined && action.sendProxyProtocol !== false) {
+    at.notYet('action.sendProxyProtocol', 'the PROXY protocol comes with the scale-out work');
+  }
+  if (isRecord(action.options)) {
+    if (action.options.backendProtocol !== undefined && action.options.backendProtocol !== 'auto') {
+      at.notYet('action.options.backendProtocol', 'upstream protocols come with the HTTP engine');
+    }
+  } else if (action.options !== undefined) {
+    at.fail('action.options', `expected an object, got ${show(action.options)}`);
+  }
+  if (action.retry !== undefined) at.notYet('action.retry', 'retries come with the HTTP engine');
+  if (action.timeouts !== undefined) {
+    if (!isRecord(action.timeouts)) at.fail('action.timeouts', `expected an object, got ${show(action.timeouts)}`);
+    for (const key of ['responseMs', 'idleMs']) {
+      if (action.timeouts[key] !== undefined) at.notYet(`action.timeouts.${key}`, 'it comes with the HTTP engine');
+    }
+  }
+}
+
+function normalizeTarget(target: unknown, at: Place, field: string): INativeTarget {
+  if (!isRecord(target)) at.fail(field, `expected a target object, got ${show(target)}`);
+  rejectUnknownKeys(target, TARGET_KEYS, at, `${field}.`);
+  const t = target as unknown as IRouteTarget;
+  if (typeof t.host === 'function') at.notYet(`${field}.host`, 'function targets need the JavaScript bridge');
+  if (typeof t.port === 'function') at.notYet(`${field}.port`, 'function targets need the JavaScript bridge');
+  const hosts = typeof t.host === 'string' ? [t.host] : t.host;
+  if (!Array.isArray(hosts) || hosts.length === 0 || hosts.some((h) => typeof h !== 'string' || h.trim() === '')) {
+    at.fail(`${field}.host`, `expected a host name or a non-empty array of them, got ${show(t.host)}`);
+  }
+  if (t.port !== 'preserve' && !isValidPort(t.port)) at.fail(`${field}.port`, `${show(t.port)} is not a valid port (or 'preserve')`);
+  let matchPorts: number[] | null = null;
+  if (t.match !== undefined) {
+    if (!isRecord(t.match)) at.fail(`${field}.match`, `expected an object, got ${show(t.match)}`);
+    for (const key of Object.keys(t.match)) {
+      if (key !== 'ports') at.notYet(`${field}.match.${key}`, 'it needs HTTP-level routing, which comes with the HTTP engine');
+    }
+    if (t.match.ports !== undefined) {
+      if (!Array.isArray(t.match.ports)) at.fail(`${field}.match.ports`, `expected an array of ports, got ${show(t.match.ports)}`);
+      matchPorts = normalizePorts(t.match.ports, at, `${field}.match.ports`);
+    }
+  }
+  const priority = t.priority ?? 0;
+  if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail(`${field}.priority`, `expected a number, got ${show(priority)}`);
+  if (t.weight !== undefined && t.weight !== 1) at.notYet(`${field}.weight`, 'load-balancing weights come with load balancing');
+  if (t.tls !== undefined) at.notYet(`${field}.tls`, 'per-target TLS comes with the HTTP engine');
+  if (t.headers !== undefined) at.notYet(`${field}.headers`, 'header rewriting comes with the HTTP engine');
+  return { hosts: [...(hosts as string[])], port: t.port as number | 'preserve', matchPorts, priority };
+}
+
+function pickSecurity(routeLevel: unknown, actionLevel: unknown, at: Place, index: number, name: unknown, warnings: string[]): TRecord & IRouteSecurity {
+  if (routeLevel !== undefined && actionLevel !== undefined) {
+    warnings.push(`${describe(index, name)}: both security and action.security are set; action.security is ignored`);
+  }
+  const chosen = routeLevel ?? actionLevel ?? {};
+  const field = routeLevel !== undefined ? 'security' : 'action.security';
+  if (!isRecord(chosen)) at.fail(field, `expected an object, got ${show(chosen)}`);
+  rejectUnknownKeys(chosen, SECURITY_KEYS, at, `${field}.`);
+  return chosen as TRecord & IRouteSecurity;
+}
+
+function securityLists(security: TRecord, at: Place, field: string): { ipAllowList: string[]; ipBlockList: string[] } {
+  return {
+    ipAllowList: security.ipAllowList === undefined ? [] : stringList(security.ipAllowList, at, `${field}.ipAllowList`, false),
+    ipBlockList: security.ipBlockList === undefined ? [] : stringList(security.ipBlockList, at, `${field}.ipBlockList`, false),
+  };
+}
+
+function optionalPositiveInt(value: unknown, at: Place, field: string): number | null {
+  if (value === undefined) return null;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) at.fail(field, `expected a positive integer, got ${show(value)}`);
+  return value;
+}
