@@ -92,7 +92,7 @@ const proxies = {
       const port = await freePort();
       const cfg = path.join(work, 'haproxy.cfg');
       writeFileSync(cfg, [
-        'global', '  nbthread 1', '  maxconn 20000',
+        'global', '  nbthread 1', '  maxconn 4096',
         'defaults', '  mode tcp', '  timeout connect 5s', '  timeout client 60s', '  timeout server 60s',
         `frontend bench`, `  bind 127.0.0.1:${port}`, '  default_backend be',
         'backend be', `  server s1 127.0.0.1:${backendPort}`, '',
