@@ -50,6 +50,8 @@ tap.test('clients that connect and leave before sending a byte', async () => {
   const sockets = Array.from({ length: 50 }, () => connectOnce(port));
   await Promise.all(sockets.map((s) => new Promise<void>((resolve) => s.once('connect', () => resolve()))));
   for (const s of sockets) s.destroy();
+  // The proxy may not even have accepted them all yet: wait until every one has ended.
+  await waitFor(() => proxy.getStatistics().totalConnections === 50, 5000, 'all 50 to be accepted');
   await settle(proxy, 'clients that left before data');
   expect(proxy.getStatistics().terminationReasons.client_closed_before_data).toEqual(50);
   await waitFor(() => openFdCount() < fdsBefore + 3, 3000, 'fds to be released');

@@ -27,7 +27,6 @@ pub const TLS_RECORD_HANDSHAKE: u8 = 22;
 pub const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
 
 pub const ALERT_UNRECOGNIZED_NAME: u8 = 112;
-pub const ALERT_HANDSHAKE_FAILURE: u8 = 40;
 
 const TLS_RECORD_ALERT: u8 = 21;
 const ALERT_LEVEL_FATAL: u8 = 2;
@@ -1051,7 +1050,6 @@ mod tests {
     #[test]
     fn fatal_alert_bytes() {
         assert_eq!(fatal_alert(ALERT_UNRECOGNIZED_NAME), [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
-        assert_eq!(fatal_alert(ALERT_HANDSHAKE_FAILURE), [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
     }
 
     #[test]
