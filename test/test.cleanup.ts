@@ -91,11 +91,18 @@ tap.test('a storm of mixed failures returns to zero', async () => {
   await proxy.start();
   const fdsBefore = openFdCount();
   const work: Promise<unknown>[] = [];
+  const answers: string[] = [];
   for (let i = 0; i < 100; i++) {
     const socket = connectOnce(port);
     switch (i % 4) {
       case 0: socket.once('connect', () => socket.destroy()); break;                       // leaves at once
-      case 1: socket.once('connect', () => socket.end('GET / HTTP/1.1\r\nHost: x.example.com\r\n\r\n')); break; // refused backend
+      case 1: {                                                                             // refused backend: 502
+        let answer = '';
+        socket.on('data', (d: Buffer) => (answer += d.toString()));
+        socket.once('close', () => answers.push(answer));
+        socket.once('connect', () => socket.end('GET / HTTP/1.1\r\nHost: x.example.com\r\n\r\n'));
+        break;
+      }
       case 2: socket.once('connect', () => socket.write('\x16\x03\x01\x00\x05garbage')); break; // invalid TLS
       default: break;                                                                        // silent: times out
     }
@@ -106,8 +113,11 @@ tap.test('a storm of mixed failures returns to zero', async () => {
   await waitFor(() => openFdCount() < fdsBefore + 3, 3000, 'fds to be released');
   const reasons = proxy.getStatistics().terminationReasons;
   expect(reasons.initial_data_timeout).toEqual(25);
-  expect(reasons.backend_connect_failed).toEqual(25);
   expect(reasons.invalid_tls).toEqual(25);
+  // HTTP is answered per request: each refused connect is a 502, and the client connection ends cleanly.
+  expect(answers.length).toEqual(25);
+  expect(answers.every((a) => a.startsWith('HTTP/1.1 502 '))).toBeTrue();
+  expect(reasons.completed).toEqual(25);
   await proxy.stop();
 });
 

@@ -52,6 +52,23 @@ pub struct RouteConfig {
     pub match_: MatchConfig,
     pub action: ActionConfig,
     pub security: RouteSecurityConfig,
+    /// `headers.request` / `headers.response` templates applied to every request of the route.
+    pub headers: HeaderTemplatesConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderTemplatesConfig {
+    pub request: Vec<NameValue>,
+    pub response: Vec<NameValue>,
+}
+
+/// A header name with a value (a template, or an exact value to match).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameValue {
+    pub name: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,6 +78,9 @@ pub struct MatchConfig {
     pub domains: Vec<String>,
     pub client_ip: Vec<String>,
     pub tls_version: Vec<String>,
+    pub path: Option<String>,
+    /// Exact values; names compare case-insensitively.
+    pub headers: Vec<NameValue>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +89,20 @@ pub struct ActionConfig {
     pub tls: Option<TlsConfig>,
     pub targets: Vec<TargetConfig>,
     pub connect_timeout_ms: Option<u64>,
+    /// Time from sending a request upstream to its response head (504 when over).
+    pub response_timeout_ms: Option<u64>,
+    pub websocket: bool,
+    pub backend_protocol: BackendProtocol,
+    /// Relay bytes even when the traffic is HTTP (no per-request routing or rewriting).
+    pub raw: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    Auto,
+    Http1,
+    Http2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -84,7 +118,12 @@ pub struct TargetConfig {
     pub hosts: Vec<String>,
     pub port: TargetPort,
     pub match_ports: Option<Vec<u16>>,
+    pub match_path: Option<String>,
+    pub match_headers: Vec<NameValue>,
+    /// Upper-case method names; `None` = any.
+    pub match_methods: Option<Vec<String>>,
     pub priority: f64,
+    pub headers: HeaderTemplatesConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -181,10 +220,14 @@ mod tests {
     fn route(port: serde_json::Value) -> serde_json::Value {
         json!({
             "index": 3, "name": "api", "id": null, "priority": 0,
-            "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [] },
-            "action": { "tls": { "mode": "passthrough" }, "connectTimeoutMs": null,
-                        "targets": [{ "hosts": ["a"], "port": "preserve", "matchPorts": null, "priority": 0 }] },
-            "security": { "ipAllowList": [], "ipBlockList": [], "maxConnections": null }
+            "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [], "path": null, "headers": [] },
+            "action": { "tls": { "mode": "passthrough" }, "connectTimeoutMs": null, "responseTimeoutMs": null,
+                        "websocket": true, "backendProtocol": "auto", "raw": false,
+                        "targets": [{ "hosts": ["a"], "port": "preserve", "matchPorts": null, "matchPath": null,
+                                      "matchHeaders": [], "matchMethods": null, "priority": 0,
+                                      "headers": { "request": [], "response": [] } }] },
+            "security": { "ipAllowList": [], "ipBlockList": [], "maxConnections": null },
+            "headers": { "request": [], "response": [] }
         })
     }
 

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
+use crate::http::pool::{PoolSettings, UpstreamPool};
+use crate::http::proxy::HttpEnv;
 use crate::listener::{BindError, OnAccept, PortManager};
 use crate::metrics::EngineMetrics;
 use crate::routing::ip::IpList;
@@ -55,7 +57,9 @@ struct Running {
     ports: PortManager,
     on_accept: OnAccept,
     sessions: TaskTracker,
+    draining: CancellationToken,
     force_close: CancellationToken,
+    pool: Arc<UpstreamPool>,
     sampler: JoinHandle<()>,
 }
 
@@ -114,14 +118,16 @@ impl Engine {
             return Ok(());
         }
         let sessions = TaskTracker::new();
+        let draining = CancellationToken::new();
         let force_close = CancellationToken::new();
-        let env = Arc::new(self.session_env(force_close.clone()));
+        let pool = Arc::new(UpstreamPool::new(PoolSettings::default()));
+        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone()));
         let on_accept = self.accept_callback(env, sessions.clone());
         let mut ports = PortManager::default();
         ports.bind_all(&self.wanted_ports(&control), &on_accept).map_err(EngineError::Bind)?;
-        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone()));
+        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone()));
         *self.listening.lock() = ports.ports();
-        control.running = Some(Running { ports, on_accept, sessions, force_close, sampler });
+        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler });
         Ok(())
     }
 
@@ -136,11 +142,15 @@ impl Engine {
         self.listening.lock().clear();
         running.sampler.abort();
         running.sessions.close();
+        running.draining.cancel();
+        running.pool.clear();
         let grace = Duration::from_millis(self.options.graceful_shutdown_timeout_ms);
         if tokio::time::timeout(grace, running.sessions.wait()).await.is_err() {
             running.force_close.cancel();
             let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, running.sessions.wait()).await;
         }
+        // Connections returned to the pool by the last requests.
+        running.pool.clear();
     }
 
     /// Swaps in a new route table; binds the ports it adds (all or none, else nothing changes) and
@@ -200,7 +210,7 @@ impl Engine {
         ports.into_iter().collect()
     }
 
-    fn session_env(&self, force_close: CancellationToken) -> SessionEnv {
+    fn session_env(&self, draining: CancellationToken, force_close: CancellationToken, pool: Arc<UpstreamPool>) -> SessionEnv {
         let o = &self.options;
         SessionEnv {
             metrics: self.metrics.clone(),
@@ -212,7 +222,9 @@ impl Engine {
             max_pending_data: o.max_pending_data_size,
             no_delay: o.no_delay,
             keep_alive: o.keep_alive.then(|| Duration::from_millis(o.keep_alive_initial_delay_ms.max(1000))),
+            draining,
             force_close,
+            http: Arc::new(HttpEnv { metrics: self.metrics.clone(), pool, no_delay: o.no_delay }),
         }
     }
 
@@ -237,7 +249,7 @@ fn global_policy(options: &EngineOptions) -> Result<IpPolicy, ConfigError> {
     })
 }
 
-async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<ConnectionLimiter>) {
+async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<ConnectionLimiter>, pool: Arc<UpstreamPool>) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -245,5 +257,6 @@ async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<Connectio
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         metrics.sample(now_ms);
         limiter.sample_and_sweep(now_ms);
+        pool.sweep();
     }
 }

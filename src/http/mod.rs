@@ -1,5 +1,12 @@
-//! HTTP as the proxy sees it. For now: recognising a plain HTTP/1.x request (or the HTTP/2
-//! prior-knowledge preface) in the first bytes of a connection and reading its Host, for routing
-//! by domain on ports without TLS. Knows nothing of sockets or routes.
+//! The HTTP engine: plain-HTTP sniffing for routing, and the reverse proxy behind terminated TLS
+//! or on plain ports (hyper server per connection, per-request routing, header rewriting, pooled
+//! upstream connections, WebSocket tunnels). Knows nothing of napi or of how a connection was
+//! accepted; the session hands it a stream and a context.
 
+pub mod body;
+pub mod headers;
+pub mod io;
+pub mod pool;
+pub mod proxy;
+pub mod server;
 pub mod sniff;

@@ -4,6 +4,7 @@
 
 pub mod domain;
 pub mod ip;
+pub mod path;
 pub mod table;
 
 pub use table::{ConnectionFacts, Protocol, RouteTable};

@@ -8,10 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{ConfigError, RouteConfig, TargetPort, TlsConfig};
+use http::{HeaderMap, HeaderName, Method};
+
+use crate::config::{BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, RouteConfig, TargetPort, TlsConfig};
+use crate::http::headers::HeaderTemplate;
 use crate::metrics::{RouteStats, RouteStatsRegistry};
 use crate::routing::domain::DomainPattern;
 use crate::routing::ip::IpList;
+use crate::routing::path::PathPattern;
 use crate::security::IpPolicy;
 
 /// What the listener learned about a connection before routing it.
@@ -22,6 +26,17 @@ pub struct ConnectionFacts<'a> {
     /// SNI for TLS, the Host header (without port) for plain HTTP.
     pub domain: Option<&'a str>,
     pub protocol: Protocol,
+}
+
+/// What the HTTP engine knows of one request, on top of its connection's facts.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// `domain` is the request's Host / `:authority` without port.
+    pub connection: ConnectionFacts<'a>,
+    /// Path without the query.
+    pub path: &'a str,
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +62,27 @@ pub struct Route {
     pub policy: IpPolicy,
     pub max_connections: Option<u32>,
     pub stats: Arc<RouteStats>,
+    path: Option<PathPattern>,
+    header_matches: Vec<HeaderMatch>,
+    pub http: HttpSettings,
+}
+
+/// How the HTTP engine treats the route's requests.
+#[derive(Debug)]
+pub struct HttpSettings {
+    pub request_headers: Vec<HeaderTemplate>,
+    pub response_headers: Vec<HeaderTemplate>,
+    pub response_timeout: Option<Duration>,
+    pub websocket: bool,
+    pub backend_protocol: BackendProtocol,
+    /// `action.options.raw`: bytes are relayed even for HTTP traffic.
+    pub raw: bool,
+}
+
+#[derive(Debug)]
+struct HeaderMatch {
+    name: HeaderName,
+    value: String,
 }
 
 #[derive(Debug)]
@@ -54,9 +90,41 @@ struct Target {
     hosts: Vec<String>,
     port: TargetPort,
     match_ports: Option<Vec<u16>>,
+    match_path: Option<PathPattern>,
+    match_headers: Vec<HeaderMatch>,
+    match_methods: Option<Vec<Method>>,
     priority: f64,
+    request_headers: Vec<HeaderTemplate>,
+    response_headers: Vec<HeaderTemplate>,
     /// Round-robin position over `hosts`, per table: a route update restarts the rotation.
     next_host: AtomicUsize,
+}
+
+impl Target {
+    fn has_match(&self) -> bool {
+        self.match_ports.is_some() || self.match_path.is_some() || !self.match_headers.is_empty() || self.match_methods.is_some()
+    }
+
+    fn fits(&self, local_port: u16, request: Option<&RequestFacts<'_>>) -> bool {
+        if let Some(ports) = &self.match_ports {
+            if !ports.contains(&local_port) {
+                return false;
+            }
+        }
+        let needs_request = self.match_path.is_some() || !self.match_headers.is_empty() || self.match_methods.is_some();
+        match request {
+            None => !needs_request,
+            Some(request) => {
+                self.match_path.as_ref().is_none_or(|p| p.matches(request.path))
+                    && headers_match(&self.match_headers, request.headers)
+                    && self.match_methods.as_ref().is_none_or(|methods| methods.contains(request.method))
+            }
+        }
+    }
+}
+
+fn headers_match(wanted: &[HeaderMatch], headers: &HeaderMap) -> bool {
+    wanted.iter().all(|m| headers.get_all(&m.name).iter().any(|v| v.as_bytes() == m.value.as_bytes()))
 }
 
 /// The backend a connection goes to.
@@ -64,6 +132,8 @@ struct Target {
 pub struct SelectedTarget<'a> {
     pub host: &'a str,
     pub port: u16,
+    pub request_headers: &'a [HeaderTemplate],
+    pub response_headers: &'a [HeaderTemplate],
 }
 
 /// The routes of one port, in matching order, and what must be read from a client to choose.
@@ -72,6 +142,9 @@ pub struct PortPlan {
     pub routes: Vec<Arc<Route>>,
     /// Some route here matches on domain or TLS version: the first bytes must be sniffed.
     pub needs_client_data: bool,
+    /// Some route here must see HTTP requests (path, headers, templates): plain HTTP on this port
+    /// goes to the HTTP engine instead of a byte relay.
+    pub serves_http: bool,
 }
 
 #[derive(Debug, Default)]
@@ -93,7 +166,9 @@ impl RouteTable {
         for (position, route) in &ordered {
             for port in &configs[*position].match_.ports {
                 let plan = ports.entry(*port).or_default();
-                plan.needs_client_data |= !route.domains.is_empty() || !route.tls_versions.is_empty();
+                let wants_http = route.wants_http();
+                plan.needs_client_data |= !route.domains.is_empty() || !route.tls_versions.is_empty() || wants_http;
+                plan.serves_http |= wants_http || (!route.domains.is_empty() && route.tls.is_none() && !route.http.raw);
                 plan.routes.push(route.clone());
             }
         }
@@ -116,6 +191,11 @@ impl RouteTable {
     /// The first route of the connection's port that matches, in matching order.
     pub fn find(&self, facts: &ConnectionFacts<'_>) -> Option<&Arc<Route>> {
         self.ports.get(&facts.local_port)?.routes.iter().find(|route| route.matches(facts))
+    }
+
+    /// The first route of the port that takes this HTTP request (passthrough and raw routes never do).
+    pub fn find_for_request(&self, facts: &RequestFacts<'_>) -> Option<&Arc<Route>> {
+        self.ports.get(&facts.connection.local_port)?.routes.iter().find(|route| route.matches_request(facts))
     }
 }
 
@@ -151,14 +231,48 @@ impl Route {
             if target.port == TargetPort::Fixed(0) {
                 return Err(fail(format!("action.targets[{i}].port"), "0 is not a valid port".into()));
             }
+            let field = |rest: &str| format!("action.targets[{i}].{rest}");
+            let match_path = match &target.match_path {
+                Some(p) => Some(PathPattern::parse(p).map_err(|r| fail(field("match.path"), r))?),
+                None => None,
+            };
+            let match_methods = match &target.match_methods {
+                Some(methods) => Some(
+                    methods
+                        .iter()
+                        .map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| fail(field("match.method"), format!("{m:?} is not an HTTP method"))))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => None,
+            };
+            let (request_headers, response_headers) = compile_templates(&target.headers).map_err(|(f, r)| fail(field(&f), r))?;
             targets.push(Target {
                 hosts: target.hosts.clone(),
                 port: target.port,
                 match_ports: target.match_ports.clone(),
+                match_path,
+                match_headers: compile_header_matches(&target.match_headers).map_err(|r| fail(field("match.headers"), r))?,
+                match_methods,
                 priority: target.priority,
+                request_headers,
+                response_headers,
                 next_host: AtomicUsize::new(0),
             });
         }
+        let path = match &config.match_.path {
+            Some(p) => Some(PathPattern::parse(p).map_err(|r| fail("match.path".into(), r))?),
+            None => None,
+        };
+        let header_matches = compile_header_matches(&config.match_.headers).map_err(|r| fail("match.headers".into(), r))?;
+        let (request_headers, response_headers) = compile_templates(&config.headers).map_err(|(f, r)| fail(f, r))?;
+        let http = HttpSettings {
+            request_headers,
+            response_headers,
+            response_timeout: config.action.response_timeout_ms.map(Duration::from_millis),
+            websocket: config.action.websocket,
+            backend_protocol: config.action.backend_protocol,
+            raw: config.action.raw,
+        };
         let label: Arc<str> = match (&config.name, &config.id) {
             (Some(name), _) => name.as_str().into(),
             (None, Some(id)) => id.as_str().into(),
@@ -176,7 +290,29 @@ impl Route {
             connect_timeout: config.action.connect_timeout_ms.map(Duration::from_millis),
             policy: IpPolicy { allow, block },
             max_connections: config.security.max_connections,
+            path,
+            header_matches,
+            http,
         })
+    }
+
+    /// The route needs to see requests: it matches on them or rewrites them.
+    fn wants_http(&self) -> bool {
+        !self.http.raw
+            && self.tls.is_none()
+            && (self.path.is_some()
+                || !self.header_matches.is_empty()
+                || !self.http.request_headers.is_empty()
+                || !self.http.response_headers.is_empty()
+                || self.targets.iter().any(|t| t.match_path.is_some() || !t.match_headers.is_empty() || t.match_methods.is_some() || !t.request_headers.is_empty() || !t.response_headers.is_empty()))
+    }
+
+    pub fn matches_request(&self, facts: &RequestFacts<'_>) -> bool {
+        !self.http.raw
+            && self.tls.is_none()
+            && self.matches(&facts.connection)
+            && self.path.as_ref().is_none_or(|p| p.matches(facts.path))
+            && headers_match(&self.header_matches, facts.headers)
     }
 
     pub fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
@@ -204,13 +340,15 @@ impl Route {
     /// The highest-priority target whose `match` fits the connection, else the highest-priority one
     /// without a `match`; equal priorities keep array order. Host arrays rotate round robin.
     pub fn select_target(&self, local_port: u16) -> Option<SelectedTarget<'_>> {
+        self.select_target_for(local_port, None)
+    }
+
+    /// As `select_target`, with the request's path, method and headers for `targets[].match`.
+    pub fn select_target_for(&self, local_port: u16, request: Option<&RequestFacts<'_>>) -> Option<SelectedTarget<'_>> {
         let best = |want_match: bool| {
             self.targets
                 .iter()
-                .filter(|t| match &t.match_ports {
-                    Some(ports) => want_match && ports.contains(&local_port),
-                    None => !want_match,
-                })
+                .filter(|t| if want_match { t.has_match() && t.fits(local_port, request) } else { !t.has_match() })
                 .fold(None::<&Target>, |best, t| match best {
                     Some(b) if b.priority >= t.priority => Some(b),
                     _ => Some(t),
@@ -223,8 +361,29 @@ impl Route {
             TargetPort::Fixed(port) => port,
             TargetPort::Preserve(_) => local_port,
         };
-        Some(SelectedTarget { host, port })
+        Some(SelectedTarget { host, port, request_headers: &target.request_headers, response_headers: &target.response_headers })
     }
+}
+
+fn compile_header_matches(items: &[NameValue]) -> Result<Vec<HeaderMatch>, String> {
+    items
+        .iter()
+        .map(|item| {
+            let name = HeaderName::from_bytes(item.name.as_bytes()).map_err(|_| format!("{:?} is not a valid header name", item.name))?;
+            Ok(HeaderMatch { name, value: item.value.clone() })
+        })
+        .collect()
+}
+
+/// On failure: the field (`headers.request.X-Foo`) and why.
+fn compile_templates(config: &HeaderTemplatesConfig) -> Result<(Vec<HeaderTemplate>, Vec<HeaderTemplate>), (String, String)> {
+    let compile = |items: &[NameValue], kind: &str| {
+        items
+            .iter()
+            .map(|nv| HeaderTemplate::parse(&nv.name, &nv.value).map_err(|r| (format!("headers.{kind}.{}", nv.name), r)))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok((compile(&config.request, "request")?, compile(&config.response, "response")?))
 }
 
 #[cfg(test)]
@@ -243,18 +402,33 @@ mod tests {
                 domains: domains.iter().map(|d| d.to_string()).collect(),
                 client_ip: vec![],
                 tls_version: vec![],
+                path: None,
+                headers: vec![],
             },
             action: ActionConfig {
                 tls: None,
-                targets: vec![TargetConfig {
-                    hosts: vec!["10.0.0.1".into()],
-                    port: TargetPort::Fixed(80),
-                    match_ports: None,
-                    priority: 0.0,
-                }],
+                targets: vec![target("10.0.0.1", 80)],
                 connect_timeout_ms: None,
+                response_timeout_ms: None,
+                websocket: true,
+                backend_protocol: BackendProtocol::Auto,
+                raw: false,
             },
             security: RouteSecurityConfig::default(),
+            headers: HeaderTemplatesConfig::default(),
+        }
+    }
+
+    fn target(host: &str, port: u16) -> TargetConfig {
+        TargetConfig {
+            hosts: vec![host.into()],
+            port: TargetPort::Fixed(port),
+            match_ports: None,
+            match_path: None,
+            match_headers: vec![],
+            match_methods: None,
+            priority: 0.0,
+            headers: HeaderTemplatesConfig::default(),
         }
     }
 
@@ -340,12 +514,9 @@ mod tests {
     #[test]
     fn targets_with_a_matching_port_win_over_the_default() {
         let mut r = route(0, "t", &[80, 81], &[], 0.0);
-        r.action.targets.push(TargetConfig {
-            hosts: vec!["special".into()],
-            port: TargetPort::Fixed(9000),
-            match_ports: Some(vec![81]),
-            priority: 0.0,
-        });
+        let mut special = target("special", 9000);
+        special.match_ports = Some(vec![81]);
+        r.action.targets.push(special);
         let t = table(&[r]);
         let route = t.find(&facts(81, None)).unwrap();
         assert_eq!(route.select_target(81).unwrap().host, "special");

@@ -14,7 +14,6 @@ impl<'a> ConnectionGuard<'a> {
     pub fn new(metrics: &'a EngineMetrics) -> Self {
         metrics.active.fetch_add(1, Ordering::AcqRel);
         metrics.total.fetch_add(1, Ordering::Relaxed);
-        metrics.requests.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard { metrics, counted_as_tls: false }
     }
 

@@ -14,6 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::io::{ClientCounters, ClientIo};
+use crate::http::proxy::{ConnectionContext, HttpEnv};
+use crate::http::server::{serve as serve_http, HttpLimits, Shutdown};
 use crate::metrics::{EngineMetrics, TerminationReason};
 use crate::routing::ip::canonical_ip;
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
@@ -41,8 +44,11 @@ pub struct SessionEnv {
     pub max_pending_data: usize,
     pub no_delay: bool,
     pub keep_alive: Option<Duration>,
+    /// Cancelled when a stop begins: HTTP connections finish what is in flight and close.
+    pub draining: CancellationToken,
     /// Cancelled when a stop's grace period is over: every session closes at once.
     pub force_close: CancellationToken,
+    pub http: Arc<HttpEnv>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +58,8 @@ pub enum State {
     Routed,
     Connecting,
     Relaying,
+    /// Served by the HTTP engine: every request is routed on its own.
+    Http,
     Closed,
 }
 
@@ -103,7 +111,8 @@ impl Session {
         );
     }
 
-    async fn drive(&mut self, env: &SessionEnv, table: &RouteTable, mut client: TcpStream) -> TerminationReason {
+    async fn drive(&mut self, env: &SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream) -> TerminationReason {
+        let table: &RouteTable = table_arc;
         // Accepted: counted at once, so every exit below releases exactly what it took (guards).
         let mut counted = ConnectionGuard::new(&env.metrics);
         if !env.global_policy.admits(self.client_ip) {
@@ -150,7 +159,34 @@ impl Session {
             self.tls_version = version;
         }
 
+        // Plain HTTP on a port whose routes look at requests: the HTTP engine routes each request.
+        if protocol == Protocol::Http && plan.serves_http {
+            self.state = State::Http;
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let io = ClientIo::new(client, initial.into(), counters.clone());
+            let ctx = Arc::new(ConnectionContext {
+                env: env.http.clone(),
+                table: Arc::clone(table_arc),
+                connection_id: self.id,
+                local_port: self.local_port,
+                client_ip: self.client_ip,
+                https: false,
+                tls_version: None,
+                trusted_peer: false,
+            });
+            let limits = HttpLimits {
+                max_header_size: HttpLimits::DEFAULT_MAX_HEADER_SIZE,
+                header_timeout: HttpLimits::DEFAULT_HEADER_TIMEOUT,
+                max_concurrent_streams: HttpLimits::DEFAULT_MAX_CONCURRENT_STREAMS,
+                idle_timeout: env.idle_timeout,
+                deadline: self.accepted_at + env.max_lifetime,
+            };
+            let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
+            return serve_http(io, counters, ctx, limits, shutdown).await;
+        }
+
         // Routed: the table this connection was accepted under decides, whatever updates follow.
+        env.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.state = State::Routed;
         let facts = ConnectionFacts {
             local_port: self.local_port,

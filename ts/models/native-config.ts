@@ -28,14 +28,45 @@ export interface INativeRoute {
   name: string | null;
   id: string | null;
   priority: number;
-  match: { ports: number[]; domains: string[]; clientIp: string[]; tlsVersion: string[] };
-  action: { tls: { mode: 'passthrough' } | null; targets: INativeTarget[]; connectTimeoutMs: number | null };
+  match: {
+    ports: number[];
+    domains: string[];
+    clientIp: string[];
+    tlsVersion: string[];
+    path: string | null;
+    headers: INativeNameValue[];
+  };
+  action: {
+    tls: { mode: 'passthrough' } | null;
+    targets: INativeTarget[];
+    connectTimeoutMs: number | null;
+    responseTimeoutMs: number | null;
+    websocket: boolean;
+    backendProtocol: 'auto' | 'http1' | 'http2';
+    raw: boolean;
+  };
   security: { ipAllowList: string[]; ipBlockList: string[]; maxConnections: number | null };
+  headers: INativeHeaderTemplates;
+}
+
+/** A header name with an exact value (matching) or a template (rewriting). */
+export interface INativeNameValue {
+  name: string;
+  value: string;
+}
+
+export interface INativeHeaderTemplates {
+  request: INativeNameValue[];
+  response: INativeNameValue[];
 }
 
 export interface INativeTarget {
   hosts: string[];
   port: number | 'preserve';
   matchPorts: number[] | null;
+  matchPath: string | null;
+  matchHeaders: INativeNameValue[];
+  matchMethods: string[] | null;
   priority: number;
+  headers: INativeHeaderTemplates;
 }

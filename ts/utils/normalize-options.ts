@@ -3,7 +3,14 @@
 // string patterns (domains, IPs) are checked by the engine itself, in the same message format.
 import type { IRouteConfig, IRouteSecurity, IRouteTarget } from '../models/route-types.js';
 import type { ISmartProxyOptions } from '../models/options.js';
-import type { INativeConfig, INativeOptions, INativeRoute, INativeTarget } from '../models/native-config.js';
+import type {
+  INativeConfig,
+  INativeHeaderTemplates,
+  INativeNameValue,
+  INativeOptions,
+  INativeRoute,
+  INativeTarget,
+} from '../models/native-config.js';
 import { expandPortRange, isValidPort } from './port-range.js';
 
 export class SmartProxyConfigError extends Error {
@@ -39,6 +46,7 @@ const ACTION_KEYS = new Set([
   'options', 'sendProxyProtocol', 'retry', 'timeouts', 'security',
 ]);
 const TARGET_KEYS = new Set(['host', 'port', 'match', 'priority', 'weight', 'tls', 'headers']);
+const TARGET_MATCH_KEYS = new Set(['ports', 'path', 'headers', 'method']);
 const SECURITY_KEYS = new Set(['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth']);
 const TLS_VERSIONS = ['TLSv1.0', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
 const TLS_MODES = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
@@ -158,7 +166,7 @@ function normalizeRoute(
   if (route.id !== undefined && typeof route.id !== 'string') at.fail('id', `expected a string, got ${show(route.id)}`);
   const priority = route.priority ?? 0;
   if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail('priority', `expected a number, got ${show(priority)}`);
-  if (route.headers !== undefined) at.notYet('headers', 'header rewriting comes with the HTTP engine');
+  const headers = headerTemplates(route.headers, at, 'headers');
 
   const match = normalizeMatch(route.match, at);
   const action = route.action;
@@ -196,18 +204,28 @@ function normalizeRoute(
   for (const httpOnly of ['rateLimit', 'basicAuth', 'jwtAuth'] as const) {
     if (security[httpOnly] !== undefined) at.notYet(`security.${httpOnly}`, 'it needs HTTP-level security, which comes with the HTTP engine');
   }
-  let connectTimeoutMs: number | null = null;
-  if (isRecord(action.timeouts) && action.timeouts.connectMs !== undefined) {
-    connectTimeoutMs = optionalPositiveInt(action.timeouts.connectMs, at, 'action.timeouts.connectMs');
-  }
+  const timeouts = isRecord(action.timeouts) ? action.timeouts : {};
+  const connectTimeoutMs = optionalPositiveInt(timeouts.connectMs, at, 'action.timeouts.connectMs');
+  const responseTimeoutMs = optionalPositiveInt(timeouts.responseMs, at, 'action.timeouts.responseMs');
+  const options = isRecord(action.options) ? action.options : {};
+  const websocket = isRecord(action.websocket) ? action.websocket.enabled !== false : true;
   return {
     index,
     name: name ?? null,
     id: (route.id as string | undefined) ?? null,
     priority,
     match,
-    action: { tls, targets, connectTimeoutMs },
+    action: {
+      tls,
+      targets,
+      connectTimeoutMs,
+      responseTimeoutMs,
+      websocket,
+      backendProtocol: (options.backendProtocol as 'auto' | 'http1' | 'http2' | undefined) ?? 'auto',
+      raw: options.raw === true,
+    },
     security: { ...lists, maxConnections },
+    headers,
   };
 }
 
@@ -232,9 +250,9 @@ function normalizeMatch(match: unknown, at: Place): INativeRoute['match'] {
   tlsVersion.forEach((v, i) => {
     if (!TLS_VERSIONS.includes(v)) at.fail(`match.tlsVersion[${i}]`, `${show(v)} is not one of ${TLS_VERSIONS.join(', ')}`);
   });
-  if (match.path !== undefined) at.notYet('match.path', 'path matching needs HTTP-level routing, which comes with the HTTP engine');
-  if (match.headers !== undefined) at.notYet('match.headers', 'header matching needs HTTP-level routing, which comes with the HTTP engine');
-  return { ports, domains, clientIp, tlsVersion };
+  const path = optionalPath(match.path, at, 'match.path');
+  const headers = headerMatches(match.headers, at, 'match.headers');
+  return { ports, domains, clientIp, tlsVersion, path, headers };
 }
 
 function normalizePorts(spec: unknown, at: Place, field: string): number[] {
@@ -276,7 +294,14 @@ function normalizeTls(tls: unknown, at: Place, warnings: string[]): INativeRoute
 }
 
 function rejectLaterActionFeatures(action: TRecord, at: Place): void {
-  if (action.websocket !== undefined) at.notYet('action.websocket', 'WebSocket settings come with the HTTP engine');
+  if (action.websocket !== undefined) {
+    if (!isRecord(action.websocket)) at.fail('action.websocket', `expected an object, got ${show(action.websocket)}`);
+    const ws = action.websocket;
+    if (ws.enabled !== undefined && typeof ws.enabled !== 'boolean') at.fail('action.websocket.enabled', `expected true or false, got ${show(ws.enabled)}`);
+    for (const key of ['pingInterval', 'pingTimeout', 'maxPayloadSize']) {
+      if (ws[key] !== undefined) at.notYet(`action.websocket.${key}`, 'WebSocket ping and payload settings are not implemented yet');
+    }
+  }
   if (action.loadBalancing !== undefined) {
     const lb = action.loadBalancing;
     const plainRoundRobin = isRecord(lb) && Object.keys(lb).every((k) => k === 'algorithm') && (lb.algorithm ?? 'round-robin') === 'round-robin';
@@ -286,8 +311,13 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
     at.notYet('action.sendProxyProtocol', 'the PROXY protocol comes with the scale-out work');
   }
   if (isRecord(action.options)) {
-    if (action.options.backendProtocol !== undefined && action.options.backendProtocol !== 'auto') {
-      at.notYet('action.options.backendProtocol', 'upstream protocols come with the HTTP engine');
+    const protocol = action.options.backendProtocol;
+    if (protocol === 'http3') at.notYet('action.options.backendProtocol', `'http3' needs QUIC, which is not implemented`);
+    if (protocol !== undefined && !['auto', 'http1', 'http2'].includes(protocol as string)) {
+      at.fail('action.options.backendProtocol', `expected 'auto', 'http1', 'http2' or 'http3', got ${show(protocol)}`);
+    }
+    if (action.options.raw !== undefined && typeof action.options.raw !== 'boolean') {
+      at.fail('action.options.raw', `expected true or false, got ${show(action.options.raw)}`);
     }
   } else if (action.options !== undefined) {
     at.fail('action.options', `expected an object, got ${show(action.options)}`);
@@ -295,9 +325,7 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   if (action.retry !== undefined) at.notYet('action.retry', 'retries come with the HTTP engine');
   if (action.timeouts !== undefined) {
     if (!isRecord(action.timeouts)) at.fail('action.timeouts', `expected an object, got ${show(action.timeouts)}`);
-    for (const key of ['responseMs', 'idleMs']) {
-      if (action.timeouts[key] !== undefined) at.notYet(`action.timeouts.${key}`, 'it comes with the HTTP engine');
-    }
+    if (action.timeouts.idleMs !== undefined) at.notYet('action.timeouts.idleMs', 'per-route idle timeouts are not implemented yet');
   }
 }
 
@@ -313,22 +341,37 @@ function normalizeTarget(target: unknown, at: Place, field: string): INativeTarg
   }
   if (t.port !== 'preserve' && !isValidPort(t.port)) at.fail(`${field}.port`, `${show(t.port)} is not a valid port (or 'preserve')`);
   let matchPorts: number[] | null = null;
+  let matchPath: string | null = null;
+  let matchHeaders: INativeNameValue[] = [];
+  let matchMethods: string[] | null = null;
   if (t.match !== undefined) {
     if (!isRecord(t.match)) at.fail(`${field}.match`, `expected an object, got ${show(t.match)}`);
-    for (const key of Object.keys(t.match)) {
-      if (key !== 'ports') at.notYet(`${field}.match.${key}`, 'it needs HTTP-level routing, which comes with the HTTP engine');
-    }
+    rejectUnknownKeys(t.match, TARGET_MATCH_KEYS, at, `${field}.match.`);
     if (t.match.ports !== undefined) {
       if (!Array.isArray(t.match.ports)) at.fail(`${field}.match.ports`, `expected an array of ports, got ${show(t.match.ports)}`);
       matchPorts = normalizePorts(t.match.ports, at, `${field}.match.ports`);
+    }
+    matchPath = optionalPath(t.match.path, at, `${field}.match.path`);
+    matchHeaders = headerMatches(t.match.headers, at, `${field}.match.headers`);
+    if (t.match.method !== undefined) {
+      matchMethods = stringList(t.match.method, at, `${field}.match.method`, false).map((m) => m.toUpperCase());
     }
   }
   const priority = t.priority ?? 0;
   if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail(`${field}.priority`, `expected a number, got ${show(priority)}`);
   if (t.weight !== undefined && t.weight !== 1) at.notYet(`${field}.weight`, 'load-balancing weights come with load balancing');
-  if (t.tls !== undefined) at.notYet(`${field}.tls`, 'per-target TLS comes with the HTTP engine');
-  if (t.headers !== undefined) at.notYet(`${field}.headers`, 'header rewriting comes with the HTTP engine');
-  return { hosts: [...(hosts as string[])], port: t.port as number | 'preserve', matchPorts, priority };
+  if (t.tls !== undefined) at.notYet(`${field}.tls`, 'per-target TLS comes with TLS termination');
+  const headers = headerTemplates(t.headers, at, `${field}.headers`);
+  return {
+    hosts: [...(hosts as string[])],
+    port: t.port as number | 'preserve',
+    matchPorts,
+    matchPath,
+    matchHeaders,
+    matchMethods,
+    priority,
+    headers,
+  };
 }
 
 function pickSecurity(routeLevel: unknown, actionLevel: unknown, at: Place, index: number, name: unknown, warnings: string[]): TRecord & IRouteSecurity {
@@ -353,4 +396,39 @@ function optionalPositiveInt(value: unknown, at: Place, field: string): number |
   if (value === undefined) return null;
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) at.fail(field, `expected a positive integer, got ${show(value)}`);
   return value;
+}
+
+function optionalPath(value: unknown, at: Place, field: string): string | null {
+  if (value === undefined) return null;
+  if (typeof value !== 'string' || !(value.startsWith('/') || value === '*')) {
+    at.fail(field, `expected a path pattern starting with '/', got ${show(value)}`);
+  }
+  return value;
+}
+
+/** `{ 'X-Api': 'v2' }` → `[{ name, value }]`; RegExp values are not matched natively yet. */
+function headerMatches(value: unknown, at: Place, field: string): INativeNameValue[] {
+  if (value === undefined) return [];
+  if (!isRecord(value)) at.fail(field, `expected an object of header names to values, got ${show(value)}`);
+  return Object.entries(value).map(([name, v]) => {
+    if (v instanceof RegExp) at.notYet(`${field}.${name}`, 'RegExp header values are not matched yet; use an exact string');
+    if (typeof v !== 'string') at.fail(`${field}.${name}`, `expected a string, got ${show(v)}`);
+    return { name, value: v };
+  });
+}
+
+function headerTemplates(value: unknown, at: Place, field: string): INativeHeaderTemplates {
+  if (value === undefined) return { request: [], response: [] };
+  if (!isRecord(value)) at.fail(field, `expected { request?, response? }, got ${show(value)}`);
+  rejectUnknownKeys(value, new Set(['request', 'response']), at, `${field}.`);
+  const list = (kind: 'request' | 'response'): INativeNameValue[] => {
+    const items = value[kind];
+    if (items === undefined) return [];
+    if (!isRecord(items)) at.fail(`${field}.${kind}`, `expected an object of header names to values, got ${show(items)}`);
+    return Object.entries(items).map(([name, v]) => {
+      if (typeof v !== 'string') at.fail(`${field}.${kind}.${name}`, `expected a string, got ${show(v)}`);
+      return { name, value: v };
+    });
+  };
+  return { request: list('request'), response: list('response') };
 }

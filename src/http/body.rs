@@ -1,0 +1,110 @@
+//! Body plumbing shared by the server and the upstream side: the one boxed body type both speak,
+//! short native responses (errors, redirects), and body wrappers that count bytes into route
+//! metrics and report when a body has been fully delivered (what decides whether an upstream
+//! connection may be pooled again).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::metrics::ByteCounters;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+pub fn empty() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A short plain-text response the proxy writes itself (`502 Bad Gateway: <why>`).
+pub fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = format!("{} {}: {message}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Counts data bytes into a route's counters and flips `finished` once the body has ended
+/// (end of stream seen), so the owner of the connection knows the message was delivered whole.
+pub struct TrackedBody<B> {
+    inner: B,
+    route_bytes: Option<(Arc<crate::metrics::RouteStats>, Direction)>,
+    finished: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    /// Request body: counted as bytes in from the client.
+    In,
+    /// Response body: counted as bytes out to the client.
+    Out,
+}
+
+impl<B: Body> TrackedBody<B> {
+    /// A body that is empty from the start is finished at once (nobody will poll it).
+    pub fn new(inner: B, route_bytes: Option<(Arc<crate::metrics::RouteStats>, Direction)>, finished: Arc<AtomicBool>) -> Self {
+        if inner.is_end_stream() {
+            finished.store(true, Ordering::Release);
+        }
+        TrackedBody { inner, route_bytes, finished }
+    }
+
+    fn count(&self, n: usize) {
+        if let Some((stats, direction)) = &self.route_bytes {
+            let counters: &ByteCounters = &stats.bytes;
+            match direction {
+                Direction::In => counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed),
+                Direction::Out => counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed),
+            };
+        }
+    }
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.count(data.len());
+                }
+                if self.inner.is_end_stream() {
+                    self.finished.store(true, Ordering::Release);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => {
+                self.finished.store(true, Ordering::Release);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,316 @@
+//! Header rewriting between client and upstream (API.md "HTTP rewriting"): hop-by-hop headers out
+//! in both directions, the `X-Forwarded-*` set and `Via` in, and the route's and target's
+//! `headers.request` / `headers.response` templates (`{domain}`, `{path}`, `{query}`, `{clientIp}`,
+//! `{port}`, `{routeName}`, `{connectionId}`), compiled once per route table.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one hop and never travel through a proxy (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// Removes hop-by-hop headers and every header the `Connection` header names. With `keep_upgrade`
+/// (a WebSocket handshake) `Connection: upgrade` and `Upgrade` survive, as the next hop needs them.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in HOP_BY_HOP.iter() {
+        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// What the forwarding headers say about the client's request.
+pub struct ForwardedFacts<'a> {
+    pub client_ip: IpAddr,
+    pub https: bool,
+    /// Host as the client sent it (with its port, if any).
+    pub host: Option<&'a str>,
+    pub local_port: u16,
+    /// The peer is a trusted proxy (`proxyIPs`): its `X-Forwarded-*` are extended, not replaced.
+    pub trusted_peer: bool,
+    pub version: http::Version,
+}
+
+pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
+    let mut value = String::with_capacity(48);
+    if facts.trusted_peer {
+        for existing in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
+            value.push_str(existing);
+            value.push_str(", ");
+        }
+    }
+    let _ = write!(value, "{}", facts.client_ip);
+    set(headers, X_FORWARDED_FOR, &value);
+
+    let keep_client_values = facts.trusted_peer;
+    let mut set_unless_trusted = |name: HeaderName, value: &str| {
+        if !(keep_client_values && headers.contains_key(&name)) {
+            set(headers, name, value);
+        }
+    };
+    set_unless_trusted(X_FORWARDED_PROTO, if facts.https { "https" } else { "http" });
+    if let Some(host) = facts.host {
+        set_unless_trusted(X_FORWARDED_HOST, host);
+    }
+    set_unless_trusted(X_FORWARDED_PORT, &facts.local_port.to_string());
+    if facts.host.is_none() && !keep_client_values {
+        headers.remove(&X_FORWARDED_HOST);
+    }
+
+    let protocol = match facts.version {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        _ => "1.1",
+    };
+    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {protocol} smartproxy"),
+        None => format!("{protocol} smartproxy"),
+    };
+    set(headers, header::VIA, &via);
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    // Values built from a parsed request never hold control bytes; skip rather than fail if so.
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+/// The values a header template may use.
+pub struct TemplateContext<'a> {
+    pub domain: &'a str,
+    pub port: u16,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub client_ip: IpAddr,
+    pub route_name: &'a str,
+    pub connection_id: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variable {
+    Domain,
+    Port,
+    Path,
+    Query,
+    ClientIp,
+    RouteName,
+    ConnectionId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(Box<str>),
+    Var(Variable),
+}
+
+/// One `name: value-template` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderTemplate {
+    name: HeaderName,
+    pieces: Vec<Piece>,
+}
+
+impl HeaderTemplate {
+    /// Unknown `{words}` stay literal text, so values such as JSON survive untouched.
+    pub fn parse(name: &str, value: &str) -> Result<HeaderTemplate, String> {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a valid header name"))?;
+        if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(format!("the value of {name} contains a line break or NUL"));
+        }
+        let mut pieces = Vec::new();
+        let mut rest = value;
+        let mut text = String::new();
+        while let Some(open) = rest.find('{') {
+            let (before, from_brace) = rest.split_at(open);
+            text.push_str(before);
+            let variable = from_brace.find('}').and_then(|close| {
+                let var = match &from_brace[1..close] {
+                    "domain" => Variable::Domain,
+                    "port" => Variable::Port,
+                    "path" => Variable::Path,
+                    "query" => Variable::Query,
+                    "clientIp" => Variable::ClientIp,
+                    "routeName" => Variable::RouteName,
+                    "connectionId" => Variable::ConnectionId,
+                    _ => return None,
+                };
+                Some((var, close))
+            });
+            match variable {
+                Some((var, close)) => {
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text).into_boxed_str()));
+                    }
+                    pieces.push(Piece::Var(var));
+                    rest = &from_brace[close + 1..];
+                }
+                None => {
+                    text.push('{');
+                    rest = &from_brace[1..];
+                }
+            }
+        }
+        text.push_str(rest);
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text.into_boxed_str()));
+        }
+        Ok(HeaderTemplate { name, pieces })
+    }
+
+    fn render(&self, ctx: &TemplateContext<'_>) -> Option<HeaderValue> {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(text) => out.push_str(text),
+                Piece::Var(Variable::Domain) => out.push_str(ctx.domain),
+                Piece::Var(Variable::Port) => {
+                    let _ = write!(out, "{}", ctx.port);
+                }
+                Piece::Var(Variable::Path) => out.push_str(ctx.path),
+                Piece::Var(Variable::Query) => out.push_str(ctx.query),
+                Piece::Var(Variable::ClientIp) => {
+                    let _ = write!(out, "{}", ctx.client_ip);
+                }
+                Piece::Var(Variable::RouteName) => out.push_str(ctx.route_name),
+                Piece::Var(Variable::ConnectionId) => {
+                    let _ = write!(out, "{}", ctx.connection_id);
+                }
+            }
+        }
+        HeaderValue::from_str(&out).ok()
+    }
+}
+
+/// Sets every template's header, replacing what was there (later lists override earlier ones).
+pub fn apply_templates(headers: &mut HeaderMap, templates: &[HeaderTemplate], ctx: &TemplateContext<'_>) {
+    for template in templates {
+        if let Some(value) = template.render(ctx) {
+            headers.insert(template.name.clone(), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_dropped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_headers() {
+        let mut h = map(&[("connection", "Upgrade, x-secret"), ("upgrade", "websocket"), ("x-secret", "1")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("x-secret"));
+    }
+
+    fn facts(trusted: bool) -> ForwardedFacts<'static> {
+        ForwardedFacts {
+            client_ip: "10.1.2.3".parse().unwrap(),
+            https: true,
+            host: Some("Example.com:8443"),
+            local_port: 8443,
+            trusted_peer: trusted,
+            version: http::Version::HTTP_11,
+        }
+    }
+
+    #[test]
+    fn an_untrusted_clients_forwarding_headers_are_replaced() {
+        let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-proto", "http"), ("x-forwarded-host", "evil")]);
+        add_forwarded(&mut h, &facts(false));
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "Example.com:8443");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        assert_eq!(h["via"], "1.1 smartproxy");
+    }
+
+    #[test]
+    fn a_trusted_peers_forwarding_headers_are_extended() {
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-proto", "http"), ("via", "1.0 lb")]);
+        add_forwarded(&mut h, &facts(true));
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["via"], "1.0 lb, 1.1 smartproxy");
+    }
+
+    #[test]
+    fn templates_render_known_variables_and_keep_the_rest() {
+        let t = HeaderTemplate::parse("X-Info", "{domain}|{port}|{path}|{query}|{clientIp}|{routeName}|{unknown}|{").unwrap();
+        let ctx = TemplateContext {
+            domain: "a.com",
+            port: 80,
+            path: "/p",
+            query: "q=1",
+            client_ip: "::1".parse().unwrap(),
+            route_name: "r",
+            connection_id: 7,
+        };
+        let mut h = HeaderMap::new();
+        apply_templates(&mut h, &[t], &ctx);
+        assert_eq!(h["x-info"], "a.com|80|/p|q=1|::1|r|{unknown}|{");
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        assert!(HeaderTemplate::parse("bad name", "x").is_err());
+        assert!(HeaderTemplate::parse("x", "a\r\nb").is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! Upstream connections for the HTTP engine: one pool per engine, shared by every worker thread,
+//! keyed by everything that makes two connections interchangeable (scheme, host, port, SNI, TLS
+//! settings, protocol). HTTP/1.1 connections are reused only after a request/response exchange
+//! ended cleanly on both sides (a response that arrives before its request body was fully sent
+//! leaves the connection unusable: it is closed, never pooled). Idle connections expire after
+//! `idle_timeout`; a per-host cap bounds all connections (idle and busy) to one upstream, and a
+//! request that cannot get a slot within the connect timeout fails as pool exhaustion (502).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::http::body::ProxyBody;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub host: Arc<str>,
+    pub port: u16,
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+    pub max_per_host: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 256, max_per_host: 1024 }
+    }
+}
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    ConnectTimeout,
+    ConnectFailed(std::io::Error),
+    Handshake(hyper::Error),
+    PoolExhausted,
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::ConnectTimeout => f.write_str("upstream connect timed out"),
+            UpstreamError::ConnectFailed(err) => write!(f, "upstream connect failed: {err}"),
+            UpstreamError::Handshake(err) => write!(f, "upstream HTTP handshake failed: {err}"),
+            UpstreamError::PoolExhausted => f.write_str("no upstream connection available (per-host limit reached)"),
+        }
+    }
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<ProxyBody>,
+    permit: OwnedSemaphorePermit,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct HostEntry {
+    idle: Vec<IdleH1>,
+    /// HTTP/2 multiplexes: one live connection per key serves every request.
+    h2: Option<(http2::SendRequest<ProxyBody>, Arc<OwnedSemaphorePermit>)>,
+    slots: Option<Arc<Semaphore>>,
+}
+
+pub struct UpstreamPool {
+    hosts: Mutex<HashMap<PoolKey, HostEntry>>,
+    settings: PoolSettings,
+}
+
+/// A connection checked out for one request.
+pub enum Checkout {
+    Http1 { sender: http1::SendRequest<ProxyBody>, permit: OwnedSemaphorePermit, reused: bool },
+    Http2 { sender: http2::SendRequest<ProxyBody>, reused: bool },
+}
+
+impl Checkout {
+    pub fn reused(&self) -> bool {
+        match self {
+            Checkout::Http1 { reused, .. } | Checkout::Http2 { reused, .. } => *reused,
+        }
+    }
+}
+
+impl UpstreamPool {
+    pub fn new(settings: PoolSettings) -> Self {
+        UpstreamPool { hosts: Mutex::new(HashMap::new()), settings }
+    }
+
+    /// A pooled connection when one is idle and alive, else a new one.
+    pub async fn checkout(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool) -> Result<Checkout, UpstreamError> {
+        if let Some(reused) = self.take_idle(key).await {
+            return Ok(reused);
+        }
+        self.connect(key, connect_timeout, no_delay, true).await
+    }
+
+    /// Always a new connection (after a pooled one turned out dead).
+    pub async fn checkout_fresh(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool) -> Result<Checkout, UpstreamError> {
+        self.connect(key, connect_timeout, no_delay, false).await
+    }
+
+    async fn connect(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool, may_reuse: bool) -> Result<Checkout, UpstreamError> {
+        let deadline = Instant::now() + connect_timeout;
+        let slots = self.slots(key);
+        let permit = tokio::time::timeout_at(deadline.into(), slots.acquire_owned())
+            .await
+            .map_err(|_| UpstreamError::PoolExhausted)?
+            .map_err(|_| UpstreamError::PoolExhausted)?;
+        // A slot may have been freed by a connection going idle: prefer it to a new connect.
+        if may_reuse {
+            if let Some(reused) = self.take_idle(key).await {
+                return Ok(reused);
+            }
+        }
+        let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect((&*key.host, key.port)))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?
+            .map_err(UpstreamError::ConnectFailed)?;
+        let _ = stream.set_nodelay(no_delay);
+        let io = TokioIo::new(stream);
+        match key.protocol {
+            UpstreamProtocol::Http1 => {
+                let (sender, connection) = http1::Builder::new()
+                    .handshake::<_, ProxyBody>(io)
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    // Ends when the upstream closes or the last sender is dropped.
+                    let _ = connection.with_upgrades().await;
+                });
+                Ok(Checkout::Http1 { sender, permit, reused: false })
+            }
+            UpstreamProtocol::Http2 => {
+                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .handshake::<_, ProxyBody>(io)
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                let mut hosts = self.hosts.lock();
+                let entry = hosts.entry(key.clone()).or_default();
+                entry.h2 = Some((sender.clone(), Arc::new(permit)));
+                Ok(Checkout::Http2 { sender, reused: false })
+            }
+        }
+    }
+
+    async fn take_idle(&self, key: &PoolKey) -> Option<Checkout> {
+        loop {
+            let candidate = {
+                let mut hosts = self.hosts.lock();
+                let entry = hosts.get_mut(key)?;
+                if key.protocol == UpstreamProtocol::Http2 {
+                    return match &entry.h2 {
+                        Some((sender, _)) if !sender.is_closed() => Some(Checkout::Http2 { sender: sender.clone(), reused: true }),
+                        _ => {
+                            entry.h2 = None;
+                            None
+                        }
+                    };
+                }
+                entry.idle.pop()?
+            };
+            let IdleH1 { mut sender, permit, since } = candidate;
+            if since.elapsed() >= self.settings.idle_timeout || sender.is_closed() {
+                continue;
+            }
+            // Normally ready at once; a connection still finishing its last exchange gets a moment.
+            match tokio::time::timeout(Duration::from_millis(250), sender.ready()).await {
+                Ok(Ok(())) => return Some(Checkout::Http1 { sender, permit, reused: true }),
+                _ => continue,
+            }
+        }
+    }
+
+    fn slots(&self, key: &PoolKey) -> Arc<Semaphore> {
+        let mut hosts = self.hosts.lock();
+        let entry = hosts.entry(key.clone()).or_default();
+        entry.slots.get_or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_per_host))).clone()
+    }
+
+    /// Gives an HTTP/1.1 connection back after a clean exchange.
+    pub fn put_back(&self, key: &PoolKey, sender: http1::SendRequest<ProxyBody>, permit: OwnedSemaphorePermit) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut hosts = self.hosts.lock();
+        let entry = hosts.entry(key.clone()).or_default();
+        if entry.idle.len() < self.settings.max_idle_per_host {
+            entry.idle.push(IdleH1 { sender, permit, since: Instant::now() });
+        }
+    }
+
+    /// Drops an HTTP/2 connection that failed so the next request dials again.
+    pub fn forget_h2(&self, key: &PoolKey) {
+        if let Some(entry) = self.hosts.lock().get_mut(key) {
+            entry.h2 = None;
+        }
+    }
+
+    /// Closes idle connections past their timeout (called periodically) and forgets empty hosts.
+    pub fn sweep(&self) {
+        let idle_timeout = self.settings.idle_timeout;
+        let mut expired = Vec::new();
+        let mut hosts = self.hosts.lock();
+        for entry in hosts.values_mut() {
+            let (keep, gone): (Vec<IdleH1>, Vec<IdleH1>) = std::mem::take(&mut entry.idle)
+                .into_iter()
+                .partition(|idle| idle.since.elapsed() < idle_timeout && !idle.sender.is_closed());
+            entry.idle = keep;
+            expired.extend(gone);
+            if entry.h2.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
+                entry.h2 = None;
+            }
+        }
+        hosts.retain(|_, entry| {
+            !entry.idle.is_empty()
+                || entry.h2.is_some()
+                || entry.slots.as_ref().is_some_and(|s| s.available_permits() < self.settings.max_per_host)
+        });
+        drop(hosts);
+        drop(expired);
+    }
+
+    /// Closes every idle connection (engine stop).
+    pub fn clear(&self) {
+        let drained: Vec<HostEntry> = self.hosts.lock().drain().map(|(_, entry)| entry).collect();
+        drop(drained);
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.hosts.lock().values().map(|e| e.idle.len() + usize::from(e.h2.is_some())).sum()
+    }
+}

@@ -1,0 +1,358 @@
+//! The reverse-proxy service: each request of a client connection is routed on its own (Host or
+//! `:authority`, path, headers, method among the routes of the port), checked against the route's
+//! policy, rewritten, sent upstream over a pooled connection and streamed back. Failures become
+//! short native responses (404 no route, 403 denied, 502 upstream failure, 504 response timeout);
+//! a WebSocket upgrade becomes a byte tunnel only once the upstream answered 101.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+
+use crate::config::BackendProtocol;
+use crate::http::body::{text_response, BoxError, Direction, ProxyBody, TrackedBody};
+use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
+use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol};
+use crate::http::sniff::normalise_host;
+use crate::metrics::EngineMetrics;
+use crate::routing::table::{Route, RequestFacts, SelectedTarget};
+use crate::routing::{ConnectionFacts, Protocol, RouteTable};
+use crate::security::RouteGuard;
+
+/// What a response head may take when the route sets no `timeouts.responseMs`.
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP engine's share of an engine: fixed while it runs.
+pub struct HttpEnv {
+    pub metrics: Arc<EngineMetrics>,
+    pub pool: Arc<UpstreamPool>,
+    pub no_delay: bool,
+}
+
+/// One client connection as the service sees it.
+pub struct ConnectionContext {
+    pub env: Arc<HttpEnv>,
+    pub table: Arc<RouteTable>,
+    pub connection_id: u64,
+    pub local_port: u16,
+    pub client_ip: IpAddr,
+    pub https: bool,
+    pub tls_version: Option<&'static str>,
+    /// The peer is a trusted proxy (`proxyIPs`).
+    pub trusted_peer: bool,
+}
+
+pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    ctx.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    Ok(proxy(&ctx, req).await.unwrap_or_else(|refusal| refusal))
+}
+
+type Refusal = Response<ProxyBody>;
+
+async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
+    // Request smuggling: two framings for one body is never forwarded (RFC 9112 §6.1).
+    if req.version() < Version::HTTP_2
+        && req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(closing(text_response(StatusCode::BAD_REQUEST, "both Content-Length and Transfer-Encoding")));
+    }
+    let raw_host: Option<String> = match req.uri().authority() {
+        Some(authority) => Some(authority.as_str().to_string()),
+        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string),
+    };
+    let domain = raw_host.as_deref().map(normalise_host).filter(|d| !d.is_empty());
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+
+    let protocol = if ctx.https { Protocol::Tls { version: ctx.tls_version } } else { Protocol::Http };
+    let facts = RequestFacts {
+        connection: ConnectionFacts { local_port: ctx.local_port, client_ip: ctx.client_ip, domain: domain.as_deref(), protocol },
+        path: &path,
+        method: req.method(),
+        headers: req.headers(),
+    };
+    let Some(route) = ctx.table.find_for_request(&facts) else {
+        return Err(text_response(StatusCode::NOT_FOUND, "no route matches this request"));
+    };
+    if !route.policy.admits(ctx.client_ip) {
+        return Err(text_response(StatusCode::FORBIDDEN, "access denied"));
+    }
+    let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
+        return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached"));
+    };
+    let Some(target) = route.select_target_for(ctx.local_port, Some(&facts)) else {
+        return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
+    };
+
+    let wants_upgrade = req.version() == Version::HTTP_11 && route.http.websocket && is_upgrade_request(&req);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let templates = TemplateContext {
+        domain: domain.as_deref().unwrap_or(""),
+        port: ctx.local_port,
+        path: &path,
+        query: &query,
+        client_ip: ctx.client_ip,
+        route_name: &route.label,
+        connection_id: ctx.connection_id,
+    };
+    let protocol = match route.http.backend_protocol {
+        BackendProtocol::Http2 if !wants_upgrade => UpstreamProtocol::Http2,
+        _ => UpstreamProtocol::Http1,
+    };
+    let (parts, body) = req.into_parts();
+    let mut upstream_req = Request::from_parts(parts, ());
+    rewrite_request(&mut upstream_req, ctx, route, &target, raw_host.as_deref(), &templates, wants_upgrade, protocol)?;
+    let request_sent = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let key = PoolKey { host: Arc::from(target.host), port: target.port, protocol };
+    let body = TrackedBody::new(body, Some((route.stats.clone(), Direction::In)), request_sent.clone()).boxed();
+    let upstream_req = upstream_req.map(|()| body);
+    let bodyless = request_sent.load(Ordering::Acquire);
+
+    let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let response_timeout = route.http.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
+    let pool = &ctx.env.pool;
+    let mut checkout = pool.checkout(&key, connect_timeout, ctx.env.no_delay).await.map_err(upstream_failure)?;
+    // A pooled connection the upstream closed just as it was reused fails before anything of the
+    // request was processed; a bodiless idempotent request is sent again on a fresh connection.
+    let mut retry_request = (checkout.reused() && bodyless && is_idempotent(upstream_req.method())).then(|| clone_head(&upstream_req));
+    let mut pending = upstream_req;
+    let response = loop {
+        let sent = send(&mut checkout, pending, response_timeout).await;
+        match sent {
+            Ok(response) => break response,
+            Err(SendError::Failed(err)) if retry_request.is_some() && (err.is_canceled() || err.is_incomplete_message()) => {
+                if let Checkout::Http2 { .. } = checkout {
+                    pool.forget_h2(&key);
+                }
+                pending = retry_request.take().map(|r| r.map(|()| crate::http::body::empty())).ok_or_else(|| text_response(StatusCode::BAD_GATEWAY, "upstream closed the connection"))?;
+                checkout = pool.checkout_fresh(&key, connect_timeout, ctx.env.no_delay).await.map_err(upstream_failure)?;
+            }
+            Err(SendError::Failed(err)) => {
+                if let Checkout::Http2 { .. } = checkout {
+                    pool.forget_h2(&key);
+                }
+                tracing::debug!(route = &*route.label, error = %err, "upstream request failed");
+                return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server did not answer properly"));
+            }
+            Err(SendError::Timeout) => {
+                return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
+            }
+        }
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return match client_upgrade {
+            Some(client_upgrade) => Ok(tunnel(response, client_upgrade, route, target.response_headers, &templates)),
+            None => Err(text_response(StatusCode::BAD_GATEWAY, "the upstream switched protocols unasked")),
+        };
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    apply_templates(&mut parts.headers, &route.http.response_headers, &templates);
+    apply_templates(&mut parts.headers, target.response_headers, &templates);
+    let response_read = Arc::new(AtomicBool::new(false));
+    let body = ReturningBody {
+        inner: TrackedBody::new(body, Some((route.stats.clone(), Direction::Out)), response_read.clone()),
+        pool: pool.clone(),
+        key,
+        checkout: Some(checkout),
+        request_sent,
+        response_read,
+        _route_slot: route_slot,
+    };
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rewrite_request(
+    req: &mut Request<()>,
+    ctx: &ConnectionContext,
+    route: &Route,
+    target: &SelectedTarget<'_>,
+    raw_host: Option<&str>,
+    templates: &TemplateContext<'_>,
+    upgrade: bool,
+    protocol: UpstreamProtocol,
+) -> Result<(), Refusal> {
+    let version = req.version();
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    add_forwarded(
+        headers,
+        &ForwardedFacts {
+            client_ip: ctx.client_ip,
+            https: ctx.https,
+            host: raw_host,
+            local_port: ctx.local_port,
+            trusted_peer: ctx.trusted_peer,
+            version,
+        },
+    );
+    apply_templates(headers, &route.http.request_headers, templates);
+    apply_templates(headers, target.request_headers, templates);
+    let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+    let authority = raw_host.map(str::to_string).unwrap_or_else(|| format!("{}:{}", target.host, target.port));
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host.
+            if !req.headers().contains_key(header::HOST) {
+                if let Ok(value) = HeaderValue::from_str(&authority) {
+                    req.headers_mut().insert(header::HOST, value);
+                }
+            }
+            *req.uri_mut() = path_and_query.parse::<Uri>().map_err(|_| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
+            *req.version_mut() = Version::HTTP_11;
+        }
+        UpstreamProtocol::Http2 => {
+            req.headers_mut().remove(header::HOST);
+            *req.uri_mut() = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(path_and_query.as_str())
+                .build()
+                .map_err(|_| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+    Ok(())
+}
+
+enum SendError {
+    Failed(hyper::Error),
+    Timeout,
+}
+
+async fn send(checkout: &mut Checkout, req: Request<ProxyBody>, timeout: Duration) -> Result<Response<Incoming>, SendError> {
+    let sending = async {
+        match checkout {
+            Checkout::Http1 { sender, .. } => sender.send_request(req).await,
+            Checkout::Http2 { sender, .. } => sender.send_request(req).await,
+        }
+    };
+    match tokio::time::timeout(timeout, sending).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(err)) => Err(SendError::Failed(err)),
+        Err(_) => Err(SendError::Timeout),
+    }
+}
+
+fn upstream_failure(err: UpstreamError) -> Refusal {
+    tracing::debug!(error = %err, "upstream unavailable");
+    let message = match err {
+        UpstreamError::ConnectTimeout => "connecting to the upstream server timed out",
+        UpstreamError::ConnectFailed(_) => "the upstream server refused the connection",
+        UpstreamError::Handshake(_) => "the upstream server failed the handshake",
+        UpstreamError::PoolExhausted => "too many connections to the upstream server",
+    };
+    text_response(StatusCode::BAD_GATEWAY, message)
+}
+
+fn closing(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    let connection_has_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_has_upgrade && req.headers().contains_key(header::UPGRADE)
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+fn clone_head<B>(req: &Request<B>) -> Request<()> {
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Answers the client's upgrade with the upstream's 101 and joins the two upgraded streams.
+fn tunnel(
+    mut response: Response<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    route: &Route,
+    target_templates: &[crate::http::headers::HeaderTemplate],
+    templates: &TemplateContext<'_>,
+) -> Response<ProxyBody> {
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let label = route.label.clone();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::debug!(route = &*label, error = %err, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    });
+    let (mut parts, _) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, true);
+    apply_templates(&mut parts.headers, &route.http.response_headers, templates);
+    apply_templates(&mut parts.headers, target_templates, templates);
+    Response::from_parts(parts, crate::http::body::empty())
+}
+
+/// The response body on its way to the client. When it is dropped after a clean exchange (the
+/// response read to its end and the request body fully sent) its HTTP/1.1 connection goes back to
+/// the pool; otherwise the connection is closed with it.
+struct ReturningBody {
+    inner: TrackedBody<Incoming>,
+    pool: Arc<UpstreamPool>,
+    key: PoolKey,
+    checkout: Option<Checkout>,
+    request_sent: Arc<AtomicBool>,
+    response_read: Arc<AtomicBool>,
+    _route_slot: RouteGuard,
+}
+
+impl Body for ReturningBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ReturningBody {
+    fn drop(&mut self) {
+        let clean = self.response_read.load(Ordering::Acquire) && self.request_sent.load(Ordering::Acquire);
+        if let (true, Some(Checkout::Http1 { sender, permit, .. })) = (clean, self.checkout.take()) {
+            self.pool.put_back(&self.key, sender, permit);
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Serving one client connection with hyper: HTTP/1.1 with keep-alive and upgrades, HTTP/2 by
+//! its preface (ALPN `h2` on TLS, prior knowledge on plain ports). Limits of API.md: the request
+//! head size (over it: 431), the head read timeout, HTTP/2 concurrent streams. The connection ends
+//! when the client leaves, when it sits idle past the idle timeout, gracefully when the engine
+//! drains (in-flight requests finish, idle keep-alive connections close at once) and at once when
+//! the grace period is over.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::io::{ClientCounters, ClientIo};
+use crate::http::proxy::{handle, ConnectionContext};
+use crate::metrics::TerminationReason;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub max_header_size: usize,
+    pub header_timeout: Duration,
+    pub max_concurrent_streams: u32,
+    pub idle_timeout: Duration,
+    /// `maxConnectionLifetime` from accept.
+    pub deadline: Instant,
+}
+
+impl HttpLimits {
+    pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
+    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+}
+
+pub struct Shutdown<'a> {
+    /// Cancelled when the engine starts stopping: finish in-flight requests, accept no new ones.
+    pub draining: &'a CancellationToken,
+    /// Cancelled when the grace period is over: close now.
+    pub force_close: &'a CancellationToken,
+}
+
+pub async fn serve<S>(io: ClientIo<S>, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        // A client that half-closes after its request still gets the response.
+        .half_close(true)
+        .header_read_timeout(limits.header_timeout)
+        // hyper answers 431 itself when a head outgrows its read buffer.
+        .max_buf_size(limits.max_header_size.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_size as u32);
+    let service = service_fn(move |req| handle(ctx.clone(), req));
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+
+    let mut draining = false;
+    loop {
+        let idle_at = counters.last_activity() + limits.idle_timeout;
+        tokio::select! {
+            result = connection.as_mut() => {
+                return match result {
+                    Ok(()) => TerminationReason::Completed,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "http connection ended with an error");
+                        TerminationReason::ClientError
+                    }
+                };
+            }
+            _ = shutdown.draining.cancelled(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = shutdown.force_close.cancelled() => return TerminationReason::Shutdown,
+            _ = tokio::time::sleep_until(idle_at.into()) => {
+                if counters.last_activity() + limits.idle_timeout <= Instant::now() {
+                    return TerminationReason::IdleTimeout;
+                }
+            }
+            _ = tokio::time::sleep_until(limits.deadline.into()) => return TerminationReason::LifetimeExceeded,
+        }
+    }
+}

@@ -1,0 +1,657 @@
+// Option normalisation (ts/utils/normalize-options.ts, ts/utils/port-range.ts): defaults, port forms,
+// the 19.x `action.target` form, purity (inputs never mutated), refused later-issue features,
+// warnings, and config errors surfacing through `new SmartProxy(...)` and `updateRoutes(...)`.
+import { tap, expect } from '@push.rocks/tapbundle';
+import * as net from 'node:net';
+
+import { SmartProxy, SmartProxyConfigError } from '../ts/index.js';
+import { normalizeOptions } from '../ts/utils/normalize-options.js';
+import { expandPortRange, isValidPort } from '../ts/utils/port-range.js';
+import { connectAndRead, startTaggedServer } from './helpers/net.js';
+
+type TOptions = Parameters<typeof normalizeOptions>[0];
+
+/** Freezes an object graph (objects, arrays, and the properties of functions) in place. */
+function deepFreeze<T>(value: T, seen = new Set<unknown>()): T {
+  if ((typeof value === 'object' && value !== null) || typeof value === 'function') {
+    if (seen.has(value)) return value;
+    seen.add(value);
+    for (const key of Reflect.ownKeys(value as object)) {
+      const child = (value as Record<string | symbol, unknown>)[key];
+      if (typeof value === 'function' && (key === 'caller' || key === 'arguments')) continue;
+      deepFreeze(child, seen);
+    }
+    Object.freeze(value);
+  }
+  return value;
+}
+
+/**
+ * The part of `actual` that `expected` describes: objects keep only the keys `expected` has, arrays
+ * are compared element by element (their length included). Lets the assertions below pin the fields
+ * they are about while the native config grows new ones.
+ */
+function subset(actual: unknown, expected: unknown): unknown {
+  if (Array.isArray(expected) && Array.isArray(actual)) return actual.map((a, i) => (i < expected.length ? subset(a, expected[i]) : a));
+  if (typeof expected === 'object' && expected !== null && !Array.isArray(expected) && typeof actual === 'object' && actual !== null && !Array.isArray(actual)) {
+    const out: Record<string, unknown> = {};
+    for (const key of Object.keys(expected)) {
+      out[key] = key in actual ? subset((actual as Record<string, unknown>)[key], (expected as Record<string, unknown>)[key]) : '<missing>';
+    }
+    return out;
+  }
+  return actual;
+}
+
+function expectSubset(actual: unknown, expected: unknown): void {
+  expect(subset(actual, expected)).toEqual(expected);
+}
+
+/** Runs `fn` and returns what it threw (or undefined). */
+function thrown(fn: () => unknown): Error | undefined {
+  try {
+    fn();
+  } catch (err) {
+    return err as Error;
+  }
+  return undefined;
+}
+
+async function rejected(promise: Promise<unknown>): Promise<Error | undefined> {
+  try {
+    await promise;
+  } catch (err) {
+    return err as Error;
+  }
+  return undefined;
+}
+
+/** Normalises deep-frozen options, so any attempt to mutate the input throws a TypeError. */
+function normalize(options: unknown) {
+  return normalizeOptions(deepFreeze(options) as TOptions);
+}
+
+/** The config error for deep-frozen `options`; fails the test if there is none or another kind. */
+function configError(options: unknown): SmartProxyConfigError {
+  const err = thrown(() => normalize(options));
+  if (!(err instanceof SmartProxyConfigError)) {
+    throw new Error(`expected a SmartProxyConfigError for ${JSON.stringify(options)}, got ${String(err)}`);
+  }
+  expect(err.code).toEqual('ERR_SMARTPROXY_CONFIG');
+  expect(err.name).toEqual('SmartProxyConfigError');
+  return err;
+}
+
+const target = { host: '127.0.0.1', port: 9000 };
+
+function route(ports: unknown, name?: string, extra: Record<string, unknown> = {}) {
+  return { ...(name === undefined ? {} : { name }), match: { ports }, action: { type: 'forward', target }, ...extra };
+}
+
+/** Connects through the proxy, reads the backend's first line, and closes the connection. */
+async function readLine(port: number): Promise<string> {
+  const { data, socket } = await connectAndRead(port);
+  socket.destroy();
+  return data;
+}
+
+/** A free port chosen at random in 20000-40000 (probed by binding it on every interface). */
+async function randomFreePort(): Promise<number> {
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * 20001);
+    const server = net.createServer();
+    const ok = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(port, () => resolve(true));
+    });
+    if (ok) {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      return port;
+    }
+  }
+  throw new Error('no free port found in 20000-40000');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defaults
+
+tap.test('engine options get the documented defaults', async () => {
+  const { config, warnings } = normalize({ routes: [] });
+  expect(config.routes).toEqual([]);
+  expect(warnings).toEqual([]);
+  expect(config.options).toEqual({
+    initialDataTimeoutMs: 120000,
+    socketTimeoutMs: 3600000,
+    inactivityTimeoutMs: 14400000,
+    maxConnectionLifetimeMs: 86400000,
+    gracefulShutdownTimeoutMs: 30000,
+    maxConnectionsPerIp: 100,
+    connectionRateLimitPerMinute: 300,
+    noDelay: true,
+    keepAlive: true,
+    keepAliveInitialDelayMs: 10000,
+    maxPendingDataSize: 10 * 1024 * 1024,
+    workerThreads: null,
+    enableDetailedLogging: false,
+    defaultSecurity: { ipAllowList: [], ipBlockList: [] },
+  });
+});
+
+tap.test('explicit engine options are carried over (ms values floored)', async () => {
+  const { config } = normalize({
+    routes: [],
+    initialDataTimeout: 5000,
+    socketTimeout: 1500.9,
+    inactivityTimeout: 0,
+    maxConnectionLifetime: 60000,
+    gracefulShutdownTimeout: 250,
+    maxConnectionsPerIP: 7,
+    connectionRateLimitPerMinute: 42,
+    noDelay: false,
+    keepAlive: false,
+    keepAliveInitialDelay: 1234,
+    maxPendingDataSize: 4096,
+    enableDetailedLogging: true,
+    workerThreads: 2,
+  });
+  expect(config.options).toEqual({
+    initialDataTimeoutMs: 5000,
+    socketTimeoutMs: 1500,
+    inactivityTimeoutMs: 0,
+    maxConnectionLifetimeMs: 60000,
+    gracefulShutdownTimeoutMs: 250,
+    maxConnectionsPerIp: 7,
+    connectionRateLimitPerMinute: 42,
+    noDelay: false,
+    keepAlive: false,
+    keepAliveInitialDelayMs: 1234,
+    maxPendingDataSize: 4096,
+    workerThreads: 2,
+    enableDetailedLogging: true,
+    defaultSecurity: { ipAllowList: [], ipBlockList: [] },
+  });
+});
+
+tap.test('a minimal route gets priority 0, null name/id, empty match lists and no tls', async () => {
+  const { config, warnings } = normalize({ routes: [route(8080)] });
+  expect(warnings).toEqual([]);
+  expect(config.routes).toHaveLength(1);
+  expectSubset(config.routes, [
+    {
+      index: 0,
+      name: null,
+      id: null,
+      priority: 0,
+      match: { ports: [8080], domains: [], clientIp: [], tlsVersion: [] },
+      action: { tls: null, targets: [{ hosts: ['127.0.0.1'], port: 9000, matchPorts: null, priority: 0 }], connectTimeoutMs: null },
+      security: { ipAllowList: [], ipBlockList: [], maxConnections: null },
+    },
+  ]);
+});
+
+tap.test('route fields are carried over: id, name, priority, domains, clientIp, tlsVersion, security, connectMs', async () => {
+  const { config } = normalize({
+    routes: [
+      {
+        id: 'r1',
+        name: 'full',
+        description: 'ignored by the engine',
+        tags: ['a'],
+        priority: 5,
+        enabled: true,
+        match: { ports: 443, domains: 'example.com', clientIp: ['10.0.0.0/8'], tlsVersion: ['TLSv1.3'] },
+        action: { type: 'forward', tls: { mode: 'passthrough' }, targets: [target], timeouts: { connectMs: 1500 } },
+        security: { ipAllowList: ['10.0.0.1'], ipBlockList: ['10.0.0.2'], maxConnections: 3 },
+      },
+    ],
+  });
+  const [r] = config.routes;
+  expect(r.id).toEqual('r1');
+  expect(r.name).toEqual('full');
+  expect(r.priority).toEqual(5);
+  // A single domain string becomes a list.
+  expectSubset(r.match, { ports: [443], domains: ['example.com'], clientIp: ['10.0.0.0/8'], tlsVersion: ['TLSv1.3'] });
+  expect(r.action.tls).toEqual({ mode: 'passthrough' });
+  expect(r.action.connectTimeoutMs).toEqual(1500);
+  expect(r.security).toEqual({ ipAllowList: ['10.0.0.1'], ipBlockList: ['10.0.0.2'], maxConnections: 3 });
+});
+
+tap.test('enabled: false drops the route, and the remaining routes keep their array index', async () => {
+  const { config } = normalize({
+    routes: [route(81, 'a'), route(82, 'off', { enabled: false }), route(83, 'c', { enabled: true })],
+  });
+  expect(config.routes.map((r) => [r.index, r.name, r.match.ports])).toEqual([
+    [0, 'a', [81]],
+    [2, 'c', [83]],
+  ]);
+});
+
+tap.test('defaults.target and defaults.security apply to routes', async () => {
+  const { config } = normalize({
+    defaults: { target: { host: 'fallback.local', port: 7000 }, security: { ipAllowList: ['10.0.0.0/8'], ipBlockList: ['1.2.3.4'], maxConnections: 5 } },
+    routes: [
+      { name: 'uses-defaults', match: { ports: 80 }, action: { type: 'forward' } },
+      { name: 'own', match: { ports: 81 }, action: { type: 'forward', target }, security: { maxConnections: 9 } },
+    ],
+  });
+  expect(config.options.defaultSecurity).toEqual({ ipAllowList: ['10.0.0.0/8'], ipBlockList: ['1.2.3.4'] });
+  const [withDefaults, own] = config.routes;
+  expectSubset(withDefaults.action.targets, [{ hosts: ['fallback.local'], port: 7000, matchPorts: null, priority: 0 }]);
+  expect(withDefaults.security.maxConnections).toEqual(5);
+  expect(own.action.targets[0].hosts).toEqual(['127.0.0.1']);
+  expect(own.security.maxConnections).toEqual(9);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Ports
+
+tap.test('port-range helpers: isValidPort and expandPortRange', async () => {
+  for (const good of [1, 80, 65535]) expect(isValidPort(good)).toBeTrue();
+  for (const bad of [0, -1, 65536, 70000, 80.5, NaN, Infinity, '80', null, undefined, { from: 1, to: 2 }]) {
+    expect(isValidPort(bad)).toBeFalse();
+  }
+  expect(expandPortRange(80)).toEqual([80]);
+  expect(expandPortRange([443, 80])).toEqual([80, 443]);
+  expect(expandPortRange([{ from: 8000, to: 8003 }])).toEqual([8000, 8001, 8002, 8003]);
+  expect(expandPortRange([9000, { from: 8001, to: 8002 }, 8002, { from: 8000, to: 8001 }])).toEqual([8000, 8001, 8002, 9000]);
+  expect(expandPortRange([{ from: 5, to: 5 }])).toEqual([5]);
+  // The input is not touched.
+  const spec = deepFreeze([3, { from: 1, to: 2 }]);
+  expect(expandPortRange(spec)).toEqual([1, 2, 3]);
+});
+
+tap.test('port forms: a number, an array, a {from,to} range and mixes become sorted unique ports', async () => {
+  const cases: Array<[unknown, number[]]> = [
+    [80, [80]],
+    [65535, [65535]],
+    [[443, 80, 8080], [80, 443, 8080]],
+    [[80, 80], [80]],
+    [[{ from: 3000, to: 3003 }], [3000, 3001, 3002, 3003]],
+    [[{ from: 10, to: 10 }], [10]],
+    [[8443, { from: 8000, to: 8002 }, 8001, { from: 7999, to: 8000 }], [7999, 8000, 8001, 8002, 8443]],
+  ];
+  for (const [ports, expected] of cases) {
+    const { config } = normalize({ routes: [route(ports)] });
+    expect(config.routes[0].match.ports).toEqual(expected);
+  }
+});
+
+tap.test('invalid ports: errors name the route index, the route name and the field', async () => {
+  const ok = route(80, 'ok');
+  const cases: Array<[unknown[], string]> = [
+    [[ok, ok, route(70000, 'api')], 'routes[2] "api": match.ports: 70000 is not a valid port'],
+    [[route(0, 'zero')], 'routes[0] "zero": match.ports: 0 is not a valid port'],
+    [[route(-1, 'neg')], 'routes[0] "neg": match.ports: -1 is not a valid port'],
+    [[route(80.5, 'frac')], 'routes[0] "frac": match.ports: 80.5 is not a valid port'],
+    [[route('80', 'str')], 'routes[0] "str": match.ports: "80" is not a valid port'],
+    [[ok, route([80, 65536], 'arr')], 'routes[1] "arr": match.ports[1]: 65536 is not a valid port'],
+    [[route([{ from: 9000, to: 8000 }], 'rev')], 'routes[0] "rev": match.ports[0]: range from 9000 to 8000 is empty (from > to)'],
+    [[route([80, { from: 0, to: 5 }], 'lo')], 'routes[0] "lo": match.ports[1].from: 0 is not a valid port'],
+    [[route([{ from: 1, to: 70000 }], 'hi')], 'routes[0] "hi": match.ports[0].to: 70000 is not a valid port'],
+    [[route([{ from: 1.5, to: 3 }], 'fr')], 'routes[0] "fr": match.ports[0].from: 1.5 is not a valid port'],
+    [[route([], 'empty')], 'routes[0] "empty": match.ports: at least one port is required'],
+    [[{ name: 'none', match: {}, action: { type: 'forward', target } }], 'routes[0] "none": match.ports: required'],
+    // Without a name, the route is named by its index alone.
+    [[ok, route(70000)], 'routes[1]: match.ports: 70000 is not a valid port'],
+  ];
+  for (const [routes, message] of cases) {
+    const err = configError({ routes });
+    expect(err.message).toEqual(message);
+    expect(err.path).toEqual(message.slice(0, message.indexOf(': ')));
+  }
+});
+
+tap.test('invalid target ports and target match ports name the target field', async () => {
+  const t1 = configError({ routes: [{ name: 'x', match: { ports: 80 }, action: { type: 'forward', target: { host: 'h', port: 0 } } }] });
+  expect(t1.message).toStartWith(`routes[0] "x": action.target.port: 0 is not a valid port`);
+  const t2 = configError({
+    routes: [{ name: 'y', match: { ports: 80 }, action: { type: 'forward', targets: [target, { host: 'h', port: 70000 }] } }],
+  });
+  expect(t2.message).toStartWith(`routes[0] "y": action.targets[1].port: 70000 is not a valid port`);
+  const t3 = configError({
+    routes: [{ name: 'z', match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'h', port: 1, match: { ports: [80, 0] } }] } }],
+  });
+  expect(t3.message).toEqual(`routes[0] "z": action.targets[0].match.ports[1]: 0 is not a valid port`);
+  // A valid target match.ports (ranges allowed) is expanded like match.ports.
+  const { config } = normalize({
+    routes: [{ match: { ports: [80, 81, 82] }, action: { type: 'forward', targets: [{ host: 'h', port: 1, match: { ports: [82, { from: 80, to: 81 }] } }, target] } }],
+  });
+  expect(config.routes[0].action.targets[0].matchPorts).toEqual([80, 81, 82]);
+  expect(config.routes[0].action.targets[1].matchPorts).toBeNull();
+});
+
+// ---------------------------------------------------------------------------------------------
+// The 19.x target form
+
+tap.test('the 19.x action.target form becomes the 21.x action.targets form', async () => {
+  const legacy = normalize({ routes: [{ name: 'r', match: { ports: 80 }, action: { type: 'forward', target: { host: 'backend', port: 8080 } } }] });
+  const modern = normalize({ routes: [{ name: 'r', match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'backend', port: 8080 }] } }] });
+  expectSubset(legacy.config.routes[0].action.targets, [{ hosts: ['backend'], port: 8080, matchPorts: null, priority: 0 }]);
+  expect(legacy.config).toEqual(modern.config);
+  expect(legacy.warnings).toEqual([]);
+
+  // Host arrays and 'preserve' survive the conversion.
+  const arr = normalize({ routes: [{ match: { ports: 80 }, action: { type: 'forward', target: { host: ['a', 'b'], port: 'preserve' } } }] });
+  expectSubset(arr.config.routes[0].action.targets, [{ hosts: ['a', 'b'], port: 'preserve', matchPorts: null, priority: 0 }]);
+});
+
+tap.test('action.targets wins over action.target, with a warning naming the route', async () => {
+  const { config, warnings } = normalize({
+    routes: [{ name: 'both', match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'new', port: 2 }], target: { host: 'old', port: 1 } } }],
+  });
+  expectSubset(config.routes[0].action.targets, [{ hosts: ['new'], port: 2, matchPorts: null, priority: 0 }]);
+  expect(warnings).toEqual(['routes[0] "both": both action.targets and action.target are set; action.target is ignored']);
+});
+
+tap.test('a forward route without any target is an error naming the route', async () => {
+  const none = configError({ routes: [{ name: 'nt', match: { ports: 80 }, action: { type: 'forward' } }] });
+  expect(none.message).toEqual('routes[0] "nt": action.targets: a forward route needs at least one target');
+  const empty = configError({ routes: [{ name: 'et', match: { ports: 80 }, action: { type: 'forward', targets: [] } }] });
+  expect(empty.message).toEqual('routes[0] "et": action.targets: a forward route needs at least one target');
+  const badHost = configError({ routes: [{ name: 'bh', match: { ports: 80 }, action: { type: 'forward', target: { host: [], port: 1 } } }] });
+  expect(badHost.message).toStartWith('routes[0] "bh": action.target.host: ');
+});
+
+// ---------------------------------------------------------------------------------------------
+// Purity
+
+tap.test('inputs are never mutated: deep-frozen options normalise, and a snapshot is unchanged', async () => {
+  const options = {
+    unknownOption: true,
+    socketTimeout: 1000.5,
+    defaults: { target: { host: 'd', port: 1 }, security: { ipAllowList: ['10.0.0.0/8'], maxConnections: 4 } },
+    routes: [
+      { name: 'a', priority: 3, match: { ports: [{ from: 8002, to: 8003 }, 8000, 8000], domains: 'a.example.com' }, action: { type: 'forward', target: { host: ['x', 'y'], port: 1 } } },
+      { name: 'b', match: { ports: 81 }, action: { type: 'forward', targets: [{ host: 'z', port: 2, match: { ports: [81] } }], target: { host: 'ignored', port: 3 } }, security: { ipBlockList: ['1.1.1.1'] } },
+      { name: 'c', match: { ports: 82 }, action: { type: 'forward', security: { maxConnections: 2 } } },
+      { name: 'off', enabled: false, match: { ports: 83 }, action: { type: 'forward', target } },
+      { name: 'pt', match: { ports: 443, domains: ['*.example.com'] }, action: { type: 'forward', tls: { mode: 'passthrough', versions: ['TLSv1.3'] }, forwardingEngine: 'nftables', target } },
+    ],
+  };
+  const jsonBefore = JSON.stringify(options);
+  const cloneBefore = structuredClone(options);
+  deepFreeze(options);
+  const first = normalizeOptions(options as unknown as TOptions);
+  expect(JSON.stringify(options)).toEqual(jsonBefore);
+  expect(options).toEqual(cloneBefore);
+
+  // The result shares no arrays with the input: changing it leaves the input alone.
+  const a = first.config.routes[0];
+  expect(a.match.ports).toEqual([8000, 8002, 8003]);
+  expect(a.action.targets[0].hosts === (options.routes[0].action.target as { host: string[] }).host).toBeFalse();
+  expect(first.config.options.defaultSecurity.ipAllowList === options.defaults.security.ipAllowList).toBeFalse();
+  a.action.targets[0].hosts.push('mutated');
+  first.config.options.defaultSecurity.ipAllowList.push('mutated');
+  expect(first.config.routes.map((r) => r.name)).toEqual(['a', 'b', 'c', 'pt']);
+  first.config.routes[3].match.domains.push('mutated');
+  expect(JSON.stringify(options)).toEqual(jsonBefore);
+
+  // Normalising twice gives the same result (nothing was consumed or cached from the input).
+  const second = normalizeOptions(options as unknown as TOptions);
+  const third = normalizeOptions(options as unknown as TOptions);
+  expect(second).toEqual(third);
+  expect(second.config.routes[0].action.targets[0].hosts).toEqual(['x', 'y']);
+  expect(JSON.stringify(options)).toEqual(jsonBefore);
+});
+
+tap.test('inputs are not mutated when normalisation fails either', async () => {
+  const options = { routes: [route(80, 'good'), route([80, { from: 5, to: 1 }], 'bad')] };
+  const before = structuredClone(options);
+  const err = configError(options); // deep-frozen inside
+  expect(err.message).toEqual('routes[1] "bad": match.ports[1]: range from 5 to 1 is empty (from > to)');
+  expect(options).toEqual(before);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Refused features
+
+tap.test('features of later issues are refused with an error naming the route and the field', async () => {
+  const base = (action: Record<string, unknown> = {}, rest: Record<string, unknown> = {}, match: Record<string, unknown> = {}) => ({
+    routes: [route(80, 'ok'), { name: 'later', match: { ports: 80, ...match }, action: { type: 'forward', target, ...action }, ...rest }],
+  });
+  const cases: Array<[string, unknown]> = [
+    ['action.tls.mode', base({ tls: { mode: 'terminate', certificate: { key: 'k', cert: 'c' } } })],
+    ['action.tls.mode', base({ tls: { mode: 'terminate-and-reencrypt', certificate: { key: 'k', cert: 'c' } } })],
+    ['action.tls.certificate', base({ tls: { mode: 'terminate', certificate: 'auto' } })],
+    ['action.type', base({ type: 'socket-handler', target: undefined, socketHandler: () => undefined })],
+    ['action.target.host', base({ target: { host: () => 'x', port: 1 } })],
+    ['action.target.port', base({ target: { host: 'x', port: () => 1 } })],
+    ['action.targets[0].host', base({ target: undefined, targets: [{ host: async () => 'x', port: 1 }] })],
+    // Header matching takes exact strings only; RegExp values are refused.
+    ['match.headers.x-a', base({}, {}, { headers: { 'x-a': /b+/ } })],
+    ['action.targets[0].match.headers.x-a', base({ target: undefined, targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] })],
+    ['action.targets[0].tls', base({ target: undefined, targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] })],
+    ['action.targets[0].weight', base({ target: undefined, targets: [{ host: 'h', port: 1, weight: 3 }] })],
+    ['action.websocket.pingInterval', base({ websocket: { enabled: true, pingInterval: 1000 } })],
+    ['action.loadBalancing', base({ loadBalancing: { algorithm: 'least-connections' } })],
+    ['action.loadBalancing', base({ loadBalancing: { algorithm: 'round-robin', healthCheck: { path: '/', interval: 1, timeout: 1, unhealthyThreshold: 1, healthyThreshold: 1 } } })],
+    ['action.retry', base({ retry: { maxRetries: 2 } })],
+    ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
+    ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
+    ['action.sendProxyProtocol', base({ sendProxyProtocol: 2 })],
+    ['security.rateLimit', base({}, { security: { rateLimit: { enabled: true, maxRequests: 1, window: 1 } } })],
+    ['security.basicAuth', base({}, { security: { basicAuth: { enabled: true, users: [] } } })],
+    ['security.jwtAuth', base({}, { security: { jwtAuth: { enabled: true, secret: 's' } } })],
+  ];
+  for (const [field, options] of cases) {
+    // `undefined` spread values are dropped so the route looks as a user would write it.
+    const cleaned = options as { routes: Array<{ action: Record<string, unknown> }> };
+    for (const r of cleaned.routes) for (const k of Object.keys(r.action)) if (r.action[k] === undefined) delete r.action[k];
+    const err = configError(options);
+    expect(err.message).toStartWith(`routes[1] "later": ${field}: `);
+    expect(err.message).toInclude('not supported yet');
+    expect(err.path).toEqual('routes[1] "later"');
+  }
+  // What stays accepted: plain round-robin, backendProtocol 'auto', sendProxyProtocol false, weight 1, connectMs.
+  const accepted = normalize(base({ loadBalancing: { algorithm: 'round-robin' }, options: { backendProtocol: 'auto' }, sendProxyProtocol: false, timeouts: { connectMs: 10 } }));
+  expect(accepted.config.routes[1].action.connectTimeoutMs).toEqual(10);
+  const weightOne = normalize({ routes: [{ match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'h', port: 1, weight: 1 }] } }] });
+  expect(weightOne.config.routes[0].action.targets).toHaveLength(1);
+});
+
+tap.test('options-level features and type errors are named "options"', async () => {
+  const cases: Array<[unknown, string]> = [
+    [null, 'options: expected an object, got null'],
+    [{}, 'options: routes: expected an array of routes, got undefined'],
+    [{ routes: {} }, 'options: routes: expected an array of routes, got {}'],
+    [{ routes: [], socketTimeout: -1 }, 'options: socketTimeout: expected a non-negative number, got -1'],
+    [{ routes: [], initialDataTimeout: '5s' }, 'options: initialDataTimeout: expected a non-negative number, got "5s"'],
+    [{ routes: [], noDelay: 'yes' }, 'options: noDelay: expected true or false, got "yes"'],
+    [{ routes: [], workerThreads: 0 }, 'options: workerThreads: expected a positive integer, got 0'],
+    [{ routes: [], proxyIPs: '1.2.3.4' }, 'options: proxyIPs: expected an array of strings, got "1.2.3.4"'],
+    [{ routes: [], defaults: 5 }, 'options: defaults: expected an object, got 5'],
+  ];
+  for (const [options, message] of cases) {
+    const err = configError(options);
+    expect(err.message).toEqual(message);
+    expect(err.path).toEqual('options');
+  }
+  for (const [key, value] of [['acceptProxyProtocol', true], ['sendProxyProtocol', 1]] as const) {
+    const err = configError({ routes: [], [key]: value });
+    expect(err.message).toStartWith(`options: ${key}: not supported yet`);
+  }
+});
+
+tap.test('unknown fields: an error inside routes, a single warning at the top level', async () => {
+  const routeKey = configError({ routes: [route(80, 'u', { bogus: 1 })] });
+  expect(routeKey.message).toStartWith('routes[0] "u": bogus: unknown field');
+  const actionKey = configError({ routes: [{ name: 'u', match: { ports: 80 }, action: { type: 'forward', target, bogus: 1 } }] });
+  expect(actionKey.message).toStartWith('routes[0] "u": action.bogus: unknown field');
+  const matchKey = configError({ routes: [{ name: 'u', match: { ports: 80, sni: 'x' }, action: { type: 'forward', target } }] });
+  expect(matchKey.message).toStartWith('routes[0] "u": match.sni: unknown field');
+  const targetKey = configError({ routes: [{ name: 'u', match: { ports: 80 }, action: { type: 'forward', targets: [target, { host: 'h', port: 1, hots: 'x' }] } }] });
+  expect(targetKey.message).toStartWith('routes[0] "u": action.targets[1].hots: unknown field');
+  const securityKey = configError({ routes: [route(80, 'u', { security: { allow: [] } })] });
+  expect(securityKey.message).toStartWith('routes[0] "u": security.allow: unknown field');
+
+  const { warnings, config } = normalize({ routes: [route(80)], foo: 1, bar: 'x' });
+  expect(warnings).toEqual(['unknown options ignored: foo, bar']);
+  expect(config.routes).toHaveLength(1);
+});
+
+tap.test('other route-level errors name the route and the field', async () => {
+  const cases: Array<[unknown, string]> = [
+    [{ routes: [route(80, 'a'), 'nope'] }, 'routes[1]: .: expected a route object, got "nope"'],
+    [{ routes: [{ ...route(80), name: 5 }] }, 'routes[0]: name: expected a string, got 5'],
+    [{ routes: [route(80, 'p', { priority: 'high' })] }, 'routes[0] "p": priority: expected a number, got "high"'],
+    [{ routes: [route(80, 'i', { id: 7 })] }, 'routes[0] "i": id: expected a string, got 7'],
+    [{ routes: [{ name: 'm', action: { type: 'forward', target } }] }, 'routes[0] "m": match: expected an object with ports, got undefined'],
+    [{ routes: [{ name: 't', match: { ports: 80 }, action: { type: 'proxy', target } }] }, `routes[0] "t": action.type: expected 'forward' or 'socket-handler', got "proxy"`],
+    [{ routes: [route(80, 'tv', { match: { ports: 80, tlsVersion: ['TLSv1.4'] } })] }, 'routes[0] "tv": match.tlsVersion[0]: "TLSv1.4" is not one of TLSv1.0, TLSv1.1, TLSv1.2, TLSv1.3'],
+    [{ routes: [route(80, 'd', { match: { ports: 80, domains: [''] } })] }, 'routes[0] "d": match.domains[0]: expected a non-empty string, got ""'],
+    [{ routes: [route(80, 'mc', { security: { maxConnections: 0 } })] }, 'routes[0] "mc": security.maxConnections: expected a positive integer, got 0'],
+    [{ routes: [route(80, 'tm', { action: { type: 'forward', target, tls: { mode: 'bogus' } } })] }, 'routes[0] "tm": action.tls.mode: expected one of passthrough, terminate, terminate-and-reencrypt, got "bogus"'],
+  ];
+  for (const [options, message] of cases) {
+    expect(configError(options).message).toEqual(message);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Warnings
+
+tap.test('normalizeOptions returns { config, warnings }; a clean config has no warnings', async () => {
+  const result = normalize({ routes: [route(80, 'clean')] });
+  expect(Object.keys(result).sort()).toEqual(['config', 'warnings']);
+  expect(Object.keys(result.config).sort()).toEqual(['options', 'routes']);
+  expect(Array.isArray(result.warnings)).toBeTrue();
+  expect(result.warnings).toEqual([]);
+});
+
+tap.test('warnings: ignored options, nftables, ignored passthrough tls settings, preserveSourceIP, redis', async () => {
+  const { warnings, config } = normalize({
+    routes: [
+      { name: 'nft', match: { ports: 80 }, action: { type: 'forward', forwardingEngine: 'nftables', target } },
+      { name: 'pt', match: { ports: 443 }, action: { type: 'forward', tls: { mode: 'passthrough', certificate: { key: 'k', cert: 'c' }, versions: ['TLSv1.3'] }, target } },
+      { name: 'sec', match: { ports: 81 }, action: { type: 'forward', target, security: { maxConnections: 2 } }, security: { maxConnections: 3 } },
+    ],
+    defaults: { preserveSourceIP: true },
+    redis: { url: 'redis://localhost' },
+    surprise: true,
+  });
+  expect(warnings).toContain('unknown options ignored: surprise');
+  expect(warnings).toContain('routes[0] "nft": nftables forwarding is relayed by the Rust core');
+  expect(warnings).toContain('action.tls.certificate, versions ignored: a passthrough route does not terminate TLS');
+  expect(warnings).toContain('routes[2] "sec": both security and action.security are set; action.security is ignored');
+  expect(warnings).toContain('defaults.preserveSourceIP is not supported yet and is ignored');
+  expect(warnings).toContain('redis is not used yet: there is no shared state before load balancing lands');
+  expect(warnings).toHaveLength(6);
+  // The warned-about routes are still normalised; route-level security wins over action.security.
+  expect(config.routes).toHaveLength(3);
+  expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough' });
+  expect(config.routes[2].security.maxConnections).toEqual(3);
+});
+
+tap.test('action.security is used when route.security is absent', async () => {
+  const { config, warnings } = normalize({
+    routes: [{ name: 's', match: { ports: 80 }, action: { type: 'forward', target, security: { ipAllowList: ['10.1.0.0/16'], maxConnections: 2 } } }],
+  });
+  expect(warnings).toEqual([]);
+  expect(config.routes[0].security).toEqual({ ipAllowList: ['10.1.0.0/16'], ipBlockList: [], maxConnections: 2 });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Through SmartProxy
+
+tap.test('new SmartProxy throws the route-naming config error synchronously (not started)', async () => {
+  const ok = route(80, 'ok');
+  const err = thrown(() => new SmartProxy(deepFreeze({ routes: [ok, ok, route(70000, 'api')] }) as unknown as TOptions));
+  expect(err instanceof SmartProxyConfigError).toBeTrue();
+  expect(err?.message).toEqual('routes[2] "api": match.ports: 70000 is not a valid port');
+  expect((err as SmartProxyConfigError).path).toEqual('routes[2] "api"');
+
+  const refused = thrown(() => new SmartProxy({ routes: [route(80, 'tt', { action: { type: 'forward', target, tls: { mode: 'terminate', certificate: 'auto' } } })] } as unknown as TOptions));
+  expect(refused instanceof SmartProxyConfigError).toBeTrue();
+  expect(refused?.message ?? '').toStartWith('routes[0] "tt": action.tls.certificate: not supported yet');
+
+  // Patterns are checked by the engine; its errors surface as the same config error type and format.
+  const domain = thrown(() => new SmartProxy({ routes: [route(80, 'dom', { match: { ports: 80, domains: ['bad domain'] } })] } as unknown as TOptions));
+  expect(domain instanceof SmartProxyConfigError).toBeTrue();
+  expect(domain?.message ?? '').toStartWith('routes[0] "dom": match.domains[0]: ');
+  expect((domain as SmartProxyConfigError).path).toEqual('routes[0] "dom"');
+
+  const cidr = thrown(() => new SmartProxy({ routes: [route(80, undefined, { security: { ipAllowList: ['10.0.0.0/33'] } })] } as unknown as TOptions));
+  expect(cidr instanceof SmartProxyConfigError).toBeTrue();
+  expect(cidr?.message ?? '').toStartWith('routes[0]: security.ipAllowList[0]: ');
+  expect((cidr as SmartProxyConfigError).path).toEqual('routes[0]');
+});
+
+tap.test('new SmartProxy accepts deep-frozen options and emits normalisation warnings as process warnings', async () => {
+  const seen: Array<{ message: string; code?: string }> = [];
+  const onWarning = (w: Error & { code?: string }) => seen.push({ message: w.message, code: w.code });
+  process.on('warning', onWarning);
+  try {
+    const options = deepFreeze({ routes: [route(20001, 'frozen')], someUnknownOption: 1 });
+    const before = JSON.stringify(options);
+    const proxy = new SmartProxy(options as unknown as TOptions);
+    expect(JSON.stringify(options)).toEqual(before);
+    expect(proxy.getListeningPorts()).toEqual([]);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(seen).toContainEqual({ message: 'unknown options ignored: someUnknownOption', code: 'SMARTPROXY_CONFIG' });
+  } finally {
+    process.off('warning', onWarning);
+  }
+});
+
+tap.test('updateRoutes on a proxy never started rejects a bad route and keeps the previous routes', async () => {
+  const backend = await startTaggedServer('before-start');
+  const port = await randomFreePort();
+  const good = { name: 'good', match: { ports: port }, action: { type: 'forward' as const, target: { host: '127.0.0.1', port: backend.port } } };
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 500, routes: [good] });
+  try {
+    const err = await rejected(proxy.updateRoutes([good, route(70000, 'api')] as never));
+    expect(err instanceof SmartProxyConfigError).toBeTrue();
+    expect(err?.message).toEqual('routes[1] "api": match.ports: 70000 is not a valid port');
+    const engineErr = await rejected(proxy.updateRoutes([route(port, 'dom', { match: { ports: port, domains: ['bad domain'] } })] as never));
+    expect(engineErr instanceof SmartProxyConfigError).toBeTrue();
+    expect(engineErr?.message ?? '').toStartWith('routes[0] "dom": match.domains[0]: ');
+    expect(proxy.settings.routes).toEqual([good]);
+
+    await proxy.start();
+    expect(proxy.getListeningPorts()).toEqual([port]);
+    expect((await readLine(port))).toEqual('before-start\n');
+  } finally {
+    await proxy.stop();
+    await backend.close();
+  }
+});
+
+tap.test('updateRoutes on a started proxy rejects a bad route; the previous routes keep serving', async () => {
+  const oldBackend = await startTaggedServer('old');
+  const newBackend = await startTaggedServer('new');
+  const port = await randomFreePort();
+  const fwd = (backendPort: number, name: string) => ({ name, match: { ports: port }, action: { type: 'forward' as const, target: { host: '127.0.0.1', port: backendPort } } });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 500, routes: [fwd(oldBackend.port, 'old')] });
+  try {
+    await proxy.start();
+    expect((await readLine(port))).toEqual('old\n');
+
+    const bad = await rejected(proxy.updateRoutes([fwd(newBackend.port, 'new'), route([{ from: 9000, to: 8000 }], 'api')] as never));
+    expect(bad instanceof SmartProxyConfigError).toBeTrue();
+    expect(bad?.message).toEqual('routes[1] "api": match.ports[0]: range from 9000 to 8000 is empty (from > to)');
+    const refused = await rejected(
+      proxy.updateRoutes([{ ...fwd(newBackend.port, 'p'), action: { type: 'forward', target: { host: () => '127.0.0.1', port: newBackend.port } } }] as never),
+    );
+    expect(refused instanceof SmartProxyConfigError).toBeTrue();
+    expect(refused?.message ?? '').toStartWith('routes[0] "p": action.target.host: not supported yet');
+    const engineErr = await rejected(proxy.updateRoutes([{ ...fwd(newBackend.port, 'ip'), security: { ipBlockList: ['300.1.1.1'] } }]));
+    expect(engineErr instanceof SmartProxyConfigError).toBeTrue();
+    expect(engineErr?.message ?? '').toStartWith('routes[0] "ip": security.ipBlockList[0]: ');
+
+    // Nothing changed: same settings, same ports, same backend.
+    expect(proxy.settings.routes.map((r) => r.name)).toEqual(['old']);
+    expect(proxy.getListeningPorts()).toEqual([port]);
+    expect((await readLine(port))).toEqual('old\n');
+
+    // A failed update does not poison later ones.
+    await proxy.updateRoutes([fwd(newBackend.port, 'new')]);
+    expect(proxy.settings.routes.map((r) => r.name)).toEqual(['new']);
+    expect((await readLine(port))).toEqual('new\n');
+  } finally {
+    await proxy.stop();
+    await oldBackend.close();
+    await newBackend.close();
+  }
+});
+
+tap.start({ throwOnError: true });
