@@ -211,7 +211,7 @@ tap.test('route fields are carried over: id, name, priority, domains, clientIp, 
   expect(r.priority).toEqual(5);
   // A single domain string becomes a list.
   expectSubset(r.match, { ports: [443], domains: ['example.com'], clientIp: ['10.0.0.0/8'], tlsVersion: ['TLSv1.3'] });
-  expect(r.action.tls).toEqual({ mode: 'passthrough' });
+  expect(r.action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true });
   expect(r.action.connectTimeoutMs).toEqual(1500);
   expect(r.security).toEqual({ ipAllowList: ['10.0.0.1'], ipBlockList: ['10.0.0.2'], maxConnections: 3 });
 });
@@ -410,8 +410,6 @@ tap.test('features of later issues are refused with an error naming the route an
     routes: [route(80, 'ok'), { name: 'later', match: { ports: 80, ...match }, action: { type: 'forward', target, ...action }, ...rest }],
   });
   const cases: Array<[string, unknown]> = [
-    ['action.tls.mode', base({ tls: { mode: 'terminate', certificate: { key: 'k', cert: 'c' } } })],
-    ['action.tls.mode', base({ tls: { mode: 'terminate-and-reencrypt', certificate: { key: 'k', cert: 'c' } } })],
     ['action.tls.certificate', base({ tls: { mode: 'terminate', certificate: 'auto' } })],
     ['action.type', base({ type: 'socket-handler', target: undefined, socketHandler: () => undefined })],
     ['action.target.host', base({ target: { host: () => 'x', port: 1 } })],
@@ -447,6 +445,25 @@ tap.test('features of later issues are refused with an error naming the route an
   expect(accepted.config.routes[1].action.connectTimeoutMs).toEqual(10);
   const weightOne = normalize({ routes: [{ match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'h', port: 1, weight: 1 }] } }] });
   expect(weightOne.config.routes[0].action.targets).toHaveLength(1);
+});
+
+tap.test('terminating TLS routes carry their certificate; a missing or bad certificate names the field', async () => {
+  const { config } = normalize({
+    routes: [{ name: 'tls', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate-and-reencrypt', certificate: { key: 'K', cert: 'C', ca: 'A' }, versions: ['TLSv1.3'], rejectUnauthorized: false } } }],
+  });
+  expect(config.routes[0].action.tls).toEqual({ mode: 'terminate-and-reencrypt', certificate: { key: 'K', cert: 'C', ca: 'A' }, versions: ['TLSv1.3'], rejectUnauthorized: false });
+  const noCert = configError({ routes: [{ name: 't', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate' } } }] });
+  expect(noCert.message).toStartWith('routes[0] "t": action.tls.certificate: ');
+  const badVersion = configError({ routes: [{ name: 't', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate', certificate: { key: 'K', cert: 'C' }, versions: ['SSLv3'] } } }] });
+  expect(badVersion.message).toStartWith('routes[0] "t": action.tls.versions[0]: ');
+  // PEM that does not parse is refused by the engine, with the same route-naming format.
+  let engineError: unknown;
+  try {
+    new SmartProxy({ routes: [{ name: 't', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate', certificate: { key: 'K', cert: 'C' } } } }] });
+  } catch (err) {
+    engineError = err;
+  }
+  expect((engineError as Error).message).toStartWith('routes[0] "t": action.tls.certificate: cert:');
 });
 
 tap.test('options-level features and type errors are named "options"', async () => {
@@ -531,14 +548,14 @@ tap.test('warnings: ignored options, nftables, ignored passthrough tls settings,
   });
   expect(warnings).toContain('unknown options ignored: surprise');
   expect(warnings).toContain('routes[0] "nft": nftables forwarding is relayed by the Rust core');
-  expect(warnings).toContain('action.tls.certificate, versions ignored: a passthrough route does not terminate TLS');
+  expect(warnings).toContain('routes[1] "pt": action.tls.certificate, versions ignored: a passthrough route does not terminate TLS');
   expect(warnings).toContain('routes[2] "sec": both security and action.security are set; action.security is ignored');
   expect(warnings).toContain('defaults.preserveSourceIP is not supported yet and is ignored');
   expect(warnings).toContain('redis is not used yet: there is no shared state before load balancing lands');
   expect(warnings).toHaveLength(6);
   // The warned-about routes are still normalised; route-level security wins over action.security.
   expect(config.routes).toHaveLength(3);
-  expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough' });
+  expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true });
   expect(config.routes[2].security.maxConnections).toEqual(3);
 });
 

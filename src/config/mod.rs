@@ -105,11 +105,33 @@ pub enum BackendProtocol {
     Http2,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    /// PEM certificate and key served when TLS is terminated.
+    pub certificate: Option<CertificatePem>,
+    /// Allowed client TLS versions (`TLSv1.2`, `TLSv1.3`); empty = both.
+    pub versions: Vec<String>,
+    /// Re-encrypt only: verify the upstream's certificate (default true).
+    pub reject_unauthorized: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, tag = "mode")]
-pub enum TlsConfig {
-    #[serde(rename = "passthrough")]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
     Passthrough,
+    Terminate,
+    TerminateAndReencrypt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePem {
+    pub key: String,
+    pub cert: String,
+    /// Extra CA PEM: appended to the served chain and trusted for re-encrypted upstreams.
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,7 +243,7 @@ mod tests {
         json!({
             "index": 3, "name": "api", "id": null, "priority": 0,
             "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [], "path": null, "headers": [] },
-            "action": { "tls": { "mode": "passthrough" }, "connectTimeoutMs": null, "responseTimeoutMs": null,
+            "action": { "tls": { "mode": "passthrough", "certificate": null, "versions": [], "rejectUnauthorized": true }, "connectTimeoutMs": null, "responseTimeoutMs": null,
                         "websocket": true, "backendProtocol": "auto", "raw": false,
                         "targets": [{ "hosts": ["a"], "port": "preserve", "matchPorts": null, "matchPath": null,
                                       "matchHeaders": [], "matchMethods": null, "priority": 0,
@@ -235,7 +257,7 @@ mod tests {
     fn parses_a_normalised_config() {
         let cfg = parse(json!({ "routes": [route(json!(443))], "options": options() })).expect("valid");
         assert_eq!(cfg.routes[0].match_.ports, vec![443]);
-        assert_eq!(cfg.routes[0].action.tls, Some(TlsConfig::Passthrough));
+        assert_eq!(cfg.routes[0].action.tls.as_ref().map(|t| t.mode), Some(TlsMode::Passthrough));
         assert_eq!(cfg.routes[0].action.targets[0].port, TargetPort::Preserve(PreserveKeyword::Preserve));
     }
 

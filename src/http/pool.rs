@@ -7,21 +7,28 @@
 //! request that cannot get a slot within the connect timeout fails as pool exhaustion (502).
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
 
 use crate::http::body::ProxyBody;
 
+/// What the route asks of the upstream connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UpstreamProtocol {
     Http1,
     Http2,
+    /// HTTP/2 when TLS ALPN picks `h2`, else HTTP/1.1 (plain connections: HTTP/1.1).
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,6 +36,30 @@ pub struct PoolKey {
     pub host: Arc<str>,
     pub port: u16,
     pub protocol: UpstreamProtocol,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to the upstream: the name sent as SNI and verified, and the connector settings.
+/// Two keys share connections only when they use the very same config.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub server_name: ServerName<'static>,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.server_name == other.server_name && Arc::ptr_eq(&self.config, &other.config)
+    }
+}
+
+impl Eq for UpstreamTls {}
+
+impl Hash for UpstreamTls {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.server_name.hash(state);
+        Arc::as_ptr(&self.config).hash(state);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +79,7 @@ impl Default for PoolSettings {
 pub enum UpstreamError {
     ConnectTimeout,
     ConnectFailed(std::io::Error),
+    Tls(std::io::Error),
     Handshake(hyper::Error),
     PoolExhausted,
 }
@@ -57,6 +89,7 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::ConnectTimeout => f.write_str("upstream connect timed out"),
             UpstreamError::ConnectFailed(err) => write!(f, "upstream connect failed: {err}"),
+            UpstreamError::Tls(err) => write!(f, "upstream TLS handshake failed: {err}"),
             UpstreamError::Handshake(err) => write!(f, "upstream HTTP handshake failed: {err}"),
             UpstreamError::PoolExhausted => f.write_str("no upstream connection available (per-host limit reached)"),
         }
@@ -132,34 +165,50 @@ impl UpstreamPool {
             .map_err(|_| UpstreamError::ConnectTimeout)?
             .map_err(UpstreamError::ConnectFailed)?;
         let _ = stream.set_nodelay(no_delay);
-        let io = TokioIo::new(stream);
-        match key.protocol {
-            UpstreamProtocol::Http1 => {
-                let (sender, connection) = http1::Builder::new()
-                    .handshake::<_, ProxyBody>(io)
+        match &key.tls {
+            None => self.handshake(TokioIo::new(stream), key, permit, key.protocol == UpstreamProtocol::Http2).await,
+            Some(tls) => {
+                let connector = TlsConnector::from(tls.config.clone());
+                let stream = tokio::time::timeout_at(deadline.into(), connector.connect(tls.server_name.clone(), stream))
                     .await
-                    .map_err(UpstreamError::Handshake)?;
-                tokio::spawn(async move {
-                    // Ends when the upstream closes or the last sender is dropped.
-                    let _ = connection.with_upgrades().await;
-                });
-                Ok(Checkout::Http1 { sender, permit, reused: false })
+                    .map_err(|_| UpstreamError::ConnectTimeout)?
+                    .map_err(UpstreamError::Tls)?;
+                let alpn_h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::config::ALPN_H2);
+                let use_h2 = match key.protocol {
+                    UpstreamProtocol::Http2 => true,
+                    UpstreamProtocol::Http1 => false,
+                    UpstreamProtocol::Auto => alpn_h2,
+                };
+                self.handshake(TokioIo::new(stream), key, permit, use_h2).await
             }
-            UpstreamProtocol::Http2 => {
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .handshake::<_, ProxyBody>(io)
-                    .await
-                    .map_err(UpstreamError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                let mut hosts = self.hosts.lock();
-                let entry = hosts.entry(key.clone()).or_default();
-                entry.h2 = Some((sender.clone(), Arc::new(permit)));
-                Ok(Checkout::Http2 { sender, reused: false })
-            }
+        }
+    }
+
+    async fn handshake<T>(&self, io: TokioIo<T>, key: &PoolKey, permit: OwnedSemaphorePermit, use_h2: bool) -> Result<Checkout, UpstreamError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if use_h2 {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake::<_, ProxyBody>(io)
+                .await
+                .map_err(UpstreamError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let mut hosts = self.hosts.lock();
+            let entry = hosts.entry(key.clone()).or_default();
+            entry.h2 = Some((sender.clone(), Arc::new(permit)));
+            Ok(Checkout::Http2 { sender, reused: false })
+        } else {
+            let (sender, connection) = http1::Builder::new().handshake::<_, ProxyBody>(io).await.map_err(UpstreamError::Handshake)?;
+            tokio::spawn(async move {
+                // Ends when the upstream closes or the last sender is dropped.
+                let _ = connection.with_upgrades().await;
+            });
+            Ok(Checkout::Http1 { sender, permit, reused: false })
         }
     }
 
@@ -168,14 +217,12 @@ impl UpstreamPool {
             let candidate = {
                 let mut hosts = self.hosts.lock();
                 let entry = hosts.get_mut(key)?;
-                if key.protocol == UpstreamProtocol::Http2 {
-                    return match &entry.h2 {
-                        Some((sender, _)) if !sender.is_closed() => Some(Checkout::Http2 { sender: sender.clone(), reused: true }),
-                        _ => {
-                            entry.h2 = None;
-                            None
-                        }
-                    };
+                match &entry.h2 {
+                    Some((sender, _)) if !sender.is_closed() => {
+                        return Some(Checkout::Http2 { sender: sender.clone(), reused: true });
+                    }
+                    Some(_) => entry.h2 = None,
+                    None => {}
                 }
                 entry.idle.pop()?
             };

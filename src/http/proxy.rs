@@ -16,11 +16,12 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 
 use crate::config::BackendProtocol;
 use crate::http::body::{text_response, BoxError, Direction, ProxyBody, TrackedBody};
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
-use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol};
+use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::sniff::normalise_host;
 use crate::metrics::EngineMetrics;
 use crate::routing::table::{Route, RequestFacts, SelectedTarget};
@@ -49,6 +50,10 @@ pub struct ConnectionContext {
     pub tls_version: Option<&'static str>,
     /// The peer is a trusted proxy (`proxyIPs`).
     pub trusted_peer: bool,
+    /// On terminated TLS: the SNI and the route it selected. A request for another host that
+    /// belongs to another route is misdirected (421): its certificate was never presented.
+    pub sni: Option<String>,
+    pub tls_route: Option<Arc<Route>>,
 }
 
 pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
@@ -59,13 +64,9 @@ pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Resu
 type Refusal = Response<ProxyBody>;
 
 async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
-    // Request smuggling: two framings for one body is never forwarded (RFC 9112 §6.1).
-    if req.version() < Version::HTTP_2
-        && req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(closing(text_response(StatusCode::BAD_REQUEST, "both Content-Length and Transfer-Encoding")));
-    }
+    // Request smuggling (Content-Length with Transfer-Encoding) never reaches here as such: the
+    // session refuses it on a connection's first head, and hyper drops the Content-Length of a
+    // later one and closes the connection after answering it.
     let raw_host: Option<String> = match req.uri().authority() {
         Some(authority) => Some(authority.as_str().to_string()),
         None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string),
@@ -81,7 +82,15 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         method: req.method(),
         headers: req.headers(),
     };
-    let Some(route) = ctx.table.find_for_request(&facts) else {
+    let found = ctx.table.find_for_request(&facts);
+    if let (Some(sni), Some(sni_route)) = (&ctx.sni, &ctx.tls_route) {
+        let same_host = domain.as_deref() == Some(sni.as_str());
+        let same_route = found.is_some_and(|route| Arc::ptr_eq(route, sni_route));
+        if !same_host && !same_route {
+            return Err(text_response(StatusCode::MISDIRECTED_REQUEST, "this connection was not made for that host"));
+        }
+    }
+    let Some(route) = found else {
         return Err(text_response(StatusCode::NOT_FOUND, "no route matches this request"));
     };
     if !route.policy.admits(ctx.client_ip) {
@@ -106,14 +115,26 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         connection_id: ctx.connection_id,
     };
     let protocol = match route.http.backend_protocol {
-        BackendProtocol::Http2 if !wants_upgrade => UpstreamProtocol::Http2,
-        _ => UpstreamProtocol::Http1,
+        _ if wants_upgrade => UpstreamProtocol::Http1,
+        BackendProtocol::Http2 => UpstreamProtocol::Http2,
+        BackendProtocol::Http1 => UpstreamProtocol::Http1,
+        BackendProtocol::Auto => UpstreamProtocol::Auto,
+    };
+    let tls = route
+        .tls
+        .as_ref()
+        .and_then(|tls| if wants_upgrade { tls.upstream_http1.clone() } else { tls.upstream.clone() })
+        .map(|config| UpstreamTls { server_name: upstream_server_name(target.host, domain.as_deref()), config });
+    let target_form = RequestTarget {
+        authority: raw_host.clone().unwrap_or_else(|| format!("{}:{}", target.host, target.port)),
+        path_and_query: req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+        https: tls.is_some(),
     };
     let (parts, body) = req.into_parts();
     let mut upstream_req = Request::from_parts(parts, ());
-    rewrite_request(&mut upstream_req, ctx, route, &target, raw_host.as_deref(), &templates, wants_upgrade, protocol)?;
+    rewrite_headers(&mut upstream_req, ctx, route, &target, raw_host.as_deref(), &templates, wants_upgrade);
     let request_sent = Arc::new(AtomicBool::new(body.is_end_stream()));
-    let key = PoolKey { host: Arc::from(target.host), port: target.port, protocol };
+    let key = PoolKey { host: Arc::from(target.host), port: target.port, protocol, tls };
     let body = TrackedBody::new(body, Some((route.stats.clone(), Direction::In)), request_sent.clone()).boxed();
     let upstream_req = upstream_req.map(|()| body);
     let bodyless = request_sent.load(Ordering::Acquire);
@@ -127,6 +148,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let mut retry_request = (checkout.reused() && bodyless && is_idempotent(upstream_req.method())).then(|| clone_head(&upstream_req));
     let mut pending = upstream_req;
     let response = loop {
+        target_form.apply(&mut pending, matches!(checkout, Checkout::Http2 { .. })).map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
         let sent = send(&mut checkout, pending, response_timeout).await;
         match sent {
             Ok(response) => break response,
@@ -173,8 +195,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn rewrite_request(
+fn rewrite_headers(
     req: &mut Request<()>,
     ctx: &ConnectionContext,
     route: &Route,
@@ -182,8 +203,7 @@ fn rewrite_request(
     raw_host: Option<&str>,
     templates: &TemplateContext<'_>,
     upgrade: bool,
-    protocol: UpstreamProtocol,
-) -> Result<(), Refusal> {
+) {
     let version = req.version();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
@@ -200,31 +220,49 @@ fn rewrite_request(
     );
     apply_templates(headers, &route.http.request_headers, templates);
     apply_templates(headers, target.request_headers, templates);
-    let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
-    let authority = raw_host.map(str::to_string).unwrap_or_else(|| format!("{}:{}", target.host, target.port));
-    match protocol {
-        UpstreamProtocol::Http1 => {
-            // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host.
-            if !req.headers().contains_key(header::HOST) {
-                if let Ok(value) = HeaderValue::from_str(&authority) {
-                    req.headers_mut().insert(header::HOST, value);
-                }
-            }
-            *req.uri_mut() = path_and_query.parse::<Uri>().map_err(|_| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
-            *req.version_mut() = Version::HTTP_11;
-        }
-        UpstreamProtocol::Http2 => {
+}
+
+/// How the request names its target upstream: origin form and `Host` for HTTP/1.1, an absolute
+/// URI (`:scheme`, `:authority`) for HTTP/2. Known only once the connection's protocol is.
+struct RequestTarget {
+    authority: String,
+    path_and_query: String,
+    https: bool,
+}
+
+impl RequestTarget {
+    fn apply<B>(&self, req: &mut Request<B>, http2: bool) -> Result<(), ()> {
+        if http2 {
             req.headers_mut().remove(header::HOST);
             *req.uri_mut() = Uri::builder()
-                .scheme("http")
-                .authority(authority.as_str())
-                .path_and_query(path_and_query.as_str())
+                .scheme(if self.https { "https" } else { "http" })
+                .authority(self.authority.as_str())
+                .path_and_query(self.path_and_query.as_str())
                 .build()
-                .map_err(|_| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
+                .map_err(|_| ())?;
             *req.version_mut() = Version::HTTP_2;
+        } else {
+            // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host.
+            if !req.headers().contains_key(header::HOST) {
+                let value = HeaderValue::from_str(&self.authority).map_err(|_| ())?;
+                req.headers_mut().insert(header::HOST, value);
+            }
+            *req.uri_mut() = self.path_and_query.parse::<Uri>().map_err(|_| ())?;
+            *req.version_mut() = Version::HTTP_11;
         }
+        Ok(())
     }
-    Ok(())
+}
+
+/// SNI and verified name towards a TLS upstream: the target's host name, or the request's domain
+/// when the target is an IP address (the certificate names the site, not the address).
+fn upstream_server_name(target_host: &str, domain: Option<&str>) -> ServerName<'static> {
+    if let Ok(ip) = target_host.parse::<IpAddr>() {
+        return domain
+            .and_then(|d| ServerName::try_from(d.to_string()).ok())
+            .unwrap_or(ServerName::IpAddress(ip.into()));
+    }
+    ServerName::try_from(target_host.to_string()).unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into()))
 }
 
 enum SendError {
@@ -251,15 +289,11 @@ fn upstream_failure(err: UpstreamError) -> Refusal {
     let message = match err {
         UpstreamError::ConnectTimeout => "connecting to the upstream server timed out",
         UpstreamError::ConnectFailed(_) => "the upstream server refused the connection",
+        UpstreamError::Tls(_) => "the TLS handshake with the upstream server failed",
         UpstreamError::Handshake(_) => "the upstream server failed the handshake",
         UpstreamError::PoolExhausted => "too many connections to the upstream server",
     };
     text_response(StatusCode::BAD_GATEWAY, message)
-}
-
-fn closing(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
-    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 fn is_upgrade_request<B>(req: &Request<B>) -> bool {

@@ -14,7 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::io::{ClientCounters, ClientIo};
+use crate::http::io::ClientCounters;
 use crate::http::proxy::{handle, ConnectionContext};
 use crate::metrics::TerminationReason;
 
@@ -41,7 +41,8 @@ pub struct Shutdown<'a> {
     pub force_close: &'a CancellationToken,
 }
 
-pub async fn serve<S>(io: ClientIo<S>, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
+/// `io` is the client stream, counted below (a `ClientIo`, or TLS over one).
+pub async fn serve<S>(io: S, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -70,6 +70,20 @@ fn host_of(headers: &[httparse::Header<'_>]) -> Option<String> {
     Some(normalise_host(value)).filter(|h| !h.is_empty())
 }
 
+/// True when a complete request head frames its body twice (`Content-Length` and
+/// `Transfer-Encoding`): the classic request-smuggling shape, refused with 400 (RFC 9112 §6.1).
+/// hyper neutralises it for later requests of a connection (it drops Content-Length and closes
+/// after the response), but cannot refuse it; the first head, already buffered here, can be.
+pub fn has_conflicting_framing(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    let has = |name: &str| request.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    has("content-length") && has("transfer-encoding")
+}
+
 /// `Example.COM.:8080` → `example.com`; `[::1]:80` → `::1`.
 pub fn normalise_host(authority: &str) -> String {
     let host = if let Some(rest) = authority.strip_prefix('[') {
@@ -126,6 +140,14 @@ mod tests {
         let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
         head.resize(MAX_HEAD_BYTES + 1, b'a');
         assert_eq!(sniff(&head), HttpSniff::NotHttp);
+    }
+
+    #[test]
+    fn double_framing_is_spotted_in_either_order() {
+        assert!(has_conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(has_conflicting_framing(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n"));
+        assert!(!has_conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
+        assert!(!has_conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub enum TerminationReason {
     IdleTimeout,
     LifetimeExceeded,
     InvalidTls,
+    TlsHandshakeFailed,
     InvalidHttp,
     NoRoute,
     NoTarget,
@@ -41,7 +42,7 @@ pub enum TerminationReason {
 }
 
 impl TerminationReason {
-    pub const ALL: [TerminationReason; 21] = [
+    pub const ALL: [TerminationReason; 22] = [
         Self::Completed,
         Self::ClientClosedBeforeData,
         Self::ClientClosedDuringConnect,
@@ -51,6 +52,7 @@ impl TerminationReason {
         Self::IdleTimeout,
         Self::LifetimeExceeded,
         Self::InvalidTls,
+        Self::TlsHandshakeFailed,
         Self::InvalidHttp,
         Self::NoRoute,
         Self::NoTarget,
@@ -76,6 +78,7 @@ impl TerminationReason {
             Self::IdleTimeout => "idle_timeout",
             Self::LifetimeExceeded => "lifetime_exceeded",
             Self::InvalidTls => "invalid_tls",
+            Self::TlsHandshakeFailed => "tls_handshake_failed",
             Self::InvalidHttp => "invalid_http",
             Self::NoRoute => "no_route",
             Self::NoTarget => "no_target",

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method};
 
-use crate::config::{BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, RouteConfig, TargetPort, TlsConfig};
+use crate::config::{BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, RouteConfig, TargetPort, TlsConfig, TlsMode};
+use crate::tls::config::{client_config, server_config, ALPN_H2, ALPN_HTTP11};
 use crate::http::headers::HeaderTemplate;
 use crate::metrics::{RouteStats, RouteStatsRegistry};
 use crate::routing::domain::DomainPattern;
@@ -56,7 +57,7 @@ pub struct Route {
     domains: Vec<DomainPattern>,
     client_ip: IpList,
     tls_versions: Vec<String>,
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<RouteTls>,
     targets: Vec<Target>,
     pub connect_timeout: Option<Duration>,
     pub policy: IpPolicy,
@@ -65,6 +66,51 @@ pub struct Route {
     path: Option<PathPattern>,
     header_matches: Vec<HeaderMatch>,
     pub http: HttpSettings,
+}
+
+/// A route's TLS handling, with its rustls configs built once per table.
+#[derive(Debug)]
+pub struct RouteTls {
+    pub mode: TlsMode,
+    /// Terminating modes: the acceptor with the route's certificate.
+    pub acceptor: Option<Arc<rustls::ServerConfig>>,
+    /// Re-encrypt: the connector to the targets, offering what `backendProtocol` allows.
+    pub upstream: Option<Arc<rustls::ClientConfig>>,
+    /// Re-encrypt: the same connector offering only HTTP/1.1 (WebSocket upgrades need it).
+    pub upstream_http1: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl RouteTls {
+    pub fn terminates(&self) -> bool {
+        self.mode != TlsMode::Passthrough
+    }
+
+    fn compile(config: &TlsConfig, backend_protocol: BackendProtocol) -> Result<RouteTls, (String, String)> {
+        let acceptor = match (config.mode, &config.certificate) {
+            (TlsMode::Passthrough, _) => None,
+            (_, Some(pem)) => Some(
+                server_config(&pem.cert, &pem.key, pem.ca.as_deref(), &config.versions)
+                    .map_err(|reason| ("action.tls.certificate".to_string(), reason))?,
+            ),
+            (_, None) => {
+                return Err(("action.tls.certificate".into(), "a terminating route needs a certificate { key, cert }".into()));
+            }
+        };
+        let (upstream, upstream_http1) = match config.mode {
+            TlsMode::TerminateAndReencrypt => {
+                let alpn: &[&[u8]] = match backend_protocol {
+                    BackendProtocol::Auto => &[ALPN_H2, ALPN_HTTP11],
+                    BackendProtocol::Http1 => &[ALPN_HTTP11],
+                    BackendProtocol::Http2 => &[ALPN_H2],
+                };
+                let ca = config.certificate.as_ref().and_then(|c| c.ca.as_deref());
+                let build = |alpn: &[&[u8]]| client_config(ca, config.reject_unauthorized, alpn).map_err(|reason| ("action.tls".to_string(), reason));
+                (Some(build(alpn)?), Some(build(&[ALPN_HTTP11])?))
+            }
+            _ => (None, None),
+        };
+        Ok(RouteTls { mode: config.mode, acceptor, upstream, upstream_http1 })
+    }
 }
 
 /// How the HTTP engine treats the route's requests.
@@ -285,7 +331,10 @@ impl Route {
             domains,
             client_ip,
             tls_versions: config.match_.tls_version.clone(),
-            tls: config.action.tls,
+            tls: match &config.action.tls {
+                Some(tls) => Some(RouteTls::compile(tls, config.action.backend_protocol).map_err(|(f, r)| fail(f, r))?),
+                None => None,
+            },
             targets,
             connect_timeout: config.action.connect_timeout_ms.map(Duration::from_millis),
             policy: IpPolicy { allow, block },
@@ -307,9 +356,15 @@ impl Route {
                 || self.targets.iter().any(|t| t.match_path.is_some() || !t.match_headers.is_empty() || t.match_methods.is_some() || !t.request_headers.is_empty() || !t.response_headers.is_empty()))
     }
 
+    /// Plain requests take routes without TLS; requests over terminated TLS take terminating routes.
     pub fn matches_request(&self, facts: &RequestFacts<'_>) -> bool {
+        let over_tls = matches!(facts.connection.protocol, Protocol::Tls { .. });
+        let tls_fits = match &self.tls {
+            None => !over_tls,
+            Some(tls) => over_tls && tls.terminates(),
+        };
         !self.http.raw
-            && self.tls.is_none()
+            && tls_fits
             && self.matches(&facts.connection)
             && self.path.as_ref().is_none_or(|p| p.matches(facts.path))
             && headers_match(&self.header_matches, facts.headers)
@@ -491,7 +546,7 @@ mod tests {
     #[test]
     fn passthrough_routes_only_take_tls() {
         let mut r = route(0, "pt", &[443], &[], 0.0);
-        r.action.tls = Some(TlsConfig::Passthrough);
+        r.action.tls = Some(TlsConfig { mode: TlsMode::Passthrough, certificate: None, versions: vec![], reject_unauthorized: true });
         let t = table(&[r]);
         assert!(t.find(&facts(443, None)).is_none());
         let mut f = facts(443, None);

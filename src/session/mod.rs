@@ -12,13 +12,16 @@ use std::time::{Duration, Instant};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::io::{ClientCounters, ClientIo};
+use crate::http::sniff::has_conflicting_framing;
 use crate::http::proxy::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimits, Shutdown};
 use crate::metrics::{EngineMetrics, TerminationReason};
 use crate::routing::ip::canonical_ip;
+use crate::routing::table::Route;
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
 use crate::tcp::{relay, ByteSinks, RelayEnd, RelayLimits};
@@ -29,6 +32,8 @@ use sniff::Sniffed;
 
 /// What a backend connect may take when the route sets no `timeouts.connectMs`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Written in place of forwarding a request head that frames its body twice.
+const SMUGGLING_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 59\r\nConnection: close\r\n\r\n400 Bad Request: both Content-Length and Transfer-Encoding\n";
 /// A refusal alert is best effort: a client that does not read it does not hold the session.
 const ALERT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -58,6 +63,8 @@ pub enum State {
     Routed,
     Connecting,
     Relaying,
+    /// Completing the TLS handshake of a terminating route.
+    Terminating,
     /// Served by the HTTP engine: every request is routed on its own.
     Http,
     Closed,
@@ -162,27 +169,14 @@ impl Session {
         // Plain HTTP on a port whose routes look at requests: the HTTP engine routes each request.
         if protocol == Protocol::Http && plan.serves_http {
             self.state = State::Http;
+            if has_conflicting_framing(&initial) {
+                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(SMUGGLING_REFUSAL)).await;
+                return TerminationReason::InvalidHttp;
+            }
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let io = ClientIo::new(client, initial.into(), counters.clone());
-            let ctx = Arc::new(ConnectionContext {
-                env: env.http.clone(),
-                table: Arc::clone(table_arc),
-                connection_id: self.id,
-                local_port: self.local_port,
-                client_ip: self.client_ip,
-                https: false,
-                tls_version: None,
-                trusted_peer: false,
-            });
-            let limits = HttpLimits {
-                max_header_size: HttpLimits::DEFAULT_MAX_HEADER_SIZE,
-                header_timeout: HttpLimits::DEFAULT_HEADER_TIMEOUT,
-                max_concurrent_streams: HttpLimits::DEFAULT_MAX_CONCURRENT_STREAMS,
-                idle_timeout: env.idle_timeout,
-                deadline: self.accepted_at + env.max_lifetime,
-            };
-            let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
-            return serve_http(io, counters, ctx, limits, shutdown).await;
+            let ctx = self.http_context(env, table_arc, None, None);
+            return serve_http(io, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
         }
 
         // Routed: the table this connection was accepted under decides, whatever updates follow.
@@ -212,6 +206,29 @@ impl Session {
             counted.mark_tls();
         }
         route_slot.stats.bytes.bytes_in.fetch_add(initial.len() as u64, std::sync::atomic::Ordering::Relaxed);
+
+        // Terminating: TLS ends here and the HTTP engine serves what is inside, request by request
+        // (each request takes its own route slot, so the connection gives this one back).
+        if let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) {
+            drop(route_slot);
+            self.state = State::Terminating;
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let io = ClientIo::new(client, initial.into(), counters.clone());
+            let deadline = self.accepted_at + env.initial_data_timeout;
+            let accepted = tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await;
+            let stream = match accepted {
+                Err(_) => return TerminationReason::InitialDataTimeout,
+                Ok(Err(err)) => {
+                    tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
+                    return TerminationReason::TlsHandshakeFailed;
+                }
+                Ok(Ok(stream)) => stream,
+            };
+            self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
+            self.state = State::Http;
+            let ctx = self.http_context(env, table_arc, self.domain.clone(), Some(route.clone()));
+            return serve_http(stream, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
+        }
         let Some(target) = route.select_target(self.local_port) else {
             return TerminationReason::NoTarget;
         };
@@ -253,6 +270,41 @@ impl Session {
             RelayEnd::LifetimeExceeded => TerminationReason::LifetimeExceeded,
             RelayEnd::Shutdown => TerminationReason::Shutdown,
         }
+    }
+}
+
+impl Session {
+    fn http_context(&self, env: &SessionEnv, table: &Arc<RouteTable>, sni: Option<String>, tls_route: Option<Arc<Route>>) -> Arc<ConnectionContext> {
+        Arc::new(ConnectionContext {
+            env: env.http.clone(),
+            table: Arc::clone(table),
+            connection_id: self.id,
+            local_port: self.local_port,
+            client_ip: self.client_ip,
+            https: tls_route.is_some(),
+            tls_version: self.tls_version,
+            trusted_peer: false,
+            sni,
+            tls_route,
+        })
+    }
+
+    fn http_limits(&self, env: &SessionEnv) -> HttpLimits {
+        HttpLimits {
+            max_header_size: HttpLimits::DEFAULT_MAX_HEADER_SIZE,
+            header_timeout: HttpLimits::DEFAULT_HEADER_TIMEOUT,
+            max_concurrent_streams: HttpLimits::DEFAULT_MAX_CONCURRENT_STREAMS,
+            idle_timeout: env.idle_timeout,
+            deadline: self.accepted_at + env.max_lifetime,
+        }
+    }
+}
+
+fn tls_version_label(version: rustls::ProtocolVersion) -> Option<&'static str> {
+    match version {
+        rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+        rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+        _ => None,
     }
 }
 

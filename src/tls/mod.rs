@@ -1,4 +1,6 @@
-//! TLS as the proxy sees it before (or without) terminating it: the ClientHello parser used for
-//! SNI routing and passthrough. Certificate stores and acceptors come with TLS termination.
+//! TLS: the ClientHello parser used for SNI routing and passthrough; the acceptor configs that
+//! terminate TLS with a route's certificate; the connector configs that re-encrypt to upstreams.
+//! Knows nothing of routes or sessions: it turns PEM and settings into rustls configs.
 
 pub mod client_hello;
+pub mod config;

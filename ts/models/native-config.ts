@@ -37,7 +37,7 @@ export interface INativeRoute {
     headers: INativeNameValue[];
   };
   action: {
-    tls: { mode: 'passthrough' } | null;
+    tls: INativeTls | null;
     targets: INativeTarget[];
     connectTimeoutMs: number | null;
     responseTimeoutMs: number | null;
@@ -47,6 +47,13 @@ export interface INativeRoute {
   };
   security: { ipAllowList: string[]; ipBlockList: string[]; maxConnections: number | null };
   headers: INativeHeaderTemplates;
+}
+
+export interface INativeTls {
+  mode: 'passthrough' | 'terminate' | 'terminate-and-reencrypt';
+  certificate: { key: string; cert: string; ca: string | null } | null;
+  versions: string[];
+  rejectUnauthorized: boolean;
 }
 
 /** A header name with an exact value (matching) or a template (rewriting). */

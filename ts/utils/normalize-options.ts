@@ -10,6 +10,7 @@ import type {
   INativeOptions,
   INativeRoute,
   INativeTarget,
+  INativeTls,
 } from '../models/native-config.js';
 import { expandPortRange, isValidPort } from './port-range.js';
 
@@ -49,7 +50,8 @@ const TARGET_KEYS = new Set(['host', 'port', 'match', 'priority', 'weight', 'tls
 const TARGET_MATCH_KEYS = new Set(['ports', 'path', 'headers', 'method']);
 const SECURITY_KEYS = new Set(['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth']);
 const TLS_VERSIONS = ['TLSv1.0', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
-const TLS_MODES = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
+const TLS_MODES: string[] = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
+const TLS_KEYS = new Set(['mode', 'certificate', 'acme', 'versions', 'rejectUnauthorized']);
 
 const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
 const show = (v: unknown): string => (typeof v === 'function' ? 'a function' : JSON.stringify(v) ?? String(v));
@@ -176,7 +178,7 @@ function normalizeRoute(
     at.fail('action.type', `'socket-handler' routes are not supported yet (they need the JavaScript bridge)`);
   }
   if (action.type !== 'forward') at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
-  const tls = normalizeTls(action.tls, at, warnings);
+  const tls = normalizeTls(action.tls, at, warnings, describe(index, name));
   rejectLaterActionFeatures(action, at);
   if (action.forwardingEngine === 'nftables' || action.nftables !== undefined) {
     warnings.push(`${describe(index, name)}: nftables forwarding is relayed by the Rust core`);
@@ -280,17 +282,41 @@ function stringList(value: unknown, at: Place, field: string, allowSingle: boole
   return [...(items as string[])];
 }
 
-function normalizeTls(tls: unknown, at: Place, warnings: string[]): INativeRoute['action']['tls'] {
+function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string): INativeTls | null {
   if (tls === undefined || tls === null) return null;
   if (!isRecord(tls)) at.fail('action.tls', `expected an object, got ${show(tls)}`);
-  if (!TLS_MODES.includes(tls.mode as string)) at.fail('action.tls.mode', `expected one of ${TLS_MODES.join(', ')}, got ${show(tls.mode)}`);
-  if (tls.certificate === 'auto') at.notYet('action.tls.certificate', `'auto' certificates come with ACME`);
-  if (tls.mode !== 'passthrough') {
-    at.fail('action.tls.mode', `'${String(tls.mode)}' is not supported yet (TLS termination comes with the HTTP engine)`);
+  rejectUnknownKeys(tls, TLS_KEYS, at, 'action.tls.');
+  const mode = tls.mode as INativeTls['mode'];
+  if (!TLS_MODES.includes(mode)) at.fail('action.tls.mode', `expected one of ${TLS_MODES.join(', ')}, got ${show(tls.mode)}`);
+  const versions = tls.versions === undefined ? [] : stringList(tls.versions, at, 'action.tls.versions', false);
+  versions.forEach((v, i) => {
+    if (!TLS_VERSIONS.includes(v)) at.fail(`action.tls.versions[${i}]`, `${show(v)} is not one of ${TLS_VERSIONS.join(', ')}`);
+  });
+  if (tls.rejectUnauthorized !== undefined && typeof tls.rejectUnauthorized !== 'boolean') {
+    at.fail('action.tls.rejectUnauthorized', `expected true or false, got ${show(tls.rejectUnauthorized)}`);
   }
-  const ignored = ['certificate', 'acme', 'versions'].filter((k) => tls[k] !== undefined);
-  if (ignored.length > 0) warnings.push(`action.tls.${ignored.join(', ')} ignored: a passthrough route does not terminate TLS`);
-  return { mode: 'passthrough' };
+  const rejectUnauthorized = tls.rejectUnauthorized !== false;
+  if (mode === 'passthrough') {
+    const ignored = ['certificate', 'acme', 'versions'].filter((k) => tls[k] !== undefined);
+    if (ignored.length > 0) warnings.push(`${who}: action.tls.${ignored.join(', ')} ignored: a passthrough route does not terminate TLS`);
+    return { mode, certificate: null, versions: [], rejectUnauthorized };
+  }
+  if (tls.certificate === 'auto') at.notYet('action.tls.certificate', `'auto' certificates come with ACME`);
+  if (tls.acme !== undefined) at.notYet('action.tls.acme', 'ACME comes with automatic certificates');
+  if (tls.certificate === undefined) at.fail('action.tls.certificate', `a '${mode}' route needs a certificate { key, cert } (PEM)`);
+  const cert = tls.certificate;
+  if (!isRecord(cert)) at.fail('action.tls.certificate', `expected 'auto' or { key, cert, ca? } with PEM text, got ${show(cert)}`);
+  rejectUnknownKeys(cert, new Set(['key', 'cert', 'ca']), at, 'action.tls.certificate.');
+  for (const key of ['key', 'cert'] as const) {
+    if (typeof cert[key] !== 'string' || cert[key] === '') at.fail(`action.tls.certificate.${key}`, `expected PEM text, got ${show(cert[key])}`);
+  }
+  if (cert.ca !== undefined && typeof cert.ca !== 'string') at.fail('action.tls.certificate.ca', `expected PEM text, got ${show(cert.ca)}`);
+  return {
+    mode,
+    certificate: { key: cert.key as string, cert: cert.cert as string, ca: (cert.ca as string | undefined) ?? null },
+    versions,
+    rejectUnauthorized,
+  };
 }
 
 function rejectLaterActionFeatures(action: TRecord, at: Place): void {
