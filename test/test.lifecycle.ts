@@ -23,7 +23,7 @@ tap.test('updateRoutes keeps a live connection and sends new connections to the 
   const oldBackend = await startEchoServer();
   const newBackend = await startTaggedServer('new');
   const port = await freePort();
-  const proxy = new SmartProxy({ routes: [forward(port, oldBackend.port, 'old')] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(port, oldBackend.port, 'old')] });
   await proxy.start();
   const live = net.connect(port, '127.0.0.1');
   await new Promise<void>((resolve) => live.on('connect', () => resolve()));
@@ -41,7 +41,7 @@ tap.test('updateRoutes keeps a live connection and sends new connections to the 
 tap.test('updateRoutes binds new ports and releases unused ones', async () => {
   const backend = await startTaggedServer('hi');
   const [a, b] = await freePorts(2);
-  const proxy = new SmartProxy({ routes: [forward(a, backend.port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(a, backend.port)] });
   await proxy.start();
   await proxy.updateRoutes([forward(b, backend.port)]);
   expect(proxy.getListeningPorts()).toEqual([b]);
@@ -62,7 +62,7 @@ tap.test('updateRoutes binds new ports and releases unused ones', async () => {
 tap.test('concurrent updateRoutes calls apply in call order', async () => {
   const backend = await startTaggedServer('x');
   const [a, b, c] = await freePorts(3);
-  const proxy = new SmartProxy({ routes: [forward(a, backend.port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(a, backend.port)] });
   await proxy.start();
   await Promise.all([proxy.updateRoutes([forward(b, backend.port)]), proxy.updateRoutes([forward(c, backend.port)])]);
   expect(proxy.getListeningPorts()).toEqual([c]);
@@ -75,7 +75,7 @@ tap.test('a failing updateRoutes changes nothing', async () => {
   const [a, busyPort] = await freePorts(2);
   const blocker = net.createServer();
   await new Promise<void>((resolve) => blocker.listen(busyPort, resolve));
-  const proxy = new SmartProxy({ routes: [forward(a, backend.port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(a, backend.port)] });
   await proxy.start();
   let error: NodeJS.ErrnoException | undefined;
   try {
@@ -94,7 +94,7 @@ tap.test('a failing updateRoutes changes nothing', async () => {
 tap.test('addListeningPort and removeListeningPort', async () => {
   const backend = await startTaggedServer('p');
   const [a, extra] = await freePorts(2);
-  const proxy = new SmartProxy({ routes: [forward(a, backend.port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(a, backend.port)] });
   await proxy.start();
   await proxy.removeListeningPort(a);
   expect(proxy.getListeningPorts()).toEqual([]);
@@ -114,7 +114,7 @@ tap.test('start rejects with EADDRINUSE naming the port, and binds nothing', asy
   const [free, busyPort] = await freePorts(2);
   const blocker = net.createServer();
   await new Promise<void>((resolve) => blocker.listen(busyPort, resolve));
-  const proxy = new SmartProxy({ routes: [forward([free, busyPort], 9)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward([free, busyPort], 9)] });
   let error: (NodeJS.ErrnoException & { port?: number }) | undefined;
   try {
     await proxy.start();
@@ -177,7 +177,7 @@ tap.test('the Node process stays alive while started and exits promptly after st
   // Nothing in the child holds the event loop but the proxy: its stdin is unref'd.
   const script = `
     import { SmartProxy } from './ts/index.js';
-    const proxy = new SmartProxy({ routes: [{ match: { ports: ${port} }, action: { type: 'forward', target: { host: '127.0.0.1', port: ${backend.port} } } }] });
+    const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [{ match: { ports: ${port} }, action: { type: 'forward', target: { host: '127.0.0.1', port: ${backend.port} } } }] });
     await proxy.start();
     process.stdin.once('data', async () => { await proxy.stop(); console.log('stopped'); });
     process.stdin.unref();

@@ -15,7 +15,7 @@ function forward(port: number, extra: Record<string, unknown> = {}) {
 
 tap.test('a route allow list admits listed clients and closes the others', async () => {
   const port = await freePort();
-  const proxy = new SmartProxy({ routes: [forward(port, { security: { ipAllowList: ['127.0.0.2', '10.0.0.0/8'] } })] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(port, { security: { ipAllowList: ['127.0.0.2', '10.0.0.0/8'] } })] });
   await proxy.start();
   expect((await connectAndRead(port, undefined, '127.0.0.2')).data).toEqual('welcome\n');
   const refused = await connectAndRead(port, undefined, '127.0.0.3');
@@ -28,6 +28,7 @@ tap.test('a route allow list admits listed clients and closes the others', async
 tap.test('block beats allow, with globs', async () => {
   const port = await freePort();
   const proxy = new SmartProxy({
+    gracefulShutdownTimeout: 300,
     routes: [forward(port, { security: { ipAllowList: ['127.0.0.*'], ipBlockList: ['127.0.0.4'] } })],
   });
   await proxy.start();
@@ -38,7 +39,7 @@ tap.test('block beats allow, with globs', async () => {
 
 tap.test('defaults.security applies to every route', async () => {
   const port = await freePort();
-  const proxy = new SmartProxy({ defaults: { security: { ipBlockList: ['127.0.0.6'] } }, routes: [forward(port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, defaults: { security: { ipBlockList: ['127.0.0.6'] } }, routes: [forward(port)] });
   await proxy.start();
   expect((await connectAndRead(port, undefined, '127.0.0.6')).closed).toBeTrue();
   expect((await connectAndRead(port, undefined, '127.0.0.7')).data).toEqual('welcome\n');
@@ -48,7 +49,7 @@ tap.test('defaults.security applies to every route', async () => {
 
 tap.test('maxConnectionsPerIP refuses the extra connection from one IP only', async () => {
   const port = await freePort();
-  const proxy = new SmartProxy({ maxConnectionsPerIP: 2, routes: [forward(port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, maxConnectionsPerIP: 2, routes: [forward(port)] });
   await proxy.start();
   const first = await connectAndRead(port, undefined, '127.0.0.8');
   const second = await connectAndRead(port, undefined, '127.0.0.8');
@@ -67,7 +68,7 @@ tap.test('maxConnectionsPerIP refuses the extra connection from one IP only', as
 
 tap.test('connectionRateLimitPerMinute refuses connections over the budget', async () => {
   const port = await freePort();
-  const proxy = new SmartProxy({ connectionRateLimitPerMinute: 3, routes: [forward(port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, connectionRateLimitPerMinute: 3, routes: [forward(port)] });
   await proxy.start();
   for (let i = 0; i < 3; i++) {
     const ok = await connectAndRead(port, undefined, '127.0.0.10');
@@ -82,7 +83,7 @@ tap.test('connectionRateLimitPerMinute refuses connections over the budget', asy
 
 tap.test('route maxConnections refuses the N+1th concurrent connection and admits it once one closes', async () => {
   const port = await freePort();
-  const proxy = new SmartProxy({ routes: [forward(port, { security: { maxConnections: 2 } })] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, routes: [forward(port, { security: { maxConnections: 2 } })] });
   await proxy.start();
   const a = await connectAndRead(port);
   const b = await connectAndRead(port);
@@ -99,7 +100,7 @@ tap.test('route maxConnections refuses the N+1th concurrent connection and admit
 
 tap.test('an idle connection is closed after inactivityTimeout, an active one is not', async () => {
   const port = await freePort();
-  const proxy = new SmartProxy({ inactivityTimeout: 600, routes: [forward(port)] });
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 300, inactivityTimeout: 600, routes: [forward(port)] });
   await proxy.start();
   const idle = await connectAndRead(port);
   const busy = await connectAndRead(port);
@@ -120,6 +121,7 @@ tap.test('an idle connection is closed after inactivityTimeout, an active one is
 tap.test('initialDataTimeout closes a client that never sends on a port that needs its first bytes', async () => {
   const port = await freePort();
   const proxy = new SmartProxy({
+    gracefulShutdownTimeout: 300,
     initialDataTimeout: 300,
     routes: [{ match: { ports: port, domains: 'a.example.com' }, action: { type: 'forward', target: { host: '127.0.0.1', port: backend.port } } }],
   });
