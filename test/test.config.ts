@@ -423,7 +423,7 @@ tap.test('features of later issues are refused with an error naming the route an
     ['action.websocket.pingInterval', base({ websocket: { enabled: true, pingInterval: 1000 } })],
     ['action.loadBalancing', base({ loadBalancing: { algorithm: 'least-connections' } })],
     ['action.loadBalancing', base({ loadBalancing: { algorithm: 'round-robin', healthCheck: { path: '/', interval: 1, timeout: 1, unhealthyThreshold: 1, healthyThreshold: 1 } } })],
-    ['action.retry', base({ retry: { maxRetries: 2 } })],
+    
     ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
     ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
     ['action.sendProxyProtocol', base({ sendProxyProtocol: 2 })],

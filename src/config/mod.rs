@@ -95,6 +95,28 @@ pub struct ActionConfig {
     pub backend_protocol: BackendProtocol,
     /// Relay bytes even when the traffic is HTTP (no per-request routing or rewriting).
     pub raw: bool,
+    pub retry: Option<RetryConfig>,
+    /// A response the engine writes itself instead of forwarding (the native side of
+    /// `SocketHandlers.httpRedirect` / `httpResponse` / `httpBlock`).
+    pub native_response: Option<NativeResponseConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryConfig {
+    pub max_retries: u32,
+    pub on_connect_failure: bool,
+    pub on5xx: bool,
+    pub on_timeout: bool,
+    pub backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "camelCase")]
+pub enum NativeResponseConfig {
+    Redirect { location: String, status: u16 },
+    Response { status: u16, headers: Vec<NameValue>, body: String },
+    Block { status: u16, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -244,7 +266,7 @@ mod tests {
             "index": 3, "name": "api", "id": null, "priority": 0,
             "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [], "path": null, "headers": [] },
             "action": { "tls": { "mode": "passthrough", "certificate": null, "versions": [], "rejectUnauthorized": true }, "connectTimeoutMs": null, "responseTimeoutMs": null,
-                        "websocket": true, "backendProtocol": "auto", "raw": false,
+                        "websocket": true, "backendProtocol": "auto", "raw": false, "retry": null, "nativeResponse": null,
                         "targets": [{ "hosts": ["a"], "port": "preserve", "matchPorts": null, "matchPath": null,
                                       "matchHeaders": [], "matchMethods": null, "priority": 0,
                                       "headers": { "request": [], "response": [] } }] },

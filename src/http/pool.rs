@@ -292,8 +292,4 @@ impl UpstreamPool {
         let drained: Vec<HostEntry> = self.hosts.lock().drain().map(|(_, entry)| entry).collect();
         drop(drained);
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.hosts.lock().values().map(|e| e.idle.len() + usize::from(e.h2.is_some())).sum()
-    }
 }

@@ -24,7 +24,7 @@ use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, For
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::sniff::normalise_host;
 use crate::metrics::EngineMetrics;
-use crate::routing::table::{Route, RequestFacts, SelectedTarget};
+use crate::routing::table::{NativeResponse, RequestFacts, Route, SelectedTarget};
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::RouteGuard;
 
@@ -99,12 +99,6 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
         return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached"));
     };
-    let Some(target) = route.select_target_for(ctx.local_port, Some(&facts)) else {
-        return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
-    };
-
-    let wants_upgrade = req.version() == Version::HTTP_11 && route.http.websocket && is_upgrade_request(&req);
-    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let templates = TemplateContext {
         domain: domain.as_deref().unwrap_or(""),
         port: ctx.local_port,
@@ -114,50 +108,108 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         route_name: &route.label,
         connection_id: ctx.connection_id,
     };
+    if let Some(native) = &route.http.native {
+        return Ok(native_response(native, &templates));
+    }
+    let Some(mut target) = route.select_target_for(ctx.local_port, Some(&facts)) else {
+        return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
+    };
+
+    let wants_upgrade = req.version() == Version::HTTP_11 && route.http.websocket && is_upgrade_request(&req);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let protocol = match route.http.backend_protocol {
         _ if wants_upgrade => UpstreamProtocol::Http1,
         BackendProtocol::Http2 => UpstreamProtocol::Http2,
         BackendProtocol::Http1 => UpstreamProtocol::Http1,
         BackendProtocol::Auto => UpstreamProtocol::Auto,
     };
-    let tls = route
-        .tls
-        .as_ref()
-        .and_then(|tls| if wants_upgrade { tls.upstream_http1.clone() } else { tls.upstream.clone() })
-        .map(|config| UpstreamTls { server_name: upstream_server_name(target.host, domain.as_deref()), config });
-    let target_form = RequestTarget {
-        authority: raw_host.clone().unwrap_or_else(|| format!("{}:{}", target.host, target.port)),
-        path_and_query: req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
-        https: tls.is_some(),
+    let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+    let policy = route.http.retry;
+    let (parts, incoming) = req.into_parts();
+    let head = Request::from_parts(parts, ());
+    let mut body = if incoming.is_end_stream() {
+        RequestBody::Empty
+    } else if policy.replays_after_send() && is_idempotent(head.method()) && incoming.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY) {
+        // Small enough to keep whole: a retry after sending can send it again.
+        let collected = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, http_body_util::Limited::new(incoming, MAX_REPLAY_BODY as usize).collect()).await;
+        match collected {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                route.stats.bytes.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                RequestBody::Buffered(bytes)
+            }
+            _ => return Err(text_response(StatusCode::BAD_REQUEST, "the request body could not be read")),
+        }
+    } else {
+        RequestBody::Streaming(Some(incoming))
     };
-    let (parts, body) = req.into_parts();
-    let mut upstream_req = Request::from_parts(parts, ());
-    rewrite_headers(&mut upstream_req, ctx, route, &target, raw_host.as_deref(), &templates, wants_upgrade);
-    let request_sent = Arc::new(AtomicBool::new(body.is_end_stream()));
-    let key = PoolKey { host: Arc::from(target.host), port: target.port, protocol, tls };
-    let body = TrackedBody::new(body, Some((route.stats.clone(), Direction::In)), request_sent.clone()).boxed();
-    let upstream_req = upstream_req.map(|()| body);
-    let bodyless = request_sent.load(Ordering::Acquire);
 
     let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let response_timeout = route.http.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
     let pool = &ctx.env.pool;
-    let mut checkout = pool.checkout(&key, connect_timeout, ctx.env.no_delay).await.map_err(upstream_failure)?;
-    // A pooled connection the upstream closed just as it was reused fails before anything of the
-    // request was processed; a bodiless idempotent request is sent again on a fresh connection.
-    let mut retry_request = (checkout.reused() && bodyless && is_idempotent(upstream_req.method())).then(|| clone_head(&upstream_req));
-    let mut pending = upstream_req;
-    let response = loop {
-        target_form.apply(&mut pending, matches!(checkout, Checkout::Http2 { .. })).map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
-        let sent = send(&mut checkout, pending, response_timeout).await;
+    let mut attempt: u32 = 0;
+    let mut replaced_dead_connection = false;
+    let mut fresh_connection = false;
+    let (response, checkout, key, request_sent) = loop {
+        let tls = route
+            .tls
+            .as_ref()
+            .and_then(|tls| if wants_upgrade { tls.upstream_http1.clone() } else { tls.upstream.clone() })
+            .map(|config| UpstreamTls { server_name: upstream_server_name(target.host, domain.as_deref()), config });
+        let target_form = RequestTarget {
+            authority: raw_host.clone().unwrap_or_else(|| format!("{}:{}", target.host, target.port)),
+            path_and_query: path_and_query.clone(),
+            https: tls.is_some(),
+        };
+        let key = PoolKey { host: Arc::from(target.host), port: target.port, protocol, tls };
+        let checked_out = if fresh_connection {
+            pool.checkout_fresh(&key, connect_timeout, ctx.env.no_delay).await
+        } else {
+            pool.checkout(&key, connect_timeout, ctx.env.no_delay).await
+        };
+        fresh_connection = false;
+        let mut checkout = match checked_out {
+            Ok(checkout) => checkout,
+            // Nothing was sent: any request may go to the next pick.
+            Err(err) if policy.on_connect_failure && attempt < policy.max_retries => {
+                tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
+                attempt += 1;
+                backoff(policy.backoff, attempt).await;
+                target = route.select_target_for(ctx.local_port, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                continue;
+            }
+            Err(err) => return Err(upstream_failure(err)),
+        };
+        let Some(attempt_body) = body.for_attempt() else {
+            return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server failed and the request cannot be repeated"));
+        };
+        let request_sent = Arc::new(AtomicBool::new(false));
+        let counted = matches!(body, RequestBody::Streaming(_)).then(|| (route.stats.clone(), Direction::In));
+        let mut upstream_req = clone_head(&head).map(|()| TrackedBody::new(attempt_body, counted, request_sent.clone()).boxed());
+        rewrite_headers(&mut upstream_req, ctx, route, &target, raw_host.as_deref(), &templates, wants_upgrade);
+        target_form
+            .apply(&mut upstream_req, matches!(checkout, Checkout::Http2 { .. }))
+            .map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
+        let reused = checkout.reused();
+        let sent = send(&mut checkout, upstream_req, response_timeout).await;
+        // After bytes reached the upstream only an idempotent request may be sent again.
+        let replayable = body.replayable() && is_idempotent(head.method());
         match sent {
-            Ok(response) => break response,
-            Err(SendError::Failed(err)) if retry_request.is_some() && (err.is_canceled() || err.is_incomplete_message()) => {
+            Ok(response) if response.status().is_server_error() && policy.on_5xx && replayable && attempt < policy.max_retries => {
+                tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
+                attempt += 1;
+                backoff(policy.backoff, attempt).await;
+                target = route.select_target_for(ctx.local_port, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+            }
+            Ok(response) => break (response, checkout, key, request_sent),
+            // A pooled connection the upstream closed just as it was reused fails before the
+            // request was processed: a request that can be sent again goes on a fresh connection.
+            Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && (err.is_canceled() || err.is_incomplete_message()) => {
                 if let Checkout::Http2 { .. } = checkout {
                     pool.forget_h2(&key);
                 }
-                pending = retry_request.take().map(|r| r.map(|()| crate::http::body::empty())).ok_or_else(|| text_response(StatusCode::BAD_GATEWAY, "upstream closed the connection"))?;
-                checkout = pool.checkout_fresh(&key, connect_timeout, ctx.env.no_delay).await.map_err(upstream_failure)?;
+                replaced_dead_connection = true;
+                fresh_connection = true;
             }
             Err(SendError::Failed(err)) => {
                 if let Checkout::Http2 { .. } = checkout {
@@ -165,6 +217,11 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 }
                 tracing::debug!(route = &*route.label, error = %err, "upstream request failed");
                 return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server did not answer properly"));
+            }
+            Err(SendError::Timeout) if policy.on_timeout && replayable && attempt < policy.max_retries => {
+                attempt += 1;
+                backoff(policy.backoff, attempt).await;
+                target = route.select_target_for(ctx.local_port, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
             }
             Err(SendError::Timeout) => {
                 return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
@@ -195,8 +252,98 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-fn rewrite_headers(
-    req: &mut Request<()>,
+/// Largest request body kept whole so that a retry after sending can repeat it.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// The client's request body across attempts.
+enum RequestBody {
+    Empty,
+    /// Read whole before the first attempt: every attempt sends a copy.
+    Buffered(Bytes),
+    /// Streamed through once; after the first attempt took it, nothing can be repeated.
+    Streaming(Option<Incoming>),
+}
+
+impl RequestBody {
+    fn for_attempt(&mut self) -> Option<ProxyBody> {
+        match self {
+            RequestBody::Empty => Some(crate::http::body::empty()),
+            RequestBody::Buffered(bytes) => Some(crate::http::body::full(bytes.clone())),
+            RequestBody::Streaming(slot) => slot.take().map(|incoming| incoming.map_err(BoxError::from).boxed()),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        !matches!(self, RequestBody::Streaming(_))
+    }
+}
+
+fn facts_for_retry<'a>(ctx: &ConnectionContext, domain: &'a Option<String>, path: &'a str, head: &'a Request<()>) -> RequestFacts<'a> {
+    let protocol = if ctx.https { Protocol::Tls { version: ctx.tls_version } } else { Protocol::Http };
+    RequestFacts {
+        connection: ConnectionFacts { local_port: ctx.local_port, client_ip: ctx.client_ip, domain: domain.as_deref(), protocol },
+        path,
+        method: head.method(),
+        headers: head.headers(),
+    }
+}
+
+/// Exponential backoff with jitter: `base * 2^(attempt-1)`, scaled by a factor in [0.5, 1.5).
+async fn backoff(base: Duration, attempt: u32) {
+    if base.is_zero() {
+        return;
+    }
+    let exponential = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let jitter = 0.5 + f64::from(nanos % 1000) / 1000.0;
+    tokio::time::sleep(exponential.mul_f64(jitter)).await;
+}
+
+/// What a route with a native response answers, without any upstream.
+fn native_response(native: &NativeResponse, templates: &TemplateContext<'_>) -> Response<ProxyBody> {
+    match native {
+        NativeResponse::Redirect { location, status } => {
+            let path_with_query = if templates.query.is_empty() {
+                templates.path.to_string()
+            } else {
+                format!("{}?{}", templates.path, templates.query)
+            };
+            let rendered = location
+                .replace("{domain}", templates.domain)
+                .replace("{port}", &templates.port.to_string())
+                .replace("{path}", &path_with_query)
+                .replace("{query}", templates.query)
+                .replace("{clientIp}", &templates.client_ip.to_string())
+                .replace("{routeName}", templates.route_name);
+            let mut response = Response::new(crate::http::body::empty());
+            *response.status_mut() = *status;
+            match HeaderValue::from_str(&rendered) {
+                Ok(value) => {
+                    response.headers_mut().insert(header::LOCATION, value);
+                    response
+                }
+                Err(_) => text_response(StatusCode::BAD_REQUEST, "the redirect target is not a valid header value"),
+            }
+        }
+        NativeResponse::Response { status, headers, body } => {
+            let mut response = Response::new(crate::http::body::full(body.clone()));
+            *response.status_mut() = *status;
+            for (name, value) in headers {
+                response.headers_mut().insert(name.clone(), value.clone());
+            }
+            response
+        }
+        NativeResponse::Block { status, message } => {
+            let mut response = Response::new(crate::http::body::full(message.clone()));
+            *response.status_mut() = *status;
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            response
+        }
+    }
+}
+
+fn rewrite_headers<B>(
+    req: &mut Request<B>,
     ctx: &ConnectionContext,
     route: &Route,
     target: &SelectedTarget<'_>,

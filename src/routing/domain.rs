@@ -93,12 +93,13 @@ impl DomainPattern {
     }
 
     /// The normalized pattern (lower case, no trailing dot).
+    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         &self.pattern
     }
 
-    /// True when the pattern contains a `*`; exact names rank above wildcards when certificates or
-    /// routes are picked by specificity.
+    /// True when the pattern contains a `*`.
+    #[cfg(test)]
     pub fn is_wildcard(&self) -> bool {
         self.kind != PatternKind::Exact
     }

@@ -112,6 +112,7 @@ impl PathPattern {
         }
     }
 
+    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         &self.source
     }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method};
 
-use crate::config::{BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, RouteConfig, TargetPort, TlsConfig, TlsMode};
+use crate::config::{
+    BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RetryConfig, RouteConfig, TargetPort, TlsConfig,
+    TlsMode,
+};
 use crate::tls::config::{client_config, server_config, ALPN_H2, ALPN_HTTP11};
 use crate::http::headers::HeaderTemplate;
 use crate::metrics::{RouteStats, RouteStatsRegistry};
@@ -123,6 +126,79 @@ pub struct HttpSettings {
     pub backend_protocol: BackendProtocol,
     /// `action.options.raw`: bytes are relayed even for HTTP traffic.
     pub raw: bool,
+    pub retry: RetryPolicy,
+    /// Served by the engine itself; the route has no upstream.
+    pub native: Option<NativeResponse>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub on_connect_failure: bool,
+    pub on_5xx: bool,
+    pub on_timeout: bool,
+    pub backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Without `action.retry`: no retries (a dead pooled connection is still replaced once).
+    pub const NONE: RetryPolicy =
+        RetryPolicy { max_retries: 0, on_connect_failure: false, on_5xx: false, on_timeout: false, backoff: Duration::ZERO };
+
+    fn from_config(config: Option<&RetryConfig>) -> RetryPolicy {
+        match config {
+            None => RetryPolicy::NONE,
+            Some(c) => RetryPolicy {
+                max_retries: c.max_retries,
+                on_connect_failure: c.on_connect_failure,
+                on_5xx: c.on5xx,
+                on_timeout: c.on_timeout,
+                backoff: Duration::from_millis(c.backoff_ms),
+            },
+        }
+    }
+
+    /// Whether an attempt may be repeated after bytes reached the upstream.
+    pub fn replays_after_send(&self) -> bool {
+        self.max_retries > 0 && (self.on_5xx || self.on_timeout)
+    }
+}
+
+#[derive(Debug)]
+pub enum NativeResponse {
+    /// `location` is a template: `{domain}`, `{port}`, `{path}` (with the query), `{query}`,
+    /// `{clientIp}`, `{routeName}`.
+    Redirect { location: String, status: http::StatusCode },
+    Response { status: http::StatusCode, headers: Vec<(HeaderName, http::HeaderValue)>, body: bytes::Bytes },
+    Block { status: http::StatusCode, message: String },
+}
+
+impl NativeResponse {
+    fn compile(config: &NativeResponseConfig) -> Result<NativeResponse, String> {
+        let status = |code: u16| http::StatusCode::from_u16(code).map_err(|_| format!("{code} is not an HTTP status"));
+        Ok(match config {
+            NativeResponseConfig::Redirect { location, status: code } => {
+                let status = status(*code)?;
+                if !status.is_redirection() {
+                    return Err(format!("{code} is not a redirect status (3xx)"));
+                }
+                NativeResponse::Redirect { location: location.clone(), status }
+            }
+            NativeResponseConfig::Response { status: code, headers, body } => NativeResponse::Response {
+                status: status(*code)?,
+                headers: headers
+                    .iter()
+                    .map(|nv| {
+                        let name = HeaderName::from_bytes(nv.name.as_bytes()).map_err(|_| format!("{:?} is not a valid header name", nv.name))?;
+                        let value = http::HeaderValue::from_str(&nv.value).map_err(|_| format!("the value of {name} is not a valid header value"))?;
+                        Ok((name, value))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?,
+                body: bytes::Bytes::from(body.clone()),
+            },
+            NativeResponseConfig::Block { status: code, message } => NativeResponse::Block { status: status(*code)?, message: message.clone() },
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -266,7 +342,11 @@ impl Route {
         if let Some(i) = config.match_.ports.iter().position(|p| *p == 0) {
             return Err(fail(format!("match.ports[{i}]"), "0 is not a valid port".into()));
         }
-        if config.action.targets.is_empty() {
+        let native = match &config.action.native_response {
+            Some(native) => Some(NativeResponse::compile(native).map_err(|r| fail("action.socketHandler".into(), r))?),
+            None => None,
+        };
+        if config.action.targets.is_empty() && native.is_none() {
             return Err(fail("action.targets".into(), "a forward route needs at least one target".into()));
         }
         let mut targets = Vec::with_capacity(config.action.targets.len());
@@ -318,6 +398,8 @@ impl Route {
             websocket: config.action.websocket,
             backend_protocol: config.action.backend_protocol,
             raw: config.action.raw,
+            retry: RetryPolicy::from_config(config.action.retry.as_ref()),
+            native,
         };
         let label: Arc<str> = match (&config.name, &config.id) {
             (Some(name), _) => name.as_str().into(),
@@ -350,6 +432,7 @@ impl Route {
         !self.http.raw
             && self.tls.is_none()
             && (self.path.is_some()
+                || self.http.native.is_some()
                 || !self.header_matches.is_empty()
                 || !self.http.request_headers.is_empty()
                 || !self.http.response_headers.is_empty()
@@ -468,6 +551,8 @@ mod tests {
                 websocket: true,
                 backend_protocol: BackendProtocol::Auto,
                 raw: false,
+                retry: None,
+                native_response: None,
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),

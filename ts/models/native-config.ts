@@ -44,10 +44,26 @@ export interface INativeRoute {
     websocket: boolean;
     backendProtocol: 'auto' | 'http1' | 'http2';
     raw: boolean;
+    retry: INativeRetry | null;
+    nativeResponse: INativeResponse | null;
   };
   security: { ipAllowList: string[]; ipBlockList: string[]; maxConnections: number | null };
   headers: INativeHeaderTemplates;
 }
+
+export interface INativeRetry {
+  maxRetries: number;
+  onConnectFailure: boolean;
+  on5xx: boolean;
+  onTimeout: boolean;
+  backoffMs: number;
+}
+
+/** A response the engine writes itself (the native side of SocketHandlers.httpRedirect/httpResponse/httpBlock). */
+export type INativeResponse =
+  | { kind: 'redirect'; location: string; status: number }
+  | { kind: 'response'; status: number; headers: INativeNameValue[]; body: string }
+  | { kind: 'block'; status: number; message: string };
 
 export interface INativeTls {
   mode: 'passthrough' | 'terminate' | 'terminate-and-reencrypt';

@@ -10,6 +10,7 @@ import type {
   INativeOptions,
   INativeRoute,
   INativeTarget,
+  INativeRetry,
   INativeTls,
 } from '../models/native-config.js';
 import { expandPortRange, isValidPort } from './port-range.js';
@@ -225,6 +226,8 @@ function normalizeRoute(
       websocket,
       backendProtocol: (options.backendProtocol as 'auto' | 'http1' | 'http2' | undefined) ?? 'auto',
       raw: options.raw === true,
+      retry: normalizeRetry(action.retry, at),
+      nativeResponse: null,
     },
     security: { ...lists, maxConnections },
     headers,
@@ -348,7 +351,6 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   } else if (action.options !== undefined) {
     at.fail('action.options', `expected an object, got ${show(action.options)}`);
   }
-  if (action.retry !== undefined) at.notYet('action.retry', 'retries come with the HTTP engine');
   if (action.timeouts !== undefined) {
     if (!isRecord(action.timeouts)) at.fail('action.timeouts', `expected an object, got ${show(action.timeouts)}`);
     if (action.timeouts.idleMs !== undefined) at.notYet('action.timeouts.idleMs', 'per-route idle timeouts are not implemented yet');
@@ -457,4 +459,30 @@ function headerTemplates(value: unknown, at: Place, field: string): INativeHeade
     });
   };
   return { request: list('request'), response: list('response') };
+}
+
+/** `action.retry` with its defaults: 2 retries on connect failure, 100 ms base backoff. */
+function normalizeRetry(value: unknown, at: Place): INativeRetry | null {
+  if (value === undefined) return null;
+  if (!isRecord(value)) at.fail('action.retry', `expected an object, got ${show(value)}`);
+  rejectUnknownKeys(value, new Set(['maxRetries', 'onConnectFailure', 'on5xx', 'onTimeout', 'backoffMs']), at, 'action.retry.');
+  const flag = (key: string, fallback: boolean): boolean => {
+    const v = value[key];
+    if (v === undefined) return fallback;
+    if (typeof v !== 'boolean') at.fail(`action.retry.${key}`, `expected true or false, got ${show(v)}`);
+    return v;
+  };
+  const count = (key: string, fallback: number): number => {
+    const v = value[key];
+    if (v === undefined) return fallback;
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) at.fail(`action.retry.${key}`, `expected a non-negative integer, got ${show(v)}`);
+    return v;
+  };
+  return {
+    maxRetries: count('maxRetries', 2),
+    onConnectFailure: flag('onConnectFailure', true),
+    on5xx: flag('on5xx', false),
+    onTimeout: flag('onTimeout', false),
+    backoffMs: count('backoffMs', 100),
+  };
 }
