@@ -27,6 +27,17 @@ const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port")
 /// Removes hop-by-hop headers and every header the `Connection` header names. With `keep_upgrade`
 /// (a WebSocket handshake) `Connection: upgrade` and `Upgrade` survive, as the next hop needs them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !headers.contains_key(header::CONNECTION) {
+        for name in HOP_BY_HOP.iter().skip(1) {
+            if !(keep_upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -230,7 +230,10 @@ impl UpstreamPool {
             if since.elapsed() >= self.settings.idle_timeout || sender.is_closed() {
                 continue;
             }
-            // Normally ready at once; a connection still finishing its last exchange gets a moment.
+            if sender.is_ready() {
+                return Some(Checkout::Http1 { sender, permit, reused: true });
+            }
+            // A connection still finishing its last exchange gets a moment.
             match tokio::time::timeout(Duration::from_millis(250), sender.ready()).await {
                 Ok(Ok(())) => return Some(Checkout::Http1 { sender, permit, reused: true }),
                 _ => continue,

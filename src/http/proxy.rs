@@ -126,10 +126,11 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
     let policy = route.http.retry;
     let (parts, incoming) = req.into_parts();
-    let head = Request::from_parts(parts, ());
+    let mut head = Request::from_parts(parts, ());
+    let idempotent = is_idempotent(head.method());
     let mut body = if incoming.is_end_stream() {
         RequestBody::Empty
-    } else if policy.replays_after_send() && is_idempotent(head.method()) && incoming.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY) {
+    } else if policy.replays_after_send() && idempotent && incoming.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY) {
         // Small enough to keep whole: a retry after sending can send it again.
         let collected = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, http_body_util::Limited::new(incoming, MAX_REPLAY_BODY as usize).collect()).await;
         match collected {
@@ -185,7 +186,10 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         };
         let request_sent = Arc::new(AtomicBool::new(false));
         let counted = matches!(body, RequestBody::Streaming(_)).then(|| (route.stats.clone(), Direction::In));
-        let mut upstream_req = clone_head(&head).map(|()| TrackedBody::new(attempt_body, counted, request_sent.clone()).boxed());
+        // The client's head is copied only when a later attempt may need it again.
+        let may_repeat = policy.max_retries > attempt || (!replaced_dead_connection && body.replayable());
+        let attempt_head = if may_repeat { clone_head(&head) } else { std::mem::replace(&mut head, Request::new(())) };
+        let mut upstream_req = attempt_head.map(|()| TrackedBody::new(attempt_body, counted, request_sent.clone()).boxed());
         rewrite_headers(&mut upstream_req, ctx, route, &target, raw_host.as_deref(), &templates, wants_upgrade);
         target_form
             .apply(&mut upstream_req, matches!(checkout, Checkout::Http2 { .. }))
@@ -193,7 +197,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         let reused = checkout.reused();
         let sent = send(&mut checkout, upstream_req, response_timeout).await;
         // After bytes reached the upstream only an idempotent request may be sent again.
-        let replayable = body.replayable() && is_idempotent(head.method());
+        let replayable = body.replayable() && idempotent;
         match sent {
             Ok(response) if response.status().is_server_error() && policy.on_5xx && replayable && attempt < policy.max_retries => {
                 tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
