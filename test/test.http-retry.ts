@@ -6,7 +6,7 @@ import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 import { SmartProxy } from '../ts/index.js';
-import { freePort } from './helpers/net.js';
+import { freePort, waitFor } from './helpers/net.js';
 
 interface IBackend {
   port: number;
@@ -83,6 +83,24 @@ tap.test('without retry a refused connect is a 502 at once', async () => {
   const answers = [await request(port, 'GET', '/plain/1'), await request(port, 'GET', '/plain/2')];
   expect(answers.map((a) => a.status).sort()).toEqual([200, 502]);
   expect(answers.find((a) => a.status === 502)?.body).toInclude('refused');
+});
+
+tap.test('statistics count HTTP connections while they are open and every request', async () => {
+  const before = proxy.getStatistics().httpRequests;
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const get = () => new Promise<number>((resolve, reject) => {
+    http.get({ port, host: '127.0.0.1', path: '/connect/stats', headers: { host: 'retry.test' }, agent }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    }).on('error', reject);
+  });
+  expect(await get()).toEqual(200);
+  expect(await get()).toEqual(200);
+  const open = proxy.getStatistics();
+  expect(open.httpConnections).toEqual(1);
+  expect(open.httpRequests - before).toEqual(2);
+  agent.destroy();
+  await waitFor(() => proxy.getStatistics().httpConnections === 0, 3000, 'the HTTP connection to close');
 });
 
 tap.test('a 5xx is retried for an idempotent request, the body sent again whole', async () => {

@@ -58,6 +58,7 @@ pub struct ConnectionContext {
 
 pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     ctx.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     Ok(proxy(&ctx, req).await.unwrap_or_else(|refusal| refusal))
 }
 

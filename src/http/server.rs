@@ -61,6 +61,7 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_size as u32);
+    let _active = ActiveHttp::enter(ctx.env.metrics.clone());
     let service = service_fn(move |req| handle(ctx.clone(), req));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -90,5 +91,21 @@ where
             }
             _ = tokio::time::sleep_until(limits.deadline.into()) => return TerminationReason::LifetimeExceeded,
         }
+    }
+}
+
+/// Counts the connection in `active_http` for as long as it is served, whatever way it ends.
+struct ActiveHttp(Arc<crate::metrics::EngineMetrics>);
+
+impl ActiveHttp {
+    fn enter(metrics: Arc<crate::metrics::EngineMetrics>) -> Self {
+        metrics.active_http.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ActiveHttp(metrics)
+    }
+}
+
+impl Drop for ActiveHttp {
+    fn drop(&mut self) {
+        self.0.active_http.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

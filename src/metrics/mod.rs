@@ -164,8 +164,12 @@ impl RouteStatsRegistry {
 pub struct EngineMetrics {
     pub active: AtomicU64,
     pub active_tls: AtomicU64,
+    /// Client connections served by the HTTP engine right now.
+    pub active_http: AtomicU64,
     pub total: AtomicU64,
     pub requests: AtomicU64,
+    /// Requests the HTTP engine handled (a subset of `requests`).
+    pub http_requests: AtomicU64,
     pub bytes: ByteCounters,
     terminations: [AtomicU64; TerminationReason::ALL.len()],
     pub ring: Mutex<RateRing>,
@@ -177,8 +181,10 @@ impl Default for EngineMetrics {
         EngineMetrics {
             active: AtomicU64::new(0),
             active_tls: AtomicU64::new(0),
+            active_http: AtomicU64::new(0),
             total: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            http_requests: AtomicU64::new(0),
             bytes: ByteCounters::default(),
             terminations: std::array::from_fn(|_| AtomicU64::new(0)),
             ring: Mutex::new(RateRing::new(ENGINE_HISTORY_SECONDS)),

@@ -95,7 +95,11 @@ export interface IStatistics {
   activeConnections: number;
   tlsConnections: number;
   nonTlsConnections: number;
+  /** (ext) Client connections the HTTP engine serves right now (plain HTTP or terminated TLS). */
+  httpConnections: number;
   totalConnections: number;
+  /** (ext) Requests the HTTP engine has handled. */
+  httpRequests: number;
   /** Enabled routes. */
   routes: number;
   listeningPorts: number[];
