@@ -133,6 +133,9 @@ tap.test('engine options get the documented defaults', async () => {
     maxPendingDataSize: 10 * 1024 * 1024,
     workerThreads: null,
     enableDetailedLogging: false,
+    maxHeaderSize: 65536,
+    headerTimeoutMs: 30000,
+    http2MaxConcurrentStreams: 256,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
   });
 });
@@ -153,6 +156,9 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     maxPendingDataSize: 4096,
     enableDetailedLogging: true,
     workerThreads: 2,
+    maxHeaderSize: 8192,
+    headerTimeout: 2500,
+    http2MaxConcurrentStreams: 16,
   });
   expect(config.options).toEqual({
     initialDataTimeoutMs: 5000,
@@ -168,6 +174,9 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     maxPendingDataSize: 4096,
     workerThreads: 2,
     enableDetailedLogging: true,
+    maxHeaderSize: 8192,
+    headerTimeoutMs: 2500,
+    http2MaxConcurrentStreams: 16,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
   });
 });

@@ -30,6 +30,9 @@ pub struct EngineOptions {
     pub max_pending_data_size: usize,
     pub worker_threads: Option<usize>,
     pub enable_detailed_logging: bool,
+    pub max_header_size: usize,
+    pub header_timeout_ms: u64,
+    pub http2_max_concurrent_streams: u32,
     pub default_security: DefaultSecurity,
 }
 
@@ -257,6 +260,7 @@ mod tests {
             "maxConnectionsPerIp": 100, "connectionRateLimitPerMinute": 300, "noDelay": true,
             "keepAlive": true, "keepAliveInitialDelayMs": 10000, "maxPendingDataSize": 10485760,
             "workerThreads": null, "enableDetailedLogging": false,
+            "maxHeaderSize": 65536, "headerTimeoutMs": 30000, "http2MaxConcurrentStreams": 256,
             "defaultSecurity": { "ipAllowList": [], "ipBlockList": [] }
         })
     }

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
 use crate::http::proxy::HttpEnv;
+use crate::http::server::HttpLimitOptions;
 use crate::listener::{BindError, OnAccept, PortManager};
 use crate::metrics::EngineMetrics;
 use crate::routing::ip::IpList;
@@ -217,6 +218,11 @@ impl Engine {
             limiter: self.limiter.clone(),
             global_policy: self.global_policy.clone(),
             initial_data_timeout: Duration::from_millis(o.initial_data_timeout_ms),
+            http_limits: HttpLimitOptions {
+                max_header_size: o.max_header_size,
+                header_timeout: Duration::from_millis(o.header_timeout_ms),
+                max_concurrent_streams: o.http2_max_concurrent_streams,
+            },
             idle_timeout: Duration::from_millis(o.socket_timeout_ms.min(o.inactivity_timeout_ms)),
             max_lifetime: Duration::from_millis(o.max_connection_lifetime_ms),
             max_pending_data: o.max_pending_data_size,

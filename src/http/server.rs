@@ -28,10 +28,13 @@ pub struct HttpLimits {
     pub deadline: Instant,
 }
 
-impl HttpLimits {
-    pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
-    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-    pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// The engine-wide HTTP limits (options `maxHeaderSize`, `headerTimeout`,
+/// `http2MaxConcurrentStreams`).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimitOptions {
+    pub max_header_size: usize,
+    pub header_timeout: Duration,
+    pub max_concurrent_streams: u32,
 }
 
 pub struct Shutdown<'a> {

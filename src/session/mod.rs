@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::io::{ClientCounters, ClientIo};
 use crate::http::sniff::has_conflicting_framing;
 use crate::http::proxy::{ConnectionContext, HttpEnv};
-use crate::http::server::{serve as serve_http, HttpLimits, Shutdown};
+use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, Shutdown};
 use crate::metrics::{EngineMetrics, TerminationReason};
 use crate::routing::ip::canonical_ip;
 use crate::routing::table::Route;
@@ -43,6 +43,8 @@ pub struct SessionEnv {
     pub limiter: Arc<ConnectionLimiter>,
     pub global_policy: IpPolicy,
     pub initial_data_timeout: Duration,
+    /// `maxHeaderSize`, `headerTimeout`, `http2MaxConcurrentStreams` of the HTTP engine.
+    pub http_limits: HttpLimitOptions,
     /// `min(socketTimeout, inactivityTimeout)`: both bound how long a connection may sit idle.
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
@@ -144,7 +146,7 @@ impl Session {
         };
         let sniffed = if plan.needs_client_data {
             let deadline = self.accepted_at + env.initial_data_timeout;
-            match sniff::sniff(&mut client, &mut initial, deadline, early_bytes).await {
+            match sniff::sniff(&mut client, &mut initial, deadline, env.http_limits.header_timeout, early_bytes).await {
                 Ok(sniffed) => Some(sniffed),
                 Err(reason) => return reason,
             }
@@ -291,9 +293,9 @@ impl Session {
 
     fn http_limits(&self, env: &SessionEnv) -> HttpLimits {
         HttpLimits {
-            max_header_size: HttpLimits::DEFAULT_MAX_HEADER_SIZE,
-            header_timeout: HttpLimits::DEFAULT_HEADER_TIMEOUT,
-            max_concurrent_streams: HttpLimits::DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_header_size: env.http_limits.max_header_size,
+            header_timeout: env.http_limits.header_timeout,
+            max_concurrent_streams: env.http_limits.max_concurrent_streams,
             idle_timeout: env.idle_timeout,
             deadline: self.accepted_at + env.max_lifetime,
         }

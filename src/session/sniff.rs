@@ -21,10 +21,13 @@ const READ_CHUNK: usize = 4096;
 const MAX_SNIFF_BYTES: usize = if MAX_CLIENT_HELLO_BYTES > MAX_HEAD_BYTES { MAX_CLIENT_HELLO_BYTES } else { MAX_HEAD_BYTES };
 
 /// Reads into `buf` until the prefix classifies. `on_read` counts every byte taken from the client.
+/// The first byte must come by `deadline`; from it, the rest must follow within `head_timeout`
+/// (a request head or ClientHello trickled in byte by byte does not hold a connection for long).
 pub async fn sniff(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
-    deadline: Instant,
+    mut deadline: Instant,
+    head_timeout: std::time::Duration,
     on_read: impl Fn(usize),
 ) -> Result<Sniffed, TerminationReason> {
     loop {
@@ -40,7 +43,12 @@ pub async fn sniff(
             Err(_) => return Err(TerminationReason::InitialDataTimeout),
             Ok(Err(_)) => return Err(TerminationReason::ClientError),
             Ok(Ok(0)) => return Err(TerminationReason::ClientClosedBeforeData),
-            Ok(Ok(n)) => on_read(n),
+            Ok(Ok(n)) => {
+                if buf.len() == n {
+                    deadline = deadline.min(Instant::now() + head_timeout);
+                }
+                on_read(n);
+            }
         }
     }
 }

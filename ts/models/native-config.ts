@@ -19,6 +19,9 @@ export interface INativeOptions {
   maxPendingDataSize: number;
   workerThreads: number | null;
   enableDetailedLogging: boolean;
+  maxHeaderSize: number;
+  headerTimeoutMs: number;
+  http2MaxConcurrentStreams: number;
   defaultSecurity: { ipAllowList: string[]; ipBlockList: string[] };
 }
 

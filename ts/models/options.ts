@@ -80,6 +80,12 @@ export interface ISmartProxyOptions {
   redis?: { url: string; keyPrefix?: string };
   /** (ext) ms; default 30000. */
   jsCallTimeout?: number;
+  /** (ext) Largest HTTP request head in bytes; over it the answer is 431. Default 65536. */
+  maxHeaderSize?: number;
+  /** (ext) ms a request head may take from its first byte; default 30000. */
+  headerTimeout?: number;
+  /** (ext) HTTP/2 streams per client connection, advertised and enforced; default 256. */
+  http2MaxConcurrentStreams?: number;
 }
 
 export interface ICertStatus {

@@ -39,7 +39,7 @@ const KNOWN_OPTIONS = new Set([
   'inactivityTimeout', 'maxConnectionLifetime', 'gracefulShutdownTimeout', 'maxConnectionsPerIP',
   'connectionRateLimitPerMinute', 'noDelay', 'keepAlive', 'keepAliveInitialDelay', 'maxPendingDataSize',
   'enableDetailedLogging', 'acme', 'certProvisionFunction', 'certProvisionFallbackToAcme', 'metrics', 'workerThreads',
-  'redis', 'jsCallTimeout',
+  'redis', 'jsCallTimeout', 'maxHeaderSize', 'headerTimeout', 'http2MaxConcurrentStreams',
 ]);
 const ROUTE_KEYS = new Set(['id', 'name', 'description', 'tags', 'priority', 'enabled', 'match', 'action', 'security', 'headers']);
 const MATCH_KEYS = new Set(['ports', 'domains', 'path', 'clientIp', 'tlsVersion', 'headers']);
@@ -148,6 +148,9 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     maxPendingDataSize: ms('maxPendingDataSize', 10 * 1024 * 1024),
     workerThreads,
     enableDetailedLogging: flag('enableDetailedLogging', false),
+    maxHeaderSize: ms('maxHeaderSize', 64 * 1024),
+    headerTimeoutMs: ms('headerTimeout', 30000),
+    http2MaxConcurrentStreams: Math.max(1, ms('http2MaxConcurrentStreams', 256)),
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
   };
 }
