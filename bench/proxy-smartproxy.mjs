@@ -1,16 +1,42 @@
 // Runs our proxy for the benchmark with one tokio worker thread.
-// Usage: node bench/proxy-smartproxy.mjs <listenPort> <backendPort> [tcp|http]
-//   tcp:  a plain forward route (raw TCP relay);
-//   http: the same route with `domains: '*'`, so every request goes through the HTTP engine
-//         (per-request routing, header rewriting, pooled upstream keep-alive).
+// Usage: node bench/proxy-smartproxy.mjs <listenPort> <backendPort> [mode] [certFile keyFile]
+//   tcp:          a plain forward route (raw TCP relay);
+//   http:         the same route with `domains: '*'`, so every request goes through the HTTP engine
+//                 (per-request routing, header rewriting, pooled upstream keep-alive);
+//   tcp-sync-fn:  the tcp route with host and port given by synchronous functions of the context;
+//   tcp-async-fn: the same with async functions (one JavaScript call per connection either way);
+//   http-ratelimit: the http route with a rate limit per client IP that the run never reaches;
+//   http-jwt:     the http route with HS256 JWT authentication (secret `bench-secret`);
+//   https:        a route on the port alone (no `domains`: a `domains: '*'` route refuses TLS clients
+//                 that send no SNI, as h2load and openssl s_time do for 127.0.0.1) with TLS terminated in the proxy (`action.tls: { mode: 'terminate',
+//                 certificate: { key, cert } }`, PEM read from certFile/keyFile or the environment
+//                 variables BENCH_TLS_CERT/BENCH_TLS_KEY), plain HTTP/1.1 to the backend; ALPN h2 and
+//                 http/1.1 offered to clients.
+import { readFileSync } from 'node:fs';
 import { SmartProxy } from '../dist_ts/index.js';
 
 const [listenPort, backendPort] = process.argv.slice(2, 4).map(Number);
 const mode = process.argv[4] ?? 'tcp';
-const match = mode === 'http' ? { ports: listenPort, domains: '*' } : { ports: listenPort };
+const [certFile = process.env.BENCH_TLS_CERT, keyFile = process.env.BENCH_TLS_KEY] = process.argv.slice(5, 7);
+if (mode === 'https' && (!certFile || !keyFile)) throw new Error('https mode needs certFile keyFile (or BENCH_TLS_CERT/BENCH_TLS_KEY)');
+const tls = mode === 'https'
+  ? { tls: { mode: 'terminate', certificate: { key: readFileSync(keyFile, 'utf8'), cert: readFileSync(certFile, 'utf8') } } }
+  : {};
+const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort, domains: '*' } : { ports: listenPort };
+const security = {
+  'http-ratelimit': { rateLimit: { enabled: true, maxRequests: 1_000_000_000, window: 1 } },
+  'http-jwt': { jwtAuth: { enabled: true, secret: 'bench-secret' } },
+}[mode];
+const targets = {
+  'tcp-sync-fn': { host: (ctx) => (ctx.port > 0 ? '127.0.0.1' : 'unreachable'), port: () => backendPort },
+  'tcp-async-fn': { host: async (ctx) => (ctx.port > 0 ? '127.0.0.1' : 'unreachable'), port: async () => backendPort },
+};
 const proxy = new SmartProxy({
   workerThreads: 1,
-  routes: [{ name: `bench-${mode}`, match, action: { type: 'forward', target: { host: '127.0.0.1', port: backendPort } } }],
+  // Every load generator connects from 127.0.0.1: per-IP limits (0 = none) would measure themselves.
+  maxConnectionsPerIP: 0,
+  connectionRateLimitPerMinute: 0,
+  routes: [{ name: `bench-${mode}`, match, action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls }, ...(security ? { security } : {}) }],
 });
 await proxy.start();
 console.log('ready');

@@ -1,17 +1,37 @@
 #!/usr/bin/env node
-// `pnpm bench`: our proxy side by side with direct loopback and HAProxy (mode tcp), interleaved
-// over several rounds, on 127.0.0.1 only. The proxy under test is pinned to CPU 0 with one worker
-// thread (HAProxy: nbthread 1); the load generator and the backend to CPU 1. Prints one table of
-// medians (min–max) with ratios, and writes it to bench/RESULTS.md with versions and commands.
+// `pnpm bench`: our proxy side by side with direct loopback, HAProxy, nginx and node http-proxy,
+// interleaved over several rounds, on 127.0.0.1 only. Every proxy runs one worker thread/process
+// (ours `workerThreads: 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`, http-proxy one Node
+// process), reuses upstream keep-alive connections and logs nothing; it is pinned to CPU 0, the
+// load generator and the backend to CPU 1 (taskset). Prints one table of medians (min–max) with
+// ratios, and writes it to bench/RESULTS.md with versions, pinning and the exact commands.
 //
-// Scenarios: raw TCP 1 GiB upload and download (iperf3) against direct, ours and HAProxy mode tcp;
-// HTTP/1.1 keep-alive small GETs (wrk, 32 connections) against direct, ours, HAProxy mode http and
-// nginx proxy_pass with upstream keep-alive, the backend an nginx `return 200` (one worker).
+// Scenarios (BENCH_ONLY picks those whose name contains the given text):
+//   TCP upload / download 1 GiB (iperf3) and a 64-byte echo round trip (bench/echo.mjs) through each
+//   proxy's raw TCP mode (ours a plain forward route, HAProxy `mode tcp`, nginx `stream`);
+//   HTTP/1.1 keep-alive small GETs (wrk; plus the proxy's CPU time per request), a new connection per
+//   request (wrk `Connection: close`), 1 MiB responses (wrk) through each proxy's HTTP mode against an
+//   nginx backend (`return 200 "ok"`, a 1 MiB static file);
+//   HTTPS keep-alive (wrk), full TLS handshakes (`openssl s_time -new`, which never resumes a session;
+//   plus handshakes per CPU-second of the proxy) and HTTP/2 over TLS (h2load -c16 -m10), TLS
+//   terminated in the proxy, plain HTTP/1.1 to the backend;
+//   RSS per idle keep-alive client connection (bench/idle-conns.mjs holding 10,000 of them).
+// Two more tables of ours alone: "HTTP security overhead" and "Function targets: new connections".
 // Scenarios a proxy cannot run print n/a. Environment: BENCH_ROUNDS (default 3), BENCH_BYTES
-// (default 1G), BENCH_HTTP_SECONDS (default 8), BENCH_ONLY (substring of scenario names).
+// (default 1G), BENCH_HTTP_SECONDS (default 5, each timed measurement), BENCH_ONLY, BENCH_IDLE_CONNS
+// (default 10000, or 9000 when a hard file descriptor limit below ~21,000 keeps HAProxy from that many), BENCH_ECHO_ROUNDTRIPS (default 20000), BENCH_TLS_KEY (ec = P-256, default; rsa =
+// RSA 2048), BENCH_HANDSHAKE_CLIENTS (parallel s_time processes, default 8), BENCH_VERBOSE.
+// Time budget of a default run: 3 rounds x (45 proxy/scenario pairs, 29 of them timed at 5 s, the
+// other 16 iperf3 1 GiB, 20,000 echo round trips or opening the idle connections, ~1-3 s each) plus the two
+// tables of ours alone (3 x 7 runs of 5 s): ~11 min measured, 13.7 min estimated with 1 s of proxy
+// start/stop per run (printed at the start and written to RESULTS.md with the real duration).
 import { spawn, spawnSync, execFileSync } from 'node:child_process';
-import { mkdirSync, writeFileSync, existsSync } from 'node:fs';
+import { createHmac } from 'node:crypto';
+import { mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import net from 'node:net';
+import http from 'node:http';
+import tls from 'node:tls';
 import path from 'node:path';
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -19,23 +39,87 @@ const work = path.join(root, 'bench', 'work');
 mkdirSync(work, { recursive: true });
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const bytes = process.env.BENCH_BYTES ?? '1G';
-const httpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 8);
+const httpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 5);
 const only = process.env.BENCH_ONLY;
+const echoTrips = Number(process.env.BENCH_ECHO_ROUNDTRIPS ?? 20000);
+const tlsKeyType = process.env.BENCH_TLS_KEY === 'rsa' ? 'rsa' : 'ec';
+const handshakeClients = Number(process.env.BENCH_HANDSHAKE_CLIENTS ?? 8);
 const PROXY_CPU = '0';
 const LOAD_CPU = '1';
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim() || 100);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// The file descriptor limit the proxies may use: without CAP_SYS_RESOURCE (containers) nobody can
+// raise the hard limit, so HAProxy and nginx are told this one instead of computing a larger one.
+const NOFILE = Number(spawnSync('sh', ['-c', 'ulimit -Hn'], { encoding: 'utf8' }).stdout.trim()) || 65536;
+// HAProxy reserves two descriptors per connection of its global maxconn (client and server side) and
+// refuses to start when they do not fit, so the idle-connection count is 10,000 only when the hard
+// limit allows HAProxy that many (it does not under a 20,000 limit: then 9,000, the same for all).
+const HAPROXY_MAXCONN = Math.floor((NOFILE - 100) / 2);
+const idleConns = Number(process.env.BENCH_IDLE_CONNS ?? Math.min(10000, Math.floor((HAPROXY_MAXCONN - 500) / 1000) * 1000));
 
 function have(cmd) {
   return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
 }
 
-function ensureTools() {
-  const missing = [['iperf3', 'iperf3'], ['haproxy', 'haproxy'], ['taskset', 'util-linux'], ['wrk', 'wrk'], ['nginx', 'nginx']].filter(([c]) => !have(c));
-  if (missing.length === 0) return;
-  const pkgs = missing.map(([, p]) => p);
-  console.log(`installing ${pkgs.join(' ')} ...`);
-  const sudo = process.getuid?.() === 0 ? [] : ['sudo'];
-  spawnSync([...sudo, 'apt-get', 'install', '-y', '-qq', ...pkgs].join(' '), { shell: true, stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+/** Path of nginx's stream module (Debian libnginx-mod-stream), or null. */
+function streamModule() {
+  const listed = spawnSync('dpkg', ['-L', 'libnginx-mod-stream'], { encoding: 'utf8' }).stdout ?? '';
+  const found = listed.split('\n').find((l) => l.endsWith('/ngx_stream_module.so'));
+  if (found && existsSync(found)) return found;
+  return existsSync('/usr/lib/nginx/modules/ngx_stream_module.so') ? '/usr/lib/nginx/modules/ngx_stream_module.so' : null;
 }
+
+const requireFromRoot = createRequire(path.join(root, 'package.json'));
+function httpProxyVersion() {
+  try {
+    return JSON.parse(readFileSync(requireFromRoot.resolve('http-proxy/package.json'), 'utf8')).version;
+  } catch {
+    return null;
+  }
+}
+
+function ensureTools() {
+  const needs = [
+    ['iperf3', () => have('iperf3')], ['haproxy', () => have('haproxy')], ['util-linux', () => have('taskset')],
+    ['wrk', () => have('wrk')], ['nginx', () => have('nginx')], ['libnginx-mod-stream', () => streamModule() !== null],
+    ['nghttp2-client', () => have('h2load')], ['openssl', () => have('openssl')],
+  ];
+  const missing = needs.filter(([, ok]) => !ok()).map(([p]) => p);
+  if (missing.length > 0) {
+    console.log(`installing ${missing.join(' ')} ...`);
+    const sudo = process.getuid?.() === 0 ? '' : 'sudo ';
+    const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+    const install = () => spawnSync(`${sudo}apt-get install -y -qq ${missing.join(' ')}`, { shell: true, stdio: 'inherit', env }).status;
+    if (install() !== 0) {
+      spawnSync(`${sudo}apt-get update -qq`, { shell: true, stdio: 'inherit', env });
+      install();
+    }
+    const still = needs.filter(([, ok]) => !ok()).map(([p]) => p);
+    if (still.length) throw new Error(`could not install ${still.join(' ')}`);
+  }
+  if (!httpProxyVersion()) {
+    console.log('installing the npm devDependencies (http-proxy) ...');
+    spawnSync(have('pnpm') ? 'pnpm install' : 'npm install --no-save http-proxy@1', { shell: true, cwd: root, stdio: 'inherit' });
+    if (!httpProxyVersion()) console.warn('http-proxy could not be installed: its column will say "not installed"');
+  }
+}
+
+/** A self-signed certificate for bench.test and 127.0.0.1 (P-256 or RSA 2048), made once. */
+function ensureCert() {
+  const dir = path.join(work, 'tls');
+  mkdirSync(dir, { recursive: true });
+  const cert = path.join(dir, `${tlsKeyType}-cert.pem`);
+  const key = path.join(dir, `${tlsKeyType}-key.pem`);
+  const combined = path.join(dir, `${tlsKeyType}-combined.pem`);
+  if (!existsSync(cert) || !existsSync(key)) {
+    const keyArgs = tlsKeyType === 'rsa' ? ['-newkey', 'rsa:2048'] : ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1'];
+    execFileSync('openssl', ['req', '-x509', ...keyArgs, '-nodes', '-keyout', key, '-out', cert, '-days', '3650',
+      '-subj', '/CN=bench.test', '-addext', 'subjectAltName=DNS:bench.test,IP:127.0.0.1'], { stdio: 'ignore' });
+  }
+  writeFileSync(combined, readFileSync(cert, 'utf8') + readFileSync(key, 'utf8'));
+  return { cert, key, combined };
+}
+let certs;
 
 async function freePort() {
   const server = net.createServer();
@@ -45,28 +129,47 @@ async function freePort() {
   return port;
 }
 
-async function waitForPort(port, timeoutMs = 10000) {
+async function waitForPort(port, child, timeoutMs = 10000) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
+    if (child && child.exitCode !== null) throw new Error(`${child.spawnargs.slice(3).join(' ')} exited (${child.exitCode}): ${child.stderrTail}`);
     const ok = await new Promise((resolve) => {
       const s = net.connect(port, '127.0.0.1', () => { s.destroy(); resolve(true); });
       s.on('error', () => resolve(false));
     });
     if (ok) return;
     if (Date.now() > deadline) throw new Error(`port ${port} did not open`);
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
   }
 }
 
+// Every long-lived child (proxies, backends, idle clients), stopped when the bench is interrupted.
+const children = new Set();
+function track(child) {
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  return child;
+}
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    for (const child of children) child.kill('SIGTERM');
+    process.exit(130);
+  });
+}
+
 function startPinned(cpu, cmd, args, opts = {}) {
-  const child = spawn('taskset', ['-c', cpu, cmd, ...args], { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+  const child = track(spawn('taskset', ['-c', cpu, cmd, ...args], { stdio: ['ignore', 'pipe', 'pipe'], ...opts }));
+  child.stderrTail = '';
   child.stdout.on('data', () => undefined);
-  child.stderr.on('data', (d) => process.env.BENCH_VERBOSE && process.stderr.write(d));
+  child.stderr.on('data', (d) => {
+    child.stderrTail = (child.stderrTail + d).slice(-2000);
+    if (process.env.BENCH_VERBOSE) process.stderr.write(d);
+  });
   return child;
 }
 
 async function stop(child) {
-  if (child.exitCode !== null) return;
+  if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise((r) => child.once('exit', r));
   child.kill('SIGTERM');
   const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
@@ -74,121 +177,385 @@ async function stop(child) {
   clearTimeout(timer);
 }
 
-// The proxies. Each start() returns { port, stop }. `direct` is the backend itself.
+/** A process and all its descendants (nginx: master and worker), read from /proc. */
+function processTree(pid) {
+  const children = new Map();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (!children.has(ppid)) children.set(ppid, []);
+      children.get(ppid).push(Number(entry));
+    } catch { /* gone meanwhile */ }
+  }
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) out.push(...(children.get(out[i]) ?? []));
+  return out;
+}
+
+/** utime + stime in seconds of a process tree (/proc/PID/stat fields 14 and 15). */
+function cpuSeconds(pid) {
+  let ticks = 0;
+  for (const p of processTree(pid)) {
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(fields[11]) + Number(fields[12]);
+    } catch { /* gone meanwhile */ }
+  }
+  return ticks / CLK_TCK;
+}
+
+/** VmRSS in KiB of a process tree. */
+function rssKiB(pid) {
+  let kib = 0;
+  for (const p of processTree(pid)) {
+    try {
+      kib += Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0);
+    } catch { /* gone meanwhile */ }
+  }
+  return kib;
+}
+
+// The proxies. Each start(backend, kind) returns { port, pid, stop } (pid: the proxy process, null for
+// direct) or null when it cannot run that kind. Kinds: tcp (raw relay), http, https (TLS terminated in
+// the proxy, plain HTTP/1.1 upstream). `backend` is { port, tlsPort? }.
 const proxies = {
   direct: {
     label: 'direct',
-    async start(backendPort) {
-      return { port: backendPort, stop: async () => undefined };
+    kinds: ['tcp', 'http', 'https'],
+    h2: true,
+    async start(backend, kind) {
+      const port = kind === 'https' ? backend.tlsPort : backend.port;
+      return port ? { port, pid: null, stop: async () => undefined } : null;
     },
   },
   smartproxy: {
     label: 'smartproxy (ours)',
-    async start(backendPort, kind) {
+    kinds: ['tcp', 'http', 'https'],
+    h2: true,
+    async start(backend, kind) {
       const port = await freePort();
-      const child = startPinned(PROXY_CPU, process.execPath, [path.join(root, 'bench', 'proxy-smartproxy.mjs'), String(port), String(backendPort), kind]);
-      await waitForPort(port);
-      return { port, stop: () => stop(child) };
+      const tlsArgs = kind === 'https' ? [certs.cert, certs.key] : [];
+      const child = startPinned(PROXY_CPU, process.execPath, [path.join(root, 'bench', 'proxy-smartproxy.mjs'), String(port), String(backend.port), kind, ...tlsArgs]);
+      await waitForPort(port, child);
+      return { port, pid: child.pid, stop: () => stop(child) };
     },
   },
   haproxy: {
     label: 'HAProxy',
-    async start(backendPort, kind) {
+    kinds: ['tcp', 'http', 'https'],
+    h2: true,
+    async start(backend, kind) {
       const port = await freePort();
-      const cfg = path.join(work, 'haproxy.cfg');
+      const cfg = path.join(work, `haproxy-${kind}.cfg`);
+      const bind = kind === 'https' ? ` ssl crt ${certs.combined} alpn h2,http/1.1` : '';
       writeFileSync(cfg, [
-        'global', '  nbthread 1', '  maxconn 4096',
-        'defaults', `  mode ${kind}`, '  timeout connect 5s', '  timeout client 60s', '  timeout server 60s',
-        ...(kind === 'http' ? ['  option http-keep-alive', '  http-reuse always'] : []),
-        `frontend bench`, `  bind 127.0.0.1:${port}`, '  default_backend be',
-        'backend be', `  server s1 127.0.0.1:${backendPort}`, '',
+        'global', '  nbthread 1', `  maxconn ${Math.min(idleConns + 1000, HAPROXY_MAXCONN)}`, `  ulimit-n ${NOFILE}`,
+        'defaults', `  mode ${kind === 'tcp' ? 'tcp' : 'http'}`, '  timeout connect 5s', '  timeout client 60s', '  timeout server 60s',
+        ...(kind === 'tcp' ? [] : ['  option http-keep-alive', '  option forwardfor', '  http-reuse always']),
+        'frontend bench', `  bind 127.0.0.1:${port}${bind}`, '  default_backend be',
+        'backend be', `  server s1 127.0.0.1:${backend.port}`, '',
       ].join('\n'));
       const child = startPinned(PROXY_CPU, 'haproxy', ['-db', '-f', cfg]);
-      await waitForPort(port);
-      return { port, stop: () => stop(child) };
+      await waitForPort(port, child);
+      return { port, pid: child.pid, stop: () => stop(child) };
     },
   },
   nginx: {
     label: 'nginx',
-    async start(backendPort, kind) {
-      if (kind !== 'http') return null;
+    kinds: ['tcp', 'http', 'https'],
+    h2: true,
+    async start(backend, kind) {
       const port = await freePort();
-      const dir = path.join(work, `nginx-proxy`);
+      const dir = path.join(work, `nginx-proxy-${kind}`);
       mkdirSync(path.join(dir, 'logs'), { recursive: true });
-      writeFileSync(path.join(dir, 'nginx.conf'), [
+      const main = [
         'worker_processes 1;', 'daemon off;', 'pid nginx.pid;', 'error_log logs/error.log crit;',
-        'events { worker_connections 4096; }',
-        'http {', '  access_log off;',
-        `  upstream be { server 127.0.0.1:${backendPort}; keepalive 64; }`,
-        `  server { listen 127.0.0.1:${port};`,
-        '    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }',
-        '  }', '}', '',
-      ].join('\n'));
+        `worker_rlimit_nofile ${NOFILE};`, `events { worker_connections ${Math.min(NOFILE, idleConns + 4096)}; }`,
+      ];
+      const conf = kind === 'tcp'
+        ? [`load_module ${streamModule()};`, ...main,
+          'stream {', `  upstream be { server 127.0.0.1:${backend.port}; }`, `  server { listen 127.0.0.1:${port}; proxy_pass be; }`, '}']
+        : [...main,
+          'http {', '  access_log off;', '  keepalive_requests 1000000;', '  keepalive_timeout 75s;',
+          `  upstream be { server 127.0.0.1:${backend.port}; keepalive 64; keepalive_requests 1000000; }`,
+          // server_name: what $host falls back to for a request without Host (s_time's HTTP/1.0 GET).
+          `  server { listen 127.0.0.1:${port}${kind === 'https' ? ' ssl http2' : ''}; server_name bench.test;`,
+          ...(kind === 'https' ? [`    ssl_certificate ${certs.cert};`, `    ssl_certificate_key ${certs.key};`] : []),
+          // proxy_max_temp_file_size 0: stream large answers through the memory buffers, never via disk.
+          '    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_max_temp_file_size 0; }',
+          '  }', '}'];
+      writeFileSync(path.join(dir, 'nginx.conf'), `${conf.join('\n')}\n`);
       const child = startPinned(PROXY_CPU, 'nginx', ['-p', dir, '-c', 'nginx.conf']);
-      await waitForPort(port);
-      return { port, stop: () => stop(child) };
+      await waitForPort(port, child);
+      return { port, pid: child.pid, stop: () => stop(child) };
+    },
+  },
+  httpProxy: {
+    label: 'node http-proxy',
+    kinds: ['http', 'https'],
+    h2: false,
+    async start(backend, kind) {
+      if (!httpProxyVersion()) throw new Error('http-proxy is not installed');
+      const port = await freePort();
+      const tlsArgs = kind === 'https' ? [certs.cert, certs.key] : [];
+      const child = startPinned(PROXY_CPU, process.execPath, [path.join(root, 'bench', 'proxy-node-http-proxy.mjs'), String(port), String(backend.port), kind, ...tlsArgs]);
+      await waitForPort(port, child);
+      return { port, pid: child.pid, stop: () => stop(child) };
     },
   },
 };
 
-// The scenarios. Each run(port) returns a number (higher is better) or null when not applicable.
+// The scenarios. run({ port, pid }) returns { value, notes?, extra? }: notes are latencies shown in
+// the cell ([label, value, unit]); extra gives the values of the scenario's extra rows (null = n/a).
+// `seconds` is the expected length of one measurement, for the time budget.
+const cpuRow = 'CPU time of the proxy per keep-alive request (µs, lower is better)';
+const handshakeCpuRow = 'HTTPS full handshakes per CPU-second of the proxy';
 const scenarios = [
   {
     name: `TCP upload ${bytes} (MB/s)`,
     kind: 'tcp',
     setup: startIperfServer,
-    run: (port) => iperf(port, false),
+    seconds: 1.5,
+    run: ({ port }) => ({ value: iperf(port, false) }),
   },
   {
     name: `TCP download ${bytes} (MB/s)`,
     kind: 'tcp',
     setup: startIperfServer,
-    run: (port) => iperf(port, true),
+    seconds: 1.5,
+    run: ({ port }) => ({ value: iperf(port, true) }),
+  },
+  {
+    name: 'TCP 64-byte echo round trip (µs p50, lower is better)',
+    kind: 'tcp',
+    setup: startEchoServer,
+    seconds: 2,
+    run: ({ port }) => {
+      const r = echoClient(port);
+      return { value: r.p50us, notes: [['p99', r.p99us, 'µs']] };
+    },
   },
   {
     name: 'HTTP/1.1 keep-alive small GET (req/s)',
     kind: 'http',
     setup: startNginxBackend,
-    run: (port) => wrk(port),
+    seconds: httpSeconds,
+    extraRows: [cpuRow],
+    run: ({ port, pid }) => {
+      const cpu0 = pid ? cpuSeconds(pid) : 0;
+      const r = wrk(port);
+      const cpu = pid ? ((cpuSeconds(pid) - cpu0) * 1e6) / r.requests : null;
+      return { value: r.rps, notes: [['p50', r.p50, 'ms'], ['p99', r.p99, 'ms']], extra: { [cpuRow]: cpu } };
+    },
   },
-].filter((s) => !only || s.name.includes(only));
+  {
+    name: 'HTTP/1.1 new connection per request (conn/s)',
+    kind: 'http',
+    setup: startNginxBackend,
+    seconds: httpSeconds,
+    run: ({ port }) => {
+      const r = wrk(port, { headers: ['Connection: close'] });
+      return { value: r.rps, notes: [['p50', r.p50, 'ms'], ['p99', r.p99, 'ms']] };
+    },
+  },
+  {
+    name: 'HTTP/1.1 1 MiB responses (MB/s)',
+    kind: 'http',
+    setup: startNginxBackend,
+    seconds: httpSeconds,
+    run: ({ port }) => {
+      const r = wrk(port, { conns: 8, urlPath: '/1m.bin' });
+      return { value: r.transferPerSec / 1e6, notes: [['p50', r.p50, 'ms']] };
+    },
+  },
+  {
+    name: 'HTTPS keep-alive small GET (req/s)',
+    kind: 'https',
+    setup: startNginxBackend,
+    seconds: httpSeconds,
+    run: ({ port }) => {
+      const r = wrk(port, { tls: true });
+      return { value: r.rps, notes: [['p50', r.p50, 'ms'], ['p99', r.p99, 'ms']] };
+    },
+  },
+  {
+    name: 'HTTPS full handshake + GET per connection (conn/s)',
+    kind: 'https',
+    setup: startNginxBackend,
+    seconds: httpSeconds + 0.5,
+    extraRows: [handshakeCpuRow],
+    run: async ({ port, pid }) => {
+      await checkTlsAnswer(port);
+      const cpu0 = pid ? cpuSeconds(pid) : 0;
+      const r = await sTime(port);
+      const perCpuSecond = pid ? r.connections / (cpuSeconds(pid) - cpu0) : null;
+      return { value: r.rate, extra: { [handshakeCpuRow]: perCpuSecond } };
+    },
+  },
+  {
+    name: 'HTTP/2 over TLS small GET, 16 conns x 10 streams (req/s)',
+    kind: 'https',
+    h2: true,
+    setup: startNginxBackend,
+    seconds: httpSeconds,
+    run: ({ port }) => ({ value: h2load(port) }),
+  },
+  {
+    name: `RSS per idle keep-alive client connection, ${idleConns} open (KiB, lower is better)`,
+    kind: 'http',
+    needsProcess: true,
+    setup: startNginxBackend,
+    seconds: 4,
+    run: (proxy) => idleMemory(proxy),
+  },
+].filter((s) => !only || s.name.includes(only) || (s.extraRows ?? []).some((r) => r.includes(only)));
+const lowerIsBetter = (row) => row.includes('lower is better');
 
-/** An nginx answering every request with a fixed 2-byte body: a backend as fast as it gets. */
+/** Our TCP route with each kind of target, one new connection per request. */
+const targetKinds = [
+  ['tcp', 'static target'],
+  ['tcp-sync-fn', 'sync function target'],
+  ['tcp-async-fn', 'async function target'],
+];
+const connectionScenario = 'new TCP connections (conn/s)';
+const securityScenario = 'HTTP security overhead (req/s)';
+const runSecurity = !only || securityScenario.includes(only);
+const runConnections = !only || connectionScenario.includes(only);
+
+/** An HS256 token for the bench's JWT route (secret `bench-secret`, valid for a day). */
+function benchToken() {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub: 'bench', exp: Math.floor(Date.now() / 1000) + 86400 })}`;
+  return `${body}.${createHmac('sha256', 'bench-secret').update(body).digest('base64url')}`;
+}
+
+/** Keep-alive req/s of the same HTTP route plain, with a rate limit never reached, and with JWT. */
+async function securityRows() {
+  const backend = await startNginxBackend();
+  const kinds = [['http', 'no security', []], ['http-ratelimit', 'rateLimit (not reached)', []], ['http-jwt', 'jwtAuth HS256', [`Authorization: Bearer ${benchToken()}`]]];
+  const runs = Object.fromEntries(kinds.map(([k]) => [k, []]));
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const [kind, , headers] of kinds) {
+        const proxy = await proxies.smartproxy.start(backend, kind);
+        try {
+          const { rps } = wrk(proxy.port, { headers });
+          runs[kind].push(rps);
+          console.log(`${securityScenario} round ${round + 1} ${kind}: ${rps.toFixed(0)}`);
+        } finally {
+          await proxy.stop();
+        }
+      }
+    }
+  } finally {
+    await backend.stop();
+  }
+  const base = median(runs.http);
+  return kinds.map(([kind, label]) => {
+    const xs = runs[kind];
+    return `| ${label} | ${median(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}) | ${(median(xs) / base).toFixed(2)} |`;
+  });
+}
+
+/** Rows of the new-connections table: direct and each target kind, medians over the rounds. */
+async function connectionRows() {
+  const backend = await startNginxBackend();
+  const runs = Object.fromEntries([['direct'], ...targetKinds].map(([k]) => [k, { rate: [], p50: [], p99: [] }]));
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const [kind] of [['direct'], ...targetKinds]) {
+        const proxy = kind === 'direct' ? await proxies.direct.start(backend, 'tcp') : await proxies.smartproxy.start(backend, kind);
+        try {
+          const r = wrk(proxy.port, { headers: ['Connection: close'] });
+          runs[kind].rate.push(r.rps);
+          runs[kind].p50.push(r.p50);
+          runs[kind].p99.push(r.p99);
+          console.log(`${connectionScenario} round ${round + 1} ${kind}: ${r.rps.toFixed(0)} p50 ${r.p50.toFixed(3)} ms p99 ${r.p99.toFixed(2)} ms`);
+        } finally {
+          await proxy.stop();
+        }
+      }
+    }
+  } finally {
+    await backend.stop();
+  }
+  const staticP50 = median(runs.tcp.p50);
+  return [['direct', 'direct (no proxy)'], ...targetKinds].map(([kind, label]) => {
+    const r = runs[kind];
+    const added = kind === 'direct' || kind === 'tcp' ? '' : ` (+${((median(r.p50) - staticP50) * 1000).toFixed(0)} µs over static)`;
+    return `| ${label} | ${median(r.rate).toFixed(0)} (${Math.min(...r.rate).toFixed(0)}–${Math.max(...r.rate).toFixed(0)}) | ${median(r.p50).toFixed(3)} ms${added} | ${median(r.p99).toFixed(2)} ms |`;
+  });
+}
+
+/**
+ * An nginx (one worker) answering every request with a fixed 2-byte body — a backend as fast as it
+ * gets — and /1m.bin with a 1 MiB file; plain HTTP on `port`, and TLS (HTTP/1.1 and h2, the bench
+ * certificate) on `tlsPort` for the direct HTTPS rows.
+ */
 async function startNginxBackend() {
   const port = await freePort();
+  const tlsPort = await freePort();
   const dir = path.join(work, 'nginx-backend');
   mkdirSync(path.join(dir, 'logs'), { recursive: true });
+  mkdirSync(path.join(dir, 'html'), { recursive: true });
+  const big = path.join(dir, 'html', '1m.bin');
+  if (!existsSync(big)) writeFileSync(big, Buffer.alloc(1 << 20, 'x'), { mode: 0o644 });
   writeFileSync(path.join(dir, 'nginx.conf'), [
     'worker_processes 1;', 'daemon off;', 'pid nginx.pid;', 'error_log logs/error.log crit;',
-    'events { worker_connections 4096; }',
-    'http {', '  access_log off;', '  keepalive_requests 1000000;',
-    `  server { listen 127.0.0.1:${port}; location / { return 200 "ok"; } }`, '}', '',
+    'worker_rlimit_nofile 16384;', 'events { worker_connections 8192; }',
+    'http {', '  access_log off;', '  keepalive_requests 1000000;', '  sendfile on;',
+    `  server { listen 127.0.0.1:${port}; listen 127.0.0.1:${tlsPort} ssl http2;`,
+    `    ssl_certificate ${certs.cert}; ssl_certificate_key ${certs.key};`,
+    `    location / { return 200 "ok"; }`, `    location = /1m.bin { root ${path.join(dir, 'html')}; }`,
+    '  }', '}', '',
   ].join('\n'));
   const child = startPinned(LOAD_CPU, 'nginx', ['-p', dir, '-c', 'nginx.conf']);
-  await waitForPort(port);
-  return { port, stop: () => stop(child) };
+  await waitForPort(port, child);
+  await waitForPort(tlsPort, child);
+  return { port, tlsPort, stop: () => stop(child) };
 }
-
-/** Requests per second (and p99 latency, kept for the table) of wrk over keep-alive. */
-const latencies = {};
-function wrk(port) {
-  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'wrk', '-t1', '-c32', `-d${httpSeconds}s`, '--latency', '-H', 'Host: bench.test', `http://127.0.0.1:${port}/`], { encoding: 'utf8' });
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1] ?? NaN);
-  const p99 = /\s99%\s+([\d.]+)(us|ms|s)/.exec(out);
-  const p99ms = p99 ? Number(p99[1]) * ({ us: 0.001, ms: 1, s: 1000 })[p99[2]] : NaN;
-  const errors = /Non-2xx or 3xx responses: (\d+)/.exec(out);
-  if (errors) throw new Error(`wrk saw ${errors[1]} non-2xx answers through port ${port}`);
-  latencies[port] = p99ms;
-  lastP99 = p99ms;
-  return rps;
-}
-let lastP99 = NaN;
 
 async function startIperfServer() {
   const port = await freePort();
   const child = startPinned(LOAD_CPU, 'iperf3', ['-s', '-p', String(port), '-B', '127.0.0.1']);
-  await waitForPort(port);
+  await waitForPort(port, child);
   return { port, stop: () => stop(child) };
+}
+
+async function startEchoServer() {
+  const port = await freePort();
+  const child = startPinned(LOAD_CPU, process.execPath, [path.join(root, 'bench', 'echo.mjs'), 'server', String(port)]);
+  await waitForPort(port, child);
+  return { port, stop: () => stop(child) };
+}
+
+function latencyMs(match) {
+  return match ? Number(match[1]) * ({ us: 0.001, ms: 1, s: 1000 })[match[2]] : NaN;
+}
+
+/** wrk -t1 for BENCH_HTTP_SECONDS: req/s, p50/p99 ms, requests done, bytes/s transferred. */
+function wrk(port, { headers = [], conns = 32, urlPath = '/', tls: useTls = false } = {}) {
+  const hs = ['Host: bench.test', ...headers].flatMap((h) => ['-H', h]);
+  const url = `${useTls ? 'https' : 'http'}://127.0.0.1:${port}${urlPath}`;
+  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'wrk', '-t1', `-c${conns}`, `-d${httpSeconds}s`, '--latency', ...hs, url], { encoding: 'utf8' });
+  const errors = /Non-2xx or 3xx responses: (\d+)/.exec(out);
+  if (errors) throw new Error(`wrk saw ${errors[1]} non-2xx answers through port ${port}`);
+  const socketErrors = /Socket errors: (.*)/.exec(out);
+  if (socketErrors && process.env.BENCH_VERBOSE) console.log(`  wrk socket errors: ${socketErrors[1]}`);
+  const transfer = /Transfer\/sec:\s+([\d.]+)([KMGT]?B)/.exec(out);
+  const unit = { B: 1, KB: 1024, MB: 1024 ** 2, GB: 1024 ** 3, TB: 1024 ** 4 };
+  const requests = Number(/(\d+) requests in/.exec(out)?.[1] ?? NaN);
+  if (!(requests > 0)) throw new Error(`wrk did no request through port ${port}: ${out}`);
+  return {
+    rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1] ?? NaN),
+    p50: latencyMs(/\s50%\s+([\d.]+)(us|ms|s)/.exec(out)),
+    p99: latencyMs(/\s99%\s+([\d.]+)(us|ms|s)/.exec(out)),
+    requests,
+    transferPerSec: transfer ? Number(transfer[1]) * unit[transfer[2]] : NaN,
+  };
 }
 
 function iperf(port, reverse) {
@@ -199,42 +566,174 @@ function iperf(port, reverse) {
   return bitsPerSecond / 8 / 1e6;
 }
 
+/** BENCH_ECHO_ROUNDTRIPS sequential 64-byte round trips over one connection (bench/echo.mjs). */
+function echoClient(port) {
+  const out = execFileSync('taskset', ['-c', LOAD_CPU, process.execPath, path.join(root, 'bench', 'echo.mjs'), 'client', String(port), String(echoTrips), String(2 * httpSeconds)], { encoding: 'utf8' });
+  const r = JSON.parse(out);
+  if (r.count < 1000) throw new Error(`only ${r.count} echo round trips`);
+  return r;
+}
+
+/** One `GET / HTTP/1.0` over TLS without SNI or ALPN, as s_time sends it: the answer must be a 200. */
+async function checkTlsAnswer(port) {
+  const answer = await new Promise((resolve, reject) => {
+    const socket = tls.connect({ port, host: '127.0.0.1', rejectUnauthorized: false }, () => socket.write('GET / HTTP/1.0\r\n\r\n'));
+    let data = '';
+    socket.setEncoding('latin1');
+    socket.on('data', (d) => { data += d; });
+    socket.on('end', () => resolve(data));
+    socket.on('error', reject);
+    socket.setTimeout(5000, () => socket.destroy(new Error('timeout')));
+  });
+  if (!/^HTTP\/1\.[01] 200/.test(answer)) throw new Error(`TLS check through port ${port}: ${answer.split('\r\n')[0] || 'no answer'}`);
+}
+
+/**
+ * BENCH_HANDSHAKE_CLIENTS parallel `openssl s_time -new` (a full handshake for every connection: it
+ * never offers a session to resume), each connection sending `GET / HTTP/1.0`. Connections per
+ * wall-clock second over all of them.
+ */
+async function sTime(port) {
+  const started = Date.now();
+  const outs = await Promise.all(Array.from({ length: handshakeClients }, () => new Promise((resolve, reject) => {
+    const child = track(spawn('taskset', ['-c', LOAD_CPU, 'openssl', 's_time', '-connect', `127.0.0.1:${port}`, '-new', '-time', String(httpSeconds), '-www', '/'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+    let out = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { out += d; });
+    child.on('error', reject);
+    child.on('exit', () => resolve(out));
+  })));
+  const seconds = (Date.now() - started) / 1000;
+  let connections = 0;
+  for (const out of outs) {
+    const m = /(\d+) connections in \d+ real seconds, (\d+) bytes read per connection/.exec(out);
+    if (!m) throw new Error(`s_time through port ${port}: ${out.trim().split('\n').slice(-3).join(' / ')}`);
+    if (Number(m[2]) < 20) throw new Error(`s_time read only ${m[2]} bytes per connection through port ${port}`);
+    connections += Number(m[1]);
+  }
+  return { connections, rate: connections / seconds };
+}
+
+/** h2load over TLS (ALPN h2), 16 connections with 10 concurrent streams each: req/s. */
+function h2load(port) {
+  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'h2load', '-t1', '-c16', '-m10', '-D', String(httpSeconds), `https://127.0.0.1:${port}/`], { encoding: 'utf8' });
+  if (!/Application protocol: h2/.test(out)) throw new Error(`h2load did not negotiate h2 through port ${port}: ${out.slice(-400)}`);
+  const done = /requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored/.exec(out);
+  const ok2xx = Number(/status codes: (\d+) 2xx/.exec(out)?.[1] ?? 0);
+  if (!done || Number(done[1]) === 0 || ok2xx < Number(done[1])) throw new Error(`h2load through port ${port}: ${out.slice(-400)}`);
+  return Number(/finished in [\d.]+m?s, ([\d.]+) req\/s/.exec(out)?.[1] ?? NaN);
+}
+
+/** One keep-alive GET (so lazily created state exists before the baseline). */
+function warmUp(port) {
+  return new Promise((resolve, reject) => {
+    http.get({ host: '127.0.0.1', port, path: '/', headers: { host: 'bench.test' }, agent: false }, (res) => {
+      res.resume();
+      res.on('end', resolve);
+    }).on('error', reject);
+  });
+}
+
+/** Line of a child's stdout matching `re`, or an error after `ms`. */
+function waitForLine(child, re, ms) {
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error(`timeout waiting for ${re}`)), ms);
+    const onData = (d) => {
+      buf += d;
+      const m = re.exec(buf);
+      if (m) { clearTimeout(timer); child.stdout.off('data', onData); resolve(m); }
+    };
+    child.stdout.on('data', onData);
+    child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`exited with ${code} before ${re}: ${child.stderrTail ?? ''}`)); });
+  });
+}
+
+/** RSS growth of the proxy's process tree over BENCH_IDLE_CONNS idle keep-alive connections, KiB each. */
+async function idleMemory({ port, pid }) {
+  await warmUp(port);
+  await sleep(500);
+  const before = rssKiB(pid);
+  const client = track(spawn('taskset', ['-c', LOAD_CPU, process.execPath, path.join(root, 'bench', 'idle-conns.mjs'), String(port), String(idleConns)], { stdio: ['pipe', 'pipe', 'pipe'] }));
+  client.stderrTail = '';
+  client.stderr.on('data', (d) => { client.stderrTail = (client.stderrTail + d).slice(-2000); });
+  try {
+    const ready = await waitForLine(client, /ready (\d+)/, 120000);
+    await sleep(1000);
+    const after = rssKiB(pid);
+    client.stdin.write('close\n');
+    const open = Number((await waitForLine(client, /open (\d+)/, 10000))[1]);
+    if (Number(ready[1]) < idleConns || open < idleConns) throw new Error(`only ${Math.min(open, Number(ready[1]))} of ${idleConns} idle connections stayed open`);
+    return { value: (after - before) / idleConns, notes: [['idle RSS', before / 1024, 'MiB']] };
+  } finally {
+    client.kill('SIGTERM');
+  }
+}
+
 const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
+const fmt = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2));
+const fmtNote = ([label, v, unit]) => `${label} ${unit === 'ms' ? v.toFixed(v < 10 ? 2 : 1) : fmt(v)} ${unit}`;
 
 function version(cmd, args) {
   const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  return `${r.stdout}${r.stderr}`.split('\n')[0].trim();
+  return `${r.stdout ?? ''}${r.stderr ?? ''}`.split('\n')[0].trim();
+}
+
+const applicable = (proxy, scenario) => proxy.kinds.includes(scenario.kind) && (!scenario.h2 || proxy.h2) && (!scenario.needsProcess || proxy !== proxies.direct);
+
+/** Expected seconds of the whole run: one proxy start/stop (~1 s) plus the measurement for each pair. */
+function budgetSeconds() {
+  let total = 0;
+  for (const s of scenarios) {
+    for (const p of Object.values(proxies)) if (applicable(p, s)) total += rounds * (s.seconds + 1);
+    total += 1; // backend
+  }
+  if (runSecurity) total += rounds * 3 * (httpSeconds + 1);
+  if (runConnections) total += rounds * 4 * (httpSeconds + 1);
+  return total;
 }
 
 async function main() {
+  const t0 = Date.now();
   ensureTools();
   if (!existsSync(path.join(root, 'dist_ts', 'index.js'))) {
     throw new Error('build first: pnpm build');
   }
+  certs = ensureCert();
+  const budget = budgetSeconds();
+  console.log(`estimated duration: ${(budget / 60).toFixed(1)} min (${rounds} rounds, ${httpSeconds} s per timed measurement)`);
   const names = Object.keys(proxies);
-  const results = {};
-  const p99s = {};
+  const rowNames = scenarios.flatMap((s) => [s.name, ...(s.extraRows ?? [])]);
+  const results = Object.fromEntries(rowNames.map((r) => [r, Object.fromEntries(names.map((n) => [n, []]))]));
+  const notes = Object.fromEntries(rowNames.map((r) => [r, Object.fromEntries(names.map((n) => [n, {}]))]));
+  const failures = Object.fromEntries(rowNames.map((r) => [r, Object.fromEntries(names.map((n) => [n, []]))]));
   for (const scenario of scenarios) {
-    results[scenario.name] = Object.fromEntries(names.map((n) => [n, []]));
-    p99s[scenario.name] = Object.fromEntries(names.map((n) => [n, []]));
     const backend = await scenario.setup();
     try {
       for (let round = 0; round < rounds; round++) {
         for (const name of names) {
-          const proxy = await proxies[name].start(backend.port, scenario.kind);
-          if (proxy === null) continue;
+          if (!applicable(proxies[name], scenario)) continue;
+          let proxy = null;
           try {
-            lastP99 = NaN;
-            const value = await scenario.run(proxy.port);
-            if (value !== null) results[scenario.name][name].push(value);
-            if (!Number.isNaN(lastP99)) p99s[scenario.name][name].push(lastP99);
-            const p99 = Number.isNaN(lastP99) ? '' : ` p99 ${lastP99.toFixed(2)} ms`;
-            console.log(`${scenario.name} round ${round + 1} ${name}: ${value === null ? 'n/a' : value.toFixed(1)}${p99}`);
+            proxy = await proxies[name].start(backend, scenario.kind);
+            if (proxy === null) continue;
+            const r = await scenario.run(proxy);
+            results[scenario.name][name].push(r.value);
+            for (const [label, v, unit] of r.notes ?? []) {
+              if (!notes[scenario.name][name][label]) notes[scenario.name][name][label] = { unit, xs: [] };
+              notes[scenario.name][name][label].xs.push(v);
+            }
+            for (const [row, v] of Object.entries(r.extra ?? {})) if (v !== null && Number.isFinite(v)) results[row][name].push(v);
+            const extra = Object.entries(r.extra ?? {}).filter(([, v]) => v !== null).map(([row, v]) => `; ${row.split(' (')[0]}: ${fmt(v)}`).join('');
+            console.log(`${scenario.name} round ${round + 1} ${name}: ${fmt(r.value)}${(r.notes ?? []).map((n) => `, ${fmtNote(n)}`).join('')}${extra}`);
+          } catch (err) {
+            for (const row of [scenario.name, ...(scenario.extraRows ?? [])]) failures[row][name].push(err.message);
+            console.log(`${scenario.name} round ${round + 1} ${name}: FAILED ${err.message}`);
           } finally {
-            await proxy.stop();
+            await proxy?.stop();
           }
         }
       }
@@ -243,38 +742,76 @@ async function main() {
     }
   }
 
-  const header = ['scenario', ...names.map((n) => proxies[n].label), 'ours / direct', 'ours / HAProxy', 'ours / nginx'];
-  const rows = scenarios.map((s) => {
+  const others = [['direct', 'direct'], ['haproxy', 'HAProxy'], ['nginx', 'nginx'], ['httpProxy', 'http-proxy']];
+  const header = ['scenario', ...names.map((n) => proxies[n].label), ...others.map(([, l]) => `ours / ${l}`)];
+  const rows = rowNames.map((row) => {
+    const scenario = scenarios.find((s) => s.name === row || (s.extraRows ?? []).includes(row));
     const cell = (n) => {
-      const xs = results[s.name][n];
-      if (xs.length === 0) return 'n/a';
-      const lat = p99s[s.name][n];
-      const p99 = lat.length ? `, p99 ${median(lat).toFixed(2)} ms` : '';
-      return `${median(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}${p99})`;
+      const xs = results[row][n];
+      if (xs.length === 0) {
+        if (failures[row][n].length) return 'failed';
+        if (n === 'httpProxy' && !httpProxyVersion() && applicable(proxies[n], scenario)) return 'not installed';
+        return 'n/a';
+      }
+      const lat = Object.entries(notes[row][n]).map(([label, { unit, xs: ls }]) => `, ${fmtNote([label, median(ls), unit])}`).join('');
+      const failed = failures[row][n].length ? `, ${failures[row][n].length} failed` : '';
+      return `${fmt(median(xs))} (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))}${lat}${failed})`;
     };
     const ratio = (a, b) => {
-      const xa = results[s.name][a];
-      const xb = results[s.name][b];
+      const xa = results[row][a];
+      const xb = results[row][b];
       return xa.length && xb.length ? (median(xa) / median(xb)).toFixed(2) : 'n/a';
     };
-    return [s.name, ...names.map(cell), ratio('smartproxy', 'direct'), ratio('smartproxy', 'haproxy'), ratio('smartproxy', 'nginx')];
+    return [row, ...names.map(cell), ...others.map(([n]) => ratio('smartproxy', n))];
   });
-  const table = [header, header.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
+  const table = rows.length ? [header, header.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n') : '(not run)';
+  const connectionTable = runConnections
+    ? ['| route target | connections/s | p50 latency | p99 latency |', '| --- | --- | --- | --- |', ...(await connectionRows())].join('\n')
+    : '(not run)';
+  const securityTable = runSecurity
+    ? ['| route security | req/s | vs none |', '| --- | --- | --- |', ...(await securityRows())].join('\n')
+    : '(not run)';
+  const elapsed = (Date.now() - t0) / 1000;
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim();
+  const wrkCmd = `taskset -c ${LOAD_CPU} wrk -t1 -c32 -d${httpSeconds}s --latency -H 'Host: bench.test'`;
   const doc = `# Benchmark results
 
 ${table}
 
-Medians of ${rounds} interleaved rounds, min–max in parentheses. Higher is better.
+Medians of ${rounds} interleaved rounds (scenario by scenario, each round every proxy in turn), min–max in parentheses, then the medians of the latency percentiles. Ratios are ours' median divided by the other's: above 1 favours ours in the rows where higher is better, below 1 in the rows marked "lower is better". n/a: the proxy does not do that (http-proxy has no raw TCP mode and no HTTP/2; "direct" has no proxy process to measure); failed: every round of it failed (the log says why).
+Run of ${new Date().toISOString().slice(0, 10)}: ${(elapsed / 60).toFixed(1)} min (estimated beforehand: ${(budget / 60).toFixed(1)} min)${only ? `, BENCH_ONLY='${only}'` : ''}.
 
-- Machine: ${version('uname', ['-srm'])}, ${spawnSync('nproc').stdout.toString().trim()} CPUs; proxy pinned to CPU ${PROXY_CPU} with one worker thread (HAProxy \`nbthread 1\`, nginx \`worker_processes 1\`); load generator and backend pinned to CPU ${LOAD_CPU}; 127.0.0.1 only.
-- Versions: smartproxy ${commit || 'working tree'} (release build), ${version('haproxy', ['-v'])}, ${version('nginx', ['-v'])}, ${version('iperf3', ['--version'])}, ${version('wrk', ['-v'])}, Node ${process.version}.
-- TCP: \`iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` (upload) and the same with \`-R\` (download); HAProxy \`mode tcp\`; ours a plain forward route.
-- HTTP: \`wrk -t1 -c32 -d${httpSeconds}s --latency\` against an nginx \`return 200 "ok"\` backend; HAProxy \`mode http\` with \`http-reuse always\`; nginx \`proxy_pass\` with \`keepalive 64\`; ours a route with \`domains: '*'\` so every request goes through the HTTP engine (bench/proxy-smartproxy.mjs). No logging anywhere.
-- Run: \`pnpm bench\` (BENCH_ROUNDS, BENCH_BYTES to change the defaults).
+- Machine: ${version('uname', ['-srm'])}, ${spawnSync('nproc').stdout.toString().trim()} CPUs. The proxy is pinned to CPU ${PROXY_CPU} (\`taskset -c ${PROXY_CPU}\`) with one worker thread or process: ours \`workerThreads: 1\` (bench/proxy-smartproxy.mjs, a Node process), HAProxy \`nbthread 1\`, nginx \`worker_processes 1\`, http-proxy one Node process (bench/proxy-node-http-proxy.mjs). Load generators and backends are pinned to CPU ${LOAD_CPU}. 127.0.0.1 only. No access logging anywhere.
+- Versions: smartproxy ${commit || 'working tree'} (release build), ${version('haproxy', ['-v'])}, ${version('nginx', ['-v'])}, node http-proxy ${httpProxyVersion() ?? 'not installed'}, ${version('iperf3', ['--version'])}, ${version('wrk', ['-v'])}, ${version('h2load', ['--version'])}, ${version('openssl', ['version'])}, Node ${process.version}.
+- Upstream: ours pools keep-alive connections to the backend; HAProxy \`option http-keep-alive\`, \`http-reuse always\`, \`option forwardfor\`; nginx \`proxy_pass\` to an upstream with \`keepalive 64\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection ""\`, X-Forwarded-For, \`proxy_max_temp_file_size 0\` (large answers stream through memory, not disk), \`keepalive_requests 1000000\`; http-proxy an \`http.Agent({ keepAlive: true, maxSockets: 64 })\` with \`xfwd: true\`. Raw TCP: ours a plain forward route, HAProxy \`mode tcp\`, nginx \`stream { proxy_pass }\` (\`load_module ${streamModule()}\`).
+- TLS: a self-signed ${tlsKeyType === 'rsa' ? 'RSA 2048' : 'ECDSA P-256'} certificate (openssl req -x509, bench/work/tls), TLS 1.3 negotiated everywhere; ours a route without \`domains\` with \`action.tls: { mode: 'terminate', certificate: { key, cert } }\` (a \`domains: '*'\` route refuses a TLS client that sends no SNI with an unrecognized_name alert, and h2load, openssl s_time and curl send none to 127.0.0.1); HAProxy \`bind … ssl crt … alpn h2,http/1.1\`; nginx \`listen … ssl http2\`; http-proxy behind node:https (no HTTP/2). "direct" is the backend nginx terminating TLS itself.
+- Backends: nginx, one worker, \`return 200 "ok"\` and a 1 MiB static file (\`sendfile on\`), \`keepalive_requests 1000000\`; iperf3 -s; a Node echo server (bench/echo.mjs).
+- Commands (PORT = the proxy's port, or the backend's for direct):
+  - TCP upload/download: \`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` and the same with \`-R\`.
+  - TCP echo: \`taskset -c ${LOAD_CPU} node bench/echo.mjs client PORT ${echoTrips} ${2 * httpSeconds}\`: one connection, ${echoTrips} sequential 64-byte write-then-read-back round trips after 1,000 unmeasured ones, TCP_NODELAY.
+  - HTTP/1.1 keep-alive: \`${wrkCmd} http://127.0.0.1:PORT/\`; the CPU row is the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over that same run divided by the requests wrk completed.
+  - New connection per request: the same with \`-H 'Connection: close'\`.
+  - 1 MiB responses: \`taskset -c ${LOAD_CPU} wrk -t1 -c8 -d${httpSeconds}s --latency -H 'Host: bench.test' http://127.0.0.1:PORT/1m.bin\`, wrk's Transfer/sec in 10^6 bytes/s.
+  - HTTPS keep-alive: \`${wrkCmd} https://127.0.0.1:PORT/\`.
+  - HTTPS full handshakes: ${handshakeClients} parallel \`taskset -c ${LOAD_CPU} openssl s_time -connect 127.0.0.1:PORT -new -time ${httpSeconds} -www /\` (\`-new\`: a full handshake for every connection, no session resumption; one \`GET / HTTP/1.0\` each); connections of all of them per wall-clock second. These clients are the bottleneck on a 2-core machine (OpenSSL 3.0 spends 0.7–1 ms of client CPU per connection), so the conn/s row is mostly a client figure; the row below it, connections divided by the proxy process's CPU seconds over the run, is what one proxy core would sustain.
+  - HTTP/2: \`taskset -c ${LOAD_CPU} h2load -t1 -c16 -m10 -D ${httpSeconds} https://127.0.0.1:PORT/\` (ALPN h2).
+  - Idle memory: one GET, 0.5 s, then VmRSS of the proxy's process tree (/proc/PID/status: ours the Node process holding the addon, nginx master + worker); then \`taskset -c ${LOAD_CPU} node bench/idle-conns.mjs PORT ${idleConns}\` opens ${idleConns} connections (100 being set up at a time), one keep-alive GET on each, and leaves them idle; 1 s later VmRSS again: (after − before) / ${idleConns}. The note gives the RSS before.${idleConns < 10000 && !process.env.BENCH_IDLE_CONNS ? ` (${idleConns}, not 10,000: the hard file descriptor limit here is ${NOFILE} and cannot be raised, and HAProxy reserves two descriptors per connection of its maxconn.)` : ''}
+- Run: \`pnpm bench\` (= \`node bench/run.mjs\`; installs the Debian packages nginx, libnginx-mod-stream, haproxy, wrk, nghttp2-client, iperf3 and the npm devDependency http-proxy when missing). Environment: BENCH_ROUNDS (${rounds}), BENCH_HTTP_SECONDS (${httpSeconds}), BENCH_BYTES (${bytes}), BENCH_ONLY (substring of the scenario names), BENCH_IDLE_CONNS, BENCH_ECHO_ROUNDTRIPS, BENCH_TLS_KEY (ec|rsa), BENCH_HANDSHAKE_CLIENTS.
+
+## HTTP security: keep-alive requests through the same route with and without checks
+
+${securityTable}
+
+\`${wrkCmd}\` as above, through ours only; the route of the HTTP row with a per-IP \`rateLimit\` that the run never reaches, and with \`jwtAuth\` (HS256, every request carrying a valid token).
+
+## Function targets: new connections through a raw TCP route
+
+${connectionTable}
+
+\`${wrkCmd} -H 'Connection: close'\` (one TCP connection per request) against the nginx backend, through our plain forward route with a static target, with \`host\`/\`port\` as synchronous functions, and as async functions (one JavaScript call per connection either way; bench/proxy-smartproxy.mjs).
 `;
   writeFileSync(path.join(root, 'bench', 'RESULTS.md'), doc);
-  console.log(`\n${table}\n\nwritten to bench/RESULTS.md`);
+  console.log(`\n${table}\n\n${securityTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
 }
 
 main().catch((err) => {

@@ -1,11 +1,14 @@
 //! napi exports only: the `NativeEngine` class the TypeScript wrapper drives, and conversions of
 //! engine results and errors into JavaScript values. All behaviour lives in the modules below.
 
+mod bridge;
 mod config;
 mod engine;
+mod hooks;
 mod http;
 mod listener;
 mod metrics;
+mod proxy_protocol;
 mod routing;
 mod security;
 mod session;
@@ -18,6 +21,7 @@ use std::sync::Arc;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+use crate::bridge::{EventCallback, JsBridge, SocketCallback, TargetCallback};
 use crate::engine::{Engine, EngineError};
 
 /// One proxy instance on the shared Rust runtime. Constructed from the normalised config
@@ -25,15 +29,33 @@ use crate::engine::{Engine, EngineError};
 #[napi]
 pub struct NativeEngine {
     engine: Arc<Engine>,
+    bridge: Arc<JsBridge>,
 }
 
 #[napi]
 impl NativeEngine {
-    #[napi(constructor)]
-    pub fn new(config: serde_json::Value) -> Result<Self> {
+    /// `onSocket` takes a socket handler's connection and resolves when that socket has closed;
+    /// `resolveTarget` calls a route's host/port functions; `onEvent` receives `{ type, data }`.
+    #[napi(
+        constructor,
+        ts_args_type = "config: object, onSocket: (handoff: SocketHandoff) => Promise<SocketReport>, resolveTarget: (call: TargetCall) => TargetAnswer | Promise<TargetAnswer>, onEvent: (message: { type: string; data: object }) => void"
+    )]
+    pub fn new(
+        config: serde_json::Value,
+        on_socket: SocketCallback,
+        resolve_target: TargetCallback,
+        on_event: EventCallback,
+    ) -> Result<Self> {
         let config = config::parse(config).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
-        let engine = Engine::new(config).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
-        Ok(NativeEngine { engine: Arc::new(engine) })
+        let bridge = Arc::new(JsBridge::new(on_socket, resolve_target, on_event));
+        let engine = Engine::new(config, Some(bridge.clone())).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
+        Ok(NativeEngine { engine: Arc::new(engine), bridge })
+    }
+
+    /// Which optional events have listeners; the others are never produced.
+    #[napi]
+    pub fn set_event_interest(&self, connection: bool, route_matched: bool) {
+        self.bridge.set_interest(connection, route_matched);
     }
 
     /// Binds every route port (all or none; rejects with `EADDRINUSE: port N ...`) and accepts.
@@ -84,7 +106,15 @@ impl NativeEngine {
 
     #[napi]
     pub fn statistics(&self) -> Result<serde_json::Value> {
-        to_json(&self.engine.statistics())
+        let mut statistics = to_json(&self.engine.statistics())?;
+        statistics["droppedEvents"] = self.bridge.dropped_events().into();
+        Ok(statistics)
+    }
+
+    /// Ids of the functions some route table in use refers to (the wrapper forgets the others).
+    #[napi]
+    pub fn live_function_ids(&self) -> Vec<u32> {
+        self.engine.live_function_ids()
     }
 
     /// Connection counts, totals and throughput averaged over `windowSeconds`.

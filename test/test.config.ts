@@ -136,6 +136,10 @@ tap.test('engine options get the documented defaults', async () => {
     maxHeaderSize: 65536,
     headerTimeoutMs: 30000,
     http2MaxConcurrentStreams: 256,
+    jsCallTimeoutMs: 30000,
+    acceptProxyProtocol: false,
+    proxyIps: [],
+    sendProxyProtocol: 0,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
   });
 });
@@ -159,6 +163,10 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     maxHeaderSize: 8192,
     headerTimeout: 2500,
     http2MaxConcurrentStreams: 16,
+    jsCallTimeout: 1500.5,
+    acceptProxyProtocol: true,
+    proxyIPs: ['10.0.0.0/8'],
+    sendProxyProtocol: 2,
   });
   expect(config.options).toEqual({
     initialDataTimeoutMs: 5000,
@@ -177,6 +185,10 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     maxHeaderSize: 8192,
     headerTimeoutMs: 2500,
     http2MaxConcurrentStreams: 16,
+    jsCallTimeoutMs: 1500,
+    acceptProxyProtocol: true,
+    proxyIps: ['10.0.0.0/8'],
+    sendProxyProtocol: 2,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
   });
 });
@@ -222,7 +234,7 @@ tap.test('route fields are carried over: id, name, priority, domains, clientIp, 
   expectSubset(r.match, { ports: [443], domains: ['example.com'], clientIp: ['10.0.0.0/8'], tlsVersion: ['TLSv1.3'] });
   expect(r.action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true });
   expect(r.action.connectTimeoutMs).toEqual(1500);
-  expect(r.security).toEqual({ ipAllowList: ['10.0.0.1'], ipBlockList: ['10.0.0.2'], maxConnections: 3 });
+  expect(r.security).toEqual({ ipAllowList: ['10.0.0.1'], ipBlockList: ['10.0.0.2'], maxConnections: 3, rateLimit: null, basicAuth: null, jwtAuth: null, forwardAuthorization: false });
 });
 
 tap.test('enabled: false drops the route, and the remaining routes keep their array index', async () => {
@@ -420,10 +432,6 @@ tap.test('features of later issues are refused with an error naming the route an
   });
   const cases: Array<[string, unknown]> = [
     ['action.tls.certificate', base({ tls: { mode: 'terminate', certificate: 'auto' } })],
-    ['action.type', base({ type: 'socket-handler', target: undefined, socketHandler: () => undefined })],
-    ['action.target.host', base({ target: { host: () => 'x', port: 1 } })],
-    ['action.target.port', base({ target: { host: 'x', port: () => 1 } })],
-    ['action.targets[0].host', base({ target: undefined, targets: [{ host: async () => 'x', port: 1 }] })],
     // Header matching takes exact strings only; RegExp values are refused.
     ['match.headers.x-a', base({}, {}, { headers: { 'x-a': /b+/ } })],
     ['action.targets[0].match.headers.x-a', base({ target: undefined, targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] })],
@@ -435,10 +443,7 @@ tap.test('features of later issues are refused with an error naming the route an
     
     ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
     ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
-    ['action.sendProxyProtocol', base({ sendProxyProtocol: 2 })],
-    ['security.rateLimit', base({}, { security: { rateLimit: { enabled: true, maxRequests: 1, window: 1 } } })],
-    ['security.basicAuth', base({}, { security: { basicAuth: { enabled: true, users: [] } } })],
-    ['security.jwtAuth', base({}, { security: { jwtAuth: { enabled: true, secret: 's' } } })],
+    ['action.targets[0].sendProxyProtocol', base({ target: undefined, targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] })],
   ];
   for (const [field, options] of cases) {
     // `undefined` spread values are dropped so the route looks as a user would write it.
@@ -492,9 +497,11 @@ tap.test('options-level features and type errors are named "options"', async () 
     expect(err.message).toEqual(message);
     expect(err.path).toEqual('options');
   }
-  for (const [key, value] of [['acceptProxyProtocol', true], ['sendProxyProtocol', 1]] as const) {
-    const err = configError({ routes: [], [key]: value });
-    expect(err.message).toStartWith(`options: ${key}: not supported yet`);
+  for (const [key, value, message] of [
+    ['acceptProxyProtocol', 'yes', 'options: acceptProxyProtocol: expected true or false, got "yes"'],
+    ['sendProxyProtocol', 3, 'options: sendProxyProtocol: expected true, false, 1 or 2, got 3'],
+  ] as const) {
+    expect(configError({ routes: [], [key]: value }).message).toEqual(message);
   }
 });
 
@@ -526,6 +533,11 @@ tap.test('other route-level errors name the route and the field', async () => {
     [{ routes: [route(80, 'tv', { match: { ports: 80, tlsVersion: ['TLSv1.4'] } })] }, 'routes[0] "tv": match.tlsVersion[0]: "TLSv1.4" is not one of TLSv1.0, TLSv1.1, TLSv1.2, TLSv1.3'],
     [{ routes: [route(80, 'd', { match: { ports: 80, domains: [''] } })] }, 'routes[0] "d": match.domains[0]: expected a non-empty string, got ""'],
     [{ routes: [route(80, 'mc', { security: { maxConnections: 0 } })] }, 'routes[0] "mc": security.maxConnections: expected a positive integer, got 0'],
+    [{ routes: [route(80, 'mn', { security: { maxConnections: NaN } })] }, 'routes[0] "mn": security.maxConnections: expected a positive integer, got NaN'],
+    [{ routes: [route(80, 'as', { action: { type: 'forward', target, security: { maxConnections: Infinity } } })] }, 'routes[0] "as": action.security.maxConnections: expected a positive integer, got Infinity'],
+    [{ routes: [route(80, 'al', { action: { type: 'forward', target, security: { ipAllowList: 'x' } } })] }, 'routes[0] "al": action.security.ipAllowList: expected an array of strings, got "x"'],
+    [{ routes: [route(80, 'sh', { action: { type: 'socket-handler' } })] }, `routes[0] "sh": action.socketHandler: a 'socket-handler' route needs a socketHandler function, got undefined`],
+    [{ routes: [route(80, 'hf', { action: { type: 'forward', target: { host: 5, port: 1 } } })] }, 'routes[0] "hf": action.target.host: expected a host name, a non-empty array of them or a function, got 5'],
     [{ routes: [route(80, 'tm', { action: { type: 'forward', target, tls: { mode: 'bogus' } } })] }, 'routes[0] "tm": action.tls.mode: expected one of passthrough, terminate, terminate-and-reencrypt, got "bogus"'],
   ];
   for (const [options, message] of cases) {
@@ -536,9 +548,10 @@ tap.test('other route-level errors name the route and the field', async () => {
 // ---------------------------------------------------------------------------------------------
 // Warnings
 
-tap.test('normalizeOptions returns { config, warnings }; a clean config has no warnings', async () => {
+tap.test('normalizeOptions returns { config, warnings, functionIds }; a clean config has no warnings', async () => {
   const result = normalize({ routes: [route(80, 'clean')] });
-  expect(Object.keys(result).sort()).toEqual(['config', 'warnings']);
+  expect(Object.keys(result).sort()).toEqual(['config', 'functionIds', 'warnings']);
+  expect(result.functionIds.size).toEqual(0);
   expect(Object.keys(result.config).sort()).toEqual(['options', 'routes']);
   expect(Array.isArray(result.warnings)).toBeTrue();
   expect(result.warnings).toEqual([]);
@@ -573,7 +586,7 @@ tap.test('action.security is used when route.security is absent', async () => {
     routes: [{ name: 's', match: { ports: 80 }, action: { type: 'forward', target, security: { ipAllowList: ['10.1.0.0/16'], maxConnections: 2 } } }],
   });
   expect(warnings).toEqual([]);
-  expect(config.routes[0].security).toEqual({ ipAllowList: ['10.1.0.0/16'], ipBlockList: [], maxConnections: 2 });
+  expect(config.routes[0].security).toEqual({ ipAllowList: ['10.1.0.0/16'], ipBlockList: [], maxConnections: 2, rateLimit: null, basicAuth: null, jwtAuth: null, forwardAuthorization: false });
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -656,10 +669,10 @@ tap.test('updateRoutes on a started proxy rejects a bad route; the previous rout
     expect(bad instanceof SmartProxyConfigError).toBeTrue();
     expect(bad?.message).toEqual('routes[1] "api": match.ports[0]: range from 9000 to 8000 is empty (from > to)');
     const refused = await rejected(
-      proxy.updateRoutes([{ ...fwd(newBackend.port, 'p'), action: { type: 'forward', target: { host: () => '127.0.0.1', port: newBackend.port } } }] as never),
+      proxy.updateRoutes([{ ...fwd(newBackend.port, 'p'), action: { type: 'socket-handler', socketHandler: 'not a function' } }] as never),
     );
     expect(refused instanceof SmartProxyConfigError).toBeTrue();
-    expect(refused?.message ?? '').toStartWith('routes[0] "p": action.target.host: not supported yet');
+    expect(refused?.message ?? '').toStartWith(`routes[0] "p": action.socketHandler: a 'socket-handler' route needs a socketHandler function`);
     const engineErr = await rejected(proxy.updateRoutes([{ ...fwd(newBackend.port, 'ip'), security: { ipBlockList: ['300.1.1.1'] } }]));
     expect(engineErr instanceof SmartProxyConfigError).toBeTrue();
     expect(engineErr?.message ?? '').toStartWith('routes[0] "ip": security.ipBlockList[0]: ');

@@ -128,7 +128,8 @@ tap.test('initialDataTimeout closes a client that never sends on a port that nee
   await proxy.start();
   const socket = net.connect(port, '127.0.0.1');
   await waitForClose(socket);
-  expect(proxy.getStatistics().terminationReasons.initial_data_timeout).toEqual(1);
+  // The reason is recorded as the session unwinds, just after the socket closed.
+  await waitFor(() => proxy.getStatistics().terminationReasons.initial_data_timeout === 1, 2000, 'initial_data_timeout');
   await proxy.stop();
 });
 

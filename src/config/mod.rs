@@ -33,6 +33,14 @@ pub struct EngineOptions {
     pub max_header_size: usize,
     pub header_timeout_ms: u64,
     pub http2_max_concurrent_streams: u32,
+    /// Bound on each call into JavaScript (function targets).
+    pub js_call_timeout_ms: u64,
+    /// Connections from `proxyIps` must begin with a PROXY header (v1 or v2).
+    pub accept_proxy_protocol: bool,
+    /// Trusted balancers: their PROXY headers and X-Forwarded-* headers are believed.
+    pub proxy_ips: Vec<String>,
+    /// PROXY header version sent to backends by default (0 = none, 1, 2).
+    pub send_proxy_protocol: u8,
     pub default_security: DefaultSecurity,
 }
 
@@ -102,6 +110,10 @@ pub struct ActionConfig {
     /// A response the engine writes itself instead of forwarding (the native side of
     /// `SocketHandlers.httpRedirect` / `httpResponse` / `httpBlock`).
     pub native_response: Option<NativeResponseConfig>,
+    /// The wrapper's id of the route's `socketHandler` function (type `socket-handler`).
+    pub socket_handler: Option<u32>,
+    /// PROXY header version towards this route's backends (0 = none, 1, 2); `None` = the option's.
+    pub send_proxy_protocol: Option<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -162,7 +174,10 @@ pub struct CertificatePem {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetConfig {
+    /// Empty when `hostFunction` chooses the host.
     pub hosts: Vec<String>,
+    /// The wrapper's id of a `host` function of the context.
+    pub host_function: Option<u32>,
     pub port: TargetPort,
     pub match_ports: Option<Vec<u16>>,
     pub match_path: Option<String>,
@@ -178,6 +193,14 @@ pub struct TargetConfig {
 pub enum TargetPort {
     Fixed(u16),
     Preserve(PreserveKeyword),
+    /// `{ "function": id }`: a `port` function of the context chooses.
+    Function(PortFunction),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortFunction {
+    pub function: u32,
 }
 
 /// The literal `'preserve'`: connect to the port the client connected to.
@@ -193,6 +216,61 @@ pub struct RouteSecurityConfig {
     pub ip_allow_list: Vec<String>,
     pub ip_block_list: Vec<String>,
     pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuthConfig>,
+    #[serde(default)]
+    pub jwt_auth: Option<JwtAuthConfig>,
+    /// Pass the `Authorization` header the proxy checked on to the upstream (default: consumed).
+    #[serde(default)]
+    pub forward_authorization: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    pub max_requests: u32,
+    pub window_seconds: u64,
+    pub key_by: RateLimitKey,
+    /// `keyBy: 'header'`: whose value is the key.
+    pub header_name: Option<String>,
+    pub error_message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitKey {
+    Ip,
+    Path,
+    Header,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BasicAuthConfig {
+    pub users: Vec<BasicAuthUser>,
+    pub realm: String,
+    pub exclude_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthUser {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtAuthConfig {
+    /// The HMAC secret (HS*), or the PEM public key (RS*, ES*).
+    pub secret: String,
+    pub algorithm: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub exclude_paths: Vec<String>,
+    pub leeway_seconds: u64,
 }
 
 /// A configuration the engine cannot run, with the route and field it is about.
@@ -260,7 +338,8 @@ mod tests {
             "maxConnectionsPerIp": 100, "connectionRateLimitPerMinute": 300, "noDelay": true,
             "keepAlive": true, "keepAliveInitialDelayMs": 10000, "maxPendingDataSize": 10485760,
             "workerThreads": null, "enableDetailedLogging": false,
-            "maxHeaderSize": 65536, "headerTimeoutMs": 30000, "http2MaxConcurrentStreams": 256,
+            "maxHeaderSize": 65536, "headerTimeoutMs": 30000, "http2MaxConcurrentStreams": 256, "jsCallTimeoutMs": 30000,
+            "acceptProxyProtocol": false, "proxyIps": [], "sendProxyProtocol": 0,
             "defaultSecurity": { "ipAllowList": [], "ipBlockList": [] }
         })
     }
@@ -270,8 +349,8 @@ mod tests {
             "index": 3, "name": "api", "id": null, "priority": 0,
             "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [], "path": null, "headers": [] },
             "action": { "tls": { "mode": "passthrough", "certificate": null, "versions": [], "rejectUnauthorized": true }, "connectTimeoutMs": null, "responseTimeoutMs": null,
-                        "websocket": true, "backendProtocol": "auto", "raw": false, "retry": null, "nativeResponse": null,
-                        "targets": [{ "hosts": ["a"], "port": "preserve", "matchPorts": null, "matchPath": null,
+                        "websocket": true, "backendProtocol": "auto", "raw": false, "retry": null, "nativeResponse": null, "socketHandler": null, "sendProxyProtocol": null,
+                        "targets": [{ "hosts": ["a"], "hostFunction": null, "port": "preserve", "matchPorts": null, "matchPath": null,
                                       "matchHeaders": [], "matchMethods": null, "priority": 0,
                                       "headers": { "request": [], "response": [] } }] },
             "security": { "ipAllowList": [], "ipBlockList": [], "maxConnections": null },

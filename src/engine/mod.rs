@@ -9,7 +9,7 @@ mod stats;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
@@ -22,6 +22,7 @@ use crate::http::pool::{PoolSettings, UpstreamPool};
 use crate::http::proxy::HttpEnv;
 use crate::http::server::HttpLimitOptions;
 use crate::listener::{BindError, OnAccept, PortManager};
+use crate::hooks::{ScriptHost, Scripts};
 use crate::metrics::EngineMetrics;
 use crate::routing::ip::IpList;
 use crate::routing::RouteTable;
@@ -36,6 +37,8 @@ const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Engine {
     options: EngineOptions,
     global_policy: IpPolicy,
+    /// `proxyIPs`, parsed.
+    trusted_proxies: IpList,
     metrics: Arc<EngineMetrics>,
     limiter: Arc<ConnectionLimiter>,
     table: Arc<RwLock<Arc<RouteTable>>>,
@@ -43,6 +46,9 @@ pub struct Engine {
     control: tokio::sync::Mutex<Control>,
     /// What `getListeningPorts()` answers without waiting for a control operation to finish.
     listening: Mutex<Vec<u16>>,
+    scripts: Scripts,
+    /// Tables replaced by `updateRoutes` that connections may still use (and call functions of).
+    retired_tables: Mutex<Vec<Weak<RouteTable>>>,
 }
 
 #[derive(Default)]
@@ -84,19 +90,30 @@ impl std::fmt::Display for EngineError {
 impl std::error::Error for EngineError {}
 
 impl Engine {
-    pub fn new(config: EngineConfig) -> Result<Engine, ConfigError> {
+    /// `script_host` answers socket handlers and function targets (the JavaScript side); routes
+    /// that need it fail their connections without one.
+    pub fn new(config: EngineConfig, script_host: Option<Arc<dyn ScriptHost>>) -> Result<Engine, ConfigError> {
         if config.options.enable_detailed_logging {
             logging::enable_detailed_logging();
         }
         let metrics = Arc::new(EngineMetrics::default());
         let table = RouteTable::compile(&config.routes, &metrics.routes)?;
         let global_policy = global_policy(&config.options)?;
+        let trusted_proxies = IpList::parse(&config.options.proxy_ips)
+            .map_err(|(i, reason)| ConfigError::in_options(&format!("proxyIPs[{i}]"), reason))?;
+        if config.options.send_proxy_protocol > 2 {
+            return Err(ConfigError::in_options("sendProxyProtocol", "expected 1 or 2 (or false)"));
+        }
         let limiter = ConnectionLimiter::new(
             config.options.max_connections_per_ip,
             config.options.connection_rate_limit_per_minute,
         );
+        let scripts = Scripts::new(script_host, metrics.clone(), Duration::from_millis(config.options.js_call_timeout_ms.max(1)));
         Ok(Engine {
+            scripts,
+            retired_tables: Mutex::default(),
             global_policy,
+            trusted_proxies,
             metrics,
             limiter: Arc::new(limiter),
             table: Arc::new(RwLock::new(Arc::new(table))),
@@ -126,7 +143,7 @@ impl Engine {
         let on_accept = self.accept_callback(env, sessions.clone());
         let mut ports = PortManager::default();
         ports.bind_all(&self.wanted_ports(&control), &on_accept).map_err(EngineError::Bind)?;
-        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone()));
+        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone()));
         *self.listening.lock() = ports.ports();
         control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler });
         Ok(())
@@ -160,6 +177,7 @@ impl Engine {
         let mut control = self.control.lock().await;
         let table = Arc::new(RouteTable::compile(routes, &self.metrics.routes).map_err(EngineError::Config)?);
         let previous = std::mem::replace(&mut *self.table.write(), table.clone());
+        self.retired_tables.lock().push(Arc::downgrade(&previous));
         let removed_before = std::mem::take(&mut control.removed_ports);
         let wanted = self.wanted_ports(&control);
         if let Some(running) = control.running.as_mut() {
@@ -200,6 +218,21 @@ impl Engine {
         }
     }
 
+    /// The JavaScript functions the current table and every table still in use refer to; the
+    /// wrapper may forget all others.
+    pub fn live_function_ids(&self) -> Vec<u32> {
+        let mut tables = vec![self.table.read().clone()];
+        {
+            let mut retired = self.retired_tables.lock();
+            retired.retain(|weak| weak.strong_count() > 0);
+            tables.extend(retired.iter().filter_map(Weak::upgrade));
+        }
+        let mut ids: Vec<u32> = tables.iter().flat_map(|t| t.routes().iter().flat_map(|r| r.function_ids()).collect::<Vec<_>>()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn listening_ports(&self) -> Vec<u16> {
         self.listening.lock().clone()
     }
@@ -230,7 +263,16 @@ impl Engine {
             keep_alive: o.keep_alive.then(|| Duration::from_millis(o.keep_alive_initial_delay_ms.max(1000))),
             draining,
             force_close,
-            http: Arc::new(HttpEnv { metrics: self.metrics.clone(), pool, no_delay: o.no_delay }),
+            proxy_header_from: o.accept_proxy_protocol.then(|| self.trusted_proxies.clone()),
+            trusted_proxies: self.trusted_proxies.clone(),
+            send_proxy_protocol: o.send_proxy_protocol,
+            http: Arc::new(HttpEnv {
+                metrics: self.metrics.clone(),
+                pool,
+                no_delay: o.no_delay,
+                scripts: self.scripts.clone(),
+                send_proxy_protocol: o.send_proxy_protocol,
+            }),
         }
     }
 
@@ -255,7 +297,7 @@ fn global_policy(options: &EngineOptions) -> Result<IpPolicy, ConfigError> {
     })
 }
 
-async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<ConnectionLimiter>, pool: Arc<UpstreamPool>) {
+async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<ConnectionLimiter>, pool: Arc<UpstreamPool>, table: Arc<RwLock<Arc<RouteTable>>>) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -264,5 +306,12 @@ async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<Connectio
         metrics.sample(now_ms);
         limiter.sample_and_sweep(now_ms);
         pool.sweep();
+        // Rate-limit keys live at most a window past their last request.
+        let current = table.read().clone();
+        for route in current.routes() {
+            if let Some(security) = &route.http_security {
+                security.sweep();
+            }
+        }
     }
 }

@@ -18,11 +18,23 @@ pub struct Statistics {
     pub http_connections: u64,
     pub total_connections: u64,
     pub http_requests: u64,
+    /// Calls into JavaScript so far (function targets and socket handlers).
+    pub js_calls: u64,
     pub routes: usize,
     pub listening_ports: Vec<u16>,
     pub termination_reasons: BTreeMap<&'static str, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Per route: requests refused by its rate limit (429), authentication (401) and IP lists (403).
+    pub refusals: BTreeMap<String, Refusals>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusals {
+    pub rate_limited: u64,
+    pub unauthorized: u64,
+    pub forbidden: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,11 +92,22 @@ impl Engine {
             http_connections: m.active_http.load(Ordering::Acquire).min(active),
             total_connections: m.total.load(Ordering::Relaxed),
             http_requests: m.http_requests.load(Ordering::Relaxed),
+            js_calls: m.js_calls.load(Ordering::Relaxed),
             routes: self.table.read().routes().len(),
             listening_ports: self.listening_ports(),
             termination_reasons: m.terminations().into_iter().collect(),
             bytes_in,
             bytes_out,
+            refusals: m
+                .routes
+                .all()
+                .into_iter()
+                .map(|(label, stats)| {
+                    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                    let refusals = Refusals { rate_limited: count(&stats.rate_limited), unauthorized: count(&stats.unauthorized), forbidden: count(&stats.forbidden) };
+                    (label.to_string(), refusals)
+                })
+                .collect(),
         }
     }
 

@@ -127,6 +127,8 @@ pub struct TemplateContext<'a> {
     pub client_ip: IpAddr,
     pub route_name: &'a str,
     pub connection_id: u64,
+    /// The verified JWT's claims, for `{jwt.<claim>}`.
+    pub claims: Option<&'a crate::security::http::Claims>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +146,8 @@ enum Variable {
 enum Piece {
     Text(Box<str>),
     Var(Variable),
+    /// `{jwt.<claim>}`: a claim of the request's verified token (empty without one).
+    Claim(Box<str>),
 }
 
 /// One `name: value-template` pair.
@@ -167,24 +171,27 @@ impl HeaderTemplate {
             let (before, from_brace) = rest.split_at(open);
             text.push_str(before);
             let variable = from_brace.find('}').and_then(|close| {
-                let var = match &from_brace[1..close] {
-                    "domain" => Variable::Domain,
-                    "port" => Variable::Port,
-                    "path" => Variable::Path,
-                    "query" => Variable::Query,
-                    "clientIp" => Variable::ClientIp,
-                    "routeName" => Variable::RouteName,
-                    "connectionId" => Variable::ConnectionId,
-                    _ => return None,
+                let piece = match &from_brace[1..close] {
+                    "domain" => Piece::Var(Variable::Domain),
+                    "port" => Piece::Var(Variable::Port),
+                    "path" => Piece::Var(Variable::Path),
+                    "query" => Piece::Var(Variable::Query),
+                    "clientIp" => Piece::Var(Variable::ClientIp),
+                    "routeName" => Piece::Var(Variable::RouteName),
+                    "connectionId" => Piece::Var(Variable::ConnectionId),
+                    word => match word.strip_prefix("jwt.") {
+                        Some(claim) if !claim.is_empty() => Piece::Claim(claim.into()),
+                        _ => return None,
+                    },
                 };
-                Some((var, close))
+                Some((piece, close))
             });
             match variable {
-                Some((var, close)) => {
+                Some((piece, close)) => {
                     if !text.is_empty() {
                         pieces.push(Piece::Text(std::mem::take(&mut text).into_boxed_str()));
                     }
-                    pieces.push(Piece::Var(var));
+                    pieces.push(piece);
                     rest = &from_brace[close + 1..];
                 }
                 None => {
@@ -218,6 +225,13 @@ impl HeaderTemplate {
                 Piece::Var(Variable::ConnectionId) => {
                     let _ = write!(out, "{}", ctx.connection_id);
                 }
+                Piece::Claim(name) => match ctx.claims.and_then(|claims| claims.get(&**name)) {
+                    Some(serde_json::Value::String(text)) => out.push_str(text),
+                    Some(serde_json::Value::Null) | None => {}
+                    Some(other) => {
+                        let _ = write!(out, "{other}");
+                    }
+                },
             }
         }
         HeaderValue::from_str(&out).ok()
@@ -304,7 +318,8 @@ mod tests {
 
     #[test]
     fn templates_render_known_variables_and_keep_the_rest() {
-        let t = HeaderTemplate::parse("X-Info", "{domain}|{port}|{path}|{query}|{clientIp}|{routeName}|{unknown}|{").unwrap();
+        let t = HeaderTemplate::parse("X-Info", "{domain}|{port}|{path}|{query}|{clientIp}|{routeName}|{unknown}|{jwt.sub}|{jwt.n}|{jwt.none}|{jwt.}|{").unwrap();
+        let claims: crate::security::http::Claims = serde_json::from_str(r#"{"sub":"alice","n":3}"#).unwrap();
         let ctx = TemplateContext {
             domain: "a.com",
             port: 80,
@@ -313,10 +328,11 @@ mod tests {
             client_ip: "::1".parse().unwrap(),
             route_name: "r",
             connection_id: 7,
+            claims: Some(&claims),
         };
         let mut h = HeaderMap::new();
         apply_templates(&mut h, &[t], &ctx);
-        assert_eq!(h["x-info"], "a.com|80|/p|q=1|::1|r|{unknown}|{");
+        assert_eq!(h["x-info"], "a.com|80|/p|q=1|::1|r|{unknown}|alice|3||{jwt.}|{");
     }
 
     #[test]

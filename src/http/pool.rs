@@ -15,7 +15,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
@@ -37,6 +37,9 @@ pub struct PoolKey {
     pub port: u16,
     pub protocol: UpstreamProtocol,
     pub tls: Option<UpstreamTls>,
+    /// A PROXY protocol header sent first on every new connection: connections are then pooled
+    /// per client address (the header names it), never shared between clients.
+    pub proxy_header: Option<Arc<[u8]>>,
 }
 
 /// TLS to the upstream: the name sent as SNI and verified, and the connector settings.
@@ -165,6 +168,13 @@ impl UpstreamPool {
             .map_err(|_| UpstreamError::ConnectTimeout)?
             .map_err(UpstreamError::ConnectFailed)?;
         let _ = stream.set_nodelay(no_delay);
+        let mut stream = stream;
+        if let Some(header) = &key.proxy_header {
+            tokio::time::timeout_at(deadline.into(), stream.write_all(header))
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout)?
+                .map_err(UpstreamError::ConnectFailed)?;
+        }
         match &key.tls {
             None => self.handshake(TokioIo::new(stream), key, permit, key.protocol == UpstreamProtocol::Http2).await,
             Some(tls) => {

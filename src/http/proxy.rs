@@ -19,13 +19,16 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
 use crate::config::BackendProtocol;
-use crate::http::body::{text_response, BoxError, Direction, ProxyBody, TrackedBody};
+use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, TrackedBody};
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::sniff::normalise_host;
+use crate::hooks::{EngineEvent, EventKind, ScriptContext, Scripts};
+use crate::proxy_protocol;
 use crate::metrics::EngineMetrics;
 use crate::routing::table::{NativeResponse, RequestFacts, Route, SelectedTarget};
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
+use crate::security::http::Refusal as SecurityRefusal;
 use crate::security::RouteGuard;
 
 /// What a response head may take when the route sets no `timeouts.responseMs`.
@@ -37,6 +40,9 @@ pub struct HttpEnv {
     pub metrics: Arc<EngineMetrics>,
     pub pool: Arc<UpstreamPool>,
     pub no_delay: bool,
+    pub scripts: Scripts,
+    /// PROXY header version sent upstream when a route does not say (0 = none).
+    pub send_proxy_protocol: u8,
 }
 
 /// One client connection as the service sees it.
@@ -46,6 +52,11 @@ pub struct ConnectionContext {
     pub connection_id: u64,
     pub local_port: u16,
     pub client_ip: IpAddr,
+    pub client_port: u16,
+    /// The address the client connected to (`IRouteContext.serverIp`).
+    pub server_ip: Option<IpAddr>,
+    /// Where the client connected to, as a PROXY header towards a backend names it.
+    pub destination: Option<std::net::SocketAddr>,
     pub https: bool,
     pub tls_version: Option<&'static str>,
     /// The peer is a trusted proxy (`proxyIPs`).
@@ -95,10 +106,37 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         return Err(text_response(StatusCode::NOT_FOUND, "no route matches this request"));
     };
     if !route.policy.admits(ctx.client_ip) {
+        route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
         return Err(text_response(StatusCode::FORBIDDEN, "access denied"));
+    }
+    if route.socket_handler.is_some() {
+        // A socket handler takes whole connections; only a connection's first request can go to
+        // it. This connection closes after the answer, so the client's next try opens a new one.
+        let mut refusal = text_response(StatusCode::MISDIRECTED_REQUEST, "this route takes whole connections: send the request on a new connection");
+        refusal.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(refusal);
+    }
+    let scripts = &ctx.env.scripts;
+    if scripts.wants(EventKind::RouteMatched) {
+        scripts.emit(EngineEvent::RouteMatched {
+            connection_id: ctx.connection_id,
+            client_ip: ctx.client_ip,
+            port: ctx.local_port,
+            domain: domain.clone(),
+            route_name: route.name.clone(),
+            route_id: route.id.clone(),
+        });
     }
     let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
         return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached"));
+    };
+    // Rate limit, then authentication: refused requests never reach an upstream.
+    let admitted = match &route.http_security {
+        None => None,
+        Some(security) => match security.admit(ctx.client_ip, &path, req.headers()) {
+            Ok(admitted) => Some(admitted),
+            Err(refusal) => return Err(refusal_response(route, refusal)),
+        },
     };
     let templates = TemplateContext {
         domain: domain.as_deref().unwrap_or(""),
@@ -108,6 +146,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         client_ip: ctx.client_ip,
         route_name: &route.label,
         connection_id: ctx.connection_id,
+        claims: admitted.as_ref().and_then(|a| a.claims.as_deref()),
     };
     if let Some(native) = &route.http.native {
         return Ok(native_response(native, &templates));
@@ -115,7 +154,36 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let Some(mut target) = route.select_target_for(ctx.local_port, Some(&facts)) else {
         return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
     };
+    // Function targets see the request; the context is built only for routes that have them.
+    let script_context = route.has_target_functions().then(|| ScriptContext {
+        connection_id: ctx.connection_id,
+        port: ctx.local_port,
+        domain: domain.clone(),
+        client_ip: Some(ctx.client_ip),
+        client_port: ctx.client_port,
+        server_ip: ctx.server_ip,
+        is_tls: ctx.https,
+        tls_version: ctx.tls_version,
+        route_name: route.name.clone(),
+        route_id: route.id.clone(),
+        path: Some(path.clone()),
+        query: Some(query.clone()),
+        headers: Some(
+            req.headers()
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
+                .collect(),
+        ),
+        timestamp_ms: ScriptContext::now_ms(),
+        ..ScriptContext::default()
+    });
 
+    // Credentials the proxy checked are its own, unless the route says to pass them on.
+    let consumed_credentials = admitted.as_ref().is_some_and(|a| a.authenticated)
+        && !route.http_security.as_ref().is_some_and(|s| s.forward_authorization);
+    if consumed_credentials {
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
     let wants_upgrade = req.version() == Version::HTTP_11 && route.http.websocket && is_upgrade_request(&req);
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let protocol = match route.http.backend_protocol {
@@ -153,17 +221,28 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let mut replaced_dead_connection = false;
     let mut fresh_connection = false;
     let (response, checkout, key, request_sent) = loop {
+        let (target_host, target_port) = match scripts.endpoint(&target, || script_context.clone().unwrap_or_default()).await {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                tracing::debug!(route = &*route.label, error = %err, "target function failed");
+                return Err(text_response(StatusCode::BAD_GATEWAY, "the route's target function failed"));
+            }
+        };
         let tls = route
             .tls
             .as_ref()
             .and_then(|tls| if wants_upgrade { tls.upstream_http1.clone() } else { tls.upstream.clone() })
-            .map(|config| UpstreamTls { server_name: upstream_server_name(target.host, domain.as_deref()), config });
+            .map(|config| UpstreamTls { server_name: upstream_server_name(&target_host, domain.as_deref()), config });
         let target_form = RequestTarget {
-            authority: raw_host.clone().unwrap_or_else(|| format!("{}:{}", target.host, target.port)),
+            authority: raw_host.clone().unwrap_or_else(|| format!("{target_host}:{target_port}")),
             path_and_query: path_and_query.clone(),
             https: tls.is_some(),
         };
-        let key = PoolKey { host: Arc::from(target.host), port: target.port, protocol, tls };
+        let proxy_version = route.send_proxy_protocol.unwrap_or(ctx.env.send_proxy_protocol);
+        let proxy_header = ctx.destination.and_then(|destination| {
+            proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(ctx.client_ip, ctx.client_port), destination).map(Arc::from)
+        });
+        let key = PoolKey { host: target_host, port: target_port, protocol, tls, proxy_header };
         let checked_out = if fresh_connection {
             pool.checkout_fresh(&key, connect_timeout, ctx.env.no_delay).await
         } else {
@@ -305,6 +384,25 @@ async fn backoff(base: Duration, attempt: u32) {
 }
 
 /// What a route with a native response answers, without any upstream.
+fn refusal_response(route: &Route, refusal: SecurityRefusal) -> Response<ProxyBody> {
+    match refusal {
+        SecurityRefusal::RateLimited { retry_after_secs, message } => {
+            route.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let mut response = Response::new(full(format!("{message}\n")));
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            response
+        }
+        SecurityRefusal::Unauthorized { challenge } => {
+            route.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let mut response = text_response(StatusCode::UNAUTHORIZED, "authentication required");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+            response
+        }
+    }
+}
+
 fn native_response(native: &NativeResponse, templates: &TemplateContext<'_>) -> Response<ProxyBody> {
     match native {
         NativeResponse::Redirect { location, status } => {

@@ -84,6 +84,48 @@ pub fn has_conflicting_framing(buf: &[u8]) -> bool {
     has("content-length") && has("transfer-encoding")
 }
 
+/// A connection's first request head, parsed whole, for routing it before any HTTP engine runs.
+#[derive(Debug)]
+pub struct FirstRequest {
+    pub method: http::Method,
+    /// Without the query.
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: http::HeaderMap,
+}
+
+/// `None` when `buf` does not start with a complete, valid HTTP/1.x request head.
+pub fn first_request(buf: &[u8]) -> Option<FirstRequest> {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let method = http::Method::from_bytes(request.method?.as_bytes()).ok()?;
+    let target = request.path?;
+    // An absolute-form target (`http://host/path?q`) routes by its path too; an origin-form one
+    // starts with `/` (and may carry `://` in its query).
+    let origin_form = match target.find("://") {
+        Some(scheme_end) if !target.starts_with('/') => {
+            let after_authority = &target[scheme_end + 3..];
+            after_authority.find(['/', '?']).map_or("/", |at| &after_authority[at..])
+        }
+        _ => target,
+    };
+    let (path, query) = match origin_form.split_once('?') {
+        Some((path, query)) => (path.to_string(), Some(query.to_string())),
+        None => (origin_form.to_string(), None),
+    };
+    let path = if path.is_empty() { "/".to_string() } else { path };
+    let mut map = http::HeaderMap::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        let name = http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+        let value = http::HeaderValue::from_bytes(header.value).ok()?;
+        map.append(name, value);
+    }
+    Some(FirstRequest { method, path, query, headers: map })
+}
+
 /// `Example.COM.:8080` → `example.com`; `[::1]:80` → `::1`.
 pub fn normalise_host(authority: &str) -> String {
     let host = if let Some(rest) = authority.strip_prefix('[') {
@@ -148,6 +190,22 @@ mod tests {
         assert!(has_conflicting_framing(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n"));
         assert!(!has_conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
         assert!(!has_conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"));
+    }
+
+    #[test]
+    fn the_first_request_is_parsed_for_routing() {
+        let first = first_request(b"POST /api/x?y=1 HTTP/1.1\r\nHost: a.b\r\nX-K: v\r\n\r\nbody").expect("complete head");
+        assert_eq!(first.method, http::Method::POST);
+        assert_eq!(first.path, "/api/x");
+        assert_eq!(first.query.as_deref(), Some("y=1"));
+        assert_eq!(first.headers.get("x-k").map(|v| v.as_bytes()), Some(&b"v"[..]));
+        let absolute = first_request(b"GET http://a.b/p/q HTTP/1.1\r\nHost: a.b\r\n\r\n").expect("complete head");
+        assert_eq!(absolute.path, "/p/q");
+        let query_url = first_request(b"GET /ws?next=https://app/x HTTP/1.1\r\nHost: a.b\r\n\r\n").expect("complete head");
+        assert_eq!(query_url.path, "/ws");
+        assert_eq!(query_url.query.as_deref(), Some("next=https://app/x"));
+        assert!(first_request(b"GET / HTTP/1.1\r\nHost: a").is_none());
+        assert!(first_request(H2_PREFACE).is_none());
     }
 
     #[test]

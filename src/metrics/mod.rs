@@ -39,10 +39,18 @@ pub enum TerminationReason {
     BackendConnectTimeout,
     Shutdown,
     PendingDataOverflow,
+    /// A call into JavaScript (a function target) timed out, threw or answered nonsense.
+    ScriptFailed,
+    /// The connection went to a socket handler, which closed it (or the client did).
+    HandedToScript,
+    /// A socket handler threw or rejected; its socket was destroyed.
+    HandlerFailed,
+    /// A trusted peer's PROXY header was missing or malformed, or an untrusted peer sent one.
+    InvalidProxyHeader,
 }
 
 impl TerminationReason {
-    pub const ALL: [TerminationReason; 22] = [
+    pub const ALL: [TerminationReason; 26] = [
         Self::Completed,
         Self::ClientClosedBeforeData,
         Self::ClientClosedDuringConnect,
@@ -65,6 +73,10 @@ impl TerminationReason {
         Self::BackendConnectTimeout,
         Self::Shutdown,
         Self::PendingDataOverflow,
+        Self::ScriptFailed,
+        Self::HandedToScript,
+        Self::HandlerFailed,
+        Self::InvalidProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +103,10 @@ impl TerminationReason {
             Self::BackendConnectTimeout => "backend_connect_timeout",
             Self::Shutdown => "shutdown",
             Self::PendingDataOverflow => "pending_data_overflow",
+            Self::ScriptFailed => "script_failed",
+            Self::HandedToScript => "handed_to_script",
+            Self::HandlerFailed => "handler_failed",
+            Self::InvalidProxyHeader => "invalid_proxy_header",
         }
     }
 
@@ -118,6 +134,10 @@ impl ByteCounters {
 pub struct RouteStats {
     pub active: AtomicU64,
     pub total: AtomicU64,
+    /// Requests refused by the route's checks: 429 (rate limit), 401 (authentication), 403 (IP lists).
+    pub rate_limited: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub forbidden: AtomicU64,
     pub bytes: ByteCounters,
     pub ring: Mutex<RateRing>,
 }
@@ -127,6 +147,9 @@ impl Default for RouteStats {
         RouteStats {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
+            forbidden: AtomicU64::new(0),
             bytes: ByteCounters::default(),
             ring: Mutex::new(RateRing::new(PER_KEY_HISTORY_SECONDS)),
         }
@@ -170,6 +193,9 @@ pub struct EngineMetrics {
     pub requests: AtomicU64,
     /// Requests the HTTP engine handled (a subset of `requests`).
     pub http_requests: AtomicU64,
+    /// Calls made into JavaScript (function targets, socket hand-offs); routes without functions
+    /// never add to it.
+    pub js_calls: AtomicU64,
     pub bytes: ByteCounters,
     terminations: [AtomicU64; TerminationReason::ALL.len()],
     pub ring: Mutex<RateRing>,
@@ -185,6 +211,7 @@ impl Default for EngineMetrics {
             total: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             http_requests: AtomicU64::new(0),
+            js_calls: AtomicU64::new(0),
             bytes: ByteCounters::default(),
             terminations: std::array::from_fn(|_| AtomicU64::new(0)),
             ring: Mutex::new(RateRing::new(ENGINE_HISTORY_SECONDS)),

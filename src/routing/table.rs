@@ -20,6 +20,7 @@ use crate::metrics::{RouteStats, RouteStatsRegistry};
 use crate::routing::domain::DomainPattern;
 use crate::routing::ip::IpList;
 use crate::routing::path::PathPattern;
+use crate::security::http::HttpSecurity;
 use crate::security::IpPolicy;
 
 /// What the listener learned about a connection before routing it.
@@ -56,6 +57,14 @@ pub enum Protocol {
 pub struct Route {
     /// How metrics and logs name the route: its name, else its id, else `routes[index]`.
     pub label: Arc<str>,
+    pub name: Option<String>,
+    pub id: Option<String>,
+    /// `socket-handler` routes: the wrapper's id of the handler; the connection goes to it.
+    pub socket_handler: Option<u32>,
+    /// Rate limit and authentication, checked per request by the HTTP engine.
+    pub http_security: Option<HttpSecurity>,
+    /// PROXY header version towards the backends (`None`: the engine's default).
+    pub send_proxy_protocol: Option<u8>,
     pub priority: f64,
     domains: Vec<DomainPattern>,
     client_ip: IpList,
@@ -88,11 +97,13 @@ impl RouteTls {
         self.mode != TlsMode::Passthrough
     }
 
-    fn compile(config: &TlsConfig, backend_protocol: BackendProtocol) -> Result<RouteTls, (String, String)> {
+    /// `socket_handler`: the plaintext goes to a socket handler, so no HTTP protocol is negotiated.
+    fn compile(config: &TlsConfig, backend_protocol: BackendProtocol, socket_handler: bool) -> Result<RouteTls, (String, String)> {
+        let alpn: &[&[u8]] = if socket_handler { &[] } else { &[ALPN_H2, ALPN_HTTP11] };
         let acceptor = match (config.mode, &config.certificate) {
             (TlsMode::Passthrough, _) => None,
             (_, Some(pem)) => Some(
-                server_config(&pem.cert, &pem.key, pem.ca.as_deref(), &config.versions)
+                server_config(&pem.cert, &pem.key, pem.ca.as_deref(), &config.versions, alpn)
                     .map_err(|reason| ("action.tls.certificate".to_string(), reason))?,
             ),
             (_, None) => {
@@ -207,9 +218,17 @@ struct HeaderMatch {
     value: String,
 }
 
+/// A target whose host and/or port a JavaScript function chooses (ids the wrapper assigned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetFunctions {
+    pub host: Option<u32>,
+    pub port: Option<u32>,
+}
+
 #[derive(Debug)]
 struct Target {
     hosts: Vec<String>,
+    host_function: Option<u32>,
     port: TargetPort,
     match_ports: Option<Vec<u16>>,
     match_path: Option<PathPattern>,
@@ -252,8 +271,15 @@ fn headers_match(wanted: &[HeaderMatch], headers: &HeaderMap) -> bool {
 /// The backend a connection goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelectedTarget<'a> {
+    /// Empty when `functions.host` chooses.
     pub host: &'a str,
+    /// 0 when `functions.port` chooses.
     pub port: u16,
+    /// Set when a function must complete the choice (see `hooks::Scripts::endpoint`).
+    pub functions: Option<TargetFunctions>,
+    /// The static hosts (for the context's `targetHost`) and this pick's round-robin turn.
+    pub hosts: &'a [String],
+    pub turn: usize,
     pub request_headers: &'a [HeaderTemplate],
     pub response_headers: &'a [HeaderTemplate],
 }
@@ -267,6 +293,9 @@ pub struct PortPlan {
     /// Some route here must see HTTP requests (path, headers, templates): plain HTTP on this port
     /// goes to the HTTP engine instead of a byte relay.
     pub serves_http: bool,
+    /// Some route here is a socket handler: a plain HTTP connection's first request decides
+    /// whether the whole connection goes to it.
+    pub socket_handlers: bool,
 }
 
 #[derive(Debug, Default)]
@@ -291,6 +320,7 @@ impl RouteTable {
                 let wants_http = route.wants_http();
                 plan.needs_client_data |= !route.domains.is_empty() || !route.tls_versions.is_empty() || wants_http;
                 plan.serves_http |= wants_http || (!route.domains.is_empty() && route.tls.is_none() && !route.http.raw);
+                plan.socket_handlers |= route.socket_handler.is_some();
                 plan.routes.push(route.clone());
             }
         }
@@ -346,12 +376,13 @@ impl Route {
             Some(native) => Some(NativeResponse::compile(native).map_err(|r| fail("action.socketHandler".into(), r))?),
             None => None,
         };
-        if config.action.targets.is_empty() && native.is_none() {
+        if config.action.targets.is_empty() && native.is_none() && config.action.socket_handler.is_none() {
             return Err(fail("action.targets".into(), "a forward route needs at least one target".into()));
         }
         let mut targets = Vec::with_capacity(config.action.targets.len());
         for (i, target) in config.action.targets.iter().enumerate() {
-            if target.hosts.is_empty() || target.hosts.iter().any(|h| h.trim().is_empty()) {
+            let hosts_missing = target.hosts.is_empty() && target.host_function.is_none();
+            if hosts_missing || target.hosts.iter().any(|h| h.trim().is_empty()) {
                 return Err(fail(format!("action.targets[{i}].host"), "a target needs a non-empty host".into()));
             }
             if target.port == TargetPort::Fixed(0) {
@@ -374,6 +405,7 @@ impl Route {
             let (request_headers, response_headers) = compile_templates(&target.headers).map_err(|(f, r)| fail(field(&f), r))?;
             targets.push(Target {
                 hosts: target.hosts.clone(),
+                host_function: target.host_function,
                 port: target.port,
                 match_ports: target.match_ports.clone(),
                 match_path,
@@ -401,6 +433,24 @@ impl Route {
             retry: RetryPolicy::from_config(config.action.retry.as_ref()),
             native,
         };
+        if let Some(version) = config.action.send_proxy_protocol.filter(|v| *v > 2) {
+            return Err(fail("action.sendProxyProtocol".into(), format!("{version} is not a PROXY protocol version (1 or 2)")));
+        }
+        let security = &config.security;
+        let http_security = HttpSecurity::compile(
+            security.rate_limit.as_ref(),
+            security.basic_auth.as_ref(),
+            security.jwt_auth.as_ref(),
+            security.forward_authorization,
+        )
+        .map_err(|(f, r)| fail(f, r))?;
+        if http_security.is_some() {
+            let field = if security.rate_limit.is_some() { "security.rateLimit" } else if security.basic_auth.is_some() { "security.basicAuth" } else { "security.jwtAuth" };
+            let passthrough = config.action.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough);
+            if passthrough || config.action.raw || config.action.socket_handler.is_some() {
+                return Err(fail(field.into(), "HTTP security needs requests the proxy reads: not on a passthrough, raw or socket-handler route".into()));
+            }
+        }
         let label: Arc<str> = match (&config.name, &config.id) {
             (Some(name), _) => name.as_str().into(),
             (None, Some(id)) => id.as_str().into(),
@@ -409,12 +459,19 @@ impl Route {
         Ok(Route {
             stats: stats.get(&label),
             label,
+            name: config.name.clone(),
+            id: config.id.clone(),
+            socket_handler: config.action.socket_handler,
+            http_security,
+            send_proxy_protocol: config.action.send_proxy_protocol,
             priority: config.priority,
             domains,
             client_ip,
             tls_versions: config.match_.tls_version.clone(),
             tls: match &config.action.tls {
-                Some(tls) => Some(RouteTls::compile(tls, config.action.backend_protocol).map_err(|(f, r)| fail(f, r))?),
+                Some(tls) => Some(
+                    RouteTls::compile(tls, config.action.backend_protocol, config.action.socket_handler.is_some()).map_err(|(f, r)| fail(f, r))?,
+                ),
                 None => None,
             },
             targets,
@@ -427,12 +484,30 @@ impl Route {
         })
     }
 
+    /// The ids of the JavaScript functions the route calls (socket handler, host and port functions).
+    pub fn function_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let targets = self.targets.iter().flat_map(|t| {
+            let port = match t.port {
+                TargetPort::Function(f) => Some(f.function),
+                _ => None,
+            };
+            t.host_function.into_iter().chain(port)
+        });
+        self.socket_handler.into_iter().chain(targets)
+    }
+
+    /// Some target's host or port is a JavaScript function.
+    pub fn has_target_functions(&self) -> bool {
+        self.targets.iter().any(|t| t.host_function.is_some() || matches!(t.port, TargetPort::Function(_)))
+    }
+
     /// The route needs to see requests: it matches on them or rewrites them.
     fn wants_http(&self) -> bool {
         !self.http.raw
             && self.tls.is_none()
             && (self.path.is_some()
                 || self.http.native.is_some()
+                || self.http_security.is_some()
                 || !self.header_matches.is_empty()
                 || !self.http.request_headers.is_empty()
                 || !self.http.response_headers.is_empty()
@@ -494,12 +569,26 @@ impl Route {
         };
         let target = best(true).or_else(|| best(false))?;
         let turn = target.next_host.fetch_add(1, Ordering::Relaxed);
-        let host = target.hosts.get(turn % target.hosts.len())?;
-        let port = match target.port {
-            TargetPort::Fixed(port) => port,
-            TargetPort::Preserve(_) => local_port,
+        let host = match target.host_function {
+            Some(_) => "",
+            None => target.hosts.get(turn % target.hosts.len())?,
         };
-        Some(SelectedTarget { host, port, request_headers: &target.request_headers, response_headers: &target.response_headers })
+        let (port, port_function) = match target.port {
+            TargetPort::Fixed(port) => (port, None),
+            TargetPort::Preserve(_) => (local_port, None),
+            TargetPort::Function(f) => (0, Some(f.function)),
+        };
+        let functions = (target.host_function.is_some() || port_function.is_some())
+            .then_some(TargetFunctions { host: target.host_function, port: port_function });
+        Some(SelectedTarget {
+            host,
+            port,
+            functions,
+            hosts: &target.hosts,
+            turn,
+            request_headers: &target.request_headers,
+            response_headers: &target.response_headers,
+        })
     }
 }
 
@@ -553,6 +642,8 @@ mod tests {
                 raw: false,
                 retry: None,
                 native_response: None,
+                socket_handler: None,
+                send_proxy_protocol: None,
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),
@@ -562,6 +653,7 @@ mod tests {
     fn target(host: &str, port: u16) -> TargetConfig {
         TargetConfig {
             hosts: vec![host.into()],
+            host_function: None,
             port: TargetPort::Fixed(port),
             match_ports: None,
             match_path: None,

@@ -3,6 +3,8 @@
 //! connection's counters are released exactly once on every exit path. Knows nothing of napi or
 //! of how connections are relayed.
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;

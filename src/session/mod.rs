@@ -16,15 +16,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::io::{ClientCounters, ClientIo};
-use crate::http::sniff::has_conflicting_framing;
+use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
+use crate::http::sniff::{first_request as http_first_request, has_conflicting_framing};
 use crate::http::proxy::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, Shutdown};
 use crate::metrics::{EngineMetrics, TerminationReason};
-use crate::routing::ip::canonical_ip;
+use crate::proxy_protocol;
+use crate::routing::ip::{canonical_ip, IpList};
 use crate::routing::table::Route;
+use crate::routing::table::RequestFacts;
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
-use crate::tcp::{relay, ByteSinks, RelayEnd, RelayLimits};
+use crate::tcp::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
 use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
 
 use guards::ConnectionGuard;
@@ -36,6 +39,8 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const SMUGGLING_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 59\r\nConnection: close\r\n\r\n400 Bad Request: both Content-Length and Transfer-Encoding\n";
 /// A refusal alert is best effort: a client that does not read it does not hold the session.
 const ALERT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a socket-pair relay ends, how long to wait for the wrapper's word on how its side ended.
+const HANDOFF_REPORT_WAIT: Duration = Duration::from_millis(200);
 
 /// Everything of the engine a session needs, fixed for the life of a started engine.
 pub struct SessionEnv {
@@ -53,6 +58,12 @@ pub struct SessionEnv {
     pub keep_alive: Option<Duration>,
     /// Cancelled when a stop begins: HTTP connections finish what is in flight and close.
     pub draining: CancellationToken,
+    /// `acceptProxyProtocol`: connections from these peers must begin with a PROXY header.
+    pub proxy_header_from: Option<IpList>,
+    /// `proxyIPs`: peers whose PROXY and X-Forwarded-* headers are believed.
+    pub trusted_proxies: IpList,
+    /// PROXY header version sent to backends when a route does not say (0 = none).
+    pub send_proxy_protocol: u8,
     /// Cancelled when a stop's grace period is over: every session closes at once.
     pub force_close: CancellationToken,
     pub http: Arc<HttpEnv>,
@@ -65,10 +76,14 @@ pub enum State {
     Routed,
     Connecting,
     Relaying,
+    /// Reading a trusted balancer's PROXY header.
+    ProxyHeader,
     /// Completing the TLS handshake of a terminating route.
     Terminating,
     /// Served by the HTTP engine: every request is routed on its own.
     Http,
+    /// A socket handler in JavaScript owns the connection (or its plaintext, over a socket pair).
+    HandedToJs,
     Closed,
 }
 
@@ -78,6 +93,10 @@ pub struct Session {
     pub local_port: u16,
     pub client_ip: IpAddr,
     pub client_port: u16,
+    /// The socket's own peer (a balancer, when a PROXY header named the client).
+    pub peer_ip: IpAddr,
+    /// Where the client connected to, when a PROXY header said so.
+    pub destination: Option<SocketAddr>,
     pub accepted_at: Instant,
     pub state: State,
     pub domain: Option<String>,
@@ -93,6 +112,8 @@ impl Session {
             local_port,
             client_ip: canonical_ip(peer.ip()),
             client_port: peer.port(),
+            peer_ip: canonical_ip(peer.ip()),
+            destination: None,
             accepted_at: Instant::now(),
             state: State::Accepted,
             domain: None,
@@ -124,6 +145,22 @@ impl Session {
         let table: &RouteTable = table_arc;
         // Accepted: counted at once, so every exit below releases exactly what it took (guards).
         let mut counted = ConnectionGuard::new(&env.metrics);
+        let mut initial = Vec::new();
+        // ProxyHeader: a trusted balancer names the client first; everything below sees that client.
+        if env.proxy_header_from.as_ref().is_some_and(|from| from.matches(self.peer_ip)) {
+            self.state = State::ProxyHeader;
+            let deadline = self.accepted_at + env.initial_data_timeout;
+            match read_proxy_header(&mut client, &mut initial, deadline).await {
+                Ok(header) => {
+                    if let Some((source, destination)) = header.addresses {
+                        self.client_ip = canonical_ip(source.ip());
+                        self.client_port = source.port();
+                        self.destination = Some(destination);
+                    }
+                }
+                Err(reason) => return reason,
+            }
+        }
         if !env.global_policy.admits(self.client_ip) {
             return TerminationReason::IpBlocked;
         }
@@ -139,7 +176,6 @@ impl Session {
 
         // Sniffing: only where some route of this port needs facts from the client.
         self.state = State::Sniffing;
-        let mut initial = Vec::new();
         let early_bytes = |n: usize| {
             env.metrics.bytes.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             ip_slot.bytes.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -153,6 +189,10 @@ impl Session {
         } else {
             None
         };
+        // Only a trusted peer may speak for someone else.
+        if sniffed.is_some() && !matches!(proxy_protocol::parse(&initial), proxy_protocol::Parse::NotProxy) {
+            return TerminationReason::InvalidProxyHeader;
+        }
         let protocol = match &sniffed {
             None => Protocol::NotSniffed,
             Some(Sniffed::Tls(hello)) => Protocol::Tls { version: hello.max_version_name() },
@@ -168,29 +208,50 @@ impl Session {
             self.tls_version = version;
         }
 
-        // Plain HTTP on a port whose routes look at requests: the HTTP engine routes each request.
-        if protocol == Protocol::Http && plan.serves_http {
-            self.state = State::Http;
-            if has_conflicting_framing(&initial) {
-                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(SMUGGLING_REFUSAL)).await;
-                return TerminationReason::InvalidHttp;
-            }
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
-            let io = ClientIo::new(client, initial.into(), counters.clone());
-            let ctx = self.http_context(env, table_arc, None, None);
-            return serve_http(io, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
+        if env.http.scripts.wants(EventKind::Connection) {
+            env.http.scripts.emit(EngineEvent::Connection {
+                connection_id: self.id,
+                client_ip: self.client_ip,
+                port: self.local_port,
+                domain: self.domain.clone(),
+            });
         }
-
-        // Routed: the table this connection was accepted under decides, whatever updates follow.
-        env.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.state = State::Routed;
         let facts = ConnectionFacts {
             local_port: self.local_port,
             client_ip: self.client_ip,
             domain: self.domain.as_deref(),
             protocol,
         };
-        let Some(route) = table.find(&facts) else {
+
+        // Plain HTTP on a port whose routes look at requests: the HTTP engine routes each request,
+        // unless the first one belongs to a socket handler, which then takes the whole connection.
+        let mut first_request = None;
+        let handler_route = if protocol == Protocol::Http && plan.serves_http && plan.socket_handlers {
+            first_request = http_first_request(&initial);
+            first_request.as_ref().and_then(|first| {
+                let request = RequestFacts { connection: facts, path: &first.path, method: &first.method, headers: &first.headers };
+                table.find_for_request(&request).filter(|route| route.socket_handler.is_some()).cloned()
+            })
+        } else {
+            None
+        };
+        if protocol == Protocol::Http && plan.serves_http && handler_route.is_none() {
+            self.state = State::Http;
+            if has_conflicting_framing(&initial) {
+                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(SMUGGLING_REFUSAL)).await;
+                return TerminationReason::InvalidHttp;
+            }
+            let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let io = ClientIo::new(client, initial.into(), counters.clone());
+            let ctx = self.http_context(env, table_arc, server_ip, None, None);
+            return serve_http(io, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
+        }
+
+        // Routed: the table this connection was accepted under decides, whatever updates follow.
+        env.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.state = State::Routed;
+        let Some(route) = handler_route.as_ref().or_else(|| table.find(&facts)) else {
             if matches!(protocol, Protocol::Tls { .. }) {
                 let alert = fatal_alert(ALERT_UNRECOGNIZED_NAME);
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&alert)).await;
@@ -199,6 +260,7 @@ impl Session {
         };
         self.route_label = Some(route.label.clone());
         if !route.policy.admits(self.client_ip) {
+            route.stats.forbidden.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return TerminationReason::RouteIpBlocked;
         }
         let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
@@ -208,12 +270,56 @@ impl Session {
             counted.mark_tls();
         }
         route_slot.stats.bytes.bytes_in.fetch_add(initial.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if env.http.scripts.wants(EventKind::RouteMatched) {
+            env.http.scripts.emit(EngineEvent::RouteMatched {
+                connection_id: self.id,
+                client_ip: self.client_ip,
+                port: self.local_port,
+                domain: self.domain.clone(),
+                route_name: route.name.clone(),
+                route_id: route.id.clone(),
+            });
+        }
+
+        // HandedToJs: a socket handler takes the connection, as plaintext where TLS ends here.
+        if let Some(handler) = route.socket_handler {
+            let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
+            let mut context = self.script_context(route, server_ip);
+            if let Some(first) = first_request {
+                context.path = Some(first.path);
+                context.query = first.query;
+                context.headers = Some(header_pairs(&first.headers));
+            }
+            let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {
+                let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
+                return self.hand_off_tcp(env, handler, client, initial, context, &sinks).await;
+            };
+            self.state = State::Terminating;
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let io = ClientIo::new(client, initial.into(), counters);
+            let deadline = self.accepted_at + env.initial_data_timeout;
+            let stream = match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
+                Err(_) => return TerminationReason::InitialDataTimeout,
+                Ok(Err(err)) => {
+                    tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
+                    return TerminationReason::TlsHandshakeFailed;
+                }
+                Ok(Ok(stream)) => stream,
+            };
+            self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
+            context.is_tls = true;
+            context.tls_version = self.tls_version;
+            // Global and per-IP bytes are counted on the wire by ClientIo; the route's here.
+            let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes] };
+            return self.hand_off_pair(env, handler, stream, context, &sinks).await;
+        }
 
         // Terminating: TLS ends here and the HTTP engine serves what is inside, request by request
         // (each request takes its own route slot, so the connection gives this one back).
         if let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) {
             drop(route_slot);
             self.state = State::Terminating;
+            let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let io = ClientIo::new(client, initial.into(), counters.clone());
             let deadline = self.accepted_at + env.initial_data_timeout;
@@ -228,19 +334,27 @@ impl Session {
             };
             self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
             self.state = State::Http;
-            let ctx = self.http_context(env, table_arc, self.domain.clone(), Some(route.clone()));
+            let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()));
             return serve_http(stream, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
         }
         let Some(target) = route.select_target(self.local_port) else {
             return TerminationReason::NoTarget;
         };
+        let server_ip = if target.functions.is_some() { client.local_addr().ok().map(|a| canonical_ip(a.ip())) } else { None };
+        let (target_host, target_port) = match env.http.scripts.endpoint(&target, || self.script_context(route, server_ip)).await {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                tracing::debug!(id = self.id, route = &*route.label, error = %err, "target function failed");
+                return TerminationReason::ScriptFailed;
+            }
+        };
 
         // Connecting: the client may keep sending (kept, up to maxPendingDataSize) or leave.
         self.state = State::Connecting;
-        let sinks = ByteSinks { sinks: [&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
+        let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
         let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let connected = connect_backend(
-            (target.host, target.port),
+            (&*target_host, target_port),
             connect_timeout,
             &mut client,
             &mut initial,
@@ -253,6 +367,16 @@ impl Session {
             Err(reason) => return reason,
         };
         apply_socket_options(&backend, env);
+        let proxy_version = route.send_proxy_protocol.unwrap_or(env.send_proxy_protocol);
+        if proxy_version > 0 {
+            let destination = self.destination.or_else(|| client.local_addr().ok().map(|a| SocketAddr::new(canonical_ip(a.ip()), a.port())));
+            let header = destination.and_then(|d| proxy_protocol::encode(proxy_version, SocketAddr::new(self.client_ip, self.client_port), d));
+            if let Some(header) = header {
+                if backend.write_all(&header).await.is_err() {
+                    return TerminationReason::BackendError;
+                }
+            }
+        }
         if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
             return TerminationReason::BackendError;
         }
@@ -276,16 +400,147 @@ impl Session {
 }
 
 impl Session {
-    fn http_context(&self, env: &SessionEnv, table: &Arc<RouteTable>, sni: Option<String>, tls_route: Option<Arc<Route>>) -> Arc<ConnectionContext> {
+    fn script_context(&self, route: &Route, server_ip: Option<IpAddr>) -> ScriptContext {
+        ScriptContext {
+            connection_id: self.id,
+            port: self.local_port,
+            domain: self.domain.clone(),
+            client_ip: Some(self.client_ip),
+            client_port: self.client_port,
+            server_ip,
+            is_tls: self.tls_version.is_some(),
+            tls_version: self.tls_version,
+            route_name: route.name.clone(),
+            route_id: route.id.clone(),
+            timestamp_ms: ScriptContext::now_ms(),
+            ..ScriptContext::default()
+        }
+    }
+
+    /// Gives the accepted descriptor itself to the handler. The engine keeps a duplicate only to
+    /// end the connection at stop or at `maxConnectionLifetime`; JavaScript does the I/O.
+    async fn hand_off_tcp(
+        &mut self,
+        env: &SessionEnv,
+        handler: u32,
+        client: TcpStream,
+        initial: Vec<u8>,
+        context: ScriptContext,
+        sinks: &ByteSinks<'_>,
+    ) -> TerminationReason {
+        let fd: std::os::fd::OwnedFd = match client.into_std() {
+            Ok(socket) => socket.into(),
+            Err(_) => return TerminationReason::ClientError,
+        };
+        let Ok(control) = fd.try_clone() else {
+            return TerminationReason::ClientError;
+        };
+        self.state = State::HandedToJs;
+        let ended = env.http.scripts.hand_off(Handoff { handler, fd, kind: SocketKind::Tcp, initial, context });
+        tokio::pin!(ended);
+        let deadline = self.accepted_at + env.max_lifetime;
+        let (reason, report) = tokio::select! {
+            ended = &mut ended => match ended {
+                Ok(end) => (handoff_reason(&end), Some(end)),
+                Err(err) => {
+                    tracing::debug!(id = self.id, error = %err, "socket hand-off failed");
+                    (TerminationReason::ScriptFailed, None)
+                }
+            },
+            _ = env.force_close.cancelled() => (TerminationReason::Shutdown, None),
+            _ = tokio::time::sleep_until(deadline.into()) => (TerminationReason::LifetimeExceeded, None),
+        };
+        // Ends the connection for every descriptor of it (JavaScript's sees EOF or a reset and
+        // closes); dropping `control` then releases the engine's.
+        let _ = SockRef::from(&control).shutdown(std::net::Shutdown::Both);
+        // Cut short by the engine: JavaScript's account of the bytes comes once its socket closed.
+        let report = match (reason, report) {
+            (TerminationReason::Shutdown | TerminationReason::LifetimeExceeded, None) => {
+                tokio::time::timeout(HANDOFF_REPORT_WAIT, &mut ended).await.ok().and_then(Result::ok)
+            }
+            (_, report) => report,
+        };
+        if let Some(end) = report {
+            sinks.add_in(end.bytes_read as usize);
+            sinks.add_out(end.bytes_written as usize);
+        }
+        reason
+    }
+
+    /// Terminated TLS: the handler gets one end of a socket pair carrying the plaintext, and the
+    /// engine relays the other end to the TLS session under the usual limits.
+    async fn hand_off_pair<S>(&mut self, env: &SessionEnv, handler: u32, mut stream: S, context: ScriptContext, sinks: &ByteSinks<'_>) -> TerminationReason
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let Ok((engine_end, script_end)) = std::os::unix::net::UnixStream::pair() else {
+            return TerminationReason::ClientError;
+        };
+        let engine_end = match engine_end.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(engine_end)) {
+            Ok(end) => end,
+            Err(_) => return TerminationReason::ClientError,
+        };
+        let mut engine_end = engine_end;
+        self.state = State::HandedToJs;
+        let ended = env.http.scripts.hand_off(Handoff { handler, fd: script_end.into(), kind: SocketKind::Pair, initial: Vec::new(), context });
+        tokio::pin!(ended);
+        let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
+        let (relayed, report) = {
+            let relay = relay_streams(&mut stream, &mut engine_end, sinks, limits, &env.force_close);
+            tokio::pin!(relay);
+            let mut report = None;
+            let relayed = loop {
+                tokio::select! {
+                    relayed = &mut relay => break relayed,
+                    answer = &mut ended, if report.is_none() => match answer {
+                        Ok(end) => report = Some(end),
+                        // No JavaScript side took the socket: nothing will ever read it.
+                        Err(err) => {
+                            tracing::debug!(id = self.id, error = %err, "socket hand-off failed");
+                            return TerminationReason::ScriptFailed;
+                        }
+                    },
+                }
+            };
+            (relayed, report)
+        };
+        drop(engine_end);
+        let report = match report {
+            Some(end) => Some(end),
+            None => tokio::time::timeout(HANDOFF_REPORT_WAIT, &mut ended).await.ok().and_then(Result::ok),
+        };
+        if report.is_some_and(|end| end.handler_failed) {
+            return TerminationReason::HandlerFailed;
+        }
+        match relayed {
+            RelayEnd::Completed | RelayEnd::BackendError => TerminationReason::HandedToScript,
+            RelayEnd::ClientError => TerminationReason::ClientError,
+            RelayEnd::IdleTimeout => TerminationReason::IdleTimeout,
+            RelayEnd::LifetimeExceeded => TerminationReason::LifetimeExceeded,
+            RelayEnd::Shutdown => TerminationReason::Shutdown,
+        }
+    }
+
+    fn http_context(
+        &self,
+        env: &SessionEnv,
+        table: &Arc<RouteTable>,
+        server_ip: Option<IpAddr>,
+        sni: Option<String>,
+        tls_route: Option<Arc<Route>>,
+    ) -> Arc<ConnectionContext> {
         Arc::new(ConnectionContext {
             env: env.http.clone(),
             table: Arc::clone(table),
             connection_id: self.id,
             local_port: self.local_port,
             client_ip: self.client_ip,
+            client_port: self.client_port,
+            server_ip,
+            destination: self.destination.or_else(|| server_ip.map(|ip| SocketAddr::new(ip, self.local_port))),
             https: tls_route.is_some(),
             tls_version: self.tls_version,
-            trusted_peer: false,
+            trusted_peer: env.trusted_proxies.matches(self.peer_ip),
             sni,
             tls_route,
         })
@@ -300,6 +555,46 @@ impl Session {
             deadline: self.accepted_at + env.max_lifetime,
         }
     }
+}
+
+/// Reads a PROXY header into `buf` (the client's bytes after it stay there) by `deadline`.
+async fn read_proxy_header(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<proxy_protocol::ProxyHeader, TerminationReason> {
+    loop {
+        match proxy_protocol::parse(buf) {
+            proxy_protocol::Parse::Complete(header, consumed) => {
+                buf.drain(..consumed);
+                return Ok(header);
+            }
+            proxy_protocol::Parse::Invalid(why) => {
+                tracing::debug!(reason = why, "malformed PROXY header");
+                return Err(TerminationReason::InvalidProxyHeader);
+            }
+            proxy_protocol::Parse::NotProxy => return Err(TerminationReason::InvalidProxyHeader),
+            proxy_protocol::Parse::Incomplete => {}
+        }
+        buf.reserve(512);
+        match tokio::time::timeout_at(deadline.into(), client.read_buf(buf)).await {
+            Err(_) => return Err(TerminationReason::InitialDataTimeout),
+            Ok(Err(_)) => return Err(TerminationReason::ClientError),
+            Ok(Ok(0)) => return Err(TerminationReason::ClientClosedBeforeData),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn handoff_reason(end: &HandoffEnd) -> TerminationReason {
+    if end.handler_failed {
+        TerminationReason::HandlerFailed
+    } else {
+        TerminationReason::HandedToScript
+    }
+}
+
+fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
+        .collect()
 }
 
 fn tls_version_label(version: rustls::ProtocolVersion) -> Option<&'static str> {

@@ -3,4 +3,4 @@
 
 mod relay;
 
-pub use relay::{relay, ByteSinks, RelayEnd, RelayLimits};
+pub use relay::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};

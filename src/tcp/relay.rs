@@ -17,7 +17,7 @@ const MAX_BUFFER: usize = 256 * 1024;
 
 /// Where the client-side bytes of a connection are counted (engine, route, client IP).
 pub struct ByteSinks<'a> {
-    pub sinks: [&'a ByteCounters; 3],
+    pub sinks: &'a [&'a ByteCounters],
 }
 
 impl ByteSinks<'_> {
@@ -68,12 +68,38 @@ pub async fn relay(
     shutdown: &CancellationToken,
     client_done: bool,
 ) -> RelayEnd {
+    let (client_read, client_write) = client.split();
+    let (backend_read, backend_write) = backend.split();
+    relay_halves((client_read, client_write), (backend_read, backend_write), bytes, limits, shutdown, client_done).await
+}
+
+/// `relay` for any two streams (a TLS session and a socket pair, say).
+pub async fn relay_streams<C, B>(client: &mut C, backend: &mut B, bytes: &ByteSinks<'_>, limits: RelayLimits, shutdown: &CancellationToken) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    relay_halves(tokio::io::split(client), tokio::io::split(backend), bytes, limits, shutdown, false).await
+}
+
+async fn relay_halves<CR, CW, BR, BW>(
+    (client_read, client_write): (CR, CW),
+    (backend_read, backend_write): (BR, BW),
+    bytes: &ByteSinks<'_>,
+    limits: RelayLimits,
+    shutdown: &CancellationToken,
+    client_done: bool,
+) -> RelayEnd
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
     let epoch = Instant::now();
     let last_activity_ms = AtomicU64::new(0);
     let touch = || last_activity_ms.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
 
-    let (client_read, client_write) = client.split();
-    let (backend_read, backend_write) = backend.split();
     let upstream = pump(client_read, backend_write, Side::Client, |n| bytes.add_in(n), |_| {}, &touch);
     let downstream = pump(backend_read, client_write, Side::Backend, |_| {}, |n| bytes.add_out(n), &touch);
     tokio::pin!(upstream, downstream);

@@ -56,7 +56,9 @@ fn certificates(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, S
 }
 
 /// The acceptor config of a terminating route. Errors name what is wrong with the PEM.
-pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: Option<&str>, allowed: &[String]) -> Result<Arc<ServerConfig>, String> {
+/// `alpn`: what the server may select (`h2`, `http/1.1` for the HTTP engine; nothing for socket
+/// handlers, which get bytes of whatever protocol the client speaks).
+pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: Option<&str>, allowed: &[String], alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
     let mut chain = certificates(cert_pem, "cert")?;
     if let Some(ca) = ca_pem {
         chain.extend(certificates(ca, "ca")?);
@@ -68,7 +70,7 @@ pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: Option<&str>, allowe
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|err| format!("cert/key: {err}"))?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|err| err.to_string())?;
     Ok(Arc::new(config))
@@ -145,7 +147,7 @@ mod tests {
 
     #[test]
     fn bad_pem_is_a_clear_error() {
-        let err = server_config("not pem", "not pem", None, &[]).unwrap_err();
+        let err = server_config("not pem", "not pem", None, &[], &[]).unwrap_err();
         assert!(err.starts_with("cert:"), "{err}");
     }
 

@@ -22,6 +22,11 @@ export interface INativeOptions {
   maxHeaderSize: number;
   headerTimeoutMs: number;
   http2MaxConcurrentStreams: number;
+  jsCallTimeoutMs: number;
+  acceptProxyProtocol: boolean;
+  proxyIps: string[];
+  /** 0 = none, 1 = v1, 2 = v2. */
+  sendProxyProtocol: number;
   defaultSecurity: { ipAllowList: string[]; ipBlockList: string[] };
 }
 
@@ -49,9 +54,44 @@ export interface INativeRoute {
     raw: boolean;
     retry: INativeRetry | null;
     nativeResponse: INativeResponse | null;
+    /** Registry id of the `socketHandler` function (type 'socket-handler' without a native equivalent). */
+    socketHandler: number | null;
+    /** 0 = none, 1 = v1, 2 = v2, null = the option's. */
+    sendProxyProtocol: number | null;
   };
-  security: { ipAllowList: string[]; ipBlockList: string[]; maxConnections: number | null };
+  security: {
+    ipAllowList: string[];
+    ipBlockList: string[];
+    maxConnections: number | null;
+    rateLimit: INativeRateLimit | null;
+    basicAuth: INativeBasicAuth | null;
+    jwtAuth: INativeJwtAuth | null;
+    forwardAuthorization: boolean;
+  };
   headers: INativeHeaderTemplates;
+}
+
+export interface INativeRateLimit {
+  maxRequests: number;
+  windowSeconds: number;
+  keyBy: 'ip' | 'path' | 'header';
+  headerName: string | null;
+  errorMessage: string;
+}
+
+export interface INativeBasicAuth {
+  users: Array<{ username: string; password: string }>;
+  realm: string;
+  excludePaths: string[];
+}
+
+export interface INativeJwtAuth {
+  secret: string;
+  algorithm: string;
+  issuer: string | null;
+  audience: string | null;
+  excludePaths: string[];
+  leewaySeconds: number;
 }
 
 export interface INativeRetry {
@@ -87,8 +127,12 @@ export interface INativeHeaderTemplates {
 }
 
 export interface INativeTarget {
+  /** Empty when `hostFunction` chooses. */
   hosts: string[];
-  port: number | 'preserve';
+  /** Registry id of a `host` function. */
+  hostFunction: number | null;
+  /** `{ function: id }`: a `port` function chooses. */
+  port: number | 'preserve' | { function: number };
   matchPorts: number[] | null;
   matchPath: string | null;
   matchHeaders: INativeNameValue[];

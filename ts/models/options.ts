@@ -106,6 +106,10 @@ export interface IStatistics {
   totalConnections: number;
   /** (ext) Requests the HTTP engine has handled. */
   httpRequests: number;
+  /** (ext) Calls made into JavaScript: function targets and socket hand-offs (0 for routes without functions). */
+  jsCalls: number;
+  /** (ext) 'connection' / 'route-matched' / 'error' events dropped because the JavaScript thread fell 10 000 behind. */
+  droppedEvents: number;
   /** Enabled routes. */
   routes: number;
   listeningPorts: number[];
@@ -113,6 +117,8 @@ export interface IStatistics {
   terminationReasons: Record<string, number>;
   bytesIn: number;
   bytesOut: number;
+  /** (ext) Per route name: requests refused by its rate limit (429), authentication (401) and IP lists (403). */
+  refusals: Record<string, { rateLimited: number; unauthorized: number; forbidden: number }>;
 }
 
 /** Bytes per second, on the client side: `in` from clients, `out` to them. */

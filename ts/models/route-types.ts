@@ -96,6 +96,8 @@ export interface IRouteSecurity {
     audience?: string;
     excludePaths?: string[];
   };
+  /** (ext) Pass the `Authorization` header basicAuth/jwtAuth checked on to the backend (default false). */
+  forwardAuthorization?: boolean;
 }
 
 export interface IRouteAction {

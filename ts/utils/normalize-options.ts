@@ -10,10 +10,53 @@ import type {
   INativeOptions,
   INativeRoute,
   INativeTarget,
+  INativeBasicAuth,
+  INativeJwtAuth,
+  INativeRateLimit,
+  INativeResponse,
   INativeRetry,
   INativeTls,
 } from '../models/native-config.js';
 import { expandPortRange, isValidPort } from './port-range.js';
+import { nativeSpecOf } from './socket-handlers.js';
+import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
+
+/** A JavaScript function the engine may call, by the id the config carries instead of it. */
+export type TRegisteredFunction = (...args: never[]) => unknown;
+
+/**
+ * Ids for the functions of a config (socket handlers, host and port functions): the same function
+ * keeps its id across route updates. The engine only ever sees the ids.
+ */
+export class FunctionRegistry {
+  private readonly idsByFunction = new Map<TRegisteredFunction, number>();
+  private readonly functionsById = new Map<number, TRegisteredFunction>();
+  private nextId = 1;
+
+  public idOf(fn: TRegisteredFunction): number {
+    let id = this.idsByFunction.get(fn);
+    if (id === undefined) {
+      id = this.nextId++;
+      this.idsByFunction.set(fn, id);
+      this.functionsById.set(id, fn);
+    }
+    return id;
+  }
+
+  public get(id: number): TRegisteredFunction | undefined {
+    return this.functionsById.get(id);
+  }
+
+  /** Forgets every function whose id is not in `live`. */
+  public retain(live: ReadonlySet<number>): void {
+    for (const [id, fn] of this.functionsById) {
+      if (!live.has(id)) {
+        this.functionsById.delete(id);
+        this.idsByFunction.delete(fn);
+      }
+    }
+  }
+}
 
 export class SmartProxyConfigError extends Error {
   public readonly code = 'ERR_SMARTPROXY_CONFIG';
@@ -30,6 +73,8 @@ export class SmartProxyConfigError extends Error {
 export interface INormalizedOptions {
   config: INativeConfig;
   warnings: string[];
+  /** Ids (in the registry passed in) of the functions this config refers to. */
+  functionIds: Set<number>;
 }
 
 type TRecord = Record<string, unknown>;
@@ -47,15 +92,22 @@ const ACTION_KEYS = new Set([
   'type', 'targets', 'target', 'tls', 'socketHandler', 'websocket', 'loadBalancing', 'forwardingEngine', 'nftables',
   'options', 'sendProxyProtocol', 'retry', 'timeouts', 'security',
 ]);
-const TARGET_KEYS = new Set(['host', 'port', 'match', 'priority', 'weight', 'tls', 'headers']);
+const TARGET_KEYS = new Set(['host', 'port', 'match', 'priority', 'weight', 'tls', 'headers', 'sendProxyProtocol']);
 const TARGET_MATCH_KEYS = new Set(['ports', 'path', 'headers', 'method']);
-const SECURITY_KEYS = new Set(['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth']);
+const SECURITY_KEYS = new Set(['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth', 'forwardAuthorization']);
+/** API.md: tokens are accepted up to 30 s past `exp` and before `nbf` (clock skew). */
+const JWT_LEEWAY_SECONDS = 30;
 const TLS_VERSIONS = ['TLSv1.0', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
 const TLS_MODES: string[] = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
 const TLS_KEYS = new Set(['mode', 'certificate', 'acme', 'versions', 'rejectUnauthorized']);
 
 const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
-const show = (v: unknown): string => (typeof v === 'function' ? 'a function' : JSON.stringify(v) ?? String(v));
+const show = (v: unknown): string => {
+  if (typeof v === 'function') return 'a function';
+  // JSON would print NaN and Infinity as null.
+  if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
+  return JSON.stringify(v) ?? String(v);
+};
 
 /** Raises errors for one place (`routes[2] "api"` or `options`), with the field path relative to it. */
 class Place {
@@ -70,7 +122,21 @@ class Place {
   }
 }
 
-export function normalizeOptions(options: ISmartProxyOptions): INormalizedOptions {
+/** Tracks the functions of one normalisation: each gets its registry id, recorded as used. */
+class FunctionIds {
+  public readonly used = new Set<number>();
+
+  constructor(private readonly registry: FunctionRegistry) {}
+
+  public idOf(fn: TRegisteredFunction): number {
+    const id = this.registry.idOf(fn);
+    this.used.add(id);
+    return id;
+  }
+}
+
+export function normalizeOptions(options: ISmartProxyOptions, registry: FunctionRegistry = new FunctionRegistry()): INormalizedOptions {
+  const functions = new FunctionIds(registry);
   const root: Place = new Place('options');
   if (!isRecord(options)) {
     throw new SmartProxyConfigError(`options: expected an object, got ${show(options)}`, 'options');
@@ -93,10 +159,10 @@ export function normalizeOptions(options: ISmartProxyOptions): INormalizedOption
 
   const routes: INativeRoute[] = [];
   (raw.routes as unknown[]).forEach((route, index) => {
-    const normalized = normalizeRoute(route, index, defaults.target, defaultMaxConnections, warnings);
+    const normalized = normalizeRoute(route, index, defaults.target, defaultMaxConnections, warnings, functions);
     if (normalized !== null) routes.push(normalized);
   });
-  return { config: { routes, options: nativeOptions }, warnings };
+  return { config: { routes, options: nativeOptions }, warnings, functionIds: functions.used };
 }
 
 function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): INativeOptions {
@@ -112,13 +178,15 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     if (typeof v !== 'boolean') root.fail(key, `expected true or false, got ${show(v)}`);
     return v;
   };
-  if (raw.acceptProxyProtocol === true) root.notYet('acceptProxyProtocol', 'the PROXY protocol comes with the scale-out work');
-  if (raw.sendProxyProtocol !== undefined && raw.sendProxyProtocol !== false) {
-    root.notYet('sendProxyProtocol', 'the PROXY protocol comes with the scale-out work');
-  }
   if (raw.proxyIPs !== undefined && !(Array.isArray(raw.proxyIPs) && raw.proxyIPs.every((x) => typeof x === 'string'))) {
     root.fail('proxyIPs', `expected an array of strings, got ${show(raw.proxyIPs)}`);
   }
+  const acceptProxyProtocol = flag('acceptProxyProtocol', false);
+  const proxyIps = [...((raw.proxyIPs as string[] | undefined) ?? [])];
+  if (acceptProxyProtocol && proxyIps.length === 0) {
+    warnings.push('acceptProxyProtocol is set but proxyIPs is empty: no peer is trusted to send a PROXY header');
+  }
+  const sendProxyProtocol = proxyProtocolVersion(raw.sendProxyProtocol, root, 'sendProxyProtocol') ?? 0;
   for (const key of ['acme', 'metrics', 'redis'] as const) {
     if (raw[key] !== undefined && !isRecord(raw[key])) root.fail(key, `expected an object, got ${show(raw[key])}`);
   }
@@ -126,7 +194,6 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     root.fail('certProvisionFunction', `expected a function, got ${show(raw.certProvisionFunction)}`);
   }
   flag('certProvisionFallbackToAcme', true);
-  ms('jsCallTimeout', 30000);
   if (raw.redis !== undefined) warnings.push('redis is not used yet: there is no shared state before load balancing lands');
   let workerThreads: number | null = null;
   if (raw.workerThreads !== undefined) {
@@ -151,6 +218,10 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     maxHeaderSize: ms('maxHeaderSize', 64 * 1024),
     headerTimeoutMs: ms('headerTimeout', 30000),
     http2MaxConcurrentStreams: Math.max(1, ms('http2MaxConcurrentStreams', 256)),
+    jsCallTimeoutMs: Math.max(1, ms('jsCallTimeout', 30000)),
+    acceptProxyProtocol,
+    proxyIps,
+    sendProxyProtocol,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
   };
 }
@@ -161,6 +232,7 @@ function normalizeRoute(
   defaultTarget: unknown,
   defaultMaxConnections: number | null,
   warnings: string[],
+  functions: FunctionIds,
 ): INativeRoute | null {
   const bare: Place = new Place(`routes[${index}]`);
   if (!isRecord(route)) bare.fail('.', `expected a route object, got ${show(route)}`);
@@ -178,10 +250,9 @@ function normalizeRoute(
   const action = route.action;
   if (!isRecord(action)) at.fail('action', `expected an object, got ${show(action)}`);
   rejectUnknownKeys(action, ACTION_KEYS, at, 'action.');
-  if (action.type === 'socket-handler') {
-    at.fail('action.type', `'socket-handler' routes are not supported yet (they need the JavaScript bridge)`);
+  if (action.type !== 'forward' && action.type !== 'socket-handler') {
+    at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
   }
-  if (action.type !== 'forward') at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
   const tls = normalizeTls(action.tls, at, warnings, describe(index, name));
   rejectLaterActionFeatures(action, at);
   if (action.forwardingEngine === 'nftables' || action.nftables !== undefined) {
@@ -189,7 +260,23 @@ function normalizeRoute(
   }
 
   let targetList: unknown[];
-  if (action.targets !== undefined) {
+  let socketHandler: number | null = null;
+  let nativeResponse: INativeResponse | null = null;
+  if (action.type === 'socket-handler') {
+    const handler = action.socketHandler;
+    if (typeof handler !== 'function') {
+      at.fail('action.socketHandler', `a 'socket-handler' route needs a socketHandler function, got ${show(handler)}`);
+    }
+    if (action.targets !== undefined || action.target !== undefined) {
+      warnings.push(`${describe(index, name)}: the targets of a 'socket-handler' route are ignored`);
+    }
+    // Redirects, fixed responses and blocks are HTTP answers the engine writes itself, except
+    // where it does not see HTTP (TLS passed through).
+    const spec = tls?.mode === 'passthrough' ? undefined : nativeSpecOf(handler);
+    if (spec !== undefined) nativeResponse = nativeResponseOf(spec);
+    else socketHandler = functions.idOf(handler as TRegisteredFunction);
+    targetList = [];
+  } else if (action.targets !== undefined) {
     if (!Array.isArray(action.targets)) at.fail('action.targets', `expected an array of targets, got ${show(action.targets)}`);
     if (action.target !== undefined) warnings.push(`${describe(index, name)}: both action.targets and action.target are set; action.target is ignored`);
     targetList = action.targets;
@@ -200,16 +287,14 @@ function normalizeRoute(
   } else {
     at.fail('action.targets', 'a forward route needs at least one target');
   }
-  if (targetList.length === 0) at.fail('action.targets', 'a forward route needs at least one target');
+  if (targetList.length === 0 && action.type === 'forward') at.fail('action.targets', 'a forward route needs at least one target');
   const field = action.targets !== undefined ? 'action.targets' : action.target !== undefined ? 'action.target' : 'defaults.target';
-  const targets = targetList.map((t, i) => normalizeTarget(t, at, field === 'action.targets' ? `${field}[${i}]` : field));
+  const targets = targetList.map((t, i) => normalizeTarget(t, at, field === 'action.targets' ? `${field}[${i}]` : field, functions));
 
-  const security = pickSecurity(route.security, action.security, at, index, name, warnings);
-  const lists = securityLists(security, at, 'security');
-  const maxConnections = optionalPositiveInt(security.maxConnections, at, 'security.maxConnections') ?? defaultMaxConnections;
-  for (const httpOnly of ['rateLimit', 'basicAuth', 'jwtAuth'] as const) {
-    if (security[httpOnly] !== undefined) at.notYet(`security.${httpOnly}`, 'it needs HTTP-level security, which comes with the HTTP engine');
-  }
+  const { security, field: securityField } = pickSecurity(route.security, action.security, at, index, name, warnings);
+  const lists = securityLists(security, at, securityField);
+  const maxConnections = optionalPositiveInt(security.maxConnections, at, `${securityField}.maxConnections`) ?? defaultMaxConnections;
+  const httpSecurity = normalizeHttpSecurity(security, at, securityField);
   const timeouts = isRecord(action.timeouts) ? action.timeouts : {};
   const connectTimeoutMs = optionalPositiveInt(timeouts.connectMs, at, 'action.timeouts.connectMs');
   const responseTimeoutMs = optionalPositiveInt(timeouts.responseMs, at, 'action.timeouts.responseMs');
@@ -230,11 +315,24 @@ function normalizeRoute(
       backendProtocol: (options.backendProtocol as 'auto' | 'http1' | 'http2' | undefined) ?? 'auto',
       raw: options.raw === true,
       retry: normalizeRetry(action.retry, at),
-      nativeResponse: null,
+      nativeResponse,
+      socketHandler,
+      sendProxyProtocol: proxyProtocolVersion(action.sendProxyProtocol, at, 'action.sendProxyProtocol'),
     },
-    security: { ...lists, maxConnections },
+    security: { ...lists, maxConnections, ...httpSecurity },
     headers,
   };
+}
+
+function nativeResponseOf(spec: TNativeSocketHandlerSpec): INativeResponse {
+  switch (spec.kind) {
+    case 'redirect':
+      return { kind: 'redirect', location: spec.location, status: spec.status };
+    case 'response':
+      return { kind: 'response', status: spec.status, headers: Object.entries(spec.headers).map(([name, value]) => ({ name, value })), body: spec.body };
+    case 'block':
+      return { kind: 'block', status: spec.status, message: spec.message };
+  }
 }
 
 function describe(index: number, name: unknown): string {
@@ -339,9 +437,6 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
     const plainRoundRobin = isRecord(lb) && Object.keys(lb).every((k) => k === 'algorithm') && (lb.algorithm ?? 'round-robin') === 'round-robin';
     if (!plainRoundRobin) at.notYet('action.loadBalancing', 'only round-robin over host arrays works until load balancing lands');
   }
-  if (action.sendProxyProtocol !== undefined && action.sendProxyProtocol !== false) {
-    at.notYet('action.sendProxyProtocol', 'the PROXY protocol comes with the scale-out work');
-  }
   if (isRecord(action.options)) {
     const protocol = action.options.backendProtocol;
     if (protocol === 'http3') at.notYet('action.options.backendProtocol', `'http3' needs QUIC, which is not implemented`);
@@ -360,17 +455,19 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   }
 }
 
-function normalizeTarget(target: unknown, at: Place, field: string): INativeTarget {
+function normalizeTarget(target: unknown, at: Place, field: string, functions: FunctionIds): INativeTarget {
   if (!isRecord(target)) at.fail(field, `expected a target object, got ${show(target)}`);
   rejectUnknownKeys(target, TARGET_KEYS, at, `${field}.`);
   const t = target as unknown as IRouteTarget;
-  if (typeof t.host === 'function') at.notYet(`${field}.host`, 'function targets need the JavaScript bridge');
-  if (typeof t.port === 'function') at.notYet(`${field}.port`, 'function targets need the JavaScript bridge');
-  const hosts = typeof t.host === 'string' ? [t.host] : t.host;
-  if (!Array.isArray(hosts) || hosts.length === 0 || hosts.some((h) => typeof h !== 'string' || h.trim() === '')) {
-    at.fail(`${field}.host`, `expected a host name or a non-empty array of them, got ${show(t.host)}`);
+  const hostFunction = typeof t.host === 'function' ? functions.idOf(t.host) : null;
+  const hosts = hostFunction !== null ? [] : typeof t.host === 'string' ? [t.host] : t.host;
+  if (hostFunction === null && (!Array.isArray(hosts) || hosts.length === 0 || hosts.some((h) => typeof h !== 'string' || h.trim() === ''))) {
+    at.fail(`${field}.host`, `expected a host name, a non-empty array of them or a function, got ${show(t.host)}`);
   }
-  if (t.port !== 'preserve' && !isValidPort(t.port)) at.fail(`${field}.port`, `${show(t.port)} is not a valid port (or 'preserve')`);
+  let port: INativeTarget['port'];
+  if (typeof t.port === 'function') port = { function: functions.idOf(t.port) };
+  else if (t.port === 'preserve' || isValidPort(t.port)) port = t.port;
+  else at.fail(`${field}.port`, `${show(t.port)} is not a valid port (or 'preserve', or a function)`);
   let matchPorts: number[] | null = null;
   let matchPath: string | null = null;
   let matchHeaders: INativeNameValue[] = [];
@@ -392,10 +489,13 @@ function normalizeTarget(target: unknown, at: Place, field: string): INativeTarg
   if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail(`${field}.priority`, `expected a number, got ${show(priority)}`);
   if (t.weight !== undefined && t.weight !== 1) at.notYet(`${field}.weight`, 'load-balancing weights come with load balancing');
   if (t.tls !== undefined) at.notYet(`${field}.tls`, 'per-target TLS comes with TLS termination');
+  const targetProxy = (target as TRecord).sendProxyProtocol;
+  if (targetProxy !== undefined) at.notYet(`${field}.sendProxyProtocol`, 'per-target PROXY headers are not implemented; set it on the route action');
   const headers = headerTemplates(t.headers, at, `${field}.headers`);
   return {
     hosts: [...(hosts as string[])],
-    port: t.port as number | 'preserve',
+    hostFunction,
+    port,
     matchPorts,
     matchPath,
     matchHeaders,
@@ -405,7 +505,15 @@ function normalizeTarget(target: unknown, at: Place, field: string): INativeTarg
   };
 }
 
-function pickSecurity(routeLevel: unknown, actionLevel: unknown, at: Place, index: number, name: unknown, warnings: string[]): TRecord & IRouteSecurity {
+/** The route's security settings and the field they came from (`security` or `action.security`). */
+function pickSecurity(
+  routeLevel: unknown,
+  actionLevel: unknown,
+  at: Place,
+  index: number,
+  name: unknown,
+  warnings: string[],
+): { security: TRecord & IRouteSecurity; field: string } {
   if (routeLevel !== undefined && actionLevel !== undefined) {
     warnings.push(`${describe(index, name)}: both security and action.security are set; action.security is ignored`);
   }
@@ -413,7 +521,96 @@ function pickSecurity(routeLevel: unknown, actionLevel: unknown, at: Place, inde
   const field = routeLevel !== undefined ? 'security' : 'action.security';
   if (!isRecord(chosen)) at.fail(field, `expected an object, got ${show(chosen)}`);
   rejectUnknownKeys(chosen, SECURITY_KEYS, at, `${field}.`);
-  return chosen as TRecord & IRouteSecurity;
+  return { security: chosen as TRecord & IRouteSecurity, field };
+}
+
+/** `rateLimit`, `basicAuth`, `jwtAuth` (each null when absent or `enabled: false`) and `forwardAuthorization`. */
+function normalizeHttpSecurity(
+  security: TRecord,
+  at: Place,
+  field: string,
+): Pick<INativeRoute['security'], 'rateLimit' | 'basicAuth' | 'jwtAuth' | 'forwardAuthorization'> {
+  const section = (key: string, keys: string[]): TRecord | null => {
+    const value = security[key];
+    if (value === undefined) return null;
+    if (!isRecord(value)) at.fail(`${field}.${key}`, `expected an object, got ${show(value)}`);
+    rejectUnknownKeys(value, new Set(['enabled', ...keys]), at, `${field}.${key}.`);
+    if (value.enabled !== undefined && typeof value.enabled !== 'boolean') at.fail(`${field}.${key}.enabled`, `expected true or false, got ${show(value.enabled)}`);
+    return value.enabled === false ? null : value;
+  };
+  const text = (value: unknown, name: string, fallback?: string): string => {
+    if (value === undefined && fallback !== undefined) return fallback;
+    if (typeof value !== 'string' || value === '') at.fail(name, `expected a non-empty string, got ${show(value)}`);
+    return value;
+  };
+  const optionalText = (value: unknown, name: string): string | null => (value === undefined ? null : text(value, name));
+  const paths = (value: unknown, name: string): string[] => {
+    const list = value === undefined ? [] : stringList(value, at, name, false);
+    return list.map((p, i) => optionalPath(p, at, `${name}[${i}]`) as string);
+  };
+
+  const rate = section('rateLimit', ['maxRequests', 'window', 'keyBy', 'headerName', 'errorMessage']);
+  let rateLimit: INativeRateLimit | null = null;
+  if (rate !== null) {
+    const f = `${field}.rateLimit`;
+    const maxRequests = optionalPositiveInt(rate.maxRequests, at, `${f}.maxRequests`);
+    if (maxRequests === null) at.fail(`${f}.maxRequests`, 'required');
+    const window = rate.window;
+    if (typeof window !== 'number' || !Number.isFinite(window) || window <= 0) at.fail(`${f}.window`, `expected a positive number of seconds, got ${show(window)}`);
+    const keyBy = (rate.keyBy ?? 'ip') as INativeRateLimit['keyBy'];
+    if (!['ip', 'path', 'header'].includes(keyBy)) at.fail(`${f}.keyBy`, `expected 'ip', 'path' or 'header', got ${show(rate.keyBy)}`);
+    const headerName = keyBy === 'header' ? text(rate.headerName, `${f}.headerName`) : optionalText(rate.headerName, `${f}.headerName`);
+    rateLimit = {
+      maxRequests,
+      windowSeconds: Math.ceil(window),
+      keyBy,
+      headerName,
+      errorMessage: text(rate.errorMessage, `${f}.errorMessage`, 'Too Many Requests'),
+    };
+  }
+
+  const basic = section('basicAuth', ['users', 'realm', 'excludePaths']);
+  let basicAuth: INativeBasicAuth | null = null;
+  if (basic !== null) {
+    const f = `${field}.basicAuth`;
+    if (!Array.isArray(basic.users)) at.fail(`${f}.users`, `expected an array of { username, password }, got ${show(basic.users)}`);
+    const users = (basic.users as unknown[]).map((user, i) => {
+      if (!isRecord(user)) at.fail(`${f}.users[${i}]`, `expected { username, password }, got ${show(user)}`);
+      rejectUnknownKeys(user, new Set(['username', 'password']), at, `${f}.users[${i}].`);
+      const username = text(user.username, `${f}.users[${i}].username`);
+      if (username.includes(':')) at.fail(`${f}.users[${i}].username`, `may not contain ':'`);
+      if (typeof user.password !== 'string') at.fail(`${f}.users[${i}].password`, `expected a string, got ${show(user.password)}`);
+      return { username, password: user.password };
+    });
+    basicAuth = { users, realm: text(basic.realm, `${f}.realm`, 'Restricted'), excludePaths: paths(basic.excludePaths, `${f}.excludePaths`) };
+  }
+
+  const jwt = section('jwtAuth', ['secret', 'algorithm', 'issuer', 'audience', 'excludePaths']);
+  let jwtAuth: INativeJwtAuth | null = null;
+  if (jwt !== null) {
+    const f = `${field}.jwtAuth`;
+    jwtAuth = {
+      secret: text(jwt.secret, `${f}.secret`),
+      algorithm: text(jwt.algorithm, `${f}.algorithm`, 'HS256'),
+      issuer: optionalText(jwt.issuer, `${f}.issuer`),
+      audience: optionalText(jwt.audience, `${f}.audience`),
+      excludePaths: paths(jwt.excludePaths, `${f}.excludePaths`),
+      leewaySeconds: JWT_LEEWAY_SECONDS,
+    };
+  }
+
+  const forward = security.forwardAuthorization;
+  if (forward !== undefined && typeof forward !== 'boolean') at.fail(`${field}.forwardAuthorization`, `expected true or false, got ${show(forward)}`);
+  return { rateLimit, basicAuth, jwtAuth, forwardAuthorization: forward === true };
+}
+
+/** `true`/`1` → 1, `2` → 2, `false` → 0 (none), absent → null (inherit). */
+function proxyProtocolVersion(value: unknown, at: Place, field: string): number | null {
+  if (value === undefined) return null;
+  if (value === false) return 0;
+  if (value === true || value === 1) return 1;
+  if (value === 2) return 2;
+  return at.fail(field, `expected true, false, 1 or 2, got ${show(value)}`);
 }
 
 function securityLists(security: TRecord, at: Place, field: string): { ipAllowList: string[]; ipBlockList: string[] } {

@@ -1,0 +1,396 @@
+//! Admission at L7, per request of a route served by the HTTP engine: the rate limit (GCRA per key,
+//! governor) and authentication (basic, constant-time; JWT, jsonwebtoken). Compiled once per route
+//! table. Knows nothing of hyper's connections, of upstreams or of napi: it looks at a request's
+//! facts and answers pass or refuse.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use base64::Engine as _;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use subtle::ConstantTimeEq;
+
+use crate::config::{BasicAuthConfig, JwtAuthConfig, RateLimitConfig, RateLimitKey};
+use crate::routing::path::PathPattern;
+
+/// Longest `Authorization` value looked at; longer ones are refused unread.
+const MAX_CREDENTIALS_BYTES: usize = 8 * 1024;
+/// Verified tokens remembered per route (their signature, issuer and audience are fixed by their
+/// bytes; the time claims are checked again on every use). Full: forgotten all at once.
+const VERIFIED_TOKEN_CACHE: usize = 4096;
+
+/// The claims of a verified token, for `{jwt.<claim>}` header templates.
+pub type Claims = serde_json::Map<String, serde_json::Value>;
+
+#[derive(Debug)]
+pub struct HttpSecurity {
+    pub rate_limit: Option<RateLimit>,
+    basic: Option<BasicAuth>,
+    jwt: Option<JwtAuth>,
+    /// Keep the `Authorization` header the proxy checked when forwarding.
+    pub forward_authorization: bool,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 429 with `Retry-After` (whole seconds, at least 1).
+    RateLimited { retry_after_secs: u64, message: String },
+    /// 401 with this `WWW-Authenticate` challenge.
+    Unauthorized { challenge: HeaderValue },
+}
+
+/// What authentication established about a request.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub claims: Option<Arc<Claims>>,
+    /// The request carried credentials the proxy checked (to be removed before forwarding).
+    pub authenticated: bool,
+}
+
+impl HttpSecurity {
+    /// `None` when the route has no HTTP-level security. Errors name the field (`security.jwtAuth.secret`).
+    pub fn compile(
+        rate_limit: Option<&RateLimitConfig>,
+        basic: Option<&BasicAuthConfig>,
+        jwt: Option<&JwtAuthConfig>,
+        forward_authorization: bool,
+    ) -> Result<Option<HttpSecurity>, (String, String)> {
+        if rate_limit.is_none() && basic.is_none() && jwt.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(HttpSecurity {
+            rate_limit: rate_limit.map(RateLimit::compile).transpose()?,
+            basic: basic.map(BasicAuth::compile).transpose()?,
+            jwt: jwt.map(JwtAuth::compile).transpose()?,
+            forward_authorization,
+        }))
+    }
+
+    /// The rate limit first, then authentication (either configured scheme admits).
+    pub fn admit(&self, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<Admitted, Refusal> {
+        if let Some(limit) = &self.rate_limit {
+            limit.check(client_ip, path, headers)?;
+        }
+        if self.basic.is_none() && self.jwt.is_none() {
+            return Ok(Admitted::default());
+        }
+        let excluded = self.basic.as_ref().is_some_and(|b| b.excludes(path)) || self.jwt.as_ref().is_some_and(|j| j.excludes(path));
+        if excluded {
+            return Ok(Admitted::default());
+        }
+        let credentials = headers.get(AUTHORIZATION).map(HeaderValue::as_bytes).filter(|v| v.len() <= MAX_CREDENTIALS_BYTES);
+        if let (Some(basic), Some(credentials)) = (&self.basic, credentials) {
+            if basic.verify(credentials) {
+                return Ok(Admitted { claims: None, authenticated: true });
+            }
+        }
+        if let (Some(jwt), Some(credentials)) = (&self.jwt, credentials) {
+            if let Some(claims) = jwt.verify(credentials) {
+                return Ok(Admitted { claims: Some(claims), authenticated: true });
+            }
+        }
+        let challenge = match &self.basic {
+            Some(basic) => basic.challenge.clone(),
+            None => HeaderValue::from_static("Bearer"),
+        };
+        Err(Refusal::Unauthorized { challenge })
+    }
+
+    /// Forgets rate-limit keys whose state is back to fresh (called once a second).
+    pub fn sweep(&self) {
+        if let Some(limit) = &self.rate_limit {
+            limit.limiter.retain_recent();
+            limit.limiter.shrink_to_fit();
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RateKey {
+    Ip(IpAddr),
+    Bytes(Box<[u8]>),
+}
+
+enum KeyBy {
+    Ip,
+    Path,
+    Header(HeaderName),
+}
+
+pub struct RateLimit {
+    limiter: DefaultKeyedRateLimiter<RateKey>,
+    key_by: KeyBy,
+    message: String,
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit").field("keys", &self.limiter.len()).field("message", &self.message).finish()
+    }
+}
+
+impl RateLimit {
+    fn compile(config: &RateLimitConfig) -> Result<RateLimit, (String, String)> {
+        let field = |f: &str| format!("security.rateLimit.{f}");
+        let burst = NonZeroU32::new(config.max_requests).ok_or_else(|| (field("maxRequests"), "must be at least 1".to_string()))?;
+        if config.window_seconds == 0 {
+            return Err((field("window"), "must be at least 1 second".into()));
+        }
+        // GCRA: a fresh key may send `maxRequests` at once, then one more every window/maxRequests.
+        let period = Duration::from_secs(config.window_seconds) / config.max_requests;
+        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+            .ok_or_else(|| (field("window"), "too short".to_string()))?
+            .allow_burst(burst);
+        let key_by = match config.key_by {
+            RateLimitKey::Ip => KeyBy::Ip,
+            RateLimitKey::Path => KeyBy::Path,
+            RateLimitKey::Header => {
+                let name = config.header_name.as_deref().ok_or_else(|| (field("headerName"), "keyBy 'header' needs a headerName".to_string()))?;
+                KeyBy::Header(HeaderName::from_bytes(name.as_bytes()).map_err(|_| (field("headerName"), format!("{name:?} is not a header name")))?)
+            }
+        };
+        Ok(RateLimit { limiter: DefaultKeyedRateLimiter::keyed(quota), key_by, message: config.error_message.clone() })
+    }
+
+    fn check(&self, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
+        let key = match &self.key_by {
+            KeyBy::Ip => RateKey::Ip(client_ip),
+            KeyBy::Path => RateKey::Bytes(path.as_bytes().into()),
+            // Requests without the header share one budget.
+            KeyBy::Header(name) => RateKey::Bytes(headers.get(name).map_or(&[][..], HeaderValue::as_bytes).into()),
+        };
+        self.limiter.check_key(&key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Refusal::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64, message: self.message.clone() }
+        })
+    }
+}
+
+#[derive(Debug)]
+struct BasicAuth {
+    users: Vec<(Vec<u8>, Vec<u8>)>,
+    challenge: HeaderValue,
+    exclude: Vec<PathPattern>,
+}
+
+impl BasicAuth {
+    fn compile(config: &BasicAuthConfig) -> Result<BasicAuth, (String, String)> {
+        let realm = config.realm.replace(['"', '\\'], "");
+        let challenge = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+            .map_err(|_| ("security.basicAuth.realm".to_string(), "not a valid header value".to_string()))?;
+        for (i, user) in config.users.iter().enumerate() {
+            if user.username.contains(':') {
+                return Err((format!("security.basicAuth.users[{i}].username"), "may not contain ':'".into()));
+            }
+        }
+        Ok(BasicAuth {
+            users: config.users.iter().map(|u| (u.username.as_bytes().to_vec(), u.password.as_bytes().to_vec())).collect(),
+            challenge,
+            exclude: compile_paths(&config.exclude_paths, "security.basicAuth.excludePaths")?,
+        })
+    }
+
+    fn excludes(&self, path: &str) -> bool {
+        self.exclude.iter().any(|p| p.matches(path))
+    }
+
+    /// Every user is compared, in constant time per comparison, whatever matched earlier.
+    fn verify(&self, credentials: &[u8]) -> bool {
+        let Some(encoded) = strip_scheme(credentials, b"basic") else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+        let mut matched = subtle::Choice::from(0);
+        for (known_user, known_password) in &self.users {
+            matched |= known_user.as_slice().ct_eq(user) & known_password.as_slice().ct_eq(password);
+        }
+        matched.into()
+    }
+}
+
+struct JwtAuth {
+    key: DecodingKey,
+    validation: Validation,
+    exclude: Vec<PathPattern>,
+    verified: Mutex<HashMap<Box<str>, VerifiedToken>>,
+}
+
+struct VerifiedToken {
+    claims: Arc<Claims>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+impl std::fmt::Debug for JwtAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtAuth").field("algorithms", &self.validation.algorithms).finish_non_exhaustive()
+    }
+}
+
+impl JwtAuth {
+    fn compile(config: &JwtAuthConfig) -> Result<JwtAuth, (String, String)> {
+        let field = |f: &str| format!("security.jwtAuth.{f}");
+        let algorithm: Algorithm = config
+            .algorithm
+            .parse()
+            .map_err(|_| (field("algorithm"), format!("{:?} is not one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA", config.algorithm)))?;
+        let pem = config.secret.as_bytes();
+        let key = match algorithm {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                if config.secret.is_empty() {
+                    return Err((field("secret"), "an HMAC secret may not be empty".into()));
+                }
+                DecodingKey::from_secret(pem)
+            }
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => {
+                DecodingKey::from_rsa_pem(pem).map_err(|e| (field("secret"), format!("not an RSA public key in PEM ({e})")))?
+            }
+            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem).map_err(|e| (field("secret"), format!("not an EC public key in PEM ({e})")))?,
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(pem).map_err(|e| (field("secret"), format!("not an Ed25519 public key in PEM ({e})")))?,
+        };
+        // Only the configured algorithm: a token naming another (or `none`) is refused, so an
+        // HMAC token cannot be checked against an RSA key's PEM text.
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.leeway_seconds;
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        // A configured issuer or audience must be present in the token, not merely not wrong.
+        validation.required_spec_claims.clear();
+        validation.validate_aud = config.audience.is_some();
+        if let Some(audience) = &config.audience {
+            validation.set_audience(&[audience]);
+            validation.required_spec_claims.insert("aud".to_string());
+        }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_string());
+        }
+        Ok(JwtAuth {
+            key,
+            validation,
+            exclude: compile_paths(&config.exclude_paths, "security.jwtAuth.excludePaths")?,
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn excludes(&self, path: &str) -> bool {
+        self.exclude.iter().any(|p| p.matches(path))
+    }
+
+    fn verify(&self, credentials: &[u8]) -> Option<Arc<Claims>> {
+        let token = std::str::from_utf8(strip_scheme(credentials, b"bearer")?).ok()?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if let Some(known) = self.verified.lock().get(token) {
+            return self.in_time(known, now).then(|| known.claims.clone());
+        }
+        let claims = Arc::new(jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).ok()?.claims);
+        // Time claims that are not whole seconds are never cached: each use verifies in full.
+        let time = |name: &str| match claims.get(name) {
+            None => Some(None),
+            Some(value) => value.as_u64().map(Some),
+        };
+        let (Some(exp), Some(nbf)) = (time("exp"), time("nbf")) else {
+            return Some(claims);
+        };
+        let verified = VerifiedToken { exp, nbf, claims: claims.clone() };
+        let mut cache = self.verified.lock();
+        if cache.len() >= VERIFIED_TOKEN_CACHE {
+            cache.clear();
+        }
+        cache.insert(token.into(), verified);
+        Some(claims)
+    }
+
+    /// `exp` and `nbf` with the leeway, as jsonwebtoken checked them the first time.
+    fn in_time(&self, token: &VerifiedToken, now: u64) -> bool {
+        let leeway = self.validation.leeway;
+        token.exp.is_none_or(|exp| exp >= now.saturating_sub(leeway)) && token.nbf.is_none_or(|nbf| nbf <= now + leeway)
+    }
+}
+
+/// `Basic xyz` → `xyz` (scheme case-insensitive, surrounding spaces ignored).
+fn strip_scheme<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+    let value = value.trim_ascii();
+    let (head, rest) = value.split_at_checked(scheme.len())?;
+    if !head.eq_ignore_ascii_case(scheme) || !rest.first().is_some_and(|b| *b == b' ') {
+        return None;
+    }
+    Some(rest.trim_ascii())
+}
+
+fn compile_paths(paths: &[String], field: &str) -> Result<Vec<PathPattern>, (String, String)> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PathPattern::parse(p).map_err(|r| (format!("{field}[{i}]"), r)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(users: &[(&str, &str)]) -> HttpSecurity {
+        let config = BasicAuthConfig {
+            users: users.iter().map(|(u, p)| crate::config::BasicAuthUser { username: u.to_string(), password: p.to_string() }).collect(),
+            realm: "R".into(),
+            exclude_paths: vec!["/health".into()],
+        };
+        HttpSecurity::compile(None, Some(&config), None, false).unwrap().unwrap()
+    }
+
+    fn with_auth(value: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, HeaderValue::from_bytes(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn basic_auth_takes_the_right_user_only() {
+        let security = basic(&[("alice", "s3cret"), ("bob", "pw:with:colons")]);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let encode = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        assert!(security.admit(ip, "/", &with_auth(encode("alice:s3cret").as_bytes())).is_ok());
+        assert!(security.admit(ip, "/", &with_auth(encode("bob:pw:with:colons").as_bytes())).is_ok());
+        assert!(security.admit(ip, "/", &with_auth(b"basic  YWxpY2U6czNjcmV0 ")).is_ok());
+        for bad in [encode("alice:wrong"), encode("alice"), encode("mallory:s3cret"), "Basic !!!".into(), "Bearer x".into(), "Basic".into(), "Basicx YQ==".into()] {
+            assert!(matches!(security.admit(ip, "/", &with_auth(bad.as_bytes())), Err(Refusal::Unauthorized { .. })), "{bad}");
+        }
+        assert!(matches!(security.admit(ip, "/", &HeaderMap::new()), Err(Refusal::Unauthorized { .. })));
+        assert!(security.admit(ip, "/health", &HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn the_rate_limit_refuses_the_request_after_the_burst_per_key() {
+        let config = RateLimitConfig { max_requests: 3, window_seconds: 60, key_by: RateLimitKey::Ip, header_name: None, error_message: "slow".into() };
+        let security = HttpSecurity::compile(Some(&config), None, None, false).unwrap().unwrap();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            assert!(security.admit(a, "/", &HeaderMap::new()).is_ok());
+        }
+        match security.admit(a, "/", &HeaderMap::new()) {
+            Err(Refusal::RateLimited { retry_after_secs, message }) => {
+                assert!((1..=20).contains(&retry_after_secs), "{retry_after_secs}");
+                assert_eq!(message, "slow");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(security.admit(b, "/", &HeaderMap::new()).is_ok());
+    }
+}
