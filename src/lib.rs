@@ -1,6 +1,7 @@
 //! napi exports only: the `NativeEngine` class the TypeScript wrapper drives, and conversions of
 //! engine results and errors into JavaScript values. All behaviour lives in the modules below.
 
+mod acme;
 mod bridge;
 mod config;
 mod engine;
@@ -109,6 +110,36 @@ impl NativeEngine {
         let mut statistics = to_json(&self.engine.statistics())?;
         statistics["droppedEvents"] = self.bridge.dropped_events().into();
         Ok(statistics)
+    }
+
+    /// `ICertStatus` of an automatic-certificate route (`expiryDate`/`issueDate` in ms), or null.
+    #[napi]
+    pub fn certificate_status(&self, route_name: String) -> Result<Option<serde_json::Value>> {
+        self.engine.certificate_status(&route_name).map(|status| to_json(&status)).transpose()
+    }
+
+    /// Orders the route's certificate now (one attempt); rejects with the ACME error.
+    #[napi]
+    pub async fn order_certificate(&self, route_name: String) -> Result<()> {
+        let engine = self.engine.clone();
+        on_engine_runtime(&self.engine, async move { engine.order_certificate(&route_name).await })
+            .await?
+            .map_err(Error::from_reason)
+    }
+
+    /// Orders the route's certificate in the background, retrying until issued or stopped.
+    #[napi]
+    pub fn order_certificate_in_background(&self, route_name: String) {
+        let _guard = self.engine.runtime().enter();
+        self.engine.order_certificate_in_background(&route_name);
+    }
+
+    /// Serves a `certProvisionFunction` certificate (chain and key PEM) for one domain of the route.
+    #[napi]
+    pub fn install_certificate(&self, route_name: String, domain: String, chain_pem: String, key_pem: String) -> Result<()> {
+        self.engine
+            .install_certificate(&route_name, &domain, &chain_pem, &key_pem)
+            .map_err(|e| Error::new(Status::InvalidArg, e))
     }
 
     /// Ids of the functions some route table in use refers to (the wrapper forgets the others).

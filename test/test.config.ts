@@ -2,6 +2,7 @@
 // the 19.x `action.target` form, purity (inputs never mutated), refused later-issue features,
 // warnings, and config errors surfacing through `new SmartProxy(...)` and `updateRoutes(...)`.
 import { tap, expect } from '@push.rocks/tapbundle';
+import path from 'node:path';
 import * as net from 'node:net';
 
 import { SmartProxy, SmartProxyConfigError } from '../ts/index.js';
@@ -232,7 +233,7 @@ tap.test('route fields are carried over: id, name, priority, domains, clientIp, 
   expect(r.priority).toEqual(5);
   // A single domain string becomes a list.
   expectSubset(r.match, { ports: [443], domains: ['example.com'], clientIp: ['10.0.0.0/8'], tlsVersion: ['TLSv1.3'] });
-  expect(r.action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true });
+  expect(r.action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true, acme: null });
   expect(r.action.connectTimeoutMs).toEqual(1500);
   expect(r.security).toEqual({ ipAllowList: ['10.0.0.1'], ipBlockList: ['10.0.0.2'], maxConnections: 3, rateLimit: null, basicAuth: null, jwtAuth: null, forwardAuthorization: false });
 });
@@ -431,7 +432,6 @@ tap.test('features of later issues are refused with an error naming the route an
     routes: [route(80, 'ok'), { name: 'later', match: { ports: 80, ...match }, action: { type: 'forward', target, ...action }, ...rest }],
   });
   const cases: Array<[string, unknown]> = [
-    ['action.tls.certificate', base({ tls: { mode: 'terminate', certificate: 'auto' } })],
     // Header matching takes exact strings only; RegExp values are refused.
     ['match.headers.x-a', base({}, {}, { headers: { 'x-a': /b+/ } })],
     ['action.targets[0].match.headers.x-a', base({ target: undefined, targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] })],
@@ -461,11 +461,49 @@ tap.test('features of later issues are refused with an error naming the route an
   expect(weightOne.config.routes[0].action.targets).toHaveLength(1);
 });
 
+tap.test("certificate 'auto': global acme merged with the route's tls.acme, defaults, aliases and errors", async () => {
+  const auto = (tls: Record<string, unknown>, extra: Record<string, unknown> = {}, domains: unknown = ['A.example.com.', '*.example.com', 'b.example.com']) =>
+    ({ routes: [{ name: 'site', match: { ports: 443, domains }, action: { type: 'forward', target, tls: { mode: 'terminate', certificate: 'auto', ...tls } } }], ...extra });
+  const { config } = normalize(auto({}, { acme: { email: 'ops@example.com' } }));
+  expect(config.routes[0].action.tls).toEqual({
+    mode: 'terminate', certificate: null, versions: [], rejectUnauthorized: true,
+    acme: {
+      certName: 'site', domains: ['a.example.com', 'b.example.com'], email: 'ops@example.com',
+      directoryUrl: 'https://acme-staging-v02.api.letsencrypt.org/directory', directoryCaFile: null,
+      certificateStore: path.resolve('./certs'), port: 80, renewThresholdDays: 30, autoRenew: true, renewCheckIntervalSecs: 86400,
+      customProvisioning: false,
+    },
+  });
+  const merged = normalize(auto(
+    { acme: { email: 'route@example.com', challengePort: 8080, renewBeforeDays: 10 } },
+    { acme: { accountEmail: 'global@example.com', useProduction: true, certificateStore: '/var/certs', renewCheckIntervalHours: 0.5, autoRenew: false }, certProvisionFunction: async () => 'http01' as const },
+  )).config.routes[0].action.tls?.acme;
+  expect(merged?.email).toEqual('route@example.com');
+  expect(merged?.port).toEqual(8080);
+  expect(merged?.renewThresholdDays).toEqual(10);
+  expect(merged?.directoryUrl).toEqual('https://acme-v02.api.letsencrypt.org/directory');
+  expect(merged?.certificateStore).toEqual('/var/certs');
+  expect(merged?.renewCheckIntervalSecs).toEqual(1800);
+  expect(merged?.autoRenew).toBeFalse();
+  expect(merged?.customProvisioning).toBeTrue();
+  const own = normalize(auto({}, { acme: { email: 'e@x', directoryUrl: 'https://127.0.0.1:14000/dir', directoryCaFile: '/tmp/ca.pem' } })).config.routes[0].action.tls?.acme;
+  expect(own?.directoryUrl).toEqual('https://127.0.0.1:14000/dir');
+  expect(own?.directoryCaFile).toEqual('/tmp/ca.pem');
+
+  expect(configError(auto({})).message).toStartWith(`routes[0] "site": action.tls.certificate: 'auto' needs an ACME account email`);
+  expect(configError(auto({}, { acme: { email: 'e@x' } }, '*.example.com')).message).toInclude('at least one name without wildcards');
+  expect(configError(auto({}, { acme: { email: 'e@x', port: 0 } })).message).toStartWith('routes[0] "site": acme.port: ');
+  expect(configError(auto({ acme: { email: 'e@x', bogus: 1 } })).message).toStartWith('routes[0] "site": action.tls.acme.bogus: ');
+  // An unnamed route's certificate is named by its first domain.
+  const unnamed = normalize({ acme: { email: 'e@x' }, routes: [{ match: { ports: 443, domains: 'c.example.com' }, action: { type: 'forward', target, tls: { mode: 'terminate', certificate: 'auto' } } }] });
+  expect(unnamed.config.routes[0].action.tls?.acme?.certName).toEqual('c.example.com');
+});
+
 tap.test('terminating TLS routes carry their certificate; a missing or bad certificate names the field', async () => {
   const { config } = normalize({
     routes: [{ name: 'tls', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate-and-reencrypt', certificate: { key: 'K', cert: 'C', ca: 'A' }, versions: ['TLSv1.3'], rejectUnauthorized: false } } }],
   });
-  expect(config.routes[0].action.tls).toEqual({ mode: 'terminate-and-reencrypt', certificate: { key: 'K', cert: 'C', ca: 'A' }, versions: ['TLSv1.3'], rejectUnauthorized: false });
+  expect(config.routes[0].action.tls).toEqual({ mode: 'terminate-and-reencrypt', certificate: { key: 'K', cert: 'C', ca: 'A' }, versions: ['TLSv1.3'], rejectUnauthorized: false, acme: null });
   const noCert = configError({ routes: [{ name: 't', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate' } } }] });
   expect(noCert.message).toStartWith('routes[0] "t": action.tls.certificate: ');
   const badVersion = configError({ routes: [{ name: 't', match: { ports: 443 }, action: { type: 'forward', target, tls: { mode: 'terminate', certificate: { key: 'K', cert: 'C' }, versions: ['SSLv3'] } } }] });
@@ -577,7 +615,7 @@ tap.test('warnings: ignored options, nftables, ignored passthrough tls settings,
   expect(warnings).toHaveLength(6);
   // The warned-about routes are still normalised; route-level security wins over action.security.
   expect(config.routes).toHaveLength(3);
-  expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true });
+  expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true, acme: null });
   expect(config.routes[2].security.maxConnections).toEqual(3);
 });
 
@@ -601,7 +639,7 @@ tap.test('new SmartProxy throws the route-naming config error synchronously (not
 
   const refused = thrown(() => new SmartProxy({ routes: [route(80, 'tt', { action: { type: 'forward', target, tls: { mode: 'terminate', certificate: 'auto' } } })] } as unknown as TOptions));
   expect(refused instanceof SmartProxyConfigError).toBeTrue();
-  expect(refused?.message ?? '').toStartWith('routes[0] "tt": action.tls.certificate: not supported yet');
+  expect(refused?.message ?? '').toStartWith(`routes[0] "tt": action.tls.certificate: 'auto' needs an ACME account email`);
 
   // Patterns are checked by the engine; its errors surface as the same config error type and format.
   const domain = thrown(() => new SmartProxy({ routes: [route(80, 'dom', { match: { ports: 80, domains: ['bad domain'] } })] } as unknown as TOptions));

@@ -128,6 +128,10 @@ export class ScriptBridge {
       this.emitError(Object.assign(new Error(data.message), { code: data.code, connectionId: data.connectionId, routeName: data.routeName ?? undefined }));
       return;
     }
+    if (message.type.startsWith('certificate-')) {
+      this.events.emit(message.type, certificateEvent(message.type, message.data as INativeCertificateEvent));
+      return;
+    }
     this.events.emit(message.type, withoutNulls(message.data));
   };
 
@@ -234,4 +238,22 @@ function closeQuietly(fd: number): void {
   } catch {
     // Already closed: nothing to release.
   }
+}
+
+interface INativeCertificateEvent {
+  routeName: string;
+  domain: string;
+  expiryDate: number | null;
+  error: string | null;
+}
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+/** `{ routeName, domain, expiryDate: Date }`, `error` on failures, `daysRemaining` when expiring. */
+function certificateEvent(type: string, data: INativeCertificateEvent): Record<string, unknown> {
+  const event: Record<string, unknown> = { routeName: data.routeName, domain: data.domain };
+  if (data.expiryDate !== null) event.expiryDate = new Date(data.expiryDate);
+  if (data.error !== null) event.error = data.error;
+  if (type === 'certificate-expiring' && data.expiryDate !== null) event.daysRemaining = Math.max(0, Math.floor((data.expiryDate - Date.now()) / DAY_MS));
+  return event;
 }

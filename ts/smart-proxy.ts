@@ -1,13 +1,14 @@
 // The public SmartProxy class: validates and normalises options (synchronously, in the
 // constructor), drives the native engine, and keeps the Node process alive while started.
 import { EventEmitter } from 'node:events';
+import { X509Certificate } from 'node:crypto';
 
 import { ScriptBridge } from './bridge.js';
 import { NativeEngine } from './native.js';
 import { createMetrics } from './metrics.js';
-import type { IMetrics, ISmartProxyOptions, IStatistics } from './models/options.js';
+import type { ICertStatus, IMetrics, ISmartProxyOptions, IStatistics } from './models/options.js';
 import type { IRouteConfig } from './models/route-types.js';
-import type { INativeConfig } from './models/native-config.js';
+import type { INativeAcme, INativeConfig } from './models/native-config.js';
 import { FunctionRegistry, normalizeOptions, SmartProxyConfigError } from './utils/normalize-options.js';
 import type { INormalizedOptions } from './utils/normalize-options.js';
 
@@ -25,17 +26,24 @@ export class SmartProxy extends EventEmitter {
   private keepAliveTimer: NodeJS.Timeout | undefined;
   /** Serialises route updates: each waits for the previous one. */
   private routeUpdates: Promise<void> = Promise.resolve();
+  /** The config the engine runs (what the current routes became). */
+  private nativeConfig: INativeConfig;
 
   constructor(options: ISmartProxyOptions) {
     super();
     this.bridge = new ScriptBridge(this, () => this.callTimeoutMs());
     const { config } = normalizeAndWarn(options, this.bridge.functions);
     this.settings = options;
+    this.nativeConfig = config;
     this.engine = createEngine(config, this.bridge);
     this.watchListeners();
   }
 
-  /** Binds every route port (all or none) and starts proxying. */
+  /**
+   * Binds every route port (all or none) and starts proxying. Automatic certificates: stored ones
+   * are served at once, missing ones are ordered in the background once the ports listen; with
+   * `certProvisionFunction`, its certificates are installed before this resolves.
+   */
   public async start(): Promise<void> {
     try {
       await this.engine.start();
@@ -43,6 +51,7 @@ export class SmartProxy extends EventEmitter {
       throw withErrnoCode(err);
     }
     this.keepAliveTimer ??= setInterval(() => undefined, KEEP_ALIVE_INTERVAL_MS);
+    await this.provisionCustom(autoCertificates(this.nativeConfig));
   }
 
   /** Stops accepting, lets open connections finish within `gracefulShutdownTimeout`, then closes. */
@@ -66,7 +75,10 @@ export class SmartProxy extends EventEmitter {
       const { config } = normalizeAndWarn(options, this.bridge.functions);
       try {
         await this.engine.updateRoutes(config);
+        const known = new Set(autoCertificates(this.nativeConfig).map((acme) => acme.certName));
         this.settings = options;
+        this.nativeConfig = config;
+        if (this.keepAliveTimer !== undefined) await this.provisionCustom(autoCertificates(config).filter((acme) => !known.has(acme.certName)));
       } catch (err) {
         throw withErrnoCode(asConfigError(err));
       } finally {
@@ -101,6 +113,94 @@ export class SmartProxy extends EventEmitter {
 
   public getMetrics(): IMetrics {
     return createMetrics(this.engine);
+  }
+
+  /**
+   * Gets the route's certificate now: from `certProvisionFunction` when set, else (or when it
+   * answers 'http01') from ACME. Rejects with the reason when that fails.
+   */
+  public async provisionCertificate(routeName: string): Promise<void> {
+    const acme = this.autoCertificate(routeName);
+    if (this.settings.certProvisionFunction !== undefined && !(await this.provisionCustom([acme], false))) return;
+    await this.engine.orderCertificate(acme.certName);
+  }
+
+  /** Orders a new ACME certificate for the route now; open connections keep the old one. */
+  public async renewCertificate(routeName: string): Promise<void> {
+    await this.engine.orderCertificate(this.autoCertificate(routeName).certName);
+  }
+
+  /** The certificate state of a route: automatic ones from the engine, static ones from their PEM. */
+  public getCertificateStatus(routeName: string): ICertStatus | undefined {
+    const route = this.nativeConfig.routes.find((r) => r.name === routeName || r.action.tls?.acme?.certName === routeName);
+    const tls = route?.action.tls;
+    if (tls?.acme) {
+      const status = this.engine.certificateStatus(tls.acme.certName) as INativeCertStatus | null;
+      if (status === null) return undefined;
+      const result: ICertStatus = { domain: status.domain, status: status.status, source: status.source };
+      if (status.expiryDate !== null) result.expiryDate = new Date(status.expiryDate);
+      if (status.issueDate !== null) result.issueDate = new Date(status.issueDate);
+      if (status.error !== null) result.error = status.error;
+      return result;
+    }
+    if (!tls?.certificate) return undefined;
+    try {
+      const cert = new X509Certificate(tls.certificate.cert);
+      const expiryDate = new Date(cert.validTo);
+      const status = expiryDate.getTime() <= Date.now() ? 'expired' : 'valid';
+      return { domain: route?.match.domains[0] ?? '', status, expiryDate, issueDate: new Date(cert.validFrom), source: 'static' };
+    } catch {
+      return { domain: route?.match.domains[0] ?? '', status: 'error', source: 'static', error: 'the certificate PEM cannot be read' };
+    }
+  }
+
+  /** The names automatic certificates are obtained for (wildcards excluded: HTTP-01 cannot prove them). */
+  public getEligibleDomainsForCertificates(): string[] {
+    return [...new Set(autoCertificates(this.nativeConfig).flatMap((acme) => acme.domains))];
+  }
+
+  private autoCertificate(routeName: string): INativeAcme {
+    const acme = autoCertificates(this.nativeConfig).find((a) => a.certName === routeName);
+    if (acme === undefined) throw new Error(`no route named ${JSON.stringify(routeName)} has certificate: 'auto'`);
+    return acme;
+  }
+
+  /**
+   * Asks `certProvisionFunction` for each domain of these routes and installs what it returns.
+   * Routes where it answered 'http01' (or failed, with fallback) are ordered over ACME: in the
+   * background when `background`, else reported by the return value (true: ACME is needed).
+   */
+  private async provisionCustom(routes: INativeAcme[], background = true): Promise<boolean> {
+    const provision = this.settings.certProvisionFunction;
+    if (provision === undefined) return true;
+    const fallback = this.settings.certProvisionFallbackToAcme !== false;
+    let acmeNeeded = false;
+    for (const acme of routes) {
+      let needsAcme = false;
+      for (const domain of acme.domains) {
+        try {
+          const answer = await withTimeout(Promise.resolve(provision(domain)), this.callTimeoutMs());
+          if (answer === 'http01') {
+            needsAcme = true;
+            continue;
+          }
+          if (typeof answer !== 'object' || answer === null || typeof answer.publicKey !== 'string' || typeof answer.privateKey !== 'string') {
+            throw new Error(`certProvisionFunction answered neither 'http01' nor a certificate object for ${domain}`);
+          }
+          this.engine.installCertificate(acme.certName, domain, answer.publicKey, answer.privateKey);
+        } catch (err) {
+          const error = err instanceof Error ? err.message : String(err);
+          if (fallback) needsAcme = true;
+          else this.emit('certificate-failed', { routeName: acme.certName, domain, error });
+        }
+      }
+      if (!needsAcme) continue;
+      const status = this.engine.certificateStatus(acme.certName) as INativeCertStatus | null;
+      if (status?.status === 'valid' && status.source === 'acme') continue;
+      if (background) this.engine.orderCertificateInBackground(acme.certName);
+      acmeNeeded = true;
+    }
+    return acmeNeeded;
   }
 
   private callTimeoutMs(): number {
@@ -167,4 +267,25 @@ function withErrnoCode(err: unknown): unknown {
     }
   }
   return err;
+}
+
+interface INativeCertStatus {
+  domain: string;
+  status: 'valid' | 'pending' | 'expired' | 'error';
+  expiryDate: number | null;
+  issueDate: number | null;
+  source: 'acme' | 'custom';
+  error: string | null;
+}
+
+function autoCertificates(config: INativeConfig): INativeAcme[] {
+  return config.routes.flatMap((route) => (route.action.tls?.acme ? [route.action.tls.acme] : []));
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`certProvisionFunction did not settle within ${ms} ms (jsCallTimeout)`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }

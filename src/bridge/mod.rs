@@ -192,6 +192,10 @@ impl ScriptHost for JsBridge {
                 "type": "error",
                 "data": { "code": code, "message": message, "connectionId": connection_id.to_string(), "routeName": route_name },
             }),
+            EngineEvent::Certificate { kind, route_name, domain, expiry_ms, error } => json!({
+                "type": kind.event_name(),
+                "data": { "routeName": route_name, "domain": domain, "expiryDate": expiry_ms, "error": error },
+            }),
         };
         // Fire and forget: only listened-to kinds (and errors) get here.
         if self.on_event.call(message, ThreadsafeFunctionCallMode::NonBlocking) != Status::Ok {

@@ -152,6 +152,32 @@ pub struct TlsConfig {
     pub versions: Vec<String>,
     /// Re-encrypt only: verify the upstream's certificate (default true).
     pub reject_unauthorized: bool,
+    /// `certificate: 'auto'`: the certificate comes from ACME (or `certProvisionFunction`) with
+    /// these settings (global `acme` merged with the route's `tls.acme` by the wrapper).
+    #[serde(default)]
+    pub acme: Option<AcmeSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AcmeSettings {
+    /// Names the route's folder in the store and its status (the route's name).
+    pub cert_name: String,
+    /// The names on the certificate (the route's domains, no wildcards).
+    pub domains: Vec<String>,
+    pub email: String,
+    pub directory_url: String,
+    /// PEM file of a CA to trust for the directory's HTTPS (private or test ACME servers).
+    pub directory_ca_file: Option<String>,
+    pub certificate_store: String,
+    /// Where HTTP-01 challenges are answered.
+    pub port: u16,
+    pub renew_threshold_days: u32,
+    pub auto_renew: bool,
+    /// `renewCheckIntervalHours`, in seconds.
+    pub renew_check_interval_secs: u64,
+    /// `certProvisionFunction` is set: the wrapper asks it first and starts ACME itself.
+    pub custom_provisioning: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -348,7 +374,7 @@ mod tests {
         json!({
             "index": 3, "name": "api", "id": null, "priority": 0,
             "match": { "ports": [port], "domains": [], "clientIp": [], "tlsVersion": [], "path": null, "headers": [] },
-            "action": { "tls": { "mode": "passthrough", "certificate": null, "versions": [], "rejectUnauthorized": true }, "connectTimeoutMs": null, "responseTimeoutMs": null,
+            "action": { "tls": { "mode": "passthrough", "certificate": null, "versions": [], "rejectUnauthorized": true, "acme": null }, "connectTimeoutMs": null, "responseTimeoutMs": null,
                         "websocket": true, "backendProtocol": "auto", "raw": false, "retry": null, "nativeResponse": null, "socketHandler": null, "sendProxyProtocol": null,
                         "targets": [{ "hosts": ["a"], "hostFunction": null, "port": "preserve", "matchPorts": null, "matchPath": null,
                                       "matchHeaders": [], "matchMethods": null, "priority": 0,

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acme::{AcmeManager, CertStatus};
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
 use crate::http::proxy::HttpEnv;
@@ -28,6 +29,7 @@ use crate::routing::ip::IpList;
 use crate::routing::RouteTable;
 use crate::security::{ConnectionLimiter, IpPolicy};
 use crate::session::{Session, SessionEnv};
+use crate::tls::dynamic::CertSlots;
 
 
 /// After the grace period, sessions are cancelled; this bounds the wait for them to unwind.
@@ -49,6 +51,9 @@ pub struct Engine {
     scripts: Scripts,
     /// Tables replaced by `updateRoutes` that connections may still use (and call functions of).
     retired_tables: Mutex<Vec<Weak<RouteTable>>>,
+    /// Automatic certificates: their slots outlive tables; orders run while started.
+    cert_slots: Arc<CertSlots>,
+    acme: Arc<AcmeManager>,
 }
 
 #[derive(Default)]
@@ -97,7 +102,8 @@ impl Engine {
             logging::enable_detailed_logging();
         }
         let metrics = Arc::new(EngineMetrics::default());
-        let table = RouteTable::compile(&config.routes, &metrics.routes)?;
+        let cert_slots = Arc::new(CertSlots::default());
+        let table = RouteTable::compile(&config.routes, &metrics.routes, &cert_slots)?;
         let global_policy = global_policy(&config.options)?;
         let trusted_proxies = IpList::parse(&config.options.proxy_ips)
             .map_err(|(i, reason)| ConfigError::in_options(&format!("proxyIPs[{i}]"), reason))?;
@@ -109,7 +115,11 @@ impl Engine {
             config.options.connection_rate_limit_per_minute,
         );
         let scripts = Scripts::new(script_host, metrics.clone(), Duration::from_millis(config.options.js_call_timeout_ms.max(1)));
+        let acme = AcmeManager::new(cert_slots.clone(), scripts.clone());
+        acme.sync_routes(&config.routes);
         Ok(Engine {
+            cert_slots,
+            acme,
             scripts,
             retired_tables: Mutex::default(),
             global_policy,
@@ -141,8 +151,12 @@ impl Engine {
         let pool = Arc::new(UpstreamPool::new(PoolSettings::default()));
         let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone()));
         let on_accept = self.accept_callback(env, sessions.clone());
+        // Stored certificates serve the very first handshakes.
+        self.acme.load_stored(None);
         let mut ports = PortManager::default();
         ports.bind_all(&self.wanted_ports(&control), &on_accept).map_err(EngineError::Bind)?;
+        // Orders need the challenge port listening.
+        self.acme.start(None);
         let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone()));
         *self.listening.lock() = ports.ports();
         control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler });
@@ -156,6 +170,7 @@ impl Engine {
         let Some(mut running) = control.running.take() else {
             return;
         };
+        self.acme.stop();
         running.ports.release_all().await;
         self.listening.lock().clear();
         running.sampler.abort();
@@ -175,7 +190,7 @@ impl Engine {
     /// releases the ports nobody uses any more. Open connections keep the table they started with.
     pub async fn update_routes(&self, routes: &[RouteConfig]) -> Result<(), EngineError> {
         let mut control = self.control.lock().await;
-        let table = Arc::new(RouteTable::compile(routes, &self.metrics.routes).map_err(EngineError::Config)?);
+        let table = Arc::new(RouteTable::compile(routes, &self.metrics.routes, &self.cert_slots).map_err(EngineError::Config)?);
         let previous = std::mem::replace(&mut *self.table.write(), table.clone());
         self.retired_tables.lock().push(Arc::downgrade(&previous));
         let removed_before = std::mem::take(&mut control.removed_ports);
@@ -192,6 +207,11 @@ impl Engine {
                 }
             }
             *self.listening.lock() = running.ports.ports();
+        }
+        let added = self.acme.sync_routes(routes);
+        if control.running.is_some() {
+            self.acme.load_stored(Some(&added));
+            self.acme.start(Some(&added));
         }
         let live: Vec<Arc<str>> = table.routes().iter().map(|r| r.label.clone()).collect();
         self.metrics.routes.retain_labels(&live);
@@ -233,6 +253,25 @@ impl Engine {
         ids
     }
 
+    pub fn certificate_status(&self, route_name: &str) -> Option<CertStatus> {
+        self.acme.status(route_name)
+    }
+
+    /// Orders the route's certificate now, one attempt (`provisionCertificate`, `renewCertificate`).
+    pub async fn order_certificate(&self, route_name: &str) -> Result<(), String> {
+        self.acme.order_now(route_name).await
+    }
+
+    /// Orders it in the background with retries (where `certProvisionFunction` answered 'http01').
+    pub fn order_certificate_in_background(&self, route_name: &str) {
+        self.acme.order_in_background(route_name.to_string());
+    }
+
+    /// A certificate from `certProvisionFunction` for one domain of the route.
+    pub fn install_certificate(&self, route_name: &str, domain: &str, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        self.acme.install_custom(route_name, domain, chain_pem, key_pem)
+    }
+
     pub fn listening_ports(&self) -> Vec<u16> {
         self.listening.lock().clone()
     }
@@ -266,6 +305,7 @@ impl Engine {
             proxy_header_from: o.accept_proxy_protocol.then(|| self.trusted_proxies.clone()),
             trusted_proxies: self.trusted_proxies.clone(),
             send_proxy_protocol: o.send_proxy_protocol,
+            acme_challenges: self.acme.challenges(),
             http: Arc::new(HttpEnv {
                 metrics: self.metrics.clone(),
                 pool,

@@ -124,6 +124,28 @@ pub enum EngineEvent {
     RouteMatched { connection_id: u64, client_ip: IpAddr, port: u16, domain: Option<String>, route_name: Option<String>, route_id: Option<String> },
     /// A data-path failure worth a user's attention.
     Error { code: &'static str, message: String, connection_id: u64, route_name: Option<String> },
+    /// An automatic certificate was issued, renewed, failed, or is about to expire.
+    Certificate { kind: CertificateEventKind, route_name: String, domain: String, expiry_ms: Option<u64>, error: Option<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateEventKind {
+    Issued,
+    Renewed,
+    Failed,
+    Expiring,
+}
+
+impl CertificateEventKind {
+    /// The event's name on the SmartProxy emitter.
+    pub fn event_name(self) -> &'static str {
+        match self {
+            CertificateEventKind::Issued => "certificate-issued",
+            CertificateEventKind::Renewed => "certificate-renewed",
+            CertificateEventKind::Failed => "certificate-failed",
+            CertificateEventKind::Expiring => "certificate-expiring",
+        }
+    }
 }
 
 pub trait ScriptHost: Send + Sync + 'static {

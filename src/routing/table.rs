@@ -14,7 +14,8 @@ use crate::config::{
     BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RetryConfig, RouteConfig, TargetPort, TlsConfig,
     TlsMode,
 };
-use crate::tls::config::{client_config, server_config, ALPN_H2, ALPN_HTTP11};
+use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
+use crate::tls::dynamic::{CertSlots, SlotResolver};
 use crate::http::headers::HeaderTemplate;
 use crate::metrics::{RouteStats, RouteStatsRegistry};
 use crate::routing::domain::DomainPattern;
@@ -98,10 +99,15 @@ impl RouteTls {
     }
 
     /// `socket_handler`: the plaintext goes to a socket handler, so no HTTP protocol is negotiated.
-    fn compile(config: &TlsConfig, backend_protocol: BackendProtocol, socket_handler: bool) -> Result<RouteTls, (String, String)> {
+    fn compile(config: &TlsConfig, backend_protocol: BackendProtocol, socket_handler: bool, certs: &CertSlots) -> Result<RouteTls, (String, String)> {
         let alpn: &[&[u8]] = if socket_handler { &[] } else { &[ALPN_H2, ALPN_HTTP11] };
         let acceptor = match (config.mode, &config.certificate) {
             (TlsMode::Passthrough, _) => None,
+            (_, None) if config.acme.is_some() => {
+                let name = config.acme.as_ref().map(|a| a.cert_name.as_str()).unwrap_or_default();
+                let resolver = Arc::new(SlotResolver(certs.slot(name)));
+                Some(server_config_with_resolver(resolver, &config.versions, alpn).map_err(|reason| ("action.tls".to_string(), reason))?)
+            }
             (_, Some(pem)) => Some(
                 server_config(&pem.cert, &pem.key, pem.ca.as_deref(), &config.versions, alpn)
                     .map_err(|reason| ("action.tls.certificate".to_string(), reason))?,
@@ -296,6 +302,8 @@ pub struct PortPlan {
     /// Some route here is a socket handler: a plain HTTP connection's first request decides
     /// whether the whole connection goes to it.
     pub socket_handlers: bool,
+    /// ACME HTTP-01 challenges are answered here before any route sees the request.
+    pub acme_challenges: bool,
 }
 
 #[derive(Debug, Default)]
@@ -305,10 +313,11 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn compile(configs: &[RouteConfig], stats: &RouteStatsRegistry) -> Result<RouteTable, ConfigError> {
+    /// `certs`: the engine's slots of automatic certificates, which outlive this table.
+    pub fn compile(configs: &[RouteConfig], stats: &RouteStatsRegistry, certs: &CertSlots) -> Result<RouteTable, ConfigError> {
         let mut routes = Vec::with_capacity(configs.len());
         for config in configs {
-            routes.push(Arc::new(Route::compile(config, stats)?));
+            routes.push(Arc::new(Route::compile(config, stats, certs)?));
         }
         // Stable sort keeps array order among equal priorities.
         let mut ordered: Vec<(usize, Arc<Route>)> = routes.iter().cloned().enumerate().collect();
@@ -322,6 +331,14 @@ impl RouteTable {
                 plan.serves_http |= wants_http || (!route.domains.is_empty() && route.tls.is_none() && !route.http.raw);
                 plan.socket_handlers |= route.socket_handler.is_some();
                 plan.routes.push(route.clone());
+            }
+        }
+        // ACME HTTP-01 is answered on its port ahead of the routes there, even where none listens.
+        for config in configs {
+            if let Some(acme) = config.action.tls.as_ref().and_then(|tls| tls.acme.as_ref()) {
+                let plan = ports.entry(acme.port).or_default();
+                plan.acme_challenges = true;
+                plan.needs_client_data = true;
             }
         }
         Ok(RouteTable { routes, ports })
@@ -352,7 +369,7 @@ impl RouteTable {
 }
 
 impl Route {
-    fn compile(config: &RouteConfig, stats: &RouteStatsRegistry) -> Result<Route, ConfigError> {
+    fn compile(config: &RouteConfig, stats: &RouteStatsRegistry, certs: &CertSlots) -> Result<Route, ConfigError> {
         let name = config.name.as_deref();
         let fail = |field: String, reason: String| ConfigError::in_route(config.index, name, &field, reason);
 
@@ -470,7 +487,7 @@ impl Route {
             tls_versions: config.match_.tls_version.clone(),
             tls: match &config.action.tls {
                 Some(tls) => Some(
-                    RouteTls::compile(tls, config.action.backend_protocol, config.action.socket_handler.is_some()).map_err(|(f, r)| fail(f, r))?,
+                    RouteTls::compile(tls, config.action.backend_protocol, config.action.socket_handler.is_some(), certs).map_err(|(f, r)| fail(f, r))?,
                 ),
                 None => None,
             },
@@ -669,7 +686,7 @@ mod tests {
     }
 
     fn table(routes: &[RouteConfig]) -> RouteTable {
-        RouteTable::compile(routes, &RouteStatsRegistry::default()).expect("valid table")
+        RouteTable::compile(routes, &RouteStatsRegistry::default(), &CertSlots::default()).expect("valid table")
     }
 
     fn winner(t: &RouteTable, port: u16, domain: Option<&str>) -> Option<String> {
@@ -723,7 +740,7 @@ mod tests {
     #[test]
     fn passthrough_routes_only_take_tls() {
         let mut r = route(0, "pt", &[443], &[], 0.0);
-        r.action.tls = Some(TlsConfig { mode: TlsMode::Passthrough, certificate: None, versions: vec![], reject_unauthorized: true });
+        r.action.tls = Some(TlsConfig { mode: TlsMode::Passthrough, certificate: None, versions: vec![], reject_unauthorized: true, acme: None });
         let t = table(&[r]);
         assert!(t.find(&facts(443, None)).is_none());
         let mut f = facts(443, None);
@@ -759,7 +776,7 @@ mod tests {
     fn bad_patterns_are_config_errors_naming_the_route() {
         let mut r = route(4, "api", &[80], &[], 0.0);
         r.security.ip_allow_list = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
-        let err = RouteTable::compile(&[r], &RouteStatsRegistry::default()).unwrap_err();
+        let err = RouteTable::compile(&[r], &RouteStatsRegistry::default(), &CertSlots::default()).unwrap_err();
         assert!(err.message.starts_with("routes[4] \"api\": security.ipAllowList[1]: "), "{}", err.message);
     }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::acme::ChallengeStore;
 use crate::http::io::{ClientCounters, ClientIo};
 use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
 use crate::http::sniff::{first_request as http_first_request, has_conflicting_framing};
@@ -66,6 +67,8 @@ pub struct SessionEnv {
     pub send_proxy_protocol: u8,
     /// Cancelled when a stop's grace period is over: every session closes at once.
     pub force_close: CancellationToken,
+    /// ACME HTTP-01 answers, served on the challenge port ahead of its routes.
+    pub acme_challenges: Arc<ChallengeStore>,
     pub http: Arc<HttpEnv>,
 }
 
@@ -206,6 +209,14 @@ impl Session {
         };
         if let Protocol::Tls { version } = protocol {
             self.tls_version = version;
+        }
+        // An ACME server validating a challenge: answered here, whatever the routes of the port.
+        if plan.acme_challenges && protocol == Protocol::Http {
+            if let Some(response) = http_first_request(&initial).and_then(|first| env.acme_challenges.response_for(&first.path)) {
+                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
+                let _ = client.shutdown().await;
+                return TerminationReason::Completed;
+            }
         }
 
         if env.http.scripts.wants(EventKind::Connection) {

@@ -9,6 +9,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ResolvesServerCert;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme, SupportedProtocolVersion};
 
 /// Where Debian (and most Linux systems) keep the trusted roots as one PEM bundle.
@@ -64,12 +65,27 @@ pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: Option<&str>, allowe
         chain.extend(certificates(ca, "ca")?);
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|err| format!("key: not a valid PEM private key ({err})"))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&versions(allowed)?)
         .map_err(|err| err.to_string())?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|err| format!("cert/key: {err}"))?;
+    finish_server_config(config, alpn)
+}
+
+/// The acceptor config of an automatic-certificate route: the certificate is looked up in its
+/// slot at each handshake (none yet: the handshake fails with an alert).
+pub fn server_config_with_resolver(resolver: Arc<dyn ResolvesServerCert>, allowed: &[String], alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&versions(allowed)?)
+        .map_err(|err| err.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    finish_server_config(config, alpn)
+}
+
+fn finish_server_config(mut config: ServerConfig, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|err| err.to_string())?;

@@ -113,6 +113,24 @@ export interface INativeTls {
   certificate: { key: string; cert: string; ca: string | null } | null;
   versions: string[];
   rejectUnauthorized: boolean;
+  /** `certificate: 'auto'`: the merged ACME settings (then `certificate` is null). */
+  acme: INativeAcme | null;
+}
+
+export interface INativeAcme {
+  /** The route's name (or first domain): its folder in the store, its status key. */
+  certName: string;
+  domains: string[];
+  email: string;
+  directoryUrl: string;
+  directoryCaFile: string | null;
+  /** Absolute. */
+  certificateStore: string;
+  port: number;
+  renewThresholdDays: number;
+  autoRenew: boolean;
+  renewCheckIntervalSecs: number;
+  customProvisioning: boolean;
 }
 
 /** A header name with an exact value (matching) or a template (rewriting). */

@@ -1,5 +1,6 @@
 // The route types of the public API (API.md "Routes"): what users write in `routes`.
 import type * as net from 'node:net';
+import type { IAcmeOptions } from './options.js';
 
 /** A port, a list of ports, or ranges (`{ from, to }`, inclusive). */
 export type TPortRange = number | Array<number | { from: number; to: number }>;
@@ -45,10 +46,12 @@ export interface IRouteMatch {
 export interface IRouteTls {
   mode: TTlsMode;
   certificate?: 'auto' | { key: string; cert: string; ca?: string };
-  acme?: {
+  /** Per-route ACME: the global `acme` options for this route, plus the original's spellings. */
+  acme?: Omit<IAcmeOptions, 'email'> & {
     email: string;
-    useProduction?: boolean;
+    /** Alias of `port`. */
     challengePort?: number;
+    /** Alias of `renewThresholdDays`. */
     renewBeforeDays?: number;
   };
   versions?: string[];

@@ -16,7 +16,9 @@ import type {
   INativeResponse,
   INativeRetry,
   INativeTls,
+  INativeAcme,
 } from '../models/native-config.js';
+import { resolve as pathResolve } from 'node:path';
 import { expandPortRange, isValidPort } from './port-range.js';
 import { nativeSpecOf } from './socket-handlers.js';
 import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
@@ -157,9 +159,10 @@ export function normalizeOptions(options: ISmartProxyOptions, registry: Function
   nativeOptions.defaultSecurity = { ipAllowList: defaultLists.ipAllowList, ipBlockList: defaultLists.ipBlockList };
   const defaultMaxConnections = optionalPositiveInt(defaultSecurity.maxConnections, root, 'defaults.security.maxConnections');
 
+  const acmeContext: IAcmeContext = { global: isRecord(raw.acme) ? raw.acme : {}, customProvisioning: typeof raw.certProvisionFunction === 'function' };
   const routes: INativeRoute[] = [];
   (raw.routes as unknown[]).forEach((route, index) => {
-    const normalized = normalizeRoute(route, index, defaults.target, defaultMaxConnections, warnings, functions);
+    const normalized = normalizeRoute(route, index, defaults.target, defaultMaxConnections, warnings, functions, acmeContext);
     if (normalized !== null) routes.push(normalized);
   });
   return { config: { routes, options: nativeOptions }, warnings, functionIds: functions.used };
@@ -233,6 +236,7 @@ function normalizeRoute(
   defaultMaxConnections: number | null,
   warnings: string[],
   functions: FunctionIds,
+  acme: IAcmeContext,
 ): INativeRoute | null {
   const bare: Place = new Place(`routes[${index}]`);
   if (!isRecord(route)) bare.fail('.', `expected a route object, got ${show(route)}`);
@@ -253,7 +257,8 @@ function normalizeRoute(
   if (action.type !== 'forward' && action.type !== 'socket-handler') {
     at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
   }
-  const tls = normalizeTls(action.tls, at, warnings, describe(index, name));
+  const certName = typeof name === 'string' && name !== '' ? name : match.domains[0] ?? `route-${index}`;
+  const tls = normalizeTls(action.tls, at, warnings, describe(index, name), { ...acme, certName, domains: match.domains });
   rejectLaterActionFeatures(action, at);
   if (action.forwardingEngine === 'nftables' || action.nftables !== undefined) {
     warnings.push(`${describe(index, name)}: nftables forwarding is relayed by the Rust core`);
@@ -386,7 +391,69 @@ function stringList(value: unknown, at: Place, field: string, allowSingle: boole
   return [...(items as string[])];
 }
 
-function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string): INativeTls | null {
+/** What an 'auto' certificate needs beyond the route's own tls block. */
+interface IAcmeContext {
+  /** The global `acme` options. */
+  global: TRecord;
+  /** `certProvisionFunction` is set. */
+  customProvisioning: boolean;
+}
+
+const LETS_ENCRYPT_PRODUCTION = 'https://acme-v02.api.letsencrypt.org/directory';
+const LETS_ENCRYPT_STAGING = 'https://acme-staging-v02.api.letsencrypt.org/directory';
+const ACME_KEYS = new Set([
+  'email', 'accountEmail', 'port', 'challengePort', 'useProduction', 'environment', 'renewThresholdDays', 'renewBeforeDays',
+  'autoRenew', 'certificateStore', 'renewCheckIntervalHours', 'directoryUrl', 'directoryCaFile', 'enabled', 'skipConfiguredCerts',
+]);
+
+/** The global `acme` options merged with the route's `tls.acme` (the route wins), with defaults. */
+function acmeSettings(routeAcme: unknown, context: IAcmeContext & { certName: string; domains: string[] }, at: Place): INativeAcme {
+  if (routeAcme !== undefined && !isRecord(routeAcme)) at.fail('action.tls.acme', `expected an object, got ${show(routeAcme)}`);
+  const own = (routeAcme ?? {}) as TRecord;
+  rejectUnknownKeys(own, ACME_KEYS, at, 'action.tls.acme.');
+  const pick = (...keys: string[]): unknown => {
+    for (const source of [own, context.global]) {
+      for (const key of keys) if (source[key] !== undefined) return source[key];
+    }
+    return undefined;
+  };
+  const text = (value: unknown, field: string): string | null => {
+    if (value === undefined) return null;
+    if (typeof value !== 'string' || value === '') at.fail(field, `expected a non-empty string, got ${show(value)}`);
+    return value;
+  };
+  const positive = (value: unknown, field: string, fallback: number): number => {
+    if (value === undefined) return fallback;
+    if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) at.fail(field, `expected a positive number, got ${show(value)}`);
+    return value;
+  };
+  const email = text(pick('email', 'accountEmail'), 'acme.email');
+  if (email === null) at.fail('action.tls.certificate', `'auto' needs an ACME account email: set acme.email (or the route's tls.acme.email)`);
+  const domains = context.domains.filter((d) => !d.includes('*')).map((d) => d.toLowerCase().replace(/\.$/, ''));
+  if (domains.length === 0) {
+    at.fail('action.tls.certificate', `'auto' needs match.domains with at least one name without wildcards (HTTP-01 cannot validate wildcards)`);
+  }
+  const port = pick('challengePort', 'port') ?? 80;
+  if (!isValidPort(port)) at.fail('acme.port', `expected a port number, got ${show(port)}`);
+  const production = pick('useProduction') === true || pick('environment') === 'production';
+  const autoRenew = pick('autoRenew');
+  if (autoRenew !== undefined && typeof autoRenew !== 'boolean') at.fail('acme.autoRenew', `expected true or false, got ${show(autoRenew)}`);
+  return {
+    certName: context.certName,
+    domains: [...new Set(domains)],
+    email,
+    directoryUrl: text(pick('directoryUrl'), 'acme.directoryUrl') ?? (production ? LETS_ENCRYPT_PRODUCTION : LETS_ENCRYPT_STAGING),
+    directoryCaFile: text(pick('directoryCaFile'), 'acme.directoryCaFile'),
+    certificateStore: pathResolve(text(pick('certificateStore'), 'acme.certificateStore') ?? './certs'),
+    port: port as number,
+    renewThresholdDays: Math.ceil(positive(pick('renewBeforeDays', 'renewThresholdDays'), 'acme.renewThresholdDays', 30)),
+    autoRenew: autoRenew !== false,
+    renewCheckIntervalSecs: Math.ceil(positive(pick('renewCheckIntervalHours'), 'acme.renewCheckIntervalHours', 24) * 3600),
+    customProvisioning: context.customProvisioning,
+  };
+}
+
+function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string, acme: IAcmeContext & { certName: string; domains: string[] }): INativeTls | null {
   if (tls === undefined || tls === null) return null;
   if (!isRecord(tls)) at.fail('action.tls', `expected an object, got ${show(tls)}`);
   rejectUnknownKeys(tls, TLS_KEYS, at, 'action.tls.');
@@ -403,10 +470,12 @@ function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string):
   if (mode === 'passthrough') {
     const ignored = ['certificate', 'acme', 'versions'].filter((k) => tls[k] !== undefined);
     if (ignored.length > 0) warnings.push(`${who}: action.tls.${ignored.join(', ')} ignored: a passthrough route does not terminate TLS`);
-    return { mode, certificate: null, versions: [], rejectUnauthorized };
+    return { mode, certificate: null, versions: [], rejectUnauthorized, acme: null };
   }
-  if (tls.certificate === 'auto') at.notYet('action.tls.certificate', `'auto' certificates come with ACME`);
-  if (tls.acme !== undefined) at.notYet('action.tls.acme', 'ACME comes with automatic certificates');
+  if (tls.certificate === 'auto') {
+    return { mode, certificate: null, versions, rejectUnauthorized, acme: acmeSettings(tls.acme, acme, at) };
+  }
+  if (tls.acme !== undefined) warnings.push(`${who}: action.tls.acme ignored: the route has its own certificate`);
   if (tls.certificate === undefined) at.fail('action.tls.certificate', `a '${mode}' route needs a certificate { key, cert } (PEM)`);
   const cert = tls.certificate;
   if (!isRecord(cert)) at.fail('action.tls.certificate', `expected 'auto' or { key, cert, ca? } with PEM text, got ${show(cert)}`);
@@ -420,6 +489,7 @@ function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string):
     certificate: { key: cert.key as string, cert: cert.cert as string, ca: (cert.ca as string | undefined) ?? null },
     versions,
     rejectUnauthorized,
+    acme: null,
   };
 }
 

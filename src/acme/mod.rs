@@ -1,0 +1,366 @@
+//! Automatic certificates (`certificate: 'auto'`): per route, the stored certificate is loaded at
+//! start, a missing one is ordered over ACME HTTP-01 once every listener is up (failures retried
+//! with backoff and reported), certificates inside the renewal threshold are renewed by a periodic
+//! check, and each new certificate is installed in the route's `CertSlot` for the next handshake.
+//! One order per route at a time. Certificates from `certProvisionFunction` are installed here too.
+//! Knows nothing of napi: events go out through `Scripts`.
+
+mod challenge;
+mod order;
+mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub use challenge::ChallengeStore;
+
+use crate::config::{AcmeSettings, RouteConfig};
+use crate::hooks::{CertificateEventKind, EngineEvent, Scripts};
+use crate::tls::dynamic::{CertSlot, CertSlots, LoadedCert};
+use order::OrderRequest;
+use store::{epoch_ms, CertMeta, CertStore};
+
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Backoff of the automatic retries after a failed order: 1 min doubling up to 1 h.
+const RETRY_FIRST: Duration = Duration::from_secs(60);
+const RETRY_MAX: Duration = Duration::from_secs(60 * 60);
+/// The renewal check never runs more often than this, whatever the settings say.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `ICertStatus` of the API.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertStatus {
+    pub domain: String,
+    /// 'valid' | 'pending' | 'expired' | 'error'
+    pub status: &'static str,
+    /// Milliseconds since the Unix epoch.
+    pub expiry_date: Option<u64>,
+    pub issue_date: Option<u64>,
+    /// 'acme' | 'custom'
+    pub source: &'static str,
+    pub error: Option<String>,
+}
+
+/// One automatic-certificate route.
+struct Managed {
+    settings: Mutex<AcmeSettings>,
+    slot: Arc<CertSlot>,
+    status: Mutex<CertStatus>,
+    /// The route-wide certificate served now (its dates decide renewal).
+    current: Mutex<Option<LoadedCert>>,
+    /// One order at a time for this route.
+    ordering: tokio::sync::Mutex<()>,
+}
+
+impl Managed {
+    fn first_domain(&self) -> String {
+        self.settings.lock().domains.first().cloned().unwrap_or_default()
+    }
+}
+
+pub struct AcmeManager {
+    slots: Arc<CertSlots>,
+    challenges: Arc<ChallengeStore>,
+    scripts: Scripts,
+    managed: Mutex<HashMap<String, Arc<Managed>>>,
+    /// Set while the engine runs: cancels the background orders and the renewal check at stop.
+    running: Mutex<Option<CancellationToken>>,
+}
+
+impl AcmeManager {
+    pub fn new(slots: Arc<CertSlots>, scripts: Scripts) -> Arc<AcmeManager> {
+        // instant-acme's HTTPS client takes the process default provider: make it ring, ours.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Arc::new(AcmeManager { slots, challenges: Arc::default(), scripts, managed: Mutex::default(), running: Mutex::default() })
+    }
+
+    pub fn challenges(&self) -> Arc<ChallengeStore> {
+        self.challenges.clone()
+    }
+
+    /// Takes the automatic-certificate routes of a (new) table; returns the names it did not
+    /// manage before. Routes no longer there are forgotten (their slots too).
+    pub fn sync_routes(&self, routes: &[RouteConfig]) -> Vec<String> {
+        let wanted: HashMap<String, AcmeSettings> = routes
+            .iter()
+            .filter_map(|r| r.action.tls.as_ref().and_then(|tls| tls.acme.clone()))
+            .map(|settings| (settings.cert_name.clone(), settings))
+            .collect();
+        let mut added = Vec::new();
+        let mut managed = self.managed.lock();
+        managed.retain(|name, _| wanted.contains_key(name));
+        for (name, settings) in wanted {
+            match managed.get(&name) {
+                Some(existing) => *existing.settings.lock() = settings,
+                None => {
+                    let status = CertStatus {
+                        domain: settings.domains.first().cloned().unwrap_or_default(),
+                        status: "pending",
+                        expiry_date: None,
+                        issue_date: None,
+                        source: "acme",
+                        error: None,
+                    };
+                    managed.insert(
+                        name.clone(),
+                        Arc::new(Managed {
+                            slot: self.slots.slot(&name),
+                            settings: Mutex::new(settings),
+                            status: Mutex::new(status),
+                            current: Mutex::new(None),
+                            ordering: tokio::sync::Mutex::new(()),
+                        }),
+                    );
+                    added.push(name);
+                }
+            }
+        }
+        let names: Vec<&str> = managed.keys().map(String::as_str).collect();
+        self.slots.retain(&names);
+        added
+    }
+
+    /// Loads what the store holds for `names` (all managed routes when `None`), so the first
+    /// handshakes already have it. Call before the listeners are bound.
+    pub fn load_stored(&self, names: Option<&[String]>) {
+        for (name, managed) in self.selected(names) {
+            if managed.current.lock().is_some() {
+                continue;
+            }
+            let settings = managed.settings.lock().clone();
+            let store = CertStore::new(&settings.certificate_store);
+            let Some(stored) = store.load(&name) else { continue };
+            let mut stored_domains = stored.meta.domains.clone();
+            let mut domains = settings.domains.clone();
+            stored_domains.sort();
+            domains.sort();
+            if stored_domains != domains {
+                tracing::info!(route = %name, "the stored certificate is for other domains; ordering a new one");
+                continue;
+            }
+            match LoadedCert::from_pem(&stored.chain_pem, &stored.key_pem) {
+                Ok(cert) => {
+                    let source = if stored.meta.source == "custom" { "custom" } else { "acme" };
+                    self.install(&managed, &name, cert, source, None);
+                }
+                Err(err) => tracing::warn!(route = %name, error = %err, "the stored certificate cannot be used; ordering a new one"),
+            }
+        }
+    }
+
+    /// Starts the background work once every listener is up: orders for the routes in `names`
+    /// (all when `None`) that have no usable certificate, and the periodic renewal check.
+    pub fn start(self: &Arc<Self>, names: Option<&[String]>) {
+        let token = {
+            let mut running = self.running.lock();
+            running.get_or_insert_with(CancellationToken::new).clone()
+        };
+        if names.is_none() {
+            let this = self.clone();
+            let cancel = token.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = this.renewal_loop() => {}
+                }
+            });
+        }
+        for (name, managed) in self.selected(names) {
+            let settings = managed.settings.lock().clone();
+            if !settings.custom_provisioning && self.needs_order(&managed, &settings) {
+                self.order_in_background(name);
+            }
+        }
+    }
+
+    /// Orders the route's certificate in the background, retrying with backoff until it is
+    /// issued or the engine stops (where `certProvisionFunction` declined, the wrapper asks).
+    pub fn order_in_background(self: &Arc<Self>, name: String) {
+        let Some(cancel) = self.running.lock().clone() else { return };
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = this.order_until_issued(name) => {}
+            }
+        });
+    }
+
+    /// Cancels the background work (orders in flight are abandoned; their challenges withdrawn).
+    pub fn stop(&self) {
+        if let Some(token) = self.running.lock().take() {
+            token.cancel();
+        }
+    }
+
+    pub fn status(&self, name: &str) -> Option<CertStatus> {
+        let managed = self.managed.lock().get(name).cloned()?;
+        let mut status = managed.status.lock().clone();
+        if status.status == "valid" && status.expiry_date.is_some_and(|expiry| expiry <= epoch_ms(SystemTime::now())) {
+            status.status = "expired";
+        }
+        Some(status)
+    }
+
+    /// Orders a certificate for the route now (one attempt) and installs it.
+    pub async fn order_now(&self, name: &str) -> Result<(), String> {
+        let managed = self.managed.lock().get(name).cloned().ok_or_else(|| format!("no route named {name:?} has certificate: 'auto'"))?;
+        self.order(name, &managed).await
+    }
+
+    /// Installs a certificate `certProvisionFunction` gave for one domain of the route.
+    pub fn install_custom(&self, name: &str, domain: &str, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        let managed = self.managed.lock().get(name).cloned().ok_or_else(|| format!("no route named {name:?} has certificate: 'auto'"))?;
+        let cert = LoadedCert::from_pem(chain_pem, key_pem)?;
+        managed.slot.install_for_domain(domain, &cert);
+        let mut status = managed.status.lock();
+        *status = CertStatus {
+            domain: domain.to_string(),
+            status: "valid",
+            expiry_date: Some(epoch_ms(cert.not_after)),
+            issue_date: Some(epoch_ms(cert.not_before)),
+            source: "custom",
+            error: None,
+        };
+        drop(status);
+        self.event(CertificateEventKind::Issued, name, domain, Some(epoch_ms(cert.not_after)), None);
+        Ok(())
+    }
+
+    fn selected(&self, names: Option<&[String]>) -> Vec<(String, Arc<Managed>)> {
+        let managed = self.managed.lock();
+        match names {
+            None => managed.iter().map(|(n, m)| (n.clone(), m.clone())).collect(),
+            Some(names) => names.iter().filter_map(|n| managed.get(n).map(|m| (n.clone(), m.clone()))).collect(),
+        }
+    }
+
+    /// No certificate, or one inside the renewal threshold.
+    fn needs_order(&self, managed: &Managed, settings: &AcmeSettings) -> bool {
+        match managed.current.lock().as_ref() {
+            None => managed.slot.is_empty(),
+            Some(cert) => cert.remaining(SystemTime::now()) < DAY * settings.renew_threshold_days,
+        }
+    }
+
+    /// The automatic order of a route: retried with backoff until it succeeds (or stop).
+    async fn order_until_issued(&self, name: String) {
+        let mut wait = RETRY_FIRST;
+        loop {
+            let Some(managed) = self.managed.lock().get(&name).cloned() else { return };
+            if self.order(&name, &managed).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// One order: on success stored and installed; on failure reported (event and status).
+    async fn order(&self, name: &str, managed: &Arc<Managed>) -> Result<(), String> {
+        let _one_at_a_time = managed.ordering.lock().await;
+        let settings = managed.settings.lock().clone();
+        let renewal = managed.current.lock().is_some();
+        if !renewal {
+            managed.status.lock().status = "pending";
+        }
+        let store = CertStore::new(&settings.certificate_store);
+        let request = OrderRequest {
+            directory_url: &settings.directory_url,
+            directory_ca_file: settings.directory_ca_file.as_deref(),
+            email: &settings.email,
+            domains: &settings.domains,
+        };
+        let result = async {
+            let issued = order::issue(&request, &store, &self.challenges).await?;
+            let cert = LoadedCert::from_pem(&issued.chain_pem, &issued.key_pem).map_err(|err| format!("the issued certificate: {err}"))?;
+            let meta = CertMeta {
+                domains: settings.domains.clone(),
+                issued_at: epoch_ms(cert.not_before),
+                expires_at: epoch_ms(cert.not_after),
+                source: "acme".into(),
+                directory_url: Some(settings.directory_url.clone()),
+            };
+            store.save(name, &issued.chain_pem, &issued.key_pem, &meta)?;
+            Ok::<_, String>(cert)
+        }
+        .await;
+        match result {
+            Ok(cert) => {
+                let kind = if renewal { CertificateEventKind::Renewed } else { CertificateEventKind::Issued };
+                self.install(managed, name, cert, "acme", Some(kind));
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(route = %name, error = %err, "certificate order failed");
+                {
+                    let mut status = managed.status.lock();
+                    // A certificate still being served stays valid; the failure is reported.
+                    if !renewal {
+                        status.status = "error";
+                    }
+                    status.error = Some(err.clone());
+                }
+                self.event(CertificateEventKind::Failed, name, &managed.first_domain(), None, Some(err.clone()));
+                Err(err)
+            }
+        }
+    }
+
+    fn install(&self, managed: &Managed, name: &str, cert: LoadedCert, source: &'static str, event: Option<CertificateEventKind>) {
+        managed.slot.install(&cert);
+        let expiry = epoch_ms(cert.not_after);
+        *managed.status.lock() = CertStatus {
+            domain: managed.first_domain(),
+            status: "valid",
+            expiry_date: Some(expiry),
+            issue_date: Some(epoch_ms(cert.not_before)),
+            source,
+            error: None,
+        };
+        *managed.current.lock() = Some(cert);
+        if let Some(kind) = event {
+            self.event(kind, name, &managed.first_domain(), Some(expiry), None);
+        }
+    }
+
+    /// Every `renewCheckIntervalHours` (the shortest among the routes): certificates inside their
+    /// threshold are reported expiring and, with `autoRenew`, renewed.
+    async fn renewal_loop(&self) {
+        loop {
+            let interval = self
+                .selected(None)
+                .iter()
+                .map(|(_, m)| Duration::from_secs(m.settings.lock().renew_check_interval_secs))
+                .min()
+                .unwrap_or(DAY)
+                .max(MIN_CHECK_INTERVAL);
+            tokio::time::sleep(interval).await;
+            for (name, managed) in self.selected(None) {
+                let settings = managed.settings.lock().clone();
+                let remaining = match managed.current.lock().as_ref() {
+                    Some(cert) => cert.remaining(SystemTime::now()),
+                    None => continue,
+                };
+                if remaining >= DAY * settings.renew_threshold_days {
+                    continue;
+                }
+                let expiry = managed.status.lock().expiry_date;
+                self.event(CertificateEventKind::Expiring, &name, &managed.first_domain(), expiry, None);
+                if settings.auto_renew {
+                    let _ = self.order(&name, &managed).await;
+                }
+            }
+        }
+    }
+
+    fn event(&self, kind: CertificateEventKind, name: &str, domain: &str, expiry_ms: Option<u64>, error: Option<String>) {
+        self.scripts.emit(EngineEvent::Certificate { kind, route_name: name.to_string(), domain: domain.to_string(), expiry_ms, error });
+    }
+}
