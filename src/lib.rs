@@ -2,6 +2,7 @@
 //! engine results and errors into JavaScript values. All behaviour lives in the modules below.
 
 mod acme;
+mod balance;
 mod bridge;
 mod config;
 mod engine;

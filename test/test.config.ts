@@ -436,11 +436,8 @@ tap.test('features of later issues are refused with an error naming the route an
     ['match.headers.x-a', base({}, {}, { headers: { 'x-a': /b+/ } })],
     ['action.targets[0].match.headers.x-a', base({ target: undefined, targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] })],
     ['action.targets[0].tls', base({ target: undefined, targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] })],
-    ['action.targets[0].weight', base({ target: undefined, targets: [{ host: 'h', port: 1, weight: 3 }] })],
     ['action.websocket.pingInterval', base({ websocket: { enabled: true, pingInterval: 1000 } })],
-    ['action.loadBalancing', base({ loadBalancing: { algorithm: 'least-connections' } })],
-    ['action.loadBalancing', base({ loadBalancing: { algorithm: 'round-robin', healthCheck: { path: '/', interval: 1, timeout: 1, unhealthyThreshold: 1, healthyThreshold: 1 } } })],
-    
+    ['action.loadBalancing.affinity', base({ loadBalancing: { algorithm: 'round-robin', affinity: { key: 'ip' } } })],
     ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
     ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
     ['action.targets[0].sendProxyProtocol', base({ target: undefined, targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] })],
@@ -459,6 +456,23 @@ tap.test('features of later issues are refused with an error naming the route an
   expect(accepted.config.routes[1].action.connectTimeoutMs).toEqual(10);
   const weightOne = normalize({ routes: [{ match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'h', port: 1, weight: 1 }] } }] });
   expect(weightOne.config.routes[0].action.targets).toHaveLength(1);
+});
+
+tap.test('loadBalancing and target weights: defaults, health-check defaults, and errors naming the field', async () => {
+  const lb = (loadBalancing: unknown, targets: unknown[] = [{ host: 'a', port: 1 }, { host: 'b', port: 1, weight: 3 }]) =>
+    ({ routes: [{ name: 'lb', match: { ports: 80 }, action: { type: 'forward', targets, loadBalancing } }] });
+  const plain = normalize(lb(undefined)).config.routes[0].action;
+  expect(plain.loadBalancing).toEqual({ algorithm: 'round-robin', healthCheck: null });
+  expect(plain.targets.map((t) => t.weight)).toEqual([1, 3]);
+  const checked = normalize(lb({ algorithm: 'least-connections', healthCheck: { path: '/health', interval: 200 } })).config.routes[0].action.loadBalancing;
+  expect(checked).toEqual({ algorithm: 'least-connections', healthCheck: { path: '/health', intervalMs: 200, timeoutMs: 5000, unhealthyThreshold: 3, healthyThreshold: 2 } });
+  expect(normalize(lb({ algorithm: 'ip-hash' })).config.routes[0].action.loadBalancing.algorithm).toEqual('ip-hash');
+  expect(configError(lb({ algorithm: 'random' })).message).toStartWith('routes[0] "lb": action.loadBalancing.algorithm: ');
+  expect(configError(lb({ healthCheck: { path: 'health' } })).message).toStartWith('routes[0] "lb": action.loadBalancing.healthCheck.path: ');
+  expect(configError(lb({ healthCheck: { interval: 0 } })).message).toStartWith('routes[0] "lb": action.loadBalancing.healthCheck.interval: ');
+  expect(configError(lb({ healthCheck: { every: 5 } })).message).toStartWith('routes[0] "lb": action.loadBalancing.healthCheck.every: ');
+  expect(configError(lb(undefined, [{ host: 'a', port: 1, weight: 0 }])).message).toStartWith('routes[0] "lb": action.targets[0].weight: ');
+  expect(configError(lb(undefined, [{ host: 'a', port: 1, weight: 1.5 }])).message).toStartWith('routes[0] "lb": action.targets[0].weight: ');
 });
 
 tap.test("certificate 'auto': global acme merged with the route's tls.acme, defaults, aliases and errors", async () => {

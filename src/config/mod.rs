@@ -114,6 +114,35 @@ pub struct ActionConfig {
     pub socket_handler: Option<u32>,
     /// PROXY header version towards this route's backends (0 = none, 1, 2); `None` = the option's.
     pub send_proxy_protocol: Option<u8>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancingConfig {
+    pub algorithm: BalanceAlgorithm,
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceAlgorithm {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+    IpHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckConfig {
+    /// Probed with GET over HTTP on HTTP routes; raw TCP routes are probed with a connect.
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -212,6 +241,13 @@ pub struct TargetConfig {
     pub match_methods: Option<Vec<String>>,
     pub priority: f64,
     pub headers: HeaderTemplatesConfig,
+    /// Share of picks under load balancing (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acme::{AcmeManager, CertStatus};
+use crate::balance::health::HealthChecks;
+use crate::balance::BackendRegistry;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
 use crate::http::proxy::HttpEnv;
@@ -54,6 +56,9 @@ pub struct Engine {
     /// Automatic certificates: their slots outlive tables; orders run while started.
     cert_slots: Arc<CertSlots>,
     acme: Arc<AcmeManager>,
+    /// Backend health and in-flight counts, kept across tables; probes run while started.
+    backends: Arc<BackendRegistry>,
+    health_checks: HealthChecks,
 }
 
 #[derive(Default)]
@@ -103,7 +108,8 @@ impl Engine {
         }
         let metrics = Arc::new(EngineMetrics::default());
         let cert_slots = Arc::new(CertSlots::default());
-        let table = RouteTable::compile(&config.routes, &metrics.routes, &cert_slots)?;
+        let backends = Arc::new(BackendRegistry::default());
+        let table = RouteTable::compile(&config.routes, &metrics.routes, &cert_slots, &backends)?;
         let global_policy = global_policy(&config.options)?;
         let trusted_proxies = IpList::parse(&config.options.proxy_ips)
             .map_err(|(i, reason)| ConfigError::in_options(&format!("proxyIPs[{i}]"), reason))?;
@@ -120,6 +126,8 @@ impl Engine {
         Ok(Engine {
             cert_slots,
             acme,
+            backends,
+            health_checks: HealthChecks::default(),
             scripts,
             retired_tables: Mutex::default(),
             global_policy,
@@ -157,6 +165,7 @@ impl Engine {
         ports.bind_all(&self.wanted_ports(&control), &on_accept).map_err(EngineError::Bind)?;
         // Orders need the challenge port listening.
         self.acme.start(None);
+        self.health_checks.sync(self.table.read().health_probes());
         let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone()));
         *self.listening.lock() = ports.ports();
         control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler });
@@ -171,6 +180,7 @@ impl Engine {
             return;
         };
         self.acme.stop();
+        self.health_checks.stop_all();
         running.ports.release_all().await;
         self.listening.lock().clear();
         running.sampler.abort();
@@ -190,7 +200,7 @@ impl Engine {
     /// releases the ports nobody uses any more. Open connections keep the table they started with.
     pub async fn update_routes(&self, routes: &[RouteConfig]) -> Result<(), EngineError> {
         let mut control = self.control.lock().await;
-        let table = Arc::new(RouteTable::compile(routes, &self.metrics.routes, &self.cert_slots).map_err(EngineError::Config)?);
+        let table = Arc::new(RouteTable::compile(routes, &self.metrics.routes, &self.cert_slots, &self.backends).map_err(EngineError::Config)?);
         let previous = std::mem::replace(&mut *self.table.write(), table.clone());
         self.retired_tables.lock().push(Arc::downgrade(&previous));
         let removed_before = std::mem::take(&mut control.removed_ports);
@@ -212,7 +222,9 @@ impl Engine {
         if control.running.is_some() {
             self.acme.load_stored(Some(&added));
             self.acme.start(Some(&added));
+            self.health_checks.sync(table.health_probes());
         }
+        self.backends.prune();
         let live: Vec<Arc<str>> = table.routes().iter().map(|r| r.label.clone()).collect();
         self.metrics.routes.retain_labels(&live);
         Ok(())

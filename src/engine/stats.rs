@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use super::Engine;
+use crate::balance::BackendStatus;
 use crate::metrics::Rate;
 
 #[derive(Debug, Serialize)]
@@ -27,6 +28,8 @@ pub struct Statistics {
     pub bytes_out: u64,
     /// Per route: requests refused by its rate limit (429), authentication (401) and IP lists (403).
     pub refusals: BTreeMap<String, Refusals>,
+    /// Per route with balanced targets: each backend's health and in-flight count.
+    pub backends: BTreeMap<String, Vec<BackendStatus>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,6 +110,14 @@ impl Engine {
                     let refusals = Refusals { rate_limited: count(&stats.rate_limited), unauthorized: count(&stats.unauthorized), forbidden: count(&stats.forbidden) };
                     (label.to_string(), refusals)
                 })
+                .collect(),
+            backends: self
+                .table
+                .read()
+                .routes()
+                .iter()
+                .map(|route| (route.label.to_string(), route.backend_statuses()))
+                .filter(|(_, backends)| !backends.is_empty())
                 .collect(),
         }
     }

@@ -151,7 +151,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     if let Some(native) = &route.http.native {
         return Ok(native_response(native, &templates));
     }
-    let Some(mut target) = route.select_target_for(ctx.local_port, Some(&facts)) else {
+    let Some(mut target) = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts)) else {
         return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
     };
     // Function targets see the request; the context is built only for routes that have them.
@@ -249,6 +249,13 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             pool.checkout(&key, connect_timeout, ctx.env.no_delay).await
         };
         fresh_connection = false;
+        if let Some(lease) = &target.lease {
+            match &checked_out {
+                Ok(checkout) if !checkout.reused() => lease.report_connect(true),
+                Ok(_) => {}
+                Err(_) => lease.report_connect(false),
+            }
+        }
         let mut checkout = match checked_out {
             Ok(checkout) => checkout,
             // Nothing was sent: any request may go to the next pick.
@@ -256,7 +263,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
                 continue;
             }
             Err(err) => return Err(upstream_failure(err)),
@@ -283,7 +290,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
             }
             Ok(response) => break (response, checkout, key, request_sent),
             // A pooled connection the upstream closed just as it was reused fails before the
@@ -305,7 +312,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             Err(SendError::Timeout) if policy.on_timeout && replayable && attempt < policy.max_retries => {
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
             }
             Err(SendError::Timeout) => {
                 return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
@@ -332,6 +339,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         request_sent,
         response_read,
         _route_slot: route_slot,
+        _backend_lease: target.lease,
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -610,6 +618,8 @@ struct ReturningBody {
     request_sent: Arc<AtomicBool>,
     response_read: Arc<AtomicBool>,
     _route_slot: RouteGuard,
+    /// The backend's in-flight slot, until the response has been passed on.
+    _backend_lease: Option<crate::balance::Lease>,
 }
 
 impl Body for ReturningBody {

@@ -11,11 +11,13 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::{
-    BackendProtocol, ConfigError, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RetryConfig, RouteConfig, TargetPort, TlsConfig,
+    BackendProtocol, ConfigError, HealthCheckConfig, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RetryConfig, RouteConfig, TargetPort, TlsConfig,
     TlsMode,
 };
 use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
 use crate::tls::dynamic::{CertSlots, SlotResolver};
+use crate::balance::health::{ProbeKind, ProbeSpec};
+use crate::balance::{self, Algorithm, BackendRegistry, BackendState, BackendStatus, Candidate, Lease, Thresholds};
 use crate::http::headers::HeaderTemplate;
 use crate::metrics::{RouteStats, RouteStatsRegistry};
 use crate::routing::domain::DomainPattern;
@@ -79,6 +81,17 @@ pub struct Route {
     path: Option<PathPattern>,
     header_matches: Vec<HeaderMatch>,
     pub http: HttpSettings,
+    balancing: Balancing,
+}
+
+/// How the route spreads picks over a backend set.
+#[derive(Debug)]
+struct Balancing {
+    algorithm: Algorithm,
+    thresholds: Thresholds,
+    health_check: Option<HealthCheckConfig>,
+    /// Rotation over the backend set, per table.
+    turn: AtomicUsize,
 }
 
 /// A route's TLS handling, with its rustls configs built once per table.
@@ -245,6 +258,27 @@ struct Target {
     response_headers: Vec<HeaderTemplate>,
     /// Round-robin position over `hosts`, per table: a route update restarts the rotation.
     next_host: AtomicUsize,
+    /// One per static host where the port is fixed: what balancing picks from.
+    backends: Vec<BackendSlot>,
+}
+
+/// One backend of a target: a host of it, with the target's weight.
+#[derive(Debug)]
+struct BackendSlot {
+    target: usize,
+    host: usize,
+    weight: u32,
+    state: Arc<BackendState>,
+}
+
+impl Candidate for BackendSlot {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    fn state(&self) -> &Arc<BackendState> {
+        &self.state
+    }
 }
 
 impl Target {
@@ -275,7 +309,7 @@ fn headers_match(wanted: &[HeaderMatch], headers: &HeaderMap) -> bool {
 }
 
 /// The backend a connection goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct SelectedTarget<'a> {
     /// Empty when `functions.host` chooses.
     pub host: &'a str,
@@ -288,6 +322,8 @@ pub struct SelectedTarget<'a> {
     pub turn: usize,
     pub request_headers: &'a [HeaderTemplate],
     pub response_headers: &'a [HeaderTemplate],
+    /// The backend's in-flight slot (balanced targets); report connects to it, drop it when done.
+    pub lease: Option<Lease>,
 }
 
 /// The routes of one port, in matching order, and what must be read from a client to choose.
@@ -314,10 +350,11 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// `certs`: the engine's slots of automatic certificates, which outlive this table.
-    pub fn compile(configs: &[RouteConfig], stats: &RouteStatsRegistry, certs: &CertSlots) -> Result<RouteTable, ConfigError> {
+    /// `backends`: the engine's backend states (health, in flight), which outlive this table.
+    pub fn compile(configs: &[RouteConfig], stats: &RouteStatsRegistry, certs: &CertSlots, backends: &BackendRegistry) -> Result<RouteTable, ConfigError> {
         let mut routes = Vec::with_capacity(configs.len());
         for config in configs {
-            routes.push(Arc::new(Route::compile(config, stats, certs)?));
+            routes.push(Arc::new(Route::compile(config, stats, certs, backends)?));
         }
         // Stable sort keeps array order among equal priorities.
         let mut ordered: Vec<(usize, Arc<Route>)> = routes.iter().cloned().enumerate().collect();
@@ -348,6 +385,11 @@ impl RouteTable {
         &self.routes
     }
 
+    /// Every backend the routes' health checks probe.
+    pub fn health_probes(&self) -> Vec<ProbeSpec> {
+        self.routes.iter().flat_map(|route| route.health_probes()).collect()
+    }
+
     /// Every port some route listens on.
     pub fn ports(&self) -> BTreeSet<u16> {
         self.ports.keys().copied().collect()
@@ -369,7 +411,7 @@ impl RouteTable {
 }
 
 impl Route {
-    fn compile(config: &RouteConfig, stats: &RouteStatsRegistry, certs: &CertSlots) -> Result<Route, ConfigError> {
+    fn compile(config: &RouteConfig, stats: &RouteStatsRegistry, certs: &CertSlots, backend_states: &BackendRegistry) -> Result<Route, ConfigError> {
         let name = config.name.as_deref();
         let fail = |field: String, reason: String| ConfigError::in_route(config.index, name, &field, reason);
 
@@ -397,6 +439,11 @@ impl Route {
             return Err(fail("action.targets".into(), "a forward route needs at least one target".into()));
         }
         let mut targets = Vec::with_capacity(config.action.targets.len());
+        let label: Arc<str> = match (&config.name, &config.id) {
+            (Some(name), _) => name.as_str().into(),
+            (None, Some(id)) => id.as_str().into(),
+            (None, None) => format!("routes[{}]", config.index).into(),
+        };
         for (i, target) in config.action.targets.iter().enumerate() {
             let hosts_missing = target.hosts.is_empty() && target.host_function.is_none();
             if hosts_missing || target.hosts.iter().any(|h| h.trim().is_empty()) {
@@ -420,7 +467,17 @@ impl Route {
                 None => None,
             };
             let (request_headers, response_headers) = compile_templates(&target.headers).map_err(|(f, r)| fail(field(&f), r))?;
+            let backends = match (target.host_function, target.port) {
+                (None, TargetPort::Fixed(port)) => target
+                    .hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(h, host)| BackendSlot { target: i, host: h, weight: target.weight.max(1), state: backend_states.state(&label, host, port) })
+                    .collect(),
+                _ => Vec::new(),
+            };
             targets.push(Target {
+                backends,
                 hosts: target.hosts.clone(),
                 host_function: target.host_function,
                 port: target.port,
@@ -468,11 +525,6 @@ impl Route {
                 return Err(fail(field.into(), "HTTP security needs requests the proxy reads: not on a passthrough, raw or socket-handler route".into()));
             }
         }
-        let label: Arc<str> = match (&config.name, &config.id) {
-            (Some(name), _) => name.as_str().into(),
-            (None, Some(id)) => id.as_str().into(),
-            (None, None) => format!("routes[{}]", config.index).into(),
-        };
         Ok(Route {
             stats: stats.get(&label),
             label,
@@ -498,6 +550,15 @@ impl Route {
             path,
             header_matches,
             http,
+            balancing: Balancing {
+                algorithm: config.action.load_balancing.algorithm,
+                thresholds: match &config.action.load_balancing.health_check {
+                    Some(check) => Thresholds { unhealthy: check.unhealthy_threshold, healthy: check.healthy_threshold, active: true },
+                    None => Thresholds::default(),
+                },
+                health_check: config.action.load_balancing.health_check.clone(),
+                turn: AtomicUsize::new(0),
+            },
         })
     }
 
@@ -568,23 +629,50 @@ impl Route {
     }
 
     /// The highest-priority target whose `match` fits the connection, else the highest-priority one
-    /// without a `match`; equal priorities keep array order. Host arrays rotate round robin.
-    pub fn select_target(&self, local_port: u16) -> Option<SelectedTarget<'_>> {
-        self.select_target_for(local_port, None)
+    /// without a `match`; equal priorities keep array order. The static hosts of the targets of
+    /// that class and priority form the backend set the route's algorithm picks from.
+    pub fn select_target(&self, local_port: u16, client_ip: IpAddr) -> Option<SelectedTarget<'_>> {
+        self.select_target_for(local_port, client_ip, None)
     }
 
     /// As `select_target`, with the request's path, method and headers for `targets[].match`.
-    pub fn select_target_for(&self, local_port: u16, request: Option<&RequestFacts<'_>>) -> Option<SelectedTarget<'_>> {
+    pub fn select_target_for(&self, local_port: u16, client_ip: IpAddr, request: Option<&RequestFacts<'_>>) -> Option<SelectedTarget<'_>> {
+        let class = |want_match: bool| move |t: &&Target| if want_match { t.has_match() && t.fits(local_port, request) } else { !t.has_match() };
         let best = |want_match: bool| {
-            self.targets
-                .iter()
-                .filter(|t| if want_match { t.has_match() && t.fits(local_port, request) } else { !t.has_match() })
-                .fold(None::<&Target>, |best, t| match best {
-                    Some(b) if b.priority >= t.priority => Some(b),
-                    _ => Some(t),
-                })
+            self.targets.iter().filter(class(want_match)).fold(None::<&Target>, |best, t| match best {
+                Some(b) if b.priority >= t.priority => Some(b),
+                _ => Some(t),
+            })
         };
-        let target = best(true).or_else(|| best(false))?;
+        let (first, want_match) = match best(true) {
+            Some(target) => (target, true),
+            None => (best(false)?, false),
+        };
+        if !first.backends.is_empty() {
+            let priority = first.priority;
+            let set = self
+                .targets
+                .iter()
+                .filter(class(want_match))
+                .filter(move |t| t.priority == priority)
+                .flat_map(|t| t.backends.iter());
+            let balancing = &self.balancing;
+            let (position, lease) = balance::pick(set.clone(), balancing.algorithm, balancing.thresholds, &balancing.turn, client_ip)?;
+            let slot = set.clone().nth(position)?;
+            let target = self.targets.get(slot.target)?;
+            let TargetPort::Fixed(port) = target.port else { return None };
+            return Some(SelectedTarget {
+                host: target.hosts.get(slot.host)?,
+                port,
+                functions: None,
+                hosts: &target.hosts,
+                turn: slot.host,
+                request_headers: &target.request_headers,
+                response_headers: &target.response_headers,
+                lease: Some(lease),
+            });
+        }
+        let target = first;
         let turn = target.next_host.fetch_add(1, Ordering::Relaxed);
         let host = match target.host_function {
             Some(_) => "",
@@ -605,7 +693,43 @@ impl Route {
             turn,
             request_headers: &target.request_headers,
             response_headers: &target.response_headers,
+            lease: None,
         })
+    }
+
+    /// Its balanced backends, for `getStatistics().backends`.
+    pub fn backend_statuses(&self) -> Vec<BackendStatus> {
+        self.targets.iter().flat_map(|t| t.backends.iter().map(|b| BackendStatus::from(&*b.state))).collect()
+    }
+
+    /// What active health checks probe for this route (none without `healthCheck`).
+    pub fn health_probes(&self) -> Vec<ProbeSpec> {
+        let Some(check) = &self.balancing.health_check else { return Vec::new() };
+        let kind = if self.speaks_http() {
+            ProbeKind::Http { path: check.path.clone(), tls: self.tls.as_ref().and_then(|tls| tls.upstream_http1.clone()) }
+        } else {
+            ProbeKind::Tcp
+        };
+        self.targets
+            .iter()
+            .flat_map(|t| t.backends.iter())
+            .map(|b| ProbeSpec {
+                route: self.label.clone(),
+                state: b.state.clone(),
+                kind: kind.clone(),
+                interval: Duration::from_millis(check.interval_ms.max(1)),
+                timeout: Duration::from_millis(check.timeout_ms.max(1)),
+                thresholds: self.balancing.thresholds,
+            })
+            .collect()
+    }
+
+    /// Its traffic reaches the backends as HTTP requests (not as relayed bytes).
+    fn speaks_http(&self) -> bool {
+        match &self.tls {
+            Some(tls) => tls.terminates() && self.socket_handler.is_none(),
+            None => !self.http.raw && (self.wants_http() || !self.domains.is_empty()),
+        }
     }
 }
 
@@ -661,6 +785,7 @@ mod tests {
                 native_response: None,
                 socket_handler: None,
                 send_proxy_protocol: None,
+                load_balancing: Default::default(),
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),
@@ -678,6 +803,7 @@ mod tests {
             match_methods: None,
             priority: 0.0,
             headers: HeaderTemplatesConfig::default(),
+            weight: 1,
         }
     }
 
@@ -686,7 +812,7 @@ mod tests {
     }
 
     fn table(routes: &[RouteConfig]) -> RouteTable {
-        RouteTable::compile(routes, &RouteStatsRegistry::default(), &CertSlots::default()).expect("valid table")
+        RouteTable::compile(routes, &RouteStatsRegistry::default(), &CertSlots::default(), &BackendRegistry::default()).expect("valid table")
     }
 
     fn winner(t: &RouteTable, port: u16, domain: Option<&str>) -> Option<String> {
@@ -755,7 +881,7 @@ mod tests {
         r.action.targets[0].port = TargetPort::Preserve(PreserveKeyword::Preserve);
         let t = table(&[r]);
         let route = t.find(&facts(8000, None)).unwrap();
-        let picks: Vec<_> = (0..4).map(|_| route.select_target(8000).unwrap()).collect();
+        let picks: Vec<_> = (0..4).map(|_| route.select_target(8000, "127.0.0.1".parse().unwrap()).unwrap()).collect();
         assert_eq!(picks.iter().map(|p| p.host).collect::<Vec<_>>(), vec!["a", "b", "a", "b"]);
         assert!(picks.iter().all(|p| p.port == 8000));
     }
@@ -768,15 +894,15 @@ mod tests {
         r.action.targets.push(special);
         let t = table(&[r]);
         let route = t.find(&facts(81, None)).unwrap();
-        assert_eq!(route.select_target(81).unwrap().host, "special");
-        assert_eq!(route.select_target(80).unwrap().host, "10.0.0.1");
+        assert_eq!(route.select_target(81, "127.0.0.1".parse().unwrap()).unwrap().host, "special");
+        assert_eq!(route.select_target(80, "127.0.0.1".parse().unwrap()).unwrap().host, "10.0.0.1");
     }
 
     #[test]
     fn bad_patterns_are_config_errors_naming_the_route() {
         let mut r = route(4, "api", &[80], &[], 0.0);
         r.security.ip_allow_list = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
-        let err = RouteTable::compile(&[r], &RouteStatsRegistry::default(), &CertSlots::default()).unwrap_err();
+        let err = RouteTable::compile(&[r], &RouteStatsRegistry::default(), &CertSlots::default(), &BackendRegistry::default()).unwrap_err();
         assert!(err.message.starts_with("routes[4] \"api\": security.ipAllowList[1]: "), "{}", err.message);
     }
 

@@ -348,7 +348,7 @@ impl Session {
             let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()));
             return serve_http(stream, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
         }
-        let Some(target) = route.select_target(self.local_port) else {
+        let Some(target) = route.select_target(self.local_port, self.client_ip) else {
             return TerminationReason::NoTarget;
         };
         let server_ip = if target.functions.is_some() { client.local_addr().ok().map(|a| canonical_ip(a.ip())) } else { None };
@@ -373,6 +373,13 @@ impl Session {
             &sinks,
         )
         .await;
+        if let Some(lease) = &target.lease {
+            match &connected {
+                Ok(_) => lease.report_connect(true),
+                Err(TerminationReason::BackendConnectFailed | TerminationReason::BackendConnectTimeout) => lease.report_connect(false),
+                Err(_) => {}
+            }
+        }
         let (mut backend, client_done) = match connected {
             Ok(connected) => connected,
             Err(reason) => return reason,

@@ -58,6 +58,7 @@ export interface INativeRoute {
     socketHandler: number | null;
     /** 0 = none, 1 = v1, 2 = v2, null = the option's. */
     sendProxyProtocol: number | null;
+    loadBalancing: INativeLoadBalancing;
   };
   security: {
     ipAllowList: string[];
@@ -157,4 +158,11 @@ export interface INativeTarget {
   matchMethods: string[] | null;
   priority: number;
   headers: INativeHeaderTemplates;
+  /** Share of picks under load balancing (1 to 1000). */
+  weight: number;
+}
+
+export interface INativeLoadBalancing {
+  algorithm: 'round-robin' | 'least-connections' | 'ip-hash';
+  healthCheck: { path: string; intervalMs: number; timeoutMs: number; unhealthyThreshold: number; healthyThreshold: number } | null;
 }

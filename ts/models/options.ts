@@ -119,6 +119,8 @@ export interface IStatistics {
   bytesOut: number;
   /** (ext) Per route name: requests refused by its rate limit (429), authentication (401) and IP lists (403). */
   refusals: Record<string, { rateLimited: number; unauthorized: number; forbidden: number }>;
+  /** (ext) Per route with static targets: each backend's health (active and passive checks) and in-flight connections or requests. */
+  backends: Record<string, Array<{ host: string; port: number; healthy: boolean; inFlight: number }>>;
 }
 
 /** Bytes per second, on the client side: `in` from clients, `out` to them. */

@@ -17,6 +17,7 @@ import type {
   INativeRetry,
   INativeTls,
   INativeAcme,
+  INativeLoadBalancing,
 } from '../models/native-config.js';
 import { resolve as pathResolve } from 'node:path';
 import { expandPortRange, isValidPort } from './port-range.js';
@@ -323,6 +324,7 @@ function normalizeRoute(
       nativeResponse,
       socketHandler,
       sendProxyProtocol: proxyProtocolVersion(action.sendProxyProtocol, at, 'action.sendProxyProtocol'),
+      loadBalancing: normalizeLoadBalancing(action.loadBalancing, at),
     },
     security: { ...lists, maxConnections, ...httpSecurity },
     headers,
@@ -502,11 +504,6 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
       if (ws[key] !== undefined) at.notYet(`action.websocket.${key}`, 'WebSocket ping and payload settings are not implemented yet');
     }
   }
-  if (action.loadBalancing !== undefined) {
-    const lb = action.loadBalancing;
-    const plainRoundRobin = isRecord(lb) && Object.keys(lb).every((k) => k === 'algorithm') && (lb.algorithm ?? 'round-robin') === 'round-robin';
-    if (!plainRoundRobin) at.notYet('action.loadBalancing', 'only round-robin over host arrays works until load balancing lands');
-  }
   if (isRecord(action.options)) {
     const protocol = action.options.backendProtocol;
     if (protocol === 'http3') at.notYet('action.options.backendProtocol', `'http3' needs QUIC, which is not implemented`);
@@ -557,7 +554,10 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
   }
   const priority = t.priority ?? 0;
   if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail(`${field}.priority`, `expected a number, got ${show(priority)}`);
-  if (t.weight !== undefined && t.weight !== 1) at.notYet(`${field}.weight`, 'load-balancing weights come with load balancing');
+  const weight = t.weight ?? 1;
+  if (typeof weight !== 'number' || !Number.isInteger(weight) || weight < 1 || weight > 1000) {
+    at.fail(`${field}.weight`, `expected an integer from 1 to 1000, got ${show(t.weight)}`);
+  }
   if (t.tls !== undefined) at.notYet(`${field}.tls`, 'per-target TLS comes with TLS termination');
   const targetProxy = (target as TRecord).sendProxyProtocol;
   if (targetProxy !== undefined) at.notYet(`${field}.sendProxyProtocol`, 'per-target PROXY headers are not implemented; set it on the route action');
@@ -572,6 +572,41 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
     matchMethods,
     priority,
     headers,
+    weight,
+  };
+}
+
+const LB_ALGORITHMS = ['round-robin', 'least-connections', 'ip-hash'];
+const HEALTH_CHECK_KEYS = new Set(['path', 'interval', 'timeout', 'unhealthyThreshold', 'healthyThreshold']);
+
+/** `action.loadBalancing`: the algorithm (default round-robin) and the active health check. */
+function normalizeLoadBalancing(lb: unknown, at: Place): INativeLoadBalancing {
+  if (lb === undefined) return { algorithm: 'round-robin', healthCheck: null };
+  if (!isRecord(lb)) at.fail('action.loadBalancing', `expected an object, got ${show(lb)}`);
+  rejectUnknownKeys(lb, new Set(['algorithm', 'healthCheck', 'affinity']), at, 'action.loadBalancing.');
+  const algorithm = (lb.algorithm ?? 'round-robin') as INativeLoadBalancing['algorithm'];
+  if (!LB_ALGORITHMS.includes(algorithm)) at.fail('action.loadBalancing.algorithm', `expected one of ${LB_ALGORITHMS.join(', ')}, got ${show(lb.algorithm)}`);
+  if (lb.affinity !== undefined) at.notYet('action.loadBalancing.affinity', 'session affinity comes with the Redis-backed store');
+  if (lb.healthCheck === undefined) return { algorithm, healthCheck: null };
+  const check = lb.healthCheck;
+  if (!isRecord(check)) at.fail('action.loadBalancing.healthCheck', `expected an object, got ${show(check)}`);
+  rejectUnknownKeys(check, HEALTH_CHECK_KEYS, at, 'action.loadBalancing.healthCheck.');
+  const count = (key: string, fallback: number): number => {
+    const v = check[key] ?? fallback;
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) at.fail(`action.loadBalancing.healthCheck.${key}`, `expected a positive integer, got ${show(check[key])}`);
+    return v;
+  };
+  const path = check.path ?? '/';
+  if (typeof path !== 'string' || !path.startsWith('/')) at.fail('action.loadBalancing.healthCheck.path', `expected a path starting with '/', got ${show(check.path)}`);
+  return {
+    algorithm,
+    healthCheck: {
+      path,
+      intervalMs: count('interval', 10000),
+      timeoutMs: count('timeout', 5000),
+      unhealthyThreshold: count('unhealthyThreshold', 3),
+      healthyThreshold: count('healthyThreshold', 2),
+    },
   };
 }
 
