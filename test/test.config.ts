@@ -142,6 +142,7 @@ tap.test('engine options get the documented defaults', async () => {
     proxyIps: [],
     sendProxyProtocol: 0,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
+    redis: null,
   });
 });
 
@@ -191,6 +192,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     proxyIps: ['10.0.0.0/8'],
     sendProxyProtocol: 2,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
+    redis: null,
   });
 });
 
@@ -437,7 +439,6 @@ tap.test('features of later issues are refused with an error naming the route an
     ['action.targets[0].match.headers.x-a', base({ target: undefined, targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] })],
     ['action.targets[0].tls', base({ target: undefined, targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] })],
     ['action.websocket.pingInterval', base({ websocket: { enabled: true, pingInterval: 1000 } })],
-    ['action.loadBalancing.affinity', base({ loadBalancing: { algorithm: 'round-robin', affinity: { key: 'ip' } } })],
     ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
     ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
     ['action.targets[0].sendProxyProtocol', base({ target: undefined, targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] })],
@@ -462,10 +463,10 @@ tap.test('loadBalancing and target weights: defaults, health-check defaults, and
   const lb = (loadBalancing: unknown, targets: unknown[] = [{ host: 'a', port: 1 }, { host: 'b', port: 1, weight: 3 }]) =>
     ({ routes: [{ name: 'lb', match: { ports: 80 }, action: { type: 'forward', targets, loadBalancing } }] });
   const plain = normalize(lb(undefined)).config.routes[0].action;
-  expect(plain.loadBalancing).toEqual({ algorithm: 'round-robin', healthCheck: null });
+  expect(plain.loadBalancing).toEqual({ algorithm: 'round-robin', healthCheck: null, affinity: null });
   expect(plain.targets.map((t) => t.weight)).toEqual([1, 3]);
   const checked = normalize(lb({ algorithm: 'least-connections', healthCheck: { path: '/health', interval: 200 } })).config.routes[0].action.loadBalancing;
-  expect(checked).toEqual({ algorithm: 'least-connections', healthCheck: { path: '/health', intervalMs: 200, timeoutMs: 5000, unhealthyThreshold: 3, healthyThreshold: 2 } });
+  expect(checked).toEqual({ algorithm: 'least-connections', healthCheck: { path: '/health', intervalMs: 200, timeoutMs: 5000, unhealthyThreshold: 3, healthyThreshold: 2 }, affinity: null });
   expect(normalize(lb({ algorithm: 'ip-hash' })).config.routes[0].action.loadBalancing.algorithm).toEqual('ip-hash');
   expect(configError(lb({ algorithm: 'random' })).message).toStartWith('routes[0] "lb": action.loadBalancing.algorithm: ');
   expect(configError(lb({ healthCheck: { path: 'health' } })).message).toStartWith('routes[0] "lb": action.loadBalancing.healthCheck.path: ');
@@ -473,6 +474,13 @@ tap.test('loadBalancing and target weights: defaults, health-check defaults, and
   expect(configError(lb({ healthCheck: { every: 5 } })).message).toStartWith('routes[0] "lb": action.loadBalancing.healthCheck.every: ');
   expect(configError(lb(undefined, [{ host: 'a', port: 1, weight: 0 }])).message).toStartWith('routes[0] "lb": action.targets[0].weight: ');
   expect(configError(lb(undefined, [{ host: 'a', port: 1, weight: 1.5 }])).message).toStartWith('routes[0] "lb": action.targets[0].weight: ');
+  // Affinity: defaults, and each field's errors.
+  expect(normalize(lb({ affinity: { key: 'header:Mcp-Session-Id' } })).config.routes[0].action.loadBalancing.affinity).toEqual({ key: 'header:Mcp-Session-Id', ttlSeconds: 3600, rejectUnknown: false });
+  expect(normalize(lb({ affinity: { key: 'cookie:sid', ttlSeconds: 60, onUnknown: 'reject' } })).config.routes[0].action.loadBalancing.affinity).toEqual({ key: 'cookie:sid', ttlSeconds: 60, rejectUnknown: true });
+  expect(configError(lb({ affinity: { key: 'path' } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.key: ');
+  expect(configError(lb({ affinity: { key: 'ip', ttlSeconds: 0 } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.ttlSeconds: ');
+  expect(configError(lb({ affinity: { key: 'ip', onUnknown: 'drop' } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.onUnknown: ');
+  expect(configError({ routes: [], redis: { url: 'http://x' } }).message).toStartWith('options: redis.url: ');
 });
 
 tap.test("certificate 'auto': global acme merged with the route's tls.acme, defaults, aliases and errors", async () => {
@@ -609,7 +617,7 @@ tap.test('normalizeOptions returns { config, warnings, functionIds }; a clean co
   expect(result.warnings).toEqual([]);
 });
 
-tap.test('warnings: ignored options, nftables, ignored passthrough tls settings, preserveSourceIP, redis', async () => {
+tap.test('warnings: ignored options, nftables, ignored passthrough tls settings, preserveSourceIP; redis is carried over', async () => {
   const { warnings, config } = normalize({
     routes: [
       { name: 'nft', match: { ports: 80 }, action: { type: 'forward', forwardingEngine: 'nftables', target } },
@@ -625,8 +633,8 @@ tap.test('warnings: ignored options, nftables, ignored passthrough tls settings,
   expect(warnings).toContain('routes[1] "pt": action.tls.certificate, versions ignored: a passthrough route does not terminate TLS');
   expect(warnings).toContain('routes[2] "sec": both security and action.security are set; action.security is ignored');
   expect(warnings).toContain('defaults.preserveSourceIP is not supported yet and is ignored');
-  expect(warnings).toContain('redis is not used yet: there is no shared state before load balancing lands');
-  expect(warnings).toHaveLength(6);
+  expect(warnings).toHaveLength(5);
+  expect(config.options.redis).toEqual({ url: 'redis://localhost', keyPrefix: 'smartproxy:' });
   // The warned-about routes are still normalised; route-level security wins over action.security.
   expect(config.routes).toHaveLength(3);
   expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true, acme: null });

@@ -4,6 +4,7 @@
 //! live in a `BackendState` kept across route updates; a `Lease` holds one in-flight slot and
 //! gives it back exactly once, when dropped. Active probes live in `health`.
 
+pub mod affinity;
 pub mod health;
 
 use std::collections::HashMap;
@@ -44,6 +45,7 @@ impl Default for Thresholds {
 pub struct BackendState {
     pub host: String,
     pub port: u16,
+    id: String,
     up: AtomicBool,
     failures: AtomicU32,
     successes: AtomicU32,
@@ -57,6 +59,7 @@ impl BackendState {
         BackendState {
             host: host.to_string(),
             port,
+            id: format!("{host}:{port}"),
             up: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
@@ -95,6 +98,11 @@ impl BackendState {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// `host:port`: how affinity bindings name it.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 }
 
@@ -162,6 +170,19 @@ where
         .or_else(|| choose(candidates.clone(), algorithm, turn, client_ip, |_| true))?;
     let state = candidates.clone().nth(chosen)?.state().clone();
     Some((chosen, Lease::new(state, thresholds)))
+}
+
+/// Leases the candidate whose backend is `host:port`, when it may take traffic.
+pub fn pick_bound<'a, C: Candidate + 'a, I>(candidates: I, backend: &str, thresholds: Thresholds) -> Option<(usize, Lease)>
+where
+    I: Iterator<Item = &'a C>,
+{
+    let now = now_ms();
+    let (position, candidate) = candidates.enumerate().find(|(_, c)| c.state().id() == backend)?;
+    if !candidate.state().eligible(thresholds, now) {
+        return None;
+    }
+    Some((position, Lease::new(candidate.state().clone(), thresholds)))
 }
 
 fn choose<'a, C: Candidate + 'a, I>(candidates: I, algorithm: Algorithm, turn: &AtomicUsize, client_ip: IpAddr, usable: impl Fn(&C) -> bool) -> Option<usize>

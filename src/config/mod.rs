@@ -42,6 +42,16 @@ pub struct EngineOptions {
     /// PROXY header version sent to backends by default (0 = none, 1, 2).
     pub send_proxy_protocol: u8,
     pub default_security: DefaultSecurity,
+    /// Shared session-affinity store across replicas.
+    #[serde(default)]
+    pub redis: Option<RedisOptions>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisOptions {
+    pub url: String,
+    pub key_prefix: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -123,6 +133,18 @@ pub struct ActionConfig {
 pub struct LoadBalancingConfig {
     pub algorithm: BalanceAlgorithm,
     pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub affinity: Option<AffinityConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AffinityConfig {
+    /// `ip`, `header:NAME` or `cookie:NAME`.
+    pub key: String,
+    pub ttl_seconds: u64,
+    /// A value never bound before: balance and bind it, or answer 400.
+    pub reject_unknown: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acme::{AcmeManager, CertStatus};
 use crate::balance::health::HealthChecks;
+use crate::balance::affinity::AffinityStore;
 use crate::balance::BackendRegistry;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
@@ -59,6 +60,8 @@ pub struct Engine {
     /// Backend health and in-flight counts, kept across tables; probes run while started.
     backends: Arc<BackendRegistry>,
     health_checks: HealthChecks,
+    /// Made at the first start (its Redis client needs the runtime); kept across restarts.
+    affinity: std::sync::OnceLock<Arc<AffinityStore>>,
 }
 
 #[derive(Default)]
@@ -113,6 +116,9 @@ impl Engine {
         let global_policy = global_policy(&config.options)?;
         let trusted_proxies = IpList::parse(&config.options.proxy_ips)
             .map_err(|(i, reason)| ConfigError::in_options(&format!("proxyIPs[{i}]"), reason))?;
+        if let Some(redis) = &config.options.redis {
+            redis::Client::open(redis.url.as_str()).map_err(|err| ConfigError::in_options("redis.url", err.to_string()))?;
+        }
         if config.options.send_proxy_protocol > 2 {
             return Err(ConfigError::in_options("sendProxyProtocol", "expected 1 or 2 (or false)"));
         }
@@ -128,6 +134,7 @@ impl Engine {
             acme,
             backends,
             health_checks: HealthChecks::default(),
+            affinity: std::sync::OnceLock::new(),
             scripts,
             retired_tables: Mutex::default(),
             global_policy,
@@ -157,7 +164,8 @@ impl Engine {
         let draining = CancellationToken::new();
         let force_close = CancellationToken::new();
         let pool = Arc::new(UpstreamPool::new(PoolSettings::default()));
-        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone()));
+        let affinity = self.affinity_store()?;
+        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone()));
         let on_accept = self.accept_callback(env, sessions.clone());
         // Stored certificates serve the very first handshakes.
         self.acme.load_stored(None);
@@ -166,7 +174,7 @@ impl Engine {
         // Orders need the challenge port listening.
         self.acme.start(None);
         self.health_checks.sync(self.table.read().health_probes());
-        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone()));
+        let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone(), affinity));
         *self.listening.lock() = ports.ports();
         control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler });
         Ok(())
@@ -295,7 +303,20 @@ impl Engine {
         ports.into_iter().collect()
     }
 
-    fn session_env(&self, draining: CancellationToken, force_close: CancellationToken, pool: Arc<UpstreamPool>) -> SessionEnv {
+    fn affinity_store(&self) -> Result<Arc<AffinityStore>, EngineError> {
+        if let Some(store) = self.affinity.get() {
+            return Ok(store.clone());
+        }
+        let redis = self.options.redis.as_ref().map(|r| (r.url.as_str(), r.key_prefix.as_str()));
+        let store = AffinityStore::new(redis).map_err(|reason| EngineError::Config(ConfigError::in_options("redis", reason)))?;
+        Ok(self.affinity.get_or_init(|| Arc::new(store)).clone())
+    }
+
+    pub fn affinity_stats(&self) -> Option<crate::balance::affinity::AffinityStats> {
+        self.affinity.get().map(|store| store.stats())
+    }
+
+    fn session_env(&self, draining: CancellationToken, force_close: CancellationToken, pool: Arc<UpstreamPool>, affinity: Arc<AffinityStore>) -> SessionEnv {
         let o = &self.options;
         SessionEnv {
             metrics: self.metrics.clone(),
@@ -324,6 +345,7 @@ impl Engine {
                 no_delay: o.no_delay,
                 scripts: self.scripts.clone(),
                 send_proxy_protocol: o.send_proxy_protocol,
+                affinity,
             }),
         }
     }
@@ -349,7 +371,13 @@ fn global_policy(options: &EngineOptions) -> Result<IpPolicy, ConfigError> {
     })
 }
 
-async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<ConnectionLimiter>, pool: Arc<UpstreamPool>, table: Arc<RwLock<Arc<RouteTable>>>) {
+async fn sample_every_second(
+    metrics: Arc<EngineMetrics>,
+    limiter: Arc<ConnectionLimiter>,
+    pool: Arc<UpstreamPool>,
+    table: Arc<RwLock<Arc<RouteTable>>>,
+    affinity: Arc<AffinityStore>,
+) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -358,6 +386,7 @@ async fn sample_every_second(metrics: Arc<EngineMetrics>, limiter: Arc<Connectio
         metrics.sample(now_ms);
         limiter.sample_and_sweep(now_ms);
         pool.sweep();
+        affinity.sweep();
         // Rate-limit keys live at most a window past their last request.
         let current = table.read().clone();
         for route in current.routes() {

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use super::Engine;
+use crate::balance::affinity::AffinityStats;
 use crate::balance::BackendStatus;
 use crate::metrics::Rate;
 
@@ -30,6 +31,8 @@ pub struct Statistics {
     pub refusals: BTreeMap<String, Refusals>,
     /// Per route with balanced targets: each backend's health and in-flight count.
     pub backends: BTreeMap<String, Vec<BackendStatus>>,
+    /// Session-affinity lookups, Redis round trips and fallbacks to memory (once started).
+    pub affinity: Option<AffinityStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,6 +122,7 @@ impl Engine {
                 .map(|route| (route.label.to_string(), route.backend_statuses()))
                 .filter(|(_, backends)| !backends.is_empty())
                 .collect(),
+            affinity: self.affinity_stats(),
         }
     }
 

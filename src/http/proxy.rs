@@ -18,6 +18,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
+use crate::balance::affinity::{AffinityKey, AffinityStore, OnUnknown};
 use crate::config::BackendProtocol;
 use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, TrackedBody};
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
@@ -43,6 +44,8 @@ pub struct HttpEnv {
     pub scripts: Scripts,
     /// PROXY header version sent upstream when a route does not say (0 = none).
     pub send_proxy_protocol: u8,
+    /// Session-affinity bindings (in memory, or shared through Redis).
+    pub affinity: Arc<AffinityStore>,
 }
 
 /// One client connection as the service sees it.
@@ -151,9 +154,41 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     if let Some(native) = &route.http.native {
         return Ok(native_response(native, &templates));
     }
-    let Some(mut target) = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts)) else {
+    // Affinity: a value bound before goes to its backend while that one may take traffic; a
+    // value seen for the first time is balanced, then bound (or refused, when the route says so).
+    let affinity = route.affinity.as_ref();
+    let request_value = affinity.and_then(|a| a.key.request_value(ctx.client_ip, req.headers()));
+    let mut bound_target = None;
+    let mut to_bind: Option<(String, bool)> = None;
+    if let (Some(affinity), Some(value)) = (affinity, &request_value) {
+        let entry = affinity.entry(value);
+        match ctx.env.affinity.lookup(&entry, affinity.ttl).await {
+            Some(backend) => {
+                bound_target = route.select_bound(ctx.local_port, ctx.client_ip, Some(&facts), &backend);
+                if bound_target.is_none() {
+                    // Its backend is down or gone: the replacement takes the binding over.
+                    to_bind = Some((entry, false));
+                }
+            }
+            None if affinity.on_unknown == OnUnknown::Reject && affinity.key != AffinityKey::ClientIp => {
+                return Err(text_response(StatusCode::BAD_REQUEST, "unknown session"));
+            }
+            None => to_bind = Some((entry, true)),
+        }
+    }
+    let Some(mut target) = bound_target.or_else(|| route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts))) else {
         return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
     };
+    if let (Some(affinity), Some((entry, only_if_new))) = (affinity, to_bind) {
+        let backend = format!("{}:{}", target.host, target.port);
+        let winner = ctx.env.affinity.bind(&entry, &backend, affinity.ttl, only_if_new).await;
+        // Another replica bound this value first: follow its choice.
+        if winner != backend {
+            if let Some(theirs) = route.select_bound(ctx.local_port, ctx.client_ip, Some(&facts), &winner) {
+                target = theirs;
+            }
+        }
+    }
     // Function targets see the request; the context is built only for routes that have them.
     let script_context = route.has_target_functions().then(|| ScriptContext {
         connection_id: ctx.connection_id,
@@ -327,6 +362,13 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         };
     }
     let (mut parts, body) = response.into_parts();
+    // A session the backend just issued belongs to it, bound before the client can use it.
+    if let Some(affinity) = affinity {
+        if let Some(issued) = affinity.key.response_value(&parts.headers).filter(|v| request_value.as_ref() != Some(v)) {
+            let backend = format!("{}:{}", target.host, target.port);
+            ctx.env.affinity.bind(&affinity.entry(&issued), &backend, affinity.ttl, false).await;
+        }
+    }
     strip_hop_by_hop(&mut parts.headers, false);
     apply_templates(&mut parts.headers, &route.http.response_headers, &templates);
     apply_templates(&mut parts.headers, target.response_headers, &templates);

@@ -16,6 +16,7 @@ use crate::config::{
 };
 use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
 use crate::tls::dynamic::{CertSlots, SlotResolver};
+use crate::balance::affinity::{Affinity, AffinityKey, OnUnknown};
 use crate::balance::health::{ProbeKind, ProbeSpec};
 use crate::balance::{self, Algorithm, BackendRegistry, BackendState, BackendStatus, Candidate, Lease, Thresholds};
 use crate::http::headers::HeaderTemplate;
@@ -82,6 +83,8 @@ pub struct Route {
     header_matches: Vec<HeaderMatch>,
     pub http: HttpSettings,
     balancing: Balancing,
+    /// Session affinity: which backend a client's key value is bound to.
+    pub affinity: Option<Affinity>,
 }
 
 /// How the route spreads picks over a backend set.
@@ -496,6 +499,19 @@ impl Route {
             None => None,
         };
         let header_matches = compile_header_matches(&config.match_.headers).map_err(|r| fail("match.headers".into(), r))?;
+        let affinity = match &config.action.load_balancing.affinity {
+            None => None,
+            Some(a) => {
+                let key = AffinityKey::parse(&a.key).map_err(|r| fail("action.loadBalancing.affinity.key".into(), r))?;
+                let owner = config.id.as_deref().or(config.name.as_deref()).unwrap_or(&label);
+                Some(Affinity {
+                    key,
+                    ttl: Duration::from_secs(a.ttl_seconds.max(1)),
+                    on_unknown: if a.reject_unknown { OnUnknown::Reject } else { OnUnknown::Assign },
+                    namespace: format!("affinity:{owner}:"),
+                })
+            }
+        };
         let (request_headers, response_headers) = compile_templates(&config.headers).map_err(|(f, r)| fail(f, r))?;
         let http = HttpSettings {
             request_headers,
@@ -525,7 +541,7 @@ impl Route {
                 return Err(fail(field.into(), "HTTP security needs requests the proxy reads: not on a passthrough, raw or socket-handler route".into()));
             }
         }
-        Ok(Route {
+        let route = Route {
             stats: stats.get(&label),
             label,
             name: config.name.clone(),
@@ -559,7 +575,12 @@ impl Route {
                 health_check: config.action.load_balancing.health_check.clone(),
                 turn: AtomicUsize::new(0),
             },
-        })
+            affinity,
+        };
+        if route.affinity.is_some() && !route.speaks_http() {
+            return Err(fail("action.loadBalancing.affinity".into(), "affinity is kept per HTTP request: the route must serve HTTP (terminate TLS, or plain HTTP with domains or HTTP matching)".into()));
+        }
+        Ok(route)
     }
 
     /// The ids of the JavaScript functions the route calls (socket handler, host and port functions).
@@ -637,6 +658,15 @@ impl Route {
 
     /// As `select_target`, with the request's path, method and headers for `targets[].match`.
     pub fn select_target_for(&self, local_port: u16, client_ip: IpAddr, request: Option<&RequestFacts<'_>>) -> Option<SelectedTarget<'_>> {
+        self.select(local_port, client_ip, request, None)
+    }
+
+    /// The backend `host:port` of the set, when it is there and may take traffic (affinity).
+    pub fn select_bound(&self, local_port: u16, client_ip: IpAddr, request: Option<&RequestFacts<'_>>, backend: &str) -> Option<SelectedTarget<'_>> {
+        self.select(local_port, client_ip, request, Some(backend))
+    }
+
+    fn select(&self, local_port: u16, client_ip: IpAddr, request: Option<&RequestFacts<'_>>, bound: Option<&str>) -> Option<SelectedTarget<'_>> {
         let class = |want_match: bool| move |t: &&Target| if want_match { t.has_match() && t.fits(local_port, request) } else { !t.has_match() };
         let best = |want_match: bool| {
             self.targets.iter().filter(class(want_match)).fold(None::<&Target>, |best, t| match best {
@@ -657,7 +687,10 @@ impl Route {
                 .filter(move |t| t.priority == priority)
                 .flat_map(|t| t.backends.iter());
             let balancing = &self.balancing;
-            let (position, lease) = balance::pick(set.clone(), balancing.algorithm, balancing.thresholds, &balancing.turn, client_ip)?;
+            let (position, lease) = match bound {
+                None => balance::pick(set.clone(), balancing.algorithm, balancing.thresholds, &balancing.turn, client_ip)?,
+                Some(backend) => balance::pick_bound(set.clone(), backend, balancing.thresholds)?,
+            };
             let slot = set.clone().nth(position)?;
             let target = self.targets.get(slot.target)?;
             let TargetPort::Fixed(port) = target.port else { return None };
@@ -671,6 +704,9 @@ impl Route {
                 response_headers: &target.response_headers,
                 lease: Some(lease),
             });
+        }
+        if bound.is_some() {
+            return None;
         }
         let target = first;
         let turn = target.next_host.fetch_add(1, Ordering::Relaxed);

@@ -27,6 +27,8 @@ export interface INativeOptions {
   proxyIps: string[];
   /** 0 = none, 1 = v1, 2 = v2. */
   sendProxyProtocol: number;
+  /** Shared affinity store; `keyPrefix` defaults to 'smartproxy:'. */
+  redis: { url: string; keyPrefix: string } | null;
   defaultSecurity: { ipAllowList: string[]; ipBlockList: string[] };
 }
 
@@ -165,4 +167,5 @@ export interface INativeTarget {
 export interface INativeLoadBalancing {
   algorithm: 'round-robin' | 'least-connections' | 'ip-hash';
   healthCheck: { path: string; intervalMs: number; timeoutMs: number; unhealthyThreshold: number; healthyThreshold: number } | null;
+  affinity: { key: string; ttlSeconds: number; rejectUnknown: boolean } | null;
 }

@@ -198,7 +198,13 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     root.fail('certProvisionFunction', `expected a function, got ${show(raw.certProvisionFunction)}`);
   }
   flag('certProvisionFallbackToAcme', true);
-  if (raw.redis !== undefined) warnings.push('redis is not used yet: there is no shared state before load balancing lands');
+  let redis: INativeOptions['redis'] = null;
+  if (raw.redis !== undefined) {
+    const r = raw.redis as TRecord;
+    if (typeof r.url !== 'string' || !/^rediss?:\/\//.test(r.url)) root.fail('redis.url', `expected a redis:// or rediss:// URL, got ${show(r.url)}`);
+    if (r.keyPrefix !== undefined && typeof r.keyPrefix !== 'string') root.fail('redis.keyPrefix', `expected a string, got ${show(r.keyPrefix)}`);
+    redis = { url: r.url, keyPrefix: (r.keyPrefix as string | undefined) ?? 'smartproxy:' };
+  }
   let workerThreads: number | null = null;
   if (raw.workerThreads !== undefined) {
     const w = raw.workerThreads;
@@ -227,6 +233,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     proxyIps,
     sendProxyProtocol,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
+    redis,
   };
 }
 
@@ -581,13 +588,13 @@ const HEALTH_CHECK_KEYS = new Set(['path', 'interval', 'timeout', 'unhealthyThre
 
 /** `action.loadBalancing`: the algorithm (default round-robin) and the active health check. */
 function normalizeLoadBalancing(lb: unknown, at: Place): INativeLoadBalancing {
-  if (lb === undefined) return { algorithm: 'round-robin', healthCheck: null };
+  if (lb === undefined) return { algorithm: 'round-robin', healthCheck: null, affinity: null };
   if (!isRecord(lb)) at.fail('action.loadBalancing', `expected an object, got ${show(lb)}`);
   rejectUnknownKeys(lb, new Set(['algorithm', 'healthCheck', 'affinity']), at, 'action.loadBalancing.');
   const algorithm = (lb.algorithm ?? 'round-robin') as INativeLoadBalancing['algorithm'];
   if (!LB_ALGORITHMS.includes(algorithm)) at.fail('action.loadBalancing.algorithm', `expected one of ${LB_ALGORITHMS.join(', ')}, got ${show(lb.algorithm)}`);
-  if (lb.affinity !== undefined) at.notYet('action.loadBalancing.affinity', 'session affinity comes with the Redis-backed store');
-  if (lb.healthCheck === undefined) return { algorithm, healthCheck: null };
+  const affinity = normalizeAffinity(lb.affinity, at);
+  if (lb.healthCheck === undefined) return { algorithm, healthCheck: null, affinity };
   const check = lb.healthCheck;
   if (!isRecord(check)) at.fail('action.loadBalancing.healthCheck', `expected an object, got ${show(check)}`);
   rejectUnknownKeys(check, HEALTH_CHECK_KEYS, at, 'action.loadBalancing.healthCheck.');
@@ -607,7 +614,24 @@ function normalizeLoadBalancing(lb: unknown, at: Place): INativeLoadBalancing {
       unhealthyThreshold: count('unhealthyThreshold', 3),
       healthyThreshold: count('healthyThreshold', 2),
     },
+    affinity,
   };
+}
+
+/** `loadBalancing.affinity`: `{ key: 'ip' | 'header:NAME' | 'cookie:NAME', ttlSeconds = 3600, onUnknown = 'assign' }`. */
+function normalizeAffinity(affinity: unknown, at: Place): INativeLoadBalancing['affinity'] {
+  if (affinity === undefined) return null;
+  if (!isRecord(affinity)) at.fail('action.loadBalancing.affinity', `expected an object, got ${show(affinity)}`);
+  rejectUnknownKeys(affinity, new Set(['key', 'ttlSeconds', 'onUnknown']), at, 'action.loadBalancing.affinity.');
+  const key = affinity.key;
+  if (typeof key !== 'string' || !(key === 'ip' || /^header:[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(key) || /^cookie:[^\s=;,]+$/.test(key))) {
+    at.fail('action.loadBalancing.affinity.key', `expected 'ip', 'header:NAME' or 'cookie:NAME', got ${show(key)}`);
+  }
+  const ttl = affinity.ttlSeconds ?? 3600;
+  if (typeof ttl !== 'number' || !Number.isInteger(ttl) || ttl < 1) at.fail('action.loadBalancing.affinity.ttlSeconds', `expected a positive integer, got ${show(affinity.ttlSeconds)}`);
+  const onUnknown = affinity.onUnknown ?? 'assign';
+  if (onUnknown !== 'assign' && onUnknown !== 'reject') at.fail('action.loadBalancing.affinity.onUnknown', `expected 'assign' or 'reject', got ${show(affinity.onUnknown)}`);
+  return { key, ttlSeconds: ttl, rejectUnknown: onUnknown === 'reject' };
 }
 
 /** The route's security settings and the field they came from (`security` or `action.security`). */

@@ -1,0 +1,289 @@
+//! Session affinity: which backend a key's value (a client IP, a session header, a cookie) is
+//! bound to. With `options.redis` the bindings are shared by every replica: a lookup is one
+//! `GETEX` (value and TTL refresh in one round trip), a new binding one `SET .. NX EX` so replicas
+//! racing on a new value agree on one backend. Each Redis call is bounded by a short timeout; while
+//! Redis is unreachable the replica's own memory answers (bindings are written to both), the
+//! outage is logged once and fallbacks are counted; once Redis answers again it is used again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::header::{COOKIE, SET_COOKIE};
+use http::{HeaderMap, HeaderName};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// One Redis round trip may take this long before the replica's memory answers instead.
+const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// What identifies a client's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AffinityKey {
+    ClientIp,
+    Header(HeaderName),
+    Cookie(String),
+}
+
+impl AffinityKey {
+    /// `ip`, `header:NAME`, `cookie:NAME`.
+    pub fn parse(text: &str) -> Result<AffinityKey, String> {
+        if text == "ip" {
+            return Ok(AffinityKey::ClientIp);
+        }
+        if let Some(name) = text.strip_prefix("header:") {
+            return HeaderName::from_bytes(name.as_bytes()).map(AffinityKey::Header).map_err(|_| format!("{name:?} is not a valid header name"));
+        }
+        if let Some(name) = text.strip_prefix("cookie:") {
+            if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && !b"=;,".contains(&b)) {
+                return Ok(AffinityKey::Cookie(name.to_string()));
+            }
+            return Err(format!("{name:?} is not a valid cookie name"));
+        }
+        Err(format!("expected 'ip', 'header:NAME' or 'cookie:NAME', got {text:?}"))
+    }
+
+    /// The value a request carries (the client IP always has one).
+    pub fn request_value(&self, client_ip: std::net::IpAddr, headers: &HeaderMap) -> Option<String> {
+        match self {
+            AffinityKey::ClientIp => Some(client_ip.to_string()),
+            AffinityKey::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(str::to_string),
+            AffinityKey::Cookie(name) => headers
+                .get_all(COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|pair| cookie_value(pair, name)),
+        }
+    }
+
+    /// A value a backend's response issues (a session header, or `Set-Cookie: NAME=...`).
+    pub fn response_value(&self, headers: &HeaderMap) -> Option<String> {
+        match self {
+            AffinityKey::ClientIp => None,
+            AffinityKey::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(str::to_string),
+            AffinityKey::Cookie(name) => headers
+                .get_all(SET_COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|v| v.split(';').next().and_then(|pair| cookie_value(pair, name))),
+        }
+    }
+}
+
+fn cookie_value(pair: &str, name: &str) -> Option<String> {
+    let (key, value) = pair.trim().split_once('=')?;
+    (key.trim() == name && !value.trim().is_empty()).then(|| value.trim().trim_matches('"').to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnknown {
+    Assign,
+    Reject,
+}
+
+/// A route's affinity settings, compiled.
+#[derive(Debug, Clone)]
+pub struct Affinity {
+    pub key: AffinityKey,
+    pub ttl: Duration,
+    pub on_unknown: OnUnknown,
+    /// Entries belong to the route (its id, else its name): `affinity:<route>:`.
+    pub namespace: String,
+}
+
+impl Affinity {
+    pub fn entry(&self, value: &str) -> String {
+        format!("{}{value}", self.namespace)
+    }
+}
+
+struct Redis {
+    connection: redis::aio::ConnectionManager,
+    prefix: String,
+    /// Set while Redis does not answer: logged once per outage.
+    down: AtomicBool,
+}
+
+/// Counters for `getStatistics().affinity`.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AffinityStats {
+    pub lookups: u64,
+    pub redis_lookups: u64,
+    pub redis_fallbacks: u64,
+    pub memory_entries: usize,
+}
+
+#[derive(Default)]
+pub struct AffinityStore {
+    memory: Mutex<HashMap<String, (String, Instant)>>,
+    redis: Option<Redis>,
+    lookups: AtomicU64,
+    redis_lookups: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+impl AffinityStore {
+    /// With `url`, a lazily connecting, self-reconnecting Redis client. Call on a runtime.
+    pub fn new(redis: Option<(&str, &str)>) -> Result<AffinityStore, String> {
+        let redis = match redis {
+            None => None,
+            Some((url, prefix)) => {
+                let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(REDIS_CALL_TIMEOUT * 2))
+                    .set_response_timeout(Some(REDIS_CALL_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(1));
+                let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config).map_err(|e| format!("redis: {e}"))?;
+                Some(Redis { connection, prefix: prefix.to_string(), down: AtomicBool::new(false) })
+            }
+        };
+        Ok(AffinityStore { redis, ..AffinityStore::default() })
+    }
+
+    /// The backend `entry` is bound to, refreshing its TTL.
+    pub async fn lookup(&self, entry: &str, ttl: Duration) -> Option<String> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        if let Some(redis) = &self.redis {
+            self.redis_lookups.fetch_add(1, Ordering::Relaxed);
+            let mut cmd = redis::cmd("GETEX");
+            cmd.arg(format!("{}{entry}", redis.prefix)).arg("EX").arg(ttl.as_secs().max(1));
+            if let Some(answer) = self.redis_call::<Option<String>>(redis, cmd).await {
+                if let Some(backend) = &answer {
+                    // Kept in memory too, so an outage does not lose live sessions.
+                    self.memory.lock().insert(entry.to_string(), (backend.clone(), Instant::now() + ttl));
+                }
+                return answer;
+            }
+        }
+        let mut memory = self.memory.lock();
+        let now = Instant::now();
+        match memory.get_mut(entry) {
+            Some((backend, expires)) if *expires > now => {
+                *expires = now + ttl;
+                Some(backend.clone())
+            }
+            Some(_) => {
+                memory.remove(entry);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Binds `entry` to `backend`. `only_if_new`: another replica's binding made meanwhile wins,
+    /// and the backend bound in the end is returned.
+    pub async fn bind(&self, entry: &str, backend: &str, ttl: Duration, only_if_new: bool) -> String {
+        let mut bound = backend.to_string();
+        if let Some(redis) = &self.redis {
+            let key = format!("{}{entry}", redis.prefix);
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&key).arg(backend);
+            if only_if_new {
+                cmd.arg("NX");
+            }
+            cmd.arg("EX").arg(ttl.as_secs().max(1));
+            if let Some(answer) = self.redis_call::<Option<String>>(redis, cmd).await {
+                if answer.is_none() {
+                    // NX lost the race: read who won (and refresh it).
+                    let mut get = redis::cmd("GETEX");
+                    get.arg(&key).arg("EX").arg(ttl.as_secs().max(1));
+                    if let Some(Some(winner)) = self.redis_call::<Option<String>>(redis, get).await {
+                        bound = winner;
+                    }
+                }
+            }
+        }
+        self.memory.lock().insert(entry.to_string(), (bound.clone(), Instant::now() + ttl));
+        bound
+    }
+
+    /// `None` when Redis failed or timed out (then memory answers).
+    async fn redis_call<T: redis::FromRedisValue>(&self, redis: &Redis, cmd: redis::Cmd) -> Option<T> {
+        let mut connection = redis.connection.clone();
+        match tokio::time::timeout(REDIS_CALL_TIMEOUT, cmd.query_async::<T>(&mut connection)).await {
+            Ok(Ok(answer)) => {
+                if redis.down.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("redis is reachable again; session affinity is shared again");
+                }
+                Some(answer)
+            }
+            Ok(Err(err)) => {
+                self.fell_back(redis, &err.to_string());
+                None
+            }
+            Err(_) => {
+                self.fell_back(redis, "no answer in time");
+                None
+            }
+        }
+    }
+
+    fn fell_back(&self, redis: &Redis, why: &str) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        if !redis.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = why, "redis is unreachable; session affinity uses this replica's memory until it returns");
+        }
+    }
+
+    /// Drops expired entries (memory stays bounded by live sessions).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.memory.lock().retain(|_, (_, expires)| *expires > now);
+    }
+
+    pub fn stats(&self) -> AffinityStats {
+        AffinityStats {
+            lookups: self.lookups.load(Ordering::Relaxed),
+            redis_lookups: self.redis_lookups.load(Ordering::Relaxed),
+            redis_fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            memory_entries: self.memory.lock().len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn keys_parse_and_read_values_from_requests_and_responses() {
+        assert_eq!(AffinityKey::parse("ip").unwrap(), AffinityKey::ClientIp);
+        assert!(AffinityKey::parse("header:bad name").is_err());
+        assert!(AffinityKey::parse("cookie:").is_err());
+        assert!(AffinityKey::parse("path").is_err());
+        let header = AffinityKey::parse("header:Mcp-Session-Id").unwrap();
+        let cookie = AffinityKey::parse("cookie:sid").unwrap();
+        let mut request = HeaderMap::new();
+        request.insert("mcp-session-id", HeaderValue::from_static(" abc "));
+        request.append(COOKIE, HeaderValue::from_static("a=1; sid=\"xyz\"; b=2"));
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(header.request_value(ip, &request).as_deref(), Some("abc"));
+        assert_eq!(cookie.request_value(ip, &request).as_deref(), Some("xyz"));
+        assert_eq!(AffinityKey::ClientIp.request_value(ip, &request).as_deref(), Some("10.0.0.1"));
+        let mut response = HeaderMap::new();
+        response.append(SET_COOKIE, HeaderValue::from_static("other=1; Path=/"));
+        response.append(SET_COOKIE, HeaderValue::from_static("sid=new; HttpOnly"));
+        assert_eq!(cookie.response_value(&response).as_deref(), Some("new"));
+        assert_eq!(header.response_value(&response), None);
+    }
+
+    #[tokio::test]
+    async fn memory_bindings_expire_and_lookups_refresh_them() {
+        let store = AffinityStore::new(None).unwrap();
+        let ttl = Duration::from_millis(50);
+        assert_eq!(store.lookup("a", ttl).await, None);
+        assert_eq!(store.bind("a", "h:1", ttl, true).await, "h:1");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(store.lookup("a", ttl).await.as_deref(), Some("h:1"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(store.lookup("a", ttl).await.as_deref(), Some("h:1"), "the lookup refreshed the TTL");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        store.sweep();
+        assert_eq!(store.lookup("a", ttl).await, None);
+        assert_eq!(store.stats().memory_entries, 0);
+    }
+}
