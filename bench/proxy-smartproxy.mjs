@@ -23,6 +23,14 @@ const tls = mode === 'https'
   ? { tls: { mode: 'terminate', certificate: { key: readFileSync(keyFile, 'utf8'), cert: readFileSync(certFile, 'utf8') } } }
   : {};
 const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort, domains: '*' } : { ports: listenPort };
+//   http-affinity: the http route with affinity on the `X-Session` header (in memory);
+//   http-affinity-redis: the same with `options.redis` at BENCH_REDIS_URL;
+//   http-proxyproto: the http route with acceptProxyProtocol from 127.0.0.1 (a PROXY-sending front).
+const affinity = mode.startsWith('http-affinity') ? { loadBalancing: { affinity: { key: 'header:X-Session' } } } : {};
+const scaleOut = {
+  ...(mode === 'http-affinity-redis' ? { redis: { url: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379', keyPrefix: 'bench:' } } : {}),
+  ...(mode === 'http-proxyproto' ? { acceptProxyProtocol: true, proxyIPs: ['127.0.0.1'] } : {}),
+};
 const security = {
   'http-ratelimit': { rateLimit: { enabled: true, maxRequests: 1_000_000_000, window: 1 } },
   'http-jwt': { jwtAuth: { enabled: true, secret: 'bench-secret' } },
@@ -36,7 +44,8 @@ const proxy = new SmartProxy({
   // Every load generator connects from 127.0.0.1: per-IP limits (0 = none) would measure themselves.
   maxConnectionsPerIP: 0,
   connectionRateLimitPerMinute: 0,
-  routes: [{ name: `bench-${mode}`, match, action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls }, ...(security ? { security } : {}) }],
+  ...scaleOut,
+  routes: [{ name: `bench-${mode}`, match, action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity }, ...(security ? { security } : {}) }],
 });
 await proxy.start();
 console.log('ready');

@@ -82,7 +82,7 @@ function ensureTools() {
   const needs = [
     ['iperf3', () => have('iperf3')], ['haproxy', () => have('haproxy')], ['util-linux', () => have('taskset')],
     ['wrk', () => have('wrk')], ['nginx', () => have('nginx')], ['libnginx-mod-stream', () => streamModule() !== null],
-    ['nghttp2-client', () => have('h2load')], ['openssl', () => have('openssl')],
+    ['nghttp2-client', () => have('h2load')], ['openssl', () => have('openssl')], ['redis-server', () => have('redis-server') && have('redis-cli')],
   ];
   const missing = needs.filter(([, ok]) => !ok()).map(([p]) => p);
   if (missing.length > 0) {
@@ -235,10 +235,10 @@ const proxies = {
     label: 'smartproxy (ours)',
     kinds: ['tcp', 'http', 'https'],
     h2: true,
-    async start(backend, kind) {
+    async start(backend, kind, env = {}) {
       const port = await freePort();
       const tlsArgs = kind === 'https' ? [certs.cert, certs.key] : [];
-      const child = startPinned(PROXY_CPU, process.execPath, [path.join(root, 'bench', 'proxy-smartproxy.mjs'), String(port), String(backend.port), kind, ...tlsArgs]);
+      const child = startPinned(PROXY_CPU, process.execPath, [path.join(root, 'bench', 'proxy-smartproxy.mjs'), String(port), String(backend.port), kind, ...tlsArgs], { env: { ...process.env, ...env } });
       await waitForPort(port, child);
       return { port, pid: child.pid, stop: () => stop(child) };
     },
@@ -458,6 +458,90 @@ async function securityRows() {
     const xs = runs[kind];
     return `| ${label} | ${median(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}) | ${(median(xs) / base).toFixed(2)} |`;
   });
+}
+
+const scaleOutScenario = 'scale-out features (req/s)';
+const runScaleOut = !only || scaleOutScenario.includes(only);
+
+/** redis-server on a free port (pinned with the load), for the shared affinity store. */
+async function startRedis() {
+  const port = await freePort();
+  const child = startPinned(LOAD_CPU, 'redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no']);
+  await waitForPort(port, child);
+  return { port, url: `redis://127.0.0.1:${port}`, stop: () => stop(child) };
+}
+
+/** Calls of one Redis command so far (INFO commandstats). */
+function redisCalls(port, command) {
+  const out = execFileSync('redis-cli', ['-p', String(port), 'info', 'commandstats'], { encoding: 'utf8' });
+  return Number(new RegExp(`cmdstat_${command}:calls=(\\d+)`).exec(out)?.[1] ?? 0);
+}
+
+/** HAProxy `mode tcp` in front of `target` (pinned with the load), with or without send-proxy-v2. */
+async function startTcpFront(targetPort, sendProxy) {
+  const port = await freePort();
+  const cfg = path.join(work, `haproxy-front-${sendProxy ? 'pp' : 'plain'}.cfg`);
+  writeFileSync(cfg, [
+    'global', '  nbthread 1', '  maxconn 4096',
+    'defaults', '  mode tcp', '  timeout connect 5s', '  timeout client 60s', '  timeout server 60s',
+    'frontend front', `  bind 127.0.0.1:${port}`, '  default_backend be',
+    'backend be', `  server s1 127.0.0.1:${targetPort}${sendProxy ? ' send-proxy-v2' : ''}`, '',
+  ].join('\n'));
+  const child = startPinned(LOAD_CPU, 'haproxy', ['-db', '-f', cfg]);
+  await waitForPort(port, child);
+  return { port, stop: () => stop(child) };
+}
+
+/**
+ * Keep-alive req/s of the HTTP route plain, with affinity (memory, and Redis on loopback: Redis
+ * GETEX calls per request counted by redis-server itself), and behind an L4 HAProxy with and
+ * without a PROXY v2 header to a route that accepts it.
+ */
+async function scaleOutRows() {
+  const backend = await startNginxBackend();
+  const redis = await startRedis();
+  const session = ['X-Session: bench-session'];
+  const kinds = [
+    ['http', 'no affinity, no PROXY header', { headers: [] }],
+    ['http-affinity', 'affinity header:X-Session, in memory', { headers: session }],
+    ['http-affinity-redis', 'affinity header:X-Session, Redis on loopback', { headers: session, redis: true }],
+    ['http', 'behind HAProxy mode tcp, no PROXY header', { front: 'plain' }],
+    ['http-proxyproto', 'behind HAProxy mode tcp send-proxy-v2, acceptProxyProtocol', { front: 'pp' }],
+  ];
+  const runs = kinds.map(() => []);
+  let getex = 0;
+  let redisRequests = 0;
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const [i, [kind, label, how]] of kinds.entries()) {
+        const proxy = await proxies.smartproxy.start(backend, kind, { BENCH_REDIS_URL: redis.url });
+        const front = how.front ? await startTcpFront(proxy.port, how.front === 'pp') : null;
+        try {
+          const before = how.redis ? redisCalls(redis.port, 'getex') : 0;
+          const { rps, requests } = wrk(front ? front.port : proxy.port, { headers: how.headers ?? [] });
+          if (how.redis) {
+            getex += redisCalls(redis.port, 'getex') - before;
+            redisRequests += requests;
+          }
+          runs[i].push(rps);
+          console.log(`${scaleOutScenario} round ${round + 1} ${label}: ${rps.toFixed(0)}`);
+        } finally {
+          await front?.stop();
+          await proxy.stop();
+        }
+      }
+    }
+  } finally {
+    await redis.stop();
+    await backend.stop();
+  }
+  const cell = (xs) => `${median(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)})`;
+  const rows = kinds.map(([, label], i) => {
+    const base = i < 3 ? runs[0] : runs[3];
+    return `| ${label} | ${cell(runs[i])} | ${(median(runs[i]) / median(base)).toFixed(2)} |`;
+  });
+  rows.push(`| Redis GETEX calls per request (affinity, Redis) | ${(getex / Math.max(1, redisRequests)).toFixed(3)} | |`);
+  return rows;
 }
 
 /** Rows of the new-connections table: direct and each target kind, medians over the rounds. */
@@ -771,6 +855,9 @@ async function main() {
   const securityTable = runSecurity
     ? ['| route security | req/s | vs none |', '| --- | --- | --- |', ...(await securityRows())].join('\n')
     : '(not run)';
+  const scaleOutTable = runScaleOut
+    ? ['| setup | req/s | vs its baseline |', '| --- | --- | --- |', ...(await scaleOutRows())].join('\n')
+    : '(not run)';
   const elapsed = (Date.now() - t0) / 1000;
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim();
   const wrkCmd = `taskset -c ${LOAD_CPU} wrk -t1 -c32 -d${httpSeconds}s --latency -H 'Host: bench.test'`;
@@ -804,6 +891,12 @@ ${securityTable}
 
 \`${wrkCmd}\` as above, through ours only; the route of the HTTP row with a per-IP \`rateLimit\` that the run never reaches, and with \`jwtAuth\` (HS256, every request carrying a valid token).
 
+## Scale-out: affinity and the PROXY protocol on the keep-alive route
+
+${scaleOutTable}
+
+\`${wrkCmd}\` through ours only. Affinity rows: the HTTP route with \`loadBalancing.affinity: { key: 'header:X-Session' }\`, every request carrying the same bound value (one lookup per request), compared with the first row; with \`options.redis\` a redis-server on loopback (pinned with the load), GETEX calls counted by \`redis-cli info commandstats\`. PROXY rows: wrk → HAProxy \`mode tcp\` (pinned with the load) → ours, once with \`send-proxy-v2\` to a route with \`acceptProxyProtocol\` and \`proxyIPs: ['127.0.0.1']\`, compared with the same chain without it.
+
 ## Function targets: new connections through a raw TCP route
 
 ${connectionTable}
@@ -811,7 +904,7 @@ ${connectionTable}
 \`${wrkCmd} -H 'Connection: close'\` (one TCP connection per request) against the nginx backend, through our plain forward route with a static target, with \`host\`/\`port\` as synchronous functions, and as async functions (one JavaScript call per connection either way; bench/proxy-smartproxy.mjs).
 `;
   writeFileSync(path.join(root, 'bench', 'RESULTS.md'), doc);
-  console.log(`\n${table}\n\n${securityTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
+  console.log(`\n${table}\n\n${securityTable}\n\n${scaleOutTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
 }
 
 main().catch((err) => {

@@ -21,6 +21,8 @@ tap.test('a route allow list admits listed clients and closes the others', async
   const refused = await connectAndRead(port, undefined, '127.0.0.3');
   expect(refused.closed).toBeTrue();
   expect(refused.data).toEqual('');
+  // The reason is recorded when the session task ends, just after the client sees the close.
+  await waitFor(() => (proxy.getStatistics().terminationReasons.route_ip_blocked ?? 0) >= 1, 2000, 'route_ip_blocked');
   expect(proxy.getStatistics().terminationReasons.route_ip_blocked).toEqual(1);
   await proxy.stop();
 });
@@ -43,6 +45,8 @@ tap.test('defaults.security applies to every route', async () => {
   await proxy.start();
   expect((await connectAndRead(port, undefined, '127.0.0.6')).closed).toBeTrue();
   expect((await connectAndRead(port, undefined, '127.0.0.7')).data).toEqual('welcome\n');
+  // The reason is recorded when the session task ends, just after the client sees the close.
+  await waitFor(() => (proxy.getStatistics().terminationReasons.ip_blocked ?? 0) >= 1, 2000, 'ip_blocked');
   expect(proxy.getStatistics().terminationReasons.ip_blocked).toEqual(1);
   await proxy.stop();
 });
@@ -77,6 +81,8 @@ tap.test('connectionRateLimitPerMinute refuses connections over the budget', asy
   }
   expect((await connectAndRead(port, undefined, '127.0.0.10')).closed).toBeTrue();
   expect((await connectAndRead(port, undefined, '127.0.0.11')).data).toEqual('welcome\n');
+  // The reason is recorded when the session task ends, just after the client sees the close.
+  await waitFor(() => (proxy.getStatistics().terminationReasons.rate_limited ?? 0) >= 1, 2000, 'rate_limited');
   expect(proxy.getStatistics().terminationReasons.rate_limited).toEqual(1);
   await proxy.stop();
 });
@@ -114,6 +120,8 @@ tap.test('an idle connection is closed after inactivityTimeout, an active one is
   await waitForClose(idle.socket);
   expect(busyOpen).toBeTrue();
   busy.socket.destroy();
+  // The reason is recorded when the session task ends, just after the client sees the close.
+  await waitFor(() => (proxy.getStatistics().terminationReasons.idle_timeout ?? 0) >= 1, 2000, 'idle_timeout');
   expect(proxy.getStatistics().terminationReasons.idle_timeout).toEqual(1);
   await proxy.stop();
 });

@@ -72,6 +72,10 @@ async fn account(request: &OrderRequest<'_>, store: &CertStore) -> Result<Accoun
         Some(path) => Account::builder_with_root(path).map_err(|e| format!("directoryCaFile {path}: {}", chain(&e))),
         None => Account::builder().map_err(|e| describe("HTTP client", &e)),
     };
+    // Orders of several routes start together on a fresh store: one registers the account, the
+    // others wait and restore it, so one directory and email make one account.
+    static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _creating = CREATING.lock().await;
     if let Some(json) = store.load_account(request.directory_url, request.email) {
         match serde_json::from_str::<AccountCredentials>(&json) {
             Ok(credentials) => return builder()?.from_credentials(credentials).await.map_err(|e| describe("account", &e)),

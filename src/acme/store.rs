@@ -117,7 +117,10 @@ fn split_leaf(chain_pem: &str) -> (&str, &str) {
 }
 
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per write: two tasks of one process replacing the same file must not share a temp file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{seq}", std::process::id()));
     let result = (|| {
         let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         // `mode` only applies to files that did not exist; a stale temp file keeps its own.
