@@ -113,6 +113,9 @@ pub struct ActionConfig {
     /// Time from sending a request upstream to its response head (504 when over).
     pub response_timeout_ms: Option<u64>,
     pub websocket: bool,
+    /// `action.websocket` ping and size settings (all absent: a plain byte tunnel).
+    #[serde(default)]
+    pub websocket_options: WebSocketConfig,
     pub backend_protocol: BackendProtocol,
     /// Relay bytes even when the traffic is HTTP (no per-request routing or rewriting).
     pub raw: bool,
@@ -126,6 +129,14 @@ pub struct ActionConfig {
     pub send_proxy_protocol: Option<u8>,
     #[serde(default)]
     pub load_balancing: LoadBalancingConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebSocketConfig {
+    pub ping_interval_ms: Option<u64>,
+    pub ping_timeout_ms: Option<u64>,
+    pub max_payload_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]

@@ -18,6 +18,10 @@ pub struct Statistics {
     pub non_tls_connections: u64,
     /// Client connections the HTTP engine serves right now (plain or over terminated TLS).
     pub http_connections: u64,
+    /// WebSocket tunnels open right now (each is also one of the active connections).
+    pub websocket_connections: u64,
+    /// WebSocket tunnels opened since start.
+    pub websocket_total: u64,
     pub total_connections: u64,
     pub http_requests: u64,
     /// Calls into JavaScript so far (function targets and socket handlers).
@@ -96,6 +100,8 @@ impl Engine {
             tls_connections: tls,
             non_tls_connections: active - tls,
             http_connections: m.active_http.load(Ordering::Acquire).min(active),
+            websocket_connections: m.active_websocket.load(Ordering::Acquire).min(active),
+            websocket_total: m.websocket_total.load(Ordering::Relaxed),
             total_connections: m.total.load(Ordering::Relaxed),
             http_requests: m.http_requests.load(Ordering::Relaxed),
             js_calls: m.js_calls.load(Ordering::Relaxed),

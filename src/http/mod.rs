@@ -10,3 +10,4 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod sniff;
+pub mod websocket;

@@ -24,6 +24,7 @@ use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, Tra
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::sniff::normalise_host;
+use crate::http::websocket::{self, OpenTunnel, TunnelScope};
 use crate::hooks::{EngineEvent, EventKind, ScriptContext, Scripts};
 use crate::proxy_protocol;
 use crate::metrics::EngineMetrics;
@@ -68,6 +69,8 @@ pub struct ConnectionContext {
     /// belongs to another route is misdirected (421): its certificate was never presented.
     pub sni: Option<String>,
     pub tls_route: Option<Arc<Route>>,
+    /// Where this connection's WebSocket tunnels run (the session waits for them).
+    pub tunnels: TunnelScope,
 }
 
 pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
@@ -357,7 +360,10 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
-            Some(client_upgrade) => Ok(tunnel(response, client_upgrade, route, target.response_headers, &templates)),
+            Some(client_upgrade) => {
+                let joined = Tunnel { client_upgrade, route: route.clone(), _route_slot: route_slot, _backend_lease: target.lease };
+                Ok(joined.answer(ctx, response, target.response_headers, &templates))
+            }
             None => Err(text_response(StatusCode::BAD_GATEWAY, "the upstream switched protocols unasked")),
         };
     }
@@ -620,33 +626,47 @@ fn clone_head<B>(req: &Request<B>) -> Request<()> {
     copy
 }
 
-/// Answers the client's upgrade with the upstream's 101 and joins the two upgraded streams.
-fn tunnel(
-    mut response: Response<Incoming>,
+/// A WebSocket upgrade the upstream accepted: the client's side still to be upgraded, and the
+/// slots the tunnel holds while it is open (route `maxConnections`, the backend's in-flight count).
+struct Tunnel {
     client_upgrade: hyper::upgrade::OnUpgrade,
-    route: &Route,
-    target_templates: &[crate::http::headers::HeaderTemplate],
-    templates: &TemplateContext<'_>,
-) -> Response<ProxyBody> {
-    let upstream_upgrade = hyper::upgrade::on(&mut response);
-    let label = route.label.clone();
-    tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-            Ok(pair) => pair,
-            Err(err) => {
-                tracing::debug!(route = &*label, error = %err, "upgrade failed");
-                return;
-            }
-        };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    });
-    let (mut parts, _) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers, true);
-    apply_templates(&mut parts.headers, &route.http.response_headers, templates);
-    apply_templates(&mut parts.headers, target_templates, templates);
-    Response::from_parts(parts, crate::http::body::empty())
+    route: Arc<Route>,
+    _route_slot: RouteGuard,
+    _backend_lease: Option<crate::balance::Lease>,
+}
+
+impl Tunnel {
+    /// Answers the client's upgrade with the upstream's 101 and joins the two upgraded streams in
+    /// the connection's tunnel scope.
+    fn answer(
+        self,
+        ctx: &ConnectionContext,
+        mut response: Response<Incoming>,
+        target_templates: &[crate::http::headers::HeaderTemplate],
+        templates: &TemplateContext<'_>,
+    ) -> Response<ProxyBody> {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        apply_templates(&mut parts.headers, &self.route.http.response_headers, templates);
+        apply_templates(&mut parts.headers, target_templates, templates);
+        let scope = ctx.tunnels.clone();
+        let metrics = ctx.env.metrics.clone();
+        ctx.tunnels.spawn(async move {
+            let (client, upstream) = match tokio::try_join!(self.client_upgrade, upstream_upgrade) {
+                Ok(pair) => pair,
+                Err(err) => {
+                    tracing::debug!(route = &*self.route.label, error = %err, "upgrade failed");
+                    return;
+                }
+            };
+            let _open = OpenTunnel::enter(metrics);
+            let settings = self.route.http.websocket_settings;
+            let end = websocket::run(TokioIo::new(client), TokioIo::new(upstream), settings, scope.limits(), scope.shutdown()).await;
+            tracing::debug!(route = &*self.route.label, end = end.as_str(), "websocket tunnel closed");
+        });
+        Response::from_parts(parts, crate::http::body::empty())
+    }
 }
 
 /// The response body on its way to the client. When it is dropped after a clean exchange (the

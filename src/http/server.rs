@@ -65,6 +65,7 @@ where
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_size as u32);
     let _active = ActiveHttp::enter(ctx.env.metrics.clone());
+    let tunnels = ctx.tunnels.clone();
     let service = service_fn(move |req| handle(ctx.clone(), req));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -74,13 +75,17 @@ where
         let idle_at = counters.last_activity() + limits.idle_timeout;
         tokio::select! {
             result = connection.as_mut() => {
-                return match result {
+                let reason = match result {
                     Ok(()) => TerminationReason::Completed,
                     Err(err) => {
                         tracing::debug!(error = %err, "http connection ended with an error");
                         TerminationReason::ClientError
                     }
                 };
+                // An upgraded connection lives on as a WebSocket tunnel after hyper let go of it;
+                // tunnels end by themselves (peer, idle, lifetime, engine shutdown).
+                tunnels.wait().await;
+                return reason;
             }
             _ = shutdown.draining.cancelled(), if !draining => {
                 draining = true;

@@ -189,6 +189,9 @@ pub struct EngineMetrics {
     pub active_tls: AtomicU64,
     /// Client connections served by the HTTP engine right now.
     pub active_http: AtomicU64,
+    /// WebSocket tunnels open right now, and all opened so far.
+    pub active_websocket: AtomicU64,
+    pub websocket_total: AtomicU64,
     pub total: AtomicU64,
     pub requests: AtomicU64,
     /// Requests the HTTP engine handled (a subset of `requests`).
@@ -208,6 +211,8 @@ impl Default for EngineMetrics {
             active: AtomicU64::new(0),
             active_tls: AtomicU64::new(0),
             active_http: AtomicU64::new(0),
+            active_websocket: AtomicU64::new(0),
+            websocket_total: AtomicU64::new(0),
             total: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             http_requests: AtomicU64::new(0),

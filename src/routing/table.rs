@@ -20,6 +20,7 @@ use crate::balance::affinity::{Affinity, AffinityKey, OnUnknown};
 use crate::balance::health::{ProbeKind, ProbeSpec};
 use crate::balance::{self, Algorithm, BackendRegistry, BackendState, BackendStatus, Candidate, Lease, Thresholds};
 use crate::http::headers::HeaderTemplate;
+use crate::http::websocket::{WsSettings, DEFAULT_PING_TIMEOUT};
 use crate::metrics::{RouteStats, RouteStatsRegistry};
 use crate::routing::domain::DomainPattern;
 use crate::routing::ip::IpList;
@@ -156,6 +157,7 @@ pub struct HttpSettings {
     pub response_headers: Vec<HeaderTemplate>,
     pub response_timeout: Option<Duration>,
     pub websocket: bool,
+    pub websocket_settings: WsSettings,
     pub backend_protocol: BackendProtocol,
     /// `action.options.raw`: bytes are relayed even for HTTP traffic.
     pub raw: bool,
@@ -518,6 +520,14 @@ impl Route {
             response_headers,
             response_timeout: config.action.response_timeout_ms.map(Duration::from_millis),
             websocket: config.action.websocket,
+            websocket_settings: {
+                let ws = config.action.websocket_options;
+                WsSettings {
+                    ping_interval: ws.ping_interval_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
+                    ping_timeout: ws.ping_timeout_ms.filter(|ms| *ms > 0).map_or(DEFAULT_PING_TIMEOUT, Duration::from_millis),
+                    max_message: ws.max_payload_size,
+                }
+            },
             backend_protocol: config.action.backend_protocol,
             raw: config.action.raw,
             retry: RetryPolicy::from_config(config.action.retry.as_ref()),
@@ -815,6 +825,7 @@ mod tests {
                 connect_timeout_ms: None,
                 response_timeout_ms: None,
                 websocket: true,
+                websocket_options: Default::default(),
                 backend_protocol: BackendProtocol::Auto,
                 raw: false,
                 retry: None,

@@ -21,6 +21,7 @@ use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, S
 use crate::http::sniff::{first_request as http_first_request, has_conflicting_framing};
 use crate::http::proxy::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, Shutdown};
+use crate::http::websocket::TunnelScope;
 use crate::metrics::{EngineMetrics, TerminationReason};
 use crate::proxy_protocol;
 use crate::routing::ip::{canonical_ip, IpList};
@@ -561,6 +562,10 @@ impl Session {
             trusted_peer: env.trusted_proxies.matches(self.peer_ip),
             sni,
             tls_route,
+            tunnels: TunnelScope::new(
+                env.force_close.clone(),
+                RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime },
+            ),
         })
     }
 

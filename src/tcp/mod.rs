@@ -2,5 +2,6 @@
 //! client-side byte accounting, idle and lifetime limits. Knows nothing of routes or protocols.
 
 mod relay;
+mod splice;
 
 pub use relay::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};

@@ -52,6 +52,8 @@ export interface INativeRoute {
     connectTimeoutMs: number | null;
     responseTimeoutMs: number | null;
     websocket: boolean;
+    /** `action.websocket` in milliseconds and bytes; all null: a plain byte tunnel. */
+    websocketOptions: { pingIntervalMs: number | null; pingTimeoutMs: number | null; maxPayloadSize: number | null };
     backendProtocol: 'auto' | 'http1' | 'http2';
     raw: boolean;
     retry: INativeRetry | null;

@@ -103,6 +103,10 @@ export interface IStatistics {
   nonTlsConnections: number;
   /** (ext) Client connections the HTTP engine serves right now (plain HTTP or terminated TLS). */
   httpConnections: number;
+  /** (ext) WebSocket tunnels open right now (each also counts in activeConnections and httpConnections). */
+  websocketConnections: number;
+  /** (ext) WebSocket tunnels opened since start. */
+  websocketTotal: number;
   totalConnections: number;
   /** (ext) Requests the HTTP engine has handled. */
   httpRequests: number;

@@ -111,6 +111,12 @@ export interface IRouteAction {
   target?: IRouteTarget;
   tls?: IRouteTls;
   socketHandler?: TSocketHandler;
+  /**
+   * WebSocket upgrades, proxied unless `enabled` is false. `pingInterval` (ms): the proxy pings the
+   * client between the backend's frames, and closes it (status 1001) when no pong comes within
+   * `pingTimeout` (ms, default 10000). `maxPayloadSize` (bytes): a client message larger than this
+   * (its frames' payloads, as sent) closes the tunnel with status 1009.
+   */
   websocket?: { enabled?: boolean; pingInterval?: number; pingTimeout?: number; maxPayloadSize?: number };
   loadBalancing?: {
     algorithm?: 'round-robin' | 'least-connections' | 'ip-hash';

@@ -312,7 +312,13 @@ function normalizeRoute(
   const connectTimeoutMs = optionalPositiveInt(timeouts.connectMs, at, 'action.timeouts.connectMs');
   const responseTimeoutMs = optionalPositiveInt(timeouts.responseMs, at, 'action.timeouts.responseMs');
   const options = isRecord(action.options) ? action.options : {};
-  const websocket = isRecord(action.websocket) ? action.websocket.enabled !== false : true;
+  const ws = isRecord(action.websocket) ? action.websocket : {};
+  const websocket = ws.enabled !== false;
+  const websocketOptions = {
+    pingIntervalMs: optionalPositiveInt(ws.pingInterval, at, 'action.websocket.pingInterval'),
+    pingTimeoutMs: optionalPositiveInt(ws.pingTimeout, at, 'action.websocket.pingTimeout'),
+    maxPayloadSize: optionalPositiveInt(ws.maxPayloadSize, at, 'action.websocket.maxPayloadSize'),
+  };
   return {
     index,
     name: name ?? null,
@@ -325,6 +331,7 @@ function normalizeRoute(
       connectTimeoutMs,
       responseTimeoutMs,
       websocket,
+      websocketOptions,
       backendProtocol: (options.backendProtocol as 'auto' | 'http1' | 'http2' | undefined) ?? 'auto',
       raw: options.raw === true,
       retry: normalizeRetry(action.retry, at),
@@ -507,9 +514,6 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
     if (!isRecord(action.websocket)) at.fail('action.websocket', `expected an object, got ${show(action.websocket)}`);
     const ws = action.websocket;
     if (ws.enabled !== undefined && typeof ws.enabled !== 'boolean') at.fail('action.websocket.enabled', `expected true or false, got ${show(ws.enabled)}`);
-    for (const key of ['pingInterval', 'pingTimeout', 'maxPayloadSize']) {
-      if (ws[key] !== undefined) at.notYet(`action.websocket.${key}`, 'WebSocket ping and payload settings are not implemented yet');
-    }
   }
   if (isRecord(action.options)) {
     const protocol = action.options.backendProtocol;

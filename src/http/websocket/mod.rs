@@ -1,0 +1,336 @@
+//! WebSocket tunnels: once the upstream answered 101, the client's and the upstream's upgraded
+//! streams are joined here until one side ends, the connection idles past its timeout, outlives
+//! `maxConnectionLifetime` or the engine shuts down. Without route settings the tunnel is a byte
+//! relay; with `websocket.pingInterval` the proxy pings the client between the backend's frames and
+//! ends a tunnel whose client does not pong within `pingTimeout`; with `websocket.maxPayloadSize` a
+//! client message over it ends the tunnel with a Close 1009. Frames are followed, never rewritten.
+//! Knows nothing of hyper's connections or of routing.
+
+pub mod frame;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::tcp::{relay_streams, ByteSinks, RelayEnd, RelayLimits};
+use frame::{close_frame, server_frame, FrameError, FrameTracker, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG};
+
+/// A pong must answer within this when the route sets `pingInterval` but no `pingTimeout`.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the proxy's pings carry; a client's pong echoes it.
+const PING_PAYLOAD: &[u8] = b"smartproxy";
+const BUFFER: usize = 16 * 1024;
+
+/// A route's `action.websocket` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WsSettings {
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+    /// Largest client message (the payloads of its frames), in bytes.
+    pub max_message: Option<u64>,
+}
+
+impl WsSettings {
+    fn follows_frames(&self) -> bool {
+        self.ping_interval.is_some() || self.max_message.is_some()
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    Completed,
+    ClientError,
+    UpstreamError,
+    IdleTimeout,
+    LifetimeExceeded,
+    Shutdown,
+    /// The client did not answer a ping within `pingTimeout`.
+    PongTimeout,
+    /// A client message over `maxPayloadSize` (the client got a Close 1009).
+    MessageTooBig,
+    /// Bytes from the client that cannot be WebSocket frames (the client got a Close 1002).
+    InvalidFrame,
+}
+
+impl TunnelEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelEnd::Completed => "completed",
+            TunnelEnd::ClientError => "client_error",
+            TunnelEnd::UpstreamError => "upstream_error",
+            TunnelEnd::IdleTimeout => "idle_timeout",
+            TunnelEnd::LifetimeExceeded => "lifetime_exceeded",
+            TunnelEnd::Shutdown => "shutdown",
+            TunnelEnd::PongTimeout => "pong_timeout",
+            TunnelEnd::MessageTooBig => "message_too_big",
+            TunnelEnd::InvalidFrame => "invalid_frame",
+        }
+    }
+}
+
+impl From<RelayEnd> for TunnelEnd {
+    fn from(end: RelayEnd) -> Self {
+        match end {
+            RelayEnd::Completed => TunnelEnd::Completed,
+            RelayEnd::ClientError => TunnelEnd::ClientError,
+            RelayEnd::BackendError => TunnelEnd::UpstreamError,
+            RelayEnd::IdleTimeout => TunnelEnd::IdleTimeout,
+            RelayEnd::LifetimeExceeded => TunnelEnd::LifetimeExceeded,
+            RelayEnd::Shutdown => TunnelEnd::Shutdown,
+        }
+    }
+}
+
+/// Joins the two upgraded streams until the tunnel ends. Bytes are counted by the client stream
+/// itself (the upgraded stream is the client connection's), so nothing is counted here.
+pub async fn run<C, U>(mut client: C, mut upstream: U, settings: WsSettings, limits: RelayLimits, shutdown: &CancellationToken) -> TunnelEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if !settings.follows_frames() {
+        let sinks = ByteSinks { sinks: &[] };
+        return relay_streams(&mut client, &mut upstream, &sinks, limits, shutdown).await.into();
+    }
+    let (client_read, mut client_write) = tokio::io::split(client);
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let clock = Clock { epoch: Instant::now(), last_activity_ms: AtomicU64::new(0) };
+    let heartbeat = Heartbeat { pong_ms: AtomicU64::new(0), ping_ms: AtomicU64::new(0), ping_sent: Notify::new() };
+    let client_side_at_boundary = AtomicBool::new(true);
+
+    let end = {
+        let upstream_pump = client_to_upstream(client_read, upstream_write, settings.max_message, &clock, &heartbeat);
+        let client_pump = upstream_to_client(upstream_read, &mut client_write, settings.ping_interval, &clock, &heartbeat, &client_side_at_boundary);
+        let watchdog = async {
+            match settings.ping_interval {
+                Some(_) => heartbeat.missed_pong(&clock, settings.ping_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = clock.idle(limits.idle);
+        tokio::pin!(upstream_pump, client_pump, watchdog, idle);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            if up_done && down_done {
+                break TunnelEnd::Completed;
+            }
+            tokio::select! {
+                result = &mut upstream_pump, if !up_done => match result {
+                    Ok(()) => up_done = true,
+                    Err(end) => break end,
+                },
+                result = &mut client_pump, if !down_done => match result {
+                    Ok(()) => down_done = true,
+                    Err(end) => break end,
+                },
+                _ = &mut watchdog => break TunnelEnd::PongTimeout,
+                _ = &mut idle => break TunnelEnd::IdleTimeout,
+                _ = tokio::time::sleep_until(limits.deadline.into()) => break TunnelEnd::LifetimeExceeded,
+                _ = shutdown.cancelled() => break TunnelEnd::Shutdown,
+            }
+        }
+    };
+    // Tell the client why, where a frame of ours cannot land inside one of the backend's.
+    let status = match end {
+        TunnelEnd::MessageTooBig => Some((1009, "message too big")),
+        TunnelEnd::InvalidFrame => Some((1002, "invalid frame")),
+        TunnelEnd::PongTimeout => Some((1001, "ping timeout")),
+        TunnelEnd::Shutdown => Some((1001, "going away")),
+        _ => None,
+    };
+    if let (Some((code, reason)), true) = (status, client_side_at_boundary.load(Ordering::Acquire)) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(&close_frame(code, reason))).await;
+    }
+    end
+}
+
+/// Milliseconds since the tunnel started, and when bytes last moved.
+struct Clock {
+    epoch: Instant,
+    last_activity_ms: AtomicU64,
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let quiet_until = self.epoch + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= quiet_until {
+                return;
+            }
+            tokio::time::sleep_until(quiet_until.into()).await;
+        }
+    }
+}
+
+/// The proxy's pings to the client and the client's pongs (times in `Clock` milliseconds, +1 so
+/// that 0 means never).
+struct Heartbeat {
+    pong_ms: AtomicU64,
+    ping_ms: AtomicU64,
+    ping_sent: Notify,
+}
+
+impl Heartbeat {
+    /// Resolves when a ping went unanswered for `timeout`.
+    async fn missed_pong(&self, clock: &Clock, timeout: Duration) {
+        loop {
+            self.ping_sent.notified().await;
+            let sent = self.ping_ms.load(Ordering::Acquire);
+            tokio::time::sleep(timeout).await;
+            if self.pong_ms.load(Ordering::Acquire) < sent {
+                tracing::debug!(after_ms = clock.now_ms(), "websocket client did not answer a ping");
+                return;
+            }
+        }
+    }
+}
+
+/// Client → upstream, frame by frame: notes pongs (passed on: an unsolicited pong is allowed,
+/// RFC 6455 §5.5.3) and refuses messages over the limit before any byte of the offending chunk
+/// is forwarded.
+async fn client_to_upstream<R, W>(mut from: R, mut to: W, max_message: Option<u64>, clock: &Clock, heartbeat: &Heartbeat) -> Result<(), TunnelEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut tracker = FrameTracker::new(max_message);
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|_| TunnelEnd::ClientError)?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        clock.touch();
+        let mut pong = false;
+        tracker.feed(&buf[..n], |head| pong |= head.opcode == OPCODE_PONG).map_err(|err| match err {
+            FrameError::MessageTooBig { .. } => TunnelEnd::MessageTooBig,
+            FrameError::InvalidLength => TunnelEnd::InvalidFrame,
+        })?;
+        if pong {
+            heartbeat.pong_ms.store(clock.now_ms() + 1, Ordering::Release);
+        }
+        to.write_all(&buf[..n]).await.map_err(|_| TunnelEnd::UpstreamError)?;
+        clock.touch();
+    }
+}
+
+/// Upstream → client, with the proxy's pings put between the upstream's frames (never after the
+/// upstream's Close, after which nothing may follow).
+async fn upstream_to_client<R, W>(
+    mut from: R,
+    to: &mut W,
+    ping_interval: Option<Duration>,
+    clock: &Clock,
+    heartbeat: &Heartbeat,
+    at_boundary: &AtomicBool,
+) -> Result<(), TunnelEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut tracker = FrameTracker::new(None);
+    let mut closing = false;
+    let mut buf = vec![0u8; BUFFER];
+    let ping = server_frame(OPCODE_PING, PING_PAYLOAD);
+    let mut next_ping = ping_interval.map(|every| tokio::time::Instant::now() + every);
+    loop {
+        let ping_due = async {
+            match next_ping {
+                Some(at) if tracker.at_boundary() && !closing => tokio::time::sleep_until(at).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = ping_due => {
+                to.write_all(&ping).await.map_err(|_| TunnelEnd::ClientError)?;
+                heartbeat.ping_ms.store(clock.now_ms() + 1, Ordering::Release);
+                heartbeat.ping_sent.notify_one();
+                next_ping = ping_interval.map(|every| tokio::time::Instant::now() + every);
+            }
+            read = from.read(&mut buf) => {
+                let n = read.map_err(|_| TunnelEnd::UpstreamError)?;
+                if n == 0 {
+                    let _ = to.shutdown().await;
+                    return Ok(());
+                }
+                clock.touch();
+                // The upstream is not ours to police: a stream we cannot follow only stops our pings.
+                if tracker.feed(&buf[..n], |head| closing |= head.opcode == OPCODE_CLOSE).is_err() {
+                    closing = true;
+                }
+                at_boundary.store(tracker.at_boundary() && !closing, Ordering::Release);
+                to.write_all(&buf[..n]).await.map_err(|_| TunnelEnd::ClientError)?;
+                clock.touch();
+            }
+        }
+    }
+}
+
+/// The tunnels of one client connection. hyper's connection future ends as soon as it hands the
+/// upgraded stream over, but the session (its counters, its per-IP and route slots) must last as
+/// long as the tunnel does: the session waits on this scope once hyper is done.
+#[derive(Clone)]
+pub struct TunnelScope {
+    tasks: tokio_util::task::TaskTracker,
+    /// The engine's "close now" (end of the grace period at stop).
+    shutdown: CancellationToken,
+    limits: RelayLimits,
+}
+
+impl TunnelScope {
+    pub fn new(shutdown: CancellationToken, limits: RelayLimits) -> Self {
+        TunnelScope { tasks: tokio_util::task::TaskTracker::new(), shutdown, limits }
+    }
+
+    pub fn limits(&self) -> RelayLimits {
+        self.limits
+    }
+
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub fn spawn<F>(&self, tunnel: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(tunnel);
+    }
+
+    /// Resolves when every tunnel of the connection has ended.
+    pub async fn wait(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Counts a tunnel in `websocketConnections` while it is open.
+pub struct OpenTunnel(std::sync::Arc<crate::metrics::EngineMetrics>);
+
+impl OpenTunnel {
+    pub fn enter(metrics: std::sync::Arc<crate::metrics::EngineMetrics>) -> Self {
+        metrics.active_websocket.fetch_add(1, Ordering::AcqRel);
+        metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
+        OpenTunnel(metrics)
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.active_websocket.fetch_sub(1, Ordering::AcqRel);
+    }
+}
