@@ -38,7 +38,7 @@ await new Promise<void>((resolve) => backendHttp.listen(0, '127.0.0.1', resolve)
 const backendPort = (backendHttp.address() as AddressInfo).port;
 const target = { host: '127.0.0.1', port: backendPort };
 
-const [plainPort, pingPort, limitPort] = await freePorts(3);
+const [plainPort, pingPort, limitPort, onePort] = await freePorts(4);
 const proxy = new SmartProxy({
   gracefulShutdownTimeout: 500,
   routes: [
@@ -53,6 +53,7 @@ const proxy = new SmartProxy({
       match: { ports: limitPort, domains: '*' },
       action: { type: 'forward', target, websocket: { maxPayloadSize: 1000 } },
     },
+    { name: 'ws-one', match: { ports: onePort, domains: '*' }, action: { type: 'forward', target }, security: { maxConnections: 1 } },
   ],
 });
 await proxy.start();
@@ -136,6 +137,29 @@ tap.test('an open tunnel counts as a live connection and a websocket one until i
   await closed(ws);
   await waitFor(() => proxy.getStatistics().activeConnections === 0, 3000, 'the tunnel to end');
   expect(proxy.getStatistics().websocketConnections).toEqual(0);
+});
+
+tap.test('an open tunnel holds its route slot: with maxConnections 1 a second upgrade gets 503 until the first closes', async () => {
+  const first = await open(onePort);
+  const refused = await new Promise<number>((resolve) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${onePort}/`);
+    ws.once('unexpected-response', (_req, res) => {
+      resolve(res.statusCode ?? 0);
+      ws.terminate();
+    });
+    ws.once('open', () => {
+      resolve(101);
+      ws.close();
+    });
+    ws.once('error', () => undefined);
+  });
+  expect(refused).toEqual(503);
+  first.close();
+  await closed(first);
+  await waitFor(() => proxy.getStatistics().websocketConnections === 0, 3000, 'the first tunnel to end');
+  const again = await open(onePort);
+  again.close();
+  await closed(again);
 });
 
 tap.test('pingInterval: the proxy pings the client between frames; a client that pongs stays open, the backend sees no ping', async () => {

@@ -652,18 +652,21 @@ impl Tunnel {
         apply_templates(&mut parts.headers, target_templates, templates);
         let scope = ctx.tunnels.clone();
         let metrics = ctx.env.metrics.clone();
+        let Tunnel { client_upgrade, route, _route_slot: route_slot, _backend_lease: backend_lease } = self;
         ctx.tunnels.spawn(async move {
-            let (client, upstream) = match tokio::try_join!(self.client_upgrade, upstream_upgrade) {
+            // Named here so that the task owns them (a closure captures only the places it names).
+            let _held_while_open = (route_slot, backend_lease);
+            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok(pair) => pair,
                 Err(err) => {
-                    tracing::debug!(route = &*self.route.label, error = %err, "upgrade failed");
+                    tracing::debug!(route = &*route.label, error = %err, "upgrade failed");
                     return;
                 }
             };
             let _open = OpenTunnel::enter(metrics);
-            let settings = self.route.http.websocket_settings;
+            let settings = route.http.websocket_settings;
             let end = websocket::run(TokioIo::new(client), TokioIo::new(upstream), settings, scope.limits(), scope.shutdown()).await;
-            tracing::debug!(route = &*self.route.label, end = end.as_str(), "websocket tunnel closed");
+            tracing::debug!(route = &*route.label, end = end.as_str(), "websocket tunnel closed");
         });
         Response::from_parts(parts, crate::http::body::empty())
     }

@@ -20,6 +20,8 @@ const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 /// Reads that fill the largest buffer, in a row, before a TCP direction moves on to splice.
 const FULL_READS_BEFORE_SPLICE: u32 = 4;
+/// Splices that move under a quarter of the pipe, in a row, before the direction copies again.
+const CALM_FILLS_BEFORE_COPY: u32 = 8;
 
 /// Where the client-side bytes of a connection are counted (engine, route, client IP).
 pub struct ByteSinks<'a> {
@@ -190,6 +192,8 @@ where
         on_read(n);
         activity.touch();
         to.write_all(&buf[..n]).await.map_err(|_| to_side)?;
+        // A TLS stream may keep the last record of a burst buffered until pushed.
+        to.flush().await.map_err(|_| to_side)?;
         on_written(n);
         activity.touch();
         if n == buf.len() && buf.len() < MAX_BUFFER {
@@ -198,53 +202,66 @@ where
     }
 }
 
-/// `pump` between two TCP sockets: copies through a buffer while exchanges are short, and moves
-/// on to splice once reads keep filling the largest buffer (a bulk transfer).
+/// `pump` between two TCP sockets: copies through a buffer while exchanges are short, moves on to
+/// splice once reads keep filling the largest buffer (a bulk transfer), and back to copying (the
+/// pipe closed) once the transfer has calmed down.
 async fn pump_tcp(from: &TcpStream, to: &TcpStream, from_side: Side, on_read: impl Fn(usize), on_written: impl Fn(usize), activity: &Activity) -> Result<(), Side> {
     let to_side = from_side.other();
     let mut buf = vec![0u8; INITIAL_BUFFER];
-    let mut full_reads = 0;
+    // Full reads in a row (copying), or small fills in a row (splicing).
+    let mut streak = 0;
+    let mut pipe: Option<Pipe> = None;
+    let mut splice_works = true;
     loop {
-        let n = read_tcp(from, &mut buf).await.map_err(|_| from_side)?;
+        let n = match &pipe {
+            Some(p) => match p.fill(from).await {
+                Ok(n) => n,
+                // Where splice is not supported nothing was moved: copy instead, for good.
+                Err(err) if splice_unsupported(&err) => {
+                    pipe = None;
+                    splice_works = false;
+                    continue;
+                }
+                Err(_) => return Err(from_side),
+            },
+            None => read_tcp(from, &mut buf).await.map_err(|_| from_side)?,
+        };
         if n == 0 {
             half_close(to);
             return Ok(());
         }
         on_read(n);
         activity.touch();
-        write_all_tcp(to, &buf[..n]).await.map_err(|_| to_side)?;
+        match &pipe {
+            Some(p) => p.drain(to, n).await.map_err(|_| to_side)?,
+            None => write_all_tcp(to, &buf[..n]).await.map_err(|_| to_side)?,
+        }
         on_written(n);
         activity.touch();
-        if n < buf.len() {
-            full_reads = 0;
-        } else if buf.len() < MAX_BUFFER {
-            buf.resize(buf.len() * 2, 0);
-        } else {
-            full_reads += 1;
-            if full_reads >= FULL_READS_BEFORE_SPLICE {
-                // Without a pipe (descriptor limit) the copy simply goes on.
-                if let Ok(pipe) = Pipe::new() {
-                    drop(buf);
-                    return splice_tcp(&pipe, from, to, from_side, on_read, on_written, activity).await;
+        match &pipe {
+            Some(p) => {
+                streak = if n < p.capacity() / 4 { streak + 1 } else { 0 };
+                if streak >= CALM_FILLS_BEFORE_COPY {
+                    pipe = None;
+                    streak = 0;
+                }
+            }
+            None if n < buf.len() => streak = 0,
+            None if buf.len() < MAX_BUFFER => buf.resize(buf.len() * 2, 0),
+            None => {
+                streak += 1;
+                if streak >= FULL_READS_BEFORE_SPLICE && splice_works {
+                    streak = 0;
+                    // Without a pipe (descriptor limit, say) the copy simply goes on.
+                    pipe = Pipe::new().ok();
                 }
             }
         }
     }
 }
 
-async fn splice_tcp(pipe: &Pipe, from: &TcpStream, to: &TcpStream, from_side: Side, on_read: impl Fn(usize), on_written: impl Fn(usize), activity: &Activity) -> Result<(), Side> {
-    loop {
-        let n = pipe.fill(from).await.map_err(|_| from_side)?;
-        if n == 0 {
-            half_close(to);
-            return Ok(());
-        }
-        on_read(n);
-        activity.touch();
-        pipe.drain(to, n).await.map_err(|_| from_side.other())?;
-        on_written(n);
-        activity.touch();
-    }
+fn splice_unsupported(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP))
 }
 
 async fn read_tcp(from: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {

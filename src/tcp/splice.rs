@@ -9,10 +9,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Asked for per pipe; Linux lets an unprivileged process grow a pipe up to `pipe-max-size`
-/// (1 MiB by default). A smaller pipe still works, with more system calls.
-const PIPE_SIZE: libc::c_int = 1 << 20;
-
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -28,12 +24,15 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a descriptor we own; failure leaves the default size.
-        let capacity = unsafe {
-            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
-            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
-        };
+        // The default size (64 KiB): larger pipes draw on a per-user kernel budget that other
+        // pipes of the process (child processes' stdio) need too.
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         Ok(Pipe { read, write, capacity: usize::try_from(capacity).unwrap_or(64 * 1024).max(4096) })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Moves what `from` has (up to the pipe's size) into the empty pipe; `Ok(0)` at end of stream.

@@ -34,6 +34,8 @@ pub enum FrameError {
     InvalidLength,
     /// A data message (all its frames' payloads) over the configured maximum.
     MessageTooBig { limit: u64 },
+    /// A new data message before the fragmented one ended, or a continuation of none (§5.4).
+    BadFragmentation,
 }
 
 /// Follows one direction of a tunnel, frame by frame.
@@ -45,13 +47,15 @@ pub struct FrameTracker {
     payload_left: u64,
     /// Payload bytes of the data message in progress (its frames so far).
     message_len: u64,
+    /// A fragmented data message has begun and not yet ended.
+    in_message: bool,
     max_message: Option<u64>,
 }
 
 impl FrameTracker {
     /// `max_message`: refuse data messages whose payloads add up to more than this.
     pub fn new(max_message: Option<u64>) -> Self {
-        FrameTracker { head: [0; MAX_HEAD], head_have: 0, payload_left: 0, message_len: 0, max_message }
+        FrameTracker { head: [0; MAX_HEAD], head_have: 0, payload_left: 0, message_len: 0, in_message: false, max_message }
     }
 
     /// True when the bytes so far end exactly at a frame's end: another frame may be put here.
@@ -82,7 +86,11 @@ impl FrameTracker {
             self.head_have = 0;
             self.payload_left = head.payload_len;
             if !head.is_control() {
-                // A new data message starts with a non-continuation opcode.
+                // A new data message starts with a non-continuation opcode, and only between
+                // messages: otherwise a message could be cut short to dodge the size limit.
+                if (head.opcode == OPCODE_CONTINUATION) != self.in_message {
+                    return Err(FrameError::BadFragmentation);
+                }
                 if head.opcode != OPCODE_CONTINUATION {
                     self.message_len = 0;
                 }
@@ -90,6 +98,7 @@ impl FrameTracker {
                 if let Some(limit) = self.max_message.filter(|limit| self.message_len > *limit) {
                     return Err(FrameError::MessageTooBig { limit });
                 }
+                self.in_message = !head.fin;
                 if head.fin {
                     self.message_len = 0;
                 }
@@ -220,6 +229,15 @@ mod tests {
         let mut two = client_frame(true, 0x2, 900);
         two.extend(client_frame(true, 0x2, 900));
         assert!(heads(&mut tracker, &two).is_ok());
+    }
+
+    #[test]
+    fn a_new_message_inside_a_fragmented_one_and_a_stray_continuation_are_refused() {
+        let mut interleaved = client_frame(false, 0x1, 10);
+        interleaved.extend(client_frame(true, 0x2, 10));
+        assert_eq!(heads(&mut FrameTracker::new(Some(1000)), &interleaved), Err(FrameError::BadFragmentation));
+        let stray = client_frame(true, OPCODE_CONTINUATION, 10);
+        assert_eq!(heads(&mut FrameTracker::new(None), &stray), Err(FrameError::BadFragmentation));
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the proxy's pings carry; a client's pong echoes it.
 const PING_PAYLOAD: &[u8] = b"smartproxy";
 const BUFFER: usize = 16 * 1024;
+/// How long the proxy's own Close may take to reach the client before the tunnel drops it.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// A route's `action.websocket` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,14 +98,14 @@ where
         let sinks = ByteSinks { sinks: &[] };
         return relay_streams(&mut client, &mut upstream, &sinks, limits, shutdown).await.into();
     }
-    let (client_read, mut client_write) = tokio::io::split(client);
+    let (mut client_read, mut client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
     let clock = Clock { epoch: Instant::now(), last_activity_ms: AtomicU64::new(0) };
     let heartbeat = Heartbeat { pong_ms: AtomicU64::new(0), ping_ms: AtomicU64::new(0), ping_sent: Notify::new() };
     let client_side_at_boundary = AtomicBool::new(true);
 
     let end = {
-        let upstream_pump = client_to_upstream(client_read, upstream_write, settings.max_message, &clock, &heartbeat);
+        let upstream_pump = client_to_upstream(&mut client_read, upstream_write, settings.max_message, &clock, &heartbeat);
         let client_pump = upstream_to_client(upstream_read, &mut client_write, settings.ping_interval, &clock, &heartbeat, &client_side_at_boundary);
         let watchdog = async {
             match settings.ping_interval {
@@ -143,7 +145,17 @@ where
         _ => None,
     };
     if let (Some((code, reason)), true) = (status, client_side_at_boundary.load(Ordering::Acquire)) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(&close_frame(code, reason))).await;
+        let frame = close_frame(code, reason);
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            client_write.write_all(&frame).await?;
+            client_write.shutdown().await?;
+            // Closing with unread client bytes would send a reset, which may destroy the Close
+            // before the client reads it: read on (and drop) until the client closes too.
+            let mut sink = [0u8; 4096];
+            while client_read.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
     }
     end
 }
@@ -200,7 +212,7 @@ impl Heartbeat {
 /// Client → upstream, frame by frame: notes pongs (passed on: an unsolicited pong is allowed,
 /// RFC 6455 §5.5.3) and refuses messages over the limit before any byte of the offending chunk
 /// is forwarded.
-async fn client_to_upstream<R, W>(mut from: R, mut to: W, max_message: Option<u64>, clock: &Clock, heartbeat: &Heartbeat) -> Result<(), TunnelEnd>
+async fn client_to_upstream<R, W>(from: &mut R, mut to: W, max_message: Option<u64>, clock: &Clock, heartbeat: &Heartbeat) -> Result<(), TunnelEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -217,12 +229,12 @@ where
         let mut pong = false;
         tracker.feed(&buf[..n], |head| pong |= head.opcode == OPCODE_PONG).map_err(|err| match err {
             FrameError::MessageTooBig { .. } => TunnelEnd::MessageTooBig,
-            FrameError::InvalidLength => TunnelEnd::InvalidFrame,
+            FrameError::InvalidLength | FrameError::BadFragmentation => TunnelEnd::InvalidFrame,
         })?;
         if pong {
             heartbeat.pong_ms.store(clock.now_ms() + 1, Ordering::Release);
         }
-        to.write_all(&buf[..n]).await.map_err(|_| TunnelEnd::UpstreamError)?;
+        write_flushed(&mut to, &buf[..n]).await.map_err(|_| TunnelEnd::UpstreamError)?;
         clock.touch();
     }
 }
@@ -256,7 +268,10 @@ where
         tokio::select! {
             biased;
             _ = ping_due => {
-                to.write_all(&ping).await.map_err(|_| TunnelEnd::ClientError)?;
+                // Until the ping is out whole, a frame of ours put here would land inside it.
+                at_boundary.store(false, Ordering::Release);
+                write_flushed(to, &ping).await.map_err(|_| TunnelEnd::ClientError)?;
+                at_boundary.store(true, Ordering::Release);
                 heartbeat.ping_ms.store(clock.now_ms() + 1, Ordering::Release);
                 heartbeat.ping_sent.notify_one();
                 next_ping = ping_interval.map(|every| tokio::time::Instant::now() + every);
@@ -272,12 +287,21 @@ where
                 if tracker.feed(&buf[..n], |head| closing |= head.opcode == OPCODE_CLOSE).is_err() {
                     closing = true;
                 }
+                // Between frames only once this chunk has been written whole.
+                at_boundary.store(false, Ordering::Release);
+                write_flushed(to, &buf[..n]).await.map_err(|_| TunnelEnd::ClientError)?;
                 at_boundary.store(tracker.at_boundary() && !closing, Ordering::Release);
-                to.write_all(&buf[..n]).await.map_err(|_| TunnelEnd::ClientError)?;
                 clock.touch();
             }
         }
     }
+}
+
+/// Writes all of `bytes` and pushes them out: a TLS stream may otherwise keep the last record of
+/// a burst in its buffer until the next write.
+async fn write_flushed<W: AsyncWrite + Unpin + ?Sized>(to: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    to.write_all(bytes).await?;
+    to.flush().await
 }
 
 /// The tunnels of one client connection. hyper's connection future ends as soon as it hands the
