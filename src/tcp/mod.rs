@@ -2,6 +2,5 @@
 //! client-side byte accounting, idle and lifetime limits. Knows nothing of routes or protocols.
 
 mod relay;
-mod splice;
 
 pub use relay::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
