@@ -152,8 +152,16 @@ impl AffinityStore {
             cmd.arg(format!("{}{entry}", redis.prefix)).arg("EX").arg(ttl.as_secs().max(1));
             if let Some(answer) = self.redis_call::<Option<String>>(redis, cmd).await {
                 if let Some(backend) = &answer {
-                    // Kept in memory too, so an outage does not lose live sessions.
-                    self.memory.lock().insert(entry.to_string(), (backend.clone(), Instant::now() + ttl));
+                    // Kept in memory too, so an outage does not lose live sessions; an unchanged
+                    // binding only has its expiry moved (no allocation on the hot path).
+                    let expires = Instant::now() + ttl;
+                    let mut memory = self.memory.lock();
+                    match memory.get_mut(entry) {
+                        Some(held) if held.0 == *backend => held.1 = expires,
+                        _ => {
+                            memory.insert(entry.to_string(), (backend.clone(), expires));
+                        }
+                    }
                 }
                 return answer;
             }
