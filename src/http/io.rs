@@ -67,6 +67,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
             let n = self.replay.len().min(buf.remaining());
             buf.put_slice(&self.replay[..n]);
             self.replay.advance(n);
+            if self.replay.is_empty() {
+                // An emptied Bytes still holds the sniffing buffer; an idle connection should not.
+                self.replay = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
