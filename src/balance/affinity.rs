@@ -14,6 +14,8 @@ use http::{HeaderMap, HeaderName};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::lookup_batch::LookupBatcher;
+
 /// One Redis round trip may take this long before the replica's memory answers instead.
 const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -100,6 +102,8 @@ impl Affinity {
 
 struct Redis {
     connection: redis::aio::ConnectionManager,
+    /// Started by the first lookup (on the runtime).
+    batcher: std::sync::OnceLock<LookupBatcher>,
     prefix: String,
     /// Set while Redis does not answer: logged once per outage.
     down: AtomicBool,
@@ -137,7 +141,7 @@ impl AffinityStore {
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_secs(1));
                 let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config).map_err(|e| format!("redis: {e}"))?;
-                Some(Redis { connection, prefix: prefix.to_string(), down: AtomicBool::new(false) })
+                Some(Redis { connection, batcher: std::sync::OnceLock::new(), prefix: prefix.to_string(), down: AtomicBool::new(false) })
             }
         };
         Ok(AffinityStore { redis, ..AffinityStore::default() })
@@ -148,9 +152,9 @@ impl AffinityStore {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         if let Some(redis) = &self.redis {
             self.redis_lookups.fetch_add(1, Ordering::Relaxed);
-            let mut cmd = redis::cmd("GETEX");
-            cmd.arg(format!("{}{entry}", redis.prefix)).arg("EX").arg(ttl.as_secs().max(1));
-            if let Some(answer) = self.redis_call::<Option<String>>(redis, cmd).await {
+            let batcher = redis.batcher.get_or_init(|| LookupBatcher::start(redis.connection.clone()));
+            let getex = batcher.getex(format!("{}{entry}", redis.prefix), ttl.as_secs().max(1));
+            if let Some(answer) = self.redis_outcome(redis, getex).await {
                 if let Some(backend) = &answer {
                     // Kept in memory too, so an outage does not lose live sessions; an unchanged
                     // binding only has its expiry moved (no allocation on the hot path).
@@ -211,7 +215,13 @@ impl AffinityStore {
     /// `None` when Redis failed or timed out (then memory answers).
     async fn redis_call<T: redis::FromRedisValue>(&self, redis: &Redis, cmd: redis::Cmd) -> Option<T> {
         let mut connection = redis.connection.clone();
-        match tokio::time::timeout(REDIS_CALL_TIMEOUT, cmd.query_async::<T>(&mut connection)).await {
+        let call = async move { cmd.query_async::<T>(&mut connection).await.map_err(|err| err.to_string()) };
+        self.redis_outcome(redis, call).await
+    }
+
+    /// A Redis answer within `REDIS_CALL_TIMEOUT`, or `None` (counted and logged as a fallback).
+    async fn redis_outcome<T>(&self, redis: &Redis, call: impl std::future::Future<Output = Result<T, String>>) -> Option<T> {
+        match tokio::time::timeout(REDIS_CALL_TIMEOUT, call).await {
             Ok(Ok(answer)) => {
                 if redis.down.swap(false, Ordering::Relaxed) {
                     tracing::warn!("redis is reachable again; session affinity is shared again");
@@ -219,7 +229,7 @@ impl AffinityStore {
                 Some(answer)
             }
             Ok(Err(err)) => {
-                self.fell_back(redis, &err.to_string());
+                self.fell_back(redis, &err);
                 None
             }
             Err(_) => {

@@ -2,10 +2,12 @@
 //! (weighted rendezvous hashing: removing a backend moves only its own clients), skipping
 //! backends marked down unless all are (fail open). Each backend's health and in-flight count
 //! live in a `BackendState` kept across route updates; a `Lease` holds one in-flight slot and
-//! gives it back exactly once, when dropped. Active probes live in `health`.
+//! gives it back exactly once, when dropped. Active probes live in `health`; session affinity in
+//! `affinity`, whose concurrent Redis lookups `lookup_batch` sends as one pipeline.
 
 pub mod affinity;
 pub mod health;
+mod lookup_batch;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

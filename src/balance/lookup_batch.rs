@@ -1,0 +1,78 @@
+//! Concurrent affinity lookups coalesced into one Redis round trip. Each lookup stays its own
+//! `GETEX`, but those that arrive together go out as one pipeline: one write and one read for the
+//! proxy and for redis-server, instead of a write per command. (Left to itself the Redis client's
+//! driver task runs right after each request that wakes it, tokio's LIFO slot, and writes every
+//! command alone.) Knows nothing of routes or of the in-memory fallback.
+
+use tokio::sync::{mpsc, oneshot};
+
+/// Lookups sent in one pipeline at most.
+const MAX_BATCH: usize = 256;
+
+struct Lookup {
+    key: String,
+    ttl_secs: u64,
+    answer: oneshot::Sender<Result<Option<String>, String>>,
+}
+
+pub struct LookupBatcher {
+    queue: mpsc::UnboundedSender<Lookup>,
+}
+
+impl LookupBatcher {
+    /// Starts the batching task on the current runtime; it ends when the batcher is dropped.
+    pub fn start(connection: redis::aio::ConnectionManager) -> LookupBatcher {
+        let (queue, pending) = mpsc::unbounded_channel();
+        tokio::spawn(run(pending, connection));
+        LookupBatcher { queue }
+    }
+
+    /// `GETEX key EX ttl_secs`: the value, refreshed for another `ttl_secs`.
+    pub async fn getex(&self, key: String, ttl_secs: u64) -> Result<Option<String>, String> {
+        let (answer, answered) = oneshot::channel();
+        self.queue.send(Lookup { key, ttl_secs, answer }).map_err(|_| "the lookup task has stopped".to_string())?;
+        answered.await.map_err(|_| "the lookup task has stopped".to_string())?
+    }
+}
+
+async fn run(mut pending: mpsc::UnboundedReceiver<Lookup>, mut connection: redis::aio::ConnectionManager) {
+    let mut batch: Vec<Lookup> = Vec::new();
+    while let Some(first) = pending.recv().await {
+        batch.push(first);
+        // Let the requests that are ready now run first and queue their lookups too.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(lookup) => batch.push(lookup),
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up (its timeout passed while Redis was slow) needs no answer.
+        batch.retain(|lookup| !lookup.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut pipeline = redis::pipe();
+        for lookup in &batch {
+            pipeline.cmd("GETEX").arg(&lookup.key).arg("EX").arg(lookup.ttl_secs);
+        }
+        match pipeline.query_async::<Vec<Option<String>>>(&mut connection).await {
+            Ok(values) if values.len() == batch.len() => {
+                for (lookup, value) in batch.drain(..).zip(values) {
+                    let _ = lookup.answer.send(Ok(value));
+                }
+            }
+            Ok(values) => {
+                let why = format!("redis answered {} of {} lookups", values.len(), batch.len());
+                fail_all(&mut batch, &why);
+            }
+            Err(err) => fail_all(&mut batch, &err.to_string()),
+        }
+    }
+}
+
+fn fail_all(batch: &mut Vec<Lookup>, why: &str) {
+    for lookup in batch.drain(..) {
+        let _ = lookup.answer.send(Err(why.to_string()));
+    }
+}
