@@ -145,6 +145,10 @@ impl Session {
         );
     }
 
+    /// The paths other than plain HTTP (TLS, socket hand-offs, connect and relay) await boxed
+    /// futures: the session's own future, which every connection carries for its whole life, is
+    /// then sized for plain HTTP (6.6 KiB instead of 13 KiB; 32.3 instead of 35.9 KiB of RSS per
+    /// idle keep-alive connection), and a path's state is allocated only when it is taken.
     async fn drive(&mut self, env: &SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream) -> TerminationReason {
         let table: &RouteTable = table_arc;
         // Accepted: counted at once, so every exit below releases exactly what it took (guards).
@@ -304,13 +308,13 @@ impl Session {
             }
             let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {
                 let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
-                return self.hand_off_tcp(env, handler, client, initial, context, &sinks).await;
+                return Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await;
             };
             self.state = State::Terminating;
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let io = ClientIo::new(client, initial.into(), counters);
             let deadline = self.accepted_at + env.initial_data_timeout;
-            let stream = match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
+            let stream = match Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await {
                 Err(_) => return TerminationReason::InitialDataTimeout,
                 Ok(Err(err)) => {
                     tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
@@ -323,7 +327,7 @@ impl Session {
             context.tls_version = self.tls_version;
             // Global and per-IP bytes are counted on the wire by ClientIo; the route's here.
             let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes] };
-            return self.hand_off_pair(env, handler, stream, context, &sinks).await;
+            return Box::pin(self.hand_off_pair(env, handler, stream, context, &sinks)).await;
         }
 
         // Terminating: TLS ends here and the HTTP engine serves what is inside, request by request
@@ -335,7 +339,7 @@ impl Session {
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let io = ClientIo::new(client, initial.into(), counters.clone());
             let deadline = self.accepted_at + env.initial_data_timeout;
-            let accepted = tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await;
+            let accepted = Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await;
             let stream = match accepted {
                 Err(_) => return TerminationReason::InitialDataTimeout,
                 Ok(Err(err)) => {
@@ -347,7 +351,7 @@ impl Session {
             self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
             self.state = State::Http;
             let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()));
-            return serve_http(stream, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
+            return Box::pin(serve_http(stream, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close })).await;
         }
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
             return TerminationReason::NoTarget;
@@ -365,15 +369,7 @@ impl Session {
         self.state = State::Connecting;
         let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
         let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let connected = connect_backend(
-            (&*target_host, target_port),
-            connect_timeout,
-            &mut client,
-            &mut initial,
-            env,
-            &sinks,
-        )
-        .await;
+        let connected = Box::pin(connect_backend((&*target_host, target_port), connect_timeout, &mut client, &mut initial, env, &sinks)).await;
         if let Some(lease) = &target.lease {
             match &connected {
                 Ok(_) => lease.report_connect(true),
@@ -407,7 +403,7 @@ impl Session {
         // Relaying until both sides are done or a limit ends it.
         self.state = State::Relaying;
         let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
-        match relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done).await {
+        match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done)).await {
             RelayEnd::Completed => TerminationReason::Completed,
             RelayEnd::ClientError => TerminationReason::ClientError,
             RelayEnd::BackendError => TerminationReason::BackendError,
