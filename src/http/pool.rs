@@ -142,12 +142,14 @@ impl UpstreamPool {
         if let Some(reused) = self.take_idle(key).await {
             return Ok(reused);
         }
-        self.connect(key, connect_timeout, no_delay, true).await
+        // The connect path (TCP, PROXY header, TLS and HTTP handshakes) is boxed: inline, its
+        // state would size the future of every request, pooled or not.
+        Box::pin(self.connect(key, connect_timeout, no_delay, true)).await
     }
 
     /// Always a new connection (after a pooled one turned out dead).
     pub async fn checkout_fresh(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool) -> Result<Checkout, UpstreamError> {
-        self.connect(key, connect_timeout, no_delay, false).await
+        Box::pin(self.connect(key, connect_timeout, no_delay, false)).await
     }
 
     async fn connect(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool, may_reuse: bool) -> Result<Checkout, UpstreamError> {

@@ -165,7 +165,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let mut to_bind: Option<(String, bool)> = None;
     if let (Some(affinity), Some(value)) = (affinity, &request_value) {
         let entry = affinity.entry(value);
-        match ctx.env.affinity.lookup(&entry, affinity.ttl).await {
+        match Box::pin(ctx.env.affinity.lookup(&entry, affinity.ttl)).await {
             Some(backend) => {
                 bound_target = route.select_bound(ctx.local_port, ctx.client_ip, Some(&facts), &backend);
                 if bound_target.is_none() {
@@ -184,7 +184,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     };
     if let (Some(affinity), Some((entry, only_if_new))) = (affinity, to_bind) {
         let backend = format!("{}:{}", target.host, target.port);
-        let winner = ctx.env.affinity.bind(&entry, &backend, affinity.ttl, only_if_new).await;
+        let winner = Box::pin(ctx.env.affinity.bind(&entry, &backend, affinity.ttl, only_if_new)).await;
         // Another replica bound this value first: follow its choice.
         if winner != backend {
             if let Some(theirs) = route.select_bound(ctx.local_port, ctx.client_ip, Some(&facts), &winner) {
@@ -239,7 +239,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         RequestBody::Empty
     } else if policy.replays_after_send() && idempotent && incoming.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY) {
         // Small enough to keep whole: a retry after sending can send it again.
-        let collected = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, http_body_util::Limited::new(incoming, MAX_REPLAY_BODY as usize).collect()).await;
+        let collected = Box::pin(tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, http_body_util::Limited::new(incoming, MAX_REPLAY_BODY as usize).collect())).await;
         match collected {
             Ok(Ok(collected)) => {
                 let bytes = collected.to_bytes();
@@ -259,7 +259,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let mut replaced_dead_connection = false;
     let mut fresh_connection = false;
     let (response, checkout, key, request_sent) = loop {
-        let (target_host, target_port) = match scripts.endpoint(&target, || script_context.clone().unwrap_or_default()).await {
+        let (target_host, target_port) = match Box::pin(scripts.endpoint(&target, || script_context.clone().unwrap_or_default())).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(route = &*route.label, error = %err, "target function failed");
@@ -372,7 +372,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     if let Some(affinity) = affinity {
         if let Some(issued) = affinity.key.response_value(&parts.headers).filter(|v| request_value.as_ref() != Some(v)) {
             let backend = format!("{}:{}", target.host, target.port);
-            ctx.env.affinity.bind(&affinity.entry(&issued), &backend, affinity.ttl, false).await;
+            Box::pin(ctx.env.affinity.bind(&affinity.entry(&issued), &backend, affinity.ttl, false)).await;
         }
     }
     strip_hop_by_hop(&mut parts.headers, false);
