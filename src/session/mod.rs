@@ -129,10 +129,14 @@ impl Session {
 
     /// Runs the connection to its end and records why it ended.
     pub async fn run(mut self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) {
-        let reason = self.drive(&env, &table, client).await;
+        // Accepted: counted at once. The count is released only after the reason is recorded, so
+        // whoever sees activeConnections drop also sees why the connection ended.
+        let mut counted = ConnectionGuard::new(&env.metrics);
+        let reason = self.drive(&env, &table, client, &mut counted).await;
         self.state = State::Closed;
         self.termination = Some(reason);
         env.metrics.record_termination(reason);
+        drop(counted);
         tracing::debug!(
             id = self.id,
             client = %self.client_ip,
@@ -149,10 +153,9 @@ impl Session {
     /// futures: the session's own future, which every connection carries for its whole life, is
     /// then sized for plain HTTP (6.6 KiB instead of 13 KiB; 32.3 instead of 35.9 KiB of RSS per
     /// idle keep-alive connection), and a path's state is allocated only when it is taken.
-    async fn drive(&mut self, env: &SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream) -> TerminationReason {
+    async fn drive(&mut self, env: &SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream, counted: &mut ConnectionGuard<'_>) -> TerminationReason {
         let table: &RouteTable = table_arc;
-        // Accepted: counted at once, so every exit below releases exactly what it took (guards).
-        let mut counted = ConnectionGuard::new(&env.metrics);
+        // Every exit below releases exactly what it took (guards).
         let mut initial = Vec::new();
         // ProxyHeader: a trusted balancer names the client first; everything below sees that client.
         if env.proxy_header_from.as_ref().is_some_and(|from| from.matches(self.peer_ip)) {
