@@ -16,7 +16,7 @@ import path from 'node:path';
 
 import { SmartProxy } from '../ts/index.js';
 import type { IAcmeOptions, IRouteConfig, ISmartProxyOptions } from '../ts/index.js';
-import { freePort, freePorts, sleep, waitFor } from './helpers/net.js';
+import { freePort, freePorts, rejection, sleep, waitFor } from './helpers/net.js';
 import { startPebble, type Pebble } from './helpers/pebble.js';
 
 const ISSUE_TIMEOUT_MS = 30000;
@@ -221,14 +221,6 @@ function httpsGet(port: number, servername: string, ca: string, reqPath = '/', a
   });
 }
 
-async function rejection(promise: Promise<unknown>): Promise<Error | undefined> {
-  try {
-    await promise;
-  } catch (err) {
-    return err as Error;
-  }
-  return undefined;
-}
 
 async function expectStaticServes(port: number, reqPath: string): Promise<void> {
   const res = await httpsGet(port, 'static.test', staticCert.cert, reqPath);

@@ -130,6 +130,17 @@ async function hold(port: number, localAddress?: string): Promise<{ name: string
   return { name: data.trim(), socket };
 }
 
+/** Opens `count` connections one after another and keeps them open (in `held`); their backends' names. */
+async function holdMany(port: number, count: number, held: net.Socket[]): Promise<string[]> {
+  const names: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const c = await hold(port);
+    held.push(c.socket);
+    names.push(c.name);
+  }
+  return names;
+}
+
 const healthFast = { path: '/health', interval: 200, timeout: 500, unhealthyThreshold: 2, healthyThreshold: 2 };
 
 // ---------------------------------------------------------------------------------------------
@@ -251,12 +262,7 @@ tap.test('least connections on a raw TCP route: a new connection goes to the bac
     await waitFor(() => inFlightSum(proxy) === 0, 3000, 'all connections closed');
 
     // Nine held connections spread 3/3/3.
-    const nine: string[] = [];
-    for (let i = 0; i < 9; i++) {
-      const c = await hold(port);
-      held.push(c.socket);
-      nine.push(c.name);
-    }
+    const nine = await holdMany(port, 9, held);
     expect(tally(nine)).toEqual({ a: 3, b: 3, c: 3 });
     await waitFor(() => inFlightSum(proxy) === 9, 3000, '9 connections in flight');
     expect(backendsOf(proxy).map((s) => s.inFlight)).toEqual([3, 3, 3]);
@@ -282,12 +288,7 @@ tap.test('least connections is relative to weight: 2:1:1 with 8 held connections
   await proxy.start();
   const held: net.Socket[] = [];
   try {
-    const seen: string[] = [];
-    for (let i = 0; i < 8; i++) {
-      const c = await hold(port);
-      held.push(c.socket);
-      seen.push(c.name);
-    }
+    const seen = await holdMany(port, 8, held);
     expect(tally(seen)).toEqual({ a: 4, b: 2, c: 2 });
     for (const s of held) s.destroy();
     held.length = 0;
@@ -419,12 +420,7 @@ tap.test('active TCP check on a raw route: probes are connects; a closed backend
     await b.close();
     await waitFor(() => statOf(proxy, b.port)?.healthy === false, 5000, 'b to be marked unhealthy');
     expect(statOf(proxy, a.port)?.healthy).toBeTrue();
-    const seen: string[] = [];
-    for (let i = 0; i < 10; i++) {
-      const c = await hold(port);
-      held.push(c.socket);
-      seen.push(c.name);
-    }
+    const seen = await holdMany(port, 10, held);
     expect(tally(seen)).toEqual({ a: 10 });
     for (const s of held) s.destroy();
     held.length = 0;

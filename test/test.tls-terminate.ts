@@ -18,7 +18,7 @@ import { promisify } from 'node:util';
 import type { AddressInfo } from 'node:net';
 
 import { SmartProxy } from '../ts/index.js';
-import { freePort, sleep, waitFor } from './helpers/net.js';
+import { freePort, rejection, sleep, waitFor } from './helpers/net.js';
 import { createTestCa, startTlsBackend } from './helpers/tls.js';
 
 const execFileAsync = promisify(execFile);
@@ -438,14 +438,6 @@ function rawSend(payload: Buffer, timeoutMs = 5000): Promise<{ closed: boolean; 
   });
 }
 
-async function rejection(p: Promise<unknown>): Promise<Error | undefined> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  return undefined;
-}
 
 const reasons = (): Record<string, number> => ({ ...proxy.getStatistics().terminationReasons });
 function reasonDiff(before: Record<string, number>, after: Record<string, number>): Record<string, number> {

@@ -24,10 +24,10 @@ use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, Tra
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::sniff::normalise_host;
-use crate::http::websocket::{self, OpenTunnel, TunnelScope};
+use crate::http::websocket::{self, TunnelScope};
 use crate::hooks::{EngineEvent, EventKind, ScriptContext, Scripts};
 use crate::proxy_protocol;
-use crate::metrics::EngineMetrics;
+use crate::metrics::{EngineMetrics, GaugeHold};
 use crate::routing::table::{NativeResponse, RequestFacts, Route, SelectedTarget};
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::http::Refusal as SecurityRefusal;
@@ -663,7 +663,8 @@ impl Tunnel {
                     return;
                 }
             };
-            let _open = OpenTunnel::enter(metrics);
+            metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
+            let _open = GaugeHold::enter(metrics, |m| &m.active_websocket);
             let settings = route.http.websocket_settings;
             let end = websocket::run(TokioIo::new(client), TokioIo::new(upstream), settings, scope.limits(), scope.shutdown()).await;
             tracing::debug!(route = &*route.label, end = end.as_str(), "websocket tunnel closed");

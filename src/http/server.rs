@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::io::ClientCounters;
 use crate::http::proxy::{handle, ConnectionContext};
-use crate::metrics::TerminationReason;
+use crate::metrics::{GaugeHold, TerminationReason};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -64,7 +64,7 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_size as u32);
-    let _active = ActiveHttp::enter(ctx.env.metrics.clone());
+    let _active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
     let tunnels = ctx.tunnels.clone();
     let service = service_fn(move |req| handle(ctx.clone(), req));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -99,21 +99,5 @@ where
             }
             _ = tokio::time::sleep_until(limits.deadline.into()) => return TerminationReason::LifetimeExceeded,
         }
-    }
-}
-
-/// Counts the connection in `active_http` for as long as it is served, whatever way it ends.
-struct ActiveHttp(Arc<crate::metrics::EngineMetrics>);
-
-impl ActiveHttp {
-    fn enter(metrics: Arc<crate::metrics::EngineMetrics>) -> Self {
-        metrics.active_http.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        ActiveHttp(metrics)
-    }
-}
-
-impl Drop for ActiveHttp {
-    fn drop(&mut self) {
-        self.0.active_http.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -225,6 +225,26 @@ impl Default for EngineMetrics {
     }
 }
 
+/// One unit of an engine gauge (`active_http`, `active_websocket`), held for as long as this
+/// lives and given back when it is dropped, whatever way its owner ends.
+pub struct GaugeHold {
+    metrics: Arc<EngineMetrics>,
+    gauge: fn(&EngineMetrics) -> &AtomicU64,
+}
+
+impl GaugeHold {
+    pub fn enter(metrics: Arc<EngineMetrics>, gauge: fn(&EngineMetrics) -> &AtomicU64) -> Self {
+        gauge(&metrics).fetch_add(1, Ordering::AcqRel);
+        GaugeHold { metrics, gauge }
+    }
+}
+
+impl Drop for GaugeHold {
+    fn drop(&mut self) {
+        (self.gauge)(&self.metrics).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl EngineMetrics {
     pub fn record_termination(&self, reason: TerminationReason) {
         self.terminations[reason.slot()].fetch_add(1, Ordering::Relaxed);

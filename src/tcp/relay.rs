@@ -3,13 +3,14 @@
 //! on either side ends both. Buffers start small and grow only while a stream keeps them full, so
 //! idle connections stay cheap and bulk transfers get large reads.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::activity::Activity;
 use crate::metrics::ByteCounters;
 
 const INITIAL_BUFFER: usize = 16 * 1024;
@@ -96,24 +97,11 @@ where
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    let epoch = Instant::now();
-    let last_activity_ms = AtomicU64::new(0);
-    let touch = || last_activity_ms.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-
-    let upstream = pump(client_read, backend_write, Side::Client, |n| bytes.add_in(n), |_| {}, &touch);
-    let downstream = pump(backend_read, client_write, Side::Backend, |_| {}, |n| bytes.add_out(n), &touch);
-    tokio::pin!(upstream, downstream);
-
-    let idle = async {
-        loop {
-            let quiet_until = epoch + Duration::from_millis(last_activity_ms.load(Ordering::Relaxed)) + limits.idle;
-            if Instant::now() >= quiet_until {
-                return;
-            }
-            tokio::time::sleep_until(quiet_until.into()).await;
-        }
-    };
-    tokio::pin!(idle);
+    let activity = Activity::new();
+    let upstream = pump(client_read, backend_write, Side::Client, |n| bytes.add_in(n), |_| {}, &activity);
+    let downstream = pump(backend_read, client_write, Side::Backend, |_| {}, |n| bytes.add_out(n), &activity);
+    let idle = activity.quiet_for(limits.idle);
+    tokio::pin!(upstream, downstream, idle);
 
     let (mut up_done, mut down_done) = (client_done, false);
     while !(up_done && down_done) {
@@ -155,7 +143,7 @@ async fn pump<R, W>(
     from_side: Side,
     on_read: impl Fn(usize),
     on_written: impl Fn(usize),
-    touch: &impl Fn(),
+    activity: &Activity,
 ) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
@@ -171,12 +159,12 @@ where
             return Ok(());
         }
         on_read(n);
-        touch();
+        activity.touch();
         to.write_all(&buf[..n]).await.map_err(|_| to_side)?;
         // A TLS stream may keep the last record of a burst buffered until pushed (free on TCP).
         to.flush().await.map_err(|_| to_side)?;
         on_written(n);
-        touch();
+        activity.touch();
         if n == buf.len() && buf.len() < MAX_BUFFER {
             buf.resize(buf.len() * 2, 0);
         }

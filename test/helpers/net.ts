@@ -171,3 +171,13 @@ export async function startBlackhole(): Promise<{ port: number; close(): void }>
     },
   };
 }
+
+/** The error `promise` rejects with, or undefined when it resolves. */
+export async function rejection(promise: Promise<unknown>): Promise<Error | undefined> {
+  try {
+    await promise;
+  } catch (err) {
+    return err as Error;
+  }
+  return undefined;
+}

@@ -9,13 +9,13 @@
 pub mod frame;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::tcp::{relay_streams, ByteSinks, RelayEnd, RelayLimits};
+use crate::tcp::{relay_streams, Activity, ByteSinks, RelayEnd, RelayLimits};
 use frame::{close_frame, server_frame, FrameError, FrameTracker, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG};
 
 /// A pong must answer within this when the route sets `pingInterval` but no `pingTimeout`.
@@ -100,20 +100,20 @@ where
     }
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let clock = Clock { epoch: Instant::now(), last_activity_ms: AtomicU64::new(0) };
+    let activity = Activity::new();
     let heartbeat = Heartbeat { pong_ms: AtomicU64::new(0), ping_ms: AtomicU64::new(0), ping_sent: Notify::new() };
     let client_side_at_boundary = AtomicBool::new(true);
 
     let end = {
-        let upstream_pump = client_to_upstream(&mut client_read, upstream_write, settings.max_message, &clock, &heartbeat);
-        let client_pump = upstream_to_client(upstream_read, &mut client_write, settings.ping_interval, &clock, &heartbeat, &client_side_at_boundary);
+        let upstream_pump = client_to_upstream(&mut client_read, upstream_write, settings.max_message, &activity, &heartbeat);
+        let client_pump = upstream_to_client(upstream_read, &mut client_write, settings.ping_interval, &activity, &heartbeat, &client_side_at_boundary);
         let watchdog = async {
             match settings.ping_interval {
-                Some(_) => heartbeat.missed_pong(&clock, settings.ping_timeout).await,
+                Some(_) => heartbeat.missed_pong(&activity, settings.ping_timeout).await,
                 None => std::future::pending().await,
             }
         };
-        let idle = clock.idle(limits.idle);
+        let idle = activity.quiet_for(limits.idle);
         tokio::pin!(upstream_pump, client_pump, watchdog, idle);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -160,33 +160,7 @@ where
     end
 }
 
-/// Milliseconds since the tunnel started, and when bytes last moved.
-struct Clock {
-    epoch: Instant,
-    last_activity_ms: AtomicU64,
-}
-
-impl Clock {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    fn touch(&self) {
-        self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    async fn idle(&self, idle: Duration) {
-        loop {
-            let quiet_until = self.epoch + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed)) + idle;
-            if Instant::now() >= quiet_until {
-                return;
-            }
-            tokio::time::sleep_until(quiet_until.into()).await;
-        }
-    }
-}
-
-/// The proxy's pings to the client and the client's pongs (times in `Clock` milliseconds, +1 so
+/// The proxy's pings to the client and the client's pongs (times in `Activity` milliseconds, +1 so
 /// that 0 means never).
 struct Heartbeat {
     pong_ms: AtomicU64,
@@ -196,13 +170,13 @@ struct Heartbeat {
 
 impl Heartbeat {
     /// Resolves when a ping went unanswered for `timeout`.
-    async fn missed_pong(&self, clock: &Clock, timeout: Duration) {
+    async fn missed_pong(&self, activity: &Activity, timeout: Duration) {
         loop {
             self.ping_sent.notified().await;
             let sent = self.ping_ms.load(Ordering::Acquire);
             tokio::time::sleep(timeout).await;
             if self.pong_ms.load(Ordering::Acquire) < sent {
-                tracing::debug!(after_ms = clock.now_ms(), "websocket client did not answer a ping");
+                tracing::debug!(after_ms = activity.now_ms(), "websocket client did not answer a ping");
                 return;
             }
         }
@@ -212,7 +186,7 @@ impl Heartbeat {
 /// Client → upstream, frame by frame: notes pongs (passed on: an unsolicited pong is allowed,
 /// RFC 6455 §5.5.3) and refuses messages over the limit before any byte of the offending chunk
 /// is forwarded.
-async fn client_to_upstream<R, W>(from: &mut R, mut to: W, max_message: Option<u64>, clock: &Clock, heartbeat: &Heartbeat) -> Result<(), TunnelEnd>
+async fn client_to_upstream<R, W>(from: &mut R, mut to: W, max_message: Option<u64>, activity: &Activity, heartbeat: &Heartbeat) -> Result<(), TunnelEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -225,17 +199,17 @@ where
             let _ = to.shutdown().await;
             return Ok(());
         }
-        clock.touch();
+        activity.touch();
         let mut pong = false;
         tracker.feed(&buf[..n], |head| pong |= head.opcode == OPCODE_PONG).map_err(|err| match err {
             FrameError::MessageTooBig { .. } => TunnelEnd::MessageTooBig,
             FrameError::InvalidLength | FrameError::BadFragmentation => TunnelEnd::InvalidFrame,
         })?;
         if pong {
-            heartbeat.pong_ms.store(clock.now_ms() + 1, Ordering::Release);
+            heartbeat.pong_ms.store(activity.now_ms() + 1, Ordering::Release);
         }
         write_flushed(&mut to, &buf[..n]).await.map_err(|_| TunnelEnd::UpstreamError)?;
-        clock.touch();
+        activity.touch();
     }
 }
 
@@ -245,7 +219,7 @@ async fn upstream_to_client<R, W>(
     mut from: R,
     to: &mut W,
     ping_interval: Option<Duration>,
-    clock: &Clock,
+    activity: &Activity,
     heartbeat: &Heartbeat,
     at_boundary: &AtomicBool,
 ) -> Result<(), TunnelEnd>
@@ -272,7 +246,7 @@ where
                 at_boundary.store(false, Ordering::Release);
                 write_flushed(to, &ping).await.map_err(|_| TunnelEnd::ClientError)?;
                 at_boundary.store(true, Ordering::Release);
-                heartbeat.ping_ms.store(clock.now_ms() + 1, Ordering::Release);
+                heartbeat.ping_ms.store(activity.now_ms() + 1, Ordering::Release);
                 heartbeat.ping_sent.notify_one();
                 next_ping = ping_interval.map(|every| tokio::time::Instant::now() + every);
             }
@@ -282,7 +256,7 @@ where
                     let _ = to.shutdown().await;
                     return Ok(());
                 }
-                clock.touch();
+                activity.touch();
                 // The upstream is not ours to police: a stream we cannot follow only stops our pings.
                 if tracker.feed(&buf[..n], |head| closing |= head.opcode == OPCODE_CLOSE).is_err() {
                     closing = true;
@@ -291,7 +265,7 @@ where
                 at_boundary.store(false, Ordering::Release);
                 write_flushed(to, &buf[..n]).await.map_err(|_| TunnelEnd::ClientError)?;
                 at_boundary.store(tracker.at_boundary() && !closing, Ordering::Release);
-                clock.touch();
+                activity.touch();
             }
         }
     }
@@ -339,22 +313,5 @@ impl TunnelScope {
     pub async fn wait(&self) {
         self.tasks.close();
         self.tasks.wait().await;
-    }
-}
-
-/// Counts a tunnel in `websocketConnections` while it is open.
-pub struct OpenTunnel(std::sync::Arc<crate::metrics::EngineMetrics>);
-
-impl OpenTunnel {
-    pub fn enter(metrics: std::sync::Arc<crate::metrics::EngineMetrics>) -> Self {
-        metrics.active_websocket.fetch_add(1, Ordering::AcqRel);
-        metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
-        OpenTunnel(metrics)
-    }
-}
-
-impl Drop for OpenTunnel {
-    fn drop(&mut self) {
-        self.0.active_websocket.fetch_sub(1, Ordering::AcqRel);
     }
 }
