@@ -463,6 +463,35 @@ tap.test('redis stopped mid-run: live sessions are served from memory (fallbacks
   });
 });
 
+tap.test('redis hung (SIGSTOP): 20 concurrent lookups each fall back to memory within the call timeout, not one after another', async () => {
+  await withCleanup(async (defer) => {
+    const [a, b] = await startBackends(defer, 't8');
+    const [p1, redisPort] = await freePorts(2);
+    const redis = await startRedis(redisPort);
+    defer(() => redis.kill());
+    // A stopped process cannot be killed cleanly until it runs again.
+    defer(() => redis.child.kill('SIGCONT'));
+    const affinity: TAffinity = { key: 'header:Mcp-Session-Id', ttlSeconds: 3600, onUnknown: 'reject' };
+    const proxy = await startProxy({ redis: { url: `redis://127.0.0.1:${redisPort}`, keyPrefix: 'test8:' }, routes: [mcpRoute(p1, [a, b], affinity)] }, defer);
+    const session = await startSession(p1);
+
+    redis.child.kill('SIGSTOP');
+    const started = Date.now();
+    const answers = await Promise.all(Array.from({ length: 20 }, () => post(p1, { session: session.id })));
+    const elapsed = Date.now() - started;
+    for (const answer of answers) {
+      expect(answer.status).toEqual(200);
+      expect(answer.json!.backend).toEqual(session.backend);
+    }
+    // Each lookup is bounded by 250 ms however many queue behind a pipeline that never returns;
+    // serialised waits would take 20 x 250 ms. The margin is for a loaded CI machine.
+    expect(elapsed < 2500).toBeTrue();
+    expect(proxy.getStatistics().affinity!.redisFallbacks >= 20).toBeTrue();
+    redis.child.kill('SIGCONT');
+    await noConnectionsLeft(proxy);
+  });
+});
+
 tap.test("key 'cookie:sid': the backend's Set-Cookie binds the session; requests with the cookie stay on that backend", async () => {
   await withCleanup(async (defer) => {
     const [a, b] = await startBackends(defer, 't6', 'cookie');

@@ -152,9 +152,10 @@ impl AffinityStore {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         if let Some(redis) = &self.redis {
             self.redis_lookups.fetch_add(1, Ordering::Relaxed);
-            let batcher = redis.batcher.get_or_init(|| LookupBatcher::start(redis.connection.clone()));
-            let getex = batcher.getex(format!("{}{entry}", redis.prefix), ttl.as_secs().max(1));
-            if let Some(answer) = self.redis_outcome(redis, getex).await {
+            let batcher = redis.batcher.get_or_init(|| LookupBatcher::start(redis.connection.clone(), REDIS_CALL_TIMEOUT));
+            // The batcher bounds the wait; a timer per lookup would cost more than the lookup.
+            let answered = batcher.getex(format!("{}{entry}", redis.prefix), ttl.as_secs().max(1)).await;
+            if let Some(answer) = self.redis_answer(redis, answered) {
                 if let Some(backend) = &answer {
                     // Kept in memory too, so an outage does not lose live sessions; an unchanged
                     // binding only has its expiry moved (no allocation on the hot path).
@@ -221,19 +222,21 @@ impl AffinityStore {
 
     /// A Redis answer within `REDIS_CALL_TIMEOUT`, or `None` (counted and logged as a fallback).
     async fn redis_outcome<T>(&self, redis: &Redis, call: impl std::future::Future<Output = Result<T, String>>) -> Option<T> {
-        match tokio::time::timeout(REDIS_CALL_TIMEOUT, call).await {
-            Ok(Ok(answer)) => {
-                if redis.down.swap(false, Ordering::Relaxed) {
+        let answered = tokio::time::timeout(REDIS_CALL_TIMEOUT, call).await.unwrap_or_else(|_| Err("no answer in time".to_string()));
+        self.redis_answer(redis, answered)
+    }
+
+    /// The answer, or `None` after counting and logging the fallback.
+    fn redis_answer<T>(&self, redis: &Redis, answered: Result<T, String>) -> Option<T> {
+        match answered {
+            Ok(answer) => {
+                if redis.down.load(Ordering::Relaxed) && redis.down.swap(false, Ordering::Relaxed) {
                     tracing::warn!("redis is reachable again; session affinity is shared again");
                 }
                 Some(answer)
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 self.fell_back(redis, &err);
-                None
-            }
-            Err(_) => {
-                self.fell_back(redis, "no answer in time");
                 None
             }
         }

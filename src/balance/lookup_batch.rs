@@ -2,7 +2,10 @@
 //! `GETEX`, but those that arrive together go out as one pipeline: one write and one read for the
 //! proxy and for redis-server, instead of a write per command. (Left to itself the Redis client's
 //! driver task runs right after each request that wakes it, tokio's LIFO slot, and writes every
-//! command alone.) Knows nothing of routes or of the in-memory fallback.
+//! command alone.) Each lookup's wait is bounded here, by one timer per pipeline rather than one
+//! per request. Knows nothing of routes or of the in-memory fallback.
+
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -12,6 +15,7 @@ const MAX_BATCH: usize = 256;
 struct Lookup {
     key: String,
     ttl_secs: u64,
+    queued_at: Instant,
     answer: oneshot::Sender<Result<Option<String>, String>>,
 }
 
@@ -20,22 +24,24 @@ pub struct LookupBatcher {
 }
 
 impl LookupBatcher {
-    /// Starts the batching task on the current runtime; it ends when the batcher is dropped.
-    pub fn start(connection: redis::aio::ConnectionManager) -> LookupBatcher {
+    /// Starts the batching task on the current runtime; it ends when the batcher is dropped. A
+    /// lookup not answered within `timeout` of being queued fails (waiting included).
+    pub fn start(connection: redis::aio::ConnectionManager, timeout: Duration) -> LookupBatcher {
         let (queue, pending) = mpsc::unbounded_channel();
-        tokio::spawn(run(pending, connection));
+        tokio::spawn(run(pending, connection, timeout));
         LookupBatcher { queue }
     }
 
     /// `GETEX key EX ttl_secs`: the value, refreshed for another `ttl_secs`.
     pub async fn getex(&self, key: String, ttl_secs: u64) -> Result<Option<String>, String> {
         let (answer, answered) = oneshot::channel();
-        self.queue.send(Lookup { key, ttl_secs, answer }).map_err(|_| "the lookup task has stopped".to_string())?;
+        let lookup = Lookup { key, ttl_secs, queued_at: Instant::now(), answer };
+        self.queue.send(lookup).map_err(|_| "the lookup task has stopped".to_string())?;
         answered.await.map_err(|_| "the lookup task has stopped".to_string())?
     }
 }
 
-async fn run(mut pending: mpsc::UnboundedReceiver<Lookup>, mut connection: redis::aio::ConnectionManager) {
+async fn run(mut pending: mpsc::UnboundedReceiver<Lookup>, mut connection: redis::aio::ConnectionManager, timeout: Duration) {
     let mut batch: Vec<Lookup> = Vec::new();
     while let Some(first) = pending.recv().await {
         batch.push(first);
@@ -52,11 +58,19 @@ async fn run(mut pending: mpsc::UnboundedReceiver<Lookup>, mut connection: redis
         if batch.is_empty() {
             continue;
         }
+        // The oldest lookup sets the pipeline's deadline, so none waits longer than `timeout`
+        // however long it queued behind a slow pipeline.
+        let deadline = batch.iter().map(|lookup| lookup.queued_at).min().map_or_else(Instant::now, |oldest| oldest + timeout);
         let mut pipeline = redis::pipe();
         for lookup in &batch {
             pipeline.cmd("GETEX").arg(&lookup.key).arg("EX").arg(lookup.ttl_secs);
         }
-        match pipeline.query_async::<Vec<Option<String>>>(&mut connection).await {
+        let answered = tokio::time::timeout_at(deadline.into(), pipeline.query_async::<Vec<Option<String>>>(&mut connection)).await;
+        let Ok(answered) = answered else {
+            fail_all(&mut batch, "no answer in time");
+            continue;
+        };
+        match answered {
             Ok(values) if values.len() == batch.len() => {
                 for (lookup, value) in batch.drain(..).zip(values) {
                     let _ = lookup.answer.send(Ok(value));
