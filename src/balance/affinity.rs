@@ -153,7 +153,7 @@ impl AffinityStore {
         if let Some(redis) = &self.redis {
             self.redis_lookups.fetch_add(1, Ordering::Relaxed);
             let batcher = redis.batcher.get_or_init(|| LookupBatcher::start(redis.connection.clone(), REDIS_CALL_TIMEOUT));
-            // The batcher bounds the wait; a timer per lookup would cost more than the lookup.
+            // The batcher bounds the wait (one timer per pipeline), so a lookup needs no timer of its own.
             let answered = batcher.getex(format!("{}{entry}", redis.prefix), ttl.as_secs().max(1)).await;
             if let Some(answer) = self.redis_answer(redis, answered) {
                 if let Some(backend) = &answer {

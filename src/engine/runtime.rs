@@ -1,5 +1,6 @@
 //! The one tokio runtime of the process, shared by every engine. Built on first use with the first
-//! started engine's `workerThreads` (default: one per core); later engines share it as it is.
+//! started engine's `workerThreads` (default: one per core); later engines share it as it is. Also
+//! the addon's global allocator, which serves that runtime's threads.
 
 use std::sync::OnceLock;
 
@@ -29,4 +30,3 @@ pub fn shared(worker_threads: Option<usize>) -> &'static Runtime {
             .expect("smartproxy: cannot start the tokio runtime")
     })
 }
-
