@@ -221,7 +221,6 @@ function httpsGet(port: number, servername: string, ca: string, reqPath = '/', a
   });
 }
 
-
 async function expectStaticServes(port: number, reqPath: string): Promise<void> {
   const res = await httpsGet(port, 'static.test', staticCert.cert, reqPath);
   expect(res.status).toEqual(200);

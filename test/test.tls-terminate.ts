@@ -438,7 +438,6 @@ function rawSend(payload: Buffer, timeoutMs = 5000): Promise<{ closed: boolean; 
   });
 }
 
-
 const reasons = (): Record<string, number> => ({ ...proxy.getStatistics().terminationReasons });
 function reasonDiff(before: Record<string, number>, after: Record<string, number>): Record<string, number> {
   const out: Record<string, number> = {};

@@ -213,16 +213,14 @@ impl AffinityStore {
         bound
     }
 
-    /// `None` when Redis failed or timed out (then memory answers).
+    /// The answer within `REDIS_CALL_TIMEOUT`, or `None` when Redis failed or timed out (then
+    /// memory answers).
     async fn redis_call<T: redis::FromRedisValue>(&self, redis: &Redis, cmd: redis::Cmd) -> Option<T> {
         let mut connection = redis.connection.clone();
-        let call = async move { cmd.query_async::<T>(&mut connection).await.map_err(|err| err.to_string()) };
-        self.redis_outcome(redis, call).await
-    }
-
-    /// A Redis answer within `REDIS_CALL_TIMEOUT`, or `None` (counted and logged as a fallback).
-    async fn redis_outcome<T>(&self, redis: &Redis, call: impl std::future::Future<Output = Result<T, String>>) -> Option<T> {
-        let answered = tokio::time::timeout(REDIS_CALL_TIMEOUT, call).await.unwrap_or_else(|_| Err("no answer in time".to_string()));
+        let answered = match tokio::time::timeout(REDIS_CALL_TIMEOUT, cmd.query_async::<T>(&mut connection)).await {
+            Ok(answer) => answer.map_err(|err| err.to_string()),
+            Err(_) => Err("no answer in time".to_string()),
+        };
         self.redis_answer(redis, answered)
     }
 

@@ -53,14 +53,14 @@ async fn run(mut pending: mpsc::UnboundedReceiver<Lookup>, mut connection: redis
                 Err(_) => break,
             }
         }
-        // A caller that gave up (its timeout passed while Redis was slow) needs no answer.
+        // A caller that went away meanwhile (its request was dropped) needs no answer.
         batch.retain(|lookup| !lookup.answer.is_closed());
         if batch.is_empty() {
             continue;
         }
-        // The oldest lookup sets the pipeline's deadline, so none waits longer than `timeout`
-        // however long it queued behind a slow pipeline.
-        let deadline = batch.iter().map(|lookup| lookup.queued_at).min().map_or_else(Instant::now, |oldest| oldest + timeout);
+        // The oldest lookup (the first: the queue is in order) sets the pipeline's deadline, so
+        // none waits longer than `timeout` however long it queued behind a slow pipeline.
+        let deadline = batch[0].queued_at + timeout;
         let mut pipeline = redis::pipe();
         for lookup in &batch {
             pipeline.cmd("GETEX").arg(&lookup.key).arg("EX").arg(lookup.ttl_secs);
