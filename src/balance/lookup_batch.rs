@@ -61,9 +61,13 @@ async fn run(mut pending: mpsc::UnboundedReceiver<Lookup>, mut connection: redis
         // The oldest lookup (the first: the queue is in order) sets the pipeline's deadline, so
         // none waits longer than `timeout` however long it queued behind a slow pipeline.
         let deadline = batch[0].queued_at + timeout;
-        let mut pipeline = redis::pipe();
+        let mut pipeline = redis::Pipeline::with_capacity(batch.len());
         for lookup in &batch {
-            pipeline.cmd("GETEX").arg(&lookup.key).arg("EX").arg(lookup.ttl_secs);
+            // Sized up front (four arguments; a u64 has at most 20 digits): grown argument by
+            // argument, each command's buffers were reallocated several times per lookup.
+            let mut getex = redis::Cmd::with_capacity(4, "GETEX".len() + lookup.key.len() + "EX".len() + 20);
+            getex.arg("GETEX").arg(&lookup.key).arg("EX").arg(lookup.ttl_secs);
+            pipeline.add_command(getex);
         }
         let answered = tokio::time::timeout_at(deadline.into(), pipeline.query_async::<Vec<Option<String>>>(&mut connection)).await;
         let Ok(answered) = answered else {
