@@ -499,7 +499,7 @@ async function securityRows() {
   const base = median(runs.http);
   return kinds.map(([kind, label]) => {
     const xs = runs[kind];
-    return `| ${label} | ${median(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}) | ${(median(xs) / base).toFixed(2)} |`;
+    return `| ${label} | ${spread(xs, whole)} | ${(median(xs) / base).toFixed(2)} |`;
   });
 }
 
@@ -585,13 +585,12 @@ async function scaleOutRows() {
     await redis.stop();
     await backend.stop();
   }
-  const cell = (xs) => `${median(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)})`;
   // Each run against its baseline's run of the same round, a minute apart at most: the machine's
   // speed drifts over a run by more than the differences measured here.
   const rows = kinds.map(([, label], i) => {
     const base = i < 3 ? runs[0] : runs[3];
     const ratios = runs[i].map((rps, round) => rps / base[round]);
-    return `| ${label} | ${cell(runs[i])} | ${median(ratios).toFixed(2)} (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)}) |`;
+    return `| ${label} | ${spread(runs[i], whole)} | ${spread(ratios, (r) => r.toFixed(2))} |`;
   });
   rows.push(`| Redis GETEX calls per request (affinity, Redis) | ${(getex / Math.max(1, redisRequests)).toFixed(3)} | |`);
   return rows;
@@ -609,8 +608,8 @@ async function tcpLayoutRows() {
   const serverHere = await startIperfServer(LOAD_CPU);
   const serverThere = await startIperfServer(PROXY_CPU);
   const layouts = [
-    [`direct, client and server on CPU ${LOAD_CPU}`, async () => ({ port: serverHere.port, stop: async () => undefined })],
-    [`direct, client on CPU ${LOAD_CPU}, server on CPU ${PROXY_CPU}`, async () => ({ port: serverThere.port, stop: async () => undefined })],
+    [`direct, client and server on CPU ${LOAD_CPU}`, () => proxies.direct.start(serverHere, 'tcp')],
+    [`direct, client on CPU ${LOAD_CPU}, server on CPU ${PROXY_CPU}`, () => proxies.direct.start(serverThere, 'tcp')],
     [`ours on CPU ${PROXY_CPU}, client and server on CPU ${LOAD_CPU}`, () => proxies.smartproxy.start(serverHere, 'tcp')],
   ];
   const runs = layouts.map(() => ({ up: [], down: [] }));
@@ -631,10 +630,9 @@ async function tcpLayoutRows() {
     await serverHere.stop();
     await serverThere.stop();
   }
-  const cell = (xs) => `${fmt(median(xs))} (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})`;
   return layouts.map(([label], i) => {
     const vs = (dir) => (median(runs[i][dir]) / median(runs[0][dir])).toFixed(2);
-    return `| ${label} | ${cell(runs[i].up)} | ${cell(runs[i].down)} | ${vs('up')} / ${vs('down')} |`;
+    return `| ${label} | ${spread(runs[i].up, fmt)} | ${spread(runs[i].down, fmt)} | ${vs('up')} / ${vs('down')} |`;
   });
 }
 
@@ -664,7 +662,7 @@ async function connectionRows() {
   return [['direct', 'direct (no proxy)'], ...targetKinds].map(([kind, label]) => {
     const r = runs[kind];
     const added = kind === 'direct' || kind === 'tcp' ? '' : ` (+${((median(r.p50) - staticP50) * 1000).toFixed(0)} µs over static)`;
-    return `| ${label} | ${median(r.rate).toFixed(0)} (${Math.min(...r.rate).toFixed(0)}–${Math.max(...r.rate).toFixed(0)}) | ${median(r.p50).toFixed(3)} ms${added} | ${median(r.p99).toFixed(2)} ms |`;
+    return `| ${label} | ${spread(r.rate, whole)} | ${median(r.p50).toFixed(3)} ms${added} | ${median(r.p99).toFixed(2)} ms |`;
   });
 }
 
@@ -852,6 +850,9 @@ const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
+/** `median (min–max)`, each shown by `show`. */
+const spread = (xs, show) => `${show(median(xs))} (${show(Math.min(...xs))}–${show(Math.max(...xs))})`;
+const whole = (v) => v.toFixed(0);
 const fmt = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2));
 const fmtNote = ([label, v, unit]) => `${label} ${unit === 'ms' ? v.toFixed(v < 10 ? 2 : 1) : fmt(v)} ${unit}`;
 
