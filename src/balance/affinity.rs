@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::lookup_batch::LookupBatcher;
+use super::redis_lookups::{RedisAddress, RedisLookups, RedisTarget};
 
 /// One Redis round trip may take this long before the replica's memory answers instead.
 const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(250);
@@ -86,6 +86,22 @@ fn cookie_value(pair: &str, name: &str) -> Option<String> {
     (key.trim() == name && !value.trim().is_empty()).then(|| value.trim().trim_matches('"').to_string())
 }
 
+/// Where the lookup connection goes, from the URL the crate parsed.
+fn lookup_target(info: &redis::ConnectionInfo) -> Result<RedisTarget, String> {
+    let address = match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => RedisAddress::Tcp(host.clone(), *port),
+        redis::ConnectionAddr::Unix(path) => RedisAddress::Unix(path.clone()),
+        _ => return Err("redis.url: only redis:// and unix:// are supported (this build has no TLS for Redis)".to_string()),
+    };
+    let settings = info.redis_settings();
+    Ok(RedisTarget {
+        address,
+        username: settings.username().map(str::to_string),
+        password: settings.password().map(str::to_string),
+        db: settings.db(),
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnUnknown {
     Assign,
@@ -109,9 +125,12 @@ impl Affinity {
 }
 
 struct Redis {
+    /// Bindings (rare) go through the crate's self-reconnecting connection.
     connection: redis::aio::ConnectionManager,
+    /// Lookups (one per request) through a lean connection of our own (redis_lookups.rs says why).
+    target: RedisTarget,
     /// Started by the first lookup (on the runtime).
-    batcher: std::sync::OnceLock<LookupBatcher>,
+    lookups: std::sync::OnceLock<RedisLookups>,
     prefix: String,
     /// Set while Redis does not answer: logged once per outage.
     down: AtomicBool,
@@ -143,13 +162,14 @@ impl AffinityStore {
             None => None,
             Some((url, prefix)) => {
                 let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
+                let target = lookup_target(client.get_connection_info())?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(REDIS_CALL_TIMEOUT * 2))
                     .set_response_timeout(Some(REDIS_CALL_TIMEOUT))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_secs(1));
                 let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config).map_err(|e| format!("redis: {e}"))?;
-                Some(Redis { connection, batcher: std::sync::OnceLock::new(), prefix: prefix.to_string(), down: AtomicBool::new(false) })
+                Some(Redis { connection, target, lookups: std::sync::OnceLock::new(), prefix: prefix.to_string(), down: AtomicBool::new(false) })
             }
         };
         Ok(AffinityStore { redis, ..AffinityStore::default() })
@@ -160,9 +180,9 @@ impl AffinityStore {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         if let Some(redis) = &self.redis {
             self.redis_lookups.fetch_add(1, Ordering::Relaxed);
-            let batcher = redis.batcher.get_or_init(|| LookupBatcher::start(redis.connection.clone(), REDIS_CALL_TIMEOUT));
-            // The batcher bounds the wait (one timer per pipeline), so a lookup needs no timer of its own.
-            let answered = batcher.getex(concat(&redis.prefix, entry), ttl.as_secs().max(1)).await;
+            let lookups = redis.lookups.get_or_init(|| RedisLookups::start(redis.target.clone(), REDIS_CALL_TIMEOUT));
+            // The lookup connection bounds the wait (one timer for all), so a lookup needs no timer of its own.
+            let answered = lookups.getex(&redis.prefix, entry, ttl.as_secs().max(1)).await.map_err(|err| err.to_string());
             if let Some(answer) = self.redis_answer(redis, answered) {
                 if let Some(backend) = &answer {
                     // Kept in memory too, so an outage does not lose live sessions; an unchanged
