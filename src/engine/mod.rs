@@ -161,8 +161,9 @@ impl Engine {
             return Ok(());
         }
         let sessions = TaskTracker::new();
-        let draining = CancellationToken::new();
         let force_close = CancellationToken::new();
+        // Cancelled by a force close too, so a session waiting for the drain sees either.
+        let draining = force_close.child_token();
         let pool = Arc::new(UpstreamPool::new(PoolSettings::default()));
         let affinity = self.affinity_store()?;
         let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone()));

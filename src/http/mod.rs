@@ -10,4 +10,5 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod sniff;
+pub mod watchdog;
 pub mod websocket;

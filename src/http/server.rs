@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::io::ClientCounters;
 use crate::http::proxy::{handle, ConnectionContext};
+use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
 use crate::metrics::{GaugeHold, TerminationReason};
 
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +40,7 @@ pub struct HttpLimitOptions {
 
 pub struct Shutdown<'a> {
     /// Cancelled when the engine starts stopping: finish in-flight requests, accept no new ones.
+    /// A child of `force_close`.
     pub draining: &'a CancellationToken,
     /// Cancelled when the grace period is over: close now.
     pub force_close: &'a CancellationToken,
@@ -70,10 +72,11 @@ where
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
 
-    let mut draining = false;
+    let watch = Watch { draining: shutdown.draining, force_close: shutdown.force_close, counters: &counters, idle_timeout: limits.idle_timeout, deadline: limits.deadline };
+    let mut watchdog = WakeGated::new(watch.next(false));
     loop {
-        let idle_at = counters.last_activity() + limits.idle_timeout;
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 let reason = match result {
                     Ok(()) => TerminationReason::Completed,
@@ -87,17 +90,15 @@ where
                 tunnels.wait().await;
                 return reason;
             }
-            _ = shutdown.draining.cancelled(), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            _ = shutdown.force_close.cancelled() => return TerminationReason::Shutdown,
-            _ = tokio::time::sleep_until(idle_at.into()) => {
-                if counters.last_activity() + limits.idle_timeout <= Instant::now() {
-                    return TerminationReason::IdleTimeout;
+            event = &mut watchdog => match event {
+                WatchEvent::Draining => {
+                    connection.as_mut().graceful_shutdown();
+                    watchdog = WakeGated::new(watch.next(true));
                 }
-            }
-            _ = tokio::time::sleep_until(limits.deadline.into()) => return TerminationReason::LifetimeExceeded,
+                WatchEvent::ForceClose => return TerminationReason::Shutdown,
+                WatchEvent::IdleTimeout => return TerminationReason::IdleTimeout,
+                WatchEvent::LifetimeExceeded => return TerminationReason::LifetimeExceeded,
+            },
         }
     }
 }

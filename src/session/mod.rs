@@ -58,7 +58,8 @@ pub struct SessionEnv {
     pub max_pending_data: usize,
     pub no_delay: bool,
     pub keep_alive: Option<Duration>,
-    /// Cancelled when a stop begins: HTTP connections finish what is in flight and close.
+    /// Cancelled when a stop begins (or by `force_close`, its parent): HTTP connections finish
+    /// what is in flight and close.
     pub draining: CancellationToken,
     /// `acceptProxyProtocol`: connections from these peers must begin with a PROXY header.
     pub proxy_header_from: Option<IpList>,

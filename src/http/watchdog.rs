@@ -1,0 +1,229 @@
+//! What ends an HTTP connection from outside hyper: the engine draining, then force-closing; the
+//! connection sitting idle past its timeout; its lifetime running out. hyper's connection future
+//! wakes the session task on every read, write and upstream answer, while these fire a few times
+//! per connection at most, so the watchdog is wake-gated: its timer and token hold a waker of its
+//! own that flags the wake, and the session task polls the watchdog only after such a wake instead
+//! of re-polling a timer and a token on every wake.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use atomic_waker::AtomicWaker;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::io::ClientCounters;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The engine is stopping: finish in-flight requests, take no new ones.
+    Draining,
+    /// The grace period is over (or was skipped): close now.
+    ForceClose,
+    IdleTimeout,
+    LifetimeExceeded,
+}
+
+/// What the watchdog waits for, and what it waits on.
+pub struct Watch<'a> {
+    /// Cancelled when a stop begins. A child of `force_close`, so it is cancelled by either.
+    pub draining: &'a CancellationToken,
+    pub force_close: &'a CancellationToken,
+    pub counters: &'a ClientCounters,
+    pub idle_timeout: Duration,
+    pub deadline: Instant,
+}
+
+impl Watch<'_> {
+    /// The next event. Before `Draining` was reported it waits on `draining` (which a force close
+    /// cancels too), afterwards on `force_close`: one token at a time, and one timer for both the
+    /// idle timeout and the lifetime.
+    pub async fn next(&self, draining_reported: bool) -> WatchEvent {
+        let token = if draining_reported { self.force_close } else { self.draining };
+        let timer = tokio::time::sleep_until(self.next_check().into());
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {
+                    return if self.force_close.is_cancelled() { WatchEvent::ForceClose } else { WatchEvent::Draining };
+                }
+                _ = timer.as_mut() => {
+                    let now = Instant::now();
+                    if self.deadline <= now {
+                        return WatchEvent::LifetimeExceeded;
+                    }
+                    // Activity since the timer was set moved the idle point on.
+                    if self.idle_at() <= now {
+                        return WatchEvent::IdleTimeout;
+                    }
+                    timer.as_mut().reset(self.next_check().into());
+                }
+            }
+        }
+    }
+
+    fn idle_at(&self) -> Instant {
+        self.counters.last_activity() + self.idle_timeout
+    }
+
+    fn next_check(&self) -> Instant {
+        self.idle_at().min(self.deadline)
+    }
+}
+
+/// Polls `inner` only on its first poll and after something `inner` waits on woke it; otherwise
+/// answers `Pending` at the cost of two atomic operations. Meant for a future that sits in a
+/// `select!` next to a busy one.
+pub struct WakeGated<F> {
+    inner: Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+    waker: Waker,
+}
+
+struct WakeFlag {
+    woken: AtomicBool,
+    /// The waker of the task polling the gate, from its latest poll.
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WakeGated<F> {
+    pub fn new(inner: F) -> Self {
+        // Woken at the start: the first poll must reach `inner` so it registers its wakers.
+        let flag = Arc::new(WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+        WakeGated { inner: Box::pin(inner), waker: Waker::from(flag.clone()), flag }
+    }
+}
+
+impl<F: Future> Future for WakeGated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        // Registered before the flag is read: a wake between the two is seen by the read, and a
+        // wake after it reaches this task through the registered waker.
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.as_mut().poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its polls; ready once `ready` is set, and wakes whoever `wake_me` holds then.
+    struct Probe {
+        polls: Arc<AtomicUsize>,
+        ready: Arc<AtomicBool>,
+        wake_me: Arc<parking_lot::Mutex<Option<Waker>>>,
+    }
+
+    impl Future for Probe {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            if self.ready.load(Ordering::Relaxed) {
+                return Poll::Ready(());
+            }
+            *self.wake_me.lock() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn inner_is_polled_only_after_its_own_wake() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(AtomicBool::new(false));
+        let wake_me = Arc::new(parking_lot::Mutex::new(None));
+        let mut gated = WakeGated::new(Probe { polls: polls.clone(), ready: ready.clone(), wake_me: wake_me.clone() });
+        let task_wakes = Arc::new(CountingWaker::default());
+        let task_waker = Waker::from(task_wakes.clone());
+        let mut cx = Context::from_waker(&task_waker);
+
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "the first poll reaches the inner future");
+        for _ in 0..5 {
+            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "polls without a wake of the inner future stop at the gate");
+
+        ready.store(true, Ordering::Relaxed);
+        let inner_waker = wake_me.lock().take().expect("the inner future registered a waker");
+        inner_waker.wake();
+        assert_eq!(task_wakes.0.load(Ordering::Relaxed), 1, "the inner wake reaches the polling task");
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counters() -> ClientCounters {
+        let metrics = Arc::new(crate::metrics::EngineMetrics::default());
+        ClientCounters::new(metrics, Arc::new(Default::default()))
+    }
+
+    #[tokio::test]
+    async fn reports_draining_then_force_close() {
+        let force_close = CancellationToken::new();
+        let draining = force_close.child_token();
+        let counters = counters();
+        let watch = Watch { draining: &draining, force_close: &force_close, counters: &counters, idle_timeout: Duration::from_secs(3600), deadline: Instant::now() + Duration::from_secs(7200) };
+        draining.cancel();
+        assert_eq!(WakeGated::new(watch.next(false)).await, WatchEvent::Draining);
+        let after_drain = tokio::spawn({
+            let force_close = force_close.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                force_close.cancel();
+            }
+        });
+        assert_eq!(WakeGated::new(watch.next(true)).await, WatchEvent::ForceClose);
+        after_drain.await.expect("the canceller ran");
+    }
+
+    #[tokio::test]
+    async fn a_force_close_without_a_drain_is_reported_as_such() {
+        let force_close = CancellationToken::new();
+        let draining = force_close.child_token();
+        let counters = counters();
+        let watch = Watch { draining: &draining, force_close: &force_close, counters: &counters, idle_timeout: Duration::from_secs(3600), deadline: Instant::now() + Duration::from_secs(7200) };
+        force_close.cancel();
+        assert_eq!(WakeGated::new(watch.next(false)).await, WatchEvent::ForceClose);
+    }
+
+    #[tokio::test]
+    async fn idle_and_lifetime_share_one_timer() {
+        let force_close = CancellationToken::new();
+        let draining = force_close.child_token();
+        let counters = counters();
+        let idle = Watch { draining: &draining, force_close: &force_close, counters: &counters, idle_timeout: Duration::from_millis(30), deadline: Instant::now() + Duration::from_secs(60) };
+        assert_eq!(WakeGated::new(idle.next(false)).await, WatchEvent::IdleTimeout);
+        let lifetime = Watch { idle_timeout: Duration::from_secs(60), deadline: Instant::now() + Duration::from_millis(30), ..idle };
+        assert_eq!(WakeGated::new(lifetime.next(false)).await, WatchEvent::LifetimeExceeded);
+    }
+}
