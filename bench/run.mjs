@@ -506,7 +506,7 @@ async function securityRows() {
 const scaleOutScenario = 'scale-out features (req/s)';
 const runScaleOut = !only || scaleOutScenario.includes(only);
 // Feature against baseline differences of a few percent need more rounds than the main table.
-const scaleOutRounds = Number(process.env.BENCH_SCALE_OUT_ROUNDS ?? Math.max(rounds, 4));
+const scaleOutRounds = Number(process.env.BENCH_SCALE_OUT_ROUNDS ?? Math.max(rounds, 6));
 
 /** redis-server on a free port (pinned with the load), for the shared affinity store. */
 async function startRedis() {
@@ -556,6 +556,9 @@ async function scaleOutRows() {
     ['http-proxyproto', 'behind HAProxy mode tcp send-proxy-v2, acceptProxyProtocol', { front: 'pp' }],
   ];
   const runs = kinds.map(() => []);
+  // The proxy's own CPU time per request: what the feature costs the proxy, which the host's steal
+  // and the load side (wrk, HAProxy, Redis and nginx share the load CPU) do not blur as they blur req/s.
+  const cpuRuns = kinds.map(() => []);
   let getex = 0;
   let redisRequests = 0;
   try {
@@ -564,17 +567,20 @@ async function scaleOutRows() {
         const proxy = await proxies.smartproxy.start(backend, kind, { BENCH_REDIS_URL: redis.url });
         const front = how.front ? await startTcpFront(proxy.port, how.front === 'pp') : null;
         try {
-          const { rps } = await undisturbed(() => {
+          const { rps, cpuUs } = await undisturbed(() => {
             const before = how.redis ? redisCalls(redis.port, 'getex') : 0;
+            const cpu0 = cpuSeconds(proxy.pid);
             const run = wrk(front ? front.port : proxy.port, { headers: how.headers ?? [] });
+            const cpuUs = ((cpuSeconds(proxy.pid) - cpu0) * 1e6) / run.requests;
             if (how.redis) {
               getex += redisCalls(redis.port, 'getex') - before;
               redisRequests += run.requests;
             }
-            return run;
+            return { ...run, cpuUs };
           });
           runs[i].push(rps);
-          console.log(`${scaleOutScenario} round ${round + 1} ${label}: ${rps.toFixed(0)}`);
+          cpuRuns[i].push(cpuUs);
+          console.log(`${scaleOutScenario} round ${round + 1} ${label}: ${rps.toFixed(0)} req/s, ${cpuUs.toFixed(2)} µs of proxy CPU per request`);
         } finally {
           await front?.stop();
           await proxy.stop();
@@ -588,11 +594,14 @@ async function scaleOutRows() {
   // Each run against its baseline's run of the same round, a minute apart at most: the machine's
   // speed drifts over a run by more than the differences measured here.
   const rows = kinds.map(([, label], i) => {
-    const base = i < 3 ? runs[0] : runs[3];
-    const ratios = runs[i].map((rps, round) => rps / base[round]);
-    return `| ${label} | ${spread(runs[i], whole)} | ${spread(ratios, (r) => r.toFixed(2))} |`;
+    const baseOf = (xs) => (i < 3 ? xs[0] : xs[3]);
+    const ratios = runs[i].map((rps, round) => rps / baseOf(runs)[round]);
+    // Baseline over feature, so that below 1 means slower here too.
+    const cpuRatios = cpuRuns[i].map((us, round) => baseOf(cpuRuns)[round] / us);
+    const twoDecimals = (r) => r.toFixed(2);
+    return `| ${label} | ${spread(runs[i], whole)} | ${spread(ratios, twoDecimals)} | ${spread(cpuRuns[i], twoDecimals)} | ${spread(cpuRatios, twoDecimals)} |`;
   });
-  rows.push(`| Redis GETEX calls per request (affinity, Redis) | ${(getex / Math.max(1, redisRequests)).toFixed(3)} | |`);
+  rows.push(`| Redis GETEX calls per request (affinity, Redis) | ${(getex / Math.max(1, redisRequests)).toFixed(3)} | | | |`);
   return rows;
 }
 
@@ -957,7 +966,7 @@ async function main() {
     ? ['| 1 GiB stream | upload | download | vs the first row (up / down) |', '| --- | --- | --- | --- |', ...(await tcpLayoutRows())].join('\n')
     : '(not run)';
   const scaleOutTable = runScaleOut
-    ? ['| setup | req/s | vs its baseline |', '| --- | --- | --- |', ...(await scaleOutRows())].join('\n')
+    ? ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await scaleOutRows())].join('\n')
     : '(not run)';
   const elapsed = (Date.now() - t0) / 1000;
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim();
@@ -1003,7 +1012,7 @@ ${securityTable}
 
 ${scaleOutTable}
 
-\`${wrkCmd}\` through ours only. Affinity rows: the HTTP route with \`loadBalancing.affinity: { key: 'header:X-Session' }\`, every request carrying the same bound value (one lookup per request), compared with the first row, whose requests carry the same header; with \`options.redis\` a redis-server on loopback (pinned with the load), GETEX calls counted by \`redis-cli info commandstats\`. PROXY rows: wrk → HAProxy \`mode tcp\` (pinned with the load) → ours, once with \`send-proxy-v2\` to a route with \`acceptProxyProtocol\` and \`proxyIPs: ['127.0.0.1']\`, compared with the same chain without it. ${scaleOutRounds} interleaved rounds; the last column is the median (min–max) of each round's ratio to its baseline's run in the same round, since the machine's speed drifts over a run by more than the differences measured here.
+\`${wrkCmd}\` through ours only. Affinity rows: the HTTP route with \`loadBalancing.affinity: { key: 'header:X-Session' }\`, every request carrying the same bound value (one lookup per request), compared with the first row, whose requests carry the same header; with \`options.redis\` a redis-server on loopback (pinned with the load), GETEX calls counted by \`redis-cli info commandstats\`. PROXY rows: wrk → HAProxy \`mode tcp\` (pinned with the load) → ours, once with \`send-proxy-v2\` to a route with \`acceptProxyProtocol\` and \`proxyIPs: ['127.0.0.1']\`, compared with the same chain without it. ${scaleOutRounds} interleaved rounds; the ratio columns are the median (min–max) of each round's ratio to its baseline's run in the same round, since the machine's speed drifts over a run by more than the differences measured here. The CPU columns are the proxy process's utime+stime (/proc/PID/stat) over the run divided by the requests wrk completed: the proxy is pinned alone on CPU ${PROXY_CPU}, while wrk, HAProxy, Redis and the backend share CPU ${LOAD_CPU}, so req/s also moves with the load side's CPU and with the host's steal, and CPU per request shows what the feature costs the proxy itself.
 
 ## Function targets: new connections through a raw TCP route
 

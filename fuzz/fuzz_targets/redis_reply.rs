@@ -43,9 +43,15 @@ fuzz_target!(|data: &[u8]| {
         let ttl = data.iter().fold(0u64, |n, &b| n.wrapping_mul(31).wrapping_add(u64::from(b)));
         let mut fast = Vec::new();
         encode_getex(&mut fast, prefix, entry, ttl);
-        let mut generic = Vec::new();
         let key = [prefix.as_bytes(), entry.as_bytes()].concat();
+        let mut generic = Vec::new();
         encode_command(&mut generic, &[b"GETEX", &key, b"EX", ttl.to_string().as_bytes()]);
         assert_eq!(fast, generic);
+        // Both share the digit writer; std's formatting checks it.
+        let ttl_text = ttl.to_string();
+        let mut formatted = format!("*4\r\n$5\r\nGETEX\r\n${}\r\n", key.len()).into_bytes();
+        formatted.extend_from_slice(&key);
+        formatted.extend_from_slice(format!("\r\n$2\r\nEX\r\n${}\r\n{ttl_text}\r\n", ttl_text.len()).as_bytes());
+        assert_eq!(fast, formatted);
     }
 });
