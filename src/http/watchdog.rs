@@ -182,21 +182,36 @@ mod tests {
         }
     }
 
-    fn counters() -> ClientCounters {
-        let metrics = Arc::new(crate::metrics::EngineMetrics::default());
-        ClientCounters::new(metrics, Arc::new(Default::default()))
+    /// The engine's two tokens (draining a child of force_close) and one connection's counters.
+    struct Fixture {
+        force_close: CancellationToken,
+        draining: CancellationToken,
+        counters: ClientCounters,
     }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let force_close = CancellationToken::new();
+            let draining = force_close.child_token();
+            let counters = ClientCounters::new(Arc::new(crate::metrics::EngineMetrics::default()), Arc::new(Default::default()));
+            Fixture { force_close, draining, counters }
+        }
+
+        fn watch(&self, idle_timeout: Duration, lifetime: Duration) -> Watch<'_> {
+            Watch { draining: &self.draining, force_close: &self.force_close, counters: &self.counters, idle_timeout, deadline: Instant::now() + lifetime }
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
 
     #[tokio::test]
     async fn reports_draining_then_force_close() {
-        let force_close = CancellationToken::new();
-        let draining = force_close.child_token();
-        let counters = counters();
-        let watch = Watch { draining: &draining, force_close: &force_close, counters: &counters, idle_timeout: Duration::from_secs(3600), deadline: Instant::now() + Duration::from_secs(7200) };
-        draining.cancel();
+        let fixture = Fixture::new();
+        let watch = fixture.watch(HOUR, 2 * HOUR);
+        fixture.draining.cancel();
         assert_eq!(WakeGated::new(watch.next(false)).await, WatchEvent::Draining);
         let after_drain = tokio::spawn({
-            let force_close = force_close.clone();
+            let force_close = fixture.force_close.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 force_close.cancel();
@@ -208,22 +223,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_force_close_without_a_drain_is_reported_as_such() {
-        let force_close = CancellationToken::new();
-        let draining = force_close.child_token();
-        let counters = counters();
-        let watch = Watch { draining: &draining, force_close: &force_close, counters: &counters, idle_timeout: Duration::from_secs(3600), deadline: Instant::now() + Duration::from_secs(7200) };
-        force_close.cancel();
-        assert_eq!(WakeGated::new(watch.next(false)).await, WatchEvent::ForceClose);
+        let fixture = Fixture::new();
+        fixture.force_close.cancel();
+        assert_eq!(WakeGated::new(fixture.watch(HOUR, 2 * HOUR).next(false)).await, WatchEvent::ForceClose);
     }
 
     #[tokio::test]
     async fn idle_and_lifetime_share_one_timer() {
-        let force_close = CancellationToken::new();
-        let draining = force_close.child_token();
-        let counters = counters();
-        let idle = Watch { draining: &draining, force_close: &force_close, counters: &counters, idle_timeout: Duration::from_millis(30), deadline: Instant::now() + Duration::from_secs(60) };
+        let fixture = Fixture::new();
+        let idle = fixture.watch(Duration::from_millis(30), HOUR);
         assert_eq!(WakeGated::new(idle.next(false)).await, WatchEvent::IdleTimeout);
-        let lifetime = Watch { idle_timeout: Duration::from_secs(60), deadline: Instant::now() + Duration::from_millis(30), ..idle };
+        let lifetime = fixture.watch(HOUR, Duration::from_millis(30));
         assert_eq!(WakeGated::new(lifetime.next(false)).await, WatchEvent::LifetimeExceeded);
     }
 }
