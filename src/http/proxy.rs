@@ -21,7 +21,7 @@ use rustls::pki_types::ServerName;
 use crate::balance::affinity::{AffinityKey, AffinityStore, OnUnknown};
 use crate::config::BackendProtocol;
 use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, TrackedBody};
-use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ForwardedFacts, TemplateContext};
+use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ConnectionValues, ForwardedFacts, TemplateContext};
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::sniff::normalise_host;
 use crate::http::websocket::{self, TunnelScope};
@@ -71,6 +71,8 @@ pub struct ConnectionContext {
     pub tls_route: Option<Arc<Route>>,
     /// Where this connection's WebSocket tunnels run (the session waits for them).
     pub tunnels: TunnelScope,
+    /// `client_ip` and `local_port` formatted for `X-Forwarded-For` and `X-Forwarded-Port`.
+    pub header_values: ConnectionValues,
 }
 
 pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
@@ -515,14 +517,7 @@ fn rewrite_headers<B>(
     strip_hop_by_hop(headers, upgrade);
     add_forwarded(
         headers,
-        &ForwardedFacts {
-            client_ip: ctx.client_ip,
-            https: ctx.https,
-            host: raw_host,
-            local_port: ctx.local_port,
-            trusted_peer: ctx.trusted_peer,
-            version,
-        },
+        &ForwardedFacts { connection: &ctx.header_values, https: ctx.https, host: raw_host, trusted_peer: ctx.trusted_peer, version },
     );
     apply_templates(headers, &route.http.request_headers, templates);
     apply_templates(headers, target.request_headers, templates);

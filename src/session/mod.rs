@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::acme::ChallengeStore;
+use crate::http::headers::ConnectionValues;
 use crate::http::io::{ClientCounters, ClientIo};
 use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
 use crate::http::sniff::{first_request as http_first_request, has_conflicting_framing};
@@ -566,6 +567,7 @@ impl Session {
                 env.force_close.clone(),
                 RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime },
             ),
+            header_values: ConnectionValues::new(self.client_ip, self.local_port),
         })
     }
 
