@@ -46,6 +46,18 @@ class KeepAliveClient {
   }
 }
 
+/** A proxy with one HTTP route to the backend on a fresh port, started, with `limits` on top. */
+async function startProxy(limits: { inactivityTimeout?: number; maxConnectionLifetime?: number }): Promise<{ proxy: SmartProxy; port: number }> {
+  const [port] = await freePorts(1);
+  const proxy = new SmartProxy({
+    gracefulShutdownTimeout: 300,
+    ...limits,
+    routes: [{ match: { ports: port, domains: DOMAIN }, action: { type: 'forward', target: { host: '127.0.0.1', port: backendPort } } }],
+  });
+  await proxy.start();
+  return { proxy, port };
+}
+
 const reasons = (proxy: SmartProxy): Record<string, number> => proxy.getStatistics().terminationReasons as Record<string, number>;
 
 tap.test('setup: the backend', async () => {
@@ -54,13 +66,7 @@ tap.test('setup: the backend', async () => {
 });
 
 tap.test('inactivityTimeout closes an idle keep-alive HTTP connection, and not one that keeps sending requests', async () => {
-  const [port] = await freePorts(1);
-  const proxy = new SmartProxy({
-    gracefulShutdownTimeout: 300,
-    inactivityTimeout: 600,
-    routes: [{ match: { ports: port, domains: DOMAIN }, action: { type: 'forward', target: { host: '127.0.0.1', port: backendPort } } }],
-  });
-  await proxy.start();
+  const { proxy, port } = await startProxy({ inactivityTimeout: 600 });
   try {
     const idle = new KeepAliveClient(port);
     const busy = new KeepAliveClient(port);
@@ -87,13 +93,7 @@ tap.test('inactivityTimeout closes an idle keep-alive HTTP connection, and not o
 });
 
 tap.test('maxConnectionLifetime closes a keep-alive HTTP connection even while it sends requests', async () => {
-  const [port] = await freePorts(1);
-  const proxy = new SmartProxy({
-    gracefulShutdownTimeout: 300,
-    maxConnectionLifetime: 800,
-    routes: [{ match: { ports: port, domains: DOMAIN }, action: { type: 'forward', target: { host: '127.0.0.1', port: backendPort } } }],
-  });
-  await proxy.start();
+  const { proxy, port } = await startProxy({ maxConnectionLifetime: 800 });
   try {
     const client = new KeepAliveClient(port);
     await client.get();
