@@ -556,8 +556,8 @@ async function scaleOutRows() {
     ['http-proxyproto', 'behind HAProxy mode tcp send-proxy-v2, acceptProxyProtocol', { front: 'pp' }],
   ];
   const runs = kinds.map(() => []);
-  // The proxy's own CPU time per request: what the feature costs the proxy, which the host's steal
-  // and the load side (wrk, HAProxy, Redis and nginx share the load CPU) do not blur as they blur req/s.
+  // The proxy's own CPU time per request: what the feature costs the proxy itself, whichever side
+  // (the proxy's CPU, or the load CPU shared by wrk, HAProxy, Redis and nginx) limits req/s.
   const cpuRuns = kinds.map(() => []);
   let getex = 0;
   let redisRequests = 0;

@@ -37,7 +37,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             present[i] = true;
         }
     }
-    if present[0] {
+    let carries_connection = present[0]; // HOP_BY_HOP[0] is Connection
+    if carries_connection {
         // Cloned out (a reference count each) so that the map can change while they are read.
         let mut values = headers.get_all(header::CONNECTION).iter();
         let first = values.next().cloned();

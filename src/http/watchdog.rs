@@ -204,12 +204,18 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// The watchdog's next event; a watchdog that never reports one fails the test instead of
+    /// hanging it.
+    async fn next_event(watch: &Watch<'_>, draining_reported: bool) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(5), WakeGated::new(watch.next(draining_reported))).await.expect("the watchdog reported an event")
+    }
+
     #[tokio::test]
     async fn reports_draining_then_force_close() {
         let fixture = Fixture::new();
         let watch = fixture.watch(HOUR, 2 * HOUR);
         fixture.draining.cancel();
-        assert_eq!(WakeGated::new(watch.next(false)).await, WatchEvent::Draining);
+        assert_eq!(next_event(&watch, false).await, WatchEvent::Draining);
         let after_drain = tokio::spawn({
             let force_close = fixture.force_close.clone();
             async move {
@@ -217,7 +223,7 @@ mod tests {
                 force_close.cancel();
             }
         });
-        assert_eq!(WakeGated::new(watch.next(true)).await, WatchEvent::ForceClose);
+        assert_eq!(next_event(&watch, true).await, WatchEvent::ForceClose);
         after_drain.await.expect("the canceller ran");
     }
 
@@ -225,15 +231,15 @@ mod tests {
     async fn a_force_close_without_a_drain_is_reported_as_such() {
         let fixture = Fixture::new();
         fixture.force_close.cancel();
-        assert_eq!(WakeGated::new(fixture.watch(HOUR, 2 * HOUR).next(false)).await, WatchEvent::ForceClose);
+        assert_eq!(next_event(&fixture.watch(HOUR, 2 * HOUR), false).await, WatchEvent::ForceClose);
     }
 
     #[tokio::test]
     async fn idle_and_lifetime_share_one_timer() {
         let fixture = Fixture::new();
         let idle = fixture.watch(Duration::from_millis(30), HOUR);
-        assert_eq!(WakeGated::new(idle.next(false)).await, WatchEvent::IdleTimeout);
+        assert_eq!(next_event(&idle, false).await, WatchEvent::IdleTimeout);
         let lifetime = fixture.watch(HOUR, Duration::from_millis(30));
-        assert_eq!(WakeGated::new(lifetime.next(false)).await, WatchEvent::LifetimeExceeded);
+        assert_eq!(next_event(&lifetime, false).await, WatchEvent::LifetimeExceeded);
     }
 }
