@@ -67,8 +67,11 @@ tap.test('a request for an unknown host goes to the route without domains', asyn
 });
 
 tap.test('bytes that are not HTTP go to the route without domains', async () => {
-  const reply = await exchange(port, 'HELLO there');
-  expect(reply.toString()).toEqual('raw\nHELLO there');
+  // A line of tokens could still be an HTTP request line until it ends without an HTTP version.
+  const reply = await exchange(port, 'HELLO there\r\n');
+  expect(reply.toString()).toEqual('raw\nHELLO there\r\n');
+  // A byte no request line starts with decides at once.
+  expect((await exchange(port, '\u0001binary')).toString()).toEqual('raw\n\u0001binary');
 });
 
 tap.test('stop', async () => {

@@ -540,8 +540,9 @@ tap.test('jwtAuth HS256: valid token passes (Authorization not forwarded), missi
       expect(ok.status).toEqual(200);
       expect(ok.json.url).toEqual('/api');
       expect(ok.json.headers.authorization).toBeUndefined();
-      // No exp at all is fine.
-      expect((await request(port, { headers: bearer(jwt({ alg: 'HS256', typ: 'JWT' }, { sub: 'noexp' }, hmacSigner('HS256', HS_SECRET))) })).status).toEqual(200);
+      // No exp at all is refused (requireExp defaults to true), and so is an exp that is not a number.
+      expectBearerChallenge(await request(port, { headers: bearer(jwt({ alg: 'HS256', typ: 'JWT' }, { sub: 'noexp' }, hmacSigner('HS256', HS_SECRET))) }));
+      expectBearerChallenge(await request(port, { headers: bearer(hsToken({ exp: String(now() + 3600) })) }));
       const hitsOk = backend.hits;
 
       expectBearerChallenge(await request(port));
@@ -550,7 +551,9 @@ tap.test('jwtAuth HS256: valid token passes (Authorization not forwarded), missi
       expectBearerChallenge(await request(port, { headers: { authorization: basic('alice', 'wonderland') } }));
       expectBearerChallenge(await request(port, { headers: bearer(`${'A'.repeat(10 * 1024)}.${'B'.repeat(10)}.${'C'.repeat(10)}`) }));
       // Expired a minute ago (past the 30 s leeway).
-      expectBearerChallenge(await request(port, { headers: bearer(hsToken({ exp: now() - 60 })) }));
+      const expired = await request(port, { headers: bearer(hsToken({ exp: now() - 60 })) });
+      expectBearerChallenge(expired);
+      expect(String(expired.headers['www-authenticate'])).toEqual('Bearer error="invalid_token"');
       // Not valid for another minute.
       expectBearerChallenge(await request(port, { headers: bearer(hsToken({ nbf: now() + 60 })) }));
       // alg none, unsigned.
@@ -569,7 +572,7 @@ tap.test('jwtAuth HS256: valid token passes (Authorization not forwarded), missi
       // The valid token still works after all that (and twice: a remembered token is checked the same way).
       expect((await request(port, { headers: bearer(valid) })).status).toEqual(200);
       expect((await request(port, { headers: bearer(valid) })).status).toEqual(200);
-      expect(refusals(proxy, 'jwt-hs').unauthorized).toEqual(14);
+      expect(refusals(proxy, 'jwt-hs').unauthorized).toEqual(16);
     });
   });
 });

@@ -45,6 +45,28 @@ pub struct EngineOptions {
     /// Shared session-affinity store across replicas.
     #[serde(default)]
     pub redis: Option<RedisOptions>,
+    /// Keep a client's own `X-Forwarded-*`, `Forwarded` and `X-Real-IP` when its peer is in
+    /// `proxyIps` (otherwise they are replaced even from trusted peers).
+    #[serde(default)]
+    pub trust_forwarded_headers: bool,
+    /// How long a client connection may sit idle between HTTP requests.
+    #[serde(default = "default_keep_alive_timeout_ms")]
+    pub http_keep_alive_timeout_ms: u64,
+}
+
+fn default_keep_alive_timeout_ms() -> u64 {
+    120_000
+}
+
+/// How many keys (affinity values, rate-limit keys) a route keeps in memory by default.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+fn default_max_keys() -> usize {
+    DEFAULT_MAX_KEYS
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +151,9 @@ pub struct ActionConfig {
     pub send_proxy_protocol: Option<u8>,
     #[serde(default)]
     pub load_balancing: LoadBalancingConfig,
+    /// Forward the normalised path (the one matching saw) instead of the path as sent.
+    #[serde(default)]
+    pub normalize_path: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -156,6 +181,9 @@ pub struct AffinityConfig {
     pub ttl_seconds: u64,
     /// A value never bound before: balance and bind it, or answer 400.
     pub reject_unknown: bool,
+    /// Bindings kept in memory at most (least recently used evicted first).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -331,6 +359,9 @@ pub struct RateLimitConfig {
     /// `keyBy: 'header'`: whose value is the key.
     pub header_name: Option<String>,
     pub error_message: String,
+    /// Keys tracked at most (least recently used evicted first).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -366,6 +397,9 @@ pub struct JwtAuthConfig {
     pub audience: Option<String>,
     pub exclude_paths: Vec<String>,
     pub leeway_seconds: u64,
+    /// A token without `exp` is refused unless this is false.
+    #[serde(default = "yes")]
+    pub require_exp: bool,
 }
 
 /// A configuration the engine cannot run, with the route and field it is about.

@@ -338,6 +338,7 @@ impl Engine {
             force_close,
             proxy_header_from: o.accept_proxy_protocol.then(|| self.trusted_proxies.clone()),
             trusted_proxies: self.trusted_proxies.clone(),
+            trust_forwarded_headers: o.trust_forwarded_headers,
             send_proxy_protocol: o.send_proxy_protocol,
             acme_challenges: self.acme.challenges(),
             http: Arc::new(HttpEnv {

@@ -24,6 +24,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers and every header the `Connection` header names. With `keep_upgrade`
 /// (a WebSocket handshake) `Connection: upgrade` and `Upgrade` survive, as the next hop needs them.
@@ -87,14 +88,16 @@ pub struct ForwardedFacts<'a> {
     pub https: bool,
     /// Host as the client sent it (with its port, if any).
     pub host: Option<&'a str>,
-    /// The peer is a trusted proxy (`proxyIPs`): its `X-Forwarded-*` are extended, not replaced.
+    /// The peer is a trusted proxy (`proxyIPs`) whose forwarding headers are believed
+    /// (`trustForwardedHeaders`): its `X-Forwarded-*` are extended, not replaced.
     pub trusted_peer: bool,
     pub version: http::Version,
 }
 
 /// Sets `X-Forwarded-For`/`-Proto`/`-Host`/`-Port` and appends to `Via`. From a trusted peer the
 /// `X-Forwarded-For` list is extended and the other `X-Forwarded-*` it sent are kept; from anyone
-/// else all of them are replaced. Values that stay the same are shared, not rebuilt: per-connection
+/// else all of them are replaced, and a `Forwarded` or `X-Real-IP` it sent is replaced by what
+/// the proxy knows (the client address; the protocol). Values that stay the same are shared, not rebuilt: per-connection
 /// ones come formatted, the rest are static or clone the request's own `Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
     // Up to five inserts follow: the map grows once rather than on the way. Hyper caps a head's
@@ -134,6 +137,21 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
     set_unless_trusted(X_FORWARDED_PORT, facts.connection.local_port.clone());
     if facts.host.is_none() && !keep_client_values {
         headers.remove(&X_FORWARDED_HOST);
+    }
+
+    if !keep_client_values {
+        if headers.contains_key(header::FORWARDED) {
+            let proto = if facts.https { "https" } else { "http" };
+            let client = client_ip.to_str().unwrap_or("unknown");
+            let value = if client.contains(':') { format!("for=\"[{client}]\";proto={proto}") } else { format!("for={client};proto={proto}") };
+            match HeaderValue::try_from(value) {
+                Ok(value) => headers.insert(header::FORWARDED, value),
+                Err(_) => headers.remove(header::FORWARDED),
+            };
+        }
+        if headers.contains_key(&X_REAL_IP) {
+            headers.insert(X_REAL_IP, client_ip.clone());
+        }
     }
 
     let (protocol, via_alone) = match facts.version {
@@ -239,6 +257,8 @@ impl HeaderTemplate {
         Ok(HeaderTemplate { name, pieces })
     }
 
+    /// `None` when the value cannot be rendered: a claim the token lacks, or a value that is not
+    /// visible ASCII (a claim holding a line break, a path with bytes a header cannot carry).
     fn render(&self, ctx: &TemplateContext<'_>) -> Option<HeaderValue> {
         let mut out = String::new();
         for piece in &self.pieces {
@@ -259,22 +279,32 @@ impl HeaderTemplate {
                 }
                 Piece::Claim(name) => match ctx.claims.and_then(|claims| claims.get(&**name)) {
                     Some(serde_json::Value::String(text)) => out.push_str(text),
-                    Some(serde_json::Value::Null) | None => {}
+                    Some(serde_json::Value::Null) | None => return None,
                     Some(other) => {
                         let _ = write!(out, "{other}");
                     }
                 },
             }
         }
+        if !out.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic()) {
+            return None;
+        }
         HeaderValue::from_str(&out).ok()
     }
 }
 
-/// Sets every template's header, replacing what was there (later lists override earlier ones).
+/// Sets every template's header, replacing what was there (later lists override earlier ones). A
+/// template that cannot be rendered removes its header: the client's own value never passes in
+/// its place.
 pub fn apply_templates(headers: &mut HeaderMap, templates: &[HeaderTemplate], ctx: &TemplateContext<'_>) {
     for template in templates {
-        if let Some(value) = template.render(ctx) {
-            headers.insert(template.name.clone(), value);
+        match template.render(ctx) {
+            Some(value) => {
+                headers.insert(template.name.clone(), value);
+            }
+            None => {
+                headers.remove(&template.name);
+            }
         }
     }
 }
@@ -391,7 +421,7 @@ mod tests {
 
     #[test]
     fn templates_render_known_variables_and_keep_the_rest() {
-        let t = HeaderTemplate::parse("X-Info", "{domain}|{port}|{path}|{query}|{clientIp}|{routeName}|{unknown}|{jwt.sub}|{jwt.n}|{jwt.none}|{jwt.}|{").unwrap();
+        let t = HeaderTemplate::parse("X-Info", "{domain}|{port}|{path}|{query}|{clientIp}|{routeName}|{unknown}|{jwt.sub}|{jwt.n}|{jwt.}|{").unwrap();
         let claims: crate::security::http::Claims = serde_json::from_str(r#"{"sub":"alice","n":3}"#).unwrap();
         let ctx = TemplateContext {
             domain: "a.com",
@@ -405,7 +435,51 @@ mod tests {
         };
         let mut h = HeaderMap::new();
         apply_templates(&mut h, &[t], &ctx);
-        assert_eq!(h["x-info"], "a.com|80|/p|q=1|::1|r|{unknown}|alice|3||{jwt.}|{");
+        assert_eq!(h["x-info"], "a.com|80|/p|q=1|::1|r|{unknown}|alice|3|{jwt.}|{");
+    }
+
+    #[test]
+    fn a_template_that_cannot_be_rendered_removes_the_clients_value() {
+        let claims: crate::security::http::Claims = serde_json::from_str(r#"{"sub":"a\r\nX-Admin: 1","nul":"a\u0000b","utf":"caf\u00e9","ok":"bob"}"#).unwrap();
+        let ctx = TemplateContext {
+            domain: "a.com",
+            port: 80,
+            path: "/p",
+            query: "",
+            client_ip: "::1".parse().unwrap(),
+            route_name: "r",
+            connection_id: 7,
+            claims: Some(&claims),
+        };
+        for claim in ["sub", "nul", "utf", "missing"] {
+            let t = HeaderTemplate::parse("X-User", &format!("{{jwt.{claim}}}")).unwrap();
+            let mut h = map(&[("x-user", "admin")]);
+            apply_templates(&mut h, &[t], &ctx);
+            assert!(!h.contains_key("x-user"), "{claim}: {:?}", h.get("x-user"));
+        }
+        let t = HeaderTemplate::parse("X-User", "{jwt.ok}").unwrap();
+        let mut h = map(&[("x-user", "admin")]);
+        apply_templates(&mut h, &[t], &TemplateContext { claims: None, ..ctx });
+        assert!(!h.contains_key("x-user"), "no token: no claim");
+    }
+
+    #[test]
+    fn an_untrusted_clients_forwarded_and_real_ip_are_replaced() {
+        let mut h = map(&[("forwarded", "for=6.6.6.6;host=evil"), ("x-real-ip", "6.6.6.6")]);
+        add_forwarded(&mut h, &facts(&connection(), false));
+        assert_eq!(h["forwarded"], "for=10.1.2.3;proto=https");
+        assert_eq!(h["x-real-ip"], "10.1.2.3");
+        let mut h = map(&[("forwarded", "for=1.1.1.1"), ("x-real-ip", "1.1.1.1")]);
+        add_forwarded(&mut h, &facts(&connection(), true));
+        assert_eq!(h["forwarded"], "for=1.1.1.1");
+        assert_eq!(h["x-real-ip"], "1.1.1.1");
+        let v6 = ConnectionValues::new("2001:db8::7".parse().unwrap(), 80);
+        let mut h = map(&[("forwarded", "for=x")]);
+        add_forwarded(&mut h, &facts(&v6, false));
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::7]\";proto=https");
+        let mut h = map(&[]);
+        add_forwarded(&mut h, &facts(&connection(), false));
+        assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"), "nothing is added");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::config::BackendProtocol;
 use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, TrackedBody};
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ConnectionValues, ForwardedFacts, TemplateContext};
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
-use crate::http::sniff::normalise_host;
+use crate::http::edge::{self, normalise_host, normalise_path, request_host};
 use crate::http::websocket::{self, TunnelScope};
 use crate::hooks::{EngineEvent, EventKind, ScriptContext, Scripts};
 use crate::proxy_protocol;
@@ -63,7 +63,7 @@ pub struct ConnectionContext {
     pub destination: Option<std::net::SocketAddr>,
     pub https: bool,
     pub tls_version: Option<&'static str>,
-    /// The peer is a trusted proxy (`proxyIPs`).
+    /// The peer is a trusted proxy (`proxyIPs`) and `trustForwardedHeaders` is set.
     pub trusted_peer: bool,
     /// On terminated TLS: the SNI and the route it selected. A request for another host that
     /// belongs to another route is misdirected (421): its certificate was never presented.
@@ -84,21 +84,29 @@ pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Resu
 type Refusal = Response<ProxyBody>;
 
 async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
-    // Request smuggling (Content-Length with Transfer-Encoding) never reaches here as such: the
-    // session refuses it on a connection's first head, and hyper drops the Content-Length of a
-    // later one and closes the connection after answering it.
-    let raw_host: Option<String> = match req.uri().authority() {
-        Some(authority) => Some(authority.as_str().to_string()),
-        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string),
+    // The edge rules (API.md "Edge hygiene"): one host, which is the one the backend receives; a
+    // normalised path for matching. A plain connection's first head met them already, with the
+    // framing rules; hyper re-frames every body, so later heads cannot smuggle one.
+    let version = req.version();
+    let raw_host: Option<String> = match request_host(req.uri().authority().map(|a| a.as_str()), req.headers(), version >= Version::HTTP_11) {
+        Ok(host) => host.map(str::to_string),
+        Err(refusal) => return Err(edge_refusal(refusal, version)),
     };
+    if req.method() == Method::CONNECT {
+        return Err(edge_refusal(edge::Refusal { status: StatusCode::METHOD_NOT_ALLOWED, reason: "CONNECT is not proxied" }, version));
+    }
     let domain = raw_host.as_deref().map(normalise_host).filter(|d| !d.is_empty());
     let path = req.uri().path().to_string();
+    let match_path = match normalise_path(&path) {
+        Ok(normal) => normal,
+        Err(refusal) => return Err(edge_refusal(refusal, version)),
+    };
     let query = req.uri().query().unwrap_or("").to_string();
 
     let protocol = if ctx.https { Protocol::Tls { version: ctx.tls_version } } else { Protocol::Http };
     let facts = RequestFacts {
         connection: ConnectionFacts { local_port: ctx.local_port, client_ip: ctx.client_ip, domain: domain.as_deref(), protocol },
-        path: &path,
+        path: &match_path,
         method: req.method(),
         headers: req.headers(),
     };
@@ -141,7 +149,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     // Rate limit, then authentication: refused requests never reach an upstream.
     let admitted = match &route.http_security {
         None => None,
-        Some(security) => match security.admit(ctx.client_ip, &path, req.headers()) {
+        Some(security) => match security.admit(ctx.client_ip, &match_path, req.headers()) {
             Ok(admitted) => Some(admitted),
             Err(refusal) => return Err(refusal_response(route, refusal)),
         },
@@ -232,7 +240,12 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         BackendProtocol::Http1 => UpstreamProtocol::Http1,
         BackendProtocol::Auto => UpstreamProtocol::Auto,
     };
-    let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+    // The backend gets the path as sent, unless the route forwards the normalised one.
+    let path_and_query = match (route.http.normalize_path, &match_path) {
+        (true, std::borrow::Cow::Owned(normal)) if query.is_empty() => normal.clone(),
+        (true, std::borrow::Cow::Owned(normal)) => format!("{normal}?{query}"),
+        _ => req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+    };
     let policy = route.http.retry;
     let (parts, incoming) = req.into_parts();
     let mut head = Request::from_parts(parts, ());
@@ -251,7 +264,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             _ => return Err(text_response(StatusCode::BAD_REQUEST, "the request body could not be read")),
         }
     } else {
-        RequestBody::Streaming(Some(incoming))
+        RequestBody::Streaming(Some(incoming), Arc::new(AtomicBool::new(false)))
     };
 
     let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
@@ -303,7 +316,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &match_path, &head))).unwrap_or(target);
                 continue;
             }
             Err(err) => return Err(upstream_failure(err)),
@@ -312,7 +325,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server failed and the request cannot be repeated"));
         };
         let request_sent = Arc::new(AtomicBool::new(false));
-        let counted = matches!(body, RequestBody::Streaming(_)).then(|| (route.stats.clone(), Direction::In));
+        let counted = matches!(body, RequestBody::Streaming(..)).then(|| (route.stats.clone(), Direction::In));
         // The client's head is copied only when a later attempt may need it again.
         let may_repeat = policy.max_retries > attempt || (!replaced_dead_connection && body.replayable());
         let attempt_head = if may_repeat { clone_head(&head) } else { std::mem::replace(&mut head, Request::new(())) };
@@ -330,7 +343,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &match_path, &head))).unwrap_or(target);
             }
             Ok(response) => break (response, checkout, key, request_sent),
             // A pooled connection the upstream closed just as it was reused fails before the
@@ -342,6 +355,9 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 replaced_dead_connection = true;
                 fresh_connection = true;
             }
+            Err(SendError::Failed(_)) if body.client_failed() => {
+                return Err(edge_refusal(edge::Refusal::bad_request("the request body is not framed correctly"), version));
+            }
             Err(SendError::Failed(err)) => {
                 if let Checkout::Http2 { .. } = checkout {
                     pool.forget_h2(&key);
@@ -352,7 +368,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             Err(SendError::Timeout) if policy.on_timeout && replayable && attempt < policy.max_retries => {
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &match_path, &head))).unwrap_or(target);
             }
             Err(SendError::Timeout) => {
                 return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
@@ -402,8 +418,9 @@ enum RequestBody {
     Empty,
     /// Read whole before the first attempt: every attempt sends a copy.
     Buffered(Bytes),
-    /// Streamed through once; after the first attempt took it, nothing can be repeated.
-    Streaming(Option<Incoming>),
+    /// Streamed through once; after the first attempt took it, nothing can be repeated. The flag
+    /// is raised when the client's own framing of it failed (a bad chunk): the client's fault.
+    Streaming(Option<Incoming>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -411,12 +428,27 @@ impl RequestBody {
         match self {
             RequestBody::Empty => Some(crate::http::body::empty()),
             RequestBody::Buffered(bytes) => Some(crate::http::body::full(bytes.clone())),
-            RequestBody::Streaming(slot) => slot.take().map(|incoming| incoming.map_err(BoxError::from).boxed()),
+            RequestBody::Streaming(slot, failed) => {
+                let failed = failed.clone();
+                slot.take().map(|incoming| {
+                    incoming
+                        .map_err(move |err| {
+                            failed.store(true, Ordering::Release);
+                            BoxError::from(err)
+                        })
+                        .boxed()
+                })
+            }
         }
     }
 
+    /// The client broke its own body's framing: answered 400, not blamed on the upstream.
+    fn client_failed(&self) -> bool {
+        matches!(self, RequestBody::Streaming(_, failed) if failed.load(Ordering::Acquire))
+    }
+
     fn replayable(&self) -> bool {
-        !matches!(self, RequestBody::Streaming(_))
+        !matches!(self, RequestBody::Streaming(..))
     }
 }
 
@@ -439,6 +471,15 @@ async fn backoff(base: Duration, attempt: u32) {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let jitter = 0.5 + f64::from(nanos % 1000) / 1000.0;
     tokio::time::sleep(exponential.mul_f64(jitter)).await;
+}
+
+/// A request the edge rules refuse: the reason as the body; an HTTP/1 connection closes after it.
+fn edge_refusal(refusal: edge::Refusal, version: Version) -> Response<ProxyBody> {
+    let mut response = text_response(refusal.status, refusal.reason);
+    if version < Version::HTTP_2 {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// What a route with a native response answers, without any upstream.

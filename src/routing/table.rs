@@ -86,6 +86,9 @@ pub struct Route {
     balancing: Balancing,
     /// Session affinity: which backend a client's key value is bound to.
     pub affinity: Option<Affinity>,
+    /// The route decides or rewrites by what is in requests (`wants_http`): bytes the engine
+    /// could not read as HTTP never reach it.
+    needs_http: bool,
 }
 
 /// How the route spreads picks over a backend set.
@@ -164,6 +167,8 @@ pub struct HttpSettings {
     pub retry: RetryPolicy,
     /// Served by the engine itself; the route has no upstream.
     pub native: Option<NativeResponse>,
+    /// `action.normalizePath`: the backend gets the path matching saw, not the one sent.
+    pub normalize_path: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -368,7 +373,7 @@ impl RouteTable {
         for (position, route) in &ordered {
             for port in &configs[*position].match_.ports {
                 let plan = ports.entry(*port).or_default();
-                let wants_http = route.wants_http();
+                let wants_http = route.needs_http;
                 plan.needs_client_data |= !route.domains.is_empty() || !route.tls_versions.is_empty() || wants_http;
                 plan.serves_http |= wants_http || (!route.domains.is_empty() && route.tls.is_none() && !route.http.raw);
                 plan.socket_handlers |= route.socket_handler.is_some();
@@ -532,6 +537,7 @@ impl Route {
             raw: config.action.raw,
             retry: RetryPolicy::from_config(config.action.retry.as_ref()),
             native,
+            normalize_path: config.action.normalize_path,
         };
         if let Some(version) = config.action.send_proxy_protocol.filter(|v| *v > 2) {
             return Err(fail("action.sendProxyProtocol".into(), format!("{version} is not a PROXY protocol version (1 or 2)")));
@@ -586,7 +592,9 @@ impl Route {
                 turn: AtomicUsize::new(0),
             },
             affinity,
+            needs_http: false,
         };
+        let route = Route { needs_http: route.wants_http(), ..route };
         if route.affinity.is_some() && !route.speaks_http() {
             return Err(fail("action.loadBalancing.affinity".into(), "affinity is kept per HTTP request: the route must serve HTTP (terminate TLS, or plain HTTP with domains or HTTP matching)".into()));
         }
@@ -639,6 +647,10 @@ impl Route {
 
     pub fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
         if self.tls.is_some() && !matches!(facts.protocol, Protocol::Tls { .. } | Protocol::NotSniffed) {
+            return false;
+        }
+        // A route that needs requests never gets bytes relayed raw past its checks.
+        if self.needs_http && facts.protocol == Protocol::Other {
             return false;
         }
         if !self.domains.is_empty() {
@@ -833,6 +845,7 @@ mod tests {
                 socket_handler: None,
                 send_proxy_protocol: None,
                 load_balancing: Default::default(),
+                normalize_path: false,
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),

@@ -99,9 +99,11 @@ impl HttpSecurity {
                 return Ok(Admitted { claims: Some(claims), authenticated: true });
             }
         }
-        let challenge = match &self.basic {
-            Some(basic) => basic.challenge.clone(),
-            None => HeaderValue::from_static("Bearer"),
+        // RFC 6750 §3.1: a client that sent no credentials is only told the scheme.
+        let challenge = match (&self.basic, credentials) {
+            (Some(basic), _) => basic.challenge.clone(),
+            (None, Some(_)) => HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            (None, None) => HeaderValue::from_static("Bearer"),
         };
         Err(Refusal::Unauthorized { challenge })
     }
@@ -226,15 +228,19 @@ impl BasicAuth {
 
 struct JwtAuth {
     key: DecodingKey,
+    /// Signature, algorithm, issuer and audience; the time claims are checked here, below.
     validation: Validation,
+    leeway: f64,
+    require_exp: bool,
     exclude: Vec<PathPattern>,
     verified: Mutex<HashMap<Box<str>, VerifiedToken>>,
 }
 
+/// A token whose signature verified, with its time claims (NumericDate: seconds, maybe fractional).
 struct VerifiedToken {
     claims: Arc<Claims>,
-    exp: Option<u64>,
-    nbf: Option<u64>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
 }
 
 impl std::fmt::Debug for JwtAuth {
@@ -267,9 +273,10 @@ impl JwtAuth {
         // Only the configured algorithm: a token naming another (or `none`) is refused, so an
         // HMAC token cannot be checked against an RSA key's PEM text.
         let mut validation = Validation::new(algorithm);
-        validation.leeway = config.leeway_seconds;
-        validation.validate_nbf = true;
-        validation.validate_exp = true;
+        // jsonwebtoken skips a time claim it cannot read as whole seconds (a string, a fraction);
+        // `in_time` reads every form and refuses what is not a number.
+        validation.validate_nbf = false;
+        validation.validate_exp = false;
         // A configured issuer or audience must be present in the token, not merely not wrong.
         validation.required_spec_claims.clear();
         validation.validate_aud = config.audience.is_some();
@@ -284,6 +291,8 @@ impl JwtAuth {
         Ok(JwtAuth {
             key,
             validation,
+            leeway: config.leeway_seconds as f64,
+            require_exp: config.require_exp,
             exclude: compile_paths(&config.exclude_paths, "security.jwtAuth.excludePaths")?,
             verified: Mutex::new(HashMap::new()),
         })
@@ -295,20 +304,23 @@ impl JwtAuth {
 
     fn verify(&self, credentials: &[u8]) -> Option<Arc<Claims>> {
         let token = std::str::from_utf8(strip_scheme(credentials, b"bearer")?).ok()?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         if let Some(known) = self.verified.lock().get(token) {
             return self.in_time(known, now).then(|| known.claims.clone());
         }
         let claims = Arc::new(jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).ok()?.claims);
-        // Time claims that are not whole seconds are never cached: each use verifies in full.
         let time = |name: &str| match claims.get(name) {
             None => Some(None),
-            Some(value) => value.as_u64().map(Some),
+            Some(value) => value.as_f64().map(Some),
         };
+        // A time claim that is not a number is refused outright (not merely left unchecked).
         let (Some(exp), Some(nbf)) = (time("exp"), time("nbf")) else {
-            return Some(claims);
+            return None;
         };
         let verified = VerifiedToken { exp, nbf, claims: claims.clone() };
+        if !self.in_time(&verified, now) {
+            return None;
+        }
         let mut cache = self.verified.lock();
         if cache.len() >= VERIFIED_TOKEN_CACHE {
             cache.clear();
@@ -317,10 +329,13 @@ impl JwtAuth {
         Some(claims)
     }
 
-    /// `exp` and `nbf` with the leeway, as jsonwebtoken checked them the first time.
-    fn in_time(&self, token: &VerifiedToken, now: u64) -> bool {
-        let leeway = self.validation.leeway;
-        token.exp.is_none_or(|exp| exp >= now.saturating_sub(leeway)) && token.nbf.is_none_or(|nbf| nbf <= now + leeway)
+    /// `exp` and `nbf` with the leeway; a token without `exp` only when the route allows it.
+    fn in_time(&self, token: &VerifiedToken, now: f64) -> bool {
+        let exp_ok = match token.exp {
+            Some(exp) => exp + self.leeway >= now,
+            None => !self.require_exp,
+        };
+        exp_ok && token.nbf.is_none_or(|nbf| nbf <= now + self.leeway)
     }
 }
 
@@ -378,7 +393,7 @@ mod tests {
 
     #[test]
     fn the_rate_limit_refuses_the_request_after_the_burst_per_key() {
-        let config = RateLimitConfig { max_requests: 3, window_seconds: 60, key_by: RateLimitKey::Ip, header_name: None, error_message: "slow".into() };
+        let config = RateLimitConfig { max_requests: 3, window_seconds: 60, key_by: RateLimitKey::Ip, header_name: None, error_message: "slow".into(), max_keys: 100 };
         let security = HttpSecurity::compile(Some(&config), None, None, false).unwrap().unwrap();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         for _ in 0..3 {
@@ -392,5 +407,60 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert!(security.admit(b, "/", &HeaderMap::new()).is_ok());
+    }
+
+    fn jwt(require_exp: bool) -> HttpSecurity {
+        let config = JwtAuthConfig {
+            secret: "a-secret-of-decent-length-0123456789".into(),
+            algorithm: "HS256".into(),
+            issuer: None,
+            audience: None,
+            exclude_paths: vec![],
+            leeway_seconds: 30,
+            require_exp,
+        };
+        HttpSecurity::compile(None, None, Some(&config), false).unwrap().unwrap()
+    }
+
+    fn bearer(claims: serde_json::Value) -> HeaderMap {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"a-secret-of-decent-length-0123456789");
+        let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+        with_auth(format!("Bearer {token}").as_bytes())
+    }
+
+    fn now() -> f64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+    }
+
+    #[test]
+    fn jwt_time_claims_must_be_numbers_and_exp_is_required_by_default() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let strict = jwt(true);
+        let lenient = jwt(false);
+        let future = now() + 3600.0;
+        let ok = |security: &HttpSecurity, claims: serde_json::Value| security.admit(ip, "/", &bearer(claims)).is_ok();
+        assert!(ok(&strict, serde_json::json!({ "sub": "a", "exp": future as u64 })));
+        assert!(ok(&strict, serde_json::json!({ "sub": "a", "exp": future + 0.5 })));
+        assert!(!ok(&strict, serde_json::json!({ "sub": "a" })), "no exp");
+        assert!(ok(&lenient, serde_json::json!({ "sub": "a" })), "no exp, allowed");
+        for security in [&strict, &lenient] {
+            assert!(!ok(security, serde_json::json!({ "sub": "a", "exp": format!("{}", future as u64) })), "string exp");
+            assert!(!ok(security, serde_json::json!({ "sub": "a", "exp": future as u64, "nbf": "0" })), "string nbf");
+            assert!(!ok(security, serde_json::json!({ "sub": "a", "exp": now() - 60.0 })), "expired");
+            assert!(!ok(security, serde_json::json!({ "sub": "a", "exp": future as u64, "nbf": now() + 60.0 })), "not yet");
+        }
+        assert!(ok(&strict, serde_json::json!({ "sub": "a", "exp": now() - 10.0 })), "within the leeway");
+    }
+
+    #[test]
+    fn a_refused_token_is_told_it_is_invalid() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let security = jwt(true);
+        let challenge = |headers: &HeaderMap| match security.admit(ip, "/", headers) {
+            Err(Refusal::Unauthorized { challenge }) => challenge,
+            other => panic!("expected 401, got {other:?}"),
+        };
+        assert_eq!(challenge(&bearer(serde_json::json!({ "sub": "a", "exp": now() - 60.0 }))), "Bearer error=\"invalid_token\"");
+        assert_eq!(challenge(&HeaderMap::new()), "Bearer");
     }
 }

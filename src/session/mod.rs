@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acme::ChallengeStore;
 use crate::http::headers::ConnectionValues;
-use crate::http::io::{ClientCounters, ClientIo};
+use crate::http::io::{ClientCounters, ClientIo, Replay};
 use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
-use crate::http::sniff::{first_request as http_first_request, has_conflicting_framing};
+use crate::http::edge::{normalise_path, Refusal};
+use crate::http::head::{HeadParse, RequestHead};
 use crate::http::proxy::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, Shutdown};
 use crate::http::websocket::TunnelScope;
@@ -32,14 +33,17 @@ use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
 use crate::tcp::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
 use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
+use crate::tls::config::ALPN_H2;
 
 use guards::ConnectionGuard;
 use sniff::Sniffed;
 
 /// What a backend connect may take when the route sets no `timeouts.connectMs`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Written in place of forwarding a request head that frames its body twice.
-const SMUGGLING_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 59\r\nConnection: close\r\n\r\n400 Bad Request: both Content-Length and Transfer-Encoding\n";
+/// After refusing a request, how long the rest of what the client sends is read and dropped, so
+/// that closing with unread bytes does not reset the connection before the answer is read.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_LINGER_BYTES: usize = 64 * 1024;
 /// A refusal alert is best effort: a client that does not read it does not hold the session.
 const ALERT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a socket-pair relay ends, how long to wait for the wrapper's word on how its side ended.
@@ -64,8 +68,10 @@ pub struct SessionEnv {
     pub draining: CancellationToken,
     /// `acceptProxyProtocol`: connections from these peers must begin with a PROXY header.
     pub proxy_header_from: Option<IpList>,
-    /// `proxyIPs`: peers whose PROXY and X-Forwarded-* headers are believed.
+    /// `proxyIPs`: peers whose PROXY headers are believed.
     pub trusted_proxies: IpList,
+    /// `trustForwardedHeaders`: the forwarding headers of `proxyIPs` peers are believed too.
+    pub trust_forwarded_headers: bool,
     /// PROXY header version sent to backends when a route does not say (0 = none).
     pub send_proxy_protocol: u8,
     /// Cancelled when a stop's grace period is over: every session closes at once.
@@ -195,7 +201,7 @@ impl Session {
         };
         let sniffed = if plan.needs_client_data {
             let deadline = self.accepted_at + env.initial_data_timeout;
-            match sniff::sniff(&mut client, &mut initial, deadline, env.http_limits.header_timeout, early_bytes).await {
+            match sniff::sniff(&mut client, &mut initial, deadline, env.http_limits.header_timeout, env.http_limits.max_header_size, early_bytes).await {
                 Ok(sniffed) => Some(sniffed),
                 Err(reason) => return reason,
             }
@@ -209,20 +215,35 @@ impl Session {
         let protocol = match &sniffed {
             None => Protocol::NotSniffed,
             Some(Sniffed::Tls(hello)) => Protocol::Tls { version: hello.max_version_name() },
-            Some(Sniffed::Http { .. }) => Protocol::Http,
-            Some(Sniffed::Other) => Protocol::Other,
+            Some(Sniffed::Http(_) | Sniffed::H2Preface) => Protocol::Http,
+            Some(Sniffed::RefusedHttp(_)) if plan.serves_http => Protocol::Http,
+            // No route here reads requests: these bytes are another protocol's business.
+            Some(Sniffed::RefusedHttp(_) | Sniffed::Other) => Protocol::Other,
         };
-        self.domain = match sniffed {
-            Some(Sniffed::Tls(hello)) => hello.sni,
-            Some(Sniffed::Http { host }) => host,
-            _ => None,
-        };
-        if let Protocol::Tls { version } = protocol {
-            self.tls_version = version;
+        let mut first_head: Option<Box<RequestHead>> = None;
+        match sniffed {
+            Some(Sniffed::Tls(hello)) => {
+                self.domain = hello.sni;
+                self.tls_version = match protocol {
+                    Protocol::Tls { version } => version,
+                    _ => None,
+                };
+            }
+            Some(Sniffed::Http(head)) => {
+                self.domain = head.domain.clone();
+                first_head = Some(head);
+            }
+            // HTTP on a port whose routes read requests is answered, never relayed raw.
+            Some(Sniffed::RefusedHttp(refusal)) if plan.serves_http => {
+                self.state = State::Http;
+                refuse_http(&mut client, &refusal).await;
+                return TerminationReason::InvalidHttp;
+            }
+            _ => {}
         }
         // An ACME server validating a challenge: answered here, whatever the routes of the port.
-        if plan.acme_challenges && protocol == Protocol::Http {
-            if let Some(response) = http_first_request(&initial).and_then(|first| env.acme_challenges.response_for(&first.path)) {
+        if plan.acme_challenges {
+            if let Some(response) = first_head.as_ref().and_then(|head| env.acme_challenges.response_for(&head.path)) {
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
                 let _ = client.shutdown().await;
                 return TerminationReason::Completed;
@@ -246,22 +267,23 @@ impl Session {
 
         // Plain HTTP on a port whose routes look at requests: the HTTP engine routes each request,
         // unless the first one belongs to a socket handler, which then takes the whole connection.
-        let mut first_request = None;
-        let handler_route = if protocol == Protocol::Http && plan.serves_http && plan.socket_handlers {
-            first_request = http_first_request(&initial);
-            first_request.as_ref().and_then(|first| {
-                let request = RequestFacts { connection: facts, path: &first.path, method: &first.method, headers: &first.headers };
+        let handler_route = match &first_head {
+            Some(head) if plan.serves_http && plan.socket_handlers => {
+                let path = match normalise_path(&head.path) {
+                    Ok(path) => path,
+                    Err(refusal) => {
+                        refuse_http(&mut client, &refusal).await;
+                        return TerminationReason::InvalidHttp;
+                    }
+                };
+                let request = RequestFacts { connection: facts, path: &path, method: &head.method, headers: &head.headers };
                 table.find_for_request(&request).filter(|route| route.socket_handler.is_some()).cloned()
-            })
-        } else {
-            None
+            }
+            _ => None,
         };
         if protocol == Protocol::Http && plan.serves_http && handler_route.is_none() {
             self.state = State::Http;
-            if has_conflicting_framing(&initial) {
-                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(SMUGGLING_REFUSAL)).await;
-                return TerminationReason::InvalidHttp;
-            }
+            drop(first_head);
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let io = ClientIo::new(client, initial.into(), counters.clone());
@@ -306,10 +328,10 @@ impl Session {
         if let Some(handler) = route.socket_handler {
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let mut context = self.script_context(route, server_ip);
-            if let Some(first) = first_request {
-                context.path = Some(first.path);
-                context.query = first.query;
-                context.headers = Some(header_pairs(&first.headers));
+            if let Some(head) = first_head {
+                context.path = Some(head.path);
+                context.query = head.query;
+                context.headers = Some(header_pairs(&head.headers));
             }
             let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {
                 let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
@@ -356,7 +378,29 @@ impl Session {
             self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
             self.state = State::Http;
             let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()));
-            return Box::pin(serve_http(stream, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close })).await;
+            let limits = self.http_limits(env);
+            let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
+            if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                return Box::pin(serve_http(stream, counters, ctx, limits, shutdown)).await;
+            }
+            // HTTP/1.x inside TLS: its first head is read and checked as a plain connection's is.
+            let mut stream = stream;
+            let mut head = Vec::new();
+            let deadline = self.accepted_at + env.initial_data_timeout;
+            let max_head = env.http_limits.max_header_size;
+            match Box::pin(sniff::read_first_head(&mut stream, &mut head, deadline, env.http_limits.header_timeout, max_head)).await {
+                Err(reason) => return reason,
+                Ok(Some(HeadParse::Request(_) | HeadParse::H2Preface)) => {}
+                Ok(Some(HeadParse::Refused(refusal))) => {
+                    refuse_http(&mut stream, &refusal).await;
+                    return TerminationReason::InvalidHttp;
+                }
+                Ok(Some(HeadParse::NotHttp | HeadParse::Incomplete) | None) => {
+                    refuse_http(&mut stream, &Refusal::bad_request("not an HTTP/1.x request")).await;
+                    return TerminationReason::InvalidHttp;
+                }
+            }
+            return Box::pin(serve_http(Replay::new(stream, head.into()), counters, ctx, limits, shutdown)).await;
         }
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
             return TerminationReason::NoTarget;
@@ -560,7 +604,7 @@ impl Session {
             destination: self.destination.or_else(|| server_ip.map(|ip| SocketAddr::new(ip, self.local_port))),
             https: tls_route.is_some(),
             tls_version: self.tls_version,
-            trusted_peer: env.trusted_proxies.matches(self.peer_ip),
+            trusted_peer: env.trust_forwarded_headers && env.trusted_proxies.matches(self.peer_ip),
             sni,
             tls_route,
             tunnels: TunnelScope::new(
@@ -605,6 +649,27 @@ async fn read_proxy_header(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: 
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// Answers a request the edge rules refuse and closes: the answer, then whatever the client still
+/// sends is read and dropped for a moment, so that the close does not reset the connection
+/// before the client has read the answer.
+async fn refuse_http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(client: &mut S, refusal: &Refusal) {
+    if tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&refusal.http1_bytes())).await.is_err() {
+        return;
+    }
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    let linger = async {
+        while drained < REFUSAL_LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
 }
 
 fn handoff_reason(end: &HandoffEnd) -> TerminationReason {

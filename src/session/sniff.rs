@@ -3,42 +3,82 @@
 
 use std::time::Instant;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
-use crate::http::sniff::{sniff as sniff_http, HttpSniff, MAX_HEAD_BYTES};
+use crate::http::edge::Refusal;
+use crate::http::head::{parse_head, HeadParse, RequestHead};
 use crate::metrics::TerminationReason;
 use crate::tls::client_hello::{parse_client_hello, ClientHelloInfo, ClientHelloParse, MAX_CLIENT_HELLO_BYTES};
 
 #[derive(Debug)]
 pub enum Sniffed {
     Tls(ClientHelloInfo),
-    Http { host: Option<String> },
+    /// A complete HTTP/1.x request head that meets the edge rules.
+    Http(Box<RequestHead>),
+    /// The HTTP/2 prior-knowledge preface.
+    H2Preface,
+    /// HTTP that the edge rules refuse.
+    RefusedHttp(Refusal),
     Other,
 }
 
 const READ_CHUNK: usize = 4096;
-const MAX_SNIFF_BYTES: usize = if MAX_CLIENT_HELLO_BYTES > MAX_HEAD_BYTES { MAX_CLIENT_HELLO_BYTES } else { MAX_HEAD_BYTES };
 
 /// Reads into `buf` until the prefix classifies. `on_read` counts every byte taken from the client.
 /// The first byte must come by `deadline`; from it, the rest must follow within `head_timeout`
 /// (a request head or ClientHello trickled in byte by byte does not hold a connection for long).
+/// `max_head` is the engine's `maxHeaderSize`.
 pub async fn sniff(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
-    mut deadline: Instant,
+    deadline: Instant,
     head_timeout: std::time::Duration,
+    max_head: usize,
     on_read: impl Fn(usize),
 ) -> Result<Sniffed, TerminationReason> {
+    // Both parsers decide by themselves before their limits; this is a backstop.
+    let most = MAX_CLIENT_HELLO_BYTES.max(max_head) + READ_CHUNK;
+    read_until(client, buf, deadline, head_timeout, most, on_read, |bytes| classify(bytes, max_head)).await.map(|found| found.unwrap_or(Sniffed::Other))
+}
+
+/// The first request head inside a terminated TLS connection (HTTP/1.x by ALPN), read and checked
+/// as a plain connection's is. `None`: the bytes were no HTTP/1.x head within the limits.
+pub async fn read_first_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    head_timeout: std::time::Duration,
+    max_head: usize,
+) -> Result<Option<HeadParse>, TerminationReason> {
+    let classify = |bytes: &[u8]| {
+        Ok(match parse_head(bytes, max_head) {
+            HeadParse::Incomplete => None,
+            decided => Some(decided),
+        })
+    };
+    read_until(stream, buf, deadline, head_timeout, max_head + READ_CHUNK, |_| {}, classify).await
+}
+
+/// Reads into `buf` until `classify` decides, or `most` bytes came undecided (`Ok(None)`).
+async fn read_until<S: AsyncRead + Unpin, T>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    mut deadline: Instant,
+    head_timeout: std::time::Duration,
+    most: usize,
+    on_read: impl Fn(usize),
+    classify: impl Fn(&[u8]) -> Result<Option<T>, TerminationReason>,
+) -> Result<Option<T>, TerminationReason> {
     loop {
         if let Some(found) = classify(buf)? {
-            return Ok(found);
+            return Ok(Some(found));
         }
-        if buf.len() >= MAX_SNIFF_BYTES {
-            return Ok(Sniffed::Other);
+        if buf.len() >= most {
+            return Ok(None);
         }
         buf.reserve(READ_CHUNK);
-        let read = tokio::time::timeout_at(deadline.into(), client.read_buf(buf)).await;
+        let read = tokio::time::timeout_at(deadline.into(), stream.read_buf(buf)).await;
         match read {
             Err(_) => return Err(TerminationReason::InitialDataTimeout),
             Ok(Err(_)) => return Err(TerminationReason::ClientError),
@@ -54,7 +94,7 @@ pub async fn sniff(
 }
 
 /// `Ok(None)`: not decided yet, read more.
-fn classify(buf: &[u8]) -> Result<Option<Sniffed>, TerminationReason> {
+fn classify(buf: &[u8], max_head: usize) -> Result<Option<Sniffed>, TerminationReason> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -64,10 +104,11 @@ fn classify(buf: &[u8]) -> Result<Option<Sniffed>, TerminationReason> {
         ClientHelloParse::Invalid(_) => return Err(TerminationReason::InvalidTls),
         ClientHelloParse::NotTls => {}
     }
-    Ok(match sniff_http(buf) {
-        HttpSniff::Request { host } => Some(Sniffed::Http { host }),
-        HttpSniff::H2Preface => Some(Sniffed::Http { host: None }),
-        HttpSniff::Incomplete => None,
-        HttpSniff::NotHttp => Some(Sniffed::Other),
+    Ok(match parse_head(buf, max_head) {
+        HeadParse::Request(head) => Some(Sniffed::Http(Box::new(head))),
+        HeadParse::H2Preface => Some(Sniffed::H2Preface),
+        HeadParse::Refused(refusal) => Some(Sniffed::RefusedHttp(refusal)),
+        HeadParse::Incomplete => None,
+        HeadParse::NotHttp => Some(Sniffed::Other),
     })
 }

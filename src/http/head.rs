@@ -1,0 +1,348 @@
+//! The one reading of a plain connection's first bytes as HTTP/1.x, before anything routes by them:
+//! whether they are a request at all (any RFC 9110 token method, so server-first and binary
+//! protocols are told apart early), and if so the request head, parsed once and checked against
+//! the framing and host rules of API.md "Edge hygiene". Routing, the socket-handler context and
+//! the refusal all read this one parse; the HTTP engine then serves the same bytes, which this
+//! reading has already found unambiguous.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+use crate::http::edge::{is_tchar, normalise_host, request_host, Refusal};
+
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Methods recognised from their first bytes, before the request line is complete: the HTTP
+/// registry's common ones and WebDAV's. Any other token method is recognised once its request
+/// line ends in an HTTP version.
+const KNOWN_METHODS: &[&[u8]] = &[
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PROPFIND", b"PROPPATCH",
+    b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT", b"SEARCH", b"PURGE",
+];
+/// How much of a first line is read looking for its HTTP version before the bytes are taken for
+/// another protocol.
+const MAX_UNKNOWN_LINE: usize = 8 * 1024;
+/// Header fields in one head, as hyper allows.
+pub const MAX_HEADERS: usize = 100;
+
+#[derive(Debug)]
+pub enum HeadParse {
+    /// Could still be HTTP: read more.
+    Incomplete,
+    /// Not HTTP/1.x.
+    NotHttp,
+    /// The HTTP/2 prior-knowledge preface (no host until the HEADERS frame).
+    H2Preface,
+    Request(RequestHead),
+    /// HTTP, but not a request the proxy forwards: answered with this and closed.
+    Refused(Refusal),
+}
+
+/// A complete, checked request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    /// The target's path as sent, without the query (`/` for an absolute form without one).
+    pub path: String,
+    pub query: Option<String>,
+    /// The request's host as routing sees it: lowercase, no port, no trailing dot.
+    pub domain: Option<String>,
+    pub headers: HeaderMap,
+}
+
+/// Reads `buf` (a connection's first bytes) as an HTTP/1.x request head. `max_head` is the
+/// engine's `maxHeaderSize`.
+pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
+    // RFC 9112 §2.2: empty lines before the request line are ignored.
+    let start = leading_empty_lines(buf);
+    let line = &buf[start..];
+    if line.is_empty() {
+        return if start > 0 && buf.len() > MAX_UNKNOWN_LINE { HeadParse::NotHttp } else { HeadParse::Incomplete };
+    }
+    if line.starts_with(b"PRI ") && start == 0 {
+        let seen = line.len().min(H2_PREFACE.len());
+        return if line[..seen] != H2_PREFACE[..seen] {
+            HeadParse::Refused(Refusal::bad_request("malformed HTTP/2 preface"))
+        } else if seen == H2_PREFACE.len() {
+            HeadParse::H2Preface
+        } else {
+            HeadParse::Incomplete
+        };
+    }
+    match request_line_shape(line) {
+        Shape::NotHttp => return HeadParse::NotHttp,
+        Shape::Undecided => return HeadParse::Incomplete,
+        Shape::Http => {}
+    }
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut storage);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() <= max_head => return HeadParse::Incomplete,
+        Ok(httparse::Status::Partial) => return too_large("the request head is larger than the limit"),
+        Err(httparse::Error::TooManyHeaders) => return too_large("too many header fields"),
+        Err(_) => return HeadParse::Refused(Refusal::bad_request("malformed request head")),
+    };
+    if len > max_head {
+        return too_large("the request head is larger than the limit");
+    }
+    match checked_head(&buf[..len], &request) {
+        Ok(head) => HeadParse::Request(head),
+        Err(refusal) => HeadParse::Refused(refusal),
+    }
+}
+
+fn too_large(reason: &'static str) -> HeadParse {
+    HeadParse::Refused(Refusal { status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, reason })
+}
+
+fn leading_empty_lines(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while buf[at..].starts_with(b"\r\n") {
+        at += 2;
+    }
+    at
+}
+
+enum Shape {
+    Http,
+    NotHttp,
+    Undecided,
+}
+
+/// A request line is a token, a space, a target, a space and `HTTP/x.y`. A known method and a
+/// space decide at once; another token waits for the line's end and its version.
+fn request_line_shape(line: &[u8]) -> Shape {
+    let method_end = line.iter().position(|b| !is_tchar(*b));
+    match method_end {
+        Some(0) => return Shape::NotHttp,
+        Some(end) if line[end] == b' ' && KNOWN_METHODS.contains(&&line[..end]) => return Shape::Http,
+        None if line.len() < MAX_UNKNOWN_LINE => return Shape::Undecided,
+        _ => {}
+    }
+    let Some(newline) = line.iter().position(|b| *b == b'\n') else {
+        return if line.len() < MAX_UNKNOWN_LINE { Shape::Undecided } else { Shape::NotHttp };
+    };
+    let text = line[..newline].strip_suffix(b"\r").unwrap_or(&line[..newline]);
+    match text.len().checked_sub(8).map(|at| &text[at..]) {
+        Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]) if major.is_ascii_digit() && minor.is_ascii_digit() => Shape::Http,
+        _ => Shape::NotHttp,
+    }
+}
+
+/// The framing and host rules on a head httparse accepted.
+fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>) -> Result<RequestHead, Refusal> {
+    // httparse takes a bare LF as a line end; the next hop may not.
+    if head.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r')) {
+        return Err(Refusal::bad_request("a line ends in a bare LF"));
+    }
+    let method = request.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()).ok_or(Refusal::bad_request("malformed method"))?;
+    let http10 = request.version == Some(0);
+    let target = request.path.ok_or(Refusal::bad_request("malformed request target"))?;
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    for field in request.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| Refusal::bad_request("malformed header value"))?;
+        headers.append(name, value);
+    }
+    check_framing(&headers, http10)?;
+    let (authority, origin_form) = split_target(target, &method)?;
+    let host = request_host(authority, &headers, !http10)?;
+    let (path, query) = match origin_form.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_string())),
+        None => (origin_form, None),
+    };
+    let path = if path.is_empty() { "/".to_string() } else { path.to_string() };
+    Ok(RequestHead { method, path, query, domain: host.map(normalise_host).filter(|d| !d.is_empty()), headers })
+}
+
+/// Body framing that every hop reads the same way (RFC 9112 §6): `Transfer-Encoding` or
+/// `Content-Length`, never both; one length; `chunked` last and only once; none on HTTP/1.0.
+fn check_framing(headers: &HeaderMap, http10: bool) -> Result<(), Refusal> {
+    let mut length: Option<&[u8]> = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        let value = value.as_bytes();
+        if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 19 {
+            return Err(Refusal::bad_request("malformed Content-Length"));
+        }
+        if length.is_some_and(|seen| seen != value) {
+            return Err(Refusal::bad_request("Content-Length values differ"));
+        }
+        length = Some(value);
+    }
+    let mut codings = Vec::new();
+    for value in headers.get_all(http::header::TRANSFER_ENCODING) {
+        let text = value.to_str().map_err(|_| Refusal::bad_request("malformed Transfer-Encoding"))?;
+        codings.extend(text.split(',').map(str::trim));
+    }
+    if codings.is_empty() {
+        return if headers.contains_key(http::header::TRANSFER_ENCODING) {
+            Err(Refusal::bad_request("malformed Transfer-Encoding"))
+        } else {
+            Ok(())
+        };
+    }
+    if http10 {
+        return Err(Refusal::bad_request("Transfer-Encoding on HTTP/1.0"));
+    }
+    if length.is_some() {
+        return Err(Refusal::bad_request("both Content-Length and Transfer-Encoding"));
+    }
+    let chunked = |c: &&str| c.eq_ignore_ascii_case("chunked");
+    if !codings.last().is_some_and(|c| chunked(&c)) || codings.iter().filter(|c| chunked(c)).count() != 1 || codings.iter().any(|c| c.is_empty()) {
+        return Err(Refusal::bad_request("Transfer-Encoding must end in a single chunked"));
+    }
+    Ok(())
+}
+
+/// The target's authority (absolute and authority forms) and its origin form (path and query).
+fn split_target<'a>(target: &'a str, method: &Method) -> Result<(Option<&'a str>, &'a str), Refusal> {
+    if target.starts_with('/') || (target == "*" && method == Method::OPTIONS) {
+        return Ok((None, target));
+    }
+    if method == Method::CONNECT {
+        return Ok((Some(target), "/"));
+    }
+    let scheme_end = target.find("://").ok_or(Refusal::bad_request("malformed request target"))?;
+    let scheme = &target[..scheme_end];
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(Refusal::bad_request("malformed request target"));
+    }
+    let rest = &target[scheme_end + 3..];
+    let (authority, origin) = match rest.find(['/', '?']) {
+        Some(at) if rest.as_bytes()[at] == b'/' => (&rest[..at], &rest[at..]),
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    Ok((Some(authority), origin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn parse(bytes: &[u8]) -> HeadParse {
+        parse_head(bytes, LIMIT)
+    }
+
+    fn refused(bytes: &[u8]) -> StatusCode {
+        match parse(bytes) {
+            HeadParse::Refused(refusal) => refusal.status,
+            other => panic!("{:?}: expected a refusal, got {other:?}", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    fn request(bytes: &[u8]) -> RequestHead {
+        match parse(bytes) {
+            HeadParse::Request(head) => head,
+            other => panic!("{:?}: expected a request, got {other:?}", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    #[test]
+    fn finds_the_host_path_and_query() {
+        let head = request(b"POST /api/x?y=1 HTTP/1.1\r\nUser-Agent: t\r\nHOST: Api.Example.com.:8080\r\nX-K: v\r\n\r\nbody");
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.domain.as_deref(), Some("api.example.com"));
+        assert_eq!(head.path, "/api/x");
+        assert_eq!(head.query.as_deref(), Some("y=1"));
+        assert_eq!(head.headers.get("x-k").map(|v| v.as_bytes()), Some(&b"v"[..]));
+        let absolute = request(b"GET http://a.b/p/q HTTP/1.1\r\nHost: a.b\r\n\r\n");
+        assert_eq!((absolute.path.as_str(), absolute.domain.as_deref()), ("/p/q", Some("a.b")));
+        let query_url = request(b"GET /ws?next=https://app/x HTTP/1.1\r\nHost: a.b\r\n\r\n");
+        assert_eq!((query_url.path.as_str(), query_url.query.as_deref()), ("/ws", Some("next=https://app/x")));
+        assert_eq!(request(b"GET / HTTP/1.0\r\n\r\n").domain, None);
+        assert_eq!(refused(b"GET / HTTP/1.1\r\n\r\n"), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn every_prefix_of_a_request_is_incomplete() {
+        let head = b"POST /p HTTP/1.1\r\nHost: a.b\r\n\r\n";
+        for end in 1..head.len() {
+            assert!(matches!(parse(&head[..end]), HeadParse::Incomplete), "prefix {end}");
+        }
+        let odd = b"purge /p HTTP/1.1\r\nHost: a.b\r\n\r\n";
+        for end in 1..odd.len() {
+            assert!(matches!(parse(&odd[..end]), HeadParse::Incomplete), "prefix {end}");
+        }
+    }
+
+    #[test]
+    fn any_token_method_is_http() {
+        for method in ["PURGE", "PROPFIND", "get", "X-CUSTOM.1"] {
+            let bytes = format!("{method} / HTTP/1.1\r\nHost: a.test\r\n\r\n");
+            assert_eq!(request(bytes.as_bytes()).method.as_str(), method);
+        }
+        assert_eq!(request(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").method, Method::GET);
+    }
+
+    #[test]
+    fn other_protocols_are_told_apart() {
+        for bytes in [&b"\x16\x03\x01"[..], b"\0\0\0", b"SSH-2.0-OpenSSH_9.6\r\n", b"HELLO WORLD\r\n", b"PING\r\n", b"*1\r\n$4\r\nPING\r\n"] {
+            assert!(matches!(parse(bytes), HeadParse::NotHttp), "{:?}", String::from_utf8_lossy(bytes));
+        }
+        assert!(matches!(parse(b"GE"), HeadParse::Incomplete));
+        assert!(matches!(parse(b"EHLO x"), HeadParse::Incomplete));
+    }
+
+    #[test]
+    fn the_h2_preface_is_recognised() {
+        assert!(matches!(parse(H2_PREFACE), HeadParse::H2Preface));
+        assert!(matches!(parse(&H2_PREFACE[..10]), HeadParse::Incomplete));
+        assert_eq!(refused(b"PRI * HTTP/1.1\r\n\r\n"), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        let cases: &[&[u8]] = &[
+            b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+            b"GET\t/\tHTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET http://a.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n",
+            b"GET ftp://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            b"GET x HTTP/1.1\r\nHost: a\r\n\r\n",
+        ];
+        for bytes in cases {
+            assert_eq!(refused(bytes), StatusCode::BAD_REQUEST, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let cases: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n",
+            b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        ];
+        for bytes in cases {
+            assert_eq!(refused(bytes), StatusCode::BAD_REQUEST, "{:?}", String::from_utf8_lossy(bytes));
+        }
+        request(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        request(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+    }
+
+    #[test]
+    fn oversized_heads_get_431() {
+        let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        head.resize(LIMIT + 1, b'a');
+        assert_eq!(refused(&head), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(refused(&many), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+}
