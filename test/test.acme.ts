@@ -525,7 +525,7 @@ acmeTest('several auto routes ordering at once with a fresh store: each gets its
   }
 });
 
-acmeTest('certProvisionFunction throwing with certProvisionFallbackToAcme false: certificate-failed, no ACME order', async () => {
+acmeTest("certProvisionFunction throwing with certProvisionFallbackToAcme false: certificate-failed, status 'error', no ACME order", async () => {
   const [port] = await freePorts(1);
   const store = path.join(workDir, 'store-nofallback');
   const proxy = newProxy({
@@ -542,7 +542,17 @@ acmeTest('certProvisionFunction throwing with certProvisionFallbackToAcme false:
     const failed = await waitEvent(events, 'certificate-failed', 'nofallback-site', 5000);
     expect(failed.domain).toEqual('e.test');
     expect(failed.error).toInclude('provisioner is down');
+    // Nothing is pending: no certificate will come unless someone acts.
+    const status = proxy.getCertificateStatus('nofallback-site');
+    expect(status?.status).toEqual('error');
+    expect(status?.domain).toEqual('e.test');
+    expect(status?.error).toInclude('provisioner is down');
+    // Asking again asks the function again, and rejects with its reason.
+    const again = await rejection(proxy.provisionCertificate('nofallback-site'));
+    expect(again).toBeInstanceOf(Error);
+    expect(again!.message).toInclude('provisioner is down');
     await sleep(1000);
+    expect(proxy.getCertificateStatus('nofallback-site')?.status).toEqual('error');
     expect(events.filter((e) => e.type === 'certificate-issued')).toEqual([]);
     expect(await rejection(tlsProbe(port, 'e.test', rootPem))).toBeInstanceOf(Error);
     await expectStaticServes(port, '/nofallback');

@@ -143,6 +143,8 @@ tap.test('engine options get the documented defaults', async () => {
     sendProxyProtocol: 0,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
     redis: null,
+    trustForwardedHeaders: false,
+    httpKeepAliveTimeoutMs: 120000,
   });
 });
 
@@ -169,6 +171,8 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     acceptProxyProtocol: true,
     proxyIPs: ['10.0.0.0/8'],
     sendProxyProtocol: 2,
+    trustForwardedHeaders: true,
+    httpKeepAliveTimeout: 5000.7,
   });
   expect(config.options).toEqual({
     initialDataTimeoutMs: 5000,
@@ -193,6 +197,8 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     sendProxyProtocol: 2,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
     redis: null,
+    trustForwardedHeaders: true,
+    httpKeepAliveTimeoutMs: 5000,
   });
 });
 
@@ -271,9 +277,11 @@ tap.test('defaults.target and defaults.security apply to routes', async () => {
 
 tap.test('port-range helpers: isValidPort and expandPortRange', async () => {
   for (const good of [1, 80, 65535]) expect(isValidPort(good)).toBeTrue();
-  for (const bad of [0, -1, 65536, 70000, 80.5, NaN, Infinity, '80', null, undefined, { from: 1, to: 2 }]) {
+  for (const bad of [0, -1, 65536, 70000, 80.5, NaN, Infinity, '80', null, undefined, [], { from: 10, to: 5 }]) {
     expect(isValidPort(bad)).toBeFalse();
   }
+  // A spec as match.ports takes it: ranges and lists too (the original 21.x helper).
+  for (const good of [[80, { from: 8000, to: 8010 }], { from: 1, to: 2 }, [443]]) expect(isValidPort(good)).toBeTrue();
   expect(expandPortRange(80)).toEqual([80]);
   expect(expandPortRange([443, 80])).toEqual([80, 443]);
   expect(expandPortRange([{ from: 8000, to: 8003 }])).toEqual([8000, 8001, 8002, 8003]);
@@ -474,12 +482,57 @@ tap.test('loadBalancing and target weights: defaults, health-check defaults, and
   expect(configError(lb(undefined, [{ host: 'a', port: 1, weight: 0 }])).message).toStartWith('routes[0] "lb": action.targets[0].weight: ');
   expect(configError(lb(undefined, [{ host: 'a', port: 1, weight: 1.5 }])).message).toStartWith('routes[0] "lb": action.targets[0].weight: ');
   // Affinity: defaults, and each field's errors.
-  expect(normalize(lb({ affinity: { key: 'header:Mcp-Session-Id' } })).config.routes[0].action.loadBalancing.affinity).toEqual({ key: 'header:Mcp-Session-Id', ttlSeconds: 3600, rejectUnknown: false });
-  expect(normalize(lb({ affinity: { key: 'cookie:sid', ttlSeconds: 60, onUnknown: 'reject' } })).config.routes[0].action.loadBalancing.affinity).toEqual({ key: 'cookie:sid', ttlSeconds: 60, rejectUnknown: true });
+  expect(normalize(lb({ affinity: { key: 'header:Mcp-Session-Id' } })).config.routes[0].action.loadBalancing.affinity).toEqual({ key: 'header:Mcp-Session-Id', ttlSeconds: 3600, rejectUnknown: false, maxKeys: 100000 });
+  expect(normalize(lb({ affinity: { key: 'cookie:sid', ttlSeconds: 60, onUnknown: 'reject' } })).config.routes[0].action.loadBalancing.affinity).toEqual({ key: 'cookie:sid', ttlSeconds: 60, rejectUnknown: true, maxKeys: 100000 });
   expect(configError(lb({ affinity: { key: 'path' } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.key: ');
   expect(configError(lb({ affinity: { key: 'ip', ttlSeconds: 0 } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.ttlSeconds: ');
   expect(configError(lb({ affinity: { key: 'ip', onUnknown: 'drop' } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.onUnknown: ');
   expect(configError({ routes: [], redis: { url: 'http://x' } }).message).toStartWith('options: redis.url: ');
+  expect(normalize(lb({ affinity: { key: 'ip', maxKeys: 10 } })).config.routes[0].action.loadBalancing.affinity?.maxKeys).toEqual(10);
+  expect(configError(lb({ affinity: { key: 'ip', maxKeys: 0 } })).message).toStartWith('routes[0] "lb": action.loadBalancing.affinity.maxKeys: ');
+});
+
+tap.test('Edge hygiene keys reach the native config with their defaults (always sent)', async () => {
+  const plain = { name: 'p', match: { ports: 80 }, action: { type: 'forward', target } };
+  const secured = {
+    name: 's',
+    match: { ports: 81 },
+    action: { type: 'forward', target, loadBalancing: { affinity: { key: 'ip' } } },
+    security: { rateLimit: { enabled: true, maxRequests: 5, window: 1 }, jwtAuth: { enabled: true, secret: 'k' } },
+  };
+  const defaults = normalize({ routes: [plain, secured] }).config;
+  expectSubset(defaults.options, { trustForwardedHeaders: false, httpKeepAliveTimeoutMs: 120000 });
+  expect(defaults.routes[0].action.normalizePath).toEqual(false);
+  expect(defaults.routes[1].action.loadBalancing.affinity?.maxKeys).toEqual(100000);
+  expect(defaults.routes[1].security.rateLimit?.maxKeys).toEqual(100000);
+  expect(defaults.routes[1].security.jwtAuth?.requireExp).toEqual(true);
+
+  const explicit = normalize({
+    trustForwardedHeaders: true,
+    proxyIPs: ['10.0.0.1'],
+    httpKeepAliveTimeout: 1500,
+    routes: [
+      {
+        ...secured,
+        action: { ...secured.action, normalizePath: true, loadBalancing: { affinity: { key: 'ip', maxKeys: 7 } } },
+        security: { rateLimit: { enabled: true, maxRequests: 5, window: 1, maxKeys: 9 }, jwtAuth: { enabled: true, secret: 'k', requireExp: false } },
+      },
+    ],
+  });
+  expectSubset(explicit.config.options, { trustForwardedHeaders: true, httpKeepAliveTimeoutMs: 1500 });
+  expect(explicit.warnings).toEqual([]);
+  const [r] = explicit.config.routes;
+  expect(r.action.normalizePath).toEqual(true);
+  expect(r.action.loadBalancing.affinity?.maxKeys).toEqual(7);
+  expect(r.security.rateLimit?.maxKeys).toEqual(9);
+  expect(r.security.jwtAuth?.requireExp).toEqual(false);
+
+  // Trusting forwarded headers with nobody trusted does nothing: said once.
+  expect(normalize({ routes: [], trustForwardedHeaders: true }).warnings).toEqual([
+    "trustForwardedHeaders is set but proxyIPs is empty: no client's forwarded headers are kept",
+  ]);
+  expect(configError({ routes: [], httpKeepAliveTimeout: 0 }).message).toEqual('options: httpKeepAliveTimeout: expected a positive number of milliseconds, got 0');
+  expect(configError({ routes: [plain], trustForwardedHeaders: 1 }).message).toEqual('options: trustForwardedHeaders: expected true or false, got 1');
 });
 
 tap.test("certificate 'auto': global acme merged with the route's tls.acme, defaults, aliases and errors", async () => {

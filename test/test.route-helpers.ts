@@ -669,6 +669,13 @@ tap.test('isValidDomain / isValidPort', async () => {
   }
   expect([1, 80, 65535].every((p) => isValidPort(p))).toBeTrue();
   expect([0, 65536, -1, 1.5, '80', NaN, undefined].some((p) => isValidPort(p))).toBeFalse();
+  // Every form match.ports takes, as the original 21.x helper accepts it.
+  for (const ok of [[80, 443], [80, { from: 8000, to: 8010 }], [{ from: 1, to: 65535 }], { from: 5, to: 5 }, { from: 8000, to: 8010 }]) {
+    if (!isValidPort(ok)) throw new Error(`${JSON.stringify(ok)} should be a valid port spec`);
+  }
+  for (const bad of [[], [0], [80, '443'], [80, { from: 10, to: 5 }], { from: 10, to: 5 }, { from: 0, to: 5 }, { from: 1, to: 65536 }, { from: 1 }, [[80]], null, {}]) {
+    if (isValidPort(bad)) throw new Error(`${JSON.stringify(bad)} should not be a valid port spec`);
+  }
 });
 
 tap.test('validateRouteConfig: every problem, each naming its field', async () => {
@@ -716,8 +723,8 @@ tap.test('validateRouteConfig: every problem, each naming its field', async () =
   expect(validateRouteConfig(typos as unknown as IRouteConfig).errors).toEqual([
     'nmae: unknown field (expected one of id, name, description, tags, priority, enabled, match, action, security, headers)',
     'match.domain: unknown field (expected one of ports, domains, path, clientIp, tlsVersion, headers)',
-    'action.redirect: unknown field (expected one of type, targets, target, tls, socketHandler, websocket, loadBalancing, forwardingEngine, nftables, options, sendProxyProtocol, retry, timeouts, security)',
-    'action.targets[0].hots: unknown field (expected one of host, port, match, priority, weight, tls, headers)',
+    'action.redirect: unknown field (expected one of type, targets, target, tls, socketHandler, websocket, loadBalancing, forwardingEngine, nftables, options, sendProxyProtocol, retry, timeouts, security, normalizePath)',
+    'action.targets[0].hots: unknown field (expected one of host, port, match, priority, weight, tls, headers, sendProxyProtocol)',
   ]);
   // The 19.x target form and 'preserve' are fine.
   expectValid({ match: { ports: [{ from: 1000, to: 1010 }] }, action: { type: 'forward', target: { host: 'h', port: 'preserve' } } });

@@ -8,8 +8,13 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
 
+import { EventEmitter } from 'node:events';
+import * as fs from 'node:fs';
+
 import { SmartProxy, SocketHandlers, createSocketHandlerRoute, createHttpToHttpsRedirect } from '../ts/index.js';
 import type { IRouteConfig, IRouteContext } from '../ts/index.js';
+import { ScriptBridge } from '../ts/bridge.js';
+import type { RouteContext, SocketHandoff } from '../ts/native.js';
 import { exchange, freePorts, sleep, startEchoServer, waitFor, waitForClose } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
 
@@ -399,6 +404,66 @@ tap.test('stop() completes with handler sockets still open, and closes them', as
   expect(Date.now() - started < 5000).toBeTrue();
   await Promise.race([Promise.all(closed), sleep(3000).then(() => Promise.reject(new Error('clients were not closed')))]);
   expect(proxy.getStatistics().activeConnections).toEqual(0);
+});
+
+// The engine gives up the descriptor when it hands a connection over; the wrapper must close it
+// on every path where no net.Socket comes to own it. Driven directly: the engine's own contexts
+// are always well formed.
+tap.test('a hand-off that fails before a socket owns the descriptor closes it and reports the failure', async () => {
+  const events = new EventEmitter();
+  const errors: Array<Error & { code?: string; routeName?: string }> = [];
+  events.on('error', (err: Error & { code?: string }) => errors.push(err));
+  const bridge = new ScriptBridge(events, () => 1000);
+  const isOpen = (fd: number): boolean => {
+    try {
+      fs.fstatSync(fd);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  const goodContext = { port: 1, clientIp: '127.0.0.1', serverIp: '127.0.0.1', isTls: false, timestamp: Date.now(), connectionId: 'c-2', routeName: 'r' };
+  const handoff = (fd: number, context: unknown): SocketHandoff => ({
+    handler: 1,
+    fd,
+    kind: 'tcp',
+    initial: Buffer.alloc(0),
+    clientPort: 40000,
+    context: context as RouteContext,
+  });
+
+  // A context the wrapper cannot convert.
+  const fd1 = fs.openSync('/dev/null', 'r');
+  let report1: unknown;
+  try {
+    report1 = await bridge.onSocket(handoff(fd1, null));
+  } finally {
+    if (isOpen(fd1)) {
+      fs.closeSync(fd1);
+      throw new Error('the descriptor of a hand-off with an unreadable context was left open');
+    }
+  }
+  expect(report1).toEqual({ handlerFailed: true, bytesRead: 0, bytesWritten: 0 });
+  // A context whose fields throw when read gets the same treatment.
+  const fd2 = fs.openSync('/dev/null', 'r');
+  const hostile = new Proxy({}, { ownKeys: () => { throw new Error('no keys'); } });
+  const report2 = await bridge.onSocket(handoff(fd2, hostile));
+  const fd2Open = isOpen(fd2);
+  if (fd2Open) fs.closeSync(fd2);
+  expect(fd2Open).toBeFalse();
+  expect(report2).toEqual({ handlerFailed: true, bytesRead: 0, bytesWritten: 0 });
+  // A descriptor that is no socket (a file): net.Socket refuses it.
+  const fd3 = fs.openSync('/dev/null', 'r');
+  const report3 = await bridge.onSocket(handoff(fd3, goodContext));
+  const fd3Open = isOpen(fd3);
+  if (fd3Open) fs.closeSync(fd3);
+  expect(fd3Open).toBeFalse();
+  expect(report3).toEqual({ handlerFailed: true, bytesRead: 0, bytesWritten: 0 });
+
+  expect(errors.map((e) => e.code)).toEqual(['SOCKET_HANDOFF_FAILED', 'SOCKET_HANDOFF_FAILED', 'SOCKET_HANDOFF_FAILED']);
+  expect(errors[0].message).toInclude('route context');
+  expect(errors[2].message).toInclude('could not be opened as a socket');
+  expect(errors[2].routeName).toEqual('r');
 });
 
 tap.start();

@@ -30,20 +30,31 @@ export class ScriptBridge {
 
   /** Never throws: whatever happens, the promise resolves once the socket is closed. */
   public readonly onSocket = (handoff: SocketHandoff): Promise<SocketReport> => {
-    const context = routeContext(handoff.context);
+    // Until a net.Socket owns the descriptor it is ours to close: Rust has let go of it, so a
+    // throw here would leak it for the life of the process.
+    let context: IRouteContext | undefined;
     let socket: net.Socket;
     try {
+      context = routeContext(handoff.context);
       socket = new net.Socket({ fd: handoff.fd, readable: true, writable: true });
     } catch (err) {
       closeQuietly(handoff.fd);
-      this.reportError('SOCKET_HANDOFF_FAILED', `the connection could not be opened as a socket: ${messageOf(err)}`, context);
+      const what = context === undefined ? 'its route context could not be read' : 'the connection could not be opened as a socket';
+      this.reportError('SOCKET_HANDOFF_FAILED', `${what}: ${messageOf(err)}`, context ?? fallbackContext(handoff), err);
       return Promise.resolve({ handlerFailed: true, bytesRead: 0, bytesWritten: 0 });
     }
-    if (handoff.kind === 'pair') describePairSocket(socket, handoff, context);
-    // Bytes read to route the connection come first, whenever the handler starts reading.
-    if (handoff.initial.length > 0) socket.unshift(handoff.initial);
     // An unhandled 'error' event would take the whole process down.
     socket.on('error', () => undefined);
+    try {
+      if (handoff.kind === 'pair') describePairSocket(socket, handoff, context);
+      // Bytes read to route the connection come first, whenever the handler starts reading.
+      if (handoff.initial.length > 0) socket.unshift(handoff.initial);
+    } catch (err) {
+      // The socket owns the descriptor now: destroying it closes it.
+      socket.destroy();
+      this.reportError('SOCKET_HANDOFF_FAILED', `the connection could not be prepared for its handler: ${messageOf(err)}`, context, err);
+      return Promise.resolve({ handlerFailed: true, bytesRead: 0, bytesWritten: 0 });
+    }
     this.sockets.add(socket);
 
     let handlerFailed = false;
@@ -150,7 +161,7 @@ export class ScriptBridge {
   private reportError(code: string, message: string, context: IRouteContext, cause?: unknown): void {
     const error = Object.assign(new Error(message, cause === undefined ? undefined : { cause }), {
       code,
-      connectionId: context.connectionId,
+      connectionId: context.connectionId === '' ? undefined : context.connectionId,
       routeName: context.routeName,
     });
     this.emitError(error);
@@ -164,6 +175,31 @@ export class ScriptBridge {
 
 function routeContext(raw: RouteContext): IRouteContext {
   return withoutNulls(raw) as IRouteContext;
+}
+
+/** What an error about a hand-off can still say when its context could not be read. */
+function fallbackContext(handoff: SocketHandoff): IRouteContext {
+  const read = <T>(get: () => T): T | undefined => {
+    try {
+      return get();
+    } catch {
+      return undefined;
+    }
+  };
+  const raw = read(() => handoff.context);
+  const text = (get: () => unknown): string | undefined => {
+    const v = read(get);
+    return typeof v === 'string' ? v : undefined;
+  };
+  return {
+    port: 0,
+    clientIp: '',
+    serverIp: '',
+    isTls: false,
+    timestamp: Date.now(),
+    connectionId: text(() => raw?.connectionId) ?? '',
+    routeName: text(() => raw?.routeName),
+  };
 }
 
 /** Optional fields arrive as null or undefined; the context has them absent. */

@@ -28,6 +28,12 @@ export class SmartProxy extends EventEmitter {
   private routeUpdates: Promise<void> = Promise.resolve();
   /** The config the engine runs (what the current routes became). */
   private nativeConfig: INativeConfig;
+  /**
+   * Routes (by certName) whose `certProvisionFunction` failed in its last round with no ACME order
+   * to follow (`certProvisionFallbackToAcme: false`). The engine only hears of certificates that
+   * were installed, so it would report such a route as 'pending' forever.
+   */
+  private readonly customFailures = new Map<string, { domain: string; error: string }>();
 
   constructor(options: ISmartProxyOptions) {
     super();
@@ -78,6 +84,8 @@ export class SmartProxy extends EventEmitter {
         const known = new Set(autoCertificates(this.nativeConfig).map((acme) => acme.certName));
         this.settings = options;
         this.nativeConfig = config;
+        const live = new Set(autoCertificates(config).map((acme) => acme.certName));
+        for (const name of this.customFailures.keys()) if (!live.has(name)) this.customFailures.delete(name);
         if (this.keepAliveTimer !== undefined) await this.provisionCustom(autoCertificates(config).filter((acme) => !known.has(acme.certName)));
       } catch (err) {
         throw withErrnoCode(asConfigError(err));
@@ -121,13 +129,20 @@ export class SmartProxy extends EventEmitter {
    */
   public async provisionCertificate(routeName: string): Promise<void> {
     const acme = this.autoCertificate(routeName);
-    if (this.settings.certProvisionFunction !== undefined && !(await this.provisionCustom([acme], false))) return;
+    if (this.settings.certProvisionFunction !== undefined && !(await this.provisionCustom([acme], false))) {
+      const failure = this.customFailures.get(acme.certName);
+      if (failure !== undefined) throw new Error(failure.error);
+      return;
+    }
     await this.engine.orderCertificate(acme.certName);
   }
 
   /** Orders a new ACME certificate for the route now; open connections keep the old one. */
   public async renewCertificate(routeName: string): Promise<void> {
-    await this.engine.orderCertificate(this.autoCertificate(routeName).certName);
+    const acme = this.autoCertificate(routeName);
+    // From here on ACME decides the route's status.
+    this.customFailures.delete(acme.certName);
+    await this.engine.orderCertificate(acme.certName);
   }
 
   /** The certificate state of a route: automatic ones from the engine, static ones from their PEM. */
@@ -141,6 +156,13 @@ export class SmartProxy extends EventEmitter {
       if (status.expiryDate !== null) result.expiryDate = new Date(status.expiryDate);
       if (status.issueDate !== null) result.issueDate = new Date(status.issueDate);
       if (status.error !== null) result.error = status.error;
+      // Nothing installed yet, or not for every domain, because certProvisionFunction failed: an
+      // error, not a wait. A certificate ACME installed since then is the engine's to report.
+      const failure = this.customFailures.get(tls.acme.certName);
+      if (failure !== undefined && (status.status === 'pending' || (status.status === 'valid' && status.source === 'custom'))) {
+        result.status = 'error';
+        result.error = failure.error;
+      }
       return result;
     }
     if (!tls?.certificate) return undefined;
@@ -177,6 +199,7 @@ export class SmartProxy extends EventEmitter {
     let acmeNeeded = false;
     for (const acme of routes) {
       let needsAcme = false;
+      let failure: { domain: string; error: string } | undefined;
       for (const domain of acme.domains) {
         try {
           const answer = await withTimeout(Promise.resolve(provision(domain)), this.callTimeoutMs());
@@ -191,9 +214,16 @@ export class SmartProxy extends EventEmitter {
         } catch (err) {
           const error = err instanceof Error ? err.message : String(err);
           if (fallback) needsAcme = true;
-          else this.emit('certificate-failed', { routeName: acme.certName, domain, error });
+          else {
+            failure ??= { domain, error: `certProvisionFunction failed for ${domain}: ${error}` };
+            // Recorded before the event, so a listener already sees the route's 'error' status.
+            this.customFailures.set(acme.certName, failure);
+            this.emit('certificate-failed', { routeName: acme.certName, domain, error });
+          }
         }
       }
+      // An ACME order covers every domain of the route, the failed ones too.
+      if (failure === undefined || needsAcme) this.customFailures.delete(acme.certName);
       if (!needsAcme) continue;
       const status = this.engine.certificateStatus(acme.certName) as INativeCertStatus | null;
       if (status?.status === 'valid' && status.source === 'acme') continue;

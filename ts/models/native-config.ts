@@ -30,6 +30,10 @@ export interface INativeOptions {
   /** Shared affinity store; `keyPrefix` defaults to 'smartproxy:'. */
   redis: { url: string; keyPrefix: string } | null;
   defaultSecurity: { ipAllowList: string[]; ipBlockList: string[] };
+  /** Keep a client's own X-Forwarded-*, Forwarded and X-Real-IP when its peer is in proxyIps. */
+  trustForwardedHeaders: boolean;
+  /** Idle time allowed between HTTP requests on a client connection. */
+  httpKeepAliveTimeoutMs: number;
 }
 
 export interface INativeRoute {
@@ -63,6 +67,8 @@ export interface INativeRoute {
     /** 0 = none, 1 = v1, 2 = v2, null = the option's. */
     sendProxyProtocol: number | null;
     loadBalancing: INativeLoadBalancing;
+    /** Forward the normalised path (the one matching saw) instead of the path as sent. */
+    normalizePath: boolean;
   };
   security: {
     ipAllowList: string[];
@@ -82,6 +88,8 @@ export interface INativeRateLimit {
   keyBy: 'ip' | 'path' | 'header';
   headerName: string | null;
   errorMessage: string;
+  /** Keys tracked at most (least recently used evicted first). */
+  maxKeys: number;
 }
 
 export interface INativeBasicAuth {
@@ -97,6 +105,8 @@ export interface INativeJwtAuth {
   audience: string | null;
   excludePaths: string[];
   leewaySeconds: number;
+  /** A token without `exp` is refused unless this is false. */
+  requireExp: boolean;
 }
 
 export interface INativeRetry {
@@ -169,5 +179,6 @@ export interface INativeTarget {
 export interface INativeLoadBalancing {
   algorithm: 'round-robin' | 'least-connections' | 'ip-hash';
   healthCheck: { path: string; intervalMs: number; timeoutMs: number; unhealthyThreshold: number; healthyThreshold: number } | null;
-  affinity: { key: string; ttlSeconds: number; rejectUnknown: boolean } | null;
+  /** `maxKeys`: bindings kept in memory at most (least recently used evicted first). */
+  affinity: { key: string; ttlSeconds: number; rejectUnknown: boolean; maxKeys: number } | null;
 }

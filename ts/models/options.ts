@@ -86,6 +86,13 @@ export interface ISmartProxyOptions {
   headerTimeout?: number;
   /** (ext) HTTP/2 streams per client connection, advertised and enforced; default 256. */
   http2MaxConcurrentStreams?: number;
+  /**
+   * (ext) Keep a client's own `X-Forwarded-*`, `Forwarded` and `X-Real-IP` when its peer is in
+   * `proxyIPs`; otherwise they are replaced, even from trusted peers. Default false.
+   */
+  trustForwardedHeaders?: boolean;
+  /** (ext) ms a client connection may sit idle between HTTP requests before it is closed; default 120000. */
+  httpKeepAliveTimeout?: number;
 }
 
 export interface ICertStatus {

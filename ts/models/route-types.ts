@@ -84,6 +84,8 @@ export interface IRouteSecurity {
     keyBy?: 'ip' | 'path' | 'header';
     headerName?: string;
     errorMessage?: string;
+    /** (ext) Keys (clients, paths or header values) tracked in memory at most, least recently used evicted first; default 100000. */
+    maxKeys?: number;
   };
   basicAuth?: {
     enabled: boolean;
@@ -98,6 +100,8 @@ export interface IRouteSecurity {
     issuer?: string;
     audience?: string;
     excludePaths?: string[];
+    /** (ext) Refuse tokens without `exp` (default true). */
+    requireExp?: boolean;
   };
   /** (ext) Pass the `Authorization` header basicAuth/jwtAuth checked on to the backend (default false). */
   forwardAuthorization?: boolean;
@@ -121,8 +125,8 @@ export interface IRouteAction {
   loadBalancing?: {
     algorithm?: 'round-robin' | 'least-connections' | 'ip-hash';
     healthCheck?: { path: string; interval: number; timeout: number; unhealthyThreshold: number; healthyThreshold: number };
-    /** (ext) Sticky sessions. */
-    affinity?: { key: 'ip' | `header:${string}` | `cookie:${string}`; ttlSeconds?: number; onUnknown?: 'assign' | 'reject' };
+    /** (ext) Sticky sessions; `maxKeys` bindings at most in memory (default 100000), least recently used evicted first. */
+    affinity?: { key: 'ip' | `header:${string}` | `cookie:${string}`; ttlSeconds?: number; onUnknown?: 'assign' | 'reject'; maxKeys?: number };
   };
   /** Compatibility: `'nftables'` is relayed by the Rust core. */
   forwardingEngine?: 'node' | 'nftables';
@@ -133,6 +137,12 @@ export interface IRouteAction {
   retry?: { maxRetries?: number; onConnectFailure?: boolean; on5xx?: boolean; onTimeout?: boolean; backoffMs?: number };
   /** (ext) */
   timeouts?: { connectMs?: number; responseMs?: number; idleMs?: number };
+  /**
+   * (ext) Send the backend the normalised path (dot segments removed, unreserved characters
+   * decoded, slashes merged: the path matching saw) instead of the path as the client sent it.
+   * Default false.
+   */
+  normalizePath?: boolean;
   /** Also accepted here; `route.security` wins. */
   security?: IRouteSecurity;
 }

@@ -20,7 +20,22 @@ import type {
   INativeLoadBalancing,
 } from '../models/native-config.js';
 import { resolve as pathResolve } from 'node:path';
-import { expandPortRange, isValidPort } from './port-range.js';
+import {
+  AFFINITY_KEY,
+  BACKEND_PROTOCOLS,
+  DEFAULT_MAX_KEYS,
+  LB_ALGORITHMS,
+  NOT_YET,
+  OPTIONS_SCHEMA,
+  RATE_LIMIT_KEYS_BY,
+  ROUTE_SCHEMA,
+  TARGET_SCHEMA,
+  TLS_MODES,
+  TLS_VERSIONS,
+  keyProblems,
+} from '../models/option-schema.js';
+import type { IObjectSchema } from '../models/option-schema.js';
+import { expandPortRange, isValidPortNumber } from './port-range.js';
 import { nativeSpecOf } from './socket-handlers.js';
 import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
 
@@ -82,27 +97,8 @@ export interface INormalizedOptions {
 
 type TRecord = Record<string, unknown>;
 
-const KNOWN_OPTIONS = new Set([
-  'routes', 'defaults', 'acceptProxyProtocol', 'proxyIPs', 'sendProxyProtocol', 'initialDataTimeout', 'socketTimeout',
-  'inactivityTimeout', 'maxConnectionLifetime', 'gracefulShutdownTimeout', 'maxConnectionsPerIP',
-  'connectionRateLimitPerMinute', 'noDelay', 'keepAlive', 'keepAliveInitialDelay', 'maxPendingDataSize',
-  'enableDetailedLogging', 'acme', 'certProvisionFunction', 'certProvisionFallbackToAcme', 'metrics', 'workerThreads',
-  'redis', 'jsCallTimeout', 'maxHeaderSize', 'headerTimeout', 'http2MaxConcurrentStreams',
-]);
-const ROUTE_KEYS = new Set(['id', 'name', 'description', 'tags', 'priority', 'enabled', 'match', 'action', 'security', 'headers']);
-const MATCH_KEYS = new Set(['ports', 'domains', 'path', 'clientIp', 'tlsVersion', 'headers']);
-const ACTION_KEYS = new Set([
-  'type', 'targets', 'target', 'tls', 'socketHandler', 'websocket', 'loadBalancing', 'forwardingEngine', 'nftables',
-  'options', 'sendProxyProtocol', 'retry', 'timeouts', 'security',
-]);
-const TARGET_KEYS = new Set(['host', 'port', 'match', 'priority', 'weight', 'tls', 'headers', 'sendProxyProtocol']);
-const TARGET_MATCH_KEYS = new Set(['ports', 'path', 'headers', 'method']);
-const SECURITY_KEYS = new Set(['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth', 'forwardAuthorization']);
 /** API.md: tokens are accepted up to 30 s past `exp` and before `nbf` (clock skew). */
 const JWT_LEEWAY_SECONDS = 30;
-const TLS_VERSIONS = ['TLSv1.0', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
-const TLS_MODES: string[] = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
-const TLS_KEYS = new Set(['mode', 'certificate', 'acme', 'versions', 'rejectUnauthorized']);
 
 const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
 const show = (v: unknown): string => {
@@ -147,7 +143,8 @@ export function normalizeOptions(options: ISmartProxyOptions, registry: Function
   const raw = options as unknown as TRecord;
   if (!Array.isArray(raw.routes)) root.fail('routes', `expected an array of routes, got ${show(raw.routes)}`);
   const warnings: string[] = [];
-  const unknown = Object.keys(raw).filter((k) => !KNOWN_OPTIONS.has(k));
+  // Options of other versions are ignored with a warning; inside routes unknown keys are errors.
+  const unknown = keyProblems(raw, OPTIONS_SCHEMA).filter((p) => p.kind === 'unknown').map((p) => p.field);
   if (unknown.length > 0) warnings.push(`unknown options ignored: ${unknown.join(', ')}`);
 
   const nativeOptions = normalizeEngineOptions(raw, root, warnings);
@@ -182,6 +179,13 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     if (typeof v !== 'boolean') root.fail(key, `expected true or false, got ${show(v)}`);
     return v;
   };
+  // A timeout of 0 would close every connection at once: only positive durations make sense.
+  const positiveMs = (key: string, fallback: number): number => {
+    const v = raw[key];
+    if (v === undefined) return fallback;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) root.fail(key, `expected a positive number of milliseconds, got ${show(v)}`);
+    return Math.max(1, Math.floor(v));
+  };
   if (raw.proxyIPs !== undefined && !(Array.isArray(raw.proxyIPs) && raw.proxyIPs.every((x) => typeof x === 'string'))) {
     root.fail('proxyIPs', `expected an array of strings, got ${show(raw.proxyIPs)}`);
   }
@@ -191,6 +195,10 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     warnings.push('acceptProxyProtocol is set but proxyIPs is empty: no peer is trusted to send a PROXY header');
   }
   const sendProxyProtocol = proxyProtocolVersion(raw.sendProxyProtocol, root, 'sendProxyProtocol') ?? 0;
+  const trustForwardedHeaders = flag('trustForwardedHeaders', false);
+  if (trustForwardedHeaders && proxyIps.length === 0) {
+    warnings.push('trustForwardedHeaders is set but proxyIPs is empty: no client\'s forwarded headers are kept');
+  }
   for (const key of ['acme', 'metrics', 'redis'] as const) {
     if (raw[key] !== undefined && !isRecord(raw[key])) root.fail(key, `expected an object, got ${show(raw[key])}`);
   }
@@ -229,6 +237,8 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     headerTimeoutMs: ms('headerTimeout', 30000),
     http2MaxConcurrentStreams: Math.max(1, ms('http2MaxConcurrentStreams', 256)),
     jsCallTimeoutMs: Math.max(1, ms('jsCallTimeout', 30000)),
+    httpKeepAliveTimeoutMs: positiveMs('httpKeepAliveTimeout', 120000),
+    trustForwardedHeaders,
     acceptProxyProtocol,
     proxyIps,
     sendProxyProtocol,
@@ -251,7 +261,7 @@ function normalizeRoute(
   const name = route.name;
   if (name !== undefined && typeof name !== 'string') bare.fail('name', `expected a string, got ${show(name)}`);
   const at: Place = new Place(name === undefined ? `routes[${index}]` : `routes[${index}] ${JSON.stringify(name)}`);
-  rejectUnknownKeys(route, ROUTE_KEYS, at, '');
+  rejectKeyProblems(route, ROUTE_SCHEMA, at, '');
   if (route.enabled === false) return null;
   if (route.id !== undefined && typeof route.id !== 'string') at.fail('id', `expected a string, got ${show(route.id)}`);
   const priority = route.priority ?? 0;
@@ -261,7 +271,6 @@ function normalizeRoute(
   const match = normalizeMatch(route.match, at);
   const action = route.action;
   if (!isRecord(action)) at.fail('action', `expected an object, got ${show(action)}`);
-  rejectUnknownKeys(action, ACTION_KEYS, at, 'action.');
   if (action.type !== 'forward' && action.type !== 'socket-handler') {
     at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
   }
@@ -296,6 +305,7 @@ function normalizeRoute(
   } else if (action.target !== undefined) {
     targetList = [action.target];
   } else if (defaultTarget !== undefined) {
+    rejectKeyProblems(defaultTarget, TARGET_SCHEMA, at, 'defaults.target.');
     targetList = [defaultTarget];
   } else {
     at.fail('action.targets', 'a forward route needs at least one target');
@@ -339,6 +349,7 @@ function normalizeRoute(
       socketHandler,
       sendProxyProtocol: proxyProtocolVersion(action.sendProxyProtocol, at, 'action.sendProxyProtocol'),
       loadBalancing: normalizeLoadBalancing(action.loadBalancing, at),
+      normalizePath: optionalFlag(action.normalizePath, at, 'action.normalizePath') ?? false,
     },
     security: { ...lists, maxConnections, ...httpSecurity },
     headers,
@@ -360,15 +371,14 @@ function describe(index: number, name: unknown): string {
   return typeof name === 'string' ? `routes[${index}] ${JSON.stringify(name)}` : `routes[${index}]`;
 }
 
-function rejectUnknownKeys(obj: TRecord, known: Set<string>, at: Place, prefix: string): void {
-  for (const key of Object.keys(obj)) {
-    if (!known.has(key)) at.fail(`${prefix}${key}`, `unknown field (expected one of ${[...known].join(', ')})`);
-  }
+/** The first key of `value` the schema does not know (or the engine refuses for now) fails. */
+function rejectKeyProblems(value: unknown, schema: IObjectSchema, at: Place, prefix: string): void {
+  const [problem] = keyProblems(value, schema, prefix);
+  if (problem !== undefined) at.fail(problem.field, problem.reason);
 }
 
 function normalizeMatch(match: unknown, at: Place): INativeRoute['match'] {
   if (!isRecord(match)) at.fail('match', `expected an object with ports, got ${show(match)}`);
-  rejectUnknownKeys(match, MATCH_KEYS, at, 'match.');
   if (match.ports === undefined) at.fail('match.ports', 'required');
   const ports = normalizePorts(match.ports, at, 'match.ports');
   const domains = match.domains === undefined ? [] : stringList(match.domains, at, 'match.domains', true);
@@ -388,10 +398,10 @@ function normalizePorts(spec: unknown, at: Place, field: string): number[] {
   items.forEach((item, i) => {
     const itemField = Array.isArray(spec) ? `${field}[${i}]` : field;
     if (isRecord(item)) {
-      if (!isValidPort(item.from)) at.fail(`${itemField}.from`, `${show(item.from)} is not a valid port`);
-      if (!isValidPort(item.to)) at.fail(`${itemField}.to`, `${show(item.to)} is not a valid port`);
+      if (!isValidPortNumber(item.from)) at.fail(`${itemField}.from`, `${show(item.from)} is not a valid port`);
+      if (!isValidPortNumber(item.to)) at.fail(`${itemField}.to`, `${show(item.to)} is not a valid port`);
       if (item.from > item.to) at.fail(itemField, `range from ${item.from} to ${item.to} is empty (from > to)`);
-    } else if (!isValidPort(item)) {
+    } else if (!isValidPortNumber(item)) {
       at.fail(itemField, `${show(item)} is not a valid port`);
     }
   });
@@ -417,16 +427,11 @@ interface IAcmeContext {
 
 const LETS_ENCRYPT_PRODUCTION = 'https://acme-v02.api.letsencrypt.org/directory';
 const LETS_ENCRYPT_STAGING = 'https://acme-staging-v02.api.letsencrypt.org/directory';
-const ACME_KEYS = new Set([
-  'email', 'accountEmail', 'port', 'challengePort', 'useProduction', 'environment', 'renewThresholdDays', 'renewBeforeDays',
-  'autoRenew', 'certificateStore', 'renewCheckIntervalHours', 'directoryUrl', 'directoryCaFile', 'enabled', 'skipConfiguredCerts',
-]);
 
 /** The global `acme` options merged with the route's `tls.acme` (the route wins), with defaults. */
 function acmeSettings(routeAcme: unknown, context: IAcmeContext & { certName: string; domains: string[] }, at: Place): INativeAcme {
   if (routeAcme !== undefined && !isRecord(routeAcme)) at.fail('action.tls.acme', `expected an object, got ${show(routeAcme)}`);
   const own = (routeAcme ?? {}) as TRecord;
-  rejectUnknownKeys(own, ACME_KEYS, at, 'action.tls.acme.');
   const pick = (...keys: string[]): unknown => {
     for (const source of [own, context.global]) {
       for (const key of keys) if (source[key] !== undefined) return source[key];
@@ -450,7 +455,7 @@ function acmeSettings(routeAcme: unknown, context: IAcmeContext & { certName: st
     at.fail('action.tls.certificate', `'auto' needs match.domains with at least one name without wildcards (HTTP-01 cannot validate wildcards)`);
   }
   const port = pick('challengePort', 'port') ?? 80;
-  if (!isValidPort(port)) at.fail('acme.port', `expected a port number, got ${show(port)}`);
+  if (!isValidPortNumber(port)) at.fail('acme.port', `expected a port number, got ${show(port)}`);
   const production = pick('useProduction') === true || pick('environment') === 'production';
   const autoRenew = pick('autoRenew');
   if (autoRenew !== undefined && typeof autoRenew !== 'boolean') at.fail('acme.autoRenew', `expected true or false, got ${show(autoRenew)}`);
@@ -472,7 +477,6 @@ function acmeSettings(routeAcme: unknown, context: IAcmeContext & { certName: st
 function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string, acme: IAcmeContext & { certName: string; domains: string[] }): INativeTls | null {
   if (tls === undefined || tls === null) return null;
   if (!isRecord(tls)) at.fail('action.tls', `expected an object, got ${show(tls)}`);
-  rejectUnknownKeys(tls, TLS_KEYS, at, 'action.tls.');
   const mode = tls.mode as INativeTls['mode'];
   if (!TLS_MODES.includes(mode)) at.fail('action.tls.mode', `expected one of ${TLS_MODES.join(', ')}, got ${show(tls.mode)}`);
   const versions = tls.versions === undefined ? [] : stringList(tls.versions, at, 'action.tls.versions', false);
@@ -495,7 +499,6 @@ function normalizeTls(tls: unknown, at: Place, warnings: string[], who: string, 
   if (tls.certificate === undefined) at.fail('action.tls.certificate', `a '${mode}' route needs a certificate { key, cert } (PEM)`);
   const cert = tls.certificate;
   if (!isRecord(cert)) at.fail('action.tls.certificate', `expected 'auto' or { key, cert, ca? } with PEM text, got ${show(cert)}`);
-  rejectUnknownKeys(cert, new Set(['key', 'cert', 'ca']), at, 'action.tls.certificate.');
   for (const key of ['key', 'cert'] as const) {
     if (typeof cert[key] !== 'string' || cert[key] === '') at.fail(`action.tls.certificate.${key}`, `expected PEM text, got ${show(cert[key])}`);
   }
@@ -517,8 +520,8 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   }
   if (isRecord(action.options)) {
     const protocol = action.options.backendProtocol;
-    if (protocol === 'http3') at.notYet('action.options.backendProtocol', `'http3' needs QUIC, which is not implemented`);
-    if (protocol !== undefined && !['auto', 'http1', 'http2'].includes(protocol as string)) {
+    if (protocol === 'http3') at.notYet('action.options.backendProtocol', NOT_YET.http3);
+    if (protocol !== undefined && !BACKEND_PROTOCOLS.includes(protocol as string)) {
       at.fail('action.options.backendProtocol', `expected 'auto', 'http1', 'http2' or 'http3', got ${show(protocol)}`);
     }
     if (action.options.raw !== undefined && typeof action.options.raw !== 'boolean') {
@@ -529,13 +532,11 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   }
   if (action.timeouts !== undefined) {
     if (!isRecord(action.timeouts)) at.fail('action.timeouts', `expected an object, got ${show(action.timeouts)}`);
-    if (action.timeouts.idleMs !== undefined) at.notYet('action.timeouts.idleMs', 'per-route idle timeouts are not implemented yet');
   }
 }
 
 function normalizeTarget(target: unknown, at: Place, field: string, functions: FunctionIds): INativeTarget {
   if (!isRecord(target)) at.fail(field, `expected a target object, got ${show(target)}`);
-  rejectUnknownKeys(target, TARGET_KEYS, at, `${field}.`);
   const t = target as unknown as IRouteTarget;
   const hostFunction = typeof t.host === 'function' ? functions.idOf(t.host) : null;
   const hosts = hostFunction !== null ? [] : typeof t.host === 'string' ? [t.host] : t.host;
@@ -544,7 +545,7 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
   }
   let port: INativeTarget['port'];
   if (typeof t.port === 'function') port = { function: functions.idOf(t.port) };
-  else if (t.port === 'preserve' || isValidPort(t.port)) port = t.port;
+  else if (t.port === 'preserve' || isValidPortNumber(t.port)) port = t.port;
   else at.fail(`${field}.port`, `${show(t.port)} is not a valid port (or 'preserve', or a function)`);
   let matchPorts: number[] | null = null;
   let matchPath: string | null = null;
@@ -552,7 +553,6 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
   let matchMethods: string[] | null = null;
   if (t.match !== undefined) {
     if (!isRecord(t.match)) at.fail(`${field}.match`, `expected an object, got ${show(t.match)}`);
-    rejectUnknownKeys(t.match, TARGET_MATCH_KEYS, at, `${field}.match.`);
     if (t.match.ports !== undefined) {
       if (!Array.isArray(t.match.ports)) at.fail(`${field}.match.ports`, `expected an array of ports, got ${show(t.match.ports)}`);
       matchPorts = normalizePorts(t.match.ports, at, `${field}.match.ports`);
@@ -569,9 +569,6 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
   if (typeof weight !== 'number' || !Number.isInteger(weight) || weight < 1 || weight > 1000) {
     at.fail(`${field}.weight`, `expected an integer from 1 to 1000, got ${show(t.weight)}`);
   }
-  if (t.tls !== undefined) at.notYet(`${field}.tls`, 'per-target TLS comes with TLS termination');
-  const targetProxy = (target as TRecord).sendProxyProtocol;
-  if (targetProxy !== undefined) at.notYet(`${field}.sendProxyProtocol`, 'per-target PROXY headers are not implemented; set it on the route action');
   const headers = headerTemplates(t.headers, at, `${field}.headers`);
   return {
     hosts: [...(hosts as string[])],
@@ -587,21 +584,16 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
   };
 }
 
-const LB_ALGORITHMS = ['round-robin', 'least-connections', 'ip-hash'];
-const HEALTH_CHECK_KEYS = new Set(['path', 'interval', 'timeout', 'unhealthyThreshold', 'healthyThreshold']);
-
 /** `action.loadBalancing`: the algorithm (default round-robin) and the active health check. */
 function normalizeLoadBalancing(lb: unknown, at: Place): INativeLoadBalancing {
   if (lb === undefined) return { algorithm: 'round-robin', healthCheck: null, affinity: null };
   if (!isRecord(lb)) at.fail('action.loadBalancing', `expected an object, got ${show(lb)}`);
-  rejectUnknownKeys(lb, new Set(['algorithm', 'healthCheck', 'affinity']), at, 'action.loadBalancing.');
   const algorithm = (lb.algorithm ?? 'round-robin') as INativeLoadBalancing['algorithm'];
   if (!LB_ALGORITHMS.includes(algorithm)) at.fail('action.loadBalancing.algorithm', `expected one of ${LB_ALGORITHMS.join(', ')}, got ${show(lb.algorithm)}`);
   const affinity = normalizeAffinity(lb.affinity, at);
   if (lb.healthCheck === undefined) return { algorithm, healthCheck: null, affinity };
   const check = lb.healthCheck;
   if (!isRecord(check)) at.fail('action.loadBalancing.healthCheck', `expected an object, got ${show(check)}`);
-  rejectUnknownKeys(check, HEALTH_CHECK_KEYS, at, 'action.loadBalancing.healthCheck.');
   const count = (key: string, fallback: number): number => {
     const v = check[key] ?? fallback;
     if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) at.fail(`action.loadBalancing.healthCheck.${key}`, `expected a positive integer, got ${show(check[key])}`);
@@ -626,16 +618,15 @@ function normalizeLoadBalancing(lb: unknown, at: Place): INativeLoadBalancing {
 function normalizeAffinity(affinity: unknown, at: Place): INativeLoadBalancing['affinity'] {
   if (affinity === undefined) return null;
   if (!isRecord(affinity)) at.fail('action.loadBalancing.affinity', `expected an object, got ${show(affinity)}`);
-  rejectUnknownKeys(affinity, new Set(['key', 'ttlSeconds', 'onUnknown']), at, 'action.loadBalancing.affinity.');
   const key = affinity.key;
-  if (typeof key !== 'string' || !(key === 'ip' || /^header:[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(key) || /^cookie:[^\s=;,]+$/.test(key))) {
+  if (typeof key !== 'string' || !AFFINITY_KEY.test(key)) {
     at.fail('action.loadBalancing.affinity.key', `expected 'ip', 'header:NAME' or 'cookie:NAME', got ${show(key)}`);
   }
   const ttl = affinity.ttlSeconds ?? 3600;
   if (typeof ttl !== 'number' || !Number.isInteger(ttl) || ttl < 1) at.fail('action.loadBalancing.affinity.ttlSeconds', `expected a positive integer, got ${show(affinity.ttlSeconds)}`);
   const onUnknown = affinity.onUnknown ?? 'assign';
   if (onUnknown !== 'assign' && onUnknown !== 'reject') at.fail('action.loadBalancing.affinity.onUnknown', `expected 'assign' or 'reject', got ${show(affinity.onUnknown)}`);
-  return { key, ttlSeconds: ttl, rejectUnknown: onUnknown === 'reject' };
+  return { key, ttlSeconds: ttl, rejectUnknown: onUnknown === 'reject', maxKeys: maxKeys(affinity.maxKeys, at, 'action.loadBalancing.affinity.maxKeys') };
 }
 
 /** The route's security settings and the field they came from (`security` or `action.security`). */
@@ -653,7 +644,6 @@ function pickSecurity(
   const chosen = routeLevel ?? actionLevel ?? {};
   const field = routeLevel !== undefined ? 'security' : 'action.security';
   if (!isRecord(chosen)) at.fail(field, `expected an object, got ${show(chosen)}`);
-  rejectUnknownKeys(chosen, SECURITY_KEYS, at, `${field}.`);
   return { security: chosen as TRecord & IRouteSecurity, field };
 }
 
@@ -663,11 +653,10 @@ function normalizeHttpSecurity(
   at: Place,
   field: string,
 ): Pick<INativeRoute['security'], 'rateLimit' | 'basicAuth' | 'jwtAuth' | 'forwardAuthorization'> {
-  const section = (key: string, keys: string[]): TRecord | null => {
+  const section = (key: string): TRecord | null => {
     const value = security[key];
     if (value === undefined) return null;
     if (!isRecord(value)) at.fail(`${field}.${key}`, `expected an object, got ${show(value)}`);
-    rejectUnknownKeys(value, new Set(['enabled', ...keys]), at, `${field}.${key}.`);
     if (value.enabled !== undefined && typeof value.enabled !== 'boolean') at.fail(`${field}.${key}.enabled`, `expected true or false, got ${show(value.enabled)}`);
     return value.enabled === false ? null : value;
   };
@@ -682,7 +671,7 @@ function normalizeHttpSecurity(
     return list.map((p, i) => optionalPath(p, at, `${name}[${i}]`) as string);
   };
 
-  const rate = section('rateLimit', ['maxRequests', 'window', 'keyBy', 'headerName', 'errorMessage']);
+  const rate = section('rateLimit');
   let rateLimit: INativeRateLimit | null = null;
   if (rate !== null) {
     const f = `${field}.rateLimit`;
@@ -691,7 +680,7 @@ function normalizeHttpSecurity(
     const window = rate.window;
     if (typeof window !== 'number' || !Number.isFinite(window) || window <= 0) at.fail(`${f}.window`, `expected a positive number of seconds, got ${show(window)}`);
     const keyBy = (rate.keyBy ?? 'ip') as INativeRateLimit['keyBy'];
-    if (!['ip', 'path', 'header'].includes(keyBy)) at.fail(`${f}.keyBy`, `expected 'ip', 'path' or 'header', got ${show(rate.keyBy)}`);
+    if (!RATE_LIMIT_KEYS_BY.includes(keyBy)) at.fail(`${f}.keyBy`, `expected 'ip', 'path' or 'header', got ${show(rate.keyBy)}`);
     const headerName = keyBy === 'header' ? text(rate.headerName, `${f}.headerName`) : optionalText(rate.headerName, `${f}.headerName`);
     rateLimit = {
       maxRequests,
@@ -699,17 +688,17 @@ function normalizeHttpSecurity(
       keyBy,
       headerName,
       errorMessage: text(rate.errorMessage, `${f}.errorMessage`, 'Too Many Requests'),
+      maxKeys: maxKeys(rate.maxKeys, at, `${f}.maxKeys`),
     };
   }
 
-  const basic = section('basicAuth', ['users', 'realm', 'excludePaths']);
+  const basic = section('basicAuth');
   let basicAuth: INativeBasicAuth | null = null;
   if (basic !== null) {
     const f = `${field}.basicAuth`;
     if (!Array.isArray(basic.users)) at.fail(`${f}.users`, `expected an array of { username, password }, got ${show(basic.users)}`);
     const users = (basic.users as unknown[]).map((user, i) => {
       if (!isRecord(user)) at.fail(`${f}.users[${i}]`, `expected { username, password }, got ${show(user)}`);
-      rejectUnknownKeys(user, new Set(['username', 'password']), at, `${f}.users[${i}].`);
       const username = text(user.username, `${f}.users[${i}].username`);
       if (username.includes(':')) at.fail(`${f}.users[${i}].username`, `may not contain ':'`);
       if (typeof user.password !== 'string') at.fail(`${f}.users[${i}].password`, `expected a string, got ${show(user.password)}`);
@@ -718,7 +707,7 @@ function normalizeHttpSecurity(
     basicAuth = { users, realm: text(basic.realm, `${f}.realm`, 'Restricted'), excludePaths: paths(basic.excludePaths, `${f}.excludePaths`) };
   }
 
-  const jwt = section('jwtAuth', ['secret', 'algorithm', 'issuer', 'audience', 'excludePaths']);
+  const jwt = section('jwtAuth');
   let jwtAuth: INativeJwtAuth | null = null;
   if (jwt !== null) {
     const f = `${field}.jwtAuth`;
@@ -729,6 +718,7 @@ function normalizeHttpSecurity(
       audience: optionalText(jwt.audience, `${f}.audience`),
       excludePaths: paths(jwt.excludePaths, `${f}.excludePaths`),
       leewaySeconds: JWT_LEEWAY_SECONDS,
+      requireExp: optionalFlag(jwt.requireExp, at, `${f}.requireExp`) ?? true,
     };
   }
 
@@ -753,6 +743,19 @@ function securityLists(security: TRecord, at: Place, field: string): { ipAllowLi
   };
 }
 
+function optionalFlag(value: unknown, at: Place, field: string): boolean | null {
+  if (value === undefined) return null;
+  if (typeof value !== 'boolean') at.fail(field, `expected true or false, got ${show(value)}`);
+  return value;
+}
+
+/** `maxKeys` (affinity, rate limit): a count of entries, so an integer the engine can hold. */
+function maxKeys(value: unknown, at: Place, field: string): number {
+  if (value === undefined) return DEFAULT_MAX_KEYS;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1) at.fail(field, `expected a positive integer, got ${show(value)}`);
+  return value;
+}
+
 function optionalPositiveInt(value: unknown, at: Place, field: string): number | null {
   if (value === undefined) return null;
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) at.fail(field, `expected a positive integer, got ${show(value)}`);
@@ -772,7 +775,7 @@ function headerMatches(value: unknown, at: Place, field: string): INativeNameVal
   if (value === undefined) return [];
   if (!isRecord(value)) at.fail(field, `expected an object of header names to values, got ${show(value)}`);
   return Object.entries(value).map(([name, v]) => {
-    if (v instanceof RegExp) at.notYet(`${field}.${name}`, 'RegExp header values are not matched yet; use an exact string');
+    if (v instanceof RegExp) at.notYet(`${field}.${name}`, NOT_YET.regexpHeader);
     if (typeof v !== 'string') at.fail(`${field}.${name}`, `expected a string, got ${show(v)}`);
     return { name, value: v };
   });
@@ -781,7 +784,6 @@ function headerMatches(value: unknown, at: Place, field: string): INativeNameVal
 function headerTemplates(value: unknown, at: Place, field: string): INativeHeaderTemplates {
   if (value === undefined) return { request: [], response: [] };
   if (!isRecord(value)) at.fail(field, `expected { request?, response? }, got ${show(value)}`);
-  rejectUnknownKeys(value, new Set(['request', 'response']), at, `${field}.`);
   const list = (kind: 'request' | 'response'): INativeNameValue[] => {
     const items = value[kind];
     if (items === undefined) return [];
@@ -798,7 +800,6 @@ function headerTemplates(value: unknown, at: Place, field: string): INativeHeade
 function normalizeRetry(value: unknown, at: Place): INativeRetry | null {
   if (value === undefined) return null;
   if (!isRecord(value)) at.fail('action.retry', `expected an object, got ${show(value)}`);
-  rejectUnknownKeys(value, new Set(['maxRetries', 'onConnectFailure', 'on5xx', 'onTimeout', 'backoffMs']), at, 'action.retry.');
   const flag = (key: string, fallback: boolean): boolean => {
     const v = value[key];
     if (v === undefined) return fallback;

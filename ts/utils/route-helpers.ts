@@ -13,6 +13,7 @@ import type {
   TSocketHandler,
 } from '../models/route-types.js';
 import { SocketHandlers } from './socket-handlers.js';
+import { ACTION_SCHEMA, objectFields } from '../models/option-schema.js';
 
 /** One domain or several (`'*.example.com'`, `['a.com', 'b.com']`). */
 export type TDomains = string | string[];
@@ -122,6 +123,8 @@ export interface IRateLimitOptions {
   keyBy?: 'ip' | 'path' | 'header';
   headerName?: string;
   errorMessage?: string;
+  /** (ext) Keys tracked in memory at most (default 100000). */
+  maxKeys?: number;
 }
 
 export interface IBasicAuthOptions {
@@ -136,6 +139,8 @@ export interface IJwtAuthOptions {
   issuer?: string;
   audience?: string;
   excludePaths?: string[];
+  /** (ext) Refuse tokens without `exp` (default true). */
+  requireExp?: boolean;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,8 +175,11 @@ function mergeFields(base: unknown, over: TRecord): TRecord {
   return out;
 }
 
-/** Action fields that are objects themselves: an override sets their fields one by one. */
-const NESTED_ACTION_FIELDS = new Set(['tls', 'websocket', 'loadBalancing', 'nftables', 'options', 'retry', 'timeouts', 'security']);
+/**
+ * Action fields that are objects themselves: an override sets their fields one by one. (`target`
+ * is among them but never merges: targets given in either form replace the base's first.)
+ */
+const NESTED_ACTION_FIELDS = new Set(objectFields(ACTION_SCHEMA));
 
 function mergeAction(base: unknown, over: TRecord): TRecord {
   // Another action type is another action: nothing of the old one carries over.

@@ -4,7 +4,18 @@
 import * as net from 'node:net';
 
 import type { IRouteConfig, IRouteSecurity, TPortRange } from '../models/route-types.js';
-import { isValidPort } from './port-range.js';
+import { isValidPortNumber } from './port-range.js';
+import {
+  AFFINITY_KEY,
+  BACKEND_PROTOCOLS,
+  LB_ALGORITHMS,
+  NOT_YET,
+  RATE_LIMIT_KEYS_BY,
+  ROUTE_SCHEMA,
+  TLS_MODES,
+  TLS_VERSIONS,
+  keyProblems,
+} from '../models/option-schema.js';
 import { SmartProxyConfigError } from './normalize-options.js';
 
 /** What a connection or request is known by, for `findMatchingRoutes`. */
@@ -373,29 +384,10 @@ export function findBestMatchingRoute(routes: readonly IRouteConfig[], query: IR
 // ---------------------------------------------------------------------------------------------
 // Validation: every problem of a route, each message starting with the field it is about.
 
-const ROUTE_KEYS = ['id', 'name', 'description', 'tags', 'priority', 'enabled', 'match', 'action', 'security', 'headers'];
-const MATCH_KEYS = ['ports', 'domains', 'path', 'clientIp', 'tlsVersion', 'headers'];
-const ACTION_KEYS = [
-  'type', 'targets', 'target', 'tls', 'socketHandler', 'websocket', 'loadBalancing', 'forwardingEngine', 'nftables',
-  'options', 'sendProxyProtocol', 'retry', 'timeouts', 'security',
-];
-const TARGET_KEYS = ['host', 'port', 'match', 'priority', 'weight', 'tls', 'headers'];
-const SECURITY_KEYS = ['ipAllowList', 'ipBlockList', 'maxConnections', 'rateLimit', 'basicAuth', 'jwtAuth'];
-const TLS_KEYS = ['mode', 'certificate', 'acme', 'versions', 'rejectUnauthorized'];
-const TLS_MODES = ['passthrough', 'terminate', 'terminate-and-reencrypt'];
-const TLS_VERSIONS = ['TLSv1.0', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
-const LB_ALGORITHMS = ['round-robin', 'least-connections', 'ip-hash'];
-
 class Problems {
   readonly errors: string[] = [];
   add(field: string, reason: string): void {
     this.errors.push(`${field}: ${reason}`);
-  }
-  /** Fields the engine does not know (typos, or options of other versions) are refused, as the engine does. */
-  unknownKeys(obj: TRecord, known: readonly string[], prefix: string): void {
-    for (const key of Object.keys(obj)) {
-      if (!known.includes(key)) this.add(`${prefix}${key}`, `unknown field (expected one of ${known.join(', ')})`);
-    }
   }
 }
 
@@ -409,14 +401,14 @@ function checkPorts(spec: unknown, field: string, out: Problems): void {
   items.forEach((item, i) => {
     const itemField = Array.isArray(spec) ? `${field}[${i}]` : field;
     if (isRecord(item)) {
-      const fromOk = isValidPort(item.from);
-      const toOk = isValidPort(item.to);
+      const fromOk = isValidPortNumber(item.from);
+      const toOk = isValidPortNumber(item.to);
       if (!fromOk) out.add(`${itemField}.from`, `${show(item.from)} is not a valid port (1-65535)`);
       if (!toOk) out.add(`${itemField}.to`, `${show(item.to)} is not a valid port (1-65535)`);
       if (fromOk && toOk && (item.from as number) > (item.to as number)) {
         out.add(itemField, `range from ${show(item.from)} to ${show(item.to)} is empty (from > to)`);
       }
-    } else if (!isValidPort(item)) {
+    } else if (!isValidPortNumber(item)) {
       out.add(itemField, `${show(item)} is not a valid port (1-65535)`);
     }
   });
@@ -455,7 +447,8 @@ function checkHeaderMatches(value: unknown, field: string, out: Problems): void 
     return;
   }
   for (const [name, v] of Object.entries(value)) {
-    if (typeof v !== 'string' && !(v instanceof RegExp)) out.add(`${field}.${name}`, `expected a string or a RegExp, got ${show(v)}`);
+    if (v instanceof RegExp) out.add(`${field}.${name}`, `not supported yet (${NOT_YET.regexpHeader})`);
+    else if (typeof v !== 'string') out.add(`${field}.${name}`, `expected a string, got ${show(v)}`);
   }
 }
 
@@ -486,7 +479,6 @@ function checkMatch(match: unknown, out: Problems): void {
     out.add('match', `expected an object with ports, got ${show(match)}`);
     return;
   }
-  out.unknownKeys(match, MATCH_KEYS, 'match.');
   checkPorts(match.ports, 'match.ports', out);
   if (match.domains !== undefined) {
     const single = typeof match.domains === 'string';
@@ -519,7 +511,6 @@ function checkTarget(target: unknown, field: string, out: Problems): void {
     out.add(field, `expected a target object { host, port }, got ${show(target)}`);
     return;
   }
-  out.unknownKeys(target, TARGET_KEYS, `${field}.`);
   const host = target.host;
   const hostOk =
     typeof host === 'function' ||
@@ -527,7 +518,7 @@ function checkTarget(target: unknown, field: string, out: Problems): void {
     (Array.isArray(host) && host.length > 0 && host.every((h) => typeof h === 'string' && h.trim() !== ''));
   if (!hostOk) out.add(`${field}.host`, `expected a host name, a non-empty array of them or a function, got ${show(host)}`);
   const port = target.port;
-  if (typeof port !== 'function' && port !== 'preserve' && !isValidPort(port)) {
+  if (typeof port !== 'function' && port !== 'preserve' && !isValidPortNumber(port)) {
     out.add(`${field}.port`, `${show(port)} is not a valid port (1-65535), 'preserve' or a function`);
   }
   if (target.match !== undefined) {
@@ -542,10 +533,9 @@ function checkTarget(target: unknown, field: string, out: Problems): void {
   if (target.priority !== undefined && (typeof target.priority !== 'number' || !Number.isFinite(target.priority))) {
     out.add(`${field}.priority`, `expected a number, got ${show(target.priority)}`);
   }
-  if (target.weight !== undefined && (typeof target.weight !== 'number' || !(target.weight > 0))) {
-    out.add(`${field}.weight`, `expected a positive number, got ${show(target.weight)}`);
+  if (target.weight !== undefined && (typeof target.weight !== 'number' || !Number.isInteger(target.weight) || target.weight < 1 || target.weight > 1000)) {
+    out.add(`${field}.weight`, `expected an integer from 1 to 1000, got ${show(target.weight)}`);
   }
-  if (target.tls !== undefined) checkTls(target.tls, `${field}.tls`, out);
   if (target.headers !== undefined) checkHeaderTemplates(target.headers, `${field}.headers`, out);
 }
 
@@ -554,7 +544,6 @@ function checkTls(tls: unknown, field: string, out: Problems): void {
     out.add(field, `expected an object with a mode, got ${show(tls)}`);
     return;
   }
-  out.unknownKeys(tls, TLS_KEYS, `${field}.`);
   if (typeof tls.mode !== 'string' || !TLS_MODES.includes(tls.mode)) {
     out.add(`${field}.mode`, `expected one of ${TLS_MODES.join(', ')}, got ${show(tls.mode)}`);
   }
@@ -592,12 +581,22 @@ function checkPositiveInt(value: unknown, field: string, out: Problems): void {
   }
 }
 
+function checkFlag(value: unknown, field: string, out: Problems): void {
+  if (value !== undefined && typeof value !== 'boolean') out.add(field, `expected true or false, got ${show(value)}`);
+}
+
+/** `maxKeys` (affinity, rate limit): a count of entries, so an integer the engine can hold. */
+function checkMaxKeys(value: unknown, field: string, out: Problems): void {
+  if (value !== undefined && (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1)) {
+    out.add(field, `expected a positive integer, got ${show(value)}`);
+  }
+}
+
 function checkSecurity(security: unknown, field: string, out: Problems, needsNoHttp: string | undefined): void {
   if (!isRecord(security)) {
     out.add(field, `expected an object, got ${show(security)}`);
     return;
   }
-  out.unknownKeys(security, SECURITY_KEYS, `${field}.`);
   const s = security as TRecord & IRouteSecurity;
   if (s.ipAllowList !== undefined) checkIpList(s.ipAllowList, `${field}.ipAllowList`, out);
   if (s.ipBlockList !== undefined) checkIpList(s.ipBlockList, `${field}.ipBlockList`, out);
@@ -609,12 +608,13 @@ function checkSecurity(security: unknown, field: string, out: Problems, needsNoH
       if (rl.maxRequests === undefined) out.add(`${field}.rateLimit.maxRequests`, 'required');
       else checkPositiveInt(rl.maxRequests, `${field}.rateLimit.maxRequests`, out);
       if (typeof rl.window !== 'number' || !(rl.window > 0)) out.add(`${field}.rateLimit.window`, `expected a positive number of seconds, got ${show(rl.window)}`);
-      if (rl.keyBy !== undefined && !['ip', 'path', 'header'].includes(rl.keyBy as string)) {
+      if (rl.keyBy !== undefined && !RATE_LIMIT_KEYS_BY.includes(rl.keyBy as string)) {
         out.add(`${field}.rateLimit.keyBy`, `expected 'ip', 'path' or 'header', got ${show(rl.keyBy)}`);
       }
       if (rl.keyBy === 'header' && (typeof rl.headerName !== 'string' || rl.headerName === '')) {
         out.add(`${field}.rateLimit.headerName`, `required when keyBy is 'header'`);
       }
+      checkMaxKeys(rl.maxKeys, `${field}.rateLimit.maxKeys`, out);
     }
   }
   if (s.basicAuth !== undefined) {
@@ -636,8 +636,10 @@ function checkSecurity(security: unknown, field: string, out: Problems, needsNoH
     else {
       if (typeof jwt.secret !== 'string' || jwt.secret === '') out.add(`${field}.jwtAuth.secret`, `expected a non-empty string, got ${show(jwt.secret)}`);
       if (jwt.excludePaths !== undefined) checkStringList(jwt.excludePaths, `${field}.jwtAuth.excludePaths`, out, (p, pField) => checkPath(p, pField, out));
+      checkFlag(jwt.requireExp, `${field}.jwtAuth.requireExp`, out);
     }
   }
+  checkFlag(s.forwardAuthorization, `${field}.forwardAuthorization`, out);
   if (needsNoHttp !== undefined) {
     for (const key of ['rateLimit', 'basicAuth', 'jwtAuth']) {
       if (s[key] !== undefined) out.add(`${field}.${key}`, `needs HTTP, but ${needsNoHttp}`);
@@ -654,7 +656,6 @@ function checkAction(action: unknown, out: Problems): TRecord | undefined {
     out.add('action', `expected an object, got ${show(action)}`);
     return undefined;
   }
-  out.unknownKeys(action, ACTION_KEYS, 'action.');
   if (action.type === 'forward') {
     if (action.targets !== undefined) {
       if (!Array.isArray(action.targets)) out.add('action.targets', `expected an array of targets, got ${show(action.targets)}`);
@@ -684,8 +685,12 @@ function checkAction(action: unknown, out: Problems): TRecord | undefined {
   if (action.loadBalancing !== undefined) {
     const lb = action.loadBalancing;
     if (!isRecord(lb)) out.add('action.loadBalancing', `expected an object, got ${show(lb)}`);
-    else if (lb.algorithm !== undefined && !LB_ALGORITHMS.includes(lb.algorithm as string)) {
-      out.add('action.loadBalancing.algorithm', `expected one of ${LB_ALGORITHMS.join(', ')}, got ${show(lb.algorithm)}`);
+    else {
+      if (lb.algorithm !== undefined && !LB_ALGORITHMS.includes(lb.algorithm as string)) {
+        out.add('action.loadBalancing.algorithm', `expected one of ${LB_ALGORITHMS.join(', ')}, got ${show(lb.algorithm)}`);
+      }
+      if (lb.healthCheck !== undefined) checkHealthCheck(lb.healthCheck, out);
+      if (lb.affinity !== undefined) checkAffinity(lb.affinity, out);
     }
   }
   if (action.forwardingEngine !== undefined && action.forwardingEngine !== 'node' && action.forwardingEngine !== 'nftables') {
@@ -698,13 +703,43 @@ function checkAction(action: unknown, out: Problems): TRecord | undefined {
     const o = action.options;
     if (!isRecord(o)) out.add('action.options', `expected an object, got ${show(o)}`);
     else {
-      if (o.backendProtocol !== undefined && !['auto', 'http1', 'http2', 'http3'].includes(o.backendProtocol as string)) {
+      if (o.backendProtocol === 'http3') out.add('action.options.backendProtocol', `not supported yet (${NOT_YET.http3})`);
+      else if (o.backendProtocol !== undefined && !BACKEND_PROTOCOLS.includes(o.backendProtocol as string)) {
         out.add('action.options.backendProtocol', `expected 'auto', 'http1', 'http2' or 'http3', got ${show(o.backendProtocol)}`);
       }
       if (o.raw !== undefined && typeof o.raw !== 'boolean') out.add('action.options.raw', `expected true or false, got ${show(o.raw)}`);
     }
   }
+  checkFlag(action.normalizePath, 'action.normalizePath', out);
   return action;
+}
+
+function checkHealthCheck(check: unknown, out: Problems): void {
+  const field = 'action.loadBalancing.healthCheck';
+  if (!isRecord(check)) {
+    out.add(field, `expected an object, got ${show(check)}`);
+    return;
+  }
+  if (check.path !== undefined && (typeof check.path !== 'string' || !check.path.startsWith('/'))) {
+    out.add(`${field}.path`, `expected a path starting with '/', got ${show(check.path)}`);
+  }
+  for (const key of ['interval', 'timeout', 'unhealthyThreshold', 'healthyThreshold']) checkPositiveInt(check[key], `${field}.${key}`, out);
+}
+
+function checkAffinity(affinity: unknown, out: Problems): void {
+  const field = 'action.loadBalancing.affinity';
+  if (!isRecord(affinity)) {
+    out.add(field, `expected an object, got ${show(affinity)}`);
+    return;
+  }
+  if (typeof affinity.key !== 'string' || !AFFINITY_KEY.test(affinity.key)) {
+    out.add(`${field}.key`, `expected 'ip', 'header:NAME' or 'cookie:NAME', got ${show(affinity.key)}`);
+  }
+  checkPositiveInt(affinity.ttlSeconds, `${field}.ttlSeconds`, out);
+  if (affinity.onUnknown !== undefined && affinity.onUnknown !== 'assign' && affinity.onUnknown !== 'reject') {
+    out.add(`${field}.onUnknown`, `expected 'assign' or 'reject', got ${show(affinity.onUnknown)}`);
+  }
+  checkMaxKeys(affinity.maxKeys, `${field}.maxKeys`, out);
 }
 
 /** All problems of one route; `valid` when there are none. Each error starts with its field. */
@@ -715,7 +750,8 @@ export function validateRouteConfig(route: IRouteConfig): IRouteValidationResult
     out.add('route', `expected a route object, got ${show(raw)}`);
     return { valid: false, errors: out.errors };
   }
-  out.unknownKeys(raw, ROUTE_KEYS, '');
+  // Fields the engine does not know (typos, or options of other versions) are refused, as the engine does.
+  for (const problem of keyProblems(raw, ROUTE_SCHEMA)) out.add(problem.field, problem.reason);
   if (raw.name !== undefined && typeof raw.name !== 'string') out.add('name', `expected a string, got ${show(raw.name)}`);
   if (raw.id !== undefined && typeof raw.id !== 'string') out.add('id', `expected a string, got ${show(raw.id)}`);
   if (raw.description !== undefined && typeof raw.description !== 'string') out.add('description', `expected a string, got ${show(raw.description)}`);

@@ -1,0 +1,322 @@
+// One schema of option keys (ts/models/option-schema.ts) behind both validators: normalizeOptions
+// (what `new SmartProxy()` runs) and validateRouteConfig / validateRoutes. A route using every key
+// the schema accepts passes both; an unknown key at any level is reported by both with its path;
+// keys the engine refuses for now are refused by both in the same words; the (ext) keys of API.md
+// "Edge hygiene" are checked by both, naming the field. Pure TypeScript: no engine needed.
+import { tap, expect } from '@push.rocks/tapbundle';
+
+import { normalizeOptions, SmartProxyConfigError } from '../ts/utils/normalize-options.js';
+import { validateRouteConfig, validateRoutes } from '../ts/utils/route-utils.js';
+import { OPTIONS_SCHEMA, ROUTE_SCHEMA } from '../ts/models/option-schema.js';
+import type { IObjectSchema } from '../ts/models/option-schema.js';
+import type { IRouteConfig } from '../ts/models/route-types.js';
+import type { ISmartProxyOptions } from '../ts/models/options.js';
+
+type TRecord = Record<string, unknown>;
+const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+const PEM = { key: '-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n', cert: '-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n' };
+const handler = (): void => undefined;
+const security = {
+  ipAllowList: ['10.0.0.0/8', '127.0.0.1'],
+  ipBlockList: ['10.0.0.9'],
+  maxConnections: 100,
+  rateLimit: { enabled: true, maxRequests: 10, window: 60, keyBy: 'header', headerName: 'x-api-key', errorMessage: 'slow down', maxKeys: 5000 },
+  basicAuth: { enabled: true, users: [{ username: 'u', password: 'p' }], realm: 'R', excludePaths: ['/health'] },
+  jwtAuth: { enabled: true, secret: 's3cret', algorithm: 'HS256', issuer: 'me', audience: 'you', excludePaths: ['/public/*'], requireExp: false },
+  forwardAuthorization: true,
+};
+
+/** A route that sets every key the schema accepts (and the engine does not refuse), at every level. */
+function everyKeyRoute(): TRecord {
+  const target = {
+    host: ['10.0.0.1', '10.0.0.2'],
+    port: 8080,
+    match: { ports: [443], path: '/api/*', headers: { 'x-v': '2' }, method: ['GET'] },
+    priority: 1,
+    weight: 2,
+    headers: { request: { 'x-client': '{clientIp}' }, response: { 'x-served-by': 'proxy' } },
+  };
+  return {
+    id: 'every-key',
+    name: 'every key',
+    description: 'uses every key',
+    tags: ['a', 'b'],
+    priority: 5,
+    enabled: true,
+    match: {
+      ports: [443, { from: 8443, to: 8444 }],
+      domains: ['example.com', '*.example.com'],
+      path: '/api/*',
+      clientIp: ['10.0.0.0/8'],
+      tlsVersion: ['TLSv1.2', 'TLSv1.3'],
+      headers: { 'x-tenant': 'a' },
+    },
+    action: {
+      type: 'forward',
+      targets: [target, { host: 'fallback.local', port: 'preserve' }],
+      target: { host: 'legacy.local', port: 1 },
+      tls: {
+        mode: 'terminate',
+        certificate: { ...PEM, ca: PEM.cert },
+        acme: { email: 'ops@example.com', challengePort: 80, renewBeforeDays: 20 },
+        versions: ['TLSv1.2', 'TLSv1.3'],
+        rejectUnauthorized: true,
+      },
+      socketHandler: handler,
+      websocket: { enabled: true, pingInterval: 30000, pingTimeout: 10000, maxPayloadSize: 65536 },
+      loadBalancing: {
+        algorithm: 'least-connections',
+        healthCheck: { path: '/health', interval: 1000, timeout: 500, unhealthyThreshold: 3, healthyThreshold: 2 },
+        affinity: { key: 'header:Mcp-Session-Id', ttlSeconds: 600, onUnknown: 'reject', maxKeys: 2000 },
+      },
+      forwardingEngine: 'node',
+      nftables: { preserveSourceIP: true, protocol: 'tcp', maxRate: '10mbps', priority: 1 },
+      options: { backendProtocol: 'auto', raw: false },
+      sendProxyProtocol: 2,
+      retry: { maxRetries: 3, onConnectFailure: true, on5xx: true, onTimeout: false, backoffMs: 50 },
+      timeouts: { connectMs: 1000, responseMs: 5000 },
+      security,
+      normalizePath: true,
+    },
+    security,
+    headers: { request: { 'x-route': '{routeName}' }, response: { 'x-domain': '{domain}' } },
+  };
+}
+
+/** Options that set every option key (routes included). */
+function everyOption(routes: unknown[]): TRecord {
+  return {
+    routes,
+    defaults: { target: { host: 'default.local', port: 80 }, security: { ipAllowList: ['127.0.0.1'], ipBlockList: [], maxConnections: 10 }, preserveSourceIP: false },
+    acceptProxyProtocol: true,
+    proxyIPs: ['10.0.0.1'],
+    sendProxyProtocol: 1,
+    initialDataTimeout: 1000,
+    socketTimeout: 1000,
+    inactivityTimeout: 1000,
+    maxConnectionLifetime: 1000,
+    gracefulShutdownTimeout: 1000,
+    maxConnectionsPerIP: 10,
+    connectionRateLimitPerMinute: 10,
+    noDelay: true,
+    keepAlive: true,
+    keepAliveInitialDelay: 1000,
+    maxPendingDataSize: 1024,
+    enableDetailedLogging: false,
+    acme: {
+      email: 'ops@example.com', accountEmail: 'ops@example.com', port: 80, challengePort: 80, useProduction: false, environment: 'staging',
+      renewThresholdDays: 30, renewBeforeDays: 30, autoRenew: true, certificateStore: './certs', renewCheckIntervalHours: 24,
+      directoryUrl: 'https://acme.invalid/directory', directoryCaFile: '/dev/null', enabled: true, skipConfiguredCerts: false,
+    },
+    certProvisionFunction: async () => 'http01' as const,
+    certProvisionFallbackToAcme: true,
+    metrics: { enabled: true, sampleIntervalMs: 1000, retentionSeconds: 60 },
+    workerThreads: 1,
+    redis: { url: 'redis://127.0.0.1:6379', keyPrefix: 'x:' },
+    jsCallTimeout: 1000,
+    maxHeaderSize: 8192,
+    headerTimeout: 1000,
+    http2MaxConcurrentStreams: 16,
+    trustForwardedHeaders: true,
+    httpKeepAliveTimeout: 5000,
+  };
+}
+
+/** For each object schema, the keys `value` sets somewhere (an object schema met at several places counts once). */
+function collectUsed(value: unknown, schema: IObjectSchema, used: Map<IObjectSchema, Set<string>>): void {
+  if (!isRecord(value)) return;
+  const keys = used.get(schema) ?? new Set<string>();
+  used.set(schema, keys);
+  for (const [key, field] of Object.entries(schema.fields)) {
+    const child = value[key];
+    if (child === undefined) continue;
+    keys.add(key);
+    if (field.object !== undefined && isRecord(child)) collectUsed(child, field.object, used);
+    if (field.each !== undefined && Array.isArray(child)) child.forEach((item) => collectUsed(item, field.each as IObjectSchema, used));
+  }
+}
+
+/**
+ * Keys the schema accepts (the engine's refusals excepted) that no fixture sets anywhere, each
+ * named by the first path the schema reaches it at: the fixtures must keep up with the schema.
+ */
+function unusedKeys(schema: IObjectSchema, used: Map<IObjectSchema, Set<string>>, prefix: string, seen = new Set<IObjectSchema>(), out: string[] = []): string[] {
+  if (seen.has(schema)) return out;
+  seen.add(schema);
+  for (const [key, field] of Object.entries(schema.fields)) {
+    if (field.notYet !== undefined) continue;
+    if (!(used.get(schema)?.has(key) ?? false)) out.push(`${prefix}${key}`);
+    if (field.object !== undefined) unusedKeys(field.object, used, `${prefix}${key}.`, seen, out);
+    if (field.each !== undefined) unusedKeys(field.each, used, `${prefix}${key}[].`, seen, out);
+  }
+  return out;
+}
+
+/** The path (`action.targets[0].`) of every object in `value` that the schema describes. */
+function objectPaths(value: unknown, schema: IObjectSchema, prefix = '', out: Array<{ path: string; schema: IObjectSchema }> = []) {
+  if (!isRecord(value)) return out;
+  out.push({ path: prefix, schema });
+  for (const [key, field] of Object.entries(schema.fields)) {
+    const child = value[key];
+    if (field.object !== undefined && isRecord(child)) objectPaths(child, field.object, `${prefix}${key}.`, out);
+    if (field.each !== undefined && Array.isArray(child)) {
+      child.forEach((item, i) => objectPaths(item, field.each as IObjectSchema, `${prefix}${key}[${i}].`, out));
+    }
+  }
+  return out;
+}
+
+/** `value` with `key: 'x'` added to the object at `path` (copied, the original untouched). */
+function withKeyAt(value: TRecord, path: string, key: string, extra: unknown): TRecord {
+  const copy = structuredCloneWithFunctions(value) as TRecord;
+  let at: unknown = copy;
+  for (const step of path.split('.').filter((s) => s !== '')) {
+    const m = /^([^[]+)(?:\[(\d+)\])?$/.exec(step)!;
+    at = (at as TRecord)[m[1]];
+    if (m[2] !== undefined) at = (at as unknown[])[Number(m[2])];
+  }
+  (at as TRecord)[key] = extra;
+  return copy;
+}
+
+function structuredCloneWithFunctions(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(structuredCloneWithFunctions);
+  if (isRecord(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, structuredCloneWithFunctions(v)]));
+  return value;
+}
+
+/** What normalizeOptions throws for these routes (undefined when it accepts them). */
+function normalizerError(routes: unknown[], extra: TRecord = {}): SmartProxyConfigError | undefined {
+  try {
+    normalizeOptions({ routes, ...extra } as unknown as ISmartProxyOptions);
+  } catch (err) {
+    if (err instanceof SmartProxyConfigError) return err;
+    throw err;
+  }
+  return undefined;
+}
+
+const ROUTE_PREFIX = 'routes[0] "every key": ';
+
+// ---------------------------------------------------------------------------------------------
+
+tap.test('the fixtures use every key the schema accepts', async () => {
+  const used = new Map<IObjectSchema, Set<string>>();
+  collectUsed(everyKeyRoute(), ROUTE_SCHEMA, used);
+  collectUsed(everyOption([]), OPTIONS_SCHEMA, used);
+  const unused = [...unusedKeys(ROUTE_SCHEMA, used, ''), ...unusedKeys(OPTIONS_SCHEMA, used, 'options.')];
+  if (unused.length > 0) throw new Error(`keys the fixtures do not set: ${unused.join(', ')}`);
+});
+
+tap.test('a route using every accepted key passes both validators', async () => {
+  const route = everyKeyRoute();
+  expect(validateRouteConfig(route as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
+  expect(validateRoutes([route as unknown as IRouteConfig])).toEqual({ valid: true, errors: [] });
+  expect(normalizerError([route])).toBeUndefined();
+  // The keys the two used to disagree on.
+  const { config } = normalizeOptions({ routes: [route] } as unknown as ISmartProxyOptions);
+  expect(config.routes[0].security.forwardAuthorization).toBeTrue();
+  expect(config.routes[0].action.sendProxyProtocol).toEqual(2);
+});
+
+tap.test('options using every option key: no error, and no "unknown options" warning', async () => {
+  const { warnings } = normalizeOptions(everyOption([everyKeyRoute()]) as unknown as ISmartProxyOptions);
+  expect(warnings.filter((w) => w.startsWith('unknown options'))).toEqual([]);
+  // Unknown options anywhere outside routes are a warning with their path, not an error.
+  const odd = everyOption([]);
+  odd.someUnknownOption = 1;
+  (odd.acme as TRecord).bogus = true;
+  (odd.defaults as TRecord).bogus = true;
+  const result = normalizeOptions(odd as unknown as ISmartProxyOptions);
+  expect(result.warnings).toContain('unknown options ignored: someUnknownOption, defaults.bogus, acme.bogus');
+});
+
+tap.test('an unknown key at any level of a route is reported by both validators, with its path', async () => {
+  const route = everyKeyRoute();
+  const paths = objectPaths(route, ROUTE_SCHEMA);
+  // Every level of a route is visited, each with its own object.
+  expect(paths.length > 25).toBeTrue();
+  for (const { path, schema } of paths) {
+    const bad = withKeyAt(route, path, 'bogusKey', 1);
+    const field = `${path}bogusKey`;
+    const errors = validateRouteConfig(bad as unknown as IRouteConfig).errors;
+    const thrown = normalizerError([bad]);
+    if (schema.open) {
+      // Compatibility blocks of the original: extra settings are accepted and ignored by both.
+      expect({ field, errors, thrown: thrown?.message }).toEqual({ field, errors: [], thrown: undefined });
+      continue;
+    }
+    const expected = `${field}: unknown field (expected one of ${Object.keys(schema.fields).join(', ')})`;
+    expect({ field, errors }).toEqual({ field, errors: [expected] });
+    expect({ field, thrown: thrown?.message }).toEqual({ field, thrown: `${ROUTE_PREFIX}${expected}` });
+    expect(validateRoutes([bad as unknown as IRouteConfig]).errors).toEqual([`${ROUTE_PREFIX}${expected}`]);
+  }
+  // The same for a target the route takes from options.defaults.
+  const plain = { name: 'd', match: { ports: 80 }, action: { type: 'forward' } };
+  expect(normalizerError([plain], { defaults: { target: { host: 'h', port: 1, hots: 'x' } } })?.message).toStartWith('routes[0] "d": defaults.target.hots: unknown field');
+});
+
+tap.test('keys the engine refuses for now are refused by both validators in the same words', async () => {
+  const cases: Array<[string, TRecord]> = [
+    ['action.targets[0].sendProxyProtocol', { targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] }],
+    ['action.targets[0].tls', { targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] }],
+    ['action.timeouts.idleMs', { targets: [{ host: 'h', port: 1 }], timeouts: { idleMs: 100 } }],
+    ['action.options.backendProtocol', { targets: [{ host: 'h', port: 1 }], options: { backendProtocol: 'http3' } }],
+    ['match.headers.x-a', { targets: [{ host: 'h', port: 1 }] }],
+    ['action.targets[0].match.headers.x-a', { targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] }],
+  ];
+  for (const [field, action] of cases) {
+    const route = { name: 'later', match: { ports: 80, ...(field === 'match.headers.x-a' ? { headers: { 'x-a': /b+/ } } : {}) }, action: { type: 'forward', ...action } };
+    const errors = validateRouteConfig(route as unknown as IRouteConfig).errors;
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toStartWith(`${field}: not supported yet (`);
+    expect(normalizerError([route])?.message).toEqual(`routes[0] "later": ${errors[0]}`);
+  }
+});
+
+tap.test('the (ext) Edge hygiene keys: bad values are refused by both validators, naming the field', async () => {
+  const base = (): TRecord => ({
+    name: 'e',
+    match: { ports: 80 },
+    action: { type: 'forward', targets: [{ host: 'h', port: 1 }], loadBalancing: { affinity: { key: 'ip' } } },
+    security: { rateLimit: { enabled: true, maxRequests: 1, window: 1 }, jwtAuth: { enabled: true, secret: 's' } },
+  });
+  const cases: Array<[string, unknown, string]> = [
+    ['action.normalizePath', 'yes', 'expected true or false, got "yes"'],
+    ['security.jwtAuth.requireExp', 1, 'expected true or false, got 1'],
+    ['security.rateLimit.maxKeys', 0, 'expected a positive integer, got 0'],
+    ['security.rateLimit.maxKeys', 1.5, 'expected a positive integer, got 1.5'],
+    ['security.rateLimit.maxKeys', '10', 'expected a positive integer, got "10"'],
+    ['action.loadBalancing.affinity.maxKeys', 0, 'expected a positive integer, got 0'],
+    ['action.loadBalancing.affinity.maxKeys', 2 ** 60, `expected a positive integer, got ${2 ** 60}`],
+  ];
+  for (const [field, value, reason] of cases) {
+    const dot = field.lastIndexOf('.');
+    const route = withKeyAt(base(), field.slice(0, dot + 1), field.slice(dot + 1), value);
+    expect(validateRouteConfig(route as unknown as IRouteConfig).errors).toEqual([`${field}: ${reason}`]);
+    expect(normalizerError([route])?.message).toEqual(`routes[0] "e": ${field}: ${reason}`);
+  }
+  // Good values pass both.
+  const good = base();
+  (good.action as TRecord).normalizePath = false;
+  const sec = good.security as { rateLimit: TRecord; jwtAuth: TRecord };
+  sec.rateLimit.maxKeys = 1;
+  sec.jwtAuth.requireExp = true;
+  expect(validateRouteConfig(good as unknown as IRouteConfig).errors).toEqual([]);
+  expect(normalizerError([good])).toBeUndefined();
+
+  // Options (validated by normalizeOptions only: validateRouteConfig sees routes).
+  const optionCases: Array<[TRecord, string]> = [
+    [{ trustForwardedHeaders: 'yes' }, 'options: trustForwardedHeaders: expected true or false, got "yes"'],
+    [{ httpKeepAliveTimeout: 0 }, 'options: httpKeepAliveTimeout: expected a positive number of milliseconds, got 0'],
+    [{ httpKeepAliveTimeout: -5 }, 'options: httpKeepAliveTimeout: expected a positive number of milliseconds, got -5'],
+    [{ httpKeepAliveTimeout: '2m' }, 'options: httpKeepAliveTimeout: expected a positive number of milliseconds, got "2m"'],
+    [{ httpKeepAliveTimeout: Infinity }, 'options: httpKeepAliveTimeout: expected a positive number of milliseconds, got Infinity'],
+  ];
+  for (const [extra, message] of optionCases) {
+    expect(normalizerError([], extra)?.message).toEqual(message);
+  }
+});
+
+tap.start();
