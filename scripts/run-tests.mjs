@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Runs every test of the project and ends with one line: "N passed, N failed".
-//   1. the Rust unit tests (`cargo test`), counted from libtest's "test result" lines;
+//   1. the Rust unit tests (`cargo test`), counted from libtest's "test result" lines; they are
+//      compiled first with no time limit (a first compile takes minutes on a small machine), and
+//      only their run is bounded;
 //   2. every tapbundle file test/test.*.ts in its own Node process (tsx), counted from its TAP.
 // A file that crashes, exits non-zero or hangs past TEST_FILE_TIMEOUT_MS counts as a failure.
 // Arguments filter the test files by substring; `--no-cargo` skips the Rust tests.
@@ -15,7 +17,7 @@ const runCargo = !args.includes('--no-cargo') && args.filter((a) => !a.startsWit
 const filter = args.filter((a) => !a.startsWith('--'));
 const timeoutMs = Number(process.env.TEST_FILE_TIMEOUT_MS ?? 180_000);
 
-function run(command, argv, label, onLine) {
+function run(command, argv, label, onLine, limitMs = timeoutMs) {
   return new Promise((resolve) => {
     const child = spawn(command, argv, {
       cwd: root,
@@ -36,12 +38,16 @@ function run(command, argv, label, onLine) {
     child.stdout.on('data', feed);
     child.stderr.on('data', feed);
     let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill('SIGKILL');
-    }, timeoutMs);
+    const timer =
+      limitMs === null
+        ? null
+        : setTimeout(() => {
+            timedOut = true;
+            child.kill('SIGKILL');
+          }, limitMs);
+    child.on('error', (err) => process.stdout.write(`[${label}] could not start ${command}: ${err.message}\n`));
     child.on('close', (code, signal) => {
-      clearTimeout(timer);
+      if (timer) clearTimeout(timer);
       if (buf) {
         process.stdout.write(`[${label}] ${buf}\n`);
         onLine(buf);
@@ -51,9 +57,21 @@ function run(command, argv, label, onLine) {
   });
 }
 
+/** Why a step ended badly, in words: a timeout, a signal or an exit code. */
+function describeEnd(result, limitMs) {
+  if (result.timedOut) return `killed after ${limitMs} ms (TEST_FILE_TIMEOUT_MS)`;
+  if (result.signal) return `killed by ${result.signal}`;
+  return `exit ${result.code}`;
+}
+
 async function runCargoTests() {
   let passed = 0;
   let failed = 0;
+  const built = await run('cargo', ['test', '--lib', '--no-run', '--quiet'], 'cargo test', () => {}, null);
+  if (built.code !== 0) {
+    process.stdout.write(`[cargo test] not ok - the Rust tests did not compile (${describeEnd(built, null)})\n`);
+    return { passed, failed: 1 };
+  }
   const result = await run('cargo', ['test', '--lib', '--quiet'], 'cargo test', (line) => {
     const m = /^test result: \w+\. (\d+) passed; (\d+) failed/.exec(line);
     if (m) {
@@ -61,7 +79,10 @@ async function runCargoTests() {
       failed += Number(m[2]);
     }
   });
-  if (result.code !== 0 && failed === 0) failed = 1;
+  if (result.code !== 0 && failed === 0) {
+    process.stdout.write(`[cargo test] not ok - the Rust tests ended without a result (${describeEnd(result, timeoutMs)})\n`);
+    failed = 1;
+  }
   return { passed, failed };
 }
 
@@ -78,7 +99,7 @@ async function runTapFile(file) {
   let missing = plan === null ? (passed + failed === 0 ? 1 : 0) : Math.max(0, plan - passed - failed);
   if ((result.code !== 0 || result.timedOut) && failed === 0 && missing === 0) missing = 1;
   if (missing > 0) {
-    const why = result.timedOut ? `timed out after ${timeoutMs} ms` : `exit ${result.code ?? result.signal}`;
+    const why = describeEnd(result, timeoutMs);
     process.stdout.write(`[${file}] not ok - ${missing} test(s) did not report (${why})\n`);
   }
   return { passed, failed: failed + missing };

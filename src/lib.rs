@@ -3,6 +3,7 @@
 
 mod acme;
 mod balance;
+mod bounded;
 mod bridge;
 mod config;
 mod engine;

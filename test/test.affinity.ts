@@ -310,6 +310,27 @@ tap.test('memory only: a whole session (10 requests on new connections) stays on
   });
 });
 
+tap.test('maxKeys: 200 unique 8 KiB session values keep at most maxKeys bindings (evictions counted); a long value is bound by its digest', async () => {
+  await withCleanup(async (defer) => {
+    const [a, b] = await startBackends(defer, 'tk');
+    const [port] = await freePorts(1);
+    const proxy = await startProxy({ routes: [mcpRoute(port, [a, b], { ...mcpAffinity, maxKeys: 20 })] }, defer);
+    const long = (i: number): string => `${'s'.repeat(8 * 1024)}-${i}`;
+    // Ids the backends never issued: each is bound on first sight (onUnknown 'assign') and the
+    // backend answers for itself that it does not know it.
+    for (let i = 0; i < 200; i++) expect((await post(port, { session: long(i) })).body).toEqual('unknown session');
+    const stats = proxy.getStatistics().affinity!;
+    expect(stats.memoryEntries).toBeLessThan(21);
+    expect(stats.evictions).toBeGreaterThan(179);
+    // The newest long value is still bound (by its digest): its next requests go where its first went.
+    const reached = (backend: IMcpBackend): number => backend.requests.filter((r) => r.session === long(199)).length;
+    const first = reached(a) === 1 ? a : b;
+    for (let i = 0; i < 3; i++) await post(port, { session: long(199) });
+    expect(reached(first)).toEqual(4);
+    await noConnectionsLeft(proxy);
+  });
+});
+
 tap.test("onUnknown 'reject': an id nobody issued gets 400 from the proxy and never reaches a backend; a fresh session works", async () => {
   await withCleanup(async (defer) => {
     const [a, b] = await startBackends(defer, 't2');

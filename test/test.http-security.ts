@@ -987,6 +987,27 @@ tap.test('config: rateLimit/basicAuth/jwtAuth on a passthrough or raw route thro
 // Memory
 // ---------------------------------------------------------------------------------------------
 
+tap.test('rateLimit.maxKeys: the least recently used key is forgotten at the cap (counted); long values are keyed by their digest', async () => {
+  const [port] = await freePorts(1);
+  await withBackend(async (backend) => {
+    const security: IRouteSecurity = { rateLimit: { enabled: true, maxRequests: 1, window: 300, keyBy: 'header', headerName: 'x-key', maxKeys: 3 } };
+    await withProxy([route('capped', port, backend, security)], async (proxy) => {
+      const status = async (key: string): Promise<number> => (await request(port, { headers: { 'x-key': key } })).status;
+      expect(await status('k1')).toEqual(200);
+      expect(await status('k1')).toEqual(429);
+      for (const key of ['k2', 'k3', 'k4']) expect(await status(key)).toEqual(200);
+      // k1 was the least recently used of four keys in a map of three: forgotten, so fresh again.
+      expect(await status('k1')).toEqual(200);
+      expect(proxy.getStatistics().rateLimitEvictions).toBeGreaterThan(0);
+      // Two long values that differ only at their end have budgets of their own.
+      const long = 'v'.repeat(4096);
+      expect(await status(`${long}a`)).toEqual(200);
+      expect(await status(`${long}b`)).toEqual(200);
+      expect(await status(`${long}a`)).toEqual(429);
+    });
+  });
+});
+
 tap.test('memory: 100,000 distinct rate-limit keys leave memory bounded', async () => {
   const [port] = await freePorts(1);
   await withBackend(async (backend) => {

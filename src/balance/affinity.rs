@@ -4,6 +4,8 @@
 //! racing on a new value agree on one backend. Each Redis call is bounded by a short timeout; while
 //! Redis is unreachable the replica's own memory answers (bindings are written to both), the
 //! outage is logged once and fallbacks are counted; once Redis answers again it is used again.
+//! Values come from clients, so they are bounded: long ones stand as their digest, and each
+//! route keeps at most `maxKeys` bindings in memory (least recently used evicted first).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::redis_lookups::{RedisAddress, RedisLookups, RedisTarget};
+use crate::bounded::{bounded_value, BoundedMap};
 
 /// One Redis round trip may take this long before the replica's memory answers instead.
 const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(250);
@@ -45,8 +48,12 @@ impl AffinityKey {
         Err(format!("expected 'ip', 'header:NAME' or 'cookie:NAME', got {text:?}"))
     }
 
-    /// The value a request carries (the client IP always has one).
+    /// The value a request carries (the client IP always has one), bounded in size.
     pub fn request_value(&self, client_ip: std::net::IpAddr, headers: &HeaderMap) -> Option<String> {
+        self.request_value_as_sent(client_ip, headers).map(bounded)
+    }
+
+    fn request_value_as_sent(&self, client_ip: std::net::IpAddr, headers: &HeaderMap) -> Option<String> {
         match self {
             AffinityKey::ClientIp => Some(client_ip.to_string()),
             AffinityKey::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(str::to_string),
@@ -59,8 +66,13 @@ impl AffinityKey {
         }
     }
 
-    /// A value a backend's response issues (a session header, or `Set-Cookie: NAME=...`).
+    /// A value a backend's response issues (a session header, or `Set-Cookie: NAME=...`),
+    /// bounded as request values are, so that both name the same binding.
     pub fn response_value(&self, headers: &HeaderMap) -> Option<String> {
+        self.response_value_as_sent(headers).map(bounded)
+    }
+
+    fn response_value_as_sent(&self, headers: &HeaderMap) -> Option<String> {
         match self {
             AffinityKey::ClientIp => None,
             AffinityKey::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(str::to_string),
@@ -70,6 +82,13 @@ impl AffinityKey {
                 .filter_map(|v| v.to_str().ok())
                 .find_map(|v| v.split(';').next().and_then(|pair| cookie_value(pair, name))),
         }
+    }
+}
+
+fn bounded(value: String) -> String {
+    match bounded_value(&value) {
+        std::borrow::Cow::Borrowed(_) => value,
+        std::borrow::Cow::Owned(digest) => digest,
     }
 }
 
@@ -116,6 +135,8 @@ pub struct Affinity {
     pub on_unknown: OnUnknown,
     /// Entries belong to the route (its id, else its name): `affinity:<route>:`.
     pub namespace: String,
+    /// Bindings the route keeps in memory at most.
+    pub max_keys: usize,
 }
 
 impl Affinity {
@@ -144,11 +165,17 @@ pub struct AffinityStats {
     pub redis_lookups: u64,
     pub redis_fallbacks: u64,
     pub memory_entries: usize,
+    /// Bindings dropped from memory to keep a route within its `maxKeys`.
+    pub evictions: u64,
 }
+
+/// A binding in memory: the backend and when it expires.
+type Binding = (String, Instant);
 
 #[derive(Default)]
 pub struct AffinityStore {
-    memory: Mutex<HashMap<String, (String, Instant)>>,
+    /// Per route namespace, its bindings by value.
+    memory: Mutex<HashMap<Box<str>, BoundedMap<String, Binding>>>,
     redis: Option<Redis>,
     lookups: AtomicU64,
     redis_lookups: AtomicU64,
@@ -175,51 +202,53 @@ impl AffinityStore {
         Ok(AffinityStore { redis, ..AffinityStore::default() })
     }
 
-    /// The backend `entry` is bound to, refreshing its TTL.
-    pub async fn lookup(&self, entry: &str, ttl: Duration) -> Option<String> {
+    /// The backend `value` is bound to for the route of `affinity`, refreshing its TTL.
+    pub async fn lookup(&self, affinity: &Affinity, value: &str) -> Option<String> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
+        let ttl = affinity.ttl;
         if let Some(redis) = &self.redis {
             self.redis_lookups.fetch_add(1, Ordering::Relaxed);
             let lookups = redis.lookups.get_or_init(|| RedisLookups::start(redis.target.clone(), REDIS_CALL_TIMEOUT));
             // The lookup connection bounds the wait (one timer for all), so a lookup needs no timer of its own.
-            let answered = lookups.getex(&redis.prefix, entry, ttl.as_secs().max(1)).await.map_err(|err| err.to_string());
+            let answered = lookups.getex(&redis.prefix, &affinity.entry(value), ttl.as_secs().max(1)).await.map_err(|err| err.to_string());
             if let Some(answer) = self.redis_answer(redis, answered) {
                 if let Some(backend) = &answer {
                     // Kept in memory too, so an outage does not lose live sessions; an unchanged
                     // binding only has its expiry moved (no allocation on the hot path).
                     let expires = Instant::now() + ttl;
                     let mut memory = self.memory.lock();
-                    match memory.get_mut(entry) {
+                    let bindings = Self::bindings(&mut memory, affinity);
+                    match bindings.get_mut(value) {
                         Some(held) if held.0 == *backend => held.1 = expires,
-                        _ => {
-                            memory.insert(entry.to_string(), (backend.clone(), expires));
-                        }
+                        _ => bindings.insert(value.to_string(), (backend.clone(), expires)),
                     }
                 }
                 return answer;
             }
         }
         let mut memory = self.memory.lock();
+        let bindings = memory.get_mut(affinity.namespace.as_str())?;
         let now = Instant::now();
-        match memory.get_mut(entry) {
+        match bindings.get_mut(value) {
             Some((backend, expires)) if *expires > now => {
                 *expires = now + ttl;
                 Some(backend.clone())
             }
             Some(_) => {
-                memory.remove(entry);
+                bindings.remove(value);
                 None
             }
             None => None,
         }
     }
 
-    /// Binds `entry` to `backend`. `only_if_new`: another replica's binding made meanwhile wins,
-    /// and the backend bound in the end is returned.
-    pub async fn bind(&self, entry: &str, backend: &str, ttl: Duration, only_if_new: bool) -> String {
+    /// Binds `value` to `backend` for the route of `affinity`. `only_if_new`: another replica's
+    /// binding made meanwhile wins, and the backend bound in the end is returned.
+    pub async fn bind(&self, affinity: &Affinity, value: &str, backend: &str, only_if_new: bool) -> String {
+        let ttl = affinity.ttl;
         let mut bound = backend.to_string();
         if let Some(redis) = &self.redis {
-            let key = concat(&redis.prefix, entry);
+            let key = concat(&redis.prefix, &affinity.entry(value));
             let mut cmd = redis::cmd("SET");
             cmd.arg(&key).arg(backend);
             if only_if_new {
@@ -237,8 +266,14 @@ impl AffinityStore {
                 }
             }
         }
-        self.memory.lock().insert(entry.to_string(), (bound.clone(), Instant::now() + ttl));
+        let mut memory = self.memory.lock();
+        Self::bindings(&mut memory, affinity).insert(value.to_string(), (bound.clone(), Instant::now() + ttl));
         bound
+    }
+
+    /// The route's bindings, made on first use with the route's cap.
+    fn bindings<'m>(memory: &'m mut HashMap<Box<str>, BoundedMap<String, Binding>>, affinity: &Affinity) -> &'m mut BoundedMap<String, Binding> {
+        memory.entry(affinity.namespace.as_str().into()).or_insert_with(|| BoundedMap::new(affinity.max_keys))
     }
 
     /// The answer within `REDIS_CALL_TIMEOUT`, or `None` when Redis failed or timed out (then
@@ -278,15 +313,22 @@ impl AffinityStore {
     /// Drops expired entries (memory stays bounded by live sessions).
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.memory.lock().retain(|_, (_, expires)| *expires > now);
+        for bindings in self.memory.lock().values_mut() {
+            bindings.retain(|(_, expires)| *expires > now);
+        }
     }
 
     pub fn stats(&self) -> AffinityStats {
+        let (memory_entries, evictions) = {
+            let memory = self.memory.lock();
+            (memory.values().map(BoundedMap::len).sum(), memory.values().map(BoundedMap::evictions).sum())
+        };
         AffinityStats {
             lookups: self.lookups.load(Ordering::Relaxed),
             redis_lookups: self.redis_lookups.load(Ordering::Relaxed),
             redis_fallbacks: self.fallbacks.load(Ordering::Relaxed),
-            memory_entries: self.memory.lock().len(),
+            memory_entries,
+            evictions,
         }
     }
 }
@@ -318,19 +360,51 @@ mod tests {
         assert_eq!(header.response_value(&response), None);
     }
 
+    fn affinity(ttl: Duration, max_keys: usize) -> Affinity {
+        Affinity { key: AffinityKey::ClientIp, ttl, on_unknown: OnUnknown::Assign, namespace: "affinity:r:".into(), max_keys }
+    }
+
     #[tokio::test]
     async fn memory_bindings_expire_and_lookups_refresh_them() {
         let store = AffinityStore::new(None).unwrap();
-        let ttl = Duration::from_millis(50);
-        assert_eq!(store.lookup("a", ttl).await, None);
-        assert_eq!(store.bind("a", "h:1", ttl, true).await, "h:1");
+        let a = affinity(Duration::from_millis(50), 10);
+        assert_eq!(store.lookup(&a, "a").await, None);
+        assert_eq!(store.bind(&a, "a", "h:1", true).await, "h:1");
         tokio::time::sleep(Duration::from_millis(30)).await;
-        assert_eq!(store.lookup("a", ttl).await.as_deref(), Some("h:1"));
+        assert_eq!(store.lookup(&a, "a").await.as_deref(), Some("h:1"));
         tokio::time::sleep(Duration::from_millis(30)).await;
-        assert_eq!(store.lookup("a", ttl).await.as_deref(), Some("h:1"), "the lookup refreshed the TTL");
+        assert_eq!(store.lookup(&a, "a").await.as_deref(), Some("h:1"), "the lookup refreshed the TTL");
         tokio::time::sleep(Duration::from_millis(80)).await;
         store.sweep();
-        assert_eq!(store.lookup("a", ttl).await, None);
+        assert_eq!(store.lookup(&a, "a").await, None);
         assert_eq!(store.stats().memory_entries, 0);
+    }
+
+    #[tokio::test]
+    async fn each_route_keeps_at_most_max_keys_the_least_recently_used_evicted() {
+        let store = AffinityStore::new(None).unwrap();
+        let small = affinity(Duration::from_secs(60), 3);
+        let other = Affinity { namespace: "affinity:other:".into(), ..affinity(Duration::from_secs(60), 3) };
+        for value in ["a", "b", "c"] {
+            store.bind(&small, value, "h:1", true).await;
+        }
+        store.bind(&other, "a", "h:2", true).await;
+        assert_eq!(store.lookup(&small, "a").await.as_deref(), Some("h:1"));
+        store.bind(&small, "d", "h:1", true).await;
+        assert_eq!(store.lookup(&small, "b").await, None, "b was the least recently used");
+        assert_eq!(store.lookup(&small, "a").await.as_deref(), Some("h:1"));
+        assert_eq!(store.lookup(&other, "a").await.as_deref(), Some("h:2"), "routes do not share a cap");
+        let stats = store.stats();
+        assert_eq!((stats.memory_entries, stats.evictions), (4, 1));
+    }
+
+    #[test]
+    fn long_values_are_bound_by_their_digest() {
+        let key = AffinityKey::parse("header:x-session").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-session", HeaderValue::from_str(&"s".repeat(8 * 1024)).unwrap());
+        let value = key.request_value("10.0.0.1".parse().unwrap(), &headers).unwrap();
+        assert!(value.starts_with("sha256:") && value.len() == 71, "{value}");
+        assert_eq!(key.response_value(&headers), Some(value), "a response issuing it names the same binding");
     }
 }

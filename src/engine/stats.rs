@@ -37,6 +37,9 @@ pub struct Statistics {
     pub backends: BTreeMap<String, Vec<BackendStatus>>,
     /// Session-affinity lookups, Redis round trips and fallbacks to memory (once started).
     pub affinity: Option<AffinityStats>,
+    /// Rate-limit keys dropped to keep routes within `rateLimit.maxKeys` (routes of the current
+    /// table; affinity evictions are under `affinity`).
+    pub rate_limit_evictions: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,6 +132,7 @@ impl Engine {
                 .filter(|(_, backends)| !backends.is_empty())
                 .collect(),
             affinity: self.affinity_stats(),
+            rate_limit_evictions: self.table.read().routes().iter().filter_map(|r| r.http_security.as_ref()).map(|s| s.rate_limit_evictions()).sum(),
         }
     }
 

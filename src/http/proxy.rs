@@ -172,29 +172,29 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let affinity = route.affinity.as_ref();
     let request_value = affinity.and_then(|a| a.key.request_value(ctx.client_ip, req.headers()));
     let mut bound_target = None;
-    let mut to_bind: Option<(String, bool)> = None;
+    // Some(only_if_new): the value is to be bound to the target picked below.
+    let mut to_bind: Option<bool> = None;
     if let (Some(affinity), Some(value)) = (affinity, &request_value) {
-        let entry = affinity.entry(value);
-        match Box::pin(ctx.env.affinity.lookup(&entry, affinity.ttl)).await {
+        match Box::pin(ctx.env.affinity.lookup(affinity, value)).await {
             Some(backend) => {
                 bound_target = route.select_bound(ctx.local_port, ctx.client_ip, Some(&facts), &backend);
                 if bound_target.is_none() {
                     // Its backend is down or gone: the replacement takes the binding over.
-                    to_bind = Some((entry, false));
+                    to_bind = Some(false);
                 }
             }
             None if affinity.on_unknown == OnUnknown::Reject && affinity.key != AffinityKey::ClientIp => {
                 return Err(text_response(StatusCode::BAD_REQUEST, "unknown session"));
             }
-            None => to_bind = Some((entry, true)),
+            None => to_bind = Some(true),
         }
     }
     let Some(mut target) = bound_target.or_else(|| route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts))) else {
         return Err(text_response(StatusCode::BAD_GATEWAY, "no target for this request"));
     };
-    if let (Some(affinity), Some((entry, only_if_new))) = (affinity, to_bind) {
+    if let (Some(affinity), Some(value), Some(only_if_new)) = (affinity, &request_value, to_bind) {
         let backend = format!("{}:{}", target.host, target.port);
-        let winner = Box::pin(ctx.env.affinity.bind(&entry, &backend, affinity.ttl, only_if_new)).await;
+        let winner = Box::pin(ctx.env.affinity.bind(affinity, value, &backend, only_if_new)).await;
         // Another replica bound this value first: follow its choice.
         if winner != backend {
             if let Some(theirs) = route.select_bound(ctx.local_port, ctx.client_ip, Some(&facts), &winner) {
@@ -390,7 +390,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     if let Some(affinity) = affinity {
         if let Some(issued) = affinity.key.response_value(&parts.headers).filter(|v| request_value.as_ref() != Some(v)) {
             let backend = format!("{}:{}", target.host, target.port);
-            Box::pin(ctx.env.affinity.bind(&affinity.entry(&issued), &backend, affinity.ttl, false)).await;
+            Box::pin(ctx.env.affinity.bind(affinity, &issued, &backend, false)).await;
         }
     }
     strip_hop_by_hop(&mut parts.headers, false);

@@ -516,6 +516,7 @@ impl Route {
                     ttl: Duration::from_secs(a.ttl_seconds.max(1)),
                     on_unknown: if a.reject_unknown { OnUnknown::Reject } else { OnUnknown::Assign },
                     namespace: format!("affinity:{owner}:"),
+                    max_keys: a.max_keys.max(1),
                 })
             }
         };

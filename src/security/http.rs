@@ -1,24 +1,22 @@
 //! Admission at L7, per request of a route served by the HTTP engine: the rate limit (GCRA per key,
-//! governor) and authentication (basic, constant-time; JWT, jsonwebtoken). Compiled once per route
+//! keys bounded in number and size) and authentication (basic, constant-time; JWT, jsonwebtoken). Compiled once per route
 //! table. Knows nothing of hyper's connections, of upstreams or of napi: it looks at a request's
 //! facts and answers pass or refuse.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
 use base64::Engine as _;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use subtle::ConstantTimeEq;
 
+use crate::bounded::{bounded_bytes, BoundedMap};
 use crate::config::{BasicAuthConfig, JwtAuthConfig, RateLimitConfig, RateLimitKey};
 use crate::routing::path::PathPattern;
 
@@ -111,15 +109,20 @@ impl HttpSecurity {
     /// Forgets rate-limit keys whose state is back to fresh (called once a second).
     pub fn sweep(&self) {
         if let Some(limit) = &self.rate_limit {
-            limit.limiter.retain_recent();
-            limit.limiter.shrink_to_fit();
+            limit.sweep();
         }
+    }
+
+    /// Rate-limit keys evicted to stay within `maxKeys`.
+    pub fn rate_limit_evictions(&self) -> u64 {
+        self.rate_limit.as_ref().map_or(0, |limit| limit.keys.lock().evictions())
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum RateKey {
     Ip(IpAddr),
+    /// A path or header value, hashed when long (`bounded_bytes`).
     Bytes(Box<[u8]>),
 }
 
@@ -129,30 +132,38 @@ enum KeyBy {
     Header(HeaderName),
 }
 
+/// GCRA per key: a fresh key may send `maxRequests` at once, then one more every
+/// `window / maxRequests`. Each key keeps its theoretical arrival time; a key whose time has
+/// passed is as good as fresh and is forgotten by the sweep.
 pub struct RateLimit {
-    limiter: DefaultKeyedRateLimiter<RateKey>,
+    keys: Mutex<BoundedMap<RateKey, Instant>>,
+    /// `window / maxRequests`.
+    period: Duration,
+    /// `period * maxRequests`: how far ahead of now a key's arrival time may run.
+    burst: Duration,
     key_by: KeyBy,
     message: String,
 }
 
 impl std::fmt::Debug for RateLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimit").field("keys", &self.limiter.len()).field("message", &self.message).finish()
+        f.debug_struct("RateLimit").field("keys", &self.keys.lock().len()).field("message", &self.message).finish()
     }
 }
 
 impl RateLimit {
     fn compile(config: &RateLimitConfig) -> Result<RateLimit, (String, String)> {
         let field = |f: &str| format!("security.rateLimit.{f}");
-        let burst = NonZeroU32::new(config.max_requests).ok_or_else(|| (field("maxRequests"), "must be at least 1".to_string()))?;
+        if config.max_requests == 0 {
+            return Err((field("maxRequests"), "must be at least 1".into()));
+        }
         if config.window_seconds == 0 {
             return Err((field("window"), "must be at least 1 second".into()));
         }
-        // GCRA: a fresh key may send `maxRequests` at once, then one more every window/maxRequests.
-        let period = Duration::from_secs(config.window_seconds) / config.max_requests;
-        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
-            .ok_or_else(|| (field("window"), "too short".to_string()))?
-            .allow_burst(burst);
+        if config.max_keys == 0 {
+            return Err((field("maxKeys"), "must be at least 1".into()));
+        }
+        let period = (Duration::from_secs(config.window_seconds) / config.max_requests).max(Duration::from_nanos(1));
         let key_by = match config.key_by {
             RateLimitKey::Ip => KeyBy::Ip,
             RateLimitKey::Path => KeyBy::Path,
@@ -161,20 +172,40 @@ impl RateLimit {
                 KeyBy::Header(HeaderName::from_bytes(name.as_bytes()).map_err(|_| (field("headerName"), format!("{name:?} is not a header name")))?)
             }
         };
-        Ok(RateLimit { limiter: DefaultKeyedRateLimiter::keyed(quota), key_by, message: config.error_message.clone() })
+        Ok(RateLimit {
+            keys: Mutex::new(BoundedMap::new(config.max_keys)),
+            period,
+            burst: period * config.max_requests,
+            key_by,
+            message: config.error_message.clone(),
+        })
     }
 
     fn check(&self, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
         let key = match &self.key_by {
             KeyBy::Ip => RateKey::Ip(client_ip),
-            KeyBy::Path => RateKey::Bytes(path.as_bytes().into()),
+            KeyBy::Path => RateKey::Bytes(bounded_bytes(path.as_bytes()).into()),
             // Requests without the header share one budget.
-            KeyBy::Header(name) => RateKey::Bytes(headers.get(name).map_or(&[][..], HeaderValue::as_bytes).into()),
+            KeyBy::Header(name) => RateKey::Bytes(bounded_bytes(headers.get(name).map_or(&[][..], HeaderValue::as_bytes)).into()),
         };
-        self.limiter.check_key(&key).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            Refusal::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64, message: self.message.clone() }
-        })
+        let now = Instant::now();
+        let mut keys = self.keys.lock();
+        let arrival = keys.get_mut(&key).map_or(now, |at| (*at).max(now));
+        let next = arrival + self.period;
+        if next > now + self.burst {
+            let wait = next - self.burst - now;
+            return Err(Refusal::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64, message: self.message.clone() });
+        }
+        match keys.get_mut(&key) {
+            Some(at) => *at = next,
+            None => keys.insert(key, next),
+        }
+        Ok(())
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.keys.lock().retain(|arrival| *arrival > now);
     }
 }
 

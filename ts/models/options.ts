@@ -132,8 +132,10 @@ export interface IStatistics {
   refusals: Record<string, { rateLimited: number; unauthorized: number; forbidden: number }>;
   /** (ext) Per route with static targets: each backend's health (active and passive checks) and in-flight connections or requests. */
   backends: Record<string, Array<{ host: string; port: number; healthy: boolean; inFlight: number }>>;
-  /** (ext) Session affinity since start: lookups, of them Redis round trips, Redis failures answered from memory, entries held in memory. */
-  affinity: { lookups: number; redisLookups: number; redisFallbacks: number; memoryEntries: number } | null;
+  /** (ext) Session affinity since start: lookups, of them Redis round trips, Redis failures answered from memory, entries held in memory, entries evicted to keep routes within `affinity.maxKeys`. */
+  affinity: { lookups: number; redisLookups: number; redisFallbacks: number; memoryEntries: number; evictions: number } | null;
+  /** (ext) Rate-limit keys evicted to keep routes within `rateLimit.maxKeys` (the routes in force). */
+  rateLimitEvictions: number;
 }
 
 /** Bytes per second, on the client side: `in` from clients, `out` to them. */
