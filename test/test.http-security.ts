@@ -743,6 +743,40 @@ async function eventually(run: () => Promise<IResult>, status: number, timeoutMs
   }
 }
 
+tap.test('maxConnections on an HTTP route: a client that leaves while its request waits on a silent backend frees its slot', async () => {
+  const [port] = await freePorts(1);
+  // The first request is never answered; later ones are.
+  let seen = 0;
+  const backend = http.createServer((_req, res) => {
+    if (++seen > 1) res.end('ok');
+  });
+  await new Promise<void>((resolve) => backend.listen(0, '127.0.0.1', resolve));
+  const backendPort = (backend.address() as AddressInfo).port;
+  const routes: IRouteConfig[] = [
+    { name: 'one-at-a-time', match: { ports: port, domains: 'app.test' }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: backendPort }] }, security: { maxConnections: 1 } },
+  ];
+  try {
+    await withProxy(routes, async () => {
+      const gone = net.connect(port, '127.0.0.1', () => gone.write('GET /slow HTTP/1.1\r\nHost: app.test\r\n\r\n'));
+      gone.on('error', () => undefined);
+      await waitFor(() => seen === 1);
+      gone.destroy();
+      // Its request still waits upstream, but the client is gone: the next client is admitted
+      // (503 until the proxy has seen it go).
+      const deadline = Date.now() + 5000;
+      let status = 0;
+      while (status !== 200 && Date.now() < deadline) {
+        status = (await request(port, { path: '/next' })).status;
+        if (status !== 200) await sleep(100);
+      }
+      expect(status).toEqual(200);
+    });
+  } finally {
+    backend.closeAllConnections();
+    await new Promise<void>((resolve) => backend.close(() => resolve()));
+  }
+});
+
 tap.test('maxConnections on an HTTP route: 503 while N requests are in flight, admitted again once one finishes', async () => {
   const [port] = await freePorts(1);
   await withBackend(async (backend) => {

@@ -3,8 +3,10 @@
 //! settings, protocol). HTTP/1.1 connections are reused only after a request/response exchange
 //! ended cleanly on both sides (a response that arrives before its request body was fully sent
 //! leaves the connection unusable: it is closed, never pooled). Idle connections expire after
-//! `idle_timeout`; a per-host cap bounds all connections (idle and busy) to one upstream, and a
-//! request that cannot get a slot within the connect timeout fails as pool exhaustion (502).
+//! `idle_timeout`; a per-backend cap bounds all connections (idle and busy, whatever their key:
+//! TLS settings, protocol, PROXY header) to one upstream address. When the cap is reached, an
+//! idle connection of another key to the same backend gives its slot up; a request that still
+//! cannot get a slot within the connect timeout fails as pool exhaustion (502).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -110,11 +112,15 @@ struct HostEntry {
     idle: Vec<IdleH1>,
     /// HTTP/2 multiplexes: one live connection per key serves every request.
     h2: Option<(http2::SendRequest<ProxyBody>, Arc<OwnedSemaphorePermit>)>,
-    slots: Option<Arc<Semaphore>>,
 }
+
+/// One upstream address, whatever the keys connecting to it.
+type Backend = (Arc<str>, u16);
 
 pub struct UpstreamPool {
     hosts: Mutex<HashMap<PoolKey, HostEntry>>,
+    /// The per-backend cap: one permit per open connection (idle or busy).
+    slots: Mutex<HashMap<Backend, Arc<Semaphore>>>,
     settings: PoolSettings,
 }
 
@@ -134,7 +140,7 @@ impl Checkout {
 
 impl UpstreamPool {
     pub fn new(settings: PoolSettings) -> Self {
-        UpstreamPool { hosts: Mutex::new(HashMap::new()), settings }
+        UpstreamPool { hosts: Mutex::new(HashMap::new()), slots: Mutex::new(HashMap::new()), settings }
     }
 
     /// A pooled connection when one is idle and alive, else a new one.
@@ -155,10 +161,17 @@ impl UpstreamPool {
     async fn connect(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool, may_reuse: bool) -> Result<Checkout, UpstreamError> {
         let deadline = Instant::now() + connect_timeout;
         let slots = self.slots(key);
-        let permit = tokio::time::timeout_at(deadline.into(), slots.acquire_owned())
-            .await
-            .map_err(|_| UpstreamError::PoolExhausted)?
-            .map_err(|_| UpstreamError::PoolExhausted)?;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // At the cap: an idle connection of another key to this backend gives way.
+                self.evict_one_idle(key);
+                tokio::time::timeout_at(deadline.into(), slots.acquire_owned())
+                    .await
+                    .map_err(|_| UpstreamError::PoolExhausted)?
+                    .map_err(|_| UpstreamError::PoolExhausted)?
+            }
+        };
         // A slot may have been freed by a connection going idle: prefer it to a new connect.
         if may_reuse {
             if let Some(reused) = self.take_idle(key).await {
@@ -254,9 +267,21 @@ impl UpstreamPool {
     }
 
     fn slots(&self, key: &PoolKey) -> Arc<Semaphore> {
-        let mut hosts = self.hosts.lock();
-        let entry = hosts.entry(key.clone()).or_default();
-        entry.slots.get_or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_per_host))).clone()
+        let mut slots = self.slots.lock();
+        slots.entry((key.host.clone(), key.port)).or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_per_host))).clone()
+    }
+
+    /// Closes the oldest idle HTTP/1.1 connection to `key`'s backend, of any key, freeing its slot.
+    fn evict_one_idle(&self, key: &PoolKey) {
+        let evicted = {
+            let mut hosts = self.hosts.lock();
+            let oldest = hosts
+                .iter_mut()
+                .filter(|(other, entry)| other.host == key.host && other.port == key.port && !entry.idle.is_empty())
+                .min_by_key(|(_, entry)| entry.idle.first().map(|idle| idle.since));
+            oldest.map(|(_, entry)| entry.idle.remove(0))
+        };
+        drop(evicted);
     }
 
     /// Gives an HTTP/1.1 connection back after a clean exchange.
@@ -293,18 +318,57 @@ impl UpstreamPool {
                 entry.h2 = None;
             }
         }
-        hosts.retain(|_, entry| {
-            !entry.idle.is_empty()
-                || entry.h2.is_some()
-                || entry.slots.as_ref().is_some_and(|s| s.available_permits() < self.settings.max_per_host)
-        });
+        hosts.retain(|_, entry| !entry.idle.is_empty() || entry.h2.is_some());
         drop(hosts);
         drop(expired);
+        let max = self.settings.max_per_host;
+        self.slots.lock().retain(|_, slots| slots.available_permits() < max);
     }
 
     /// Closes every idle connection (engine stop).
     pub fn clear(&self) {
         let drained: Vec<HostEntry> = self.hosts.lock().drain().map(|(_, entry)| entry).collect();
         drop(drained);
+        self.slots.lock().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend that accepts and holds connections without a word.
+    async fn silent_backend() -> (u16, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (port, task)
+    }
+
+    fn key(port: u16, client: &str) -> PoolKey {
+        PoolKey { host: "127.0.0.1".into(), port, protocol: UpstreamProtocol::Http1, tls: None, proxy_header: Some(Arc::from(client.as_bytes())) }
+    }
+
+    #[tokio::test]
+    async fn the_cap_holds_per_backend_across_keys_and_idle_connections_give_way() {
+        let (port, backend) = silent_backend().await;
+        let pool = UpstreamPool::new(PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 8, max_per_host: 2 });
+        let wait = Duration::from_millis(200);
+        let busy_a = pool.checkout(&key(port, "a"), wait, true).await.expect("a");
+        let Checkout::Http1 { sender, permit, .. } = pool.checkout(&key(port, "b"), wait, true).await.expect("b") else {
+            panic!("http/1.1 expected");
+        };
+        // Two connections, each for another client: a third client's key finds the cap.
+        assert!(matches!(pool.checkout(&key(port, "c"), wait, true).await, Err(UpstreamError::PoolExhausted)));
+        // b's connection goes idle: c's request takes its slot (b's connection is closed).
+        pool.put_back(&key(port, "b"), sender, permit);
+        assert!(pool.checkout(&key(port, "c"), wait, true).await.is_ok());
+        drop(busy_a);
+        backend.abort();
     }
 }

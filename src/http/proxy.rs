@@ -73,6 +73,14 @@ pub struct ConnectionContext {
     pub tunnels: TunnelScope,
     /// `client_ip` and `local_port` formatted for `X-Forwarded-For` and `X-Forwarded-Port`.
     pub header_values: ConnectionValues,
+    /// The client's socket, to see whether it has closed its sending side while an HTTP/1
+    /// request waits (`send_watching_client`). Valid for as long as HTTP/1 requests of the
+    /// connection run: hyper runs them inside the connection that owns the socket.
+    pub client_fd: Option<std::os::fd::RawFd>,
+    /// HTTP/2: how many upstream exchanges this one client connection may hold at once (made on
+    /// its first stream), so that streams a client stalls cannot take a backend's whole pool.
+    pub upstream_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
+    pub max_upstream_per_client: usize,
 }
 
 pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
@@ -143,7 +151,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             route_id: route.id.clone(),
         });
     }
-    let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
+    let Some(mut route_slot) = RouteGuard::acquire(&route.stats, route.max_connections).map(Some) else {
         return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached"));
     };
     // Rate limit, then authentication: refused requests never reach an upstream.
@@ -271,6 +279,8 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
     let response_timeout = route.http.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
     let pool = &ctx.env.pool;
     let mut attempt: u32 = 0;
+    // HTTP/2: this stream's share of the connection's upstream exchanges (`upstream_slots`).
+    let mut client_slot: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut replaced_dead_connection = false;
     let mut fresh_connection = false;
     let (response, checkout, key, request_sent) = loop {
@@ -296,6 +306,13 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(ctx.client_ip, ctx.client_port), destination).map(Arc::from)
         });
         let key = PoolKey { host: target_host, port: target_port, protocol, tls, proxy_header };
+        if version == Version::HTTP_2 && client_slot.is_none() {
+            let slots = ctx.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(ctx.max_upstream_per_client.max(1))));
+            match tokio::time::timeout(connect_timeout, slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => client_slot = Some(permit),
+                _ => return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "too many requests of this connection are waiting upstream")),
+            }
+        }
         let checked_out = if fresh_connection {
             pool.checkout_fresh(&key, connect_timeout, ctx.env.no_delay).await
         } else {
@@ -335,7 +352,8 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
             .apply(&mut upstream_req, matches!(checkout, Checkout::Http2 { .. }))
             .map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
         let reused = checkout.reused();
-        let sent = send(&mut checkout, upstream_req, response_timeout).await;
+        let watched = if version < Version::HTTP_2 { ctx.client_fd } else { None };
+        let sent = send_watching_client(&mut checkout, upstream_req, response_timeout, watched, &mut route_slot).await;
         // After bytes reached the upstream only an idempotent request may be sent again.
         let replayable = body.replayable() && idempotent;
         match sent {
@@ -406,6 +424,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         response_read,
         _route_slot: route_slot,
         _backend_lease: target.lease,
+        _client_slot: client_slot,
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -626,6 +645,51 @@ async fn send(checkout: &mut Checkout, req: Request<ProxyBody>, timeout: Duratio
     }
 }
 
+/// How often a waiting HTTP/1 request looks whether its client closed its side.
+const CLIENT_WATCH_PERIOD: Duration = Duration::from_millis(250);
+
+/// `send`, while the client may leave: a client that closed its sending side no longer holds its
+/// route's `maxConnections` slot (it can send nothing more), though its request still waits for
+/// an answer, as a half-closing client expects. Holding the slot until a silent upstream's
+/// response timeout would refuse every new client of the route meanwhile. hyper does not read an
+/// HTTP/1 connection while a request is in flight, so the socket is asked directly; only requests
+/// that hold a limited slot pay for the watch. (HTTP/2 streams end with their client.)
+async fn send_watching_client(
+    checkout: &mut Checkout,
+    req: Request<ProxyBody>,
+    timeout: Duration,
+    client_fd: Option<std::os::fd::RawFd>,
+    route_slot: &mut Option<RouteGuard>,
+) -> Result<Response<Incoming>, SendError> {
+    let limited = route_slot.as_ref().is_some_and(RouteGuard::is_limited);
+    let (Some(fd), true) = (client_fd, limited) else {
+        return send(checkout, req, timeout).await;
+    };
+    let sending = send(checkout, req, timeout);
+    tokio::pin!(sending);
+    let mut watch = tokio::time::interval(CLIENT_WATCH_PERIOD);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            sent = &mut sending => return sent,
+            _ = watch.tick(), if route_slot.is_some() => {
+                if peer_closed(fd) {
+                    route_slot.take();
+                }
+            }
+        }
+    }
+}
+
+/// The peer shut down its sending side (FIN), or the socket failed.
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut polled = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd, a zero timeout; `fd` belongs to the live client connection.
+    let ready = unsafe { libc::poll(&mut polled, 1, 0) };
+    ready > 0 && polled.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn upstream_failure(err: UpstreamError) -> Refusal {
     tracing::debug!(error = %err, "upstream unavailable");
     let message = match err {
@@ -667,7 +731,7 @@ fn clone_head<B>(req: &Request<B>) -> Request<()> {
 struct Tunnel {
     client_upgrade: hyper::upgrade::OnUpgrade,
     route: Arc<Route>,
-    _route_slot: RouteGuard,
+    _route_slot: Option<RouteGuard>,
     _backend_lease: Option<crate::balance::Lease>,
 }
 
@@ -719,9 +783,10 @@ struct ReturningBody {
     checkout: Option<Checkout>,
     request_sent: Arc<AtomicBool>,
     response_read: Arc<AtomicBool>,
-    _route_slot: RouteGuard,
+    _route_slot: Option<RouteGuard>,
     /// The backend's in-flight slot, until the response has been passed on.
     _backend_lease: Option<crate::balance::Lease>,
+    _client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Body for ReturningBody {

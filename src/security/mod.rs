@@ -139,6 +139,7 @@ impl Drop for IpGuard {
 #[derive(Debug)]
 pub struct RouteGuard {
     pub stats: Arc<RouteStats>,
+    limited: bool,
 }
 
 impl RouteGuard {
@@ -150,7 +151,12 @@ impl RouteGuard {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
             .ok()?;
         stats.total.fetch_add(1, Ordering::Relaxed);
-        Some(RouteGuard { stats: stats.clone() })
+        Some(RouteGuard { stats: stats.clone(), limited: max.is_some() })
+    }
+
+    /// The route has a `maxConnections`: holding this slot keeps someone else out.
+    pub fn is_limited(&self) -> bool {
+        self.limited
     }
 }
 

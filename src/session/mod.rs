@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -286,8 +288,9 @@ impl Session {
             drop(first_head);
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let client_fd = client.as_raw_fd();
             let io = ClientIo::new(client, initial.into(), counters.clone());
-            let ctx = self.http_context(env, table_arc, server_ip, None, None);
+            let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd));
             return serve_http(io, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
         }
 
@@ -364,6 +367,7 @@ impl Session {
             self.state = State::Terminating;
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let client_fd = client.as_raw_fd();
             let io = ClientIo::new(client, initial.into(), counters.clone());
             let deadline = self.accepted_at + env.initial_data_timeout;
             let accepted = Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await;
@@ -377,7 +381,7 @@ impl Session {
             };
             self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
             self.state = State::Http;
-            let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()));
+            let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd));
             let limits = self.http_limits(env);
             let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
             if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
@@ -592,6 +596,7 @@ impl Session {
         server_ip: Option<IpAddr>,
         sni: Option<String>,
         tls_route: Option<Arc<Route>>,
+        client_fd: Option<std::os::fd::RawFd>,
     ) -> Arc<ConnectionContext> {
         Arc::new(ConnectionContext {
             env: env.http.clone(),
@@ -612,6 +617,9 @@ impl Session {
                 RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime },
             ),
             header_values: ConnectionValues::new(self.client_ip, self.local_port),
+            client_fd,
+            upstream_slots: std::sync::OnceLock::new(),
+            max_upstream_per_client: (env.http_limits.max_concurrent_streams / 4) as usize,
         })
     }
 
