@@ -1,12 +1,14 @@
 // WebSocket through the HTTP engine with the real `ws` package on both ends: large messages both
 // ways, close codes passed through, a backend refusing the upgrade, tunnels counted while open and
 // kept as live connections, the proxy's pings (a client that answers stays, one that does not is
-// closed with 1001), maxPayloadSize (1009), a client speaking garbage after the upgrade, and stop()
+// closed with 1001), maxPayloadSize (1009), a client speaking garbage after the upgrade, the
+// RFC 6455 rules a frame-following tunnel enforces (1002, the refused frame never reaching the
+// backend: a raw client writes frames by hand, a raw backend records every byte), and stop()
 // closing open tunnels.
 import { tap, expect } from '@push.rocks/tapbundle';
 import * as http from 'node:http';
 import * as net from 'node:net';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { WebSocket, WebSocketServer } from 'ws';
 
@@ -38,7 +40,38 @@ await new Promise<void>((resolve) => backendHttp.listen(0, '127.0.0.1', resolve)
 const backendPort = (backendHttp.address() as AddressInfo).port;
 const target = { host: '127.0.0.1', port: backendPort };
 
-const [plainPort, pingPort, limitPort, onePort] = await freePorts(4);
+// The raw backend: accepts any upgrade with a 101 and records every byte after it, per connection,
+// exactly as the proxy passed it on; it never answers a frame.
+interface IRawConnection {
+  bytes: Buffer;
+  closed: boolean;
+}
+const rawConnections: IRawConnection[] = [];
+const rawBackend = net.createServer((socket) => {
+  const conn: IRawConnection = { bytes: Buffer.alloc(0), closed: false };
+  let head: Buffer | null = Buffer.alloc(0);
+  socket.on('error', () => undefined);
+  socket.on('close', () => (conn.closed = true));
+  socket.on('data', (d: Buffer) => {
+    if (head === null) {
+      conn.bytes = Buffer.concat([conn.bytes, d]);
+      return;
+    }
+    head = Buffer.concat([head, d]);
+    const end = head.indexOf('\r\n\r\n');
+    if (end < 0) return;
+    const key = /sec-websocket-key:\s*(\S+)/i.exec(head.subarray(0, end).toString())?.[1] ?? '';
+    const accept = createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+    conn.bytes = head.subarray(end + 4);
+    head = null;
+    rawConnections.push(conn);
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+  });
+});
+await new Promise<void>((resolve) => rawBackend.listen(0, '127.0.0.1', resolve));
+const rawTarget = { host: '127.0.0.1', port: (rawBackend.address() as AddressInfo).port };
+
+const [plainPort, pingPort, limitPort, onePort, guardPort, pingGuardPort, rawPlainPort] = await freePorts(7);
 const proxy = new SmartProxy({
   gracefulShutdownTimeout: 500,
   routes: [
@@ -54,6 +87,17 @@ const proxy = new SmartProxy({
       action: { type: 'forward', target, websocket: { maxPayloadSize: 1000 } },
     },
     { name: 'ws-one', match: { ports: onePort, domains: '*' }, action: { type: 'forward', target }, security: { maxConnections: 1 } },
+    {
+      name: 'ws-guard',
+      match: { ports: guardPort, domains: '*' },
+      action: { type: 'forward', target: rawTarget, websocket: { maxPayloadSize: 1024 } },
+    },
+    {
+      name: 'ws-ping-guard',
+      match: { ports: pingGuardPort, domains: '*' },
+      action: { type: 'forward', target: rawTarget, websocket: { pingInterval: 60_000 } },
+    },
+    { name: 'ws-raw-plain', match: { ports: rawPlainPort, domains: '*' }, action: { type: 'forward', target: rawTarget } },
   ],
 });
 await proxy.start();
@@ -241,6 +285,162 @@ tap.test('garbage after the upgrade on a frame-following route: closed with 1002
   await closed(ws);
 });
 
+const MASK = Buffer.from([0x37, 0xfa, 0x21, 0x3d]);
+
+/** A frame written by hand: `first` is FIN, RSV and opcode; masked with MASK unless told not to. */
+function frame(first: number, payload: Buffer, masked = true): Buffer {
+  const len = payload.length;
+  const maskBit = masked ? 0x80 : 0;
+  let head: Buffer;
+  if (len <= 125) {
+    head = Buffer.from([first, maskBit | len]);
+  } else if (len <= 0xffff) {
+    head = Buffer.from([first, maskBit | 126, len >> 8, len & 0xff]);
+  } else {
+    head = Buffer.alloc(10);
+    head[0] = first;
+    head[1] = maskBit | 127;
+    head.writeBigUInt64BE(BigInt(len), 2);
+  }
+  if (!masked) return Buffer.concat([head, payload]);
+  const body = Buffer.from(payload.map((b, i) => b ^ MASK[i % 4]));
+  return Buffer.concat([head, MASK, body]);
+}
+
+interface IRawTunnel {
+  socket: net.Socket;
+  /** What the backend received on this tunnel's upstream connection. */
+  backend: IRawConnection;
+  /** The proxy's Close to the client: its status and reason. */
+  closeFrame(): Promise<{ code: number; reason: string }>;
+}
+
+/** A raw client through the proxy to the raw backend, upgraded and ready for hand-written frames. */
+async function rawTunnel(port: number): Promise<IRawTunnel> {
+  const before = rawConnections.length;
+  const socket = net.connect(port, '127.0.0.1');
+  socket.on('error', () => undefined);
+  await new Promise<void>((resolve) => socket.once('connect', resolve));
+  const key = randomBytes(16).toString('base64');
+  socket.write(`GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${key}\r\n\r\n`);
+  let received = Buffer.alloc(0);
+  socket.on('data', (d: Buffer) => (received = Buffer.concat([received, d])));
+  await waitFor(() => received.includes('\r\n\r\n'), 3000, 'the 101');
+  expect(received.toString().startsWith('HTTP/1.1 101')).toBeTrue();
+  const headEnd = received.indexOf('\r\n\r\n') + 4;
+  await waitFor(() => rawConnections.length > before, 3000, 'the backend to accept the upgrade');
+  return {
+    socket,
+    backend: rawConnections[before],
+    async closeFrame() {
+      const frames = () => received.subarray(headEnd);
+      await waitFor(() => frames().length >= 2 && frames().length >= 2 + frames()[1], 3000, "the proxy's Close");
+      const close = frames();
+      expect(close[0]).toEqual(0x88);
+      return { code: close.readUInt16BE(2), reason: close.subarray(4, 2 + close[1]).toString() };
+    },
+  };
+}
+
+/** Ends the client's side once the proxy closed, and waits for the backend connection to end. */
+async function finish(tunnel: IRawTunnel): Promise<void> {
+  tunnel.socket.end();
+  await waitFor(() => tunnel.backend.closed, 3000, 'the upstream connection to close');
+}
+
+tap.test('maxPayloadSize 1024: a 1 MiB frame with the reserved opcode 0xB is closed with 1002 and never reaches the backend', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  tunnel.socket.write(frame(0x80 | 0xb, Buffer.alloc(1024 * 1024, 7)));
+  expect(await tunnel.closeFrame()).toEqual({ code: 1002, reason: 'reserved opcode' });
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.length).toEqual(0);
+});
+
+tap.test('a 126-byte ping is closed with 1002 and never reaches the backend', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  tunnel.socket.write(frame(0x80 | 0x9, Buffer.alloc(126, 1)));
+  expect(await tunnel.closeFrame()).toEqual({ code: 1002, reason: 'control frame over 125 bytes' });
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.length).toEqual(0);
+});
+
+tap.test('a fragmented ping (FIN clear) is closed with 1002 and never reaches the backend', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  tunnel.socket.write(frame(0x9, Buffer.from('ping')));
+  expect(await tunnel.closeFrame()).toEqual({ code: 1002, reason: 'fragmented control frame' });
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.length).toEqual(0);
+});
+
+tap.test('an unmasked client frame is closed with 1002 and never reaches the backend', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  tunnel.socket.write(frame(0x81, Buffer.from('hello'), false));
+  expect(await tunnel.closeFrame()).toEqual({ code: 1002, reason: 'unmasked client frame' });
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.length).toEqual(0);
+});
+
+tap.test('RSV2 set with no extension to define it is closed with 1002 and never reaches the backend', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  tunnel.socket.write(frame(0x80 | 0x20 | 0x1, Buffer.from('hello')));
+  expect(await tunnel.closeFrame()).toEqual({ code: 1002, reason: 'reserved bits set' });
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.length).toEqual(0);
+});
+
+tap.test('a valid fragmented message under the limit, a ping between its fragments, reaches the backend byte for byte', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  // 400 + 400 + 200 = 1000 bytes of message, each frame in its own write, one head cut in two.
+  const frames = [
+    frame(0x1, Buffer.alloc(400, 0x61)),
+    frame(0x80 | 0x9, Buffer.from('between')),
+    frame(0x0, Buffer.alloc(400, 0x62)),
+    frame(0x80 | 0x0, Buffer.alloc(200, 0x63)),
+  ];
+  for (const f of frames.slice(0, 3)) {
+    tunnel.socket.write(f);
+    await sleep(30);
+  }
+  tunnel.socket.write(frames[3].subarray(0, 3));
+  await sleep(30);
+  tunnel.socket.write(frames[3].subarray(3));
+  const sent = Buffer.concat(frames);
+  await waitFor(() => tunnel.backend.bytes.length >= sent.length, 3000, 'the message at the backend');
+  expect(tunnel.backend.bytes.equals(sent)).toBeTrue();
+  expect(tunnel.socket.destroyed).toBeFalse();
+  tunnel.socket.destroy();
+});
+
+tap.test('frames before a refused one in the same write reach the backend; not one byte of the refused frame does, even with its head cut across writes', async () => {
+  const tunnel = await rawTunnel(guardPort);
+  const good = Buffer.concat([frame(0x81, Buffer.from('first')), frame(0x82, Buffer.alloc(300, 9))]);
+  const bad = frame(0x81, Buffer.from('unmasked'), false);
+  tunnel.socket.write(Buffer.concat([good, bad.subarray(0, 1)]));
+  await sleep(100);
+  tunnel.socket.write(bad.subarray(1));
+  expect((await tunnel.closeFrame()).code).toEqual(1002);
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.equals(good)).toBeTrue();
+});
+
+tap.test('a route with only pingInterval follows frames too: a reserved opcode is closed with 1002 and never reaches the backend', async () => {
+  const tunnel = await rawTunnel(pingGuardPort);
+  tunnel.socket.write(frame(0x80 | 0x3, Buffer.from('data?')));
+  expect((await tunnel.closeFrame()).code).toEqual(1002);
+  await finish(tunnel);
+  expect(tunnel.backend.bytes.length).toEqual(0);
+});
+
+tap.test('a route without websocket settings stays a byte relay: bytes that are no WebSocket frames pass untouched', async () => {
+  // Any protocol may be upgraded on an HTTP route; the tunnel cannot tell it is not WebSocket.
+  const tunnel = await rawTunnel(rawPlainPort);
+  const bytes = Buffer.concat([Buffer.from('not a frame\n'), frame(0x80 | 0xb, Buffer.alloc(200, 1), false)]);
+  tunnel.socket.write(bytes);
+  await waitFor(() => tunnel.backend.bytes.length >= bytes.length, 3000, 'the bytes at the backend');
+  expect(tunnel.backend.bytes.equals(bytes)).toBeTrue();
+  tunnel.socket.destroy();
+});
+
 tap.test('stop() closes open tunnels within the grace period and completes', async () => {
   const sockets = await Promise.all([open(plainPort), open(pingPort)]);
   const done = sockets.map(closed);
@@ -253,6 +453,7 @@ tap.test('stop() closes open tunnels within the grace period and completes', asy
   expect(proxy.getStatistics().activeConnections).toEqual(0);
   backend.close();
   backendHttp.close();
+  rawBackend.close();
 });
 
 tap.start({ throwOnError: true });

@@ -1,9 +1,11 @@
 //! WebSocket tunnels: once the upstream answered 101, the client's and the upstream's upgraded
 //! streams are joined here until one side ends, the connection idles past its timeout, outlives
 //! `maxConnectionLifetime` or the engine shuts down. Without route settings the tunnel is a byte
-//! relay; with `websocket.pingInterval` the proxy pings the client between the backend's frames and
-//! ends a tunnel whose client does not pong within `pingTimeout`; with `websocket.maxPayloadSize` a
-//! client message over it ends the tunnel with a Close 1009. Frames are followed, never rewritten.
+//! relay; with `websocket.pingInterval` or `maxPayloadSize` it follows the frames both ways: the
+//! proxy pings the client between the backend's frames and ends a tunnel whose client does not pong
+//! within `pingTimeout`, and a client frame that breaks RFC 6455 ends it with a Close 1002, one over
+//! `maxPayloadSize` (alone or with its message's earlier frames) with a Close 1009; not one byte of
+//! the refused frame reaches the upstream. Frames are followed, never rewritten.
 //! Knows nothing of hyper's connections or of routing.
 
 pub mod frame;
@@ -22,7 +24,10 @@ use frame::{close_frame, server_frame, FrameError, FrameTracker, OPCODE_CLOSE, O
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the proxy's pings carry; a client's pong echoes it.
 const PING_PAYLOAD: &[u8] = b"smartproxy";
-const BUFFER: usize = 16 * 1024;
+/// Buffers start small and grow only while a stream keeps them full, as in the raw relay: idle
+/// tunnels stay cheap and bulk transfers get large reads.
+const INITIAL_BUFFER: usize = 16 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
 /// How long the proxy's own Close may take to reach the client before the tunnel drops it.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -36,6 +41,10 @@ pub struct WsSettings {
 }
 
 impl WsSettings {
+    /// Only routes with settings follow frames. The tunnel cannot tell a WebSocket from another
+    /// protocol upgraded on the same route (its caller passes streams, not the `Upgrade` token), and
+    /// following one that is not WebSocket would close it as garbage: a route without settings
+    /// promises nothing about frames, so its tunnel stays a plain relay.
     fn follows_frames(&self) -> bool {
         self.ping_interval.is_some() || self.max_message.is_some()
     }
@@ -52,10 +61,10 @@ pub enum TunnelEnd {
     Shutdown,
     /// The client did not answer a ping within `pingTimeout`.
     PongTimeout,
-    /// A client message over `maxPayloadSize` (the client got a Close 1009).
+    /// A client frame or message over `maxPayloadSize` (the client got a Close 1009).
     MessageTooBig,
-    /// Bytes from the client that cannot be WebSocket frames (the client got a Close 1002).
-    InvalidFrame,
+    /// A client frame that breaks RFC 6455 (the client got a Close 1002 saying which rule).
+    InvalidFrame(FrameError),
 }
 
 impl TunnelEnd {
@@ -69,7 +78,7 @@ impl TunnelEnd {
             TunnelEnd::Shutdown => "shutdown",
             TunnelEnd::PongTimeout => "pong_timeout",
             TunnelEnd::MessageTooBig => "message_too_big",
-            TunnelEnd::InvalidFrame => "invalid_frame",
+            TunnelEnd::InvalidFrame(_) => "invalid_frame",
         }
     }
 }
@@ -139,7 +148,7 @@ where
     // Tell the client why, where a frame of ours cannot land inside one of the backend's.
     let status = match end {
         TunnelEnd::MessageTooBig => Some((1009, "message too big")),
-        TunnelEnd::InvalidFrame => Some((1002, "invalid frame")),
+        TunnelEnd::InvalidFrame(err) => Some((err.close_code(), err.reason())),
         TunnelEnd::PongTimeout => Some((1001, "ping timeout")),
         TunnelEnd::Shutdown => Some((1001, "going away")),
         _ => None,
@@ -184,32 +193,49 @@ impl Heartbeat {
 }
 
 /// Client → upstream, frame by frame: notes pongs (passed on: an unsolicited pong is allowed,
-/// RFC 6455 §5.5.3) and refuses messages over the limit before any byte of the offending chunk
-/// is forwarded.
+/// RFC 6455 §5.5.3) and passes on only what the tracker has cleared. The bytes of a frame head are
+/// held back until the whole head has passed the checks, so a refused frame never reaches the
+/// upstream, not even its first byte; the frames before it in the same read still do.
 async fn client_to_upstream<R, W>(from: &mut R, mut to: W, max_message: Option<u64>, activity: &Activity, heartbeat: &Heartbeat) -> Result<(), TunnelEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut tracker = FrameTracker::new(max_message);
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    // `buf[..held]`: the start of a frame head, not yet cleared; `passed`: the stream offset of buf[0].
+    let mut held = 0usize;
+    let mut passed = 0u64;
     loop {
-        let n = from.read(&mut buf).await.map_err(|_| TunnelEnd::ClientError)?;
+        let n = from.read(&mut buf[held..]).await.map_err(|_| TunnelEnd::ClientError)?;
         if n == 0 {
+            // A head cut short by the client's end is no frame: it is dropped with the stream.
             let _ = to.shutdown().await;
             return Ok(());
         }
         activity.touch();
+        let filled = held + n;
         let mut pong = false;
-        tracker.feed(&buf[..n], |head| pong |= head.opcode == OPCODE_PONG).map_err(|err| match err {
-            FrameError::MessageTooBig { .. } => TunnelEnd::MessageTooBig,
-            FrameError::InvalidLength | FrameError::BadFragmentation => TunnelEnd::InvalidFrame,
-        })?;
+        let verdict = tracker.feed(&buf[held..filled], |head| pong |= head.opcode == OPCODE_PONG);
+        let cleared = usize::try_from(tracker.cleared().saturating_sub(passed)).map_or(filled, |c| c.min(filled));
         if pong {
             heartbeat.pong_ms.store(activity.now_ms() + 1, Ordering::Release);
         }
-        write_flushed(&mut to, &buf[..n]).await.map_err(|_| TunnelEnd::UpstreamError)?;
-        activity.touch();
+        if cleared > 0 {
+            write_flushed(&mut to, &buf[..cleared]).await.map_err(|_| TunnelEnd::UpstreamError)?;
+            passed += cleared as u64;
+            activity.touch();
+        }
+        verdict.map_err(|err| match err {
+            FrameError::TooBig { .. } => TunnelEnd::MessageTooBig,
+            err => TunnelEnd::InvalidFrame(err),
+        })?;
+        // A head is at most 14 bytes: the copy is of a few bytes, and only when a read split one.
+        buf.copy_within(cleared..filled, 0);
+        held = filled - cleared;
+        if filled == buf.len() && buf.len() < MAX_BUFFER {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 
@@ -227,9 +253,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut tracker = FrameTracker::new(None);
+    let mut tracker = FrameTracker::from_server();
     let mut closing = false;
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = vec![0u8; INITIAL_BUFFER];
     let ping = server_frame(OPCODE_PING, PING_PAYLOAD);
     let mut next_ping = ping_interval.map(|every| tokio::time::Instant::now() + every);
     loop {
@@ -266,6 +292,9 @@ where
                 write_flushed(to, &buf[..n]).await.map_err(|_| TunnelEnd::ClientError)?;
                 at_boundary.store(tracker.at_boundary() && !closing, Ordering::Release);
                 activity.touch();
+                if n == buf.len() && buf.len() < MAX_BUFFER {
+                    buf.resize(buf.len() * 2, 0);
+                }
             }
         }
     }
