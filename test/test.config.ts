@@ -6,6 +6,7 @@ import path from 'node:path';
 import * as net from 'node:net';
 
 import { SmartProxy, SmartProxyConfigError } from '../ts/index.js';
+import type { IRouteConfig } from '../ts/index.js';
 import { normalizeOptions } from '../ts/utils/normalize-options.js';
 import { expandPortRange, isValidPort } from '../ts/utils/port-range.js';
 import { connectAndRead, startTaggedServer } from './helpers/net.js';
@@ -442,13 +443,8 @@ tap.test('features of later issues are refused with an error naming the route an
     routes: [route(80, 'ok'), { name: 'later', match: { ports: 80, ...match }, action: { type: 'forward', target, ...action }, ...rest }],
   });
   const cases: Array<[string, unknown]> = [
-    // Header matching takes exact strings only; RegExp values are refused.
-    ['match.headers.x-a', base({}, {}, { headers: { 'x-a': /b+/ } })],
-    ['action.targets[0].match.headers.x-a', base({ target: undefined, targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] })],
-    ['action.targets[0].tls', base({ target: undefined, targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] })],
     ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
     ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
-    ['action.targets[0].sendProxyProtocol', base({ target: undefined, targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] })],
   ];
   for (const [field, options] of cases) {
     // `undefined` spread values are dropped so the route looks as a user would write it.
@@ -464,6 +460,66 @@ tap.test('features of later issues are refused with an error naming the route an
   expect(accepted.config.routes[1].action.connectTimeoutMs).toEqual(10);
   const weightOne = normalize({ routes: [{ match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'h', port: 1, weight: 1 }] } }] });
   expect(weightOne.config.routes[0].action.targets).toHaveLength(1);
+});
+
+tap.test('match.headers: strings stay exact, RegExps go to the engine as source and flags; refused ones name the field', async () => {
+  const { config } = normalize({
+    routes: [{
+      name: 'h',
+      match: { ports: 80, headers: { 'x-exact': '^v2$', 'x-version': /^v2\//gi } },
+      action: { type: 'forward', targets: [{ host: 'h', port: 1, match: { headers: { 'x-channel': /beta/ } } }] },
+    }],
+  });
+  expect(config.routes[0].match.headers).toEqual([
+    { name: 'x-exact', value: '^v2$', regex: null },
+    { name: 'x-version', value: null, regex: { source: '^v2\\/', flags: 'gi' } },
+  ]);
+  expect(config.routes[0].action.targets[0].matchHeaders).toEqual([{ name: 'x-channel', value: null, regex: { source: 'beta', flags: '' } }]);
+  const withHeaders = (headers: unknown) => ({ routes: [{ name: 'h', match: { ports: 80, headers }, action: { type: 'forward', target } }] });
+  expect(configError(withHeaders({ 'x-a': /^(?=a)/ })).message).toEqual(
+    `routes[0] "h": match.headers.x-a: /^(?=a)/ is not supported by the engine's regex matcher: lookaround ((?=, (?!, (?<=, (?<!) is not supported`,
+  );
+  expect(configError(withHeaders({ 'x-a': /(a)\1/ })).message).toStartWith('routes[0] "h": match.headers.x-a: /(a)\\1/ is not supported by the engine');
+  // Inside a class, or escaped, these are ordinary characters.
+  expect(normalize(withHeaders({ 'x-a': /[(?=]\(?!/ })).config.routes[0].match.headers[0].regex).toEqual({ source: '[(?=]\\(?!', flags: '' });
+  expect(configError(withHeaders({ 'x-a': 5 })).message).toEqual('routes[0] "h": match.headers.x-a: expected a string or a RegExp, got 5');
+});
+
+tap.test('target tls and sendProxyProtocol: the native form, defaults, warnings and errors naming the target', async () => {
+  const targets = (...list: unknown[]) => ({ routes: [{ name: 't', match: { ports: 443 }, action: { type: 'forward', targets: list } }] });
+  const { config, warnings } = normalize(targets(
+    { host: 'a', port: 1, tls: { mode: 'terminate-and-reencrypt', certificate: { key: 'K', cert: 'C', ca: 'A' }, versions: ['TLSv1.3'], rejectUnauthorized: false }, sendProxyProtocol: 2 },
+    { host: 'b', port: 1, tls: { mode: 'terminate' }, sendProxyProtocol: false },
+    { host: 'c', port: 1, sendProxyProtocol: true },
+    { host: 'd', port: 1 },
+  ));
+  const [a, b, c, d] = config.routes[0].action.targets;
+  expect([a.tls, a.sendProxyProtocol]).toEqual([{ mode: 'terminate-and-reencrypt', ca: 'A', versions: ['TLSv1.3'], rejectUnauthorized: false }, 2]);
+  expect([b.tls, b.sendProxyProtocol]).toEqual([{ mode: 'terminate', ca: null, versions: [], rejectUnauthorized: true }, 0]);
+  expect([c.tls, c.sendProxyProtocol, d.tls, d.sendProxyProtocol]).toEqual([null, 1, null, null]);
+  // A target presents no certificate of its own: key and cert are ignored, with a warning.
+  expect(warnings).toEqual(['routes[0] "t": action.targets[0].tls.certificate.key/cert ignored: the proxy presents no certificate to a target']);
+  const plainWarnings = normalize(targets({ host: 'a', port: 1, tls: { mode: 'terminate', rejectUnauthorized: false } })).warnings;
+  expect(plainWarnings).toEqual([`routes[0] "t": action.targets[0].tls.rejectUnauthorized ignored: 'terminate' speaks plain HTTP to this target`]);
+  const cases: Array<[unknown, string]> = [
+    [{ mode: 'passthrough' }, 'action.targets[0].tls.mode: a target cannot pass TLS through'],
+    [{ mode: 'reencrypt' }, `action.targets[0].tls.mode: expected 'terminate' or 'terminate-and-reencrypt', got "reencrypt"`],
+    [{ mode: 'terminate-and-reencrypt', certificate: 'auto' }, 'action.targets[0].tls.certificate: a target obtains no certificate'],
+    [{ mode: 'terminate-and-reencrypt', versions: ['SSLv3'] }, 'action.targets[0].tls.versions[0]: "SSLv3" is not one of'],
+    [{ mode: 'terminate-and-reencrypt', rejectUnauthorized: 'no' }, 'action.targets[0].tls.rejectUnauthorized: expected true or false'],
+    [{ mode: 'terminate-and-reencrypt', bogus: 1 }, 'action.targets[0].tls.bogus: unknown field'],
+  ];
+  for (const [tls, message] of cases) expect(configError(targets({ host: 'a', port: 1, tls })).message).toStartWith(`routes[0] "t": ${message}`);
+  expect(configError(targets({ host: 'a', port: 1, sendProxyProtocol: 3 })).message).toEqual('routes[0] "t": action.targets[0].sendProxyProtocol: expected true, false, 1 or 2, got 3');
+  // defaults.target takes them too.
+  const fromDefaults = normalize({ defaults: { target: { host: 'h', port: 1, sendProxyProtocol: 2 } }, routes: [{ match: { ports: 80 }, action: { type: 'forward' } }] });
+  expect(fromDefaults.config.routes[0].action.targets[0].sendProxyProtocol).toEqual(2);
+  // What the engine refuses, it refuses at construction, naming the target.
+  const engineError = (route: IRouteConfig): string => (thrown(() => new SmartProxy({ routes: [route] })) as Error).message;
+  expect(engineError({ name: 'p', match: { ports: 443 }, action: { type: 'forward', targets: [{ host: 'a', port: 1, tls: { mode: 'terminate-and-reencrypt' } }], tls: { mode: 'passthrough' } } }))
+    .toStartWith(`routes[0] "p": action.targets[0].tls: a passthrough route relays the client's own TLS`);
+  expect(engineError({ name: 'r', match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'a', port: 1, tls: { mode: 'terminate-and-reencrypt', versions: ['TLSv1.1'] } }] } }))
+    .toStartWith('routes[0] "r": action.targets[0].tls: TLSv1.0 and TLSv1.1 are not supported');
 });
 
 tap.test('loadBalancing and target weights: defaults, health-check defaults, and errors naming the field', async () => {

@@ -15,6 +15,9 @@ const backendPort = (backend.address() as AddressInfo).port;
 const port = await freePort();
 const proxy = new SmartProxy({
   headerTimeout: 400,
+  // After hyper answers a malformed later head itself (431 below), the connection is closed by the
+  // keep-alive backstop (keep-alive + head timeout), not at once.
+  httpKeepAliveTimeout: 1000,
   maxHeaderSize: 16 * 1024,
   initialDataTimeout: 10_000,
   gracefulShutdownTimeout: 500,

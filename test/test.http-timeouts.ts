@@ -47,7 +47,12 @@ class KeepAliveClient {
 }
 
 /** A proxy with one HTTP route to the backend on a fresh port, started, with `limits` on top. */
-async function startProxy(limits: { inactivityTimeout?: number; maxConnectionLifetime?: number }): Promise<{ proxy: SmartProxy; port: number }> {
+async function startProxy(limits: {
+  inactivityTimeout?: number;
+  maxConnectionLifetime?: number;
+  headerTimeout?: number;
+  httpKeepAliveTimeout?: number;
+}): Promise<{ proxy: SmartProxy; port: number }> {
   const [port] = await freePorts(1);
   const proxy = new SmartProxy({
     gracefulShutdownTimeout: 300,
@@ -86,6 +91,25 @@ tap.test('inactivityTimeout closes an idle keep-alive HTTP connection, and not o
     // Once it stops sending, the busy one goes the same way.
     await waitForClose(busy.socket);
     await waitFor(() => (reasons(proxy).idle_timeout ?? 0) >= 2, 2000, 'a second idle_timeout');
+  } finally {
+    await proxy.stop();
+  }
+  expect(proxy.getStatistics().activeConnections).toEqual(0);
+});
+
+tap.test('httpKeepAliveTimeout, not headerTimeout, ends a keep-alive connection waiting for its next request', async () => {
+  const { proxy, port } = await startProxy({ headerTimeout: 300, httpKeepAliveTimeout: 1500 });
+  try {
+    const client = new KeepAliveClient(port);
+    await client.get();
+    const closed = waitForClose(client.socket);
+    // Four head timeouts' worth of waiting between requests: still open, still served.
+    await sleep(1200);
+    expect(client.closed).toBeFalse();
+    await client.get();
+    await closed;
+    await waitFor(() => (reasons(proxy).keep_alive_timeout ?? 0) >= 1, 2000, 'keep_alive_timeout');
+    expect(reasons(proxy).head_timeout ?? 0).toEqual(0);
   } finally {
     await proxy.stop();
   }

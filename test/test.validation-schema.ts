@@ -32,10 +32,12 @@ function everyKeyRoute(): TRecord {
   const target = {
     host: ['10.0.0.1', '10.0.0.2'],
     port: 8080,
-    match: { ports: [443], path: '/api/*', headers: { 'x-v': '2' }, method: ['GET'] },
+    match: { ports: [443], path: '/api/*', headers: { 'x-v': '2', 'x-channel': /^beta/i }, method: ['GET'] },
     priority: 1,
     weight: 2,
+    tls: { mode: 'terminate-and-reencrypt', certificate: { ca: PEM.cert }, versions: ['TLSv1.3'], rejectUnauthorized: false },
     headers: { request: { 'x-client': '{clientIp}' }, response: { 'x-served-by': 'proxy' } },
+    sendProxyProtocol: 1,
   };
   return {
     id: 'every-key',
@@ -50,7 +52,7 @@ function everyKeyRoute(): TRecord {
       path: '/api/*',
       clientIp: ['10.0.0.0/8'],
       tlsVersion: ['TLSv1.2', 'TLSv1.3'],
-      headers: { 'x-tenant': 'a' },
+      headers: { 'x-tenant': 'a', 'x-version': /^v2/ },
     },
     action: {
       type: 'forward',
@@ -181,6 +183,7 @@ function withKeyAt(value: TRecord, path: string, key: string, extra: unknown): T
 }
 
 function structuredCloneWithFunctions(value: unknown): unknown {
+  if (value instanceof RegExp) return value;
   if (Array.isArray(value)) return value.map(structuredCloneWithFunctions);
   if (isRecord(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, structuredCloneWithFunctions(v)]));
   return value;
@@ -259,20 +262,53 @@ tap.test('an unknown key at any level of a route is reported by both validators,
 
 tap.test('keys the engine refuses for now are refused by both validators in the same words', async () => {
   const cases: Array<[string, TRecord]> = [
-    ['action.targets[0].sendProxyProtocol', { targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] }],
-    ['action.targets[0].tls', { targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] }],
     ['action.timeouts.idleMs', { targets: [{ host: 'h', port: 1 }], timeouts: { idleMs: 100 } }],
     ['action.options.backendProtocol', { targets: [{ host: 'h', port: 1 }], options: { backendProtocol: 'http3' } }],
-    ['match.headers.x-a', { targets: [{ host: 'h', port: 1 }] }],
-    ['action.targets[0].match.headers.x-a', { targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /b/ } } }] }],
   ];
   for (const [field, action] of cases) {
-    const route = { name: 'later', match: { ports: 80, ...(field === 'match.headers.x-a' ? { headers: { 'x-a': /b+/ } } : {}) }, action: { type: 'forward', ...action } };
+    const route = { name: 'later', match: { ports: 80 }, action: { type: 'forward', ...action } };
     const errors = validateRouteConfig(route as unknown as IRouteConfig).errors;
     expect(errors).toHaveLength(1);
     expect(errors[0]).toStartWith(`${field}: not supported yet (`);
     expect(normalizerError([route])?.message).toEqual(`routes[0] "later": ${errors[0]}`);
   }
+});
+
+tap.test('RegExp header values and target tls/sendProxyProtocol: what one validator refuses, the other refuses in the same words', async () => {
+  const cases: Array<[string, TRecord, TRecord]> = [
+    ['match.headers.x-a', { headers: { 'x-a': /^(?!v1)/ } }, { targets: [{ host: 'h', port: 1 }] }],
+    ['match.headers.x-a', { headers: { 'x-a': /(?<=a)b/ } }, { targets: [{ host: 'h', port: 1 }] }],
+    ['action.targets[0].match.headers.x-a', {}, { targets: [{ host: 'h', port: 1, match: { headers: { 'x-a': /(?<v>a)\k<v>/ } } }] }],
+    ['match.headers.x-a', { headers: { 'x-a': 7 } }, { targets: [{ host: 'h', port: 1 }] }],
+    ['action.targets[0].tls.mode', {}, { targets: [{ host: 'h', port: 1, tls: { mode: 'passthrough' } }] }],
+    ['action.targets[0].tls.certificate', {}, { targets: [{ host: 'h', port: 1, tls: { mode: 'terminate-and-reencrypt', certificate: 'auto' } }] }],
+    ['action.targets[0].tls.versions[0]', {}, { targets: [{ host: 'h', port: 1, tls: { mode: 'terminate-and-reencrypt', versions: ['TLSv9'] } }] }],
+    ['action.targets[0].sendProxyProtocol', {}, { targets: [{ host: 'h', port: 1, sendProxyProtocol: 'v2' }] }],
+  ];
+  for (const [field, match, action] of cases) {
+    const route = { name: 'r', match: { ports: 80, ...match }, action: { type: 'forward', ...action } };
+    const errors = validateRouteConfig(route as unknown as IRouteConfig).errors;
+    expect({ field, count: errors.length }).toEqual({ field, count: 1 });
+    expect(errors[0]).toStartWith(`${field}: `);
+    expect(normalizerError([route])?.message).toEqual(`routes[0] "r": ${errors[0]}`);
+  }
+  // Accepted by both: a RegExp with flags, lookaround characters that are literal, target TLS.
+  const fine = {
+    name: 'r',
+    match: { ports: 80, headers: { 'x-a': /^v[2-9]\(?=\)$/imsu, 'x-b': /[(?=]/ } },
+    action: { type: 'forward', targets: [{ host: 'h', port: 1, tls: { mode: 'terminate-and-reencrypt' }, sendProxyProtocol: 2 }] },
+  };
+  expect(validateRouteConfig(fine as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
+  expect(normalizerError([fine])).toBeUndefined();
+  // A passthrough or raw route opens no TLS to its targets: the validator says so (the engine too, at construction).
+  const passthrough = { name: 'p', match: { ports: 443 }, action: { type: 'forward', tls: { mode: 'passthrough' }, target: { host: 'h', port: 1, tls: { mode: 'terminate-and-reencrypt' } } } };
+  expect(validateRouteConfig(passthrough as unknown as IRouteConfig).errors).toEqual([
+    `action.target.tls: a passthrough route relays the client's own TLS: the proxy opens no TLS of its own to the target`,
+  ]);
+  const raw = { name: 'r', match: { ports: 80 }, action: { type: 'forward', options: { raw: true }, targets: [{ host: 'h', port: 1, tls: { mode: 'terminate' } }] } };
+  expect(validateRouteConfig(raw as unknown as IRouteConfig).errors).toEqual([
+    'action.targets[0].tls: a raw route relays bytes as they come: the proxy opens no TLS of its own to the target',
+  ]);
 });
 
 tap.test('the (ext) Edge hygiene keys: bad values are refused by both validators, naming the field', async () => {

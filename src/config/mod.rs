@@ -106,7 +106,7 @@ pub struct HeaderTemplatesConfig {
     pub response: Vec<NameValue>,
 }
 
-/// A header name with a value (a template, or an exact value to match).
+/// A header name with a value (a template, or a header of a response the engine writes).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NameValue {
@@ -122,8 +122,26 @@ pub struct MatchConfig {
     pub client_ip: Vec<String>,
     pub tls_version: Vec<String>,
     pub path: Option<String>,
-    /// Exact values; names compare case-insensitively.
-    pub headers: Vec<NameValue>,
+    /// Names compare case-insensitively.
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+/// One `match.headers` entry: an exact value, or a JavaScript RegExp the value is tested against.
+/// Exactly one of `value` and `regex` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    pub value: Option<String>,
+    pub regex: Option<RegexConfig>,
+}
+
+/// A JavaScript RegExp as `source` and `flags` (`/^v2/i` → `{ source: "^v2", flags: "i" }`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexConfig {
+    pub source: String,
+    pub flags: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,7 +315,7 @@ pub struct TargetConfig {
     pub port: TargetPort,
     pub match_ports: Option<Vec<u16>>,
     pub match_path: Option<String>,
-    pub match_headers: Vec<NameValue>,
+    pub match_headers: Vec<HeaderMatchConfig>,
     /// Upper-case method names; `None` = any.
     pub match_methods: Option<Vec<String>>,
     pub priority: f64,
@@ -305,6 +323,27 @@ pub struct TargetConfig {
     /// Share of picks under load balancing (default 1).
     #[serde(default = "one")]
     pub weight: u32,
+    /// The connection to this target instead of the route's: TLS or not, and how it is verified.
+    #[serde(default)]
+    pub tls: Option<TargetTlsConfig>,
+    /// PROXY header version towards this target (0 = none, 1, 2); `None` = the route's.
+    #[serde(default)]
+    pub send_proxy_protocol: Option<u8>,
+}
+
+/// A target's own `tls`: only the proxy's connection to it (the client-facing TLS is the route's).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetTlsConfig {
+    /// `terminate`: plain to this target; `terminate-and-reencrypt`: TLS to it; `passthrough` is
+    /// refused (a target cannot pass through TLS the route has already ended).
+    pub mode: TlsMode,
+    /// PEM CA trusted for this target, besides the system roots.
+    pub ca: Option<String>,
+    /// TLS versions offered to this target; empty = TLSv1.2 and TLSv1.3.
+    pub versions: Vec<String>,
+    /// Verify the target's certificate.
+    pub reject_unauthorized: bool,
 }
 
 fn one() -> u32 {

@@ -328,6 +328,7 @@ impl Engine {
                 max_header_size: o.max_header_size,
                 header_timeout: Duration::from_millis(o.header_timeout_ms),
                 max_concurrent_streams: o.http2_max_concurrent_streams,
+                keep_alive_timeout: Duration::from_millis(o.http_keep_alive_timeout_ms),
             },
             idle_timeout: Duration::from_millis(o.socket_timeout_ms.min(o.inactivity_timeout_ms)),
             max_lifetime: Duration::from_millis(o.max_connection_lifetime_ms),

@@ -1,10 +1,11 @@
 //! The client side of an HTTP connection as hyper sees it: the bytes sniffed before routing are
 //! replayed first, every byte read or written is counted on the client side (engine and per-IP
-//! counters, as the TCP relay does), and the time of the last byte is kept for the idle watchdog.
+//! counters, as the TCP relay does), and what the watchdog times is kept: the last byte, the
+//! requests in flight, and when the first byte of a later HTTP/1.x head arrived.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -20,31 +21,89 @@ pub struct ClientCounters {
     pub ip: Arc<ByteCounters>,
     epoch: Instant,
     last_activity_ms: AtomicU64,
+    /// Requests of the connection between their head and the end of their response.
+    in_flight: AtomicU32,
+    /// HTTP/1.x: heads are timed from their first byte (HTTP/2 frames between streams are not heads).
+    times_heads: AtomicBool,
+    /// Milliseconds from `epoch` (plus one; 0 = none) to the first byte read while no request was
+    /// in flight: a head on its way.
+    head_started_ms: AtomicU64,
 }
 
 impl ClientCounters {
     pub fn new(engine: Arc<crate::metrics::EngineMetrics>, ip: Arc<ByteCounters>) -> Self {
-        ClientCounters { engine, ip, epoch: Instant::now(), last_activity_ms: AtomicU64::new(0) }
+        ClientCounters {
+            engine,
+            ip,
+            epoch: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            times_heads: AtomicBool::new(false),
+            head_started_ms: AtomicU64::new(0),
+        }
     }
 
     pub fn last_activity(&self) -> Instant {
         self.epoch + std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
     }
 
+    /// The connection speaks HTTP/1.x: time each later head from its first byte.
+    pub fn time_heads(&self) {
+        self.times_heads.store(true, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// When the first byte of a head still being read arrived.
+    pub fn head_started(&self) -> Option<Instant> {
+        match self.head_started_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch + std::time::Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// A request's head was read: it is in flight until the guard drops (its response ended).
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(0, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        self.last_activity_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn add_in(&self, n: usize) {
         self.engine.bytes.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         self.ip.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        self.touch();
+        let now = self.now_ms();
+        self.last_activity_ms.store(now, Ordering::Relaxed);
+        if self.times_heads.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Acquire) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
+            self.head_started_ms.store(now + 1, Ordering::Relaxed);
+        }
     }
 
     fn add_out(&self, n: usize) {
         self.engine.bytes.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         self.ip.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         self.touch();
+    }
+}
+
+/// A request in flight on its connection; dropped when its response has ended (or failed).
+pub struct InFlight(Arc<ClientCounters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The keep-alive wait starts when the response ended, not when the request came.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -21,6 +21,7 @@ use rustls::pki_types::ServerName;
 use crate::balance::affinity::{AffinityKey, AffinityStore, OnUnknown};
 use crate::config::BackendProtocol;
 use crate::http::body::{full, text_response, BoxError, Direction, ProxyBody, TrackedBody};
+use crate::http::io::{ClientCounters, InFlight};
 use crate::http::headers::{add_forwarded, apply_templates, strip_hop_by_hop, ConnectionValues, ForwardedFacts, TemplateContext};
 use crate::http::pool::{Checkout, PoolKey, UpstreamError, UpstreamPool, UpstreamProtocol, UpstreamTls};
 use crate::http::edge::{self, normalise_host, normalise_path, request_host};
@@ -77,6 +78,8 @@ pub struct ConnectionContext {
     /// request waits (`send_watching_client`). Valid for as long as HTTP/1 requests of the
     /// connection run: hyper runs them inside the connection that owns the socket.
     pub client_fd: Option<std::os::fd::RawFd>,
+    /// The client side's counters: requests in flight, for the connection's watchdog.
+    pub counters: Arc<ClientCounters>,
     /// HTTP/2: how many upstream exchanges this one client connection may hold at once (made on
     /// its first stream), so that streams a client stalls cannot take a backend's whole pool.
     pub upstream_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
@@ -86,12 +89,15 @@ pub struct ConnectionContext {
 pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     ctx.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     ctx.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-    Ok(proxy(&ctx, req).await.unwrap_or_else(|refusal| refusal))
+    // In flight until its response ends: a proxied body takes the guard along, any other answer
+    // is written at once.
+    let mut in_flight = Some(ctx.counters.request_started());
+    Ok(proxy(&ctx, req, &mut in_flight).await.unwrap_or_else(|refusal| refusal))
 }
 
 type Refusal = Response<ProxyBody>;
 
-async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
+async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &mut Option<InFlight>) -> Result<Response<ProxyBody>, Refusal> {
     // The edge rules (API.md "Edge hygiene"): one host, which is the one the backend receives; a
     // normalised path for matching. A plain connection's first head met them already, with the
     // framing rules; hyper re-frames every body, so later heads cannot smuggle one.
@@ -291,17 +297,13 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
                 return Err(text_response(StatusCode::BAD_GATEWAY, "the route's target function failed"));
             }
         };
-        let tls = route
-            .tls
-            .as_ref()
-            .and_then(|tls| if wants_upgrade { tls.upstream_http1.clone() } else { tls.upstream.clone() })
-            .map(|config| UpstreamTls { server_name: upstream_server_name(&target_host, domain.as_deref()), config });
+        let tls = target.upstream_tls(wants_upgrade).map(|config| UpstreamTls { server_name: upstream_server_name(&target_host, domain.as_deref()), config });
         let target_form = RequestTarget {
             authority: raw_host.clone().unwrap_or_else(|| format!("{target_host}:{target_port}")),
             path_and_query: path_and_query.clone(),
             https: tls.is_some(),
         };
-        let proxy_version = route.send_proxy_protocol.unwrap_or(ctx.env.send_proxy_protocol);
+        let proxy_version = target.send_proxy_protocol.unwrap_or(ctx.env.send_proxy_protocol);
         let proxy_header = ctx.destination.and_then(|destination| {
             proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(ctx.client_ip, ctx.client_port), destination).map(Arc::from)
         });
@@ -425,6 +427,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>) -> Result<Re
         _route_slot: route_slot,
         _backend_lease: target.lease,
         _client_slot: client_slot,
+        _in_flight: in_flight.take(),
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -787,6 +790,7 @@ struct ReturningBody {
     /// The backend's in-flight slot, until the response has been passed on.
     _backend_lease: Option<crate::balance::Lease>,
     _client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _in_flight: Option<InFlight>,
 }
 
 impl Body for ReturningBody {

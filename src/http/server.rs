@@ -24,18 +24,22 @@ pub struct HttpLimits {
     pub max_header_size: usize,
     pub header_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// While a request is in flight: how long the connection may see no byte.
     pub idle_timeout: Duration,
+    /// Between requests (`httpKeepAliveTimeout`).
+    pub keep_alive_timeout: Duration,
     /// `maxConnectionLifetime` from accept.
     pub deadline: Instant,
 }
 
 /// The engine-wide HTTP limits (options `maxHeaderSize`, `headerTimeout`,
-/// `http2MaxConcurrentStreams`).
+/// `http2MaxConcurrentStreams`, `httpKeepAliveTimeout`).
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimitOptions {
     pub max_header_size: usize,
     pub header_timeout: Duration,
     pub max_concurrent_streams: u32,
+    pub keep_alive_timeout: Duration,
 }
 
 pub struct Shutdown<'a> {
@@ -58,7 +62,12 @@ where
         .keep_alive(true)
         // A client that half-closes after its request still gets the response.
         .half_close(true)
-        .header_read_timeout(limits.header_timeout)
+        // hyper's head timer runs from when it starts waiting for a head, idle keep-alive time
+        // included, so it is only a backstop here, later than the watchdog's deadlines: the
+        // watchdog times a head from its first byte (`headerTimeout`) and the wait between
+        // requests by `httpKeepAliveTimeout`. The backstop still ends a connection hyper has
+        // stopped serving after answering a malformed head itself (it waits on nothing then).
+        .header_read_timeout(limits.keep_alive_timeout.saturating_add(limits.header_timeout))
         // hyper answers 431 itself when a head outgrows its read buffer.
         .max_buf_size(limits.max_header_size.max(8192));
     builder
@@ -72,7 +81,15 @@ where
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
 
-    let watch = Watch { draining: shutdown.draining, force_close: shutdown.force_close, counters: &counters, idle_timeout: limits.idle_timeout, deadline: limits.deadline };
+    let watch = Watch {
+        draining: shutdown.draining,
+        force_close: shutdown.force_close,
+        counters: &counters,
+        idle_timeout: limits.idle_timeout,
+        keep_alive_timeout: limits.keep_alive_timeout,
+        header_timeout: limits.header_timeout,
+        deadline: limits.deadline,
+    };
     let mut watchdog = WakeGated::new(watch.next(false));
     loop {
         tokio::select! {
@@ -97,6 +114,8 @@ where
                 }
                 WatchEvent::ForceClose => return TerminationReason::Shutdown,
                 WatchEvent::IdleTimeout => return TerminationReason::IdleTimeout,
+                WatchEvent::KeepAliveTimeout => return TerminationReason::KeepAliveTimeout,
+                WatchEvent::HeadTimeout => return TerminationReason::HeadTimeout,
                 WatchEvent::LifetimeExceeded => return TerminationReason::LifetimeExceeded,
             },
         }

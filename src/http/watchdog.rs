@@ -1,5 +1,7 @@
 //! What ends an HTTP connection from outside hyper: the engine draining, then force-closing; the
-//! connection sitting idle past its timeout; its lifetime running out. hyper's connection future
+//! connection sitting idle past its timeout (with a request in flight: the idle timeout; between
+//! requests: the keep-alive timeout, or the head timeout once a later HTTP/1.x head has begun);
+//! its lifetime running out. hyper's connection future
 //! wakes the session task on every read, write and upstream answer, while these fire a few times
 //! per connection at most, so the watchdog is wake-gated: its timer and token hold a waker of its
 //! own that flags the wake, and the session task polls the watchdog only after such a wake instead
@@ -24,6 +26,8 @@ pub enum WatchEvent {
     /// The grace period is over (or was skipped): close now.
     ForceClose,
     IdleTimeout,
+    KeepAliveTimeout,
+    HeadTimeout,
     LifetimeExceeded,
 }
 
@@ -34,6 +38,8 @@ pub struct Watch<'a> {
     pub force_close: &'a CancellationToken,
     pub counters: &'a ClientCounters,
     pub idle_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    pub header_timeout: Duration,
     pub deadline: Instant,
 }
 
@@ -57,8 +63,9 @@ impl Watch<'_> {
                         return WatchEvent::LifetimeExceeded;
                     }
                     // Activity since the timer was set moved the idle point on.
-                    if self.idle_at() <= now {
-                        return WatchEvent::IdleTimeout;
+                    let (idle_at, event) = self.idle_at();
+                    if idle_at <= now {
+                        return event;
                     }
                     timer.as_mut().reset(self.next_check().into());
                 }
@@ -66,13 +73,37 @@ impl Watch<'_> {
         }
     }
 
-    fn idle_at(&self) -> Instant {
-        self.counters.last_activity() + self.idle_timeout
+    /// When the connection has waited too long, and what it then waited for.
+    fn idle_at(&self) -> (Instant, WatchEvent) {
+        let counters = self.counters;
+        if counters.in_flight() > 0 {
+            return (after(counters.last_activity(), self.idle_timeout), WatchEvent::IdleTimeout);
+        }
+        if let Some(started) = counters.head_started() {
+            return (after(started, self.header_timeout), WatchEvent::HeadTimeout);
+        }
+        // Between requests both bound the wait; the shorter one says why it ended.
+        let idle = counters.last_activity();
+        if self.keep_alive_timeout <= self.idle_timeout {
+            (after(idle, self.keep_alive_timeout), WatchEvent::KeepAliveTimeout)
+        } else {
+            (after(idle, self.idle_timeout), WatchEvent::IdleTimeout)
+        }
     }
 
+    /// The earliest point something may be due. Activity only moves points later, but a
+    /// request ending or a head beginning can move the point earlier than the timer was set for,
+    /// so the timer also looks again every half head timeout: a head is cut by 1.5 times
+    /// `headerTimeout` at worst, a keep-alive wait never before its timeout.
     fn next_check(&self) -> Instant {
-        self.idle_at().min(self.deadline)
+        let recheck = after(Instant::now(), (self.header_timeout / 2).max(Duration::from_millis(10)));
+        self.idle_at().0.min(self.deadline).min(recheck)
     }
+}
+
+/// `at + wait`, or a year on for a wait too long to add (configured timeouts may be huge).
+fn after(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait).unwrap_or_else(|| at + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Polls `inner` only on its first poll and after something `inner` waits on woke it; otherwise
@@ -186,19 +217,27 @@ mod tests {
     struct Fixture {
         force_close: CancellationToken,
         draining: CancellationToken,
-        counters: ClientCounters,
+        counters: Arc<ClientCounters>,
     }
 
     impl Fixture {
         fn new() -> Fixture {
             let force_close = CancellationToken::new();
             let draining = force_close.child_token();
-            let counters = ClientCounters::new(Arc::new(crate::metrics::EngineMetrics::default()), Arc::new(Default::default()));
+            let counters = Arc::new(ClientCounters::new(Arc::new(crate::metrics::EngineMetrics::default()), Arc::new(Default::default())));
             Fixture { force_close, draining, counters }
         }
 
         fn watch(&self, idle_timeout: Duration, lifetime: Duration) -> Watch<'_> {
-            Watch { draining: &self.draining, force_close: &self.force_close, counters: &self.counters, idle_timeout, deadline: Instant::now() + lifetime }
+            Watch {
+                draining: &self.draining,
+                force_close: &self.force_close,
+                counters: &self.counters,
+                idle_timeout,
+                keep_alive_timeout: idle_timeout * 10,
+                header_timeout: idle_timeout * 10,
+                deadline: Instant::now() + lifetime,
+            }
         }
     }
 
@@ -241,5 +280,38 @@ mod tests {
         assert_eq!(next_event(&idle, false).await, WatchEvent::IdleTimeout);
         let lifetime = fixture.watch(HOUR, Duration::from_millis(30));
         assert_eq!(next_event(&lifetime, false).await, WatchEvent::LifetimeExceeded);
+    }
+
+    #[tokio::test]
+    async fn between_requests_the_keep_alive_timeout_applies_and_a_begun_head_has_its_own() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let fixture = Fixture::new();
+        let short = Duration::from_millis(30);
+        let watch = |idle_timeout, keep_alive_timeout, header_timeout, lifetime| Watch {
+            draining: &fixture.draining,
+            force_close: &fixture.force_close,
+            counters: &fixture.counters,
+            idle_timeout,
+            keep_alive_timeout,
+            header_timeout,
+            deadline: Instant::now() + lifetime,
+        };
+        assert_eq!(next_event(&watch(HOUR, short, HOUR, HOUR), false).await, WatchEvent::KeepAliveTimeout);
+        // With a request in flight the keep-alive timeout does not apply: the lifetime ends it.
+        let in_flight = fixture.counters.request_started();
+        assert_eq!(next_event(&watch(HOUR, short, short, 3 * short), false).await, WatchEvent::LifetimeExceeded);
+        drop(in_flight);
+        // The first bytes of a later HTTP/1.x head start its own timer.
+        fixture.counters.time_heads();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = crate::http::io::ClientIo::new(server, bytes::Bytes::new(), fixture.counters.clone());
+        client.write_all(b"GE").await.expect("write");
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 2);
+        assert!(fixture.counters.head_started().is_some());
+        assert_eq!(next_event(&watch(HOUR, HOUR, short, HOUR), false).await, WatchEvent::HeadTimeout);
+        // Its request came: the head timer is gone.
+        let _in_flight = fixture.counters.request_started();
+        assert!(fixture.counters.head_started().is_none());
     }
 }

@@ -24,6 +24,10 @@ pub enum TerminationReason {
     BackendError,
     InitialDataTimeout,
     IdleTimeout,
+    /// An HTTP connection sat between requests past `httpKeepAliveTimeout`.
+    KeepAliveTimeout,
+    /// A later HTTP/1.x request head did not complete within `headerTimeout` of its first byte.
+    HeadTimeout,
     LifetimeExceeded,
     InvalidTls,
     TlsHandshakeFailed,
@@ -50,7 +54,7 @@ pub enum TerminationReason {
 }
 
 impl TerminationReason {
-    pub const ALL: [TerminationReason; 26] = [
+    pub const ALL: [TerminationReason; 28] = [
         Self::Completed,
         Self::ClientClosedBeforeData,
         Self::ClientClosedDuringConnect,
@@ -58,6 +62,8 @@ impl TerminationReason {
         Self::BackendError,
         Self::InitialDataTimeout,
         Self::IdleTimeout,
+        Self::KeepAliveTimeout,
+        Self::HeadTimeout,
         Self::LifetimeExceeded,
         Self::InvalidTls,
         Self::TlsHandshakeFailed,
@@ -88,6 +94,8 @@ impl TerminationReason {
             Self::BackendError => "backend_error",
             Self::InitialDataTimeout => "initial_data_timeout",
             Self::IdleTimeout => "idle_timeout",
+            Self::KeepAliveTimeout => "keep_alive_timeout",
+            Self::HeadTimeout => "head_timeout",
             Self::LifetimeExceeded => "lifetime_exceeded",
             Self::InvalidTls => "invalid_tls",
             Self::TlsHandshakeFailed => "tls_handshake_failed",

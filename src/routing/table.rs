@@ -1,5 +1,6 @@
-//! The route table: routes compiled from config, grouped by port in matching order (priority
-//! descending, then the user's array order). A table is immutable; `updateRoutes` builds a new one
+//! The route table: routes compiled from config (matchers, and per target how the proxy connects:
+//! TLS or not, PROXY header version), grouped by port in matching order (priority descending,
+//! then the user's array order). A table is immutable; `updateRoutes` builds a new one
 //! and live connections keep the table they were accepted under.
 
 use std::collections::{BTreeSet, HashMap};
@@ -11,8 +12,8 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::{
-    BackendProtocol, ConfigError, HealthCheckConfig, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RetryConfig, RouteConfig, TargetPort, TlsConfig,
-    TlsMode,
+    BackendProtocol, ConfigError, HeaderMatchConfig, HealthCheckConfig, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RegexConfig, RetryConfig,
+    RouteConfig, TargetPort, TargetTlsConfig, TlsConfig, TlsMode,
 };
 use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
 use crate::tls::dynamic::{CertSlots, SlotResolver};
@@ -68,8 +69,6 @@ pub struct Route {
     pub socket_handler: Option<u32>,
     /// Rate limit and authentication, checked per request by the HTTP engine.
     pub http_security: Option<HttpSecurity>,
-    /// PROXY header version towards the backends (`None`: the engine's default).
-    pub send_proxy_protocol: Option<u8>,
     pub priority: f64,
     domains: Vec<DomainPattern>,
     client_ip: IpList,
@@ -101,16 +100,39 @@ struct Balancing {
     turn: AtomicUsize,
 }
 
-/// A route's TLS handling, with its rustls configs built once per table.
+/// A route's client-facing TLS handling, with its rustls configs built once per table.
 #[derive(Debug)]
 pub struct RouteTls {
     pub mode: TlsMode,
     /// Terminating modes: the acceptor with the route's certificate.
     pub acceptor: Option<Arc<rustls::ServerConfig>>,
-    /// Re-encrypt: the connector to the targets, offering what `backendProtocol` allows.
-    pub upstream: Option<Arc<rustls::ClientConfig>>,
-    /// Re-encrypt: the same connector offering only HTTP/1.1 (WebSocket upgrades need it).
-    pub upstream_http1: Option<Arc<rustls::ClientConfig>>,
+    /// Re-encrypt: TLS to the targets that do not say otherwise (`SelectedTarget::upstream_tls`).
+    upstream: Option<Arc<UpstreamConnectors>>,
+}
+
+/// TLS from the proxy to a target, built once per table: a route's re-encryption, or a target's
+/// own `tls`. Both connectors verify the same way; they differ only in what ALPN offers.
+#[derive(Debug)]
+struct UpstreamConnectors {
+    /// Offers what `backendProtocol` allows.
+    any: Arc<rustls::ClientConfig>,
+    /// Offers only HTTP/1.1 (WebSocket upgrades and health checks need it).
+    http1: Arc<rustls::ClientConfig>,
+}
+
+impl UpstreamConnectors {
+    fn build(ca: Option<&str>, verify: bool, versions: &[String], backend_protocol: BackendProtocol) -> Result<UpstreamConnectors, String> {
+        let alpn: &[&[u8]] = match backend_protocol {
+            BackendProtocol::Auto => &[ALPN_H2, ALPN_HTTP11],
+            BackendProtocol::Http1 => &[ALPN_HTTP11],
+            BackendProtocol::Http2 => &[ALPN_H2],
+        };
+        Ok(UpstreamConnectors { any: client_config(ca, verify, versions, alpn)?, http1: client_config(ca, verify, versions, &[ALPN_HTTP11])? })
+    }
+
+    fn pick(&self, http1_only: bool) -> Arc<rustls::ClientConfig> {
+        if http1_only { self.http1.clone() } else { self.any.clone() }
+    }
 }
 
 impl RouteTls {
@@ -136,20 +158,33 @@ impl RouteTls {
                 return Err(("action.tls.certificate".into(), "a terminating route needs a certificate { key, cert }".into()));
             }
         };
-        let (upstream, upstream_http1) = match config.mode {
+        // `versions` are the client-facing ones here; the connection to the targets offers the defaults.
+        let upstream = match config.mode {
             TlsMode::TerminateAndReencrypt => {
-                let alpn: &[&[u8]] = match backend_protocol {
-                    BackendProtocol::Auto => &[ALPN_H2, ALPN_HTTP11],
-                    BackendProtocol::Http1 => &[ALPN_HTTP11],
-                    BackendProtocol::Http2 => &[ALPN_H2],
-                };
                 let ca = config.certificate.as_ref().and_then(|c| c.ca.as_deref());
-                let build = |alpn: &[&[u8]]| client_config(ca, config.reject_unauthorized, alpn).map_err(|reason| ("action.tls".to_string(), reason));
-                (Some(build(alpn)?), Some(build(&[ALPN_HTTP11])?))
+                let connectors = UpstreamConnectors::build(ca, config.reject_unauthorized, &[], backend_protocol)
+                    .map_err(|reason| ("action.tls".to_string(), reason))?;
+                Some(Arc::new(connectors))
             }
-            _ => (None, None),
+            _ => None,
         };
-        Ok(RouteTls { mode: config.mode, acceptor, upstream, upstream_http1 })
+        Ok(RouteTls { mode: config.mode, acceptor, upstream })
+    }
+}
+
+/// What a target's own `tls` makes of the connection to it, replacing the route's settings whole
+/// (fields it leaves out take their defaults, not the route's): `terminate-and-reencrypt` is TLS
+/// to the target, `terminate` plain. `None` inside: plain. On failure: the field under the target.
+fn compile_target_tls(config: &TargetTlsConfig, backend_protocol: BackendProtocol) -> Result<Option<Arc<UpstreamConnectors>>, (&'static str, String)> {
+    match config.mode {
+        TlsMode::Passthrough => Err((
+            "tls.mode",
+            "a target cannot pass TLS through: the route decides what reaches its targets; use 'terminate-and-reencrypt' (TLS to this target) or 'terminate' (plain)".into(),
+        )),
+        TlsMode::Terminate => Ok(None),
+        TlsMode::TerminateAndReencrypt => UpstreamConnectors::build(config.ca.as_deref(), config.reject_unauthorized, &config.versions, backend_protocol)
+            .map(|connectors| Some(Arc::new(connectors)))
+            .map_err(|reason| ("tls", reason)),
     }
 }
 
@@ -244,7 +279,59 @@ impl NativeResponse {
 #[derive(Debug)]
 struct HeaderMatch {
     name: HeaderName,
-    value: String,
+    value: HeaderValueMatch,
+}
+
+#[derive(Debug)]
+enum HeaderValueMatch {
+    Exact(String),
+    /// Tested on the raw value bytes: no UTF-8 check and no allocation per request.
+    Regex(regex::bytes::Regex),
+}
+
+impl HeaderValueMatch {
+    fn matches(&self, value: &[u8]) -> bool {
+        match self {
+            HeaderValueMatch::Exact(exact) => value == exact.as_bytes(),
+            HeaderValueMatch::Regex(regex) => regex.is_match(value),
+        }
+    }
+}
+
+/// A JavaScript RegExp compiled with the regex crate, which has no lookaround or backreferences
+/// (those are errors) and matches in linear time. Flags: `i`, `m`, `s` as in JavaScript; `u`/`v`
+/// turn on Unicode classes (without them `\d`, `\w` and `\b` are ASCII, as in JavaScript);
+/// `g`, `y` and `d` mean nothing to a yes/no test and are ignored.
+fn compile_js_regex(config: &RegexConfig) -> Result<regex::bytes::Regex, String> {
+    let shown = format!("/{}/{}", config.source, config.flags);
+    let mut builder = regex::bytes::RegexBuilder::new(&config.source);
+    builder.unicode(false);
+    for flag in config.flags.chars() {
+        match flag {
+            'i' => {
+                builder.case_insensitive(true);
+            }
+            'm' => {
+                builder.multi_line(true).crlf(true);
+            }
+            's' => {
+                builder.dot_matches_new_line(true);
+            }
+            'u' | 'v' => {
+                builder.unicode(true);
+            }
+            'g' | 'y' | 'd' => {}
+            other => return Err(format!("{shown}: unknown RegExp flag {other:?}")),
+        }
+    }
+    builder.build().map_err(|err| match err {
+        // The crate's message spans several lines (the pattern, a caret, the reason): keep the reason.
+        regex::Error::Syntax(text) => {
+            let reason = text.lines().rev().find_map(|line| line.strip_prefix("error: ")).unwrap_or(text.as_str()).trim().to_string();
+            format!("{shown} is not supported by the engine's regex matcher: {reason}")
+        }
+        other => format!("{shown}: {other}"),
+    })
 }
 
 /// A target whose host and/or port a JavaScript function chooses (ids the wrapper assigned).
@@ -266,6 +353,10 @@ struct Target {
     priority: f64,
     request_headers: Vec<HeaderTemplate>,
     response_headers: Vec<HeaderTemplate>,
+    /// TLS to this target: its own `tls` if it has one, else the route's re-encryption.
+    upstream: Option<Arc<UpstreamConnectors>>,
+    /// Its own `sendProxyProtocol`, else the route's.
+    send_proxy_protocol: Option<u8>,
     /// Round-robin position over `hosts`, per table: a route update restarts the rotation.
     next_host: AtomicUsize,
     /// One per static host where the port is fixed: what balancing picks from.
@@ -314,8 +405,10 @@ impl Target {
     }
 }
 
+/// Every wanted header is there with a fitting value; a header sent more than once fits when one
+/// of its values does.
 fn headers_match(wanted: &[HeaderMatch], headers: &HeaderMap) -> bool {
-    wanted.iter().all(|m| headers.get_all(&m.name).iter().any(|v| v.as_bytes() == m.value.as_bytes()))
+    wanted.iter().all(|m| headers.get_all(&m.name).iter().any(|v| m.value.matches(v.as_bytes())))
 }
 
 /// The backend a connection goes to.
@@ -334,6 +427,17 @@ pub struct SelectedTarget<'a> {
     pub response_headers: &'a [HeaderTemplate],
     /// The backend's in-flight slot (balanced targets); report connects to it, drop it when done.
     pub lease: Option<Lease>,
+    /// PROXY header version towards this target: its own, else the route's (`None`: the engine's).
+    pub send_proxy_protocol: Option<u8>,
+    upstream: Option<&'a UpstreamConnectors>,
+}
+
+impl SelectedTarget<'_> {
+    /// The TLS config for the connection to this target (`None`: plain), the target's own `tls`
+    /// winning over the route's. `http1_only`: the connection must speak HTTP/1.1 (upgrades).
+    pub fn upstream_tls(&self, http1_only: bool) -> Option<Arc<rustls::ClientConfig>> {
+        self.upstream.map(|connectors| connectors.pick(http1_only))
+    }
 }
 
 /// The routes of one port, in matching order, and what must be read from a client to choose.
@@ -448,6 +552,13 @@ impl Route {
         if config.action.targets.is_empty() && native.is_none() && config.action.socket_handler.is_none() {
             return Err(fail("action.targets".into(), "a forward route needs at least one target".into()));
         }
+        let tls = match &config.action.tls {
+            Some(tls) => Some(RouteTls::compile(tls, config.action.backend_protocol, config.action.socket_handler.is_some(), certs).map_err(|(f, r)| fail(f, r))?),
+            None => None,
+        };
+        if let Some(version) = config.action.send_proxy_protocol.filter(|v| *v > 2) {
+            return Err(fail("action.sendProxyProtocol".into(), format!("{version} is not a PROXY protocol version (1 or 2)")));
+        }
         let mut targets = Vec::with_capacity(config.action.targets.len());
         let label: Arc<str> = match (&config.name, &config.id) {
             (Some(name), _) => name.as_str().into(),
@@ -477,6 +588,23 @@ impl Route {
                 None => None,
             };
             let (request_headers, response_headers) = compile_templates(&target.headers).map_err(|(f, r)| fail(field(&f), r))?;
+            let upstream = match &target.tls {
+                Some(own) => {
+                    // Nothing of the proxy's own reaches the targets of these routes: a target's
+                    // TLS settings there would be silently ignored.
+                    if tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough) {
+                        return Err(fail(field("tls"), "a passthrough route relays the client's own TLS: the proxy opens no TLS of its own to the target".into()));
+                    }
+                    if config.action.raw {
+                        return Err(fail(field("tls"), "a raw route relays bytes as they come: the proxy opens no TLS of its own to the target".into()));
+                    }
+                    compile_target_tls(own, config.action.backend_protocol).map_err(|(f, r)| fail(field(f), r))?
+                }
+                None => tls.as_ref().and_then(|t| t.upstream.clone()),
+            };
+            if let Some(version) = target.send_proxy_protocol.filter(|v| *v > 2) {
+                return Err(fail(field("sendProxyProtocol"), format!("{version} is not a PROXY protocol version (1 or 2)")));
+            }
             let backends = match (target.host_function, target.port) {
                 (None, TargetPort::Fixed(port)) => target
                     .hosts
@@ -493,11 +621,13 @@ impl Route {
                 port: target.port,
                 match_ports: target.match_ports.clone(),
                 match_path,
-                match_headers: compile_header_matches(&target.match_headers).map_err(|r| fail(field("match.headers"), r))?,
+                match_headers: compile_header_matches(&target.match_headers).map_err(|(f, r)| fail(field(&f), r))?,
                 match_methods,
                 priority: target.priority,
                 request_headers,
                 response_headers,
+                upstream,
+                send_proxy_protocol: target.send_proxy_protocol.or(config.action.send_proxy_protocol),
                 next_host: AtomicUsize::new(0),
             });
         }
@@ -505,7 +635,7 @@ impl Route {
             Some(p) => Some(PathPattern::parse(p).map_err(|r| fail("match.path".into(), r))?),
             None => None,
         };
-        let header_matches = compile_header_matches(&config.match_.headers).map_err(|r| fail("match.headers".into(), r))?;
+        let header_matches = compile_header_matches(&config.match_.headers).map_err(|(f, r)| fail(f, r))?;
         let affinity = match &config.action.load_balancing.affinity {
             None => None,
             Some(a) => {
@@ -540,9 +670,6 @@ impl Route {
             native,
             normalize_path: config.action.normalize_path,
         };
-        if let Some(version) = config.action.send_proxy_protocol.filter(|v| *v > 2) {
-            return Err(fail("action.sendProxyProtocol".into(), format!("{version} is not a PROXY protocol version (1 or 2)")));
-        }
         let security = &config.security;
         let http_security = HttpSecurity::compile(
             security.rate_limit.as_ref(),
@@ -565,17 +692,11 @@ impl Route {
             id: config.id.clone(),
             socket_handler: config.action.socket_handler,
             http_security,
-            send_proxy_protocol: config.action.send_proxy_protocol,
             priority: config.priority,
             domains,
             client_ip,
             tls_versions: config.match_.tls_version.clone(),
-            tls: match &config.action.tls {
-                Some(tls) => Some(
-                    RouteTls::compile(tls, config.action.backend_protocol, config.action.socket_handler.is_some(), certs).map_err(|(f, r)| fail(f, r))?,
-                ),
-                None => None,
-            },
+            tls,
             targets,
             connect_timeout: config.action.connect_timeout_ms.map(Duration::from_millis),
             policy: IpPolicy { allow, block },
@@ -629,7 +750,10 @@ impl Route {
                 || !self.header_matches.is_empty()
                 || !self.http.request_headers.is_empty()
                 || !self.http.response_headers.is_empty()
-                || self.targets.iter().any(|t| t.match_path.is_some() || !t.match_headers.is_empty() || t.match_methods.is_some() || !t.request_headers.is_empty() || !t.response_headers.is_empty()))
+                || self.targets.iter().any(|t| {
+                    // A target's own TLS carries the requests the HTTP engine forwards (TLS origination).
+                    t.match_path.is_some() || !t.match_headers.is_empty() || t.match_methods.is_some() || !t.request_headers.is_empty() || !t.response_headers.is_empty() || t.upstream.is_some()
+                }))
     }
 
     /// Plain requests take routes without TLS; requests over terminated TLS take terminating routes.
@@ -726,6 +850,8 @@ impl Route {
                 request_headers: &target.request_headers,
                 response_headers: &target.response_headers,
                 lease: Some(lease),
+                send_proxy_protocol: target.send_proxy_protocol,
+                upstream: target.upstream.as_deref(),
             });
         }
         if bound.is_some() {
@@ -753,6 +879,8 @@ impl Route {
             request_headers: &target.request_headers,
             response_headers: &target.response_headers,
             lease: None,
+            send_proxy_protocol: target.send_proxy_protocol,
+            upstream: target.upstream.as_deref(),
         })
     }
 
@@ -764,18 +892,22 @@ impl Route {
     /// What active health checks probe for this route (none without `healthCheck`).
     pub fn health_probes(&self) -> Vec<ProbeSpec> {
         let Some(check) = &self.balancing.health_check else { return Vec::new() };
-        let kind = if self.speaks_http() {
-            ProbeKind::Http { path: check.path.clone(), tls: self.tls.as_ref().and_then(|tls| tls.upstream_http1.clone()) }
-        } else {
-            ProbeKind::Tcp
+        let speaks_http = self.speaks_http();
+        // Each backend is probed the way its target is reached (its own TLS or the route's).
+        let kind = |t: &Target| {
+            if speaks_http {
+                ProbeKind::Http { path: check.path.clone(), tls: t.upstream.as_ref().map(|u| u.pick(true)) }
+            } else {
+                ProbeKind::Tcp
+            }
         };
         self.targets
             .iter()
-            .flat_map(|t| t.backends.iter())
-            .map(|b| ProbeSpec {
+            .flat_map(|t| t.backends.iter().map(move |b| (t, b)))
+            .map(|(t, b)| ProbeSpec {
                 route: self.label.clone(),
                 state: b.state.clone(),
-                kind: kind.clone(),
+                kind: kind(t),
                 interval: Duration::from_millis(check.interval_ms.max(1)),
                 timeout: Duration::from_millis(check.timeout_ms.max(1)),
                 thresholds: self.balancing.thresholds,
@@ -792,12 +924,19 @@ impl Route {
     }
 }
 
-fn compile_header_matches(items: &[NameValue]) -> Result<Vec<HeaderMatch>, String> {
+/// On failure: the field (`match.headers.x-version`) and why.
+fn compile_header_matches(items: &[HeaderMatchConfig]) -> Result<Vec<HeaderMatch>, (String, String)> {
     items
         .iter()
         .map(|item| {
-            let name = HeaderName::from_bytes(item.name.as_bytes()).map_err(|_| format!("{:?} is not a valid header name", item.name))?;
-            Ok(HeaderMatch { name, value: item.value.clone() })
+            let field = format!("match.headers.{}", item.name);
+            let name = HeaderName::from_bytes(item.name.as_bytes()).map_err(|_| (field.clone(), format!("{:?} is not a valid header name", item.name)))?;
+            let value = match (&item.value, &item.regex) {
+                (Some(exact), None) => HeaderValueMatch::Exact(exact.clone()),
+                (None, Some(regex)) => HeaderValueMatch::Regex(compile_js_regex(regex).map_err(|reason| (field.clone(), reason))?),
+                _ => return Err((field, "expected either an exact value or a RegExp".into())),
+            };
+            Ok(HeaderMatch { name, value })
         })
         .collect()
 }
@@ -865,6 +1004,8 @@ mod tests {
             priority: 0.0,
             headers: HeaderTemplatesConfig::default(),
             weight: 1,
+            tls: None,
+            send_proxy_protocol: None,
         }
     }
 
@@ -965,6 +1106,218 @@ mod tests {
         r.security.ip_allow_list = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
         let err = RouteTable::compile(&[r], &RouteStatsRegistry::default(), &CertSlots::default(), &BackendRegistry::default()).unwrap_err();
         assert!(err.message.starts_with("routes[4] \"api\": security.ipAllowList[1]: "), "{}", err.message);
+    }
+
+    fn exact(name: &str, value: &str) -> HeaderMatchConfig {
+        HeaderMatchConfig { name: name.into(), value: Some(value.into()), regex: None }
+    }
+
+    fn regex(name: &str, source: &str, flags: &str) -> HeaderMatchConfig {
+        HeaderMatchConfig { name: name.into(), value: None, regex: Some(RegexConfig { source: source.into(), flags: flags.into() }) }
+    }
+
+    fn compile_err(r: RouteConfig) -> String {
+        RouteTable::compile(&[r], &RouteStatsRegistry::default(), &CertSlots::default(), &BackendRegistry::default()).unwrap_err().message
+    }
+
+    /// Which route of `t` takes a GET / on port 80 with these headers.
+    fn request_winner(t: &RouteTable, headers: &[(&str, &str)]) -> Option<String> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), http::HeaderValue::from_str(value).unwrap());
+        }
+        let request = RequestFacts { connection: facts(80, Some("a.test")), path: "/", method: &Method::GET, headers: &map };
+        t.find_for_request(&request).map(|r| r.label.to_string())
+    }
+
+    fn target_tls(mode: TlsMode) -> TargetTlsConfig {
+        TargetTlsConfig { mode, ca: None, versions: vec![], reject_unauthorized: true }
+    }
+
+    /// A re-encrypting route whose certificate comes from ACME (so the test needs no PEM).
+    fn reencrypting(r: &mut RouteConfig) {
+        r.action.tls = Some(TlsConfig {
+            mode: TlsMode::TerminateAndReencrypt,
+            certificate: None,
+            versions: vec![],
+            reject_unauthorized: true,
+            acme: Some(crate::config::AcmeSettings {
+                cert_name: "t".into(),
+                domains: vec!["a.test".into()],
+                email: "ops@a.test".into(),
+                directory_url: "https://acme.invalid/directory".into(),
+                directory_ca_file: None,
+                certificate_store: "/nonexistent".into(),
+                port: 80,
+                renew_threshold_days: 30,
+                auto_renew: false,
+                renew_check_interval_secs: 3600,
+                custom_provisioning: false,
+            }),
+        });
+    }
+
+    #[test]
+    fn regexp_header_values_are_tested_and_exact_ones_stay_exact() {
+        let mut v2 = route(0, "v2", &[80], &[], 0.0);
+        v2.match_.headers = vec![regex("X-Version", "^v2", "")];
+        let mut loud = route(1, "loud", &[80], &[], 0.0);
+        loud.match_.headers = vec![regex("x-mode", "^loud$", "gi")];
+        let mut literal = route(2, "exact", &[80], &[], 0.0);
+        literal.match_.headers = vec![exact("x-mode", "^quiet$")];
+        let t = table(&[v2, loud, literal]);
+        assert_eq!(request_winner(&t, &[("x-version", "v2.1")]).as_deref(), Some("v2"));
+        assert_eq!(request_winner(&t, &[("x-version", "v1"), ("x-version", "v2")]).as_deref(), Some("v2"));
+        assert_eq!(request_winner(&t, &[("x-version", "av2")]), None);
+        assert_eq!(request_winner(&t, &[("x-mode", "LOUD")]).as_deref(), Some("loud"));
+        // A string is compared as it is, never as a pattern.
+        assert_eq!(request_winner(&t, &[("x-mode", "quiet")]), None);
+        assert_eq!(request_winner(&t, &[("x-mode", "^quiet$")]).as_deref(), Some("exact"));
+        assert!(t.port(80).unwrap().serves_http);
+    }
+
+    #[test]
+    fn regexp_flags_follow_javascript() {
+        let compiled = |source: &str, flags: &str| compile_js_regex(&RegexConfig { source: source.into(), flags: flags.into() }).unwrap();
+        // Without `u`, \d and \w are ASCII only (as in JavaScript); with it, Unicode.
+        assert!(!compiled(r"^\w+$", "").is_match("é".as_bytes()));
+        assert!(compiled(r"^\w+$", "u").is_match("é".as_bytes()));
+        assert!(compiled(r"^a.b$", "s").is_match(b"a\nb"));
+        assert!(!compiled(r"^a.b$", "").is_match(b"a\nb"));
+        assert!(compiled(r"^b$", "m").is_match(b"a\nb"));
+        // JavaScript sources escape `/`; named groups use JavaScript's spelling.
+        assert!(compiled(r"^a\/(?<rest>b)$", "").is_match(b"a/b"));
+        // A literal beyond ASCII matches its UTF-8 bytes either way.
+        assert!(compiled("^café$", "").is_match("café".as_bytes()));
+        assert!(compiled("^CAFÉ$", "iu").is_match("café".as_bytes()));
+        // Bytes that are not UTF-8 (obs-text) are matched, not refused.
+        assert!(compiled(r"^x.y$", "").is_match(b"x\xffy"));
+    }
+
+    #[test]
+    fn a_regexp_the_engine_cannot_run_is_a_config_error_naming_the_field() {
+        let mut r = route(0, "x", &[80], &[], 0.0);
+        r.match_.headers = vec![regex("x-version", "^(?=v)v2", "")];
+        let err = compile_err(r);
+        assert!(err.starts_with("routes[0] \"x\": match.headers.x-version: /^(?=v)v2/ is not supported by the engine's regex matcher: look-around"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let mut r = route(0, "x", &[80], &[], 0.0);
+        r.action.targets[0].match_headers = vec![regex("x-a", r"(a)\1", "")];
+        let err = compile_err(r);
+        assert!(err.starts_with("routes[0] \"x\": action.targets[0].match.headers.x-a: /(a)\\1/ is not supported"), "{err}");
+    }
+
+    #[test]
+    fn a_target_regexp_picks_the_target() {
+        let mut r = route(0, "t", &[80], &[], 0.0);
+        let mut beta = target("beta", 81);
+        beta.match_headers = vec![regex("x-channel", "^beta(-.*)?$", "i")];
+        r.action.targets.push(beta);
+        let t = table(&[r]);
+        let route = t.find(&facts(80, None)).unwrap();
+        let pick = |value: &str| {
+            let mut map = HeaderMap::new();
+            map.insert("x-channel", http::HeaderValue::from_str(value).unwrap());
+            let request = RequestFacts { connection: facts(80, None), path: "/", method: &Method::GET, headers: &map };
+            route.select_target_for(80, "127.0.0.1".parse().unwrap(), Some(&request)).unwrap().host.to_string()
+        };
+        assert_eq!(pick("Beta-2"), "beta");
+        assert_eq!(pick("stable"), "10.0.0.1");
+    }
+
+    #[test]
+    fn a_target_s_own_tls_wins_over_the_route_s() {
+        let mut r = route(0, "re", &[443], &["a.test"], 0.0);
+        reencrypting(&mut r);
+        let mut plain = target("plain", 80);
+        plain.match_ports = Some(vec![443]);
+        plain.priority = 2.0;
+        plain.tls = Some(target_tls(TlsMode::Terminate));
+        r.action.targets.push(plain);
+        let t = table(&[r]);
+        let route = &t.routes()[0];
+        let ip = "127.0.0.1".parse().unwrap();
+        // The plain target has a match (port 443) and wins there; elsewhere the inheriting one.
+        let chosen = route.select_target(443, ip).unwrap();
+        assert_eq!((chosen.host, chosen.upstream_tls(false).is_some()), ("plain", false));
+        let inherited = route.select_target(444, ip).unwrap();
+        assert_eq!(inherited.host, "10.0.0.1");
+        assert!(inherited.upstream_tls(false).is_some() && inherited.upstream_tls(true).is_some());
+        let h1 = inherited.upstream_tls(true).unwrap();
+        assert_eq!(h1.alpn_protocols, vec![ALPN_HTTP11.to_vec()]);
+    }
+
+    #[test]
+    fn a_reencrypting_target_on_a_plain_route_gets_tls_and_makes_the_route_serve_http() {
+        let mut r = route(0, "origin", &[80], &[], 0.0);
+        r.action.targets[0].tls = Some(TargetTlsConfig { versions: vec!["TLSv1.3".into()], ..target_tls(TlsMode::TerminateAndReencrypt) });
+        let t = table(&[r]);
+        let plan = t.port(80).unwrap();
+        assert!(plan.serves_http && plan.needs_client_data);
+        let chosen = t.routes()[0].select_target(80, "127.0.0.1".parse().unwrap()).unwrap();
+        assert!(chosen.upstream_tls(false).is_some());
+        // A `terminate` target there changes nothing: the route still relays raw TCP.
+        let mut r = route(0, "plain", &[80], &[], 0.0);
+        r.action.targets[0].tls = Some(target_tls(TlsMode::Terminate));
+        assert!(!table(&[r]).port(80).unwrap().serves_http);
+    }
+
+    #[test]
+    fn health_checks_reach_each_target_the_way_requests_do() {
+        let mut r = route(0, "hc", &[80], &["a.test"], 0.0);
+        r.action.load_balancing.health_check =
+            Some(crate::config::HealthCheckConfig { path: "/health".into(), interval_ms: 1000, timeout_ms: 500, unhealthy_threshold: 3, healthy_threshold: 2 });
+        let mut secure = target("10.0.0.2", 443);
+        secure.tls = Some(target_tls(TlsMode::TerminateAndReencrypt));
+        r.action.targets.push(secure);
+        let probes = table(&[r]).health_probes();
+        let tls_of = |host: &str| match &probes.iter().find(|p| p.state.host == host).unwrap().kind {
+            ProbeKind::Http { tls, .. } => tls.as_ref().map(|config| config.alpn_protocols.clone()),
+            ProbeKind::Tcp => panic!("an HTTP route is probed over HTTP"),
+        };
+        assert_eq!(tls_of("10.0.0.1"), None);
+        assert_eq!(tls_of("10.0.0.2"), Some(vec![ALPN_HTTP11.to_vec()]));
+    }
+
+    #[test]
+    fn target_tls_the_proxy_cannot_honour_is_a_config_error_naming_the_target() {
+        let mut r = route(0, "x", &[443], &[], 0.0);
+        r.action.targets[0].tls = Some(target_tls(TlsMode::Passthrough));
+        assert!(compile_err(r).starts_with("routes[0] \"x\": action.targets[0].tls.mode: a target cannot pass TLS through"));
+        let mut r = route(0, "x", &[443], &[], 0.0);
+        r.action.tls = Some(TlsConfig { mode: TlsMode::Passthrough, certificate: None, versions: vec![], reject_unauthorized: true, acme: None });
+        r.action.targets[0].tls = Some(target_tls(TlsMode::TerminateAndReencrypt));
+        assert!(compile_err(r).starts_with("routes[0] \"x\": action.targets[0].tls: a passthrough route"));
+        let mut r = route(0, "x", &[80], &[], 0.0);
+        r.action.raw = true;
+        r.action.targets[0].tls = Some(target_tls(TlsMode::TerminateAndReencrypt));
+        assert!(compile_err(r).starts_with("routes[0] \"x\": action.targets[0].tls: a raw route"));
+        let mut r = route(0, "x", &[80], &[], 0.0);
+        r.action.targets[0].tls = Some(TargetTlsConfig { versions: vec!["TLSv1.0".into()], ..target_tls(TlsMode::TerminateAndReencrypt) });
+        assert!(compile_err(r).starts_with("routes[0] \"x\": action.targets[0].tls: TLSv1.0 and TLSv1.1 are not supported"));
+    }
+
+    #[test]
+    fn a_target_s_proxy_protocol_version_wins_over_the_route_s() {
+        let mut r = route(0, "pp", &[80], &[], 0.0);
+        r.action.send_proxy_protocol = Some(1);
+        let mut v2 = target("v2", 81);
+        v2.match_ports = Some(vec![81]);
+        v2.send_proxy_protocol = Some(2);
+        let mut none = target("none", 82);
+        none.match_ports = Some(vec![82]);
+        none.send_proxy_protocol = Some(0);
+        r.action.targets.extend([v2, none]);
+        r.match_.ports = vec![80, 81, 82];
+        let t = table(&[r]);
+        let compiled = &t.routes()[0];
+        let ip = "127.0.0.1".parse().unwrap();
+        assert_eq!(compiled.select_target(80, ip).unwrap().send_proxy_protocol, Some(1));
+        assert_eq!(compiled.select_target(81, ip).unwrap().send_proxy_protocol, Some(2));
+        assert_eq!(compiled.select_target(82, ip).unwrap().send_proxy_protocol, Some(0));
+        let mut r = route(0, "pp", &[80], &[], 0.0);
+        r.action.targets[0].send_proxy_protocol = Some(3);
+        assert!(compile_err(r).starts_with("routes[0] \"pp\": action.targets[0].sendProxyProtocol: 3 is not"));
     }
 
     #[test]

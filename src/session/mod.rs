@@ -223,6 +223,7 @@ impl Session {
             Some(Sniffed::RefusedHttp(_) | Sniffed::Other) => Protocol::Other,
         };
         let mut first_head: Option<Box<RequestHead>> = None;
+        let h2_preface = matches!(sniffed, Some(Sniffed::H2Preface));
         match sniffed {
             Some(Sniffed::Tls(hello)) => {
                 self.domain = hello.sni;
@@ -290,7 +291,10 @@ impl Session {
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let client_fd = client.as_raw_fd();
             let io = ClientIo::new(client, initial.into(), counters.clone());
-            let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd));
+            if matches!(protocol, Protocol::Http) && !h2_preface {
+                counters.time_heads();
+            }
+            let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd), counters.clone());
             return serve_http(io, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
         }
 
@@ -381,13 +385,14 @@ impl Session {
             };
             self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
             self.state = State::Http;
-            let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd));
+            let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd), counters.clone());
             let limits = self.http_limits(env);
             let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
             if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
                 return Box::pin(serve_http(stream, counters, ctx, limits, shutdown)).await;
             }
             // HTTP/1.x inside TLS: its first head is read and checked as a plain connection's is.
+            counters.time_heads();
             let mut stream = stream;
             let mut head = Vec::new();
             let deadline = self.accepted_at + env.initial_data_timeout;
@@ -435,7 +440,7 @@ impl Session {
             Err(reason) => return reason,
         };
         apply_socket_options(&backend, env);
-        let proxy_version = route.send_proxy_protocol.unwrap_or(env.send_proxy_protocol);
+        let proxy_version = target.send_proxy_protocol.unwrap_or(env.send_proxy_protocol);
         if proxy_version > 0 {
             let destination = self.destination.or_else(|| client.local_addr().ok().map(|a| SocketAddr::new(canonical_ip(a.ip()), a.port())));
             let header = destination.and_then(|d| proxy_protocol::encode(proxy_version, SocketAddr::new(self.client_ip, self.client_port), d));
@@ -597,6 +602,7 @@ impl Session {
         sni: Option<String>,
         tls_route: Option<Arc<Route>>,
         client_fd: Option<std::os::fd::RawFd>,
+        counters: Arc<ClientCounters>,
     ) -> Arc<ConnectionContext> {
         Arc::new(ConnectionContext {
             env: env.http.clone(),
@@ -618,6 +624,7 @@ impl Session {
             ),
             header_values: ConnectionValues::new(self.client_ip, self.local_port),
             client_fd,
+            counters,
             upstream_slots: std::sync::OnceLock::new(),
             max_upstream_per_client: (env.http_limits.max_concurrent_streams / 4) as usize,
         })
@@ -629,6 +636,7 @@ impl Session {
             header_timeout: env.http_limits.header_timeout,
             max_concurrent_streams: env.http_limits.max_concurrent_streams,
             idle_timeout: env.idle_timeout,
+            keep_alive_timeout: env.http_limits.keep_alive_timeout,
             deadline: self.accepted_at + env.max_lifetime,
         }
     }

@@ -1,7 +1,7 @@
 //! rustls configs built once per route table: a `ServerConfig` per terminating route (its
 //! certificate chain and key, ALPN `h2` + `http/1.1`, allowed versions, session resumption by
-//! tickets and by a session cache) and a `ClientConfig` per re-encrypting route (system roots plus
-//! the route's CA, or no verification when the route explicitly opts out).
+//! tickets and by a session cache) and a `ClientConfig` per re-encrypting route or target (system
+//! roots plus the route's or target's CA, or no verification when the config explicitly opts out).
 
 use std::sync::{Arc, OnceLock};
 
@@ -92,9 +92,10 @@ fn finish_server_config(mut config: ServerConfig, alpn: &[&[u8]]) -> Result<Arc<
     Ok(Arc::new(config))
 }
 
-/// The connector config of a re-encrypting route; `alpn` lists what may be offered upstream.
-pub fn client_config(extra_ca_pem: Option<&str>, verify: bool, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, String> {
-    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|err| err.to_string())?;
+/// The connector config of a re-encrypting route or target; `allowed` lists the TLS versions it
+/// may speak (empty: TLSv1.2 and TLSv1.3), `alpn` what may be offered upstream.
+pub fn client_config(extra_ca_pem: Option<&str>, verify: bool, allowed: &[String], alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, String> {
+    let builder = ClientConfig::builder_with_provider(provider()).with_protocol_versions(&versions(allowed)?).map_err(|err| err.to_string())?;
     let mut config = if verify {
         let mut roots = RootCertStore::empty();
         for path in SYSTEM_ROOTS {
@@ -169,7 +170,8 @@ mod tests {
 
     #[test]
     fn client_configs_build_with_and_without_verification() {
-        assert!(client_config(None, true, &[ALPN_HTTP11]).is_ok());
-        assert!(client_config(None, false, &[ALPN_H2, ALPN_HTTP11]).is_ok());
+        assert!(client_config(None, true, &[], &[ALPN_HTTP11]).is_ok());
+        assert!(client_config(None, false, &["TLSv1.3".into()], &[ALPN_H2, ALPN_HTTP11]).is_ok());
+        assert!(client_config(None, true, &["TLSv1.0".into()], &[ALPN_HTTP11]).is_err());
     }
 }

@@ -48,7 +48,7 @@ export interface INativeRoute {
     clientIp: string[];
     tlsVersion: string[];
     path: string | null;
-    headers: INativeNameValue[];
+    headers: INativeHeaderMatch[];
   };
   action: {
     tls: INativeTls | null;
@@ -148,10 +148,29 @@ export interface INativeAcme {
   customProvisioning: boolean;
 }
 
-/** A header name with an exact value (matching) or a template (rewriting). */
+/** A header name with a value: a template (rewriting) or a header of a response the engine writes. */
 export interface INativeNameValue {
   name: string;
   value: string;
+}
+
+/** One `match.headers` entry: exactly one of an exact `value` and a RegExp (`source`, `flags`). */
+export interface INativeHeaderMatch {
+  name: string;
+  value: string | null;
+  regex: { source: string; flags: string } | null;
+}
+
+/**
+ * A target's own `tls`: the proxy's connection to that target only, replacing the route's
+ * settings whole. 'terminate-and-reencrypt': TLS to the target; 'terminate': plain.
+ */
+export interface INativeTargetTls {
+  mode: 'terminate' | 'terminate-and-reencrypt';
+  /** Trusted for the target besides the system roots (`certificate.ca`). */
+  ca: string | null;
+  versions: string[];
+  rejectUnauthorized: boolean;
 }
 
 export interface INativeHeaderTemplates {
@@ -168,12 +187,16 @@ export interface INativeTarget {
   port: number | 'preserve' | { function: number };
   matchPorts: number[] | null;
   matchPath: string | null;
-  matchHeaders: INativeNameValue[];
+  matchHeaders: INativeHeaderMatch[];
   matchMethods: string[] | null;
   priority: number;
   headers: INativeHeaderTemplates;
   /** Share of picks under load balancing (1 to 1000). */
   weight: number;
+  /** Null: the route's TLS towards its targets. */
+  tls: INativeTargetTls | null;
+  /** 0 = none, 1 = v1, 2 = v2, null = the route's. */
+  sendProxyProtocol: number | null;
 }
 
 export interface INativeLoadBalancing {

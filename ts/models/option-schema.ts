@@ -53,7 +53,6 @@ export const BACKEND_PROTOCOLS: readonly string[] = ['auto', 'http1', 'http2', '
 
 /** Value-level refusals, in the words both validators report (`not supported yet (<reason>)`). */
 export const NOT_YET = {
-  regexpHeader: 'RegExp header values are not matched yet; use an exact string',
   http3: `'http3' needs QUIC, which is not implemented`,
 } as const;
 
@@ -89,9 +88,10 @@ export const TARGET_SCHEMA = keys({
   match: nested(keys(leaves('ports', 'path', 'headers', 'method'))),
   priority: leaf,
   weight: leaf,
-  tls: { object: TLS_SCHEMA, notYet: 'per-target TLS comes with TLS termination' },
+  // The connection to this target (TLS or plain, its verification); the client-facing TLS is the route's.
+  tls: nested(TLS_SCHEMA),
   headers: nested(HEADER_TEMPLATES),
-  sendProxyProtocol: { notYet: 'per-target PROXY headers are not implemented; set it on the route action' },
+  sendProxyProtocol: leaf,
 });
 
 export const SECURITY_SCHEMA = keys({

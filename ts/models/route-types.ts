@@ -40,6 +40,11 @@ export interface IRouteMatch {
   clientIp?: string[];
   /** `'TLSv1.2'` | `'TLSv1.3'`. */
   tlsVersion?: string[];
+  /**
+   * Case-insensitive names. A string value must equal the header's value; a RegExp is tested
+   * against it (flags `i`, `m`, `s`, `u` as in JavaScript; no lookaround or backreferences).
+   * A header sent more than once fits when one of its values does.
+   */
   headers?: Record<string, string | RegExp>;
 }
 
@@ -67,8 +72,18 @@ export interface IRouteTarget {
   priority?: number;
   /** (ext) Share of new connections or requests under load balancing (default 1). */
   weight?: number;
-  tls?: IRouteTls;
+  /**
+   * The proxy's connection to this target, instead of the route's settings (replaced whole: what
+   * is left out takes its default, not the route's). `'terminate-and-reencrypt'`: TLS to this
+   * target, verified unless `rejectUnauthorized: false`, trusting `certificate.ca` besides the
+   * system roots, offering `versions`; `'terminate'`: plain. The TLS clients see stays the route's;
+   * `'passthrough'` is refused, and so is any target `tls` on a passthrough or raw route. On a
+   * plain route, a re-encrypting target makes the route serve HTTP (its requests go out over TLS).
+   */
+  tls?: IRouteTls | { mode: 'terminate' | 'terminate-and-reencrypt'; certificate?: { ca: string }; versions?: string[]; rejectUnauthorized?: boolean };
   headers?: { request?: Record<string, string>; response?: Record<string, string> };
+  /** PROXY header towards this target; overrides the route's and the option's. */
+  sendProxyProtocol?: boolean | 1 | 2;
 }
 
 export interface IRouteSecurity {

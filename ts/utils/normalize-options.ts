@@ -5,11 +5,13 @@ import type { IRouteConfig, IRouteSecurity, IRouteTarget } from '../models/route
 import type { ISmartProxyOptions } from '../models/options.js';
 import type {
   INativeConfig,
+  INativeHeaderMatch,
   INativeHeaderTemplates,
   INativeNameValue,
   INativeOptions,
   INativeRoute,
   INativeTarget,
+  INativeTargetTls,
   INativeBasicAuth,
   INativeJwtAuth,
   INativeRateLimit,
@@ -36,6 +38,7 @@ import {
 } from '../models/option-schema.js';
 import type { IObjectSchema } from '../models/option-schema.js';
 import { expandPortRange, isValidPortNumber } from './port-range.js';
+import { headerRegExpProblem, nativeHeaderMatch } from './header-match.js';
 import { nativeSpecOf } from './socket-handlers.js';
 import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
 
@@ -312,7 +315,7 @@ function normalizeRoute(
   }
   if (targetList.length === 0 && action.type === 'forward') at.fail('action.targets', 'a forward route needs at least one target');
   const field = action.targets !== undefined ? 'action.targets' : action.target !== undefined ? 'action.target' : 'defaults.target';
-  const targets = targetList.map((t, i) => normalizeTarget(t, at, field === 'action.targets' ? `${field}[${i}]` : field, functions));
+  const targets = targetList.map((t, i) => normalizeTarget(t, at, field === 'action.targets' ? `${field}[${i}]` : field, functions, warnings, describe(index, name)));
 
   const { security, field: securityField } = pickSecurity(route.security, action.security, at, index, name, warnings);
   const lists = securityLists(security, at, securityField);
@@ -535,7 +538,7 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   }
 }
 
-function normalizeTarget(target: unknown, at: Place, field: string, functions: FunctionIds): INativeTarget {
+function normalizeTarget(target: unknown, at: Place, field: string, functions: FunctionIds, warnings: string[], who: string): INativeTarget {
   if (!isRecord(target)) at.fail(field, `expected a target object, got ${show(target)}`);
   const t = target as unknown as IRouteTarget;
   const hostFunction = typeof t.host === 'function' ? functions.idOf(t.host) : null;
@@ -549,7 +552,7 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
   else at.fail(`${field}.port`, `${show(t.port)} is not a valid port (or 'preserve', or a function)`);
   let matchPorts: number[] | null = null;
   let matchPath: string | null = null;
-  let matchHeaders: INativeNameValue[] = [];
+  let matchHeaders: INativeHeaderMatch[] = [];
   let matchMethods: string[] | null = null;
   if (t.match !== undefined) {
     if (!isRecord(t.match)) at.fail(`${field}.match`, `expected an object, got ${show(t.match)}`);
@@ -581,7 +584,45 @@ function normalizeTarget(target: unknown, at: Place, field: string, functions: F
     priority,
     headers,
     weight,
+    tls: targetTls(t.tls, at, `${field}.tls`, warnings, who),
+    sendProxyProtocol: proxyProtocolVersion(t.sendProxyProtocol, at, `${field}.sendProxyProtocol`),
   };
+}
+
+/**
+ * A target's `tls`: how the proxy connects to that target, replacing the route's settings whole
+ * (what it leaves out takes the defaults, not the route's). The client-facing TLS stays the
+ * route's, so only the mode, `certificate.ca`, `versions` and `rejectUnauthorized` mean anything.
+ */
+function targetTls(tls: unknown, at: Place, field: string, warnings: string[], who: string): INativeTargetTls | null {
+  if (tls === undefined) return null;
+  if (!isRecord(tls)) at.fail(field, `expected an object with a mode, got ${show(tls)}`);
+  const mode = tls.mode;
+  if (mode === 'passthrough') {
+    at.fail(`${field}.mode`, `a target cannot pass TLS through: the route decides what reaches its targets; use 'terminate-and-reencrypt' (TLS to this target) or 'terminate' (plain)`);
+  }
+  if (mode !== 'terminate' && mode !== 'terminate-and-reencrypt') {
+    at.fail(`${field}.mode`, `expected 'terminate' or 'terminate-and-reencrypt', got ${show(mode)}`);
+  }
+  if (tls.certificate === 'auto') at.fail(`${field}.certificate`, `a target obtains no certificate: the route's certificate is the one clients see`);
+  if (tls.certificate !== undefined && !isRecord(tls.certificate)) at.fail(`${field}.certificate`, `expected { ca } with PEM text, got ${show(tls.certificate)}`);
+  const cert = (tls.certificate ?? {}) as TRecord;
+  if (cert.ca !== undefined && typeof cert.ca !== 'string') at.fail(`${field}.certificate.ca`, `expected PEM text, got ${show(cert.ca)}`);
+  const versions = tls.versions === undefined ? [] : stringList(tls.versions, at, `${field}.versions`, false);
+  versions.forEach((v, i) => {
+    if (!TLS_VERSIONS.includes(v)) at.fail(`${field}.versions[${i}]`, `${show(v)} is not one of ${TLS_VERSIONS.join(', ')}`);
+  });
+  if (tls.rejectUnauthorized !== undefined && typeof tls.rejectUnauthorized !== 'boolean') {
+    at.fail(`${field}.rejectUnauthorized`, `expected true or false, got ${show(tls.rejectUnauthorized)}`);
+  }
+  const ignored = mode === 'terminate'
+    ? ['certificate', 'acme', 'versions', 'rejectUnauthorized'].filter((k) => tls[k] !== undefined)
+    : [...(cert.key !== undefined || cert.cert !== undefined ? ['certificate.key/cert'] : []), ...(tls.acme !== undefined ? ['acme'] : [])];
+  if (ignored.length > 0) {
+    const why = mode === 'terminate' ? `'terminate' speaks plain HTTP to this target` : 'the proxy presents no certificate to a target';
+    warnings.push(`${who}: ${field}.${ignored.join(', ')} ignored: ${why}`);
+  }
+  return { mode, ca: (cert.ca as string | undefined) ?? null, versions, rejectUnauthorized: tls.rejectUnauthorized !== false };
 }
 
 /** `action.loadBalancing`: the algorithm (default round-robin) and the active health check. */
@@ -770,14 +811,18 @@ function optionalPath(value: unknown, at: Place, field: string): string | null {
   return value;
 }
 
-/** `{ 'X-Api': 'v2' }` → `[{ name, value }]`; RegExp values are not matched natively yet. */
-function headerMatches(value: unknown, at: Place, field: string): INativeNameValue[] {
+/** `{ 'X-Api': 'v2', 'X-Version': /^v2/i }` → exact values and RegExps (`source`, `flags`) for the engine. */
+function headerMatches(value: unknown, at: Place, field: string): INativeHeaderMatch[] {
   if (value === undefined) return [];
   if (!isRecord(value)) at.fail(field, `expected an object of header names to values, got ${show(value)}`);
   return Object.entries(value).map(([name, v]) => {
-    if (v instanceof RegExp) at.notYet(`${field}.${name}`, NOT_YET.regexpHeader);
-    if (typeof v !== 'string') at.fail(`${field}.${name}`, `expected a string, got ${show(v)}`);
-    return { name, value: v };
+    if (v instanceof RegExp) {
+      const problem = headerRegExpProblem(v);
+      if (problem !== undefined) at.fail(`${field}.${name}`, problem);
+      return nativeHeaderMatch(name, v);
+    }
+    if (typeof v !== 'string') at.fail(`${field}.${name}`, `expected a string or a RegExp, got ${show(v)}`);
+    return nativeHeaderMatch(name, v);
   });
 }
 

@@ -5,6 +5,7 @@ import * as net from 'node:net';
 
 import type { IRouteConfig, IRouteSecurity, TPortRange } from '../models/route-types.js';
 import { isValidPortNumber } from './port-range.js';
+import { headerRegExpProblem } from './header-match.js';
 import {
   AFFINITY_KEY,
   BACKEND_PROTOCOLS,
@@ -447,8 +448,10 @@ function checkHeaderMatches(value: unknown, field: string, out: Problems): void 
     return;
   }
   for (const [name, v] of Object.entries(value)) {
-    if (v instanceof RegExp) out.add(`${field}.${name}`, `not supported yet (${NOT_YET.regexpHeader})`);
-    else if (typeof v !== 'string') out.add(`${field}.${name}`, `expected a string, got ${show(v)}`);
+    if (v instanceof RegExp) {
+      const problem = headerRegExpProblem(v);
+      if (problem !== undefined) out.add(`${field}.${name}`, problem);
+    } else if (typeof v !== 'string') out.add(`${field}.${name}`, `expected a string or a RegExp, got ${show(v)}`);
   }
 }
 
@@ -537,6 +540,35 @@ function checkTarget(target: unknown, field: string, out: Problems): void {
     out.add(`${field}.weight`, `expected an integer from 1 to 1000, got ${show(target.weight)}`);
   }
   if (target.headers !== undefined) checkHeaderTemplates(target.headers, `${field}.headers`, out);
+  if (target.tls !== undefined) checkTargetTls(target.tls, `${field}.tls`, out);
+  checkProxyProtocol(target.sendProxyProtocol, `${field}.sendProxyProtocol`, out);
+}
+
+/** A target's `tls`: only the connection to that target (the client-facing TLS is the route's). */
+function checkTargetTls(tls: unknown, field: string, out: Problems): void {
+  if (!isRecord(tls)) {
+    out.add(field, `expected an object with a mode, got ${show(tls)}`);
+    return;
+  }
+  if (tls.mode === 'passthrough') {
+    out.add(`${field}.mode`, `a target cannot pass TLS through: the route decides what reaches its targets; use 'terminate-and-reencrypt' (TLS to this target) or 'terminate' (plain)`);
+  } else if (tls.mode !== 'terminate' && tls.mode !== 'terminate-and-reencrypt') {
+    out.add(`${field}.mode`, `expected 'terminate' or 'terminate-and-reencrypt', got ${show(tls.mode)}`);
+  }
+  const cert = tls.certificate;
+  if (cert === 'auto') out.add(`${field}.certificate`, `a target obtains no certificate: the route's certificate is the one clients see`);
+  else if (cert !== undefined && !isRecord(cert)) out.add(`${field}.certificate`, `expected { ca } with PEM text, got ${show(cert)}`);
+  else if (isRecord(cert) && cert.ca !== undefined && typeof cert.ca !== 'string') out.add(`${field}.certificate.ca`, `expected PEM text, got ${show(cert.ca)}`);
+  if (tls.versions !== undefined) {
+    checkStringList(tls.versions, `${field}.versions`, out, (v, vField) => {
+      if (!TLS_VERSIONS.includes(v)) out.add(vField, `${JSON.stringify(v)} is not one of ${TLS_VERSIONS.join(', ')}`);
+    });
+  }
+  checkFlag(tls.rejectUnauthorized, `${field}.rejectUnauthorized`, out);
+}
+
+function checkProxyProtocol(value: unknown, field: string, out: Problems): void {
+  if (value !== undefined && ![true, false, 1, 2].includes(value as never)) out.add(field, `expected true, false, 1 or 2, got ${show(value)}`);
 }
 
 function checkTls(tls: unknown, field: string, out: Problems): void {
@@ -696,9 +728,7 @@ function checkAction(action: unknown, out: Problems): TRecord | undefined {
   if (action.forwardingEngine !== undefined && action.forwardingEngine !== 'node' && action.forwardingEngine !== 'nftables') {
     out.add('action.forwardingEngine', `expected 'node' or 'nftables', got ${show(action.forwardingEngine)}`);
   }
-  if (action.sendProxyProtocol !== undefined && ![true, false, 1, 2].includes(action.sendProxyProtocol as never)) {
-    out.add('action.sendProxyProtocol', `expected true, false, 1 or 2, got ${show(action.sendProxyProtocol)}`);
-  }
+  checkProxyProtocol(action.sendProxyProtocol, 'action.sendProxyProtocol', out);
   if (action.options !== undefined) {
     const o = action.options;
     if (!isRecord(o)) out.add('action.options', `expected an object, got ${show(o)}`);
@@ -765,6 +795,16 @@ export function validateRouteConfig(route: IRouteConfig): IRouteValidationResult
   const tls = action !== undefined && isRecord(action.tls) ? action.tls : undefined;
   const rawRelay = action !== undefined && isRecord(action.options) && action.options.raw === true;
   const noHttp = tls?.mode === 'passthrough' ? 'this route passes TLS through' : rawRelay ? 'this route relays raw TCP' : undefined;
+  // The engine opens no TLS of its own towards the targets of these routes (as it reports too).
+  const noOwnTls = tls?.mode === 'passthrough' ? "a passthrough route relays the client's own TLS" : rawRelay ? 'a raw route relays bytes as they come' : undefined;
+  if (noOwnTls !== undefined && action !== undefined) {
+    const targets: Array<[unknown, string]> = Array.isArray(action.targets)
+      ? action.targets.map((t: unknown, i: number): [unknown, string] => [t, `action.targets[${i}]`])
+      : [[action.target, 'action.target']];
+    for (const [t, field] of targets) {
+      if (isRecord(t) && t.tls !== undefined) out.add(`${field}.tls`, `${noOwnTls}: the proxy opens no TLS of its own to the target`);
+    }
+  }
   if (raw.security !== undefined) checkSecurity(raw.security, 'security', out, noHttp);
   else if (action?.security !== undefined) checkSecurity(action.security, 'action.security', out, noHttp);
   if (raw.headers !== undefined) checkHeaderTemplates(raw.headers, 'headers', out);
