@@ -374,6 +374,11 @@ fn global_policy(options: &EngineOptions) -> Result<IpPolicy, ConfigError> {
     })
 }
 
+/// How many connections must have ended, and how long since the last time, before idle workers
+/// give their allocator's free memory back.
+const GIVE_BACK_AFTER_CONNECTIONS: u64 = 1000;
+const GIVE_BACK_INTERVAL: Duration = Duration::from_secs(10);
+
 async fn sample_every_second(
     metrics: Arc<EngineMetrics>,
     limiter: Arc<ConnectionLimiter>,
@@ -383,8 +388,21 @@ async fn sample_every_second(
 ) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ended_at_give_back = 0u64;
+    let mut last_give_back = std::time::Instant::now();
     loop {
         tick.tick().await;
+        // Many connections ended: what they held goes back to the system once workers idle.
+        let ended = metrics.total.load(Ordering::Relaxed).saturating_sub(metrics.active.load(Ordering::Relaxed));
+        if ended.saturating_sub(ended_at_give_back) >= GIVE_BACK_AFTER_CONNECTIONS && last_give_back.elapsed() >= GIVE_BACK_INTERVAL {
+            ended_at_give_back = ended;
+            last_give_back = std::time::Instant::now();
+            runtime::give_memory_back();
+            // Parked workers act on it only once they wake: a few trivial tasks wake them.
+            for _ in 0..4 {
+                tokio::spawn(async {});
+            }
+        }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         metrics.sample(now_ms);
         limiter.sample_and_sweep(now_ms);

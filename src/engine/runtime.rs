@@ -1,7 +1,10 @@
 //! The one tokio runtime of the process, shared by every engine. Built on first use with the first
 //! started engine's `workerThreads` (default: one per core); later engines share it as it is. Also
-//! the addon's global allocator, which serves that runtime's threads.
+//! the addon's global allocator, which serves that runtime's threads, and when it gives the
+//! memory it keeps back to the system.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use tokio::runtime::{Builder, Runtime};
@@ -16,6 +19,35 @@ static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Bumped by `give_memory_back`: each worker hands its allocator's free memory back to the system
+/// the next time it goes idle, once per bump.
+static GIVE_BACK: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static GIVEN_BACK: Cell<u64> = const { Cell::new(0) };
+}
+
+/// mimalloc returns the pages a thread freed only when that thread allocates again, so a proxy
+/// that goes quiet after many connections ended would keep their memory. Called when many have
+/// ended; the work happens on each worker as it parks, off every request path.
+pub fn give_memory_back() {
+    GIVE_BACK.fetch_add(1, Ordering::Relaxed);
+}
+
+fn on_worker_park() {
+    let wanted = GIVE_BACK.load(Ordering::Relaxed);
+    if wanted == 0 {
+        return;
+    }
+    GIVEN_BACK.with(|given| {
+        if given.get() != wanted {
+            given.set(wanted);
+            // SAFETY: mi_collect takes no pointers; it only walks this thread's own heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
+    });
+}
+
 pub fn shared(worker_threads: Option<usize>) -> &'static Runtime {
     RUNTIME.get_or_init(|| {
         let workers = worker_threads
@@ -24,6 +56,7 @@ pub fn shared(worker_threads: Option<usize>) -> &'static Runtime {
         Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("smartproxy-worker")
+            .on_thread_park(on_worker_park)
             .enable_all()
             .build()
             // Without threads or an epoll instance nothing here can work; there is no fallback.

@@ -47,46 +47,51 @@ impl Refusal {
 /// `Ok(None)`: an HTTP/1.0 request that names no host.
 pub fn request_host<'a>(authority: Option<&'a str>, headers: &'a HeaderMap, host_required: bool) -> Result<Option<&'a str>, Refusal> {
     let mut hosts = headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(Refusal::bad_request("more than one Host header"));
-    }
-    let host = match host {
+    let first = hosts.next();
+    let host_sent = first.is_some();
+    let host = match first {
         None => None,
-        Some(value) => Some(value.to_str().map_err(|_| Refusal::bad_request("the Host header is not a host name"))?.trim()),
+        Some(_) if hosts.next().is_some() => return Err(Refusal::bad_request("more than one Host header")),
+        Some(value) => authority_text(value.to_str().map_err(|_| NOT_A_HOST)?)?,
     };
-    let host = host.filter(|h| !h.is_empty());
-    if let Some(host) = host {
-        check_authority(host)?;
-    }
-    let authority = authority.filter(|a| !a.is_empty());
-    match (authority, host) {
+    match (authority.filter(|a| !a.is_empty()), host) {
         (Some(authority), Some(host)) => {
-            check_authority(authority)?;
+            authority_text(authority)?;
             if !same_authority(authority, host) {
                 return Err(Refusal::bad_request("the request target's host and the Host header disagree"));
             }
             Ok(Some(host))
         }
-        (Some(authority), None) => {
-            check_authority(authority)?;
-            Ok(Some(authority))
-        }
-        (None, None) if host_required => Err(Refusal::bad_request("the request names no host")),
+        (Some(authority), None) => Ok(authority_text(authority)?),
+        // An empty Host is how a client names no authority (RFC 9112 §3.2); no Host at all is not.
+        (None, None) if host_required && !host_sent => Err(Refusal::bad_request("the request names no host")),
         (None, host) => Ok(host),
     }
 }
 
-/// A host name, IPv4 address or bracketed IPv6 address, with an optional port: nothing that could
-/// be read as a path, user info or a second header.
-fn check_authority(authority: &str) -> Result<(), Refusal> {
-    let ok = authority.len() <= 1024
-        && authority.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Refusal::bad_request("the host is not a host name or address"))
+const NOT_A_HOST: Refusal = Refusal::bad_request("the host is not a host name or address");
+
+/// The bytes a host name, an IPv4 address or a bracketed IPv6 address with an optional port are
+/// made of: nothing that could be read as a path, user info or a second header.
+const AUTHORITY_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b':' | b'[' | b']');
+        b += 1;
     }
+    table
+};
+
+/// The authority without surrounding spaces, `None` when empty; refused when it holds a byte
+/// no host name, address or port has.
+fn authority_text(value: &str) -> Result<Option<&str>, Refusal> {
+    let value = value.trim_matches(|c| c == ' ' || c == '\t');
+    if value.len() > 1024 || !value.bytes().all(|b| AUTHORITY_BYTES[usize::from(b)]) {
+        return Err(NOT_A_HOST);
+    }
+    Ok(Some(value).filter(|text| !text.is_empty()))
 }
 
 /// Same host (case-insensitive, trailing dot ignored) and same port when both name one.
@@ -111,9 +116,15 @@ fn split_port(authority: &str) -> (&str, Option<&str>) {
 }
 
 /// `Example.COM.:8080` → `example.com`; `[::1]:80` → `::1`: the domain routes match against.
-pub fn normalise_host(authority: &str) -> String {
+/// Borrowed when already lower case (most requests).
+pub fn normalise_host(authority: &str) -> Cow<'_, str> {
     let (host, _) = split_port(authority);
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// The path routes and security match against: `%`-escapes of unreserved characters decoded,
@@ -226,7 +237,7 @@ mod tests {
         assert_eq!(host(None, &["a.test"]), Ok(Some("a.test".into())));
         assert_eq!(request_host(None, &hosts(&[]), false), Ok(None));
         assert!(host(None, &[]).is_err(), "HTTP/1.1 needs a host");
-        assert!(host(None, &[" "]).is_err(), "an empty Host is none");
+        assert_eq!(host(None, &[" "]), Ok(None), "an empty Host names no authority");
         assert_eq!(host(Some("a.test"), &[]), Ok(Some("a.test".into())));
         assert_eq!(host(Some("A.test."), &["a.test:80"]), Ok(Some("a.test:80".into())));
         assert!(host(None, &["a.test", "b.test"]).is_err());

@@ -151,7 +151,7 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>) -> Result<Requ
         None => (origin_form, None),
     };
     let path = if path.is_empty() { "/".to_string() } else { path.to_string() };
-    Ok(RequestHead { method, path, query, domain: host.map(normalise_host).filter(|d| !d.is_empty()), headers })
+    Ok(RequestHead { method, path, query, domain: host.map(|h| normalise_host(h).into_owned()).filter(|d| !d.is_empty()), headers })
 }
 
 /// Body framing that every hop reads the same way (RFC 9112 §6): `Transfer-Encoding` or

@@ -152,7 +152,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &
             connection_id: ctx.connection_id,
             client_ip: ctx.client_ip,
             port: ctx.local_port,
-            domain: domain.clone(),
+            domain: domain.as_deref().map(str::to_string),
             route_name: route.name.clone(),
             route_id: route.id.clone(),
         });
@@ -220,7 +220,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &
     let script_context = route.has_target_functions().then(|| ScriptContext {
         connection_id: ctx.connection_id,
         port: ctx.local_port,
-        domain: domain.clone(),
+        domain: domain.as_deref().map(str::to_string),
         client_ip: Some(ctx.client_ip),
         client_port: ctx.client_port,
         server_ip: ctx.server_ip,
@@ -335,7 +335,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &
                 tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &match_path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, domain.as_deref(), &match_path, &head))).unwrap_or(target);
                 continue;
             }
             Err(err) => return Err(upstream_failure(err)),
@@ -363,7 +363,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &
                 tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &match_path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, domain.as_deref(), &match_path, &head))).unwrap_or(target);
             }
             Ok(response) => break (response, checkout, key, request_sent),
             // A pooled connection the upstream closed just as it was reused fails before the
@@ -388,7 +388,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &
             Err(SendError::Timeout) if policy.on_timeout && replayable && attempt < policy.max_retries => {
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, &domain, &match_path, &head))).unwrap_or(target);
+                target = route.select_target_for(ctx.local_port, ctx.client_ip, Some(&facts_for_retry(ctx, domain.as_deref(), &match_path, &head))).unwrap_or(target);
             }
             Err(SendError::Timeout) => {
                 return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
@@ -474,10 +474,10 @@ impl RequestBody {
     }
 }
 
-fn facts_for_retry<'a>(ctx: &ConnectionContext, domain: &'a Option<String>, path: &'a str, head: &'a Request<()>) -> RequestFacts<'a> {
+fn facts_for_retry<'a>(ctx: &ConnectionContext, domain: Option<&'a str>, path: &'a str, head: &'a Request<()>) -> RequestFacts<'a> {
     let protocol = if ctx.https { Protocol::Tls { version: ctx.tls_version } } else { Protocol::Http };
     RequestFacts {
-        connection: ConnectionFacts { local_port: ctx.local_port, client_ip: ctx.client_ip, domain: domain.as_deref(), protocol },
+        connection: ConnectionFacts { local_port: ctx.local_port, client_ip: ctx.client_ip, domain, protocol },
         path,
         method: head.method(),
         headers: head.headers(),
@@ -665,9 +665,20 @@ async fn send_watching_client(
     route_slot: &mut Option<RouteGuard>,
 ) -> Result<Response<Incoming>, SendError> {
     let limited = route_slot.as_ref().is_some_and(RouteGuard::is_limited);
-    let (Some(fd), true) = (client_fd, limited) else {
-        return send(checkout, req, timeout).await;
-    };
+    match (client_fd, limited) {
+        // Boxed: the watch's timer would otherwise size every request's future.
+        (Some(fd), true) => Box::pin(send_while_watching(checkout, req, timeout, fd, route_slot)).await,
+        _ => send(checkout, req, timeout).await,
+    }
+}
+
+async fn send_while_watching(
+    checkout: &mut Checkout,
+    req: Request<ProxyBody>,
+    timeout: Duration,
+    fd: std::os::fd::RawFd,
+    route_slot: &mut Option<RouteGuard>,
+) -> Result<Response<Incoming>, SendError> {
     let sending = send(checkout, req, timeout);
     tokio::pin!(sending);
     let mut watch = tokio::time::interval(CLIENT_WATCH_PERIOD);

@@ -239,7 +239,7 @@ impl Session {
             // HTTP on a port whose routes read requests is answered, never relayed raw.
             Some(Sniffed::RefusedHttp(refusal)) if plan.serves_http => {
                 self.state = State::Http;
-                refuse_http(&mut client, &refusal).await;
+                Box::pin(refuse_http(&mut client, &refusal)).await;
                 return TerminationReason::InvalidHttp;
             }
             _ => {}
@@ -275,7 +275,7 @@ impl Session {
                 let path = match normalise_path(&head.path) {
                     Ok(path) => path,
                     Err(refusal) => {
-                        refuse_http(&mut client, &refusal).await;
+                        Box::pin(refuse_http(&mut client, &refusal)).await;
                         return TerminationReason::InvalidHttp;
                     }
                 };
@@ -401,11 +401,11 @@ impl Session {
                 Err(reason) => return reason,
                 Ok(Some(HeadParse::Request(_) | HeadParse::H2Preface)) => {}
                 Ok(Some(HeadParse::Refused(refusal))) => {
-                    refuse_http(&mut stream, &refusal).await;
+                    Box::pin(refuse_http(&mut stream, &refusal)).await;
                     return TerminationReason::InvalidHttp;
                 }
                 Ok(Some(HeadParse::NotHttp | HeadParse::Incomplete) | None) => {
-                    refuse_http(&mut stream, &Refusal::bad_request("not an HTTP/1.x request")).await;
+                    Box::pin(refuse_http(&mut stream, &Refusal::bad_request("not an HTTP/1.x request"))).await;
                     return TerminationReason::InvalidHttp;
                 }
             }
@@ -675,7 +675,7 @@ async fn refuse_http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(cl
         return;
     }
     let _ = client.shutdown().await;
-    let mut sink = [0u8; 4096];
+    let mut sink = vec![0u8; 4096];
     let mut drained = 0;
     let linger = async {
         while drained < REFUSAL_LINGER_BYTES {
