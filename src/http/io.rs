@@ -101,8 +101,7 @@ pub struct InFlight(Arc<ClientCounters>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        // The keep-alive wait starts when the response ended, not when the request came.
-        self.0.touch();
+        // The keep-alive wait runs from the last byte, which the response's own writes just moved.
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -577,10 +577,10 @@ fn rewrite_headers<B>(
 ) {
     let version = req.version();
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers, upgrade);
+    let claims = strip_hop_by_hop(headers, upgrade);
     add_forwarded(
         headers,
-        &ForwardedFacts { connection: &ctx.header_values, https: ctx.https, host: raw_host, trusted_peer: ctx.trusted_peer, version },
+        &ForwardedFacts { connection: &ctx.header_values, https: ctx.https, host: raw_host, trusted_peer: ctx.trusted_peer, version, claims },
     );
     apply_templates(headers, &route.http.request_headers, templates);
     apply_templates(headers, target.request_headers, templates);

@@ -387,29 +387,10 @@ impl Session {
             self.state = State::Http;
             let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd), counters.clone());
             let limits = self.http_limits(env);
-            let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
-            if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
-                return Box::pin(serve_http(stream, counters, ctx, limits, shutdown)).await;
-            }
-            // HTTP/1.x inside TLS: its first head is read and checked as a plain connection's is.
-            counters.time_heads();
-            let mut stream = stream;
-            let mut head = Vec::new();
-            let deadline = self.accepted_at + env.initial_data_timeout;
-            let max_head = env.http_limits.max_header_size;
-            match Box::pin(sniff::read_first_head(&mut stream, &mut head, deadline, env.http_limits.header_timeout, max_head)).await {
-                Err(reason) => return reason,
-                Ok(Some(HeadParse::Request(_) | HeadParse::H2Preface)) => {}
-                Ok(Some(HeadParse::Refused(refusal))) => {
-                    Box::pin(refuse_http(&mut stream, &refusal)).await;
-                    return TerminationReason::InvalidHttp;
-                }
-                Ok(Some(HeadParse::NotHttp | HeadParse::Incomplete) | None) => {
-                    Box::pin(refuse_http(&mut stream, &Refusal::bad_request("not an HTTP/1.x request"))).await;
-                    return TerminationReason::InvalidHttp;
-                }
-            }
-            return Box::pin(serve_http(Replay::new(stream, head.into()), counters, ctx, limits, shutdown)).await;
+            let first_head_by = self.accepted_at + env.initial_data_timeout;
+            // Boxed with the TLS session moved in: held across awaits here, it would size the
+            // future of every connection, TLS or not.
+            return Box::pin(serve_terminated(stream, counters, ctx, limits, first_head_by, env)).await;
         }
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
             return TerminationReason::NoTarget;
@@ -664,6 +645,52 @@ async fn read_proxy_header(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: 
             Ok(Ok(0)) => return Err(TerminationReason::ClientClosedBeforeData),
             Ok(Ok(_)) => {}
         }
+    }
+}
+
+/// Terminated TLS: HTTP/2 by ALPN goes to the engine as it is; HTTP/1.x has its first head read
+/// and checked as a plain connection's is (by `first_head_by`), then the engine serves it.
+async fn serve_terminated<S>(
+    mut stream: S,
+    counters: Arc<ClientCounters>,
+    ctx: Arc<ConnectionContext>,
+    limits: HttpLimits,
+    first_head_by: Instant,
+    env: &SessionEnv,
+) -> TerminationReason
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + NegotiatedAlpn,
+{
+    let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
+    if stream.alpn() == Some(ALPN_H2) {
+        return serve_http(stream, counters, ctx, limits, shutdown).await;
+    }
+    counters.time_heads();
+    let mut head = Vec::new();
+    let max_head = env.http_limits.max_header_size;
+    match sniff::read_first_head(&mut stream, &mut head, first_head_by, env.http_limits.header_timeout, max_head).await {
+        Err(reason) => return reason,
+        Ok(Some(HeadParse::Request(_) | HeadParse::H2Preface)) => {}
+        Ok(Some(HeadParse::Refused(refusal))) => {
+            refuse_http(&mut stream, &refusal).await;
+            return TerminationReason::InvalidHttp;
+        }
+        Ok(Some(HeadParse::NotHttp | HeadParse::Incomplete) | None) => {
+            refuse_http(&mut stream, &Refusal::bad_request("not an HTTP/1.x request")).await;
+            return TerminationReason::InvalidHttp;
+        }
+    }
+    serve_http(Replay::new(stream, head.into()), counters, ctx, limits, shutdown).await
+}
+
+/// The protocol a TLS session agreed by ALPN.
+trait NegotiatedAlpn {
+    fn alpn(&self) -> Option<&[u8]>;
+}
+
+impl<IO> NegotiatedAlpn for tokio_rustls::server::TlsStream<IO> {
+    fn alpn(&self) -> Option<&[u8]> {
+        self.get_ref().1.alpn_protocol()
     }
 }
 
