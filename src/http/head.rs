@@ -53,9 +53,15 @@ pub struct RequestHead {
 pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
     // RFC 9112 §2.2: empty lines before the request line are ignored.
     let start = leading_empty_lines(buf);
+    // The first line's cap counts from the start of the connection, empty lines included, so the
+    // answer never depends on how the bytes were split.
+    let Some(budget) = MAX_UNKNOWN_LINE.checked_sub(start).filter(|b| *b > 0) else {
+        return HeadParse::NotHttp;
+    };
     let line = &buf[start..];
-    if line.is_empty() {
-        return if start > 0 && buf.len() > MAX_UNKNOWN_LINE { HeadParse::NotHttp } else { HeadParse::Incomplete };
+    // Nothing yet, or half of another empty line.
+    if line.is_empty() || line == b"\r" {
+        return HeadParse::Incomplete;
     }
     if line.starts_with(b"PRI ") && start == 0 {
         let seen = line.len().min(H2_PREFACE.len());
@@ -67,23 +73,22 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
             HeadParse::Incomplete
         };
     }
-    match request_line_shape(line) {
+    match request_line_shape(line, budget) {
         Shape::NotHttp => return HeadParse::NotHttp,
         Shape::Undecided => return HeadParse::Incomplete,
         Shape::Http => {}
     }
+    // Only the first `max_head` bytes decide: whatever follows cannot turn a 431 into a 400.
+    let view = &buf[..buf.len().min(max_head)];
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut storage);
-    let len = match request.parse(buf) {
+    let len = match request.parse(view) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() <= max_head => return HeadParse::Incomplete,
         Ok(httparse::Status::Partial) => return too_large("the request head is larger than the limit"),
         Err(httparse::Error::TooManyHeaders) => return too_large("too many header fields"),
         Err(_) => return HeadParse::Refused(Refusal::bad_request("malformed request head")),
     };
-    if len > max_head {
-        return too_large("the request head is larger than the limit");
-    }
     match checked_head(&buf[..len], &request) {
         Ok(head) => HeadParse::Request(head),
         Err(refusal) => HeadParse::Refused(refusal),
@@ -109,19 +114,20 @@ enum Shape {
 }
 
 /// A request line is a token, a space, a target, a space and `HTTP/x.y`. A known method and a
-/// space decide at once; another token waits for the line's end and its version.
-fn request_line_shape(line: &[u8]) -> Shape {
+/// space decide at once; another token waits for the line's end and its version, within `budget`
+/// bytes.
+fn request_line_shape(line: &[u8], budget: usize) -> Shape {
     let method_end = line.iter().position(|b| !is_tchar(*b));
     match method_end {
         Some(0) => return Shape::NotHttp,
         Some(end) if line[end] == b' ' && KNOWN_METHODS.contains(&&line[..end]) => return Shape::Http,
-        None if line.len() < MAX_UNKNOWN_LINE => return Shape::Undecided,
         _ => {}
     }
-    let Some(newline) = line.iter().position(|b| *b == b'\n') else {
-        return if line.len() < MAX_UNKNOWN_LINE { Shape::Undecided } else { Shape::NotHttp };
+    let window = &line[..line.len().min(budget)];
+    let Some(newline) = window.iter().position(|b| *b == b'\n') else {
+        return if line.len() < budget { Shape::Undecided } else { Shape::NotHttp };
     };
-    let text = line[..newline].strip_suffix(b"\r").unwrap_or(&line[..newline]);
+    let text = window[..newline].strip_suffix(b"\r").unwrap_or(&window[..newline]);
     match text.len().checked_sub(8).map(|at| &text[at..]) {
         Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]) if major.is_ascii_digit() && minor.is_ascii_digit() => Shape::Http,
         _ => Shape::NotHttp,
@@ -137,6 +143,10 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>) -> Result<Requ
     let method = request.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()).ok_or(Refusal::bad_request("malformed method"))?;
     let http10 = request.version == Some(0);
     let target = request.path.ok_or(Refusal::bad_request("malformed request target"))?;
+    // A fragment never travels in a request (RFC 9110 §7.1); hyper would drop it, this reading not.
+    if target.contains('#') {
+        return Err(Refusal::bad_request("the request target holds a fragment"));
+    }
     let mut headers = HeaderMap::with_capacity(request.headers.len());
     for field in request.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
@@ -232,6 +242,15 @@ mod tests {
         }
     }
 
+    impl HeadParse {
+        fn status(&self) -> Option<StatusCode> {
+            match self {
+                HeadParse::Refused(refusal) => Some(refusal.status),
+                _ => None,
+            }
+        }
+    }
+
     fn request(bytes: &[u8]) -> RequestHead {
         match parse(bytes) {
             HeadParse::Request(head) => head,
@@ -283,6 +302,33 @@ mod tests {
         }
         assert!(matches!(parse(b"GE"), HeadParse::Incomplete));
         assert!(matches!(parse(b"EHLO x"), HeadParse::Incomplete));
+    }
+
+    /// Found by fuzzing: a decided answer must not change as more bytes arrive.
+    #[test]
+    fn the_answer_does_not_depend_on_how_the_bytes_were_split() {
+        let request = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n";
+        // Half of a leading empty line.
+        assert!(matches!(parse(b"\r"), HeadParse::Incomplete));
+        let mut crlf_then_request = b"\r\n".to_vec();
+        crlf_then_request.extend_from_slice(request);
+        assert!(matches!(parse(&crlf_then_request), HeadParse::Request(_)));
+        // The first line's cap counts empty lines too, and a line end past the cap.
+        let mut long_token = vec![b'A'; MAX_UNKNOWN_LINE];
+        assert!(matches!(parse(&long_token), HeadParse::NotHttp));
+        long_token.extend_from_slice(b" / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(matches!(parse(&long_token), HeadParse::NotHttp));
+        let mut empty_lines = b"\r\n".repeat(MAX_UNKNOWN_LINE / 2);
+        assert!(matches!(parse(&empty_lines), HeadParse::NotHttp));
+        empty_lines.extend_from_slice(request);
+        assert!(matches!(parse(&empty_lines), HeadParse::NotHttp));
+        // Past the head limit, what follows cannot turn a 431 into a 400.
+        let mut big = b"GET /".to_vec();
+        big.resize(4097, b'a');
+        assert_eq!(parse_head(&big, 4096).status(), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        big.push(b'\r');
+        assert_eq!(parse_head(&big, 4096).status(), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        assert_eq!(refused(b"GET /admin#x HTTP/1.1\r\nHost: a\r\n\r\n"), StatusCode::BAD_REQUEST);
     }
 
     #[test]

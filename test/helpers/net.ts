@@ -4,16 +4,32 @@ import { readdirSync } from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 
 /** Ports that were free a moment ago (bound to 0 and released). */
+/** Ports for tests come from below the kernel's ephemeral range (32768 up on Linux): a port the
+ * kernel handed out for listen(0) and that was closed again could meanwhile become the local port
+ * of some outgoing connection, and the proxy's bind would then fail with EADDRINUSE. */
+const TEST_PORTS = { from: 10000, to: 32000 } as const;
+
+function listenOn(port: number): Promise<net.Server | null> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once('error', () => resolve(null));
+    server.listen(port, '127.0.0.1', () => resolve(server));
+  });
+}
+
 export async function freePorts(count: number): Promise<number[]> {
   const servers: net.Server[] = [];
   const ports: number[] = [];
-  for (let i = 0; i < count; i++) {
-    const server = net.createServer();
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  for (let attempt = 0; ports.length < count && attempt < 1000; attempt++) {
+    const port = TEST_PORTS.from + Math.floor(Math.random() * (TEST_PORTS.to - TEST_PORTS.from));
+    if (ports.includes(port)) continue;
+    const server = await listenOn(port);
+    if (server === null) continue;
     servers.push(server);
-    ports.push((server.address() as net.AddressInfo).port);
+    ports.push(port);
   }
   await Promise.all(servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+  if (ports.length < count) throw new Error(`no ${count} free ports found`);
   return ports;
 }
 
@@ -24,7 +40,7 @@ export async function freePort(): Promise<number> {
 /** A run of `count` consecutive free ports. */
 export async function freePortRange(count: number): Promise<number> {
   for (let attempt = 0; attempt < 50; attempt++) {
-    const start = 20000 + Math.floor(Math.random() * 30000);
+    const start = TEST_PORTS.from + Math.floor(Math.random() * (TEST_PORTS.to - TEST_PORTS.from - count));
     const servers: net.Server[] = [];
     let ok = true;
     for (let p = start; p < start + count && ok; p++) {
