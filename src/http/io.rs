@@ -106,31 +106,20 @@ impl Drop for InFlight {
     }
 }
 
+/// The client's socket with every byte counted (in `Replay` when bytes sniffed before it come first).
 pub struct ClientIo<S> {
     inner: S,
-    /// The sniffed prefix, already counted when it was read.
-    replay: Bytes,
     counters: Arc<ClientCounters>,
 }
 
 impl<S> ClientIo<S> {
-    pub fn new(inner: S, replay: Bytes, counters: Arc<ClientCounters>) -> Self {
-        ClientIo { inner, replay, counters }
+    pub fn new(inner: S, counters: Arc<ClientCounters>) -> Self {
+        ClientIo { inner, counters }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay[..n]);
-            self.replay.advance(n);
-            if self.replay.is_empty() {
-                // An emptied Bytes still holds the sniffing buffer; an idle connection should not.
-                self.replay = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -171,8 +160,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     }
 }
 
-/// A stream whose first bytes were already read (to check a request head inside TLS): they are
-/// handed out again before the stream's own. Counting stays with the `ClientIo` underneath.
+/// A stream whose first bytes were already read (sniffed before routing, or a request head checked
+/// inside TLS): they are handed out again before the stream's own. They were counted when read,
+/// by the `ClientIo` underneath.
 pub struct Replay<S> {
     inner: S,
     replay: Bytes,
@@ -191,6 +181,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
             buf.put_slice(&self.replay[..n]);
             self.replay.advance(n);
             if self.replay.is_empty() {
+                // An emptied Bytes still holds the sniffing buffer; an idle connection should not.
                 self.replay = Bytes::new();
             }
             return Poll::Ready(Ok(()));

@@ -304,7 +304,7 @@ mod tests {
         // The first bytes of a later HTTP/1.x head start its own timer.
         fixture.counters.time_heads();
         let (mut client, server) = tokio::io::duplex(64);
-        let mut io = crate::http::io::ClientIo::new(server, bytes::Bytes::new(), fixture.counters.clone());
+        let mut io = crate::http::io::ClientIo::new(server, fixture.counters.clone());
         client.write_all(b"GE").await.expect("write");
         let mut buf = [0u8; 8];
         assert_eq!(io.read(&mut buf).await.expect("read"), 2);

@@ -290,7 +290,7 @@ impl Session {
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let client_fd = client.as_raw_fd();
-            let io = ClientIo::new(client, initial.into(), counters.clone());
+            let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
             if matches!(protocol, Protocol::Http) && !h2_preface {
                 counters.time_heads();
             }
@@ -346,7 +346,7 @@ impl Session {
             };
             self.state = State::Terminating;
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
-            let io = ClientIo::new(client, initial.into(), counters);
+            let io = Replay::new(ClientIo::new(client, counters), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
             let stream = match Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await {
                 Err(_) => return TerminationReason::InitialDataTimeout,
@@ -372,7 +372,7 @@ impl Session {
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let client_fd = client.as_raw_fd();
-            let io = ClientIo::new(client, initial.into(), counters.clone());
+            let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
             let accepted = Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await;
             let stream = match accepted {

@@ -191,7 +191,7 @@ impl FrameTracker {
     }
 
     /// Checks a complete head against the rules and, for a data frame, counts it into its message.
-    /// Protocol errors are looked for before sizes: a 1 MiB frame with a reserved opcode is a
+    /// Protocol errors are looked for before sizes: a frame of any size with a reserved opcode is a
     /// protocol error whatever the limit.
     fn admit(&mut self, head: &FrameHead) -> Result<(), FrameError> {
         match (self.from_client, head.masked) {
