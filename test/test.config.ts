@@ -9,7 +9,7 @@ import { SmartProxy, SmartProxyConfigError } from '../ts/index.js';
 import type { IRouteConfig } from '../ts/index.js';
 import { normalizeOptions } from '../ts/utils/normalize-options.js';
 import { expandPortRange, isValidPort } from '../ts/utils/port-range.js';
-import { connectAndRead, startTaggedServer } from './helpers/net.js';
+import { connectAndRead, startTaggedServer, thrown } from './helpers/net.js';
 
 type TOptions = Parameters<typeof normalizeOptions>[0];
 
@@ -49,15 +49,6 @@ function expectSubset(actual: unknown, expected: unknown): void {
   expect(subset(actual, expected)).toEqual(expected);
 }
 
-/** Runs `fn` and returns what it threw (or undefined). */
-function thrown(fn: () => unknown): Error | undefined {
-  try {
-    fn();
-  } catch (err) {
-    return err as Error;
-  }
-  return undefined;
-}
 
 async function rejected(promise: Promise<unknown>): Promise<Error | undefined> {
   try {

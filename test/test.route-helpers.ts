@@ -43,7 +43,7 @@ import {
 } from '../ts/index.js';
 import type { IRouteConfig, IRouteContext, TSocketHandler } from '../ts/index.js';
 import { normalizeOptions } from '../ts/utils/normalize-options.js';
-import { startEchoServer, waitFor } from './helpers/net.js';
+import { startEchoServer, waitFor, thrown } from './helpers/net.js';
 
 // ---------------------------------------------------------------------------------------------
 // Tools
@@ -99,14 +99,6 @@ function pure<R>(inputs: unknown[], fn: (...args: never[]) => R): R {
   return result;
 }
 
-function thrown(fn: () => unknown): Error | undefined {
-  try {
-    fn();
-  } catch (err) {
-    return err as Error;
-  }
-  return undefined;
-}
 
 const context = (overrides: Partial<IRouteContext> = {}): IRouteContext => ({
   port: 8080,

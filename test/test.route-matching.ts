@@ -8,7 +8,7 @@ import type { AddressInfo } from 'node:net';
 
 import { SmartProxy, SmartProxyConfigError } from '../ts/index.js';
 import type { IRouteConfig } from '../ts/index.js';
-import { freePorts } from './helpers/net.js';
+import { freePorts, thrown } from './helpers/net.js';
 
 /** A backend answering every request with its name. */
 async function namedBackend(name: string): Promise<{ port: number; close(): Promise<void> }> {
@@ -39,14 +39,6 @@ function get(port: number, headers: Record<string, string | string[]>): Promise<
   });
 }
 
-function thrown(fn: () => unknown): Error | undefined {
-  try {
-    fn();
-  } catch (err) {
-    return err as Error;
-  }
-  return undefined;
-}
 
 const backends: Record<string, { port: number; close(): Promise<void> }> = {};
 let proxy: SmartProxy;

@@ -8,38 +8,19 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import * as net from 'node:net';
 import type * as tls from 'node:tls';
-import type { AddressInfo } from 'node:net';
 
 import { SmartProxy } from '../ts/index.js';
 import type { IRouteConfig } from '../ts/index.js';
-import { freePorts } from './helpers/net.js';
+import { freePorts, listenTracked, type ITestServer } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
 
 const ca = createTestCa();
 const frontCert = ca.issue(['app.example.com', 'reenc.example.com', 'verify.example.com']);
 const backendCert = ca.issue(['app.example.com', 'reenc.example.com', 'verify.example.com', 'origin.example.com']);
 
-interface IServer {
-  port: number;
-  close(): Promise<void>;
-}
+type IServer = ITestServer;
 
-async function listening(server: net.Server): Promise<IServer> {
-  const sockets = new Set<net.Socket>();
-  server.on('connection', (socket: net.Socket) => {
-    sockets.add(socket);
-    socket.on('close', () => sockets.delete(socket));
-    socket.on('error', () => undefined);
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return {
-    port: (server.address() as AddressInfo).port,
-    close: async () => {
-      for (const s of sockets) s.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
+const listening = (server: net.Server): Promise<IServer> => listenTracked(server);
 
 const V2_SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
 

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{COOKIE, SET_COOKIE};
@@ -134,7 +135,7 @@ pub struct Affinity {
     pub ttl: Duration,
     pub on_unknown: OnUnknown,
     /// Entries belong to the route (its id, else its name): `affinity:<route>:`.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Bindings the route keeps in memory at most.
     pub max_keys: usize,
 }
@@ -175,7 +176,7 @@ type Binding = (String, Instant);
 #[derive(Default)]
 pub struct AffinityStore {
     /// Per route namespace, its bindings by value.
-    memory: Mutex<HashMap<Box<str>, BoundedMap<String, Binding>>>,
+    memory: Mutex<HashMap<Arc<str>, BoundedMap<String, Binding>>>,
     redis: Option<Redis>,
     lookups: AtomicU64,
     redis_lookups: AtomicU64,
@@ -227,7 +228,7 @@ impl AffinityStore {
             }
         }
         let mut memory = self.memory.lock();
-        let bindings = memory.get_mut(affinity.namespace.as_str())?;
+        let bindings = memory.get_mut(&*affinity.namespace)?;
         let now = Instant::now();
         match bindings.get_mut(value) {
             Some((backend, expires)) if *expires > now => {
@@ -272,8 +273,9 @@ impl AffinityStore {
     }
 
     /// The route's bindings, made on first use with the route's cap.
-    fn bindings<'m>(memory: &'m mut HashMap<Box<str>, BoundedMap<String, Binding>>, affinity: &Affinity) -> &'m mut BoundedMap<String, Binding> {
-        memory.entry(affinity.namespace.as_str().into()).or_insert_with(|| BoundedMap::new(affinity.max_keys))
+    fn bindings<'m>(memory: &'m mut HashMap<Arc<str>, BoundedMap<String, Binding>>, affinity: &Affinity) -> &'m mut BoundedMap<String, Binding> {
+        // The key is shared, not copied: a reference count per call, no allocation.
+        memory.entry(affinity.namespace.clone()).or_insert_with(|| BoundedMap::new(affinity.max_keys))
     }
 
     /// The answer within `REDIS_CALL_TIMEOUT`, or `None` when Redis failed or timed out (then

@@ -645,7 +645,7 @@ impl Route {
                     key,
                     ttl: Duration::from_secs(a.ttl_seconds.max(1)),
                     on_unknown: if a.reject_unknown { OnUnknown::Reject } else { OnUnknown::Assign },
-                    namespace: format!("affinity:{owner}:"),
+                    namespace: format!("affinity:{owner}:").into(),
                     max_keys: a.max_keys.max(1),
                 })
             }

@@ -190,16 +190,17 @@ impl RateLimit {
         };
         let now = Instant::now();
         let mut keys = self.keys.lock();
-        let arrival = keys.get_mut(&key).map_or(now, |at| (*at).max(now));
-        let next = arrival + self.period;
+        // A fresh key's first request is always within its burst: one lookup either way.
+        let Some(at) = keys.get_mut(&key) else {
+            keys.insert(key, now + self.period);
+            return Ok(());
+        };
+        let next = (*at).max(now) + self.period;
         if next > now + self.burst {
             let wait = next - self.burst - now;
             return Err(Refusal::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64, message: self.message.clone() });
         }
-        match keys.get_mut(&key) {
-            Some(at) => *at = next,
-            None => keys.insert(key, next),
-        }
+        *at = next;
         Ok(())
     }
 

@@ -63,15 +63,14 @@ export interface ITestServer {
   close(): Promise<void>;
 }
 
-/** A TCP server; `onSocket` gets every accepted socket. Open sockets are destroyed on close. */
-export async function startTcpServer(onSocket: (socket: net.Socket) => void, port = 0, host = '127.0.0.1'): Promise<ITestServer> {
+/** Listens on `server` and tracks its sockets: `close()` destroys the open ones, then closes it. */
+export async function listenTracked(server: net.Server, port = 0, host = '127.0.0.1'): Promise<ITestServer> {
   const sockets = new Set<net.Socket>();
-  const server = net.createServer((socket) => {
+  server.on('connection', (socket: net.Socket) => {
     sockets.add(socket);
     result.connections++;
     socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => undefined);
-    onSocket(socket);
   });
   await new Promise<void>((resolve) => server.listen(port, host, resolve));
   const result: ITestServer = {
@@ -83,6 +82,21 @@ export async function startTcpServer(onSocket: (socket: net.Socket) => void, por
     },
   };
   return result;
+}
+
+/** A TCP server; `onSocket` gets every accepted socket. Open sockets are destroyed on close. */
+export function startTcpServer(onSocket: (socket: net.Socket) => void, port = 0, host = '127.0.0.1'): Promise<ITestServer> {
+  return listenTracked(net.createServer(onSocket), port, host);
+}
+
+/** Runs `fn` and returns what it threw (or undefined). */
+export function thrown(fn: () => unknown): Error | undefined {
+  try {
+    fn();
+  } catch (err) {
+    return err as Error;
+  }
+  return undefined;
 }
 
 /** Echoes every byte and half-closes when the client does. */
