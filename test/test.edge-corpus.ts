@@ -527,10 +527,15 @@ function backendProblem(backend: IRecordingBackend, expect: IBackendExpectation)
   );
 }
 
-/** The first way `result` breaks the expected statuses, or null. */
+/**
+ * The first way `result` breaks the expected statuses, or null. An alternative with commas
+ * ("200,400") is the whole sequence of responses on the connection.
+ */
 function clientProblem(result: IClientResult, statuses: string[], mustCloseAfterReject: boolean): string | null {
-  if (!statuses.includes('*') && !statuses.includes(result.outcome)) return 'wrong client answer';
-  const status = Number(result.outcome);
+  const sequence = result.statuses.join(',');
+  const matches = (alternative: string): boolean => (alternative.includes(',') ? alternative === sequence : alternative === result.outcome);
+  if (!statuses.includes('*') && !statuses.some(matches)) return 'wrong client answer';
+  const status = statuses.some((alternative) => alternative.includes(',')) ? (result.statuses.at(-1) ?? Number(result.outcome)) : Number(result.outcome);
   if (mustCloseAfterReject && CLOSING_STATUSES.has(status) && !result.closed) return `answered ${status} but left the connection open`;
   return null;
 }

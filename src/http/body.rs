@@ -108,3 +108,41 @@ where
         self.inner.size_hint()
     }
 }
+
+/// A client's request body, as the pipeline reads it whichever protocol carried it.
+pub enum ClientBody {
+    Empty,
+    /// Read off an HTTP/1.x connection by its own loop.
+    H1(crate::http::h1::channel::RequestBody),
+    /// An HTTP/2 stream's body.
+    H2(hyper::body::Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! the refusal all read this one parse; the HTTP engine then serves the same bytes, which this
 //! reading has already found unambiguous.
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::http::edge::{is_tchar, normalise_host, request_host, Refusal};
 
@@ -40,6 +40,13 @@ pub enum HeadParse {
 #[derive(Debug)]
 pub struct RequestHead {
     pub method: Method,
+    pub version: Version,
+    /// The request target as sent (origin, absolute, authority or asterisk form).
+    pub target: String,
+    /// How the body that follows the head is delimited.
+    pub body: BodyLength,
+    /// How many bytes of the buffer the head took, its final empty line included.
+    pub len: usize,
     /// The target's path as sent, without the query (`/` for an absolute form without one).
     pub path: String,
     pub query: Option<String>,
@@ -89,7 +96,7 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
         Err(httparse::Error::TooManyHeaders) => return too_large("too many header fields"),
         Err(_) => return HeadParse::Refused(Refusal::bad_request("malformed request head")),
     };
-    match checked_head(&buf[..len], &request) {
+    match checked_head(&buf[..len], &request, len) {
         Ok(head) => HeadParse::Request(head),
         Err(refusal) => HeadParse::Refused(refusal),
     }
@@ -135,7 +142,7 @@ fn request_line_shape(line: &[u8], budget: usize) -> Shape {
 }
 
 /// The framing and host rules on a head httparse accepted.
-fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>) -> Result<RequestHead, Refusal> {
+fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) -> Result<RequestHead, Refusal> {
     // httparse takes a bare LF as a line end; the next hop may not.
     if head.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r')) {
         return Err(Refusal::bad_request("a line ends in a bare LF"));
@@ -153,7 +160,7 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>) -> Result<Requ
         let value = HeaderValue::from_bytes(field.value).map_err(|_| Refusal::bad_request("malformed header value"))?;
         headers.append(name, value);
     }
-    check_framing(&headers, http10)?;
+    let body = check_framing(&headers, http10)?;
     let (authority, origin_form) = split_target(target, &method)?;
     let host = request_host(authority, &headers, !http10)?;
     let (path, query) = match origin_form.split_once('?') {
@@ -161,12 +168,23 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>) -> Result<Requ
         None => (origin_form, None),
     };
     let path = if path.is_empty() { "/".to_string() } else { path.to_string() };
-    Ok(RequestHead { method, path, query, domain: host.map(|h| normalise_host(h).into_owned()).filter(|d| !d.is_empty()), headers })
+    let domain = host.map(|h| normalise_host(h).into_owned()).filter(|d| !d.is_empty());
+    let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
+    Ok(RequestHead { method, version, target: target.to_string(), body, len, path, query, domain, headers })
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body: neither `Content-Length` nor `Transfer-Encoding`.
+    None,
+    Length(u64),
+    Chunked,
 }
 
 /// Body framing that every hop reads the same way (RFC 9112 §6): `Transfer-Encoding` or
 /// `Content-Length`, never both; one length; `chunked` last and only once; none on HTTP/1.0.
-fn check_framing(headers: &HeaderMap, http10: bool) -> Result<(), Refusal> {
+fn check_framing(headers: &HeaderMap, http10: bool) -> Result<BodyLength, Refusal> {
     let mut length: Option<&[u8]> = None;
     for value in headers.get_all(http::header::CONTENT_LENGTH) {
         let value = value.as_bytes();
@@ -184,10 +202,15 @@ fn check_framing(headers: &HeaderMap, http10: bool) -> Result<(), Refusal> {
         codings.extend(text.split(',').map(str::trim));
     }
     if codings.is_empty() {
-        return if headers.contains_key(http::header::TRANSFER_ENCODING) {
-            Err(Refusal::bad_request("malformed Transfer-Encoding"))
-        } else {
-            Ok(())
+        if headers.contains_key(http::header::TRANSFER_ENCODING) {
+            return Err(Refusal::bad_request("malformed Transfer-Encoding"));
+        }
+        // At most 19 digits: always within u64.
+        let length = length.map(|digits| std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u64>().ok()));
+        return match length {
+            None => Ok(BodyLength::None),
+            Some(Some(n)) => Ok(BodyLength::Length(n)),
+            Some(None) => Err(Refusal::bad_request("malformed Content-Length")),
         };
     }
     if http10 {
@@ -200,7 +223,7 @@ fn check_framing(headers: &HeaderMap, http10: bool) -> Result<(), Refusal> {
     if !codings.last().is_some_and(|c| chunked(&c)) || codings.iter().filter(|c| chunked(c)).count() != 1 || codings.iter().any(|c| c.is_empty()) {
         return Err(Refusal::bad_request("Transfer-Encoding must end in a single chunked"));
     }
-    Ok(())
+    Ok(BodyLength::Chunked)
 }
 
 /// The target's authority (absolute and authority forms) and its origin form (path and query).

@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod edge;
+pub mod h1;
 pub mod head;
 pub mod headers;
 pub mod io;

@@ -15,6 +15,9 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::http::body::ClientBody;
+use crate::http::h1::server::PendingUpgrade;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
@@ -86,7 +89,7 @@ pub struct ConnectionContext {
     pub max_upstream_per_client: usize,
 }
 
-pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<ClientBody>) -> Result<Response<ProxyBody>, Infallible> {
     ctx.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     ctx.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     // In flight until its response ends: a proxied body takes the guard along, any other answer
@@ -97,7 +100,7 @@ pub async fn handle(ctx: Arc<ConnectionContext>, req: Request<Incoming>) -> Resu
 
 type Refusal = Response<ProxyBody>;
 
-async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &mut Option<InFlight>) -> Result<Response<ProxyBody>, Refusal> {
+async fn proxy(ctx: &ConnectionContext, mut req: Request<ClientBody>, in_flight: &mut Option<InFlight>) -> Result<Response<ProxyBody>, Refusal> {
     // The edge rules (API.md "Edge hygiene"): one host, which is the one the backend receives; a
     // normalised path for matching. A plain connection's first head met them already, with the
     // framing rules; hyper re-frames every body, so later heads cannot smuggle one.
@@ -247,7 +250,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<Incoming>, in_flight: &
         req.headers_mut().remove(header::AUTHORIZATION);
     }
     let wants_upgrade = req.version() == Version::HTTP_11 && route.http.websocket && is_upgrade_request(&req);
-    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = if wants_upgrade { req.extensions_mut().remove::<PendingUpgrade>() } else { None };
     let protocol = match route.http.backend_protocol {
         _ if wants_upgrade => UpstreamProtocol::Http1,
         BackendProtocol::Http2 => UpstreamProtocol::Http2,
@@ -442,7 +445,7 @@ enum RequestBody {
     Buffered(Bytes),
     /// Streamed through once; after the first attempt took it, nothing can be repeated. The flag
     /// is raised when the client's own framing of it failed (a bad chunk): the client's fault.
-    Streaming(Option<Incoming>, Arc<AtomicBool>),
+    Streaming(Option<ClientBody>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -456,7 +459,7 @@ impl RequestBody {
                     incoming
                         .map_err(move |err| {
                             failed.store(true, Ordering::Release);
-                            BoxError::from(err)
+                            err
                         })
                         .boxed()
                 })
@@ -743,7 +746,7 @@ fn clone_head<B>(req: &Request<B>) -> Request<()> {
 /// A WebSocket upgrade the upstream accepted: the client's side still to be upgraded, and the
 /// slots the tunnel holds while it is open (route `maxConnections`, the backend's in-flight count).
 struct Tunnel {
-    client_upgrade: hyper::upgrade::OnUpgrade,
+    client_upgrade: PendingUpgrade,
     route: Arc<Route>,
     _route_slot: Option<RouteGuard>,
     _backend_lease: Option<crate::balance::Lease>,
@@ -770,17 +773,21 @@ impl Tunnel {
         ctx.tunnels.spawn(async move {
             // Named here so that the task owns them (a closure captures only the places it names).
             let _held_while_open = (route_slot, backend_lease);
-            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok(pair) => pair,
-                Err(err) => {
-                    tracing::debug!(route = &*route.label, error = %err, "upgrade failed");
+            let (client, upstream) = match tokio::join!(client_upgrade.client(), upstream_upgrade) {
+                (Some(client), Ok(upstream)) => (client, upstream),
+                (_, Err(err)) => {
+                    tracing::debug!(route = &*route.label, error = %err, "upstream upgrade failed");
+                    return;
+                }
+                (None, _) => {
+                    tracing::debug!(route = &*route.label, "the client left before its upgrade");
                     return;
                 }
             };
             metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
             let _open = GaugeHold::enter(metrics, |m| &m.active_websocket);
             let settings = route.http.websocket_settings;
-            let end = websocket::run(TokioIo::new(client), TokioIo::new(upstream), settings, scope.limits(), scope.shutdown()).await;
+            let end = websocket::run(client, TokioIo::new(upstream), settings, scope.limits(), scope.shutdown()).await;
             tracing::debug!(route = &*route.label, end = end.as_str(), "websocket tunnel closed");
         });
         Response::from_parts(parts, crate::http::body::empty())

@@ -1,5 +1,5 @@
-//! Serving one client connection with hyper: HTTP/1.1 with keep-alive and upgrades, HTTP/2 by
-//! its preface (ALPN `h2` on TLS, prior knowledge on plain ports). Limits of API.md: the request
+//! Serving one client connection: HTTP/1.x by our own loop (`h1::server`), HTTP/2 by hyper
+//! (ALPN `h2` on TLS, the prior-knowledge preface on plain ports), both under one watchdog. Limits of API.md: the request
 //! head size (over it: 431), the head read timeout, HTTP/2 concurrent streams. The connection ends
 //! when the client leaves, when it sits idle past the idle timeout, gracefully when the engine
 //! drains (in-flight requests finish, idle keep-alive connections close at once) and at once when
@@ -8,12 +8,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::http::body::ClientBody;
+use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
 use crate::http::proxy::{handle, ConnectionContext};
 use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
@@ -50,37 +54,21 @@ pub struct Shutdown<'a> {
     pub force_close: &'a CancellationToken,
 }
 
+/// Which protocol the connection speaks, known before serving starts: ALPN on TLS, the sniffed
+/// prior-knowledge preface on plain ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
 /// `io` is the client stream, counted below (a `ClientIo`, or TLS over one).
-pub async fn serve<S>(io: S, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
+pub async fn serve<S>(io: S, version: HttpVersion, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // A client that half-closes after its request still gets the response.
-        .half_close(true)
-        // hyper's head timer runs from when it starts waiting for a head, idle keep-alive time
-        // included, so it is only a backstop here, later than the watchdog's deadlines: the
-        // watchdog times a head from its first byte (`headerTimeout`) and the wait between
-        // requests by `httpKeepAliveTimeout`. The backstop still ends a connection hyper has
-        // stopped serving after answering a malformed head itself (it waits on nothing then).
-        .header_read_timeout(limits.keep_alive_timeout.saturating_add(limits.header_timeout))
-        // hyper answers 431 itself when a head outgrows its read buffer.
-        .max_buf_size(limits.max_header_size.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_size as u32);
     let _active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
     let tunnels = ctx.tunnels.clone();
-    let service = service_fn(move |req| handle(ctx.clone(), req));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
-
     let watch = Watch {
         draining: shutdown.draining,
         force_close: shutdown.force_close,
@@ -90,33 +78,83 @@ where
         header_timeout: limits.header_timeout,
         deadline: limits.deadline,
     };
+    let reason = match version {
+        HttpVersion::Http1 => {
+            let connection = serve_h1(io, ctx, limits.max_header_size, shutdown.draining);
+            watched(connection, &watch, |_| {
+                // Idle connections close at once; one with a request in flight closes after its
+                // response (the loop sees the token).
+                counters.in_flight() == 0
+            })
+            .await
+            .map(|end| match end {
+                H1End::Completed | H1End::Drained | H1End::Upgraded => TerminationReason::Completed,
+                H1End::ClientError => TerminationReason::ClientError,
+                H1End::InvalidHttp => TerminationReason::InvalidHttp,
+            })
+        }
+        HttpVersion::Http2 => {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_header_list_size(limits.max_header_size as u32);
+            let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::H2)));
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let graceful = std::sync::atomic::AtomicBool::new(false);
+            let connection = std::future::poll_fn(|cx| {
+                if graceful.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    connection.as_mut().graceful_shutdown();
+                }
+                std::future::Future::poll(connection.as_mut(), cx)
+            });
+            watched(connection, &watch, |_| {
+                graceful.store(true, std::sync::atomic::Ordering::Relaxed);
+                false
+            })
+            .await
+            .map(|result| match result {
+                Ok(()) => TerminationReason::Completed,
+                Err(err) => {
+                    tracing::debug!(error = %err, "http/2 connection ended with an error");
+                    TerminationReason::ClientError
+                }
+            })
+        }
+    };
+    match reason {
+        Ok(reason) => {
+            // An upgraded connection lives on as a WebSocket tunnel; tunnels end by themselves
+            // (peer, idle, lifetime, engine shutdown).
+            tunnels.wait().await;
+            reason
+        }
+        Err(reason) => reason,
+    }
+}
+
+/// Runs a connection under the watchdog. `on_drain` is told when the engine starts draining and
+/// says whether to close at once. Err: the watchdog ended the connection.
+async fn watched<F: std::future::Future>(connection: F, watch: &Watch<'_>, mut on_drain: impl FnMut(&Watch<'_>) -> bool) -> Result<F::Output, TerminationReason> {
+    tokio::pin!(connection);
     let mut watchdog = WakeGated::new(watch.next(false));
     loop {
         tokio::select! {
             biased;
-            result = connection.as_mut() => {
-                let reason = match result {
-                    Ok(()) => TerminationReason::Completed,
-                    Err(err) => {
-                        tracing::debug!(error = %err, "http connection ended with an error");
-                        TerminationReason::ClientError
-                    }
-                };
-                // An upgraded connection lives on as a WebSocket tunnel after hyper let go of it;
-                // tunnels end by themselves (peer, idle, lifetime, engine shutdown).
-                tunnels.wait().await;
-                return reason;
-            }
+            result = connection.as_mut() => return Ok(result),
             event = &mut watchdog => match event {
                 WatchEvent::Draining => {
-                    connection.as_mut().graceful_shutdown();
+                    if on_drain(watch) {
+                        return Err(TerminationReason::Completed);
+                    }
                     watchdog = WakeGated::new(watch.next(true));
                 }
-                WatchEvent::ForceClose => return TerminationReason::Shutdown,
-                WatchEvent::IdleTimeout => return TerminationReason::IdleTimeout,
-                WatchEvent::KeepAliveTimeout => return TerminationReason::KeepAliveTimeout,
-                WatchEvent::HeadTimeout => return TerminationReason::HeadTimeout,
-                WatchEvent::LifetimeExceeded => return TerminationReason::LifetimeExceeded,
+                WatchEvent::ForceClose => return Err(TerminationReason::Shutdown),
+                WatchEvent::IdleTimeout => return Err(TerminationReason::IdleTimeout),
+                WatchEvent::KeepAliveTimeout => return Err(TerminationReason::KeepAliveTimeout),
+                WatchEvent::HeadTimeout => return Err(TerminationReason::HeadTimeout),
+                WatchEvent::LifetimeExceeded => return Err(TerminationReason::LifetimeExceeded),
             },
         }
     }

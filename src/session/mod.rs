@@ -24,7 +24,7 @@ use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, S
 use crate::http::edge::{normalise_path, Refusal};
 use crate::http::head::{HeadParse, RequestHead};
 use crate::http::proxy::{ConnectionContext, HttpEnv};
-use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, Shutdown};
+use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, HttpVersion, Shutdown};
 use crate::http::websocket::TunnelScope;
 use crate::metrics::{EngineMetrics, TerminationReason};
 use crate::proxy_protocol;
@@ -35,7 +35,6 @@ use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
 use crate::tcp::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
 use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
-use crate::tls::config::ALPN_H2;
 
 use guards::ConnectionGuard;
 use sniff::Sniffed;
@@ -44,8 +43,6 @@ use sniff::Sniffed;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// After refusing a request, how long the rest of what the client sends is read and dropped, so
 /// that closing with unread bytes does not reset the connection before the answer is read.
-const REFUSAL_LINGER: Duration = Duration::from_secs(1);
-const REFUSAL_LINGER_BYTES: usize = 64 * 1024;
 /// A refusal alert is best effort: a client that does not read it does not hold the session.
 const ALERT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a socket-pair relay ends, how long to wait for the wrapper's word on how its side ended.
@@ -295,7 +292,8 @@ impl Session {
                 counters.time_heads();
             }
             let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd), counters.clone());
-            return serve_http(io, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
+            let version = if h2_preface { HttpVersion::Http2 } else { HttpVersion::Http1 };
+            return serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
         }
 
         // Routed: the table this connection was accepted under decides, whatever updates follow.
@@ -648,8 +646,8 @@ async fn read_proxy_header(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: 
     }
 }
 
-/// Terminated TLS: HTTP/2 by ALPN goes to the engine as it is; HTTP/1.x has its first head read
-/// and checked as a plain connection's is (by `first_head_by`), then the engine serves it.
+/// Terminated TLS: the first bytes are read (by `first_head_by`) and decide the protocol, the
+/// HTTP/2 preface or an HTTP/1.x head checked as a plain connection's is; then the engine serves it.
 async fn serve_terminated<S>(
     mut stream: S,
     counters: Arc<ClientCounters>,
@@ -659,18 +657,20 @@ async fn serve_terminated<S>(
     env: &SessionEnv,
 ) -> TerminationReason
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + NegotiatedAlpn,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
-    if stream.alpn() == Some(ALPN_H2) {
-        return serve_http(stream, counters, ctx, limits, shutdown).await;
-    }
-    counters.time_heads();
+    // ALPN `h2` is not taken on trust: the first bytes say which protocol the client speaks (the
+    // HTTP/2 preface or an HTTP/1.x head), as on plain ports.
     let mut head = Vec::new();
     let max_head = env.http_limits.max_header_size;
-    match sniff::read_first_head(&mut stream, &mut head, first_head_by, env.http_limits.header_timeout, max_head).await {
+    let version = match sniff::read_first_head(&mut stream, &mut head, first_head_by, env.http_limits.header_timeout, max_head).await {
         Err(reason) => return reason,
-        Ok(Some(HeadParse::Request(_) | HeadParse::H2Preface)) => {}
+        Ok(Some(HeadParse::Request(_))) => {
+            counters.time_heads();
+            HttpVersion::Http1
+        }
+        Ok(Some(HeadParse::H2Preface)) => HttpVersion::Http2,
         Ok(Some(HeadParse::Refused(refusal))) => {
             refuse_http(&mut stream, &refusal).await;
             return TerminationReason::InvalidHttp;
@@ -679,40 +679,13 @@ where
             refuse_http(&mut stream, &Refusal::bad_request("not an HTTP/1.x request")).await;
             return TerminationReason::InvalidHttp;
         }
-    }
-    serve_http(Replay::new(stream, head.into()), counters, ctx, limits, shutdown).await
-}
-
-/// The protocol a TLS session agreed by ALPN.
-trait NegotiatedAlpn {
-    fn alpn(&self) -> Option<&[u8]>;
-}
-
-impl<IO> NegotiatedAlpn for tokio_rustls::server::TlsStream<IO> {
-    fn alpn(&self) -> Option<&[u8]> {
-        self.get_ref().1.alpn_protocol()
-    }
-}
-
-/// Answers a request the edge rules refuse and closes: the answer, then whatever the client still
-/// sends is read and dropped for a moment, so that the close does not reset the connection
-/// before the client has read the answer.
-async fn refuse_http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(client: &mut S, refusal: &Refusal) {
-    if tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&refusal.http1_bytes())).await.is_err() {
-        return;
-    }
-    let _ = client.shutdown().await;
-    let mut sink = vec![0u8; 4096];
-    let mut drained = 0;
-    let linger = async {
-        while drained < REFUSAL_LINGER_BYTES {
-            match client.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
     };
-    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    serve_http(Replay::new(stream, head.into()), version, counters, ctx, limits, shutdown).await
+}
+
+/// Answers a request the edge rules refuse and closes (lingering, so the answer is read).
+async fn refuse_http<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(client: &mut S, refusal: &Refusal) {
+    crate::http::h1::server::refuse(client, refusal).await;
 }
 
 fn handoff_reason(end: &HandoffEnd) -> TerminationReason {

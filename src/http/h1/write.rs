@@ -1,0 +1,295 @@
+//! Writing an HTTP/1.1 response to the client: the head (status line, the fields the pipeline
+//! produced, `Date`, the connection's own `Connection` and framing fields) and the body framed by
+//! `Content-Length`, chunked coding, or the close of the connection, in as few writes as the
+//! socket takes.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, StatusCode, Version};
+use tokio::io::AsyncWrite;
+
+/// Data frames up to this size are copied next to their framing; larger ones are written from
+/// their own buffer.
+const COPY_LIMIT: usize = 4096;
+const MAX_SLICES: usize = 16;
+
+/// How the response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body may follow (HEAD, 1xx, 204, 304).
+    NoBody,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 without a length: the body ends when the connection closes.
+    UntilClose,
+}
+
+/// The response head, as written to the client.
+pub struct ResponseHead<'a> {
+    pub status: StatusCode,
+    /// The upstream's own reason phrase, when it sent one.
+    pub reason: Option<&'a [u8]>,
+    pub headers: &'a HeaderMap,
+    pub framing: Framing,
+    /// `Connection: close` (this is the last response) or, to an HTTP/1.0 client that asked,
+    /// `Connection: keep-alive`.
+    pub close: bool,
+    pub client_version: Version,
+}
+
+/// Bytes queued for the client, written with as few calls as the stream allows.
+#[derive(Default)]
+pub struct Output {
+    segments: VecDeque<Bytes>,
+    tail: BytesMut,
+    queued: usize,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.queued
+    }
+
+    pub fn put_slice(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+        self.queued += bytes.len();
+    }
+
+    pub fn put_bytes(&mut self, bytes: Bytes) {
+        if bytes.len() <= COPY_LIMIT {
+            self.put_slice(&bytes);
+            return;
+        }
+        self.seal_tail();
+        self.queued += bytes.len();
+        self.segments.push_back(bytes);
+    }
+
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.segments.push_back(self.tail.split().freeze());
+        }
+    }
+
+    pub fn encode_head(&mut self, head: &ResponseHead<'_>) {
+        let reason = head.reason.unwrap_or_else(|| head.status.canonical_reason().unwrap_or("").as_bytes());
+        let mut size = 32 + reason.len();
+        for (name, value) in head.headers {
+            size += name.as_str().len() + value.len() + 4;
+        }
+        self.tail.reserve(size + 96);
+        let before = self.tail.len();
+        let out = &mut self.tail;
+        out.put_slice(b"HTTP/1.1 ");
+        out.put_slice(head.status.as_str().as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(reason);
+        out.put_slice(b"\r\n");
+        let mut has_date = false;
+        for (name, value) in head.headers {
+            if name == header::CONNECTION && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            if name == header::CONTENT_LENGTH && head.framing != Framing::NoBody && !matches!(head.framing, Framing::Length(_)) {
+                continue;
+            }
+            has_date |= name == header::DATE;
+            out.put_slice(name.as_str().as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(value.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        if !has_date {
+            out.put_slice(b"date: ");
+            with_http_date(|date| out.put_slice(date));
+            out.put_slice(b"\r\n");
+        }
+        match head.framing {
+            Framing::Length(n) if !head.headers.contains_key(header::CONTENT_LENGTH) => {
+                out.put_slice(b"content-length: ");
+                out.put_slice(itoa_u64(n, &mut [0; 20]));
+                out.put_slice(b"\r\n");
+            }
+            Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+            _ => {}
+        }
+        if head.close {
+            out.put_slice(b"connection: close\r\n");
+        } else if head.client_version == Version::HTTP_10 {
+            out.put_slice(b"connection: keep-alive\r\n");
+        }
+        out.put_slice(b"\r\n");
+        self.queued += self.tail.len() - before;
+    }
+
+    /// A data frame of a chunked body.
+    pub fn put_chunk(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        let mut size = [0u8; 18];
+        let digits = hex_usize(data.len(), &mut size[..16]);
+        let len = digits.len();
+        size.copy_within(16 - len..16, 0);
+        size[len] = b'\r';
+        size[len + 1] = b'\n';
+        self.put_slice(&size[..len + 2]);
+        self.put_bytes(data);
+        self.put_slice(b"\r\n");
+    }
+
+    pub fn put_last_chunk(&mut self) {
+        self.put_slice(b"0\r\n\r\n");
+    }
+
+    /// Writes everything queued, then flushes the stream.
+    pub fn poll_write_all<S: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S) -> Poll<io::Result<()>> {
+        self.seal_tail();
+        while !self.segments.is_empty() {
+            let written = if io.is_write_vectored() && self.segments.len() > 1 {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let count = self.segments.len().min(MAX_SLICES);
+                for (slice, segment) in slices.iter_mut().zip(self.segments.iter()) {
+                    *slice = IoSlice::new(segment);
+                }
+                std::task::ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))?
+            } else {
+                std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.segments[0]))?
+            };
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(written);
+        }
+        if self.tail.capacity() > 4 * COPY_LIMIT {
+            // A large response's buffer is not kept for the next one.
+            self.tail = BytesMut::new();
+        }
+        Pin::new(&mut *io).poll_flush(cx)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            let Some(front) = self.segments.front_mut() else { return };
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.segments.pop_front();
+        }
+    }
+}
+
+fn hex_usize(mut n: usize, out: &mut [u8]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut at = out.len();
+    loop {
+        at -= 1;
+        out[at] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            return &out[at..];
+        }
+    }
+}
+
+fn itoa_u64(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut at = out.len();
+    loop {
+        at -= 1;
+        out[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &out[at..];
+        }
+    }
+}
+
+/// The current `Date` value, formatted once a second per thread.
+fn with_http_date(f: impl FnOnce(&[u8])) {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                cached.1.copy_from_slice(text.as_bytes());
+                cached.0 = second;
+            }
+        }
+        f(&cached.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn written(output: &mut Output) -> String {
+        output.seal_tail();
+        let mut all = Vec::new();
+        for segment in &output.segments {
+            all.extend_from_slice(segment);
+        }
+        String::from_utf8(all).unwrap()
+    }
+
+    #[test]
+    fn heads_carry_the_connections_own_fields() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(header::DATE, HeaderValue::from_static("Sat, 05 Dec 2026 10:00:00 GMT"));
+        let mut output = Output::default();
+        output.encode_head(&ResponseHead {
+            status: StatusCode::OK,
+            reason: None,
+            headers: &headers,
+            framing: Framing::Chunked,
+            close: true,
+            client_version: Version::HTTP_11,
+        });
+        output.put_chunk(Bytes::from_static(b"hello world, this is 31 bytes!!"));
+        output.put_last_chunk();
+        assert_eq!(
+            written(&mut output),
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ndate: Sat, 05 Dec 2026 10:00:00 GMT\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n1f\r\nhello world, this is 31 bytes!!\r\n0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn lengths_and_reasons() {
+        let headers = HeaderMap::new();
+        let mut output = Output::default();
+        output.encode_head(&ResponseHead {
+            status: StatusCode::NOT_FOUND,
+            reason: Some(b"Nothing Here"),
+            headers: &headers,
+            framing: Framing::Length(1234567),
+            close: false,
+            client_version: Version::HTTP_10,
+        });
+        let text = written(&mut output);
+        assert!(text.starts_with("HTTP/1.1 404 Nothing Here\r\ndate: "), "{text}");
+        assert!(text.ends_with(" GMT\r\ncontent-length: 1234567\r\nconnection: keep-alive\r\n\r\n"), "{text}");
+    }
+}
