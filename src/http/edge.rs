@@ -213,6 +213,12 @@ fn decode_unreserved(raw: &str) -> Result<String, Refusal> {
     Ok(out)
 }
 
+/// Whether any LF in `bytes` is not preceded by CR. Every request head pays for this, so the
+/// LFs are found by memchr rather than by a branch per byte.
+pub fn has_bare_lf(bytes: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', bytes).any(|at| at == 0 || bytes[at - 1] != b'\r')
+}
+
 /// RFC 9110 `tchar`: what a method or header name is made of.
 pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)

@@ -7,7 +7,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use crate::http::edge::{is_tchar, normalise_host, request_host, Refusal};
+use crate::http::edge::{has_bare_lf, is_tchar, normalise_host, request_host, Refusal};
 
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Methods recognised from their first bytes, before the request line is complete: the HTTP
@@ -47,12 +47,32 @@ pub struct RequestHead {
     pub body: BodyLength,
     /// How many bytes of the buffer the head took, its final empty line included.
     pub len: usize,
-    /// The target's path as sent, without the query (`/` for an absolute form without one).
-    pub path: String,
-    pub query: Option<String>,
-    /// The request's host as routing sees it: lowercase, no port, no trailing dot.
-    pub domain: Option<String>,
     pub headers: HeaderMap,
+    /// Where the origin form (path and query) starts in `target`, where its path ends.
+    origin_start: usize,
+    path_end: usize,
+}
+
+impl RequestHead {
+    /// The target's path as sent, without the query (`/` for an absolute form without one).
+    pub fn path(&self) -> &str {
+        match &self.target[self.origin_start..self.path_end] {
+            "" => "/",
+            path => path,
+        }
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.target.get(self.path_end..).and_then(|rest| rest.strip_prefix('?'))
+    }
+
+    /// The request's host as routing sees it: lowercase, no port, no trailing dot. Worked out
+    /// on demand: only a connection's first head is routed by the session from it.
+    pub fn domain(&self) -> Option<String> {
+        let (authority, _) = split_target(&self.target, &self.method).ok()?;
+        let host = request_host(authority, &self.headers, self.version != Version::HTTP_10).ok()??;
+        Some(normalise_host(host).into_owned()).filter(|d| !d.is_empty())
+    }
 }
 
 /// Reads `buf` (a connection's first bytes) as an HTTP/1.x request head. `max_head` is the
@@ -144,7 +164,7 @@ fn request_line_shape(line: &[u8], budget: usize) -> Shape {
 /// The framing and host rules on a head httparse accepted.
 fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) -> Result<RequestHead, Refusal> {
     // httparse takes a bare LF as a line end; the next hop may not.
-    if head.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r')) {
+    if has_bare_lf(head) {
         return Err(Refusal::bad_request("a line ends in a bare LF"));
     }
     let method = request.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()).ok_or(Refusal::bad_request("malformed method"))?;
@@ -162,15 +182,13 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) ->
     }
     let body = check_framing(&headers, http10)?;
     let (authority, origin_form) = split_target(target, &method)?;
-    let host = request_host(authority, &headers, !http10)?;
-    let (path, query) = match origin_form.split_once('?') {
-        Some((path, query)) => (path, Some(query.to_string())),
-        None => (origin_form, None),
-    };
-    let path = if path.is_empty() { "/".to_string() } else { path.to_string() };
-    let domain = host.map(|h| normalise_host(h).into_owned()).filter(|d| !d.is_empty());
+    request_host(authority, &headers, !http10)?;
+    // The origin form is a part of the target, or (no path in an absolute form, CONNECT) none.
+    let origin_start = (origin_form.as_ptr() as usize).wrapping_sub(target.as_ptr() as usize);
+    let origin_start = if origin_start <= target.len() && target.get(origin_start..) == Some(origin_form) { origin_start } else { target.len() };
+    let path_end = origin_start + origin_form.find('?').unwrap_or(target.len() - origin_start);
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
-    Ok(RequestHead { method, version, target: target.to_string(), body, len, path, query, domain, headers })
+    Ok(RequestHead { method, version, target: target.to_string(), body, len, headers, origin_start, path_end })
 }
 
 /// How a request's body is delimited (RFC 9112 §6.3).
@@ -285,15 +303,19 @@ mod tests {
     fn finds_the_host_path_and_query() {
         let head = request(b"POST /api/x?y=1 HTTP/1.1\r\nUser-Agent: t\r\nHOST: Api.Example.com.:8080\r\nX-K: v\r\n\r\nbody");
         assert_eq!(head.method, Method::POST);
-        assert_eq!(head.domain.as_deref(), Some("api.example.com"));
-        assert_eq!(head.path, "/api/x");
-        assert_eq!(head.query.as_deref(), Some("y=1"));
+        assert_eq!(head.domain().as_deref(), Some("api.example.com"));
+        assert_eq!(head.path(), "/api/x");
+        assert_eq!(head.query(), Some("y=1"));
         assert_eq!(head.headers.get("x-k").map(|v| v.as_bytes()), Some(&b"v"[..]));
         let absolute = request(b"GET http://a.b/p/q HTTP/1.1\r\nHost: a.b\r\n\r\n");
-        assert_eq!((absolute.path.as_str(), absolute.domain.as_deref()), ("/p/q", Some("a.b")));
+        assert_eq!((absolute.path(), absolute.domain().as_deref()), ("/p/q", Some("a.b")));
+        let bare = request(b"GET http://a.b HTTP/1.1\r\nHost: a.b\r\n\r\n");
+        assert_eq!((bare.path(), bare.query()), ("/", None));
+        let bare_query = request(b"GET http://a.b?x=1 HTTP/1.1\r\nHost: a.b\r\n\r\n");
+        assert_eq!((bare_query.path(), bare_query.query()), ("/", Some("x=1")));
         let query_url = request(b"GET /ws?next=https://app/x HTTP/1.1\r\nHost: a.b\r\n\r\n");
-        assert_eq!((query_url.path.as_str(), query_url.query.as_deref()), ("/ws", Some("next=https://app/x")));
-        assert_eq!(request(b"GET / HTTP/1.0\r\n\r\n").domain, None);
+        assert_eq!((query_url.path(), query_url.query()), ("/ws", Some("next=https://app/x")));
+        assert_eq!(request(b"GET / HTTP/1.0\r\n\r\n").domain(), None);
         assert_eq!(refused(b"GET / HTTP/1.1\r\n\r\n"), StatusCode::BAD_REQUEST);
     }
 

@@ -230,7 +230,7 @@ impl Session {
                 };
             }
             Some(Sniffed::Http(head)) => {
-                self.domain = head.domain.clone();
+                self.domain = head.domain();
                 first_head = Some(head);
             }
             // HTTP on a port whose routes read requests is answered, never relayed raw.
@@ -243,7 +243,7 @@ impl Session {
         }
         // An ACME server validating a challenge: answered here, whatever the routes of the port.
         if plan.acme_challenges {
-            if let Some(response) = first_head.as_ref().and_then(|head| env.acme_challenges.response_for(&head.path)) {
+            if let Some(response) = first_head.as_ref().and_then(|head| env.acme_challenges.response_for(head.path())) {
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
                 let _ = client.shutdown().await;
                 return TerminationReason::Completed;
@@ -269,7 +269,7 @@ impl Session {
         // unless the first one belongs to a socket handler, which then takes the whole connection.
         let handler_route = match &first_head {
             Some(head) if plan.serves_http && plan.socket_handlers => {
-                let path = match normalise_path(&head.path) {
+                let path = match normalise_path(head.path()) {
                     Ok(path) => path,
                     Err(refusal) => {
                         Box::pin(refuse_http(&mut client, &refusal)).await;
@@ -334,8 +334,8 @@ impl Session {
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let mut context = self.script_context(route, server_ip);
             if let Some(head) = first_head {
-                context.path = Some(head.path);
-                context.query = head.query;
+                context.path = Some(head.path().to_string());
+                context.query = head.query().map(str::to_string);
                 context.headers = Some(header_pairs(&head.headers));
             }
             let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {

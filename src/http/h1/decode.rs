@@ -6,7 +6,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::http::edge::is_tchar;
+use crate::http::edge::{has_bare_lf, is_tchar};
 
 /// Chunk extensions a whole body may carry, summed over its chunks (as hyper bounds them).
 const MAX_EXTENSION_BYTES: usize = 16 * 1024;
@@ -302,7 +302,7 @@ impl Chunked {
             return Err(DecodeError::TooLarge);
         }
         let section = &buf[..end];
-        if section.iter().enumerate().any(|(i, b)| *b == b'\n' && (i == 0 || section[i - 1] != b'\r')) {
+        if has_bare_lf(section) {
             return Err(DecodeError::LineEnd);
         }
         let mut storage = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];

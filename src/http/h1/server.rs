@@ -165,8 +165,8 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, max_hea
 /// A read while the connection holds no buffer: into the stack, so that only a connection with
 /// bytes to work on allocates one.
 fn poll_first_read<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
-    let mut stack = [0u8; FIRST_READ];
-    let mut read = ReadBuf::new(&mut stack);
+    let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut read = ReadBuf::uninit(&mut stack);
     std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
     let n = read.filled().len();
     if n > 0 {
@@ -250,7 +250,7 @@ struct Exchange<'a> {
 impl<'a> Exchange<'a> {
     fn start(head: Box<RequestHead>, ctx: &Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> Result<Self, Refusal> {
         let RequestHead { method, version, target, body, headers, .. } = *head;
-        let uri: Uri = target.parse().map_err(|_| Refusal::bad_request("malformed request target"))?;
+        let uri = Uri::from_maybe_shared(bytes::Bytes::from(target)).map_err(|_| Refusal::bad_request("malformed request target"))?;
         let close = wants_close(&headers, version);
         let expect_continue = version == Version::HTTP_11
             && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
