@@ -80,7 +80,8 @@ where
     };
     let reason = match version {
         HttpVersion::Http1 => {
-            let connection = serve_h1(io, ctx, limits.max_header_size, shutdown.draining);
+            // Pinned here, once: moved into `watched`, the future would take its room twice.
+            let connection = std::pin::pin!(serve_h1(io, ctx, limits.max_header_size, shutdown.draining));
             watched(connection, &watch, |_| {
                 // Idle connections close at once; one with a request in flight closes after its
                 // response (the loop sees the token).
@@ -93,35 +94,8 @@ where
                 H1End::InvalidHttp => TerminationReason::InvalidHttp,
             })
         }
-        HttpVersion::Http2 => {
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .max_header_list_size(limits.max_header_size as u32);
-            let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::H2)));
-            let connection = builder.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(connection);
-            let graceful = std::sync::atomic::AtomicBool::new(false);
-            let connection = std::future::poll_fn(|cx| {
-                if graceful.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                    connection.as_mut().graceful_shutdown();
-                }
-                std::future::Future::poll(connection.as_mut(), cx)
-            });
-            watched(connection, &watch, |_| {
-                graceful.store(true, std::sync::atomic::Ordering::Relaxed);
-                false
-            })
-            .await
-            .map(|result| match result {
-                Ok(()) => TerminationReason::Completed,
-                Err(err) => {
-                    tracing::debug!(error = %err, "http/2 connection ended with an error");
-                    TerminationReason::ClientError
-                }
-            })
-        }
+        // Boxed: hyper's HTTP/2 connection would otherwise size every HTTP/1 connection's future.
+        HttpVersion::Http2 => Box::pin(serve_h2(io, ctx, limits, &watch)).await,
     };
     match reason {
         Ok(reason) => {
@@ -134,10 +108,42 @@ where
     }
 }
 
+async fn serve_h2<S>(io: S, ctx: Arc<ConnectionContext>, limits: HttpLimits, watch: &Watch<'_>) -> Result<TerminationReason, TerminationReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_size as u32);
+    let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::H2)));
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let graceful = std::sync::atomic::AtomicBool::new(false);
+    let connection = std::pin::pin!(std::future::poll_fn(|cx| {
+        if graceful.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            connection.as_mut().graceful_shutdown();
+        }
+        std::future::Future::poll(connection.as_mut(), cx)
+    }));
+    watched(connection, watch, |_| {
+        graceful.store(true, std::sync::atomic::Ordering::Relaxed);
+        false
+    })
+    .await
+    .map(|result| match result {
+        Ok(()) => TerminationReason::Completed,
+        Err(err) => {
+            tracing::debug!(error = %err, "http/2 connection ended with an error");
+            TerminationReason::ClientError
+        }
+    })
+}
+
 /// Runs a connection under the watchdog. `on_drain` is told when the engine starts draining and
 /// says whether to close at once. Err: the watchdog ended the connection.
-async fn watched<F: std::future::Future>(connection: F, watch: &Watch<'_>, mut on_drain: impl FnMut(&Watch<'_>) -> bool) -> Result<F::Output, TerminationReason> {
-    tokio::pin!(connection);
+async fn watched<F: std::future::Future>(mut connection: std::pin::Pin<&mut F>, watch: &Watch<'_>, mut on_drain: impl FnMut(&Watch<'_>) -> bool) -> Result<F::Output, TerminationReason> {
     let mut watchdog = WakeGated::new(watch.next(false));
     loop {
         tokio::select! {

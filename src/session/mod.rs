@@ -200,7 +200,7 @@ impl Session {
         };
         let sniffed = if plan.needs_client_data {
             let deadline = self.accepted_at + env.initial_data_timeout;
-            match sniff::sniff(&mut client, &mut initial, deadline, env.http_limits.header_timeout, env.http_limits.max_header_size, early_bytes).await {
+            match Box::pin(sniff::sniff(&mut client, &mut initial, deadline, env.http_limits.header_timeout, env.http_limits.max_header_size, early_bytes)).await {
                 Ok(sniffed) => Some(sniffed),
                 Err(reason) => return reason,
             }
@@ -293,7 +293,9 @@ impl Session {
             }
             let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd), counters.clone());
             let version = if h2_preface { HttpVersion::Http2 } else { HttpVersion::Http1 };
-            return serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }).await;
+            // Boxed, as every branch that outlives the routing decision: the session's own future
+            // stays small, and an idle HTTP connection holds only what serving HTTP needs.
+            return Box::pin(serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close })).await;
         }
 
         // Routed: the table this connection was accepted under decides, whatever updates follow.
@@ -346,20 +348,25 @@ impl Session {
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let io = Replay::new(ClientIo::new(client, counters), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
-            let stream = match Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await {
-                Err(_) => return TerminationReason::InitialDataTimeout,
-                Ok(Err(err)) => {
-                    tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
-                    return TerminationReason::TlsHandshakeFailed;
-                }
-                Ok(Ok(stream)) => stream,
-            };
-            self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
-            context.is_tls = true;
-            context.tls_version = self.tls_version;
-            // Global and per-IP bytes are counted on the wire by ClientIo; the route's here.
-            let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes] };
-            return Box::pin(self.hand_off_pair(env, handler, stream, context, &sinks)).await;
+            // One boxed future from the handshake on: a TLS session held in this function's own
+            // state would size the future of every connection, TLS or not.
+            return Box::pin(async {
+                let stream = match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
+                    Err(_) => return TerminationReason::InitialDataTimeout,
+                    Ok(Err(err)) => {
+                        tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
+                        return TerminationReason::TlsHandshakeFailed;
+                    }
+                    Ok(Ok(stream)) => stream,
+                };
+                self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
+                context.is_tls = true;
+                context.tls_version = self.tls_version;
+                // Global and per-IP bytes are counted on the wire by ClientIo; the route's here.
+                let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes] };
+                self.hand_off_pair(env, handler, stream, context, &sinks).await
+            })
+            .await;
         }
 
         // Terminating: TLS ends here and the HTTP engine serves what is inside, request by request
@@ -372,29 +379,30 @@ impl Session {
             let client_fd = client.as_raw_fd();
             let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
-            let accepted = Box::pin(tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io))).await;
-            let stream = match accepted {
-                Err(_) => return TerminationReason::InitialDataTimeout,
-                Ok(Err(err)) => {
-                    tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
-                    return TerminationReason::TlsHandshakeFailed;
-                }
-                Ok(Ok(stream)) => stream,
-            };
-            self.tls_version = stream.get_ref().1.protocol_version().and_then(|v| tls_version_label(v));
-            self.state = State::Http;
-            let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd), counters.clone());
-            let limits = self.http_limits(env);
-            let first_head_by = self.accepted_at + env.initial_data_timeout;
-            // Boxed with the TLS session moved in: held across awaits here, it would size the
-            // future of every connection, TLS or not.
-            return Box::pin(serve_terminated(stream, counters, ctx, limits, first_head_by, env)).await;
+            // One boxed future from the handshake on: a TLS session held in this function's own
+            // state would size the future of every connection, TLS or not.
+            return Box::pin(async {
+                let stream = match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
+                    Err(_) => return TerminationReason::InitialDataTimeout,
+                    Ok(Err(err)) => {
+                        tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
+                        return TerminationReason::TlsHandshakeFailed;
+                    }
+                    Ok(Ok(stream)) => stream,
+                };
+                self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
+                self.state = State::Http;
+                let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd), counters.clone());
+                let limits = self.http_limits(env);
+                serve_terminated(stream, counters, ctx, limits, deadline, env).await
+            })
+            .await;
         }
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
             return TerminationReason::NoTarget;
         };
         let server_ip = if target.functions.is_some() { client.local_addr().ok().map(|a| canonical_ip(a.ip())) } else { None };
-        let (target_host, target_port) = match env.http.scripts.endpoint(&target, || self.script_context(route, server_ip)).await {
+        let (target_host, target_port) = match Box::pin(env.http.scripts.endpoint(&target, || self.script_context(route, server_ip))).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(id = self.id, route = &*route.label, error = %err, "target function failed");
@@ -726,7 +734,8 @@ async fn connect_backend(
     let connect = tokio::time::timeout(timeout, TcpStream::connect(target));
     tokio::pin!(connect);
     let mut client_done = false;
-    let mut chunk = [0u8; 4096];
+    // On the heap: a buffer held across an await here would size every connection's future.
+    let mut chunk = vec![0u8; 4096];
     loop {
         let may_read = !client_done && pending.len() < env.max_pending_data;
         tokio::select! {

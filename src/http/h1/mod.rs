@@ -4,5 +4,6 @@
 
 pub mod channel;
 pub mod decode;
+#[cfg(test)] mod differential;
 pub mod server;
 pub mod write;

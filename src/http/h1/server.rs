@@ -188,7 +188,8 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
     if tokio::time::timeout(LINGER_WRITE_TIMEOUT, io.shutdown()).await.is_err() {
         return;
     }
-    let mut sink = [0u8; 4096];
+    // On the heap: a buffer held across an await here would size every connection's future.
+    let mut sink = vec![0u8; 4096];
     let mut drained = 0;
     let draining = async {
         while drained < LINGER_BYTES {

@@ -160,7 +160,7 @@ where
             client_write.shutdown().await?;
             // Closing with unread client bytes would send a reset, which may destroy the Close
             // before the client reads it: read on (and drop) until the client closes too.
-            let mut sink = [0u8; 4096];
+            let mut sink = vec![0u8; 4096];
             while client_read.read(&mut sink).await? > 0 {}
             Ok::<(), std::io::Error>(())
         })
