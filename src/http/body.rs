@@ -52,6 +52,12 @@ pub enum Direction {
     Out,
 }
 
+impl<B> TrackedBody<B> {
+    pub fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+}
+
 impl<B: Body> TrackedBody<B> {
     /// A body that is empty from the start is finished at once (nobody will poll it).
     pub fn new(inner: B, route_bytes: Option<(Arc<crate::metrics::RouteStats>, Direction)>, finished: Arc<AtomicBool>) -> Self {
@@ -143,6 +149,48 @@ impl Body for ClientBody {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::H1(body) => body.size_hint(),
             ClientBody::H2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// An upstream's response body: off our own HTTP/1.1 connection, or an HTTP/2 stream's.
+pub enum UpstreamBody {
+    H1(crate::http::h1::client::ResponseBody),
+    H2(hyper::body::Incoming),
+}
+
+impl UpstreamBody {
+    /// The HTTP/1.1 connection, once its exchange ended cleanly and it may carry another.
+    pub fn take_reusable(&mut self) -> Option<crate::http::h1::client::Connection> {
+        match self {
+            UpstreamBody::H1(body) => body.take_reusable(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::H2(body) => body.size_hint(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
@@ -23,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::http::body::ProxyBody;
+use crate::http::h1::client::Connection;
 
 /// What the route asks of the upstream connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,7 +103,7 @@ impl std::fmt::Display for UpstreamError {
 }
 
 struct IdleH1 {
-    sender: http1::SendRequest<ProxyBody>,
+    conn: Connection,
     permit: OwnedSemaphorePermit,
     since: Instant,
 }
@@ -126,7 +127,8 @@ pub struct UpstreamPool {
 
 /// A connection checked out for one request.
 pub enum Checkout {
-    Http1 { sender: http1::SendRequest<ProxyBody>, permit: OwnedSemaphorePermit, reused: bool },
+    /// `conn` is taken by the request that uses it (its response body owns it).
+    Http1 { conn: Option<Connection>, permit: OwnedSemaphorePermit, reused: bool },
     Http2 { sender: http2::SendRequest<ProxyBody>, reused: bool },
 }
 
@@ -145,7 +147,7 @@ impl UpstreamPool {
 
     /// A pooled connection when one is idle and alive, else a new one.
     pub async fn checkout(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool) -> Result<Checkout, UpstreamError> {
-        if let Some(reused) = self.take_idle(key).await {
+        if let Some(reused) = self.take_idle(key) {
             return Ok(reused);
         }
         // The connect path (TCP, PROXY header, TLS and HTTP handshakes) is boxed: inline, its
@@ -174,7 +176,7 @@ impl UpstreamPool {
         };
         // A slot may have been freed by a connection going idle: prefer it to a new connect.
         if may_reuse {
-            if let Some(reused) = self.take_idle(key).await {
+            if let Some(reused) = self.take_idle(key) {
                 return Ok(reused);
             }
         }
@@ -191,7 +193,7 @@ impl UpstreamPool {
                 .map_err(UpstreamError::ConnectFailed)?;
         }
         match &key.tls {
-            None => self.handshake(TokioIo::new(stream), key, permit, key.protocol == UpstreamProtocol::Http2).await,
+            None => self.handshake(stream, key, permit, key.protocol == UpstreamProtocol::Http2).await,
             Some(tls) => {
                 let connector = TlsConnector::from(tls.config.clone());
                 let stream = tokio::time::timeout_at(deadline.into(), connector.connect(tls.server_name.clone(), stream))
@@ -204,20 +206,20 @@ impl UpstreamPool {
                     UpstreamProtocol::Http1 => false,
                     UpstreamProtocol::Auto => alpn_h2,
                 };
-                self.handshake(TokioIo::new(stream), key, permit, use_h2).await
+                self.handshake(stream, key, permit, use_h2).await
             }
         }
     }
 
-    async fn handshake<T>(&self, io: TokioIo<T>, key: &PoolKey, permit: OwnedSemaphorePermit, use_h2: bool) -> Result<Checkout, UpstreamError>
+    async fn handshake<T>(&self, io: T, key: &PoolKey, permit: OwnedSemaphorePermit, use_h2: bool) -> Result<Checkout, UpstreamError>
     where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
     {
         if use_h2 {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
-                .handshake::<_, ProxyBody>(io)
+                .handshake::<_, ProxyBody>(TokioIo::new(io))
                 .await
                 .map_err(UpstreamError::Handshake)?;
             tokio::spawn(async move {
@@ -228,16 +230,12 @@ impl UpstreamPool {
             entry.h2 = Some((sender.clone(), Arc::new(permit)));
             Ok(Checkout::Http2 { sender, reused: false })
         } else {
-            let (sender, connection) = http1::Builder::new().handshake::<_, ProxyBody>(io).await.map_err(UpstreamError::Handshake)?;
-            tokio::spawn(async move {
-                // Ends when the upstream closes or the last sender is dropped.
-                let _ = connection.with_upgrades().await;
-            });
-            Ok(Checkout::Http1 { sender, permit, reused: false })
+            // HTTP/1.1 is ours: the connection is driven by the request that uses it.
+            Ok(Checkout::Http1 { conn: Some(Connection::new(Box::new(io))), permit, reused: false })
         }
     }
 
-    async fn take_idle(&self, key: &PoolKey) -> Option<Checkout> {
+    fn take_idle(&self, key: &PoolKey) -> Option<Checkout> {
         loop {
             let candidate = {
                 let mut hosts = self.hosts.lock();
@@ -251,18 +249,11 @@ impl UpstreamPool {
                 }
                 entry.idle.pop()?
             };
-            let IdleH1 { mut sender, permit, since } = candidate;
-            if since.elapsed() >= self.settings.idle_timeout || sender.is_closed() {
+            let IdleH1 { mut conn, permit, since } = candidate;
+            if since.elapsed() >= self.settings.idle_timeout || !conn.is_usable() {
                 continue;
             }
-            if sender.is_ready() {
-                return Some(Checkout::Http1 { sender, permit, reused: true });
-            }
-            // A connection still finishing its last exchange gets a moment.
-            match tokio::time::timeout(Duration::from_millis(250), sender.ready()).await {
-                Ok(Ok(())) => return Some(Checkout::Http1 { sender, permit, reused: true }),
-                _ => continue,
-            }
+            return Some(Checkout::Http1 { conn: Some(conn), permit, reused: true });
         }
     }
 
@@ -285,14 +276,11 @@ impl UpstreamPool {
     }
 
     /// Gives an HTTP/1.1 connection back after a clean exchange.
-    pub fn put_back(&self, key: &PoolKey, sender: http1::SendRequest<ProxyBody>, permit: OwnedSemaphorePermit) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put_back(&self, key: &PoolKey, conn: Connection, permit: OwnedSemaphorePermit) {
         let mut hosts = self.hosts.lock();
         let entry = hosts.entry(key.clone()).or_default();
         if entry.idle.len() < self.settings.max_idle_per_host {
-            entry.idle.push(IdleH1 { sender, permit, since: Instant::now() });
+            entry.idle.push(IdleH1 { conn, permit, since: Instant::now() });
         }
     }
 
@@ -309,11 +297,13 @@ impl UpstreamPool {
         let mut expired = Vec::new();
         let mut hosts = self.hosts.lock();
         for entry in hosts.values_mut() {
-            let (keep, gone): (Vec<IdleH1>, Vec<IdleH1>) = std::mem::take(&mut entry.idle)
-                .into_iter()
-                .partition(|idle| idle.since.elapsed() < idle_timeout && !idle.sender.is_closed());
-            entry.idle = keep;
-            expired.extend(gone);
+            for mut idle in std::mem::take(&mut entry.idle) {
+                if idle.since.elapsed() < idle_timeout && idle.conn.is_usable() {
+                    entry.idle.push(idle);
+                } else {
+                    expired.push(idle);
+                }
+            }
             if entry.h2.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
                 entry.h2 = None;
             }
@@ -360,13 +350,13 @@ mod tests {
         let pool = UpstreamPool::new(PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 8, max_per_host: 2 });
         let wait = Duration::from_millis(200);
         let busy_a = pool.checkout(&key(port, "a"), wait, true).await.expect("a");
-        let Checkout::Http1 { sender, permit, .. } = pool.checkout(&key(port, "b"), wait, true).await.expect("b") else {
+        let Checkout::Http1 { conn: Some(conn), permit, .. } = pool.checkout(&key(port, "b"), wait, true).await.expect("b") else {
             panic!("http/1.1 expected");
         };
         // Two connections, each for another client: a third client's key finds the cap.
         assert!(matches!(pool.checkout(&key(port, "c"), wait, true).await, Err(UpstreamError::PoolExhausted)));
         // b's connection goes idle: c's request takes its slot (b's connection is closed).
-        pool.put_back(&key(port, "b"), sender, permit);
+        pool.put_back(&key(port, "b"), conn, permit);
         assert!(pool.checkout(&key(port, "c"), wait, true).await.is_ok());
         drop(busy_a);
         backend.abort();

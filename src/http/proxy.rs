@@ -14,11 +14,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
-use crate::http::body::ClientBody;
+use crate::http::body::{ClientBody, UpstreamBody};
+use crate::http::h1::client::{self as h1_client, ClientError, PendingUpstreamUpgrade};
 use crate::http::h1::server::PendingUpgrade;
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
 use crate::balance::affinity::{AffinityKey, AffinityStore, OnUnknown};
@@ -371,7 +371,7 @@ async fn proxy(ctx: &ConnectionContext, mut req: Request<ClientBody>, in_flight:
             Ok(response) => break (response, checkout, key, request_sent),
             // A pooled connection the upstream closed just as it was reused fails before the
             // request was processed: a request that can be sent again goes on a fresh connection.
-            Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && (err.is_canceled() || err.is_incomplete_message()) => {
+            Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && err.stale_connection() => {
                 if let Checkout::Http2 { .. } = checkout {
                     pool.forget_h2(&key);
                 }
@@ -633,15 +633,44 @@ fn upstream_server_name(target_host: &str, domain: Option<&str>) -> ServerName<'
 }
 
 enum SendError {
-    Failed(hyper::Error),
+    Failed(UpstreamFailure),
     Timeout,
 }
 
-async fn send(checkout: &mut Checkout, req: Request<ProxyBody>, timeout: Duration) -> Result<Response<Incoming>, SendError> {
+#[derive(Debug)]
+enum UpstreamFailure {
+    H1(ClientError),
+    H2(hyper::Error),
+}
+
+impl UpstreamFailure {
+    /// The connection was found closed before anything of a response came: a pooled connection
+    /// the upstream had closed just as it was reused.
+    fn stale_connection(&self) -> bool {
+        match self {
+            UpstreamFailure::H1(err) => err.before_response(),
+            UpstreamFailure::H2(err) => err.is_canceled() || err.is_incomplete_message(),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamFailure::H1(err) => err.fmt(f),
+            UpstreamFailure::H2(err) => err.fmt(f),
+        }
+    }
+}
+
+async fn send(checkout: &mut Checkout, req: Request<ProxyBody>, timeout: Duration) -> Result<Response<UpstreamBody>, SendError> {
     let sending = async {
         match checkout {
-            Checkout::Http1 { sender, .. } => sender.send_request(req).await,
-            Checkout::Http2 { sender, .. } => sender.send_request(req).await,
+            Checkout::Http1 { conn, .. } => match conn.take() {
+                Some(conn) => h1_client::send(conn, req).await.map(|r| r.map(UpstreamBody::H1)).map_err(UpstreamFailure::H1),
+                None => Err(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None))),
+            },
+            Checkout::Http2 { sender, .. } => sender.send_request(req).await.map(|r| r.map(UpstreamBody::H2)).map_err(UpstreamFailure::H2),
         }
     };
     match tokio::time::timeout(timeout, sending).await {
@@ -666,7 +695,7 @@ async fn send_watching_client(
     timeout: Duration,
     client_fd: Option<std::os::fd::RawFd>,
     route_slot: &mut Option<RouteGuard>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     let limited = route_slot.as_ref().is_some_and(RouteGuard::is_limited);
     match (client_fd, limited) {
         // Boxed: the watch's timer would otherwise size every request's future.
@@ -681,7 +710,7 @@ async fn send_while_watching(
     timeout: Duration,
     fd: std::os::fd::RawFd,
     route_slot: &mut Option<RouteGuard>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     let sending = send(checkout, req, timeout);
     tokio::pin!(sending);
     let mut watch = tokio::time::interval(CLIENT_WATCH_PERIOD);
@@ -758,11 +787,11 @@ impl Tunnel {
     fn answer(
         self,
         ctx: &ConnectionContext,
-        mut response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         target_templates: &[crate::http::headers::HeaderTemplate],
         templates: &TemplateContext<'_>,
     ) -> Response<ProxyBody> {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let upstream_upgrade = response.extensions().get::<PendingUpstreamUpgrade>().and_then(PendingUpstreamUpgrade::take);
         let (mut parts, _) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
         apply_templates(&mut parts.headers, &self.route.http.response_headers, templates);
@@ -773,21 +802,19 @@ impl Tunnel {
         ctx.tunnels.spawn(async move {
             // Named here so that the task owns them (a closure captures only the places it names).
             let _held_while_open = (route_slot, backend_lease);
-            let (client, upstream) = match tokio::join!(client_upgrade.client(), upstream_upgrade) {
-                (Some(client), Ok(upstream)) => (client, upstream),
-                (_, Err(err)) => {
-                    tracing::debug!(route = &*route.label, error = %err, "upstream upgrade failed");
-                    return;
-                }
-                (None, _) => {
-                    tracing::debug!(route = &*route.label, "the client left before its upgrade");
-                    return;
-                }
+            let Some(upstream) = upstream_upgrade else {
+                tracing::debug!(route = &*route.label, "upstream upgrade failed");
+                return;
             };
+            let Some(client) = client_upgrade.client().await else {
+                tracing::debug!(route = &*route.label, "the client left before its upgrade");
+                return;
+            };
+            let upstream = crate::http::io::Replay::new(upstream.io, upstream.read_ahead);
             metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
             let _open = GaugeHold::enter(metrics, |m| &m.active_websocket);
             let settings = route.http.websocket_settings;
-            let end = websocket::run(client, TokioIo::new(upstream), settings, scope.limits(), scope.shutdown()).await;
+            let end = websocket::run(client, upstream, settings, scope.limits(), scope.shutdown()).await;
             tracing::debug!(route = &*route.label, end = end.as_str(), "websocket tunnel closed");
         });
         Response::from_parts(parts, crate::http::body::empty())
@@ -798,7 +825,7 @@ impl Tunnel {
 /// response read to its end and the request body fully sent) its HTTP/1.1 connection goes back to
 /// the pool; otherwise the connection is closed with it.
 struct ReturningBody {
-    inner: TrackedBody<Incoming>,
+    inner: TrackedBody<UpstreamBody>,
     pool: Arc<UpstreamPool>,
     key: PoolKey,
     checkout: Option<Checkout>,
@@ -834,8 +861,10 @@ impl Body for ReturningBody {
 impl Drop for ReturningBody {
     fn drop(&mut self) {
         let clean = self.response_read.load(Ordering::Acquire) && self.request_sent.load(Ordering::Acquire);
-        if let (true, Some(Checkout::Http1 { sender, permit, .. })) = (clean, self.checkout.take()) {
-            self.pool.put_back(&self.key, sender, permit);
+        if let (true, Some(Checkout::Http1 { permit, .. })) = (clean, self.checkout.take()) {
+            if let Some(conn) = self.inner.inner_mut().take_reusable() {
+                self.pool.put_back(&self.key, conn, permit);
+            }
         }
     }
 }

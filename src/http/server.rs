@@ -65,7 +65,7 @@ pub enum HttpVersion {
 /// `io` is the client stream, counted below (a `ClientIo`, or TLS over one).
 pub async fn serve<S>(io: S, version: HttpVersion, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let _active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
     let tunnels = ctx.tunnels.clone();
@@ -110,7 +110,7 @@ where
 
 async fn serve_h2<S>(io: S, ctx: Arc<ConnectionContext>, limits: HttpLimits, watch: &Watch<'_>) -> Result<TerminationReason, TerminationReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder

@@ -665,7 +665,7 @@ async fn serve_terminated<S>(
     env: &SessionEnv,
 ) -> TerminationReason
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let shutdown = Shutdown { draining: &env.draining, force_close: &env.force_close };
     // ALPN `h2` is not taken on trust: the first bytes say which protocol the client speaks (the

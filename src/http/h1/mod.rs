@@ -3,6 +3,7 @@
 //! connection loop that drives them. The request head is read by `http::head`, the one parser.
 
 pub mod channel;
+pub mod client;
 pub mod decode;
 #[cfg(test)] mod differential;
 pub mod server;

@@ -44,8 +44,10 @@ const LINGER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A client stream after an upgrade, with the bytes it had sent past the request head.
 pub type UpgradedClient = Replay<Box<dyn ClientStream>>;
 
-pub trait ClientStream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientStream for T {}
+/// A byte stream as the HTTP/1 code holds it once its type no longer matters (an upgraded
+/// client, an upstream connection): Sync too, as the boxed bodies that may own one are.
+pub trait ClientStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> ClientStream for T {}
 
 /// In the extensions of an upgrade request: the client's stream, once the upgrade was answered.
 #[derive(Clone)]
@@ -76,7 +78,7 @@ pub enum H1End {
 
 pub async fn serve_h1<S>(mut io: S, ctx: Arc<ConnectionContext>, max_head: usize, draining: &CancellationToken) -> H1End
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
 {
     let mut buf = BytesMut::new();
     loop {
