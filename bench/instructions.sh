@@ -6,6 +6,8 @@
 # a release build (pnpm build). Every request carries `X-Session: bench-session`, so the modes
 # differ by the feature alone. Per mode: 2,000 unmeasured requests, then N (INSTR_REQUESTS, default
 # 10000) keep-alive requests over 32 connections (h2load --h1); the count covers exactly those.
+# Mode `haproxy` counts HAProxy run the same way (nbthread 1, option http-keep-alive, http-reuse
+# always, option forwardfor; needs haproxy), so the two figures can be compared within one run.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 requests="${INSTR_REQUESTS:-10000}"
@@ -38,8 +40,16 @@ header=(-H 'X-Session: bench-session')
 for mode in "${modes[@]}"; do
   port="$(free_port)"
   out="$work/callgrind.$mode"
-  BENCH_REDIS_URL="redis://127.0.0.1:$redis_port" valgrind --tool=callgrind --callgrind-out-file="$out" \
-    node "$root/bench/proxy-smartproxy.mjs" "$port" "$backend_port" "$mode" > "$work/proxy.log" 2>&1 &
+  if [ "$mode" = haproxy ]; then
+    command -v haproxy >/dev/null || { echo "instructions.sh: haproxy is missing" >&2; exit 2; }
+    printf '%s\n' 'global' '  nbthread 1' 'defaults' '  mode http' '  timeout connect 5s' '  timeout client 60s' \
+      '  timeout server 60s' '  option http-keep-alive' '  option forwardfor' '  http-reuse always' \
+      'frontend bench' "  bind 127.0.0.1:$port" '  default_backend be' 'backend be' "  server s1 127.0.0.1:$backend_port" > "$work/haproxy.cfg"
+    valgrind --tool=callgrind --callgrind-out-file="$out" haproxy -db -f "$work/haproxy.cfg" > "$work/proxy.log" 2>&1 &
+  else
+    BENCH_REDIS_URL="redis://127.0.0.1:$redis_port" valgrind --tool=callgrind --callgrind-out-file="$out" \
+      node "$root/bench/proxy-smartproxy.mjs" "$port" "$backend_port" "$mode" > "$work/proxy.log" 2>&1 &
+  fi
   proxy=$!
   wait_port "$port"
   curl -s "${header[@]}" "http://127.0.0.1:$port/" > /dev/null
