@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -180,6 +180,8 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut storage);
     let len = match response.parse(buf) {
+        // The limit holds however the bytes were split into reads.
+        Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD => return Err(ClientError::Malformed("response head too large")),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => return Err(ClientError::Malformed("response head too large")),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -193,11 +195,23 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
         .reason
         .filter(|reason| !reason.is_empty() && Some(*reason) != status.canonical_reason())
         .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec()).ok());
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    // Values are slices of the head's own bytes (no copy per field): offsets first, then the head
+    // is split off the buffer and shared.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = response.headers.len();
+    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+        let name = field.name.as_ptr() as usize - base;
+        let value = field.value.as_ptr() as usize - base;
+        // Within a head of at most MAX_RESPONSE_HEAD bytes: the offsets fit.
+        *span = (name as u32, (name + field.name.len()) as u32, value as u32, (value + field.value.len()) as u32);
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
     let mut close = http10;
-    for field in response.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| ClientError::Malformed("bad header name"))?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| ClientError::Malformed("bad header value"))?;
+    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).map_err(|_| ClientError::Malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize)).map_err(|_| ClientError::Malformed("bad header value"))?;
         if name == header::CONNECTION {
             for token in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -209,7 +223,6 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
         }
         headers.append(name, value);
     }
-    buf.advance(len);
     Ok(Some(ResponseHeadParts { status, version: if http10 { Version::HTTP_10 } else { Version::HTTP_11 }, reason, headers, close }))
 }
 
@@ -274,6 +287,8 @@ impl RequestSend {
         let exact = body.size_hint().exact();
         let framing = if empty || exact.is_some() { RequestFraming::Length } else { RequestFraming::Chunked };
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let size = parts.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+        out.reserve(parts.method.as_str().len() + path.len() + size + 64);
         out.put_slice(parts.method.as_str().as_bytes());
         out.put_slice(b" ");
         out.put_slice(path.as_bytes());
@@ -300,7 +315,7 @@ impl RequestSend {
                 let n = exact.unwrap_or(0);
                 // An empty body is announced only where a body is expected.
                 if n > 0 || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-                    out.put_slice(format!("content-length: {n}\r\n").as_bytes());
+                    out.put_content_length(n);
                 }
             }
             RequestFraming::Length => {}

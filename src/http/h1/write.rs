@@ -59,6 +59,17 @@ impl Output {
         self.queued
     }
 
+    /// Room for `additional` bytes in the current write, in one allocation.
+    pub fn reserve(&mut self, additional: usize) {
+        self.tail.reserve(additional);
+    }
+
+    pub fn put_content_length(&mut self, n: u64) {
+        self.put_slice(b"content-length: ");
+        self.put_slice(itoa_u64(n, &mut [0; 20]));
+        self.put_slice(b"\r\n");
+    }
+
     pub fn put_slice(&mut self, bytes: &[u8]) {
         self.tail.extend_from_slice(bytes);
         self.queued += bytes.len();
