@@ -5,6 +5,7 @@
 //! the refusal all read this one parse; the HTTP engine then serves the same bytes, which this
 //! reading has already found unambiguous.
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::http::edge::{has_bare_lf, is_tchar, normalise_host, request_host, Refusal};
@@ -78,6 +79,44 @@ impl RequestHead {
 /// Reads `buf` (a connection's first bytes) as an HTTP/1.x request head. `max_head` is the
 /// engine's `maxHeaderSize`.
 pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
+    parse(buf, max_head, None)
+}
+
+/// `parse_head` for a connection's buffer: a complete head is taken off `buf`, and its header
+/// values share the head's bytes instead of copying each one.
+pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
+    match head_end(buf).filter(|end| *end <= max_head) {
+        Some(end) => {
+            let head = buf.split_to(end).freeze();
+            match parse(&head, max_head, Some(&head)) {
+                HeadParse::Request(request) if request.len == end => HeadParse::Request(request),
+                _ => {
+                    // Not a request head after all (a preface, a refusal): the same bytes are
+                    // read whole, as `parse_head` would, so that the answer cannot differ.
+                    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+                    whole.extend_from_slice(&head);
+                    whole.extend_from_slice(buf);
+                    *buf = whole;
+                    parse(buf, max_head, None)
+                }
+            }
+        }
+        None => parse(buf, max_head, None),
+    }
+}
+
+/// Where the head in `buf` ends, past its empty line: the first line end followed by an empty
+/// line, after any empty lines that come before the request line (as httparse reads it).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let start = leading_empty_lines(buf);
+    memchr::memchr_iter(b'\n', &buf[start..]).map(|at| start + at + 1).find_map(|after| match &buf[after..] {
+        [b'\n', ..] => Some(after + 1),
+        [b'\r', b'\n', ..] => Some(after + 2),
+        _ => None,
+    })
+}
+
+fn parse(buf: &[u8], max_head: usize, shared: Option<&Bytes>) -> HeadParse {
     // RFC 9112 §2.2: empty lines before the request line are ignored.
     let start = leading_empty_lines(buf);
     // The first line's cap counts from the start of the connection, empty lines included, so the
@@ -116,7 +155,7 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
         Err(httparse::Error::TooManyHeaders) => return too_large("too many header fields"),
         Err(_) => return HeadParse::Refused(Refusal::bad_request("malformed request head")),
     };
-    match checked_head(&buf[..len], &request, len) {
+    match checked_head(&buf[..len], &request, len, shared) {
         Ok(head) => HeadParse::Request(head),
         Err(refusal) => HeadParse::Refused(refusal),
     }
@@ -162,7 +201,7 @@ fn request_line_shape(line: &[u8], budget: usize) -> Shape {
 }
 
 /// The framing and host rules on a head httparse accepted.
-fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) -> Result<RequestHead, Refusal> {
+fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize, shared: Option<&Bytes>) -> Result<RequestHead, Refusal> {
     // httparse takes a bare LF as a line end; the next hop may not.
     if has_bare_lf(head) {
         return Err(Refusal::bad_request("a line ends in a bare LF"));
@@ -177,7 +216,11 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) ->
     let mut headers = HeaderMap::with_capacity(request.headers.len());
     for field in request.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| Refusal::bad_request("malformed header value"))?;
+        let value = match shared {
+            Some(bytes) => HeaderValue::from_maybe_shared(bytes.slice_ref(field.value)),
+            None => HeaderValue::from_bytes(field.value),
+        };
+        let value = value.map_err(|_| Refusal::bad_request("malformed header value"))?;
         headers.append(name, value);
     }
     let body = check_framing(&headers, http10)?;
@@ -374,6 +417,34 @@ mod tests {
         big.push(b'\r');
         assert_eq!(parse_head(&big, 4096).status(), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
         assert_eq!(refused(b"GET /admin#x HTTP/1.1\r\nHost: a\r\n\r\n"), StatusCode::BAD_REQUEST);
+    }
+
+    /// `take_head` gives the answer `parse_head` gives, and takes exactly the head.
+    #[test]
+    fn taking_a_head_off_a_buffer_agrees_with_reading_it() {
+        let inputs: &[&[u8]] = &[
+            b"GET /a?b HTTP/1.1\r\nHost: a.test\r\nX: 1\r\n\r\nNEXT",
+            b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\nrest",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"SSH-2.0-x\r\n\r\n",
+        ];
+        for input in inputs {
+            let read = parse(input);
+            let mut buf = BytesMut::from(*input);
+            let taken = take_head(&mut buf, LIMIT);
+            match (&read, &taken) {
+                (HeadParse::Request(a), HeadParse::Request(b)) => {
+                    assert_eq!((a.len, &a.target, &a.headers), (b.len, &b.target, &b.headers));
+                    assert_eq!(&buf[..], &input[a.len..]);
+                }
+                _ => assert_eq!(format!("{read:?}"), format!("{taken:?}"), "{:?}", String::from_utf8_lossy(input)),
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use http::{header, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, SizeHint};
 use parking_lot::Mutex;
@@ -24,7 +24,7 @@ use crate::http::edge::Refusal;
 use crate::http::h1::channel::{body_channel, BodySender};
 use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::write::{Framing, Output, ResponseHead};
-use crate::http::head::{parse_head, BodyLength, HeadParse, RequestHead};
+use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::io::Replay;
 use crate::http::proxy::{handle, ConnectionContext};
 
@@ -95,7 +95,6 @@ where
                 return H1End::InvalidHttp;
             }
         };
-        buf.advance(head.len);
         let mut exchange = match Exchange::start(head, &ctx, max_head, draining) {
             Ok(exchange) => exchange,
             Err(refusal) => {
@@ -140,7 +139,7 @@ enum HeadRead {
 async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, max_head: usize) -> HeadRead {
     loop {
         if !buf.is_empty() {
-            match parse_head(buf, max_head) {
+            match take_head(buf, max_head) {
                 HeadParse::Request(head) => return HeadRead::Head(Box::new(head)),
                 HeadParse::Incomplete => {}
                 HeadParse::Refused(refusal) => return HeadRead::Refused(refusal),
