@@ -79,7 +79,7 @@ pub struct ConnectionContext {
     pub header_values: ConnectionValues,
     /// The client's socket, to see whether it has closed its sending side while an HTTP/1
     /// request waits (`send_watching_client`). Valid for as long as HTTP/1 requests of the
-    /// connection run: hyper runs them inside the connection that owns the socket.
+    /// connection run: they run inside the connection's own task, which owns the socket.
     pub client_fd: Option<std::os::fd::RawFd>,
     /// The client side's counters: requests in flight, for the connection's watchdog.
     pub counters: Arc<ClientCounters>,
@@ -102,8 +102,8 @@ type Refusal = Response<ProxyBody>;
 
 async fn proxy(ctx: &ConnectionContext, mut req: Request<ClientBody>, in_flight: &mut Option<InFlight>) -> Result<Response<ProxyBody>, Refusal> {
     // The edge rules (API.md "Edge hygiene"): one host, which is the one the backend receives; a
-    // normalised path for matching. A plain connection's first head met them already, with the
-    // framing rules; hyper re-frames every body, so later heads cannot smuggle one.
+    // normalised path for matching. An HTTP/1.x head met them already, with the framing rules
+    // (`http::head`); an HTTP/2 request meets them here first.
     let version = req.version();
     let raw_host: Option<String> = match request_host(req.uri().authority().map(|a| a.as_str()), req.headers(), version >= Version::HTTP_11) {
         Ok(host) => host.map(str::to_string),
@@ -686,8 +686,8 @@ const CLIENT_WATCH_PERIOD: Duration = Duration::from_millis(250);
 /// `send`, while the client may leave: a client that closed its sending side no longer holds its
 /// route's `maxConnections` slot (it can send nothing more), though its request still waits for
 /// an answer, as a half-closing client expects. Holding the slot until a silent upstream's
-/// response timeout would refuse every new client of the route meanwhile. hyper does not read an
-/// HTTP/1 connection while a request is in flight, so the socket is asked directly; only requests
+/// response timeout would refuse every new client of the route meanwhile. The HTTP/1 loop does not
+/// read the client while a request waits (pipelined bytes stay in the socket), so it is asked directly; only requests
 /// that hold a limited slot pay for the watch. (HTTP/2 streams end with their client.)
 async fn send_watching_client(
     checkout: &mut Checkout,

@@ -1,7 +1,7 @@
-//! What ends an HTTP connection from outside hyper: the engine draining, then force-closing; the
+//! What ends an HTTP connection from outside its serving loop: the engine draining, then force-closing; the
 //! connection sitting idle past its timeout (with a request in flight: the idle timeout; between
 //! requests: the keep-alive timeout, or the head timeout once a later HTTP/1.x head has begun);
-//! its lifetime running out. hyper's connection future
+//! its lifetime running out. The connection's future
 //! wakes the session task on every read, write and upstream answer, while these fire a few times
 //! per connection at most, so the watchdog is wake-gated: its timer and token hold a waker of its
 //! own that flags the wake, and the session task polls the watchdog only after such a wake instead
