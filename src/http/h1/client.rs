@@ -27,6 +27,9 @@ use crate::http::head::MAX_HEADERS;
 /// unbounded either).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_SIZE: usize = 8 * 1024;
+/// A body that keeps filling its reads gets larger ones, up to this: fewer system calls for
+/// large responses, small buffers for small ones.
+const MAX_BODY_READ: usize = 256 * 1024;
 
 /// One upstream connection: its stream and what was read past the last response.
 pub struct Connection {
@@ -129,7 +132,7 @@ pub async fn send(mut conn: Connection, req: Request<ProxyBody>) -> Result<Respo
         response_framing(&headers)?
     };
     let reusable = !close && !matches!(decoder, ResponseDecoder::UntilClose);
-    let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending: Some(sending), reusable, done: false });
+    let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending: Some(sending), reusable, done: false, read_size: READ_SIZE });
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
@@ -385,11 +388,13 @@ pub struct ResponseBody {
     sending: Option<RequestSend>,
     reusable: bool,
     done: bool,
+    /// The next read's size (grows while reads come back full).
+    read_size: usize,
 }
 
 impl ResponseBody {
     fn empty() -> Self {
-        ResponseBody { conn: None, decoder: ResponseDecoder::Empty, sending: None, reusable: false, done: true }
+        ResponseBody { conn: None, decoder: ResponseDecoder::Empty, sending: None, reusable: false, done: true, read_size: READ_SIZE }
     }
 
     /// The connection, when the exchange ended cleanly on both sides and it may carry another.
@@ -451,9 +456,11 @@ impl Body for ResponseBody {
                 Ok(None) => {}
             }
             if conn.buf.capacity() - conn.buf.len() < 1024 {
-                conn.buf.reserve(READ_SIZE);
+                conn.buf.reserve(this.read_size);
             }
+            let room = conn.buf.capacity() - conn.buf.len();
             match std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
+                Ok(n) if n == room => this.read_size = (this.read_size * 2).min(MAX_BODY_READ),
                 Ok(0) if matches!(this.decoder, ResponseDecoder::UntilClose) => {
                     this.done = true;
                     return Poll::Ready(None);
