@@ -324,6 +324,25 @@ pub fn apply_templates(headers: &mut HeaderMap, templates: &[HeaderTemplate], ct
     }
 }
 
+/// The sender of this message will close after it: HTTP/1.0 unless it asked to keep the
+/// connection alive, HTTP/1.1 when it said `close`.
+pub fn wants_close(headers: &HeaderMap, version: http::Version) -> bool {
+    if version == http::Version::HTTP_10 {
+        !connection_has(headers, "keep-alive")
+    } else {
+        connection_has(headers, "close")
+    }
+}
+
+/// Whether a `Connection` field of the message lists `token`.
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

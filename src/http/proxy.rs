@@ -749,14 +749,7 @@ fn upstream_failure(err: UpstreamError) -> Refusal {
 }
 
 fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    let connection_has_upgrade = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    connection_has_upgrade && req.headers().contains_key(header::UPGRADE)
+    crate::http::headers::connection_has(req.headers(), "upgrade") && req.headers().contains_key(header::UPGRADE)
 }
 
 fn is_idempotent(method: &Method) -> bool {

@@ -22,6 +22,7 @@ use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::server::ClientStream;
 use crate::http::h1::write::Output;
 use crate::http::head::MAX_HEADERS;
+use crate::http::headers::wants_close;
 
 /// A response head larger than this is refused (the upstream is not an attacker, but not
 /// unbounded either).
@@ -211,22 +212,14 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    let mut close = http10;
     for &(name_start, name_end, value_start, value_end) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).map_err(|_| ClientError::Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize)).map_err(|_| ClientError::Malformed("bad header value"))?;
-        if name == header::CONNECTION {
-            for token in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    close = false;
-                }
-            }
-        }
         headers.append(name, value);
     }
-    Ok(Some(ResponseHeadParts { status, version: if http10 { Version::HTTP_10 } else { Version::HTTP_11 }, reason, headers, close }))
+    let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
+    let close = wants_close(&headers, version);
+    Ok(Some(ResponseHeadParts { status, version, reason, headers, close }))
 }
 
 /// RFC 9112 §6.3 for a response that has a body: chunked, a length, or until the close. A

@@ -25,6 +25,7 @@ use crate::http::h1::channel::{body_channel, BodySender};
 use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
+use crate::http::headers::{connection_has, wants_close};
 use crate::http::io::Replay;
 use crate::http::proxy::{handle, ConnectionContext};
 
@@ -515,20 +516,4 @@ fn request_body_settles(feed: &mut BodyFeed, buf: &mut BytesMut) -> bool {
             Ok(None) | Err(_) => return false,
         }
     }
-}
-
-fn wants_close(headers: &http::HeaderMap, version: Version) -> bool {
-    if version == Version::HTTP_10 {
-        !connection_has(headers, "keep-alive")
-    } else {
-        connection_has(headers, "close")
-    }
-}
-
-fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
