@@ -281,7 +281,7 @@ fn check_framing(headers: &HeaderMap, http10: bool) -> Result<BodyLength, Refusa
         return Err(Refusal::bad_request("both Content-Length and Transfer-Encoding"));
     }
     let chunked = |c: &&str| c.eq_ignore_ascii_case("chunked");
-    if !codings.last().is_some_and(|c| chunked(&c)) || codings.iter().filter(|c| chunked(c)).count() != 1 || codings.iter().any(|c| c.is_empty()) {
+    if !codings.last().is_some_and(chunked) || codings.iter().filter(|c| chunked(c)).count() != 1 || codings.iter().any(|c| c.is_empty()) {
         return Err(Refusal::bad_request("Transfer-Encoding must end in a single chunked"));
     }
     Ok(BodyLength::Chunked)

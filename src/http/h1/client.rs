@@ -246,7 +246,7 @@ fn response_framing(headers: &HeaderMap) -> Result<ResponseDecoder, ClientError>
         let last_is_chunked = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .last()
+            .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));

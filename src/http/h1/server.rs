@@ -96,7 +96,7 @@ where
                 return H1End::InvalidHttp;
             }
         };
-        let mut exchange = match Exchange::start(head, &ctx, max_head, draining) {
+        let mut exchange = match Exchange::start(*head, &ctx, max_head, draining) {
             Ok(exchange) => exchange,
             Err(refusal) => {
                 refuse(&mut io, &refusal).await;
@@ -251,8 +251,8 @@ struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    fn start(head: Box<RequestHead>, ctx: &Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> Result<Self, Refusal> {
-        let RequestHead { method, version, target, body, headers, .. } = *head;
+    fn start(head: RequestHead, ctx: &Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> Result<Self, Refusal> {
+        let RequestHead { method, version, target, body, headers, .. } = head;
         let uri = Uri::from_maybe_shared(bytes::Bytes::from(target)).map_err(|_| Refusal::bad_request("malformed request target"))?;
         let close = wants_close(&headers, version);
         let expect_continue = version == Version::HTTP_11
