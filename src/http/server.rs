@@ -117,7 +117,9 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_size as u32);
-    let service = service_fn(move |req: Request<Incoming>| handle(ctx.clone(), req.map(ClientBody::H2)));
+    // Boxed: hyper spawns a task per stream holding this future, and moves it on the way; a
+    // pointer moves cheaper than the pipeline's whole state.
+    let service = service_fn(move |req: Request<Incoming>| Box::pin(handle(ctx.clone(), req.map(ClientBody::H2))));
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let graceful = std::sync::atomic::AtomicBool::new(false);
