@@ -1,13 +1,18 @@
-// Idle keep-alive client connections for the memory scenario.
-//   node bench/idle-conns.mjs <port> <count> [concurrency]
+// Idle keep-alive client connections for the memory scenarios.
+//   node bench/idle-conns.mjs <port> <count> [concurrency] [--tls]
 // Opens <count> connections to 127.0.0.1:<port> (at most [concurrency], default 100, being set up at
 // once); on each sends one `GET / HTTP/1.1` (Host: bench.test, keep-alive), reads the whole answer,
-// and then leaves the connection idle and open. Prints `ready <open>` when all are set up, then waits:
+// and then leaves the connection idle and open. With --tls each connection first completes a TLS
+// handshake (no SNI, no ALPN, as wrk and openssl s_time send to 127.0.0.1; the certificate is not
+// checked) and the request goes over it. Prints `ready <open>` when all are set up, then waits:
 // a line `close` on stdin prints `open <n>` (how many the peer has not closed meanwhile) and exits.
 import net from 'node:net';
+import tls from 'node:tls';
 import readline from 'node:readline';
 
-const [port, count, concurrency = 100] = process.argv.slice(2).map(Number);
+const args = process.argv.slice(2);
+const useTls = args.includes('--tls');
+const [port, count, concurrency = 100] = args.filter((a) => a !== '--tls').map(Number);
 const sockets = [];
 let closedByPeer = 0;
 const request = Buffer.from('GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n');
@@ -15,10 +20,12 @@ const request = Buffer.from('GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n');
 /** Resolves once one full response (Content-Length or chunked) has arrived on a new connection. */
 function openOne() {
   return new Promise((resolve, reject) => {
-    const socket = net.connect(port, '127.0.0.1');
+    const socket = useTls
+      ? tls.connect({ port, host: '127.0.0.1', rejectUnauthorized: false })
+      : net.connect(port, '127.0.0.1');
     let buffered = Buffer.alloc(0);
     let done = false;
-    socket.once('connect', () => socket.write(request));
+    socket.once(useTls ? 'secureConnect' : 'connect', () => socket.write(request));
     socket.on('error', (err) => (done ? undefined : reject(err)));
     socket.on('close', () => { if (done) closedByPeer++; else reject(new Error('closed before the answer')); });
     socket.on('data', (chunk) => {

@@ -9,34 +9,37 @@
 // Scenarios (BENCH_ONLY picks those whose name contains the given text):
 //   TCP upload / download 1 GiB (iperf3) and a 64-byte echo round trip (bench/echo.mjs) through each
 //   proxy's raw TCP mode (ours a plain forward route, HAProxy `mode tcp`, nginx `stream`);
-//   HTTP/1.1 keep-alive small GETs (wrk; plus the proxy's CPU time per request), a new connection per
-//   request (wrk `Connection: close`), 1 MiB responses (wrk) through each proxy's HTTP mode against an
-//   nginx backend (`return 200 "ok"`, a 1 MiB static file);
+//   HTTP/1.1 keep-alive small GETs (wrk -c32, and a sweep at -c8, -c64 and -c512, each plus the
+//   proxy's CPU time per request), a new connection per request (wrk `Connection: close`), 1 MiB
+//   responses (wrk) through each proxy's HTTP mode against an nginx backend (`return 200 "ok"`, a
+//   1 MiB static file);
 //   HTTPS keep-alive (wrk), full TLS handshakes (`openssl s_time -new`, which never resumes a session;
 //   plus handshakes per CPU-second of the proxy) and HTTP/2 over TLS (h2load -c16 -m10), TLS
 //   terminated in the proxy, plain HTTP/1.1 to the backend;
-//   RSS per idle keep-alive client connection (bench/idle-conns.mjs holding 10,000 of them).
+//   RSS per idle keep-alive client connection, plain HTTP and TLS (bench/idle-conns.mjs holding
+//   10,000 of them, with --tls each after a TLS handshake and one HTTPS GET).
 // Tables of ours alone: "TCP streams across CPUs" (direct on one CPU, direct across CPUs, ours),
 // "HTTP security overhead", "Scale-out" (affinity in memory and through Redis, the PROXY protocol)
 // and "Function targets: new connections".
 // Scenarios a proxy cannot run print n/a. Environment: BENCH_ROUNDS (default 3), BENCH_BYTES
 // (default 1G), BENCH_HTTP_SECONDS (default 5, each timed measurement), BENCH_ONLY, BENCH_IDLE_CONNS
-// (default 10000, or 9000 when a hard file descriptor limit below ~21,000 keeps HAProxy from that many), BENCH_ECHO_ROUNDTRIPS (default 20000), BENCH_TLS_KEY (ec = P-256, default; rsa =
+// (default 10000, or 9000 when a hard file descriptor limit below ~21,000 keeps HAProxy from that many; both idle rows), BENCH_ECHO_ROUNDTRIPS (default 20000), BENCH_TLS_KEY (ec = P-256, default; rsa =
 // RSA 2048), BENCH_HANDSHAKE_CLIENTS (parallel s_time processes, default 8), BENCH_SCALE_OUT_ROUNDS
-// (default 4), BENCH_STEAL_LIMIT (default 0.03: a measurement during which the VM's host took more
-// of the CPUs is repeated, up to 3 tries), BENCH_VERBOSE.
-// Time budget of a default run: 3 rounds x (45 proxy/scenario pairs, 29 of them timed at 5 s, the
-// other 16 iperf3 1 GiB, 20,000 echo round trips or opening the idle connections, ~1-3 s each), the
-// TCP layout table (3 x 3 x 2 iperf3 runs) and the tables of ours alone (3 x 7 runs of 5 s, 4 x 5 for
-// scale-out): ~13.5 min measured, ~16 min estimated with 1 s of proxy start/stop per run, more when
-// the host's steal forces repeats (printed at the start and written to RESULTS.md with the real
-// duration).
+// (default the larger of BENCH_ROUNDS and 6), BENCH_STEAL_LIMIT (default 0.03: a measurement during
+// which the VM's host took more of the CPUs is repeated, up to 3 tries), BENCH_VERBOSE.
+// Time budget of a default run: 3 rounds x (64 proxy/scenario pairs: 44 of them timed at 5 s; 16
+// iperf3 1 GiB, 20,000 echo round trips or opening the plain idle connections, ~1-4 s each; 4 opening
+// the idle TLS connections, ~16 s each), the TCP layout table (3 x 3 x 2 iperf3 runs) and the tables
+// of ours alone (3 x 7 runs of 5 s, 6 x 5 for scale-out): ~21 min measured, ~25.5 min estimated with
+// 1 s of proxy start/stop per run, more when the host's steal forces repeats (printed at the start
+// and written to RESULTS.md with the real duration).
 import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import net from 'node:net';
 import http from 'node:http';
+import https from 'node:https';
 import tls from 'node:tls';
 import path from 'node:path';
 
@@ -322,7 +325,9 @@ const proxies = {
           'stream {', `  upstream be { server 127.0.0.1:${backend.port}; }`, `  server { listen 127.0.0.1:${port}; proxy_pass be; }`, '}']
         : [...main,
           'http {', '  access_log off;', '  keepalive_requests 1000000;', '  keepalive_timeout 75s;',
-          `  upstream be { server 127.0.0.1:${backend.port}; keepalive 64; keepalive_requests 1000000; }`,
+          // keepalive 1024: idle upstream connections kept, above the sweep's 512 clients (with 64,
+          // nginx closed ~40 % of its upstream connections after one request at -c512).
+          `  upstream be { server 127.0.0.1:${backend.port}; keepalive 1024; keepalive_requests 1000000; }`,
           // server_name: what $host falls back to for a request without Host (s_time's HTTP/1.0 GET).
           `  server { listen 127.0.0.1:${port}${kind === 'https' ? ' ssl http2' : ''}; server_name bench.test;`,
           ...(kind === 'https' ? [`    ssl_certificate ${certs.cert};`, `    ssl_certificate_key ${certs.key};`] : []),
@@ -355,6 +360,27 @@ const proxies = {
 // `seconds` is the expected length of one measurement, for the time budget.
 const cpuRow = 'CPU time of the proxy per keep-alive request (µs, lower is better)';
 const handshakeCpuRow = 'HTTPS full handshakes per CPU-second of the proxy';
+// Client connections of the keep-alive sweep, beside the main keep-alive row's wrk -c32.
+const keepAliveSweep = [8, 64, 512];
+const sweepCpuRow = (conns) => `CPU time of the proxy per keep-alive request, ${conns} conns (µs, lower is better)`;
+
+/** Keep-alive small GETs with wrk -c`conns`, plus the proxy's CPU time per request in row `cpuRowName`. */
+function keepAliveScenario(name, cpuRowName, conns) {
+  return {
+    name,
+    kind: 'http',
+    setup: startNginxBackend,
+    seconds: httpSeconds,
+    extraRows: [cpuRowName],
+    run: ({ port, pid }) => {
+      const cpu0 = pid ? cpuSeconds(pid) : 0;
+      const r = wrk(port, { conns });
+      const cpu = pid ? ((cpuSeconds(pid) - cpu0) * 1e6) / r.requests : null;
+      return { value: r.rps, notes: [['p50', r.p50, 'ms'], ['p99', r.p99, 'ms']], extra: { [cpuRowName]: cpu } };
+    },
+  };
+}
+
 const scenarios = [
   {
     name: `TCP upload ${bytes} (MB/s)`,
@@ -380,19 +406,9 @@ const scenarios = [
       return { value: r.p50us, notes: [['p99', r.p99us, 'µs']] };
     },
   },
-  {
-    name: 'HTTP/1.1 keep-alive small GET (req/s)',
-    kind: 'http',
-    setup: startNginxBackend,
-    seconds: httpSeconds,
-    extraRows: [cpuRow],
-    run: ({ port, pid }) => {
-      const cpu0 = pid ? cpuSeconds(pid) : 0;
-      const r = wrk(port);
-      const cpu = pid ? ((cpuSeconds(pid) - cpu0) * 1e6) / r.requests : null;
-      return { value: r.rps, notes: [['p50', r.p50, 'ms'], ['p99', r.p99, 'ms']], extra: { [cpuRow]: cpu } };
-    },
-  },
+  keepAliveScenario('HTTP/1.1 keep-alive small GET (req/s)', cpuRow, 32),
+  // The same at other numbers of client connections (the 32-connection row above keeps its name).
+  ...keepAliveSweep.map((conns) => keepAliveScenario(`HTTP/1.1 keep-alive small GET, ${conns} conns (req/s)`, sweepCpuRow(conns), conns)),
   {
     name: 'HTTP/1.1 new connection per request (conn/s)',
     kind: 'http',
@@ -453,6 +469,15 @@ const scenarios = [
     setup: startNginxBackend,
     seconds: 4,
     run: (proxy) => idleMemory(proxy),
+  },
+  {
+    name: `RSS per idle keep-alive TLS client connection, ${idleConns} open (KiB, lower is better)`,
+    kind: 'https',
+    needsProcess: true,
+    repeatable: false,
+    setup: startNginxBackend,
+    seconds: 16,
+    run: (proxy) => idleMemory(proxy, { tls: true }),
   },
 ].filter((s) => !only || s.name.includes(only) || (s.extraRows ?? []).some((r) => r.includes(only)));
 const lowerIsBetter = (row) => row.includes('lower is better');
@@ -809,10 +834,11 @@ function h2load(port) {
   return Number(/finished in [\d.]+m?s, ([\d.]+) req\/s/.exec(out)?.[1] ?? NaN);
 }
 
-/** One keep-alive GET (so lazily created state exists before the baseline). */
-function warmUp(port) {
+/** One keep-alive GET, over TLS with `useTls` (so lazily created state exists before the baseline). */
+function warmUp(port, useTls = false) {
   return new Promise((resolve, reject) => {
-    http.get({ host: '127.0.0.1', port, path: '/', headers: { host: 'bench.test' }, agent: false }, (res) => {
+    const get = useTls ? https.get : http.get;
+    get({ host: '127.0.0.1', port, path: '/', headers: { host: 'bench.test' }, agent: false, rejectUnauthorized: false }, (res) => {
       res.resume();
       res.on('end', resolve);
     }).on('error', reject);
@@ -834,12 +860,16 @@ function waitForLine(child, re, ms) {
   });
 }
 
-/** RSS growth of the proxy's process tree over BENCH_IDLE_CONNS idle keep-alive connections, KiB each. */
-async function idleMemory({ port, pid }) {
-  await warmUp(port);
+/**
+ * RSS growth of the proxy's process tree over BENCH_IDLE_CONNS idle keep-alive connections, KiB each;
+ * with `tls`, each connection a completed TLS handshake and one HTTPS request (idle-conns.mjs --tls).
+ */
+async function idleMemory({ port, pid }, { tls: useTls = false } = {}) {
+  await warmUp(port, useTls);
   await sleep(500);
   const before = rssKiB(pid);
-  const client = track(spawn('taskset', ['-c', LOAD_CPU, process.execPath, path.join(root, 'bench', 'idle-conns.mjs'), String(port), String(idleConns)], { stdio: ['pipe', 'pipe', 'pipe'] }));
+  const args = [path.join(root, 'bench', 'idle-conns.mjs'), String(port), String(idleConns), ...(useTls ? ['--tls'] : [])];
+  const client = track(spawn('taskset', ['-c', LOAD_CPU, process.execPath, ...args], { stdio: ['pipe', 'pipe', 'pipe'] }));
   client.stderrTail = '';
   client.stderr.on('data', (d) => { client.stderrTail = (client.stderrTail + d).slice(-2000); });
   try {
@@ -980,19 +1010,20 @@ Run of ${new Date().toISOString().slice(0, 10)}: ${(elapsed / 60).toFixed(1)} mi
 
 - Machine: ${version('uname', ['-srm'])}, ${spawnSync('nproc').stdout.toString().trim()} CPUs. The proxy is pinned to CPU ${PROXY_CPU} (\`taskset -c ${PROXY_CPU}\`) with one worker thread or process: ours \`workerThreads: 1\` (bench/proxy-smartproxy.mjs, a Node process), HAProxy \`nbthread 1\`, nginx \`worker_processes 1\`, http-proxy one Node process (bench/proxy-node-http-proxy.mjs). Load generators and backends are pinned to CPU ${LOAD_CPU}. 127.0.0.1 only. No access logging anywhere.
 - Versions: smartproxy ${commit || 'working tree'} (release build), ${version('haproxy', ['-v'])}, ${version('nginx', ['-v'])}, node http-proxy ${httpProxyVersion() ?? 'not installed'}, ${version('iperf3', ['--version'])}, ${version('wrk', ['-v'])}, ${version('h2load', ['--version'])}, ${version('openssl', ['version'])}, Node ${process.version}.
-- Upstream: ours pools keep-alive connections to the backend; HAProxy \`option http-keep-alive\`, \`http-reuse always\`, \`option forwardfor\`; nginx \`proxy_pass\` to an upstream with \`keepalive 64\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection ""\`, X-Forwarded-For, \`proxy_max_temp_file_size 0\` (large answers stream through memory, not disk), \`keepalive_requests 1000000\`; http-proxy an \`http.Agent({ keepAlive: true, maxSockets: 64 })\` with \`xfwd: true\`. Raw TCP: ours a plain forward route, HAProxy \`mode tcp\`, nginx \`stream { proxy_pass }\` (\`load_module ${streamModule()}\`).
+- Upstream: ours pools keep-alive connections to the backend (its default: at most 1,024 per upstream, idle or busy); HAProxy \`option http-keep-alive\`, \`http-reuse always\`, \`option forwardfor\`; nginx \`proxy_pass\` to an upstream with \`keepalive 1024\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection ""\`, X-Forwarded-For, \`proxy_max_temp_file_size 0\` (large answers stream through memory, not disk), \`keepalive_requests 1000000\`; http-proxy an \`http.Agent({ keepAlive: true, maxSockets: 64 })\` with \`xfwd: true\`. Raw TCP: ours a plain forward route, HAProxy \`mode tcp\`, nginx \`stream { proxy_pass }\` (\`load_module ${streamModule()}\`).
 - TLS: a self-signed ${tlsKeyType === 'rsa' ? 'RSA 2048' : 'ECDSA P-256'} certificate (openssl req -x509, bench/work/tls), TLS 1.3 negotiated everywhere; ours a route without \`domains\` with \`action.tls: { mode: 'terminate', certificate: { key, cert } }\` (a \`domains: '*'\` route refuses a TLS client that sends no SNI with an unrecognized_name alert, and h2load, openssl s_time and curl send none to 127.0.0.1); HAProxy \`bind … ssl crt … alpn h2,http/1.1\`; nginx \`listen … ssl http2\`; http-proxy behind node:https (no HTTP/2). "direct" is the backend nginx terminating TLS itself.
 - Backends: nginx, one worker, \`return 200 "ok"\` and a 1 MiB static file (\`sendfile on\`), \`keepalive_requests 1000000\`; iperf3 -s; a Node echo server (bench/echo.mjs).
 - Commands (PORT = the proxy's port, or the backend's for direct):
   - TCP upload/download: \`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` and the same with \`-R\`.
   - TCP echo: \`taskset -c ${LOAD_CPU} node bench/echo.mjs client PORT ${echoTrips} ${2 * httpSeconds}\`: one connection, ${echoTrips} sequential 64-byte write-then-read-back round trips after 1,000 unmeasured ones, TCP_NODELAY.
   - HTTP/1.1 keep-alive: \`${wrkCmd} http://127.0.0.1:PORT/\`; the CPU row is the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over that same run divided by the requests wrk completed.
+  - HTTP/1.1 keep-alive at ${keepAliveSweep.join(', ')} connections: the same with \`-c${keepAliveSweep.join('`, `-c')}\` instead of \`-c32\` (one wrk thread drives them all), each with its CPU row.
   - New connection per request: the same with \`-H 'Connection: close'\`.
   - 1 MiB responses: \`taskset -c ${LOAD_CPU} wrk -t1 -c8 -d${httpSeconds}s --latency -H 'Host: bench.test' http://127.0.0.1:PORT/1m.bin\`, wrk's Transfer/sec in 10^6 bytes/s.
   - HTTPS keep-alive: \`${wrkCmd} https://127.0.0.1:PORT/\`.
   - HTTPS full handshakes: ${handshakeClients} parallel \`taskset -c ${LOAD_CPU} openssl s_time -connect 127.0.0.1:PORT -new -time ${httpSeconds} -www /\` (\`-new\`: a full handshake for every connection, no session resumption; one \`GET / HTTP/1.0\` each); connections of all of them per wall-clock second. These clients are the bottleneck on a 2-core machine (OpenSSL 3.0 spends 0.7–1 ms of client CPU per connection), so the conn/s row is mostly a client figure; the row below it, connections divided by the proxy process's CPU seconds over the run, is what one proxy core would sustain.
   - HTTP/2: \`taskset -c ${LOAD_CPU} h2load -t1 -c16 -m10 -D ${httpSeconds} https://127.0.0.1:PORT/\` (ALPN h2).
-  - Idle memory: one GET, 0.5 s, then VmRSS of the proxy's process tree (/proc/PID/status: ours the Node process holding the addon, nginx master + worker); then \`taskset -c ${LOAD_CPU} node bench/idle-conns.mjs PORT ${idleConns}\` opens ${idleConns} connections (100 being set up at a time), one keep-alive GET on each, and leaves them idle; 1 s later VmRSS again: (after − before) / ${idleConns}. The note gives the RSS before.${idleConns < 10000 && !process.env.BENCH_IDLE_CONNS ? ` (${idleConns}, not 10,000: the hard file descriptor limit here is ${NOFILE} and cannot be raised, and HAProxy reserves two descriptors per connection of its maxconn.)` : ''}
+  - Idle memory: one GET, 0.5 s, then VmRSS of the proxy's process tree (/proc/PID/status: ours the Node process holding the addon, nginx master + worker); then \`taskset -c ${LOAD_CPU} node bench/idle-conns.mjs PORT ${idleConns}\` opens ${idleConns} connections (100 being set up at a time), one keep-alive GET on each, and leaves them idle; 1 s later VmRSS again: (after − before) / ${idleConns}. The note gives the RSS before. The TLS row: the same against each proxy's HTTPS port, with one HTTPS GET before the first reading and \`node bench/idle-conns.mjs PORT ${idleConns} --tls\`, whose every connection completes a TLS handshake (no SNI, no ALPN, like wrk and s_time, so HTTP/1.1) and one GET over it before it idles (http-proxy: node:https).${idleConns < 10000 && !process.env.BENCH_IDLE_CONNS ? ` (${idleConns}, not 10,000: the hard file descriptor limit here is ${NOFILE} and cannot be raised, and HAProxy reserves two descriptors per connection of its maxconn.)` : ''}
 - Host interference: this is a VM, and the host's other guests take time from its CPUs (steal in /proc/stat). A measurement during which the host took more than ${(STEAL_LIMIT * 100).toFixed(0)} % of the CPUs' time was repeated, up to ${STEAL_TRIES} tries and ${STEAL_REPEAT_SECONDS} s of repeats per run. This run: ${stealTally.measurements} measurements, ${stealTally.repeated} of them repeated (${stealTally.repeatSeconds.toFixed(0)} s), ${stealTally.keptOverLimit} kept above the limit; the worst kept steal ${(stealTally.worst * 100).toFixed(1)} %. The idle-memory measurement is never repeated (a repeat would count the first try's connections).
 - Run: \`pnpm bench\` (= \`node bench/run.mjs\`; installs the Debian packages nginx, libnginx-mod-stream, haproxy, wrk, nghttp2-client, iperf3 and the npm devDependency http-proxy when missing). Environment: BENCH_ROUNDS (${rounds}), BENCH_HTTP_SECONDS (${httpSeconds}), BENCH_BYTES (${bytes}), BENCH_ONLY (substring of the scenario names), BENCH_IDLE_CONNS, BENCH_ECHO_ROUNDTRIPS, BENCH_TLS_KEY (ec|rsa), BENCH_HANDSHAKE_CLIENTS, BENCH_SCALE_OUT_ROUNDS (${scaleOutRounds}), BENCH_STEAL_LIMIT (${STEAL_LIMIT}).
 

@@ -77,7 +77,9 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 256, max_per_host: 1024 }
+        // Idle connections may use the whole per-backend cap: with fewer, a burst of more clients
+        // than the idle limit closes and reopens upstream connections on every request.
+        PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 1024, max_per_host: 1024 }
     }
 }
 
