@@ -396,7 +396,10 @@ impl ResponseBody {
         if !(self.finished() && self.reusable && sent) {
             return None;
         }
-        self.conn.take().filter(|conn| conn.buf.is_empty())
+        let mut conn = self.conn.take().filter(|conn| conn.buf.is_empty())?;
+        // An idle pooled connection holds no buffer: the next response's first read makes one.
+        conn.buf = BytesMut::new();
+        Some(conn)
     }
 }
 
