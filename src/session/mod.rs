@@ -381,13 +381,9 @@ impl Session {
             // One boxed future from the handshake on: a TLS session held in this function's own
             // state would size the future of every connection, TLS or not.
             return Box::pin(async {
-                let stream = match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
-                    Err(_) => return TerminationReason::InitialDataTimeout,
-                    Ok(Err(err)) => {
-                        tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
-                        return TerminationReason::TlsHandshakeFailed;
-                    }
-                    Ok(Ok(stream)) => stream,
+                let stream = match accept_tls(acceptor, io, deadline, self.id).await {
+                    Ok(stream) => stream,
+                    Err(reason) => return reason,
                 };
                 self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
                 context.is_tls = true;
@@ -412,13 +408,9 @@ impl Session {
             // One boxed future from the handshake on: a TLS session held in this function's own
             // state would size the future of every connection, TLS or not.
             return Box::pin(async {
-                let stream = match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
-                    Err(_) => return TerminationReason::InitialDataTimeout,
-                    Ok(Err(err)) => {
-                        tracing::debug!(id = self.id, error = %err, "TLS handshake failed");
-                        return TerminationReason::TlsHandshakeFailed;
-                    }
-                    Ok(Ok(stream)) => stream,
+                let stream = match accept_tls(acceptor, io, deadline, self.id).await {
+                    Ok(stream) => stream,
+                    Err(reason) => return reason,
                 };
                 self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
                 self.state.advance(State::Http, self.id);
@@ -656,6 +648,21 @@ impl Session {
             keep_alive_timeout: env.http_limits.keep_alive_timeout,
             deadline: self.accepted_at + env.max_lifetime,
         }
+    }
+}
+
+/// The TLS handshake of a route that ends TLS here, by the accept deadline.
+async fn accept_tls<IO>(acceptor: Arc<rustls::ServerConfig>, io: IO, deadline: Instant, id: u64) -> Result<tokio_rustls::server::TlsStream<IO>, TerminationReason>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(acceptor).accept(io)).await {
+        Err(_) => Err(TerminationReason::InitialDataTimeout),
+        Ok(Err(err)) => {
+            tracing::debug!(id, error = %err, "TLS handshake failed");
+            Err(TerminationReason::TlsHandshakeFailed)
+        }
+        Ok(Ok(stream)) => Ok(stream),
     }
 }
 
