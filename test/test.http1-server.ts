@@ -380,14 +380,24 @@ async function settled(what: string, timeoutMs = 5000): Promise<void> {
     `activeConnections to return to 0 after ${what} (now ${theProxy().getStatistics().activeConnections})`);
 }
 
-/** Set by a test that failed, so that its cleanup does not hide the failure behind its own. */
-let failing = false;
+/**
+ * Runs a test's body, then destroys what it left open and waits for the proxy to count no
+ * connection. After a failed body a failed wait is only logged, so it does not hide the failure.
+ */
+async function thenCleanup(what: string, body: () => Promise<void>): Promise<void> {
+  let failed = false;
+  try {
+    await body();
+  } catch (err) {
+    failed = true;
+    throw err;
+  } finally {
+    await cleanup(what, failed);
+  }
+}
 
-/** Destroys what a test left open and waits for the proxy to count no connection. */
-async function cleanup(what: string): Promise<void> {
+async function cleanup(what: string, afterFailure: boolean): Promise<void> {
   for (const c of [...rawClients]) c.destroy();
-  const afterFailure = failing;
-  failing = false;
   try {
     await settled(what);
   } catch (err) {
@@ -434,7 +444,7 @@ for (const name of ['plain', 'tls']) {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('pipelining', async () => {
       const tag = `pipe-${name}`;
       client.write(
         `GET /p/${tag}-1 HTTP/1.1\r\nHost: a.test\r\n\r\n` +
@@ -457,12 +467,7 @@ for (const name of ['plain', 'tls']) {
       expect(fourth.status).toEqual(200);
       expect(fourth.body.toString()).toEqual(`path:/p/${tag}-4`);
       expect(client.ended).toBeFalse();
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('pipelining');
-    }
+    });
   });
 }
 
@@ -475,7 +480,7 @@ for (const name of ['plain', 'tls']) {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('split reads', async () => {
       const body = 'hello, split world: 0123456789';
       await client.writeByByte(`POST /body/cl HTTP/1.1\r\nHost: a.test\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
       const first = await client.readResponse();
@@ -495,12 +500,7 @@ for (const name of ['plain', 'tls']) {
         'POST /body/chunked true hello, world',
       ]);
       expect(client.ended).toBeFalse();
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('split reads');
-    }
+    });
   });
 }
 
@@ -512,7 +512,7 @@ for (const name of ['plain', 'tls']) {
   tap.test(`${name}: Expect: 100-continue gets 100 Continue, then the body reaches the backend whole`, async () => {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
-    try {
+    await thenCleanup('100-continue', async () => {
       const body = randomBytes(100_000);
       let continued = false;
       const response = await new Promise<INodeResponse>((resolve, reject) => {
@@ -536,19 +536,14 @@ for (const name of ['plain', 'tls']) {
       expect(got.length).toEqual(1);
       expect(got[0].complete).toBeTrue();
       expect(sha256(got[0].body)).toEqual(sha256(body));
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('100-continue');
-    }
+    });
   });
 
   tap.test(`${name}: Expect: 100-continue refused before the body (basicAuth, no credentials) gets 401 without 100 Continue, then a close`, async () => {
     const path = authPaths.find((p) => p.name === name)!;
     seen.length = 0;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('a refused 100-continue', async () => {
       client.write('POST /body/refused HTTP/1.1\r\nHost: a.test\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n');
       const r = await client.readResponse();
       expect(r.status).toEqual(401);
@@ -559,12 +554,7 @@ for (const name of ['plain', 'tls']) {
       expect(await client.closedWithin(3000)).toBeTrue();
       expect(client.buf.length).toEqual(0);
       expect(seen.length).toEqual(0);
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('a refused 100-continue');
-    }
+    });
   });
 }
 
@@ -577,7 +567,7 @@ for (const name of ['plain', 'tls']) {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('HTTP/1.0', async () => {
       client.write('GET /p/ten HTTP/1.0\r\nHost: a.test\r\n\r\n');
       const r = await client.readResponse();
       expect(r.status).toEqual(200);
@@ -587,19 +577,14 @@ for (const name of ['plain', 'tls']) {
       expect(await client.closedWithin(3000)).toBeTrue();
       expect(client.buf.length).toEqual(0);
       expect(seen.map((s) => s.url)).toEqual(['/p/ten']);
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('HTTP/1.0');
-    }
+    });
   });
 
   tap.test(`${name}: HTTP/1.0 with Connection: keep-alive gets keep-alive and a second request is answered`, async () => {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('HTTP/1.0 keep-alive', async () => {
       client.write('GET /p/ka-1 HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n');
       const first = await client.readResponse();
       expect(first.status).toEqual(200);
@@ -621,19 +606,14 @@ for (const name of ['plain', 'tls']) {
       expect(field(third, 'connection')).toEqual('close');
       expect(await client.closedWithin(3000)).toBeTrue();
       expect(seen.map((s) => s.url)).toEqual(['/p/ka-1', '/p/ka-2', '/p/ka-3']);
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('HTTP/1.0 keep-alive');
-    }
+    });
   });
 
   tap.test(`${name}: a body of unknown length reaches an HTTP/1.0 client whole and the close ends it (also when it asked for keep-alive)`, async () => {
     const path = paths.find((p) => p.name === name)!;
     for (const keepAlive of [false, true]) {
       const client = await RawClient.connect(path);
-      try {
+      await thenCleanup('HTTP/1.0 streamed body', async () => {
         client.write(`GET /stream/${keepAlive ? 'ka' : 'plain'} HTTP/1.0\r\nHost: a.test\r\n${keepAlive ? 'Connection: keep-alive\r\n' : ''}\r\n`);
         const r = await client.readResponse();
         expect(r.status).toEqual(200);
@@ -642,12 +622,7 @@ for (const name of ['plain', 'tls']) {
         expect(field(r, 'connection')).toEqual('close');
         expect(r.body.toString()).toEqual(STREAM_PARTS.join(''));
         expect(client.ended).toBeTrue();
-      } catch (err) {
-        failing = true;
-        throw err;
-      } finally {
-        await cleanup('HTTP/1.0 streamed body');
-      }
+      });
     }
   });
 }
@@ -661,7 +636,7 @@ for (const name of ['plain', 'tls']) {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('HEAD/204/304', async () => {
       client.write('HEAD /head HTTP/1.1\r\nHost: a.test\r\n\r\n');
       const head = await client.readResponse('HEAD');
       expect(head.status).toEqual(200);
@@ -712,12 +687,7 @@ for (const name of ['plain', 'tls']) {
         'HEAD /head', 'GET /p/after-head', 'GET /status/204', 'GET /status/304',
         'HEAD /head', 'GET /status/204', 'GET /status/304', 'GET /p/last',
       ]);
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('HEAD/204/304');
-    }
+    });
   });
 }
 
@@ -729,7 +699,7 @@ for (const name of ['plain', 'tls']) {
   tap.test(`${name}: a response written in three parts without a length reaches an HTTP/1.1 client chunked and exact`, async () => {
     const path = paths.find((p) => p.name === name)!;
     const client = await RawClient.connect(path);
-    try {
+    await thenCleanup('chunked response', async () => {
       client.write('GET /chunks HTTP/1.1\r\nHost: a.test\r\n\r\n');
       const r = await client.readResponse();
       expect(r.status).toEqual(200);
@@ -741,12 +711,7 @@ for (const name of ['plain', 'tls']) {
       const next = await client.readResponse();
       expect(next.body.toString()).toEqual('path:/p/after-chunks');
       expect(client.ended).toBeFalse();
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('chunked response');
-    }
+    });
   });
 }
 
@@ -758,7 +723,7 @@ for (const name of ['plain', 'tls']) {
   tap.test(`${name}: a backend answering 413 before reading a 5 MiB upload: the client reads the 413, then the connection goes`, async () => {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
-    try {
+    await thenCleanup('early response', async () => {
       const body = randomBytes(5 * 1024 * 1024);
       let requestError: Error | null = null;
       let responseReceived = false;
@@ -787,12 +752,7 @@ for (const name of ['plain', 'tls']) {
       }
       expect(requestsTo('/reject').length).toEqual(1);
       await settled('an early 413');
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('early response');
-    }
+    });
   });
 }
 
@@ -832,7 +792,7 @@ for (const name of ['plain', 'tls']) {
   tap.test(`${name}: clients that leave mid-body, mid-head and mid-response leave no connection behind; the next request works`, async () => {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
-    try {
+    await thenCleanup('clients that left', async () => {
       await settled('earlier tests');
       await leaver(path, 'mid-body', 'left-1');
       await leaver(path, 'mid-head', 'left-2');
@@ -851,18 +811,13 @@ for (const name of ['plain', 'tls']) {
       expect(r.status).toEqual(200);
       expect(r.body.toString()).toEqual('path:/p/after-leavers');
       await settled('a normal request');
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('clients that left');
-    }
+    });
   });
 }
 
 tap.test('storm: 200 clients on both paths leave mid-head, mid-body and mid-response; nothing is left behind', async () => {
   seen.length = 0;
-  try {
+  await thenCleanup('the storm', async () => {
     const kinds: LeaveKind[] = ['mid-body', 'mid-head', 'mid-second-head', 'mid-response', 'mid-chunked-body'];
     const jobs: Array<Promise<void>> = [];
     for (let i = 0; i < 200; i++) {
@@ -879,12 +834,7 @@ tap.test('storm: 200 clients on both paths leave mid-head, mid-body and mid-resp
       expect(r.body.toString()).toEqual(`path:/p/after-storm-${p.name}`);
     }
     await settled('requests after the storm');
-  } catch (err) {
-    failing = true;
-    throw err;
-  } finally {
-    await cleanup('the storm');
-  }
+  });
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -897,7 +847,7 @@ for (const name of ['plain', 'tls']) {
       const path = paths.find((p) => p.name === name)!;
       seen.length = 0;
       const client = await RawClient.connect(path);
-      try {
+      await thenCleanup('a malformed later head', async () => {
         const good = 'GET /p/good HTTP/1.1\r\nHost: a.test\r\n\r\n';
         const bad = 'GET /p/bad HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n';
         if (pipelined) client.write(good + bad);
@@ -914,12 +864,7 @@ for (const name of ['plain', 'tls']) {
         expect(client.buf.length).toEqual(0);
         await sleep(100);
         expect(seen.map((s) => s.url)).toEqual(['/p/good']);
-      } catch (err) {
-        failing = true;
-        throw err;
-      } finally {
-        await cleanup('a malformed later head');
-      }
+      });
     });
   }
 }
@@ -932,7 +877,7 @@ for (const name of ['plain', 'tls']) {
   tap.test(`${name}: a 4 MiB upload echoed as it arrives: the echo flows while the upload is still going, byte-exact`, async () => {
     const path = paths.find((p) => p.name === name)!;
     seen.length = 0;
-    try {
+    await thenCleanup('echoed upload', async () => {
       const body = randomBytes(4 * 1024 * 1024);
       const piece = 64 * 1024;
       const received: Buffer[] = [];
@@ -977,12 +922,7 @@ for (const name of ['plain', 'tls']) {
       expect(got.length).toEqual(1);
       expect(got[0].complete).toBeTrue();
       expect(sha256(got[0].body)).toEqual(sha256(body));
-    } catch (err) {
-      failing = true;
-      throw err;
-    } finally {
-      await cleanup('echoed upload');
-    }
+    });
   });
 }
 

@@ -3,7 +3,7 @@
 //! request-smuggling and edge cases.
 //!
 //! Per row, three verdicts:
-//! - ours: `parse_head` (64 KiB head limit) as `h1::server` reads a head (a non-HTTP first line
+//! - ours: `parse_head` (head limit `MAX_HEAD`) as `h1::server` reads a head (a non-HTTP first line
 //!   and the HTTP/2 preface are a 400 there), the target as an `http::Uri` (`Exchange::start`),
 //!   then `BodyDecoder` over the bytes after the head when the head says there is a body;
 //! - httparse: `httparse::Request::parse` of the bytes, 100 header slots: did it read a head;

@@ -66,7 +66,7 @@ impl Output {
 
     pub fn put_content_length(&mut self, n: u64) {
         self.put_slice(b"content-length: ");
-        self.put_slice(itoa_u64(n, &mut [0; 20]));
+        self.put_slice(itoa::Buffer::new().format(n).as_bytes());
         self.put_slice(b"\r\n");
     }
 
@@ -130,7 +130,7 @@ impl Output {
         match head.framing {
             Framing::Length(n) if !head.headers.contains_key(header::CONTENT_LENGTH) => {
                 out.put_slice(b"content-length: ");
-                out.put_slice(itoa_u64(n, &mut [0; 20]));
+                out.put_slice(itoa::Buffer::new().format(n).as_bytes());
                 out.put_slice(b"\r\n");
             }
             Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
@@ -212,18 +212,6 @@ fn hex_usize(mut n: usize, out: &mut [u8]) -> &[u8] {
         at -= 1;
         out[at] = HEX[n & 0xf];
         n >>= 4;
-        if n == 0 {
-            return &out[at..];
-        }
-    }
-}
-
-fn itoa_u64(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut at = out.len();
-    loop {
-        at -= 1;
-        out[at] = b'0' + (n % 10) as u8;
-        n /= 10;
         if n == 0 {
             return &out[at..];
         }
