@@ -8,6 +8,7 @@
 # 10000) keep-alive requests over 32 connections (h2load --h1); the count covers exactly those.
 # Mode `haproxy` counts HAProxy run the same way (nbthread 1, option http-keep-alive, http-reuse
 # always, option forwardfor; needs haproxy), so the two figures can be compared within one run.
+# With KEEP_DIR set, the callgrind files stay there (callgrind.MODE.*) for callgrind_annotate.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 requests="${INSTR_REQUESTS:-10000}"
@@ -16,9 +17,9 @@ modes=("$@")
 for tool in valgrind callgrind_control nginx redis-server redis-cli h2load curl; do
   command -v "$tool" >/dev/null || { echo "instructions.sh: $tool is missing" >&2; exit 2; }
 done
-work="$(mktemp -d)"
+if [ -n "${KEEP_DIR:-}" ]; then work="$KEEP_DIR"; rm -rf "$work"; mkdir -p "$work"; else work="$(mktemp -d)"; fi
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; [ -n "${KEEP_DIR:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 free_port() { node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"; }
 wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }

@@ -10,12 +10,14 @@ mod engine;
 mod hooks;
 mod http;
 mod listener;
+mod matchers;
 mod metrics;
 mod proxy_protocol;
 mod routing;
 mod security;
 mod session;
 mod tcp;
+mod templates;
 mod tls;
 
 use std::future::Future;

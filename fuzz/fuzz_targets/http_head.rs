@@ -135,7 +135,7 @@ fn check_request(buf: &[u8], head: &RequestHead, full: &Key) {
     assert_eq!(&key(&parse_head(&buf[..len], MAX_HEAD)), full, "the bytes after the head changed the answer");
 
     // Differential with the engine: hyper reads the target as an `http::Uri` and routes each
-    // request by `request_host` on its authority (proxy.rs); where hyper accepts the target, the
+    // request by `request_host` on its authority (the pipeline's admit phase); where hyper accepts the target, the
     // host and path routed on the first head must be the ones the engine routes on.
     let target = request.path.unwrap_or("");
     let Ok(uri) = target.parse::<::http::Uri>() else { return };

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::metrics::EngineMetrics;
-use crate::routing::table::{SelectedTarget, TargetFunctions};
+use crate::routing::table::{Route, SelectedTarget, TargetFunctions};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -43,6 +43,39 @@ impl ScriptContext {
     pub fn now_ms() -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
+
+    /// The context of a connection (or of a request on it) that `route` matched: the request's
+    /// own facts (path, query, headers) are the caller's to add.
+    pub fn for_route(connection: &ConnectionIdentity, domain: Option<&str>, route: &Route) -> Self {
+        ScriptContext {
+            connection_id: connection.connection_id,
+            port: connection.port,
+            domain: domain.map(str::to_string),
+            client_ip: Some(connection.client_ip),
+            client_port: connection.client_port,
+            server_ip: connection.server_ip,
+            is_tls: connection.is_tls,
+            tls_version: connection.tls_version,
+            route_name: route.name.clone(),
+            route_id: route.id.clone(),
+            timestamp_ms: ScriptContext::now_ms(),
+            ..ScriptContext::default()
+        }
+    }
+}
+
+/// Who is on a connection, as scripts and events name it: the one source of `ScriptContext` and
+/// of the route-matched event, for sessions and HTTP requests alike.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionIdentity {
+    pub connection_id: u64,
+    pub port: u16,
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    /// The address the client connected to, where the caller knows it.
+    pub server_ip: Option<IpAddr>,
+    pub is_tls: bool,
+    pub tls_version: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +209,20 @@ impl Scripts {
     pub fn emit(&self, event: EngineEvent) {
         if let Some(host) = &self.host {
             host.emit(event);
+        }
+    }
+
+    /// The 'route-matched' event, when the embedder listens for it.
+    pub fn route_matched(&self, connection: &ConnectionIdentity, domain: Option<&str>, route: &Route) {
+        if self.wants(EventKind::RouteMatched) {
+            self.emit(EngineEvent::RouteMatched {
+                connection_id: connection.connection_id,
+                client_ip: connection.client_ip,
+                port: connection.port,
+                domain: domain.map(str::to_string),
+                route_name: route.name.clone(),
+                route_id: route.id.clone(),
+            });
         }
     }
 

@@ -3,7 +3,6 @@
 //! `headers.request` / `headers.response` templates (`{domain}`, `{path}`, `{query}`, `{clientIp}`,
 //! `{port}`, `{routeName}`, `{connectionId}`), compiled once per route table.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -20,52 +19,67 @@ static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::UPGRADE,
 ];
 
+/// Where a name is in `HOP_BY_HOP`.
+fn hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        _ => return None,
+    })
+}
+
+/// A `Connection` token naming a hop-by-hop header, in any case.
+fn is_hop_by_hop(token: &[u8]) -> bool {
+    let mut lower = [0u8; 17]; // the longest name, "transfer-encoding"
+    let Some(lower) = lower.get_mut(..token.len()) else {
+        return false;
+    };
+    for (to, from) in lower.iter_mut().zip(token) {
+        *to = from.to_ascii_lowercase();
+    }
+    std::str::from_utf8(lower).ok().and_then(hop_index).is_some()
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Forwarding claims a request carried (seen in `strip_hop_by_hop`'s pass over the names, so that
-/// `add_forwarded` needs no lookups of its own).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ForwardingClaims {
-    pub forwarded: bool,
-    pub real_ip: bool,
-}
-
 /// Removes hop-by-hop headers and every header the `Connection` header names. With `keep_upgrade`
 /// (a WebSocket handshake) `Connection: upgrade` and `Upgrade` survive, as the next hop needs them.
-/// Returns which forwarding claims the message carried.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> ForwardingClaims {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the message's names finds the hop-by-hop ones it carries (most carry one, a
     // response's `Connection: keep-alive`, or none), and only those are removed: each removal is a
-    // hash lookup, and one per hop-by-hop name cost ~2,600 instructions a request (callgrind).
+    // hash lookup. The names are told apart by their text, which costs a length check for most.
     let mut present = [false; HOP_COUNT];
-    let mut claims = ForwardingClaims::default();
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(i) = hop_index(name.as_str()) {
             present[i] = true;
         }
-        claims.forwarded |= name == header::FORWARDED;
-        claims.real_ip |= name == X_REAL_IP;
     }
-    let carries_connection = present[0]; // HOP_BY_HOP[0] is Connection
-    if carries_connection {
-        // Cloned out (a reference count each) so that the map can change while they are read.
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        let first = values.next().cloned();
-        let others: Vec<HeaderValue> = values.cloned().collect();
-        for value in first.iter().chain(&others) {
-            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                // Listed hop-by-hop names are handled below, with the upgrade exception.
-                if token.is_empty() || HOP_BY_HOP.iter().any(|hop| token.eq_ignore_ascii_case(hop.as_str())) {
+    if present[0] {
+        // HOP_BY_HOP[0] is Connection. What it names besides the hop-by-hop headers (removed
+        // below anyway) and `close` is gathered first, as the map cannot change while its values
+        // are read; nearly always nothing is, and nothing is allocated.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.is_empty() || token.eq_ignore_ascii_case(b"close") || is_hop_by_hop(token) {
                     continue;
                 }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    headers.remove(&name);
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
                 }
             }
+        }
+        for name in &named {
+            headers.remove(name);
         }
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, present)| *present) {
@@ -76,7 +90,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Forwardi
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    claims
 }
 
 /// A connection's client address and local port as header values. They are the same on every
@@ -104,22 +117,74 @@ pub struct ForwardedFacts<'a> {
     /// The peer is a trusted proxy (`proxyIPs`) whose forwarding headers are believed
     /// (`trustForwardedHeaders`): its `X-Forwarded-*` are extended, not replaced.
     pub trusted_peer: bool,
-    /// What `strip_hop_by_hop` saw of `Forwarded` and `X-Real-IP`.
-    pub claims: ForwardingClaims,
     pub version: http::Version,
 }
 
-/// Sets `X-Forwarded-For`/`-Proto`/`-Host`/`-Port` and appends to `Via`. From a trusted peer the
+/// The forwarding headers a request gets on its way upstream, in `FORWARDING` order. They are
+/// kept beside the request's head rather than inserted in its map (each insert is a hash and
+/// perhaps a growth of the map): the HTTP/1.1 client writes them after the head's own fields, and
+/// `move_into` puts them in the map where a map is needed (HTTP/2, request templates).
+#[derive(Debug, Clone, Default)]
+pub struct ForwardingHeaders {
+    values: [Option<HeaderValue>; FORWARDING.len()],
+}
+
+static FORWARDING: [HeaderName; 5] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, X_FORWARDED_PORT, header::VIA];
+
+impl ForwardingHeaders {
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        FORWARDING.iter().zip(&self.values).filter_map(|(name, value)| Some((name, value.as_ref()?)))
+    }
+
+    pub fn move_into(&mut self, headers: &mut HeaderMap) {
+        for (name, value) in FORWARDING.iter().zip(&mut self.values) {
+            if let Some(value) = value.take() {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// Which forwarding headers a request carried, found in one pass over its names.
+#[derive(Default)]
+struct Carried {
+    /// In `FORWARDING` order.
+    forwarding: [bool; FORWARDING.len()],
+    forwarded: bool,
+    real_ip: bool,
+}
+
+fn carried(headers: &HeaderMap) -> Carried {
+    let mut carried = Carried::default();
+    for name in headers.keys() {
+        match name.as_str() {
+            "x-forwarded-for" => carried.forwarding[0] = true,
+            "x-forwarded-proto" => carried.forwarding[1] = true,
+            "x-forwarded-host" => carried.forwarding[2] = true,
+            "x-forwarded-port" => carried.forwarding[3] = true,
+            "via" => carried.forwarding[4] = true,
+            "forwarded" => carried.forwarded = true,
+            "x-real-ip" => carried.real_ip = true,
+            _ => {}
+        }
+    }
+    carried
+}
+
+/// Works out `X-Forwarded-For`/`-Proto`/`-Host`/`-Port` and `Via` (returned, to go with the head)
+/// and takes the client's own out of `headers` where they are replaced. From a trusted peer the
 /// `X-Forwarded-For` list is extended and the other `X-Forwarded-*` it sent are kept; from anyone
-/// else all of them are replaced, and a `Forwarded` or `X-Real-IP` it sent is replaced by what
-/// the proxy knows (the client address; the protocol). Values that stay the same are shared, not rebuilt: per-connection
-/// ones come formatted, the rest are static or clone the request's own `Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
-    // Up to five inserts follow: the map grows once rather than on the way. Hyper caps a head's
-    // header count far below the map's limit, so this cannot fail; if it did, inserts still work.
-    let _ = headers.try_reserve(5);
+/// else all of them are replaced, and a `Forwarded` or `X-Real-IP` it sent is replaced by what the
+/// proxy knows (the client address; the protocol). Values that stay the same are shared, not
+/// rebuilt: per-connection ones come formatted, the rest are static or clone the request's `Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> ForwardingHeaders {
+    let carried = carried(headers);
+    let trusted = facts.trusted_peer;
     let client_ip = &facts.connection.client_ip;
-    let forwarded_for = if facts.trusted_peer && headers.contains_key(&X_FORWARDED_FOR) {
+    let mut out = ForwardingHeaders::default();
+    let [for_, proto, host, port, via] = &mut out.values;
+
+    *for_ = if trusted && carried.forwarding[0] {
         let mut value = String::with_capacity(48);
         for existing in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
             value.push_str(existing);
@@ -130,32 +195,41 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
     } else {
         Some(client_ip.clone())
     };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-
-    let keep_client_values = facts.trusted_peer;
-    let host = facts.host.and_then(|host| match headers.get(header::HOST) {
+    let sent_host = facts.host.and_then(|host| match headers.get(header::HOST) {
         Some(sent) if sent.as_bytes() == host.as_bytes() => Some(sent.clone()),
         // Values built from a parsed request never hold control bytes; skip rather than fail if so.
         _ => HeaderValue::from_str(host).ok(),
     });
-    let mut set_unless_trusted = |name: HeaderName, value: HeaderValue| {
-        if !(keep_client_values && headers.contains_key(&name)) {
-            headers.insert(name, value);
-        }
-    };
-    set_unless_trusted(X_FORWARDED_PROTO, HeaderValue::from_static(if facts.https { "https" } else { "http" }));
-    if let Some(host) = host {
-        set_unless_trusted(X_FORWARDED_HOST, host);
+    // A trusted peer's own value stays where it is; anyone else's is replaced by ours.
+    let keeps = |i: usize| trusted && carried.forwarding[i];
+    if !keeps(1) {
+        *proto = Some(HeaderValue::from_static(if facts.https { "https" } else { "http" }));
     }
-    set_unless_trusted(X_FORWARDED_PORT, facts.connection.local_port.clone());
-    if facts.host.is_none() && !keep_client_values {
-        headers.remove(&X_FORWARDED_HOST);
+    if !keeps(2) {
+        *host = sent_host;
+    }
+    if !keeps(3) {
+        *port = Some(facts.connection.local_port.clone());
+    }
+    let (protocol, via_alone) = match facts.version {
+        http::Version::HTTP_10 => ("1.0", "1.0 smartproxy"),
+        http::Version::HTTP_2 => ("2", "2 smartproxy"),
+        _ => ("1.1", "1.1 smartproxy"),
+    };
+    let sent_via = if carried.forwarding[4] { headers.get(header::VIA).and_then(|v| v.to_str().ok()) } else { None };
+    *via = match sent_via {
+        Some(existing) => HeaderValue::try_from(format!("{existing}, {protocol} smartproxy")).ok(),
+        None => Some(HeaderValue::from_static(via_alone)),
+    };
+    // What the request carried of the headers worked out here goes, unless the peer's is kept.
+    for (i, name) in FORWARDING.iter().enumerate() {
+        if carried.forwarding[i] && !(i != 0 && i != 4 && keeps(i)) {
+            headers.remove(name);
+        }
     }
 
-    if !keep_client_values {
-        if facts.claims.forwarded {
+    if !trusted {
+        if carried.forwarded {
             let proto = if facts.https { "https" } else { "http" };
             let client = client_ip.to_str().unwrap_or("unknown");
             let value = if client.contains(':') { format!("for=\"[{client}]\";proto={proto}") } else { format!("for={client};proto={proto}") };
@@ -164,164 +238,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
                 Err(_) => headers.remove(header::FORWARDED),
             };
         }
-        if facts.claims.real_ip {
+        if carried.real_ip {
             headers.insert(X_REAL_IP, client_ip.clone());
         }
     }
-
-    let (protocol, via_alone) = match facts.version {
-        http::Version::HTTP_10 => ("1.0", "1.0 smartproxy"),
-        http::Version::HTTP_2 => ("2", "2 smartproxy"),
-        _ => ("1.1", "1.1 smartproxy"),
-    };
-    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(existing) => HeaderValue::try_from(format!("{existing}, {protocol} smartproxy")).ok(),
-        None => Some(HeaderValue::from_static(via_alone)),
-    };
-    if let Some(via) = via {
-        headers.insert(header::VIA, via);
-    }
-}
-
-/// The values a header template may use.
-pub struct TemplateContext<'a> {
-    pub domain: &'a str,
-    pub port: u16,
-    pub path: &'a str,
-    pub query: &'a str,
-    pub client_ip: IpAddr,
-    pub route_name: &'a str,
-    pub connection_id: u64,
-    /// The verified JWT's claims, for `{jwt.<claim>}`.
-    pub claims: Option<&'a crate::security::http::Claims>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Variable {
-    Domain,
-    Port,
-    Path,
-    Query,
-    ClientIp,
-    RouteName,
-    ConnectionId,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
-    Text(Box<str>),
-    Var(Variable),
-    /// `{jwt.<claim>}`: a claim of the request's verified token (empty without one).
-    Claim(Box<str>),
-}
-
-/// One `name: value-template` pair.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderTemplate {
-    name: HeaderName,
-    pieces: Vec<Piece>,
-}
-
-impl HeaderTemplate {
-    /// Unknown `{words}` stay literal text, so values such as JSON survive untouched.
-    pub fn parse(name: &str, value: &str) -> Result<HeaderTemplate, String> {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a valid header name"))?;
-        if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(format!("the value of {name} contains a line break or NUL"));
-        }
-        let mut pieces = Vec::new();
-        let mut rest = value;
-        let mut text = String::new();
-        while let Some(open) = rest.find('{') {
-            let (before, from_brace) = rest.split_at(open);
-            text.push_str(before);
-            let variable = from_brace.find('}').and_then(|close| {
-                let piece = match &from_brace[1..close] {
-                    "domain" => Piece::Var(Variable::Domain),
-                    "port" => Piece::Var(Variable::Port),
-                    "path" => Piece::Var(Variable::Path),
-                    "query" => Piece::Var(Variable::Query),
-                    "clientIp" => Piece::Var(Variable::ClientIp),
-                    "routeName" => Piece::Var(Variable::RouteName),
-                    "connectionId" => Piece::Var(Variable::ConnectionId),
-                    word => match word.strip_prefix("jwt.") {
-                        Some(claim) if !claim.is_empty() => Piece::Claim(claim.into()),
-                        _ => return None,
-                    },
-                };
-                Some((piece, close))
-            });
-            match variable {
-                Some((piece, close)) => {
-                    if !text.is_empty() {
-                        pieces.push(Piece::Text(std::mem::take(&mut text).into_boxed_str()));
-                    }
-                    pieces.push(piece);
-                    rest = &from_brace[close + 1..];
-                }
-                None => {
-                    text.push('{');
-                    rest = &from_brace[1..];
-                }
-            }
-        }
-        text.push_str(rest);
-        if !text.is_empty() {
-            pieces.push(Piece::Text(text.into_boxed_str()));
-        }
-        Ok(HeaderTemplate { name, pieces })
-    }
-
-    /// `None` when the value cannot be rendered: a claim the token lacks, or a value that is not
-    /// visible ASCII (a claim holding a line break, a path with bytes a header cannot carry).
-    fn render(&self, ctx: &TemplateContext<'_>) -> Option<HeaderValue> {
-        let mut out = String::new();
-        for piece in &self.pieces {
-            match piece {
-                Piece::Text(text) => out.push_str(text),
-                Piece::Var(Variable::Domain) => out.push_str(ctx.domain),
-                Piece::Var(Variable::Port) => {
-                    let _ = write!(out, "{}", ctx.port);
-                }
-                Piece::Var(Variable::Path) => out.push_str(ctx.path),
-                Piece::Var(Variable::Query) => out.push_str(ctx.query),
-                Piece::Var(Variable::ClientIp) => {
-                    let _ = write!(out, "{}", ctx.client_ip);
-                }
-                Piece::Var(Variable::RouteName) => out.push_str(ctx.route_name),
-                Piece::Var(Variable::ConnectionId) => {
-                    let _ = write!(out, "{}", ctx.connection_id);
-                }
-                Piece::Claim(name) => match ctx.claims.and_then(|claims| claims.get(&**name)) {
-                    Some(serde_json::Value::String(text)) => out.push_str(text),
-                    Some(serde_json::Value::Null) | None => return None,
-                    Some(other) => {
-                        let _ = write!(out, "{other}");
-                    }
-                },
-            }
-        }
-        if !out.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic()) {
-            return None;
-        }
-        HeaderValue::from_str(&out).ok()
-    }
-}
-
-/// Sets every template's header, replacing what was there (later lists override earlier ones). A
-/// template that cannot be rendered removes its header: the client's own value never passes in
-/// its place.
-pub fn apply_templates(headers: &mut HeaderMap, templates: &[HeaderTemplate], ctx: &TemplateContext<'_>) {
-    for template in templates {
-        match template.render(ctx) {
-            Some(value) => {
-                headers.insert(template.name.clone(), value);
-            }
-            None => {
-                headers.remove(&template.name);
-            }
-        }
-    }
+    out
 }
 
 /// The sender of this message will close after it: HTTP/1.0 unless it asked to keep the
@@ -373,6 +294,15 @@ mod tests {
     }
 
     #[test]
+    fn hop_index_names_each_hop_by_hop_header_where_it_is() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(name.as_str()), Some(i), "{name}");
+        }
+        assert_eq!(hop_index("host"), None);
+        assert!(is_hop_by_hop(b"Keep-Alive") && is_hop_by_hop(b"TRANSFER-ENCODING") && !is_hop_by_hop(b"x-transfer-encoding"));
+    }
+
+    #[test]
     fn an_upgrade_keeps_its_upgrade_headers() {
         let mut h = map(&[("connection", "Upgrade, x-secret"), ("upgrade", "websocket"), ("x-secret", "1")]);
         strip_hop_by_hop(&mut h, true);
@@ -382,7 +312,12 @@ mod tests {
     }
 
     fn facts(connection: &ConnectionValues, trusted: bool) -> ForwardedFacts<'_> {
-        ForwardedFacts { connection, https: true, host: Some("Example.com:8443"), trusted_peer: trusted, version: http::Version::HTTP_11, claims: ForwardingClaims::default() }
+        ForwardedFacts { connection, https: true, host: Some("Example.com:8443"), trusted_peer: trusted, version: http::Version::HTTP_11 }
+    }
+
+    /// What the upstream receives: the map with the forwarding headers in it.
+    fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) {
+        super::add_forwarded(headers, facts).move_into(headers);
     }
 
     fn connection() -> ConnectionValues {
@@ -415,22 +350,22 @@ mod tests {
         let v6 = ConnectionValues::new("2001:db8::7".parse().unwrap(), 80);
         // The Host header's value is reused when it is what the request named; else the facts' host.
         let mut h = map(&[("host", "Example.com:8443")]);
-        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: Some("Example.com:8443"), trusted_peer: false, version: http::Version::HTTP_2, claims: ForwardingClaims::default() });
+        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: Some("Example.com:8443"), trusted_peer: false, version: http::Version::HTTP_2 });
         assert_eq!(h["x-forwarded-for"], "2001:db8::7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "Example.com:8443");
         assert_eq!(h["x-forwarded-port"], "80");
         assert_eq!(h["via"], "2 smartproxy");
         let mut h = map(&[("host", "other.example"), ("x-forwarded-host", "evil")]);
-        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: Some("a.example"), trusted_peer: false, version: http::Version::HTTP_10, claims: ForwardingClaims::default() });
+        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: Some("a.example"), trusted_peer: false, version: http::Version::HTTP_10 });
         assert_eq!(h["x-forwarded-host"], "a.example");
         assert_eq!(h["via"], "1.0 smartproxy");
         // No host at all: an untrusted client's X-Forwarded-Host does not survive; a trusted one's does.
         let mut h = map(&[("x-forwarded-host", "evil")]);
-        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: None, trusted_peer: false, version: http::Version::HTTP_11, claims: ForwardingClaims::default() });
+        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: None, trusted_peer: false, version: http::Version::HTTP_11 });
         assert!(!h.contains_key("x-forwarded-host"));
         let mut h = map(&[("x-forwarded-host", "lb.example"), ("x-forwarded-port", "443")]);
-        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: None, trusted_peer: true, version: http::Version::HTTP_11, claims: ForwardingClaims::default() });
+        add_forwarded(&mut h, &ForwardedFacts { connection: &v6, https: false, host: None, trusted_peer: true, version: http::Version::HTTP_11 });
         assert_eq!(h["x-forwarded-host"], "lb.example");
         assert_eq!(h["x-forwarded-port"], "443");
         assert_eq!(h["x-forwarded-for"], "2001:db8::7");
@@ -454,54 +389,10 @@ mod tests {
     }
 
     #[test]
-    fn templates_render_known_variables_and_keep_the_rest() {
-        let t = HeaderTemplate::parse("X-Info", "{domain}|{port}|{path}|{query}|{clientIp}|{routeName}|{unknown}|{jwt.sub}|{jwt.n}|{jwt.}|{").unwrap();
-        let claims: crate::security::http::Claims = serde_json::from_str(r#"{"sub":"alice","n":3}"#).unwrap();
-        let ctx = TemplateContext {
-            domain: "a.com",
-            port: 80,
-            path: "/p",
-            query: "q=1",
-            client_ip: "::1".parse().unwrap(),
-            route_name: "r",
-            connection_id: 7,
-            claims: Some(&claims),
-        };
-        let mut h = HeaderMap::new();
-        apply_templates(&mut h, &[t], &ctx);
-        assert_eq!(h["x-info"], "a.com|80|/p|q=1|::1|r|{unknown}|alice|3|{jwt.}|{");
-    }
-
-    #[test]
-    fn a_template_that_cannot_be_rendered_removes_the_clients_value() {
-        let claims: crate::security::http::Claims = serde_json::from_str(r#"{"sub":"a\r\nX-Admin: 1","nul":"a\u0000b","utf":"caf\u00e9","ok":"bob"}"#).unwrap();
-        let ctx = TemplateContext {
-            domain: "a.com",
-            port: 80,
-            path: "/p",
-            query: "",
-            client_ip: "::1".parse().unwrap(),
-            route_name: "r",
-            connection_id: 7,
-            claims: Some(&claims),
-        };
-        for claim in ["sub", "nul", "utf", "missing"] {
-            let t = HeaderTemplate::parse("X-User", &format!("{{jwt.{claim}}}")).unwrap();
-            let mut h = map(&[("x-user", "admin")]);
-            apply_templates(&mut h, &[t], &ctx);
-            assert!(!h.contains_key("x-user"), "{claim}: {:?}", h.get("x-user"));
-        }
-        let t = HeaderTemplate::parse("X-User", "{jwt.ok}").unwrap();
-        let mut h = map(&[("x-user", "admin")]);
-        apply_templates(&mut h, &[t], &TemplateContext { claims: None, ..ctx });
-        assert!(!h.contains_key("x-user"), "no token: no claim");
-    }
-
-    #[test]
     fn an_untrusted_clients_forwarded_and_real_ip_are_replaced() {
         let forward = |h: &mut HeaderMap, connection: &ConnectionValues, trusted: bool| {
-            let claims = strip_hop_by_hop(h, false);
-            add_forwarded(h, &ForwardedFacts { claims, ..facts(connection, trusted) });
+            strip_hop_by_hop(h, false);
+            add_forwarded(h, &facts(connection, trusted));
         };
         let mut h = map(&[("forwarded", "for=6.6.6.6;host=evil"), ("x-real-ip", "6.6.6.6")]);
         forward(&mut h, &connection(), false);
@@ -518,11 +409,5 @@ mod tests {
         let mut h = map(&[]);
         forward(&mut h, &connection(), false);
         assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"), "nothing is added");
-    }
-
-    #[test]
-    fn bad_templates_are_refused() {
-        assert!(HeaderTemplate::parse("bad name", "x").is_err());
-        assert!(HeaderTemplate::parse("x", "a\r\nb").is_err());
     }
 }

@@ -10,7 +10,7 @@ pub mod head;
 pub mod headers;
 pub mod io;
 pub mod pool;
-pub mod proxy;
+pub mod pipeline;
 pub mod server;
 pub mod watchdog;
 pub mod websocket;

@@ -13,6 +13,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
@@ -121,9 +122,9 @@ struct HostEntry {
 type Backend = (Arc<str>, u16);
 
 pub struct UpstreamPool {
-    hosts: Mutex<HashMap<PoolKey, HostEntry>>,
+    hosts: Mutex<HashMap<PoolKey, HostEntry, RandomState>>,
     /// The per-backend cap: one permit per open connection (idle or busy).
-    slots: Mutex<HashMap<Backend, Arc<Semaphore>>>,
+    slots: Mutex<HashMap<Backend, Arc<Semaphore>, RandomState>>,
     settings: PoolSettings,
 }
 
@@ -144,7 +145,7 @@ impl Checkout {
 
 impl UpstreamPool {
     pub fn new(settings: PoolSettings) -> Self {
-        UpstreamPool { hosts: Mutex::new(HashMap::new()), slots: Mutex::new(HashMap::new()), settings }
+        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings }
     }
 
     /// A pooled connection when one is idle and alive, else a new one.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::body::ClientBody;
 use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
-use crate::http::proxy::{handle, ConnectionContext};
+use crate::http::pipeline::{handle, ConnectionContext};
 use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
 use crate::metrics::{GaugeHold, TerminationReason};
 

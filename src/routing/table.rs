@@ -20,14 +20,40 @@ use crate::tls::dynamic::{CertSlots, SlotResolver};
 use crate::balance::affinity::{Affinity, AffinityKey, OnUnknown};
 use crate::balance::health::{ProbeKind, ProbeSpec};
 use crate::balance::{self, Algorithm, BackendRegistry, BackendState, BackendStatus, Candidate, Lease, Thresholds};
-use crate::http::headers::HeaderTemplate;
-use crate::http::websocket::{WsSettings, DEFAULT_PING_TIMEOUT};
+use crate::templates::HeaderTemplate;
 use crate::metrics::{RouteStats, RouteStatsRegistry};
-use crate::routing::domain::DomainPattern;
-use crate::routing::ip::IpList;
-use crate::routing::path::PathPattern;
+use crate::matchers::domain::DomainPattern;
+use crate::matchers::ip::IpList;
+use crate::matchers::path::PathPattern;
 use crate::security::http::HttpSecurity;
 use crate::security::IpPolicy;
+
+/// What connecting to a backend may take when the route sets no `connectTimeoutMs`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a response head may take when the route sets no `timeouts.responseMs`.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A pong must answer within this when the route sets `pingInterval` but no `pingTimeout`.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A route's `action.websocket` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WsSettings {
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+    /// Largest client message (the payloads of its frames), in bytes.
+    pub max_message: Option<u64>,
+}
+
+impl WsSettings {
+    /// Only routes with settings follow frames. The tunnel cannot tell a WebSocket from another
+    /// protocol upgraded on the same route (its caller passes streams, not the `Upgrade` token), and
+    /// following one that is not WebSocket would close it as garbage: a route without settings
+    /// promises nothing about frames, so its tunnel stays a plain relay.
+    pub fn follows_frames(&self) -> bool {
+        self.ping_interval.is_some() || self.max_message.is_some()
+    }
+}
 
 /// What the listener learned about a connection before routing it.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +101,8 @@ pub struct Route {
     tls_versions: Vec<String>,
     pub tls: Option<RouteTls>,
     targets: Vec<Target>,
-    pub connect_timeout: Option<Duration>,
+    /// `action.connectTimeoutMs`, or `DEFAULT_CONNECT_TIMEOUT`.
+    pub connect_timeout: Duration,
     pub policy: IpPolicy,
     pub max_connections: Option<u32>,
     pub stats: Arc<RouteStats>,
@@ -193,7 +220,8 @@ fn compile_target_tls(config: &TargetTlsConfig, backend_protocol: BackendProtoco
 pub struct HttpSettings {
     pub request_headers: Vec<HeaderTemplate>,
     pub response_headers: Vec<HeaderTemplate>,
-    pub response_timeout: Option<Duration>,
+    /// What a response head may take (`timeouts.responseMs`), or `DEFAULT_RESPONSE_TIMEOUT`.
+    pub response_timeout: Duration,
     pub websocket: bool,
     pub websocket_settings: WsSettings,
     pub backend_protocol: BackendProtocol,
@@ -459,7 +487,7 @@ pub struct PortPlan {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
-    ports: HashMap<u16, PortPlan>,
+    ports: HashMap<u16, PortPlan, foldhash::fast::RandomState>,
 }
 
 impl RouteTable {
@@ -473,7 +501,7 @@ impl RouteTable {
         // Stable sort keeps array order among equal priorities.
         let mut ordered: Vec<(usize, Arc<Route>)> = routes.iter().cloned().enumerate().collect();
         ordered.sort_by(|(ai, a), (bi, b)| b.priority.total_cmp(&a.priority).then(ai.cmp(bi)));
-        let mut ports: HashMap<u16, PortPlan> = HashMap::new();
+        let mut ports: HashMap<u16, PortPlan, foldhash::fast::RandomState> = HashMap::default();
         for (position, route) in &ordered {
             for port in &configs[*position].match_.ports {
                 let plan = ports.entry(*port).or_default();
@@ -654,7 +682,7 @@ impl Route {
         let http = HttpSettings {
             request_headers,
             response_headers,
-            response_timeout: config.action.response_timeout_ms.map(Duration::from_millis),
+            response_timeout: config.action.response_timeout_ms.map_or(DEFAULT_RESPONSE_TIMEOUT, Duration::from_millis),
             websocket: config.action.websocket,
             websocket_settings: {
                 let ws = config.action.websocket_options;
@@ -698,7 +726,7 @@ impl Route {
             tls_versions: config.match_.tls_version.clone(),
             tls,
             targets,
-            connect_timeout: config.action.connect_timeout_ms.map(Duration::from_millis),
+            connect_timeout: config.action.connect_timeout_ms.map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis),
             policy: IpPolicy { allow, block },
             max_connections: config.security.max_connections,
             path,

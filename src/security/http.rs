@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 
 use crate::bounded::{bounded_bytes, BoundedMap};
 use crate::config::{BasicAuthConfig, JwtAuthConfig, RateLimitConfig, RateLimitKey};
-use crate::routing::path::PathPattern;
+use crate::matchers::path::PathPattern;
 
 /// Longest `Authorization` value looked at; longer ones are refused unread.
 const MAX_CREDENTIALS_BYTES: usize = 8 * 1024;

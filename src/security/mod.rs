@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::metrics::{ByteCounters, Rate, RateRing, RouteStats, PER_KEY_HISTORY_SECONDS};
-use crate::routing::ip::IpList;
+use crate::matchers::ip::IpList;
 
 /// An allow list and a block list: block beats allow; an empty allow list admits everyone.
 #[derive(Debug, Clone, Default)]

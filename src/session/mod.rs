@@ -20,15 +20,15 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::ChallengeStore;
 use crate::http::headers::ConnectionValues;
 use crate::http::io::{ClientCounters, ClientIo, Replay};
-use crate::hooks::{EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
+use crate::hooks::{ConnectionIdentity, EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
 use crate::http::edge::{normalise_path, Refusal};
 use crate::http::head::{HeadParse, RequestHead};
-use crate::http::proxy::{ConnectionContext, HttpEnv};
+use crate::http::pipeline::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, HttpVersion, Shutdown};
 use crate::http::websocket::TunnelScope;
 use crate::metrics::{EngineMetrics, TerminationReason};
 use crate::proxy_protocol;
-use crate::routing::ip::{canonical_ip, IpList};
+use crate::matchers::ip::{canonical_ip, IpList};
 use crate::routing::table::Route;
 use crate::routing::table::RequestFacts;
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
@@ -40,7 +40,6 @@ use guards::ConnectionGuard;
 use sniff::Sniffed;
 
 /// What a backend connect may take when the route sets no `timeouts.connectMs`.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// After refusing a request, how long the rest of what the client sends is read and dropped, so
 /// that closing with unread bytes does not reset the connection before the answer is read.
 /// A refusal alert is best effort: a client that does not read it does not hold the session.
@@ -350,21 +349,12 @@ impl Session {
             counted.mark_tls();
         }
         route_slot.stats.bytes.bytes_in.fetch_add(initial.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if env.http.scripts.wants(EventKind::RouteMatched) {
-            env.http.scripts.emit(EngineEvent::RouteMatched {
-                connection_id: self.id,
-                client_ip: self.client_ip,
-                port: self.local_port,
-                domain: self.domain.clone(),
-                route_name: route.name.clone(),
-                route_id: route.id.clone(),
-            });
-        }
+        env.http.scripts.route_matched(&self.identity(None), self.domain.as_deref(), route);
 
         // HandedToJs: a socket handler takes the connection, as plaintext where TLS ends here.
         if let Some(handler) = route.socket_handler {
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
-            let mut context = self.script_context(route, server_ip);
+            let mut context = ScriptContext::for_route(&self.identity(server_ip), self.domain.as_deref(), route);
             if let Some(head) = first_head {
                 context.path = Some(head.path().to_string());
                 context.query = head.query().map(str::to_string);
@@ -424,7 +414,7 @@ impl Session {
             return TerminationReason::NoTarget;
         };
         let server_ip = if target.functions.is_some() { client.local_addr().ok().map(|a| canonical_ip(a.ip())) } else { None };
-        let (target_host, target_port) = match Box::pin(env.http.scripts.endpoint(&target, || self.script_context(route, server_ip))).await {
+        let (target_host, target_port) = match Box::pin(env.http.scripts.endpoint(&target, || ScriptContext::for_route(&self.identity(server_ip), self.domain.as_deref(), route))).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(id = self.id, route = &*route.label, error = %err, "target function failed");
@@ -435,7 +425,7 @@ impl Session {
         // Connecting: the client may keep sending (kept, up to maxPendingDataSize) or leave.
         self.state.advance(State::Connecting, self.id);
         let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
-        let connect_timeout = route.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let connect_timeout = route.connect_timeout;
         let connected = Box::pin(connect_backend((&*target_host, target_port), connect_timeout, &mut client, &mut initial, env, &sinks)).await;
         if let Some(lease) = &target.lease {
             match &connected {
@@ -482,20 +472,15 @@ impl Session {
 }
 
 impl Session {
-    fn script_context(&self, route: &Route, server_ip: Option<IpAddr>) -> ScriptContext {
-        ScriptContext {
+    fn identity(&self, server_ip: Option<IpAddr>) -> ConnectionIdentity {
+        ConnectionIdentity {
             connection_id: self.id,
             port: self.local_port,
-            domain: self.domain.clone(),
-            client_ip: Some(self.client_ip),
+            client_ip: self.client_ip,
             client_port: self.client_port,
             server_ip,
             is_tls: self.tls_version.is_some(),
             tls_version: self.tls_version,
-            route_name: route.name.clone(),
-            route_id: route.id.clone(),
-            timestamp_ms: ScriptContext::now_ms(),
-            ..ScriptContext::default()
         }
     }
 

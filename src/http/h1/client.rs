@@ -13,7 +13,8 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -22,7 +23,7 @@ use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::server::ClientStream;
 use crate::http::h1::write::Output;
 use crate::http::head::MAX_HEADERS;
-use crate::http::headers::wants_close;
+use crate::http::headers::{wants_close, ForwardingHeaders};
 
 /// A response head larger than this is refused (the upstream is not an attacker, but not
 /// unbounded either).
@@ -106,13 +107,14 @@ impl Connection {
     }
 }
 
-/// Sends `req` on `conn` and reads the response head. The response body owns the connection.
-pub async fn send(mut conn: Connection, req: Request<ProxyBody>) -> Result<Response<ResponseBody>, ClientError> {
-    let (parts, body) = req.into_parts();
-    let mut sending = RequestSend::new(&parts, body);
+/// Sends the request (`parts` with the `forwarding` headers after its own, `body`) on `conn` and
+/// reads the response head. The response body owns the connection; the head stays the caller's,
+/// to send again should the connection turn out closed before any response
+/// (`ClientError::before_response`).
+pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHeaders, body: ProxyBody) -> Result<Response<ResponseBody>, ClientError> {
+    let mut sending = RequestSend::new(parts, forwarding, body);
     let head_request = parts.method == Method::HEAD;
     let upgrade_request = parts.headers.contains_key(header::UPGRADE);
-    drop(parts);
     let head = poll_fn(|cx| poll_response_head(cx, &mut conn, &mut sending)).await?;
     let ResponseHeadParts { status, version, reason, headers, close } = head;
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -277,13 +279,13 @@ struct RequestSend {
 }
 
 impl RequestSend {
-    fn new(parts: &http::request::Parts, body: ProxyBody) -> Self {
+    fn new(parts: &Parts, forwarding: &ForwardingHeaders, body: ProxyBody) -> Self {
         let mut out = Output::default();
         let empty = body.is_end_stream();
         let exact = body.size_hint().exact();
         let framing = if empty || exact.is_some() { RequestFraming::Length } else { RequestFraming::Chunked };
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let size = parts.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+        let size = parts.headers.iter().chain(forwarding.iter()).map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
         out.reserve(parts.method.as_str().len() + path.len() + size + 64);
         out.put_slice(parts.method.as_str().as_bytes());
         out.put_slice(b" ");
@@ -300,6 +302,12 @@ impl RequestSend {
                 }
                 has_length = true;
             }
+            out.put_slice(name.as_str().as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(value.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        for (name, value) in forwarding.iter() {
             out.put_slice(name.as_str().as_bytes());
             out.put_slice(b": ");
             out.put_slice(value.as_bytes());

@@ -27,7 +27,7 @@ use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::headers::{connection_has, wants_close};
 use crate::http::io::Replay;
-use crate::http::proxy::{handle, ConnectionContext};
+use crate::http::pipeline::{handle, ConnectionContext};
 
 /// What one read takes while a connection has no buffer: most request heads fit.
 const FIRST_READ: usize = 2048;

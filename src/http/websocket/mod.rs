@@ -17,11 +17,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::routing::table::WsSettings;
 use crate::tcp::{relay_streams, Activity, ByteSinks, RelayEnd, RelayLimits};
 use frame::{close_frame, server_frame, FrameError, FrameTracker, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG};
 
-/// A pong must answer within this when the route sets `pingInterval` but no `pingTimeout`.
-pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the proxy's pings carry; a client's pong echoes it.
 const PING_PAYLOAD: &[u8] = b"smartproxy";
 /// Buffers start small and grow only while a stream keeps them full, as in the raw relay: idle
@@ -30,25 +29,6 @@ const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 /// How long the proxy's own Close may take to reach the client before the tunnel drops it.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// A route's `action.websocket` settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WsSettings {
-    pub ping_interval: Option<Duration>,
-    pub ping_timeout: Duration,
-    /// Largest client message (the payloads of its frames), in bytes.
-    pub max_message: Option<u64>,
-}
-
-impl WsSettings {
-    /// Only routes with settings follow frames. The tunnel cannot tell a WebSocket from another
-    /// protocol upgraded on the same route (its caller passes streams, not the `Upgrade` token), and
-    /// following one that is not WebSocket would close it as garbage: a route without settings
-    /// promises nothing about frames, so its tunnel stays a plain relay.
-    fn follows_frames(&self) -> bool {
-        self.ping_interval.is_some() || self.max_message.is_some()
-    }
-}
 
 /// How a tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -111,11 +111,6 @@ impl PathPattern {
             }
         }
     }
-
-    #[cfg(test)]
-    pub fn as_str(&self) -> &str {
-        &self.source
-    }
 }
 
 fn flush(literal: &mut String, tokens: &mut Vec<Token>) {

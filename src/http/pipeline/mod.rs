@@ -1,0 +1,232 @@
+//! The request pipeline of the reverse proxy. Every request of a client connection, whatever its
+//! HTTP version, goes through the same named phases with one per-request context (`RequestCtx`),
+//! as Pingora's `ProxyHttp` names its own:
+//! 1. `admit`: the edge rules, the route (404, 421), its policy, limits and security, and the
+//!    answers a route gives itself (redirects, static responses);
+//! 2. `peer`: affinity and balancing choose the backend;
+//! 3. `prepare`: the upstream request's protocol, target and body (kept for a retry, or streamed);
+//! 4. `send`: over a pooled connection, with retries and re-selection; failures become 502/504;
+//! 5. `respond`: the upstream's response filtered on its way back (hop-by-hop headers, templates,
+//!    a session the backend issued), or a WebSocket tunnel once the upstream answered 101.
+//!
+//! A phase either hands the next what it needs or answers the request itself (`Answer`); the
+//! answers the proxy writes are in `answers`.
+
+// Phases return `Result<_, Answer>`: an answer is a response, as large as what the phase would
+// have handed on; boxing it would add an allocation to every refusal for nothing.
+#![allow(clippy::result_large_err)]
+
+mod admit;
+mod answers;
+mod peer;
+mod prepare;
+mod respond;
+mod send;
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{Request, Response, Uri, Version};
+
+use crate::balance::affinity::AffinityStore;
+use crate::hooks::{ConnectionIdentity, ScriptContext, Scripts};
+use crate::http::body::{ClientBody, ProxyBody};
+use crate::http::headers::ConnectionValues;
+use crate::templates::TemplateContext;
+use crate::http::io::{ClientCounters, InFlight};
+use crate::http::pool::UpstreamPool;
+use crate::http::websocket::TunnelScope;
+use crate::metrics::EngineMetrics;
+use crate::routing::table::{RequestFacts, Route, SelectedTarget};
+use crate::routing::{ConnectionFacts, Protocol, RouteTable};
+use crate::security::http::Admitted;
+
+/// The HTTP engine's share of an engine: fixed while it runs.
+pub struct HttpEnv {
+    pub metrics: Arc<EngineMetrics>,
+    pub pool: Arc<UpstreamPool>,
+    pub no_delay: bool,
+    pub scripts: Scripts,
+    /// PROXY header version sent upstream when a route does not say (0 = none).
+    pub send_proxy_protocol: u8,
+    /// Session-affinity bindings (in memory, or shared through Redis).
+    pub affinity: Arc<AffinityStore>,
+}
+
+/// One client connection as the pipeline sees it.
+pub struct ConnectionContext {
+    pub env: Arc<HttpEnv>,
+    pub table: Arc<RouteTable>,
+    pub connection_id: u64,
+    pub local_port: u16,
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    /// The address the client connected to (`IRouteContext.serverIp`).
+    pub server_ip: Option<IpAddr>,
+    /// Where the client connected to, as a PROXY header towards a backend names it.
+    pub destination: Option<std::net::SocketAddr>,
+    pub https: bool,
+    pub tls_version: Option<&'static str>,
+    /// The peer is a trusted proxy (`proxyIPs`) and `trustForwardedHeaders` is set.
+    pub trusted_peer: bool,
+    /// On terminated TLS: the SNI and the route it selected. A request for another host that
+    /// belongs to another route is misdirected (421): its certificate was never presented.
+    pub sni: Option<String>,
+    pub tls_route: Option<Arc<Route>>,
+    /// Where this connection's WebSocket tunnels run (the session waits for them).
+    pub tunnels: TunnelScope,
+    /// `client_ip` and `local_port` formatted for `X-Forwarded-For` and `X-Forwarded-Port`.
+    pub header_values: ConnectionValues,
+    /// The client's socket, to see whether it has closed its sending side while an HTTP/1
+    /// request waits (`send::send_watching_client`). Valid for as long as HTTP/1 requests of the
+    /// connection run: they run inside the connection's own task, which owns the socket.
+    pub client_fd: Option<std::os::fd::RawFd>,
+    /// The client side's counters: requests in flight, for the connection's watchdog.
+    pub counters: Arc<ClientCounters>,
+    /// HTTP/2: how many upstream exchanges this one client connection may hold at once (made on
+    /// its first stream), so that streams a client stalls cannot take a backend's whole pool.
+    pub upstream_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
+    pub max_upstream_per_client: usize,
+}
+
+impl ConnectionContext {
+    fn identity(&self) -> ConnectionIdentity {
+        ConnectionIdentity {
+            connection_id: self.connection_id,
+            port: self.local_port,
+            client_ip: self.client_ip,
+            client_port: self.client_port,
+            server_ip: self.server_ip,
+            is_tls: self.https,
+            tls_version: self.tls_version,
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        if self.https {
+            Protocol::Tls { version: self.tls_version }
+        } else {
+            Protocol::Http
+        }
+    }
+}
+
+pub async fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> Result<Response<ProxyBody>, Infallible> {
+    conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    conn.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+    // In flight until its response ends: a proxied body takes the guard along, any other answer
+    // is written at once.
+    let mut in_flight = Some(conn.counters.request_started());
+    Ok(proxy(&conn, req, &mut in_flight).await.unwrap_or_else(|answer| answer))
+}
+
+/// A response the proxy gives itself instead of forwarding one: a refusal, a failure to reach the
+/// upstream, or a route's own answer. It ends the pipeline at the phase that gives it.
+type Answer = Response<ProxyBody>;
+
+/// The phases, in order.
+async fn proxy(conn: &ConnectionContext, req: Request<ClientBody>, in_flight: &mut Option<InFlight>) -> Result<Response<ProxyBody>, Answer> {
+    // Phases that may wait only on rare paths (affinity, a body kept for retries) are boxed there,
+    // so that the common request's future stays small.
+    let (mut head, body) = req.into_parts();
+    let admit::Admission { ctx, mut route_slot } = admit::admit(conn, &head)?;
+    let affinity = ctx.route.affinity.as_ref();
+    let peer = match affinity {
+        None => peer::choose(&ctx, &head)?,
+        Some(affinity) => Box::pin(peer::choose_with_affinity(&ctx, &head, affinity)).await?,
+    };
+    let mut outbound = prepare::prepare(&ctx, &mut head, body);
+    if outbound.keep_whole {
+        Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;
+    }
+    let exchange = send::send_with_retries(&ctx, peer.target, peer.script_context.as_ref(), head, &mut outbound, &mut route_slot).await?;
+    if let Some(affinity) = affinity {
+        Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, peer.affinity_value.as_deref())).await;
+    }
+    respond::respond(&ctx, exchange, outbound.client_upgrade, route_slot, in_flight)
+}
+
+fn request_facts<'a>(conn: &ConnectionContext, domain: Option<&'a str>, match_path: &'a str, head: &'a Parts) -> RequestFacts<'a> {
+    RequestFacts {
+        connection: ConnectionFacts { local_port: conn.local_port, client_ip: conn.client_ip, domain, protocol: conn.protocol() },
+        path: match_path,
+        method: &head.method,
+        headers: &head.headers,
+    }
+}
+
+/// What the phases of one request share, fixed once the request is admitted.
+struct RequestCtx<'c> {
+    conn: &'c ConnectionContext,
+    route: &'c Arc<Route>,
+    version: Version,
+    /// The request target as the client sent it.
+    uri: Uri,
+    /// The host as the client named it (`Host`, or the target's authority): what the backend
+    /// receives.
+    raw_host: Option<String>,
+    /// The host routes match: lowercase, without port or trailing dot.
+    domain: Option<String>,
+    /// The path routes and security match, where normalising changed the one sent.
+    normalised_path: Option<String>,
+    /// What the route's security established: JWT claims, and whether the request's credentials
+    /// were the proxy's to check.
+    admitted: Option<Admitted>,
+}
+
+impl<'c> RequestCtx<'c> {
+    /// The path as sent, without the query.
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn query(&self) -> &str {
+        self.uri.query().unwrap_or("")
+    }
+
+    fn match_path(&self) -> &str {
+        self.normalised_path.as_deref().unwrap_or(self.path())
+    }
+
+    fn templates(&self) -> TemplateContext<'_> {
+        TemplateContext {
+            domain: self.domain.as_deref().unwrap_or(""),
+            port: self.conn.local_port,
+            path: self.path(),
+            query: self.query(),
+            client_ip: self.conn.client_ip,
+            route_name: &self.route.label,
+            connection_id: self.conn.connection_id,
+            claims: self.admitted.as_ref().and_then(|a| a.claims.as_deref()),
+        }
+    }
+
+    /// What routing and target selection read of the request.
+    fn facts<'a>(&'a self, head: &'a Parts) -> RequestFacts<'a> {
+        request_facts(self.conn, self.domain.as_deref(), self.match_path(), head)
+    }
+
+    /// The route's next pick for a retry, or the same target when there is no other.
+    fn reselect(&self, head: &Parts, previous: SelectedTarget<'c>) -> SelectedTarget<'c> {
+        let route: &'c Route = self.route;
+        route.select_target_for(self.conn.local_port, self.conn.client_ip, Some(&self.facts(head))).unwrap_or(previous)
+    }
+
+    /// What function targets see of the request.
+    fn script_context(&self, head: &Parts) -> ScriptContext {
+        ScriptContext {
+            path: Some(self.path().to_string()),
+            query: Some(self.query().to_string()),
+            headers: Some(
+                head.headers
+                    .iter()
+                    .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
+                    .collect(),
+            ),
+            ..ScriptContext::for_route(&self.conn.identity(), self.domain.as_deref(), self.route)
+        }
+    }
+}

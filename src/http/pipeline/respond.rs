@@ -1,0 +1,176 @@
+//! Phase 5, respond: the upstream's response on its way to the client. A 101 completes a
+//! WebSocket upgrade the client asked for and becomes a tunnel; any other response loses its
+//! hop-by-hop headers, gets the route's and the target's response templates, binds a session the
+//! backend issued (affinity), and streams back in a body that returns its connection to the pool
+//! when the exchange ends cleanly.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::send::Exchange;
+use super::{Answer, ConnectionContext, RequestCtx};
+use crate::http::body::{text_response, BoxError, Direction, ProxyBody, TrackedBody, UpstreamBody};
+use crate::http::h1::client::PendingUpstreamUpgrade;
+use crate::http::h1::server::PendingUpgrade;
+use crate::http::headers::strip_hop_by_hop;
+use crate::templates::{apply_templates, TemplateContext};
+use crate::http::io::InFlight;
+use crate::http::pool::{Checkout, PoolKey, UpstreamPool};
+use crate::balance::affinity::Affinity;
+use crate::http::websocket;
+use crate::metrics::GaugeHold;
+use crate::routing::table::Route;
+use crate::security::RouteGuard;
+
+/// A session the backend just issued belongs to it, bound before the client can use it (routes
+/// with affinity; an upgrade's 101 binds nothing).
+pub(super) async fn bind_issued_session(ctx: &RequestCtx<'_>, affinity: &Affinity, exchange: &Exchange<'_>, affinity_value: Option<&str>) {
+    if exchange.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    if let Some(issued) = affinity.key.response_value(exchange.response.headers()).filter(|v| affinity_value != Some(v.as_str())) {
+        let backend = format!("{}:{}", exchange.target.host, exchange.target.port);
+        ctx.conn.env.affinity.bind(affinity, &issued, &backend, false).await;
+    }
+}
+
+pub(super) fn respond(
+    ctx: &RequestCtx<'_>,
+    exchange: Exchange<'_>,
+    client_upgrade: Option<PendingUpgrade>,
+    route_slot: Option<RouteGuard>,
+    in_flight: &mut Option<InFlight>,
+) -> Result<Response<ProxyBody>, Answer> {
+    let Exchange { response, checkout, key, request_sent, target, client_slot } = exchange;
+    let route = ctx.route;
+    let templates = ctx.templates();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return match client_upgrade {
+            Some(client_upgrade) => {
+                let joined = Tunnel { client_upgrade, route: route.clone(), _route_slot: route_slot, _backend_lease: target.lease };
+                Ok(joined.answer(ctx.conn, response, target.response_headers, &templates))
+            }
+            None => Err(text_response(StatusCode::BAD_GATEWAY, "the upstream switched protocols unasked")),
+        };
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    apply_templates(&mut parts.headers, &route.http.response_headers, &templates);
+    apply_templates(&mut parts.headers, target.response_headers, &templates);
+    let response_read = Arc::new(AtomicBool::new(false));
+    let body = ReturningBody {
+        inner: TrackedBody::new(body, Some((route.stats.clone(), Direction::Out)), response_read.clone()),
+        pool: ctx.conn.env.pool.clone(),
+        key,
+        checkout: Some(checkout),
+        request_sent,
+        response_read,
+        _route_slot: route_slot,
+        _backend_lease: target.lease,
+        _client_slot: client_slot,
+        _in_flight: in_flight.take(),
+    };
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// A WebSocket upgrade the upstream accepted: the client's side still to be upgraded, and the
+/// slots the tunnel holds while it is open (route `maxConnections`, the backend's in-flight count).
+struct Tunnel {
+    client_upgrade: PendingUpgrade,
+    route: Arc<Route>,
+    _route_slot: Option<RouteGuard>,
+    _backend_lease: Option<crate::balance::Lease>,
+}
+
+impl Tunnel {
+    /// Answers the client's upgrade with the upstream's 101 and joins the two upgraded streams in
+    /// the connection's tunnel scope.
+    fn answer(
+        self,
+        ctx: &ConnectionContext,
+        response: Response<UpstreamBody>,
+        target_templates: &[crate::templates::HeaderTemplate],
+        templates: &TemplateContext<'_>,
+    ) -> Response<ProxyBody> {
+        let upstream_upgrade = response.extensions().get::<PendingUpstreamUpgrade>().and_then(PendingUpstreamUpgrade::take);
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        apply_templates(&mut parts.headers, &self.route.http.response_headers, templates);
+        apply_templates(&mut parts.headers, target_templates, templates);
+        let scope = ctx.tunnels.clone();
+        let metrics = ctx.env.metrics.clone();
+        let Tunnel { client_upgrade, route, _route_slot: route_slot, _backend_lease: backend_lease } = self;
+        ctx.tunnels.spawn(async move {
+            // Named here so that the task owns them (a closure captures only the places it names).
+            let _held_while_open = (route_slot, backend_lease);
+            let Some(upstream) = upstream_upgrade else {
+                tracing::debug!(route = &*route.label, "upstream upgrade failed");
+                return;
+            };
+            let Some(client) = client_upgrade.client().await else {
+                tracing::debug!(route = &*route.label, "the client left before its upgrade");
+                return;
+            };
+            let upstream = crate::http::io::Replay::new(upstream.io, upstream.read_ahead);
+            metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
+            let _open = GaugeHold::enter(metrics, |m| &m.active_websocket);
+            let settings = route.http.websocket_settings;
+            let end = websocket::run(client, upstream, settings, scope.limits(), scope.shutdown()).await;
+            tracing::debug!(route = &*route.label, end = end.as_str(), "websocket tunnel closed");
+        });
+        Response::from_parts(parts, crate::http::body::empty())
+    }
+}
+
+/// The response body on its way to the client. When it is dropped after a clean exchange (the
+/// response read to its end and the request body fully sent) its HTTP/1.1 connection goes back to
+/// the pool; otherwise the connection is closed with it.
+struct ReturningBody {
+    inner: TrackedBody<UpstreamBody>,
+    pool: Arc<UpstreamPool>,
+    key: PoolKey,
+    checkout: Option<Checkout>,
+    request_sent: Arc<AtomicBool>,
+    response_read: Arc<AtomicBool>,
+    _route_slot: Option<RouteGuard>,
+    /// The backend's in-flight slot, until the response has been passed on.
+    _backend_lease: Option<crate::balance::Lease>,
+    _client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _in_flight: Option<InFlight>,
+}
+
+impl Body for ReturningBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ReturningBody {
+    fn drop(&mut self) {
+        let clean = self.response_read.load(Ordering::Acquire) && self.request_sent.load(Ordering::Acquire);
+        if let (true, Some(Checkout::Http1 { permit, .. })) = (clean, self.checkout.take()) {
+            if let Some(conn) = self.inner.inner_mut().take_reusable() {
+                self.pool.put_back(&self.key, conn, permit);
+            }
+        }
+    }
+}

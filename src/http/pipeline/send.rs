@@ -1,0 +1,394 @@
+//! Phase 4, send: each attempt resolves the target's endpoint (its functions, if any), checks a
+//! connection out of the pool, writes the rewritten head and the body, and waits for the response
+//! head within the route's response timeout. A failure before anything was sent, a 5xx or a
+//! timeout may go to the route's next pick (`retry`); a pooled connection found closed is replaced
+//! once; what is left becomes 502 or 504.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use rustls::pki_types::ServerName;
+use std::net::IpAddr;
+
+use super::answers::{edge_refusal, upstream_failure};
+use super::prepare::{Outbound, RequestBody};
+use super::{Answer, RequestCtx};
+use crate::hooks::ScriptContext;
+use crate::http::body::{text_response, Direction, ProxyBody, TrackedBody, UpstreamBody};
+use crate::http::edge;
+use crate::http::h1::client::{self as h1_client, ClientError};
+use crate::http::headers::{add_forwarded, strip_hop_by_hop, ForwardedFacts, ForwardingHeaders};
+use crate::templates::apply_templates;
+use crate::http::pool::{Checkout, PoolKey, UpstreamTls};
+use crate::proxy_protocol;
+use crate::routing::table::SelectedTarget;
+use crate::security::RouteGuard;
+
+/// A response head the upstream gave, with what its body's end needs: the connection (back to the
+/// pool once the exchange was clean) and the slots it holds.
+pub(super) struct Exchange<'c> {
+    pub response: Response<UpstreamBody>,
+    pub checkout: Checkout,
+    pub key: PoolKey,
+    /// Raised when the request body was sent whole: only then may the connection be reused.
+    pub request_sent: Arc<AtomicBool>,
+    pub target: SelectedTarget<'c>,
+    /// HTTP/2 clients: this stream's share of the connection's upstream exchanges.
+    pub client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+pub(super) async fn send_with_retries<'c>(
+    ctx: &RequestCtx<'c>,
+    mut target: SelectedTarget<'c>,
+    script_context: Option<&ScriptContext>,
+    mut head: Parts,
+    outbound: &mut Outbound,
+    route_slot: &mut Option<RouteGuard>,
+) -> Result<Exchange<'c>, Answer> {
+    let conn = ctx.conn;
+    let route = ctx.route;
+    let policy = route.http.retry;
+    let pool = &conn.env.pool;
+    let mut attempt: u32 = 0;
+    let mut client_slot: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut replaced_dead_connection = false;
+    let mut fresh_connection = false;
+    // The head as rewritten for the current target, kept when a stale pooled connection is
+    // replaced.
+    let mut rewritten: Option<UpstreamHead> = None;
+    loop {
+        let (target_host, target_port) = match Box::pin(conn.env.scripts.endpoint(&target, || script_context.cloned().unwrap_or_default())).await {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                tracing::debug!(route = &*route.label, error = %err, "target function failed");
+                return Err(text_response(StatusCode::BAD_GATEWAY, "the route's target function failed"));
+            }
+        };
+        let tls = target
+            .upstream_tls(outbound.wants_upgrade)
+            .map(|config| UpstreamTls { server_name: upstream_server_name(&target_host, ctx.domain.as_deref()), config });
+        let proxy_version = target.send_proxy_protocol.unwrap_or(conn.env.send_proxy_protocol);
+        let proxy_header = conn.destination.and_then(|destination| {
+            proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(conn.client_ip, conn.client_port), destination).map(Arc::from)
+        });
+        let key = PoolKey { host: target_host, port: target_port, protocol: outbound.protocol, tls, proxy_header };
+        if ctx.version == Version::HTTP_2 && client_slot.is_none() {
+            let slots = conn.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(conn.max_upstream_per_client.max(1))));
+            match tokio::time::timeout(route.connect_timeout, slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => client_slot = Some(permit),
+                _ => return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "too many requests of this connection are waiting upstream")),
+            }
+        }
+        let checked_out = if fresh_connection {
+            pool.checkout_fresh(&key, route.connect_timeout, conn.env.no_delay).await
+        } else {
+            pool.checkout(&key, route.connect_timeout, conn.env.no_delay).await
+        };
+        fresh_connection = false;
+        if let Some(lease) = &target.lease {
+            match &checked_out {
+                Ok(checkout) if !checkout.reused() => lease.report_connect(true),
+                Ok(_) => {}
+                Err(_) => lease.report_connect(false),
+            }
+        }
+        let mut checkout = match checked_out {
+            Ok(checkout) => checkout,
+            // Nothing was sent: any request may go to the next pick.
+            Err(err) if policy.on_connect_failure && attempt < policy.max_retries => {
+                tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
+                attempt += 1;
+                backoff(policy.backoff, attempt).await;
+                target = ctx.reselect(&head, target);
+                continue;
+            }
+            Err(err) => return Err(upstream_failure(err)),
+        };
+        let Some(attempt_body) = outbound.body.for_attempt() else {
+            return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server failed and the request cannot be repeated"));
+        };
+        let request_sent = Arc::new(AtomicBool::new(false));
+        let counted = matches!(outbound.body, RequestBody::Streaming(..)).then(|| (route.stats.clone(), Direction::In));
+        let http2 = matches!(checkout, Checkout::Http2 { .. });
+        let mut upstream_head = match rewritten.take() {
+            Some(head) => head,
+            None => {
+                // The client's head is copied only when a retry may go to another target, which
+                // needs the head as the client sent it for its own rewrite.
+                let fresh = if policy.max_retries > attempt { clone_head(&head) } else { std::mem::replace(&mut head, empty_head()) };
+                rewrite_headers(fresh, ctx, &target, outbound.wants_upgrade)
+            }
+        };
+        set_target(&mut upstream_head.parts, http2, &key, &outbound.path_and_query, ctx.raw_host.as_deref())
+            .map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
+        let reused = checkout.reused();
+        // After bytes reached the upstream only an idempotent request may be sent again.
+        let replayable = outbound.body.replayable() && outbound.idempotent;
+        // HTTP/1.1 hands the head back after sending it; HTTP/2 consumes it, so a copy is kept
+        // where a stale pooled connection could be replaced.
+        let spare = (http2 && reused && !replaced_dead_connection && replayable).then(|| upstream_head.copy());
+        let body = TrackedBody::new(attempt_body, counted, request_sent.clone()).boxed();
+        let watched = if ctx.version < Version::HTTP_2 { conn.client_fd } else { None };
+        let (sent, returned_head) = send_watching_client(&mut checkout, upstream_head, body, route.http.response_timeout, watched, route_slot).await;
+        match sent {
+            Ok(response) if response.status().is_server_error() && policy.on_5xx && replayable && attempt < policy.max_retries => {
+                tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
+                attempt += 1;
+                backoff(policy.backoff, attempt).await;
+                target = ctx.reselect(&head, target);
+            }
+            Ok(response) => return Ok(Exchange { response, checkout, key, request_sent, target, client_slot }),
+            // A pooled connection the upstream closed just as it was reused fails before the
+            // request was processed: a request that can be sent again goes on a fresh connection.
+            Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && err.stale_connection() => {
+                if http2 {
+                    pool.forget_h2(&key);
+                }
+                // The same target again, on a new connection: the head goes as it was rewritten.
+                rewritten = returned_head.or(spare);
+                replaced_dead_connection = true;
+                fresh_connection = true;
+            }
+            Err(SendError::Failed(_)) if outbound.body.client_failed() => {
+                return Err(edge_refusal(edge::Refusal::bad_request("the request body is not framed correctly"), ctx.version));
+            }
+            Err(SendError::Failed(err)) => {
+                if http2 {
+                    pool.forget_h2(&key);
+                }
+                tracing::debug!(route = &*route.label, error = %err, "upstream request failed");
+                return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server did not answer properly"));
+            }
+            Err(SendError::Timeout) if policy.on_timeout && replayable && attempt < policy.max_retries => {
+                attempt += 1;
+                backoff(policy.backoff, attempt).await;
+                target = ctx.reselect(&head, target);
+            }
+            Err(SendError::Timeout) => {
+                return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
+            }
+        }
+    }
+}
+
+/// Hop-by-hop headers out, the `X-Forwarded-*` set in, then the route's and the target's request
+/// templates.
+fn rewrite_headers(parts: Parts, ctx: &RequestCtx<'_>, target: &SelectedTarget<'_>, upgrade: bool) -> UpstreamHead {
+    let mut head = UpstreamHead { parts, forwarding: ForwardingHeaders::default() };
+    let conn = ctx.conn;
+    let facts = ForwardedFacts {
+        connection: &conn.header_values,
+        https: conn.https,
+        host: ctx.raw_host.as_deref(),
+        trusted_peer: conn.trusted_peer,
+        version: head.parts.version,
+    };
+    let headers = &mut head.parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    head.forwarding = add_forwarded(headers, &facts);
+    let route_templates = &ctx.route.http.request_headers;
+    if !route_templates.is_empty() || !target.request_headers.is_empty() {
+        // A template may set a forwarding header itself: it wins.
+        head.forwarding.move_into(headers);
+        let templates = ctx.templates();
+        apply_templates(headers, route_templates, &templates);
+        apply_templates(headers, target.request_headers, &templates);
+    }
+    head
+}
+
+/// A request head rewritten for its upstream, with the forwarding headers that go with it.
+#[derive(Debug)]
+struct UpstreamHead {
+    parts: Parts,
+    forwarding: ForwardingHeaders,
+}
+
+impl UpstreamHead {
+    fn copy(&self) -> UpstreamHead {
+        UpstreamHead { parts: clone_head(&self.parts), forwarding: self.forwarding.clone() }
+    }
+}
+
+/// How the request names its target upstream: origin form and `Host` for HTTP/1.1, an absolute
+/// URI (`:scheme`, `:authority`) for HTTP/2. Known only once the connection's protocol is. The
+/// authority is the host the client named, else the target's address.
+fn set_target(head: &mut Parts, http2: bool, key: &PoolKey, path_and_query: &PathAndQuery, raw_host: Option<&str>) -> Result<(), ()> {
+    let authority = || raw_host.map_or_else(|| format!("{}:{}", key.host, key.port), str::to_string);
+    if http2 {
+        head.headers.remove(header::HOST);
+        head.uri = Uri::builder()
+            .scheme(if key.tls.is_some() { "https" } else { "http" })
+            .authority(authority())
+            .path_and_query(path_and_query.clone())
+            .build()
+            .map_err(|_| ())?;
+        head.version = Version::HTTP_2;
+    } else {
+        // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host.
+        if !head.headers.contains_key(header::HOST) {
+            let value = HeaderValue::try_from(authority()).map_err(|_| ())?;
+            head.headers.insert(header::HOST, value);
+        }
+        head.uri = Uri::from(path_and_query.clone());
+        head.version = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+fn clone_head(head: &Parts) -> Parts {
+    let mut copy = empty_head();
+    copy.method = head.method.clone();
+    copy.uri = head.uri.clone();
+    copy.version = head.version;
+    copy.headers = head.headers.clone();
+    copy
+}
+
+fn empty_head() -> Parts {
+    Request::new(()).into_parts().0
+}
+
+/// Exponential backoff with jitter: `base * 2^(attempt-1)`, scaled by a factor in [0.5, 1.5).
+async fn backoff(base: Duration, attempt: u32) {
+    if base.is_zero() {
+        return;
+    }
+    let exponential = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let jitter = 0.5 + f64::from(nanos % 1000) / 1000.0;
+    tokio::time::sleep(exponential.mul_f64(jitter)).await;
+}
+
+/// SNI and verified name towards a TLS upstream: the target's host name, or the request's domain
+/// when the target is an IP address (the certificate names the site, not the address).
+fn upstream_server_name(target_host: &str, domain: Option<&str>) -> ServerName<'static> {
+    if let Ok(ip) = target_host.parse::<IpAddr>() {
+        return domain
+            .and_then(|d| ServerName::try_from(d.to_string()).ok())
+            .unwrap_or(ServerName::IpAddress(ip.into()));
+    }
+    ServerName::try_from(target_host.to_string()).unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into()))
+}
+
+enum SendError {
+    Failed(UpstreamFailure),
+    Timeout,
+}
+
+#[derive(Debug)]
+enum UpstreamFailure {
+    H1(ClientError),
+    H2(hyper::Error),
+}
+
+impl UpstreamFailure {
+    /// The connection was found closed before anything of a response came: a pooled connection
+    /// the upstream had closed just as it was reused.
+    fn stale_connection(&self) -> bool {
+        match self {
+            UpstreamFailure::H1(err) => err.before_response(),
+            UpstreamFailure::H2(err) => err.is_canceled() || err.is_incomplete_message(),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamFailure::H1(err) => err.fmt(f),
+            UpstreamFailure::H2(err) => err.fmt(f),
+        }
+    }
+}
+
+/// Sends one attempt. An HTTP/1.1 head comes back (sent or not) for a stale connection's
+/// replacement to send again; HTTP/2 consumes it.
+async fn send(checkout: &mut Checkout, mut head: UpstreamHead, body: ProxyBody, timeout: Duration) -> (Result<Response<UpstreamBody>, SendError>, Option<UpstreamHead>) {
+    match checkout {
+        Checkout::Http1 { conn, .. } => {
+            let Some(conn) = conn.take() else {
+                return (Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None)))), Some(head));
+            };
+            let sent = match tokio::time::timeout(timeout, h1_client::send(conn, &head.parts, &head.forwarding, body)).await {
+                Ok(Ok(response)) => Ok(response.map(UpstreamBody::H1)),
+                Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H1(err))),
+                Err(_) => Err(SendError::Timeout),
+            };
+            (sent, Some(head))
+        }
+        Checkout::Http2 { sender, .. } => {
+            head.forwarding.move_into(&mut head.parts.headers);
+            let sent = match tokio::time::timeout(timeout, sender.send_request(Request::from_parts(head.parts, body))).await {
+                Ok(Ok(response)) => Ok(response.map(UpstreamBody::H2)),
+                Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H2(err))),
+                Err(_) => Err(SendError::Timeout),
+            };
+            (sent, None)
+        }
+    }
+}
+
+/// How often a waiting HTTP/1 request looks whether its client closed its side.
+const CLIENT_WATCH_PERIOD: Duration = Duration::from_millis(250);
+
+/// `send`, while the client may leave: a client that closed its sending side no longer holds its
+/// route's `maxConnections` slot (it can send nothing more), though its request still waits for
+/// an answer, as a half-closing client expects. Holding the slot until a silent upstream's
+/// response timeout would refuse every new client of the route meanwhile. The HTTP/1 loop does not
+/// read the client while a request waits (pipelined bytes stay in the socket), so it is asked directly; only requests
+/// that hold a limited slot pay for the watch. (HTTP/2 streams end with their client.)
+async fn send_watching_client(
+    checkout: &mut Checkout,
+    head: UpstreamHead,
+    body: ProxyBody,
+    timeout: Duration,
+    client_fd: Option<std::os::fd::RawFd>,
+    route_slot: &mut Option<RouteGuard>,
+) -> (Result<Response<UpstreamBody>, SendError>, Option<UpstreamHead>) {
+    let limited = route_slot.as_ref().is_some_and(RouteGuard::is_limited);
+    match (client_fd, limited) {
+        // Boxed: the watch's timer would otherwise size every request's future.
+        (Some(fd), true) => Box::pin(send_while_watching(checkout, head, body, timeout, fd, route_slot)).await,
+        _ => send(checkout, head, body, timeout).await,
+    }
+}
+
+async fn send_while_watching(
+    checkout: &mut Checkout,
+    head: UpstreamHead,
+    body: ProxyBody,
+    timeout: Duration,
+    fd: std::os::fd::RawFd,
+    route_slot: &mut Option<RouteGuard>,
+) -> (Result<Response<UpstreamBody>, SendError>, Option<UpstreamHead>) {
+    let sending = send(checkout, head, body, timeout);
+    tokio::pin!(sending);
+    let mut watch = tokio::time::interval(CLIENT_WATCH_PERIOD);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            sent = &mut sending => return sent,
+            _ = watch.tick(), if route_slot.is_some() => {
+                if peer_closed(fd) {
+                    route_slot.take();
+                }
+            }
+        }
+    }
+}
+
+/// The peer shut down its sending side (FIN), or the socket failed.
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut polled = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd, a zero timeout; `fd` belongs to the live client connection.
+    let ready = unsafe { libc::poll(&mut polled, 1, 0) };
+    ready > 0 && polled.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
