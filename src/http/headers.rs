@@ -35,14 +35,7 @@ fn hop_index(name: &str) -> Option<usize> {
 
 /// A `Connection` token naming a hop-by-hop header, in any case.
 fn is_hop_by_hop(token: &[u8]) -> bool {
-    let mut lower = [0u8; 17]; // the longest name, "transfer-encoding"
-    let Some(lower) = lower.get_mut(..token.len()) else {
-        return false;
-    };
-    for (to, from) in lower.iter_mut().zip(token) {
-        *to = from.to_ascii_lowercase();
-    }
-    std::str::from_utf8(lower).ok().and_then(hop_index).is_some()
+    HOP_BY_HOP.iter().any(|hop| token.eq_ignore_ascii_case(hop.as_str().as_bytes()))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -200,15 +193,16 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
         // Values built from a parsed request never hold control bytes; skip rather than fail if so.
         _ => HeaderValue::from_str(host).ok(),
     });
-    // A trusted peer's own value stays where it is; anyone else's is replaced by ours.
-    let keeps = |i: usize| trusted && carried.forwarding[i];
-    if !keeps(1) {
+    // A trusted peer's own -Proto, -Host and -Port stay where they are; anyone else's are
+    // replaced by ours (For and Via are always ours, extending what came).
+    let kept = |i: usize| (1..=3).contains(&i) && trusted && carried.forwarding[i];
+    if !kept(1) {
         *proto = Some(HeaderValue::from_static(if facts.https { "https" } else { "http" }));
     }
-    if !keeps(2) {
+    if !kept(2) {
         *host = sent_host;
     }
-    if !keeps(3) {
+    if !kept(3) {
         *port = Some(facts.connection.local_port.clone());
     }
     let (protocol, via_alone) = match facts.version {
@@ -223,7 +217,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
     };
     // What the request carried of the headers worked out here goes, unless the peer's is kept.
     for (i, name) in FORWARDING.iter().enumerate() {
-        if carried.forwarding[i] && !(i != 0 && i != 4 && keeps(i)) {
+        if carried.forwarding[i] && !kept(i) {
             headers.remove(name);
         }
     }

@@ -179,19 +179,19 @@ pub(super) async fn send_with_retries<'c>(
 
 /// Hop-by-hop headers out, the `X-Forwarded-*` set in, then the route's and the target's request
 /// templates.
-fn rewrite_headers(parts: Parts, ctx: &RequestCtx<'_>, target: &SelectedTarget<'_>, upgrade: bool) -> UpstreamHead {
-    let mut head = UpstreamHead { parts, forwarding: ForwardingHeaders::default() };
+fn rewrite_headers(mut parts: Parts, ctx: &RequestCtx<'_>, target: &SelectedTarget<'_>, upgrade: bool) -> UpstreamHead {
     let conn = ctx.conn;
     let facts = ForwardedFacts {
         connection: &conn.header_values,
         https: conn.https,
         host: ctx.raw_host.as_deref(),
         trusted_peer: conn.trusted_peer,
-        version: head.parts.version,
+        version: parts.version,
     };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let forwarding = add_forwarded(&mut parts.headers, &facts);
+    let mut head = UpstreamHead { parts, forwarding };
     let headers = &mut head.parts.headers;
-    strip_hop_by_hop(headers, upgrade);
-    head.forwarding = add_forwarded(headers, &facts);
     let route_templates = &ctx.route.http.request_headers;
     if !route_templates.is_empty() || !target.request_headers.is_empty() {
         // A template may set a forwarding header itself: it wins.
