@@ -142,11 +142,12 @@ async fn proxy(conn: &ConnectionContext, req: Request<ClientBody>, in_flight: &m
     if outbound.keep_whole {
         Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;
     }
-    let exchange = send::send_with_retries(&ctx, peer.target, peer.script_context.as_ref(), head, &mut outbound, &mut route_slot).await?;
+    let mut target = peer.target;
+    let exchange = send::send_with_retries(&ctx, &mut target, peer.script_context.as_deref(), &mut head, &mut outbound, &mut route_slot).await?;
     if let Some(affinity) = affinity {
-        Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, peer.affinity_value.as_deref())).await;
+        Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, &target, peer.affinity_value.as_deref())).await;
     }
-    respond::respond(&ctx, exchange, outbound.client_upgrade, route_slot, in_flight)
+    respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, in_flight)
 }
 
 fn request_facts<'a>(conn: &ConnectionContext, domain: Option<&'a str>, match_path: &'a str, head: &'a Parts) -> RequestFacts<'a> {
@@ -210,9 +211,11 @@ impl<'c> RequestCtx<'c> {
     }
 
     /// The route's next pick for a retry, or the same target when there is no other.
-    fn reselect(&self, head: &Parts, previous: SelectedTarget<'c>) -> SelectedTarget<'c> {
+    fn reselect(&self, head: &Parts, target: &mut SelectedTarget<'c>) {
         let route: &'c Route = self.route;
-        route.select_target_for(self.conn.local_port, self.conn.client_ip, Some(&self.facts(head))).unwrap_or(previous)
+        if let Some(next) = route.select_target_for(self.conn.local_port, self.conn.client_ip, Some(&self.facts(head))) {
+            *target = next;
+        }
     }
 
     /// What function targets see of the request.

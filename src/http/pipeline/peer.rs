@@ -17,8 +17,8 @@ pub(super) struct Peer<'c> {
     /// different value the backend issues in its response is bound to it.
     pub affinity_value: Option<String>,
     /// What the target's functions are called with (on each attempt); made only for routes that
-    /// have them.
-    pub script_context: Option<ScriptContext>,
+    /// have them (boxed, so that other routes' requests carry no room for one).
+    pub script_context: Option<Box<ScriptContext>>,
 }
 
 /// The route's balancing picks (routes without affinity).
@@ -73,7 +73,7 @@ pub(super) async fn choose_with_affinity<'c>(ctx: &RequestCtx<'c>, head: &Parts,
 fn peer<'c>(ctx: &RequestCtx<'c>, head: &Parts, target: SelectedTarget<'c>, affinity_value: Option<String>) -> Peer<'c> {
     // Made before `prepare` takes credentials the proxy consumed out of the head: a function
     // target sees the request as the client sent it.
-    let script_context = ctx.route.has_target_functions().then(|| ctx.script_context(head));
+    let script_context = ctx.route.has_target_functions().then(|| Box::new(ctx.script_context(head)));
     Peer { target, affinity_value, script_context }
 }
 

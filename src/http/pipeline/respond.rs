@@ -24,29 +24,30 @@ use crate::http::pool::{Checkout, PoolKey, UpstreamPool};
 use crate::balance::affinity::Affinity;
 use crate::http::websocket;
 use crate::metrics::GaugeHold;
-use crate::routing::table::Route;
+use crate::routing::table::{Route, SelectedTarget};
 use crate::security::RouteGuard;
 
 /// A session the backend just issued belongs to it, bound before the client can use it (routes
 /// with affinity; an upgrade's 101 binds nothing).
-pub(super) async fn bind_issued_session(ctx: &RequestCtx<'_>, affinity: &Affinity, exchange: &Exchange<'_>, affinity_value: Option<&str>) {
+pub(super) async fn bind_issued_session(ctx: &RequestCtx<'_>, affinity: &Affinity, exchange: &Exchange, target: &SelectedTarget<'_>, affinity_value: Option<&str>) {
     if exchange.response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
     if let Some(issued) = affinity.key.response_value(exchange.response.headers()).filter(|v| affinity_value != Some(v.as_str())) {
-        let backend = format!("{}:{}", exchange.target.host, exchange.target.port);
+        let backend = format!("{}:{}", target.host, target.port);
         ctx.conn.env.affinity.bind(affinity, &issued, &backend, false).await;
     }
 }
 
 pub(super) fn respond(
     ctx: &RequestCtx<'_>,
-    exchange: Exchange<'_>,
+    exchange: Exchange,
+    target: SelectedTarget<'_>,
     client_upgrade: Option<PendingUpgrade>,
     route_slot: Option<RouteGuard>,
     in_flight: &mut Option<InFlight>,
 ) -> Result<Response<ProxyBody>, Answer> {
-    let Exchange { response, checkout, key, request_sent, target, client_slot } = exchange;
+    let Exchange { response, checkout, key, request_sent, client_slot } = exchange;
     let route = ctx.route;
     let templates = ctx.templates();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {

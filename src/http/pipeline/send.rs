@@ -32,25 +32,24 @@ use crate::security::RouteGuard;
 
 /// A response head the upstream gave, with what its body's end needs: the connection (back to the
 /// pool once the exchange was clean) and the slots it holds.
-pub(super) struct Exchange<'c> {
+pub(super) struct Exchange {
     pub response: Response<UpstreamBody>,
     pub checkout: Checkout,
     pub key: PoolKey,
     /// Raised when the request body was sent whole: only then may the connection be reused.
     pub request_sent: Arc<AtomicBool>,
-    pub target: SelectedTarget<'c>,
     /// HTTP/2 clients: this stream's share of the connection's upstream exchanges.
     pub client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub(super) async fn send_with_retries<'c>(
     ctx: &RequestCtx<'c>,
-    mut target: SelectedTarget<'c>,
+    target: &mut SelectedTarget<'c>,
     script_context: Option<&ScriptContext>,
-    mut head: Parts,
+    head: &mut Parts,
     outbound: &mut Outbound,
     route_slot: &mut Option<RouteGuard>,
-) -> Result<Exchange<'c>, Answer> {
+) -> Result<Exchange, Answer> {
     let conn = ctx.conn;
     let route = ctx.route;
     let policy = route.http.retry;
@@ -61,9 +60,10 @@ pub(super) async fn send_with_retries<'c>(
     let mut fresh_connection = false;
     // The head as rewritten for the current target, kept when a stale pooled connection is
     // replaced.
-    let mut rewritten: Option<UpstreamHead> = None;
+    // (Boxed: only a replacement has one.)
+    let mut rewritten: Option<Box<UpstreamHead>> = None;
     loop {
-        let (target_host, target_port) = match Box::pin(conn.env.scripts.endpoint(&target, || script_context.cloned().unwrap_or_default())).await {
+        let (target_host, target_port) = match Box::pin(conn.env.scripts.endpoint(target, || script_context.cloned().unwrap_or_default())).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(route = &*route.label, error = %err, "target function failed");
@@ -105,7 +105,7 @@ pub(super) async fn send_with_retries<'c>(
                 tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = ctx.reselect(&head, target);
+                ctx.reselect(head, target);
                 continue;
             }
             Err(err) => return Err(upstream_failure(err)),
@@ -116,34 +116,42 @@ pub(super) async fn send_with_retries<'c>(
         let request_sent = Arc::new(AtomicBool::new(false));
         let counted = matches!(outbound.body, RequestBody::Streaming(..)).then(|| (route.stats.clone(), Direction::In));
         let http2 = matches!(checkout, Checkout::Http2 { .. });
-        let mut upstream_head = match rewritten.take() {
-            Some(head) => head,
-            None => {
-                // The client's head is copied only when a retry may go to another target, which
-                // needs the head as the client sent it for its own rewrite.
-                let fresh = if policy.max_retries > attempt { clone_head(&head) } else { std::mem::replace(&mut head, empty_head()) };
-                rewrite_headers(fresh, ctx, &target, outbound.wants_upgrade)
-            }
+        // Made in a block that ends before the send waits: a moved-from head would otherwise
+        // still take room in the future.
+        let mut upstream_head = {
+            let mut built = match rewritten.take() {
+                Some(head) => *head,
+                None => {
+                    // The client's head is copied only when a retry may go to another target,
+                    // which needs the head as the client sent it for its own rewrite.
+                    let fresh = if policy.max_retries > attempt { clone_head(head) } else { std::mem::replace(head, empty_head()) };
+                    rewrite_headers(fresh, ctx, target, outbound.wants_upgrade)
+                }
+            };
+            set_target(&mut built.parts, http2, &key, &outbound.path_and_query, ctx.raw_host.as_deref())
+                .map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
+            Some(built)
         };
-        set_target(&mut upstream_head.parts, http2, &key, &outbound.path_and_query, ctx.raw_host.as_deref())
-            .map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
         let reused = checkout.reused();
         // After bytes reached the upstream only an idempotent request may be sent again.
         let replayable = outbound.body.replayable() && outbound.idempotent;
-        // HTTP/1.1 hands the head back after sending it; HTTP/2 consumes it, so a copy is kept
-        // where a stale pooled connection could be replaced.
-        let spare = (http2 && reused && !replaced_dead_connection && replayable).then(|| upstream_head.copy());
+        // HTTP/2 consumes the head it sends: a copy, where a stale pooled connection could be
+        // replaced (boxed, so that the common request's future does not carry room for one).
+        // HTTP/1.1 only borrows it: it is still in `upstream_head` after the attempt.
+        let mut spare = (http2 && reused && !replaced_dead_connection && replayable)
+            .then(|| upstream_head.as_ref().map(|head| Box::new(head.copy())))
+            .flatten();
         let body = TrackedBody::new(attempt_body, counted, request_sent.clone()).boxed();
         let watched = if ctx.version < Version::HTTP_2 { conn.client_fd } else { None };
-        let (sent, returned_head) = send_watching_client(&mut checkout, upstream_head, body, route.http.response_timeout, watched, route_slot).await;
+        let sent = send_watching_client(&mut checkout, &mut upstream_head, body, route.http.response_timeout, watched, route_slot).await;
         match sent {
             Ok(response) if response.status().is_server_error() && policy.on_5xx && replayable && attempt < policy.max_retries => {
                 tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = ctx.reselect(&head, target);
+                ctx.reselect(head, target);
             }
-            Ok(response) => return Ok(Exchange { response, checkout, key, request_sent, target, client_slot }),
+            Ok(response) => return Ok(Exchange { response, checkout, key, request_sent, client_slot }),
             // A pooled connection the upstream closed just as it was reused fails before the
             // request was processed: a request that can be sent again goes on a fresh connection.
             Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && err.stale_connection() => {
@@ -151,7 +159,7 @@ pub(super) async fn send_with_retries<'c>(
                     pool.forget_h2(&key);
                 }
                 // The same target again, on a new connection: the head goes as it was rewritten.
-                rewritten = returned_head.or(spare);
+                rewritten = upstream_head.map(Box::new).or(spare.take());
                 replaced_dead_connection = true;
                 fresh_connection = true;
             }
@@ -168,7 +176,7 @@ pub(super) async fn send_with_retries<'c>(
             Err(SendError::Timeout) if policy.on_timeout && replayable && attempt < policy.max_retries => {
                 attempt += 1;
                 backoff(policy.backoff, attempt).await;
-                target = ctx.reselect(&head, target);
+                ctx.reselect(head, target);
             }
             Err(SendError::Timeout) => {
                 return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time"));
@@ -308,29 +316,30 @@ impl std::fmt::Display for UpstreamFailure {
     }
 }
 
-/// Sends one attempt. An HTTP/1.1 head comes back (sent or not) for a stale connection's
-/// replacement to send again; HTTP/2 consumes it.
-async fn send(checkout: &mut Checkout, mut head: UpstreamHead, body: ProxyBody, timeout: Duration) -> (Result<Response<UpstreamBody>, SendError>, Option<UpstreamHead>) {
+/// Sends one attempt of the head in `head` (always `Some` on the way in). HTTP/1.1 borrows it
+/// and leaves it there, for a stale connection's replacement to send again; HTTP/2 takes it.
+async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: ProxyBody, timeout: Duration) -> Result<Response<UpstreamBody>, SendError> {
     match checkout {
         Checkout::Http1 { conn, .. } => {
-            let Some(conn) = conn.take() else {
-                return (Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None)))), Some(head));
+            let (Some(conn), Some(head)) = (conn.take(), head.as_ref()) else {
+                return Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None))));
             };
-            let sent = match tokio::time::timeout(timeout, h1_client::send(conn, &head.parts, &head.forwarding, body)).await {
+            match tokio::time::timeout(timeout, h1_client::send(conn, &head.parts, &head.forwarding, body)).await {
                 Ok(Ok(response)) => Ok(response.map(UpstreamBody::H1)),
                 Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H1(err))),
                 Err(_) => Err(SendError::Timeout),
-            };
-            (sent, Some(head))
+            }
         }
         Checkout::Http2 { sender, .. } => {
-            head.forwarding.move_into(&mut head.parts.headers);
-            let sent = match tokio::time::timeout(timeout, sender.send_request(Request::from_parts(head.parts, body))).await {
+            let Some(UpstreamHead { mut parts, mut forwarding }) = head.take() else {
+                return Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None))));
+            };
+            forwarding.move_into(&mut parts.headers);
+            match tokio::time::timeout(timeout, sender.send_request(Request::from_parts(parts, body))).await {
                 Ok(Ok(response)) => Ok(response.map(UpstreamBody::H2)),
                 Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H2(err))),
                 Err(_) => Err(SendError::Timeout),
-            };
-            (sent, None)
+            }
         }
     }
 }
@@ -346,12 +355,12 @@ const CLIENT_WATCH_PERIOD: Duration = Duration::from_millis(250);
 /// that hold a limited slot pay for the watch. (HTTP/2 streams end with their client.)
 async fn send_watching_client(
     checkout: &mut Checkout,
-    head: UpstreamHead,
+    head: &mut Option<UpstreamHead>,
     body: ProxyBody,
     timeout: Duration,
     client_fd: Option<std::os::fd::RawFd>,
     route_slot: &mut Option<RouteGuard>,
-) -> (Result<Response<UpstreamBody>, SendError>, Option<UpstreamHead>) {
+) -> Result<Response<UpstreamBody>, SendError> {
     let limited = route_slot.as_ref().is_some_and(RouteGuard::is_limited);
     match (client_fd, limited) {
         // Boxed: the watch's timer would otherwise size every request's future.
@@ -362,12 +371,12 @@ async fn send_watching_client(
 
 async fn send_while_watching(
     checkout: &mut Checkout,
-    head: UpstreamHead,
+    head: &mut Option<UpstreamHead>,
     body: ProxyBody,
     timeout: Duration,
     fd: std::os::fd::RawFd,
     route_slot: &mut Option<RouteGuard>,
-) -> (Result<Response<UpstreamBody>, SendError>, Option<UpstreamHead>) {
+) -> Result<Response<UpstreamBody>, SendError> {
     let sending = send(checkout, head, body, timeout);
     tokio::pin!(sending);
     let mut watch = tokio::time::interval(CLIENT_WATCH_PERIOD);
