@@ -24,6 +24,7 @@ mod respond;
 mod send;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ use crate::hooks::{ConnectionIdentity, ScriptContext, Scripts};
 use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::headers::ConnectionValues;
 use crate::templates::TemplateContext;
-use crate::http::io::{ClientCounters, InFlight};
+use crate::http::io::ClientCounters;
 use crate::http::pool::UpstreamPool;
 use crate::http::websocket::TunnelScope;
 use crate::metrics::EngineMetrics;
@@ -114,41 +115,44 @@ impl ConnectionContext {
     }
 }
 
-pub async fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> Result<Response<ProxyBody>, Infallible> {
+/// One request through the phases. The request is taken apart here, before the future is made:
+/// an `async fn` keeps each argument twice (as passed, and moved into its body), and a request
+/// is large, so the future captures its parts and uses them in place.
+pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     conn.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     // In flight until its response ends: a proxied body takes the guard along, any other answer
     // is written at once.
     let mut in_flight = Some(conn.counters.request_started());
-    Ok(proxy(&conn, req, &mut in_flight).await.unwrap_or_else(|answer| answer))
+    let (mut head, body) = req.into_parts();
+    async move {
+        let proxied = async {
+            let conn: &ConnectionContext = &conn;
+            let admit::Admission { ctx, mut route_slot } = admit::admit(conn, &head)?;
+            // Phases that may wait only on rare paths (affinity, a body kept for retries) are
+            // boxed there, so that the common request's future stays small.
+            let affinity = ctx.route.affinity.as_ref();
+            let peer::Peer { mut target, affinity_value, script_context } = match affinity {
+                None => peer::choose(&ctx, &head)?,
+                Some(affinity) => Box::pin(peer::choose_with_affinity(&ctx, &head, affinity)).await?,
+            };
+            let mut outbound = prepare::prepare(&ctx, &mut head, body);
+            if outbound.keep_whole {
+                Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;
+            }
+            let exchange = send::send_with_retries(&ctx, &mut target, script_context.as_deref(), &mut head, &mut outbound, &mut route_slot).await?;
+            if let Some(affinity) = affinity {
+                Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, &target, affinity_value.as_deref())).await;
+            }
+            respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, &mut in_flight)
+        };
+        Ok(proxied.await.unwrap_or_else(|answer: Answer| answer))
+    }
 }
 
 /// A response the proxy gives itself instead of forwarding one: a refusal, a failure to reach the
 /// upstream, or a route's own answer. It ends the pipeline at the phase that gives it.
 type Answer = Response<ProxyBody>;
-
-/// The phases, in order.
-async fn proxy(conn: &ConnectionContext, req: Request<ClientBody>, in_flight: &mut Option<InFlight>) -> Result<Response<ProxyBody>, Answer> {
-    // Phases that may wait only on rare paths (affinity, a body kept for retries) are boxed there,
-    // so that the common request's future stays small.
-    let (mut head, body) = req.into_parts();
-    let admit::Admission { ctx, mut route_slot } = admit::admit(conn, &head)?;
-    let affinity = ctx.route.affinity.as_ref();
-    let peer = match affinity {
-        None => peer::choose(&ctx, &head)?,
-        Some(affinity) => Box::pin(peer::choose_with_affinity(&ctx, &head, affinity)).await?,
-    };
-    let mut outbound = prepare::prepare(&ctx, &mut head, body);
-    if outbound.keep_whole {
-        Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;
-    }
-    let mut target = peer.target;
-    let exchange = send::send_with_retries(&ctx, &mut target, peer.script_context.as_deref(), &mut head, &mut outbound, &mut route_slot).await?;
-    if let Some(affinity) = affinity {
-        Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, &target, peer.affinity_value.as_deref())).await;
-    }
-    respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, in_flight)
-}
 
 fn request_facts<'a>(conn: &ConnectionContext, domain: Option<&'a str>, match_path: &'a str, head: &'a Parts) -> RequestFacts<'a> {
     RequestFacts {
