@@ -5,7 +5,9 @@
 mod guards;
 mod sniff;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,7 +168,13 @@ impl Session {
         // Accepted: counted at once. The count is released only after the reason is recorded, so
         // whoever sees activeConnections drop also sees why the connection ended.
         let mut counted = ConnectionGuard::new(&env.metrics);
-        let reason = self.drive(&env, &table, client, &mut counted).await;
+        // Routing runs boxed and its state is freed once it decides; a plain HTTP connection is
+        // then served by what `drive` hands back, so that an idle keep-alive connection holds its
+        // serving state and this small future, not the routing state as well.
+        let reason = match Box::pin(self.drive(&env, &table, client, &mut counted)).await {
+            Next::Ended(reason) => reason,
+            Next::ServeHttp(serving) => serving.await,
+        };
         let ended_in = self.state;
         self.state.advance(State::Closed, self.id);
         self.termination = Some(reason);
@@ -185,11 +193,11 @@ impl Session {
         );
     }
 
-    /// The paths other than plain HTTP (TLS, socket hand-offs, connect and relay) await boxed
-    /// futures: the session's own future, which every connection carries for its whole life, is
-    /// then small (all of it is touched when the task is spawned), and a path's state is allocated
-    /// only when it is taken.
-    async fn drive(&mut self, env: &SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream, counted: &mut ConnectionGuard<'_>) -> TerminationReason {
+    /// Routes the connection and runs it to its end, except plain HTTP, which it hands back to be
+    /// served (`Next::ServeHttp`). The other paths (TLS, socket hand-offs, connect and relay) await
+    /// boxed futures, so that this one stays small and a path's state is allocated only when it
+    /// is taken.
+    async fn drive<'e>(&mut self, env: &'e SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream, counted: &mut ConnectionGuard<'_>) -> Next<'e> {
         let table: &RouteTable = table_arc;
         // Every exit below releases exactly what it took (guards).
         let mut initial = Vec::new();
@@ -205,20 +213,20 @@ impl Session {
                         self.destination = Some(destination);
                     }
                 }
-                Err(reason) => return reason,
+                Err(reason) => return Next::Ended(reason),
             }
         }
         if !env.global_policy.admits(self.client_ip) {
-            return TerminationReason::IpBlocked;
+            return Next::Ended(TerminationReason::IpBlocked);
         }
         let ip_slot = match env.limiter.admit(self.client_ip) {
             Ok(slot) => slot,
-            Err(IpRefusal::TooManyConnections) => return TerminationReason::PerIpLimit,
-            Err(IpRefusal::RateLimited) => return TerminationReason::RateLimited,
+            Err(IpRefusal::TooManyConnections) => return Next::Ended(TerminationReason::PerIpLimit),
+            Err(IpRefusal::RateLimited) => return Next::Ended(TerminationReason::RateLimited),
         };
         apply_socket_options(&client, env);
         let Some(plan) = table.port(self.local_port) else {
-            return TerminationReason::NoRoute;
+            return Next::Ended(TerminationReason::NoRoute);
         };
 
         // Sniffing: only where some route of this port needs facts from the client.
@@ -231,14 +239,14 @@ impl Session {
             let deadline = self.accepted_at + env.initial_data_timeout;
             match Box::pin(sniff::sniff(&mut client, &mut initial, deadline, env.http_limits.header_timeout, env.http_limits.max_header_size, early_bytes)).await {
                 Ok(sniffed) => Some(sniffed),
-                Err(reason) => return reason,
+                Err(reason) => return Next::Ended(reason),
             }
         } else {
             None
         };
         // Only a trusted peer may speak for someone else.
         if sniffed.is_some() && !matches!(proxy_protocol::parse(&initial), proxy_protocol::Parse::NotProxy) {
-            return TerminationReason::InvalidProxyHeader;
+            return Next::Ended(TerminationReason::InvalidProxyHeader);
         }
         let protocol = match &sniffed {
             None => Protocol::NotSniffed,
@@ -266,7 +274,7 @@ impl Session {
             Some(Sniffed::RefusedHttp(refusal)) if plan.serves_http => {
                 self.state.advance(State::Http, self.id);
                 Box::pin(refuse_http(&mut client, &refusal)).await;
-                return TerminationReason::InvalidHttp;
+                return Next::Ended(TerminationReason::InvalidHttp);
             }
             _ => {}
         }
@@ -275,7 +283,7 @@ impl Session {
             if let Some(response) = first_head.as_ref().and_then(|head| env.acme_challenges.response_for(head.path())) {
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
                 let _ = client.shutdown().await;
-                return TerminationReason::Completed;
+                return Next::Ended(TerminationReason::Completed);
             }
         }
 
@@ -302,7 +310,7 @@ impl Session {
                     Ok(path) => path,
                     Err(refusal) => {
                         Box::pin(refuse_http(&mut client, &refusal)).await;
-                        return TerminationReason::InvalidHttp;
+                        return Next::Ended(TerminationReason::InvalidHttp);
                     }
                 };
                 let request = RequestFacts { connection: facts, path: &path, method: &head.method, headers: &head.headers };
@@ -324,7 +332,7 @@ impl Session {
             let version = if h2_preface { HttpVersion::Http2 } else { HttpVersion::Http1 };
             // Boxed, as every branch that outlives the routing decision: the session's own future
             // stays small, and an idle HTTP connection holds only what serving HTTP needs.
-            return Box::pin(serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close })).await;
+            return Next::ServeHttp(Box::pin(serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close })));
         }
 
         // Routed: the table this connection was accepted under decides, whatever updates follow.
@@ -335,15 +343,15 @@ impl Session {
                 let alert = fatal_alert(ALERT_UNRECOGNIZED_NAME);
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&alert)).await;
             }
-            return TerminationReason::NoRoute;
+            return Next::Ended(TerminationReason::NoRoute);
         };
         self.route_label = Some(route.label.clone());
         if !route.policy.admits(self.client_ip) {
             route.stats.forbidden.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return TerminationReason::RouteIpBlocked;
+            return Next::Ended(TerminationReason::RouteIpBlocked);
         }
         let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
-            return TerminationReason::RouteConnectionLimit;
+            return Next::Ended(TerminationReason::RouteConnectionLimit);
         };
         if matches!(protocol, Protocol::Tls { .. }) || (protocol == Protocol::NotSniffed && route.tls.is_some()) {
             counted.mark_tls();
@@ -362,7 +370,7 @@ impl Session {
             }
             let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {
                 let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
-                return Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await;
+                return Next::Ended(Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await);
             };
             self.state.advance(State::Terminating, self.id);
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
@@ -370,7 +378,7 @@ impl Session {
             let deadline = self.accepted_at + env.initial_data_timeout;
             // One boxed future from the handshake on: a TLS session held in this function's own
             // state would size the future of every connection, TLS or not.
-            return Box::pin(async {
+            return Next::Ended(Box::pin(async {
                 let stream = match accept_tls(acceptor, io, deadline, self.id).await {
                     Ok(stream) => stream,
                     Err(reason) => return reason,
@@ -382,7 +390,7 @@ impl Session {
                 let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes] };
                 self.hand_off_pair(env, handler, stream, context, &sinks).await
             })
-            .await;
+            .await);
         }
 
         // Terminating: TLS ends here and the HTTP engine serves what is inside, request by request
@@ -397,7 +405,7 @@ impl Session {
             let deadline = self.accepted_at + env.initial_data_timeout;
             // One boxed future from the handshake on: a TLS session held in this function's own
             // state would size the future of every connection, TLS or not.
-            return Box::pin(async {
+            return Next::Ended(Box::pin(async {
                 let stream = match accept_tls(acceptor, io, deadline, self.id).await {
                     Ok(stream) => stream,
                     Err(reason) => return reason,
@@ -408,17 +416,17 @@ impl Session {
                 let limits = self.http_limits(env);
                 serve_terminated(stream, counters, ctx, limits, deadline, env).await
             })
-            .await;
+            .await);
         }
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
-            return TerminationReason::NoTarget;
+            return Next::Ended(TerminationReason::NoTarget);
         };
         let server_ip = if target.functions.is_some() { client.local_addr().ok().map(|a| canonical_ip(a.ip())) } else { None };
         let (target_host, target_port) = match Box::pin(env.http.scripts.endpoint(&target, || ScriptContext::for_route(&self.identity(server_ip), self.domain.as_deref(), route))).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(id = self.id, route = &*route.label, error = %err, "target function failed");
-                return TerminationReason::ScriptFailed;
+                return Next::Ended(TerminationReason::ScriptFailed);
             }
         };
 
@@ -436,7 +444,7 @@ impl Session {
         }
         let (mut backend, client_done) = match connected {
             Ok(connected) => connected,
-            Err(reason) => return reason,
+            Err(reason) => return Next::Ended(reason),
         };
         apply_socket_options(&backend, env);
         let proxy_version = target.send_proxy_protocol.unwrap_or(env.send_proxy_protocol);
@@ -445,12 +453,12 @@ impl Session {
             let header = destination.and_then(|d| proxy_protocol::encode(proxy_version, SocketAddr::new(self.client_ip, self.client_port), d));
             if let Some(header) = header {
                 if backend.write_all(&header).await.is_err() {
-                    return TerminationReason::BackendError;
+                    return Next::Ended(TerminationReason::BackendError);
                 }
             }
         }
         if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
-            return TerminationReason::BackendError;
+            return Next::Ended(TerminationReason::BackendError);
         }
         if client_done {
             let _ = backend.shutdown().await;
@@ -460,15 +468,22 @@ impl Session {
         // Relaying until both sides are done or a limit ends it.
         self.state.advance(State::Relaying, self.id);
         let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
-        match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done)).await {
+        Next::Ended(match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done)).await {
             RelayEnd::Completed => TerminationReason::Completed,
             RelayEnd::ClientError => TerminationReason::ClientError,
             RelayEnd::BackendError => TerminationReason::BackendError,
             RelayEnd::IdleTimeout => TerminationReason::IdleTimeout,
             RelayEnd::LifetimeExceeded => TerminationReason::LifetimeExceeded,
             RelayEnd::Shutdown => TerminationReason::Shutdown,
-        }
+        })
     }
+}
+
+/// How `drive` ends: with the connection's end, or with the serving of a plain HTTP connection
+/// still to run.
+enum Next<'e> {
+    Ended(TerminationReason),
+    ServeHttp(Pin<Box<dyn Future<Output = TerminationReason> + Send + 'e>>),
 }
 
 impl Session {
