@@ -77,54 +77,60 @@ pub enum H1End {
     Upgraded,
 }
 
-pub async fn serve_h1<S>(mut io: S, ctx: Arc<ConnectionContext>, max_head: usize, draining: &CancellationToken) -> H1End
+/// Serves one client connection's HTTP/1.x requests. A function returning the future rather than
+/// an `async fn`: the future uses its captured arguments in place instead of holding each twice.
+pub fn serve_h1<'a, S>(mut io: S, ctx: Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> impl Future<Output = H1End> + Send + 'a
 where
     S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
 {
-    let mut buf = BytesMut::new();
-    loop {
-        if draining.is_cancelled() && buf.is_empty() {
-            let _ = io.shutdown().await;
-            return H1End::Drained;
-        }
-        let head = match read_head(&mut io, &mut buf, max_head).await {
-            HeadRead::Head(head) => head,
-            HeadRead::Closed => return H1End::Completed,
-            HeadRead::Failed => return H1End::ClientError,
-            HeadRead::Refused(refusal) => {
-                refuse(&mut io, &refusal).await;
-                return H1End::InvalidHttp;
+    async move {
+        let mut buf = BytesMut::new();
+        loop {
+            if draining.is_cancelled() && buf.is_empty() {
+                let _ = io.shutdown().await;
+                return H1End::Drained;
             }
-        };
-        let mut exchange = match Exchange::start(*head, &ctx, max_head, draining) {
-            Ok(exchange) => exchange,
-            Err(refusal) => {
-                refuse(&mut io, &refusal).await;
-                return H1End::InvalidHttp;
-            }
-        };
-        let outcome = std::future::poll_fn(|cx| exchange.poll(cx, &mut io, &mut buf)).await;
-        match outcome {
-            Outcome::KeepAlive => {
-                if buf.is_empty() {
-                    // Idle until the next request: the buffer goes; the next read makes a new one.
-                    buf = BytesMut::new();
+            let head = match read_head(&mut io, &mut buf, max_head).await {
+                HeadRead::Head(head) => head,
+                HeadRead::Closed => return H1End::Completed,
+                HeadRead::Failed => return H1End::ClientError,
+                // The ways out are boxed: their waits would otherwise size every connection's future,
+                // idle ones included.
+                HeadRead::Refused(refusal) => {
+                    Box::pin(refuse(&mut io, &refusal)).await;
+                    return H1End::InvalidHttp;
                 }
-            }
-            Outcome::Close { unread } => {
-                if unread {
-                    linger(&mut io).await;
-                } else {
-                    let _ = tokio::time::timeout(LINGER_WRITE_TIMEOUT, io.shutdown()).await;
+            };
+            let mut exchange = match Exchange::start(*head, &ctx, max_head, draining) {
+                Ok(exchange) => exchange,
+                Err(refusal) => {
+                    Box::pin(refuse(&mut io, &refusal)).await;
+                    return H1End::InvalidHttp;
                 }
-                return H1End::Completed;
-            }
-            Outcome::Failed => return H1End::ClientError,
-            Outcome::Upgrade(sender) => {
-                let leftover = buf.split().freeze();
-                let client: Box<dyn ClientStream> = Box::new(io);
-                let _ = sender.send(Replay::new(client, leftover));
-                return H1End::Upgraded;
+            };
+            let outcome = std::future::poll_fn(|cx| exchange.poll(cx, &mut io, &mut buf)).await;
+            match outcome {
+                Outcome::KeepAlive => {
+                    if buf.is_empty() {
+                        // Idle until the next request: the buffer goes; the next read makes a new one.
+                        buf = BytesMut::new();
+                    }
+                }
+                Outcome::Close { unread } => {
+                    if unread {
+                        Box::pin(linger(&mut io)).await;
+                    } else {
+                        let _ = tokio::time::timeout(LINGER_WRITE_TIMEOUT, io.shutdown()).await;
+                    }
+                    return H1End::Completed;
+                }
+                Outcome::Failed => return H1End::ClientError,
+                Outcome::Upgrade(sender) => {
+                    let leftover = buf.split().freeze();
+                    let client: Box<dyn ClientStream> = Box::new(io);
+                    let _ = sender.send(Replay::new(client, leftover));
+                    return H1End::Upgraded;
+                }
             }
         }
     }
