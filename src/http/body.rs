@@ -36,12 +36,14 @@ pub fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
     response
 }
 
-/// Counts data bytes into a route's counters and flips `finished` once the body has ended
-/// (end of stream seen), so the owner of the connection knows the message was delivered whole.
+/// Counts data bytes into a route's counters and notes when the body has ended (end of stream
+/// seen), so the owner of the connection knows the message was delivered whole: `ended()` for
+/// whoever holds the body, `finished` for whoever handed it on.
 pub struct TrackedBody<B> {
     inner: B,
     route_bytes: Option<(Arc<crate::metrics::RouteStats>, Direction)>,
-    finished: Arc<AtomicBool>,
+    ended: bool,
+    finished: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -56,15 +58,27 @@ impl<B> TrackedBody<B> {
     pub fn inner_mut(&mut self) -> &mut B {
         &mut self.inner
     }
+
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    fn end(&mut self) {
+        self.ended = true;
+        if let Some(finished) = &self.finished {
+            finished.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl<B: Body> TrackedBody<B> {
     /// A body that is empty from the start is finished at once (nobody will poll it).
-    pub fn new(inner: B, route_bytes: Option<(Arc<crate::metrics::RouteStats>, Direction)>, finished: Arc<AtomicBool>) -> Self {
-        if inner.is_end_stream() {
-            finished.store(true, Ordering::Release);
+    pub fn new(inner: B, route_bytes: Option<(Arc<crate::metrics::RouteStats>, Direction)>, finished: Option<Arc<AtomicBool>>) -> Self {
+        let mut body = TrackedBody { inner, route_bytes, ended: false, finished };
+        if body.inner.is_end_stream() {
+            body.end();
         }
-        TrackedBody { inner, route_bytes, finished }
+        body
     }
 
     fn count(&self, n: usize) {
@@ -93,13 +107,13 @@ where
                     self.count(data.len());
                 }
                 if self.inner.is_end_stream() {
-                    self.finished.store(true, Ordering::Release);
+                    self.end();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
             Poll::Ready(None) => {
-                self.finished.store(true, Ordering::Release);
+                self.end();
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,

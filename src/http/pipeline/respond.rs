@@ -63,14 +63,12 @@ pub(super) fn respond(
     strip_hop_by_hop(&mut parts.headers, false);
     apply_templates(&mut parts.headers, &route.http.response_headers, &templates);
     apply_templates(&mut parts.headers, target.response_headers, &templates);
-    let response_read = Arc::new(AtomicBool::new(false));
     let body = ReturningBody {
-        inner: TrackedBody::new(body, Some((route.stats.clone(), Direction::Out)), response_read.clone()),
+        inner: TrackedBody::new(body, Some((route.stats.clone(), Direction::Out)), None),
         pool: ctx.conn.env.pool.clone(),
         key,
         checkout: Some(checkout),
         request_sent,
-        response_read,
         _route_slot: route_slot,
         _backend_lease: target.lease,
         _client_slot: client_slot,
@@ -136,8 +134,7 @@ struct ReturningBody {
     pool: Arc<UpstreamPool>,
     key: PoolKey,
     checkout: Option<Checkout>,
-    request_sent: Arc<AtomicBool>,
-    response_read: Arc<AtomicBool>,
+    request_sent: Option<Arc<AtomicBool>>,
     _route_slot: Option<RouteGuard>,
     /// The backend's in-flight slot, until the response has been passed on.
     _backend_lease: Option<crate::balance::Lease>,
@@ -167,7 +164,7 @@ impl Body for ReturningBody {
 
 impl Drop for ReturningBody {
     fn drop(&mut self) {
-        let clean = self.response_read.load(Ordering::Acquire) && self.request_sent.load(Ordering::Acquire);
+        let clean = self.inner.ended() && self.request_sent.as_ref().is_none_or(|sent| sent.load(Ordering::Acquire));
         if let (true, Some(Checkout::Http1 { permit, .. })) = (clean, self.checkout.take()) {
             if let Some(conn) = self.inner.inner_mut().take_reusable() {
                 self.pool.put_back(&self.key, conn, permit);

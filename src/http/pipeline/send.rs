@@ -36,8 +36,9 @@ pub(super) struct Exchange {
     pub response: Response<UpstreamBody>,
     pub checkout: Checkout,
     pub key: PoolKey,
-    /// Raised when the request body was sent whole: only then may the connection be reused.
-    pub request_sent: Arc<AtomicBool>,
+    /// Raised when the request body was sent whole: only then may the connection be reused
+    /// (`None`: there was no body, the head was all).
+    pub request_sent: Option<Arc<AtomicBool>>,
     /// HTTP/2 clients: this stream's share of the connection's upstream exchanges.
     pub client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -113,8 +114,6 @@ pub(super) async fn send_with_retries<'c>(
         let Some(attempt_body) = outbound.body.for_attempt() else {
             return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server failed and the request cannot be repeated"));
         };
-        let request_sent = Arc::new(AtomicBool::new(false));
-        let counted = matches!(outbound.body, RequestBody::Streaming(..)).then(|| (route.stats.clone(), Direction::In));
         let http2 = matches!(checkout, Checkout::Http2 { .. });
         // Made in a block that ends before the send waits: a moved-from head would otherwise
         // still take room in the future.
@@ -141,7 +140,15 @@ pub(super) async fn send_with_retries<'c>(
         let mut spare = (http2 && reused && !replaced_dead_connection && replayable)
             .then(|| upstream_head.as_ref().map(|head| Box::new(head.copy())))
             .flatten();
-        let body = TrackedBody::new(attempt_body, counted, request_sent.clone()).boxed();
+        // A body is followed to its end (and its bytes counted, when streamed); no body is sent
+        // as it is.
+        let (body, request_sent) = if matches!(outbound.body, RequestBody::Empty) {
+            (attempt_body, None)
+        } else {
+            let counted = matches!(outbound.body, RequestBody::Streaming(..)).then(|| (route.stats.clone(), Direction::In));
+            let sent = Arc::new(AtomicBool::new(false));
+            (TrackedBody::new(attempt_body, counted, Some(sent.clone())).boxed(), Some(sent))
+        };
         let watched = if ctx.version < Version::HTTP_2 { conn.client_fd } else { None };
         let sent = send_watching_client(&mut checkout, &mut upstream_head, body, route.http.response_timeout, watched, route_slot).await;
         match sent {
