@@ -167,6 +167,18 @@ impl Output {
 
     /// Writes everything queued, then flushes the stream.
     pub fn poll_write_all<S: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S) -> Poll<io::Result<()>> {
+        // Most writes are the tail alone (a head, small bodies): written from where it is, as
+        // making it a segment would allocate twice (its shared form and the queue's room).
+        if self.segments.is_empty() {
+            while !self.tail.is_empty() {
+                let written = std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.tail))?;
+                if written == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.tail.advance(written);
+                self.queued -= written;
+            }
+        }
         self.seal_tail();
         while !self.segments.is_empty() {
             let written = if io.is_write_vectored() && self.segments.len() > 1 {
