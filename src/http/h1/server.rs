@@ -85,7 +85,9 @@ where
 {
     async move {
         let mut buf = BytesMut::new();
-        loop {
+        // A refused head leaves the loop and is answered after it, in a box: a rare wait held
+        // beside the request state would size every connection's future, idle ones included.
+        let refusal = loop {
             if draining.is_cancelled() && buf.is_empty() {
                 let _ = io.shutdown().await;
                 return H1End::Drained;
@@ -94,19 +96,11 @@ where
                 HeadRead::Head(head) => head,
                 HeadRead::Closed => return H1End::Completed,
                 HeadRead::Failed => return H1End::ClientError,
-                // The ways out are boxed: their waits would otherwise size every connection's future,
-                // idle ones included.
-                HeadRead::Refused(refusal) => {
-                    Box::pin(refuse(&mut io, &refusal)).await;
-                    return H1End::InvalidHttp;
-                }
+                HeadRead::Refused(refusal) => break refusal,
             };
             let mut exchange = match Exchange::start(*head, &ctx, max_head, draining) {
                 Ok(exchange) => exchange,
-                Err(refusal) => {
-                    Box::pin(refuse(&mut io, &refusal)).await;
-                    return H1End::InvalidHttp;
-                }
+                Err(refusal) => break refusal,
             };
             let outcome = std::future::poll_fn(|cx| exchange.poll(cx, &mut io, &mut buf)).await;
             match outcome {
@@ -117,6 +111,7 @@ where
                     }
                 }
                 Outcome::Close { unread } => {
+                    // Boxed: a rare wait beside the request state would size every connection.
                     if unread {
                         Box::pin(linger(&mut io)).await;
                     } else {
@@ -132,7 +127,9 @@ where
                     return H1End::Upgraded;
                 }
             }
-        }
+        };
+        Box::pin(refuse(&mut io, &refusal)).await;
+        H1End::InvalidHttp
     }
 }
 
