@@ -164,33 +164,37 @@ impl Session {
     }
 
     /// Runs the connection to its end and records why it ended.
-    pub async fn run(mut self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) {
-        // Accepted: counted at once. The count is released only after the reason is recorded, so
-        // whoever sees activeConnections drop also sees why the connection ended.
-        let mut counted = ConnectionGuard::new(&env.metrics);
-        // Routing runs boxed and its state is freed once it decides; a plain HTTP connection is
-        // then served by what `drive` hands back, so that an idle keep-alive connection holds its
-        // serving state and this small future, not the routing state as well.
-        let reason = match Box::pin(self.drive(&env, &table, client, &mut counted)).await {
-            Next::Ended(reason) => reason,
-            Next::ServeHttp(serving) => serving.await,
-        };
-        let ended_in = self.state;
-        self.state.advance(State::Closed, self.id);
-        self.termination = Some(reason);
-        env.metrics.record_termination(reason);
-        drop(counted);
-        tracing::debug!(
-            id = self.id,
-            client = %self.client_ip,
-            client_port = self.client_port,
-            port = self.local_port,
-            domain = self.domain.as_deref().unwrap_or("-"),
-            route = self.route_label.as_deref().unwrap_or("-"),
-            reason = reason.as_str(),
-            state = ?ended_in,
-            "connection closed"
-        );
+    /// (A function returning the future rather than an `async fn`: the future uses what it
+    /// captures in place instead of holding each argument twice, for the connection's whole life.)
+    pub fn run(mut self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            // Accepted: counted at once. The count is released only after the reason is recorded, so
+            // whoever sees activeConnections drop also sees why the connection ended.
+            let mut counted = ConnectionGuard::new(&env.metrics);
+            // Routing runs boxed and its state is freed once it decides; a plain HTTP connection is
+            // then served by what `drive` hands back, so that an idle keep-alive connection holds its
+            // serving state and this small future, not the routing state as well.
+            let reason = match Box::pin(self.drive(&env, &table, client, &mut counted)).await {
+                Next::Ended(reason) => reason,
+                Next::ServeHttp(serving) => serving.await,
+            };
+            let ended_in = self.state;
+            self.state.advance(State::Closed, self.id);
+            self.termination = Some(reason);
+            env.metrics.record_termination(reason);
+            drop(counted);
+            tracing::debug!(
+                id = self.id,
+                client = %self.client_ip,
+                client_port = self.client_port,
+                port = self.local_port,
+                domain = self.domain.as_deref().unwrap_or("-"),
+                route = self.route_label.as_deref().unwrap_or("-"),
+                reason = reason.as_str(),
+                state = ?ended_in,
+                "connection closed"
+            );
+        }
     }
 
     /// Routes the connection and runs it to its end, except plain HTTP, which it hands back to be
