@@ -20,9 +20,11 @@ mod http {
     pub mod edge;
     #[path = "head.rs"]
     pub mod head;
+    #[path = "headers.rs"]
+    pub mod headers;
 }
 
-use http::edge::{normalise_host, request_host};
+use http::edge::{host_values, normalise_host, request_host};
 use http::head::{parse_head, HeadParse, RequestHead, H2_PREFACE, MAX_HEADERS};
 
 /// Small, so that inputs libFuzzer can grow reach the size paths.
@@ -77,9 +79,9 @@ fn key(parse: &HeadParse) -> Key {
         HeadParse::H2Preface => Key::H2Preface,
         HeadParse::Request(head) => Key::Request {
             method: head.method.to_string(),
-            path: head.path.clone(),
-            query: head.query.clone(),
-            domain: head.domain.clone(),
+            path: head.path().to_string(),
+            query: head.query().map(str::to_string),
+            domain: head.domain(),
             headers: header_list(head),
         },
         HeadParse::Refused(refusal) => Key::Refused { status: refusal.status.as_u16(), reason: refusal.reason },
@@ -103,7 +105,9 @@ fn same_decision(a: &Key, b: &Key) -> bool {
 }
 
 fn check_request(buf: &[u8], head: &RequestHead, full: &Key) {
-    if let Some(domain) = &head.domain {
+    let head_domain = head.domain();
+    let head_path = head.path();
+    if let Some(domain) = &head_domain {
         assert!(!domain.is_empty() && !domain.ends_with('.'), "domain {domain:?}");
         assert!(domain.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()), "domain {domain:?}");
     }
@@ -113,7 +117,16 @@ fn check_request(buf: &[u8], head: &RequestHead, full: &Key) {
         !(head.headers.contains_key(::http::header::CONTENT_LENGTH) && head.headers.contains_key(::http::header::TRANSFER_ENCODING)),
         "both framings"
     );
-    assert!(head.path.starts_with('/') || (head.path == "*" && head.method == ::http::Method::OPTIONS), "path {:?}", head.path);
+    assert!(head_path.starts_with('/') || (head_path == "*" && head.method == ::http::Method::OPTIONS), "path {head_path:?}");
+    // What the hop is asked, read from the fields as they came, is what the map of them says.
+    let lists = |token: &str| {
+        head.headers.get_all(::http::header::CONNECTION).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    };
+    let http11 = head.version == ::http::Version::HTTP_11;
+    assert_eq!(head.close, if http11 { lists("close") } else { !lists("keep-alive") }, "close");
+    assert_eq!(head.upgrade, http11 && head.headers.contains_key(::http::header::UPGRADE) && lists("upgrade"), "upgrade");
+    let expect = head.headers.get(::http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    assert_eq!(head.expect_continue, http11 && expect, "expect");
 
     // Differential: httparse alone, with room for one header more than the parser allows, reads
     // the same head. parse_head is built on httparse and only narrows what it accepts, so no
@@ -142,19 +155,19 @@ fn check_request(buf: &[u8], head: &RequestHead, full: &Key) {
     if head.method != ::http::Method::CONNECT {
         // Expected difference: `http::Uri` drops a `#fragment` (not part of an HTTP request target,
         // RFC 9112 §3.2, but httparse takes `#`), while the head keeps the target's bytes.
-        let (path, query) = match (head.path.split_once('#'), &head.query) {
+        let (path, query) = match (head_path.split_once('#'), head.query()) {
             (Some((path, _)), _) => (path, None),
-            (None, Some(query)) => (head.path.as_str(), Some(query.split_once('#').map_or(query.as_str(), |(q, _)| q))),
-            (None, None) => (head.path.as_str(), None),
+            (None, Some(query)) => (head_path, Some(query.split_once('#').map_or(query, |(q, _)| q))),
+            (None, None) => (head_path, None),
         };
         let uri_path = if uri.path().is_empty() { "/" } else { uri.path() };
         assert_eq!((uri_path, uri.query()), (path, query), "hyper reads another path or query from {target:?}");
     }
     let http11 = request.version == Some(1);
-    match request_host(uri.authority().map(|a| a.as_str()), &head.headers, http11) {
+    match request_host(uri.authority().map(|a| a.as_str()), host_values(&head.headers), http11) {
         Ok(host) => {
             let domain = host.map(|h| normalise_host(h).into_owned()).filter(|d| !d.is_empty());
-            assert_eq!(domain, head.domain, "the engine routes {target:?} by another host");
+            assert_eq!(domain, head_domain, "the engine routes {target:?} by another host");
         }
         Err(refusal) => panic!("the engine refuses what the first head accepted: {target:?}: {}", refusal.reason),
     }

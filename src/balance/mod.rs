@@ -168,6 +168,12 @@ pub fn pick<'a, C: Candidate + 'a, I>(candidates: I, algorithm: Algorithm, thres
 where
     I: Iterator<Item = &'a C> + Clone,
 {
+    // One candidate is the pick whatever its health (failing open), and reading the clock for
+    // that would be wasted.
+    let mut probe = candidates.clone();
+    if let (Some(only), None) = (probe.next(), probe.next()) {
+        return Some((0, Lease::new(only.state().clone(), thresholds)));
+    }
     let now = now_ms();
     let chosen = choose(candidates.clone(), algorithm, turn, client_ip, |c| c.state().eligible(thresholds, now))
         // Every backend down: fail open, traffic goes to them anyway.

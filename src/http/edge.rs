@@ -41,18 +41,18 @@ impl Refusal {
 }
 
 /// The host a request is routed by, which is also the host its backend receives: the request
-/// target's authority (absolute form, HTTP/2 `:authority`) or the single `Host` header. Both
-/// present and different, two `Host` headers, or a value that is not a host name, address or
-/// port: refused; so is no host at all when `host_required` (HTTP/1.1 and HTTP/2, RFC 9112 §3.2).
-/// `Ok(None)`: an HTTP/1.0 request that names no host.
-pub fn request_host<'a>(authority: Option<&'a str>, headers: &'a HeaderMap, host_required: bool) -> Result<Option<&'a str>, Refusal> {
-    let mut hosts = headers.get_all(header::HOST).iter();
+/// target's authority (absolute form, HTTP/2 `:authority`) or the single `Host` header (`hosts`:
+/// the values of the request's `Host` fields). Both present and different, two `Host` headers, or
+/// a value that is not a host name, address or port: refused; so is no host at all when
+/// `host_required` (HTTP/1.1 and HTTP/2, RFC 9112 §3.2). `Ok(None)`: an HTTP/1.0 request that
+/// names no host.
+pub fn request_host<'a>(authority: Option<&'a str>, mut hosts: impl Iterator<Item = &'a [u8]>, host_required: bool) -> Result<Option<&'a str>, Refusal> {
     let first = hosts.next();
     let host_sent = first.is_some();
     let host = match first {
         None => None,
         Some(_) if hosts.next().is_some() => return Err(Refusal::bad_request("more than one Host header")),
-        Some(value) => authority_text(value.to_str().map_err(|_| NOT_A_HOST)?)?,
+        Some(value) => authority_text(field_text(value).ok_or(NOT_A_HOST)?)?,
     };
     match (authority.filter(|a| !a.is_empty()), host) {
         (Some(authority), Some(host)) => {
@@ -66,6 +66,21 @@ pub fn request_host<'a>(authority: Option<&'a str>, headers: &'a HeaderMap, host
         // An empty Host is how a client names no authority (RFC 9112 §3.2); no Host at all is not.
         (None, None) if host_required && !host_sent => Err(Refusal::bad_request("the request names no host")),
         (None, host) => Ok(host),
+    }
+}
+
+/// The `Host` values of a request's header map, for `request_host`.
+pub fn host_values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(header::HOST).iter().map(http::HeaderValue::as_bytes)
+}
+
+/// A field value as text, when it is visible ASCII (tabs allowed), as `HeaderValue::to_str` reads
+/// it.
+pub fn field_text(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
     }
 }
 
@@ -87,7 +102,10 @@ const AUTHORITY_BYTES: [bool; 256] = {
 /// The authority without surrounding spaces, `None` when empty; refused when it holds a byte
 /// no host name, address or port has.
 fn authority_text(value: &str) -> Result<Option<&str>, Refusal> {
-    let value = value.trim_matches(|c| c == ' ' || c == '\t');
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.bytes().position(|b| !blank(&b)).unwrap_or(value.len());
+    let end = value.bytes().rposition(|b| !blank(&b)).map_or(start, |last| last + 1);
+    let value = &value[start..end];
     if value.len() > 1024 || !value.bytes().all(|b| AUTHORITY_BYTES[usize::from(b)]) {
         return Err(NOT_A_HOST);
     }
@@ -109,8 +127,8 @@ fn split_port(authority: &str) -> (&str, Option<&str>) {
             None => (authority, None),
         };
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (host, Some(port)),
+    match memchr::memrchr(b':', authority.as_bytes()) {
+        Some(colon) if authority.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => (&authority[..colon], Some(&authority[colon + 1..])),
         _ => (authority, None),
     }
 }
@@ -239,9 +257,9 @@ mod tests {
 
     #[test]
     fn one_host_per_request() {
-        let host = |authority: Option<&'static str>, values: &[&str]| request_host(authority, &hosts(values), true).map(|h| h.map(str::to_string));
+        let host = |authority: Option<&'static str>, values: &[&str]| request_host(authority, host_values(&hosts(values)), true).map(|h| h.map(str::to_string));
         assert_eq!(host(None, &["a.test"]), Ok(Some("a.test".into())));
-        assert_eq!(request_host(None, &hosts(&[]), false), Ok(None));
+        assert_eq!(request_host(None, host_values(&hosts(&[])), false), Ok(None));
         assert!(host(None, &[]).is_err(), "HTTP/1.1 needs a host");
         assert_eq!(host(None, &[" "]), Ok(None), "an empty Host names no authority");
         assert_eq!(host(Some("a.test"), &[]), Ok(Some("a.test".into())));

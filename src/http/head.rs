@@ -8,7 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use crate::http::edge::{has_bare_lf, is_tchar, normalise_host, request_host, Refusal};
+use crate::http::edge::{field_text, has_bare_lf, host_values, is_tchar, normalise_host, request_host, Refusal};
+use crate::http::headers::list_items;
 
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Methods recognised from their first bytes, before the request line is complete: the HTTP
@@ -49,6 +50,12 @@ pub struct RequestHead {
     /// How many bytes of the buffer the head took, its final empty line included.
     pub len: usize,
     pub headers: HeaderMap,
+    /// What its `Connection` and related fields ask of this hop: to close after the response
+    /// (HTTP/1.1 `close`, HTTP/1.0 without `keep-alive`), a protocol upgrade (`Upgrade` with
+    /// `Connection: upgrade`), an interim 100 before the body (`Expect: 100-continue`).
+    pub close: bool,
+    pub upgrade: bool,
+    pub expect_continue: bool,
     /// Where the origin form (path and query) starts in `target`, where its path ends.
     origin_start: usize,
     path_end: usize,
@@ -71,7 +78,7 @@ impl RequestHead {
     /// on demand: only a connection's first head is routed by the session from it.
     pub fn domain(&self) -> Option<String> {
         let (authority, _) = split_target(&self.target, &self.method).ok()?;
-        let host = request_host(authority, &self.headers, self.version != Version::HTTP_10).ok()??;
+        let host = request_host(authority, host_values(&self.headers), self.version != Version::HTTP_10).ok()??;
         Some(normalise_host(host).into_owned()).filter(|d| !d.is_empty())
     }
 }
@@ -106,8 +113,8 @@ pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
 }
 
 /// Where the head in `buf` ends, past its empty line: the first line end followed by an empty
-/// line, after any empty lines that come before the request line (as httparse reads it).
-fn head_end(buf: &[u8]) -> Option<usize> {
+/// line, after any empty lines that come before the start line (as httparse reads it).
+pub fn head_end(buf: &[u8]) -> Option<usize> {
     let start = leading_empty_lines(buf);
     memchr::memchr_iter(b'\n', &buf[start..]).map(|at| start + at + 1).find_map(|after| match &buf[after..] {
         [b'\n', ..] => Some(after + 1),
@@ -146,9 +153,9 @@ fn parse(buf: &[u8], max_head: usize, shared: Option<&Bytes>) -> HeadParse {
     }
     // Only the first `max_head` bytes decide: whatever follows cannot turn a 431 into a 400.
     let view = &buf[..buf.len().min(max_head)];
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut storage);
-    let len = match request.parse(view) {
+    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(view, &mut storage) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() <= max_head => return HeadParse::Incomplete,
         Ok(httparse::Status::Partial) => return too_large("the request head is larger than the limit"),
@@ -223,15 +230,27 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize, sh
         let value = value.map_err(|_| Refusal::bad_request("malformed header value"))?;
         headers.append(name, value);
     }
-    let body = check_framing(&headers, http10)?;
+    // The rules read the fields as httparse gave them, in order, rather than look each name up
+    // in the map.
+    let fields = &*request.headers;
+    let body = check_framing(fields, http10)?;
     let (authority, origin_form) = split_target(target, &method)?;
-    request_host(authority, &headers, !http10)?;
+    request_host(authority, fields_named(fields, "host"), !http10)?;
+    let connection_lists = |token: &[u8]| fields_named(fields, "connection").flat_map(list_items).any(|item| item.eq_ignore_ascii_case(token));
+    let close = if http10 { !connection_lists(b"keep-alive") } else { connection_lists(b"close") };
+    let upgrade = !http10 && fields_named(fields, "upgrade").next().is_some() && connection_lists(b"upgrade");
+    let expect_continue = !http10 && fields_named(fields, "expect").next().is_some_and(|value| value.eq_ignore_ascii_case(b"100-continue"));
     // The origin form is a part of the target, or (no path in an absolute form, CONNECT) none.
     let origin_start = (origin_form.as_ptr() as usize).wrapping_sub(target.as_ptr() as usize);
     let origin_start = if origin_start <= target.len() && target.get(origin_start..) == Some(origin_form) { origin_start } else { target.len() };
     let path_end = origin_start + origin_form.find('?').unwrap_or(target.len() - origin_start);
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
-    Ok(RequestHead { method, version, target: target.to_string(), body, len, headers, origin_start, path_end })
+    Ok(RequestHead { method, version, target: target.to_string(), body, len, headers, close, upgrade, expect_continue, origin_start, path_end })
+}
+
+/// The values of the fields called `name` (in any case), in order.
+fn fields_named<'h>(fields: &'h [httparse::Header<'h>], name: &'static str) -> impl Iterator<Item = &'h [u8]> {
+    fields.iter().filter(move |field| field.name.eq_ignore_ascii_case(name)).map(|field| field.value)
 }
 
 /// How a request's body is delimited (RFC 9112 §6.3).
@@ -245,10 +264,9 @@ pub enum BodyLength {
 
 /// Body framing that every hop reads the same way (RFC 9112 §6): `Transfer-Encoding` or
 /// `Content-Length`, never both; one length; `chunked` last and only once; none on HTTP/1.0.
-fn check_framing(headers: &HeaderMap, http10: bool) -> Result<BodyLength, Refusal> {
+fn check_framing(fields: &[httparse::Header<'_>], http10: bool) -> Result<BodyLength, Refusal> {
     let mut length: Option<&[u8]> = None;
-    for value in headers.get_all(http::header::CONTENT_LENGTH) {
-        let value = value.as_bytes();
+    for value in fields_named(fields, "content-length") {
         if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 19 {
             return Err(Refusal::bad_request("malformed Content-Length"));
         }
@@ -258,12 +276,14 @@ fn check_framing(headers: &HeaderMap, http10: bool) -> Result<BodyLength, Refusa
         length = Some(value);
     }
     let mut codings = Vec::new();
-    for value in headers.get_all(http::header::TRANSFER_ENCODING) {
-        let text = value.to_str().map_err(|_| Refusal::bad_request("malformed Transfer-Encoding"))?;
+    let mut transfer_encoding = false;
+    for value in fields_named(fields, "transfer-encoding") {
+        transfer_encoding = true;
+        let text = field_text(value).ok_or(Refusal::bad_request("malformed Transfer-Encoding"))?;
         codings.extend(text.split(',').map(str::trim));
     }
     if codings.is_empty() {
-        if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        if transfer_encoding {
             return Err(Refusal::bad_request("malformed Transfer-Encoding"));
         }
         // At most 19 digits: always within u64.
@@ -360,6 +380,23 @@ mod tests {
         assert_eq!((query_url.path(), query_url.query()), ("/ws", Some("next=https://app/x")));
         assert_eq!(request(b"GET / HTTP/1.0\r\n\r\n").domain(), None);
         assert_eq!(refused(b"GET / HTTP/1.1\r\n\r\n"), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn connection_fields_say_what_the_hop_is_asked() {
+        let flags = |bytes: &[u8]| {
+            let head = request(bytes);
+            (head.close, head.upgrade, head.expect_continue)
+        };
+        assert_eq!(flags(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), (false, false, false));
+        assert_eq!(flags(b"GET / HTTP/1.1\r\nHost: a\r\nconnection: x, CLOSE\r\n\r\n"), (true, false, false));
+        assert_eq!(flags(b"GET / HTTP/1.0\r\n\r\n"), (true, false, false));
+        assert_eq!(flags(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"), (false, false, false));
+        assert_eq!(flags(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"), (false, true, false));
+        assert_eq!(flags(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"), (false, false, false), "Upgrade alone");
+        assert_eq!(flags(b"GET / HTTP/1.0\r\nConnection: upgrade, keep-alive\r\nUpgrade: websocket\r\n\r\n"), (false, false, false));
+        assert_eq!(flags(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n"), (false, false, true));
+        assert_eq!(flags(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\nConnection: keep-alive\r\n\r\n"), (false, false, false));
     }
 
     #[test]

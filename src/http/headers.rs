@@ -19,23 +19,47 @@ static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::UPGRADE,
 ];
 
-/// Where a name is in `HOP_BY_HOP`.
-fn hop_index(name: &str) -> Option<usize> {
-    Some(match name {
-        "connection" => 0,
-        "keep-alive" => 1,
-        "proxy-connection" => 2,
-        "te" => 3,
-        "trailer" => 4,
-        "transfer-encoding" => 5,
-        "upgrade" => 6,
+/// Where `HOP_BY_HOP` has `Connection` and `Transfer-Encoding`, which say how the message is
+/// delimited and whether its connection stays open.
+pub const CONNECTION_HOP: usize = 0;
+pub const TRANSFER_ENCODING_HOP: usize = 5;
+
+/// `HOP_BY_HOP`'s names as bytes, to compare raw names with.
+const HOP_NAMES: [&[u8]; HOP_COUNT] = [b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"];
+
+/// Where a field name, in any case, is in `HOP_BY_HOP`. Its length and first letter tell the
+/// names apart, so most names are passed over without a comparison; raw names off the wire and a
+/// map's lowercase ones are read alike.
+#[inline]
+pub fn hop_index(name: &[u8]) -> Option<usize> {
+    let index = match (name.len(), name.first()? | 0x20) {
+        (10, b'c') => 0,
+        (10, b'k') => 1,
+        (16, b'p') => 2,
+        (2, b't') => 3,
+        (7, b't') => 4,
+        (17, b't') => 5,
+        (7, b'u') => 6,
         _ => return None,
-    })
+    };
+    name.eq_ignore_ascii_case(HOP_NAMES[index]).then_some(index)
 }
 
 /// A `Connection` token naming a hop-by-hop header, in any case.
 fn is_hop_by_hop(token: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|hop| token.eq_ignore_ascii_case(hop.as_str().as_bytes()))
+    hop_index(token).is_some()
+}
+
+/// The tokens of a `Connection` (or other comma-separated) field value, trimmed; empty ones
+/// included.
+pub fn list_items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// A `Connection` token that names another field of the message (to be removed with it), as
+/// opposed to `close` or a hop-by-hop field.
+pub fn names_another_field(token: &[u8]) -> bool {
+    !(token.is_empty() || token.eq_ignore_ascii_case(b"close") || is_hop_by_hop(token))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -52,20 +76,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // hash lookup. The names are told apart by their text, which costs a length check for most.
     let mut present = [false; HOP_COUNT];
     for name in headers.keys() {
-        if let Some(i) = hop_index(name.as_str()) {
+        if let Some(i) = hop_index(name.as_str().as_bytes()) {
             present[i] = true;
         }
     }
-    if present[0] {
-        // HOP_BY_HOP[0] is Connection. What it names besides the hop-by-hop headers (removed
+    if present[CONNECTION_HOP] {
+        // What Connection names besides the hop-by-hop headers (removed
         // below anyway) and `close` is gathered first, as the map cannot change while its values
         // are read; nearly always nothing is, and nothing is allocated.
         let mut named: Vec<HeaderName> = Vec::new();
         for value in headers.get_all(header::CONNECTION) {
-            for token in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.is_empty() || token.eq_ignore_ascii_case(b"close") || is_hop_by_hop(token) {
-                    continue;
-                }
+            for token in list_items(value.as_bytes()).filter(|token| names_another_field(token)) {
                 if let Ok(name) = HeaderName::from_bytes(token) {
                     named.push(name);
                 }
@@ -239,23 +260,13 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
     out
 }
 
-/// The sender of this message will close after it: HTTP/1.0 unless it asked to keep the
-/// connection alive, HTTP/1.1 when it said `close`.
-pub fn wants_close(headers: &HeaderMap, version: http::Version) -> bool {
-    if version == http::Version::HTTP_10 {
-        !connection_has(headers, "keep-alive")
-    } else {
-        connection_has(headers, "close")
-    }
-}
-
 /// Whether a `Connection` field of the message lists `token`.
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .flat_map(|value| list_items(value.as_bytes()))
+        .any(|item| item.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 #[cfg(test)]
@@ -290,9 +301,16 @@ mod tests {
     #[test]
     fn hop_index_names_each_hop_by_hop_header_where_it_is() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_index(name.as_str()), Some(i), "{name}");
+            assert_eq!(hop_index(name.as_str().as_bytes()), Some(i), "{name}");
+            assert_eq!(hop_index(name.as_str().to_ascii_uppercase().as_bytes()), Some(i), "{name}");
         }
-        assert_eq!(hop_index("host"), None);
+        assert_eq!(hop_index(b"host"), None);
+        assert_eq!(hop_index(b"x-connection"), None);
+        for (name, bytes) in HOP_BY_HOP.iter().zip(HOP_NAMES) {
+            assert_eq!(name.as_str().as_bytes(), bytes);
+        }
+        assert_eq!(HOP_BY_HOP[CONNECTION_HOP], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_HOP], header::TRANSFER_ENCODING);
         assert!(is_hop_by_hop(b"Keep-Alive") && is_hop_by_hop(b"TRANSFER-ENCODING") && !is_hop_by_hop(b"x-transfer-encoding"));
     }
 

@@ -849,9 +849,13 @@ impl Route {
                 _ => Some(t),
             })
         };
-        let (first, want_match) = match best(true) {
-            Some(target) => (target, true),
-            None => (best(false)?, false),
+        let (first, want_match) = match self.targets.as_slice() {
+            // A lone target without a `match` is the only choice.
+            [only] if !only.has_match() => (only, false),
+            _ => match best(true) {
+                Some(target) => (target, true),
+                None => (best(false)?, false),
+            },
         };
         if !first.backends.is_empty() {
             let priority = first.priority;

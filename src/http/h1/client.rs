@@ -8,6 +8,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -22,8 +23,8 @@ use crate::http::body::{BoxError, ProxyBody};
 use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::server::ClientStream;
 use crate::http::h1::write::Output;
-use crate::http::head::MAX_HEADERS;
-use crate::http::headers::{wants_close, ForwardingHeaders};
+use crate::http::head::{head_end, MAX_HEADERS};
+use crate::http::headers::{hop_index, list_items, names_another_field, ForwardingHeaders, CONNECTION_HOP, TRANSFER_ENCODING_HOP};
 
 /// A response head larger than this is refused (the upstream is not an attacker, but not
 /// unbounded either).
@@ -116,7 +117,7 @@ pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHe
     let head_request = parts.method == Method::HEAD;
     let upgrade_request = parts.headers.contains_key(header::UPGRADE);
     let head = poll_fn(|cx| poll_response_head(cx, &mut conn, &mut sending)).await?;
-    let ResponseHeadParts { status, version, reason, headers, close } = head;
+    let ResponseHeadParts { status, version, reason, headers, close, fields } = head;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if !upgrade_request {
             return Err(ClientError::Malformed("101 without an upgrade request"));
@@ -132,7 +133,7 @@ pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHe
     let decoder = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         ResponseDecoder::Empty
     } else {
-        response_framing(&headers)?
+        fields.framing()?
     };
     let reusable = !close && !matches!(decoder, ResponseDecoder::UntilClose);
     let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending: Some(sending), reusable, done: false, read_size: READ_SIZE });
@@ -150,9 +151,11 @@ struct ResponseHeadParts {
     status: StatusCode,
     version: Version,
     reason: Option<hyper::ext::ReasonPhrase>,
+    /// Without the hop-by-hop fields (but a 101's).
     headers: HeaderMap,
     /// The upstream will close after this response.
     close: bool,
+    fields: DelimitingFields,
 }
 
 fn poll_response_head(cx: &mut Context<'_>, conn: &mut Connection, sending: &mut RequestSend) -> Poll<Result<ResponseHeadParts, ClientError>> {
@@ -183,17 +186,24 @@ fn poll_response_head(cx: &mut Context<'_>, conn: &mut Connection, sending: &mut
 }
 
 fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, ClientError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut storage);
-    let len = match response.parse(buf) {
-        // The limit holds however the bytes were split into reads.
-        Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD => return Err(ClientError::Malformed("response head too large")),
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => return Err(ClientError::Malformed("response head too large")),
-        Ok(httparse::Status::Partial) => return Ok(None),
+    let Some(end) = head_end(buf) else {
+        return if buf.len() > MAX_RESPONSE_HEAD { Err(ClientError::Malformed("response head too large")) } else { Ok(None) };
+    };
+    // The limit holds however the bytes were split into reads.
+    if end > MAX_RESPONSE_HEAD {
+        return Err(ClientError::Malformed("response head too large"));
+    }
+    // The head is taken off the buffer first, so that its fields are slices of it (no copy per
+    // field).
+    let head = buf.split_to(end).freeze();
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, &head, &mut storage) {
+        Ok(httparse::Status::Complete(len)) if len == end => {}
+        Ok(_) => return Err(ClientError::Malformed("unreadable response head")),
         Err(httparse::Error::TooManyHeaders) => return Err(ClientError::Malformed("too many response header fields")),
         Err(_) => return Err(ClientError::Malformed("unreadable response head")),
-    };
+    }
     let code = response.code.ok_or(ClientError::Malformed("no status"))?;
     let status = StatusCode::from_u16(code).map_err(|_| ClientError::Malformed("bad status"))?;
     let http10 = response.version == Some(0);
@@ -201,63 +211,107 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
         .reason
         .filter(|reason| !reason.is_empty() && Some(*reason) != status.canonical_reason())
         .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec()).ok());
-    // Values are slices of the head's own bytes (no copy per field): offsets first, then the head
-    // is split off the buffer and shared.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = response.headers.len();
-    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = field.name.as_ptr() as usize - base;
-        let value = field.value.as_ptr() as usize - base;
-        // Within a head of at most MAX_RESPONSE_HEAD bytes: the offsets fit.
-        *span = (name as u32, (name + field.name.len()) as u32, value as u32, (value + field.value.len()) as u32);
-    }
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).map_err(|_| ClientError::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize)).map_err(|_| ClientError::Malformed("bad header value"))?;
+    // Hop-by-hop fields describe this connection and end here: they are read for what they say
+    // and left out of the head that goes on, as is any field `Connection` names. A 101 keeps
+    // them all: the tunnel that follows needs its `Upgrade`, and sorts them out itself.
+    let tunnel = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut fields = DelimitingFields::default();
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for field in response.headers.iter() {
+        let name = field.name.as_bytes();
+        let hop = hop_index(name);
+        match hop {
+            Some(CONNECTION_HOP) => fields.connection(field.value),
+            Some(TRANSFER_ENCODING_HOP) => fields.transfer_encoding(field.value),
+            None if name.eq_ignore_ascii_case(b"content-length") => fields.content_length(field.value),
+            _ => {}
+        }
+        if hop.is_some() && !tunnel {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name).map_err(|_| ClientError::Malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).map_err(|_| ClientError::Malformed("bad header value"))?;
         headers.append(name, value);
     }
+    if !tunnel {
+        for name in &fields.named {
+            headers.remove(name);
+        }
+    }
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
-    let close = wants_close(&headers, version);
-    Ok(Some(ResponseHeadParts { status, version, reason, headers, close }))
+    let close = if http10 { !fields.keep_alive } else { fields.close };
+    Ok(Some(ResponseHeadParts { status, version, reason, headers, close, fields }))
 }
 
-/// RFC 9112 §6.3 for a response that has a body: chunked, a length, or until the close. A
-/// response that gives both, or two lengths, is refused: its end is ambiguous.
-fn response_framing(headers: &HeaderMap) -> Result<ResponseDecoder, ClientError> {
-    let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| ClientError::Malformed("bad Content-Length"))?;
-        for item in text.split(',').map(str::trim) {
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) || item.len() > 19 {
-                return Err(ClientError::Malformed("bad Content-Length"));
+/// What a response head's delimiting and connection fields say, gathered as the head is read.
+#[derive(Default)]
+struct DelimitingFields {
+    /// `Connection` lists `close`, `keep-alive`.
+    close: bool,
+    keep_alive: bool,
+    /// Fields `Connection` names besides the hop-by-hop ones (rarely any).
+    named: Vec<HeaderName>,
+    /// The one length every `Content-Length` gives, or why there is none.
+    length: Option<u64>,
+    length_error: Option<&'static str>,
+    transfer_encoding: bool,
+    /// The last `Transfer-Encoding` field ends in `chunked`.
+    chunked_last: bool,
+}
+
+impl DelimitingFields {
+    fn connection(&mut self, value: &[u8]) {
+        for token in list_items(value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if names_another_field(token) {
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    self.named.push(name);
+                }
             }
-            let n: u64 = item.parse().map_err(|_| ClientError::Malformed("bad Content-Length"))?;
-            if length.is_some_and(|seen| seen != n) {
-                return Err(ClientError::Malformed("Content-Length values differ"));
-            }
-            length = Some(n);
         }
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if length.is_some() {
-            return Err(ClientError::Malformed("both Content-Length and Transfer-Encoding"));
-        }
-        let last_is_chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if last_is_chunked { ResponseDecoder::Body(BodyDecoder::chunked(MAX_RESPONSE_HEAD)) } else { ResponseDecoder::UntilClose });
+
+    fn transfer_encoding(&mut self, value: &[u8]) {
+        self.transfer_encoding = true;
+        let readable = value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b));
+        self.chunked_last = readable && list_items(value).next_back().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
     }
-    Ok(match length {
-        Some(n) => ResponseDecoder::Body(BodyDecoder::length(n)),
-        None => ResponseDecoder::UntilClose,
-    })
+
+    fn content_length(&mut self, value: &[u8]) {
+        for item in list_items(value) {
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
+                self.length_error.get_or_insert("bad Content-Length");
+                return;
+            }
+            // At most 19 digits: always within u64.
+            let n = item.iter().fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+            if self.length.is_some_and(|seen| seen != n) {
+                self.length_error.get_or_insert("Content-Length values differ");
+            }
+            self.length = Some(n);
+        }
+    }
+
+    /// RFC 9112 §6.3 for a response that has a body: chunked, a length, or until the close. A
+    /// response that gives both, or two lengths, is refused: its end is ambiguous.
+    fn framing(&self) -> Result<ResponseDecoder, ClientError> {
+        if let Some(why) = self.length_error {
+            return Err(ClientError::Malformed(why));
+        }
+        if self.transfer_encoding {
+            if self.length.is_some() {
+                return Err(ClientError::Malformed("both Content-Length and Transfer-Encoding"));
+            }
+            return Ok(if self.chunked_last { ResponseDecoder::Body(BodyDecoder::chunked(MAX_RESPONSE_HEAD)) } else { ResponseDecoder::UntilClose });
+        }
+        Ok(match self.length {
+            Some(n) => ResponseDecoder::Body(BodyDecoder::length(n)),
+            None => ResponseDecoder::UntilClose,
+        })
+    }
 }
 
 /// How the request body goes out: framed as its head says.
@@ -494,5 +548,71 @@ impl Body for ResponseBody {
             ResponseDecoder::Body(decoder) => decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact),
             ResponseDecoder::UntilClose => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> ResponseHeadParts {
+        let mut buf = BytesMut::from(text.as_bytes());
+        match parse_response_head(&mut buf) {
+            Ok(Some(head)) => head,
+            Ok(None) => panic!("{text:?}: incomplete"),
+            Err(err) => panic!("{text:?}: {err}"),
+        }
+    }
+
+    fn framing(text: &str) -> Result<&'static str, &'static str> {
+        match head(text).fields.framing() {
+            Ok(ResponseDecoder::Body(decoder)) if decoder.remaining().is_some() => Ok("length"),
+            Ok(ResponseDecoder::Body(_)) => Ok("chunked"),
+            Ok(ResponseDecoder::UntilClose) => Ok("until close"),
+            Ok(ResponseDecoder::Empty) => Ok("empty"),
+            Err(ClientError::Malformed(why)) => Err(why),
+            Err(_) => Err("other"),
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_stay_behind() {
+        let parts = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nKeep-Alive: timeout=5\r\nX-Internal: secret\r\n\
+             TE: trailers\r\nTrailer: x\r\nUpgrade: h2c\r\nProxy-Connection: close\r\nContent-Length: 2\r\nServer: up\r\n\r\n",
+        );
+        let mut names: Vec<&str> = parts.headers.keys().map(|name| name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "server"]);
+        assert!(!parts.close);
+    }
+
+    #[test]
+    fn the_connection_stays_open_as_the_version_and_connection_say() {
+        assert!(head("HTTP/1.1 200 OK\r\nconnection: Close\r\n\r\n").close);
+        assert!(!head("HTTP/1.1 200 OK\r\n\r\n").close);
+        assert!(head("HTTP/1.0 200 OK\r\n\r\n").close);
+        assert!(!head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n").close);
+    }
+
+    #[test]
+    fn a_switch_of_protocols_keeps_its_upgrade_fields_for_the_tunnel() {
+        let parts = head("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(parts.headers.contains_key(header::UPGRADE) && parts.headers.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn a_body_is_delimited_one_way_or_refused() {
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), Ok("length"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n"), Ok("length"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"), Ok("chunked"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n"), Ok("until close"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), Ok("until close"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), Err("Content-Length values differ"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n"), Err("bad Content-Length"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n"), Err("bad Content-Length"));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"), Err("both Content-Length and Transfer-Encoding"));
+        // Read only where a body follows: a HEAD's answer may say what it likes.
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").headers.contains_key(header::CONTENT_LENGTH));
     }
 }

@@ -25,7 +25,7 @@ use crate::http::h1::channel::{body_channel, BodySender};
 use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
-use crate::http::headers::{connection_has, wants_close};
+use crate::http::headers::connection_has;
 use crate::http::io::Replay;
 use crate::http::pipeline::{handle, ConnectionContext};
 
@@ -255,12 +255,8 @@ struct Exchange<'a> {
 
 impl<'a> Exchange<'a> {
     fn start(head: RequestHead, ctx: &Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> Result<Self, Refusal> {
-        let RequestHead { method, version, target, body, headers, .. } = head;
+        let RequestHead { method, version, target, body, headers, close, upgrade: is_upgrade, expect_continue, .. } = head;
         let uri = Uri::from_maybe_shared(bytes::Bytes::from(target)).map_err(|_| Refusal::bad_request("malformed request target"))?;
-        let close = wants_close(&headers, version);
-        let expect_continue = version == Version::HTTP_11
-            && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let is_upgrade = version == Version::HTTP_11 && headers.contains_key(header::UPGRADE) && connection_has(&headers, "upgrade");
         let method_head = method == Method::HEAD;
         let (client_body, feed) = match body {
             BodyLength::None | BodyLength::Length(0) => (ClientBody::Empty, None),

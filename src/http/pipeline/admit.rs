@@ -12,7 +12,7 @@ use http::{Method, StatusCode, Version};
 use super::answers::{edge_refusal, native_response, security_refusal};
 use super::{request_facts, Answer, ConnectionContext, RequestCtx};
 use crate::http::body::text_response;
-use crate::http::edge::{self, normalise_host, normalise_path, request_host};
+use crate::http::edge::{self, host_values, normalise_host, normalise_path, request_host};
 use crate::security::RouteGuard;
 
 /// An admitted request: its context, and the route's `maxConnections` slot it holds until its
@@ -27,7 +27,7 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Adm
     // normalised path for matching. An HTTP/1.x head met them already, with the framing rules
     // (`http::head`); an HTTP/2 request meets them here first.
     let version = head.version;
-    let raw_host = match request_host(head.uri.authority().map(|a| a.as_str()), &head.headers, version >= Version::HTTP_11) {
+    let raw_host = match request_host(head.uri.authority().map(|a| a.as_str()), host_values(&head.headers), version >= Version::HTTP_11) {
         Ok(host) => host.map(str::to_string),
         Err(refusal) => return Err(edge_refusal(refusal, version)),
     };

@@ -60,7 +60,10 @@ pub(super) fn respond(
         };
     }
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
+    // Our HTTP/1.1 client leaves the hop-by-hop fields out as it reads a head.
+    if !matches!(body, UpstreamBody::H1(_)) {
+        strip_hop_by_hop(&mut parts.headers, false);
+    }
     apply_templates(&mut parts.headers, &route.http.response_headers, &templates);
     apply_templates(&mut parts.headers, target.response_headers, &templates);
     let body = ReturningBody {
