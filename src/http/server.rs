@@ -5,6 +5,8 @@
 //! drains (in-flight requests finish, idle keep-alive connections close at once) and at once when
 //! the grace period is over.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::body::ClientBody;
@@ -21,6 +24,7 @@ use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
 use crate::http::pipeline::{handle, ConnectionContext};
 use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
+use crate::http::websocket::TunnelScope;
 use crate::metrics::{GaugeHold, TerminationReason};
 
 #[derive(Debug, Clone, Copy)]
@@ -62,45 +66,68 @@ pub enum HttpVersion {
     Http2,
 }
 
-/// `io` is the client stream, counted below (a `ClientIo`, or TLS over one).
-pub async fn serve<S>(io: S, version: HttpVersion, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason
+/// `io` is the client stream, counted below (a `ClientIo`, or TLS over one). A function returning
+/// the future: an HTTP/1.x connection's serving future is made here and kept in place by the one
+/// returned, so that its state (the largest part of an idle connection's memory) is held once.
+pub fn serve<'a, S>(
+    io: S,
+    version: HttpVersion,
+    counters: Arc<ClientCounters>,
+    ctx: Arc<ConnectionContext>,
+    limits: HttpLimits,
+    shutdown: Shutdown<'a>,
+) -> impl Future<Output = TerminationReason> + Send + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let _active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
-    let tunnels = ctx.tunnels.clone();
+    let active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
     let watch = Watch {
         draining: shutdown.draining,
         force_close: shutdown.force_close,
-        counters: &counters,
+        counters,
         idle_timeout: limits.idle_timeout,
         keep_alive_timeout: limits.keep_alive_timeout,
         header_timeout: limits.header_timeout,
         deadline: limits.deadline,
     };
-    let reason = match version {
+    let scope = ctx.clone();
+    match version {
         HttpVersion::Http1 => {
-            // Pinned here, once: moved into `watched`, the future would take its room twice.
-            let connection = std::pin::pin!(serve_h1(io, ctx, limits.max_header_size, shutdown.draining));
-            watched(connection, &watch, |_| {
-                // Idle connections close at once; one with a request in flight closes after its
-                // response (the loop sees the token).
-                counters.in_flight() == 0
-            })
-            .await
-            .map(|end| match end {
-                H1End::Completed | H1End::Drained | H1End::Upgraded => TerminationReason::Completed,
-                H1End::ClientError => TerminationReason::ClientError,
-                H1End::InvalidHttp => TerminationReason::InvalidHttp,
+            let mut connection = serve_h1(io, ctx, limits.max_header_size, shutdown.draining);
+            Either::Left(async move {
+                // Held, not moved: what this future captured stays where it is.
+                let _ = &active;
+                // SAFETY: `connection` is part of this future's own state, which stays where it
+                // is once polled (a future is pinned to be polled), and nothing moves it out.
+                let connection = unsafe { Pin::new_unchecked(&mut connection) };
+                let reason = watched(connection, &watch, |watch| {
+                    // Idle connections close at once; one with a request in flight closes after
+                    // its response (the loop sees the token).
+                    watch.counters.in_flight() == 0
+                })
+                .await
+                .map(|end| match end {
+                    H1End::Completed | H1End::Drained | H1End::Upgraded => TerminationReason::Completed,
+                    H1End::ClientError => TerminationReason::ClientError,
+                    H1End::InvalidHttp => TerminationReason::InvalidHttp,
+                });
+                after_serving(reason, &scope.tunnels).await
             })
         }
-        // Boxed: hyper's HTTP/2 connection would otherwise size every HTTP/1 connection's future.
-        HttpVersion::Http2 => Box::pin(serve_h2(io, ctx, limits, &watch)).await,
-    };
-    match reason {
+        HttpVersion::Http2 => Either::Right(async move {
+            let _ = &active;
+            // Boxed: hyper's HTTP/2 connection would otherwise size every HTTP/1 connection's future.
+            let reason = Box::pin(serve_h2(io, ctx, limits, &watch)).await;
+            after_serving(reason, &scope.tunnels).await
+        }),
+    }
+}
+
+/// An upgraded connection lives on as a WebSocket tunnel; tunnels end by themselves (peer, idle,
+/// lifetime, engine shutdown).
+async fn after_serving(served: Result<TerminationReason, TerminationReason>, tunnels: &TunnelScope) -> TerminationReason {
+    match served {
         Ok(reason) => {
-            // An upgraded connection lives on as a WebSocket tunnel; tunnels end by themselves
-            // (peer, idle, lifetime, engine shutdown).
             tunnels.wait().await;
             reason
         }

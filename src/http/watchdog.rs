@@ -36,7 +36,7 @@ pub struct Watch<'a> {
     /// Cancelled when a stop begins. A child of `force_close`, so it is cancelled by either.
     pub draining: &'a CancellationToken,
     pub force_close: &'a CancellationToken,
-    pub counters: &'a ClientCounters,
+    pub counters: Arc<ClientCounters>,
     pub idle_timeout: Duration,
     pub keep_alive_timeout: Duration,
     pub header_timeout: Duration,
@@ -75,7 +75,7 @@ impl Watch<'_> {
 
     /// When the connection has waited too long, and what it then waited for.
     fn idle_at(&self) -> (Instant, WatchEvent) {
-        let counters = self.counters;
+        let counters = &self.counters;
         if counters.in_flight() > 0 {
             return (after(counters.last_activity(), self.idle_timeout), WatchEvent::IdleTimeout);
         }
@@ -232,7 +232,7 @@ mod tests {
             Watch {
                 draining: &self.draining,
                 force_close: &self.force_close,
-                counters: &self.counters,
+                counters: self.counters.clone(),
                 idle_timeout,
                 keep_alive_timeout: idle_timeout * 10,
                 header_timeout: idle_timeout * 10,
@@ -290,7 +290,7 @@ mod tests {
         let watch = |idle_timeout, keep_alive_timeout, header_timeout, lifetime| Watch {
             draining: &fixture.draining,
             force_close: &fixture.force_close,
-            counters: &fixture.counters,
+            counters: fixture.counters.clone(),
             idle_timeout,
             keep_alive_timeout,
             header_timeout,

@@ -629,7 +629,7 @@ impl Session {
             https: tls_route.is_some(),
             tls_version: self.tls_version,
             trusted_peer: env.trust_forwarded_headers && env.trusted_proxies.matches(self.peer_ip),
-            sni,
+            sni: sni.map(String::into_boxed_str),
             tls_route,
             tunnels: TunnelScope::new(
                 env.force_close.clone(),
@@ -639,7 +639,7 @@ impl Session {
             client_fd,
             counters,
             upstream_slots: std::sync::OnceLock::new(),
-            max_upstream_per_client: (env.http_limits.max_concurrent_streams / 4) as usize,
+            max_upstream_per_client: env.http_limits.max_concurrent_streams / 4,
         })
     }
 

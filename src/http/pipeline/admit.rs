@@ -43,7 +43,7 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Adm
     let match_path = normalised_path.as_deref().unwrap_or(head.uri.path());
     let found = conn.table.find_for_request(&request_facts(conn, domain.as_deref(), match_path, head));
     if let (Some(sni), Some(sni_route)) = (&conn.sni, &conn.tls_route) {
-        let same_host = domain.as_deref() == Some(sni.as_str());
+        let same_host = domain.as_deref() == Some(&**sni);
         let same_route = found.is_some_and(|route| Arc::ptr_eq(route, sni_route));
         if !same_host && !same_route {
             return Err(text_response(StatusCode::MISDIRECTED_REQUEST, "this connection was not made for that host"));

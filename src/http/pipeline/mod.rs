@@ -75,7 +75,7 @@ pub struct ConnectionContext {
     pub trusted_peer: bool,
     /// On terminated TLS: the SNI and the route it selected. A request for another host that
     /// belongs to another route is misdirected (421): its certificate was never presented.
-    pub sni: Option<String>,
+    pub sni: Option<Box<str>>,
     pub tls_route: Option<Arc<Route>>,
     /// Where this connection's WebSocket tunnels run (the session waits for them).
     pub tunnels: TunnelScope,
@@ -90,7 +90,7 @@ pub struct ConnectionContext {
     /// HTTP/2: how many upstream exchanges this one client connection may hold at once (made on
     /// its first stream), so that streams a client stalls cannot take a backend's whole pool.
     pub upstream_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
-    pub max_upstream_per_client: usize,
+    pub max_upstream_per_client: u32,
 }
 
 impl ConnectionContext {

@@ -80,7 +80,7 @@ pub(super) async fn send_with_retries<'c>(
         });
         let key = PoolKey { host: target_host, port: target_port, protocol: outbound.protocol, tls, proxy_header };
         if ctx.version == Version::HTTP_2 && client_slot.is_none() {
-            let slots = conn.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(conn.max_upstream_per_client.max(1))));
+            let slots = conn.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(conn.max_upstream_per_client.max(1) as usize)));
             match tokio::time::timeout(route.connect_timeout, slots.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => client_slot = Some(permit),
                 _ => return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "too many requests of this connection are waiting upstream")),
