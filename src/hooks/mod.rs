@@ -242,11 +242,11 @@ impl Scripts {
     /// context (built only when a function is called). A host list answered rotates like a static one.
     pub async fn endpoint(&self, target: &SelectedTarget<'_>, context: impl FnOnce() -> ScriptContext) -> Result<(Arc<str>, u16), ScriptError> {
         let Some(functions) = target.functions else {
-            return Ok((Arc::from(target.host), target.port));
+            return Ok((target.host.clone(), target.port));
         };
         let mut context = context();
         if functions.host.is_none() {
-            context.target_host = Some(target.hosts.to_vec());
+            context.target_host = Some(target.hosts.iter().map(|host| host.to_string()).collect());
         }
         if functions.port.is_none() {
             context.target_port = Some(target.port);
@@ -255,7 +255,7 @@ impl Scripts {
         let route_name = context.route_name.clone();
         let endpoint = self.resolve_target(functions, context).await.and_then(|answer| {
             let host: Arc<str> = match (functions.host, answer.hosts) {
-                (None, _) => Arc::from(target.host),
+                (None, _) => target.host.clone(),
                 (Some(_), Some(hosts)) if !hosts.is_empty() => Arc::from(hosts[target.turn % hosts.len()].as_str()),
                 (Some(_), _) => return Err(ScriptError::Failed("the host function answered no host".into())),
             };

@@ -371,7 +371,8 @@ pub struct TargetFunctions {
 
 #[derive(Debug)]
 struct Target {
-    hosts: Vec<String>,
+    /// Shared: each request's pool key holds its host, and a clone of these is a count.
+    hosts: Vec<Arc<str>>,
     host_function: Option<u32>,
     port: TargetPort,
     match_ports: Option<Vec<u16>>,
@@ -443,13 +444,13 @@ fn headers_match(wanted: &[HeaderMatch], headers: &HeaderMap) -> bool {
 #[derive(Debug)]
 pub struct SelectedTarget<'a> {
     /// Empty when `functions.host` chooses.
-    pub host: &'a str,
+    pub host: &'a Arc<str>,
     /// 0 when `functions.port` chooses.
     pub port: u16,
     /// Set when a function must complete the choice (see `hooks::Scripts::endpoint`).
     pub functions: Option<TargetFunctions>,
     /// The static hosts (for the context's `targetHost`) and this pick's round-robin turn.
-    pub hosts: &'a [String],
+    pub hosts: &'a [Arc<str>],
     pub turn: usize,
     pub request_headers: &'a [HeaderTemplate],
     pub response_headers: &'a [HeaderTemplate],
@@ -460,7 +461,15 @@ pub struct SelectedTarget<'a> {
     upstream: Option<&'a UpstreamConnectors>,
 }
 
+/// The host of a target whose function chooses it.
+static NO_HOST: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 impl SelectedTarget<'_> {
+    /// Where to connect when no function has to choose: the host (shared) and the port.
+    pub fn static_endpoint(&self) -> Option<(Arc<str>, u16)> {
+        self.functions.is_none().then(|| (self.host.clone(), self.port))
+    }
+
     /// The TLS config for the connection to this target (`None`: plain), the target's own `tls`
     /// winning over the route's. `http1_only`: the connection must speak HTTP/1.1 (upgrades).
     pub fn upstream_tls(&self, http1_only: bool) -> Option<Arc<rustls::ClientConfig>> {
@@ -644,7 +653,7 @@ impl Route {
             };
             targets.push(Target {
                 backends,
-                hosts: target.hosts.clone(),
+                hosts: target.hosts.iter().map(|host| Arc::from(host.as_str())).collect(),
                 host_function: target.host_function,
                 port: target.port,
                 match_ports: target.match_ports.clone(),
@@ -892,7 +901,7 @@ impl Route {
         let target = first;
         let turn = target.next_host.fetch_add(1, Ordering::Relaxed);
         let host = match target.host_function {
-            Some(_) => "",
+            Some(_) => &*NO_HOST,
             None => target.hosts.get(turn % target.hosts.len())?,
         };
         let (port, port_function) = match target.port {
@@ -1116,7 +1125,7 @@ mod tests {
         let t = table(&[r]);
         let route = t.find(&facts(8000, None)).unwrap();
         let picks: Vec<_> = (0..4).map(|_| route.select_target(8000, "127.0.0.1".parse().unwrap()).unwrap()).collect();
-        assert_eq!(picks.iter().map(|p| p.host).collect::<Vec<_>>(), vec!["a", "b", "a", "b"]);
+        assert_eq!(picks.iter().map(|p| &**p.host).collect::<Vec<_>>(), vec!["a", "b", "a", "b"]);
         assert!(picks.iter().all(|p| p.port == 8000));
     }
 
@@ -1128,8 +1137,8 @@ mod tests {
         r.action.targets.push(special);
         let t = table(&[r]);
         let route = t.find(&facts(81, None)).unwrap();
-        assert_eq!(route.select_target(81, "127.0.0.1".parse().unwrap()).unwrap().host, "special");
-        assert_eq!(route.select_target(80, "127.0.0.1".parse().unwrap()).unwrap().host, "10.0.0.1");
+        assert_eq!(&**route.select_target(81, "127.0.0.1".parse().unwrap()).unwrap().host, "special");
+        assert_eq!(&**route.select_target(80, "127.0.0.1".parse().unwrap()).unwrap().host, "10.0.0.1");
     }
 
     #[test]
@@ -1271,9 +1280,9 @@ mod tests {
         let ip = "127.0.0.1".parse().unwrap();
         // The plain target has a match (port 443) and wins there; elsewhere the inheriting one.
         let chosen = route.select_target(443, ip).unwrap();
-        assert_eq!((chosen.host, chosen.upstream_tls(false).is_some()), ("plain", false));
+        assert_eq!((&**chosen.host, chosen.upstream_tls(false).is_some()), ("plain", false));
         let inherited = route.select_target(444, ip).unwrap();
-        assert_eq!(inherited.host, "10.0.0.1");
+        assert_eq!(&**inherited.host, "10.0.0.1");
         assert!(inherited.upstream_tls(false).is_some() && inherited.upstream_tls(true).is_some());
         let h1 = inherited.upstream_tls(true).unwrap();
         assert_eq!(h1.alpn_protocols, vec![ALPN_HTTP11.to_vec()]);

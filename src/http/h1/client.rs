@@ -109,11 +109,12 @@ impl Connection {
 }
 
 /// Sends the request (`parts` with the `forwarding` headers after its own, `body`) on `conn` and
-/// reads the response head. The response body owns the connection; the head stays the caller's,
+/// reads the response head. `host` (a host the edge rules checked: nothing but host bytes) is
+/// written as `Host` when `parts` has none. The response body owns the connection; the head stays the caller's,
 /// to send again should the connection turn out closed before any response
 /// (`ClientError::before_response`).
-pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHeaders, body: ProxyBody) -> Result<Response<ResponseBody>, ClientError> {
-    let mut sending = RequestSend::new(parts, forwarding, body);
+pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHeaders, host: Option<&str>, body: ProxyBody) -> Result<Response<ResponseBody>, ClientError> {
+    let mut sending = RequestSend::new(parts, forwarding, host, body);
     let head_request = parts.method == Method::HEAD;
     let upgrade_request = parts.headers.contains_key(header::UPGRADE);
     let head = poll_fn(|cx| poll_response_head(cx, &mut conn, &mut sending)).await?;
@@ -333,23 +334,25 @@ struct RequestSend {
 }
 
 impl RequestSend {
-    fn new(parts: &Parts, forwarding: &ForwardingHeaders, body: ProxyBody) -> Self {
+    fn new(parts: &Parts, forwarding: &ForwardingHeaders, host: Option<&str>, body: ProxyBody) -> Self {
         let mut out = Output::default();
         let empty = body.is_end_stream();
         let exact = body.size_hint().exact();
         let framing = if empty || exact.is_some() { RequestFraming::Length } else { RequestFraming::Chunked };
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let size = parts.headers.iter().chain(forwarding.iter()).map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
-        out.reserve(parts.method.as_str().len() + path.len() + size + 64);
+        out.reserve(parts.method.as_str().len() + path.len() + size + host.map_or(0, str::len) + 64);
         out.put_slice(parts.method.as_str().as_bytes());
         out.put_slice(b" ");
         out.put_slice(path.as_bytes());
         out.put_slice(b" HTTP/1.1\r\n");
         let mut has_length = false;
+        let mut has_host = false;
         for (name, value) in &parts.headers {
             if name == header::TRANSFER_ENCODING {
                 continue;
             }
+            has_host |= name == header::HOST;
             if name == header::CONTENT_LENGTH {
                 if framing == RequestFraming::Chunked || has_length {
                     continue;
@@ -359,6 +362,11 @@ impl RequestSend {
             out.put_slice(name.as_str().as_bytes());
             out.put_slice(b": ");
             out.put_slice(value.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        if let Some(host) = host.filter(|_| !has_host) {
+            out.put_slice(b"host: ");
+            out.put_slice(host.as_bytes());
             out.put_slice(b"\r\n");
         }
         for (name, value) in forwarding.iter() {

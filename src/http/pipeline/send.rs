@@ -64,7 +64,12 @@ pub(super) async fn send_with_retries<'c>(
     // (Boxed: only a replacement has one.)
     let mut rewritten: Option<Box<UpstreamHead>> = None;
     loop {
-        let (target_host, target_port) = match Box::pin(conn.env.scripts.endpoint(target, || script_context.cloned().unwrap_or_default())).await {
+        let endpoint = match target.static_endpoint() {
+            Some(endpoint) => Ok(endpoint),
+            // Boxed: only a target with a function waits here.
+            None => Box::pin(conn.env.scripts.endpoint(target, || script_context.cloned().unwrap_or_default())).await,
+        };
+        let (target_host, target_port) = match endpoint {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(route = &*route.label, error = %err, "target function failed");
@@ -150,7 +155,7 @@ pub(super) async fn send_with_retries<'c>(
             (TrackedBody::new(attempt_body, counted, Some(sent.clone())).boxed(), Some(sent))
         };
         let watched = if ctx.version < Version::HTTP_2 { conn.client_fd } else { None };
-        let sent = send_watching_client(&mut checkout, &mut upstream_head, body, route.http.response_timeout, watched, route_slot).await;
+        let sent = send_watching_client(&mut checkout, &mut upstream_head, body, ctx.raw_host.as_deref(), route.http.response_timeout, watched, route_slot).await;
         match sent {
             Ok(response) if response.status().is_server_error() && policy.on_5xx && replayable && attempt < policy.max_retries => {
                 tracing::debug!(route = &*route.label, status = %response.status(), attempt, "upstream answered 5xx, retrying");
@@ -246,8 +251,10 @@ fn set_target(head: &mut Parts, http2: bool, key: &PoolKey, path_and_query: &Pat
             .map_err(|_| ())?;
         head.version = Version::HTTP_2;
     } else {
-        // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host.
-        if !head.headers.contains_key(header::HOST) {
+        // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host, which
+        // our HTTP/1.1 client writes from the request's host as it writes the head (`send`).
+        // Without either (HTTP/1.0), the target's address.
+        if raw_host.is_none() && !head.headers.contains_key(header::HOST) {
             let value = HeaderValue::try_from(authority()).map_err(|_| ())?;
             head.headers.insert(header::HOST, value);
         }
@@ -325,13 +332,15 @@ impl std::fmt::Display for UpstreamFailure {
 
 /// Sends one attempt of the head in `head` (always `Some` on the way in). HTTP/1.1 borrows it
 /// and leaves it there, for a stale connection's replacement to send again; HTTP/2 takes it.
-async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: ProxyBody, timeout: Duration) -> Result<Response<UpstreamBody>, SendError> {
+/// `host`: the host the client named, which an HTTP/1.1 head without `Host` (an HTTP/2 client's)
+/// gets written as its `Host`.
+async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: ProxyBody, host: Option<&str>, timeout: Duration) -> Result<Response<UpstreamBody>, SendError> {
     match checkout {
         Checkout::Http1 { conn, .. } => {
             let (Some(conn), Some(head)) = (conn.take(), head.as_ref()) else {
                 return Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None))));
             };
-            match tokio::time::timeout(timeout, h1_client::send(conn, &head.parts, &head.forwarding, body)).await {
+            match tokio::time::timeout(timeout, h1_client::send(conn, &head.parts, &head.forwarding, host, body)).await {
                 Ok(Ok(response)) => Ok(response.map(UpstreamBody::H1)),
                 Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H1(err))),
                 Err(_) => Err(SendError::Timeout),
@@ -364,6 +373,7 @@ async fn send_watching_client(
     checkout: &mut Checkout,
     head: &mut Option<UpstreamHead>,
     body: ProxyBody,
+    host: Option<&str>,
     timeout: Duration,
     client_fd: Option<std::os::fd::RawFd>,
     route_slot: &mut Option<RouteGuard>,
@@ -371,8 +381,8 @@ async fn send_watching_client(
     let limited = route_slot.as_ref().is_some_and(RouteGuard::is_limited);
     match (client_fd, limited) {
         // Boxed: the watch's timer would otherwise size every request's future.
-        (Some(fd), true) => Box::pin(send_while_watching(checkout, head, body, timeout, fd, route_slot)).await,
-        _ => send(checkout, head, body, timeout).await,
+        (Some(fd), true) => Box::pin(send_while_watching(checkout, head, body, host, timeout, fd, route_slot)).await,
+        _ => send(checkout, head, body, host, timeout).await,
     }
 }
 
@@ -380,11 +390,12 @@ async fn send_while_watching(
     checkout: &mut Checkout,
     head: &mut Option<UpstreamHead>,
     body: ProxyBody,
+    host: Option<&str>,
     timeout: Duration,
     fd: std::os::fd::RawFd,
     route_slot: &mut Option<RouteGuard>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let sending = send(checkout, head, body, timeout);
+    let sending = send(checkout, head, body, host, timeout);
     tokio::pin!(sending);
     let mut watch = tokio::time::interval(CLIENT_WATCH_PERIOD);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
