@@ -9,6 +9,8 @@
 # Mode `haproxy` counts HAProxy run the same way (nbthread 1, option http-keep-alive, http-reuse
 # always, option forwardfor; needs haproxy), so the two figures can be compared within one run.
 # With KEEP_DIR set, the callgrind files stay there (callgrind.MODE.*) for callgrind_annotate.
+# With INSTR_H2=1 the client speaks HTTP/2 over cleartext (prior knowledge; h2load -c16 -m10)
+# to the proxy, which still forwards HTTP/1.1 to the backend: the HTTP/2 front end's cost.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 requests="${INSTR_REQUESTS:-10000}"
@@ -38,6 +40,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/d
 wait_port "$backend_port"; wait_port "$redis_port"
 
 header=(-H 'X-Session: bench-session')
+if [ "${INSTR_H2:-0}" = 1 ]; then load=(-c 16 -m 10); else load=(--h1 -c 32); fi
 for mode in "${modes[@]}"; do
   port="$(free_port)"
   out="$work/callgrind.$mode"
@@ -54,9 +57,9 @@ for mode in "${modes[@]}"; do
   proxy=$!
   wait_port "$port"
   curl -s "${header[@]}" "http://127.0.0.1:$port/" > /dev/null
-  h2load --h1 -n 2000 -c 32 "${header[@]}" "http://127.0.0.1:$port/" > /dev/null
+  h2load -n 2000 "${load[@]}" "${header[@]}" "http://127.0.0.1:$port/" > /dev/null
   callgrind_control -d "$proxy" > /dev/null 2>&1   # part 1: start-up and warm-up
-  done_line="$(h2load --h1 -n "$requests" -c 32 "${header[@]}" "http://127.0.0.1:$port/" | grep 'requests:')"
+  done_line="$(h2load -n "$requests" "${load[@]}" "${header[@]}" "http://127.0.0.1:$port/" | grep 'requests:')"
   callgrind_control -d "$proxy" > /dev/null 2>&1   # part 2: the measured requests
   kill "$proxy"; wait "$proxy" 2>/dev/null || true
   succeeded="$(sed -E 's/.* ([0-9]+) succeeded.*/\1/' <<<"$done_line")"
