@@ -116,6 +116,12 @@ impl NativeEngine {
         Ok(statistics)
     }
 
+    /// The Prometheus text exposition (format 0.0.4) of the engine's counters.
+    #[napi]
+    pub fn prometheus_metrics(&self) -> String {
+        self.engine.prometheus()
+    }
+
     /// `ICertStatus` of an automatic-certificate route (`expiryDate`/`issueDate` in ms), or null.
     #[napi]
     pub fn certificate_status(&self, route_name: String) -> Result<Option<serde_json::Value>> {

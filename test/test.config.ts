@@ -137,6 +137,7 @@ tap.test('engine options get the documented defaults', async () => {
     redis: null,
     trustForwardedHeaders: false,
     httpKeepAliveTimeoutMs: 120000,
+    prometheus: null,
   });
 });
 
@@ -165,6 +166,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     sendProxyProtocol: 2,
     trustForwardedHeaders: true,
     httpKeepAliveTimeout: 5000.7,
+    metrics: { prometheus: { port: 9100 } },
   });
   expect(config.options).toEqual({
     initialDataTimeoutMs: 5000,
@@ -191,6 +193,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     redis: null,
     trustForwardedHeaders: true,
     httpKeepAliveTimeoutMs: 5000,
+    prometheus: { port: 9100, host: '127.0.0.1', path: '/metrics' },
   });
 });
 

@@ -113,7 +113,7 @@ function everyOption(routes: unknown[]): TRecord {
     },
     certProvisionFunction: async () => 'http01' as const,
     certProvisionFallbackToAcme: true,
-    metrics: { enabled: true, sampleIntervalMs: 1000, retentionSeconds: 60 },
+    metrics: { enabled: true, sampleIntervalMs: 1000, retentionSeconds: 60, prometheus: { port: 9100, host: '127.0.0.1', path: '/metrics' } },
     workerThreads: 1,
     redis: { url: 'redis://127.0.0.1:6379', keyPrefix: 'x:' },
     jsCallTimeout: 1000,

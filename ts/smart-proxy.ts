@@ -124,6 +124,14 @@ export class SmartProxy extends EventEmitter {
   }
 
   /**
+   * (ext) The engine's counters in the Prometheus text exposition format (0.0.4), names starting
+   * with `smartproxy_`: what `metrics.prometheus` serves.
+   */
+  public getPrometheusMetrics(): string {
+    return this.engine.prometheusMetrics();
+  }
+
+  /**
    * Gets the route's certificate now: from `certProvisionFunction` when set, else (or when it
    * answers 'http01') from ACME. Rejects with the reason when that fails.
    */

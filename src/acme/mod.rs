@@ -199,6 +199,12 @@ impl AcmeManager {
         }
     }
 
+    /// Every automatic certificate's status, by route name.
+    pub fn statuses(&self) -> Vec<(String, CertStatus)> {
+        let names: Vec<String> = self.managed.lock().keys().cloned().collect();
+        names.into_iter().filter_map(|name| Some((name.clone(), self.status(&name)?))).collect()
+    }
+
     pub fn status(&self, name: &str) -> Option<CertStatus> {
         let managed = self.managed.lock().get(name).cloned()?;
         let mut status = managed.status.lock().clone();

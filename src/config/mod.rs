@@ -52,6 +52,9 @@ pub struct EngineOptions {
     /// How long a client connection may sit idle between HTTP requests.
     #[serde(default = "default_keep_alive_timeout_ms")]
     pub http_keep_alive_timeout_ms: u64,
+    /// `metrics.prometheus`: where the Prometheus exposition is served while started.
+    #[serde(default)]
+    pub prometheus: Option<PrometheusOptions>,
 }
 
 fn default_keep_alive_timeout_ms() -> u64 {
@@ -67,6 +70,15 @@ fn default_max_keys() -> usize {
 
 fn yes() -> bool {
     true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PrometheusOptions {
+    pub port: u16,
+    pub host: String,
+    /// The one path answered (`/metrics`).
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

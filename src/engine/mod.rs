@@ -5,6 +5,7 @@
 
 mod logging;
 mod runtime;
+mod scrape;
 mod stats;
 
 use std::collections::BTreeSet;
@@ -81,6 +82,8 @@ struct Running {
     force_close: CancellationToken,
     pool: Arc<UpstreamPool>,
     sampler: JoinHandle<()>,
+    /// The `metrics.prometheus` listener, when configured.
+    scrape: Option<scrape::ScrapeListener>,
 }
 
 #[derive(Debug)]
@@ -155,7 +158,7 @@ impl Engine {
     }
 
     /// Binds every route port (all or none) and starts accepting. Starting twice is a no-op.
-    pub async fn start(&self) -> Result<(), EngineError> {
+    pub async fn start(self: &Arc<Self>) -> Result<(), EngineError> {
         let mut control = self.control.lock().await;
         if control.running.is_some() {
             return Ok(());
@@ -170,14 +173,23 @@ impl Engine {
         let on_accept = self.accept_callback(env, sessions.clone());
         // Stored certificates serve the very first handshakes.
         self.acme.load_stored(None);
+        let scrape = match &self.options.prometheus {
+            Some(options) => Some(scrape::ScrapeListener::bind(options, Arc::downgrade(self)).await.map_err(EngineError::Bind)?),
+            None => None,
+        };
         let mut ports = PortManager::default();
-        ports.bind_all(&self.wanted_ports(&control), &on_accept).map_err(EngineError::Bind)?;
+        if let Err(err) = ports.bind_all(&self.wanted_ports(&control), &on_accept) {
+            if let Some(scrape) = scrape {
+                scrape.stop().await;
+            }
+            return Err(EngineError::Bind(err));
+        }
         // Orders need the challenge port listening.
         self.acme.start(None);
         self.health_checks.sync(self.table.read().health_probes());
         let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone(), affinity));
         *self.listening.lock() = ports.ports();
-        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler });
+        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, scrape });
         Ok(())
     }
 
@@ -191,6 +203,9 @@ impl Engine {
         self.acme.stop();
         self.health_checks.stop_all();
         running.ports.release_all().await;
+        if let Some(scrape) = running.scrape.take() {
+            scrape.stop().await;
+        }
         self.listening.lock().clear();
         running.sampler.abort();
         running.sessions.close();

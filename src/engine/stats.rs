@@ -175,3 +175,117 @@ impl Engine {
             .collect()
     }
 }
+
+impl Engine {
+    /// The Prometheus exposition of this engine (`getPrometheusMetrics()`, `metrics.prometheus`).
+    /// Labels are bounded by configuration: routes, backends, domains, status classes and
+    /// termination reasons, never client addresses or paths. Each family is read on its own from
+    /// counters the data path only adds to: a scrape holds no lock the traffic waits on, beyond
+    /// the short ones `getStatistics()` takes.
+    pub fn prometheus(&self) -> String {
+        use crate::metrics::prometheus::{Exposition, Kind};
+        use crate::metrics::RouteStats;
+        let m = &self.metrics;
+        let statistics = self.statistics();
+        let mut routes = m.routes.all();
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let mut out = Exposition::default();
+        let per_route = |out: &mut Exposition, name: &str, kind: Kind, help: &str, value: &dyn Fn(&RouteStats) -> f64| {
+            out.family(name, kind, help);
+            for (label, stats) in &routes {
+                out.sample(name, &[("route", label)], value(stats));
+            }
+        };
+
+        out.family("smartproxy_build_info", Kind::Gauge, "The engine's version, as a label (always 1).");
+        out.sample("smartproxy_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1u8);
+        let engine_wide = [
+            ("smartproxy_connections_active", Kind::Gauge, "Client connections open now.", statistics.active_connections),
+            ("smartproxy_tls_connections_active", Kind::Gauge, "Client connections open now over TLS (passed through or terminated).", statistics.tls_connections),
+            ("smartproxy_http_connections_active", Kind::Gauge, "Client connections the HTTP engine serves now.", statistics.http_connections),
+            ("smartproxy_websocket_tunnels_active", Kind::Gauge, "WebSocket tunnels open now.", statistics.websocket_connections),
+            ("smartproxy_connections_total", Kind::Counter, "Client connections accepted.", statistics.total_connections),
+            ("smartproxy_websocket_tunnels_total", Kind::Counter, "WebSocket tunnels opened.", statistics.websocket_total),
+            ("smartproxy_http_requests_received_total", Kind::Counter, "Requests the HTTP engine received (routed or not).", statistics.http_requests),
+            ("smartproxy_received_bytes_total", Kind::Counter, "Bytes read from clients.", statistics.bytes_in),
+            ("smartproxy_sent_bytes_total", Kind::Counter, "Bytes written to clients.", statistics.bytes_out),
+            ("smartproxy_js_calls_total", Kind::Counter, "Calls into JavaScript (function targets, socket handlers).", statistics.js_calls),
+            ("smartproxy_rate_limit_evictions_total", Kind::Counter, "Rate-limit keys dropped to keep routes within rateLimit.maxKeys.", statistics.rate_limit_evictions),
+        ];
+        let affinity = statistics.affinity.as_ref().map(|affinity| {
+            [
+                ("smartproxy_affinity_lookups_total", Kind::Counter, "Session-affinity lookups.", affinity.lookups),
+                ("smartproxy_affinity_redis_lookups_total", Kind::Counter, "Session-affinity lookups that went to Redis.", affinity.redis_lookups),
+                ("smartproxy_affinity_redis_fallbacks_total", Kind::Counter, "Session-affinity lookups answered from memory because Redis failed.", affinity.redis_fallbacks),
+                ("smartproxy_affinity_evictions_total", Kind::Counter, "Session-affinity bindings dropped to keep routes within maxKeys.", affinity.evictions),
+            ]
+        });
+        for (name, kind, help, value) in engine_wide.into_iter().chain(affinity.into_iter().flatten()) {
+            out.family(name, kind, help);
+            out.sample(name, &[], value as f64);
+        }
+        out.family("smartproxy_connection_terminations_total", Kind::Counter, "Client connections ended, by why they ended.");
+        for (reason, n) in m.termination_counts() {
+            out.sample("smartproxy_connection_terminations_total", &[("reason", reason)], n as f64);
+        }
+
+        per_route(&mut out, "smartproxy_route_connections_active", Kind::Gauge, "Connections (and HTTP requests in flight) of each route now.", &|s| {
+            count(&s.active)
+        });
+        per_route(&mut out, "smartproxy_route_connections_total", Kind::Counter, "Connections and HTTP requests each route took.", &|s| count(&s.total));
+        per_route(&mut out, "smartproxy_route_received_bytes_total", Kind::Counter, "Bytes read from clients, by route.", &|s| count(&s.bytes.bytes_in));
+        per_route(&mut out, "smartproxy_route_sent_bytes_total", Kind::Counter, "Bytes written to clients, by route.", &|s| count(&s.bytes.bytes_out));
+        out.family("smartproxy_http_requests_total", Kind::Counter, "HTTP requests a route answered, by status class.");
+        for (label, stats) in &routes {
+            for (class, n) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().zip(&stats.responses) {
+                out.sample("smartproxy_http_requests_total", &[("route", label), ("class", class)], count(n));
+            }
+        }
+        out.family(
+            "smartproxy_http_request_duration_seconds",
+            Kind::Histogram,
+            "Time from an HTTP request's head to its response's head, by route.",
+        );
+        for (label, stats) in &routes {
+            out.histogram("smartproxy_http_request_duration_seconds", &[("route", label)], &stats.response_time);
+        }
+        out.family(
+            "smartproxy_route_refusals_total",
+            Kind::Counter,
+            "Requests a route refused: rate limit (429), authentication (401), IP lists (403).",
+        );
+        for (label, stats) in &routes {
+            for (reason, n) in [("rate_limit", &stats.rate_limited), ("auth", &stats.unauthorized), ("ip", &stats.forbidden)] {
+                out.sample("smartproxy_route_refusals_total", &[("route", label), ("reason", reason)], count(n));
+            }
+        }
+
+        let backends: Vec<(&str, String, &crate::balance::BackendStatus)> = statistics
+            .backends
+            .iter()
+            .flat_map(|(route, backends)| backends.iter().map(move |b| (route.as_str(), format!("{}:{}", b.host, b.port), b)))
+            .collect();
+        out.family("smartproxy_backend_up", Kind::Gauge, "Whether a balanced backend takes traffic (1) or is marked down (0).");
+        for (route, address, backend) in &backends {
+            out.sample("smartproxy_backend_up", &[("route", route), ("backend", address)], u8::from(backend.healthy));
+        }
+        out.family("smartproxy_backend_requests_in_flight", Kind::Gauge, "Requests and connections a balanced backend holds now.");
+        for (route, address, backend) in &backends {
+            out.sample("smartproxy_backend_requests_in_flight", &[("route", route), ("backend", address)], backend.in_flight as f64);
+        }
+
+        out.family(
+            "smartproxy_certificate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When an automatic certificate expires (Unix seconds), by route and domain.",
+        );
+        for (route, status) in self.acme.statuses() {
+            if let Some(expiry_ms) = status.expiry_date {
+                out.sample("smartproxy_certificate_expiry_timestamp_seconds", &[("route", &route), ("domain", &status.domain)], (expiry_ms / 1000) as f64);
+            }
+        }
+
+        out.finish()
+    }
+}

@@ -3,6 +3,7 @@
 //! totals into rates. Lock-free on the data path (relaxed atomics); rings are touched once a second.
 //! Knows nothing of sockets or napi.
 
+pub mod prometheus;
 mod rate;
 
 use std::collections::HashMap;
@@ -146,8 +147,58 @@ pub struct RouteStats {
     pub rate_limited: AtomicU64,
     pub unauthorized: AtomicU64,
     pub forbidden: AtomicU64,
+    /// HTTP requests answered, by status class (1xx to 5xx).
+    pub responses: [AtomicU64; 5],
+    /// HTTP requests, from the request head to the response head.
+    pub response_time: Histogram,
     pub bytes: ByteCounters,
     pub ring: Mutex<RateRing>,
+}
+
+impl RouteStats {
+    /// One HTTP request of the route answered with `status`, its response head `elapsed` after
+    /// its request head.
+    pub fn record_response(&self, status: u16, elapsed: std::time::Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        self.response_time.record(elapsed);
+    }
+}
+
+/// Upper bounds of the request-duration buckets, in microseconds: Prometheus' default buckets
+/// (5 ms to 10 s) below a proxy's own scale (100 µs to 2.5 ms), where most requests through a
+/// local proxy land.
+pub const DURATION_BOUNDS_MICROS: [u64; 15] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000];
+
+/// A histogram of durations with fixed buckets: one relaxed add per bucket hit, the count and the
+/// sum; read without a lock (a scrape may see one request's bucket before its count, never worse).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts: `buckets[i]` for durations up to `DURATION_BOUNDS_MICROS[i]`, the
+    /// last one for longer ones.
+    buckets: [AtomicU64; DURATION_BOUNDS_MICROS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = DURATION_BOUNDS_MICROS.partition_point(|bound| *bound < micros);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (the last is `+Inf`, the total), and the sum in seconds.
+    pub fn snapshot(&self) -> ([u64; DURATION_BOUNDS_MICROS.len() + 1], f64) {
+        let mut cumulative = [0; DURATION_BOUNDS_MICROS.len() + 1];
+        let mut running = 0;
+        for (slot, bucket) in cumulative.iter_mut().zip(&self.buckets) {
+            running += bucket.load(Ordering::Relaxed);
+            *slot = running;
+        }
+        (cumulative, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
 }
 
 impl Default for RouteStats {
@@ -158,6 +209,8 @@ impl Default for RouteStats {
             rate_limited: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
             forbidden: AtomicU64::new(0),
+            responses: Default::default(),
+            response_time: Histogram::default(),
             bytes: ByteCounters::default(),
             ring: Mutex::new(RateRing::new(PER_KEY_HISTORY_SECONDS)),
         }
@@ -258,12 +311,14 @@ impl EngineMetrics {
         self.terminations[reason.slot()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The reasons connections ended for so far, with their counts (those that happened).
     pub fn terminations(&self) -> Vec<(&'static str, u64)> {
-        TerminationReason::ALL
-            .iter()
-            .map(|r| (r.as_str(), self.terminations[r.slot()].load(Ordering::Relaxed)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
+        self.termination_counts().filter(|(_, n)| *n > 0).collect()
+    }
+
+    /// Every reason with its count, zeros included.
+    pub fn termination_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        TerminationReason::ALL.iter().map(|r| (r.as_str(), self.terminations[r.slot()].load(Ordering::Relaxed)))
     }
 
     /// Called once a second by the engine's sampler.
@@ -290,6 +345,22 @@ mod tests {
         let all = m.terminations();
         assert_eq!(all.len(), TerminationReason::ALL.len());
         assert!(all.iter().all(|(_, n)| *n == 1));
+    }
+
+    #[test]
+    fn a_histogram_counts_each_duration_once_and_cumulates_on_reading() {
+        let stats = RouteStats::default();
+        stats.record_response(200, std::time::Duration::from_micros(100));
+        stats.record_response(204, std::time::Duration::from_micros(101));
+        stats.record_response(503, std::time::Duration::from_secs(60));
+        stats.record_response(99, std::time::Duration::ZERO);
+        let (cumulative, sum) = stats.response_time.snapshot();
+        assert_eq!(&cumulative[..3], &[2, 3, 3], "100 µs is in the first bucket (le), 101 in the second");
+        assert_eq!(cumulative[DURATION_BOUNDS_MICROS.len() - 1], 3, "a minute is beyond every bound");
+        assert_eq!(cumulative[DURATION_BOUNDS_MICROS.len()], 4);
+        assert!((sum - 60.000201).abs() < 1e-9);
+        let classes: Vec<u64> = stats.responses.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(classes, [1, 2, 0, 0, 1], "a status below 100 counts as 1xx");
     }
 
     #[test]

@@ -34,6 +34,8 @@ export interface INativeOptions {
   trustForwardedHeaders: boolean;
   /** Idle time allowed between HTTP requests on a client connection. */
   httpKeepAliveTimeoutMs: number;
+  /** `metrics.prometheus`, with its defaults filled in. */
+  prometheus: { port: number; host: string; path: string } | null;
 }
 
 export interface INativeRoute {

@@ -162,7 +162,7 @@ export const OPTIONS_SCHEMA = keys({
   acme: nested(ACME_SCHEMA),
   certProvisionFunction: leaf,
   certProvisionFallbackToAcme: leaf,
-  metrics: nested(keys(leaves('enabled', 'sampleIntervalMs', 'retentionSeconds'))),
+  metrics: nested(keys({ ...leaves('enabled', 'sampleIntervalMs', 'retentionSeconds'), prometheus: nested(keys(leaves('port', 'host', 'path'))) })),
   workerThreads: leaf,
   redis: nested(keys(leaves('url', 'keyPrefix'))),
   ...leaves('jsCallTimeout', 'maxHeaderSize', 'headerTimeout', 'http2MaxConcurrentStreams', 'trustForwardedHeaders', 'httpKeepAliveTimeout'),

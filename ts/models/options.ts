@@ -73,7 +73,16 @@ export interface ISmartProxyOptions {
   certProvisionFunction?: (domain: string) => Promise<TSmartProxyCertProvisionObject | 'http01'>;
   /** Default true. */
   certProvisionFallbackToAcme?: boolean;
-  metrics?: { enabled?: boolean; sampleIntervalMs?: number; retentionSeconds?: number };
+  metrics?: {
+    enabled?: boolean;
+    sampleIntervalMs?: number;
+    retentionSeconds?: number;
+    /**
+     * (ext) Serve the Prometheus text exposition (the same text as `getPrometheusMetrics()`) on
+     * `host:port` (default host 127.0.0.1) at `path` (default /metrics) while started.
+     */
+    prometheus?: { port: number; host?: string; path?: string };
+  };
   /** (ext) Tokio worker threads; default one per core. */
   workerThreads?: number;
   /** (ext) Shared state across replicas. */

@@ -216,6 +216,20 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     if (r.keyPrefix !== undefined && typeof r.keyPrefix !== 'string') root.fail('redis.keyPrefix', `expected a string, got ${show(r.keyPrefix)}`);
     redis = { url: r.url, keyPrefix: (r.keyPrefix as string | undefined) ?? 'smartproxy:' };
   }
+  let prometheus: INativeOptions['prometheus'] = null;
+  const prometheusRaw = isRecord(raw.metrics) ? raw.metrics.prometheus : undefined;
+  if (prometheusRaw !== undefined) {
+    if (!isRecord(prometheusRaw)) root.fail('metrics.prometheus', `expected an object, got ${show(prometheusRaw)}`);
+    const { port, host = '127.0.0.1', path = '/metrics' } = prometheusRaw;
+    if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) {
+      root.fail('metrics.prometheus.port', `expected a port number (1-65535), got ${show(port)}`);
+    }
+    if (typeof host !== 'string' || host.length === 0) root.fail('metrics.prometheus.host', `expected a host name or address, got ${show(host)}`);
+    if (typeof path !== 'string' || !path.startsWith('/') || /[\s?#]/.test(path)) {
+      root.fail('metrics.prometheus.path', `expected a path beginning with '/' (no spaces, query or fragment), got ${show(path)}`);
+    }
+    prometheus = { port, host, path };
+  }
   let workerThreads: number | null = null;
   if (raw.workerThreads !== undefined) {
     const w = raw.workerThreads;
@@ -247,6 +261,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     sendProxyProtocol,
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
     redis,
+    prometheus,
   };
 }
 

@@ -11,6 +11,7 @@ use http::{Method, StatusCode, Version};
 
 use super::answers::{edge_refusal, native_response, security_refusal};
 use super::{request_facts, Answer, ConnectionContext, RequestCtx};
+use crate::routing::table::Route;
 use crate::http::body::text_response;
 use crate::http::edge::{self, host_values, normalise_host, normalise_path, request_host};
 use crate::security::RouteGuard;
@@ -22,23 +23,36 @@ pub(super) struct Admission<'c> {
     pub route_slot: Option<RouteGuard>,
 }
 
-pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Admission<'c>, Answer> {
+/// A request refused before it reached its route's checks (`route: None`: it found no route), or
+/// by them.
+pub(super) struct Refused<'c> {
+    pub route: Option<&'c Arc<Route>>,
+    pub answer: Answer,
+}
+
+impl From<Answer> for Refused<'_> {
+    fn from(answer: Answer) -> Self {
+        Refused { route: None, answer }
+    }
+}
+
+pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Admission<'c>, Refused<'c>> {
     // The edge rules (API.md "Edge hygiene"): one host, which is the one the backend receives; a
     // normalised path for matching. An HTTP/1.x head met them already, with the framing rules
     // (`http::head`); an HTTP/2 request meets them here first.
     let version = head.version;
     let raw_host = match request_host(head.uri.authority().map(|a| a.as_str()), host_values(&head.headers), version >= Version::HTTP_11) {
         Ok(host) => host.map(str::to_string),
-        Err(refusal) => return Err(edge_refusal(refusal, version)),
+        Err(refusal) => return Err(edge_refusal(refusal, version).into()),
     };
     if head.method == Method::CONNECT {
-        return Err(edge_refusal(edge::Refusal { status: StatusCode::METHOD_NOT_ALLOWED, reason: "CONNECT is not proxied" }, version));
+        return Err(edge_refusal(edge::Refusal { status: StatusCode::METHOD_NOT_ALLOWED, reason: "CONNECT is not proxied" }, version).into());
     }
     let domain = raw_host.as_deref().map(normalise_host).filter(|d| !d.is_empty()).map(|d| d.into_owned());
     let normalised_path = match normalise_path(head.uri.path()) {
         Ok(std::borrow::Cow::Owned(normal)) => Some(normal),
         Ok(std::borrow::Cow::Borrowed(_)) => None,
-        Err(refusal) => return Err(edge_refusal(refusal, version)),
+        Err(refusal) => return Err(edge_refusal(refusal, version).into()),
     };
     let match_path = normalised_path.as_deref().unwrap_or(head.uri.path());
     let found = conn.table.find_for_request(&request_facts(conn, domain.as_deref(), match_path, head));
@@ -46,38 +60,39 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Adm
         let same_host = domain.as_deref() == Some(&**sni);
         let same_route = found.is_some_and(|route| Arc::ptr_eq(route, sni_route));
         if !same_host && !same_route {
-            return Err(text_response(StatusCode::MISDIRECTED_REQUEST, "this connection was not made for that host"));
+            return Err(text_response(StatusCode::MISDIRECTED_REQUEST, "this connection was not made for that host").into());
         }
     }
     let Some(route) = found else {
-        return Err(text_response(StatusCode::NOT_FOUND, "no route matches this request"));
+        return Err(text_response(StatusCode::NOT_FOUND, "no route matches this request").into());
     };
+    let refused = |answer: Answer| Refused { route: Some(route), answer };
     if !route.policy.admits(conn.client_ip) {
         route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
-        return Err(text_response(StatusCode::FORBIDDEN, "access denied"));
+        return Err(refused(text_response(StatusCode::FORBIDDEN, "access denied")));
     }
     if route.socket_handler.is_some() {
         // A socket handler takes whole connections; only a connection's first request can go to
         // it. This connection closes after the answer, so the client's next try opens a new one.
         let mut refusal = text_response(StatusCode::MISDIRECTED_REQUEST, "this route takes whole connections: send the request on a new connection");
         refusal.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Err(refusal);
+        return Err(refused(refusal));
     }
     conn.env.scripts.route_matched(&conn.identity(), domain.as_deref(), route);
     let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections).map(Some) else {
-        return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached"));
+        return Err(refused(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached")));
     };
     // Rate limit, then authentication: refused requests never reach an upstream.
     let admitted = match &route.http_security {
         None => None,
         Some(security) => match security.admit(conn.client_ip, match_path, &head.headers) {
             Ok(admitted) => Some(admitted),
-            Err(refusal) => return Err(security_refusal(route, refusal)),
+            Err(refusal) => return Err(refused(security_refusal(route, refusal))),
         },
     };
     let ctx = RequestCtx { conn, route, version, uri: head.uri.clone(), raw_host, domain, normalised_path, admitted };
     if let Some(native) = &route.http.native {
-        return Err(native_response(native, &ctx.templates()));
+        return Err(refused(native_response(native, &ctx.templates())));
     }
     Ok(Admission { ctx, route_slot })
 }

@@ -28,6 +28,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::request::Parts;
 use http::{Request, Response, Uri, Version};
@@ -125,10 +126,17 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
     // is written at once.
     let mut in_flight = Some(conn.counters.request_started());
     let (mut head, body) = req.into_parts();
+    let received = Instant::now();
     async move {
+        // The route that answered, whatever phase answered: its counters take the response.
+        let mut answered_by: Option<&Arc<Route>> = None;
         let proxied = async {
             let conn: &ConnectionContext = &conn;
-            let admit::Admission { ctx, mut route_slot } = admit::admit(conn, &head)?;
+            let admit::Admission { ctx, mut route_slot } = admit::admit(conn, &head).map_err(|refused| {
+                answered_by = refused.route;
+                refused.answer
+            })?;
+            answered_by = Some(ctx.route);
             // Phases that may wait only on rare paths (affinity, a body kept for retries) are
             // boxed there, so that the common request's future stays small.
             let affinity = ctx.route.affinity.as_ref();
@@ -146,7 +154,11 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
             }
             respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, &mut in_flight)
         };
-        Ok(proxied.await.unwrap_or_else(|answer: Answer| answer))
+        let response = proxied.await.unwrap_or_else(|answer: Answer| answer);
+        if let Some(route) = answered_by {
+            route.stats.record_response(response.status().as_u16(), received.elapsed());
+        }
+        Ok(response)
     }
 }
 
