@@ -138,6 +138,7 @@ tap.test('engine options get the documented defaults', async () => {
     trustForwardedHeaders: false,
     httpKeepAliveTimeoutMs: 120000,
     prometheus: null,
+    admin: null,
   });
 });
 
@@ -167,6 +168,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     trustForwardedHeaders: true,
     httpKeepAliveTimeout: 5000.7,
     metrics: { prometheus: { port: 9100 } },
+    admin: { port: 9101, host: '0.0.0.0', token: 'op-token' },
   });
   expect(config.options).toEqual({
     initialDataTimeoutMs: 5000,
@@ -194,6 +196,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     trustForwardedHeaders: true,
     httpKeepAliveTimeoutMs: 5000,
     prometheus: { port: 9100, host: '127.0.0.1', path: '/metrics' },
+    admin: { port: 9101, host: '0.0.0.0', token: 'op-token' },
   });
 });
 

@@ -114,6 +114,7 @@ function everyOption(routes: unknown[]): TRecord {
     certProvisionFunction: async () => 'http01' as const,
     certProvisionFallbackToAcme: true,
     metrics: { enabled: true, sampleIntervalMs: 1000, retentionSeconds: 60, prometheus: { port: 9100, host: '127.0.0.1', path: '/metrics' } },
+    admin: { port: 9101, host: '127.0.0.1', token: 't' },
     workerThreads: 1,
     redis: { url: 'redis://127.0.0.1:6379', keyPrefix: 'x:' },
     jsCallTimeout: 1000,

@@ -55,6 +55,9 @@ pub struct EngineOptions {
     /// `metrics.prometheus`: where the Prometheus exposition is served while started.
     #[serde(default)]
     pub prometheus: Option<PrometheusOptions>,
+    /// `admin`: the operator's listener (status page, status API, metrics, health).
+    #[serde(default)]
+    pub admin: Option<AdminOptions>,
 }
 
 fn default_keep_alive_timeout_ms() -> u64 {
@@ -79,6 +82,15 @@ pub struct PrometheusOptions {
     pub host: String,
     /// The one path answered (`/metrics`).
     pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdminOptions {
+    pub port: u16,
+    pub host: String,
+    /// Required as `Authorization: Bearer <token>` on every path but `/healthz`.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

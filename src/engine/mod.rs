@@ -5,11 +5,11 @@
 
 mod logging;
 mod runtime;
-mod scrape;
+mod ops_http;
 mod stats;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -63,6 +63,10 @@ pub struct Engine {
     health_checks: HealthChecks,
     /// Made at the first start (its Redis client needs the runtime); kept across restarts.
     affinity: std::sync::OnceLock<Arc<AffinityStore>>,
+    /// Raised when a stop begins, lowered by the next start.
+    stopping: AtomicBool,
+    /// When the last start began, for the status's uptime.
+    started_at: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Default)]
@@ -82,8 +86,8 @@ struct Running {
     force_close: CancellationToken,
     pool: Arc<UpstreamPool>,
     sampler: JoinHandle<()>,
-    /// The `metrics.prometheus` listener, when configured.
-    scrape: Option<scrape::ScrapeListener>,
+    /// The `metrics.prometheus` and `admin` listeners, as configured.
+    ops: Vec<ops_http::OpsListener>,
 }
 
 #[derive(Debug)]
@@ -138,6 +142,8 @@ impl Engine {
             backends,
             health_checks: HealthChecks::default(),
             affinity: std::sync::OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            started_at: Mutex::new(None),
             scripts,
             retired_tables: Mutex::default(),
             global_policy,
@@ -173,14 +179,13 @@ impl Engine {
         let on_accept = self.accept_callback(env, sessions.clone());
         // Stored certificates serve the very first handshakes.
         self.acme.load_stored(None);
-        let scrape = match &self.options.prometheus {
-            Some(options) => Some(scrape::ScrapeListener::bind(options, Arc::downgrade(self)).await.map_err(EngineError::Bind)?),
-            None => None,
-        };
+        self.stopping.store(false, Ordering::Release);
+        *self.started_at.lock() = Some(std::time::Instant::now());
+        let ops = self.bind_ops_listeners().await?;
         let mut ports = PortManager::default();
         if let Err(err) = ports.bind_all(&self.wanted_ports(&control), &on_accept) {
-            if let Some(scrape) = scrape {
-                scrape.stop().await;
+            for listener in ops {
+                listener.stop().await;
             }
             return Err(EngineError::Bind(err));
         }
@@ -189,7 +194,7 @@ impl Engine {
         self.health_checks.sync(self.table.read().health_probes());
         let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone(), affinity));
         *self.listening.lock() = ports.ports();
-        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, scrape });
+        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, ops });
         Ok(())
     }
 
@@ -202,10 +207,8 @@ impl Engine {
         };
         self.acme.stop();
         self.health_checks.stop_all();
+        self.stopping.store(true, Ordering::Release);
         running.ports.release_all().await;
-        if let Some(scrape) = running.scrape.take() {
-            scrape.stop().await;
-        }
         self.listening.lock().clear();
         running.sampler.abort();
         running.sessions.close();
@@ -218,6 +221,39 @@ impl Engine {
         }
         // Connections returned to the pool by the last requests.
         running.pool.clear();
+        // Last: `/healthz` says 503 for as long as the stop takes.
+        for listener in running.ops {
+            listener.stop().await;
+        }
+    }
+
+    /// A stop has begun (or the engine is stopped): what `/healthz` answers 503 for.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Binds `metrics.prometheus` and `admin` (all or none).
+    async fn bind_ops_listeners(self: &Arc<Self>) -> Result<Vec<ops_http::OpsListener>, EngineError> {
+        let mut wanted = Vec::new();
+        if let Some(prometheus) = &self.options.prometheus {
+            wanted.push((prometheus.host.clone(), prometheus.port, ops_http::Service::Scrape { path: prometheus.path.clone() }));
+        }
+        if let Some(admin) = &self.options.admin {
+            wanted.push((admin.host.clone(), admin.port, ops_http::Service::Admin { token: admin.token.clone() }));
+        }
+        let mut bound = Vec::new();
+        for (host, port, service) in wanted {
+            match ops_http::OpsListener::bind(&host, port, service, Arc::downgrade(self)).await {
+                Ok(listener) => bound.push(listener),
+                Err(err) => {
+                    for listener in bound {
+                        listener.stop().await;
+                    }
+                    return Err(EngineError::Bind(err));
+                }
+            }
+        }
+        Ok(bound)
     }
 
     /// Swaps in a new route table; binds the ports it adds (all or none, else nothing changes) and

@@ -171,7 +171,7 @@ impl Engine {
             .lock()
             .history(seconds)
             .into_iter()
-            .map(|(timestamp, rate)| HistoryPoint { timestamp, bytes_in: rate.bytes_in_per_sec, bytes_out: rate.bytes_out_per_sec })
+            .map(|point| HistoryPoint { timestamp: point.at_ms, bytes_in: point.rate.bytes_in_per_sec, bytes_out: point.rate.bytes_out_per_sec })
             .collect()
     }
 }
@@ -287,5 +287,137 @@ impl Engine {
         }
 
         out.finish()
+    }
+}
+
+/// `/api/status` of the admin listener: what the status page shows.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub version: &'static str,
+    pub uptime_seconds: u64,
+    pub stopping: bool,
+    pub listening_ports: Vec<u16>,
+    pub connections: StatusConnections,
+    pub http_requests: u64,
+    pub routes: Vec<RouteStatus>,
+    pub backends: Vec<BackendRow>,
+    pub certificates: Vec<CertificateRow>,
+    /// The last `STATUS_HISTORY_SECONDS`, one point per second, oldest first.
+    pub history: Vec<StatusPoint>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusConnections {
+    pub active: u64,
+    pub tls: u64,
+    pub http: u64,
+    pub websocket: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    pub name: String,
+    pub kind: &'static str,
+    pub active: u64,
+    pub total: u64,
+    /// HTTP requests answered, by status class `1xx` … `5xx`.
+    pub responses: BTreeMap<&'static str, u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRow {
+    pub route: String,
+    #[serde(flatten)]
+    pub backend: BackendStatus,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRow {
+    pub route: String,
+    #[serde(flatten)]
+    pub status: crate::acme::CertStatus,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusPoint {
+    /// Milliseconds since the Unix epoch, at the end of the second.
+    pub time: u64,
+    pub requests_per_second: f64,
+    pub bytes_in_per_second: f64,
+    pub bytes_out_per_second: f64,
+    pub connections: u64,
+}
+
+/// How much history the status carries.
+const STATUS_HISTORY_SECONDS: usize = 300;
+
+impl Engine {
+    pub fn status(&self) -> Status {
+        let statistics = self.statistics();
+        let table = self.table.read().clone();
+        let routes = table
+            .routes()
+            .iter()
+            .map(|route| {
+                let stats = &route.stats;
+                let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                RouteStatus {
+                    name: route.label.to_string(),
+                    kind: route.kind(),
+                    active: load(&stats.active),
+                    total: load(&stats.total),
+                    responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].into_iter().zip(stats.responses.iter().map(load)).collect(),
+                    bytes_in: load(&stats.bytes.bytes_in),
+                    bytes_out: load(&stats.bytes.bytes_out),
+                }
+            })
+            .collect();
+        let backends = statistics
+            .backends
+            .into_iter()
+            .flat_map(|(route, backends)| backends.into_iter().map(move |backend| BackendRow { route: route.clone(), backend }))
+            .collect();
+        let certificates = self.acme.statuses().into_iter().map(|(route, status)| CertificateRow { route, status }).collect();
+        let history = self
+            .metrics
+            .ring
+            .lock()
+            .history(STATUS_HISTORY_SECONDS)
+            .into_iter()
+            .map(|point| StatusPoint {
+                time: point.at_ms,
+                requests_per_second: point.rate.requests_per_sec,
+                bytes_in_per_second: point.rate.bytes_in_per_sec,
+                bytes_out_per_second: point.rate.bytes_out_per_sec,
+                connections: point.active,
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.started_at.lock().map_or(0, |at| at.elapsed().as_secs()),
+            stopping: self.is_stopping(),
+            listening_ports: statistics.listening_ports,
+            connections: StatusConnections {
+                active: statistics.active_connections,
+                tls: statistics.tls_connections,
+                http: statistics.http_connections,
+                websocket: statistics.websocket_connections,
+                total: statistics.total_connections,
+            },
+            http_requests: statistics.http_requests,
+            routes,
+            backends,
+            certificates,
+            history,
+        }
     }
 }

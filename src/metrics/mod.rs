@@ -324,10 +324,10 @@ impl EngineMetrics {
     /// Called once a second by the engine's sampler.
     pub fn sample(&self, now_ms: u64) {
         let (bytes_in, bytes_out) = self.bytes.totals();
-        self.ring.lock().push(now_ms, bytes_in, bytes_out, self.requests.load(Ordering::Relaxed));
+        self.ring.lock().push(now_ms, bytes_in, bytes_out, self.requests.load(Ordering::Relaxed), self.active.load(Ordering::Relaxed));
         for (_, stats) in self.routes.all() {
             let (i, o) = stats.bytes.totals();
-            stats.ring.lock().push(now_ms, i, o, stats.total.load(Ordering::Relaxed));
+            stats.ring.lock().push(now_ms, i, o, stats.total.load(Ordering::Relaxed), stats.active.load(Ordering::Relaxed));
         }
     }
 }

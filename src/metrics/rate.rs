@@ -15,6 +15,16 @@ struct Sample {
     bytes_in: u64,
     bytes_out: u64,
     requests: u64,
+    /// A gauge read at the sample's time (open connections), kept as it was.
+    active: u64,
+}
+
+/// One sampled second: its wall-clock end, the rates over it, and the gauge at its end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub at_ms: u64,
+    pub rate: Rate,
+    pub active: u64,
 }
 
 #[derive(Debug)]
@@ -29,11 +39,11 @@ impl RateRing {
         RateRing { samples: VecDeque::new(), capacity: seconds + 1 }
     }
 
-    pub fn push(&mut self, at_ms: u64, bytes_in: u64, bytes_out: u64, requests: u64) {
+    pub fn push(&mut self, at_ms: u64, bytes_in: u64, bytes_out: u64, requests: u64, active: u64) {
         if self.samples.len() == self.capacity {
             self.samples.pop_front();
         }
-        self.samples.push_back(Sample { at_ms, bytes_in, bytes_out, requests });
+        self.samples.push_back(Sample { at_ms, bytes_in, bytes_out, requests, active });
     }
 
     /// Average rate over the last `seconds` (or over what has been sampled so far, if less).
@@ -46,14 +56,14 @@ impl RateRing {
         rate_between(&first, last)
     }
 
-    /// One rate per sampled second, oldest first, with the sample's wall-clock time.
-    pub fn history(&self, seconds: usize) -> Vec<(u64, Rate)> {
+    /// One point per sampled second, oldest first.
+    pub fn history(&self, seconds: usize) -> Vec<Point> {
         let n = self.samples.len();
         let start = n.saturating_sub(seconds.saturating_add(1));
         self.samples
             .range(start..)
             .zip(self.samples.range(start + 1..))
-            .map(|(a, b)| (b.at_ms, rate_between(a, b)))
+            .map(|(a, b)| Point { at_ms: b.at_ms, rate: rate_between(a, b), active: b.active })
             .collect()
     }
 }
@@ -77,20 +87,21 @@ mod tests {
     #[test]
     fn rates_are_deltas_over_elapsed_time() {
         let mut ring = RateRing::new(10);
-        ring.push(0, 0, 0, 0);
-        ring.push(1000, 100, 10, 1);
-        ring.push(2000, 300, 30, 3);
+        ring.push(0, 0, 0, 0, 0);
+        ring.push(1000, 100, 10, 1, 4);
+        ring.push(2000, 300, 30, 3, 2);
         assert_eq!(ring.rate(1).bytes_in_per_sec, 200.0);
         assert_eq!(ring.rate(10).bytes_in_per_sec, 150.0);
         assert_eq!(ring.history(5).len(), 2);
-        assert_eq!(ring.history(1)[0].1.bytes_out_per_sec, 20.0);
+        assert_eq!(ring.history(1)[0].rate.bytes_out_per_sec, 20.0);
+        assert_eq!(ring.history(5).iter().map(|p| p.active).collect::<Vec<_>>(), [4, 2]);
     }
 
     #[test]
     fn an_empty_or_single_sample_ring_reads_zero() {
         let mut ring = RateRing::new(3);
         assert_eq!(ring.rate(1).bytes_in_per_sec, 0.0);
-        ring.push(5, 10, 10, 1);
+        ring.push(5, 10, 10, 1, 0);
         assert_eq!(ring.rate(1).bytes_in_per_sec, 0.0);
         assert!(ring.history(3).is_empty());
     }
@@ -99,7 +110,7 @@ mod tests {
     fn the_ring_keeps_only_its_capacity() {
         let mut ring = RateRing::new(2);
         for s in 0..10u64 {
-            ring.push(s * 1000, s * 10, 0, 0);
+            ring.push(s * 1000, s * 10, 0, 0, 0);
         }
         assert_eq!(ring.history(100).len(), 2);
     }

@@ -956,6 +956,18 @@ impl Route {
             .collect()
     }
 
+    /// What the route does with a connection, in a word: `tls-passthrough`, `tls-terminate`,
+    /// `http` (requests proxied) or `tcp` (bytes relayed), `socket-handler`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.tls, self.socket_handler) {
+            (_, Some(_)) => "socket-handler",
+            (Some(tls), _) if tls.terminates() => "tls-terminate",
+            (Some(_), _) => "tls-passthrough",
+            (None, _) if self.speaks_http() => "http",
+            (None, _) => "tcp",
+        }
+    }
+
     /// Its traffic reaches the backends as HTTP requests (not as relayed bytes).
     fn speaks_http(&self) -> bool {
         match &self.tls {

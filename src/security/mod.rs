@@ -100,7 +100,7 @@ impl ConnectionLimiter {
         ips.retain(|_, e| e.active > 0 || e.next_arrival > now);
         for entry in ips.values_mut() {
             let (i, o) = entry.bytes.totals();
-            entry.ring.push(now_ms, i, o, 0);
+            entry.ring.push(now_ms, i, o, 0, 0);
         }
     }
 

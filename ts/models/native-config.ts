@@ -36,6 +36,8 @@ export interface INativeOptions {
   httpKeepAliveTimeoutMs: number;
   /** `metrics.prometheus`, with its defaults filled in. */
   prometheus: { port: number; host: string; path: string } | null;
+  /** `admin`, with its default host. */
+  admin: { port: number; host: string; token: string | null } | null;
 }
 
 export interface INativeRoute {

@@ -163,6 +163,7 @@ export const OPTIONS_SCHEMA = keys({
   certProvisionFunction: leaf,
   certProvisionFallbackToAcme: leaf,
   metrics: nested(keys({ ...leaves('enabled', 'sampleIntervalMs', 'retentionSeconds'), prometheus: nested(keys(leaves('port', 'host', 'path'))) })),
+  admin: nested(keys(leaves('port', 'host', 'token'))),
   workerThreads: leaf,
   redis: nested(keys(leaves('url', 'keyPrefix'))),
   ...leaves('jsCallTimeout', 'maxHeaderSize', 'headerTimeout', 'http2MaxConcurrentStreams', 'trustForwardedHeaders', 'httpKeepAliveTimeout'),

@@ -83,6 +83,12 @@ export interface ISmartProxyOptions {
      */
     prometheus?: { port: number; host?: string; path?: string };
   };
+  /**
+   * (ext) The operator's listener while started: `/` a status page, `/api/status` (JSON),
+   * `/metrics` (Prometheus), `/healthz` (200 running, 503 stopping). With `token`, every path but
+   * `/healthz` needs `Authorization: Bearer <token>` (the page reads it from `#token=…`).
+   */
+  admin?: { port: number; host?: string; token?: string };
   /** (ext) Tokio worker threads; default one per core. */
   workerThreads?: number;
   /** (ext) Shared state across replicas. */

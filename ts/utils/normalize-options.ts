@@ -202,7 +202,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
   if (trustForwardedHeaders && proxyIps.length === 0) {
     warnings.push('trustForwardedHeaders is set but proxyIPs is empty: no client\'s forwarded headers are kept');
   }
-  for (const key of ['acme', 'metrics', 'redis'] as const) {
+  for (const key of ['acme', 'metrics', 'redis', 'admin'] as const) {
     if (raw[key] !== undefined && !isRecord(raw[key])) root.fail(key, `expected an object, got ${show(raw[key])}`);
   }
   if (raw.certProvisionFunction !== undefined && typeof raw.certProvisionFunction !== 'function') {
@@ -216,19 +216,32 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     if (r.keyPrefix !== undefined && typeof r.keyPrefix !== 'string') root.fail('redis.keyPrefix', `expected a string, got ${show(r.keyPrefix)}`);
     redis = { url: r.url, keyPrefix: (r.keyPrefix as string | undefined) ?? 'smartproxy:' };
   }
+  /** An operator listener's address: `port` (required) and `host` (default loopback). */
+  const listenerAddress = (field: string, value: TRecord): { port: number; host: string } => {
+    const { port, host = '127.0.0.1' } = value;
+    if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) {
+      root.fail(`${field}.port`, `expected a port number (1-65535), got ${show(port)}`);
+    }
+    if (typeof host !== 'string' || host.length === 0) root.fail(`${field}.host`, `expected a host name or address, got ${show(host)}`);
+    return { port, host };
+  };
   let prometheus: INativeOptions['prometheus'] = null;
   const prometheusRaw = isRecord(raw.metrics) ? raw.metrics.prometheus : undefined;
   if (prometheusRaw !== undefined) {
     if (!isRecord(prometheusRaw)) root.fail('metrics.prometheus', `expected an object, got ${show(prometheusRaw)}`);
-    const { port, host = '127.0.0.1', path = '/metrics' } = prometheusRaw;
-    if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) {
-      root.fail('metrics.prometheus.port', `expected a port number (1-65535), got ${show(port)}`);
-    }
-    if (typeof host !== 'string' || host.length === 0) root.fail('metrics.prometheus.host', `expected a host name or address, got ${show(host)}`);
+    const { path = '/metrics' } = prometheusRaw;
     if (typeof path !== 'string' || !path.startsWith('/') || /[\s?#]/.test(path)) {
       root.fail('metrics.prometheus.path', `expected a path beginning with '/' (no spaces, query or fragment), got ${show(path)}`);
     }
-    prometheus = { port, host, path };
+    prometheus = { ...listenerAddress('metrics.prometheus', prometheusRaw), path };
+  }
+  let admin: INativeOptions['admin'] = null;
+  if (isRecord(raw.admin)) {
+    const { token } = raw.admin;
+    if (token !== undefined && (typeof token !== 'string' || token.length === 0 || /[\s]/.test(token))) {
+      root.fail('admin.token', `expected a non-empty token without spaces, got ${token === undefined ? 'undefined' : typeof token}`);
+    }
+    admin = { ...listenerAddress('admin', raw.admin), token: token ?? null };
   }
   let workerThreads: number | null = null;
   if (raw.workerThreads !== undefined) {
@@ -262,6 +275,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     defaultSecurity: { ipAllowList: [], ipBlockList: [] },
     redis,
     prometheus,
+    admin,
   };
 }
 
