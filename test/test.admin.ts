@@ -53,11 +53,12 @@ tap.test('start', async () => {
   await proxy.start();
 });
 
-tap.test('/healthz needs no token; every other path needs the bearer token', async () => {
+tap.test('/healthz and the page need no token; the data and every other path need the bearer token', async () => {
   const health = await request('/healthz');
   expect(health.status).toEqual(200);
   expect(health.body).toEqual('ok\n');
-  for (const path of ['/', '/api/status', '/metrics', '/nope']) {
+  expect((await request('/')).status).toEqual(200);
+  for (const path of ['/api/status', '/metrics', '/nope', '/index.html']) {
     const refused = await request(path);
     expect(refused.status).toEqual(401);
     expect(refused.headers['www-authenticate']).toInclude('Bearer');
@@ -104,7 +105,7 @@ tap.test('/api/status: routes with their kind and counts, backends with health, 
 });
 
 tap.test('/ is one self-contained HTML page that reads /api/status', async () => {
-  const page = await request('/', { token: TOKEN });
+  const page = await request('/');
   expect(page.status).toEqual(200);
   expect(page.type).toEqual('text/html; charset=utf-8');
   expect(page.body).toInclude('<canvas');

@@ -1,6 +1,6 @@
 //! The operator's HTTP listeners: `metrics.prometheus` (its one path answers the Prometheus
-//! exposition) and `admin` (`/metrics`, `/healthz`, `/api/status` and the status page, behind an
-//! optional bearer token). Methods other than GET and HEAD get 405, unknown paths 404; one request
+//! exposition) and `admin` (`/metrics` and `/api/status` behind an optional bearer token,
+//! `/healthz` and the status page without it). Methods other than GET and HEAD get 405, unknown paths 404; one request
 //! per connection, closed after the answer. The peers are operators' tools on a local port, but
 //! what is read stays bounded (one head of at most `MAX_HEAD` bytes within `READ_TIMEOUT`) and
 //! every connection task ends with its listener.
@@ -131,6 +131,9 @@ fn reply_to(head: &[u8], engine: &Weak<Engine>, service: &Service) -> Vec<u8> {
         Service::Admin { .. } if path == "/healthz" => {
             return if engine.is_stopping() { plain(503, "Service Unavailable", "stopping\n") } else { plain(200, "OK", "ok\n") };
         }
+        // The page holds no data (it fetches `/api/status` with the token), and a browser cannot
+        // send a bearer token for the page itself: it loads without one.
+        Service::Admin { .. } if path == "/" => ("text/html; charset=utf-8", STATUS_PAGE.to_string()),
         Service::Admin { token: Some(token) } if !bearer_matches(request.headers, token) => {
             return with_body(401, "Unauthorized", "text/plain", "WWW-Authenticate: Bearer realm=\"smartproxy\"\r\n", "a bearer token is required\n", false);
         }
@@ -140,7 +143,6 @@ fn reply_to(head: &[u8], engine: &Weak<Engine>, service: &Service) -> Vec<u8> {
                 Ok(json) => ("application/json", json),
                 Err(_) => return plain(500, "Internal Server Error", "the status could not be written\n"),
             },
-            "/" => ("text/html; charset=utf-8", STATUS_PAGE.to_string()),
             _ => return plain(404, "Not Found", "not found\n"),
         },
     };

@@ -85,8 +85,9 @@ export interface ISmartProxyOptions {
   };
   /**
    * (ext) The operator's listener while started: `/` a status page, `/api/status` (JSON),
-   * `/metrics` (Prometheus), `/healthz` (200 running, 503 stopping). With `token`, every path but
-   * `/healthz` needs `Authorization: Bearer <token>` (the page reads it from `#token=…`).
+   * `/metrics` (Prometheus), `/healthz` (200 running, 503 stopping). With `token`, `/api/status`,
+   * `/metrics` and any other path need `Authorization: Bearer <token>`; `/healthz` and the page
+   * (which holds no data, and reads the token from `#token=…` for its requests) do not.
    */
   admin?: { port: number; host?: string; token?: string };
   /** (ext) Tokio worker threads; default one per core. */
