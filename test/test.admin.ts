@@ -2,9 +2,11 @@
 // on every other path, /metrics, /api/status with routes, backends, history, and the status page.
 import { tap, expect } from '@push.rocks/tapbundle';
 import * as http from 'node:http';
+import { writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 
 import { SmartProxy } from '../ts/index.js';
+import { openPage } from './helpers/chromium.js';
 import { freePorts, listenTracked, rejection, sleep, waitFor } from './helpers/net.js';
 
 const TOKEN = 'op-s3cret';
@@ -116,6 +118,33 @@ tap.test('/ is one self-contained HTML page that reads /api/status', async () =>
   const head = await request('/', { token: TOKEN, method: 'HEAD' });
   expect(head.status).toEqual(200);
   expect(head.body).toEqual('');
+});
+
+tap.test('the status page in headless Chromium: route names, three plots drawn, no console errors', async () => {
+  const page = await openPage(`http://127.0.0.1:${adminPort}/#token=${TOKEN}`);
+  try {
+    const rendered = async () => page.evaluate<string>(`document.getElementById('routes').textContent`);
+    const deadline = Date.now() + 10000;
+    while (!(await rendered()).includes('web') && Date.now() < deadline) await sleep(100);
+    const routes = await rendered();
+    expect(routes).toInclude('web');
+    expect(routes).toInclude('raw');
+    expect(await page.evaluate<string>(`document.getElementById('backends').textContent`)).toInclude('127.0.0.2');
+    expect(await page.evaluate<string>(`document.getElementById('state').textContent`)).toEqual('running');
+    // Each plot has drawn its axes and series: pixels that are not transparent.
+    const drawn = await page.evaluate<number[]>(`[...document.querySelectorAll('canvas')].map((c) => {
+      const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let painted = 0;
+      for (let i = 3; i < data.length; i += 4) if (data[i] !== 0) painted++;
+      return painted;
+    })`);
+    expect(drawn.length).toEqual(3);
+    for (const pixels of drawn) expect(pixels).toBeGreaterThan(500);
+    if (process.env.SMARTPROXY_SCREENSHOT) writeFileSync(process.env.SMARTPROXY_SCREENSHOT, await page.screenshot());
+    expect(page.errors).toEqual([]);
+  } finally {
+    await page.close();
+  }
 });
 
 tap.test('an admin port that is taken fails start() and binds nothing', async () => {

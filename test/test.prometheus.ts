@@ -1,8 +1,10 @@
 // getPrometheusMetrics() and the metrics.prometheus listener: the text exposition format, requests
 // by route and status class, the request-duration histogram, refusals, and the listener's answers.
 import { tap, expect } from '@push.rocks/tapbundle';
+import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as net from 'node:net';
+import * as path from 'node:path';
 
 import { SmartProxy } from '../ts/index.js';
 import { freePorts, listenTracked, rejection, thrown } from './helpers/net.js';
@@ -163,6 +165,24 @@ tap.test('a metrics port that is taken fails start() and binds none of the route
   const probe = await listenTracked(net.createServer(), otherPort);
   await probe.close();
   await blocker.close();
+});
+
+tap.test('every metric the Grafana dashboard queries is one the engine exposes', async () => {
+  const dashboard = JSON.parse(readFileSync(path.join(import.meta.dirname, '..', 'dashboards', 'smartproxy.json'), 'utf8'));
+  const exprs: string[] = dashboard.panels.flatMap((panel: { targets: Array<{ expr: string }> }) => panel.targets.map((t) => t.expr));
+  exprs.push(dashboard.templating.list.find((v: { name: string }) => v.name === 'instance').definition);
+  const queried = new Set(exprs.flatMap((expr) => expr.match(/smartproxy_\w+/g) ?? []).map((name) => name.replace(/_(bucket|sum|count)$/, '')));
+  expect(queried.size).toBeGreaterThan(15);
+  // The affinity families appear once an affinity store exists: a route with affinity makes one.
+  const [stickyPort] = await freePorts(1);
+  const withAffinity = new SmartProxy({
+    routes: [{ name: 'sticky', match: { ports: stickyPort, domains: 'sticky.test' }, action: { type: 'forward', target: { host: '127.0.0.1', port: backend.port }, loadBalancing: { affinity: { key: 'ip' } } } }],
+  });
+  await withAffinity.start();
+  const announced = new Set([...withAffinity.getPrometheusMetrics().matchAll(/^# TYPE (\w+) /gm)].map((m) => m[1]));
+  await withAffinity.stop();
+  const missing = [...queried].filter((name) => !announced.has(name));
+  expect(missing).toEqual([]);
 });
 
 tap.test('metrics.prometheus is validated like every option', async () => {
