@@ -2,19 +2,35 @@
 // connections and refuse a bad file, SIGTERM stopping gracefully.
 import { tap, expect } from '@push.rocks/tapbundle';
 import { spawn, type ChildProcess } from 'node:child_process';
+import * as http from 'node:http';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 
-import { connectAndRead, freePorts, startTaggedServer, waitFor } from './helpers/net.js';
+import { connectAndRead, freePorts, listenTracked, startTaggedServer, waitFor } from './helpers/net.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'ts', 'cli.ts');
 const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-cli-'));
 const configFile = path.join(dir, 'config.json');
 const backendA = await startTaggedServer('backend-a');
 const backendB = await startTaggedServer('backend-b');
-const [portOne, portTwo] = await freePorts(2);
+const web = await listenTracked(http.createServer((req, res) => res.end(`web ${req.url}`)));
+const [portOne, portTwo, httpPort] = await freePorts(3);
+const webRoute = { name: 'web', match: { ports: httpPort, domains: 'web.test' }, action: { type: 'forward', target: { host: '127.0.0.1', port: web.port } } };
+
+/** A GET on the agent's connection (kept alive), and which local port it left from. */
+function keepAliveGet(agent: http.Agent, url: string): Promise<{ body: string; localPort: number }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ port: httpPort, path: url, headers: { host: 'web.test' }, agent }, (res) => {
+      let body = '';
+      res.on('data', (chunk: Buffer) => (body += chunk.toString()));
+      res.on('end', () => resolve({ body, localPort: req.socket!.localPort! }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
 
 const forward = (name: string, port: number, backendPort: number) => ({
   name,
@@ -100,11 +116,14 @@ tap.test("the README's config file validates", async () => {
 });
 
 tap.test('serves the file; SIGHUP applies a new one without dropping open connections; a bad file is refused; SIGTERM stops', async () => {
-  writeFileSync(configFile, JSON.stringify({ routes: [forward('one', portOne, backendA.port)] }));
+  writeFileSync(configFile, JSON.stringify({ routes: [forward('one', portOne, backendA.port), webRoute] }));
   const run = startCli([configFile]);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
   try {
     await waitFor(() => run.stdout().includes('listening on ports'), 30000, 'the CLI to start');
     expect(await firstLine(portOne)).toEqual('backend-a');
+    const before = await keepAliveGet(agent, '/before');
+    expect(before.body).toEqual('web /before');
 
     // A connection opened before the reload, kept open across it.
     const held = net.connect(portOne, '127.0.0.1');
@@ -112,12 +131,16 @@ tap.test('serves the file; SIGHUP applies a new one without dropping open connec
     held.on('data', (chunk: Buffer) => (greeting += chunk.toString()));
     await waitFor(() => greeting.includes('backend-a'), 5000, 'the held connection to be relayed');
 
-    writeFileSync(configFile, JSON.stringify({ routes: [forward('one', portOne, backendB.port), forward('two', portTwo, backendB.port)] }));
+    writeFileSync(configFile, JSON.stringify({ routes: [forward('one', portOne, backendB.port), forward('two', portTwo, backendB.port), webRoute] }));
     run.child.kill('SIGHUP');
     await waitFor(() => run.stdout().includes('reloaded'), 10000, 'the reload');
     expect(await firstLine(portOne)).toEqual('backend-b');
     expect(await firstLine(portTwo)).toEqual('backend-b');
     expect(await echo(held, 'still here\n')).toInclude('still here');
+    // The keep-alive HTTP connection opened before the reload carries the next request too.
+    const after = await keepAliveGet(agent, '/after');
+    expect(after.body).toEqual('web /after');
+    expect(after.localPort).toEqual(before.localPort);
 
     // A file that does not validate: refused, the running routes stay.
     writeFileSync(configFile, JSON.stringify({ routes: [forward('one', 70000, backendA.port)] }));
@@ -135,6 +158,7 @@ tap.test('serves the file; SIGHUP applies a new one without dropping open connec
     expect(await echo(held, 'and still\n')).toInclude('and still');
 
     held.destroy();
+    agent.destroy();
     run.child.kill('SIGTERM');
     expect(await run.exited).toEqual(0);
     expect(run.stdout()).toInclude('stopped');
@@ -156,6 +180,7 @@ tap.test('serves the file; SIGHUP applies a new one without dropping open connec
 tap.test('cleanup', async () => {
   await backendA.close();
   await backendB.close();
+  await web.close();
   rmSync(dir, { recursive: true, force: true });
 });
 
