@@ -165,9 +165,9 @@ impl RouteStats {
     }
 }
 
-/// Upper bounds of the request-duration buckets, in microseconds: Prometheus' default buckets
-/// (5 ms to 10 s) below a proxy's own scale (100 µs to 2.5 ms), where most requests through a
-/// local proxy land.
+/// Upper bounds of the request-duration buckets, in microseconds: Prometheus' default buckets,
+/// with finer ones below them, since a request through a proxy next to its backend is often
+/// answered faster than the smallest default bucket.
 pub const DURATION_BOUNDS_MICROS: [u64; 15] =
     [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000];
 
