@@ -147,6 +147,27 @@ tap.test('the status page in headless Chromium: route names, three plots drawn, 
   }
 });
 
+tap.test('connections that hold the admin port open are bounded; the port answers again once they go', async () => {
+  const idle: net.Socket[] = [];
+  for (let i = 0; i < 64; i++) {
+    const socket = net.connect(adminPort, '127.0.0.1');
+    socket.on('error', () => undefined);
+    await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+    idle.push(socket);
+  }
+  // Each accepted connection is a task of the listener before the next one is accepted.
+  await sleep(200);
+  expect(await rejection(request('/healthz'))).toBeInstanceOf(Error);
+  for (const socket of idle) socket.destroy();
+  const deadline = Date.now() + 5000;
+  let status = 0;
+  while (status !== 200 && Date.now() < deadline) {
+    status = await request('/healthz').then((r) => r.status, () => 0);
+    if (status !== 200) await sleep(50);
+  }
+  expect(status).toEqual(200);
+});
+
 tap.test('an admin port that is taken fails start() and binds nothing', async () => {
   const blocker = await listenTracked(net.createServer(), busyAdminPort);
   const [otherPort] = await freePorts(1);

@@ -2,8 +2,8 @@
 //! exposition) and `admin` (`/metrics` and `/api/status` behind an optional bearer token,
 //! `/healthz` and the status page without it). Methods other than GET and HEAD get 405, unknown paths 404; one request
 //! per connection, closed after the answer. The peers are operators' tools on a local port, but
-//! what is read stays bounded (one head of at most `MAX_HEAD` bytes within `READ_TIMEOUT`) and
-//! every connection task ends with its listener.
+//! what is read stays bounded (one head of at most `MAX_HEAD` bytes within `READ_TIMEOUT`, at most
+//! `MAX_CONNECTIONS` connections at once) and every connection task ends with its listener.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -20,6 +20,8 @@ use crate::listener::BindError;
 use crate::metrics::prometheus::CONTENT_TYPE;
 
 const MAX_HEAD: usize = 8 * 1024;
+/// Connections one operator listener serves at once.
+const MAX_CONNECTIONS: usize = 64;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -65,6 +67,11 @@ async fn accept_loop(listener: TcpListener, engine: Weak<Engine>, service: Arc<S
             accepted = listener.accept() => accepted,
         };
         match accepted {
+            // Beyond the bound, a connection is closed at once: holding heads open cannot take
+            // the process's descriptors through this port.
+            Ok(_) if connections.len() >= MAX_CONNECTIONS => {
+                tracing::debug!("operator listener: too many connections, one closed unanswered");
+            }
             Ok((stream, peer)) => {
                 let (engine, service, stop) = (engine.clone(), service.clone(), stop.clone());
                 connections.spawn(async move {
@@ -77,7 +84,7 @@ async fn accept_loop(listener: TcpListener, engine: Weak<Engine>, service: Arc<S
             // A failed accept (a connection reset in the backlog, out of descriptors) is not the
             // listener's end; a short pause keeps a persistent failure from spinning.
             Err(err) => {
-                tracing::debug!(error = %err, "metrics listener: accept failed");
+                tracing::debug!(error = %err, "operator listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -103,7 +110,7 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr, engine: &Weak<Engine>, 
     .unwrap_or(false);
     let reply = if complete { reply_to(&head, engine, service) } else { plain(400, "Bad Request", "a request head was expected\n") };
     if tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&reply)).await.is_err() {
-        tracing::debug!(%peer, "metrics listener: the scraper did not read the answer");
+        tracing::debug!(%peer, "operator listener: the client did not read the answer");
     }
     let _ = stream.shutdown().await;
 }
