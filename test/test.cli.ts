@@ -8,7 +8,7 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 
-import { connectAndRead, freePorts, listenTracked, startTaggedServer, waitFor } from './helpers/net.js';
+import { connectAndRead, connectionRefused, freePorts, listenTracked, startTaggedServer, waitFor } from './helpers/net.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'ts', 'cli.ts');
 const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-cli-'));
@@ -163,15 +163,7 @@ tap.test('serves the file; SIGHUP applies a new one without dropping open connec
     expect(await run.exited).toEqual(0);
     expect(run.stdout()).toInclude('stopped');
     // Its ports are closed.
-    const refused = await new Promise<boolean>((resolve) => {
-      const socket = net.connect(portOne, '127.0.0.1');
-      socket.on('connect', () => {
-        socket.destroy();
-        resolve(false);
-      });
-      socket.on('error', () => resolve(true));
-    });
-    expect(refused).toBeTrue();
+    expect(await connectionRefused(portOne)).toBeTrue();
   } finally {
     run.child.kill('SIGKILL');
   }

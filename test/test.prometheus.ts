@@ -7,7 +7,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 
 import { SmartProxy } from '../ts/index.js';
-import { freePorts, listenTracked, rejection, thrown } from './helpers/net.js';
+import { connectionRefused, freePorts, listenTracked, rejection, thrown } from './helpers/net.js';
 
 const backend = await listenTracked(
   http.createServer((req, res) => {
@@ -203,15 +203,7 @@ tap.test('metrics.prometheus is validated like every option', async () => {
 
 tap.test('stop closes the listener', async () => {
   await proxy.stop();
-  const refused = await new Promise<boolean>((resolve) => {
-    const socket = net.connect(metricsPort, '127.0.0.1');
-    socket.on('connect', () => {
-      socket.destroy();
-      resolve(false);
-    });
-    socket.on('error', () => resolve(true));
-  });
-  expect(refused).toBeTrue();
+  expect(await connectionRefused(metricsPort)).toBeTrue();
   await backend.close();
 });
 

@@ -211,3 +211,15 @@ export async function rejection(promise: Promise<unknown>): Promise<Error | unde
   }
   return undefined;
 }
+
+/** Whether a connection to 127.0.0.1:`port` is refused (nothing listens there). */
+export function connectionRefused(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    socket.on('connect', () => {
+      socket.destroy();
+      resolve(false);
+    });
+    socket.on('error', () => resolve(true));
+  });
+}
