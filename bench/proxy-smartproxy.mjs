@@ -25,12 +25,17 @@ const tls = mode === 'https'
 const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort, domains: '*' } : { ports: listenPort };
 //   http-affinity: the http route with affinity on the `X-Session` header (in memory);
 //   http-affinity-redis: the same with `options.redis` at BENCH_REDIS_URL;
-//   http-proxyproto: the http route with acceptProxyProtocol from 127.0.0.1 (a PROXY-sending front).
+//   http-proxyproto: the http route with acceptProxyProtocol from 127.0.0.1 (a PROXY-sending front);
+//   http-observed: the http route with the access log on (JSON lines to BENCH_ACCESS_LOG) and the
+//                  Prometheus listener on BENCH_METRICS_PORT.
 const affinity = mode.startsWith('http-affinity') ? { loadBalancing: { affinity: { key: 'header:X-Session' } } } : {};
 const scaleOut = {
   ...(mode === 'http-affinity-redis' ? { redis: { url: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379', keyPrefix: 'bench:' } } : {}),
   ...(mode === 'http-proxyproto' ? { acceptProxyProtocol: true, proxyIPs: ['127.0.0.1'] } : {}),
 };
+const observed = mode === 'http-observed'
+  ? { accessLog: { enabled: true, path: process.env.BENCH_ACCESS_LOG }, metrics: { prometheus: { port: Number(process.env.BENCH_METRICS_PORT) } } }
+  : {};
 const security = {
   'http-ratelimit': { rateLimit: { enabled: true, maxRequests: 1_000_000_000, window: 1 } },
   'http-jwt': { jwtAuth: { enabled: true, secret: 'bench-secret' } },
@@ -45,6 +50,7 @@ const proxy = new SmartProxy({
   maxConnectionsPerIP: 0,
   connectionRateLimitPerMinute: 0,
   ...scaleOut,
+  ...observed,
   routes: [{ name: `bench-${mode}`, match, action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity }, ...(security ? { security } : {}) }],
 });
 await proxy.start();

@@ -35,7 +35,7 @@
 // and written to RESULTS.md with the real duration).
 import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync } from 'node:fs';
+import { mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import net from 'node:net';
 import http from 'node:http';
@@ -630,6 +630,81 @@ async function scaleOutRows() {
   return rows;
 }
 
+/** The body of a GET to 127.0.0.1:port. */
+function httpGet(port, urlPath) {
+  return new Promise((resolve, reject) => {
+    http
+      .get({ port, host: '127.0.0.1', path: urlPath, agent: false }, (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk) => (body += chunk));
+        res.on('end', () => resolve(body));
+      })
+      .on('error', reject);
+  });
+}
+
+const operationsScenario = 'operations overhead (req/s)';
+const runOperations = !only || operationsScenario.includes(only);
+
+/**
+ * Keep-alive req/s of the HTTP route plain, and with the access log on (JSON lines to a file) while
+ * a client scrapes the Prometheus listener every second (curl in a loop, pinned with the load).
+ */
+async function operationsRows() {
+  const backend = await startNginxBackend();
+  const kinds = [
+    ['http', 'no access log, no Prometheus listener', false],
+    ['http-observed', 'access log to a file (JSON) + Prometheus scraped every second', true],
+  ];
+  const runs = kinds.map(() => []);
+  const cpuRuns = kinds.map(() => []);
+  let written = 0;
+  let dropped = 0;
+  const logFile = path.join(work, 'access.log');
+  try {
+    for (let round = 0; round < scaleOutRounds; round++) {
+      for (const [i, [kind, label, observed]] of kinds.entries()) {
+        const metricsPort = await freePort();
+        rmSync(logFile, { force: true });
+        const proxy = await proxies.smartproxy.start(backend, kind, { BENCH_ACCESS_LOG: logFile, BENCH_METRICS_PORT: String(metricsPort) });
+        const scraper = observed
+          ? startPinned(LOAD_CPU, 'sh', ['-c', `while :; do curl -s -o /dev/null http://127.0.0.1:${metricsPort}/metrics; sleep 1; done`])
+          : null;
+        try {
+          const { rps, cpuUs } = await undisturbed(() => {
+            const cpu0 = cpuSeconds(proxy.pid);
+            const run = wrk(proxy.port);
+            return { ...run, cpuUs: ((cpuSeconds(proxy.pid) - cpu0) * 1e6) / run.requests };
+          });
+          runs[i].push(rps);
+          cpuRuns[i].push(cpuUs);
+          console.log(`${operationsScenario} round ${round + 1} ${label}: ${rps.toFixed(0)} req/s, ${cpuUs.toFixed(2)} µs of proxy CPU per request`);
+          if (observed) {
+            const text = await httpGet(metricsPort, '/metrics');
+            written += Number(/^smartproxy_access_log_lines_total (\d+)$/m.exec(text)?.[1] ?? NaN);
+            dropped += Number(/^smartproxy_access_log_dropped_total (\d+)$/m.exec(text)?.[1] ?? NaN);
+          }
+        } finally {
+          if (scraper) await stop(scraper);
+          await proxy.stop();
+        }
+      }
+    }
+  } finally {
+    rmSync(logFile, { force: true });
+    await backend.stop();
+  }
+  const twoDecimals = (r) => r.toFixed(2);
+  const rows = kinds.map(([, label], i) => {
+    const ratios = runs[i].map((rps, round) => rps / runs[0][round]);
+    const cpuRatios = cpuRuns[i].map((us, round) => cpuRuns[0][round] / us);
+    return `| ${label} | ${spread(runs[i], whole)} | ${spread(ratios, twoDecimals)} | ${spread(cpuRuns[i], twoDecimals)} | ${spread(cpuRatios, twoDecimals)} |`;
+  });
+  rows.push(`| access log lines over all observed runs: written / dropped (queue full) | ${written} / ${dropped} | | | |`);
+  return rows;
+}
+
 const tcpLayoutScenario = 'TCP streams across CPUs (MB/s)';
 const runTcpLayout = !only || tcpLayoutScenario.includes(only);
 
@@ -912,6 +987,7 @@ function budgetSeconds() {
   if (runSecurity) total += rounds * 3 * (httpSeconds + 1);
   if (runConnections) total += rounds * 4 * (httpSeconds + 1);
   if (runScaleOut) total += scaleOutRounds * 5 * (httpSeconds + 1.5);
+  if (runOperations) total += scaleOutRounds * 2 * (httpSeconds + 1.5);
   if (runTcpLayout) total += rounds * 3 * 4;
   return total;
 }
@@ -998,6 +1074,9 @@ async function main() {
   const scaleOutTable = runScaleOut
     ? ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await scaleOutRows())].join('\n')
     : '(not run)';
+  const operationsTable = runOperations
+    ? ['| setup | req/s | vs the first row | proxy CPU per request (µs) | first row CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await operationsRows())].join('\n')
+    : '(not run)';
   const elapsed = (Date.now() - t0) / 1000;
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim();
   const wrkCmd = `taskset -c ${LOAD_CPU} wrk -t1 -c32 -d${httpSeconds}s --latency -H 'Host: bench.test'`;
@@ -1045,6 +1124,12 @@ ${scaleOutTable}
 
 \`${wrkCmd}\` through ours only. Affinity rows: the HTTP route with \`loadBalancing.affinity: { key: 'header:X-Session' }\`, every request carrying the same bound value (one lookup per request), compared with the first row, whose requests carry the same header; with \`options.redis\` a redis-server on loopback (pinned with the load), GETEX calls counted by \`redis-cli info commandstats\`. PROXY rows: wrk → HAProxy \`mode tcp\` (pinned with the load) → ours, once with \`send-proxy-v2\` to a route with \`acceptProxyProtocol\` and \`proxyIPs: ['127.0.0.1']\`, compared with the same chain without it. ${scaleOutRounds} interleaved rounds; the ratio columns are the median (min–max) of each round's ratio to its baseline's run in the same round, since the machine's speed drifts over a run by more than the differences measured here. The CPU columns are the proxy process's utime+stime (/proc/PID/stat) over the run divided by the requests wrk completed: the proxy is pinned alone on CPU ${PROXY_CPU}, while wrk, HAProxy, Redis and the backend share CPU ${LOAD_CPU}, so req/s also moves with the load side's CPU and with the host's steal, and CPU per request shows what the feature costs the proxy itself.
 
+## Operations: the access log and Prometheus scrapes on the keep-alive route
+
+${operationsTable}
+
+\`${wrkCmd}\` through ours only: the HTTP route plain, and with \`accessLog: { enabled: true, path }\` (JSON lines to a file in bench/work, removed after each run) and \`metrics.prometheus\` scraped by \`curl\` once a second (pinned with the load) for the whole run. ${scaleOutRounds} interleaved rounds; ratios per round, as in the scale-out table. The log's writer is a thread of the proxy process, so its work is in the CPU column.
+
 ## Function targets: new connections through a raw TCP route
 
 ${connectionTable}
@@ -1052,7 +1137,7 @@ ${connectionTable}
 \`${wrkCmd} -H 'Connection: close'\` (one TCP connection per request) against the nginx backend, through our plain forward route with a static target, with \`host\`/\`port\` as synchronous functions, and as async functions (one JavaScript call per connection either way; bench/proxy-smartproxy.mjs).
 `;
   writeFileSync(path.join(root, 'bench', 'RESULTS.md'), doc);
-  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
+  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
 }
 
 main().catch((err) => {

@@ -1,6 +1,7 @@
 //! napi exports only: the `NativeEngine` class the TypeScript wrapper drives, and conversions of
 //! engine results and errors into JavaScript values. All behaviour lives in the modules below.
 
+mod access_log;
 mod acme;
 mod balance;
 mod bounded;
@@ -116,6 +117,12 @@ impl NativeEngine {
         Ok(statistics)
     }
 
+    /// Reopens the access log's file by its path (logrotate); nothing without a file.
+    #[napi]
+    pub fn reopen_logs(&self) {
+        self.engine.reopen_logs();
+    }
+
     /// The Prometheus text exposition (format 0.0.4) of the engine's counters.
     #[napi]
     pub fn prometheus_metrics(&self) -> String {
@@ -186,7 +193,7 @@ async fn on_engine_runtime<T: Send + 'static>(
 fn engine_error(err: EngineError) -> Error {
     let status = match err {
         EngineError::Config(_) => Status::InvalidArg,
-        EngineError::Bind(_) | EngineError::NotStarted => Status::GenericFailure,
+        EngineError::Bind(_) | EngineError::AccessLog(_) | EngineError::NotStarted => Status::GenericFailure,
     };
     Error::new(status, err.to_string())
 }

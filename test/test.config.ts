@@ -139,6 +139,7 @@ tap.test('engine options get the documented defaults', async () => {
     httpKeepAliveTimeoutMs: 120000,
     prometheus: null,
     admin: null,
+    accessLog: null,
   });
 });
 
@@ -169,6 +170,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     httpKeepAliveTimeout: 5000.7,
     metrics: { prometheus: { port: 9100 } },
     admin: { port: 9101, host: '0.0.0.0', token: 'op-token' },
+    accessLog: { enabled: true, path: '/var/log/smartproxy/access.log', format: 'combined' },
   });
   expect(config.options).toEqual({
     initialDataTimeoutMs: 5000,
@@ -197,6 +199,7 @@ tap.test('explicit engine options are carried over (ms values floored)', async (
     httpKeepAliveTimeoutMs: 5000,
     prometheus: { port: 9100, host: '127.0.0.1', path: '/metrics' },
     admin: { port: 9101, host: '0.0.0.0', token: 'op-token' },
+    accessLog: { path: '/var/log/smartproxy/access.log', format: 'combined' },
   });
 });
 

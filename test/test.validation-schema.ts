@@ -115,6 +115,7 @@ function everyOption(routes: unknown[]): TRecord {
     certProvisionFallbackToAcme: true,
     metrics: { enabled: true, sampleIntervalMs: 1000, retentionSeconds: 60, prometheus: { port: 9100, host: '127.0.0.1', path: '/metrics' } },
     admin: { port: 9101, host: '127.0.0.1', token: 't' },
+    accessLog: { enabled: true, path: '/tmp/access.log', format: 'json' },
     workerThreads: 1,
     redis: { url: 'redis://127.0.0.1:6379', keyPrefix: 'x:' },
     jsCallTimeout: 1000,

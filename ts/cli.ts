@@ -3,8 +3,8 @@
 // `smartproxy --check config.json` validates the file and exits 0 (valid) or 1 (the error).
 // Signals: SIGHUP re-reads the file and applies its routes as `updateRoutes` does (connections
 // open meanwhile keep going; a file that does not read or validate is refused and the running
-// config stays); SIGTERM and SIGINT stop gracefully (open connections get
-// `gracefulShutdownTimeout` to finish).
+// config stays); SIGUSR1 reopens the access log's file (logrotate); SIGTERM and SIGINT stop
+// gracefully (open connections get `gracefulShutdownTimeout` to finish).
 import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -125,9 +125,12 @@ async function run(file: string | undefined): Promise<void> {
         backend?.close();
         console.log('stopped');
         process.removeListener('SIGHUP', reload);
+        process.removeListener('SIGUSR1', reopenLogs);
       });
   };
+  const reopenLogs = (): void => proxy.reopenLogs();
   process.on('SIGHUP', reload);
+  process.on('SIGUSR1', reopenLogs);
   process.once('SIGINT', () => shutdown('SIGINT'));
   process.once('SIGTERM', () => shutdown('SIGTERM'));
 }

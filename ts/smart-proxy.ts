@@ -132,6 +132,14 @@ export class SmartProxy extends EventEmitter {
   }
 
   /**
+   * (ext) Reopens the access log's file by its path, once the lines already queued are written:
+   * what logrotate's `postrotate` asks for after renaming the file (the CLI does it on SIGUSR1).
+   */
+  public reopenLogs(): void {
+    this.engine.reopenLogs();
+  }
+
+  /**
    * Gets the route's certificate now: from `certProvisionFunction` when set, else (or when it
    * answers 'http01') from ACME. Rejects with the reason when that fails.
    */

@@ -58,6 +58,9 @@ pub struct EngineOptions {
     /// `admin`: the operator's listener (status page, status API, metrics, health).
     #[serde(default)]
     pub admin: Option<AdminOptions>,
+    /// `accessLog`, when enabled.
+    #[serde(default)]
+    pub access_log: Option<AccessLogOptions>,
 }
 
 fn default_keep_alive_timeout_ms() -> u64 {
@@ -91,6 +94,15 @@ pub struct AdminOptions {
     pub host: String,
     /// Required as `Authorization: Bearer <token>` on every path but `/healthz`.
     pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessLogOptions {
+    /// The file lines are appended to; standard output without one.
+    pub path: Option<String>,
+    /// `json` or `combined`.
+    pub format: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{AccessLog, Destination, LogFormat};
 use crate::acme::{AcmeManager, CertStatus};
 use crate::balance::health::HealthChecks;
 use crate::balance::affinity::AffinityStore;
@@ -38,6 +39,13 @@ use crate::tls::dynamic::CertSlots;
 
 /// After the grace period, sessions are cancelled; this bounds the wait for them to unwind.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Closes an access log off the runtime's threads: closing waits for its writer to finish.
+async fn close_access_log(access_log: Option<Arc<AccessLog>>) {
+    if let Some(access_log) = access_log {
+        let _ = tokio::task::spawn_blocking(move || access_log.close()).await;
+    }
+}
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Engine {
@@ -67,6 +75,10 @@ pub struct Engine {
     stopping: AtomicBool,
     /// When the last start began, for the status's uptime.
     started_at: Mutex<Option<std::time::Instant>>,
+    /// `accessLog`'s format, checked at construction.
+    access_log_format: Option<LogFormat>,
+    /// The access log while started (`reopenLogs()` reaches it here).
+    access_log: Mutex<Option<Arc<AccessLog>>>,
 }
 
 #[derive(Default)]
@@ -94,6 +106,8 @@ struct Running {
 pub enum EngineError {
     Config(ConfigError),
     Bind(BindError),
+    /// The access log's file could not be opened.
+    AccessLog(std::io::Error),
     NotStarted,
 }
 
@@ -102,6 +116,7 @@ impl std::fmt::Display for EngineError {
         match self {
             EngineError::Config(e) => e.fmt(f),
             EngineError::Bind(e) => e.fmt(f),
+            EngineError::AccessLog(e) => e.fmt(f),
             EngineError::NotStarted => f.write_str("the proxy is not started"),
         }
     }
@@ -129,6 +144,13 @@ impl Engine {
         if config.options.send_proxy_protocol > 2 {
             return Err(ConfigError::in_options("sendProxyProtocol", "expected 1 or 2 (or false)"));
         }
+        let access_log_format = match &config.options.access_log {
+            Some(access_log) => Some(
+                LogFormat::parse(&access_log.format)
+                    .ok_or_else(|| ConfigError::in_options("accessLog.format", format!("expected 'json' or 'combined', got '{}'", access_log.format)))?,
+            ),
+            None => None,
+        };
         let limiter = ConnectionLimiter::new(
             config.options.max_connections_per_ip,
             config.options.connection_rate_limit_per_minute,
@@ -144,6 +166,8 @@ impl Engine {
             affinity: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),
+            access_log_format,
+            access_log: Mutex::new(None),
             scripts,
             retired_tables: Mutex::default(),
             global_policy,
@@ -175,20 +199,29 @@ impl Engine {
         let draining = force_close.child_token();
         let pool = Arc::new(UpstreamPool::new(PoolSettings::default()));
         let affinity = self.affinity_store()?;
-        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone()));
+        let access_log = self.open_access_log()?;
+        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone(), access_log.clone()));
         let on_accept = self.accept_callback(env, sessions.clone());
         // Stored certificates serve the very first handshakes.
         self.acme.load_stored(None);
         self.stopping.store(false, Ordering::Release);
         *self.started_at.lock() = Some(std::time::Instant::now());
-        let ops = self.bind_ops_listeners().await?;
+        let ops = match self.bind_ops_listeners().await {
+            Ok(ops) => ops,
+            Err(err) => {
+                close_access_log(access_log).await;
+                return Err(err);
+            }
+        };
         let mut ports = PortManager::default();
         if let Err(err) = ports.bind_all(&self.wanted_ports(&control), &on_accept) {
             for listener in ops {
                 listener.stop().await;
             }
+            close_access_log(access_log).await;
             return Err(EngineError::Bind(err));
         }
+        *self.access_log.lock() = access_log;
         // Orders need the challenge port listening.
         self.acme.start(None);
         self.health_checks.sync(self.table.read().health_probes());
@@ -221,10 +254,28 @@ impl Engine {
         }
         // Connections returned to the pool by the last requests.
         running.pool.clear();
+        // After the sessions: their last records are written before the file closes.
+        let access_log = self.access_log.lock().take();
+        close_access_log(access_log).await;
         // Last: `/healthz` says 503 for as long as the stop takes.
         for listener in running.ops {
             listener.stop().await;
         }
+    }
+
+    /// Reopens the access log's file by its path (after logrotate renamed it); nothing without one.
+    pub fn reopen_logs(&self) {
+        if let Some(access_log) = self.access_log.lock().as_ref() {
+            access_log.reopen();
+        }
+    }
+
+    fn open_access_log(&self) -> Result<Option<Arc<AccessLog>>, EngineError> {
+        let (Some(options), Some(format)) = (&self.options.access_log, self.access_log_format) else {
+            return Ok(None);
+        };
+        let destination = options.path.as_ref().map_or(Destination::Stdout, |path| Destination::File(path.into()));
+        AccessLog::open(destination, format, self.metrics.access_log.clone()).map(|log| Some(Arc::new(log))).map_err(EngineError::AccessLog)
     }
 
     /// A stop has begun (or the engine is stopped): what `/healthz` answers 503 for.
@@ -368,7 +419,14 @@ impl Engine {
         self.affinity.get().map(|store| store.stats())
     }
 
-    fn session_env(&self, draining: CancellationToken, force_close: CancellationToken, pool: Arc<UpstreamPool>, affinity: Arc<AffinityStore>) -> SessionEnv {
+    fn session_env(
+        &self,
+        draining: CancellationToken,
+        force_close: CancellationToken,
+        pool: Arc<UpstreamPool>,
+        affinity: Arc<AffinityStore>,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> SessionEnv {
         let o = &self.options;
         SessionEnv {
             metrics: self.metrics.clone(),
@@ -400,6 +458,7 @@ impl Engine {
                 scripts: self.scripts.clone(),
                 send_proxy_protocol: o.send_proxy_protocol,
                 affinity,
+                access_log,
             }),
         }
     }

@@ -212,6 +212,13 @@ impl Engine {
             ("smartproxy_sent_bytes_total", Kind::Counter, "Bytes written to clients.", statistics.bytes_out),
             ("smartproxy_js_calls_total", Kind::Counter, "Calls into JavaScript (function targets, socket handlers).", statistics.js_calls),
             ("smartproxy_rate_limit_evictions_total", Kind::Counter, "Rate-limit keys dropped to keep routes within rateLimit.maxKeys.", statistics.rate_limit_evictions),
+            ("smartproxy_access_log_lines_total", Kind::Counter, "Access log lines written.", m.access_log.written.load(Ordering::Relaxed)),
+            (
+                "smartproxy_access_log_dropped_total",
+                Kind::Counter,
+                "Access log lines dropped because the writer was behind (or the file could not be written).",
+                m.access_log.dropped.load(Ordering::Relaxed),
+            ),
         ];
         let affinity = statistics.affinity.as_ref().map(|affinity| {
             [

@@ -264,6 +264,8 @@ pub struct EngineMetrics {
     terminations: [AtomicU64; TerminationReason::ALL.len()],
     pub ring: Mutex<RateRing>,
     pub routes: RouteStatsRegistry,
+    /// Access log lines written and dropped (kept across restarts, as the other counters).
+    pub access_log: Arc<crate::access_log::AccessLogCounters>,
 }
 
 impl Default for EngineMetrics {
@@ -282,6 +284,7 @@ impl Default for EngineMetrics {
             terminations: std::array::from_fn(|_| AtomicU64::new(0)),
             ring: Mutex::new(RateRing::new(ENGINE_HISTORY_SECONDS)),
             routes: RouteStatsRegistry::default(),
+            access_log: Arc::default(),
         }
     }
 }

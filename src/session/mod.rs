@@ -28,7 +28,8 @@ use crate::http::head::{HeadParse, RequestHead};
 use crate::http::pipeline::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, HttpVersion, Shutdown};
 use crate::http::websocket::TunnelScope;
-use crate::metrics::{EngineMetrics, TerminationReason};
+use crate::access_log::AccessRecord;
+use crate::metrics::{ByteCounters, EngineMetrics, TerminationReason};
 use crate::proxy_protocol;
 use crate::matchers::ip::{canonical_ip, IpList};
 use crate::routing::table::Route;
@@ -201,7 +202,39 @@ impl Session {
     /// served (`Next::ServeHttp`). The other paths (TLS, socket hand-offs, connect and relay) await
     /// boxed futures, so that this one stays small and a path's state is allocated only when it
     /// is taken.
-    async fn drive<'e>(&mut self, env: &'e SessionEnv, table_arc: &Arc<RouteTable>, mut client: TcpStream, counted: &mut ConnectionGuard<'_>) -> Next<'e> {
+    async fn drive<'e>(&mut self, env: &'e SessionEnv, table_arc: &Arc<RouteTable>, client: TcpStream, counted: &mut ConnectionGuard<'_>) -> Next<'e> {
+        let mut relayed = Relayed::default();
+        let next = self.route_and_run(env, table_arc, client, counted, &mut relayed).await;
+        // A connection the HTTP engine served is in the log request by request.
+        if let (Next::Ended(reason), Some(access_log), false) = (&next, &env.http.access_log, self.state == State::Http) {
+            access_log.submit(self.access_record(*reason, relayed));
+        }
+        next
+    }
+
+    /// The access log's line for a connection that was not served as HTTP.
+    fn access_record(&self, reason: TerminationReason, relayed: Relayed) -> Box<AccessRecord> {
+        let mut record = Box::new(AccessRecord::begin(self.client_ip, "tcp", relayed.tls || self.tls_version.is_some()));
+        let duration = self.accepted_at.elapsed();
+        record.time = std::time::SystemTime::now().checked_sub(duration).unwrap_or(record.time);
+        record.duration = duration;
+        record.route = self.route_label.clone();
+        record.host = self.domain.as_deref().map(Into::into);
+        record.bytes_in = relayed.bytes.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+        record.bytes_out = relayed.bytes.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
+        record.upstream = relayed.upstream;
+        record.termination = reason.as_str();
+        record
+    }
+
+    async fn route_and_run<'e>(
+        &mut self,
+        env: &'e SessionEnv,
+        table_arc: &Arc<RouteTable>,
+        mut client: TcpStream,
+        counted: &mut ConnectionGuard<'_>,
+        relayed: &mut Relayed,
+    ) -> Next<'e> {
         let table: &RouteTable = table_arc;
         // Every exit below releases exactly what it took (guards).
         let mut initial = Vec::new();
@@ -359,6 +392,7 @@ impl Session {
         };
         if matches!(protocol, Protocol::Tls { .. }) || (protocol == Protocol::NotSniffed && route.tls.is_some()) {
             counted.mark_tls();
+            relayed.tls = true;
         }
         route_slot.stats.bytes.bytes_in.fetch_add(initial.len() as u64, std::sync::atomic::Ordering::Relaxed);
         env.http.scripts.route_matched(&self.identity(None), self.domain.as_deref(), route);
@@ -373,7 +407,7 @@ impl Session {
                 context.headers = Some(header_pairs(&head.headers));
             }
             let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {
-                let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
+                let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes, &relayed.bytes] };
                 return Next::Ended(Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await);
             };
             self.state.advance(State::Terminating, self.id);
@@ -391,7 +425,7 @@ impl Session {
                 context.is_tls = true;
                 context.tls_version = self.tls_version;
                 // Global and per-IP bytes are counted on the wire by ClientIo; the route's here.
-                let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes] };
+                let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes, &relayed.bytes] };
                 self.hand_off_pair(env, handler, stream, context, &sinks).await
             })
             .await);
@@ -436,7 +470,10 @@ impl Session {
 
         // Connecting: the client may keep sending (kept, up to maxPendingDataSize) or leave.
         self.state.advance(State::Connecting, self.id);
-        let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes] };
+        if env.http.access_log.is_some() {
+            relayed.upstream = Some(format!("{target_host}:{target_port}").into());
+        }
+        let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes, &relayed.bytes] };
         let connect_timeout = route.connect_timeout;
         let connected = Box::pin(connect_backend((&*target_host, target_port), connect_timeout, &mut client, &mut initial, env, &sinks)).await;
         if let Some(lease) = &target.lease {
@@ -481,6 +518,16 @@ impl Session {
             RelayEnd::Shutdown => TerminationReason::Shutdown,
         })
     }
+}
+
+/// What the access log learns of a connection the proxy relays or hands off: bytes each way and
+/// the backend.
+#[derive(Default)]
+struct Relayed {
+    bytes: ByteCounters,
+    upstream: Option<Box<str>>,
+    /// TLS, passed through or ended here.
+    tls: bool,
 }
 
 /// How `drive` ends: with the connection's end, or with the serving of a plain HTTP connection

@@ -38,6 +38,8 @@ export interface INativeOptions {
   prometheus: { port: number; host: string; path: string } | null;
   /** `admin`, with its default host. */
   admin: { port: number; host: string; token: string | null } | null;
+  /** `accessLog` when enabled: `path` null for standard output. */
+  accessLog: { path: string | null; format: 'json' | 'combined' } | null;
 }
 
 export interface INativeRoute {

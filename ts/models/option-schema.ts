@@ -164,6 +164,7 @@ export const OPTIONS_SCHEMA = keys({
   certProvisionFallbackToAcme: leaf,
   metrics: nested(keys({ ...leaves('enabled', 'sampleIntervalMs', 'retentionSeconds'), prometheus: nested(keys(leaves('port', 'host', 'path'))) })),
   admin: nested(keys(leaves('port', 'host', 'token'))),
+  accessLog: nested(keys(leaves('enabled', 'path', 'format'))),
   workerThreads: leaf,
   redis: nested(keys(leaves('url', 'keyPrefix'))),
   ...leaves('jsCallTimeout', 'maxHeaderSize', 'headerTimeout', 'http2MaxConcurrentStreams', 'trustForwardedHeaders', 'httpKeepAliveTimeout'),

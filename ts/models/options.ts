@@ -90,6 +90,13 @@ export interface ISmartProxyOptions {
    * (which holds no data, and reads the token from `#token=…` for its requests) do not.
    */
   admin?: { port: number; host?: string; token?: string };
+  /**
+   * (ext) One line per HTTP request and per TCP connection, appended to `path` (standard output
+   * without one) as JSON (default) or Apache's combined format, by a writer off the request path:
+   * lines that find its queue full are dropped and counted (`smartproxy_access_log_dropped_total`).
+   * No query string and no credential is ever written. `reopenLogs()` reopens the file.
+   */
+  accessLog?: { enabled: boolean; path?: string; format?: 'json' | 'combined' };
   /** (ext) Tokio worker threads; default one per core. */
   workerThreads?: number;
   /** (ext) Shared state across replicas. */

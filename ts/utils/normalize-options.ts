@@ -202,7 +202,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
   if (trustForwardedHeaders && proxyIps.length === 0) {
     warnings.push('trustForwardedHeaders is set but proxyIPs is empty: no client\'s forwarded headers are kept');
   }
-  for (const key of ['acme', 'metrics', 'redis', 'admin'] as const) {
+  for (const key of ['acme', 'metrics', 'redis', 'admin', 'accessLog'] as const) {
     if (raw[key] !== undefined && !isRecord(raw[key])) root.fail(key, `expected an object, got ${show(raw[key])}`);
   }
   if (raw.certProvisionFunction !== undefined && typeof raw.certProvisionFunction !== 'function') {
@@ -243,6 +243,14 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     }
     admin = { ...listenerAddress('admin', raw.admin), token: token ?? null };
   }
+  let accessLog: INativeOptions['accessLog'] = null;
+  if (isRecord(raw.accessLog)) {
+    const { enabled, path, format = 'json' } = raw.accessLog;
+    if (typeof enabled !== 'boolean') root.fail('accessLog.enabled', `expected true or false, got ${show(enabled)}`);
+    if (path !== undefined && (typeof path !== 'string' || path.length === 0)) root.fail('accessLog.path', `expected a file path, got ${show(path)}`);
+    if (format !== 'json' && format !== 'combined') root.fail('accessLog.format', `expected 'json' or 'combined', got ${show(format)}`);
+    if (enabled) accessLog = { path: path ?? null, format };
+  }
   let workerThreads: number | null = null;
   if (raw.workerThreads !== undefined) {
     const w = raw.workerThreads;
@@ -276,6 +284,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     redis,
     prometheus,
     admin,
+    accessLog,
   };
 }
 

@@ -20,6 +20,7 @@ mod admit;
 mod answers;
 mod peer;
 mod prepare;
+mod record;
 mod respond;
 mod send;
 
@@ -56,6 +57,8 @@ pub struct HttpEnv {
     pub send_proxy_protocol: u8,
     /// Session-affinity bindings (in memory, or shared through Redis).
     pub affinity: Arc<AffinityStore>,
+    /// `accessLog`, when enabled: a record per request and per TCP connection.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// One client connection as the pipeline sees it.
@@ -127,6 +130,7 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
     let mut in_flight = Some(conn.counters.request_started());
     let (mut head, body) = req.into_parts();
     let received = Instant::now();
+    let mut access_record = record::PendingRecord::begin(&conn, &head, received);
     async move {
         // The route that answered, whatever phase answered: its counters take the response.
         let mut answered_by: Option<&Arc<Route>> = None;
@@ -144,7 +148,10 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
                 None => peer::choose(&ctx, &head)?,
                 Some(affinity) => Box::pin(peer::choose_with_affinity(&ctx, &head, affinity)).await?,
             };
-            let mut outbound = prepare::prepare(&ctx, &mut head, body);
+            let mut outbound = prepare::prepare(&ctx, &mut head, body, access_record.is_some());
+            if let Some(pending) = access_record.as_mut() {
+                pending.record.bytes_in_meter = outbound.received_bytes.clone();
+            }
             if outbound.keep_whole {
                 Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;
             }
@@ -152,11 +159,15 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
             if let Some(affinity) = affinity {
                 Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, &target, affinity_value.as_deref())).await;
             }
-            respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, &mut in_flight)
+            respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, &mut in_flight, &mut access_record)
         };
         let response = proxied.await.unwrap_or_else(|answer: Answer| answer);
         if let Some(route) = answered_by {
             route.stats.record_response(response.status().as_u16(), received.elapsed());
+        }
+        // Unless the response body took it along, the request is over once its head is ready.
+        if let Some(pending) = access_record {
+            pending.answered(answered_by, &response);
         }
         Ok(response)
     }

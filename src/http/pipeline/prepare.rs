@@ -2,7 +2,7 @@
 //! credentials), the upstream protocol is chosen (HTTP/1.1 for an upgrade), the path the backend
 //! gets is fixed, and the body is either kept whole for a retry or streamed through once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,9 +38,11 @@ pub(super) struct Outbound {
     /// The body is small enough to keep whole, and the route may repeat a request after sending
     /// it: `read_whole` is to read it before the first attempt.
     pub keep_whole: bool,
+    /// The request body's bytes received from the client, counted for the access log.
+    pub received_bytes: Option<Arc<AtomicU64>>,
 }
 
-pub(super) fn prepare(ctx: &RequestCtx<'_>, head: &mut Parts, incoming: ClientBody) -> Outbound {
+pub(super) fn prepare(ctx: &RequestCtx<'_>, head: &mut Parts, incoming: ClientBody, count_body: bool) -> Outbound {
     let route = ctx.route;
     // Credentials the proxy checked are its own, unless the route says to pass them on.
     let consumed_credentials = ctx.admitted.as_ref().is_some_and(|a| a.authenticated)
@@ -66,18 +68,20 @@ pub(super) fn prepare(ctx: &RequestCtx<'_>, head: &mut Parts, incoming: ClientBo
         _ => sent_path(),
     };
     let idempotent = is_idempotent(&head.method);
+    let mut received_bytes = None;
     let (body, keep_whole) = if incoming.is_end_stream() {
         (RequestBody::Empty, false)
     } else {
         let keep_whole = route.http.retry.replays_after_send() && idempotent && incoming.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY);
-        (RequestBody::Streaming(Some(incoming), Arc::new(AtomicBool::new(false))), keep_whole)
+        received_bytes = count_body.then(|| Arc::new(AtomicU64::new(0)));
+        (RequestBody::Streaming(Some(incoming), Arc::new(AtomicBool::new(false)), received_bytes.clone()), keep_whole)
     };
-    Outbound { wants_upgrade, client_upgrade, protocol, path_and_query, body, idempotent, keep_whole }
+    Outbound { wants_upgrade, client_upgrade, protocol, path_and_query, body, idempotent, keep_whole, received_bytes }
 }
 
 /// Reads a body `prepare` chose to keep whole, so that a retry after sending can send it again.
 pub(super) async fn read_whole(ctx: &RequestCtx<'_>, outbound: &mut Outbound) -> Result<(), Answer> {
-    let RequestBody::Streaming(Some(incoming), _) = std::mem::replace(&mut outbound.body, RequestBody::Empty) else {
+    let RequestBody::Streaming(Some(incoming), _, _) = std::mem::replace(&mut outbound.body, RequestBody::Empty) else {
         return Ok(());
     };
     let collected = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, http_body_util::Limited::new(incoming, MAX_REPLAY_BODY as usize).collect()).await;
@@ -85,6 +89,9 @@ pub(super) async fn read_whole(ctx: &RequestCtx<'_>, outbound: &mut Outbound) ->
         Ok(Ok(collected)) => {
             let bytes = collected.to_bytes();
             ctx.route.stats.bytes.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if let Some(received) = &outbound.received_bytes {
+                received.store(bytes.len() as u64, Ordering::Relaxed);
+            }
             outbound.body = RequestBody::Buffered(bytes);
             Ok(())
         }
@@ -99,7 +106,8 @@ pub(super) enum RequestBody {
     Buffered(Bytes),
     /// Streamed through once; after the first attempt took it, nothing can be repeated. The flag
     /// is raised when the client's own framing of it failed (a bad chunk): the client's fault.
-    Streaming(Option<ClientBody>, Arc<AtomicBool>),
+    /// Its bytes are counted into the last field for the access log.
+    Streaming(Option<ClientBody>, Arc<AtomicBool>, Option<Arc<AtomicU64>>),
 }
 
 impl RequestBody {
@@ -107,15 +115,25 @@ impl RequestBody {
         match self {
             RequestBody::Empty => Some(crate::http::body::empty()),
             RequestBody::Buffered(bytes) => Some(crate::http::body::full(bytes.clone())),
-            RequestBody::Streaming(slot, failed) => {
+            RequestBody::Streaming(slot, failed, received) => {
                 let failed = failed.clone();
+                let received = received.clone();
                 slot.take().map(|incoming| {
-                    incoming
-                        .map_err(move |err| {
-                            failed.store(true, Ordering::Release);
-                            err
-                        })
-                        .boxed()
+                    let body = incoming.map_err(move |err| {
+                        failed.store(true, Ordering::Release);
+                        err
+                    });
+                    match received {
+                        None => body.boxed(),
+                        Some(received) => body
+                            .map_frame(move |frame| {
+                                if let Some(data) = frame.data_ref() {
+                                    received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                                }
+                                frame
+                            })
+                            .boxed(),
+                    }
                 })
             }
         }
@@ -123,7 +141,7 @@ impl RequestBody {
 
     /// The client broke its own body's framing: answered 400, not blamed on the upstream.
     pub fn client_failed(&self) -> bool {
-        matches!(self, RequestBody::Streaming(_, failed) if failed.load(Ordering::Acquire))
+        matches!(self, RequestBody::Streaming(_, failed, _) if failed.load(Ordering::Acquire))
     }
 
     pub fn replayable(&self) -> bool {

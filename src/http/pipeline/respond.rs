@@ -12,6 +12,7 @@ use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::record::PendingRecord;
 use super::send::Exchange;
 use super::{Answer, ConnectionContext, RequestCtx};
 use crate::http::body::{text_response, BoxError, Direction, ProxyBody, TrackedBody, UpstreamBody};
@@ -46,6 +47,7 @@ pub(super) fn respond(
     client_upgrade: Option<PendingUpgrade>,
     route_slot: Option<RouteGuard>,
     in_flight: &mut Option<InFlight>,
+    access_record: &mut Option<PendingRecord>,
 ) -> Result<Response<ProxyBody>, Answer> {
     let Exchange { response, checkout, key, request_sent, client_slot } = exchange;
     let route = ctx.route;
@@ -66,6 +68,13 @@ pub(super) fn respond(
     }
     apply_templates(&mut parts.headers, &route.http.response_headers, &templates);
     apply_templates(&mut parts.headers, target.response_headers, &templates);
+    // The record follows the body: its bytes and its end are the response's.
+    let access_record = access_record.take().map(|mut pending| {
+        pending.record.route = Some(route.label.clone());
+        pending.record.status = Some(parts.status.as_u16());
+        pending.record.upstream = Some(format!("{}:{}", target.host, target.port).into());
+        pending
+    });
     let body = ReturningBody {
         inner: TrackedBody::new(body, Some((route.stats.clone(), Direction::Out)), None),
         pool: ctx.conn.env.pool.clone(),
@@ -76,6 +85,7 @@ pub(super) fn respond(
         _backend_lease: target.lease,
         _client_slot: client_slot,
         _in_flight: in_flight.take(),
+        access_record,
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -143,6 +153,8 @@ struct ReturningBody {
     _backend_lease: Option<crate::balance::Lease>,
     _client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     _in_flight: Option<InFlight>,
+    /// The request's access log record, written when the body is dropped.
+    access_record: Option<PendingRecord>,
 }
 
 impl Body for ReturningBody {
@@ -153,7 +165,14 @@ impl Body for ReturningBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Some(pending), std::task::Poll::Ready(Some(frame))) = (self.access_record.as_mut(), &polled) {
+            match frame {
+                Ok(frame) => pending.record.bytes_out += frame.data_ref().map_or(0, |data| data.len() as u64),
+                Err(_) => pending.record.termination = "upstream_error",
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -167,6 +186,12 @@ impl Body for ReturningBody {
 
 impl Drop for ReturningBody {
     fn drop(&mut self) {
+        if let Some(mut pending) = self.access_record.take() {
+            if !self.inner.ended() && pending.record.termination == "completed" {
+                pending.record.termination = "client_aborted";
+            }
+            pending.finish();
+        }
         let clean = self.inner.ended() && self.request_sent.as_ref().is_none_or(|sent| sent.load(Ordering::Acquire));
         if let (true, Some(Checkout::Http1 { permit, .. })) = (clean, self.checkout.take()) {
             if let Some(conn) = self.inner.inner_mut().take_reusable() {

@@ -1,0 +1,292 @@
+//! How a record becomes a line: JSON (one object per line, the fields API.md lists) or Apache's
+//! combined format. Every string from a client is escaped for the format it lands in, so that no
+//! value can end a line or forge a field.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::AccessRecord;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Combined,
+}
+
+impl LogFormat {
+    pub fn parse(name: &str) -> Option<LogFormat> {
+        match name {
+            "json" => Some(LogFormat::Json),
+            "combined" => Some(LogFormat::Combined),
+            _ => None,
+        }
+    }
+
+    /// Appends the record's line, newline included.
+    pub fn write(self, record: &AccessRecord, out: &mut Vec<u8>) {
+        match self {
+            LogFormat::Json => json(record, out),
+            LogFormat::Combined => combined(record, out),
+        }
+        out.push(b'\n');
+    }
+}
+
+fn json(r: &AccessRecord, out: &mut Vec<u8>) {
+    let civil = Civil::of(r.time);
+    out.extend_from_slice(b"{\"time\":\"");
+    civil.rfc3339(out);
+    out.extend_from_slice(b"\",\"route\":");
+    json_opt_str(out, r.route.as_deref());
+    out.extend_from_slice(b",\"clientIp\":\"");
+    out.extend_from_slice(r.client_ip.to_string().as_bytes());
+    out.extend_from_slice(b"\",\"method\":");
+    json_opt_str(out, r.method.as_ref().map(http::Method::as_str));
+    out.extend_from_slice(b",\"host\":");
+    json_opt_str(out, r.host.as_deref());
+    out.extend_from_slice(b",\"path\":");
+    json_opt_str(out, r.path.as_deref());
+    out.extend_from_slice(b",\"status\":");
+    match r.status {
+        Some(status) => number(out, status as u64),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"bytesIn\":");
+    number(out, r.bytes_in);
+    out.extend_from_slice(b",\"bytesOut\":");
+    number(out, r.bytes_out);
+    out.extend_from_slice(b",\"durationMs\":");
+    // Milliseconds with three decimals: sub-millisecond requests are the common case.
+    let micros = r.duration.as_micros() as u64;
+    number(out, micros / 1000);
+    out.push(b'.');
+    let frac = micros % 1000;
+    out.extend_from_slice(&[b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8]);
+    out.extend_from_slice(b",\"upstream\":");
+    json_opt_str(out, r.upstream.as_deref());
+    out.extend_from_slice(b",\"protocol\":");
+    json_str(out, r.protocol);
+    out.extend_from_slice(if r.tls { b",\"tls\":true" } else { b",\"tls\":false" });
+    out.extend_from_slice(b",\"termination\":");
+    json_str(out, r.termination);
+    out.push(b'}');
+}
+
+/// `client - - [time] "METHOD path PROTOCOL" status bytes "referer" "user-agent"`, as Apache
+/// writes it (`-` for an empty byte count). A TCP connection's line has `"-"` for the request and
+/// `0` for the status.
+fn combined(r: &AccessRecord, out: &mut Vec<u8>) {
+    out.extend_from_slice(r.client_ip.to_string().as_bytes());
+    out.extend_from_slice(b" - - [");
+    Civil::of(r.time).common_log(out);
+    out.extend_from_slice(b"] \"");
+    match (&r.method, &r.path) {
+        (Some(method), Some(path)) => {
+            out.extend_from_slice(method.as_str().as_bytes());
+            out.push(b' ');
+            quoted_content(out, path);
+            out.push(b' ');
+            out.extend_from_slice(r.protocol.as_bytes());
+        }
+        _ => out.push(b'-'),
+    }
+    out.extend_from_slice(b"\" ");
+    number(out, r.status.unwrap_or(0) as u64);
+    out.push(b' ');
+    if r.bytes_out == 0 {
+        out.push(b'-');
+    } else {
+        number(out, r.bytes_out);
+    }
+    for value in [r.referer.as_deref(), r.user_agent.as_deref()] {
+        out.extend_from_slice(b" \"");
+        match value {
+            Some(value) => quoted_content(out, value),
+            None => out.push(b'-'),
+        }
+        out.push(b'"');
+    }
+}
+
+fn number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn json_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(value) => json_str(out, value),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A JSON string: quote, backslash and control characters escaped (RFC 8259 §7).
+fn json_str(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    for &b in value.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x00..=0x1f | 0x7f => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// Inside a combined-format quoted field: quote, backslash, controls and bytes beyond ASCII as
+/// `\xHH`, as Apache escapes them.
+fn quoted_content(out: &mut Vec<u8>, value: &str) {
+    for &b in value.as_bytes() {
+        match b {
+            b'"' | b'\\' | 0x00..=0x1f | 0x7f..=0xff => {
+                out.extend_from_slice(b"\\x");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// A UTC calendar time.
+struct Civil {
+    year: i64,
+    month: u32,
+    day: u32,
+    hour: u32,
+    minute: u32,
+    second: u32,
+    millis: u32,
+}
+
+impl Civil {
+    fn of(time: SystemTime) -> Civil {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs() as i64;
+        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
+        // Days since the epoch to a proleptic Gregorian date (H. Hinnant's `civil_from_days`).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Civil { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60, millis: since.subsec_millis() }
+    }
+
+    /// `2026-12-05T22:10:03.042Z`
+    fn rfc3339(&self, out: &mut Vec<u8>) {
+        number(out, self.year as u64);
+        for (sep, value) in [(b'-', self.month), (b'-', self.day), (b'T', self.hour), (b':', self.minute), (b':', self.second)] {
+            out.push(sep);
+            two_digits(out, value);
+        }
+        out.push(b'.');
+        out.extend_from_slice(&[b'0' + (self.millis / 100) as u8, b'0' + (self.millis / 10 % 10) as u8, b'0' + (self.millis % 10) as u8]);
+        out.push(b'Z');
+    }
+
+    /// `05/Dec/2026:22:10:03 +0000`
+    fn common_log(&self, out: &mut Vec<u8>) {
+        const MONTHS: [&[u8; 3]; 12] = [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
+        two_digits(out, self.day);
+        out.push(b'/');
+        out.extend_from_slice(MONTHS[(self.month - 1) as usize]);
+        out.push(b'/');
+        number(out, self.year as u64);
+        for value in [self.hour, self.minute, self.second] {
+            out.push(b':');
+            two_digits(out, value);
+        }
+        out.extend_from_slice(b" +0000");
+    }
+}
+
+fn two_digits(out: &mut Vec<u8>, value: u32) {
+    out.push(b'0' + (value / 10) as u8);
+    out.push(b'0' + (value % 10) as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sample() -> AccessRecord {
+        let mut r = AccessRecord::begin("2001:db8::1".parse().unwrap(), "HTTP/1.1", true);
+        // 2026-12-05T22:10:03.042Z
+        r.time = UNIX_EPOCH + Duration::from_millis(1_796_508_603_042);
+        r.route = Some("api \"v1\"".into());
+        r.method = Some(http::Method::POST);
+        r.host = Some("example.com".into());
+        r.path = Some("/a\"b\n".into());
+        r.status = Some(201);
+        r.bytes_in = 12;
+        r.bytes_out = 345;
+        r.duration = Duration::from_micros(1_234_567);
+        r.upstream = Some("10.0.0.2:8080".into());
+        r.user_agent = Some("curl/8 \u{e9}".into());
+        r
+    }
+
+    #[test]
+    fn json_lines_escape_client_strings() {
+        let mut out = Vec::new();
+        LogFormat::Json.write(&sample(), &mut out);
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(
+            line,
+            "{\"time\":\"2026-12-05T22:10:03.042Z\",\"route\":\"api \\\"v1\\\"\",\"clientIp\":\"2001:db8::1\",\"method\":\"POST\",\
+             \"host\":\"example.com\",\"path\":\"/a\\\"b\\u000a\",\"status\":201,\"bytesIn\":12,\"bytesOut\":345,\"durationMs\":1234.567,\
+             \"upstream\":\"10.0.0.2:8080\",\"protocol\":\"HTTP/1.1\",\"tls\":true,\"termination\":\"completed\"}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["path"], "/a\"b\n");
+    }
+
+    #[test]
+    fn combined_lines_quote_as_apache_does() {
+        let mut out = Vec::new();
+        LogFormat::Combined.write(&sample(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2001:db8::1 - - [05/Dec/2026:22:10:03 +0000] \"POST /a\\x22b\\x0a HTTP/1.1\" 201 345 \"-\" \"curl/8 \\xc3\\xa9\"\n"
+        );
+    }
+
+    #[test]
+    fn a_tcp_record_has_no_request() {
+        let mut r = AccessRecord::begin("192.0.2.7".parse().unwrap(), "tcp", false);
+        r.time = UNIX_EPOCH;
+        r.termination = "backend_connect_failed";
+        let mut out = Vec::new();
+        LogFormat::Combined.write(&r, &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "192.0.2.7 - - [01/Jan/1970:00:00:00 +0000] \"-\" 0 - \"-\" \"-\"\n");
+        let mut out = Vec::new();
+        LogFormat::Json.write(&r, &mut out);
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["method"], serde_json::Value::Null);
+        assert_eq!(parsed["termination"], "backend_connect_failed");
+        assert_eq!(parsed["durationMs"], 0.0);
+    }
+
+    #[test]
+    fn calendar_dates_across_leap_years() {
+        let at = |secs: u64| {
+            let mut out = Vec::new();
+            Civil::of(UNIX_EPOCH + Duration::from_secs(secs)).rfc3339(&mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(1_709_251_199), "2024-02-29T23:59:59.000Z");
+        assert_eq!(at(4_102_444_800), "2100-01-01T00:00:00.000Z");
+    }
+}

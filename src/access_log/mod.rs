@@ -1,0 +1,361 @@
+//! The access log (`accessLog`): one record per HTTP request and per TCP connection, handed to a
+//! bounded queue and written by a thread of its own, so that the data path never waits on a disk
+//! or a pipe. A record that finds the queue full is dropped and counted. The file is reopened on
+//! request (`reopenLogs()`, SIGUSR1 in the CLI), for logrotate. Knows nothing of sockets or napi;
+//! what goes into a record (and what never does: credentials, query strings) is decided where the
+//! record is made.
+
+mod format;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+pub use format::LogFormat;
+
+/// Records waiting for the writer at most; beyond it they are dropped (and counted).
+const QUEUE_CAPACITY: usize = 16 * 1024;
+/// The writer's buffer: a burst of records goes out in few writes.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// How long the writer sleeps once it has caught up. It is never woken per record: a wake-up is a
+/// system call and a context switch on the request path, which would cost more than the record.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// What became of the records: written, or dropped because the queue was full.
+#[derive(Debug, Default)]
+pub struct AccessLogCounters {
+    pub written: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// One line of the log. HTTP records name a method, path and status; TCP records do not.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// When the request head (or the connection) arrived.
+    pub time: SystemTime,
+    pub started: Instant,
+    pub route: Option<Arc<str>>,
+    pub client_ip: IpAddr,
+    pub method: Option<http::Method>,
+    /// The host the client named (HTTP) or its SNI (TCP).
+    pub host: Option<Box<str>>,
+    /// The path without its query.
+    pub path: Option<Box<str>>,
+    pub status: Option<u16>,
+    /// Body bytes from the client (HTTP), or bytes relayed from it (TCP).
+    pub bytes_in: u64,
+    /// Counted elsewhere while the exchange runs (a streamed request body); read when submitted.
+    pub bytes_in_meter: Option<Arc<AtomicU64>>,
+    /// Body bytes to the client (HTTP), or bytes relayed to it (TCP).
+    pub bytes_out: u64,
+    pub duration: Duration,
+    /// The backend, `host:port`.
+    pub upstream: Option<Box<str>>,
+    /// `HTTP/1.1`, `HTTP/2`, … or `tcp`.
+    pub protocol: &'static str,
+    pub tls: bool,
+    /// How it ended: `completed`, `client_aborted`, `upstream_error`, or a connection's
+    /// termination reason.
+    pub termination: &'static str,
+    /// Kept for the combined format only, without query or credentials.
+    pub referer: Option<Box<str>>,
+    pub user_agent: Option<Box<str>>,
+}
+
+impl AccessRecord {
+    pub fn begin(client_ip: IpAddr, protocol: &'static str, tls: bool) -> AccessRecord {
+        AccessRecord {
+            time: SystemTime::now(),
+            started: Instant::now(),
+            route: None,
+            client_ip,
+            method: None,
+            host: None,
+            path: None,
+            status: None,
+            bytes_in: 0,
+            bytes_in_meter: None,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            upstream: None,
+            protocol,
+            tls,
+            termination: "completed",
+            referer: None,
+            user_agent: None,
+        }
+    }
+}
+
+enum Message {
+    Record(Box<AccessRecord>),
+    Close,
+}
+
+/// Where lines go: a file (reopened on request) or the process's standard output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    File(PathBuf),
+    Stdout,
+}
+
+/// A running access log: the queue's sending end and the writer thread.
+pub struct AccessLog {
+    queue: SyncSender<Message>,
+    format: LogFormat,
+    reopen: Arc<AtomicBool>,
+    counters: Arc<AccessLogCounters>,
+    /// To wake the writer for a reopen or the close.
+    writer_thread: std::thread::Thread,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AccessLog {
+    /// Opens the destination (an error names the file) and starts the writer.
+    pub fn open(destination: Destination, format: LogFormat, counters: Arc<AccessLogCounters>) -> io::Result<AccessLog> {
+        let output = Output::open(&destination)?;
+        let (queue, records) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer = Writer { records, output, destination, format, reopen: reopen.clone(), counters: counters.clone(), line: Vec::with_capacity(512) };
+        let handle = std::thread::Builder::new().name("smartproxy-access-log".into()).spawn(move || writer.run())?;
+        Ok(AccessLog { queue, format, reopen, counters, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
+    }
+
+    pub fn format(&self) -> LogFormat {
+        self.format
+    }
+
+    /// Queues a record, or drops it if the writer is behind: never waits.
+    pub fn submit(&self, mut record: Box<AccessRecord>) {
+        if let Some(meter) = record.bytes_in_meter.take() {
+            record.bytes_in += meter.load(Ordering::Relaxed);
+        }
+        match self.queue.try_send(Message::Record(record)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            // Closed: the engine is stopping, and the record came after its last request.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Reopens the file by its path, once the records already queued are written (logrotate
+    /// renames the file, then asks for this).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+        self.writer_thread.unpark();
+    }
+
+    /// Writes what is queued, closes the output and waits for the writer to end.
+    pub fn close(&self) {
+        let Some(handle) = self.writer.lock().take() else {
+            return;
+        };
+        self.writer_thread.unpark();
+        // Waits for room if the writer is behind: it is draining, so the wait is short.
+        let _ = self.queue.send(Message::Close);
+        self.writer_thread.unpark();
+        let _ = handle.join();
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Writer {
+    records: Receiver<Message>,
+    output: Output,
+    destination: Destination,
+    format: LogFormat,
+    reopen: Arc<AtomicBool>,
+    counters: Arc<AccessLogCounters>,
+    line: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            // Before the next record: whatever was queued after `reopen()` goes to the new file.
+            if self.reopen.load(Ordering::Acquire) && self.reopen.swap(false, Ordering::AcqRel) {
+                self.reopen_output();
+            }
+            let message = match self.records.try_recv() {
+                Ok(message) => message,
+                // Caught up: what is buffered goes out, then a nap (until a reopen or close).
+                Err(TryRecvError::Empty) => {
+                    self.flush();
+                    std::thread::park_timeout(IDLE_POLL);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+            };
+            match message {
+                Message::Record(record) => {
+                    self.line.clear();
+                    self.format.write(&record, &mut self.line);
+                    match self.output.write_all(&self.line) {
+                        Ok(()) => {
+                            self.counters.written.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(err) => {
+                            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %err, "the access log could not be written");
+                        }
+                    }
+                }
+                Message::Close => break,
+            }
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if let Err(err) = self.output.flush() {
+            tracing::warn!(error = %err, "the access log could not be written");
+        }
+    }
+
+    fn reopen_output(&mut self) {
+        self.flush();
+        match Output::open(&self.destination) {
+            Ok(output) => self.output = output,
+            // The old file stays in use: nothing is lost, and the next reopen may succeed.
+            Err(err) => tracing::warn!(error = %err, "the access log could not be reopened"),
+        }
+    }
+}
+
+enum Output {
+    File(BufWriter<File>),
+    Stdout(BufWriter<StdoutFd>),
+}
+
+impl Output {
+    fn open(destination: &Destination) -> io::Result<Output> {
+        Ok(match destination {
+            Destination::File(path) => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|err| io::Error::new(err.kind(), format!("accessLog.path {}: {err}", path.display())))?;
+                Output::File(BufWriter::with_capacity(WRITE_BUFFER, file))
+            }
+            Destination::Stdout => Output::Stdout(BufWriter::with_capacity(WRITE_BUFFER, StdoutFd)),
+        })
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::File(w) => w.write(buf),
+            Output::Stdout(w) => w.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Output::File(w) => w.write_all(buf),
+            Output::Stdout(w) => w.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::File(w) => w.flush(),
+            Output::Stdout(w) => w.flush(),
+        }
+    }
+}
+
+/// File descriptor 1, shared with Node: Node may have made it non-blocking (a pipe), so a write
+/// that would block waits until the descriptor is writable instead of failing.
+struct StdoutFd;
+
+impl Write for StdoutFd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is valid for `buf.len()` bytes; fd 1 belongs to the process.
+            let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    let mut poll = libc::pollfd { fd: 1, events: libc::POLLOUT, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut poll, 1, 100) };
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(path: &str) -> Box<AccessRecord> {
+        let mut record = Box::new(AccessRecord::begin("192.0.2.1".parse().unwrap(), "HTTP/1.1", false));
+        record.method = Some(http::Method::GET);
+        record.path = Some(path.into());
+        record.status = Some(200);
+        record
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("smartproxy-access-log-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn records_reach_the_file_and_reopen_follows_a_rename() {
+        let path = temp_path("reopen");
+        let rotated = path.with_extension("1");
+        let _ = std::fs::remove_file(&path);
+        let counters = Arc::new(AccessLogCounters::default());
+        let log = AccessLog::open(Destination::File(path.clone()), LogFormat::Json, counters.clone()).unwrap();
+        log.submit(record("/first"));
+        // Wait for the writer to have written it before renaming.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counters.written.load(Ordering::Relaxed) < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        log.submit(record("/second"));
+        log.close();
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert!(old.contains("\"/first\"") && !old.contains("/second"), "{old}");
+        assert!(new.contains("\"/second\"") && !new.contains("/first"), "{new}");
+        assert_eq!(counters.written.load(Ordering::Relaxed), 2);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&rotated);
+    }
+
+    #[test]
+    fn an_unopenable_path_is_an_error_naming_it() {
+        let err = AccessLog::open(Destination::File("/nonexistent-dir/x.log".into()), LogFormat::Json, Arc::default()).err().unwrap();
+        assert!(err.to_string().contains("/nonexistent-dir/x.log"), "{err}");
+    }
+}
