@@ -11,6 +11,7 @@ mod engine;
 mod hooks;
 mod http;
 mod listener;
+mod logging;
 mod matchers;
 mod metrics;
 mod proxy_protocol;

@@ -106,6 +106,7 @@ function everyOption(routes: unknown[]): TRecord {
     keepAliveInitialDelay: 1000,
     maxPendingDataSize: 1024,
     enableDetailedLogging: false,
+    logger: () => undefined,
     acme: {
       email: 'ops@example.com', accountEmail: 'ops@example.com', port: 80, challengePort: 80, useProduction: false, environment: 'staging',
       renewThresholdDays: 30, renewBeforeDays: 30, autoRenew: true, certificateStore: './certs', renewCheckIntervalHours: 24,

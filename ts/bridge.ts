@@ -9,6 +9,7 @@ import type { EventEmitter } from 'node:events';
 
 import type { RouteContext, SocketHandoff, SocketReport, TargetAnswer, TargetCall } from './native.js';
 import type { IRouteContext, TSocketHandler } from './models/route-types.js';
+import type { ILogEntry } from './models/options.js';
 import { FunctionRegistry } from './utils/normalize-options.js';
 
 /** An 'error' event's payload: an Error with where it happened. */
@@ -16,6 +17,13 @@ export interface ISmartProxyError extends Error {
   code: string;
   connectionId?: string;
   routeName?: string;
+}
+
+/** A log entry as the engine sends it (`fields` always present). */
+interface INativeLogEntry {
+  level: ILogEntry['level'];
+  message: string;
+  fields: Record<string, string | number | boolean>;
 }
 
 export class ScriptBridge {
@@ -26,6 +34,7 @@ export class ScriptBridge {
   constructor(
     private readonly events: EventEmitter,
     private readonly callTimeoutMs: () => number,
+    private readonly logger: () => ((entry: ILogEntry) => void) | undefined,
   ) {}
 
   /** Never throws: whatever happens, the promise resolves once the socket is closed. */
@@ -134,6 +143,10 @@ export class ScriptBridge {
   };
 
   public readonly onEvent = (message: { type: string; data: object }): void => {
+    if (message.type === 'log') {
+      this.deliverLog((message.data as { entries: INativeLogEntry[] }).entries);
+      return;
+    }
     if (message.type === 'error') {
       const data = message.data as { code: string; message: string; connectionId?: string; routeName?: string };
       this.emitError(Object.assign(new Error(data.message), { code: data.code, connectionId: data.connectionId, routeName: data.routeName ?? undefined }));
@@ -145,6 +158,19 @@ export class ScriptBridge {
     }
     this.events.emit(message.type, withoutNulls(message.data));
   };
+
+  private deliverLog(entries: INativeLogEntry[]): void {
+    const logger = this.logger();
+    if (logger === undefined) return;
+    for (const { level, message, fields } of entries) {
+      const entry: ILogEntry = Object.keys(fields).length > 0 ? { level, message, fields: { ...fields } } : { level, message };
+      try {
+        logger(entry);
+      } catch {
+        // The user's logger failed on this entry: the others still go to it.
+      }
+    }
+  }
 
   /** Destroys the sockets handlers still hold (after the engine has stopped). */
   public closeAll(): void {

@@ -37,7 +37,7 @@ export class SmartProxy extends EventEmitter {
 
   constructor(options: ISmartProxyOptions) {
     super();
-    this.bridge = new ScriptBridge(this, () => this.callTimeoutMs());
+    this.bridge = new ScriptBridge(this, () => this.callTimeoutMs(), () => this.settings.logger);
     const { config } = normalizeAndWarn(options, this.bridge.functions);
     this.settings = options;
     this.nativeConfig = config;

@@ -2,6 +2,8 @@
 //! combined format. Every string from a client is escaped for the format it lands in, so that no
 //! value can end a line or forge a field.
 
+use std::io::Write as _;
+use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::AccessRecord;
@@ -21,24 +23,51 @@ impl LogFormat {
         }
     }
 
+}
+
+/// Writes records as lines of one format, keeping the time stamp of the current second: records
+/// come many to a second, and the calendar is worked out once for each.
+pub struct LineFormatter {
+    format: LogFormat,
+    second: Option<u64>,
+    /// The second's stamp: `2026-12-05T22:10:03` (JSON, milliseconds follow) or
+    /// `05/Dec/2026:22:10:03 +0000` (combined).
+    stamp: Vec<u8>,
+}
+
+impl LineFormatter {
+    pub fn new(format: LogFormat) -> LineFormatter {
+        LineFormatter { format, second: None, stamp: Vec::with_capacity(32) }
+    }
+
     /// Appends the record's line, newline included.
-    pub fn write(self, record: &AccessRecord, out: &mut Vec<u8>) {
-        match self {
-            LogFormat::Json => json(record, out),
-            LogFormat::Combined => combined(record, out),
+    pub fn write(&mut self, record: &AccessRecord, out: &mut Vec<u8>) {
+        let since = record.time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if self.second != Some(since.as_secs()) {
+            self.second = Some(since.as_secs());
+            self.stamp.clear();
+            let civil = Civil::of(record.time);
+            match self.format {
+                LogFormat::Json => civil.rfc3339_seconds(&mut self.stamp),
+                LogFormat::Combined => civil.common_log(&mut self.stamp),
+            }
+        }
+        match self.format {
+            LogFormat::Json => json(record, &self.stamp, since.subsec_millis(), out),
+            LogFormat::Combined => combined(record, &self.stamp, out),
         }
         out.push(b'\n');
     }
 }
 
-fn json(r: &AccessRecord, out: &mut Vec<u8>) {
-    let civil = Civil::of(r.time);
+fn json(r: &AccessRecord, stamp: &[u8], millis: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"time\":\"");
-    civil.rfc3339(out);
-    out.extend_from_slice(b"\",\"route\":");
+    out.extend_from_slice(stamp);
+    three_digits(out, millis);
+    out.extend_from_slice(b"Z\",\"route\":");
     json_opt_str(out, r.route.as_deref());
     out.extend_from_slice(b",\"clientIp\":\"");
-    out.extend_from_slice(r.client_ip.to_string().as_bytes());
+    ip(out, r.client_ip);
     out.extend_from_slice(b"\",\"method\":");
     json_opt_str(out, r.method.as_ref().map(http::Method::as_str));
     out.extend_from_slice(b",\"host\":");
@@ -59,10 +88,18 @@ fn json(r: &AccessRecord, out: &mut Vec<u8>) {
     let micros = r.duration.as_micros() as u64;
     number(out, micros / 1000);
     out.push(b'.');
-    let frac = micros % 1000;
-    out.extend_from_slice(&[b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8]);
+    three_digits(out, (micros % 1000) as u32);
     out.extend_from_slice(b",\"upstream\":");
-    json_opt_str(out, r.upstream.as_deref());
+    match &r.upstream {
+        Some((host, port)) => {
+            out.push(b'"');
+            json_content(out, host);
+            out.push(b':');
+            number(out, *port as u64);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
     out.extend_from_slice(b",\"protocol\":");
     json_str(out, r.protocol);
     out.extend_from_slice(if r.tls { b",\"tls\":true" } else { b",\"tls\":false" });
@@ -74,10 +111,10 @@ fn json(r: &AccessRecord, out: &mut Vec<u8>) {
 /// `client - - [time] "METHOD path PROTOCOL" status bytes "referer" "user-agent"`, as Apache
 /// writes it (`-` for an empty byte count). A TCP connection's line has `"-"` for the request and
 /// `0` for the status.
-fn combined(r: &AccessRecord, out: &mut Vec<u8>) {
-    out.extend_from_slice(r.client_ip.to_string().as_bytes());
+fn combined(r: &AccessRecord, stamp: &[u8], out: &mut Vec<u8>) {
+    ip(out, r.client_ip);
     out.extend_from_slice(b" - - [");
-    Civil::of(r.time).common_log(out);
+    out.extend_from_slice(stamp);
     out.extend_from_slice(b"] \"");
     match (&r.method, &r.path) {
         (Some(method), Some(path)) => {
@@ -107,6 +144,13 @@ fn combined(r: &AccessRecord, out: &mut Vec<u8>) {
     }
 }
 
+/// `2026-12-05T22:10:03.042Z`: the time format of both logs.
+pub fn write_rfc3339(time: SystemTime, out: &mut Vec<u8>) {
+    Civil::of(time).rfc3339_seconds(out);
+    three_digits(out, time.duration_since(UNIX_EPOCH).unwrap_or_default().subsec_millis());
+    out.push(b'Z');
+}
+
 fn number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
@@ -118,40 +162,82 @@ fn json_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
     }
 }
 
+fn ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        // The common case without the formatting machinery.
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                number(out, octet as u64);
+            }
+        }
+        // Writing to a Vec cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// A JSON string: quote, backslash and control characters escaped (RFC 8259 §7).
 fn json_str(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
-    for &b in value.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x00..=0x1f | 0x7f => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
-            }
-            _ => out.push(b),
-        }
-    }
+    json_content(out, value);
     out.push(b'"');
+}
+
+fn json_content(out: &mut Vec<u8>, value: &str) {
+    escaped(out, value.as_bytes(), |b| JSON_ESCAPED[b as usize], |out, b| match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        _ => {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        }
+    });
 }
 
 /// Inside a combined-format quoted field: quote, backslash, controls and bytes beyond ASCII as
 /// `\xHH`, as Apache escapes them.
 fn quoted_content(out: &mut Vec<u8>, value: &str) {
-    for &b in value.as_bytes() {
-        match b {
-            b'"' | b'\\' | 0x00..=0x1f | 0x7f..=0xff => {
-                out.extend_from_slice(b"\\x");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
-            }
-            _ => out.push(b),
+    escaped(out, value.as_bytes(), |b| COMBINED_ESCAPED[b as usize], |out, b| {
+        out.extend_from_slice(b"\\x");
+        out.push(HEX[(b >> 4) as usize]);
+        out.push(HEX[(b & 0xf) as usize]);
+    });
+}
+
+/// Copies `bytes`, runs of plain bytes at once, each byte `needs_escape` says through `escape`.
+#[inline(always)]
+fn escaped(out: &mut Vec<u8>, bytes: &[u8], needs_escape: impl Fn(u8) -> bool, escape: impl Fn(&mut Vec<u8>, u8)) {
+    let mut run_start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if needs_escape(b) {
+            out.extend_from_slice(&bytes[run_start..i]);
+            escape(out, b);
+            run_start = i + 1;
         }
     }
+    out.extend_from_slice(&bytes[run_start..]);
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The bytes each format escapes, as tables: one load per byte on the writer's hot loop.
+static JSON_ESCAPED: [bool; 256] = escape_table(false);
+static COMBINED_ESCAPED: [bool; 256] = escape_table(true);
+
+const fn escape_table(beyond_ascii: bool) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = b < 0x20 || b == 0x7f || b == b'"' as usize || b == b'\\' as usize || (beyond_ascii && b > 0x7f);
+        b += 1;
+    }
+    table
+}
 
 /// A UTC calendar time.
 struct Civil {
@@ -161,7 +247,6 @@ struct Civil {
     hour: u32,
     minute: u32,
     second: u32,
-    millis: u32,
 }
 
 impl Civil {
@@ -179,19 +264,17 @@ impl Civil {
         let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
         let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
         let year = yoe + era * 400 + i64::from(month <= 2);
-        Civil { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60, millis: since.subsec_millis() }
+        Civil { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60 }
     }
 
-    /// `2026-12-05T22:10:03.042Z`
-    fn rfc3339(&self, out: &mut Vec<u8>) {
+    /// `2026-12-05T22:10:03.` (milliseconds and zone follow)
+    fn rfc3339_seconds(&self, out: &mut Vec<u8>) {
         number(out, self.year as u64);
         for (sep, value) in [(b'-', self.month), (b'-', self.day), (b'T', self.hour), (b':', self.minute), (b':', self.second)] {
             out.push(sep);
             two_digits(out, value);
         }
         out.push(b'.');
-        out.extend_from_slice(&[b'0' + (self.millis / 100) as u8, b'0' + (self.millis / 10 % 10) as u8, b'0' + (self.millis % 10) as u8]);
-        out.push(b'Z');
     }
 
     /// `05/Dec/2026:22:10:03 +0000`
@@ -208,6 +291,10 @@ impl Civil {
         }
         out.extend_from_slice(b" +0000");
     }
+}
+
+fn three_digits(out: &mut Vec<u8>, value: u32) {
+    out.extend_from_slice(&[b'0' + (value / 100 % 10) as u8, b'0' + (value / 10 % 10) as u8, b'0' + (value % 10) as u8]);
 }
 
 fn two_digits(out: &mut Vec<u8>, value: u32) {
@@ -232,7 +319,7 @@ mod tests {
         r.bytes_in = 12;
         r.bytes_out = 345;
         r.duration = Duration::from_micros(1_234_567);
-        r.upstream = Some("10.0.0.2:8080".into());
+        r.upstream = Some(("10.0.0.2".into(), 8080));
         r.user_agent = Some("curl/8 \u{e9}".into());
         r
     }
@@ -240,7 +327,7 @@ mod tests {
     #[test]
     fn json_lines_escape_client_strings() {
         let mut out = Vec::new();
-        LogFormat::Json.write(&sample(), &mut out);
+        LineFormatter::new(LogFormat::Json).write(&sample(), &mut out);
         let line = String::from_utf8(out).unwrap();
         assert_eq!(
             line,
@@ -255,7 +342,7 @@ mod tests {
     #[test]
     fn combined_lines_quote_as_apache_does() {
         let mut out = Vec::new();
-        LogFormat::Combined.write(&sample(), &mut out);
+        LineFormatter::new(LogFormat::Combined).write(&sample(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "2001:db8::1 - - [05/Dec/2026:22:10:03 +0000] \"POST /a\\x22b\\x0a HTTP/1.1\" 201 345 \"-\" \"curl/8 \\xc3\\xa9\"\n"
@@ -268,10 +355,10 @@ mod tests {
         r.time = UNIX_EPOCH;
         r.termination = "backend_connect_failed";
         let mut out = Vec::new();
-        LogFormat::Combined.write(&r, &mut out);
+        LineFormatter::new(LogFormat::Combined).write(&r, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), "192.0.2.7 - - [01/Jan/1970:00:00:00 +0000] \"-\" 0 - \"-\" \"-\"\n");
         let mut out = Vec::new();
-        LogFormat::Json.write(&r, &mut out);
+        LineFormatter::new(LogFormat::Json).write(&r, &mut out);
         let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(parsed["method"], serde_json::Value::Null);
         assert_eq!(parsed["termination"], "backend_connect_failed");
@@ -282,7 +369,7 @@ mod tests {
     fn calendar_dates_across_leap_years() {
         let at = |secs: u64| {
             let mut out = Vec::new();
-            Civil::of(UNIX_EPOCH + Duration::from_secs(secs)).rfc3339(&mut out);
+            write_rfc3339(UNIX_EPOCH + Duration::from_secs(secs), &mut out);
             String::from_utf8(out).unwrap()
         };
         assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");

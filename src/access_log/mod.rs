@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-pub use format::LogFormat;
+pub use format::{write_rfc3339, LineFormatter, LogFormat};
 
 /// Records waiting for the writer at most; beyond it they are dropped (and counted).
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -57,8 +57,8 @@ pub struct AccessRecord {
     /// Body bytes to the client (HTTP), or bytes relayed to it (TCP).
     pub bytes_out: u64,
     pub duration: Duration,
-    /// The backend, `host:port`.
-    pub upstream: Option<Box<str>>,
+    /// The backend's host and port.
+    pub upstream: Option<(Arc<str>, u16)>,
     /// `HTTP/1.1`, `HTTP/2`, … or `tcp`.
     pub protocol: &'static str,
     pub tls: bool,
@@ -124,7 +124,7 @@ impl AccessLog {
         let output = Output::open(&destination)?;
         let (queue, records) = mpsc::sync_channel(QUEUE_CAPACITY);
         let reopen = Arc::new(AtomicBool::new(false));
-        let writer = Writer { records, output, destination, format, reopen: reopen.clone(), counters: counters.clone(), line: Vec::with_capacity(512) };
+        let writer = Writer { records, output, destination, format: LineFormatter::new(format), reopen: reopen.clone(), counters: counters.clone(), line: Vec::with_capacity(512) };
         let handle = std::thread::Builder::new().name("smartproxy-access-log".into()).spawn(move || writer.run())?;
         Ok(AccessLog { queue, format, reopen, counters, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
     }
@@ -178,7 +178,7 @@ struct Writer {
     records: Receiver<Message>,
     output: Output,
     destination: Destination,
-    format: LogFormat,
+    format: LineFormatter,
     reopen: Arc<AtomicBool>,
     counters: Arc<AccessLogCounters>,
     line: Vec<u8>,

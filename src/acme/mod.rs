@@ -304,7 +304,6 @@ impl AcmeManager {
                 Ok(())
             }
             Err(err) => {
-                tracing::warn!(route = %name, error = %err, "certificate order failed");
                 {
                     let mut status = managed.status.lock();
                     // A certificate still being served stays valid; the failure is reported.
@@ -367,6 +366,13 @@ impl AcmeManager {
     }
 
     fn event(&self, kind: CertificateEventKind, name: &str, domain: &str, expiry_ms: Option<u64>, error: Option<String>) {
+        let expires = expiry_ms.map(|ms| ms / 1000);
+        match kind {
+            CertificateEventKind::Issued => tracing::info!(route = name, domain, expires, "certificate issued"),
+            CertificateEventKind::Renewed => tracing::info!(route = name, domain, expires, "certificate renewed"),
+            CertificateEventKind::Expiring => tracing::warn!(route = name, domain, expires, "certificate expires soon"),
+            CertificateEventKind::Failed => tracing::warn!(route = name, domain, error = error.as_deref().unwrap_or(""), "certificate order failed"),
+        }
         self.scripts.emit(EngineEvent::Certificate { kind, route_name: name.to_string(), domain: domain.to_string(), expiry_ms, error });
     }
 }

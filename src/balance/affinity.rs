@@ -294,7 +294,7 @@ impl AffinityStore {
         match answered {
             Ok(answer) => {
                 if redis.down.load(Ordering::Relaxed) && redis.down.swap(false, Ordering::Relaxed) {
-                    tracing::warn!("redis is reachable again; session affinity is shared again");
+                    tracing::info!("redis is reachable again; session affinity is shared again");
                 }
                 Some(answer)
             }

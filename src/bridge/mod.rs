@@ -196,6 +196,13 @@ impl ScriptHost for JsBridge {
                 "type": kind.event_name(),
                 "data": { "routeName": route_name, "domain": domain, "expiryDate": expiry_ms, "error": error },
             }),
+            EngineEvent::Log { entries } => {
+                let entries: Vec<serde_json::Value> = entries
+                    .into_iter()
+                    .map(|entry| json!({ "level": entry.level.as_str(), "message": entry.message, "fields": entry.fields }))
+                    .collect();
+                json!({ "type": "log", "data": { "entries": entries } })
+            }
         };
         // Fire and forget: only listened-to kinds (and errors) get here.
         if self.on_event.call(message, ThreadsafeFunctionCallMode::NonBlocking) != Status::Ok {

@@ -30,6 +30,9 @@ pub struct EngineOptions {
     pub max_pending_data_size: usize,
     pub worker_threads: Option<usize>,
     pub enable_detailed_logging: bool,
+    /// The wrapper has a `logger` function: log entries go to it rather than to standard error.
+    #[serde(default)]
+    pub logger: bool,
     pub max_header_size: usize,
     pub header_timeout_ms: u64,
     pub http2_max_concurrent_streams: u32,

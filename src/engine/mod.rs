@@ -3,7 +3,6 @@
 //! ports). Control operations are serialised; the data path never waits on them. Knows nothing of
 //! napi: `lib.rs` wraps it.
 
-mod logging;
 mod runtime;
 mod ops_http;
 mod stats;
@@ -28,6 +27,7 @@ use crate::http::pool::{PoolSettings, UpstreamPool};
 use crate::http::pipeline::HttpEnv;
 use crate::http::server::HttpLimitOptions;
 use crate::listener::{BindError, OnAccept, PortManager};
+use crate::logging;
 use crate::hooks::{ScriptHost, Scripts};
 use crate::metrics::EngineMetrics;
 use crate::matchers::ip::IpList;
@@ -100,6 +100,8 @@ struct Running {
     sampler: JoinHandle<()>,
     /// The `metrics.prometheus` and `admin` listeners, as configured.
     ops: Vec<ops_http::OpsListener>,
+    /// Where this engine's log events go while it runs (`logger`, or standard error).
+    _log: logging::Registration,
 }
 
 #[derive(Debug)]
@@ -128,9 +130,6 @@ impl Engine {
     /// `script_host` answers socket handlers and function targets (the JavaScript side); routes
     /// that need it fail their connections without one.
     pub fn new(config: EngineConfig, script_host: Option<Arc<dyn ScriptHost>>) -> Result<Engine, ConfigError> {
-        if config.options.enable_detailed_logging {
-            logging::enable_detailed_logging();
-        }
         let metrics = Arc::new(EngineMetrics::default());
         let cert_slots = Arc::new(CertSlots::default());
         let backends = Arc::new(BackendRegistry::default());
@@ -227,7 +226,9 @@ impl Engine {
         self.health_checks.sync(self.table.read().health_probes());
         let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone(), affinity));
         *self.listening.lock() = ports.ports();
-        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, ops });
+        let log = logging::register(self.log_sink(), self.options.enable_detailed_logging);
+        tracing::info!(ports = ?ports.ports(), routes = self.table.read().routes().len(), "proxy started");
+        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, ops, _log: log });
         Ok(())
     }
 
@@ -261,12 +262,21 @@ impl Engine {
         for listener in running.ops {
             listener.stop().await;
         }
+        tracing::info!("proxy stopped");
     }
 
     /// Reopens the access log's file by its path (after logrotate renamed it); nothing without one.
     pub fn reopen_logs(&self) {
         if let Some(access_log) = self.access_log.lock().as_ref() {
             access_log.reopen();
+        }
+    }
+
+    fn log_sink(&self) -> logging::LogSink {
+        if self.options.logger {
+            logging::LogSink::Logger(logging::LoggerSink::new(self.scripts.clone(), self.runtime().handle().clone()))
+        } else {
+            logging::LogSink::StandardError
         }
     }
 
@@ -338,6 +348,7 @@ impl Engine {
         self.backends.prune();
         let live: Vec<Arc<str>> = table.routes().iter().map(|r| r.label.clone()).collect();
         self.metrics.routes.retain_labels(&live);
+        tracing::info!(routes = live.len(), ports = ?self.listening.lock().clone(), "routes updated");
         Ok(())
     }
 

@@ -159,6 +159,8 @@ pub enum EngineEvent {
     Error { code: &'static str, message: String, connection_id: u64, route_name: Option<String> },
     /// An automatic certificate was issued, renewed, failed, or is about to expire.
     Certificate { kind: CertificateEventKind, route_name: String, domain: String, expiry_ms: Option<u64>, error: Option<String> },
+    /// Log entries for the `logger` option, in the order they happened.
+    Log { entries: Vec<crate::logging::LogEntry> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

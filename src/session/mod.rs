@@ -471,7 +471,7 @@ impl Session {
         // Connecting: the client may keep sending (kept, up to maxPendingDataSize) or leave.
         self.state.advance(State::Connecting, self.id);
         if env.http.access_log.is_some() {
-            relayed.upstream = Some(format!("{target_host}:{target_port}").into());
+            relayed.upstream = Some((target_host.clone(), target_port));
         }
         let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes, &relayed.bytes] };
         let connect_timeout = route.connect_timeout;
@@ -525,7 +525,7 @@ impl Session {
 #[derive(Default)]
 struct Relayed {
     bytes: ByteCounters,
-    upstream: Option<Box<str>>,
+    upstream: Option<(Arc<str>, u16)>,
     /// TLS, passed through or ended here.
     tls: bool,
 }

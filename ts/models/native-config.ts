@@ -19,6 +19,8 @@ export interface INativeOptions {
   maxPendingDataSize: number;
   workerThreads: number | null;
   enableDetailedLogging: boolean;
+  /** A `logger` function receives the log (otherwise standard error does). */
+  logger: boolean;
   maxHeaderSize: number;
   headerTimeoutMs: number;
   http2MaxConcurrentStreams: number;

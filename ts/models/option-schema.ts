@@ -157,7 +157,7 @@ export const OPTIONS_SCHEMA = keys({
   ...leaves(
     'acceptProxyProtocol', 'proxyIPs', 'sendProxyProtocol', 'initialDataTimeout', 'socketTimeout', 'inactivityTimeout',
     'maxConnectionLifetime', 'gracefulShutdownTimeout', 'maxConnectionsPerIP', 'connectionRateLimitPerMinute', 'noDelay',
-    'keepAlive', 'keepAliveInitialDelay', 'maxPendingDataSize', 'enableDetailedLogging',
+    'keepAlive', 'keepAliveInitialDelay', 'maxPendingDataSize', 'enableDetailedLogging', 'logger',
   ),
   acme: nested(ACME_SCHEMA),
   certProvisionFunction: leaf,

@@ -36,6 +36,14 @@ export interface IAcmeOptions {
   directoryCaFile?: string;
 }
 
+/** (ext) One event of the engine's log, as `logger` receives it. */
+export interface ILogEntry {
+  level: 'error' | 'warn' | 'info' | 'debug';
+  message: string;
+  /** Structured facts of the event (`route`, `host`, `port`, `error`, …), when it has any. */
+  fields?: Record<string, string | number | boolean>;
+}
+
 export interface ISmartProxyOptions {
   routes: IRouteConfig[];
   defaults?: { target?: IRouteTarget; security?: IRouteSecurity; preserveSourceIP?: boolean };
@@ -67,8 +75,16 @@ export interface ISmartProxyOptions {
   keepAliveInitialDelay?: number;
   /** Bytes; default 10 MiB. */
   maxPendingDataSize?: number;
-  /** Default false. */
+  /** Default false. With it, `debug` events are logged too (per connection: noisy). */
   enableDetailedLogging?: boolean;
+  /**
+   * (ext) Receives the engine's log events (`info` and above; `debug` too with
+   * `enableDetailedLogging`): a backend marked down or up, a certificate issued or failed, Redis
+   * lost and regained, routes updated, start and stop. Delivered in batches, at most 100 per
+   * second (the excess is counted and reported in one `warn` entry). Without it, the events go to
+   * standard error, one line each. A logger that throws loses that entry, nothing else.
+   */
+  logger?: (entry: ILogEntry) => void;
   acme?: IAcmeOptions;
   certProvisionFunction?: (domain: string) => Promise<TSmartProxyCertProvisionObject | 'http01'>;
   /** Default true. */

@@ -205,6 +205,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
   for (const key of ['acme', 'metrics', 'redis', 'admin', 'accessLog'] as const) {
     if (raw[key] !== undefined && !isRecord(raw[key])) root.fail(key, `expected an object, got ${show(raw[key])}`);
   }
+  if (raw.logger !== undefined && typeof raw.logger !== 'function') root.fail('logger', `expected a function, got ${show(raw.logger)}`);
   if (raw.certProvisionFunction !== undefined && typeof raw.certProvisionFunction !== 'function') {
     root.fail('certProvisionFunction', `expected a function, got ${show(raw.certProvisionFunction)}`);
   }
@@ -271,6 +272,7 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     maxPendingDataSize: ms('maxPendingDataSize', 10 * 1024 * 1024),
     workerThreads,
     enableDetailedLogging: flag('enableDetailedLogging', false),
+    logger: raw.logger !== undefined,
     maxHeaderSize: ms('maxHeaderSize', 64 * 1024),
     headerTimeoutMs: ms('headerTimeout', 30000),
     http2MaxConcurrentStreams: Math.max(1, ms('http2MaxConcurrentStreams', 256)),

@@ -72,7 +72,7 @@ pub(super) fn respond(
     let access_record = access_record.take().map(|mut pending| {
         pending.record.route = Some(route.label.clone());
         pending.record.status = Some(parts.status.as_u16());
-        pending.record.upstream = Some(format!("{}:{}", target.host, target.port).into());
+        pending.record.upstream = Some((target.host.clone(), target.port));
         pending
     });
     let body = ReturningBody {
