@@ -5,9 +5,11 @@ import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { X509Certificate } from 'node:crypto';
 
 import { SmartProxy } from '../ts/index.js';
 import { connectionRefused, freePorts, listenTracked, rejection, thrown } from './helpers/net.js';
+import { createTestCa } from './helpers/tls.js';
 
 const backend = await listenTracked(
   http.createServer((req, res) => {
@@ -199,6 +201,56 @@ tap.test('metrics.prometheus is validated like every option', async () => {
   process.off('warning', onWarning);
   expect(warnings.join('\n')).toInclude('metrics.prometheus.colour');
   expect(thrown(make('9100'))?.message ?? '').toInclude('metrics.prometheus');
+});
+
+tap.test('upstream checkouts: pooled reuse and new connections add up to the requests, failed connects are counted', async () => {
+  const [ownPort, deadPort] = await freePorts(2);
+  const own = new SmartProxy({
+    routes: [
+      { name: 'live', match: { ports: ownPort, domains: 'live.test' }, action: { type: 'forward', target: { host: '127.0.0.1', port: backend.port } } },
+      { name: 'dead', match: { ports: ownPort, domains: 'dead.test' }, action: { type: 'forward', target: { host: '127.0.0.1', port: deadPort } } },
+    ],
+  });
+  await own.start();
+  try {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const once = (host: string) =>
+      new Promise<number>((resolve, reject) => {
+        http.get({ port: ownPort, path: '/', headers: { host }, agent }, (res) => res.resume().on('end', () => resolve(res.statusCode ?? 0))).on('error', reject);
+      });
+    for (let i = 0; i < 10; i++) expect(await once('live.test')).toEqual(200);
+    expect(await once('dead.test')).toEqual(502);
+    agent.destroy();
+    const text = own.getPrometheusMetrics();
+    checkFormat(text);
+    const reused = sample(text, 'smartproxy_upstream_connections_reused_total')!;
+    const opened = sample(text, 'smartproxy_upstream_connections_opened_total')!;
+    expect(reused + opened).toEqual(10);
+    expect(reused).toBeGreaterThanOrEqual(9);
+    expect(sample(text, 'smartproxy_upstream_connect_failures_total')).toEqual(1);
+    expect(sample(text, 'smartproxy_upstream_pool_exhausted_total')).toEqual(0);
+  } finally {
+    await own.stop();
+  }
+});
+
+tap.test('the expiry of a static certificate is exposed like that of an automatic one', async () => {
+  const ca = createTestCa();
+  const leaf = ca.issue(['static.test']);
+  const notAfter = Math.floor(Date.parse(new X509Certificate(leaf.cert).validTo) / 1000);
+  const [tlsPort] = await freePorts(1);
+  const own = new SmartProxy({
+    routes: [
+      {
+        name: 'static-tls',
+        match: { ports: tlsPort, domains: 'static.test' },
+        action: { type: 'forward', target: { host: '127.0.0.1', port: backend.port }, tls: { mode: 'terminate', certificate: { key: leaf.key, cert: leaf.cert } } },
+      },
+    ],
+  });
+  const text = own.getPrometheusMetrics();
+  checkFormat(text);
+  expect(sample(text, 'smartproxy_certificate_expiry_timestamp_seconds', 'route="static-tls",domain="static.test"')).toEqual(notAfter);
 });
 
 tap.test('stop closes the listener', async () => {

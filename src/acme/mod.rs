@@ -42,7 +42,7 @@ pub struct CertStatus {
     /// Milliseconds since the Unix epoch.
     pub expiry_date: Option<u64>,
     pub issue_date: Option<u64>,
-    /// 'acme' | 'custom'
+    /// 'acme' | 'custom' | 'static' (a route's own certificate { key, cert })
     pub source: &'static str,
     pub error: Option<String>,
 }

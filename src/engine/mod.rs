@@ -196,7 +196,7 @@ impl Engine {
         let force_close = CancellationToken::new();
         // Cancelled by a force close too, so a session waiting for the drain sees either.
         let draining = force_close.child_token();
-        let pool = Arc::new(UpstreamPool::new(PoolSettings::default()));
+        let pool = Arc::new(UpstreamPool::new(PoolSettings::default(), self.metrics.upstream.clone()));
         let affinity = self.affinity_store()?;
         let access_log = self.open_access_log()?;
         let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone(), access_log.clone()));

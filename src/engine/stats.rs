@@ -177,6 +177,15 @@ impl Engine {
 }
 
 impl Engine {
+    /// Every route's certificate that the engine serves: automatic ones (ACME or
+    /// `certProvisionFunction`) and static ones.
+    fn certificate_statuses(&self) -> Vec<(String, crate::acme::CertStatus)> {
+        let mut statuses = self.acme.statuses();
+        let table = self.table.read().clone();
+        statuses.extend(table.routes().iter().filter_map(|route| Some((route.label.to_string(), route.static_certificate()?))));
+        statuses
+    }
+
     /// The Prometheus exposition of this engine (`getPrometheusMetrics()`, `metrics.prometheus`).
     /// Labels are bounded by configuration: routes, backends, domains, status classes and
     /// termination reasons, never client addresses or paths. Each family is read on its own from
@@ -213,6 +222,25 @@ impl Engine {
             ("smartproxy_js_calls_total", Kind::Counter, "Calls into JavaScript (function targets, socket handlers).", statistics.js_calls),
             ("smartproxy_rate_limit_evictions_total", Kind::Counter, "Rate-limit keys dropped to keep routes within rateLimit.maxKeys.", statistics.rate_limit_evictions),
             ("smartproxy_access_log_lines_total", Kind::Counter, "Access log lines written.", m.access_log.written.load(Ordering::Relaxed)),
+            (
+                "smartproxy_upstream_connections_reused_total",
+                Kind::Counter,
+                "HTTP requests sent over a pooled upstream connection (or a shared HTTP/2 one).",
+                m.upstream.reused.load(Ordering::Relaxed),
+            ),
+            ("smartproxy_upstream_connections_opened_total", Kind::Counter, "New HTTP upstream connections.", m.upstream.connected.load(Ordering::Relaxed)),
+            (
+                "smartproxy_upstream_connect_failures_total",
+                Kind::Counter,
+                "HTTP upstream connects that failed (refused, timed out, TLS or handshake); raw TCP routes count theirs in the terminations.",
+                m.upstream.connect_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "smartproxy_upstream_pool_exhausted_total",
+                Kind::Counter,
+                "HTTP upstream checkouts that waited their connect timeout at a backend's connection cap.",
+                m.upstream.exhausted.load(Ordering::Relaxed),
+            ),
             (
                 "smartproxy_access_log_dropped_total",
                 Kind::Counter,
@@ -285,9 +313,9 @@ impl Engine {
         out.family(
             "smartproxy_certificate_expiry_timestamp_seconds",
             Kind::Gauge,
-            "When an automatic certificate expires (Unix seconds), by route and domain.",
+            "When a route's certificate expires (Unix seconds), automatic or static, by route and domain.",
         );
-        for (route, status) in self.acme.statuses() {
+        for (route, status) in self.certificate_statuses() {
             if let Some(expiry_ms) = status.expiry_date {
                 out.sample("smartproxy_certificate_expiry_timestamp_seconds", &[("route", &route), ("domain", &status.domain)], (expiry_ms / 1000) as f64);
             }
@@ -393,7 +421,7 @@ impl Engine {
             .into_iter()
             .flat_map(|(route, backends)| backends.into_iter().map(move |backend| BackendRow { route: route.clone(), backend }))
             .collect();
-        let certificates = self.acme.statuses().into_iter().map(|(route, status)| CertificateRow { route, status }).collect();
+        let certificates = self.certificate_statuses().into_iter().map(|(route, status)| CertificateRow { route, status }).collect();
         let history = self
             .metrics
             .ring

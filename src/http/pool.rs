@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,6 +127,20 @@ pub struct UpstreamPool {
     /// The per-backend cap: one permit per open connection (idle or busy).
     slots: Mutex<HashMap<Backend, Arc<Semaphore>, RandomState>>,
     settings: PoolSettings,
+    counters: Arc<UpstreamCounters>,
+}
+
+/// What checkouts came to, engine-wide (kept by the engine's metrics across pools).
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    /// Requests served by a connection from the pool (or an HTTP/2 connection shared).
+    pub reused: AtomicU64,
+    /// New upstream connections ready for requests.
+    pub connected: AtomicU64,
+    /// Connects that failed: refused, timed out, TLS or protocol handshake.
+    pub connect_failures: AtomicU64,
+    /// Checkouts that found the backend's connection cap reached until their connect timeout.
+    pub exhausted: AtomicU64,
 }
 
 /// A connection checked out for one request.
@@ -144,23 +159,35 @@ impl Checkout {
 }
 
 impl UpstreamPool {
-    pub fn new(settings: PoolSettings) -> Self {
-        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings }
+    pub fn new(settings: PoolSettings, counters: Arc<UpstreamCounters>) -> Self {
+        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings, counters }
     }
 
     /// A pooled connection when one is idle and alive, else a new one.
     pub async fn checkout(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool) -> Result<Checkout, UpstreamError> {
         if let Some(reused) = self.take_idle(key) {
+            self.counters.reused.fetch_add(1, Ordering::Relaxed);
             return Ok(reused);
         }
         // The connect path (TCP, PROXY header, TLS and HTTP handshakes) is boxed: inline, its
         // state would size the future of every request, pooled or not.
-        Box::pin(self.connect(key, connect_timeout, no_delay, true)).await
+        self.counted(Box::pin(self.connect(key, connect_timeout, no_delay, true)).await)
     }
 
     /// Always a new connection (after a pooled one turned out dead).
     pub async fn checkout_fresh(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool) -> Result<Checkout, UpstreamError> {
-        Box::pin(self.connect(key, connect_timeout, no_delay, false)).await
+        self.counted(Box::pin(self.connect(key, connect_timeout, no_delay, false)).await)
+    }
+
+    fn counted(&self, checkout: Result<Checkout, UpstreamError>) -> Result<Checkout, UpstreamError> {
+        let counter = match &checkout {
+            Ok(checkout) if checkout.reused() => &self.counters.reused,
+            Ok(_) => &self.counters.connected,
+            Err(UpstreamError::PoolExhausted) => &self.counters.exhausted,
+            Err(_) => &self.counters.connect_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        checkout
     }
 
     async fn connect(&self, key: &PoolKey, connect_timeout: Duration, no_delay: bool, may_reuse: bool) -> Result<Checkout, UpstreamError> {
@@ -350,7 +377,7 @@ mod tests {
     #[tokio::test]
     async fn the_cap_holds_per_backend_across_keys_and_idle_connections_give_way() {
         let (port, backend) = silent_backend().await;
-        let pool = UpstreamPool::new(PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 8, max_per_host: 2 });
+        let pool = UpstreamPool::new(PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_host: 8, max_per_host: 2 }, Arc::default());
         let wait = Duration::from_millis(200);
         let busy_a = pool.checkout(&key(port, "a"), wait, true).await.expect("a");
         let Checkout::Http1 { conn: Some(conn), permit, .. } = pool.checkout(&key(port, "b"), wait, true).await.expect("b") else {

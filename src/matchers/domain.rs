@@ -93,7 +93,6 @@ impl DomainPattern {
     }
 
     /// The normalized pattern (lower case, no trailing dot).
-    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         &self.pattern
     }

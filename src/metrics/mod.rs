@@ -266,6 +266,8 @@ pub struct EngineMetrics {
     pub routes: RouteStatsRegistry,
     /// Access log lines written and dropped (kept across restarts, as the other counters).
     pub access_log: Arc<crate::access_log::AccessLogCounters>,
+    /// The HTTP engine's upstream checkouts: reused, connected, failed.
+    pub upstream: Arc<crate::http::pool::UpstreamCounters>,
 }
 
 impl Default for EngineMetrics {
@@ -285,6 +287,7 @@ impl Default for EngineMetrics {
             ring: Mutex::new(RateRing::new(ENGINE_HISTORY_SECONDS)),
             routes: RouteStatsRegistry::default(),
             access_log: Arc::default(),
+            upstream: Arc::default(),
         }
     }
 }

@@ -135,6 +135,8 @@ pub struct RouteTls {
     pub acceptor: Option<Arc<rustls::ServerConfig>>,
     /// Re-encrypt: TLS to the targets that do not say otherwise (`SelectedTarget::upstream_tls`).
     upstream: Option<Arc<UpstreamConnectors>>,
+    /// A static certificate's notBefore and notAfter (status pages and metrics show its expiry).
+    pub static_validity: Option<(std::time::SystemTime, std::time::SystemTime)>,
 }
 
 /// TLS from the proxy to a target, built once per table: a route's re-encryption, or a target's
@@ -159,6 +161,22 @@ impl UpstreamConnectors {
 
     fn pick(&self, http1_only: bool) -> Arc<rustls::ClientConfig> {
         if http1_only { self.http1.clone() } else { self.any.clone() }
+    }
+}
+
+impl Route {
+    /// The certificate status of a route that terminates TLS with a static certificate.
+    pub fn static_certificate(&self) -> Option<crate::acme::CertStatus> {
+        let (not_before, not_after) = self.tls.as_ref()?.static_validity?;
+        let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Some(crate::acme::CertStatus {
+            domain: self.domains.first().map_or("*", |d| d.as_str()).to_string(),
+            status: if not_after <= std::time::SystemTime::now() { "expired" } else { "valid" },
+            expiry_date: Some(ms(not_after)),
+            issue_date: Some(ms(not_before)),
+            source: "static",
+            error: None,
+        })
     }
 }
 
@@ -195,7 +213,11 @@ impl RouteTls {
             }
             _ => None,
         };
-        Ok(RouteTls { mode: config.mode, acceptor, upstream })
+        let static_validity = match config.mode {
+            TlsMode::Passthrough => None,
+            _ => config.certificate.as_ref().and_then(|pem| crate::tls::dynamic::leaf_validity(&pem.cert)),
+        };
+        Ok(RouteTls { mode: config.mode, acceptor, upstream, static_validity })
     }
 }
 

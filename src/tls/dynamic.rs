@@ -41,6 +41,12 @@ impl LoadedCert {
     }
 }
 
+/// notBefore and notAfter of the first certificate of a PEM chain (the leaf).
+pub fn leaf_validity(chain_pem: &str) -> Option<(SystemTime, SystemTime)> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()?.ok()?;
+    validity(&leaf).ok()
+}
+
 /// notBefore and notAfter of a DER certificate.
 fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|err| format!("certificate: not a valid X.509 certificate ({err})"))?;
