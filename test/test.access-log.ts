@@ -40,8 +40,12 @@ const backend = await listenTracked(
     let received = 0;
     req.on('data', (chunk: Buffer) => (received += chunk.length));
     req.on('end', () => {
-      res.writeHead(200, { 'content-type': 'text/plain' });
-      res.end(req.method === 'POST' ? `got ${received}` : RESPONSE);
+      const answer = () => {
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        res.end(req.method === 'POST' ? `got ${received}` : RESPONSE);
+      };
+      if (req.url === '/slow') setTimeout(answer, 1500);
+      else answer();
     });
   }),
 );
@@ -191,6 +195,26 @@ tap.test('HTTP/2 over terminated TLS: protocol HTTP/2, tls true, the host from :
   expect(readFileSync(logFile, 'utf8').includes('query-secret')).toBeFalse();
 });
 
+tap.test('a client-chosen path longer than 2 KiB is clipped in the log, whole at the backend', async () => {
+  const long = `/${'p'.repeat(10_000)}`;
+  expect((await request({ host: 'web.test', path: long })).status).toEqual(200);
+  const line = (await linesWhen(8))[7];
+  expect(line.path).toEqual(long.slice(0, 2048));
+});
+
+tap.test('an HTTP/2 client that cancels its stream before the response is logged as client_aborted, without a status', async () => {
+  const session = http2.connect(`https://127.0.0.1:${tlsPort}`, { ca: ca.cert, servername: 'secure.test' });
+  await new Promise<void>((resolve) => {
+    const stream = session.request({ ':path': '/slow', ':authority': 'secure.test' });
+    stream.on('error', () => undefined);
+    stream.on('close', () => resolve());
+    setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), 200);
+  });
+  session.close();
+  const line = (await linesWhen(9))[8];
+  expectFields(line, { route: 'secure', path: '/slow', status: null, protocol: 'HTTP/2', termination: 'client_aborted' });
+});
+
 tap.test('reopenLogs() after a rename: old lines stay in the renamed file, new ones go to a new file', async () => {
   const rotated = `${logFile}.1`;
   renameSync(logFile, rotated);
@@ -198,14 +222,14 @@ tap.test('reopenLogs() after a rename: old lines stay in the renamed file, new o
   await request({ host: 'web.test', path: '/after-rotation' });
   const fresh = await linesWhen(1);
   expect(fresh.map((l) => l.path)).toEqual(['/after-rotation']);
-  expect(lines(rotated).length).toEqual(7);
+  expect(lines(rotated).length).toEqual(9);
   expect(lines(rotated).some((l) => l.path === '/after-rotation')).toBeFalse();
 });
 
 tap.test('the Prometheus exposition counts the lines written and none dropped', async () => {
   const text = proxy.getPrometheusMetrics();
   const value = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1]);
-  expect(value('smartproxy_access_log_lines_total')).toEqual(8);
+  expect(value('smartproxy_access_log_lines_total')).toEqual(10);
   expect(value('smartproxy_access_log_dropped_total')).toEqual(0);
 });
 

@@ -308,7 +308,7 @@ mod tests {
     use std::time::Duration;
 
     fn sample() -> AccessRecord {
-        let mut r = AccessRecord::begin("2001:db8::1".parse().unwrap(), "HTTP/1.1", true);
+        let mut r = AccessRecord::begin("2001:db8::1".parse().unwrap(), "HTTP/1.1", true, std::time::Instant::now());
         // 2026-12-05T22:10:03.042Z
         r.time = UNIX_EPOCH + Duration::from_millis(1_796_508_603_042);
         r.route = Some("api \"v1\"".into());
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn a_tcp_record_has_no_request() {
-        let mut r = AccessRecord::begin("192.0.2.7".parse().unwrap(), "tcp", false);
+        let mut r = AccessRecord::begin("192.0.2.7".parse().unwrap(), "tcp", false, std::time::Instant::now());
         r.time = UNIX_EPOCH;
         r.termination = "backend_connect_failed";
         let mut out = Vec::new();

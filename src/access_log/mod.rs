@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,6 +23,11 @@ pub use format::{write_rfc3339, LineFormatter, LogFormat};
 
 /// Records waiting for the writer at most; beyond it they are dropped (and counted).
 const QUEUE_CAPACITY: usize = 16 * 1024;
+/// Bytes of records waiting for the writer at most, whatever their number: a client decides how
+/// long its path and headers are, so the count of records alone does not bound the memory.
+const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+/// What a record keeps of each string a client chose (host, path, referer, user agent).
+pub const MAX_CLIENT_FIELD: usize = 2048;
 /// The writer's buffer: a burst of records goes out in few writes.
 const WRITE_BUFFER: usize = 64 * 1024;
 /// How long the writer sleeps once it has caught up. It is never woken per record: a wake-up is a
@@ -70,11 +75,30 @@ pub struct AccessRecord {
     pub user_agent: Option<Box<str>>,
 }
 
+/// `text` cut to at most `MAX_CLIENT_FIELD` bytes, at a character boundary.
+pub fn clipped(text: &str) -> Box<str> {
+    if text.len() <= MAX_CLIENT_FIELD {
+        return text.into();
+    }
+    let mut end = MAX_CLIENT_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].into()
+}
+
 impl AccessRecord {
-    pub fn begin(client_ip: IpAddr, protocol: &'static str, tls: bool) -> AccessRecord {
+    /// What the record holds, in bytes, for the queue's budget.
+    fn footprint(&self) -> usize {
+        let text = |s: &Option<Box<str>>| s.as_ref().map_or(0, |s| s.len());
+        std::mem::size_of::<AccessRecord>() + text(&self.host) + text(&self.path) + text(&self.referer) + text(&self.user_agent)
+    }
+
+    /// A record of what began at `started` (now, or a moment ago).
+    pub fn begin(client_ip: IpAddr, protocol: &'static str, tls: bool, started: Instant) -> AccessRecord {
         AccessRecord {
-            time: SystemTime::now(),
-            started: Instant::now(),
+            time: SystemTime::now().checked_sub(started.elapsed()).unwrap_or_else(SystemTime::now),
+            started,
             route: None,
             client_ip,
             method: None,
@@ -113,6 +137,8 @@ pub struct AccessLog {
     format: LogFormat,
     reopen: Arc<AtomicBool>,
     counters: Arc<AccessLogCounters>,
+    /// Bytes of the records in the queue (`MAX_QUEUED_BYTES`).
+    queued_bytes: Arc<AtomicUsize>,
     /// To wake the writer for a reopen or the close.
     writer_thread: std::thread::Thread,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -124,9 +150,19 @@ impl AccessLog {
         let output = Output::open(&destination)?;
         let (queue, records) = mpsc::sync_channel(QUEUE_CAPACITY);
         let reopen = Arc::new(AtomicBool::new(false));
-        let writer = Writer { records, output, destination, format: LineFormatter::new(format), reopen: reopen.clone(), counters: counters.clone(), line: Vec::with_capacity(512) };
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let writer = Writer {
+            records,
+            output,
+            destination,
+            format: LineFormatter::new(format),
+            reopen: reopen.clone(),
+            counters: counters.clone(),
+            queued_bytes: queued_bytes.clone(),
+            line: Vec::with_capacity(512),
+        };
         let handle = std::thread::Builder::new().name("smartproxy-access-log".into()).spawn(move || writer.run())?;
-        Ok(AccessLog { queue, format, reopen, counters, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
+        Ok(AccessLog { queue, format, reopen, counters, queued_bytes, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
     }
 
     pub fn format(&self) -> LogFormat {
@@ -138,13 +174,21 @@ impl AccessLog {
         if let Some(meter) = record.bytes_in_meter.take() {
             record.bytes_in += meter.load(Ordering::Relaxed);
         }
+        let footprint = record.footprint();
+        if self.queued_bytes.fetch_add(footprint, Ordering::Relaxed) + footprint > MAX_QUEUED_BYTES {
+            self.queued_bytes.fetch_sub(footprint, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match self.queue.try_send(Message::Record(record)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            Err(err) => {
+                self.queued_bytes.fetch_sub(footprint, Ordering::Relaxed);
+                // Disconnected: the engine is stopping, and the record came after its last request.
+                if matches!(err, TrySendError::Full(_)) {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            // Closed: the engine is stopping, and the record came after its last request.
-            Err(TrySendError::Disconnected(_)) => {}
         }
     }
 
@@ -181,6 +225,7 @@ struct Writer {
     format: LineFormatter,
     reopen: Arc<AtomicBool>,
     counters: Arc<AccessLogCounters>,
+    queued_bytes: Arc<AtomicUsize>,
     line: Vec<u8>,
 }
 
@@ -203,6 +248,7 @@ impl Writer {
             };
             match message {
                 Message::Record(record) => {
+                    self.queued_bytes.fetch_sub(record.footprint(), Ordering::Relaxed);
                     self.line.clear();
                     self.format.write(&record, &mut self.line);
                     match self.output.write_all(&self.line) {
@@ -316,7 +362,7 @@ mod tests {
     use super::*;
 
     fn record(path: &str) -> Box<AccessRecord> {
-        let mut record = Box::new(AccessRecord::begin("192.0.2.1".parse().unwrap(), "HTTP/1.1", false));
+        let mut record = Box::new(AccessRecord::begin("192.0.2.1".parse().unwrap(), "HTTP/1.1", false, Instant::now()));
         record.method = Some(http::Method::GET);
         record.path = Some(path.into());
         record.status = Some(200);
@@ -351,6 +397,33 @@ mod tests {
         assert_eq!(counters.written.load(Ordering::Relaxed), 2);
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(&rotated);
+    }
+
+    #[test]
+    fn client_strings_are_clipped_at_a_character_boundary() {
+        let long = "é".repeat(MAX_CLIENT_FIELD);
+        let cut = clipped(&long);
+        assert!(cut.len() <= MAX_CLIENT_FIELD && cut.len() >= MAX_CLIENT_FIELD - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(&*clipped("/short"), "/short");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_too() {
+        let counters = Arc::new(AccessLogCounters::default());
+        let log = AccessLog::open(Destination::File(temp_path("budget")), LogFormat::Json, counters.clone()).unwrap();
+        // Hold the queue as full as the budget allows, as a writer that is behind would.
+        log.queued_bytes.store(MAX_QUEUED_BYTES - 100, Ordering::Relaxed);
+        let mut big = record("/x");
+        big.path = Some(clipped(&"a".repeat(10_000)));
+        log.submit(big);
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
+        log.queued_bytes.store(0, Ordering::Relaxed);
+        log.submit(record("/fits"));
+        log.close();
+        assert_eq!(counters.written.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
+        let _ = std::fs::remove_file(temp_path("budget"));
     }
 
     #[test]

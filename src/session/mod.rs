@@ -214,12 +214,10 @@ impl Session {
 
     /// The access log's line for a connection that was not served as HTTP.
     fn access_record(&self, reason: TerminationReason, relayed: Relayed) -> Box<AccessRecord> {
-        let mut record = Box::new(AccessRecord::begin(self.client_ip, "tcp", relayed.tls || self.tls_version.is_some()));
-        let duration = self.accepted_at.elapsed();
-        record.time = std::time::SystemTime::now().checked_sub(duration).unwrap_or(record.time);
-        record.duration = duration;
+        let mut record = Box::new(AccessRecord::begin(self.client_ip, "tcp", relayed.tls || self.tls_version.is_some(), self.accepted_at));
+        record.duration = self.accepted_at.elapsed();
         record.route = self.route_label.clone();
-        record.host = self.domain.as_deref().map(Into::into);
+        record.host = self.domain.as_deref().map(crate::access_log::clipped);
         record.bytes_in = relayed.bytes.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
         record.bytes_out = relayed.bytes.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
         record.upstream = relayed.upstream;

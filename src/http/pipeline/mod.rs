@@ -141,6 +141,9 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
                 refused.answer
             })?;
             answered_by = Some(ctx.route);
+            if let Some(pending) = access_record.as_mut() {
+                pending.route = Some(ctx.route.label.clone());
+            }
             // Phases that may wait only on rare paths (affinity, a body kept for retries) are
             // boxed there, so that the common request's future stays small.
             let affinity = ctx.route.affinity.as_ref();
@@ -150,7 +153,7 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
             };
             let mut outbound = prepare::prepare(&ctx, &mut head, body, access_record.is_some());
             if let Some(pending) = access_record.as_mut() {
-                pending.record.bytes_in_meter = outbound.received_bytes.clone();
+                pending.bytes_in_meter = outbound.received_bytes.clone();
             }
             if outbound.keep_whole {
                 Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;

@@ -2,6 +2,8 @@
 //! rewrites it, and without its query or credentials), then the route, backend and status, and
 //! the bytes and time once the response has been passed on. Made only when the log is on.
 
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,46 +12,62 @@ use http::{header, Response, Version};
 use hyper::body::Body;
 
 use super::ConnectionContext;
-use crate::access_log::{AccessLog, AccessRecord, LogFormat};
+use crate::access_log::{clipped, AccessLog, AccessRecord, LogFormat};
 use crate::http::body::ProxyBody;
 
-/// A request's record and the log it goes to when the request ends.
+/// A request's record and the log it goes to: it is written when this is dropped, wherever the
+/// request ends (its response body's end, the proxy's own answer, or the client leaving first,
+/// which the termination says until a response exists).
 pub(super) struct PendingRecord {
-    pub record: Box<AccessRecord>,
+    record: ManuallyDrop<Box<AccessRecord>>,
     log: Arc<AccessLog>,
+}
+
+impl Deref for PendingRecord {
+    type Target = AccessRecord;
+
+    fn deref(&self) -> &AccessRecord {
+        &self.record
+    }
+}
+
+impl DerefMut for PendingRecord {
+    fn deref_mut(&mut self) -> &mut AccessRecord {
+        &mut self.record
+    }
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        // SAFETY: the record is taken here only, once, and nothing uses it after.
+        let mut record = unsafe { ManuallyDrop::take(&mut self.record) };
+        record.duration = record.started.elapsed();
+        self.log.submit(record);
+    }
 }
 
 impl PendingRecord {
     pub fn begin(conn: &ConnectionContext, head: &Parts, received: Instant) -> Option<PendingRecord> {
         let log = conn.env.access_log.as_ref()?;
-        let mut record = Box::new(AccessRecord::begin(conn.client_ip, protocol_name(head.version), conn.https));
-        record.started = received;
+        let mut record = Box::new(AccessRecord::begin(conn.client_ip, protocol_name(head.version), conn.https, received));
+        record.termination = "client_aborted";
         record.method = Some(head.method.clone());
-        record.host = request_host(head).map(Into::into);
-        record.path = Some(head.uri.path().into());
+        record.host = request_host(head);
+        record.path = Some(clipped(head.uri.path()));
         if log.format() == LogFormat::Combined {
-            record.referer = head.headers.get(header::REFERER).and_then(|v| v.to_str().ok()).map(|v| without_secrets(v).into());
-            record.user_agent = head.headers.get(header::USER_AGENT).map(|v| String::from_utf8_lossy(v.as_bytes()).into());
+            record.referer = head.headers.get(header::REFERER).and_then(|v| v.to_str().ok()).map(|v| clipped(&without_secrets(v)));
+            record.user_agent = head.headers.get(header::USER_AGENT).map(header_text);
         }
-        Some(PendingRecord { record, log: log.clone() })
+        Some(PendingRecord { record: ManuallyDrop::new(record), log: log.clone() })
     }
 
-    /// A response the proxy gave itself (or a 101): it is whole already.
+    /// A response the proxy gave itself (or a 101): it is whole already, and the request is over.
     pub fn answered(mut self, route: Option<&Arc<crate::routing::table::Route>>, response: &Response<ProxyBody>) {
         let status = response.status().as_u16();
-        self.record.route = route.map(|r| r.label.clone());
-        self.record.status = Some(status);
-        self.record.bytes_out = response.body().size_hint().exact().unwrap_or(0);
-        if status == 101 {
-            self.record.termination = "upgraded";
-        }
-        self.finish();
-    }
-
-    /// The request is over: the record goes to the writer.
-    pub fn finish(mut self) {
-        self.record.duration = self.record.started.elapsed();
-        self.log.submit(self.record);
+        self.route = route.map(|r| r.label.clone());
+        self.status = Some(status);
+        self.bytes_out = response.body().size_hint().exact().unwrap_or(0);
+        self.termination = if status == 101 { "upgraded" } else { "completed" };
     }
 }
 
@@ -66,12 +84,20 @@ pub(super) fn protocol_name(version: Version) -> &'static str {
 
 /// The host the client named: `Host`, else the target's authority (HTTP/2's `:authority`),
 /// without any user information.
-fn request_host(head: &Parts) -> Option<String> {
+fn request_host(head: &Parts) -> Option<Box<str>> {
     if let Some(host) = head.headers.get(header::HOST) {
-        return Some(String::from_utf8_lossy(host.as_bytes()).into_owned());
+        return Some(header_text(host));
     }
     let authority = head.uri.authority()?.as_str();
-    Some(authority.rsplit_once('@').map_or(authority, |(_, host)| host).to_string())
+    Some(clipped(authority.rsplit_once('@').map_or(authority, |(_, host)| host)))
+}
+
+/// A header's value as text for the log (bytes beyond ASCII replaced), clipped.
+fn header_text(value: &http::HeaderValue) -> Box<str> {
+    match value.to_str() {
+        Ok(text) => clipped(text),
+        Err(_) => clipped(&String::from_utf8_lossy(value.as_bytes())),
+    }
 }
 
 /// A URL as a log may keep it: no user information, no query, no fragment.

@@ -70,9 +70,9 @@ pub(super) fn respond(
     apply_templates(&mut parts.headers, target.response_headers, &templates);
     // The record follows the body: its bytes and its end are the response's.
     let access_record = access_record.take().map(|mut pending| {
-        pending.record.route = Some(route.label.clone());
-        pending.record.status = Some(parts.status.as_u16());
-        pending.record.upstream = Some((target.host.clone(), target.port));
+        pending.status = Some(parts.status.as_u16());
+        pending.upstream = Some((target.host.clone(), target.port));
+        pending.termination = "completed";
         pending
     });
     let body = ReturningBody {
@@ -168,8 +168,8 @@ impl Body for ReturningBody {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let (Some(pending), std::task::Poll::Ready(Some(frame))) = (self.access_record.as_mut(), &polled) {
             match frame {
-                Ok(frame) => pending.record.bytes_out += frame.data_ref().map_or(0, |data| data.len() as u64),
-                Err(_) => pending.record.termination = "upstream_error",
+                Ok(frame) => pending.bytes_out += frame.data_ref().map_or(0, |data| data.len() as u64),
+                Err(_) => pending.termination = "upstream_error",
             }
         }
         polled
@@ -187,10 +187,9 @@ impl Body for ReturningBody {
 impl Drop for ReturningBody {
     fn drop(&mut self) {
         if let Some(mut pending) = self.access_record.take() {
-            if !self.inner.ended() && pending.record.termination == "completed" {
-                pending.record.termination = "client_aborted";
+            if !self.inner.ended() && pending.termination == "completed" {
+                pending.termination = "client_aborted";
             }
-            pending.finish();
         }
         let clean = self.inner.ended() && self.request_sent.as_ref().is_none_or(|sent| sent.load(Ordering::Acquire));
         if let (true, Some(Checkout::Http1 { permit, .. })) = (clean, self.checkout.take()) {
