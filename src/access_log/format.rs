@@ -4,6 +4,7 @@
 
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::AccessRecord;
@@ -33,11 +34,30 @@ pub struct LineFormatter {
     /// The second's stamp: `2026-12-05T22:10:03` (JSON, milliseconds follow) or
     /// `05/Dec/2026:22:10:03 +0000` (combined).
     stamp: Vec<u8>,
+    /// The last route's label and upstream host as escaped JSON text: records come in runs of the
+    /// same route and backend, whose names need escaping only once.
+    route: EscapedCache,
+    upstream: EscapedCache,
+}
+
+/// A string of the configuration (shared, so compared by address) and its escaped JSON text.
+#[derive(Default)]
+struct EscapedCache(Option<(Arc<str>, Vec<u8>)>);
+
+impl EscapedCache {
+    fn escaped(&mut self, text: &Arc<str>) -> &[u8] {
+        if !matches!(&self.0, Some((cached, _)) if Arc::ptr_eq(cached, text)) {
+            let mut escaped = Vec::with_capacity(text.len() + 2);
+            json_content(&mut escaped, text);
+            self.0 = Some((text.clone(), escaped));
+        }
+        self.0.as_ref().map_or(&[], |(_, escaped)| escaped)
+    }
 }
 
 impl LineFormatter {
     pub fn new(format: LogFormat) -> LineFormatter {
-        LineFormatter { format, second: None, stamp: Vec::with_capacity(32) }
+        LineFormatter { format, second: None, stamp: Vec::with_capacity(32), route: EscapedCache::default(), upstream: EscapedCache::default() }
     }
 
     /// Appends the record's line, newline included.
@@ -53,23 +73,38 @@ impl LineFormatter {
             }
         }
         match self.format {
-            LogFormat::Json => json(record, &self.stamp, since.subsec_millis(), out),
+            LogFormat::Json => self.json(record, since.subsec_millis(), out),
             LogFormat::Combined => combined(record, &self.stamp, out),
         }
         out.push(b'\n');
     }
+
+    fn json(&mut self, r: &AccessRecord, millis: u32, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(&self.stamp);
+        three_digits(out, millis);
+        out.extend_from_slice(b"Z\",\"route\":");
+        match &r.route {
+            Some(route) => {
+                out.push(b'"');
+                out.extend_from_slice(self.route.escaped(route));
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"clientIp\":\"");
+        ip(out, r.client_ip);
+        out.extend_from_slice(b"\",\"method\":");
+        match &r.method {
+            // A method is an HTTP token: nothing in it needs escaping.
+            Some(method) => token(out, method.as_str()),
+            None => out.extend_from_slice(b"null"),
+        }
+        json_rest(r, &mut self.upstream, out);
+    }
 }
 
-fn json(r: &AccessRecord, stamp: &[u8], millis: u32, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"time\":\"");
-    out.extend_from_slice(stamp);
-    three_digits(out, millis);
-    out.extend_from_slice(b"Z\",\"route\":");
-    json_opt_str(out, r.route.as_deref());
-    out.extend_from_slice(b",\"clientIp\":\"");
-    ip(out, r.client_ip);
-    out.extend_from_slice(b"\",\"method\":");
-    json_opt_str(out, r.method.as_ref().map(http::Method::as_str));
+fn json_rest(r: &AccessRecord, upstream_cache: &mut EscapedCache, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"host\":");
     json_opt_str(out, r.host.as_deref());
     out.extend_from_slice(b",\"path\":");
@@ -93,7 +128,7 @@ fn json(r: &AccessRecord, stamp: &[u8], millis: u32, out: &mut Vec<u8>) {
     match &r.upstream {
         Some((host, port)) => {
             out.push(b'"');
-            json_content(out, host);
+            out.extend_from_slice(upstream_cache.escaped(host));
             out.push(b':');
             number(out, *port as u64);
             out.push(b'"');
@@ -101,11 +136,19 @@ fn json(r: &AccessRecord, stamp: &[u8], millis: u32, out: &mut Vec<u8>) {
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"protocol\":");
-    json_str(out, r.protocol);
+    token(out, r.protocol);
     out.extend_from_slice(if r.tls { b",\"tls\":true" } else { b",\"tls\":false" });
     out.extend_from_slice(b",\"termination\":");
-    json_str(out, r.termination);
+    token(out, r.termination);
     out.push(b'}');
+}
+
+/// A JSON string of a token the engine names (protocol, termination) or an HTTP method: no byte
+/// of one needs escaping.
+fn token(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
 }
 
 /// `client - - [time] "METHOD path PROTOCOL" status bytes "referer" "user-agent"`, as Apache
@@ -170,7 +213,13 @@ fn ip(out: &mut Vec<u8>, ip: IpAddr) {
                 if i > 0 {
                     out.push(b'.');
                 }
-                number(out, octet as u64);
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
             }
         }
         // Writing to a Vec cannot fail.
@@ -363,6 +412,27 @@ mod tests {
         assert_eq!(parsed["method"], serde_json::Value::Null);
         assert_eq!(parsed["termination"], "backend_connect_failed");
         assert_eq!(parsed["durationMs"], 0.0);
+    }
+
+    #[test]
+    fn route_and_upstream_names_are_escaped_once_per_run_and_follow_changes() {
+        let mut formatter = LineFormatter::new(LogFormat::Json);
+        let quoted: Arc<str> = "a \"b\"".into();
+        let plain: Arc<str> = "plain".into();
+        let line = |formatter: &mut LineFormatter, route: &Arc<str>, ip: &str| {
+            let mut r = AccessRecord::begin(ip.parse().unwrap(), "tcp", false, std::time::Instant::now());
+            r.route = Some(route.clone());
+            r.upstream = Some((route.clone(), 1));
+            let mut out = Vec::new();
+            formatter.write(&r, &mut out);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        for (route, ip) in [(&quoted, "0.100.255.9"), (&quoted, "10.0.0.1"), (&plain, "192.168.1.20"), (&quoted, "1.2.3.4")] {
+            let parsed = line(&mut formatter, route, ip);
+            assert_eq!(parsed["route"], &**route);
+            assert_eq!(parsed["upstream"], format!("{route}:1"));
+            assert_eq!(parsed["clientIp"], ip);
+        }
     }
 
     #[test]
