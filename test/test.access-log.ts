@@ -7,12 +7,11 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as http2 from 'node:http2';
-import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 
 import { SmartProxy } from '../ts/index.js';
-import { exchange, freePorts, listenTracked, rejection, startEchoServer, thrown, waitFor } from './helpers/net.js';
+import { connectionRefused, exchange, freePorts, listenTracked, rejection, startEchoServer, thrown, waitFor } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
 
 interface ILine {
@@ -279,15 +278,7 @@ tap.test('bad accessLog options are refused clearly; an unopenable file fails st
   const err = await rejection(unopenable.start());
   expect(err?.message ?? '').toInclude(missingDir);
   // Nothing was left listening.
-  const refused = await new Promise<boolean>((resolve) => {
-    const socket = net.connect(port, '127.0.0.1');
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(false);
-    });
-    socket.once('error', () => resolve(true));
-  });
-  expect(refused).toBeTrue();
+  expect(await connectionRefused(port)).toBeTrue();
 });
 
 const CLI = path.join(import.meta.dirname, '..', 'ts', 'cli.ts');

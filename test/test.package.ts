@@ -6,7 +6,7 @@
 // and C library with readelf.
 import { tap, expect } from '@push.rocks/tapbundle';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 
@@ -50,7 +50,7 @@ tap.test('pack: the main package carries no binary and depends optionally on eve
 
 tap.test('install into a fresh project (npm, offline): the loader takes the platform package, a request goes through', async () => {
   const project = path.join(work, 'consumer');
-  execFileSync('mkdir', ['-p', project]);
+  mkdirSync(project, { recursive: true });
   writeFileSync(path.join(project, 'package.json'), JSON.stringify({ name: 'consumer', version: '1.0.0', private: true, type: 'module' }));
   const install = spawnSync('npm', ['install', '--offline', '--no-audit', '--no-fund', packed.main, packed.platforms['linux-x64-gnu']], { cwd: project, encoding: 'utf8' });
   expect(install.status === 0 ? 'installed' : `${install.stdout}\n${install.stderr}`).toEqual('installed');

@@ -160,6 +160,7 @@ impl AccessLog {
             counters: counters.clone(),
             queued_bytes: queued_bytes.clone(),
             line: Vec::with_capacity(512),
+            failing: false,
         };
         let handle = std::thread::Builder::new().name("smartproxy-access-log".into()).spawn(move || writer.run())?;
         Ok(AccessLog { queue, format, reopen, counters, queued_bytes, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
@@ -227,6 +228,8 @@ struct Writer {
     counters: Arc<AccessLogCounters>,
     queued_bytes: Arc<AtomicUsize>,
     line: Vec<u8>,
+    /// Writes are failing and that was logged.
+    failing: bool,
 }
 
 impl Writer {
@@ -251,15 +254,8 @@ impl Writer {
                     self.queued_bytes.fetch_sub(record.footprint(), Ordering::Relaxed);
                     self.line.clear();
                     self.format.write(&record, &mut self.line);
-                    match self.output.write_all(&self.line) {
-                        Ok(()) => {
-                            self.counters.written.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(err) => {
-                            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %err, "the access log could not be written");
-                        }
-                    }
+                    let written = self.output.write_all(&self.line);
+                    self.note_write(written);
                 }
                 Message::Close => break,
             }
@@ -269,7 +265,29 @@ impl Writer {
 
     fn flush(&mut self) {
         if let Err(err) = self.output.flush() {
-            tracing::warn!(error = %err, "the access log could not be written");
+            self.report_failure(&err);
+        }
+    }
+
+    /// Counts a record's write; a failure is logged once until a write succeeds again, not once
+    /// per request (a full disk fails every line).
+    fn note_write(&mut self, written: io::Result<()>) {
+        match written {
+            Ok(()) => {
+                self.counters.written.fetch_add(1, Ordering::Relaxed);
+                self.failing = false;
+            }
+            Err(err) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.report_failure(&err);
+            }
+        }
+    }
+
+    fn report_failure(&mut self, err: &io::Error) {
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!(error = %err, "the access log could not be written; lines are dropped until it can");
         }
     }
 
