@@ -9,6 +9,7 @@
 # Mode `haproxy` counts HAProxy run the same way (nbthread 1, option http-keep-alive, http-reuse
 # always, option forwardfor; needs haproxy), so the two figures can be compared within one run.
 # With KEEP_DIR set, the callgrind files stay there (callgrind.MODE.*) for callgrind_annotate.
+# CALLGRIND_ARGS adds options to our proxy's valgrind (e.g. --dump-instr=yes for callgrind_annotate).
 # With INSTR_H2=1 the client speaks HTTP/2 over cleartext (prior knowledge; h2load -c16 -m10)
 # to the proxy, which still forwards HTTP/1.1 to the backend: the HTTP/2 front end's cost.
 set -euo pipefail
@@ -51,7 +52,7 @@ for mode in "${modes[@]}"; do
       'frontend bench' "  bind 127.0.0.1:$port" '  default_backend be' 'backend be' "  server s1 127.0.0.1:$backend_port" > "$work/haproxy.cfg"
     valgrind --tool=callgrind --callgrind-out-file="$out" haproxy -db -f "$work/haproxy.cfg" > "$work/proxy.log" 2>&1 &
   else
-    BENCH_REDIS_URL="redis://127.0.0.1:$redis_port" valgrind --tool=callgrind --callgrind-out-file="$out" \
+    BENCH_REDIS_URL="redis://127.0.0.1:$redis_port" valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" \
       node "$root/bench/proxy-smartproxy.mjs" "$port" "$backend_port" "$mode" > "$work/proxy.log" 2>&1 &
   fi
   proxy=$!

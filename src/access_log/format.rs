@@ -1,13 +1,14 @@
 //! How a record becomes a line: JSON (one object per line, the fields API.md lists) or Apache's
-//! combined format. Every string from a client is escaped for the format it lands in, so that no
-//! value can end a line or forge a field.
+//! combined format. A line is made in two steps: its opening (what is known when the request
+//! arrives) is formatted at once; its time and outcome (what is known at its end) are added when
+//! it is finished. Every string from a client is clipped and escaped for the format it lands in,
+//! so that no value can end a line or forge a field.
 
-use std::io::Write as _;
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::AccessRecord;
+/// What a line keeps of each string a client chose (host, path, referer, user agent).
+pub const MAX_CLIENT_FIELD: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -26,121 +27,254 @@ impl LogFormat {
 
 }
 
-/// Writes records as lines of one format, keeping the time stamp of the current second: records
-/// come many to a second, and the calendar is worked out once for each.
-pub struct LineFormatter {
+/// Room a line takes, but for the strings it carries.
+const LINE_ROOM: usize = 256;
+
+/// What is known of a request (or a connection) when it arrives: formatted at once, so that
+/// nothing of the request need be kept but the formatted bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'a> {
+    /// The client's address as text (a connection formats it once for all its requests).
+    pub client_ip: &'a [u8],
+    pub method: Option<&'a str>,
+    /// The host the client named (HTTP) or its SNI (TCP): bytes as the client sent them, which
+    /// need not be UTF-8.
+    pub host: Option<&'a [u8]>,
+    /// The path without its query.
+    pub path: Option<&'a [u8]>,
+    /// `HTTP/1.1`, `HTTP/2`, … or `tcp`.
+    pub protocol: &'static str,
+    pub tls: bool,
+    /// Written by the combined format only, without query or credentials.
+    pub referer: Option<&'a [u8]>,
+    pub user_agent: Option<&'a [u8]>,
+}
+
+/// Where the parts made later go into a formatted opening: a line is `opening[..time]`, the
+/// time, `opening[time..outcome]`, the outcome, `opening[outcome..]` and a newline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Splits {
+    pub time: usize,
+    pub outcome: usize,
+}
+
+/// What is known once the request (or connection) has ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome<'a> {
+    pub route: Option<&'a Arc<str>>,
+    pub status: Option<u16>,
+    /// Body bytes from the client (HTTP), or bytes relayed from it (TCP).
+    pub bytes_in: u64,
+    /// Body bytes to the client (HTTP), or bytes relayed to it (TCP).
+    pub bytes_out: u64,
+    pub duration: Duration,
+    /// The backend's host and port.
+    pub upstream: Option<(&'a Arc<str>, u16)>,
+    /// `completed`, `client_aborted`, `upstream_error`, or a connection's termination reason.
+    pub termination: &'a str,
+}
+
+/// The opening formatted into a buffer of its own, with room for the rest of the line as it
+/// usually is.
+pub fn format_opening(format: LogFormat, o: &Opening<'_>) -> (Vec<u8>, Splits) {
+    let client_strings = [o.host, o.path, o.referer, o.user_agent].iter().map(|s| s.map_or(0, |s| s.len().min(MAX_CLIENT_FIELD))).sum::<usize>();
+    let mut line = Vec::with_capacity(LINE_ROOM + client_strings);
+    let splits = write_opening(format, o, &mut line);
+    (line, splits)
+}
+
+/// Room a finished line usually takes: its opening, the time and the outcome.
+pub fn line_room(opening_len: usize, o: &Outcome<'_>) -> usize {
+    let names = o.route.map_or(0, |route| route.len()) + o.upstream.map_or(0, |(host, _)| host.len());
+    opening_len + LINE_ROOM + names
+}
+
+/// Appends a request's opening (see `Splits`). The time is left out: lines are stamped as they
+/// are finished, from a stamp worked out once per second.
+fn write_opening(format: LogFormat, o: &Opening<'_>, out: &mut Vec<u8>) -> Splits {
+    match format {
+        LogFormat::Json => {
+            out.extend_from_slice(b"{\"time\":\"");
+            let time = out.len();
+            out.extend_from_slice(b"Z\",\"clientIp\":\"");
+            out.extend_from_slice(o.client_ip);
+            out.extend_from_slice(b"\",\"method\":");
+            match o.method {
+                // A method is an HTTP token: nothing in it needs escaping.
+                Some(method) => token(out, method),
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(b",\"host\":");
+            json_opt_str(out, o.host);
+            out.extend_from_slice(b",\"path\":");
+            json_opt_str(out, o.path);
+            out.extend_from_slice(b",\"protocol\":");
+            token(out, o.protocol);
+            out.extend_from_slice(if o.tls { b",\"tls\":true," } else { b",\"tls\":false," });
+            Splits { time, outcome: out.len() }
+        }
+        LogFormat::Combined => {
+            out.extend_from_slice(o.client_ip);
+            out.extend_from_slice(b" - - [");
+            let time = out.len();
+            out.extend_from_slice(b"] \"");
+            match (o.method, o.path) {
+                (Some(method), Some(path)) => {
+                    out.extend_from_slice(method.as_bytes());
+                    out.push(b' ');
+                    quoted_content(out, clip(path));
+                    out.push(b' ');
+                    out.extend_from_slice(o.protocol.as_bytes());
+                }
+                _ => out.push(b'-'),
+            }
+            out.extend_from_slice(b"\" ");
+            let outcome = out.len();
+            for value in [o.referer, o.user_agent] {
+                out.extend_from_slice(b" \"");
+                match value {
+                    Some(value) => quoted_content(out, clip(value)),
+                    None => out.push(b'-'),
+                }
+                out.push(b'"');
+            }
+            Splits { time, outcome }
+        }
+    }
+}
+
+/// Finishes lines: stamps them and writes their outcomes, keeping what runs of lines share (the
+/// second's stamp; the route and backend names, escaped once per run).
+pub struct LineFinisher {
     format: LogFormat,
     second: Option<u64>,
-    /// The second's stamp: `2026-12-05T22:10:03` (JSON, milliseconds follow) or
-    /// `05/Dec/2026:22:10:03 +0000` (combined).
+    /// `2026-12-05T22:10:03.` (JSON: milliseconds follow) or `05/Dec/2026:22:10:03 +0000`.
     stamp: Vec<u8>,
-    /// The last route's label and upstream host as escaped JSON text: records come in runs of the
-    /// same route and backend, whose names need escaping only once.
     route: EscapedCache,
     upstream: EscapedCache,
 }
 
-/// A string of the configuration (shared, so compared by address) and its escaped JSON text.
+/// A configured name (shared, so compared by address), with a port or without, and its escaped
+/// JSON text (`name` or `name:port`).
 #[derive(Default)]
-struct EscapedCache(Option<(Arc<str>, Vec<u8>)>);
+struct EscapedCache(Option<(Arc<str>, Option<u16>, Vec<u8>)>);
 
 impl EscapedCache {
-    fn escaped(&mut self, text: &Arc<str>) -> &[u8] {
-        if !matches!(&self.0, Some((cached, _)) if Arc::ptr_eq(cached, text)) {
-            let mut escaped = Vec::with_capacity(text.len() + 2);
-            json_content(&mut escaped, text);
-            self.0 = Some((text.clone(), escaped));
+    fn escaped(&mut self, name: &Arc<str>, port: Option<u16>) -> &[u8] {
+        if !matches!(&self.0, Some((cached, cached_port, _)) if Arc::ptr_eq(cached, name) && *cached_port == port) {
+            let mut escaped = Vec::with_capacity(name.len() + 6);
+            json_content(&mut escaped, name.as_bytes());
+            if let Some(port) = port {
+                escaped.push(b':');
+                number(&mut escaped, port as u64);
+            }
+            self.0 = Some((name.clone(), port, escaped));
         }
-        self.0.as_ref().map_or(&[], |(_, escaped)| escaped)
+        self.0.as_ref().map_or(&[], |(_, _, escaped)| escaped)
     }
 }
 
-impl LineFormatter {
-    pub fn new(format: LogFormat) -> LineFormatter {
-        LineFormatter { format, second: None, stamp: Vec::with_capacity(32), route: EscapedCache::default(), upstream: EscapedCache::default() }
+impl LineFinisher {
+    pub fn new(format: LogFormat) -> LineFinisher {
+        LineFinisher { format, second: None, stamp: Vec::with_capacity(32), route: EscapedCache::default(), upstream: EscapedCache::default() }
     }
 
-    /// Appends the record's line, newline included.
-    pub fn write(&mut self, record: &AccessRecord, out: &mut Vec<u8>) {
-        let since = record.time.duration_since(UNIX_EPOCH).unwrap_or_default();
-        if self.second != Some(since.as_secs()) {
-            self.second = Some(since.as_secs());
+    /// Appends the whole line, newline included: the opening's parts, the time (milliseconds
+    /// since the Unix epoch) and the outcome.
+    pub fn finish(&mut self, opening: &[u8], splits: Splits, unix_millis: u64, o: &Outcome<'_>, out: &mut Vec<u8>) {
+        out.extend_from_slice(&opening[..splits.time]);
+        self.stamp(unix_millis, out);
+        out.extend_from_slice(&opening[splits.time..splits.outcome]);
+        self.outcome(o, out);
+        out.extend_from_slice(&opening[splits.outcome..]);
+        out.push(b'\n');
+    }
+
+    fn stamp(&mut self, unix_millis: u64, out: &mut Vec<u8>) {
+        let second = unix_millis / 1000;
+        if self.second != Some(second) {
+            self.second = Some(second);
             self.stamp.clear();
-            let civil = Civil::of(record.time);
+            let civil = Civil::of(second);
             match self.format {
                 LogFormat::Json => civil.rfc3339_seconds(&mut self.stamp),
                 LogFormat::Combined => civil.common_log(&mut self.stamp),
             }
         }
-        match self.format {
-            LogFormat::Json => self.json(record, since.subsec_millis(), out),
-            LogFormat::Combined => combined(record, &self.stamp, out),
+        out.extend_from_slice(&self.stamp);
+        if self.format == LogFormat::Json {
+            three_digits(out, (unix_millis % 1000) as u32);
         }
-        out.push(b'\n');
     }
 
-    fn json(&mut self, r: &AccessRecord, millis: u32, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"time\":\"");
-        out.extend_from_slice(&self.stamp);
-        three_digits(out, millis);
-        out.extend_from_slice(b"Z\",\"route\":");
-        match &r.route {
-            Some(route) => {
-                out.push(b'"');
-                out.extend_from_slice(self.route.escaped(route));
-                out.push(b'"');
+    fn outcome(&mut self, o: &Outcome<'_>, out: &mut Vec<u8>) {
+        match self.format {
+            LogFormat::Json => {
+                out.extend_from_slice(b"\"route\":");
+                match o.route {
+                    Some(route) => {
+                        out.push(b'"');
+                        out.extend_from_slice(self.route.escaped(route, None));
+                        out.push(b'"');
+                    }
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b",\"status\":");
+                match o.status {
+                    // Statuses have three digits.
+                    Some(status @ 100..=999) => three_digits(out, status as u32),
+                    Some(status) => number(out, status as u64),
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b",\"bytesIn\":");
+                number(out, o.bytes_in);
+                out.extend_from_slice(b",\"bytesOut\":");
+                number(out, o.bytes_out);
+                out.extend_from_slice(b",\"durationMs\":");
+                // Milliseconds with three decimals: sub-millisecond requests are the common case.
+                let micros = o.duration.as_micros() as u64;
+                number(out, micros / 1000);
+                out.push(b'.');
+                three_digits(out, (micros % 1000) as u32);
+                out.extend_from_slice(b",\"upstream\":");
+                match o.upstream {
+                    Some((host, port)) => {
+                        out.push(b'"');
+                        out.extend_from_slice(self.upstream.escaped(host, Some(port)));
+                        out.push(b'"');
+                    }
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b",\"termination\":");
+                token(out, o.termination);
+                out.push(b'}');
             }
-            None => out.extend_from_slice(b"null"),
+            // Apache writes `-` for an empty byte count; a connection's status is 0.
+            LogFormat::Combined => {
+                number(out, o.status.unwrap_or(0) as u64);
+                out.push(b' ');
+                if o.bytes_out == 0 {
+                    out.push(b'-');
+                } else {
+                    number(out, o.bytes_out);
+                }
+            }
         }
-        out.extend_from_slice(b",\"clientIp\":\"");
-        ip(out, r.client_ip);
-        out.extend_from_slice(b"\",\"method\":");
-        match &r.method {
-            // A method is an HTTP token: nothing in it needs escaping.
-            Some(method) => token(out, method.as_str()),
-            None => out.extend_from_slice(b"null"),
-        }
-        json_rest(r, &mut self.upstream, out);
     }
 }
 
-fn json_rest(r: &AccessRecord, upstream_cache: &mut EscapedCache, out: &mut Vec<u8>) {
-    out.extend_from_slice(b",\"host\":");
-    json_opt_str(out, r.host.as_deref());
-    out.extend_from_slice(b",\"path\":");
-    json_opt_str(out, r.path.as_deref());
-    out.extend_from_slice(b",\"status\":");
-    match r.status {
-        Some(status) => number(out, status as u64),
-        None => out.extend_from_slice(b"null"),
+/// `text` cut to at most `MAX_CLIENT_FIELD` bytes, before any UTF-8 character the cut would
+/// split: a client decides how long its path and headers are.
+pub fn clip(text: &[u8]) -> &[u8] {
+    if text.len() <= MAX_CLIENT_FIELD {
+        return text;
     }
-    out.extend_from_slice(b",\"bytesIn\":");
-    number(out, r.bytes_in);
-    out.extend_from_slice(b",\"bytesOut\":");
-    number(out, r.bytes_out);
-    out.extend_from_slice(b",\"durationMs\":");
-    // Milliseconds with three decimals: sub-millisecond requests are the common case.
-    let micros = r.duration.as_micros() as u64;
-    number(out, micros / 1000);
-    out.push(b'.');
-    three_digits(out, (micros % 1000) as u32);
-    out.extend_from_slice(b",\"upstream\":");
-    match &r.upstream {
-        Some((host, port)) => {
-            out.push(b'"');
-            out.extend_from_slice(upstream_cache.escaped(host));
-            out.push(b':');
-            number(out, *port as u64);
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
+    let mut end = MAX_CLIENT_FIELD;
+    // A continuation byte (10xxxxxx) is not where a character starts.
+    while end > MAX_CLIENT_FIELD - 3 && text[end] & 0xc0 == 0x80 {
+        end -= 1;
     }
-    out.extend_from_slice(b",\"protocol\":");
-    token(out, r.protocol);
-    out.extend_from_slice(if r.tls { b",\"tls\":true" } else { b",\"tls\":false" });
-    out.extend_from_slice(b",\"termination\":");
-    token(out, r.termination);
-    out.push(b'}');
+    &text[..end]
 }
 
 /// A JSON string of a token the engine names (protocol, termination) or an HTTP method: no byte
@@ -151,93 +285,46 @@ fn token(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
 }
 
-/// `client - - [time] "METHOD path PROTOCOL" status bytes "referer" "user-agent"`, as Apache
-/// writes it (`-` for an empty byte count). A TCP connection's line has `"-"` for the request and
-/// `0` for the status.
-fn combined(r: &AccessRecord, stamp: &[u8], out: &mut Vec<u8>) {
-    ip(out, r.client_ip);
-    out.extend_from_slice(b" - - [");
-    out.extend_from_slice(stamp);
-    out.extend_from_slice(b"] \"");
-    match (&r.method, &r.path) {
-        (Some(method), Some(path)) => {
-            out.extend_from_slice(method.as_str().as_bytes());
-            out.push(b' ');
-            quoted_content(out, path);
-            out.push(b' ');
-            out.extend_from_slice(r.protocol.as_bytes());
-        }
-        _ => out.push(b'-'),
-    }
-    out.extend_from_slice(b"\" ");
-    number(out, r.status.unwrap_or(0) as u64);
-    out.push(b' ');
-    if r.bytes_out == 0 {
-        out.push(b'-');
-    } else {
-        number(out, r.bytes_out);
-    }
-    for value in [r.referer.as_deref(), r.user_agent.as_deref()] {
-        out.extend_from_slice(b" \"");
-        match value {
-            Some(value) => quoted_content(out, value),
-            None => out.push(b'-'),
-        }
-        out.push(b'"');
-    }
-}
-
 /// `2026-12-05T22:10:03.042Z`: the time format of both logs.
 pub fn write_rfc3339(time: SystemTime, out: &mut Vec<u8>) {
-    Civil::of(time).rfc3339_seconds(out);
-    three_digits(out, time.duration_since(UNIX_EPOCH).unwrap_or_default().subsec_millis());
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Civil::of(since.as_secs()).rfc3339_seconds(out);
+    three_digits(out, since.subsec_millis());
     out.push(b'Z');
 }
 
+#[inline]
 fn number(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    // Most numbers in a line are short: their digits without the general machinery.
+    match n {
+        0..=9 => out.push(b'0' + n as u8),
+        10..=99 => out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]),
+        100..=999 => three_digits(out, n as u32),
+        _ => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+    }
 }
 
-fn json_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
+fn json_opt_str(out: &mut Vec<u8>, value: Option<&[u8]>) {
     match value {
-        Some(value) => json_str(out, value),
+        Some(value) => {
+            out.push(b'"');
+            json_content(out, clip(value));
+            out.push(b'"');
+        }
         None => out.extend_from_slice(b"null"),
     }
 }
 
-fn ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        // The common case without the formatting machinery.
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                if octet >= 100 {
-                    out.push(b'0' + octet / 100);
-                }
-                if octet >= 10 {
-                    out.push(b'0' + octet / 10 % 10);
-                }
-                out.push(b'0' + octet % 10);
-            }
-        }
-        // Writing to a Vec cannot fail.
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
+/// Inside a JSON string: quote, backslash and control characters escaped (RFC 8259 §7), and bytes
+/// that are not UTF-8 replaced (U+FFFD), so that a line is always valid JSON.
+fn json_content(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Nearly every value is ASCII that needs no escaping: that is found out eight bytes at a time.
+    if !needs_json_escape(bytes) {
+        out.extend_from_slice(bytes);
+        return;
     }
-}
-
-/// A JSON string: quote, backslash and control characters escaped (RFC 8259 §7).
-fn json_str(out: &mut Vec<u8>, value: &str) {
-    out.push(b'"');
-    json_content(out, value);
-    out.push(b'"');
-}
-
-fn json_content(out: &mut Vec<u8>, value: &str) {
-    escaped(out, value.as_bytes(), |b| JSON_ESCAPED[b as usize], |out, b| match b {
+    let text = String::from_utf8_lossy(bytes);
+    escaped(out, text.as_bytes(), |b| JSON_ESCAPED[b as usize], |out, b| match b {
         b'"' => out.extend_from_slice(b"\\\""),
         b'\\' => out.extend_from_slice(b"\\\\"),
         _ => {
@@ -248,10 +335,35 @@ fn json_content(out: &mut Vec<u8>, value: &str) {
     });
 }
 
+/// Whether `bytes` are anything but ASCII JSON takes as it is: a byte beyond ASCII, below 0x20,
+/// 0x7f, `"` or `\\`. Tested a word at a time: a byte of `word ^ (c * ONES)` is zero where the
+/// byte is `c`, and `below` finds a byte under `n` without a false positive where none is (the
+/// borrow runs only past a real one). A short tail is tested as the word ending with it.
+fn needs_json_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * n as u64) & !word & HIGHS != 0;
+    let special = |word: u64| {
+        word & HIGHS != 0 || below(word, 0x20) || below(word ^ (ONES * b'"' as u64), 1) || below(word ^ (ONES * b'\\' as u64), 1) || below(word ^ (ONES * 0x7f), 1)
+    };
+    let word_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    if bytes.len() < 8 {
+        return bytes.iter().any(|&b| b > 0x7f || JSON_ESCAPED[b as usize]);
+    }
+    let mut at = 0;
+    while at + 8 <= bytes.len() {
+        if special(word_at(at)) {
+            return true;
+        }
+        at += 8;
+    }
+    at < bytes.len() && special(word_at(bytes.len() - 8))
+}
+
 /// Inside a combined-format quoted field: quote, backslash, controls and bytes beyond ASCII as
 /// `\xHH`, as Apache escapes them.
-fn quoted_content(out: &mut Vec<u8>, value: &str) {
-    escaped(out, value.as_bytes(), |b| COMBINED_ESCAPED[b as usize], |out, b| {
+fn quoted_content(out: &mut Vec<u8>, value: &[u8]) {
+    escaped(out, value, |b| COMBINED_ESCAPED[b as usize], |out, b| {
         out.extend_from_slice(b"\\x");
         out.push(HEX[(b >> 4) as usize]);
         out.push(HEX[(b & 0xf) as usize]);
@@ -274,7 +386,7 @@ fn escaped(out: &mut Vec<u8>, bytes: &[u8], needs_escape: impl Fn(u8) -> bool, e
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// The bytes each format escapes, as tables: one load per byte on the writer's hot loop.
+/// The bytes each format escapes, as tables: one load per byte.
 static JSON_ESCAPED: [bool; 256] = escape_table(false);
 static COMBINED_ESCAPED: [bool; 256] = escape_table(true);
 
@@ -299,9 +411,9 @@ struct Civil {
 }
 
 impl Civil {
-    fn of(time: SystemTime) -> Civil {
-        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs() as i64;
+    /// The calendar time `unix_secs` seconds after the Unix epoch.
+    fn of(unix_secs: u64) -> Civil {
+        let secs = unix_secs as i64;
         let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
         // Days since the epoch to a proleptic Gregorian date (H. Hinnant's `civil_from_days`).
         let z = days + 719_468;
@@ -354,84 +466,163 @@ fn two_digits(out: &mut Vec<u8>, value: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    fn sample() -> AccessRecord {
-        let mut r = AccessRecord::begin("2001:db8::1".parse().unwrap(), "HTTP/1.1", true, std::time::Instant::now());
-        // 2026-12-05T22:10:03.042Z
-        r.time = UNIX_EPOCH + Duration::from_millis(1_796_508_603_042);
-        r.route = Some("api \"v1\"".into());
-        r.method = Some(http::Method::POST);
-        r.host = Some("example.com".into());
-        r.path = Some("/a\"b\n".into());
-        r.status = Some(201);
-        r.bytes_in = 12;
-        r.bytes_out = 345;
-        r.duration = Duration::from_micros(1_234_567);
-        r.upstream = Some(("10.0.0.2".into(), 8080));
-        r.user_agent = Some("curl/8 \u{e9}".into());
-        r
+    /// 2026-12-05T22:10:03.042Z
+    fn time() -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(1_796_508_603_042)
+    }
+
+    fn line(format: LogFormat, time: SystemTime, opening: &Opening<'_>, outcome: &Outcome<'_>) -> String {
+        let (parts, splits) = format_opening(format, opening);
+        let millis = time.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let mut out = finish(&mut LineFinisher::new(format), &parts, splits, millis, outcome);
+        assert_eq!(out.pop(), Some(b'\n'));
+        String::from_utf8(out).unwrap()
+    }
+
+    fn finish(finisher: &mut LineFinisher, parts: &[u8], splits: Splits, millis: u64, outcome: &Outcome<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        finisher.finish(parts, splits, millis, outcome, &mut out);
+        out
+    }
+
+    /// Configured names live as long as the test.
+    fn name(text: &str) -> &'static Arc<str> {
+        Box::leak(Box::new(Arc::from(text)))
+    }
+
+    fn request() -> (Opening<'static>, Outcome<'static>) {
+        let opening = Opening {
+            client_ip: b"2001:db8::1",
+            method: Some("POST"),
+            host: Some(b"example.com"),
+            path: Some(b"/a\"b\n"),
+            protocol: "HTTP/1.1",
+            tls: true,
+            referer: None,
+            user_agent: Some("curl/8 \u{e9}".as_bytes()),
+        };
+        let outcome = Outcome {
+            route: Some(name("api \"v1\"")),
+            status: Some(201),
+            bytes_in: 12,
+            bytes_out: 345,
+            duration: Duration::from_micros(1_234_567),
+            upstream: Some((name("10.0.0.2"), 8080)),
+            termination: "completed",
+        };
+        (opening, outcome)
+    }
+
+    fn connection(ip: &'static str) -> (Opening<'static>, Outcome<'static>) {
+        let opening = Opening {
+            client_ip: ip.as_bytes(),
+            method: None,
+            host: None,
+            path: None,
+            protocol: "tcp",
+            tls: false,
+            referer: None,
+            user_agent: None,
+        };
+        let outcome = Outcome { route: None, status: None, bytes_in: 0, bytes_out: 0, duration: Duration::ZERO, upstream: None, termination: "backend_connect_failed" };
+        (opening, outcome)
     }
 
     #[test]
     fn json_lines_escape_client_strings() {
-        let mut out = Vec::new();
-        LineFormatter::new(LogFormat::Json).write(&sample(), &mut out);
-        let line = String::from_utf8(out).unwrap();
+        let (opening, outcome) = request();
+        let line = line(LogFormat::Json, time(), &opening, &outcome);
         assert_eq!(
             line,
-            "{\"time\":\"2026-12-05T22:10:03.042Z\",\"route\":\"api \\\"v1\\\"\",\"clientIp\":\"2001:db8::1\",\"method\":\"POST\",\
-             \"host\":\"example.com\",\"path\":\"/a\\\"b\\u000a\",\"status\":201,\"bytesIn\":12,\"bytesOut\":345,\"durationMs\":1234.567,\
-             \"upstream\":\"10.0.0.2:8080\",\"protocol\":\"HTTP/1.1\",\"tls\":true,\"termination\":\"completed\"}\n"
+            "{\"time\":\"2026-12-05T22:10:03.042Z\",\"clientIp\":\"2001:db8::1\",\"method\":\"POST\",\"host\":\"example.com\",\
+             \"path\":\"/a\\\"b\\u000a\",\"protocol\":\"HTTP/1.1\",\"tls\":true,\"route\":\"api \\\"v1\\\"\",\"status\":201,\"bytesIn\":12,\
+             \"bytesOut\":345,\"durationMs\":1234.567,\"upstream\":\"10.0.0.2:8080\",\"termination\":\"completed\"}"
         );
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["path"], "/a\"b\n");
+        assert_eq!(parsed["route"], "api \"v1\"");
     }
 
     #[test]
     fn combined_lines_quote_as_apache_does() {
-        let mut out = Vec::new();
-        LineFormatter::new(LogFormat::Combined).write(&sample(), &mut out);
+        let (opening, outcome) = request();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "2001:db8::1 - - [05/Dec/2026:22:10:03 +0000] \"POST /a\\x22b\\x0a HTTP/1.1\" 201 345 \"-\" \"curl/8 \\xc3\\xa9\"\n"
+            line(LogFormat::Combined, time(), &opening, &outcome),
+            "2001:db8::1 - - [05/Dec/2026:22:10:03 +0000] \"POST /a\\x22b\\x0a HTTP/1.1\" 201 345 \"-\" \"curl/8 \\xc3\\xa9\""
         );
     }
 
     #[test]
     fn a_tcp_record_has_no_request() {
-        let mut r = AccessRecord::begin("192.0.2.7".parse().unwrap(), "tcp", false, std::time::Instant::now());
-        r.time = UNIX_EPOCH;
-        r.termination = "backend_connect_failed";
-        let mut out = Vec::new();
-        LineFormatter::new(LogFormat::Combined).write(&r, &mut out);
-        assert_eq!(String::from_utf8(out).unwrap(), "192.0.2.7 - - [01/Jan/1970:00:00:00 +0000] \"-\" 0 - \"-\" \"-\"\n");
-        let mut out = Vec::new();
-        LineFormatter::new(LogFormat::Json).write(&r, &mut out);
-        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let (opening, outcome) = connection("192.0.2.7");
+        assert_eq!(line(LogFormat::Combined, UNIX_EPOCH, &opening, &outcome), "192.0.2.7 - - [01/Jan/1970:00:00:00 +0000] \"-\" 0 - \"-\" \"-\"");
+        let parsed: serde_json::Value = serde_json::from_str(&line(LogFormat::Json, UNIX_EPOCH, &opening, &outcome)).unwrap();
         assert_eq!(parsed["method"], serde_json::Value::Null);
         assert_eq!(parsed["termination"], "backend_connect_failed");
         assert_eq!(parsed["durationMs"], 0.0);
     }
 
     #[test]
+    fn client_strings_are_clipped_at_a_character_boundary() {
+        for text in ["\u{e9}".repeat(MAX_CLIENT_FIELD), "\u{20ac}".repeat(MAX_CLIENT_FIELD), "\u{1f600}".repeat(MAX_CLIENT_FIELD)] {
+            let cut = std::str::from_utf8(clip(text.as_bytes())).unwrap();
+            assert!(cut.len() <= MAX_CLIENT_FIELD && cut.len() >= MAX_CLIENT_FIELD - 3);
+        }
+        assert_eq!(clip(b"/short"), b"/short");
+        let (mut opening, outcome) = request();
+        let path = "/".to_string() + &"a".repeat(10_000);
+        opening.path = Some(path.as_bytes());
+        let parsed: serde_json::Value = serde_json::from_str(&line(LogFormat::Json, UNIX_EPOCH, &opening, &outcome)).unwrap();
+        assert_eq!(parsed["path"].as_str().unwrap().len(), MAX_CLIENT_FIELD);
+    }
+
+    #[test]
     fn route_and_upstream_names_are_escaped_once_per_run_and_follow_changes() {
-        let mut formatter = LineFormatter::new(LogFormat::Json);
-        let quoted: Arc<str> = "a \"b\"".into();
-        let plain: Arc<str> = "plain".into();
-        let line = |formatter: &mut LineFormatter, route: &Arc<str>, ip: &str| {
-            let mut r = AccessRecord::begin(ip.parse().unwrap(), "tcp", false, std::time::Instant::now());
-            r.route = Some(route.clone());
-            r.upstream = Some((route.clone(), 1));
-            let mut out = Vec::new();
-            formatter.write(&r, &mut out);
-            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
-        };
-        for (route, ip) in [(&quoted, "0.100.255.9"), (&quoted, "10.0.0.1"), (&plain, "192.168.1.20"), (&quoted, "1.2.3.4")] {
-            let parsed = line(&mut formatter, route, ip);
+        let mut finisher = LineFinisher::new(LogFormat::Json);
+        let (opening, _) = connection("10.0.0.1");
+        let (parts, splits) = format_opening(LogFormat::Json, &opening);
+        let quoted = name("a \"b\"");
+        let plain = name("plain");
+        for (route, port) in [(quoted, 1), (quoted, 1), (quoted, 2), (plain, 2), (quoted, 2)] {
+            let outcome = Outcome { route: Some(route), status: Some(200), bytes_in: 0, bytes_out: 1000, duration: Duration::ZERO, upstream: Some((route, port)), termination: "completed" };
+            let out = finish(&mut finisher, &parts, splits, 0, &outcome);
+            let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(parsed["route"], &**route);
-            assert_eq!(parsed["upstream"], format!("{route}:1"));
-            assert_eq!(parsed["clientIp"], ip);
+            assert_eq!(parsed["upstream"], format!("{route}:{port}"));
+            assert_eq!(parsed["bytesOut"], 1000);
+        }
+    }
+
+    #[test]
+    fn the_word_test_finds_exactly_the_bytes_json_escapes_or_replaces() {
+        for len in 1..=20 {
+            assert!(!needs_json_escape(&vec![b'a'; len]));
+            for b in 0..=255u8 {
+                for at in 0..len {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    let expected = b > 0x7f || JSON_ESCAPED[b as usize];
+                    assert_eq!(needs_json_escape(&bytes), expected, "byte {b:#x} at {at} of {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_replaced() {
+        let (mut opening, outcome) = request();
+        opening.host = Some(b"bad\xffhost");
+        let parsed: serde_json::Value = serde_json::from_str(&line(LogFormat::Json, UNIX_EPOCH, &opening, &outcome)).unwrap();
+        assert_eq!(parsed["host"], "bad\u{fffd}host");
+    }
+
+    #[test]
+    fn numbers_in_every_width() {
+        for n in [0u64, 7, 10, 99, 100, 999, 1000, 65_535, u64::MAX] {
+            let mut out = Vec::new();
+            number(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
         }
     }
 

@@ -1,59 +1,51 @@
-//! The access log (`accessLog`): one record per HTTP request and per TCP connection, handed to a
-//! bounded queue and written by a thread of its own, so that the data path never waits on a disk
-//! or a pipe. A record that finds the queue full is dropped and counted. The file is reopened on
-//! request (`reopenLogs()`, SIGUSR1 in the CLI), for logrotate. Knows nothing of sockets or napi;
-//! what goes into a record (and what never does: credentials, query strings) is decided where the
-//! record is made.
+//! The access log (`accessLog`): one line per HTTP request and per TCP connection. A line is
+//! formatted where its request is handled (the opening when it arrives, the time and outcome when
+//! it ends, under the buffer's lock) into a shared buffer, bounded in bytes; a thread of its own
+//! takes the buffer and writes it out, so that the data path never waits on a disk or a pipe and hands nothing over
+//! per line but bytes. A line that finds the buffer full is dropped and counted. The file is
+//! reopened on request (`reopenLogs()`, SIGUSR1 in the CLI), for logrotate. Knows nothing of
+//! sockets or napi; what goes into a line (and what never does: credentials, query strings) is
+//! decided where the record is made.
 
 mod format;
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
-use std::net::IpAddr;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-pub use format::{write_rfc3339, LineFormatter, LogFormat};
+pub use format::{write_rfc3339, LogFormat, Opening};
+use format::{format_opening, line_room, LineFinisher, Outcome, Splits};
 
-/// Records waiting for the writer at most; beyond it they are dropped (and counted).
-const QUEUE_CAPACITY: usize = 16 * 1024;
-/// Bytes of records waiting for the writer at most, whatever their number: a client decides how
-/// long its path and headers are, so the count of records alone does not bound the memory.
-const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
-/// What a record keeps of each string a client chose (host, path, referer, user agent).
-pub const MAX_CLIENT_FIELD: usize = 2048;
-/// The writer's buffer: a burst of records goes out in few writes.
-const WRITE_BUFFER: usize = 64 * 1024;
-/// How long the writer sleeps once it has caught up. It is never woken per record: a wake-up is a
-/// system call and a context switch on the request path, which would cost more than the record.
-const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Bytes of lines waiting for the writer at most; beyond it lines are dropped (and counted).
+const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+/// A buffer the writer keeps between rounds at most: a burst's buffer is not held for good.
+const KEPT_BUFFER: usize = 1024 * 1024;
+/// How long the writer sleeps between rounds. It is never woken per line: a wake-up is a system
+/// call and a context switch on the request path, which would cost more than the line.
+const ROUND: Duration = Duration::from_millis(50);
 
-/// What became of the records: written, or dropped because the queue was full.
+/// What became of the lines: written, or dropped (the buffer full, or the output failing).
 #[derive(Debug, Default)]
 pub struct AccessLogCounters {
     pub written: AtomicU64,
     pub dropped: AtomicU64,
 }
 
-/// One line of the log. HTTP records name a method, path and status; TCP records do not.
+/// A line in the making: its opening, formatted when the request (or connection) arrived, and
+/// the outcome's fields, filled in as it runs and formatted when it is submitted.
 #[derive(Debug)]
 pub struct AccessRecord {
-    /// When the request head (or the connection) arrived.
-    pub time: SystemTime,
+    opening: Vec<u8>,
+    /// Where in the opening the time and outcome go.
+    splits: Splits,
     pub started: Instant,
     pub route: Option<Arc<str>>,
-    pub client_ip: IpAddr,
-    pub method: Option<http::Method>,
-    /// The host the client named (HTTP) or its SNI (TCP).
-    pub host: Option<Box<str>>,
-    /// The path without its query.
-    pub path: Option<Box<str>>,
     pub status: Option<u16>,
     /// Body bytes from the client (HTTP), or bytes relayed from it (TCP).
     pub bytes_in: u64,
@@ -61,67 +53,11 @@ pub struct AccessRecord {
     pub bytes_in_meter: Option<Arc<AtomicU64>>,
     /// Body bytes to the client (HTTP), or bytes relayed to it (TCP).
     pub bytes_out: u64,
-    pub duration: Duration,
     /// The backend's host and port.
     pub upstream: Option<(Arc<str>, u16)>,
-    /// `HTTP/1.1`, `HTTP/2`, … or `tcp`.
-    pub protocol: &'static str,
-    pub tls: bool,
     /// How it ended: `completed`, `client_aborted`, `upstream_error`, or a connection's
     /// termination reason.
     pub termination: &'static str,
-    /// Kept for the combined format only, without query or credentials.
-    pub referer: Option<Box<str>>,
-    pub user_agent: Option<Box<str>>,
-}
-
-/// `text` cut to at most `MAX_CLIENT_FIELD` bytes, at a character boundary.
-pub fn clipped(text: &str) -> Box<str> {
-    if text.len() <= MAX_CLIENT_FIELD {
-        return text.into();
-    }
-    let mut end = MAX_CLIENT_FIELD;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].into()
-}
-
-impl AccessRecord {
-    /// What the record holds, in bytes, for the queue's budget.
-    fn footprint(&self) -> usize {
-        let text = |s: &Option<Box<str>>| s.as_ref().map_or(0, |s| s.len());
-        std::mem::size_of::<AccessRecord>() + text(&self.host) + text(&self.path) + text(&self.referer) + text(&self.user_agent)
-    }
-
-    /// A record of what began at `started` (now, or a moment ago).
-    pub fn begin(client_ip: IpAddr, protocol: &'static str, tls: bool, started: Instant) -> AccessRecord {
-        AccessRecord {
-            time: SystemTime::now().checked_sub(started.elapsed()).unwrap_or_else(SystemTime::now),
-            started,
-            route: None,
-            client_ip,
-            method: None,
-            host: None,
-            path: None,
-            status: None,
-            bytes_in: 0,
-            bytes_in_meter: None,
-            bytes_out: 0,
-            duration: Duration::ZERO,
-            upstream: None,
-            protocol,
-            tls,
-            termination: "completed",
-            referer: None,
-            user_agent: None,
-        }
-    }
-}
-
-enum Message {
-    Record(Box<AccessRecord>),
-    Close,
 }
 
 /// Where lines go: a file (reopened on request) or the process's standard output.
@@ -131,14 +67,62 @@ pub enum Destination {
     Stdout,
 }
 
-/// A running access log: the queue's sending end and the writer thread.
-pub struct AccessLog {
-    queue: SyncSender<Message>,
-    format: LogFormat,
-    reopen: Arc<AtomicBool>,
+/// Lines waiting for the writer, and what finishes them.
+struct Pending {
+    bytes: Vec<u8>,
+    lines: u64,
+    finisher: LineFinisher,
+}
+
+impl Pending {
+    fn new(format: LogFormat) -> Pending {
+        Pending { bytes: Vec::new(), lines: 0, finisher: LineFinisher::new(format) }
+    }
+}
+
+/// The wall clock as of an `Instant`, without asking the system for the time per line: the
+/// writer sets the offset each round, so a line's time follows a clock step within a round.
+struct WallClock {
+    origin: Instant,
+    /// Nanoseconds since the Unix epoch at `origin`.
+    wall_at_origin: AtomicU64,
+}
+
+impl WallClock {
+    fn new() -> WallClock {
+        let clock = WallClock { origin: Instant::now(), wall_at_origin: AtomicU64::new(0) };
+        clock.set();
+        clock
+    }
+
+    fn set(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let wall_at_origin = now.saturating_sub(self.origin.elapsed());
+        self.wall_at_origin.store(wall_at_origin.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the Unix epoch at `instant`.
+    fn unix_millis(&self, instant: Instant) -> u64 {
+        let since_origin = instant.saturating_duration_since(self.origin);
+        let nanos = since_origin.as_secs() * 1_000_000_000 + u64::from(since_origin.subsec_nanos());
+        (self.wall_at_origin.load(Ordering::Relaxed) + nanos) / 1_000_000
+    }
+}
+
+/// What the request path and the writer share.
+struct Shared {
+    pending: Mutex<Pending>,
+    /// No line is taken once set: the writer has taken its last round, or is taking it.
+    closed: AtomicBool,
+    reopen: AtomicBool,
+    clock: WallClock,
     counters: Arc<AccessLogCounters>,
-    /// Bytes of the records in the queue (`MAX_QUEUED_BYTES`).
-    queued_bytes: Arc<AtomicUsize>,
+}
+
+/// A running access log: the buffer lines go to, and the writer thread.
+pub struct AccessLog {
+    shared: Arc<Shared>,
+    format: LogFormat,
     /// To wake the writer for a reopen or the close.
     writer_thread: std::thread::Thread,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -147,67 +131,88 @@ pub struct AccessLog {
 impl AccessLog {
     /// Opens the destination (an error names the file) and starts the writer.
     pub fn open(destination: Destination, format: LogFormat, counters: Arc<AccessLogCounters>) -> io::Result<AccessLog> {
-        let output = Output::open(&destination)?;
-        let (queue, records) = mpsc::sync_channel(QUEUE_CAPACITY);
-        let reopen = Arc::new(AtomicBool::new(false));
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let writer = Writer {
-            records,
-            output,
-            destination,
-            format: LineFormatter::new(format),
-            reopen: reopen.clone(),
-            counters: counters.clone(),
-            queued_bytes: queued_bytes.clone(),
-            line: Vec::with_capacity(512),
-            failing: false,
-        };
+        let output = open_output(&destination)?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::new(format)),
+            closed: AtomicBool::new(false),
+            reopen: AtomicBool::new(false),
+            clock: WallClock::new(),
+            counters,
+        });
+        let writer = Writer { shared: shared.clone(), output, destination, taken: Vec::new(), failing: false };
         let handle = std::thread::Builder::new().name("smartproxy-access-log".into()).spawn(move || writer.run())?;
-        Ok(AccessLog { queue, format, reopen, counters, queued_bytes, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
+        Ok(AccessLog { shared, format, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
     }
 
     pub fn format(&self) -> LogFormat {
         self.format
     }
 
-    /// Queues a record, or drops it if the writer is behind: never waits.
-    pub fn submit(&self, mut record: Box<AccessRecord>) {
-        if let Some(meter) = record.bytes_in_meter.take() {
-            record.bytes_in += meter.load(Ordering::Relaxed);
-        }
-        let footprint = record.footprint();
-        if self.queued_bytes.fetch_add(footprint, Ordering::Relaxed) + footprint > MAX_QUEUED_BYTES {
-            self.queued_bytes.fetch_sub(footprint, Ordering::Relaxed);
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        match self.queue.try_send(Message::Record(record)) {
-            Ok(()) => {}
-            Err(err) => {
-                self.queued_bytes.fetch_sub(footprint, Ordering::Relaxed);
-                // Disconnected: the engine is stopping, and the record came after its last request.
-                if matches!(err, TrySendError::Full(_)) {
-                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+    /// A record of what began at `started` (now, or a moment ago), its opening formatted.
+    pub fn begin(&self, opening: &Opening<'_>, started: Instant) -> AccessRecord {
+        let (line, splits) = format_opening(self.format, opening);
+        AccessRecord {
+            opening: line,
+            splits,
+            started,
+            route: None,
+            status: None,
+            bytes_in: 0,
+            bytes_in_meter: None,
+            bytes_out: 0,
+            upstream: None,
+            termination: "completed",
         }
     }
 
-    /// Reopens the file by its path, once the records already queued are written (logrotate
-    /// renames the file, then asks for this).
+    /// Ends the record's line (its duration runs until now) and adds it to the writer's buffer,
+    /// or drops it if the writer is behind: never waits but for another line being added.
+    pub fn submit(&self, record: &AccessRecord) {
+        let bytes_in = record.bytes_in + record.bytes_in_meter.as_ref().map_or(0, |meter| meter.load(Ordering::Relaxed));
+        let outcome = Outcome {
+            route: record.route.as_ref(),
+            status: record.status,
+            bytes_in,
+            bytes_out: record.bytes_out,
+            duration: record.started.elapsed(),
+            upstream: record.upstream.as_ref().map(|(host, port)| (host, *port)),
+            termination: record.termination,
+        };
+        let unix_millis = self.shared.clock.unix_millis(record.started);
+        let room = line_room(record.opening.len(), &outcome);
+        let mut pending = self.shared.pending.lock();
+        // After the close the engine is stopping, and the line came after its last request.
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if pending.bytes.len() + room > MAX_PENDING_BYTES {
+            drop(pending);
+            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Pending { bytes, lines, finisher } = &mut *pending;
+        bytes.reserve(room);
+        finisher.finish(&record.opening, record.splits, unix_millis, &outcome, bytes);
+        *lines += 1;
+    }
+
+    /// Reopens the file by its path before the lines waiting are written (logrotate renames the
+    /// file, then asks for this).
     pub fn reopen(&self) {
-        self.reopen.store(true, Ordering::Release);
+        self.shared.reopen.store(true, Ordering::Release);
         self.writer_thread.unpark();
     }
 
-    /// Writes what is queued, closes the output and waits for the writer to end.
+    /// Writes what is waiting, closes the output and waits for the writer to end.
     pub fn close(&self) {
         let Some(handle) = self.writer.lock().take() else {
             return;
         };
-        self.writer_thread.unpark();
-        // Waits for room if the writer is behind: it is draining, so the wait is short.
-        let _ = self.queue.send(Message::Close);
+        // Under the lock: a line is either in the writer's last round or refused.
+        {
+            let _pending = self.shared.pending.lock();
+            self.shared.closed.store(true, Ordering::Relaxed);
+        }
         self.writer_thread.unpark();
         let _ = handle.join();
     }
@@ -220,14 +225,11 @@ impl Drop for AccessLog {
 }
 
 struct Writer {
-    records: Receiver<Message>,
-    output: Output,
+    shared: Arc<Shared>,
+    output: Box<dyn Write + Send>,
     destination: Destination,
-    format: LineFormatter,
-    reopen: Arc<AtomicBool>,
-    counters: Arc<AccessLogCounters>,
-    queued_bytes: Arc<AtomicUsize>,
-    line: Vec<u8>,
+    /// The buffer taken from the request path in the last round, kept for the next swap.
+    taken: Vec<u8>,
     /// Writes are failing and that was logged.
     failing: bool,
 }
@@ -235,65 +237,50 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         loop {
-            // Before the next record: whatever was queued after `reopen()` goes to the new file.
-            if self.reopen.load(Ordering::Acquire) && self.reopen.swap(false, Ordering::AcqRel) {
+            self.shared.clock.set();
+            if self.shared.reopen.load(Ordering::Acquire) && self.shared.reopen.swap(false, Ordering::AcqRel) {
                 self.reopen_output();
             }
-            let message = match self.records.try_recv() {
-                Ok(message) => message,
-                // Caught up: what is buffered goes out, then a nap (until a reopen or close).
-                Err(TryRecvError::Empty) => {
-                    self.flush();
-                    std::thread::park_timeout(IDLE_POLL);
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => break,
+            let (lines, closed) = {
+                let mut pending = self.shared.pending.lock();
+                std::mem::swap(&mut pending.bytes, &mut self.taken);
+                (std::mem::take(&mut pending.lines), self.shared.closed.load(Ordering::Relaxed))
             };
-            match message {
-                Message::Record(record) => {
-                    self.queued_bytes.fetch_sub(record.footprint(), Ordering::Relaxed);
-                    self.line.clear();
-                    self.format.write(&record, &mut self.line);
-                    let written = self.output.write_all(&self.line);
-                    self.note_write(written);
-                }
-                Message::Close => break,
+            if lines > 0 {
+                let written = self.output.write_all(&self.taken);
+                self.note_write(written, lines);
             }
+            self.taken.clear();
+            if self.taken.capacity() > KEPT_BUFFER {
+                self.taken = Vec::new();
+            }
+            if closed {
+                return;
+            }
+            std::thread::park_timeout(ROUND);
         }
-        self.flush();
     }
 
-    fn flush(&mut self) {
-        if let Err(err) = self.output.flush() {
-            self.report_failure(&err);
-        }
-    }
-
-    /// Counts a record's write; a failure is logged once until a write succeeds again, not once
-    /// per request (a full disk fails every line).
-    fn note_write(&mut self, written: io::Result<()>) {
+    /// Counts a round's lines; a failure is logged once until a write succeeds again, not once
+    /// per round (a full disk fails them all).
+    fn note_write(&mut self, written: io::Result<()>, lines: u64) {
         match written {
             Ok(()) => {
-                self.counters.written.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.written.fetch_add(lines, Ordering::Relaxed);
                 self.failing = false;
             }
             Err(err) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                self.report_failure(&err);
+                self.shared.counters.dropped.fetch_add(lines, Ordering::Relaxed);
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(error = %err, "the access log could not be written; lines are dropped until it can");
+                }
             }
-        }
-    }
-
-    fn report_failure(&mut self, err: &io::Error) {
-        if !self.failing {
-            self.failing = true;
-            tracing::warn!(error = %err, "the access log could not be written; lines are dropped until it can");
         }
     }
 
     fn reopen_output(&mut self) {
-        self.flush();
-        match Output::open(&self.destination) {
+        match open_output(&self.destination) {
             Ok(output) => self.output = output,
             // The old file stays in use: nothing is lost, and the next reopen may succeed.
             Err(err) => tracing::warn!(error = %err, "the access log could not be reopened"),
@@ -301,48 +288,18 @@ impl Writer {
     }
 }
 
-enum Output {
-    File(BufWriter<File>),
-    Stdout(BufWriter<StdoutFd>),
-}
-
-impl Output {
-    fn open(destination: &Destination) -> io::Result<Output> {
-        Ok(match destination {
-            Destination::File(path) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|err| io::Error::new(err.kind(), format!("accessLog.path {}: {err}", path.display())))?;
-                Output::File(BufWriter::with_capacity(WRITE_BUFFER, file))
-            }
-            Destination::Stdout => Output::Stdout(BufWriter::with_capacity(WRITE_BUFFER, StdoutFd)),
-        })
-    }
-}
-
-impl Write for Output {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Output::File(w) => w.write(buf),
-            Output::Stdout(w) => w.write(buf),
+fn open_output(destination: &Destination) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match destination {
+        Destination::File(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|err| io::Error::new(err.kind(), format!("accessLog.path {}: {err}", path.display())))?;
+            Box::new(file)
         }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Output::File(w) => w.write_all(buf),
-            Output::Stdout(w) => w.write_all(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Output::File(w) => w.flush(),
-            Output::Stdout(w) => w.flush(),
-        }
-    }
+        Destination::Stdout => Box::new(StdoutFd),
+    })
 }
 
 /// File descriptor 1, shared with Node: Node may have made it non-blocking (a pipe), so a write
@@ -379,10 +336,18 @@ impl Write for StdoutFd {
 mod tests {
     use super::*;
 
-    fn record(path: &str) -> Box<AccessRecord> {
-        let mut record = Box::new(AccessRecord::begin("192.0.2.1".parse().unwrap(), "HTTP/1.1", false, Instant::now()));
-        record.method = Some(http::Method::GET);
-        record.path = Some(path.into());
+    fn request(log: &AccessLog, path: &str) -> AccessRecord {
+        let opening = Opening {
+            client_ip: b"192.0.2.1",
+            method: Some("GET"),
+            host: None,
+            path: Some(path.as_bytes()),
+            protocol: "HTTP/1.1",
+            tls: false,
+            referer: None,
+            user_agent: None,
+        };
+        let mut record = log.begin(&opening, Instant::now());
         record.status = Some(200);
         record
     }
@@ -398,7 +363,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let counters = Arc::new(AccessLogCounters::default());
         let log = AccessLog::open(Destination::File(path.clone()), LogFormat::Json, counters.clone()).unwrap();
-        log.submit(record("/first"));
+        log.submit(&request(&log, "/first"));
         // Wait for the writer to have written it before renaming.
         let deadline = Instant::now() + Duration::from_secs(5);
         while counters.written.load(Ordering::Relaxed) < 1 && Instant::now() < deadline {
@@ -406,42 +371,57 @@ mod tests {
         }
         std::fs::rename(&path, &rotated).unwrap();
         log.reopen();
-        log.submit(record("/second"));
+        log.submit(&request(&log, "/second"));
         log.close();
         let old = std::fs::read_to_string(&rotated).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
         assert!(old.contains("\"/first\"") && !old.contains("/second"), "{old}");
         assert!(new.contains("\"/second\"") && !new.contains("/first"), "{new}");
         assert_eq!(counters.written.load(Ordering::Relaxed), 2);
+        // Lines after the close are refused, not counted as dropped.
+        log.submit(&request(&log, "/late"));
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 0);
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(&rotated);
     }
 
     #[test]
-    fn client_strings_are_clipped_at_a_character_boundary() {
-        let long = "é".repeat(MAX_CLIENT_FIELD);
-        let cut = clipped(&long);
-        assert!(cut.len() <= MAX_CLIENT_FIELD && cut.len() >= MAX_CLIENT_FIELD - 1);
-        assert!(cut.chars().all(|c| c == 'é'));
-        assert_eq!(&*clipped("/short"), "/short");
+    fn the_buffer_is_bounded_by_bytes() {
+        // A log whose writer is behind: nothing takes the buffer.
+        let counters = Arc::new(AccessLogCounters::default());
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::new(LogFormat::Json)),
+            closed: AtomicBool::new(false),
+            reopen: AtomicBool::new(false),
+            clock: WallClock::new(),
+            counters: counters.clone(),
+        });
+        let log = AccessLog { shared, format: LogFormat::Json, writer_thread: std::thread::current(), writer: Mutex::new(None) };
+        let record = request(&log, "/fits");
+        let mut lines = 0;
+        while counters.dropped.load(Ordering::Relaxed) == 0 {
+            log.submit(&record);
+            lines += 1;
+        }
+        // Every line until the bound was taken; at the bound they are dropped and counted.
+        assert_eq!(log.shared.pending.lock().lines, lines - 1);
+        assert!(log.shared.pending.lock().bytes.len() > MAX_PENDING_BYTES - 1024);
+        log.submit(&record);
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(log.shared.pending.lock().lines, lines - 1);
+        assert!(log.shared.pending.lock().bytes.len() <= MAX_PENDING_BYTES);
     }
 
     #[test]
-    fn the_queue_is_bounded_by_bytes_too() {
+    fn a_line_carries_the_wall_time_of_its_start() {
         let counters = Arc::new(AccessLogCounters::default());
-        let log = AccessLog::open(Destination::File(temp_path("budget")), LogFormat::Json, counters.clone()).unwrap();
-        // Hold the queue as full as the budget allows, as a writer that is behind would.
-        log.queued_bytes.store(MAX_QUEUED_BYTES - 100, Ordering::Relaxed);
-        let mut big = record("/x");
-        big.path = Some(clipped(&"a".repeat(10_000)));
-        log.submit(big);
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
-        log.queued_bytes.store(0, Ordering::Relaxed);
-        log.submit(record("/fits"));
+        let log = AccessLog::open(Destination::File(temp_path("clock")), LogFormat::Json, counters).unwrap();
+        let started = Instant::now();
+        let expected = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let at = Duration::from_millis(log.shared.clock.unix_millis(started));
+        assert!(at.abs_diff(expected) < Duration::from_millis(50), "{at:?} vs {expected:?}");
         log.close();
-        assert_eq!(counters.written.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
-        let _ = std::fs::remove_file(temp_path("budget"));
+        let _ = std::fs::remove_file(temp_path("clock"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::http::head::{HeadParse, RequestHead};
 use crate::http::pipeline::{ConnectionContext, HttpEnv};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, HttpVersion, Shutdown};
 use crate::http::websocket::TunnelScope;
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessLog, AccessRecord, Opening};
 use crate::metrics::{ByteCounters, EngineMetrics, TerminationReason};
 use crate::proxy_protocol;
 use crate::matchers::ip::{canonical_ip, IpList};
@@ -207,17 +207,27 @@ impl Session {
         let next = self.route_and_run(env, table_arc, client, counted, &mut relayed).await;
         // A connection the HTTP engine served is in the log request by request.
         if let (Next::Ended(reason), Some(access_log), false) = (&next, &env.http.access_log, self.state == State::Http) {
-            access_log.submit(self.access_record(*reason, relayed));
+            let record = self.access_record(access_log, *reason, relayed);
+            access_log.submit(&record);
         }
         next
     }
 
     /// The access log's line for a connection that was not served as HTTP.
-    fn access_record(&self, reason: TerminationReason, relayed: Relayed) -> Box<AccessRecord> {
-        let mut record = Box::new(AccessRecord::begin(self.client_ip, "tcp", relayed.tls || self.tls_version.is_some(), self.accepted_at));
-        record.duration = self.accepted_at.elapsed();
+    fn access_record(&self, log: &AccessLog, reason: TerminationReason, relayed: Relayed) -> AccessRecord {
+        let client_ip = self.client_ip.to_string();
+        let opening = Opening {
+            client_ip: client_ip.as_bytes(),
+            method: None,
+            host: self.domain.as_deref().map(str::as_bytes),
+            path: None,
+            protocol: "tcp",
+            tls: relayed.tls || self.tls_version.is_some(),
+            referer: None,
+            user_agent: None,
+        };
+        let mut record = log.begin(&opening, self.accepted_at);
         record.route = self.route_label.clone();
-        record.host = self.domain.as_deref().map(crate::access_log::clipped);
         record.bytes_in = relayed.bytes.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
         record.bytes_out = relayed.bytes.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
         record.upstream = relayed.upstream;

@@ -2,7 +2,7 @@
 //! rewrites it, and without its query or credentials), then the route, backend and status, and
 //! the bytes and time once the response has been passed on. Made only when the log is on.
 
-use std::mem::ManuallyDrop;
+use std::borrow::Cow;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,14 +12,14 @@ use http::{header, Response, Version};
 use hyper::body::Body;
 
 use super::ConnectionContext;
-use crate::access_log::{clipped, AccessLog, AccessRecord, LogFormat};
+use crate::access_log::{AccessLog, AccessRecord, LogFormat, Opening};
 use crate::http::body::ProxyBody;
 
 /// A request's record and the log it goes to: it is written when this is dropped, wherever the
 /// request ends (its response body's end, the proxy's own answer, or the client leaving first,
 /// which the termination says until a response exists).
 pub(super) struct PendingRecord {
-    record: ManuallyDrop<Box<AccessRecord>>,
+    record: AccessRecord,
     log: Arc<AccessLog>,
 }
 
@@ -39,26 +39,33 @@ impl DerefMut for PendingRecord {
 
 impl Drop for PendingRecord {
     fn drop(&mut self) {
-        // SAFETY: the record is taken here only, once, and nothing uses it after.
-        let mut record = unsafe { ManuallyDrop::take(&mut self.record) };
-        record.duration = record.started.elapsed();
-        self.log.submit(record);
+        self.log.submit(&self.record);
     }
 }
 
 impl PendingRecord {
     pub fn begin(conn: &ConnectionContext, head: &Parts, received: Instant) -> Option<PendingRecord> {
         let log = conn.env.access_log.as_ref()?;
-        let mut record = Box::new(AccessRecord::begin(conn.client_ip, protocol_name(head.version), conn.https, received));
+        let (referer, user_agent) = match log.format() {
+            LogFormat::Combined => (
+                head.headers.get(header::REFERER).and_then(|v| v.to_str().ok()).map(without_secrets),
+                head.headers.get(header::USER_AGENT).map(http::HeaderValue::as_bytes),
+            ),
+            LogFormat::Json => (None, None),
+        };
+        let opening = Opening {
+            client_ip: conn.header_values.client_ip.as_bytes(),
+            method: Some(head.method.as_str()),
+            host: request_host(head),
+            path: Some(head.uri.path().as_bytes()),
+            protocol: protocol_name(head.version),
+            tls: conn.https,
+            referer: referer.as_deref().map(str::as_bytes),
+            user_agent,
+        };
+        let mut record = log.begin(&opening, received);
         record.termination = "client_aborted";
-        record.method = Some(head.method.clone());
-        record.host = request_host(head);
-        record.path = Some(clipped(head.uri.path()));
-        if log.format() == LogFormat::Combined {
-            record.referer = head.headers.get(header::REFERER).and_then(|v| v.to_str().ok()).map(|v| clipped(&without_secrets(v)));
-            record.user_agent = head.headers.get(header::USER_AGENT).map(header_text);
-        }
-        Some(PendingRecord { record: ManuallyDrop::new(record), log: log.clone() })
+        Some(PendingRecord { record, log: log.clone() })
     }
 
     /// A response the proxy gave itself (or a 101): it is whole already, and the request is over.
@@ -84,37 +91,26 @@ pub(super) fn protocol_name(version: Version) -> &'static str {
 
 /// The host the client named: `Host`, else the target's authority (HTTP/2's `:authority`),
 /// without any user information.
-fn request_host(head: &Parts) -> Option<Box<str>> {
+fn request_host(head: &Parts) -> Option<&[u8]> {
     if let Some(host) = head.headers.get(header::HOST) {
-        return Some(header_text(host));
+        return Some(host.as_bytes());
     }
     let authority = head.uri.authority()?.as_str();
-    Some(clipped(authority.rsplit_once('@').map_or(authority, |(_, host)| host)))
-}
-
-/// A header's value as text for the log (bytes beyond ASCII replaced), clipped.
-fn header_text(value: &http::HeaderValue) -> Box<str> {
-    match value.to_str() {
-        Ok(text) => clipped(text),
-        Err(_) => clipped(&String::from_utf8_lossy(value.as_bytes())),
-    }
+    Some(authority.rsplit_once('@').map_or(authority, |(_, host)| host).as_bytes())
 }
 
 /// A URL as a log may keep it: no user information, no query, no fragment.
-fn without_secrets(url: &str) -> String {
+fn without_secrets(url: &str) -> Cow<'_, str> {
     let end = url.find(['?', '#']).unwrap_or(url.len());
     let url = &url[..end];
-    match url.find("://") {
-        Some(scheme_end) => {
-            let rest = &url[scheme_end + 3..];
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                Some(at) => format!("{}{}", &url[..scheme_end + 3], &rest[at + 1..]),
-                None => url.to_string(),
-            }
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            return Cow::Owned(format!("{}{}", &url[..scheme_end + 3], &rest[at + 1..]));
         }
-        None => url.to_string(),
     }
+    Cow::Borrowed(url)
 }
 
 #[cfg(test)]
