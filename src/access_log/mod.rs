@@ -24,8 +24,10 @@ use format::{format_opening, line_room, LineFinisher, Outcome, Splits};
 
 /// Bytes of lines waiting for the writer at most; beyond it lines are dropped (and counted).
 const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
-/// A buffer the writer keeps between rounds at most: a burst's buffer is not held for good.
-const KEPT_BUFFER: usize = 1024 * 1024;
+/// A buffer the writer keeps between rounds at most: a burst's buffer is not held for good, and
+/// a busy proxy's (a round's lines at tens of thousands of requests a second) is not given back
+/// and faulted in again every round.
+const KEPT_BUFFER: usize = 4 * 1024 * 1024;
 /// How long the writer sleeps between rounds. It is never woken per line: a wake-up is a system
 /// call and a context switch on the request path, which would cost more than the line.
 const ROUND: Duration = Duration::from_millis(50);
