@@ -10,6 +10,7 @@ mod config;
 mod engine;
 mod hooks;
 mod http;
+mod kernel;
 mod listener;
 mod logging;
 mod matchers;

@@ -733,7 +733,7 @@ tap.test('normalizeOptions returns { config, warnings, functionIds }; a clean co
 tap.test('warnings: ignored options, nftables, ignored passthrough tls settings, preserveSourceIP; redis is carried over', async () => {
   const { warnings, config } = normalize({
     routes: [
-      { name: 'nft', match: { ports: 80 }, action: { type: 'forward', forwardingEngine: 'nftables', target } },
+      { name: 'nft', match: { ports: 80 }, action: { type: 'forward', nftables: { protocol: 'tcp' }, target } },
       { name: 'pt', match: { ports: 443 }, action: { type: 'forward', tls: { mode: 'passthrough', certificate: { key: 'k', cert: 'c' }, versions: ['TLSv1.3'] }, target } },
       { name: 'sec', match: { ports: 81 }, action: { type: 'forward', target, security: { maxConnections: 2 } }, security: { maxConnections: 3 } },
     ],
@@ -742,7 +742,7 @@ tap.test('warnings: ignored options, nftables, ignored passthrough tls settings,
     surprise: true,
   });
   expect(warnings).toContain('unknown options ignored: surprise');
-  expect(warnings).toContain('routes[0] "nft": nftables forwarding is relayed by the Rust core');
+  expect(warnings).toContain('routes[0] "nft": action.nftables is ignored without forwardingEngine: \'nftables\'');
   expect(warnings).toContain('routes[1] "pt": action.tls.certificate, versions ignored: a passthrough route does not terminate TLS');
   expect(warnings).toContain('routes[2] "sec": both security and action.security are set; action.security is ignored');
   expect(warnings).toContain('defaults.preserveSourceIP is not supported yet and is ignored');
@@ -752,6 +752,32 @@ tap.test('warnings: ignored options, nftables, ignored passthrough tls settings,
   expect(config.routes).toHaveLength(3);
   expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true, acme: null });
   expect(config.routes[2].security.maxConnections).toEqual(3);
+});
+
+tap.test('kernel forwarding: settings with their defaults; what the kernel cannot do is refused naming the route', async () => {
+  const { config, warnings } = normalize({
+    routes: [
+      { name: 'k', match: { ports: [2222, 2223] }, action: { type: 'forward', forwardingEngine: 'nftables', target } },
+      { name: 'k2', match: { ports: 80, domains: 'a.example.com' }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { protocol: 'all', preserveSourceIP: true, maxRate: '10mbps', priority: 3 }, target } },
+    ],
+  });
+  expect(config.routes[0].action.kernel).toEqual({ protocol: 'tcp', preserveSourceIp: false, maxRate: null, priority: 0 });
+  expect(config.routes[1].action.kernel).toEqual({ protocol: 'all', preserveSourceIp: true, maxRate: '10mbps', priority: 3 });
+  expect(warnings).toContain('routes[1] "k2": match.domains is not seen by kernel forwarding: every flow to the route\'s ports is forwarded');
+  const refused = (route: object): string => {
+    try {
+      normalize({ routes: [{ name: 'bad', match: { ports: 443 }, ...route }] });
+      return '';
+    } catch (err) {
+      return (err as Error).message;
+    }
+  };
+  const kernel = { type: 'forward', forwardingEngine: 'nftables', target };
+  expect(refused({ action: { ...kernel, tls: { mode: 'terminate', certificate: { key: 'k', cert: 'c' } } } })).toInclude('action.tls');
+  expect(refused({ match: { ports: 80, path: '/api/*' }, action: kernel })).toInclude('match.path');
+  expect(refused({ action: kernel, security: { rateLimit: { enabled: true, maxRequests: 1, window: 1 } } })).toInclude('security.rateLimit');
+  expect(refused({ action: { ...kernel, nftables: { protocol: 'sctp' } } })).toInclude('action.nftables.protocol');
+  expect(refused({ action: { ...kernel, tls: { mode: 'terminate', certificate: { key: 'k', cert: 'c' } } } })).toInclude('"bad"');
 });
 
 tap.test('action.security is used when route.security is absent', async () => {

@@ -365,11 +365,10 @@ tap.test('createNfTablesRoute family: name vs domains, nftables settings, securi
   expect(terminate).toEqual({
     name: 'NFTables HTTPS: nf.example.com',
     match: { ports: 443, domains: 'nf.example.com' },
+    // TLS is terminated in user space: the route is the Rust core's, without nftables settings.
     action: {
       type: 'forward',
       targets: [target],
-      forwardingEngine: 'nftables',
-      nftables: { protocol: 'tcp' },
       tls: { mode: 'terminate', certificate: 'auto' },
     },
     security: { ipBlockList: ['1.2.3.4'] },

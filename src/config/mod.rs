@@ -211,6 +211,20 @@ pub struct ActionConfig {
     /// Forward the normalised path (the one matching saw) instead of the path as sent.
     #[serde(default)]
     pub normalize_path: bool,
+    /// `forwardingEngine: 'nftables'`: the kernel forwards the route's flows (`kernel/`).
+    #[serde(default)]
+    pub kernel: Option<KernelConfig>,
+}
+
+/// `action.nftables` of a route with `forwardingEngine: 'nftables'`, with its defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KernelConfig {
+    /// `tcp`, `udp` or `all`.
+    pub protocol: String,
+    pub preserve_source_ip: bool,
+    pub max_rate: Option<String>,
+    pub priority: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

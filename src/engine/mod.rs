@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, Destination, LogFormat};
+use crate::kernel::{KernelForwarder, KernelStatus};
 use crate::acme::{AcmeManager, CertStatus};
 use crate::balance::health::HealthChecks;
 use crate::balance::affinity::AffinityStore;
@@ -41,6 +42,15 @@ use crate::tls::dynamic::CertSlots;
 const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Closes an access log off the runtime's threads: closing waits for its writer to finish.
+/// Reads the kernel routes' counters back every second, while the engine runs.
+async fn read_kernel_counters(kernel: Arc<KernelForwarder>) {
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every_second.tick().await;
+        kernel.refresh_counters().await;
+    }
+}
+
 async fn close_access_log(access_log: Option<Arc<AccessLog>>) {
     if let Some(access_log) = access_log {
         let _ = tokio::task::spawn_blocking(move || access_log.close()).await;
@@ -69,6 +79,8 @@ pub struct Engine {
     /// Backend health and in-flight counts, kept across tables; probes run while started.
     backends: Arc<BackendRegistry>,
     health_checks: HealthChecks,
+    /// The nftables table of the routes the kernel forwards.
+    kernel: Arc<KernelForwarder>,
     /// Made at the first start (its Redis client needs the runtime); kept across restarts.
     affinity: std::sync::OnceLock<Arc<AffinityStore>>,
     /// Raised when a stop begins, lowered by the next start.
@@ -98,6 +110,8 @@ struct Running {
     force_close: CancellationToken,
     pool: Arc<UpstreamPool>,
     sampler: JoinHandle<()>,
+    /// Reads the kernel routes' counters back every second.
+    kernel_counters: JoinHandle<()>,
     /// The `metrics.prometheus` and `admin` listeners, as configured.
     ops: Vec<ops_http::OpsListener>,
     /// Where this engine's log events go while it runs (`logger`, or standard error).
@@ -162,6 +176,7 @@ impl Engine {
             acme,
             backends,
             health_checks: HealthChecks::default(),
+            kernel: Arc::new(KernelForwarder::new()),
             affinity: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),
@@ -227,8 +242,12 @@ impl Engine {
         let sampler = tokio::spawn(sample_every_second(self.metrics.clone(), self.limiter.clone(), pool.clone(), self.table.clone(), affinity));
         *self.listening.lock() = ports.ports();
         let log = logging::register(self.log_sink(), self.options.enable_detailed_logging);
+        // After the log's registration: a warning that the kernel path is unavailable reaches it.
+        let kernel_routes = self.table.read().kernel_routes();
+        self.kernel.sync(&kernel_routes).await;
+        let kernel_counters = tokio::spawn(read_kernel_counters(self.kernel.clone()));
         tracing::info!(ports = ?ports.ports(), routes = self.table.read().routes().len(), "proxy started");
-        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, ops, _log: log });
+        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, kernel_counters, ops, _log: log });
         Ok(())
     }
 
@@ -245,6 +264,9 @@ impl Engine {
         running.ports.release_all().await;
         self.listening.lock().clear();
         running.sampler.abort();
+        running.kernel_counters.abort();
+        // The kernel's flows end with the table: the connections it forwards are not ours to drain.
+        self.kernel.remove().await;
         running.sessions.close();
         running.draining.cancel();
         running.pool.clear();
@@ -341,6 +363,8 @@ impl Engine {
         }
         let added = self.acme.sync_routes(routes);
         if control.running.is_some() {
+            // One transaction: the old rules are replaced by the new, with no moment in between.
+            self.kernel.sync(&table.kernel_routes()).await;
             self.acme.load_stored(Some(&added));
             self.acme.start(Some(&added));
             self.health_checks.sync(table.health_probes());
@@ -404,6 +428,13 @@ impl Engine {
     /// A certificate from `certProvisionFunction` for one domain of the route.
     pub fn install_certificate(&self, route_name: &str, domain: &str, chain_pem: &str, key_pem: &str) -> Result<(), String> {
         self.acme.install_custom(route_name, domain, chain_pem, key_pem)
+    }
+
+    /// Kernel forwarding's state, when a route asks for it or its table is still in place.
+    pub fn kernel_status(&self) -> Option<KernelStatus> {
+        let status = self.kernel.status();
+        let wanted = self.table.read().routes().iter().any(|route| route.kernel.is_some());
+        (wanted || status.active).then_some(status)
     }
 
     pub fn listening_ports(&self) -> Vec<u16> {

@@ -40,6 +40,9 @@ pub struct Statistics {
     /// Rate-limit keys dropped to keep routes within `rateLimit.maxKeys` (routes of the current
     /// table; affinity evictions are under `affinity`).
     pub rate_limit_evictions: u64,
+    /// (ext) Kernel forwarding (`forwardingEngine: 'nftables'`): whether the table is in use, why
+    /// not, and each kernel route's counters. None without kernel routes.
+    pub kernel_forwarding: Option<crate::kernel::KernelStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,6 +136,7 @@ impl Engine {
                 .collect(),
             affinity: self.affinity_stats(),
             rate_limit_evictions: self.table.read().routes().iter().filter_map(|r| r.http_security.as_ref()).map(|s| s.rate_limit_evictions()).sum(),
+            kernel_forwarding: self.kernel_status(),
         }
     }
 

@@ -115,6 +115,9 @@ pub struct Route {
     /// The route decides or rewrites by what is in requests (`wants_http`): bytes the engine
     /// could not read as HTTP never reach it.
     needs_http: bool,
+    /// `forwardingEngine: 'nftables'`: what the kernel forwards for the route (the relay serves
+    /// it where the kernel cannot).
+    pub kernel: Option<crate::kernel::KernelRoute>,
 }
 
 /// How the route spreads picks over a backend set.
@@ -563,6 +566,11 @@ impl RouteTable {
         self.routes.iter().flat_map(|route| route.health_probes()).collect()
     }
 
+    /// The routes the kernel forwards (`forwardingEngine: 'nftables'`), by label.
+    pub fn kernel_routes(&self) -> Vec<(Arc<str>, crate::kernel::KernelRoute)> {
+        self.routes.iter().filter_map(|route| Some((route.label.clone(), route.kernel.clone()?))).collect()
+    }
+
     /// Every port some route listens on.
     pub fn ports(&self) -> BTreeSet<u16> {
         self.ports.keys().copied().collect()
@@ -694,6 +702,10 @@ impl Route {
             Some(p) => Some(PathPattern::parse(p).map_err(|r| fail("match.path".into(), r))?),
             None => None,
         };
+        let kernel = match &config.action.kernel {
+            Some(kernel) => Some(crate::kernel::KernelRoute::compile(config, kernel).map_err(|(f, r)| fail(f, r))?),
+            None => None,
+        };
         let header_matches = compile_header_matches(&config.match_.headers).map_err(|(f, r)| fail(f, r))?;
         let affinity = match &config.action.load_balancing.affinity {
             None => None,
@@ -774,6 +786,7 @@ impl Route {
             },
             affinity,
             needs_http: false,
+            kernel,
         };
         let route = Route { needs_http: route.wants_http(), ..route };
         if route.affinity.is_some() && !route.speaks_http() {
@@ -1061,6 +1074,7 @@ mod tests {
                 send_proxy_protocol: None,
                 load_balancing: Default::default(),
                 normalize_path: false,
+                kernel: None,
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),

@@ -77,6 +77,8 @@ export interface INativeRoute {
     loadBalancing: INativeLoadBalancing;
     /** Forward the normalised path (the one matching saw) instead of the path as sent. */
     normalizePath: boolean;
+    /** `forwardingEngine: 'nftables'`: the kernel forwards the route's flows. */
+    kernel: INativeKernel | null;
   };
   security: {
     ipAllowList: string[];
@@ -88,6 +90,15 @@ export interface INativeRoute {
     forwardAuthorization: boolean;
   };
   headers: INativeHeaderTemplates;
+}
+
+/** `action.nftables` of a kernel-forwarded route, with its defaults. */
+export interface INativeKernel {
+  protocol: 'tcp' | 'udp' | 'all';
+  preserveSourceIp: boolean;
+  /** `10mbps`, `5000pps`, … (checked by the engine). */
+  maxRate: string | null;
+  priority: number;
 }
 
 export interface INativeRateLimit {

@@ -175,6 +175,13 @@ export interface IStatistics {
   affinity: { lookups: number; redisLookups: number; redisFallbacks: number; memoryEntries: number; evictions: number } | null;
   /** (ext) Rate-limit keys evicted to keep routes within `rateLimit.maxKeys` (the routes in force). */
   rateLimitEvictions: number;
+  /**
+   * (ext) Kernel forwarding (`forwardingEngine: 'nftables'`), null without such routes: whether the
+   * engine's nftables table is in use, why not (its routes are then relayed by the Rust core), and
+   * per route the packets and bytes of its flows, both ways, as the kernel counted them (read back
+   * every second).
+   */
+  kernelForwarding: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number }> } | null;
 }
 
 /** Bytes per second, on the client side: `in` from clients, `out` to them. */

@@ -143,7 +143,10 @@ export interface IRouteAction {
     /** (ext) Sticky sessions; `maxKeys` bindings at most in memory (default 100000), least recently used evicted first. */
     affinity?: { key: 'ip' | `header:${string}` | `cookie:${string}`; ttlSeconds?: number; onUnknown?: 'assign' | 'reject'; maxKeys?: number };
   };
-  /** Compatibility: `'nftables'` is relayed by the Rust core. */
+  /**
+   * `'nftables'`: the kernel forwards the route's flows (DNAT in a table the engine owns); where it
+   * cannot (no nft, no CAP_NET_ADMIN) the Rust core relays them, after one warning.
+   */
   forwardingEngine?: 'node' | 'nftables';
   nftables?: { preserveSourceIP?: boolean; protocol?: 'tcp' | 'udp' | 'all'; maxRate?: string; priority?: number };
   options?: { backendProtocol?: 'auto' | 'http1' | 'http2' | 'http3'; raw?: boolean };

@@ -15,6 +15,7 @@ import type {
   INativeBasicAuth,
   INativeJwtAuth,
   INativeRateLimit,
+  INativeKernel,
   INativeResponse,
   INativeRetry,
   INativeTls,
@@ -320,9 +321,7 @@ function normalizeRoute(
   const certName = typeof name === 'string' && name !== '' ? name : match.domains[0] ?? `route-${index}`;
   const tls = normalizeTls(action.tls, at, warnings, describe(index, name), { ...acme, certName, domains: match.domains });
   rejectLaterActionFeatures(action, at);
-  if (action.forwardingEngine === 'nftables' || action.nftables !== undefined) {
-    warnings.push(`${describe(index, name)}: nftables forwarding is relayed by the Rust core`);
-  }
+  const kernel = normalizeKernel(route, action, match, tls, at, warnings, describe(index, name));
 
   let targetList: unknown[];
   let socketHandler: number | null = null;
@@ -393,10 +392,51 @@ function normalizeRoute(
       sendProxyProtocol: proxyProtocolVersion(action.sendProxyProtocol, at, 'action.sendProxyProtocol'),
       loadBalancing: normalizeLoadBalancing(action.loadBalancing, at),
       normalizePath: optionalFlag(action.normalizePath, at, 'action.normalizePath') ?? false,
+      kernel,
     },
     security: { ...lists, maxConnections, ...httpSecurity },
     headers,
   };
+}
+
+/**
+ * `forwardingEngine: 'nftables'`: the kernel forwards the route's flows, so the route may ask for
+ * nothing the kernel cannot see or do (TLS termination, HTTP facts, per-request security).
+ */
+function normalizeKernel(
+  route: TRecord,
+  action: TRecord,
+  match: INativeRoute['match'],
+  tls: INativeTls | null,
+  at: Place,
+  warnings: string[],
+  where: string,
+): INativeKernel | null {
+  if (action.forwardingEngine !== 'nftables') {
+    if (action.nftables !== undefined) warnings.push(`${where}: action.nftables is ignored without forwardingEngine: 'nftables'`);
+    return null;
+  }
+  const cannot = (field: string, what: string): never => at.fail(field, `kernel forwarding (forwardingEngine: 'nftables') ${what}`);
+  if (action.type !== 'forward') cannot('action.type', 'takes forward routes only');
+  if (tls !== null && tls.mode !== 'passthrough') cannot('action.tls', 'does not terminate TLS: use passthrough, or the default engine');
+  // The original's kernel routes carried domains as names only: the kernel sees ports.
+  if (match.domains.length > 0) warnings.push(`${where}: match.domains is not seen by kernel forwarding: every flow to the route's ports is forwarded`);
+  if (match.path !== null || match.headers.length > 0) cannot(match.path !== null ? 'match.path' : 'match.headers', 'sees no HTTP requests');
+  if (match.clientIp.length > 0) cannot('match.clientIp', 'takes client addresses from security.ipAllowList');
+  if (match.tlsVersion.length > 0) cannot('match.tlsVersion', 'sees no TLS handshakes');
+  const security = isRecord(route.security) ? route.security : isRecord(action.security) ? action.security : {};
+  for (const key of ['rateLimit', 'basicAuth', 'jwtAuth', 'maxConnections'] as const) {
+    if (security[key] !== undefined) cannot(`security.${key}`, `cannot apply ${key}: use action.nftables.maxRate to bound the traffic`);
+  }
+  const options = action.nftables === undefined ? {} : action.nftables;
+  if (!isRecord(options)) return at.fail('action.nftables', `expected an object, got ${show(options)}`);
+  const protocol = options.protocol ?? 'tcp';
+  if (protocol !== 'tcp' && protocol !== 'udp' && protocol !== 'all') at.fail('action.nftables.protocol', `expected 'tcp', 'udp' or 'all', got ${show(protocol)}`);
+  const preserveSourceIp = optionalFlag(options.preserveSourceIP, at, 'action.nftables.preserveSourceIP') ?? false;
+  if (options.maxRate !== undefined && typeof options.maxRate !== 'string') at.fail('action.nftables.maxRate', `expected a rate like '10mbps', got ${show(options.maxRate)}`);
+  const priority = options.priority ?? 0;
+  if (typeof priority !== 'number' || !Number.isInteger(priority)) at.fail('action.nftables.priority', `expected an integer, got ${show(priority)}`);
+  return { protocol: protocol as INativeKernel['protocol'], preserveSourceIp, maxRate: (options.maxRate as string | undefined) ?? null, priority: priority as number };
 }
 
 function nativeResponseOf(spec: TNativeSocketHandlerSpec): INativeResponse {

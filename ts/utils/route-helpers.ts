@@ -478,14 +478,22 @@ function nfTablesRoute(kind: string, nameOrDomains: string | string[], target: T
   return route;
 }
 
-/** A route relayed by the Rust core in place of nftables (`forwardingEngine: 'nftables'`), port 80 by default. */
+/**
+ * A route the kernel forwards (`forwardingEngine: 'nftables'`: DNAT in the engine's nftables table;
+ * the Rust core relays it where the kernel cannot), port 80 by default. Domains name the route only:
+ * the kernel sees ports.
+ */
 export function createNfTablesRoute(nameOrDomains: string | string[], target: THelperTarget, options: INfTablesRouteOptions = {}): IRouteConfig {
   const route = nfTablesRoute('NFTables', nameOrDomains, target, 80, options);
   if (options.useTls === true) route.action.tls = { mode: 'passthrough' };
   return route;
 }
 
-/** As createNfTablesRoute with TLS terminated (`certificate` defaults to `'auto'`), port 443 by default. */
+/**
+ * As createNfTablesRoute with TLS terminated (`certificate` defaults to `'auto'`), port 443 by
+ * default. The kernel cannot terminate TLS, so the route is the Rust core's: the nftables settings
+ * are left out (the original relayed such routes in user space as well).
+ */
 export function createNfTablesTerminateRoute(
   nameOrDomains: string | string[],
   target: THelperTarget,
@@ -493,8 +501,8 @@ export function createNfTablesTerminateRoute(
 ): IRouteConfig {
   const { certificate, ...rest } = options;
   const route = nfTablesRoute('NFTables HTTPS', nameOrDomains, target, 443, rest);
-  route.action.tls = terminateTls(certificate);
-  return route;
+  const { forwardingEngine: _engine, nftables: _settings, ...action } = route.action;
+  return { ...route, action: { ...action, tls: terminateTls(certificate) } };
 }
 
 /** `[nftables TLS-terminating route on httpsPort (443), HTTP-to-HTTPS redirect on httpPort (80)]`. */

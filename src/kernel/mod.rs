@@ -1,0 +1,341 @@
+//! Kernel forwarding (`forwardingEngine: 'nftables'`): the flows of such routes are forwarded by the
+//! kernel (destination NAT, masquerade unless `preserveSourceIP`) through an nftables table this
+//! engine instance owns, written in one transaction through nft's JSON interface (`nft -j -f -`,
+//! never a shell string) and replaced whole when the routes change. The routes stay in the route
+//! table too: where the kernel path is unavailable (no nft, no CAP_NET_ADMIN), the Rust relay
+//! serves them, after one warning that says why. Knows nothing of napi.
+
+mod nft;
+mod ruleset;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::{KernelConfig, RouteConfig, TargetPort};
+use ruleset::ResolvedRoute;
+
+/// Which transport protocols the kernel forwards for a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelProtocol {
+    Tcp,
+    Udp,
+    All,
+}
+
+/// `maxRate`: the most the route's flows may carry together, beyond which packets are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxRate {
+    BytesPerSecond(u64),
+    PacketsPerSecond(u64),
+}
+
+impl MaxRate {
+    /// `100kbps`, `10mbps`, `1gbps` (bits per second, as links are rated) or `5000pps`.
+    pub fn parse(text: &str) -> Result<MaxRate, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let split = lower.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(lower.len());
+        let (number, unit) = lower.split_at(split);
+        let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a rate like '10mbps' or '5000pps'"))?;
+        let bits = match unit.trim() {
+            "bps" => value,
+            "kbps" => value * 1e3,
+            "mbps" => value * 1e6,
+            "gbps" => value * 1e9,
+            "pps" if value >= 1.0 => return Ok(MaxRate::PacketsPerSecond(value as u64)),
+            _ => return Err(format!("{text:?} is not a rate like '10mbps' or '5000pps' (units: bps, kbps, mbps, gbps, pps)")),
+        };
+        let bytes = (bits / 8.0) as u64;
+        if bytes == 0 {
+            return Err(format!("{text:?} is less than a byte a second"));
+        }
+        Ok(MaxRate::BytesPerSecond(bytes))
+    }
+
+    /// The `limit rate over …` statement.
+    fn over(&self) -> Value {
+        match *self {
+            MaxRate::BytesPerSecond(bytes) => json!({"limit": {"rate": bytes, "rate_unit": "bytes", "per": "second", "inv": true}}),
+            MaxRate::PacketsPerSecond(packets) => json!({"limit": {"rate": packets, "per": "second", "inv": true}}),
+        }
+    }
+}
+
+/// A route the kernel forwards, as the configuration gives it (its target not yet resolved).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelRoute {
+    pub ports: Vec<u16>,
+    pub protocol: KernelProtocol,
+    pub host: String,
+    pub target_port: Option<u16>,
+    pub preserve_source_ip: bool,
+    pub max_rate: Option<MaxRate>,
+    pub priority: i32,
+    pub allow: Vec<String>,
+    pub block: Vec<String>,
+}
+
+impl KernelRoute {
+    /// The route's kernel forwarding, checked: `(field, reason)` names what the kernel cannot do.
+    pub fn compile(config: &RouteConfig, kernel: &KernelConfig) -> Result<KernelRoute, (String, String)> {
+        let protocol = match kernel.protocol.as_str() {
+            "tcp" => KernelProtocol::Tcp,
+            "udp" => KernelProtocol::Udp,
+            "all" => KernelProtocol::All,
+            other => return Err(("action.nftables.protocol".into(), format!("expected 'tcp', 'udp' or 'all', got {other:?}"))),
+        };
+        let max_rate = match &kernel.max_rate {
+            Some(rate) => Some(MaxRate::parse(rate).map_err(|r| ("action.nftables.maxRate".to_string(), r))?),
+            None => None,
+        };
+        let refuse = |field: &str, what: &str| Err((field.to_string(), format!("kernel forwarding (forwardingEngine: 'nftables') {what}")));
+        let [target] = config.action.targets.as_slice() else {
+            return refuse("action.targets", "takes exactly one target");
+        };
+        let [host] = target.hosts.as_slice() else {
+            return refuse("action.targets[0].host", "takes exactly one host, not a list or a function");
+        };
+        let target_port = match target.port {
+            TargetPort::Fixed(port) => Some(port),
+            TargetPort::Preserve(_) => None,
+            TargetPort::Function(_) => return refuse("action.targets[0].port", "takes a port number or 'preserve', not a function"),
+        };
+        let addresses = |list: &[String], field: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, entry)| {
+                    let (addr, len) = entry.split_once('/').map_or((entry.as_str(), None), |(a, l)| (a, Some(l)));
+                    let ip: IpAddr = addr.parse().map_err(|_| (format!("{field}[{i}]"), format!("kernel forwarding takes addresses and CIDR blocks, not {entry:?}")))?;
+                    let max = if ip.is_ipv4() { 32 } else { 128 };
+                    match len.map(str::parse::<u8>) {
+                        None => Ok(ip.to_string()),
+                        Some(Ok(len)) if len <= max => Ok(format!("{ip}/{len}")),
+                        Some(_) => Err((format!("{field}[{i}]"), format!("{entry:?} is not a CIDR block"))),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(KernelRoute {
+            ports: config.match_.ports.clone(),
+            protocol,
+            host: host.clone(),
+            target_port,
+            preserve_source_ip: kernel.preserve_source_ip,
+            max_rate,
+            priority: kernel.priority,
+            allow: addresses(&config.security.ip_allow_list, "security.ipAllowList")?,
+            block: addresses(&config.security.ip_block_list, "security.ipBlockList")?,
+        })
+    }
+}
+
+/// What the kernel path does for `getStatistics()`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelStatus {
+    /// The table holds the kernel routes now.
+    pub active: bool,
+    /// The engine's table (`smartproxy_<pid>_<n>`).
+    pub table: String,
+    /// Why the kernel path is not in use (its routes are relayed by the Rust core).
+    pub unavailable: Option<String>,
+    /// Per route: the packets and bytes of its flows, both ways, as the kernel counted them.
+    pub routes: BTreeMap<String, KernelCounters>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct KernelCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Tells engines of one process apart in their table names.
+static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// The engine's kernel forwarding: its table, installed, replaced and removed.
+pub struct KernelForwarder {
+    table: String,
+    /// One nft transaction at a time, in the order asked.
+    applying: tokio::sync::Mutex<Applied>,
+    status: parking_lot::Mutex<KernelStatus>,
+}
+
+#[derive(Default)]
+struct Applied {
+    installed: bool,
+    stale_cleaned: bool,
+    /// Counter name to route label, for the routes installed.
+    counters: Vec<(String, String)>,
+    /// The reason last warned about: the same reason is not warned twice in a row.
+    warned: Option<String>,
+}
+
+impl Default for KernelForwarder {
+    fn default() -> Self {
+        KernelForwarder::new()
+    }
+}
+
+impl KernelForwarder {
+    pub fn new() -> KernelForwarder {
+        let table = format!("smartproxy_{}_{}", std::process::id(), NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed));
+        let status = KernelStatus { table: table.clone(), ..KernelStatus::default() };
+        KernelForwarder { table, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
+    }
+
+    pub fn status(&self) -> KernelStatus {
+        self.status.lock().clone()
+    }
+
+    /// Makes the table hold exactly `routes` (label and route), in one transaction; with none,
+    /// removes it. A failure leaves the routes to the relay and is warned about once.
+    pub async fn sync(&self, routes: &[(Arc<str>, KernelRoute)]) {
+        let mut applied = self.applying.lock().await;
+        if !applied.stale_cleaned && !routes.is_empty() {
+            applied.stale_cleaned = true;
+            remove_stale_tables().await;
+        }
+        if routes.is_empty() {
+            if applied.installed {
+                if let Err(err) = nft::apply(&ruleset::remove(&self.table)).await {
+                    tracing::warn!(table = %self.table, error = %err, "the kernel forwarding table could not be removed");
+                }
+            }
+            applied.installed = false;
+            applied.counters.clear();
+            let mut status = self.status.lock();
+            status.active = false;
+            status.routes.clear();
+            return;
+        }
+        let result = self.install(routes).await;
+        match result {
+            Ok(counters) => {
+                if applied.installed {
+                    tracing::info!(table = %self.table, routes = routes.len(), "kernel forwarding rules replaced");
+                } else {
+                    tracing::info!(table = %self.table, routes = routes.len(), "kernel forwarding on");
+                }
+                applied.installed = true;
+                applied.warned = None;
+                let mut status = self.status.lock();
+                status.active = true;
+                status.unavailable = None;
+                status.routes.retain(|label, _| counters.iter().any(|(_, l)| l == label));
+                applied.counters = counters;
+            }
+            Err(reason) => {
+                if applied.warned.as_deref() != Some(reason.as_str()) {
+                    let names: Vec<&str> = routes.iter().map(|(label, _)| &**label).collect();
+                    tracing::warn!(reason = %reason, routes = ?names, "kernel forwarding is unavailable: these routes are relayed by the Rust core");
+                    applied.warned = Some(reason.clone());
+                }
+                let mut status = self.status.lock();
+                status.active = applied.installed;
+                status.unavailable = Some(reason);
+            }
+        }
+    }
+
+    /// Removes the table (at stop).
+    pub async fn remove(&self) {
+        self.sync(&[]).await;
+    }
+
+    /// Reads the routes' counters back from the kernel into the status.
+    pub async fn refresh_counters(&self) {
+        let applied = self.applying.lock().await;
+        if !applied.installed {
+            return;
+        }
+        let Ok(listing) = nft::list(&["counters", "table", "inet", &self.table]).await else {
+            return;
+        };
+        let mut status = self.status.lock();
+        for item in listing["nftables"].as_array().into_iter().flatten() {
+            let counter = &item["counter"];
+            let Some(name) = counter["name"].as_str() else { continue };
+            if let Some((_, label)) = applied.counters.iter().find(|(n, _)| n == name) {
+                let counters = KernelCounters { packets: counter["packets"].as_u64().unwrap_or(0), bytes: counter["bytes"].as_u64().unwrap_or(0) };
+                status.routes.insert(label.clone(), counters);
+            }
+        }
+    }
+
+    async fn install(&self, routes: &[(Arc<str>, KernelRoute)]) -> Result<Vec<(String, String)>, String> {
+        let mut ordered: Vec<&(Arc<str>, KernelRoute)> = routes.iter().collect();
+        // Higher priority first: the first matching rule of a chain wins.
+        ordered.sort_by_key(|(_, route)| std::cmp::Reverse(route.priority));
+        let mut resolved = Vec::with_capacity(ordered.len());
+        let mut counters = Vec::with_capacity(ordered.len());
+        for (i, (label, route)) in ordered.into_iter().enumerate() {
+            let target = resolve(&route.host).await.map_err(|reason| format!("route {label:?}: {reason}"))?;
+            let counter = format!("route_{i}");
+            counters.push((counter.clone(), label.to_string()));
+            resolved.push(ResolvedRoute {
+                counter,
+                ports: route.ports.clone(),
+                protocol: route.protocol,
+                target,
+                target_port: route.target_port,
+                preserve_source_ip: route.preserve_source_ip,
+                max_rate: route.max_rate,
+                allow: route.allow.clone(),
+                block: route.block.clone(),
+            });
+        }
+        nft::apply(&ruleset::replace(&self.table, &resolved)).await.map_err(|err| err.to_string())?;
+        Ok(counters)
+    }
+}
+
+/// The target's address: the host as written if it is one, else its first address (IPv4 first).
+async fn resolve(host: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let addresses: Vec<IpAddr> = tokio::net::lookup_host((host, 0)).await.map_err(|err| format!("{host} could not be resolved: {err}"))?.map(|a| a.ip()).collect();
+    addresses.iter().find(|ip| ip.is_ipv4()).or(addresses.first()).copied().ok_or_else(|| format!("{host} has no address"))
+}
+
+/// Removes the tables of engines whose process is gone (`smartproxy_<pid>_<n>` of a dead pid).
+async fn remove_stale_tables() {
+    let Ok(listing) = nft::list(&["tables"]).await else {
+        return;
+    };
+    for item in listing["nftables"].as_array().into_iter().flatten() {
+        let table = &item["table"];
+        if table["family"] != "inet" {
+            continue;
+        }
+        let Some(name) = table["name"].as_str() else { continue };
+        let Some(pid) = name.strip_prefix("smartproxy_").and_then(|rest| rest.split('_').next()).and_then(|pid| pid.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match nft::apply(&ruleset::remove(name)).await {
+                Ok(()) => tracing::info!(table = name, "a kernel forwarding table left by a process that is gone was removed"),
+                Err(err) => tracing::warn!(table = name, error = %err, "a stale kernel forwarding table could not be removed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_in_bits_or_packets() {
+        assert_eq!(MaxRate::parse("10mbps"), Ok(MaxRate::BytesPerSecond(1_250_000)));
+        assert_eq!(MaxRate::parse("1.5 Gbps"), Ok(MaxRate::BytesPerSecond(187_500_000)));
+        assert_eq!(MaxRate::parse("5000pps"), Ok(MaxRate::PacketsPerSecond(5000)));
+        for bad in ["fast", "10", "10mb", "1bps", "-3kbps", "0pps"] {
+            assert!(MaxRate::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

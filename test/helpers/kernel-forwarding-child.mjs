@@ -1,0 +1,125 @@
+// Runs inside a network namespace of its own (`unshare -n`, from test.kernel-forwarding.ts): a
+// backend, our proxy with a kernel-forwarded route, clients; prints one JSON line of what it saw.
+// Its own namespace keeps the rules it makes, and its loopback, away from the machine's.
+import { execFileSync, spawnSync } from 'node:child_process';
+import net from 'node:net';
+import { SmartProxy } from '../../dist_ts/index.js';
+
+const scenario = process.argv[2];
+// The fallback scenario runs unprivileged: its namespace's loopback was brought up before.
+if (scenario !== 'fallback') execFileSync('ip', ['link', 'set', 'lo', 'up']);
+const tables = () => JSON.parse(execFileSync('nft', ['-j', 'list', 'tables'], { encoding: 'utf8' })).nftables.filter((i) => i.table).map((i) => i.table.name);
+
+function backend(tag) {
+  const seen = [];
+  const server = net.createServer((socket) => {
+    seen.push(socket.remoteAddress);
+    socket.on('data', (d) => socket.write(`${tag}:${d}`));
+    socket.on('error', () => {});
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, port: server.address().port, seen })));
+}
+
+/** Connects, writes `text`, resolves with the answer (the socket left open when `keep`). */
+function exchange(port, text, keep = false) {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(text));
+    socket.once('data', (d) => {
+      if (!keep) socket.end();
+      resolve({ answer: String(d), socket });
+    });
+    socket.on('error', reject);
+    setTimeout(() => reject(new Error(`no answer through port ${port}`)), 5000).unref();
+  });
+}
+
+const freePort = () => new Promise((resolve) => { const s = net.createServer().listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => resolve(p)); }); });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const warnings = [];
+process.on('warning', (w) => warnings.push(String(w.message)));
+
+const out = { scenario };
+if (scenario === 'forward') {
+  const one = await backend('one');
+  const two = await backend('two');
+  const port = await freePort();
+  const route = (target) => ({ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: target } } });
+  const logs = [];
+  const proxy = new SmartProxy({ routes: [route(one.port)], logger: (entry) => logs.push(entry) });
+  await proxy.start();
+  out.tablesWhileRunning = tables().filter((t) => t.startsWith('smartproxy_'));
+  const open = await exchange(port, 'hello', true);
+  out.answer = open.answer;
+  out.activeWhileOpen = proxy.getStatistics().activeConnections;
+  let kernel = null;
+  for (let i = 0; i < 50; i++) {
+    kernel = proxy.getStatistics().kernelForwarding;
+    if ((kernel?.routes.kernel?.packets ?? 0) > 0) break;
+    await sleep(100);
+  }
+  out.kernel = kernel;
+  open.socket.end();
+  // The target changes while clients keep connecting: every one of them is answered.
+  let running = true;
+  const answers = [];
+  const failures = [];
+  const loop = (async () => {
+    while (running) {
+      try {
+        answers.push((await exchange(port, 'x')).answer);
+      } catch (err) {
+        failures.push(String(err));
+      }
+    }
+  })();
+  await sleep(200);
+  await proxy.updateRoutes([route(two.port)]);
+  await sleep(300);
+  running = false;
+  await loop;
+  out.answersDuringUpdate = answers.length;
+  out.failuresDuringUpdate = failures;
+  out.lastAnswer = answers.at(-1);
+  out.relayedTotal = proxy.getStatistics().totalConnections;
+  await proxy.stop();
+  out.tablesAfterStop = tables().filter((t) => t.startsWith('smartproxy_'));
+  out.logs = logs.filter((l) => /kernel/.test(l.message)).map((l) => `${l.level} ${l.message}`);
+  one.server.close();
+  two.server.close();
+} else if (scenario === 'stale') {
+  // A table such as a killed engine leaves: its pid is of a process that has exited.
+  const gone = spawnSync('true').pid;
+  const stale = `smartproxy_${gone}_0`;
+  execFileSync('nft', ['add', 'table', 'inet', stale]);
+  out.before = tables().filter((t) => t.startsWith('smartproxy_'));
+  const one = await backend('one');
+  const port = await freePort();
+  const proxy = new SmartProxy({ routes: [{ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: one.port } } }] });
+  await proxy.start();
+  out.stale = stale;
+  out.during = tables().filter((t) => t.startsWith('smartproxy_'));
+  await proxy.stop();
+  one.server.close();
+} else if (scenario === 'fallback') {
+  // No nftables for this process (run without CAP_NET_ADMIN): the relay serves, with one warning.
+  const one = await backend('one');
+  const port = await freePort();
+  const logs = [];
+  const proxy = new SmartProxy({
+    routes: [{ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: one.port } } }],
+    logger: (entry) => logs.push(entry),
+  });
+  await proxy.start();
+  out.answer = (await exchange(port, 'hello')).answer;
+  await proxy.updateRoutes([{ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: one.port } } }]);
+  out.answerAfterUpdate = (await exchange(port, 'again')).answer;
+  await sleep(200);
+  out.kernel = proxy.getStatistics().kernelForwarding;
+  out.relayedTotal = proxy.getStatistics().totalConnections;
+  await proxy.stop();
+  await sleep(100);
+  out.warnings = logs.filter((l) => l.level === 'warn' && /kernel forwarding/.test(l.message)).map((l) => l.message);
+  one.server.close();
+}
+process.stdout.write(`${JSON.stringify(out)}\n`);
+process.exit(0);

@@ -1,0 +1,87 @@
+// forwardingEngine: 'nftables': the kernel forwards the route's flows (DNAT in the engine's own
+// nftables table). Each scenario runs in a child process inside a network namespace of its own
+// (`unshare -n`), so that its rules and its loopback are not the machine's: a backend, our proxy,
+// clients; the child prints what it saw as one JSON line (test/helpers/kernel-forwarding-child.mjs).
+import { tap, expect } from '@push.rocks/tapbundle';
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const child = path.join(here, 'helpers', 'kernel-forwarding-child.mjs');
+const has = (tool: string): boolean => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
+const root = process.getuid?.() === 0;
+const missing = ['nft', 'ip', 'unshare', 'setpriv'].filter((tool) => !has(tool));
+// Namespaces and nftables need root (tests run as root here; .ci/run installs the tools).
+const canTest = root && missing.length === 0;
+const why = !root ? 'not root' : `missing: ${missing.join(', ')}`;
+
+interface IForward {
+  tablesWhileRunning: string[];
+  answer: string;
+  activeWhileOpen: number;
+  kernel: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number }> } | null;
+  answersDuringUpdate: number;
+  failuresDuringUpdate: string[];
+  lastAnswer: string;
+  relayedTotal: number;
+  tablesAfterStop: string[];
+}
+
+function run<T>(command: string[]): T {
+  const result = spawnSync(command[0], command.slice(1), { encoding: 'utf8', timeout: 60_000 });
+  const line = result.stdout.trim().split('\n').at(-1) ?? '';
+  if (result.status !== 0 || !line.startsWith('{')) {
+    throw new Error(`${command.join(' ')} failed (${result.status}): ${result.stderr.slice(-2000)}`);
+  }
+  return JSON.parse(line) as T;
+}
+
+const test = canTest ? tap.test.bind(tap) : (name: string, _fn: () => Promise<void>) => tap.skip.test(`${name} (${why})`, async () => {});
+
+// One run of the forward scenario serves the first two tests.
+let forwarded: IForward | undefined;
+const forward = (): IForward => (forwarded ??= run<IForward>(['unshare', '-n', process.execPath, child, 'forward']));
+
+test('the kernel forwards the flows: the proxy holds no connection, the route counters grow, stop() removes the table', async () => {
+  const seen = forward();
+  expect(seen.answer).toEqual('one:hello');
+  expect(seen.tablesWhileRunning.length).toEqual(1);
+  expect(seen.kernel?.active).toEqual(true);
+  expect(seen.kernel?.unavailable).toEqual(null);
+  expect(seen.kernel?.table).toEqual(seen.tablesWhileRunning[0]);
+  // The connection was open when asked, and it never reached the proxy's own sockets.
+  expect(seen.activeWhileOpen).toEqual(0);
+  expect(seen.relayedTotal).toEqual(0);
+  expect(seen.kernel!.routes.kernel.packets).toBeGreaterThan(0);
+  expect(seen.kernel!.routes.kernel.bytes).toBeGreaterThan(0);
+  expect(seen.tablesAfterStop).toEqual([]);
+});
+
+test('updateRoutes replaces the rules in one transaction: clients connecting in a loop through the change all get answers', async () => {
+  const seen = forward();
+  expect(seen.failuresDuringUpdate).toEqual([]);
+  expect(seen.answersDuringUpdate).toBeGreaterThan(10);
+  expect(seen.lastAnswer).toEqual('two:x');
+});
+
+test('a table left by a process that is gone is removed at the next start', async () => {
+  const seen = run<{ before: string[]; stale: string; during: string[] }>(['unshare', '-n', process.execPath, child, 'stale']);
+  expect(seen.before).toContain(seen.stale);
+  expect(seen.during.includes(seen.stale)).toEqual(false);
+  expect(seen.during.length).toEqual(1);
+});
+
+test('without CAP_NET_ADMIN the relay serves the route, and one warning says why', async () => {
+  const script = `ip link set lo up && exec setpriv --reuid=65534 --regid=65534 --clear-groups ${process.execPath} ${child} fallback`;
+  const seen = run<{ answer: string; answerAfterUpdate: string; kernel: IForward['kernel']; relayedTotal: number; warnings: string[] }>(['unshare', '-n', 'sh', '-c', script]);
+  expect(seen.answer).toEqual('one:hello');
+  expect(seen.answerAfterUpdate).toEqual('one:again');
+  expect(seen.relayedTotal).toEqual(2);
+  expect(seen.kernel?.active).toEqual(false);
+  expect(seen.kernel?.unavailable ?? '').toInclude('Operation not permitted');
+  // Once, though updateRoutes met the same reason again.
+  expect(seen.warnings).toEqual(['kernel forwarding is unavailable: these routes are relayed by the Rust core']);
+});
+
+tap.start({ throwOnError: true });
