@@ -11,7 +11,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const child = path.join(here, 'helpers', 'kernel-forwarding-child.mjs');
 const has = (tool: string): boolean => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 const root = process.getuid?.() === 0;
-const missing = ['nft', 'ip', 'unshare', 'setpriv'].filter((tool) => !has(tool));
+const missing = ['nft', 'ip', 'unshare', 'nsenter', 'setpriv'].filter((tool) => !has(tool));
 // Namespaces and nftables need root (tests run as root here; .ci/run installs the tools).
 const canTest = root && missing.length === 0;
 const why = !root ? 'not root' : `missing: ${missing.join(', ')}`;
@@ -63,6 +63,20 @@ test('updateRoutes replaces the rules in one transaction: clients connecting in 
   expect(seen.failuresDuringUpdate).toEqual([]);
   expect(seen.answersDuringUpdate).toBeGreaterThan(10);
   expect(seen.lastAnswer).toEqual('two:x');
+});
+
+test('preserveSourceIP: a backend in another namespace sees the client; without it, the proxy host; IP lists drop in the kernel', async () => {
+  // Client 10.77.1.2 and backend 10.77.2.2 in namespaces of their own, routed through the proxy's.
+  const seen = run<{ preserved: string; masqueraded: string; blockedByBlockList: boolean; blockedByAllowList: boolean; allowed: string; relayedTotal: number }>([
+    'unshare', '-n', process.execPath, child, 'preserve',
+  ]);
+  expect(seen.preserved).toEqual('10.77.1.2');
+  expect(seen.masqueraded).toEqual('10.77.2.1');
+  expect(seen.blockedByBlockList).toEqual(true);
+  expect(seen.blockedByAllowList).toEqual(true);
+  expect(seen.allowed).toEqual('10.77.2.1');
+  // Nothing reached the relay: a dropped client does not fall through to it either.
+  expect(seen.relayedTotal).toEqual(0);
 });
 
 test('a table left by a process that is gone is removed at the next start', async () => {

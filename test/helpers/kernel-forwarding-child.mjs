@@ -1,7 +1,7 @@
 // Runs inside a network namespace of its own (`unshare -n`, from test.kernel-forwarding.ts): a
 // backend, our proxy with a kernel-forwarded route, clients; prints one JSON line of what it saw.
 // Its own namespace keeps the rules it makes, and its loopback, away from the machine's.
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import net from 'node:net';
 import { SmartProxy } from '../../dist_ts/index.js';
 
@@ -100,6 +100,56 @@ if (scenario === 'forward') {
   out.during = tables().filter((t) => t.startsWith('smartproxy_'));
   await proxy.stop();
   one.server.close();
+} else if (scenario === 'preserve') {
+  // Three namespaces: this one (the proxy's), a client's and a backend's, each joined to this one by
+  // a veth pair; this one routes between them. The backend answers with the address it saw.
+  const holders = [];
+  const namespace = () => {
+    const holder = spawn('unshare', ['-n', 'sleep', '60'], { stdio: 'ignore' });
+    holders.push(holder);
+    return holder.pid;
+  };
+  const client = namespace();
+  const server = namespace();
+  await sleep(200);
+  const sh = (command) => execFileSync('sh', ['-c', command]);
+  const inside = (pid, command) => sh(`nsenter -t ${pid} -n sh -c '${command}'`);
+  sh('echo 1 > /proc/sys/net/ipv4/ip_forward');
+  for (const [pid, net, ours, theirs] of [[client, '10.77.1', 'kc0', 'kc1'], [server, '10.77.2', 'ks0', 'ks1']]) {
+    sh(`ip link add ${ours} type veth peer name ${theirs} netns ${pid}`);
+    sh(`ip addr add ${net}.1/24 dev ${ours} && ip link set ${ours} up`);
+    inside(pid, `ip link set lo up && ip addr add ${net}.2/24 dev ${theirs} && ip link set ${theirs} up && ip route add default via ${net}.1`);
+  }
+  const echoSource = "require('net').createServer((s) => { s.on('error', () => {}); s.end(s.remoteAddress); }).listen(7001, '10.77.2.2', () => console.log('up'))";
+  const backendProcess = spawn('nsenter', ['-t', String(server), '-n', process.execPath, '-e', echoSource], { stdio: ['ignore', 'pipe', 'inherit'] });
+  holders.push(backendProcess);
+  await new Promise((resolve) => backendProcess.stdout.once('data', resolve));
+  const ask = () => String(execFileSync('nsenter', ['-t', String(client), '-n', process.execPath, '-e',
+    "const s = require('net').connect(7000, '10.77.1.1'); let d = ''; s.on('data', (c) => (d += c)); s.on('end', () => process.stdout.write(d)); s.on('error', (e) => { console.error(String(e)); process.exit(1); });"], { timeout: 10000 }));
+  const route = (preserveSourceIP) => ({ name: 'kernel', match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { preserveSourceIP }, target: { host: '10.77.2.2', port: 7001 } } });
+  const proxy = new SmartProxy({ routes: [route(true)] });
+  await proxy.start();
+  out.preserved = ask();
+  await proxy.updateRoutes([route(false)]);
+  out.masqueraded = ask();
+  // The client's address on the block list, then off the allow list: its packets are dropped.
+  const blocked = async (security) => {
+    await proxy.updateRoutes([{ ...route(false), security }]);
+    try {
+      execFileSync('nsenter', ['-t', String(client), '-n', process.execPath, '-e',
+        "const s = require('net').connect(7000, '10.77.1.1'); s.on('data', () => process.exit(0)); s.on('error', () => process.exit(1));"], { timeout: 1500 });
+      return false;
+    } catch {
+      return true;
+    }
+  };
+  out.blockedByBlockList = await blocked({ ipBlockList: ['10.77.1.2'] });
+  out.blockedByAllowList = await blocked({ ipAllowList: ['10.77.9.0/24'] });
+  await proxy.updateRoutes([{ ...route(false), security: { ipAllowList: ['10.77.1.0/24'] } }]);
+  out.allowed = ask();
+  out.relayedTotal = proxy.getStatistics().totalConnections;
+  await proxy.stop();
+  for (const holder of holders) holder.kill();
 } else if (scenario === 'fallback') {
   // No nftables for this process (run without CAP_NET_ADMIN): the relay serves, with one warning.
   const one = await backend('one');
