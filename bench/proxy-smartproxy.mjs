@@ -28,6 +28,8 @@ const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort,
 //   http-proxyproto: the http route with acceptProxyProtocol from 127.0.0.1 (a PROXY-sending front);
 //   http-observed: the http route with the access log on (JSON lines to BENCH_ACCESS_LOG) and the
 //                  Prometheus listener on BENCH_METRICS_PORT.
+//   tcp-kernel:   the tcp route with forwardingEngine 'nftables': the kernel forwards the flows
+//                 (needs root and nft; else the Rust core relays them, with a warning).
 const affinity = mode.startsWith('http-affinity') ? { loadBalancing: { affinity: { key: 'header:X-Session' } } } : {};
 const scaleOut = {
   ...(mode === 'http-affinity-redis' ? { redis: { url: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379', keyPrefix: 'bench:' } } : {}),
@@ -51,9 +53,17 @@ const proxy = new SmartProxy({
   connectionRateLimitPerMinute: 0,
   ...scaleOut,
   ...observed,
-  routes: [{ name: `bench-${mode}`, match, action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity }, ...(security ? { security } : {}) }],
+  routes: [{
+    name: `bench-${mode}`,
+    match,
+    action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity, ...(mode === 'tcp-kernel' ? { forwardingEngine: 'nftables' } : {}) },
+    ...(security ? { security } : {}),
+  }],
 });
 await proxy.start();
+if (mode === 'tcp-kernel' && proxy.getStatistics().kernelForwarding?.active !== true) {
+  throw new Error(`kernel forwarding is unavailable: ${proxy.getStatistics().kernelForwarding?.unavailable}`);
+}
 console.log('ready');
 process.on('SIGTERM', async () => {
   await proxy.stop();

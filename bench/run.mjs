@@ -746,6 +746,46 @@ async function tcpLayoutRows() {
   });
 }
 
+const kernelScenario = 'kernel forwarding (MB/s)';
+const runKernel = (!only || kernelScenario.includes(only)) && process.getuid?.() === 0 && have('nft');
+
+/**
+ * A 1 GiB stream each way direct, through our relay and through the kernel (forwardingEngine
+ * 'nftables'), both ends on CPU 1 and the proxy on CPU 0, with the proxy process's CPU time.
+ */
+async function kernelRows() {
+  const server = await startIperfServer(LOAD_CPU);
+  const kinds = [
+    ['direct (no proxy)', () => proxies.direct.start(server, 'tcp')],
+    [`ours relaying (on CPU ${PROXY_CPU})`, () => proxies.smartproxy.start(server, 'tcp')],
+    ['ours, the kernel forwarding (forwardingEngine: \'nftables\')', () => proxies.smartproxy.start(server, 'tcp-kernel')],
+  ];
+  const runs = kinds.map(() => ({ up: [], down: [], cpu: [] }));
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const [i, [label, start]] of kinds.entries()) {
+        const target = await start();
+        try {
+          const cpu0 = target.pid ? cpuSeconds(target.pid) : 0;
+          runs[i].up.push(await undisturbed(() => iperf(target.port, false)));
+          runs[i].down.push(await undisturbed(() => iperf(target.port, true)));
+          if (target.pid) runs[i].cpu.push(cpuSeconds(target.pid) - cpu0);
+          console.log(`${kernelScenario} round ${round + 1} ${label}: up ${fmt(runs[i].up.at(-1))}, down ${fmt(runs[i].down.at(-1))}`);
+        } finally {
+          await target.stop();
+        }
+      }
+    }
+  } finally {
+    await server.stop();
+  }
+  return kinds.map(([label], i) => {
+    const vs = (dir) => (median(runs[i][dir]) / median(runs[0][dir])).toFixed(2);
+    const cpu = runs[i].cpu.length > 0 ? spread(runs[i].cpu, (s) => s.toFixed(2)) : 'n/a';
+    return `| ${label} | ${spread(runs[i].up, fmt)} | ${spread(runs[i].down, fmt)} | ${vs('up')} / ${vs('down')} | ${cpu} |`;
+  });
+}
+
 /** Rows of the new-connections table: direct and each target kind, medians over the rounds. */
 async function connectionRows() {
   const backend = await startNginxBackend();
@@ -990,6 +1030,7 @@ function budgetSeconds() {
   if (runScaleOut) total += scaleOutRounds * 5 * (httpSeconds + 1.5);
   if (runOperations) total += scaleOutRounds * 2 * (httpSeconds + 1.5);
   if (runTcpLayout) total += rounds * 3 * 4;
+  if (runKernel) total += rounds * 3 * 4;
   return total;
 }
 
@@ -1072,6 +1113,9 @@ async function main() {
   const tcpLayoutTable = runTcpLayout
     ? ['| 1 GiB stream | upload | download | vs the first row (up / down) |', '| --- | --- | --- | --- |', ...(await tcpLayoutRows())].join('\n')
     : '(not run)';
+  const kernelTable = runKernel
+    ? ['| 1 GiB stream | upload | download | vs direct (up / down) | proxy CPU seconds (both runs) |', '| --- | --- | --- | --- | --- |', ...(await kernelRows())].join('\n')
+    : '(not run: needs root and nft)';
   const scaleOutTable = runScaleOut
     ? ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await scaleOutRows())].join('\n')
     : '(not run)';
@@ -1113,6 +1157,12 @@ ${tcpLayoutTable}
 
 \`iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` (and \`-R\`), the client always pinned to CPU ${LOAD_CPU}. Medians of ${rounds} interleaved rounds. Direct with both ends on one CPU is what the main table's TCP ratios divide by: the bytes never leave that CPU's caches, and one CPU does all the work. Through a relay on the other CPU, CPU ${LOAD_CPU}'s processes make the same writes and reads, but every byte crosses CPUs twice (copied into one CPU's cache and out of it on the other, with a cross-CPU wakeup at each hand-off), and each side waits for the other; the second row is what one crossing costs with no proxy at all.
 
+## Kernel forwarding: a 1 GiB stream through the kernel instead of the relay
+
+${kernelTable}
+
+\`iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` (and \`-R\`), client and server pinned to CPU ${LOAD_CPU}, our proxy process on CPU ${PROXY_CPU}. Medians of ${rounds} interleaved rounds. The kernel route (bench/proxy-smartproxy.mjs mode tcp-kernel) is destination NAT in the proxy's nftables table: the bytes go from client to server inside the kernel, on the CPU that sends them, and the proxy process does nothing for them. Its CPU column is the process's utime+stime over the upload and the download together.
+
 ## HTTP security: keep-alive requests through the same route with and without checks
 
 ${securityTable}
@@ -1138,7 +1188,7 @@ ${connectionTable}
 \`${wrkCmd} -H 'Connection: close'\` (one TCP connection per request) against the nginx backend, through our plain forward route with a static target, with \`host\`/\`port\` as synchronous functions, and as async functions (one JavaScript call per connection either way; bench/proxy-smartproxy.mjs).
 `;
   writeFileSync(path.join(root, 'bench', 'RESULTS.md'), doc);
-  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
+  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${kernelTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
 }
 
 main().catch((err) => {
