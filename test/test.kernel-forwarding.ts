@@ -79,6 +79,13 @@ test('preserveSourceIP: a backend in another namespace sees the client; without 
   expect(seen.relayedTotal).toEqual(0);
 });
 
+test("protocol 'udp': datagrams go through the kernel both ways and are counted", async () => {
+  const seen = run<{ answer: string; packets: number }>(['unshare', '-n', process.execPath, child, 'udp']);
+  expect(seen.answer).toEqual('udp:ping');
+  // The datagram and its answer.
+  expect(seen.packets).toEqual(2);
+});
+
 test('a table left by a process that is gone is removed at the next start', async () => {
   const seen = run<{ before: string[]; stale: string; during: string[] }>(['unshare', '-n', process.execPath, child, 'stale']);
   expect(seen.before).toContain(seen.stale);

@@ -2,6 +2,7 @@
 // backend, our proxy with a kernel-forwarded route, clients; prints one JSON line of what it saw.
 // Its own namespace keeps the rules it makes, and its loopback, away from the machine's.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import dgram from 'node:dgram';
 import net from 'node:net';
 import { SmartProxy } from '../../dist_ts/index.js';
 
@@ -150,6 +151,32 @@ if (scenario === 'forward') {
   out.relayedTotal = proxy.getStatistics().totalConnections;
   await proxy.stop();
   for (const holder of holders) holder.kill();
+} else if (scenario === 'udp') {
+  // Datagrams: the kernel forwards UDP (protocol 'udp'), which the relay does not carry at all.
+  const backendSocket = dgram.createSocket('udp4');
+  await new Promise((resolve) => backendSocket.bind(0, '127.0.0.1', resolve));
+  backendSocket.on('message', (message, from) => backendSocket.send(`udp:${message}`, from.port, from.address));
+  const port = await freePort();
+  const proxy = new SmartProxy({
+    routes: [{ name: 'kernel-udp', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { protocol: 'udp' }, target: { host: '127.0.0.1', port: backendSocket.address().port } } }],
+  });
+  await proxy.start();
+  const client = dgram.createSocket('udp4');
+  out.answer = await new Promise((resolve, reject) => {
+    client.once('message', (message) => resolve(String(message)));
+    client.send('ping', port, '127.0.0.1');
+    setTimeout(() => reject(new Error('no datagram back')), 5000).unref();
+  });
+  let kernel = null;
+  for (let i = 0; i < 50; i++) {
+    kernel = proxy.getStatistics().kernelForwarding;
+    if ((kernel?.routes['kernel-udp']?.packets ?? 0) >= 2) break;
+    await sleep(100);
+  }
+  out.packets = kernel?.routes['kernel-udp']?.packets ?? 0;
+  client.close();
+  backendSocket.close();
+  await proxy.stop();
 } else if (scenario === 'fallback') {
   // No nftables for this process (run without CAP_NET_ADMIN): the relay serves, with one warning.
   const one = await backend('one');
