@@ -20,7 +20,8 @@ interface IForward {
   tablesWhileRunning: string[];
   answer: string;
   activeWhileOpen: number;
-  kernel: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number }> } | null;
+  kernel: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number; bytesIn: number; bytesOut: number }> } | null;
+  engineBytes: { in: number; out: number };
   answersDuringUpdate: number;
   failuresDuringUpdate: string[];
   lastAnswer: string;
@@ -53,8 +54,15 @@ test('the kernel forwards the flows: the proxy holds no connection, the route co
   // The connection was open when asked, and it never reached the proxy's own sockets.
   expect(seen.activeWhileOpen).toEqual(0);
   expect(seen.relayedTotal).toEqual(0);
-  expect(seen.kernel!.routes.kernel.packets).toBeGreaterThan(0);
-  expect(seen.kernel!.routes.kernel.bytes).toBeGreaterThan(0);
+  const counted = seen.kernel!.routes.kernel;
+  expect(counted.packets).toBeGreaterThan(0);
+  // Both ways (IP packets, headers included): more than the 5 bytes of payload each way.
+  expect(counted.bytesIn).toBeGreaterThan(5);
+  expect(counted.bytesOut).toBeGreaterThan(5);
+  expect(counted.bytes).toEqual(counted.bytesIn + counted.bytesOut);
+  // The engine's byte totals include what the kernel carried (nothing was relayed).
+  expect(seen.engineBytes.in).toEqual(counted.bytesIn);
+  expect(seen.engineBytes.out).toEqual(counted.bytesOut);
   expect(seen.tablesAfterStop).toEqual([]);
 });
 

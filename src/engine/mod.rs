@@ -176,7 +176,7 @@ impl Engine {
             acme,
             backends,
             health_checks: HealthChecks::default(),
-            kernel: Arc::new(KernelForwarder::new()),
+            kernel: Arc::new(KernelForwarder::new(metrics.clone())),
             affinity: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),

@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::{KernelConfig, RouteConfig, TargetPort};
+use crate::metrics::{EngineMetrics, RouteStats};
 use ruleset::ResolvedRoute;
 
 /// Which transport protocols the kernel forwards for a route.
@@ -148,9 +149,35 @@ pub struct KernelStatus {
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KernelCounters {
+    /// Both ways.
     pub packets: u64,
     pub bytes: u64,
+    /// From the clients, and to them (IP packets, headers included).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+struct CounterSlot {
+    name: String,
+    label: String,
+    stats: Arc<RouteStats>,
+    /// The route's counts before this table (each update makes a new one, counting from zero).
+    base: KernelCounters,
+    /// This table's counts as last read.
+    last: KernelCounters,
+}
+
+impl KernelCounters {
+    fn plus(self, other: KernelCounters) -> KernelCounters {
+        KernelCounters {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            bytes_in: self.bytes_in + other.bytes_in,
+            bytes_out: self.bytes_out + other.bytes_out,
+        }
+    }
 }
 
 /// Tells engines of one process apart in their table names.
@@ -159,6 +186,9 @@ static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
 /// The engine's kernel forwarding: its table, installed, replaced and removed.
 pub struct KernelForwarder {
     table: String,
+    /// The kernel's bytes are added to the engine's and each route's, so that metrics and
+    /// throughput show them.
+    metrics: Arc<EngineMetrics>,
     /// One nft transaction at a time, in the order asked.
     applying: tokio::sync::Mutex<Applied>,
     status: parking_lot::Mutex<KernelStatus>,
@@ -168,23 +198,19 @@ pub struct KernelForwarder {
 struct Applied {
     installed: bool,
     stale_cleaned: bool,
-    /// Counter name to route label, for the routes installed.
-    counters: Vec<(String, String)>,
+    /// Per route installed: its counters' name (`route_<n>`, with `_in` and `_out`), its label,
+    /// its stats (the kernel's bytes are added to them) and the counters last read from the
+    /// table (a new table starts at zero).
+    counters: Vec<CounterSlot>,
     /// The reason last warned about: the same reason is not warned twice in a row.
     warned: Option<String>,
 }
 
-impl Default for KernelForwarder {
-    fn default() -> Self {
-        KernelForwarder::new()
-    }
-}
-
 impl KernelForwarder {
-    pub fn new() -> KernelForwarder {
+    pub fn new(metrics: Arc<EngineMetrics>) -> KernelForwarder {
         let table = format!("smartproxy_{}_{}", std::process::id(), NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed));
         let status = KernelStatus { table: table.clone(), ..KernelStatus::default() };
-        KernelForwarder { table, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
+        KernelForwarder { table, metrics, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
     }
 
     pub fn status(&self) -> KernelStatus {
@@ -212,9 +238,24 @@ impl KernelForwarder {
             status.routes.clear();
             return;
         }
+        // What the old table counted since the last reading is not lost with it.
+        if applied.installed {
+            self.read_counters(&mut applied).await;
+        }
         let result = self.install(routes).await;
         match result {
             Ok(counters) => {
+                let counted = self.status.lock().routes.clone();
+                let counters = counters
+                    .into_iter()
+                    .map(|(name, label)| CounterSlot {
+                        stats: self.metrics.routes.get(&Arc::from(label.as_str())),
+                        base: counted.get(&label).copied().unwrap_or_default(),
+                        name,
+                        label,
+                        last: KernelCounters::default(),
+                    })
+                    .collect::<Vec<_>>();
                 if applied.installed {
                     tracing::info!(table = %self.table, routes = routes.len(), "kernel forwarding rules replaced");
                 } else {
@@ -225,7 +266,8 @@ impl KernelForwarder {
                 let mut status = self.status.lock();
                 status.active = true;
                 status.unavailable = None;
-                status.routes.retain(|label, _| counters.iter().any(|(_, l)| l == label));
+                status.routes.retain(|label, _| counters.iter().any(|slot| &slot.label == label));
+                drop(status);
                 applied.counters = counters;
             }
             Err(reason) => {
@@ -241,28 +283,48 @@ impl KernelForwarder {
         }
     }
 
-    /// Removes the table (at stop).
+    /// Removes the table (at stop), its last counts read first.
     pub async fn remove(&self) {
         self.sync(&[]).await;
     }
 
-    /// Reads the routes' counters back from the kernel into the status.
+    /// Reads the routes' counters back from the kernel into the status and the routes' stats.
     pub async fn refresh_counters(&self) {
-        let applied = self.applying.lock().await;
+        let mut applied = self.applying.lock().await;
+        self.read_counters(&mut applied).await;
+    }
+
+    async fn read_counters(&self, applied: &mut Applied) {
         if !applied.installed {
             return;
         }
         let Ok(listing) = nft::list(&["counters", "table", "inet", &self.table]).await else {
             return;
         };
-        let mut status = self.status.lock();
+        let mut read: Vec<KernelCounters> = vec![KernelCounters::default(); applied.counters.len()];
         for item in listing["nftables"].as_array().into_iter().flatten() {
             let counter = &item["counter"];
             let Some(name) = counter["name"].as_str() else { continue };
-            if let Some((_, label)) = applied.counters.iter().find(|(n, _)| n == name) {
-                let counters = KernelCounters { packets: counter["packets"].as_u64().unwrap_or(0), bytes: counter["bytes"].as_u64().unwrap_or(0) };
-                status.routes.insert(label.clone(), counters);
+            let (packets, bytes) = (counter["packets"].as_u64().unwrap_or(0), counter["bytes"].as_u64().unwrap_or(0));
+            for (slot, counts) in applied.counters.iter().zip(read.iter_mut()) {
+                match name.strip_prefix(slot.name.as_str()) {
+                    Some("_in") => counts.bytes_in = bytes,
+                    Some("_out") => counts.bytes_out = bytes,
+                    _ => continue,
+                }
+                counts.packets += packets;
+                counts.bytes += bytes;
             }
+        }
+        let mut status = self.status.lock();
+        for (slot, counts) in applied.counters.iter_mut().zip(read) {
+            let (bytes_in, bytes_out) = (counts.bytes_in.saturating_sub(slot.last.bytes_in), counts.bytes_out.saturating_sub(slot.last.bytes_out));
+            for bytes in [&slot.stats.bytes, &self.metrics.bytes] {
+                bytes.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+                bytes.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+            }
+            slot.last = counts;
+            status.routes.insert(slot.label.clone(), slot.base.plus(counts));
         }
     }
 

@@ -44,7 +44,9 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
         commands.push(add(json!({"chain": {"family": FAMILY, "table": table, "name": name, "type": kind, "hook": hook, "prio": prio, "policy": "accept"}})));
     }
     for route in routes {
-        commands.push(add(json!({"counter": {"family": FAMILY, "table": table, "name": route.counter}})));
+        for direction in ["in", "out"] {
+            commands.push(add(json!({"counter": {"family": FAMILY, "table": table, "name": format!("{}_{direction}", route.counter)}})));
+        }
         if route.ports.len() > 1 {
             let name = format!("{}_ports", route.counter);
             commands.push(add(json!({"set": {"family": FAMILY, "table": table, "name": name, "type": "inet_service", "elem": route.ports}})));
@@ -108,8 +110,13 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
                     commands.push(rule(table, chain, expr.clone()));
                     expr.truncate(expr.len() - 2);
                 }
-                expr.push(json!({"counter": route.counter}));
-                commands.push(rule(table, chain, expr));
+                // From the client (the flow's original direction) and to it, counted apart.
+                for (direction, counter) in [("original", "in"), ("reply", "out")] {
+                    let mut counted = expr.clone();
+                    counted.push(json!({"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": direction}}));
+                    counted.push(json!({"counter": format!("{}_{counter}", route.counter)}));
+                    commands.push(rule(table, chain, counted));
+                }
             }
         }
     }
@@ -237,8 +244,9 @@ mod tests {
         assert_eq!(rules_in(&ruleset, "nat_postrouting").len(), 1);
         for chain in ["count_forward", "count_input", "count_output"] {
             let rules = rules_in(&ruleset, chain);
-            assert_eq!(rules.len(), 1);
-            assert_eq!(rules[0].as_array().unwrap().last().unwrap(), &json!({"counter": "route_0"}));
+            assert_eq!(rules.len(), 2);
+            assert_eq!(rules[0].as_array().unwrap().last().unwrap(), &json!({"counter": "route_0_in"}));
+            assert_eq!(rules[1].as_array().unwrap().last().unwrap(), &json!({"counter": "route_0_out"}));
         }
     }
 
@@ -267,7 +275,7 @@ mod tests {
         r.max_rate = Some(MaxRate::BytesPerSecond(1_250_000));
         let ruleset = replace("t", &[r]);
         let rules = rules_in(&ruleset, "count_forward");
-        assert_eq!(rules.len(), 2);
+        assert_eq!(rules.len(), 3);
         assert!(rules[0].to_string().contains(r#""limit":{"inv":true,"per":"second","rate":1250000,"rate_unit":"bytes"}"#), "{}", rules[0]);
     }
 }

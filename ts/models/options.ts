@@ -178,10 +178,11 @@ export interface IStatistics {
   /**
    * (ext) Kernel forwarding (`forwardingEngine: 'nftables'`), null without such routes: whether the
    * engine's nftables table is in use, why not (its routes are then relayed by the Rust core), and
-   * per route the packets and bytes of its flows, both ways, as the kernel counted them (read back
-   * every second).
+   * per route the packets and bytes of its flows as the kernel counted them (IP packets, read back
+   * every second): both ways, and from and to the clients. Those bytes are in `bytesIn`/`bytesOut`
+   * and the route's throughput too.
    */
-  kernelForwarding: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number }> } | null;
+  kernelForwarding: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number; bytesIn: number; bytesOut: number }> } | null;
 }
 
 /** Bytes per second, on the client side: `in` from clients, `out` to them. */
