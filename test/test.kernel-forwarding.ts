@@ -40,6 +40,28 @@ function run<T>(command: string[]): T {
 
 const test = canTest ? tap.test.bind(tap) : (name: string, _fn: () => Promise<void>) => tap.skip.test(`${name} (${why})`, async () => {});
 
+tap.test('a port the kernel forwards belongs to its route alone: sharing it is a config error naming the route', async () => {
+  const { SmartProxy } = await import('../dist_ts/index.js');
+  const target = { host: '127.0.0.1', port: 9 };
+  const shared = (second: object): string => {
+    try {
+      new SmartProxy({ routes: [{ name: 'kernel', match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', target } }, { name: 'other', ...second }] });
+      return '';
+    } catch (err) {
+      return (err as Error).message;
+    }
+  };
+  const relayed = shared({ match: { ports: [6999, 7000] }, action: { type: 'forward', target } });
+  expect(relayed).toInclude('"other"');
+  expect(relayed).toInclude('match.ports');
+  expect(relayed).toInclude('port 7000 is forwarded by the kernel for route "kernel"');
+  expect(shared({ match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', target } })).toInclude('port 7000');
+  // The kernel's TCP and UDP on one port are two things: a route for each is fine.
+  expect(shared({ match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { protocol: 'udp' }, target } })).toEqual('');
+  expect(shared({ match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { protocol: 'all' }, target } })).toInclude('port 7000');
+  expect(shared({ match: { ports: 7001 }, action: { type: 'forward', target } })).toEqual('');
+});
+
 // One run of the forward scenario serves the first two tests.
 let forwarded: IForward | undefined;
 const forward = (): IForward => (forwarded ??= run<IForward>(['unshare', '-n', process.execPath, child, 'forward']));
@@ -94,11 +116,13 @@ test("protocol 'udp': datagrams go through the kernel both ways and are counted"
   expect(seen.packets).toEqual(2);
 });
 
-test('a table left by a process that is gone is removed at the next start', async () => {
-  const seen = run<{ before: string[]; stale: string; during: string[] }>(['unshare', '-n', process.execPath, child, 'stale']);
+test("a table left by a process that is gone is removed at the next start; other namespaces' and programs' tables stay", async () => {
+  const seen = run<{ before: string[]; stale: string; foreign: string[]; during: string[] }>(['unshare', '-n', process.execPath, child, 'stale']);
   expect(seen.before).toContain(seen.stale);
   expect(seen.during.includes(seen.stale)).toEqual(false);
-  expect(seen.during.length).toEqual(1);
+  for (const table of seen.foreign) expect(seen.during).toContain(table);
+  // Those and the running engine's own.
+  expect(seen.during.length).toEqual(seen.foreign.length + 1);
 });
 
 test('without CAP_NET_ADMIN the relay serves the route, and one warning says why', async () => {

@@ -141,7 +141,7 @@ impl AccessLog {
             clock: WallClock::new(),
             counters,
         });
-        let writer = Writer { shared: shared.clone(), output, destination, taken: Vec::new(), failing: false };
+        let writer = Writer { shared: shared.clone(), output, destination, taken: Vec::new(), failing: false, torn: false };
         let handle = std::thread::Builder::new().name("smartproxy-access-log".into()).spawn(move || writer.run())?;
         Ok(AccessLog { shared, format, writer_thread: handle.thread().clone(), writer: Mutex::new(Some(handle)) })
     }
@@ -234,6 +234,8 @@ struct Writer {
     taken: Vec<u8>,
     /// Writes are failing and that was logged.
     failing: bool,
+    /// A write failed part-way: the output may end in the middle of a line.
+    torn: bool,
 }
 
 impl Writer {
@@ -249,7 +251,12 @@ impl Writer {
                 (std::mem::take(&mut pending.lines), self.shared.closed.load(Ordering::Relaxed))
             };
             if lines > 0 {
-                let written = self.output.write_all(&self.taken);
+                // A line a failed write cut short is ended before new ones follow it.
+                if self.torn && self.output.write_all(b"\n").is_ok() {
+                    self.torn = false;
+                }
+                let written = if self.torn { Err(io::Error::other("the last line could not be ended")) } else { self.output.write_all(&self.taken) };
+                self.torn = written.is_err();
                 self.note_write(written, lines);
             }
             self.taken.clear();
@@ -305,11 +312,16 @@ fn open_output(destination: &Destination) -> io::Result<Box<dyn Write + Send>> {
 }
 
 /// File descriptor 1, shared with Node: Node may have made it non-blocking (a pipe), so a write
-/// that would block waits until the descriptor is writable instead of failing.
+/// that would block waits until the descriptor is writable instead of failing, for a while: a
+/// reader that stopped reading must not hold the writer (and `stop()`) for ever.
 struct StdoutFd;
+
+/// How long a write to standard output waits for a reader that does not read.
+const STDOUT_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Write for StdoutFd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let deadline = Instant::now() + STDOUT_PATIENCE;
         loop {
             // SAFETY: `buf` is valid for `buf.len()` bytes; fd 1 belongs to the process.
             let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
@@ -319,6 +331,9 @@ impl Write for StdoutFd {
             let err = io::Error::last_os_error();
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock if Instant::now() >= deadline => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "standard output has not been read for a while"));
+                }
                 io::ErrorKind::WouldBlock => {
                     let mut poll = libc::pollfd { fd: 1, events: libc::POLLOUT, revents: 0 };
                     // SAFETY: one valid pollfd.

@@ -118,6 +118,14 @@ struct Running {
     _log: logging::Registration,
 }
 
+impl Drop for Running {
+    /// An engine dropped while running leaves no task behind.
+    fn drop(&mut self) {
+        self.sampler.abort();
+        self.kernel_counters.abort();
+    }
+}
+
 #[derive(Debug)]
 pub enum EngineError {
     Config(ConfigError),
@@ -265,7 +273,8 @@ impl Engine {
         self.listening.lock().clear();
         running.sampler.abort();
         running.kernel_counters.abort();
-        // The kernel's flows end with the table: the connections it forwards are not ours to drain.
+        // New flows are no longer forwarded once the table is gone; established ones may keep the
+        // translation conntrack holds for them until they end: they are not ours to drain.
         self.kernel.remove().await;
         running.sessions.close();
         running.draining.cancel();
@@ -281,7 +290,7 @@ impl Engine {
         let access_log = self.access_log.lock().take();
         close_access_log(access_log).await;
         // Last: `/healthz` says 503 for as long as the stop takes.
-        for listener in running.ops {
+        for listener in std::mem::take(&mut running.ops) {
             listener.stop().await;
         }
         tracing::info!("proxy stopped");

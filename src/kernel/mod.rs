@@ -110,11 +110,16 @@ impl KernelRoute {
                 .enumerate()
                 .map(|(i, entry)| {
                     let (addr, len) = entry.split_once('/').map_or((entry.as_str(), None), |(a, l)| (a, Some(l)));
-                    let ip: IpAddr = addr.parse().map_err(|_| (format!("{field}[{i}]"), format!("kernel forwarding takes addresses and CIDR blocks, not {entry:?}")))?;
+                    let parsed: IpAddr = addr.parse().map_err(|_| (format!("{field}[{i}]"), format!("kernel forwarding takes addresses and CIDR blocks, not {entry:?}")))?;
+                    // An IPv4 client is written ::ffff:a.b.c.d in IPv6 terms: as the relay does, the
+                    // entry is the IPv4 address it names (the kernel sees IPv4 packets).
+                    let ip = parsed.to_canonical();
+                    let mapped = ip.is_ipv4() && parsed.is_ipv6();
                     let max = if ip.is_ipv4() { 32 } else { 128 };
                     match len.map(str::parse::<u8>) {
                         None => Ok(ip.to_string()),
-                        Some(Ok(len)) if len <= max => Ok(format!("{ip}/{len}")),
+                        Some(Ok(len)) if mapped && (96..=128).contains(&len) => Ok(format!("{ip}/{}", len - 96)),
+                        Some(Ok(len)) if !mapped && len <= max => Ok(format!("{ip}/{len}")),
                         Some(_) => Err((format!("{field}[{i}]"), format!("{entry:?} is not a CIDR block"))),
                     }
                 })
@@ -180,12 +185,18 @@ impl KernelCounters {
     }
 }
 
+/// How long a target's name may take to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Tells engines of one process apart in their table names.
 static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 /// The engine's kernel forwarding: its table, installed, replaced and removed.
 pub struct KernelForwarder {
     table: String,
+    /// `smartproxy_<pid namespace>_`: the tables of this PID namespace's engines (a table of
+    /// another namespace's process cannot be told alive or dead from here, and is left alone).
+    table_prefix: String,
     /// The kernel's bytes are added to the engine's and each route's, so that metrics and
     /// throughput show them.
     metrics: Arc<EngineMetrics>,
@@ -204,13 +215,16 @@ struct Applied {
     counters: Vec<CounterSlot>,
     /// The reason last warned about: the same reason is not warned twice in a row.
     warned: Option<String>,
+    /// What the host's settings keep from working, as last warned about.
+    cautioned: Vec<String>,
 }
 
 impl KernelForwarder {
     pub fn new(metrics: Arc<EngineMetrics>) -> KernelForwarder {
-        let table = format!("smartproxy_{}_{}", std::process::id(), NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed));
+        let table_prefix = format!("smartproxy_{}_", pid_namespace());
+        let table = format!("{table_prefix}{}_{}", std::process::id(), NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed));
         let status = KernelStatus { table: table.clone(), ..KernelStatus::default() };
-        KernelForwarder { table, metrics, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
+        KernelForwarder { table, table_prefix, metrics, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
     }
 
     pub fn status(&self) -> KernelStatus {
@@ -221,9 +235,11 @@ impl KernelForwarder {
     /// removes it. A failure leaves the routes to the relay and is warned about once.
     pub async fn sync(&self, routes: &[(Arc<str>, KernelRoute)]) {
         let mut applied = self.applying.lock().await;
-        if !applied.stale_cleaned && !routes.is_empty() {
+        // On every engine's first sync, kernel routes or not: a dead engine's rules would still
+        // take their ports.
+        if !applied.stale_cleaned {
             applied.stale_cleaned = true;
-            remove_stale_tables().await;
+            remove_stale_tables(&self.table_prefix).await;
         }
         if routes.is_empty() {
             if applied.installed {
@@ -244,7 +260,8 @@ impl KernelForwarder {
         }
         let result = self.install(routes).await;
         match result {
-            Ok(counters) => {
+            Ok((counters, targets)) => {
+                Self::caution(&mut applied, &targets);
                 let counted = self.status.lock().routes.clone();
                 let counters = counters
                     .into_iter()
@@ -271,13 +288,22 @@ impl KernelForwarder {
                 applied.counters = counters;
             }
             Err(reason) => {
+                // The old rules would go on forwarding what the routes no longer say: the relay
+                // serves the routes now, and the table goes.
+                if applied.installed {
+                    if let Err(err) = nft::apply(&ruleset::remove(&self.table)).await {
+                        tracing::warn!(table = %self.table, error = %err, "the kernel forwarding table could not be removed");
+                    }
+                    applied.installed = false;
+                    applied.counters.clear();
+                }
                 if applied.warned.as_deref() != Some(reason.as_str()) {
                     let names: Vec<&str> = routes.iter().map(|(label, _)| &**label).collect();
                     tracing::warn!(reason = %reason, routes = ?names, "kernel forwarding is unavailable: these routes are relayed by the Rust core");
                     applied.warned = Some(reason.clone());
                 }
                 let mut status = self.status.lock();
-                status.active = applied.installed;
+                status.active = false;
                 status.unavailable = Some(reason);
             }
         }
@@ -328,14 +354,39 @@ impl KernelForwarder {
         }
     }
 
-    async fn install(&self, routes: &[(Arc<str>, KernelRoute)]) -> Result<Vec<(String, String)>, String> {
+    /// Warns once about what the host's settings keep from working (not errors: this host's own
+    /// clients are forwarded all the same).
+    fn caution(applied: &mut Applied, resolved: &[(String, IpAddr)]) {
+        let forwarding = |path: &str| std::fs::read_to_string(path).map(|v| v.trim() != "0").unwrap_or(true);
+        let mut cautions = Vec::new();
+        for (label, target) in resolved {
+            if target.is_loopback() {
+                cautions.push(format!("route {label:?} targets a loopback address: only clients on this host are forwarded to it"));
+            } else if target.is_ipv4() && !forwarding("/proc/sys/net/ipv4/ip_forward") {
+                cautions.push(format!("route {label:?}: net.ipv4.ip_forward is 0, so clients of other hosts are not forwarded"));
+            } else if target.is_ipv6() && !forwarding("/proc/sys/net/ipv6/conf/all/forwarding") {
+                cautions.push(format!("route {label:?}: net.ipv6.conf.all.forwarding is 0, so clients of other hosts are not forwarded"));
+            }
+        }
+        if cautions != applied.cautioned {
+            for caution in &cautions {
+                tracing::warn!("{caution}");
+            }
+            applied.cautioned = cautions;
+        }
+    }
+
+    /// Installs the routes; answers their counters' names and labels, and their targets.
+    async fn install(&self, routes: &[(Arc<str>, KernelRoute)]) -> Result<(Vec<(String, String)>, Vec<(String, IpAddr)>), String> {
         let mut ordered: Vec<&(Arc<str>, KernelRoute)> = routes.iter().collect();
         // Higher priority first: the first matching rule of a chain wins.
         ordered.sort_by_key(|(_, route)| std::cmp::Reverse(route.priority));
         let mut resolved = Vec::with_capacity(ordered.len());
         let mut counters = Vec::with_capacity(ordered.len());
+        let mut targets = Vec::with_capacity(ordered.len());
         for (i, (label, route)) in ordered.into_iter().enumerate() {
             let target = resolve(&route.host).await.map_err(|reason| format!("route {label:?}: {reason}"))?;
+            targets.push((label.to_string(), target));
             let counter = format!("route_{i}");
             counters.push((counter.clone(), label.to_string()));
             resolved.push(ResolvedRoute {
@@ -351,7 +402,22 @@ impl KernelForwarder {
             });
         }
         nft::apply(&ruleset::replace(&self.table, &resolved)).await.map_err(|err| err.to_string())?;
-        Ok(counters)
+        Ok((counters, targets))
+    }
+}
+
+impl Drop for KernelForwarder {
+    /// An engine dropped without `stop()` takes its table with it (best effort, synchronously:
+    /// there may be no runtime left to await on).
+    fn drop(&mut self) {
+        if self.status.lock().active {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", &self.table])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -360,12 +426,22 @@ async fn resolve(host: &str) -> Result<IpAddr, String> {
     if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
         return Ok(ip);
     }
-    let addresses: Vec<IpAddr> = tokio::net::lookup_host((host, 0)).await.map_err(|err| format!("{host} could not be resolved: {err}"))?.map(|a| a.ip()).collect();
+    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await.map_err(|_| format!("{host} was not resolved within {RESOLVE_TIMEOUT:?}"))?;
+    let addresses: Vec<IpAddr> = lookup.map_err(|err| format!("{host} could not be resolved: {err}"))?.map(|a| a.ip()).collect();
     addresses.iter().find(|ip| ip.is_ipv4()).or(addresses.first()).copied().ok_or_else(|| format!("{host} has no address"))
 }
 
-/// Removes the tables of engines whose process is gone (`smartproxy_<pid>_<n>` of a dead pid).
-async fn remove_stale_tables() {
+/// This process's PID namespace, as its inode number (`/proc/self/ns/pid` is `pid:[N]`).
+fn pid_namespace() -> u64 {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|link| link.to_string_lossy().trim_start_matches("pid:[").trim_end_matches(']').parse().ok())
+        .unwrap_or(0)
+}
+
+/// Removes the tables of this PID namespace's engines whose process is gone
+/// (`<prefix><pid>_<n>` of a pid that is not running).
+async fn remove_stale_tables(prefix: &str) {
     let Ok(listing) = nft::list(&["tables"]).await else {
         return;
     };
@@ -375,7 +451,7 @@ async fn remove_stale_tables() {
             continue;
         }
         let Some(name) = table["name"].as_str() else { continue };
-        let Some(pid) = name.strip_prefix("smartproxy_").and_then(|rest| rest.split('_').next()).and_then(|pid| pid.parse::<u32>().ok()) else {
+        let Some(pid) = name.strip_prefix(prefix).and_then(|rest| rest.split('_').next()).and_then(|pid| pid.parse::<u32>().ok()) else {
             continue;
         };
         if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -390,6 +466,27 @@ async fn remove_stale_tables() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_entries_of_mapped_ipv4_are_ipv4_as_the_relay_reads_them() {
+        let config: RouteConfig = serde_json::from_value(serde_json::json!({
+            "index": 0, "name": "k", "id": null, "priority": 0,
+            "match": {"ports": [7000], "domains": [], "clientIp": [], "tlsVersion": [], "path": null, "headers": []},
+            "action": {
+                "tls": null, "targets": [{"hosts": ["127.0.0.1"], "hostFunction": null, "port": 7001, "matchPorts": null, "matchPath": null,
+                    "matchHeaders": [], "matchMethods": null, "priority": 0, "headers": {"request": [], "response": []}}],
+                "connectTimeoutMs": null, "responseTimeoutMs": null, "websocket": true, "backendProtocol": "auto", "raw": false, "retry": null,
+                "nativeResponse": null, "socketHandler": null, "sendProxyProtocol": null,
+                "kernel": {"protocol": "tcp", "preserveSourceIp": false, "maxRate": null, "priority": 0}
+            },
+            "security": {"ipAllowList": ["::ffff:10.0.0.0/104", "2001:db8::/32"], "ipBlockList": ["::ffff:10.0.0.7"], "maxConnections": null},
+            "headers": {"request": [], "response": []}
+        }))
+        .unwrap();
+        let route = KernelRoute::compile(&config, config.action.kernel.as_ref().unwrap()).unwrap();
+        assert_eq!(route.allow, ["10.0.0.0/8", "2001:db8::/32"]);
+        assert_eq!(route.block, ["10.0.0.7"]);
+    }
 
     #[test]
     fn rates_in_bits_or_packets() {

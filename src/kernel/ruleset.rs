@@ -56,7 +56,7 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
         for &l4 in protocols(route.protocol) {
             for chain in ["guard_prerouting", "guard_output"] {
                 for (protocol, set) in &allow {
-                    let mut expr = new_flow(route, l4, Some(protocol));
+                    let mut expr = guarded(new_flow(route, l4, Some(protocol)));
                     expr.push(json!({"match": {"op": "!=", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": format!("@{set}")}}));
                     expr.push(json!({"drop": null}));
                     commands.push(rule(table, chain, expr));
@@ -65,14 +65,14 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
                 if !allow.is_empty() {
                     for family in ["ip", "ip6"] {
                         if !allow.iter().any(|(p, _)| *p == family) {
-                            let mut expr = new_flow(route, l4, Some(family));
+                            let mut expr = guarded(new_flow(route, l4, Some(family)));
                             expr.push(json!({"drop": null}));
                             commands.push(rule(table, chain, expr));
                         }
                     }
                 }
                 for (protocol, set) in &block {
-                    let mut expr = new_flow(route, l4, Some(protocol));
+                    let mut expr = guarded(new_flow(route, l4, Some(protocol)));
                     expr.push(json!({"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": format!("@{set}")}}));
                     expr.push(json!({"drop": null}));
                     commands.push(rule(table, chain, expr));
@@ -140,9 +140,10 @@ fn rule(table: &str, chain: &str, expr: Vec<Value>) -> Value {
     add(json!({"rule": {"family": FAMILY, "table": table, "chain": chain, "expr": expr}}))
 }
 
-/// A new flow to one of the route's ports (of `family`, if given).
+/// A packet to one of the route's ports on an address of this host (of `family`, if given): what
+/// passes through the host, or leaves it for another, is not the route's.
 fn new_flow(route: &ResolvedRoute, protocol: &str, family: Option<&str>) -> Vec<Value> {
-    let mut expr = Vec::new();
+    let mut expr = vec![json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}})];
     if let Some(family) = family {
         let nfproto = if family == "ip" { "ipv4" } else { "ipv6" };
         expr.push(json!({"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": nfproto}}));
@@ -152,15 +153,29 @@ fn new_flow(route: &ResolvedRoute, protocol: &str, family: Option<&str>) -> Vec<
     expr
 }
 
-/// A packet of a flow this route's rules sent on: destination NAT done, to one of its ports first.
+/// A guard's test on a connection's first packet only: a reply that happens to come from one of
+/// the route's ports is not the route's to drop.
+fn guarded(mut expr: Vec<Value>) -> Vec<Value> {
+    expr.insert(1, json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}));
+    expr
+}
+
+/// A packet of a flow this route's rules sent on: sent to one of its ports, and answered by its
+/// target (a flow some other table translated is not the route's).
 fn ours(route: &ResolvedRoute, protocol: &str) -> Vec<Value> {
-    vec![
+    let family = if route.target.is_ipv4() { "ip" } else { "ip6" };
+    let mut expr = vec![
         json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
         // One protocol, as meta knows it (the same both ways): it gives the port its type, which
         // neither conntrack's protocol nor a set of two protocols does.
         json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": protocol}}),
         json!({"match": {"op": "==", "left": {"ct": {"key": "proto-dst", "dir": "original"}}, "right": ports(route)}}),
-    ]
+        json!({"match": {"op": "==", "left": {"ct": {"key": format!("{family} saddr"), "dir": "reply"}}, "right": route.target.to_string()}}),
+    ];
+    if let Some(port) = route.target_port {
+        expr.push(json!({"match": {"op": "==", "left": {"ct": {"key": "proto-src", "dir": "reply"}}, "right": port}}));
+    }
+    expr
 }
 
 /// The protocols a route's rules are written for, one rule each.

@@ -524,6 +524,36 @@ pub struct RouteTable {
     ports: HashMap<u16, PortPlan, foldhash::fast::RandomState>,
 }
 
+/// The kernel takes every flow to a kernel route's port (on this host's addresses) before any
+/// socket sees it: a port it forwards belongs to that route alone.
+fn check_kernel_ports(configs: &[RouteConfig], routes: &[Arc<Route>]) -> Result<(), ConfigError> {
+    use crate::kernel::KernelProtocol;
+    for (i, (config, route)) in configs.iter().zip(routes).enumerate() {
+        let Some(kernel) = &route.kernel else { continue };
+        for (j, (other_config, other)) in configs.iter().zip(routes).enumerate() {
+            if i == j {
+                continue;
+            }
+            // A UDP-only kernel route leaves TCP to the other routes on its port.
+            let clash = match (&other.kernel, kernel.protocol) {
+                (None, KernelProtocol::Udp) => false,
+                (Some(theirs), ours) => ours == KernelProtocol::All || theirs.protocol == KernelProtocol::All || theirs.protocol == ours,
+                (None, _) => true,
+            };
+            if let Some(port) = clash.then(|| config.match_.ports.iter().find(|p| other_config.match_.ports.contains(p))).flatten() {
+                let (later, earlier) = if i > j { (config, &other.label) } else { (other_config, &route.label) };
+                return Err(ConfigError::in_route(
+                    later.index,
+                    later.name.as_deref(),
+                    "match.ports",
+                    format!("port {port} is forwarded by the kernel for route {earlier:?} (forwardingEngine: 'nftables'), which takes every flow to it: it cannot be shared"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl RouteTable {
     /// `certs`: the engine's slots of automatic certificates, which outlive this table.
     /// `backends`: the engine's backend states (health, in flight), which outlive this table.
@@ -532,6 +562,7 @@ impl RouteTable {
         for config in configs {
             routes.push(Arc::new(Route::compile(config, stats, certs, backends)?));
         }
+        check_kernel_ports(configs, &routes)?;
         // Stable sort keeps array order among equal priorities.
         let mut ordered: Vec<(usize, Arc<Route>)> = routes.iter().cloned().enumerate().collect();
         ordered.sort_by(|(ai, a), (bi, b)| b.priority.total_cmp(&a.priority).then(ai.cmp(bi)));

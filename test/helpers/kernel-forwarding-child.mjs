@@ -3,6 +3,7 @@
 // Its own namespace keeps the rules it makes, and its loopback, away from the machine's.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import dgram from 'node:dgram';
+import { readlinkSync } from 'node:fs';
 import net from 'node:net';
 import { SmartProxy } from '../../dist_ts/index.js';
 
@@ -93,15 +94,20 @@ if (scenario === 'forward') {
 } else if (scenario === 'stale') {
   // A table such as a killed engine leaves: its pid is of a process that has exited.
   const gone = spawnSync('true').pid;
-  const stale = `smartproxy_${gone}_0`;
-  execFileSync('nft', ['add', 'table', 'inet', stale]);
-  out.before = tables().filter((t) => t.startsWith('smartproxy_'));
+  const pidNamespace = readlinkSync('/proc/self/ns/pid').replace(/^pid:\[(\d+)\]$/, '$1');
+  const stale = `smartproxy_${pidNamespace}_${gone}_0`;
+  // Tables this engine cannot judge: another PID namespace's (its pid means nothing here), and
+  // another program's.
+  const foreign = [`smartproxy_${Number(pidNamespace) + 1}_${gone}_0`, 'someone_else'];
+  for (const table of [stale, ...foreign]) execFileSync('nft', ['add', 'table', 'inet', table]);
+  out.before = tables();
+  out.foreign = foreign;
   const one = await backend('one');
   const port = await freePort();
   const proxy = new SmartProxy({ routes: [{ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: one.port } } }] });
   await proxy.start();
   out.stale = stale;
-  out.during = tables().filter((t) => t.startsWith('smartproxy_'));
+  out.during = tables();
   await proxy.stop();
   one.server.close();
 } else if (scenario === 'preserve') {
