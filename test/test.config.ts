@@ -777,6 +777,7 @@ tap.test('kernel forwarding: settings with their defaults; what the kernel canno
   expect(refused({ match: { ports: 80, path: '/api/*' }, action: kernel })).toInclude('match.path');
   expect(refused({ action: kernel, security: { rateLimit: { enabled: true, maxRequests: 1, window: 1 } } })).toInclude('security.rateLimit');
   expect(refused({ action: { ...kernel, nftables: { protocol: 'sctp' } } })).toInclude('action.nftables.protocol');
+  expect(refused({ action: { ...kernel, sendProxyProtocol: 2 } })).toInclude('action.sendProxyProtocol');
   expect(refused({ action: { ...kernel, tls: { mode: 'terminate', certificate: { key: 'k', cert: 'c' } } } })).toInclude('"bad"');
 });
 

@@ -97,7 +97,16 @@ test('updateRoutes replaces the rules in one transaction: clients connecting in 
 
 test('preserveSourceIP: a backend in another namespace sees the client; without it, the proxy host; IP lists drop in the kernel', async () => {
   // Client 10.77.1.2 and backend 10.77.2.2 in namespaces of their own, routed through the proxy's.
-  const seen = run<{ preserved: string; masqueraded: string; blockedByBlockList: boolean; blockedByAllowList: boolean; allowed: string; relayedTotal: number }>([
+  const seen = run<{
+    preserved: string;
+    masqueraded: string;
+    blockedByBlockList: boolean;
+    blockedByAllowList: boolean;
+    allowed: string;
+    relayedTotal: number;
+    defaultsBlocked: boolean;
+    defaultsRelayed: number;
+  }>([
     'unshare', '-n', process.execPath, child, 'preserve',
   ]);
   expect(seen.preserved).toEqual('10.77.1.2');
@@ -107,6 +116,9 @@ test('preserveSourceIP: a backend in another namespace sees the client; without 
   expect(seen.allowed).toEqual('10.77.2.1');
   // Nothing reached the relay: a dropped client does not fall through to it either.
   expect(seen.relayedTotal).toEqual(0);
+  // defaults.security's block list drops in the kernel as well.
+  expect(seen.defaultsBlocked).toEqual(true);
+  expect(seen.defaultsRelayed).toEqual(0);
 });
 
 test("protocol 'udp': datagrams go through the kernel both ways and are counted", async () => {

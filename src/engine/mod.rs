@@ -184,7 +184,7 @@ impl Engine {
             acme,
             backends,
             health_checks: HealthChecks::default(),
-            kernel: Arc::new(KernelForwarder::new(metrics.clone())),
+            kernel: Arc::new(KernelForwarder::new(metrics.clone(), &config.options.default_security.ip_allow_list, &config.options.default_security.ip_block_list)),
             affinity: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),

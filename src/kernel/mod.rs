@@ -105,26 +105,6 @@ impl KernelRoute {
             TargetPort::Preserve(_) => None,
             TargetPort::Function(_) => return refuse("action.targets[0].port", "takes a port number or 'preserve', not a function"),
         };
-        let addresses = |list: &[String], field: &str| {
-            list.iter()
-                .enumerate()
-                .map(|(i, entry)| {
-                    let (addr, len) = entry.split_once('/').map_or((entry.as_str(), None), |(a, l)| (a, Some(l)));
-                    let parsed: IpAddr = addr.parse().map_err(|_| (format!("{field}[{i}]"), format!("kernel forwarding takes addresses and CIDR blocks, not {entry:?}")))?;
-                    // An IPv4 client is written ::ffff:a.b.c.d in IPv6 terms: as the relay does, the
-                    // entry is the IPv4 address it names (the kernel sees IPv4 packets).
-                    let ip = parsed.to_canonical();
-                    let mapped = ip.is_ipv4() && parsed.is_ipv6();
-                    let max = if ip.is_ipv4() { 32 } else { 128 };
-                    match len.map(str::parse::<u8>) {
-                        None => Ok(ip.to_string()),
-                        Some(Ok(len)) if mapped && (96..=128).contains(&len) => Ok(format!("{ip}/{}", len - 96)),
-                        Some(Ok(len)) if !mapped && len <= max => Ok(format!("{ip}/{len}")),
-                        Some(_) => Err((format!("{field}[{i}]"), format!("{entry:?} is not a CIDR block"))),
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()
-        };
         Ok(KernelRoute {
             ports: config.match_.ports.clone(),
             protocol,
@@ -133,10 +113,32 @@ impl KernelRoute {
             preserve_source_ip: kernel.preserve_source_ip,
             max_rate,
             priority: kernel.priority,
-            allow: addresses(&config.security.ip_allow_list, "security.ipAllowList")?,
-            block: addresses(&config.security.ip_block_list, "security.ipBlockList")?,
+            allow: kernel_addresses(&config.security.ip_allow_list, "security.ipAllowList")?,
+            block: kernel_addresses(&config.security.ip_block_list, "security.ipBlockList")?,
         })
     }
+}
+
+/// An IP list as the kernel's sets take it: addresses and CIDR blocks, `::ffff:a.b.c.d` as the
+/// IPv4 address it names (as the relay reads it: the kernel sees IPv4 packets). Other forms the
+/// relay knows (wildcards, ranges) are refused, naming the entry.
+pub fn kernel_addresses(list: &[String], field: &str) -> Result<Vec<String>, (String, String)> {
+    list.iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let (addr, len) = entry.split_once('/').map_or((entry.as_str(), None), |(a, l)| (a, Some(l)));
+            let parsed: IpAddr = addr.parse().map_err(|_| (format!("{field}[{i}]"), format!("kernel forwarding takes addresses and CIDR blocks, not {entry:?}")))?;
+            let ip = parsed.to_canonical();
+            let mapped = ip.is_ipv4() && parsed.is_ipv6();
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            match len.map(str::parse::<u8>) {
+                None => Ok(ip.to_string()),
+                Some(Ok(len)) if mapped && (96..=128).contains(&len) => Ok(format!("{ip}/{}", len - 96)),
+                Some(Ok(len)) if !mapped && len <= max => Ok(format!("{ip}/{len}")),
+                Some(_) => Err((format!("{field}[{i}]"), format!("{entry:?} is not a CIDR block"))),
+            }
+        })
+        .collect()
 }
 
 /// What the kernel path does for `getStatistics()`.
@@ -193,6 +195,10 @@ static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 /// The engine's kernel forwarding: its table, installed, replaced and removed.
 pub struct KernelForwarder {
+    /// `defaults.security`'s allow and block lists, which every kernel route applies too; an
+    /// error where they hold what the kernel's sets cannot (the routes are then relayed, where
+    /// the lists apply as they are).
+    global: Result<(Vec<String>, Vec<String>), String>,
     table: String,
     /// `smartproxy_<pid namespace>_`: the tables of this PID namespace's engines (a table of
     /// another namespace's process cannot be told alive or dead from here, and is left alone).
@@ -220,11 +226,14 @@ struct Applied {
 }
 
 impl KernelForwarder {
-    pub fn new(metrics: Arc<EngineMetrics>) -> KernelForwarder {
+    pub fn new(metrics: Arc<EngineMetrics>, global_allow: &[String], global_block: &[String]) -> KernelForwarder {
+        let global = kernel_addresses(global_allow, "defaults.security.ipAllowList")
+            .and_then(|allow| Ok((allow, kernel_addresses(global_block, "defaults.security.ipBlockList")?)))
+            .map_err(|(field, reason)| format!("{field}: {reason}"));
         let table_prefix = format!("smartproxy_{}_", pid_namespace());
         let table = format!("{table_prefix}{}_{}", std::process::id(), NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed));
         let status = KernelStatus { table: table.clone(), ..KernelStatus::default() };
-        KernelForwarder { table, table_prefix, metrics, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
+        KernelForwarder { global, table, table_prefix, metrics, applying: tokio::sync::Mutex::new(Applied::default()), status: parking_lot::Mutex::new(status) }
     }
 
     pub fn status(&self) -> KernelStatus {
@@ -381,6 +390,7 @@ impl KernelForwarder {
         let mut ordered: Vec<&(Arc<str>, KernelRoute)> = routes.iter().collect();
         // Higher priority first: the first matching rule of a chain wins.
         ordered.sort_by_key(|(_, route)| std::cmp::Reverse(route.priority));
+        let (global_allow, global_block) = self.global.as_ref().map_err(Clone::clone)?;
         let mut resolved = Vec::with_capacity(ordered.len());
         let mut counters = Vec::with_capacity(ordered.len());
         let mut targets = Vec::with_capacity(ordered.len());
@@ -397,8 +407,8 @@ impl KernelForwarder {
                 target_port: route.target_port,
                 preserve_source_ip: route.preserve_source_ip,
                 max_rate: route.max_rate,
-                allow: route.allow.clone(),
-                block: route.block.clone(),
+                allow: [&route.allow, global_allow].into_iter().filter(|list| !list.is_empty()).cloned().collect(),
+                block: route.block.iter().chain(global_block).cloned().collect(),
             });
         }
         nft::apply(&ruleset::replace(&self.table, &resolved)).await.map_err(|err| err.to_string())?;

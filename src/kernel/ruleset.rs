@@ -19,8 +19,10 @@ pub struct ResolvedRoute {
     pub target_port: Option<u16>,
     pub preserve_source_ip: bool,
     pub max_rate: Option<MaxRate>,
-    /// Addresses and CIDR blocks (`a.b.c.d/n`); empty allow list: every client.
-    pub allow: Vec<String>,
+    /// Allow lists of addresses and CIDR blocks (`a.b.c.d/n`), each of which a client must be on
+    /// (the route's, the engine's `defaults.security`); none: every client.
+    pub allow: Vec<Vec<String>>,
+    /// Block lists' entries together.
     pub block: Vec<String>,
 }
 
@@ -51,11 +53,11 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
             let name = format!("{}_ports", route.counter);
             commands.push(add(json!({"set": {"family": FAMILY, "table": table, "name": name, "type": "inet_service", "elem": route.ports}})));
         }
-        let allow = address_sets(table, &format!("{}_allow", route.counter), &route.allow, &mut commands);
-        let block = address_sets(table, &format!("{}_block", route.counter), &route.block, &mut commands);
+        let allow_lists: Vec<_> = route.allow.iter().enumerate().map(|(k, list)| address_sets(table, &format!("{}_allow{k}_", route.counter), list, &mut commands)).collect();
+        let block = address_sets(table, &format!("{}_block_", route.counter), &route.block, &mut commands);
         for &l4 in protocols(route.protocol) {
-            for chain in ["guard_prerouting", "guard_output"] {
-                for (protocol, set) in &allow {
+            for (chain, allow) in ["guard_prerouting", "guard_output"].into_iter().flat_map(|chain| allow_lists.iter().map(move |allow| (chain, allow))) {
+                for (protocol, set) in allow {
                     let mut expr = guarded(new_flow(route, l4, Some(protocol)));
                     expr.push(json!({"match": {"op": "!=", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": format!("@{set}")}}));
                     expr.push(json!({"drop": null}));
@@ -71,6 +73,8 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
                         }
                     }
                 }
+            }
+            for chain in ["guard_prerouting", "guard_output"] {
                 for (protocol, set) in &block {
                     let mut expr = guarded(new_flow(route, l4, Some(protocol)));
                     expr.push(json!({"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": format!("@{set}")}}));
@@ -269,19 +273,20 @@ mod tests {
     fn preserving_the_source_drops_the_masquerade_and_lists_become_sets() {
         let mut r = route();
         r.preserve_source_ip = true;
-        r.allow = vec!["192.168.0.0/16".into(), "2001:db8::/32".into()];
+        r.allow = vec![vec!["192.168.0.0/16".into(), "2001:db8::/32".into()], vec!["192.168.1.0/24".into()]];
         r.block = vec!["192.168.1.7".into()];
         r.target_port = None;
         r.ports = vec![80, 443];
         let ruleset = replace("t", &[r]);
         assert!(rules_in(&ruleset, "nat_postrouting").is_empty());
         let sets: Vec<_> = ruleset["nftables"].as_array().unwrap().iter().filter_map(|c| c["add"]["set"]["name"].as_str()).collect();
-        assert_eq!(sets, ["route_0_ports", "route_0_allow4", "route_0_allow6", "route_0_block4"]);
+        assert_eq!(sets, ["route_0_ports", "route_0_allow0_4", "route_0_allow0_6", "route_0_allow1_4", "route_0_block_4"]);
         let nat = rules_in(&ruleset, "nat_output");
         assert_eq!(nat[0].as_array().unwrap().last().unwrap(), &json!({"dnat": {"family": "ip", "addr": "10.0.0.2"}}));
         assert!(nat[0].to_string().contains(r#""right":"@route_0_ports""#));
-        // Allow (two families) and block, in each guard chain.
-        assert_eq!(rules_in(&ruleset, "guard_prerouting").len(), 3);
+        // The first allow list (two families), the second (IPv4, so IPv6 clients are off it) and
+        // the block list, in each guard chain.
+        assert_eq!(rules_in(&ruleset, "guard_prerouting").len(), 5);
     }
 
     #[test]

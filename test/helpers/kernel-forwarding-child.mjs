@@ -134,8 +134,8 @@ if (scenario === 'forward') {
   const backendProcess = spawn('nsenter', ['-t', String(server), '-n', process.execPath, '-e', echoSource], { stdio: ['ignore', 'pipe', 'inherit'] });
   holders.push(backendProcess);
   await new Promise((resolve) => backendProcess.stdout.once('data', resolve));
-  const ask = () => String(execFileSync('nsenter', ['-t', String(client), '-n', process.execPath, '-e',
-    "const s = require('net').connect(7000, '10.77.1.1'); let d = ''; s.on('data', (c) => (d += c)); s.on('end', () => process.stdout.write(d)); s.on('error', (e) => { console.error(String(e)); process.exit(1); });"], { timeout: 10000 }));
+  const ask = (timeout = 10000) => String(execFileSync('nsenter', ['-t', String(client), '-n', process.execPath, '-e',
+    "const s = require('net').connect(7000, '10.77.1.1'); let d = ''; s.on('data', (c) => (d += c)); s.on('end', () => process.stdout.write(d)); s.on('error', (e) => { console.error(String(e)); process.exit(1); });"], { timeout }));
   const route = (preserveSourceIP) => ({ name: 'kernel', match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { preserveSourceIP }, target: { host: '10.77.2.2', port: 7001 } } });
   const proxy = new SmartProxy({ routes: [route(true)] });
   await proxy.start();
@@ -159,6 +159,17 @@ if (scenario === 'forward') {
   out.allowed = ask();
   out.relayedTotal = proxy.getStatistics().totalConnections;
   await proxy.stop();
+  // The engine's own lists (defaults.security) hold on kernel routes too.
+  const guarded = new SmartProxy({ defaults: { security: { ipBlockList: ['10.77.1.2'] } }, routes: [route(false)] });
+  await guarded.start();
+  try {
+    out.defaultsBlocked = false;
+    ask(1500);
+  } catch {
+    out.defaultsBlocked = true;
+  }
+  out.defaultsRelayed = guarded.getStatistics().totalConnections;
+  await guarded.stop();
   for (const holder of holders) holder.kill();
 } else if (scenario === 'udp') {
   // Datagrams: the kernel forwards UDP (protocol 'udp'), which the relay does not carry at all.

@@ -424,6 +424,7 @@ function normalizeKernel(
   if (match.path !== null || match.headers.length > 0) cannot(match.path !== null ? 'match.path' : 'match.headers', 'sees no HTTP requests');
   if (match.clientIp.length > 0) cannot('match.clientIp', 'takes client addresses from security.ipAllowList');
   if (match.tlsVersion.length > 0) cannot('match.tlsVersion', 'sees no TLS handshakes');
+  if (action.sendProxyProtocol !== undefined) cannot('action.sendProxyProtocol', 'writes no PROXY header: the backend sees the client itself with preserveSourceIP');
   const security = isRecord(route.security) ? route.security : isRecord(action.security) ? action.security : {};
   for (const key of ['rateLimit', 'basicAuth', 'jwtAuth', 'maxConnections'] as const) {
     if (security[key] !== undefined) cannot(`security.${key}`, `cannot apply ${key}: use action.nftables.maxRate to bound the traffic`);
