@@ -106,10 +106,13 @@ test('preserveSourceIP: a backend in another namespace sees the client; without 
     relayedTotal: number;
     defaultsBlocked: boolean;
     defaultsRelayed: number;
+    limits: Array<{ name: string; rate: number; rate_unit: string; inv: boolean }>;
   }>([
     'unshare', '-n', process.execPath, child, 'preserve',
   ]);
   expect(seen.preserved).toEqual('10.77.1.2');
+  // maxRate '1gbps': one named bucket of 125,000,000 bytes a second for the route.
+  expect(seen.limits.map((l) => [l.name, l.rate, l.rate_unit, l.inv])).toEqual([['route_0_rate', 125_000_000, 'bytes', true]]);
   expect(seen.masqueraded).toEqual('10.77.2.1');
   expect(seen.blockedByBlockList).toEqual(true);
   expect(seen.blockedByAllowList).toEqual(true);

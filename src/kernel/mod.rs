@@ -57,12 +57,17 @@ impl MaxRate {
         Ok(MaxRate::BytesPerSecond(bytes))
     }
 
-    /// The `limit rate over …` statement.
-    fn over(&self) -> Value {
+    /// A named `limit rate over …` object `name` of `table`: one bucket, whatever rules use it.
+    fn limit_object(&self, family: &str, table: &str, name: &str) -> Value {
+        let mut limit = json!({"family": family, "table": table, "name": name, "per": "second", "inv": true});
         match *self {
-            MaxRate::BytesPerSecond(bytes) => json!({"limit": {"rate": bytes, "rate_unit": "bytes", "per": "second", "inv": true}}),
-            MaxRate::PacketsPerSecond(packets) => json!({"limit": {"rate": packets, "per": "second", "inv": true}}),
+            MaxRate::BytesPerSecond(bytes) => {
+                limit["rate"] = json!(bytes);
+                limit["rate_unit"] = json!("bytes");
+            }
+            MaxRate::PacketsPerSecond(packets) => limit["rate"] = json!(packets),
         }
+        json!({"limit": limit})
     }
 }
 
@@ -307,8 +312,16 @@ impl KernelForwarder {
                     applied.counters.clear();
                 }
                 if applied.warned.as_deref() != Some(reason.as_str()) {
-                    let names: Vec<&str> = routes.iter().map(|(label, _)| &**label).collect();
-                    tracing::warn!(reason = %reason, routes = ?names, "kernel forwarding is unavailable: these routes are relayed by the Rust core");
+                    let names = |carried: fn(KernelProtocol) -> bool| routes.iter().filter(|(_, r)| carried(r.protocol)).map(|(label, _)| &**label).collect::<Vec<&str>>();
+                    let relayed = names(|p| p != KernelProtocol::Udp);
+                    if !relayed.is_empty() {
+                        tracing::warn!(reason = %reason, routes = ?relayed, "kernel forwarding is unavailable: these routes are relayed by the Rust core");
+                    }
+                    // The relay carries TCP only.
+                    let dropped = names(|p| p != KernelProtocol::Tcp);
+                    if !dropped.is_empty() {
+                        tracing::warn!(reason = %reason, routes = ?dropped, "kernel forwarding is unavailable: the Rust core relays no UDP, so these routes' datagrams are not forwarded");
+                    }
                     applied.warned = Some(reason.clone());
                 }
                 let mut status = self.status.lock();

@@ -49,6 +49,11 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
         for direction in ["in", "out"] {
             commands.push(add(json!({"counter": {"family": FAMILY, "table": table, "name": format!("{}_{direction}", route.counter)}})));
         }
+        // One bucket for all of the route's flows, whichever chain and protocol meets them.
+        let rate_limit = format!("{}_rate", route.counter);
+        if let Some(rate) = &route.max_rate {
+            commands.push(add(rate.limit_object(FAMILY, table, &rate_limit)));
+        }
         if route.ports.len() > 1 {
             let name = format!("{}_ports", route.counter);
             commands.push(add(json!({"set": {"family": FAMILY, "table": table, "name": name, "type": "inet_service", "elem": route.ports}})));
@@ -108,8 +113,8 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
                     expr.push(json!({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}}));
                 }
                 expr.extend(ours(route, l4));
-                if let Some(rate) = &route.max_rate {
-                    expr.push(rate.over());
+                if route.max_rate.is_some() {
+                    expr.push(json!({"limit": rate_limit}));
                     expr.push(json!({"drop": null}));
                     commands.push(rule(table, chain, expr.clone()));
                     expr.truncate(expr.len() - 2);
@@ -296,6 +301,10 @@ mod tests {
         let ruleset = replace("t", &[r]);
         let rules = rules_in(&ruleset, "count_forward");
         assert_eq!(rules.len(), 3);
-        assert!(rules[0].to_string().contains(r#""limit":{"inv":true,"per":"second","rate":1250000,"rate_unit":"bytes"}"#), "{}", rules[0]);
+        assert!(rules[0].to_string().contains(r#"{"limit":"route_0_rate"}"#), "{}", rules[0]);
+        // One named bucket for the route, in bytes.
+        let limits: Vec<_> = ruleset["nftables"].as_array().unwrap().iter().filter_map(|c| c["add"]["limit"].as_object()).collect();
+        assert_eq!(limits.len(), 1);
+        assert_eq!((&limits[0]["name"], &limits[0]["rate"], &limits[0]["rate_unit"], &limits[0]["inv"]), (&json!("route_0_rate"), &json!(1_250_000), &json!("bytes"), &json!(true)));
     }
 }

@@ -136,10 +136,12 @@ if (scenario === 'forward') {
   await new Promise((resolve) => backendProcess.stdout.once('data', resolve));
   const ask = (timeout = 10000) => String(execFileSync('nsenter', ['-t', String(client), '-n', process.execPath, '-e',
     "const s = require('net').connect(7000, '10.77.1.1'); let d = ''; s.on('data', (c) => (d += c)); s.on('end', () => process.stdout.write(d)); s.on('error', (e) => { console.error(String(e)); process.exit(1); });"], { timeout }));
-  const route = (preserveSourceIP) => ({ name: 'kernel', match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { preserveSourceIP }, target: { host: '10.77.2.2', port: 7001 } } });
+  // A rate far above what the test sends: the kernel takes the route's named limit.
+  const route = (preserveSourceIP) => ({ name: 'kernel', match: { ports: 7000 }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { preserveSourceIP, maxRate: '1gbps' }, target: { host: '10.77.2.2', port: 7001 } } });
   const proxy = new SmartProxy({ routes: [route(true)] });
   await proxy.start();
   out.preserved = ask();
+  out.limits = JSON.parse(execFileSync('nft', ['-j', 'list', 'limits'], { encoding: 'utf8' })).nftables.filter((i) => i.limit).map((i) => i.limit);
   await proxy.updateRoutes([route(false)]);
   out.masqueraded = ask();
   // The client's address on the block list, then off the allow list: its packets are dropped.
