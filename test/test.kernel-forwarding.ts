@@ -12,9 +12,11 @@ const child = path.join(here, 'helpers', 'kernel-forwarding-child.mjs');
 const has = (tool: string): boolean => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 const root = process.getuid?.() === 0;
 const missing = ['nft', 'ip', 'unshare', 'nsenter', 'setpriv'].filter((tool) => !has(tool));
-// Namespaces and nftables need root (tests run as root here; .ci/run installs the tools).
-const canTest = root && missing.length === 0;
-const why = !root ? 'not root' : `missing: ${missing.join(', ')}`;
+// Namespaces and nftables need root (tests run as root here; .ci/run installs the tools), and a
+// machine that lets root make network namespaces (a container may not).
+const namespaces = root && missing.length === 0 && spawnSync('unshare', ['-n', 'true']).status === 0;
+const canTest = namespaces;
+const why = !root ? 'not root' : missing.length > 0 ? `missing: ${missing.join(', ')}` : 'network namespaces cannot be made here';
 
 interface IForward {
   tablesWhileRunning: string[];
