@@ -414,12 +414,8 @@ impl KernelForwarder {
             counters.push((counter.clone(), label.to_string()));
             resolved.push(ResolvedRoute {
                 counter,
-                ports: route.ports.clone(),
-                protocol: route.protocol,
+                kernel: route,
                 target,
-                target_port: route.target_port,
-                preserve_source_ip: route.preserve_source_ip,
-                max_rate: route.max_rate,
                 allow: [&route.allow, global_allow].into_iter().filter(|list| !list.is_empty()).cloned().collect(),
                 block: route.block.iter().chain(global_block).cloned().collect(),
             });

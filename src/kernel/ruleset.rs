@@ -5,20 +5,16 @@ use std::net::IpAddr;
 
 use serde_json::{json, Value};
 
-use super::{KernelProtocol, MaxRate};
+use super::{KernelProtocol, KernelRoute};
 
-/// A kernel route with its target resolved to an address.
+/// A kernel route as installed: its target resolved to an address, and the lists its guards
+/// apply (the route's and the engine's).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ResolvedRoute {
+pub struct ResolvedRoute<'r> {
     /// The route's name for counters: `route_<n>` (labels are the user's text, names are not).
     pub counter: String,
-    pub ports: Vec<u16>,
-    pub protocol: KernelProtocol,
+    pub kernel: &'r KernelRoute,
     pub target: IpAddr,
-    /// `None`: the port the client connected to.
-    pub target_port: Option<u16>,
-    pub preserve_source_ip: bool,
-    pub max_rate: Option<MaxRate>,
     /// Allow lists of addresses and CIDR blocks (`a.b.c.d/n`), each of which a client must be on
     /// (the route's, the engine's `defaults.security`); none: every client.
     pub allow: Vec<Vec<String>>,
@@ -30,7 +26,7 @@ const FAMILY: &str = "inet";
 
 /// The commands that make `table` hold exactly `routes`: the table is added (so that deleting it
 /// cannot fail), deleted and made anew, in one transaction: no moment where a port is unforwarded.
-pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
+pub fn replace(table: &str, routes: &[ResolvedRoute<'_>]) -> Value {
     let mut commands = vec![add(json!({"table": {"family": FAMILY, "name": table}})), delete_table_command(table), add(json!({"table": {"family": FAMILY, "name": table}}))];
     // Before destination NAT: allow and block lists, on a connection's first packet.
     for (name, hook, prio, kind) in [
@@ -51,16 +47,16 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
         }
         // One bucket for all of the route's flows, whichever chain and protocol meets them.
         let rate_limit = format!("{}_rate", route.counter);
-        if let Some(rate) = &route.max_rate {
+        if let Some(rate) = &route.kernel.max_rate {
             commands.push(add(rate.limit_object(FAMILY, table, &rate_limit)));
         }
-        if route.ports.len() > 1 {
+        if route.kernel.ports.len() > 1 {
             let name = format!("{}_ports", route.counter);
-            commands.push(add(json!({"set": {"family": FAMILY, "table": table, "name": name, "type": "inet_service", "elem": route.ports}})));
+            commands.push(add(json!({"set": {"family": FAMILY, "table": table, "name": name, "type": "inet_service", "elem": route.kernel.ports}})));
         }
         let allow_lists: Vec<_> = route.allow.iter().enumerate().map(|(k, list)| address_sets(table, &format!("{}_allow{k}_", route.counter), list, &mut commands)).collect();
         let block = address_sets(table, &format!("{}_block_", route.counter), &route.block, &mut commands);
-        for &l4 in protocols(route.protocol) {
+        for &l4 in protocols(route.kernel.protocol) {
             for (chain, allow) in ["guard_prerouting", "guard_output"].into_iter().flat_map(|chain| allow_lists.iter().map(move |allow| (chain, allow))) {
                 for (protocol, set) in allow {
                     let mut expr = guarded(new_flow(route, l4, Some(protocol)));
@@ -91,13 +87,13 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
             for chain in ["nat_prerouting", "nat_output"] {
                 let mut expr = new_flow(route, l4, Some(target_family));
                 let mut dnat = json!({"family": target_family, "addr": route.target.to_string()});
-                if let Some(port) = route.target_port {
+                if let Some(port) = route.kernel.target_port {
                     dnat["port"] = json!(port);
                 }
                 expr.push(json!({"dnat": dnat}));
                 commands.push(rule(table, chain, expr));
             }
-            if !route.preserve_source_ip {
+            if !route.kernel.preserve_source_ip {
                 // Not towards a local socket: it sees the client as it is, and masquerading over
                 // the loopback leaves the flow no way back.
                 let mut expr = vec![json!({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "lo"}})];
@@ -113,7 +109,7 @@ pub fn replace(table: &str, routes: &[ResolvedRoute]) -> Value {
                     expr.push(json!({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}}));
                 }
                 expr.extend(ours(route, l4));
-                if route.max_rate.is_some() {
+                if route.kernel.max_rate.is_some() {
                     expr.push(json!({"limit": rate_limit}));
                     expr.push(json!({"drop": null}));
                     commands.push(rule(table, chain, expr.clone()));
@@ -151,7 +147,7 @@ fn rule(table: &str, chain: &str, expr: Vec<Value>) -> Value {
 
 /// A packet to one of the route's ports on an address of this host (of `family`, if given): what
 /// passes through the host, or leaves it for another, is not the route's.
-fn new_flow(route: &ResolvedRoute, protocol: &str, family: Option<&str>) -> Vec<Value> {
+fn new_flow(route: &ResolvedRoute<'_>, protocol: &str, family: Option<&str>) -> Vec<Value> {
     let mut expr = vec![json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}})];
     if let Some(family) = family {
         let nfproto = if family == "ip" { "ipv4" } else { "ipv6" };
@@ -171,7 +167,7 @@ fn guarded(mut expr: Vec<Value>) -> Vec<Value> {
 
 /// A packet of a flow this route's rules sent on: sent to one of its ports, and answered by its
 /// target (a flow some other table translated is not the route's).
-fn ours(route: &ResolvedRoute, protocol: &str) -> Vec<Value> {
+fn ours(route: &ResolvedRoute<'_>, protocol: &str) -> Vec<Value> {
     let family = if route.target.is_ipv4() { "ip" } else { "ip6" };
     let mut expr = vec![
         json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
@@ -181,7 +177,7 @@ fn ours(route: &ResolvedRoute, protocol: &str) -> Vec<Value> {
         json!({"match": {"op": "==", "left": {"ct": {"key": "proto-dst", "dir": "original"}}, "right": ports(route)}}),
         json!({"match": {"op": "==", "left": {"ct": {"key": format!("{family} saddr"), "dir": "reply"}}, "right": route.target.to_string()}}),
     ];
-    if let Some(port) = route.target_port {
+    if let Some(port) = route.kernel.target_port {
         expr.push(json!({"match": {"op": "==", "left": {"ct": {"key": "proto-src", "dir": "reply"}}, "right": port}}));
     }
     expr
@@ -198,8 +194,8 @@ fn protocols(protocol: KernelProtocol) -> &'static [&'static str] {
 
 /// The route's ports: the one port, or its named set (typed, which an anonymous set of ports
 /// compared with conntrack's port would not be).
-fn ports(route: &ResolvedRoute) -> Value {
-    match route.ports.as_slice() {
+fn ports(route: &ResolvedRoute<'_>) -> Value {
+    match route.kernel.ports.as_slice() {
         [one] => json!(one),
         _ => json!(format!("@{}_ports", route.counter)),
     }
@@ -231,18 +227,24 @@ fn element(entry: &str) -> Value {
 mod tests {
     use super::*;
 
-    fn route() -> ResolvedRoute {
-        ResolvedRoute {
-            counter: "route_0".into(),
+    use crate::kernel::MaxRate;
+
+    fn kernel() -> KernelRoute {
+        KernelRoute {
             ports: vec![8080],
             protocol: KernelProtocol::Tcp,
-            target: "10.0.0.2".parse().unwrap(),
+            host: "10.0.0.2".into(),
             target_port: Some(80),
             preserve_source_ip: false,
             max_rate: None,
+            priority: 0,
             allow: vec![],
             block: vec![],
         }
+    }
+
+    fn route(kernel: &KernelRoute) -> ResolvedRoute<'_> {
+        ResolvedRoute { counter: "route_0".into(), kernel, target: "10.0.0.2".parse().unwrap(), allow: vec![], block: vec![] }
     }
 
     fn rules_in(ruleset: &Value, chain: &str) -> Vec<Value> {
@@ -258,7 +260,8 @@ mod tests {
 
     #[test]
     fn a_route_is_destination_nat_masquerade_and_counters() {
-        let ruleset = replace("smartproxy_1_0", &[route()]);
+        let kernel = kernel();
+        let ruleset = replace("smartproxy_1_0", &[route(&kernel)]);
         let commands = ruleset["nftables"].as_array().unwrap();
         // Replaced whole: add, delete, add, then the rest.
         assert!(commands[0]["add"]["table"].is_object() && commands[1]["delete"]["table"].is_object() && commands[2]["add"]["table"].is_object());
@@ -276,12 +279,10 @@ mod tests {
 
     #[test]
     fn preserving_the_source_drops_the_masquerade_and_lists_become_sets() {
-        let mut r = route();
-        r.preserve_source_ip = true;
+        let kernel = KernelRoute { preserve_source_ip: true, target_port: None, ports: vec![80, 443], ..kernel() };
+        let mut r = route(&kernel);
         r.allow = vec![vec!["192.168.0.0/16".into(), "2001:db8::/32".into()], vec!["192.168.1.0/24".into()]];
         r.block = vec!["192.168.1.7".into()];
-        r.target_port = None;
-        r.ports = vec![80, 443];
         let ruleset = replace("t", &[r]);
         assert!(rules_in(&ruleset, "nat_postrouting").is_empty());
         let sets: Vec<_> = ruleset["nftables"].as_array().unwrap().iter().filter_map(|c| c["add"]["set"]["name"].as_str()).collect();
@@ -296,9 +297,8 @@ mod tests {
 
     #[test]
     fn a_rate_limit_drops_over_the_rate_before_counting() {
-        let mut r = route();
-        r.max_rate = Some(MaxRate::BytesPerSecond(1_250_000));
-        let ruleset = replace("t", &[r]);
+        let kernel = KernelRoute { max_rate: Some(MaxRate::BytesPerSecond(1_250_000)), ..kernel() };
+        let ruleset = replace("t", &[route(&kernel)]);
         let rules = rules_in(&ruleset, "count_forward");
         assert_eq!(rules.len(), 3);
         assert!(rules[0].to_string().contains(r#"{"limit":"route_0_rate"}"#), "{}", rules[0]);
