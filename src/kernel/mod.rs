@@ -257,6 +257,8 @@ impl KernelForwarder {
         }
         if routes.is_empty() {
             if applied.installed {
+                // What it counted since the last reading goes to the routes' bytes first.
+                self.read_counters(&mut applied).await;
                 if let Err(err) = nft::apply(&ruleset::remove(&self.table)).await {
                     tracing::warn!(table = %self.table, error = %err, "the kernel forwarding table could not be removed");
                 }
