@@ -492,7 +492,7 @@ export function createNfTablesRoute(nameOrDomains: string | string[], target: TH
 /**
  * As createNfTablesRoute with TLS terminated (`certificate` defaults to `'auto'`), port 443 by
  * default. The kernel cannot terminate TLS, so the route is the Rust core's: the nftables settings
- * are left out (the original relayed such routes in user space as well).
+ * are left out.
  */
 export function createNfTablesTerminateRoute(
   nameOrDomains: string | string[],
