@@ -764,6 +764,9 @@ tap.test('kernel forwarding: settings with their defaults; what the kernel canno
   expect(config.routes[0].action.kernel).toEqual({ protocol: 'tcp', preserveSourceIp: false, maxRate: null, priority: 0 });
   expect(config.routes[1].action.kernel).toEqual({ protocol: 'all', preserveSourceIp: true, maxRate: '10mbps', priority: 3 });
   expect(warnings).toContain('routes[1] "k2": match.domains is not seen by kernel forwarding: every flow to the route\'s ports is forwarded');
+  const limited = normalize({ maxConnectionsPerIP: 5, routes: [{ name: 'k', match: { ports: 2222 }, action: { type: 'forward', forwardingEngine: 'nftables', target } }] });
+  expect(limited.warnings).toContain('maxConnectionsPerIP does not apply to kernel-forwarded routes (routes[0] "k")');
+  expect(warnings.some((w) => w.includes('not apply to kernel-forwarded routes'))).toEqual(false);
   const refused = (route: object): string => {
     try {
       normalize({ routes: [{ name: 'bad', match: { ports: 443 }, ...route }] });

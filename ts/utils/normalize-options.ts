@@ -167,6 +167,13 @@ export function normalizeOptions(options: ISmartProxyOptions, registry: Function
     const normalized = normalizeRoute(route, index, defaults.target, defaultMaxConnections, warnings, functions, acmeContext);
     if (normalized !== null) routes.push(normalized);
   });
+  // The kernel counts no connections per client: limits the user set on them apply to relayed
+  // traffic only (their defaults are not worth a warning).
+  const kernelRoutes = routes.filter((r) => r.action.kernel !== null).map((r) => describe(r.index, r.name ?? undefined));
+  const perClient = ['maxConnectionsPerIP', 'connectionRateLimitPerMinute'].filter((key) => raw[key] !== undefined);
+  if (kernelRoutes.length > 0 && perClient.length > 0) {
+    warnings.push(`${perClient.join(' and ')} ${perClient.length > 1 ? 'do' : 'does'} not apply to kernel-forwarded routes (${kernelRoutes.join(', ')})`);
+  }
   return { config: { routes, options: nativeOptions }, warnings, functionIds: functions.used };
 }
 
