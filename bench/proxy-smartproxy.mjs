@@ -25,6 +25,8 @@ const tls = mode === 'https'
 const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort, domains: '*' } : { ports: listenPort };
 //   http-affinity: the http route with affinity on the `X-Session` header (in memory);
 //   http-affinity-redis: the same with `options.redis` at BENCH_REDIS_URL;
+//   http-ratelimit-redis: the http-ratelimit route with `options.redis` at BENCH_REDIS_URL, so the
+//                 limit is counted across replicas (one GCRA script call per request);
 //   http-proxyproto: the http route with acceptProxyProtocol from 127.0.0.1 (a PROXY-sending front);
 //   http-observed: the http route with the access log on (JSON lines to BENCH_ACCESS_LOG) and the
 //                  Prometheus listener on BENCH_METRICS_PORT.
@@ -32,7 +34,7 @@ const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort,
 //                 (needs root and nft; else the Rust core relays them, with a warning).
 const affinity = mode.startsWith('http-affinity') ? { loadBalancing: { affinity: { key: 'header:X-Session' } } } : {};
 const scaleOut = {
-  ...(mode === 'http-affinity-redis' ? { redis: { url: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379', keyPrefix: 'bench:' } } : {}),
+  ...(mode === 'http-affinity-redis' || mode === 'http-ratelimit-redis' ? { redis: { url: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379', keyPrefix: 'bench:' } } : {}),
   ...(mode === 'http-proxyproto' ? { acceptProxyProtocol: true, proxyIPs: ['127.0.0.1'] } : {}),
 };
 const observed = mode === 'http-observed'
@@ -40,6 +42,7 @@ const observed = mode === 'http-observed'
   : {};
 const security = {
   'http-ratelimit': { rateLimit: { enabled: true, maxRequests: 1_000_000_000, window: 1 } },
+  'http-ratelimit-redis': { rateLimit: { enabled: true, maxRequests: 1_000_000_000, window: 1 } },
   'http-jwt': { jwtAuth: { enabled: true, secret: 'bench-secret' } },
 }[mode];
 const targets = {

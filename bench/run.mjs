@@ -578,28 +578,31 @@ async function scaleOutRows() {
     ['http-affinity', 'affinity header:X-Session, in memory', { headers: session }],
     ['http-affinity-redis', 'affinity header:X-Session, Redis on loopback', { headers: session, redis: true }],
     ['http', 'behind HAProxy mode tcp, no PROXY header', { front: 'plain' }],
-    ['http-proxyproto', 'behind HAProxy mode tcp send-proxy-v2, acceptProxyProtocol', { front: 'pp' }],
+    ['http-proxyproto', 'behind HAProxy mode tcp send-proxy-v2, acceptProxyProtocol', { front: 'pp', base: 3 }],
+    ['http-ratelimit', 'rateLimit per IP (never reached), in memory', { headers: session, base: 0 }],
+    ['http-ratelimit-redis', 'rateLimit per IP (never reached), shared through Redis on loopback', { headers: session, redis: true, base: 5 }],
   ];
   const runs = kinds.map(() => []);
   // The proxy's own CPU time per request: what the feature costs the proxy itself, whichever side
   // (the proxy's CPU, or the load CPU shared by wrk, HAProxy, Redis and nginx) limits req/s.
   const cpuRuns = kinds.map(() => []);
-  let getex = 0;
-  let redisRequests = 0;
+  // Redis calls per request, counted by redis-server itself: GETEX (affinity), EVALSHA (rate limit).
+  const redisCounts = { getex: { calls: 0, requests: 0 }, evalsha: { calls: 0, requests: 0 } };
   try {
     for (let round = 0; round < scaleOutRounds; round++) {
       for (const [i, [kind, label, how]] of kinds.entries()) {
         const proxy = await proxies.smartproxy.start(backend, kind, { BENCH_REDIS_URL: redis.url });
         const front = how.front ? await startTcpFront(proxy.port, how.front === 'pp') : null;
         try {
+          const command = kind.startsWith('http-ratelimit') ? 'evalsha' : 'getex';
           const { rps, cpuUs } = await undisturbed(() => {
-            const before = how.redis ? redisCalls(redis.port, 'getex') : 0;
+            const before = how.redis ? redisCalls(redis.port, command) : 0;
             const cpu0 = cpuSeconds(proxy.pid);
             const run = wrk(front ? front.port : proxy.port, { headers: how.headers ?? [] });
             const cpuUs = ((cpuSeconds(proxy.pid) - cpu0) * 1e6) / run.requests;
             if (how.redis) {
-              getex += redisCalls(redis.port, 'getex') - before;
-              redisRequests += run.requests;
+              redisCounts[command].calls += redisCalls(redis.port, command) - before;
+              redisCounts[command].requests += run.requests;
             }
             return { ...run, cpuUs };
           });
@@ -618,15 +621,17 @@ async function scaleOutRows() {
   }
   // Each run against its baseline's run of the same round, a minute apart at most: the machine's
   // speed drifts over a run by more than the differences measured here.
-  const rows = kinds.map(([, label], i) => {
-    const baseOf = (xs) => (i < 3 ? xs[0] : xs[3]);
+  const rows = kinds.map(([, label, how], i) => {
+    const baseOf = (xs) => xs[how.base ?? (i < 3 ? 0 : i)];
     const ratios = runs[i].map((rps, round) => rps / baseOf(runs)[round]);
     // Baseline over feature, so that below 1 means slower here too.
     const cpuRatios = cpuRuns[i].map((us, round) => baseOf(cpuRuns)[round] / us);
     const twoDecimals = (r) => r.toFixed(2);
     return `| ${label} | ${spread(runs[i], whole)} | ${spread(ratios, twoDecimals)} | ${spread(cpuRuns[i], twoDecimals)} | ${spread(cpuRatios, twoDecimals)} |`;
   });
-  rows.push(`| Redis GETEX calls per request (affinity, Redis) | ${(getex / Math.max(1, redisRequests)).toFixed(3)} | | | |`);
+  const perRequest = ({ calls, requests }) => (calls / Math.max(1, requests)).toFixed(3);
+  rows.push(`| Redis GETEX calls per request (affinity, Redis) | ${perRequest(redisCounts.getex)} | | | |`);
+  rows.push(`| Redis EVALSHA calls per request (rate limit, Redis) | ${perRequest(redisCounts.evalsha)} | | | |`);
   return rows;
 }
 
@@ -1169,11 +1174,11 @@ ${securityTable}
 
 \`${wrkCmd}\` as above, through ours only; the route of the HTTP row with a per-IP \`rateLimit\` that the run never reaches, and with \`jwtAuth\` (HS256, every request carrying a valid token).
 
-## Scale-out: affinity and the PROXY protocol on the keep-alive route
+## Scale-out: affinity, shared rate limits and the PROXY protocol on the keep-alive route
 
 ${scaleOutTable}
 
-\`${wrkCmd}\` through ours only. Affinity rows: the HTTP route with \`loadBalancing.affinity: { key: 'header:X-Session' }\`, every request carrying the same bound value (one lookup per request), compared with the first row, whose requests carry the same header; with \`options.redis\` a redis-server on loopback (pinned with the load), GETEX calls counted by \`redis-cli info commandstats\`. PROXY rows: wrk → HAProxy \`mode tcp\` (pinned with the load) → ours, once with \`send-proxy-v2\` to a route with \`acceptProxyProtocol\` and \`proxyIPs: ['127.0.0.1']\`, compared with the same chain without it. ${scaleOutRounds} interleaved rounds; the ratio columns are the median (min–max) of each round's ratio to its baseline's run in the same round, since the machine's speed drifts over a run by more than the differences measured here. The CPU columns are the proxy process's utime+stime (/proc/PID/stat) over the run divided by the requests wrk completed: the proxy is pinned alone on CPU ${PROXY_CPU}, while wrk, HAProxy, Redis and the backend share CPU ${LOAD_CPU}, so req/s also moves with the load side's CPU and with the host's steal, and CPU per request shows what the feature costs the proxy itself.
+\`${wrkCmd}\` through ours only. Affinity rows: the HTTP route with \`loadBalancing.affinity: { key: 'header:X-Session' }\`, every request carrying the same bound value (one lookup per request), compared with the first row, whose requests carry the same header; with \`options.redis\` a redis-server on loopback (pinned with the load), GETEX calls counted by \`redis-cli info commandstats\`. PROXY rows: wrk → HAProxy \`mode tcp\` (pinned with the load) → ours, once with \`send-proxy-v2\` to a route with \`acceptProxyProtocol\` and \`proxyIPs: ['127.0.0.1']\`, compared with the same chain without it. Rate-limit rows: the route with a per-IP \`rateLimit\` the run never reaches, in memory (compared with the first row), and with \`options.redis\` (compared with the in-memory limiter), where every request is one GCRA script call (\`EVALSHA\`, counted by \`redis-cli info commandstats\`). ${scaleOutRounds} interleaved rounds; the ratio columns are the median (min–max) of each round's ratio to its baseline's run in the same round, since the machine's speed drifts over a run by more than the differences measured here. The CPU columns are the proxy process's utime+stime (/proc/PID/stat) over the run divided by the requests wrk completed: the proxy is pinned alone on CPU ${PROXY_CPU}, while wrk, HAProxy, Redis and the backend share CPU ${LOAD_CPU}, so req/s also moves with the load side's CPU and with the host's steal, and CPU per request shows what the feature costs the proxy itself.
 
 ## Operations: the access log and Prometheus scrapes on the keep-alive route
 

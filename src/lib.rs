@@ -19,6 +19,7 @@ mod proxy_protocol;
 mod routing;
 mod security;
 mod session;
+mod shared_state;
 mod tcp;
 mod templates;
 mod tls;

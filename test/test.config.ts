@@ -747,7 +747,7 @@ tap.test('warnings: ignored options, nftables, ignored passthrough tls settings,
   expect(warnings).toContain('routes[2] "sec": both security and action.security are set; action.security is ignored');
   expect(warnings).toContain('defaults.preserveSourceIP is not supported yet and is ignored');
   expect(warnings).toHaveLength(5);
-  expect(config.options.redis).toEqual({ url: 'redis://localhost', keyPrefix: 'smartproxy:' });
+  expect(config.options.redis).toEqual({ url: 'redis://localhost', keyPrefix: 'smartproxy:', encryptionKey: null, syncIntervalMs: 5000 });
   // The warned-about routes are still normalised; route-level security wins over action.security.
   expect(config.routes).toHaveLength(3);
   expect(config.routes[1].action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true, acme: null });
@@ -816,6 +816,38 @@ tap.test('new SmartProxy throws the route-naming config error synchronously (not
   expect(cidr instanceof SmartProxyConfigError).toBeTrue();
   expect(cidr?.message ?? '').toStartWith('routes[0]: security.ipAllowList[0]: ');
   expect((cidr as SmartProxyConfigError).path).toEqual('routes[0]');
+});
+
+tap.test('redis.encryptionKey and redis.syncIntervalMs: checked at construction, the key never echoed', async () => {
+  const url = 'redis://127.0.0.1:6379';
+  const key16 = Buffer.alloc(16, 1).toString('base64');
+  const key32 = Buffer.alloc(32, 2).toString('base64');
+  const construct = (redis: unknown) => thrown(() => new SmartProxy({ routes: [route(80, 'r')], redis } as unknown as TOptions));
+
+  const short = construct({ url, encryptionKey: key16 });
+  expect(short instanceof SmartProxyConfigError).toBeTrue();
+  expect(short?.message).toEqual('options: redis.encryptionKey: expected base64 of 32 bytes (AES-256), got 16 bytes');
+  expect(short?.message ?? '').not.toInclude(key16);
+
+  const notBase64 = construct({ url, encryptionKey: 'this is not base64!' });
+  expect(notBase64 instanceof SmartProxyConfigError).toBeTrue();
+  expect(notBase64?.message ?? '').toStartWith('options: redis.encryptionKey: ');
+  expect(notBase64?.message ?? '').not.toInclude('this is not base64!');
+  expect(configError({ routes: [], redis: { url, encryptionKey: key32.slice(0, -2) + '=A' } }).message).toStartWith('options: redis.encryptionKey: ');
+  expect(configError({ routes: [], redis: { url, encryptionKey: 32 } }).message).toEqual('options: redis.encryptionKey: expected base64 of 32 bytes (AES-256), got a value of type number');
+
+  expect(construct({ url, encryptionKey: key32 })).toBeUndefined();
+  expect(construct({ url, encryptionKey: key32.replace(/=+$/, ''), syncIntervalMs: 100 })).toBeUndefined();
+  // Unpadded input reaches the engine in its canonical padded form; syncIntervalMs defaults to 5000.
+  expect(normalize({ routes: [], redis: { url, encryptionKey: key32.replace(/=+$/, '') } }).config.options.redis)
+    .toEqual({ url, keyPrefix: 'smartproxy:', encryptionKey: key32, syncIntervalMs: 5000 });
+
+  const fast = construct({ url, syncIntervalMs: 50 });
+  expect(fast instanceof SmartProxyConfigError).toBeTrue();
+  expect(fast?.message).toEqual('options: redis.syncIntervalMs: expected an integer number of milliseconds from 100 to 86400000, got 50');
+  expect(configError({ routes: [], redis: { url, syncIntervalMs: 1500.5 } }).message).toStartWith('options: redis.syncIntervalMs: ');
+  expect(configError({ routes: [], redis: { url, syncIntervalMs: 86_400_001 } }).message).toStartWith('options: redis.syncIntervalMs: ');
+  expect(configError({ routes: [], redis: { url, syncIntervalMs: '5s' } }).message).toStartWith('options: redis.syncIntervalMs: ');
 });
 
 tap.test('new SmartProxy accepts deep-frozen options and emits normalisation warnings as process warnings', async () => {

@@ -118,7 +118,7 @@ function everyOption(routes: unknown[]): TRecord {
     admin: { port: 9101, host: '127.0.0.1', token: 't' },
     accessLog: { enabled: true, path: '/tmp/access.log', format: 'json' },
     workerThreads: 1,
-    redis: { url: 'redis://127.0.0.1:6379', keyPrefix: 'x:' },
+    redis: { url: 'redis://127.0.0.1:6379', keyPrefix: 'x:', encryptionKey: Buffer.alloc(32, 7).toString('base64'), syncIntervalMs: 1000 },
     jsCallTimeout: 1000,
     maxHeaderSize: 8192,
     headerTimeout: 1000,

@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
-#[path = "../../src/balance/resp.rs"]
+#[path = "../../src/shared_state/resp.rs"]
 mod resp;
 
 use resp::{encode_command, encode_getex, parse_reply, Parse, Reply, MAX_LINE_BYTES, MAX_VALUE_BYTES};

@@ -3,14 +3,19 @@
 //! with backoff and reported), certificates inside the renewal threshold are renewed by a periodic
 //! check, and each new certificate is installed in the route's `CertSlot` for the next handshake.
 //! One order per route at a time. Certificates from `certProvisionFunction` are installed here too.
-//! Knows nothing of napi: events go out through `Scripts`.
+//! With `options.redis` the store is Redis, and replicas act as one: one of them orders a route at
+//! a time (a lock in Redis), the others wait and load its result, and every replica swaps a new
+//! certificate in at once (pub/sub) or at its next sync. Knows nothing of napi: events go out
+//! through `Scripts`.
 
 mod challenge;
 mod order;
+mod redis_store;
 mod store;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -21,9 +26,11 @@ pub use challenge::ChallengeStore;
 
 use crate::config::{AcmeSettings, RouteConfig};
 use crate::hooks::{CertificateEventKind, EngineEvent, Scripts};
+use crate::shared_state::SharedRedis;
 use crate::tls::dynamic::{CertSlot, CertSlots, LoadedCert};
 use order::OrderRequest;
-use store::{epoch_ms, CertMeta, CertStore};
+use redis_store::{RedisCertStore, CERT_CHANNEL};
+use store::{epoch_ms, CertMeta, CertStorage, CertStore, StoredCert};
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 /// Backoff of the automatic retries after a failed order: 1 min doubling up to 1 h.
@@ -31,6 +38,11 @@ const RETRY_FIRST: Duration = Duration::from_secs(60);
 const RETRY_MAX: Duration = Duration::from_secs(60 * 60);
 /// The renewal check never runs more often than this, whatever the settings say.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// The order lock's life in Redis: renewed every third of it while the order runs, so a replica
+/// that dies mid-order holds the others back this long at most.
+const ORDER_LOCK_TTL: Duration = Duration::from_secs(15);
+/// How often a replica waiting for another's order looks whether the lock is gone.
+const LOCK_POLL: Duration = Duration::from_millis(500);
 
 /// `ICertStatus` of the API.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +68,9 @@ struct Managed {
     current: Mutex<Option<LoadedCert>>,
     /// One order at a time for this route.
     ordering: tokio::sync::Mutex<()>,
+    /// Why the store's certificate cannot be read (a sealed key the configured key does not
+    /// open): no order is placed while it stands, since it would replace the others' certificate.
+    store_error: Mutex<Option<String>>,
 }
 
 impl Managed {
@@ -71,13 +86,29 @@ pub struct AcmeManager {
     managed: Mutex<HashMap<String, Arc<Managed>>>,
     /// Set while the engine runs: cancels the background orders and the renewal check at stop.
     running: Mutex<Option<CancellationToken>>,
+    /// Replicas' shared state, with `options.redis`.
+    shared: OnceLock<Arc<SharedRedis>>,
 }
 
 impl AcmeManager {
     pub fn new(slots: Arc<CertSlots>, scripts: Scripts) -> Arc<AcmeManager> {
         // instant-acme's HTTPS client takes the process default provider: make it ring, ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Arc::new(AcmeManager { slots, challenges: Arc::default(), scripts, managed: Mutex::default(), running: Mutex::default() })
+        Arc::new(AcmeManager { slots, challenges: Arc::default(), scripts, managed: Mutex::default(), running: Mutex::default(), shared: OnceLock::new() })
+    }
+
+    /// Keeps certificates, accounts and challenge answers in Redis from now on.
+    pub fn share(&self, redis: Arc<SharedRedis>) {
+        self.challenges.share(redis.clone());
+        let _ = self.shared.set(redis);
+    }
+
+    fn storage(&self, settings: &AcmeSettings) -> Box<dyn CertStorage> {
+        let disk = CertStore::new(&settings.certificate_store);
+        match self.shared.get() {
+            Some(redis) => Box::new(RedisCertStore::new(redis.clone(), disk)),
+            None => Box::new(disk),
+        }
     }
 
     pub fn challenges(&self) -> Arc<ChallengeStore> {
@@ -115,6 +146,7 @@ impl AcmeManager {
                             status: Mutex::new(status),
                             current: Mutex::new(None),
                             ordering: tokio::sync::Mutex::new(()),
+                            store_error: Mutex::new(None),
                         }),
                     );
                     added.push(name);
@@ -128,30 +160,73 @@ impl AcmeManager {
 
     /// Loads what the store holds for `names` (all managed routes when `None`), so the first
     /// handshakes already have it. Call before the listeners are bound.
-    pub fn load_stored(&self, names: Option<&[String]>) {
+    pub async fn load_stored(&self, names: Option<&[String]>) {
         for (name, managed) in self.selected(names) {
             if managed.current.lock().is_some() {
                 continue;
             }
-            let settings = managed.settings.lock().clone();
-            let store = CertStore::new(&settings.certificate_store);
-            let Some(stored) = store.load(&name) else { continue };
-            let mut stored_domains = stored.meta.domains.clone();
-            let mut domains = settings.domains.clone();
-            stored_domains.sort();
-            domains.sort();
-            if stored_domains != domains {
-                tracing::info!(route = %name, "the stored certificate is for other domains; ordering a new one");
-                continue;
-            }
-            match LoadedCert::from_pem(&stored.chain_pem, &stored.key_pem) {
-                Ok(cert) => {
-                    let source = if stored.meta.source == "custom" { "custom" } else { "acme" };
-                    self.install(&managed, &name, cert, source, None);
+            self.adopt_stored(&name, &managed, false).await;
+        }
+    }
+
+    /// Installs the stored certificate of the route when it is for the route's domains and, with
+    /// `only_newer`, differs from the one served and expires no earlier. Returns whether it did.
+    async fn adopt_stored(&self, name: &str, managed: &Managed, only_newer: bool) -> bool {
+        let settings = managed.settings.lock().clone();
+        let stored = match self.storage(&settings).load(name).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return false,
+            Err(err) => {
+                if managed.store_error.lock().replace(err.clone()).as_ref() != Some(&err) {
+                    tracing::error!(route = %name, error = %err, "the stored certificate cannot be read; no order is placed while it cannot");
+                    let mut status = managed.status.lock();
+                    if managed.current.lock().is_none() {
+                        status.status = "error";
+                    }
+                    status.error = Some(err);
                 }
-                Err(err) => tracing::warn!(route = %name, error = %err, "the stored certificate cannot be used; ordering a new one"),
+                return false;
+            }
+        };
+        *managed.store_error.lock() = None;
+        let mut stored_domains = stored.meta.domains.clone();
+        let mut domains = settings.domains.clone();
+        stored_domains.sort();
+        domains.sort();
+        if stored_domains != domains {
+            if !only_newer {
+                tracing::info!(route = %name, "the stored certificate is for other domains; ordering a new one");
+            }
+            return false;
+        }
+        let cert = match LoadedCert::from_pem(&stored.chain_pem, &stored.key_pem) {
+            Ok(cert) => cert,
+            Err(err) => {
+                tracing::warn!(route = %name, error = %err, "the stored certificate cannot be used; ordering a new one");
+                return false;
+            }
+        };
+        let had = {
+            let current = managed.current.lock();
+            if only_newer {
+                if let Some(current) = current.as_ref() {
+                    if current.key.cert.first() == cert.key.cert.first() || cert.not_after < current.not_after {
+                        return false;
+                    }
+                }
+            }
+            current.is_some()
+        };
+        let source = if stored.meta.source == "custom" { "custom" } else { "acme" };
+        let event = only_newer.then_some(if had { CertificateEventKind::Renewed } else { CertificateEventKind::Issued });
+        self.install(managed, name, cert, source, event);
+        if let Some(redis) = self.shared.get() {
+            redis.counters.certificates_loaded.fetch_add(1, Ordering::Relaxed);
+            if only_newer {
+                tracing::info!(route = %name, "installed the certificate another replica stored");
             }
         }
+        true
     }
 
     /// Starts the background work once every listener is up: orders for the routes in `names`
@@ -170,10 +245,20 @@ impl AcmeManager {
                     _ = this.renewal_loop() => {}
                 }
             });
+            if let Some(redis) = self.shared.get().cloned() {
+                let this = self.clone();
+                let cancel = token.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = this.follow_replicas(redis) => {}
+                    }
+                });
+            }
         }
         for (name, managed) in self.selected(names) {
             let settings = managed.settings.lock().clone();
-            if !settings.custom_provisioning && self.needs_order(&managed, &settings) {
+            if !settings.custom_provisioning && managed.store_error.lock().is_none() && self.needs_order(&managed, &settings) {
                 self.order_in_background(name);
             }
         }
@@ -217,7 +302,7 @@ impl AcmeManager {
     /// Orders a certificate for the route now (one attempt) and installs it.
     pub async fn order_now(&self, name: &str) -> Result<(), String> {
         let managed = self.managed.lock().get(name).cloned().ok_or_else(|| format!("no route named {name:?} has certificate: 'auto'"))?;
-        self.order(name, &managed).await
+        self.order(name, &managed, true).await
     }
 
     /// Installs a certificate `certProvisionFunction` gave for one domain of the route.
@@ -260,7 +345,7 @@ impl AcmeManager {
         let mut wait = RETRY_FIRST;
         loop {
             let Some(managed) = self.managed.lock().get(&name).cloned() else { return };
-            if self.order(&name, &managed).await.is_ok() {
+            if self.order(&name, &managed, false).await.is_ok() {
                 return;
             }
             tokio::time::sleep(wait).await;
@@ -268,15 +353,62 @@ impl AcmeManager {
         }
     }
 
-    /// One order: on success stored and installed; on failure reported (event and status).
-    async fn order(&self, name: &str, managed: &Arc<Managed>) -> Result<(), String> {
+    /// One order (`forced`: even when the certificate served is not due): with Redis, only while
+    /// holding the route's lock, and not at all when another replica's order meanwhile stored what
+    /// this one needs.
+    async fn order(&self, name: &str, managed: &Arc<Managed>, forced: bool) -> Result<(), String> {
         let _one_at_a_time = managed.ordering.lock().await;
+        let Some(redis) = self.shared.get() else { return self.order_alone(name, managed).await };
+        if let Some(err) = managed.store_error.lock().clone() {
+            return Err(err);
+        }
+        let lock_name = format!("cert:{name}");
+        let mut waited = false;
+        loop {
+            match redis.try_lock(&lock_name, ORDER_LOCK_TTL).await {
+                Ok(Some(lock)) => {
+                    // An order that finished just before this one took the lock may be what is needed.
+                    let settings = managed.settings.lock().clone();
+                    let adopted = (waited || !forced) && self.adopt_stored(name, managed, true).await;
+                    if adopted || (waited && !self.needs_order(managed, &settings)) {
+                        lock.release().await;
+                        return Ok(());
+                    }
+                    redis.counters.orders_placed.fetch_add(1, Ordering::Relaxed);
+                    let result = self.order_alone(name, managed).await;
+                    lock.release().await;
+                    return result;
+                }
+                Ok(None) => {
+                    if !waited {
+                        waited = true;
+                        redis.counters.lock_waits.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(route = %name, "another replica is ordering this certificate; waiting for it");
+                    }
+                    // Until its holder releases it, or dies and it expires.
+                    while redis.is_locked(&lock_name).await.unwrap_or(false) {
+                        tokio::time::sleep(LOCK_POLL).await;
+                    }
+                    if self.adopt_stored(name, managed, true).await {
+                        return Ok(());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(route = %name, error = %err, "redis is unreachable; this replica orders the certificate alone");
+                    return self.order_alone(name, managed).await;
+                }
+            }
+        }
+    }
+
+    /// One order: on success stored and installed; on failure reported (event and status).
+    async fn order_alone(&self, name: &str, managed: &Arc<Managed>) -> Result<(), String> {
         let settings = managed.settings.lock().clone();
         let renewal = managed.current.lock().is_some();
         if !renewal {
             managed.status.lock().status = "pending";
         }
-        let store = CertStore::new(&settings.certificate_store);
+        let store = self.storage(&settings);
         let request = OrderRequest {
             directory_url: &settings.directory_url,
             directory_ca_file: settings.directory_ca_file.as_deref(),
@@ -284,7 +416,7 @@ impl AcmeManager {
             domains: &settings.domains,
         };
         let result = async {
-            let issued = order::issue(&request, &store, &self.challenges).await?;
+            let issued = order::issue(&request, store.as_ref(), &self.challenges).await?;
             let cert = LoadedCert::from_pem(&issued.chain_pem, &issued.key_pem).map_err(|err| format!("the issued certificate: {err}"))?;
             let meta = CertMeta {
                 domains: settings.domains.clone(),
@@ -293,7 +425,7 @@ impl AcmeManager {
                 source: "acme".into(),
                 directory_url: Some(settings.directory_url.clone()),
             };
-            store.save(name, &issued.chain_pem, &issued.key_pem, &meta)?;
+            store.save(name, &StoredCert { chain_pem: issued.chain_pem, key_pem: issued.key_pem, meta }).await?;
             Ok::<_, String>(cert)
         }
         .await;
@@ -359,7 +491,58 @@ impl AcmeManager {
                 let expiry = managed.status.lock().expiry_date;
                 self.event(CertificateEventKind::Expiring, &name, &managed.first_domain(), expiry, None);
                 if settings.auto_renew {
-                    let _ = self.order(&name, &managed).await;
+                    let _ = self.order(&name, &managed, false).await;
+                }
+            }
+        }
+    }
+
+    /// Swaps in the certificates other replicas store: at once for those announced on the
+    /// channel, and every `syncIntervalMs` for all (announcements are lost while a subscriber
+    /// reconnects).
+    async fn follow_replicas(&self, redis: Arc<SharedRedis>) {
+        let channel = format!("{}{CERT_CHANNEL}", redis.prefix());
+        let mut sync = tokio::time::interval(redis.sync_interval);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut subscription = match redis.pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                    Ok(()) => Some(pubsub),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            let mut messages = subscription.as_mut().map(|pubsub| pubsub.on_message());
+            loop {
+                let announced = async {
+                    match messages.as_mut() {
+                        Some(messages) => futures_util::StreamExt::next(messages).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    message = announced => match message {
+                        Some(message) => {
+                            let Ok(name) = message.get_payload::<String>() else { continue };
+                            let managed = self.managed.lock().get(&name).cloned();
+                            if let Some(managed) = managed {
+                                self.adopt_stored(&name, &managed, true).await;
+                            }
+                        }
+                        // The subscription broke: subscribe again.
+                        None => break,
+                    },
+                    _ = sync.tick() => {
+                        for (name, managed) in self.selected(None) {
+                            if managed.settings.lock().custom_provisioning {
+                                continue;
+                            }
+                            self.adopt_stored(&name, &managed, true).await;
+                        }
+                        if messages.is_none() {
+                            break;
+                        }
+                    }
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use instant_acme::{Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy};
 
 use super::challenge::ChallengeStore;
-use super::store::CertStore;
+use super::store::CertStorage;
 
 /// Validation by the server (it fetches our challenge answers) and issuance may take this long.
 const VALIDATION_WAIT: Duration = Duration::from_secs(90);
@@ -28,7 +28,7 @@ pub struct Issued {
     pub key_pem: String,
 }
 
-pub async fn issue(request: &OrderRequest<'_>, store: &CertStore, challenges: &Arc<ChallengeStore>) -> Result<Issued, String> {
+pub async fn issue(request: &OrderRequest<'_>, store: &dyn CertStorage, challenges: &Arc<ChallengeStore>) -> Result<Issued, String> {
     let account = account(request, store).await?;
     let identifiers: Vec<Identifier> = request.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| describe("new order", &e))?;
@@ -48,8 +48,8 @@ pub async fn issue(request: &OrderRequest<'_>, store: &CertStore, challenges: &A
             .challenge(ChallengeType::Http01)
             .ok_or_else(|| format!("the ACME server offers no http-01 challenge for {name}"))?;
         let key_authorization = challenge.key_authorization();
-        challenges.insert(&challenge.token, key_authorization.as_str());
         published.tokens.push(challenge.token.clone());
+        challenges.publish(&challenge.token, key_authorization.as_str()).await;
         challenge.set_ready().await.map_err(|e| describe("challenge", &e))?;
     }
 
@@ -67,7 +67,7 @@ pub async fn issue(request: &OrderRequest<'_>, store: &CertStore, challenges: &A
 }
 
 /// The account for this directory and email: restored from the store, else created and stored.
-async fn account(request: &OrderRequest<'_>, store: &CertStore) -> Result<Account, String> {
+async fn account(request: &OrderRequest<'_>, store: &dyn CertStorage) -> Result<Account, String> {
     let builder = || match request.directory_ca_file {
         Some(path) => Account::builder_with_root(path).map_err(|e| format!("directoryCaFile {path}: {}", chain(&e))),
         None => Account::builder().map_err(|e| describe("HTTP client", &e)),
@@ -76,7 +76,7 @@ async fn account(request: &OrderRequest<'_>, store: &CertStore) -> Result<Accoun
     // others wait and restore it, so one directory and email make one account.
     static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _creating = CREATING.lock().await;
-    if let Some(json) = store.load_account(request.directory_url, request.email) {
+    if let Some(json) = store.load_account(request.directory_url, request.email).await? {
         match serde_json::from_str::<AccountCredentials>(&json) {
             Ok(credentials) => return builder()?.from_credentials(credentials).await.map_err(|e| describe("account", &e)),
             Err(err) => tracing::warn!(error = %err, "stored ACME account credentials are unreadable; creating a new account"),
@@ -89,7 +89,7 @@ async fn account(request: &OrderRequest<'_>, store: &CertStore) -> Result<Accoun
         .await
         .map_err(|e| describe(&format!("account at {}", request.directory_url), &e))?;
     let json = serde_json::to_string(&credentials).map_err(|e| e.to_string())?;
-    store.save_account(request.directory_url, request.email, &json)?;
+    store.save_account(request.directory_url, request.email, &json).await?;
     Ok(account)
 }
 
@@ -117,7 +117,7 @@ struct Published {
 impl Drop for Published {
     fn drop(&mut self) {
         for token in &self.tokens {
-            self.store.remove(token);
+            self.store.withdraw(token);
         }
     }
 }

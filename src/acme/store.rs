@@ -1,9 +1,13 @@
-//! The certificate store on disk: `<store>/<certName>/{cert.pem,key.pem,ca.pem,meta.json}` per
-//! automatic-certificate route and `<store>/account-<hash>.json` per ACME account. Private keys
-//! and account credentials are written with mode 0600; every file is replaced by rename, so a
-//! crash mid-write never leaves half a certificate behind.
+//! Where automatic certificates and ACME accounts are kept: one interface (`CertStorage`), two
+//! stores. On disk (the default): `<store>/<certName>/{cert.pem,key.pem,ca.pem,meta.json}` per
+//! route and `<store>/account-<hash>.json` per ACME account; private keys and account credentials
+//! are written with mode 0600, and every file is replaced by rename, so a crash mid-write never
+//! leaves half a certificate behind. In Redis (with `options.redis`, `redis_store`): shared by the
+//! replicas, with the disk store kept beside it as a cache.
 
 use std::fs;
+use std::future::Future;
+use std::pin::Pin;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertMeta {
     pub domains: Vec<String>,
@@ -32,9 +36,39 @@ pub struct StoredCert {
     pub meta: CertMeta,
 }
 
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// A store of certificates (by route name) and ACME account credentials (by directory and email).
+/// `load` answers `Ok(None)` when there is nothing usable and `Err` when what is there cannot be
+/// read as it must be (a sealed key the configured key does not open).
+pub trait CertStorage: Send + Sync {
+    fn load<'a>(&'a self, cert_name: &'a str) -> StoreFuture<'a, Option<StoredCert>>;
+    fn save<'a>(&'a self, cert_name: &'a str, cert: &'a StoredCert) -> StoreFuture<'a, ()>;
+    fn load_account<'a>(&'a self, directory_url: &'a str, email: &'a str) -> StoreFuture<'a, Option<String>>;
+    fn save_account<'a>(&'a self, directory_url: &'a str, email: &'a str, credentials_json: &'a str) -> StoreFuture<'a, ()>;
+}
+
 #[derive(Debug, Clone)]
 pub struct CertStore {
     root: PathBuf,
+}
+
+impl CertStorage for CertStore {
+    fn load<'a>(&'a self, cert_name: &'a str) -> StoreFuture<'a, Option<StoredCert>> {
+        Box::pin(async move { Ok(CertStore::load(self, cert_name)) })
+    }
+
+    fn save<'a>(&'a self, cert_name: &'a str, cert: &'a StoredCert) -> StoreFuture<'a, ()> {
+        Box::pin(async move { CertStore::save(self, cert_name, &cert.chain_pem, &cert.key_pem, &cert.meta) })
+    }
+
+    fn load_account<'a>(&'a self, directory_url: &'a str, email: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move { Ok(CertStore::load_account(self, directory_url, email)) })
+    }
+
+    fn save_account<'a>(&'a self, directory_url: &'a str, email: &'a str, credentials_json: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move { CertStore::save_account(self, directory_url, email, credentials_json) })
+    }
 }
 
 impl CertStore {
@@ -95,8 +129,13 @@ impl CertStore {
     }
 
     fn account_path(&self, directory_url: &str, email: &str) -> PathBuf {
-        self.root.join(format!("account-{:016x}.json", fnv1a(format!("{directory_url}\n{email}").as_bytes())))
+        self.root.join(format!("account-{}.json", account_id(directory_url, email)))
     }
+}
+
+/// Names an ACME account in a store: a hash of its directory and email.
+pub fn account_id(directory_url: &str, email: &str) -> String {
+    format!("{:016x}", fnv1a(format!("{directory_url}\n{email}").as_bytes()))
 }
 
 /// The first PEM block and everything after it.

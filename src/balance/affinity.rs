@@ -8,7 +8,7 @@
 //! route keeps at most `maxKeys` bindings in memory (least recently used evicted first).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +17,9 @@ use http::{HeaderMap, HeaderName};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::redis_lookups::{RedisAddress, RedisLookups, RedisTarget};
+use crate::shared_state::{OutageLog, SharedRedis, PER_REQUEST_TIMEOUT};
 use crate::bounded::{bounded_value, BoundedMap};
 
-/// One Redis round trip may take this long before the replica's memory answers instead.
-const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// What identifies a client's session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,22 +104,6 @@ fn cookie_value(pair: &str, name: &str) -> Option<String> {
     (key.trim() == name && !value.trim().is_empty()).then(|| value.trim().trim_matches('"').to_string())
 }
 
-/// Where the lookup connection goes, from the URL the crate parsed.
-fn lookup_target(info: &redis::ConnectionInfo) -> Result<RedisTarget, String> {
-    let address = match info.addr() {
-        redis::ConnectionAddr::Tcp(host, port) => RedisAddress::Tcp(host.clone(), *port),
-        redis::ConnectionAddr::Unix(path) => RedisAddress::Unix(path.clone()),
-        _ => return Err("redis.url: only redis:// and unix:// are supported (this build has no TLS for Redis)".to_string()),
-    };
-    let settings = info.redis_settings();
-    Ok(RedisTarget {
-        address,
-        username: settings.username().map(str::to_string),
-        password: settings.password().map(str::to_string),
-        db: settings.db(),
-    })
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnUnknown {
     Assign,
@@ -147,15 +129,9 @@ impl Affinity {
 }
 
 struct Redis {
-    /// Bindings (rare) go through the crate's self-reconnecting connection.
-    connection: redis::aio::ConnectionManager,
-    /// Lookups (one per request) through a lean connection of our own (redis_lookups.rs says why).
-    target: RedisTarget,
-    /// Started by the first lookup (on the runtime).
-    lookups: std::sync::OnceLock<RedisLookups>,
-    prefix: String,
-    /// Set while Redis does not answer: logged once per outage.
-    down: AtomicBool,
+    shared: Arc<SharedRedis>,
+    /// Logs an outage of shared bindings once.
+    outage: OutageLog,
 }
 
 /// Counters for `getStatistics().affinity`.
@@ -184,23 +160,10 @@ pub struct AffinityStore {
 }
 
 impl AffinityStore {
-    /// With `url`, a lazily connecting, self-reconnecting Redis client. Call on a runtime.
-    pub fn new(redis: Option<(&str, &str)>) -> Result<AffinityStore, String> {
-        let redis = match redis {
-            None => None,
-            Some((url, prefix)) => {
-                let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
-                let target = lookup_target(client.get_connection_info())?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_CALL_TIMEOUT * 2))
-                    .set_response_timeout(Some(REDIS_CALL_TIMEOUT))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_secs(1));
-                let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config).map_err(|e| format!("redis: {e}"))?;
-                Some(Redis { connection, target, lookups: std::sync::OnceLock::new(), prefix: prefix.to_string(), down: AtomicBool::new(false) })
-            }
-        };
-        Ok(AffinityStore { redis, ..AffinityStore::default() })
+    /// With `redis`, bindings are shared through it (memory keeps a copy for outages).
+    pub fn new(redis: Option<Arc<SharedRedis>>) -> AffinityStore {
+        let redis = redis.map(|shared| Redis { shared, outage: OutageLog::default() });
+        AffinityStore { redis, ..AffinityStore::default() }
     }
 
     /// The backend `value` is bound to for the route of `affinity`, refreshing its TTL.
@@ -209,9 +172,8 @@ impl AffinityStore {
         let ttl = affinity.ttl;
         if let Some(redis) = &self.redis {
             self.redis_lookups.fetch_add(1, Ordering::Relaxed);
-            let lookups = redis.lookups.get_or_init(|| RedisLookups::start(redis.target.clone(), REDIS_CALL_TIMEOUT));
-            // The lookup connection bounds the wait (one timer for all), so a lookup needs no timer of its own.
-            let answered = lookups.getex(&redis.prefix, &affinity.entry(value), ttl.as_secs().max(1)).await.map_err(|err| err.to_string());
+            // The pipeline bounds the wait (one timer for all), so a lookup needs no timer of its own.
+            let answered = redis.shared.pipeline().getex(redis.shared.prefix(), &affinity.entry(value), ttl.as_secs().max(1)).await.map_err(|err| err.to_string());
             if let Some(answer) = self.redis_answer(redis, answered) {
                 if let Some(backend) = &answer {
                     // Kept in memory too, so an outage does not lose live sessions; an unchanged
@@ -249,7 +211,7 @@ impl AffinityStore {
         let ttl = affinity.ttl;
         let mut bound = backend.to_string();
         if let Some(redis) = &self.redis {
-            let key = concat(&redis.prefix, &affinity.entry(value));
+            let key = concat(redis.shared.prefix(), &affinity.entry(value));
             let mut cmd = redis::cmd("SET");
             cmd.arg(&key).arg(backend);
             if only_if_new {
@@ -278,12 +240,11 @@ impl AffinityStore {
         memory.entry(affinity.namespace.clone()).or_insert_with(|| BoundedMap::new(affinity.max_keys))
     }
 
-    /// The answer within `REDIS_CALL_TIMEOUT`, or `None` when Redis failed or timed out (then
-    /// memory answers).
+    /// The answer within a per-request call's time, or `None` when Redis failed or timed out
+    /// (then memory answers).
     async fn redis_call<T: redis::FromRedisValue>(&self, redis: &Redis, cmd: redis::Cmd) -> Option<T> {
-        let mut connection = redis.connection.clone();
-        let answered = match tokio::time::timeout(REDIS_CALL_TIMEOUT, cmd.query_async::<T>(&mut connection)).await {
-            Ok(answer) => answer.map_err(|err| err.to_string()),
+        let answered = match tokio::time::timeout(PER_REQUEST_TIMEOUT, redis.shared.call::<T>(&cmd)).await {
+            Ok(answer) => answer,
             Err(_) => Err("no answer in time".to_string()),
         };
         self.redis_answer(redis, answered)
@@ -291,11 +252,10 @@ impl AffinityStore {
 
     /// The answer, or `None` after counting and logging the fallback.
     fn redis_answer<T>(&self, redis: &Redis, answered: Result<T, String>) -> Option<T> {
+        redis.shared.answered(answered.is_ok());
         match answered {
             Ok(answer) => {
-                if redis.down.load(Ordering::Relaxed) && redis.down.swap(false, Ordering::Relaxed) {
-                    tracing::info!("redis is reachable again; session affinity is shared again");
-                }
+                redis.outage.answered("session affinity is");
                 Some(answer)
             }
             Err(err) => {
@@ -307,9 +267,7 @@ impl AffinityStore {
 
     fn fell_back(&self, redis: &Redis, why: &str) {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        if !redis.down.swap(true, Ordering::Relaxed) {
-            tracing::warn!(error = why, "redis is unreachable; session affinity uses this replica's memory until it returns");
-        }
+        redis.outage.failed("session affinity is kept in this replica's memory", why);
     }
 
     /// Drops expired entries (memory stays bounded by live sessions).
@@ -368,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_bindings_expire_and_lookups_refresh_them() {
-        let store = AffinityStore::new(None).unwrap();
+        let store = AffinityStore::new(None);
         let a = affinity(Duration::from_millis(50), 10);
         assert_eq!(store.lookup(&a, "a").await, None);
         assert_eq!(store.bind(&a, "a", "h:1", true).await, "h:1");
@@ -384,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_route_keeps_at_most_max_keys_the_least_recently_used_evicted() {
-        let store = AffinityStore::new(None).unwrap();
+        let store = AffinityStore::new(None);
         let small = affinity(Duration::from_secs(60), 3);
         let other = Affinity { namespace: "affinity:other:".into(), ..affinity(Duration::from_secs(60), 3) };
         for value in ["a", "b", "c"] {

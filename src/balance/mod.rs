@@ -3,13 +3,10 @@
 //! backends marked down unless all are (fail open). Each backend's health and in-flight count
 //! live in a `BackendState` kept across route updates; a `Lease` holds one in-flight slot and
 //! gives it back exactly once, when dropped. Active probes live in `health`; session affinity in
-//! `affinity`, whose Redis lookups go over `redis_lookups`' own pipelined connection, in the slice
-//! of the Redis protocol that `resp` encodes and parses.
+//! `affinity`, whose Redis calls go through `shared_state`.
 
 pub mod affinity;
 pub mod health;
-pub mod redis_lookups;
-pub mod resp;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

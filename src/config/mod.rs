@@ -113,6 +113,16 @@ pub struct AccessLogOptions {
 pub struct RedisOptions {
     pub url: String,
     pub key_prefix: String,
+    /// Base64 of 32 bytes: private keys and ACME credentials in Redis are sealed with it.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
+    /// How often a replica looks for certificates other replicas stored (pub/sub tells it at once).
+    #[serde(default = "default_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+}
+
+fn default_sync_interval_ms() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -22,6 +22,7 @@ use crate::kernel::{KernelForwarder, KernelStatus};
 use crate::acme::{AcmeManager, CertStatus};
 use crate::balance::health::HealthChecks;
 use crate::balance::affinity::AffinityStore;
+use crate::shared_state::SharedRedis;
 use crate::balance::BackendRegistry;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
@@ -83,6 +84,8 @@ pub struct Engine {
     kernel: Arc<KernelForwarder>,
     /// Made at the first start (its Redis client needs the runtime); kept across restarts.
     affinity: std::sync::OnceLock<Arc<AffinityStore>>,
+    /// The Redis client replicas share state through (`options.redis`), made at the first start.
+    shared: std::sync::OnceLock<Option<Arc<SharedRedis>>>,
     /// Raised when a stop begins, lowered by the next start.
     stopping: AtomicBool,
     /// When the last start began, for the status's uptime.
@@ -161,6 +164,9 @@ impl Engine {
             .map_err(|(i, reason)| ConfigError::in_options(&format!("proxyIPs[{i}]"), reason))?;
         if let Some(redis) = &config.options.redis {
             redis::Client::open(redis.url.as_str()).map_err(|err| ConfigError::in_options("redis.url", err.to_string()))?;
+            if let Some(key) = &redis.encryption_key {
+                crate::shared_state::seal::Sealer::from_base64(key).map_err(|reason| ConfigError::in_options("redis.encryptionKey", reason))?;
+            }
         }
         if config.options.send_proxy_protocol > 2 {
             return Err(ConfigError::in_options("sendProxyProtocol", "expected 1 or 2 (or false)"));
@@ -186,6 +192,7 @@ impl Engine {
             health_checks: HealthChecks::default(),
             kernel: Arc::new(KernelForwarder::new(metrics.clone(), &config.options.default_security.ip_allow_list, &config.options.default_security.ip_block_list)),
             affinity: std::sync::OnceLock::new(),
+            shared: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),
             access_log_format,
@@ -220,12 +227,16 @@ impl Engine {
         // Cancelled by a force close too, so a session waiting for the drain sees either.
         let draining = force_close.child_token();
         let pool = Arc::new(UpstreamPool::new(PoolSettings::default(), self.metrics.upstream.clone()));
-        let affinity = self.affinity_store()?;
+        let shared = self.shared_redis()?;
+        let affinity = self.affinity_store(shared.clone());
         let access_log = self.open_access_log()?;
-        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone(), access_log.clone()));
+        let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone(), shared.clone(), access_log.clone()));
         let on_accept = self.accept_callback(env, sessions.clone());
+        if let Some(redis) = shared {
+            self.acme.share(redis);
+        }
         // Stored certificates serve the very first handshakes.
-        self.acme.load_stored(None);
+        self.acme.load_stored(None).await;
         self.stopping.store(false, Ordering::Release);
         *self.started_at.lock() = Some(std::time::Instant::now());
         let ops = match self.bind_ops_listeners().await {
@@ -374,7 +385,7 @@ impl Engine {
         if control.running.is_some() {
             // One transaction: the old rules are replaced by the new, with no moment in between.
             self.kernel.sync(&table.kernel_routes()).await;
-            self.acme.load_stored(Some(&added));
+            self.acme.load_stored(Some(&added)).await;
             self.acme.start(Some(&added));
             self.health_checks.sync(table.health_probes());
         }
@@ -457,13 +468,23 @@ impl Engine {
         ports.into_iter().collect()
     }
 
-    fn affinity_store(&self) -> Result<Arc<AffinityStore>, EngineError> {
-        if let Some(store) = self.affinity.get() {
-            return Ok(store.clone());
+    fn shared_redis(&self) -> Result<Option<Arc<SharedRedis>>, EngineError> {
+        if let Some(shared) = self.shared.get() {
+            return Ok(shared.clone());
         }
-        let redis = self.options.redis.as_ref().map(|r| (r.url.as_str(), r.key_prefix.as_str()));
-        let store = AffinityStore::new(redis).map_err(|reason| EngineError::Config(ConfigError::in_options("redis", reason)))?;
-        Ok(self.affinity.get_or_init(|| Arc::new(store)).clone())
+        let shared = match &self.options.redis {
+            Some(options) => Some(SharedRedis::new(options).map_err(|reason| EngineError::Config(ConfigError::in_options("redis", reason)))?),
+            None => None,
+        };
+        Ok(self.shared.get_or_init(|| shared).clone())
+    }
+
+    fn affinity_store(&self, shared: Option<Arc<SharedRedis>>) -> Arc<AffinityStore> {
+        self.affinity.get_or_init(|| Arc::new(AffinityStore::new(shared))).clone()
+    }
+
+    pub fn shared_state_stats(&self) -> Option<crate::shared_state::SharedStateStats> {
+        self.shared.get().and_then(Option::as_ref).map(|shared| shared.stats())
     }
 
     pub fn affinity_stats(&self) -> Option<crate::balance::affinity::AffinityStats> {
@@ -476,6 +497,7 @@ impl Engine {
         force_close: CancellationToken,
         pool: Arc<UpstreamPool>,
         affinity: Arc<AffinityStore>,
+        shared: Option<Arc<SharedRedis>>,
         access_log: Option<Arc<AccessLog>>,
     ) -> SessionEnv {
         let o = &self.options;
@@ -509,6 +531,7 @@ impl Engine {
                 scripts: self.scripts.clone(),
                 send_proxy_protocol: o.send_proxy_protocol,
                 affinity,
+                shared,
                 access_log,
             }),
         }

@@ -37,6 +37,8 @@ pub struct Statistics {
     pub backends: BTreeMap<String, Vec<BackendStatus>>,
     /// Session-affinity lookups, Redis round trips and fallbacks to memory (once started).
     pub affinity: Option<AffinityStats>,
+    /// (ext) State shared with other replicas through Redis; None without `options.redis`.
+    pub shared_state: Option<crate::shared_state::SharedStateStats>,
     /// Rate-limit keys dropped to keep routes within `rateLimit.maxKeys` (routes of the current
     /// table; affinity evictions are under `affinity`).
     pub rate_limit_evictions: u64,
@@ -135,6 +137,7 @@ impl Engine {
                 .filter(|(_, backends)| !backends.is_empty())
                 .collect(),
             affinity: self.affinity_stats(),
+            shared_state: self.shared_state_stats(),
             rate_limit_evictions: self.table.read().routes().iter().filter_map(|r| r.http_security.as_ref()).map(|s| s.rate_limit_evictions()).sum(),
             kernel_forwarding: self.kernel_status(),
         }
@@ -260,7 +263,17 @@ impl Engine {
                 ("smartproxy_affinity_evictions_total", Kind::Counter, "Session-affinity bindings dropped to keep routes within maxKeys.", affinity.evictions),
             ]
         });
-        for (name, kind, help, value) in engine_wide.into_iter().chain(affinity.into_iter().flatten()) {
+        let shared = statistics.shared_state.as_ref().map(|shared| {
+            [
+                ("smartproxy_redis_reachable", Kind::Gauge, "Whether the last call to the replicas' shared Redis was answered.", u64::from(shared.redis_reachable)),
+                ("smartproxy_shared_rate_limit_calls_total", Kind::Counter, "Rate-limit checks sent to Redis.", shared.rate_limit_calls),
+                ("smartproxy_shared_rate_limit_fallbacks_total", Kind::Counter, "Rate-limit checks answered by this replica alone because Redis failed.", shared.rate_limit_fallbacks),
+                ("smartproxy_certificate_lock_waits_total", Kind::Counter, "Waits for another replica's certificate order.", shared.lock_waits),
+                ("smartproxy_certificates_loaded_total", Kind::Counter, "Certificates installed from Redis.", shared.certificates_loaded),
+                ("smartproxy_certificate_orders_total", Kind::Counter, "ACME orders this replica placed holding the shared lock.", shared.orders_placed),
+            ]
+        });
+        for (name, kind, help, value) in engine_wide.into_iter().chain(affinity.into_iter().flatten()).chain(shared.into_iter().flatten()) {
             out.family(name, kind, help);
             out.sample(name, &[], value as f64);
         }

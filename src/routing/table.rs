@@ -774,6 +774,7 @@ impl Route {
         };
         let security = &config.security;
         let http_security = HttpSecurity::compile(
+            config.id.as_deref().or(config.name.as_deref()).unwrap_or(&label),
             security.rate_limit.as_ref(),
             security.basic_auth.as_ref(),
             security.jwt_auth.as_ref(),

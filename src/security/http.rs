@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +20,8 @@ use subtle::ConstantTimeEq;
 use crate::bounded::{bounded_bytes, BoundedMap};
 use crate::config::{BasicAuthConfig, JwtAuthConfig, RateLimitConfig, RateLimitKey};
 use crate::matchers::path::PathPattern;
+use crate::shared_state::rate_limit::SharedDecision;
+use crate::shared_state::SharedRedis;
 
 /// Longest `Authorization` value looked at; longer ones are refused unread.
 const MAX_CREDENTIALS_BYTES: usize = 8 * 1024;
@@ -57,7 +60,9 @@ pub struct Admitted {
 
 impl HttpSecurity {
     /// `None` when the route has no HTTP-level security. Errors name the field (`security.jwtAuth.secret`).
+    /// `owner` names the route's keys in shared state (its id, else its name).
     pub fn compile(
+        owner: &str,
         rate_limit: Option<&RateLimitConfig>,
         basic: Option<&BasicAuthConfig>,
         jwt: Option<&JwtAuthConfig>,
@@ -67,7 +72,7 @@ impl HttpSecurity {
             return Ok(None);
         }
         Ok(Some(HttpSecurity {
-            rate_limit: rate_limit.map(RateLimit::compile).transpose()?,
+            rate_limit: rate_limit.map(|config| RateLimit::compile(config, owner)).transpose()?,
             basic: basic.map(BasicAuth::compile).transpose()?,
             jwt: jwt.map(JwtAuth::compile).transpose()?,
             forward_authorization,
@@ -79,6 +84,20 @@ impl HttpSecurity {
         if let Some(limit) = &self.rate_limit {
             limit.check(client_ip, path, headers)?;
         }
+        self.authenticate(path, headers)
+    }
+
+    /// As `admit`, with the rate limit counted across replicas in Redis. While Redis fails, this
+    /// replica's own limiter answers (the outage logged once).
+    pub async fn admit_shared(&self, redis: &SharedRedis, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<Admitted, Refusal> {
+        if let Some(limit) = &self.rate_limit {
+            limit.check_shared(redis, client_ip, path, headers).await?;
+        }
+        self.authenticate(path, headers)
+    }
+
+    /// Authentication alone (either configured scheme admits).
+    fn authenticate(&self, path: &str, headers: &HeaderMap) -> Result<Admitted, Refusal> {
         if self.basic.is_none() && self.jwt.is_none() {
             return Ok(Admitted::default());
         }
@@ -137,6 +156,8 @@ enum KeyBy {
 /// passed is as good as fresh and is forgotten by the sweep.
 pub struct RateLimit {
     keys: Mutex<BoundedMap<RateKey, Instant>>,
+    /// `<owner>:`, the route's part of its keys in shared state.
+    namespace: String,
     /// `window / maxRequests`.
     period: Duration,
     /// `period * maxRequests`: how far ahead of now a key's arrival time may run.
@@ -152,7 +173,7 @@ impl std::fmt::Debug for RateLimit {
 }
 
 impl RateLimit {
-    fn compile(config: &RateLimitConfig) -> Result<RateLimit, (String, String)> {
+    fn compile(config: &RateLimitConfig, owner: &str) -> Result<RateLimit, (String, String)> {
         let field = |f: &str| format!("security.rateLimit.{f}");
         if config.max_requests == 0 {
             return Err((field("maxRequests"), "must be at least 1".into()));
@@ -174,6 +195,7 @@ impl RateLimit {
         };
         Ok(RateLimit {
             keys: Mutex::new(BoundedMap::new(config.max_keys)),
+            namespace: format!("{owner}:"),
             period,
             burst: period * config.max_requests,
             key_by,
@@ -181,13 +203,51 @@ impl RateLimit {
         })
     }
 
-    fn check(&self, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
-        let key = match &self.key_by {
+    fn key(&self, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> RateKey {
+        match &self.key_by {
             KeyBy::Ip => RateKey::Ip(client_ip),
             KeyBy::Path => RateKey::Bytes(bounded_bytes(path.as_bytes()).into()),
             // Requests without the header share one budget.
             KeyBy::Header(name) => RateKey::Bytes(bounded_bytes(headers.get(name).map_or(&[][..], HeaderValue::as_bytes)).into()),
+        }
+    }
+
+    fn refusal(&self, wait: Duration) -> Refusal {
+        Refusal::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64, message: self.message.clone() }
+    }
+
+    fn check(&self, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
+        self.check_key(self.key(client_ip, path, headers))
+    }
+
+    async fn check_shared(&self, redis: &SharedRedis, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
+        let key = self.key(client_ip, path, headers);
+        let ip_text;
+        let key_bytes: &[u8] = match &key {
+            RateKey::Ip(ip) => {
+                ip_text = ip.to_string();
+                ip_text.as_bytes()
+            }
+            RateKey::Bytes(bytes) => bytes,
         };
+        redis.counters.rate_limit_calls.fetch_add(1, Ordering::Relaxed);
+        match redis.rate_limit(&self.namespace, key_bytes, self.period, self.burst).await {
+            Ok(decision) => {
+                redis.rate_limit_outage.answered("rate limits are");
+                match decision {
+                    SharedDecision::Admitted => Ok(()),
+                    SharedDecision::Wait(wait) => Err(self.refusal(wait)),
+                }
+            }
+            Err(err) => {
+                redis.counters.rate_limit_fallbacks.fetch_add(1, Ordering::Relaxed);
+                redis.rate_limit_outage.failed("rate limits are counted by this replica alone", &err.to_string());
+                self.check_key(key)
+            }
+        }
+    }
+
+    fn check_key(&self, key: RateKey) -> Result<(), Refusal> {
         let now = Instant::now();
         let mut keys = self.keys.lock();
         // A fresh key's first request is always within its burst: one lookup either way.
@@ -197,8 +257,7 @@ impl RateLimit {
         };
         let next = (*at).max(now) + self.period;
         if next > now + self.burst {
-            let wait = next - self.burst - now;
-            return Err(Refusal::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64, message: self.message.clone() });
+            return Err(self.refusal(next - self.burst - now));
         }
         *at = next;
         Ok(())
@@ -399,7 +458,7 @@ mod tests {
             realm: "R".into(),
             exclude_paths: vec!["/health".into()],
         };
-        HttpSecurity::compile(None, Some(&config), None, false).unwrap().unwrap()
+        HttpSecurity::compile("r", None, Some(&config), None, false).unwrap().unwrap()
     }
 
     fn with_auth(value: &[u8]) -> HeaderMap {
@@ -426,7 +485,7 @@ mod tests {
     #[test]
     fn the_rate_limit_refuses_the_request_after_the_burst_per_key() {
         let config = RateLimitConfig { max_requests: 3, window_seconds: 60, key_by: RateLimitKey::Ip, header_name: None, error_message: "slow".into(), max_keys: 100 };
-        let security = HttpSecurity::compile(Some(&config), None, None, false).unwrap().unwrap();
+        let security = HttpSecurity::compile("r", Some(&config), None, None, false).unwrap().unwrap();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         for _ in 0..3 {
             assert!(security.admit(a, "/", &HeaderMap::new()).is_ok());
@@ -451,7 +510,7 @@ mod tests {
             leeway_seconds: 30,
             require_exp,
         };
-        HttpSecurity::compile(None, None, Some(&config), false).unwrap().unwrap()
+        HttpSecurity::compile("r", None, None, Some(&config), false).unwrap().unwrap()
     }
 
     fn bearer(claims: serde_json::Value) -> HeaderMap {

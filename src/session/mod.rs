@@ -325,7 +325,13 @@ impl Session {
         }
         // An ACME server validating a challenge: answered here, whatever the routes of the port.
         if plan.acme_challenges {
-            if let Some(response) = first_head.as_ref().and_then(|head| env.acme_challenges.response_for(head.path())) {
+            let challenge = first_head.as_ref().map(|head| head.path()).filter(|path| crate::acme::ChallengeStore::is_challenge(path));
+            // Boxed: rare, and it may wait on Redis.
+            let response = match challenge {
+                Some(path) => Box::pin(env.acme_challenges.answer(path)).await,
+                None => None,
+            };
+            if let Some(response) = response {
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
                 let _ = client.shutdown().await;
                 return Next::Ended(TerminationReason::Completed);

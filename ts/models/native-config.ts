@@ -29,8 +29,12 @@ export interface INativeOptions {
   proxyIps: string[];
   /** 0 = none, 1 = v1, 2 = v2. */
   sendProxyProtocol: number;
-  /** Shared affinity store; `keyPrefix` defaults to 'smartproxy:'. */
-  redis: { url: string; keyPrefix: string } | null;
+  /**
+   * Shared state across replicas (affinity, certificates, ACME challenges, rate limits);
+   * `keyPrefix` defaults to 'smartproxy:'. `encryptionKey` is canonical padded base64 of 32 bytes
+   * (AES-256-GCM for private keys in Redis), null without one; `syncIntervalMs` defaults to 5000.
+   */
+  redis: { url: string; keyPrefix: string; encryptionKey: string | null; syncIntervalMs: number } | null;
   defaultSecurity: { ipAllowList: string[]; ipBlockList: string[] };
   /** Keep a client's own X-Forwarded-*, Forwarded and X-Real-IP when its peer is in proxyIps. */
   trustForwardedHeaders: boolean;

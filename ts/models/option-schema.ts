@@ -166,7 +166,7 @@ export const OPTIONS_SCHEMA = keys({
   admin: nested(keys(leaves('port', 'host', 'token'))),
   accessLog: nested(keys(leaves('enabled', 'path', 'format'))),
   workerThreads: leaf,
-  redis: nested(keys(leaves('url', 'keyPrefix'))),
+  redis: nested(keys(leaves('url', 'keyPrefix', 'encryptionKey', 'syncIntervalMs'))),
   ...leaves('jsCallTimeout', 'maxHeaderSize', 'headerTimeout', 'http2MaxConcurrentStreams', 'trustForwardedHeaders', 'httpKeepAliveTimeout'),
 });
 

@@ -115,8 +115,27 @@ export interface ISmartProxyOptions {
   accessLog?: { enabled: boolean; path?: string; format?: 'json' | 'combined' };
   /** (ext) Tokio worker threads; default one per core. */
   workerThreads?: number;
-  /** (ext) Shared state across replicas. */
-  redis?: { url: string; keyPrefix?: string };
+  /**
+   * (ext) Shared state across replicas: session affinity, `'auto'` certificates (one replica orders,
+   * the others load the result), HTTP-01 challenge tokens and route rate limits.
+   */
+  redis?: {
+    /** `redis://` or `rediss://` URL. */
+    url: string;
+    /** Prefix of every key this proxy writes; default `'smartproxy:'`. */
+    keyPrefix?: string;
+    /**
+     * (ext) Base64 (standard alphabet, padding optional) of exactly 32 bytes: private keys stored in
+     * Redis are sealed with AES-256-GCM under it. Every replica needs the same key; without one
+     * they are stored in the clear.
+     */
+    encryptionKey?: string;
+    /**
+     * (ext) ms between two reads of the certificates in Redis, which catch any renewal the pub/sub
+     * notice missed; an integer from 100 to 86400000, default 5000.
+     */
+    syncIntervalMs?: number;
+  };
   /** (ext) ms; default 30000. */
   jsCallTimeout?: number;
   /** (ext) Largest HTTP request head in bytes; over it the answer is 431. Default 65536. */
@@ -173,6 +192,8 @@ export interface IStatistics {
   backends: Record<string, Array<{ host: string; port: number; healthy: boolean; inFlight: number }>>;
   /** (ext) Session affinity since start: lookups, of them Redis round trips, Redis failures answered from memory, entries held in memory, entries evicted to keep routes within `affinity.maxKeys`. */
   affinity: { lookups: number; redisLookups: number; redisFallbacks: number; memoryEntries: number; evictions: number } | null;
+  /** (ext) State shared through `options.redis` (certificates, rate limits) since start; null without `options.redis`. */
+  sharedState: ISharedStateStats | null;
   /** (ext) Rate-limit keys evicted to keep routes within `rateLimit.maxKeys` (the routes in force). */
   rateLimitEvictions: number;
   /**
@@ -183,6 +204,22 @@ export interface IStatistics {
    * and the route's throughput too.
    */
   kernelForwarding: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number; bytesIn: number; bytesOut: number }> } | null;
+}
+
+/** (ext) `IStatistics.sharedState`: this replica's use of the state shared through Redis. */
+export interface ISharedStateStats {
+  /** Whether the last call to Redis was answered. */
+  redisReachable: boolean;
+  /** Shared rate-limit checks sent to Redis (one per request of a route with rateLimit). */
+  rateLimitCalls: number;
+  /** Checks answered by this replica's own memory because Redis failed. */
+  rateLimitFallbacks: number;
+  /** Times this replica waited for another replica's certificate order (its lock). */
+  lockWaits: number;
+  /** Certificates installed from Redis (written by this or another replica). */
+  certificatesLoaded: number;
+  /** ACME orders this replica placed while holding the lock. */
+  ordersPlaced: number;
 }
 
 /** Bytes per second, on the client side: `in` from clients, `out` to them. */

@@ -177,6 +177,30 @@ export function normalizeOptions(options: ISmartProxyOptions, registry: Function
   return { config: { routes, options: nativeOptions }, warnings, functionIds: functions.used };
 }
 
+/**
+ * `redis.encryptionKey`: standard base64 (padding optional) of exactly 32 bytes, passed on in its
+ * canonical padded form. The key itself never appears in an error message.
+ */
+function redisEncryptionKey(value: unknown, root: Place): string {
+  const expected = 'expected base64 of 32 bytes (AES-256)';
+  if (typeof value !== 'string') root.fail('redis.encryptionKey', `${expected}, got ${value === null ? 'null' : `a value of type ${typeof value}`}`);
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(value) || value.length % 4 === 1 || (value.includes('=') && value.length % 4 !== 0)) {
+    root.fail('redis.encryptionKey', `${expected}, got a string that is not base64`);
+  }
+  const bytes = Buffer.from(value, 'base64');
+  if (bytes.length !== 32) root.fail('redis.encryptionKey', `${expected}, got ${bytes.length} bytes`);
+  return bytes.toString('base64');
+}
+
+/** `redis.syncIntervalMs`: an integer from 100 ms to a day; default 5000. */
+function redisSyncInterval(value: unknown, root: Place): number {
+  if (value === undefined) return 5000;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 100 || value > 86_400_000) {
+    root.fail('redis.syncIntervalMs', `expected an integer number of milliseconds from 100 to 86400000, got ${show(value)}`);
+  }
+  return value;
+}
+
 function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): INativeOptions {
   const ms = (key: string, fallback: number): number => {
     const v = raw[key];
@@ -223,7 +247,12 @@ function normalizeEngineOptions(raw: TRecord, root: Place, warnings: string[]): 
     const r = raw.redis as TRecord;
     if (typeof r.url !== 'string' || !/^rediss?:\/\//.test(r.url)) root.fail('redis.url', `expected a redis:// or rediss:// URL, got ${show(r.url)}`);
     if (r.keyPrefix !== undefined && typeof r.keyPrefix !== 'string') root.fail('redis.keyPrefix', `expected a string, got ${show(r.keyPrefix)}`);
-    redis = { url: r.url, keyPrefix: (r.keyPrefix as string | undefined) ?? 'smartproxy:' };
+    redis = {
+      url: r.url,
+      keyPrefix: (r.keyPrefix as string | undefined) ?? 'smartproxy:',
+      encryptionKey: r.encryptionKey === undefined ? null : redisEncryptionKey(r.encryptionKey, root),
+      syncIntervalMs: redisSyncInterval(r.syncIntervalMs, root),
+    };
   }
   /** An operator listener's address: `port` (required) and `host` (default loopback). */
   const listenerAddress = (field: string, value: TRecord): { port: number; host: string } => {

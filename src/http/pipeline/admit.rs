@@ -21,6 +21,8 @@ use crate::security::RouteGuard;
 pub(super) struct Admission<'c> {
     pub ctx: RequestCtx<'c>,
     pub route_slot: Option<RouteGuard>,
+    /// The route's rate limit is to be asked of Redis (`admit_shared`) before anything else.
+    pub shared_pending: bool,
 }
 
 /// A request refused before it reached its route's checks (`route: None`: it found no route), or
@@ -82,17 +84,41 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Adm
     let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections).map(Some) else {
         return Err(refused(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached")));
     };
+    // A rate limit shared by replicas is asked of Redis: `admit_shared` finishes such a request.
+    let shared = route.http_security.as_ref().is_some_and(|s| s.rate_limit.is_some()) && conn.env.shared.is_some();
     // Rate limit, then authentication: refused requests never reach an upstream.
     let admitted = match &route.http_security {
-        None => None,
-        Some(security) => match security.admit(conn.client_ip, match_path, &head.headers) {
+        Some(security) if !shared => match security.admit(conn.client_ip, match_path, &head.headers) {
             Ok(admitted) => Some(admitted),
             Err(refusal) => return Err(refused(security_refusal(route, refusal))),
         },
+        _ => None,
     };
     let ctx = RequestCtx { conn, route, version, uri: head.uri.clone(), raw_host, domain, normalised_path, admitted };
-    if let Some(native) = &route.http.native {
-        return Err(refused(native_response(native, &ctx.templates())));
+    if shared {
+        return Ok(Admission { ctx, route_slot, shared_pending: true });
     }
-    Ok(Admission { ctx, route_slot })
+    answer_natively(&ctx)?;
+    Ok(Admission { ctx, route_slot, shared_pending: false })
+}
+
+/// The rest of `admit` for a request whose rate limit is counted in Redis: the limit, then
+/// authentication and the answers given without an upstream, as `admit` orders them.
+pub(super) async fn admit_shared<'c>(ctx: &mut RequestCtx<'c>, head: &Parts) -> Result<(), Refused<'c>> {
+    let route = ctx.route;
+    let (Some(security), Some(redis)) = (&route.http_security, &ctx.conn.env.shared) else { return Ok(()) };
+    let match_path = ctx.normalised_path.as_deref().unwrap_or(head.uri.path());
+    match security.admit_shared(redis, ctx.conn.client_ip, match_path, &head.headers).await {
+        Ok(admitted) => ctx.admitted = Some(admitted),
+        Err(refusal) => return Err(Refused { route: Some(route), answer: security_refusal(route, refusal) }),
+    }
+    answer_natively(ctx)
+}
+
+/// A route that answers by itself (`native` responses) refuses to go further with that answer.
+fn answer_natively<'c>(ctx: &RequestCtx<'c>) -> Result<(), Refused<'c>> {
+    match &ctx.route.http.native {
+        Some(native) => Err(Refused { route: Some(ctx.route), answer: native_response(native, &ctx.templates()) }),
+        None => Ok(()),
+    }
 }

@@ -57,6 +57,8 @@ pub struct HttpEnv {
     pub send_proxy_protocol: u8,
     /// Session-affinity bindings (in memory, or shared through Redis).
     pub affinity: Arc<AffinityStore>,
+    /// Replicas' shared state (`options.redis`): rate limits are counted there.
+    pub shared: Option<Arc<crate::shared_state::SharedRedis>>,
     /// `accessLog`, when enabled: a record per request and per TCP connection.
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
@@ -136,11 +138,15 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
         let mut answered_by: Option<&Arc<Route>> = None;
         let proxied = async {
             let conn: &ConnectionContext = &conn;
-            let admit::Admission { ctx, mut route_slot } = admit::admit(conn, &head).map_err(|refused| {
+            let admit::Admission { mut ctx, mut route_slot, shared_pending } = admit::admit(conn, &head).map_err(|refused| {
                 answered_by = refused.route;
                 refused.answer
             })?;
             answered_by = Some(ctx.route);
+            if shared_pending {
+                // Boxed: only routes with a rate limit shared through Redis wait here.
+                Box::pin(admit::admit_shared(&mut ctx, &head)).await.map_err(|refused| refused.answer)?;
+            }
             if let Some(pending) = access_record.as_mut() {
                 pending.route = Some(ctx.route.label.clone());
             }

@@ -1,5 +1,6 @@
-//! The slice of RESP (the Redis protocol) that affinity lookups speak: commands encoded as arrays of
-//! bulk strings, and the replies GETEX, AUTH and SELECT get (a value, nil, a status, an error).
+//! The slice of RESP (the Redis protocol) that the per-request calls speak: commands encoded as
+//! arrays of bulk strings, and the replies GETEX, EVALSHA of our scripts (which answer with a bulk
+//! string), AUTH and SELECT get (a value, nil, a status, an error).
 //! Replies are untrusted bytes: the parser bounds every line and value, and is fuzzed
 //! (fuzz/fuzz_targets/redis_reply.rs).
 

@@ -1,15 +1,15 @@
-//! Affinity lookups (`GETEX key EX seconds`) over one pipelined Redis connection that this module
-//! keeps itself; every other Redis command (bindings) goes through the `redis` crate, which also
-//! parses the URL. Why a connection of our own for this one command: through the crate's
-//! multiplexed connection a lookup cost ~4,100 instructions of proxy CPU (a batching task of ours,
-//! the crate's driver task, a combine-based reply parser, a `Value` per reply), 9 % of a whole
-//! proxied request, and the affinity-through-Redis route missed its 10 % budget by that much.
+//! The per-request Redis calls (affinity `GETEX`, the shared rate limit's `EVALSHA`) over one
+//! pipelined connection that this module keeps itself; rare commands (bindings, certificates,
+//! locks) go through the `redis` crate, which also parses the URL. Why a connection of our own for
+//! calls made once per request: through the crate's multiplexed connection one cost several times
+//! the proxy CPU (a batching task of ours, the crate's driver task, a combine-based reply parser, a
+//! `Value` per reply), a large share of a whole proxied request.
 //!
 //! Callers write their command into the shared outbox themselves, in the order the answers will
-//! come back, and wake the connection task only when they find the outbox empty, so lookups that
+//! come back, and wake the connection task only when they find the outbox empty, so calls that
 //! arrive together leave in one write. The oldest unanswered lookup sets the connection's
 //! deadline: replies come in order, so a connection that misses it is dropped with everything
-//! pending on it. After a failed connect or a missed deadline, lookups fail at once for
+//! pending on it. After a failed connect or a missed deadline, calls fail at once for
 //! `RETRY_PAUSE` (the caller's memory answers them); then the next lookup connects again.
 
 use std::collections::VecDeque;
@@ -29,7 +29,7 @@ use tokio_util::either::Either;
 
 use super::resp::{encode_command, encode_getex, parse_reply, Parse, Reply};
 
-/// After a failed connect or a missed deadline, lookups fail at once this long.
+/// After a failed connect or a missed deadline, calls fail at once this long.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where Redis listens and how to log in to it.
@@ -47,9 +47,9 @@ pub enum RedisAddress {
     Unix(PathBuf),
 }
 
-/// Why a lookup has no answer from Redis.
+/// Why a call has no answer from Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LookupError {
+pub enum CallError {
     /// Connecting failed, now or within the last `RETRY_PAUSE`.
     Unreachable(String),
     /// No answer within the timeout.
@@ -62,19 +62,19 @@ pub enum LookupError {
     Stopped,
 }
 
-impl fmt::Display for LookupError {
+impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LookupError::Unreachable(why) => write!(f, "cannot connect to redis: {why}"),
-            LookupError::TimedOut => f.write_str("no answer from redis in time"),
-            LookupError::Broken(why) => write!(f, "the redis connection broke: {why}"),
-            LookupError::Refused(why) => write!(f, "redis refused the lookup: {why}"),
-            LookupError::Stopped => f.write_str("the lookup connection has stopped"),
+            CallError::Unreachable(why) => write!(f, "cannot connect to redis: {why}"),
+            CallError::TimedOut => f.write_str("no answer from redis in time"),
+            CallError::Broken(why) => write!(f, "the redis connection broke: {why}"),
+            CallError::Refused(why) => write!(f, "redis refused the lookup: {why}"),
+            CallError::Stopped => f.write_str("the lookup connection has stopped"),
         }
     }
 }
 
-type Answer = Result<Option<String>, LookupError>;
+type Answer = Result<Option<String>, CallError>;
 
 struct Waiter {
     answer: oneshot::Sender<Answer>,
@@ -86,7 +86,7 @@ struct Outbox {
     /// Encoded commands not yet written, one per waiter, in order.
     commands: Vec<u8>,
     waiting: Vec<Waiter>,
-    /// Set after a failure: until the instant, lookups fail at once for the reason.
+    /// Set after a failure: until the instant, calls fail at once for the reason.
     paused: Option<(Instant, String)>,
     stopped: bool,
 }
@@ -97,45 +97,50 @@ struct Shared {
 }
 
 /// The lookup side of one replica's Redis store.
-pub struct RedisLookups {
+pub struct RedisPipeline {
     shared: Arc<Shared>,
 }
 
-impl RedisLookups {
+impl RedisPipeline {
     /// Starts the connection task on the current runtime. It connects on the first lookup, and it
     /// ends (closing the connection) when this is dropped. A lookup waits at most `timeout`.
-    pub fn start(target: RedisTarget, timeout: Duration) -> RedisLookups {
+    pub fn start(target: RedisTarget, timeout: Duration) -> RedisPipeline {
         let shared = Arc::new(Shared { outbox: Mutex::new(Outbox::default()), wake: Notify::new() });
         tokio::spawn(run(shared.clone(), target, timeout));
-        RedisLookups { shared }
+        RedisPipeline { shared }
     }
 
     /// `GETEX <prefix><entry> EX <ttl_secs>`: the value, its expiry moved `ttl_secs` ahead.
     pub async fn getex(&self, prefix: &str, entry: &str, ttl_secs: u64) -> Answer {
+        self.call(|out| encode_getex(out, prefix, entry, ttl_secs)).await
+    }
+
+    /// One command, which `encode` appends in RESP; its reply is a value, nil or an error.
+    pub async fn call(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Answer {
         let (answer, answered) = oneshot::channel();
         let first = {
             let mut outbox = self.shared.outbox.lock();
             if outbox.stopped {
-                return Err(LookupError::Stopped);
+                return Err(CallError::Stopped);
             }
             if let Some((until, why)) = &outbox.paused {
                 if Instant::now() < *until {
-                    return Err(LookupError::Unreachable(why.clone()));
+                    return Err(CallError::Unreachable(why.clone()));
                 }
                 outbox.paused = None;
             }
-            encode_getex(&mut outbox.commands, prefix, entry, ttl_secs);
+            encode(&mut outbox.commands);
             outbox.waiting.push(Waiter { answer, queued_at: Instant::now() });
             outbox.waiting.len() == 1
         };
         if first {
             self.shared.wake.notify_one();
         }
-        answered.await.unwrap_or(Err(LookupError::Stopped))
+        answered.await.unwrap_or(Err(CallError::Stopped))
     }
 }
 
-impl Drop for RedisLookups {
+impl Drop for RedisPipeline {
     fn drop(&mut self) {
         self.shared.outbox.lock().stopped = true;
         self.shared.wake.notify_one();
@@ -167,9 +172,9 @@ async fn run(shared: Arc<Shared>, target: RedisTarget, timeout: Duration) {
             _ = shared.wake.notified() => {}
             read = read_more(&mut connection, &mut replies), if connection.is_some() => {
                 let outcome = match read {
-                    Ok(0) => Err(LookupError::Broken("redis closed it".to_string())),
+                    Ok(0) => Err(CallError::Broken("redis closed it".to_string())),
                     Ok(_) => answer_waiters(&mut in_flight, &mut replies),
-                    Err(err) => Err(LookupError::Broken(err.to_string())),
+                    Err(err) => Err(CallError::Broken(err.to_string())),
                 };
                 if let Err(err) = outcome {
                     drop_connection(&mut connection, &mut in_flight, &mut replies, err);
@@ -177,9 +182,9 @@ async fn run(shared: Arc<Shared>, target: RedisTarget, timeout: Duration) {
             }
             _ = deadline.as_mut(), if armed_for.is_some() => {
                 // Redis hangs: what queued behind the missed answers fails now, not after waiting too.
-                drop_connection(&mut connection, &mut in_flight, &mut replies, LookupError::TimedOut);
+                drop_connection(&mut connection, &mut in_flight, &mut replies, CallError::TimedOut);
                 pause(&shared, "no answer in time".to_string());
-                fail_queued(&shared, LookupError::Unreachable("no answer in time".to_string()));
+                fail_queued(&shared, CallError::Unreachable("no answer in time".to_string()));
             }
         }
 
@@ -188,8 +193,8 @@ async fn run(shared: Arc<Shared>, target: RedisTarget, timeout: Duration) {
             (outbox.stopped, outbox.waiting.first().map(|waiter| waiter.queued_at))
         };
         if stopped {
-            drop_connection(&mut connection, &mut in_flight, &mut replies, LookupError::Stopped);
-            fail_queued(&shared, LookupError::Stopped);
+            drop_connection(&mut connection, &mut in_flight, &mut replies, CallError::Stopped);
+            fail_queued(&shared, CallError::Stopped);
             return;
         }
         let Some(oldest) = oldest else { continue };
@@ -202,12 +207,12 @@ async fn run(shared: Arc<Shared>, target: RedisTarget, timeout: Duration) {
                         _ => format!("connecting took longer than {} ms", timeout.as_millis()),
                     };
                     pause(&shared, why.clone());
-                    fail_queued(&shared, LookupError::Unreachable(why));
+                    fail_queued(&shared, CallError::Unreachable(why));
                     continue;
                 }
             }
         }
-        // Let the requests that are ready now queue their lookups too: one write for them all.
+        // Let the requests that are ready now queue their calls too: one write for them all.
         tokio::task::yield_now().await;
         {
             let mut outbox = shared.outbox.lock();
@@ -218,8 +223,8 @@ async fn run(shared: Arc<Shared>, target: RedisTarget, timeout: Duration) {
         let due = in_flight.front().map_or(oldest, |waiter| waiter.queued_at) + timeout;
         let written = match tokio::time::timeout_at(due.into(), open.write_all(&sending)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(LookupError::Broken(err.to_string())),
-            Err(_) => Err(LookupError::TimedOut),
+            Ok(Err(err)) => Err(CallError::Broken(err.to_string())),
+            Err(_) => Err(CallError::TimedOut),
         };
         sending.clear();
         if let Err(err) = written {
@@ -239,25 +244,25 @@ async fn read_more(connection: &mut Option<Connection>, replies: &mut BytesMut) 
 }
 
 /// Hands every complete reply in `replies` to the oldest waiter.
-fn answer_waiters(in_flight: &mut VecDeque<Waiter>, replies: &mut BytesMut) -> Result<(), LookupError> {
+fn answer_waiters(in_flight: &mut VecDeque<Waiter>, replies: &mut BytesMut) -> Result<(), CallError> {
     loop {
         let (answer, used) = match parse_reply(replies) {
             Parse::Incomplete => return Ok(()),
-            Parse::Invalid(why) => return Err(LookupError::Broken(format!("redis sent no reply: {why}"))),
+            Parse::Invalid(why) => return Err(CallError::Broken(format!("redis sent no reply: {why}"))),
             Parse::Complete(reply, used) => {
                 let answer = match reply {
                     Reply::Value(bytes) => match std::str::from_utf8(bytes) {
                         Ok(text) => Ok(Some(text.to_string())),
-                        Err(_) => Err(LookupError::Refused("the stored backend is not text".to_string())),
+                        Err(_) => Err(CallError::Refused("the reply is not text".to_string())),
                     },
                     Reply::Nil => Ok(None),
-                    Reply::Error(text) | Reply::Status(text) => Err(LookupError::Refused(String::from_utf8_lossy(text).into_owned())),
+                    Reply::Error(text) | Reply::Status(text) => Err(CallError::Refused(String::from_utf8_lossy(text).into_owned())),
                 };
                 (answer, used)
             }
         };
         let Some(waiter) = in_flight.pop_front() else {
-            return Err(LookupError::Broken("redis sent a reply nobody asked for".to_string()));
+            return Err(CallError::Broken("redis sent a reply nobody asked for".to_string()));
         };
         // A caller that went away (its request was dropped) needs no answer.
         let _ = waiter.answer.send(answer);
@@ -265,7 +270,7 @@ fn answer_waiters(in_flight: &mut VecDeque<Waiter>, replies: &mut BytesMut) -> R
     }
 }
 
-fn drop_connection(connection: &mut Option<Connection>, in_flight: &mut VecDeque<Waiter>, replies: &mut BytesMut, why: LookupError) {
+fn drop_connection(connection: &mut Option<Connection>, in_flight: &mut VecDeque<Waiter>, replies: &mut BytesMut, why: CallError) {
     *connection = None;
     replies.clear();
     for waiter in in_flight.drain(..) {
@@ -277,7 +282,7 @@ fn pause(shared: &Shared, why: String) {
     shared.outbox.lock().paused = Some((Instant::now() + RETRY_PAUSE, why));
 }
 
-fn fail_queued(shared: &Shared, why: LookupError) {
+fn fail_queued(shared: &Shared, why: CallError) {
     let waiting = {
         let mut outbox = shared.outbox.lock();
         outbox.commands.clear();
@@ -380,7 +385,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_lookups_share_one_write_and_get_their_own_answers() {
         let (port, served) = fake_redis(b"$8\r\nh:1:8080\r\n").await;
-        let lookups = Arc::new(RedisLookups::start(target(port), Duration::from_millis(500)));
+        let lookups = Arc::new(RedisPipeline::start(target(port), Duration::from_millis(500)));
         let asks: Vec<_> = (0..10)
             .map(|i| {
                 let lookups = lookups.clone();
@@ -399,16 +404,16 @@ mod tests {
     #[tokio::test]
     async fn a_missing_key_an_error_reply_and_an_invalid_reply() {
         let (port, _served) = fake_redis(b"$-1\r\n").await;
-        let lookups = RedisLookups::start(target(port), Duration::from_millis(500));
+        let lookups = RedisPipeline::start(target(port), Duration::from_millis(500));
         assert_eq!(lookups.getex("p:", "k", 60).await, Ok(None));
 
         let (port, _served) = fake_redis(b"-WRONGTYPE Operation against a key\r\n").await;
-        let lookups = RedisLookups::start(target(port), Duration::from_millis(500));
-        assert_eq!(lookups.getex("p:", "k", 60).await, Err(LookupError::Refused("WRONGTYPE Operation against a key".to_string())));
+        let lookups = RedisPipeline::start(target(port), Duration::from_millis(500));
+        assert_eq!(lookups.getex("p:", "k", 60).await, Err(CallError::Refused("WRONGTYPE Operation against a key".to_string())));
 
         let (port, _served) = fake_redis(b":1\r\n").await;
-        let lookups = RedisLookups::start(target(port), Duration::from_millis(500));
-        assert!(matches!(lookups.getex("p:", "k", 60).await, Err(LookupError::Broken(_))));
+        let lookups = RedisPipeline::start(target(port), Duration::from_millis(500));
+        assert!(matches!(lookups.getex("p:", "k", 60).await, Err(CallError::Broken(_))));
     }
 
     #[tokio::test]
@@ -421,7 +426,7 @@ mod tests {
                 held.push(socket);
             }
         });
-        let lookups = Arc::new(RedisLookups::start(target(port), Duration::from_millis(100)));
+        let lookups = Arc::new(RedisPipeline::start(target(port), Duration::from_millis(100)));
         let started = Instant::now();
         let asks: Vec<_> = (0..10)
             .map(|_| {
@@ -430,20 +435,20 @@ mod tests {
             })
             .collect();
         for ask in asks {
-            assert_eq!(ask.await.unwrap(), Err(LookupError::TimedOut));
+            assert_eq!(ask.await.unwrap(), Err(CallError::TimedOut));
         }
         // One after another, ten 100 ms waits would take 1 s.
         assert!(started.elapsed() < Duration::from_millis(600), "the waits ran side by side");
         // During the pause a lookup is refused without being sent: not TimedOut, Unreachable.
-        assert!(matches!(lookups.getex("p:", "k", 60).await, Err(LookupError::Unreachable(_))));
+        assert!(matches!(lookups.getex("p:", "k", 60).await, Err(CallError::Unreachable(_))));
     }
 
     #[tokio::test]
     async fn refused_connections_fail_at_once_and_a_returning_redis_is_used_again() {
         let (listener, port) = listen().await;
         drop(listener);
-        let lookups = RedisLookups::start(target(port), Duration::from_millis(200));
-        assert!(matches!(lookups.getex("p:", "k", 60).await, Err(LookupError::Unreachable(_))));
+        let lookups = RedisPipeline::start(target(port), Duration::from_millis(200));
+        assert!(matches!(lookups.getex("p:", "k", 60).await, Err(CallError::Unreachable(_))));
         // Redis comes back on the same port; after the pause the next lookup reconnects.
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         tokio::spawn(async move {
@@ -480,7 +485,7 @@ mod tests {
         login.username = Some("proxy".to_string());
         login.password = Some("secret".to_string());
         login.db = 3;
-        let lookups = RedisLookups::start(login.clone(), Duration::from_millis(500));
+        let lookups = RedisPipeline::start(login.clone(), Duration::from_millis(500));
         assert_eq!(lookups.getex("p:", "k", 60).await, Ok(None));
         let seen = served.await.unwrap();
         assert!(seen.starts_with(b"*3\r\n$4\r\nAUTH\r\n$5\r\nproxy\r\n$6\r\nsecret\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n*4\r\n$5\r\nGETEX"));
@@ -494,9 +499,9 @@ mod tests {
             let _ = socket.write_all(b"-WRONGPASS invalid username-password pair\r\n").await;
             let _ = socket.read(&mut chunk).await;
         });
-        let lookups = RedisLookups::start(login, Duration::from_millis(500));
+        let lookups = RedisPipeline::start(login, Duration::from_millis(500));
         match lookups.getex("p:", "k", 60).await {
-            Err(LookupError::Unreachable(why)) => assert!(why.contains("AUTH refused: WRONGPASS"), "{why}"),
+            Err(CallError::Unreachable(why)) => assert!(why.contains("AUTH refused: WRONGPASS"), "{why}"),
             other => panic!("expected a refused login, got {other:?}"),
         }
     }
