@@ -526,14 +526,18 @@ interface IAcmeReplica {
   port: number;
   /** Its challenge port (acme.port). */
   acmePort: number;
+  /** Its acme.certificateStore (the disk cache beside Redis). */
+  store: string;
 }
 
-/** A replica with one 'auto' route for `domain`, sharing `prefix` in Redis. */
+/** A replica with one 'auto' route for `domain`, sharing `prefix` in Redis; `store`: an existing
+ * acme.certificateStore (a replica restarting), else an empty one of its own. */
 async function acmeReplica(
   ctx: IContext,
   label: string,
   domain: string,
   redisOptions: { keyPrefix: string; encryptionKey?: string; syncIntervalMs?: number },
+  store: string = mkdtempSync(path.join(workDir, `${label}-`)),
 ): Promise<IAcmeReplica> {
   const [port, acmePort] = await freePorts(2);
   const options = {
@@ -543,7 +547,7 @@ async function acmeReplica(
       port: acmePort,
       directoryUrl: pebble.directoryUrl,
       directoryCaFile: pebble.caFile,
-      certificateStore: mkdtempSync(path.join(workDir, `${label}-`)),
+      certificateStore: store,
       useProduction: false,
       renewThresholdDays: 30,
       autoRenew: true,
@@ -558,7 +562,7 @@ async function acmeReplica(
       },
     ],
   };
-  return { replica: spawnReplica(ctx, label, options), port, acmePort };
+  return { replica: spawnReplica(ctx, label, options), port, acmePort, store };
 }
 
 /** Serial numbers compared as OpenSSL prints them, without leading zeros. */
@@ -592,6 +596,25 @@ async function certRecord(prefix: string, route = ROUTE): Promise<{ chainPem?: s
 }
 
 const leafSerialOf = (chainPem: string): string => normalSerial(new X509Certificate(chainPem).serialNumber);
+
+/** The keys under `prefix` whose value, whatever its type, holds a private key in the clear. */
+async function keysInTheClear(prefix: string): Promise<string[]> {
+  const readers: Record<string, (k: string) => string[]> = {
+    string: (k) => ['GET', k],
+    hash: (k) => ['HGETALL', k],
+    list: (k) => ['LRANGE', k, '0', '-1'],
+    set: (k) => ['SMEMBERS', k],
+    zset: (k) => ['ZRANGE', k, '0', '-1'],
+  };
+  const clear: string[] = [];
+  for (const k of (await redisList(redis.port, 'KEYS', `${prefix}*`)).map(String)) {
+    const type = await redisString(redis.port, 'TYPE', k);
+    const read = readers[type ?? ''];
+    if (read === undefined) continue; // gone meanwhile, or a stream
+    if (JSON.stringify(await redisCommand(redis.port, ...read(k))).includes('PRIVATE KEY')) clear.push(k);
+  }
+  return clear;
+}
 
 async function sumOrders(replicas: IReplica[]): Promise<number> {
   let sum = 0;
@@ -781,23 +804,9 @@ replicaTest('encryptionKey: no private key in the clear anywhere in Redis; a rep
   expect(await sumOrders(sealed.map((r) => r.replica))).toEqual(1);
   expect(ordersSince(mark)).toEqual(1);
 
-  // Every value under the prefix, whatever its type.
-  const keys = (await redisList(redis.port, 'KEYS', 'rt6:*')).map(String);
-  expect(keys).toContain(`rt6:cert:${ROUTE}`);
-  const readers: Record<string, (k: string) => string[]> = {
-    string: (k) => ['GET', k],
-    hash: (k) => ['HGETALL', k],
-    list: (k) => ['LRANGE', k, '0', '-1'],
-    set: (k) => ['SMEMBERS', k],
-    zset: (k) => ['ZRANGE', k, '0', '-1'],
-  };
-  for (const k of keys) {
-    const type = await redisString(redis.port, 'TYPE', k);
-    const read = readers[type ?? ''];
-    if (read === undefined) continue; // gone meanwhile, or a stream
-    const value = JSON.stringify(await redisCommand(redis.port, ...read(k)));
-    if (value.includes('PRIVATE KEY')) throw new Error(`${k} holds a private key in the clear`);
-  }
+  expect((await redisList(redis.port, 'KEYS', 'rt6:*')).map(String)).toContain(`rt6:cert:${ROUTE}`);
+  const clear = await keysInTheClear('rt6:');
+  if (clear.length > 0) throw new Error(`${clear.join(', ')} hold a private key in the clear`);
   const record = await certRecord('rt6:');
   expect(typeof record.sealedKey).toEqual('string');
   expect(record.keyPem).toBeUndefined();
@@ -827,6 +836,171 @@ replicaTest('encryptionKey: no private key in the clear anywhere in Redis; a rep
   }
   expect(handshake).toBeInstanceOf(Error);
   expect(leafSerialOf((await certRecord('rt6:')).chainPem!)).toEqual(serial);
+});
+
+replicaTest('a failed order is reported by every waiting replica, not repeated', async (ctx) => {
+  // Pebble's DNS gives no address for fail.*: the CA's validation fails, with no connection to
+  // any replica (so no gate).
+  const domain = 'fail.replicas8.test';
+  const prefix = 'rt8:';
+  const mark = pebbleLines().length;
+  const replicas = await Promise.all(['r8a', 'r8b', 'r8c'].map((label) => acmeReplica(ctx, label, domain, { keyPrefix: prefix })));
+  await whenStarted(...replicas.map((r) => r.replica));
+  // One replica orders; the others wait on its lock, then read its failure (no retry: that comes
+  // after a minute's backoff).
+  const deadline = Date.now() + LOCK_TTL_MS + ISSUE_TIMEOUT_MS;
+  const failures = new Map<IReplica, ICertEvent>();
+  for (const r of replicas) {
+    let status: ICertStatus | null = null;
+    let state: ISharedStateStats | null = null;
+    await eventually(
+      async () => {
+        status = await certStatus(r.replica);
+        state = await sharedState(r.replica);
+        return r.replica.events.some((e) => e.event === 'certificate-failed');
+      },
+      deadline - Date.now(),
+      `'certificate-failed' from ${r.replica.label}`,
+      () => `its status ${JSON.stringify(status)}, sharedState ${JSON.stringify(state)}, events ${JSON.stringify(r.replica.events)}`,
+    );
+    failures.set(r.replica, r.replica.events.find((e) => e.event === 'certificate-failed')!);
+  }
+
+  // Once for all replicas.
+  expect(ordersSince(mark)).toEqual(1);
+  const states = await Promise.all(replicas.map((r) => sharedState(r.replica)));
+  console.log(`one failed order for three replicas: sharedState ${JSON.stringify(states)}`);
+  expect(states.reduce((sum, s) => sum + s.ordersPlaced, 0)).toEqual(1);
+  const orderer = replicas[states.findIndex((s) => s.ordersPlaced === 1)].replica;
+  const waiters = replicas.map((r) => r.replica).filter((r) => r !== orderer);
+
+  // The failure stays in Redis for the other replicas, for the first retry's backoff at most.
+  const markerKey = `${prefix}cert-failed:${ROUTE}`;
+  const pttl = await redisNumber(redis.port, 'PTTL', markerKey);
+  expect(pttl).toBeGreaterThan(0);
+  expect(pttl).toBeLessThanOrEqual(60_000);
+  const marker = await redisString(redis.port, 'GET', markerKey);
+  expect(marker).toEqual(failures.get(orderer)!.data.error);
+  console.log(`${markerKey} (PTTL ${pttl} ms): ${marker}`);
+
+  for (const r of replicas) {
+    const failed = r.replica.events.filter((e) => e.event === 'certificate-failed');
+    expect(failed.length).toEqual(1);
+    expect(failed[0].data.domain).toEqual(domain);
+    const status = await certStatus(r.replica);
+    expect(status?.status).toEqual('error');
+    expect(typeof status?.error).toEqual('string');
+  }
+  for (const r of waiters) {
+    const error = failures.get(r)!.data.error as string;
+    expect(error).toInclude("another replica's order failed just now");
+    expect(error).toInclude(marker!);
+    expect((await certStatus(r))!.error).toEqual(error);
+  }
+  expect(failures.get(orderer)!.data.error).not.toInclude("another replica's order failed just now");
+  expect(ordersSince(mark)).toEqual(1);
+
+  // A replica started while the failure stands reports it too, without an order of its own.
+  const late = await acmeReplica(ctx, 'r8d', domain, { keyPrefix: prefix });
+  await whenStarted(late.replica);
+  await eventually(
+    async () => late.replica.events.some((e) => e.event === 'certificate-failed'),
+    ISSUE_TIMEOUT_MS,
+    "'certificate-failed' from r8d",
+    () => `events ${JSON.stringify(late.replica.events)}`,
+  );
+  const lateError = late.replica.events.find((e) => e.event === 'certificate-failed')!.data.error as string;
+  expect(lateError).toInclude("another replica's order failed just now");
+  expect((await sharedState(late.replica)).ordersPlaced).toEqual(0);
+  expect(ordersSince(mark)).toEqual(1);
+});
+
+replicaTest('Redis emptied: a replica restarting writes its cached certificate back, no new order', async (ctx) => {
+  const domain = 'replicas9.test';
+  const prefix = 'rt9:';
+  const gate = await startGate(pebble.httpPort);
+  ctx.defer(() => gate.close());
+  const first = await acmeReplica(ctx, 'r9a', domain, { keyPrefix: prefix });
+  await whenStarted(first.replica);
+  gate.open([first.acmePort]);
+  await waitValid(first.replica);
+  const serial = await servedSerial(first.port, domain);
+  expect((await sharedState(first.replica)).ordersPlaced).toEqual(1);
+  await first.replica.kill();
+
+  // Everything in Redis is gone (a restart without persistence): the certificate, the account.
+  expect(await redisString(redis.port, 'FLUSHALL')).toEqual('OK');
+  expect(await redisList(redis.port, 'KEYS', `${prefix}*`)).toEqual([]);
+  const mark = pebbleLines().length;
+
+  // The replica again, with its disk cache: it serves what it had, and Redis has it again.
+  const restarted = await acmeReplica(ctx, 'r9a-restarted', domain, { keyPrefix: prefix }, first.store);
+  await whenStarted(restarted.replica);
+  await waitValid(restarted.replica, 10_000);
+  expect(await servedSerial(restarted.port, domain)).toEqual(serial);
+  const certKey = `${prefix}cert:${ROUTE}`;
+  await eventually(async () => (await redisNumber(redis.port, 'EXISTS', certKey)) === 1, 5000, `${certKey} back in Redis`);
+  expect(leafSerialOf((await certRecord(prefix)).chainPem!)).toEqual(serial);
+  expect((await sharedState(restarted.replica)).ordersPlaced).toEqual(0);
+
+  // A new replica (an empty disk cache of its own) loads it from Redis.
+  const fresh = await acmeReplica(ctx, 'r9b', domain, { keyPrefix: prefix });
+  await whenStarted(fresh.replica);
+  await waitValid(fresh.replica, 10_000);
+  expect(await servedSerial(fresh.port, domain)).toEqual(serial);
+  const state = await sharedState(fresh.replica);
+  expect(state.ordersPlaced).toEqual(0);
+  expect(state.certificatesLoaded).toBeGreaterThanOrEqual(1);
+  expect((await sharedState(restarted.replica)).ordersPlaced).toEqual(0);
+  expect(ordersSince(mark)).toEqual(0);
+  for (const r of [restarted, fresh]) expect(r.replica.events.filter((e) => e.event === 'certificate-failed')).toEqual([]);
+});
+
+replicaTest('a key stored unsealed is used and sealed once encryptionKey is set', async (ctx) => {
+  const domain = 'replicas10.test';
+  const prefix = 'rt10:';
+  const gate = await startGate(pebble.httpPort);
+  ctx.defer(() => gate.close());
+  const mark = pebbleLines().length;
+  // Issued by replicas without encryptionKey: the key is in the clear.
+  const plain = await Promise.all(['r10a', 'r10b'].map((label) => acmeReplica(ctx, label, domain, { keyPrefix: prefix })));
+  await whenStarted(...plain.map((r) => r.replica));
+  gate.open(plain.map((r) => r.acmePort));
+  const deadline = Date.now() + ISSUE_TIMEOUT_MS;
+  for (const r of plain) await waitValid(r.replica, deadline - Date.now());
+  const serial = await servedSerial(plain[0].port, domain);
+  expect(await servedSerial(plain[1].port, domain)).toEqual(serial);
+  expect(await sumOrders(plain.map((r) => r.replica))).toEqual(1);
+  expect(ordersSince(mark)).toEqual(1);
+  const certKey = `${prefix}cert:${ROUTE}`;
+  expect(await redisString(redis.port, 'GET', certKey)).toInclude('PRIVATE KEY');
+  expect(await keysInTheClear(prefix)).toEqual([certKey]);
+
+  // A replica with encryptionKey (and an empty disk cache): it uses that key, orders nothing.
+  const markSealed = pebbleLines().length;
+  const sealed = await acmeReplica(ctx, 'r10-sealed', domain, { keyPrefix: prefix, encryptionKey: randomBytes(32).toString('base64') });
+  await whenStarted(sealed.replica);
+  await waitValid(sealed.replica, 10_000);
+  expect(await servedSerial(sealed.port, domain)).toEqual(serial);
+  expect((await certStatus(sealed.replica))?.status).toEqual('valid');
+  expect((await sharedState(sealed.replica)).ordersPlaced).toEqual(0);
+
+  // And seals it in Redis.
+  let clear: string[] = [];
+  await eventually(
+    async () => (clear = await keysInTheClear(prefix)).length === 0,
+    5000,
+    `no private key in the clear under ${prefix}`,
+    () => `in the clear: ${clear.join(', ')}`,
+  );
+  const record = await certRecord(prefix);
+  expect(typeof record.sealedKey).toEqual('string');
+  expect(record.keyPem).toBeUndefined();
+  expect(leafSerialOf(record.chainPem!)).toEqual(serial);
+  expect(ordersSince(markSealed)).toEqual(0);
+  expect(sealed.replica.events.filter((e) => e.event === 'certificate-failed')).toEqual([]);
+  const plainStatuses = await Promise.all(plain.map((r) => certStatus(r.replica)));
+  console.log(`sealed by r10-sealed; the replicas without the key now: ${JSON.stringify(plainStatuses)}`);
 });
 
 // ---------------------------------------------------------------------------------------------

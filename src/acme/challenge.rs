@@ -66,10 +66,15 @@ impl ChallengeStore {
         let token = token_of(path)?;
         let mut answer = self.answers.read().get(token).cloned();
         if let (None, Some(redis)) = (&answer, self.shared.get()) {
-            if token.len() <= MAX_TOKEN_BYTES {
+            // Only what can be a token (base64url, RFC 8555 §8.1) costs a Redis call.
+            let plausible = (16..=MAX_TOKEN_BYTES).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if plausible {
                 let mut get = redis::cmd("GET");
                 get.arg(redis.key("acme-challenge", token));
-                answer = redis.call::<Option<String>>(&get).await.ok().flatten();
+                match redis.call::<Option<String>>(&get).await {
+                    Ok(found) => answer = found,
+                    Err(err) => tracing::warn!(error = %err, "cannot read an ACME challenge answer from redis; answering 404"),
+                }
             }
         }
         Some(render(answer))

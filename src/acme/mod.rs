@@ -43,6 +43,19 @@ const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 const ORDER_LOCK_TTL: Duration = Duration::from_secs(15);
 /// How often a replica waiting for another's order looks whether the lock is gone.
 const LOCK_POLL: Duration = Duration::from_millis(500);
+/// An order under the lock is given up after this (validation, issuance, and the requests around
+/// them), so that a hung connection to the CA cannot hold every replica back.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// How long a failed order's error stands for the other replicas (`<prefix>cert-failed:<route>`).
+const FAILURE_SHARED_FOR: Duration = Duration::from_secs(55);
+
+/// What reading the store gave a route.
+enum Adoption {
+    Adopted,
+    Nothing,
+    /// What is there cannot be read (a sealed key that the configured key does not open).
+    Unreadable(String),
+}
 
 /// `ICertStatus` of the API.
 #[derive(Debug, Clone, Serialize)]
@@ -161,34 +174,40 @@ impl AcmeManager {
     /// Loads what the store holds for `names` (all managed routes when `None`), so the first
     /// handshakes already have it. Call before the listeners are bound.
     pub async fn load_stored(&self, names: Option<&[String]>) {
-        for (name, managed) in self.selected(names) {
-            if managed.current.lock().is_some() {
-                continue;
-            }
-            self.adopt_stored(&name, &managed, false).await;
-        }
+        // Side by side: with Redis unreachable each read waits for its timeout.
+        let selected: Vec<_> = self.selected(names).into_iter().filter(|(_, managed)| managed.current.lock().is_none()).collect();
+        futures_util::future::join_all(selected.iter().map(|(name, managed)| self.adopt_stored(name, managed, false))).await;
     }
 
     /// Installs the stored certificate of the route when it is for the route's domains and, with
-    /// `only_newer`, differs from the one served and expires no earlier. Returns whether it did.
-    async fn adopt_stored(&self, name: &str, managed: &Managed, only_newer: bool) -> bool {
+    /// `only_newer`, differs from the one served and expires no earlier.
+    async fn adopt_stored(&self, name: &str, managed: &Managed, only_newer: bool) -> Adoption {
         let settings = managed.settings.lock().clone();
-        let stored = match self.storage(&settings).load(name).await {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return false,
-            Err(err) => {
-                if managed.store_error.lock().replace(err.clone()).as_ref() != Some(&err) {
-                    tracing::error!(route = %name, error = %err, "the stored certificate cannot be read; no order is placed while it cannot");
-                    let mut status = managed.status.lock();
-                    if managed.current.lock().is_none() {
-                        status.status = "error";
-                    }
-                    status.error = Some(err);
+        let loaded = self.storage(&settings).load(name).await;
+        if let Err(err) = &loaded {
+            if managed.store_error.lock().replace(err.clone()).as_ref() != Some(err) {
+                tracing::error!(route = %name, error = %err, "the stored certificate cannot be read; no order is placed while it cannot");
+                let mut status = managed.status.lock();
+                if managed.current.lock().is_none() {
+                    status.status = "error";
                 }
-                return false;
+                status.error = Some(err.clone());
             }
+        } else if let Some(cleared) = managed.store_error.lock().take() {
+            // Readable again (the value was replaced or removed): orders may go ahead.
+            let mut status = managed.status.lock();
+            if status.error.as_ref() == Some(&cleared) {
+                status.error = None;
+                if status.status == "error" {
+                    status.status = "pending";
+                }
+            }
+        }
+        let stored = match loaded {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Adoption::Nothing,
+            Err(err) => return Adoption::Unreadable(err),
         };
-        *managed.store_error.lock() = None;
         let mut stored_domains = stored.meta.domains.clone();
         let mut domains = settings.domains.clone();
         stored_domains.sort();
@@ -197,13 +216,15 @@ impl AcmeManager {
             if !only_newer {
                 tracing::info!(route = %name, "the stored certificate is for other domains; ordering a new one");
             }
-            return false;
+            return Adoption::Nothing;
         }
         let cert = match LoadedCert::from_pem(&stored.chain_pem, &stored.key_pem) {
             Ok(cert) => cert,
             Err(err) => {
-                tracing::warn!(route = %name, error = %err, "the stored certificate cannot be used; ordering a new one");
-                return false;
+                if !only_newer {
+                    tracing::warn!(route = %name, error = %err, "the stored certificate cannot be used; ordering a new one");
+                }
+                return Adoption::Nothing;
             }
         };
         let had = {
@@ -211,7 +232,7 @@ impl AcmeManager {
             if only_newer {
                 if let Some(current) = current.as_ref() {
                     if current.key.cert.first() == cert.key.cert.first() || cert.not_after < current.not_after {
-                        return false;
+                        return Adoption::Nothing;
                     }
                 }
             }
@@ -226,7 +247,7 @@ impl AcmeManager {
                 tracing::info!(route = %name, "installed the certificate another replica stored");
             }
         }
-        true
+        Adoption::Adopted
     }
 
     /// Starts the background work once every listener is up: orders for the routes in `names`
@@ -355,27 +376,23 @@ impl AcmeManager {
 
     /// One order (`forced`: even when the certificate served is not due): with Redis, only while
     /// holding the route's lock, and not at all when another replica's order meanwhile stored what
-    /// this one needs.
+    /// this one needs, or just failed (then its error is this one's, so that N replicas do not make
+    /// N failed orders against the CA's limits).
     async fn order(&self, name: &str, managed: &Arc<Managed>, forced: bool) -> Result<(), String> {
         let _one_at_a_time = managed.ordering.lock().await;
         let Some(redis) = self.shared.get() else { return self.order_alone(name, managed).await };
-        if let Some(err) = managed.store_error.lock().clone() {
-            return Err(err);
+        if managed.store_error.lock().is_some() {
+            // Read again: the value may have been replaced or removed since.
+            if let Adoption::Unreadable(err) = self.adopt_stored(name, managed, true).await {
+                return Err(err);
+            }
         }
         let lock_name = format!("cert:{name}");
         let mut waited = false;
         loop {
             match redis.try_lock(&lock_name, ORDER_LOCK_TTL).await {
                 Ok(Some(lock)) => {
-                    // An order that finished just before this one took the lock may be what is needed.
-                    let settings = managed.settings.lock().clone();
-                    let adopted = (waited || !forced) && self.adopt_stored(name, managed, true).await;
-                    if adopted || (waited && !self.needs_order(managed, &settings)) {
-                        lock.release().await;
-                        return Ok(());
-                    }
-                    redis.counters.orders_placed.fetch_add(1, Ordering::Relaxed);
-                    let result = self.order_alone(name, managed).await;
+                    let result = self.order_holding_lock(name, managed, redis, forced, waited).await;
                     lock.release().await;
                     return result;
                 }
@@ -386,19 +403,75 @@ impl AcmeManager {
                         tracing::info!(route = %name, "another replica is ordering this certificate; waiting for it");
                     }
                     // Until its holder releases it, or dies and it expires.
-                    while redis.is_locked(&lock_name).await.unwrap_or(false) {
+                    loop {
                         tokio::time::sleep(LOCK_POLL).await;
+                        if !matches!(redis.is_locked(&lock_name).await, Ok(true)) {
+                            break;
+                        }
                     }
-                    if self.adopt_stored(name, managed, true).await {
-                        return Ok(());
+                    match self.adopt_stored(name, managed, true).await {
+                        Adoption::Adopted => return Ok(()),
+                        Adoption::Unreadable(err) => return Err(err),
+                        Adoption::Nothing => {}
                     }
                 }
                 Err(err) => {
                     tracing::warn!(route = %name, error = %err, "redis is unreachable; this replica orders the certificate alone");
+                    // The disk cache may hold what is needed (an order done while Redis was away).
+                    self.adopt_stored(name, managed, true).await;
+                    let settings = managed.settings.lock().clone();
+                    if !forced && !self.needs_order(managed, &settings) {
+                        return Ok(());
+                    }
                     return self.order_alone(name, managed).await;
                 }
             }
         }
+    }
+
+    async fn order_holding_lock(&self, name: &str, managed: &Arc<Managed>, redis: &SharedRedis, forced: bool, waited: bool) -> Result<(), String> {
+        let failed_key = redis.key("cert-failed", name);
+        if waited || !forced {
+            // An order that finished just before this one took the lock may be what is needed.
+            match self.adopt_stored(name, managed, true).await {
+                Adoption::Adopted => return Ok(()),
+                Adoption::Unreadable(err) => return Err(err),
+                Adoption::Nothing => {}
+            }
+            let settings = managed.settings.lock().clone();
+            if !forced && !self.needs_order(managed, &settings) {
+                return Ok(());
+            }
+        }
+        if !forced {
+            // Another replica's order just failed (this one waited for it, or started meanwhile):
+            // its error is this one's until the marker expires.
+            let mut get = redis::cmd("GET");
+            get.arg(&failed_key);
+            if let Ok(Some(err)) = redis.call::<Option<String>>(&get).await {
+                let err = format!("another replica's order failed just now: {err}");
+                self.report_failure(name, managed, managed.current.lock().is_some(), &err);
+                return Err(err);
+            }
+        }
+        redis.counters.orders_placed.fetch_add(1, Ordering::Relaxed);
+        let renewal = managed.current.lock().is_some();
+        // Bounded: while it runs, every replica waits for this one.
+        let result = match tokio::time::timeout(ORDER_TIMEOUT, self.order_alone(name, managed)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let err = format!("the order took longer than {} s and was given up", ORDER_TIMEOUT.as_secs());
+                self.report_failure(name, managed, renewal, &err);
+                Err(err)
+            }
+        };
+        if let Err(err) = &result {
+            let mut set = redis::cmd("SET");
+            // Gone a little before this replica's own first retry, which then orders again.
+            set.arg(&failed_key).arg(err).arg("PX").arg(FAILURE_SHARED_FOR.as_millis() as u64);
+            let _ = redis.call::<()>(&set).await;
+        }
+        result
     }
 
     /// One order: on success stored and installed; on failure reported (event and status).
@@ -436,18 +509,22 @@ impl AcmeManager {
                 Ok(())
             }
             Err(err) => {
-                {
-                    let mut status = managed.status.lock();
-                    // A certificate still being served stays valid; the failure is reported.
-                    if !renewal {
-                        status.status = "error";
-                    }
-                    status.error = Some(err.clone());
-                }
-                self.event(CertificateEventKind::Failed, name, &managed.first_domain(), None, Some(err.clone()));
+                self.report_failure(name, managed, renewal, &err);
                 Err(err)
             }
         }
+    }
+
+    fn report_failure(&self, name: &str, managed: &Managed, renewal: bool, err: &str) {
+        {
+            let mut status = managed.status.lock();
+            // A certificate still being served stays valid; the failure is reported.
+            if !renewal {
+                status.status = "error";
+            }
+            status.error = Some(err.to_string());
+        }
+        self.event(CertificateEventKind::Failed, name, &managed.first_domain(), None, Some(err.to_string()));
     }
 
     fn install(&self, managed: &Managed, name: &str, cert: LoadedCert, source: &'static str, event: Option<CertificateEventKind>) {
@@ -505,12 +582,16 @@ impl AcmeManager {
         let mut sync = tokio::time::interval(redis.sync_interval);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut subscription = match redis.pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                    Ok(()) => Some(pubsub),
-                    Err(_) => None,
-                },
-                Err(_) => None,
+            let subscribed = match redis.pubsub().await {
+                Ok(mut pubsub) => pubsub.subscribe(&channel).await.map(|()| pubsub).map_err(|err| err.to_string()),
+                Err(err) => Err(err),
+            };
+            let mut subscription = match subscribed {
+                Ok(pubsub) => Some(pubsub),
+                Err(err) => {
+                    redis.certificate_outage.failed("new certificates of other replicas are looked for every syncIntervalMs only", &err);
+                    None
+                }
             };
             let mut messages = subscription.as_mut().map(|pubsub| pubsub.on_message());
             loop {
@@ -526,7 +607,7 @@ impl AcmeManager {
                             let Ok(name) = message.get_payload::<String>() else { continue };
                             let managed = self.managed.lock().get(&name).cloned();
                             if let Some(managed) = managed {
-                                self.adopt_stored(&name, &managed, true).await;
+                                self.adopt_from_replicas(&name, &managed).await;
                             }
                         }
                         // The subscription broke: subscribe again.
@@ -537,7 +618,7 @@ impl AcmeManager {
                             if managed.settings.lock().custom_provisioning {
                                 continue;
                             }
-                            self.adopt_stored(&name, &managed, true).await;
+                            self.adopt_from_replicas(&name, &managed).await;
                         }
                         if messages.is_none() {
                             break;
@@ -545,6 +626,14 @@ impl AcmeManager {
                     }
                 }
             }
+        }
+    }
+
+    /// A certificate another replica stored, unless this one is ordering (it installs its own
+    /// result, or adopts the other's when its wait ends).
+    async fn adopt_from_replicas(&self, name: &str, managed: &Managed) {
+        if let Ok(_idle) = managed.ordering.try_lock() {
+            self.adopt_stored(name, managed, true).await;
         }
     }
 

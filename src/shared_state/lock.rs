@@ -42,15 +42,20 @@ impl SharedRedis {
             let (key, token) = (key.clone(), token.clone());
             tokio::spawn(async move {
                 let script = redis::Script::new(RENEW);
+                let mut pause = ttl / 3;
                 loop {
-                    tokio::time::sleep(ttl / 3).await;
+                    tokio::time::sleep(pause).await;
                     match redis.run_script::<i64>(script.key(&key).arg(&token).arg(ttl_ms)).await {
-                        Ok(1) => {}
+                        Ok(1) => pause = ttl / 3,
                         Ok(_) => {
                             tracing::warn!(lock = %key, "the lock expired while held (redis was slow or lost it); another replica may take it");
                             return;
                         }
-                        Err(err) => tracing::warn!(lock = %key, error = %err, "cannot renew the lock; retrying"),
+                        Err(err) => {
+                            // Sooner than usual: two missed renewals in a row would lose it.
+                            pause = ttl / 10;
+                            tracing::warn!(lock = %key, error = %err, "cannot renew the lock; retrying");
+                        }
                     }
                 }
             })
@@ -91,5 +96,37 @@ impl Drop for HeldLock {
                 let _ = redis.run_script::<i64>(script.key(&key).arg(&token)).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared_state::test_redis::local_redis;
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_renewed_while_held_and_expiring_when_its_holder_is_gone() {
+        let (_server, redis) = local_redis().await;
+        let ttl = Duration::from_millis(300);
+        let held = redis.try_lock("a", ttl).await.unwrap().expect("free");
+        assert!(redis.try_lock("a", ttl).await.unwrap().is_none(), "held by the first");
+        // Renewed past its TTL while held.
+        tokio::time::sleep(ttl * 2).await;
+        assert!(redis.is_locked("a").await.unwrap());
+        held.release().await;
+        assert!(!redis.is_locked("a").await.unwrap());
+        // A holder that dies (its renewer stops) loses the lock when the TTL runs out.
+        let dead = redis.try_lock("a", ttl).await.unwrap().expect("free again");
+        dead.renewer.abort();
+        std::mem::forget(dead);
+        assert!(redis.try_lock("a", ttl).await.unwrap().is_none());
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        let next = redis.try_lock("a", ttl).await.unwrap().expect("expired");
+        // A lock that expired and went to another is not released by its old holder.
+        let mut set = redis::cmd("SET");
+        set.arg(redis.key("lock", "a")).arg("someone else");
+        redis.call::<()>(&set).await.unwrap();
+        next.release().await;
+        assert!(redis.is_locked("a").await.unwrap(), "the other holder keeps it");
     }
 }

@@ -10,6 +10,8 @@ pub mod pipeline;
 pub mod rate_limit;
 pub mod resp;
 pub mod seal;
+#[cfg(test)]
+mod test_redis;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -207,14 +209,14 @@ impl OutageLog {
     /// replica alone").
     pub fn failed(&self, meanwhile: &str, why: &str) {
         if !self.down.swap(true, Ordering::Relaxed) {
-            tracing::warn!(error = why, "redis is unreachable; {meanwhile} until it returns");
+            tracing::warn!(error = why, "redis cannot be used; {meanwhile} until it answers again");
         }
     }
 
     /// `feature`: what is shared again ("rate limits").
     pub fn answered(&self, feature: &str) {
         if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!("redis is reachable again; {feature} shared again");
+            tracing::info!("redis answers again; {feature} shared again");
         }
     }
 }

@@ -46,8 +46,11 @@ pub enum SharedDecision {
 impl SharedRedis {
     /// One GCRA update of `<prefix>ratelimit:<namespace><key>`.
     pub async fn rate_limit(&self, namespace: &str, key: &[u8], period: Duration, burst: Duration) -> Result<SharedDecision, CallError> {
-        let period_us = period.as_micros().max(1).to_string();
-        let burst_us = burst.as_micros().max(1).to_string();
+        // The burst as a whole number of periods, as in memory: rounding each to microseconds
+        // apart would let a few more requests through.
+        let period_us = period.as_micros().max(1);
+        let burst_us = (period_us * (burst.as_nanos() / period.as_nanos().max(1)).max(1)).to_string();
+        let period_us = period_us.to_string();
         let prefix = self.prefix();
         let encode = |out: &mut Vec<u8>, by_hash: bool| {
             let mut redis_key = Vec::with_capacity(prefix.len() + 10 + namespace.len() + key.len());
@@ -70,5 +73,35 @@ impl SharedRedis {
             Ok(wait_us) => Ok(SharedDecision::Wait(Duration::from_micros(wait_us))),
             Err(_) => Err(CallError::Refused(format!("the rate-limit script answered {text:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared_state::test_redis::local_redis;
+
+    #[tokio::test]
+    async fn the_script_admits_the_burst_then_one_per_period_and_survives_a_flushed_script_cache() {
+        let (_server, redis) = local_redis().await;
+        let period = Duration::from_millis(200);
+        let burst = period * 3;
+        for n in 0..3 {
+            assert_eq!(redis.rate_limit("r:", b"k", period, burst).await, Ok(SharedDecision::Admitted), "request {n} of the burst");
+        }
+        match redis.rate_limit("r:", b"k", period, burst).await {
+            Ok(SharedDecision::Wait(wait)) => assert!(wait > Duration::from_millis(100) && wait <= period, "{wait:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(redis.rate_limit("r:", b"other key\r\n", period, burst).await, Ok(SharedDecision::Admitted), "keys are apart, and binary-safe");
+        tokio::time::sleep(period).await;
+        assert_eq!(redis.rate_limit("r:", b"k", period, burst).await, Ok(SharedDecision::Admitted), "one more after a period");
+        // Redis restarted (or flushed): the script is loaded again by the first call.
+        redis.call::<()>(&redis::cmd("SCRIPT").arg("FLUSH").clone()).await.unwrap();
+        assert!(matches!(redis.rate_limit("r:", b"k", period, burst).await, Ok(SharedDecision::Wait(_))));
+        let mut ttl = redis::cmd("PTTL");
+        ttl.arg("t:ratelimit:r:k");
+        let left: i64 = redis.call(&ttl).await.unwrap();
+        assert!(left > 0 && left <= burst.as_millis() as i64, "the key expires when its state is fresh again: {left}");
     }
 }
