@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use crate::bounded::{bounded_bytes, BoundedMap};
 use crate::config::{BasicAuthConfig, JwtAuthConfig, RateLimitConfig, RateLimitKey};
 use crate::matchers::path::PathPattern;
-use crate::shared_state::rate_limit::SharedDecision;
+use crate::shared_state::rate_limit::{GcraArgs, SharedDecision};
 use crate::shared_state::SharedRedis;
 
 /// Longest `Authorization` value looked at; longer ones are refused unread.
@@ -158,6 +158,8 @@ pub struct RateLimit {
     keys: Mutex<BoundedMap<RateKey, Instant>>,
     /// `<owner>:`, the route's part of its keys in shared state.
     namespace: String,
+    /// The period and burst as the shared script takes them.
+    shared_args: GcraArgs,
     /// `window / maxRequests`.
     period: Duration,
     /// `period * maxRequests`: how far ahead of now a key's arrival time may run.
@@ -196,6 +198,7 @@ impl RateLimit {
         Ok(RateLimit {
             keys: Mutex::new(BoundedMap::new(config.max_keys)),
             namespace: format!("{owner}:"),
+            shared_args: GcraArgs::new(period, period * config.max_requests),
             period,
             burst: period * config.max_requests,
             key_by,
@@ -222,16 +225,19 @@ impl RateLimit {
 
     async fn check_shared(&self, redis: &SharedRedis, client_ip: IpAddr, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
         let key = self.key(client_ip, path, headers);
-        let ip_text;
+        // An address's text on the stack: the longest IPv6 text is 45 bytes.
+        let mut ip_text = [0u8; 48];
         let key_bytes: &[u8] = match &key {
             RateKey::Ip(ip) => {
-                ip_text = ip.to_string();
-                ip_text.as_bytes()
+                let mut cursor = std::io::Cursor::new(&mut ip_text[..]);
+                let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{ip}"));
+                let len = cursor.position() as usize;
+                &ip_text[..len]
             }
             RateKey::Bytes(bytes) => bytes,
         };
         redis.counters.rate_limit_calls.fetch_add(1, Ordering::Relaxed);
-        match redis.rate_limit(&self.namespace, key_bytes, self.period, self.burst).await {
+        match redis.rate_limit(&self.namespace, key_bytes, &self.shared_args).await {
             Ok(decision) => {
                 redis.rate_limit_outage.answered("rate limits are");
                 match decision {

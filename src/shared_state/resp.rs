@@ -46,6 +46,15 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     }
 }
 
+/// As `encode_command`, each argument the concatenation of its parts (a key written in place,
+/// with no key string built).
+pub fn encode_command_of_parts(out: &mut Vec<u8>, args: &[&[&[u8]]]) {
+    push_length(out, b'*', args.len());
+    for parts in args {
+        push_bulk(out, parts);
+    }
+}
+
 /// `GETEX <prefix><entry> EX <ttl_secs>`, the key written in place (no key string is built).
 /// Once per proxied request: one reservation, then appends into it (callgrind: ~150 instructions,
 /// where two stack buffers and a digit loop per number took ~530).
