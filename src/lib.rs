@@ -23,6 +23,7 @@ mod shared_state;
 mod tcp;
 mod templates;
 mod tls;
+mod udp;
 
 use std::future::Future;
 use std::sync::Arc;

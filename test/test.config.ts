@@ -216,8 +216,8 @@ tap.test('a minimal route gets priority 0, null name/id, empty match lists and n
       name: null,
       id: null,
       priority: 0,
-      match: { ports: [8080], domains: [], clientIp: [], tlsVersion: [] },
-      action: { tls: null, targets: [{ hosts: ['127.0.0.1'], port: 9000, matchPorts: null, priority: 0 }], connectTimeoutMs: null },
+      match: { ports: [8080], domains: [], clientIp: [], tlsVersion: [], transport: 'tcp' },
+      action: { tls: null, targets: [{ hosts: ['127.0.0.1'], port: 9000, matchPorts: null, priority: 0 }], connectTimeoutMs: null, udp: null },
       security: { ipAllowList: [], ipBlockList: [], maxConnections: null },
     },
   ]);
@@ -793,6 +793,80 @@ tap.test('action.security is used when route.security is absent', async () => {
 });
 
 // ---------------------------------------------------------------------------------------------
+// UDP routes
+
+tap.test('UDP routes: match.transport is always sent; action.udp only for routes taking UDP, with its defaults', async () => {
+  const udpRoute = (name: string, transport: unknown, udp?: unknown) =>
+    ({ name, match: { ports: 53, transport }, action: { type: 'forward', target, ...(udp === undefined ? {} : { udp }) } });
+  const { config, warnings } = normalize({
+    routes: [
+      route(80, 'plain'),
+      udpRoute('tcp', 'tcp'),
+      udpRoute('udp', 'udp'),
+      udpRoute('all', 'all', { maxDatagramSize: 1200 }),
+      udpRoute('tuned', 'udp', { sessionTimeout: 1000, maxSessionsPerIP: 1, maxDatagramSize: 65535 }),
+      udpRoute('empty', 'udp', {}),
+    ],
+  });
+  expect(warnings).toEqual([]);
+  expect(config.routes.map((r) => [r.name, r.match.transport, r.action.udp])).toEqual([
+    ['plain', 'tcp', null],
+    ['tcp', 'tcp', null],
+    ['udp', 'udp', { sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 }],
+    ['all', 'all', { sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 1200 }],
+    ['tuned', 'udp', { sessionTimeoutMs: 1000, maxSessionsPerIp: 1, maxDatagramSize: 65535 }],
+    ['empty', 'udp', { sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 }],
+  ]);
+  // The rest of a UDP route is normalised as any forward route's: targets, IP lists, maxConnections.
+  const secured = normalize({
+    routes: [{ name: 's', match: { ports: [53, 5353], transport: 'udp', clientIp: ['10.0.0.0/8'] }, action: { type: 'forward', targets: [target, { host: 'b', port: 53 }] }, security: { ipAllowList: ['10.0.0.0/8'], maxConnections: 50 } }],
+  }).config.routes[0];
+  expectSubset(secured, {
+    match: { ports: [53, 5353], domains: [], clientIp: ['10.0.0.0/8'], tlsVersion: [], path: null, headers: [], transport: 'udp' },
+    action: { tls: null, targets: [{ hosts: ['127.0.0.1'], port: 9000 }, { hosts: ['b'], port: 53 }] },
+    security: { ipAllowList: ['10.0.0.0/8'], maxConnections: 50 },
+  });
+});
+
+tap.test('UDP routes: what they cannot have is refused, naming the route and the field', async () => {
+  const t = { type: 'forward', target };
+  const cases: Array<[Record<string, unknown>, Record<string, unknown>, string]> = [
+    [{ transport: 'bogus' }, t, `match.transport: expected 'tcp', 'udp' or 'all', got "bogus"`],
+    [{ transport: 7 }, t, `match.transport: expected 'tcp', 'udp' or 'all', got 7`],
+    [{}, { ...t, udp: { sessionTimeout: 5000 } }, `action.udp: needs match.transport 'udp' or 'all' (this route takes TCP only)`],
+    [{ transport: 'tcp' }, { ...t, udp: {} }, `action.udp: needs match.transport 'udp' or 'all' (this route takes TCP only)`],
+    [{ transport: 'udp', domains: 'dns.example.com' }, t, 'match.domains: UDP routes relay datagrams: they carry no domain to match (routing QUIC by SNI is not supported yet)'],
+    [{ transport: 'all', domains: ['a.example.com'] }, t, `match.domains: UDP routes relay datagrams (match.transport 'all' takes UDP too): they carry no domain to match (routing QUIC by SNI is not supported yet)`],
+    [{ transport: 'udp', path: '/api/*' }, t, 'match.path: UDP routes relay datagrams: they carry no HTTP path to match'],
+    [{ transport: 'udp', headers: { 'x-a': 'b' } }, t, 'match.headers: UDP routes relay datagrams: they carry no HTTP headers to match'],
+    [{ transport: 'udp', tlsVersion: ['TLSv1.3'] }, t, 'match.tlsVersion: UDP routes relay datagrams: they carry no TLS handshake to match'],
+    [{ transport: 'udp' }, { ...t, tls: { mode: 'passthrough' } }, 'action.tls: UDP routes relay datagrams: the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)'],
+    [{ transport: 'all' }, { ...t, tls: { mode: 'terminate', certificate: { key: 'K', cert: 'C' } } }, `action.tls: UDP routes relay datagrams (match.transport 'all' takes UDP too): the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)`],
+    [{ transport: 'udp' }, { type: 'socket-handler', datagramHandler: () => undefined }, 'action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)'],
+    [{ transport: 'all' }, { type: 'socket-handler', socketHandler: () => undefined, datagramHandler: () => undefined }, 'action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)'],
+    [{ transport: 'udp' }, { type: 'socket-handler', socketHandler: () => undefined }, 'action.socketHandler: datagramHandler is not supported yet (UDP routes forward only)'],
+    [{ transport: 'udp' }, { type: 'forward' }, 'action.targets: a forward route needs at least one target'],
+    [{ transport: 'udp' }, { type: 'forward', target: { host: () => 'h', port: 53 } }, 'action.target.host: UDP routes relay datagrams: a target host is a name or address (or a list of them), not a function'],
+    [{ transport: 'udp' }, { type: 'forward', target: { host: 'h', port: 'preserve' } }, `action.target.port: UDP routes relay datagrams: a target port is a number, not 'preserve'`],
+    [{ transport: 'udp' }, { ...t, forwardingEngine: 'nftables' }, 'action.forwardingEngine: UDP routes relay datagrams: kernel forwarding takes UDP by action.nftables.protocol, not match.transport'],
+    [{ transport: 'udp' }, { ...t, udp: 'fast' }, 'action.udp: expected an object, got "fast"'],
+    [{ transport: 'udp' }, { ...t, udp: { sessionTimeout: 500 } }, 'action.udp.sessionTimeout: expected an integer number of milliseconds, at least 1000, got 500'],
+    [{ transport: 'udp' }, { ...t, udp: { maxSessionsPerIP: 0 } }, 'action.udp.maxSessionsPerIP: expected a positive integer (at most 4294967295), got 0'],
+    [{ transport: 'udp' }, { ...t, udp: { maxDatagramSize: 0 } }, 'action.udp.maxDatagramSize: expected an integer from 1 to 65535, got 0'],
+    [{ transport: 'udp' }, { ...t, udp: { maxDatagramSize: 70000 } }, 'action.udp.maxDatagramSize: expected an integer from 1 to 65535, got 70000'],
+    [{ transport: 'udp' }, { ...t, udp: { maxDatagramSize: 1500, burst: 2 } }, 'action.udp.burst: unknown field (expected one of sessionTimeout, maxSessionsPerIP, maxDatagramSize)'],
+  ];
+  for (const [match, action, message] of cases) {
+    const err = configError({ routes: [route(80, 'ok'), { name: 'udp', match: { ports: 53, ...match }, action }] });
+    expect(err.message).toEqual(`routes[1] "udp": ${message}`);
+    expect(err.path).toEqual('routes[1] "udp"');
+  }
+  // A datagramHandler is refused on a TCP route too, in the same words.
+  expect(configError({ routes: [{ match: { ports: 80 }, action: { type: 'socket-handler', socketHandler: () => undefined, datagramHandler: () => undefined } }] }).message)
+    .toEqual('routes[0]: action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)');
+});
+
+// ---------------------------------------------------------------------------------------------
 // Through SmartProxy
 
 tap.test('new SmartProxy throws the route-naming config error synchronously (not started)', async () => {
@@ -816,6 +890,24 @@ tap.test('new SmartProxy throws the route-naming config error synchronously (not
   expect(cidr instanceof SmartProxyConfigError).toBeTrue();
   expect(cidr?.message ?? '').toStartWith('routes[0]: security.ipAllowList[0]: ');
   expect((cidr as SmartProxyConfigError).path).toEqual('routes[0]');
+});
+
+tap.test('new SmartProxy: a UDP route is refused synchronously when bad, and accepted by the engine when good (not started)', async () => {
+  const bad = thrown(() => new SmartProxy({ routes: [{ name: 'u', match: { ports: 53 }, action: { type: 'forward', target, udp: { maxDatagramSize: 512 } } }] } as unknown as TOptions));
+  expect(bad instanceof SmartProxyConfigError).toBeTrue();
+  expect(bad?.message).toEqual(`routes[0] "u": action.udp: needs match.transport 'udp' or 'all' (this route takes TCP only)`);
+  expect((bad as SmartProxyConfigError).path).toEqual('routes[0] "u"');
+  const handler = thrown(() => new SmartProxy({ routes: [{ name: 'd', match: { ports: 53, transport: 'udp' }, action: { type: 'socket-handler', datagramHandler: () => undefined } }] } as unknown as TOptions));
+  expect(handler instanceof SmartProxyConfigError).toBeTrue();
+  expect(handler?.message).toEqual('routes[0] "d": action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)');
+  // The engine takes the native form (transport, udp) as the normaliser writes it.
+  const good = thrown(() => new SmartProxy({
+    routes: [
+      { name: 'dns', match: { ports: 53, transport: 'udp' }, action: { type: 'forward', target, udp: { sessionTimeout: 5000 } } },
+      { name: 'both', match: { ports: 8443, transport: 'all' }, action: { type: 'forward', target } },
+    ],
+  }));
+  expect(good?.message).toBeUndefined();
 });
 
 tap.test('redis.encryptionKey and redis.syncIntervalMs: checked at construction, the key never echoed', async () => {

@@ -22,6 +22,7 @@ import {
   createPortMappingRoute,
   createOffsetPortMappingRoute,
   createDynamicRoute,
+  createUdpForwardRoute,
   createApiGatewayRoute,
   createNfTablesRoute,
   createNfTablesTerminateRoute,
@@ -387,6 +388,39 @@ tap.test('createNfTablesRoute family: name vs domains, nftables settings, securi
   expect(completeNamed[1].match).toEqual({ ports: 80 });
 });
 
+tap.test('createUdpForwardRoute: transport udp, one forward target, action.udp only when settings are given', async () => {
+  const plain = pure([53, { host: '10.0.0.53', port: 53 }], createUdpForwardRoute);
+  expect(plain).toEqual({
+    name: 'UDP: 53',
+    match: { ports: 53, transport: 'udp' },
+    action: { type: 'forward', targets: [{ host: '10.0.0.53', port: 53 }] },
+  });
+  expectValid(plain);
+
+  const tuned = pure(
+    [[5000, { from: 6000, to: 6001 }], target, { sessionTimeout: 5000, maxDatagramSize: 1200, maxSessionsPerIP: undefined, name: 'game', priority: 3, security: { ipAllowList: ['10.0.0.0/8'] } }],
+    createUdpForwardRoute,
+  );
+  expect(tuned).toEqual({
+    name: 'game',
+    match: { ports: [5000, { from: 6000, to: 6001 }], transport: 'udp' },
+    action: { type: 'forward', targets: [target], udp: { sessionTimeout: 5000, maxDatagramSize: 1200 } },
+    priority: 3,
+    security: { ipAllowList: ['10.0.0.0/8'] },
+  });
+  expectValid(tuned);
+  // Overrides merge field by field, action.udp included.
+  const both = createUdpForwardRoute(443, target, { maxSessionsPerIP: 5, match: { transport: 'all' }, action: { udp: { sessionTimeout: 2000 } } });
+  expect(both.match).toEqual({ ports: 443, transport: 'all' });
+  expect(both.action.udp).toEqual({ maxSessionsPerIP: 5, sessionTimeout: 2000 });
+  // The normaliser fills in the defaults the helper left out.
+  const { config } = normalizeOptions({ routes: deepFreeze([plain, tuned]) });
+  expect(config.routes.map((r) => [r.match.transport, r.action.udp])).toEqual([
+    ['udp', { sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 }],
+    ['udp', { sessionTimeoutMs: 5000, maxSessionsPerIp: 1000, maxDatagramSize: 1200 }],
+  ]);
+});
+
 tap.test('addRateLimiting / addBasicAuth / addJwtAuth: copies with security.<kind> enabled', async () => {
   const base = createHttpRoute('a.com', target, { security: { ipAllowList: ['10.0.0.0/8'] } });
   const limited = pure([base, { maxRequests: 10, window: 60, keyBy: 'header', headerName: 'X-Key', errorMessage: 'slow down' }], addRateLimiting);
@@ -501,6 +535,7 @@ tap.test('helper routes are accepted by the option normaliser (no stray fields)'
     createApiRoute('a.com', '/api', { host: '127.0.0.1', port: 3000 }, { addCorsHeaders: true }),
     createWebSocketRoute('a.com', '/ws', { host: '127.0.0.1', port: 3000 }),
     createNfTablesRoute('a.example.com', { host: '127.0.0.1', port: 3000 }, { ipAllowList: ['127.0.0.1'] }),
+    createUdpForwardRoute(5353, { host: '127.0.0.1', port: 53 }, { maxDatagramSize: 512 }),
   ];
   const { config } = normalizeOptions({ routes: deepFreeze(routes) });
   expect(config.routes.length).toEqual(routes.length);
@@ -646,6 +681,17 @@ tap.test('findMatchingRoutes / findBestMatchingRoute: priority, array order, dis
   expect(findBestMatchingRoute(routes, { port: 80, domain: 'b.com' })?.name).toEqual('catch-all');
   expect(findBestMatchingRoute(routes, { port: 9 })).toBeUndefined();
   expect(findBestMatchingRoute([], { port: 80 })).toBeUndefined();
+
+  // Transport: a query is a TCP connection unless it says 'udp'; 'all' routes take both.
+  const transports = deepFreeze([
+    { name: 'udp', match: { ports: 53, transport: 'udp' }, action: { type: 'forward', targets: [target] } },
+    { name: 'tcp', match: { ports: 53 }, action: { type: 'forward', targets: [target] } },
+    { name: 'all', match: { ports: 53, transport: 'all' }, action: { type: 'forward', targets: [target] } },
+  ] as IRouteConfig[]);
+  expect(findMatchingRoutes(transports, { port: 53 }).map((x) => x.name)).toEqual(['tcp', 'all']);
+  expect(findMatchingRoutes(transports, { port: 53, transport: 'tcp' }).map((x) => x.name)).toEqual(['tcp', 'all']);
+  expect(findMatchingRoutes(transports, { port: 53, transport: 'udp' }).map((x) => x.name)).toEqual(['udp', 'all']);
+  expect(findBestMatchingRoute(transports, { port: 53, transport: 'udp' })?.name).toEqual('udp');
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -713,8 +759,8 @@ tap.test('validateRouteConfig: every problem, each naming its field', async () =
   const typos = { nmae: 'x', match: { ports: 80, domain: 'a.com' }, action: { type: 'forward', targets: [{ host: 'h', port: 1, hots: 'x' }], redirect: {} } };
   expect(validateRouteConfig(typos as unknown as IRouteConfig).errors).toEqual([
     'nmae: unknown field (expected one of id, name, description, tags, priority, enabled, match, action, security, headers)',
-    'match.domain: unknown field (expected one of ports, domains, path, clientIp, tlsVersion, headers)',
-    'action.redirect: unknown field (expected one of type, targets, target, tls, socketHandler, websocket, loadBalancing, forwardingEngine, nftables, options, sendProxyProtocol, retry, timeouts, security, normalizePath)',
+    'match.domain: unknown field (expected one of ports, domains, path, clientIp, tlsVersion, headers, transport)',
+    'action.redirect: unknown field (expected one of type, targets, target, tls, socketHandler, datagramHandler, udp, websocket, loadBalancing, forwardingEngine, nftables, options, sendProxyProtocol, retry, timeouts, security, normalizePath)',
     'action.targets[0].hots: unknown field (expected one of host, port, match, priority, weight, tls, headers, sendProxyProtocol)',
   ]);
   // The 19.x target form and 'preserve' are fine.

@@ -2,7 +2,8 @@
 // (what `new SmartProxy()` runs) and validateRouteConfig / validateRoutes. A route using every key
 // the schema accepts passes both; an unknown key at any level is reported by both with its path;
 // keys the engine refuses for now are refused by both in the same words; the (ext) keys of API.md
-// "Edge hygiene" are checked by both, naming the field. Pure TypeScript: no engine needed.
+// "Edge hygiene" are checked by both, naming the field; so are UDP routes (`match.transport`,
+// `action.udp`). Pure TypeScript: no engine needed.
 import { tap, expect } from '@push.rocks/tapbundle';
 
 import { normalizeOptions, SmartProxyConfigError } from '../ts/utils/normalize-options.js';
@@ -53,6 +54,7 @@ function everyKeyRoute(): TRecord {
       clientIp: ['10.0.0.0/8'],
       tlsVersion: ['TLSv1.2', 'TLSv1.3'],
       headers: { 'x-tenant': 'a', 'x-version': /^v2/ },
+      transport: 'tcp',
     },
     action: {
       type: 'forward',
@@ -83,6 +85,23 @@ function everyKeyRoute(): TRecord {
     },
     security,
     headers: { request: { 'x-route': '{routeName}' }, response: { 'x-domain': '{domain}' } },
+  };
+}
+
+/**
+ * A UDP route setting every key a route taking UDP may have (no domains, path, headers, TLS
+ * version or TLS: datagrams carry none), `action.udp` included.
+ */
+function everyUdpKeyRoute(): TRecord {
+  return {
+    name: 'every udp key',
+    match: { ports: [53, { from: 5000, to: 5001 }], clientIp: ['10.0.0.0/8'], transport: 'udp' },
+    action: {
+      type: 'forward',
+      targets: [{ host: '10.0.0.53', port: 53 }],
+      udp: { sessionTimeout: 30000, maxSessionsPerIP: 10, maxDatagramSize: 1500 },
+    },
+    security: { ipAllowList: ['10.0.0.0/8'], ipBlockList: ['10.0.0.9'], maxConnections: 100 },
   };
 }
 
@@ -210,6 +229,7 @@ const ROUTE_PREFIX = 'routes[0] "every key": ';
 tap.test('the fixtures use every key the schema accepts', async () => {
   const used = new Map<IObjectSchema, Set<string>>();
   collectUsed(everyKeyRoute(), ROUTE_SCHEMA, used);
+  collectUsed(everyUdpKeyRoute(), ROUTE_SCHEMA, used);
   collectUsed(everyOption([]), OPTIONS_SCHEMA, used);
   const unused = [...unusedKeys(ROUTE_SCHEMA, used, ''), ...unusedKeys(OPTIONS_SCHEMA, used, 'options.')];
   if (unused.length > 0) throw new Error(`keys the fixtures do not set: ${unused.join(', ')}`);
@@ -224,6 +244,15 @@ tap.test('a route using every accepted key passes both validators', async () => 
   const { config } = normalizeOptions({ routes: [route] } as unknown as ISmartProxyOptions);
   expect(config.routes[0].security.forwardAuthorization).toBeTrue();
   expect(config.routes[0].action.sendProxyProtocol).toEqual(2);
+  expect(config.routes[0].match.transport).toEqual('tcp');
+  expect(config.routes[0].action.udp).toBeNull();
+
+  const udp = everyUdpKeyRoute();
+  expect(validateRouteConfig(udp as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
+  expect(normalizerError([udp])).toBeUndefined();
+  const native = normalizeOptions({ routes: [udp] } as unknown as ISmartProxyOptions).config.routes[0];
+  expect(native.match.transport).toEqual('udp');
+  expect(native.action.udp).toEqual({ sessionTimeoutMs: 30000, maxSessionsPerIp: 10, maxDatagramSize: 1500 });
 });
 
 tap.test('options using every option key: no error, and no "unknown options" warning', async () => {
@@ -239,24 +268,25 @@ tap.test('options using every option key: no error, and no "unknown options" war
 });
 
 tap.test('an unknown key at any level of a route is reported by both validators, with its path', async () => {
-  const route = everyKeyRoute();
-  const paths = objectPaths(route, ROUTE_SCHEMA);
+  const everyKeyPaths = objectPaths(everyKeyRoute(), ROUTE_SCHEMA);
   // Every level of a route is visited, each with its own object.
-  expect(paths.length > 25).toBeTrue();
-  for (const { path, schema } of paths) {
-    const bad = withKeyAt(route, path, 'bogusKey', 1);
-    const field = `${path}bogusKey`;
-    const errors = validateRouteConfig(bad as unknown as IRouteConfig).errors;
-    const thrown = normalizerError([bad]);
-    if (schema.open) {
-      // Compatibility blocks of the original: extra settings are accepted and ignored by both.
-      expect({ field, errors, thrown: thrown?.message }).toEqual({ field, errors: [], thrown: undefined });
-      continue;
+  expect(everyKeyPaths.length > 25).toBeTrue();
+  for (const [route, prefix] of [[everyKeyRoute(), ROUTE_PREFIX], [everyUdpKeyRoute(), 'routes[0] "every udp key": ']] as const) {
+    for (const { path, schema } of objectPaths(route, ROUTE_SCHEMA)) {
+      const bad = withKeyAt(route, path, 'bogusKey', 1);
+      const field = `${path}bogusKey`;
+      const errors = validateRouteConfig(bad as unknown as IRouteConfig).errors;
+      const thrown = normalizerError([bad]);
+      if (schema.open) {
+        // Compatibility blocks of the original: extra settings are accepted and ignored by both.
+        expect({ field, errors, thrown: thrown?.message }).toEqual({ field, errors: [], thrown: undefined });
+        continue;
+      }
+      const expected = `${field}: unknown field (expected one of ${Object.keys(schema.fields).join(', ')})`;
+      expect({ field, errors }).toEqual({ field, errors: [expected] });
+      expect({ field, thrown: thrown?.message }).toEqual({ field, thrown: `${prefix}${expected}` });
+      expect(validateRoutes([bad as unknown as IRouteConfig]).errors).toEqual([`${prefix}${expected}`]);
     }
-    const expected = `${field}: unknown field (expected one of ${Object.keys(schema.fields).join(', ')})`;
-    expect({ field, errors }).toEqual({ field, errors: [expected] });
-    expect({ field, thrown: thrown?.message }).toEqual({ field, thrown: `${ROUTE_PREFIX}${expected}` });
-    expect(validateRoutes([bad as unknown as IRouteConfig]).errors).toEqual([`${ROUTE_PREFIX}${expected}`]);
   }
   // The same for a target the route takes from options.defaults.
   const plain = { name: 'd', match: { ports: 80 }, action: { type: 'forward' } };
@@ -355,6 +385,52 @@ tap.test('the (ext) Edge hygiene keys: bad values are refused by both validators
   ];
   for (const [extra, message] of optionCases) {
     expect(normalizerError([], extra)?.message).toEqual(message);
+  }
+});
+
+tap.test('UDP routes: transport, action.udp and what datagrams do not carry are refused by both validators in the same words', async () => {
+  const t = [{ host: 'h', port: 53 }];
+  const cases: Array<[string, TRecord, TRecord, string]> = [
+    ['match.transport', { transport: 'bogus' }, { type: 'forward', targets: t }, `expected 'tcp', 'udp' or 'all', got "bogus"`],
+    ['match.transport', { transport: 'UDP' }, { type: 'forward', targets: t }, `expected 'tcp', 'udp' or 'all', got "UDP"`],
+    ['action.udp', {}, { type: 'forward', targets: t, udp: { sessionTimeout: 5000 } }, `needs match.transport 'udp' or 'all' (this route takes TCP only)`],
+    ['action.udp', { transport: 'tcp' }, { type: 'forward', targets: t, udp: {} }, `needs match.transport 'udp' or 'all' (this route takes TCP only)`],
+    ['action.udp', { transport: 'udp' }, { type: 'forward', targets: t, udp: 60000 }, 'expected an object, got 60000'],
+    ['action.udp.sessionTimeout', { transport: 'udp' }, { type: 'forward', targets: t, udp: { sessionTimeout: 999 } }, 'expected an integer number of milliseconds, at least 1000, got 999'],
+    ['action.udp.sessionTimeout', { transport: 'all' }, { type: 'forward', targets: t, udp: { sessionTimeout: 1500.5 } }, 'expected an integer number of milliseconds, at least 1000, got 1500.5'],
+    ['action.udp.maxSessionsPerIP', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxSessionsPerIP: 0 } }, 'expected a positive integer (at most 4294967295), got 0'],
+    ['action.udp.maxSessionsPerIP', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxSessionsPerIP: 2 ** 32 } }, `expected a positive integer (at most 4294967295), got ${2 ** 32}`],
+    ['action.udp.maxDatagramSize', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxDatagramSize: 65536 } }, 'expected an integer from 1 to 65535, got 65536'],
+    ['action.udp.maxDatagramSize', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxDatagramSize: '1500' } }, 'expected an integer from 1 to 65535, got "1500"'],
+    ['match.domains', { transport: 'udp', domains: 'a.example.com' }, { type: 'forward', targets: t }, 'UDP routes relay datagrams: they carry no domain to match (routing QUIC by SNI is not supported yet)'],
+    ['match.path', { transport: 'udp', path: '/x' }, { type: 'forward', targets: t }, 'UDP routes relay datagrams: they carry no HTTP path to match'],
+    ['match.headers', { transport: 'udp', headers: { 'x-a': 'b' } }, { type: 'forward', targets: t }, 'UDP routes relay datagrams: they carry no HTTP headers to match'],
+    ['match.tlsVersion', { transport: 'all', tlsVersion: ['TLSv1.3'] }, { type: 'forward', targets: t }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): they carry no TLS handshake to match`],
+    ['action.tls', { transport: 'udp' }, { type: 'forward', targets: t, tls: { mode: 'passthrough' } }, 'UDP routes relay datagrams: the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)'],
+    ['action.socketHandler', { transport: 'udp' }, { type: 'socket-handler', socketHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
+    ['action.socketHandler', { transport: 'all' }, { type: 'socket-handler', socketHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
+    ['action.datagramHandler', { transport: 'udp' }, { type: 'socket-handler', datagramHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
+    ['action.targets[1].host', { transport: 'udp' }, { type: 'forward', targets: [t[0], { host: handler, port: 53 }] }, 'UDP routes relay datagrams: a target host is a name or address (or a list of them), not a function'],
+    ['action.target.port', { transport: 'udp' }, { type: 'forward', target: { host: 'h', port: 'preserve' } }, `UDP routes relay datagrams: a target port is a number, not 'preserve'`],
+    ['action.targets[0].port', { transport: 'all' }, { type: 'forward', targets: [{ host: 'h', port: handler }] }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): a target port is a number, not a function`],
+    ['action.forwardingEngine', { transport: 'udp' }, { type: 'forward', targets: t, forwardingEngine: 'nftables' }, 'UDP routes relay datagrams: kernel forwarding takes UDP by action.nftables.protocol, not match.transport'],
+    ['action.datagramHandler', {}, { type: 'forward', targets: t, datagramHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
+  ];
+  for (const [field, match, action, reason] of cases) {
+    const route = { name: 'u', match: { ports: 53, ...match }, action };
+    expect({ field, errors: validateRouteConfig(route as unknown as IRouteConfig).errors }).toEqual({ field, errors: [`${field}: ${reason}`] });
+    expect({ field, thrown: normalizerError([route])?.message }).toEqual({ field, thrown: `routes[0] "u": ${field}: ${reason}` });
+  }
+  // Accepted by both: each transport, explicit settings at their bounds, client IPs and IP lists.
+  const fine: TRecord[] = [
+    { match: { ports: 53, transport: 'udp' }, action: { type: 'forward', targets: t } },
+    { match: { ports: 53, transport: 'all', clientIp: ['10.0.0.0/8'] }, action: { type: 'forward', targets: t, udp: { sessionTimeout: 1000, maxSessionsPerIP: 1, maxDatagramSize: 1 } } },
+    { match: { ports: 53, transport: 'udp' }, action: { type: 'forward', targets: t, udp: { maxSessionsPerIP: 4294967295, maxDatagramSize: 65535 } }, security: { ipBlockList: ['10.0.0.9'], maxConnections: 5 } },
+    { match: { ports: 443, transport: 'tcp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
+  ];
+  for (const route of fine) {
+    expect(validateRouteConfig(route as unknown as IRouteConfig).errors).toEqual([]);
+    expect(normalizerError([route])?.message).toBeUndefined();
   }
 });
 

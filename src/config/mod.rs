@@ -167,6 +167,9 @@ pub struct NameValue {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MatchConfig {
     pub ports: Vec<u16>,
+    /// Which sockets of the ports the route takes: TCP (the default), UDP, or both.
+    #[serde(default)]
+    pub transport: Transport,
     pub domains: Vec<String>,
     pub client_ip: Vec<String>,
     pub tls_version: Vec<String>,
@@ -224,6 +227,9 @@ pub struct ActionConfig {
     /// `forwardingEngine: 'nftables'`: the kernel forwards the route's flows (`kernel/`).
     #[serde(default)]
     pub kernel: Option<KernelConfig>,
+    /// `action.udp` of a route whose transport includes UDP.
+    #[serde(default)]
+    pub udp: Option<UdpConfig>,
 }
 
 /// `action.nftables` of a route with `forwardingEngine: 'nftables'`, with its defaults.
@@ -303,6 +309,42 @@ pub enum NativeResponseConfig {
     Redirect { location: String, status: u16 },
     Response { status: u16, headers: Vec<NameValue>, body: String },
     Block { status: u16, message: String },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+    All,
+}
+
+impl Transport {
+    pub fn tcp(self) -> bool {
+        self != Transport::Udp
+    }
+
+    pub fn udp(self) -> bool {
+        self != Transport::Tcp
+    }
+}
+
+/// `action.udp` of a UDP route, with its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UdpConfig {
+    /// A flow with no datagram either way for this long ends.
+    pub session_timeout_ms: u64,
+    pub max_sessions_per_ip: u32,
+    /// Larger datagrams from clients are dropped.
+    pub max_datagram_size: u32,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig { session_timeout_ms: 60_000, max_sessions_per_ip: 1000, max_datagram_size: 65_535 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -23,6 +23,7 @@ use crate::acme::{AcmeManager, CertStatus};
 use crate::balance::health::HealthChecks;
 use crate::balance::affinity::AffinityStore;
 use crate::shared_state::SharedRedis;
+use crate::udp::{UdpEnv, UdpPorts, UdpStats};
 use crate::balance::BackendRegistry;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
@@ -84,6 +85,8 @@ pub struct Engine {
     kernel: Arc<KernelForwarder>,
     /// Made at the first start (its Redis client needs the runtime); kept across restarts.
     affinity: std::sync::OnceLock<Arc<AffinityStore>>,
+    /// UDP flows' counters, kept across restarts.
+    udp_stats: Arc<UdpStats>,
     /// The Redis client replicas share state through (`options.redis`), made at the first start.
     shared: std::sync::OnceLock<Option<Arc<SharedRedis>>>,
     /// Raised when a stop begins, lowered by the next start.
@@ -107,6 +110,9 @@ struct Control {
 
 struct Running {
     ports: PortManager,
+    /// The UDP routes' ports, each with its relay.
+    udp: UdpPorts,
+    udp_env: Arc<UdpEnv>,
     on_accept: OnAccept,
     sessions: TaskTracker,
     draining: CancellationToken,
@@ -193,6 +199,7 @@ impl Engine {
             kernel: Arc::new(KernelForwarder::new(metrics.clone(), &config.options.default_security.ip_allow_list, &config.options.default_security.ip_block_list)),
             affinity: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
+            udp_stats: Arc::default(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),
             access_log_format,
@@ -247,7 +254,17 @@ impl Engine {
             }
         };
         let mut ports = PortManager::default();
-        if let Err(err) = ports.bind_all(&self.wanted_ports(&control), &on_accept) {
+        let udp_env = Arc::new(UdpEnv {
+            table: self.table.clone(),
+            global_policy: self.global_policy.clone(),
+            metrics: self.metrics.clone(),
+            stats: self.udp_stats.clone(),
+        });
+        let mut udp = UdpPorts::default();
+        let udp_wanted: Vec<u16> = self.table.read().udp_ports().into_iter().collect();
+        let bound = ports.bind_all(&self.wanted_ports(&control), &on_accept).and_then(|()| udp.bind_all(&udp_wanted, &udp_env).map(drop));
+        if let Err(err) = bound {
+            ports.release_all().await;
             for listener in ops {
                 listener.stop().await;
             }
@@ -266,7 +283,7 @@ impl Engine {
         self.kernel.sync(&kernel_routes).await;
         let kernel_counters = tokio::spawn(read_kernel_counters(self.kernel.clone()));
         tracing::info!(ports = ?ports.ports(), routes = self.table.read().routes().len(), "proxy started");
-        control.running = Some(Running { ports, on_accept, sessions, draining, force_close, pool, sampler, kernel_counters, ops, _log: log });
+        control.running = Some(Running { ports, udp, udp_env, on_accept, sessions, draining, force_close, pool, sampler, kernel_counters, ops, _log: log });
         Ok(())
     }
 
@@ -281,6 +298,7 @@ impl Engine {
         self.health_checks.stop_all();
         self.stopping.store(true, Ordering::Release);
         running.ports.release_all().await;
+        running.udp.release_all().await;
         self.listening.lock().clear();
         running.sampler.abort();
         running.kernel_counters.abort();
@@ -369,10 +387,27 @@ impl Engine {
         let removed_before = std::mem::take(&mut control.removed_ports);
         let wanted = self.wanted_ports(&control);
         if let Some(running) = control.running.as_mut() {
+            let udp_wanted: Vec<u16> = table.udp_ports().into_iter().collect();
+            let udp_added = match running.udp.bind_all(&udp_wanted, &running.udp_env) {
+                Ok(added) => added,
+                Err(err) => {
+                    *self.table.write() = previous;
+                    control.removed_ports = removed_before;
+                    return Err(EngineError::Bind(err));
+                }
+            };
             if let Err(err) = running.ports.bind_all(&wanted, &running.on_accept) {
+                for port in udp_added {
+                    running.udp.release(port).await;
+                }
                 *self.table.write() = previous;
                 control.removed_ports = removed_before;
                 return Err(EngineError::Bind(err));
+            }
+            for port in running.udp.ports() {
+                if !udp_wanted.contains(&port) {
+                    running.udp.release(port).await;
+                }
             }
             for port in running.ports.ports() {
                 if !wanted.contains(&port) {
@@ -481,6 +516,13 @@ impl Engine {
 
     fn affinity_store(&self, shared: Option<Arc<SharedRedis>>) -> Arc<AffinityStore> {
         self.affinity.get_or_init(|| Arc::new(AffinityStore::new(shared))).clone()
+    }
+
+    /// Active UDP flows, and the UDP counters when a route takes UDP or a flow ever ran.
+    pub fn udp_stats(&self) -> (u64, Option<crate::udp::UdpStatsSnapshot>) {
+        let snapshot = self.udp_stats.snapshot();
+        let wanted = !self.table.read().udp_ports().is_empty() || snapshot.sessions_total > 0;
+        (self.udp_stats.active(), wanted.then_some(snapshot))
     }
 
     pub fn shared_state_stats(&self) -> Option<crate::shared_state::SharedStateStats> {

@@ -39,6 +39,10 @@ pub struct Statistics {
     pub affinity: Option<AffinityStats>,
     /// (ext) State shared with other replicas through Redis; None without `options.redis`.
     pub shared_state: Option<crate::shared_state::SharedStateStats>,
+    /// UDP flows open now.
+    pub udp_sessions: u64,
+    /// (ext) UDP routes' counters; None when no route takes UDP.
+    pub udp: Option<crate::udp::UdpStatsSnapshot>,
     /// Rate-limit keys dropped to keep routes within `rateLimit.maxKeys` (routes of the current
     /// table; affinity evictions are under `affinity`).
     pub rate_limit_evictions: u64,
@@ -103,6 +107,7 @@ impl Engine {
         let active = m.active.load(Ordering::Acquire);
         let tls = m.active_tls.load(Ordering::Acquire).min(active);
         let (bytes_in, bytes_out) = m.bytes.totals();
+        let (udp_sessions, udp) = self.udp_stats();
         Statistics {
             active_connections: active,
             tls_connections: tls,
@@ -138,6 +143,8 @@ impl Engine {
                 .collect(),
             affinity: self.affinity_stats(),
             shared_state: self.shared_state_stats(),
+            udp_sessions,
+            udp,
             rate_limit_evictions: self.table.read().routes().iter().filter_map(|r| r.http_security.as_ref()).map(|s| s.rate_limit_evictions()).sum(),
             kernel_forwarding: self.kernel_status(),
         }

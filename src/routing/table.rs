@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::{
     BackendProtocol, ConfigError, HeaderMatchConfig, HealthCheckConfig, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RegexConfig, RetryConfig,
-    RouteConfig, TargetPort, TargetTlsConfig, TlsConfig, TlsMode,
+    RouteConfig, TargetPort, TargetTlsConfig, TlsConfig, TlsMode, Transport, UdpConfig,
 };
 use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
 use crate::tls::dynamic::{CertSlots, SlotResolver};
@@ -118,6 +118,10 @@ pub struct Route {
     /// `forwardingEngine: 'nftables'`: what the kernel forwards for the route (the relay serves
     /// it where the kernel cannot).
     pub kernel: Option<crate::kernel::KernelRoute>,
+    /// Which sockets of its ports the route takes.
+    pub transport: Transport,
+    /// `action.udp` with its defaults (used when `transport` includes UDP).
+    pub udp: UdpConfig,
 }
 
 /// How the route spreads picks over a backend set.
@@ -522,6 +526,37 @@ pub struct PortPlan {
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
     ports: HashMap<u16, PortPlan, foldhash::fast::RandomState>,
+    /// The routes taking datagrams on each UDP port, in matching order.
+    udp_ports: HashMap<u16, Vec<Arc<Route>>, foldhash::fast::RandomState>,
+}
+
+/// What a UDP route can be: a relay of datagrams to static targets, with nothing of TLS or HTTP.
+fn check_udp_route(config: &RouteConfig, route: &Route) -> Result<(), (String, String)> {
+    let m = &config.match_;
+    let refuse = |field: &str, why: &str| Err((field.to_string(), format!("UDP routes relay datagrams: {why}")));
+    if config.action.socket_handler.is_some() {
+        return Err(("action.socketHandler".into(), "datagramHandler is not supported yet (UDP routes forward only)".into()));
+    }
+    if config.action.tls.is_some() {
+        return refuse("action.tls", "no TLS (QUIC passthrough is not supported yet)");
+    }
+    if !m.domains.is_empty() {
+        return refuse("match.domains", "a datagram names no domain");
+    }
+    if m.path.is_some() || !m.headers.is_empty() || !m.tls_version.is_empty() {
+        return refuse("match", "no path, headers or TLS version to match");
+    }
+    if config.action.native_response.is_some() || config.action.kernel.is_some() {
+        return refuse("action", "forward to targets (kernel routes take UDP with action.nftables.protocol)");
+    }
+    if route.targets.iter().any(|t| t.host_function.is_some() || !matches!(t.port, TargetPort::Fixed(_))) {
+        return refuse("action.targets", "targets must be static hosts and ports, not functions");
+    }
+    let udp = route.udp;
+    if udp.session_timeout_ms == 0 || udp.max_sessions_per_ip == 0 || udp.max_datagram_size == 0 || udp.max_datagram_size > 65_535 {
+        return Err(("action.udp".into(), "sessionTimeout, maxSessionsPerIP and maxDatagramSize must be positive (maxDatagramSize at most 65535)".into()));
+    }
+    Ok(())
 }
 
 /// The kernel takes every flow to a kernel route's port (on this host's addresses) before any
@@ -567,7 +602,16 @@ impl RouteTable {
         let mut ordered: Vec<(usize, Arc<Route>)> = routes.iter().cloned().enumerate().collect();
         ordered.sort_by(|(ai, a), (bi, b)| b.priority.total_cmp(&a.priority).then(ai.cmp(bi)));
         let mut ports: HashMap<u16, PortPlan, foldhash::fast::RandomState> = HashMap::default();
+        let mut udp_ports: HashMap<u16, Vec<Arc<Route>>, foldhash::fast::RandomState> = HashMap::default();
         for (position, route) in &ordered {
+            if route.transport.udp() {
+                for port in &configs[*position].match_.ports {
+                    udp_ports.entry(*port).or_default().push(route.clone());
+                }
+            }
+            if !route.transport.tcp() {
+                continue;
+            }
             for port in &configs[*position].match_.ports {
                 let plan = ports.entry(*port).or_default();
                 let wants_http = route.needs_http;
@@ -585,7 +629,18 @@ impl RouteTable {
                 plan.needs_client_data = true;
             }
         }
-        Ok(RouteTable { routes, ports })
+        Ok(RouteTable { routes, ports, udp_ports })
+    }
+
+    /// Every port some route takes datagrams on.
+    pub fn udp_ports(&self) -> BTreeSet<u16> {
+        self.udp_ports.keys().copied().collect()
+    }
+
+    /// The first UDP route of the port whose client addresses include `client_ip`.
+    pub fn find_udp(&self, port: u16, client_ip: IpAddr) -> Option<&Arc<Route>> {
+        let facts = ConnectionFacts { local_port: port, client_ip, domain: None, protocol: Protocol::NotSniffed };
+        self.udp_ports.get(&port)?.iter().find(|route| route.matches(&facts))
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -819,8 +874,13 @@ impl Route {
             affinity,
             needs_http: false,
             kernel,
+            transport: config.match_.transport,
+            udp: config.action.udp.unwrap_or_default(),
         };
         let route = Route { needs_http: route.wants_http(), ..route };
+        if route.transport.udp() {
+            check_udp_route(config, &route).map_err(|(f, r)| fail(f, r))?;
+        }
         if route.affinity.is_some() && !route.speaks_http() {
             return Err(fail("action.loadBalancing.affinity".into(), "affinity is kept per HTTP request: the route must serve HTTP (terminate TLS, or plain HTTP with domains or HTTP matching)".into()));
         }
@@ -1090,6 +1150,7 @@ mod tests {
                 tls_version: vec![],
                 path: None,
                 headers: vec![],
+                transport: Default::default(),
             },
             action: ActionConfig {
                 tls: None,
@@ -1107,6 +1168,7 @@ mod tests {
                 load_balancing: Default::default(),
                 normalize_path: false,
                 kernel: None,
+                udp: None,
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),

@@ -61,6 +61,8 @@ export interface INativeRoute {
     tlsVersion: string[];
     path: string | null;
     headers: INativeHeaderMatch[];
+    /** Which traffic the route takes ('tcp' unless the route says otherwise). */
+    transport: 'tcp' | 'udp' | 'all';
   };
   action: {
     tls: INativeTls | null;
@@ -83,6 +85,8 @@ export interface INativeRoute {
     normalizePath: boolean;
     /** `forwardingEngine: 'nftables'`: the kernel forwards the route's flows. */
     kernel: INativeKernel | null;
+    /** `action.udp` with its defaults when `match.transport` is 'udp' or 'all'; null for TCP-only routes. */
+    udp: INativeUdp | null;
   };
   security: {
     ipAllowList: string[];
@@ -94,6 +98,16 @@ export interface INativeRoute {
     forwardAuthorization: boolean;
   };
   headers: INativeHeaderTemplates;
+}
+
+/** How a route taking UDP keeps its flows (client address and port ↔ one upstream socket). */
+export interface INativeUdp {
+  /** A flow idle this long either way is closed (at least 1000). */
+  sessionTimeoutMs: number;
+  /** Flows one client IP may hold open on the route. */
+  maxSessionsPerIp: number;
+  /** Larger datagrams are dropped (1-65535). */
+  maxDatagramSize: number;
 }
 
 /** `action.nftables` of a kernel-forwarded route, with its defaults. */

@@ -25,6 +25,8 @@ export interface IFieldSchema {
   readonly each?: IObjectSchema;
   /** A key the engine knows but refuses for now: why, in the words both validators report. */
   readonly notYet?: string;
+  /** The whole reason both validators give for a `notYet` key, when `not supported yet (<notYet>)` is not it. */
+  readonly notYetMessage?: string;
 }
 
 /** A key one of the validators must report. `field` is the path from the walk's start. */
@@ -51,10 +53,19 @@ export const AFFINITY_KEY = /^(?:ip|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^
 /** Every spelling of `action.options.backendProtocol`; 'http3' is known but refused (NOT_YET.http3). */
 export const BACKEND_PROTOCOLS: readonly string[] = ['auto', 'http1', 'http2', 'http3'];
 
+/** `match.transport`: the default, 'tcp', takes connections; 'udp' datagrams; 'all' both. */
+export const TRANSPORTS: readonly string[] = ['tcp', 'udp', 'all'];
+
 /** Value-level refusals, in the words both validators report (`not supported yet (<reason>)`). */
 export const NOT_YET = {
   http3: `'http3' needs QUIC, which is not implemented`,
 } as const;
+
+/** Why a `datagramHandler` (and a `socket-handler` route taking UDP) is refused, in both validators' words. */
+export const DATAGRAM_HANDLER_NOT_YET = 'datagramHandler is not supported yet (UDP routes forward only)';
+
+/** `action.udp` defaults (API.md "HTTP/3, QUIC and UDP"). */
+export const UDP_DEFAULTS = { sessionTimeout: 60000, maxSessionsPerIP: 1000, maxDatagramSize: 65535 } as const;
 
 /** API.md "Edge hygiene": how many affinity or rate-limit keys a route keeps in memory by default. */
 export const DEFAULT_MAX_KEYS = 100000;
@@ -110,6 +121,8 @@ export const ACTION_SCHEMA = keys({
   target: nested(TARGET_SCHEMA),
   tls: nested(TLS_SCHEMA),
   socketHandler: leaf,
+  datagramHandler: { notYet: 'UDP routes forward only', notYetMessage: DATAGRAM_HANDLER_NOT_YET },
+  udp: nested(keys(leaves('sessionTimeout', 'maxSessionsPerIP', 'maxDatagramSize'))),
   // The original's WebSocket, nftables and options blocks carry settings this engine has no use
   // for; refusing them would break drop-in configs.
   websocket: nested(keys(leaves('enabled', 'pingInterval', 'pingTimeout', 'maxPayloadSize'), true)),
@@ -137,6 +150,7 @@ export const MATCH_SCHEMA = keys({
   clientIp: leaf,
   tlsVersion: leaf,
   headers: leaf,
+  transport: leaf,
 });
 
 export const ROUTE_SCHEMA = keys({
@@ -200,7 +214,7 @@ function walk(value: unknown, schema: IObjectSchema, prefix: string, problems: I
     // An explicit `undefined` is the same as leaving the key out.
     if (child === undefined) continue;
     if (field.notYet !== undefined) {
-      problems.push({ field: `${prefix}${key}`, kind: 'not-yet', reason: `not supported yet (${field.notYet})` });
+      problems.push({ field: `${prefix}${key}`, kind: 'not-yet', reason: field.notYetMessage ?? `not supported yet (${field.notYet})` });
       continue;
     }
     inner.push([child, field, `${prefix}${key}`]);

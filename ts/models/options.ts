@@ -194,6 +194,10 @@ export interface IStatistics {
   affinity: { lookups: number; redisLookups: number; redisFallbacks: number; memoryEntries: number; evictions: number } | null;
   /** (ext) State shared through `options.redis` (certificates, rate limits) since start; null without `options.redis`. */
   sharedState: ISharedStateStats | null;
+  /** (ext) UDP flows (client address and port ↔ one upstream socket) open right now, over every route taking UDP. */
+  udpSessions: number;
+  /** (ext) UDP relaying since start, over every route taking UDP; null when no route takes UDP. */
+  udp: IUdpStats | null;
   /** (ext) Rate-limit keys evicted to keep routes within `rateLimit.maxKeys` (the routes in force). */
   rateLimitEvictions: number;
   /**
@@ -204,6 +208,21 @@ export interface IStatistics {
    * and the route's throughput too.
    */
   kernelForwarding: { active: boolean; table: string; unavailable: string | null; routes: Record<string, { packets: number; bytes: number; bytesIn: number; bytesOut: number }> } | null;
+}
+
+/**
+ * (ext) `IStatistics.udp`: the UDP routes' traffic since start. `In` is from clients, `out` to
+ * them (datagrams and their payload bytes); those bytes are in `bytesIn`/`bytesOut` too.
+ */
+export interface IUdpStats {
+  /** Flows opened since start. */
+  sessionsTotal: number;
+  datagramsIn: number;
+  datagramsOut: number;
+  bytesIn: number;
+  bytesOut: number;
+  /** Datagrams not relayed: larger than `maxDatagramSize`, over a flow limit, refused by the route's security, or undeliverable. */
+  dropped: number;
 }
 
 /** (ext) `IStatistics.sharedState`: this replica's use of the state shared through Redis. */

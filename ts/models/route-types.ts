@@ -29,6 +29,34 @@ export interface IRouteContext {
 
 export type TSocketHandler = (socket: net.Socket, context: IRouteContext) => void | Promise<void>;
 
+/** Which traffic a route takes: TCP connections, UDP datagrams, or both on the same ports. */
+export type TTransport = 'tcp' | 'udp' | 'all';
+
+/** What a `datagramHandler` is told about a datagram. */
+export interface IDatagramInfo {
+  clientIp: string;
+  clientPort: number;
+  /** The port the datagram arrived on. */
+  port: number;
+  routeName?: string;
+}
+
+/**
+ * A `socket-handler` route's handler of UDP datagrams (API.md "HTTP/3, QUIC and UDP"): `reply`
+ * sends a datagram back to the client. Not supported yet: UDP routes forward only.
+ */
+export type TDatagramHandler = (datagram: Buffer, info: IDatagramInfo, reply: (data: Buffer) => void) => void | Promise<void>;
+
+/** (ext) `action.udp`: how a UDP route keeps its flows (client address and port ↔ one upstream socket). */
+export interface IRouteUdp {
+  /** ms a flow may go without a datagram either way before it is closed; default 60000, at least 1000. */
+  sessionTimeout?: number;
+  /** Flows one client IP may hold open on this route; default 1000. */
+  maxSessionsPerIP?: number;
+  /** Largest datagram relayed, in bytes (1-65535); larger ones are dropped. Default 65535. */
+  maxDatagramSize?: number;
+}
+
 export interface IRouteMatch {
   /** Required: the ports this route listens on. */
   ports: TPortRange;
@@ -46,6 +74,12 @@ export interface IRouteMatch {
    * A header sent more than once fits when one of its values does.
    */
   headers?: Record<string, string | RegExp>;
+  /**
+   * (ext) `'tcp'` (default): connections; `'udp'`: datagrams, relayed per flow by a `forward`
+   * route; `'all'`: both on the route's ports. UDP carries no domain, path, headers or TLS version
+   * to match, so a route taking UDP sets none of those.
+   */
+  transport?: TTransport;
 }
 
 export interface IRouteTls {
@@ -130,6 +164,10 @@ export interface IRouteAction {
   target?: IRouteTarget;
   tls?: IRouteTls;
   socketHandler?: TSocketHandler;
+  /** UDP datagrams of a `socket-handler` route with `transport` 'udp' or 'all'. Not supported yet: refused. */
+  datagramHandler?: TDatagramHandler;
+  /** (ext) Flow settings of a route whose `match.transport` is 'udp' or 'all' (refused on a TCP-only route). */
+  udp?: IRouteUdp;
   /**
    * WebSocket upgrades, proxied unless `enabled` is false. `pingInterval` (ms): the proxy pings the
    * client between the backend's frames, and closes it (status 1001) when no pong comes within

@@ -41,6 +41,7 @@ import type { IObjectSchema } from '../models/option-schema.js';
 import { expandPortRange, isValidPortNumber } from './port-range.js';
 import { headerRegExpProblem, nativeHeaderMatch } from './header-match.js';
 import { nativeSpecOf } from './socket-handlers.js';
+import { checkUdpRoute } from './udp-route.js';
 import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
 
 /** A JavaScript function the engine may call, by the id the config carries instead of it. */
@@ -348,12 +349,17 @@ function normalizeRoute(
   if (typeof priority !== 'number' || !Number.isFinite(priority)) at.fail('priority', `expected a number, got ${show(priority)}`);
   const headers = headerTemplates(route.headers, at, 'headers');
 
-  const match = normalizeMatch(route.match, at);
+  const matched = normalizeMatch(route.match, at);
   const action = route.action;
   if (!isRecord(action)) at.fail('action', `expected an object, got ${show(action)}`);
   if (action.type !== 'forward' && action.type !== 'socket-handler') {
     at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
   }
+  // `match.transport` and `action.udp`, and what a route taking UDP cannot have (TLS, domains, ...).
+  const udpCheck = checkUdpRoute(route.match, action);
+  const [udpProblem] = udpCheck.problems;
+  if (udpProblem !== undefined) at.fail(udpProblem.field, udpProblem.reason);
+  const match: INativeRoute['match'] = { ...matched, transport: udpCheck.transport ?? 'tcp' };
   const certName = typeof name === 'string' && name !== '' ? name : match.domains[0] ?? `route-${index}`;
   const tls = normalizeTls(action.tls, at, warnings, describe(index, name), { ...acme, certName, domains: match.domains });
   rejectLaterActionFeatures(action, at);
@@ -429,6 +435,7 @@ function normalizeRoute(
       loadBalancing: normalizeLoadBalancing(action.loadBalancing, at),
       normalizePath: optionalFlag(action.normalizePath, at, 'action.normalizePath') ?? false,
       kernel,
+      udp: udpCheck.udp,
     },
     security: { ...lists, maxConnections, ...httpSecurity },
     headers,
@@ -497,7 +504,8 @@ function rejectKeyProblems(value: unknown, schema: IObjectSchema, at: Place, pre
   if (problem !== undefined) at.fail(problem.field, problem.reason);
 }
 
-function normalizeMatch(match: unknown, at: Place): INativeRoute['match'] {
+/** `match` without its transport (checkUdpRoute's). */
+function normalizeMatch(match: unknown, at: Place): Omit<INativeRoute['match'], 'transport'> {
   if (!isRecord(match)) at.fail('match', `expected an object with ports, got ${show(match)}`);
   if (match.ports === undefined) at.fail('match.ports', 'required');
   const ports = normalizePorts(match.ports, at, 'match.ports');

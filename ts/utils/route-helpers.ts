@@ -9,6 +9,7 @@ import type {
   IRouteSecurity,
   IRouteTarget,
   IRouteTls,
+  IRouteUdp,
   TPortRange,
   TSocketHandler,
 } from '../models/route-types.js';
@@ -92,6 +93,9 @@ export interface IDynamicRouteOptions extends TRouteOverrides {
   path?: string;
   clientIp?: string[];
 }
+
+/** `action.udp` settings (set only those given), and any route field to override. */
+export interface IUdpForwardRouteOptions extends IRouteUdp, TRouteOverrides {}
 
 export interface INfTablesRouteOptions {
   /** Default 80 (443 for the terminate variant). */
@@ -446,6 +450,24 @@ export function createDynamicRoute(options: IDynamicRouteOptions): IRouteConfig 
     name: `Dynamic route: ${describePorts(ports)}`,
     match: matchOf(ports, domains, { path, clientIp }),
     action: { type: 'forward', targets: [{ host: targetHost, port: portMapper }] },
+  };
+  return mergeRouteConfigs(base, overrides);
+}
+
+/**
+ * (ext) UDP datagrams on `ports` relayed to `target` per flow (`match.transport: 'udp'`); the
+ * `sessionTimeout`, `maxSessionsPerIP` and `maxDatagramSize` given go to `action.udp` (the engine's
+ * defaults otherwise), other options override the route's fields.
+ */
+export function createUdpForwardRoute(ports: TPortRange, target: THelperTarget, options: IUdpForwardRouteOptions = {}): IRouteConfig {
+  const { sessionTimeout, maxSessionsPerIP, maxDatagramSize, ...overrides } = options;
+  const udp = definedFields<IRouteUdp>({ sessionTimeout, maxSessionsPerIP, maxDatagramSize });
+  const action: IRouteAction = { type: 'forward', targets: [copyTarget(target)] };
+  if (Object.keys(udp).length > 0) action.udp = udp;
+  const base: IRouteConfig = {
+    name: `UDP: ${describePorts(ports)}`,
+    match: matchOf(ports, undefined, { transport: 'udp' }),
+    action,
   };
   return mergeRouteConfigs(base, overrides);
 }

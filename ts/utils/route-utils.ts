@@ -18,6 +18,7 @@ import {
   keyProblems,
 } from '../models/option-schema.js';
 import { SmartProxyConfigError } from './normalize-options.js';
+import { checkUdpRoute } from './udp-route.js';
 
 /** What a connection or request is known by, for `findMatchingRoutes`. */
 export interface IRouteMatchQuery {
@@ -25,6 +26,8 @@ export interface IRouteMatchQuery {
   domain?: string;
   path?: string;
   clientIp?: string;
+  /** (ext) 'tcp' (default): a connection, which routes with transport 'tcp' or 'all' take; 'udp': a datagram. */
+  transport?: 'tcp' | 'udp';
 }
 
 export interface IRouteValidationResult {
@@ -352,6 +355,14 @@ function routeMatchesClientIp(route: IRouteConfig, clientIp?: string): boolean {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Transport: a route takes TCP unless its `match.transport` says 'udp' or 'all'.
+
+function routeMatchesTransport(route: IRouteConfig, transport: 'tcp' | 'udp'): boolean {
+  const own: unknown = route.match?.transport ?? 'tcp';
+  return own === 'all' || own === transport;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Route selection
 
 function priorityOf(route: IRouteConfig): number {
@@ -360,7 +371,8 @@ function priorityOf(route: IRouteConfig): number {
 
 /**
  * Every enabled route matching the query, in the order the engine tries them: priority descending,
- * then array order. A route's `clientIp` is checked only against a query that has one.
+ * then array order. A route's `clientIp` is checked only against a query that has one; a query
+ * without `transport` is a TCP connection (routes with transport 'udp' do not take it).
  */
 export function findMatchingRoutes(routes: readonly IRouteConfig[], query: IRouteMatchQuery): IRouteConfig[] {
   return routes
@@ -371,7 +383,8 @@ export function findMatchingRoutes(routes: readonly IRouteConfig[], query: IRout
       routeMatchesPort(route, query.port) &&
       routeMatchesDomain(route, query.domain) &&
       routeMatchesPath(route, query.path) &&
-      routeMatchesClientIp(route, query.clientIp),
+      routeMatchesClientIp(route, query.clientIp) &&
+      routeMatchesTransport(route, query.transport ?? 'tcp'),
     )
     .sort((a, b) => priorityOf(b.route) - priorityOf(a.route) || a.index - b.index)
     .map(({ route }) => route);
@@ -679,7 +692,8 @@ function checkSecurity(security: unknown, field: string, out: Problems, needsNoH
   }
 }
 
-function checkAction(action: unknown, out: Problems): TRecord | undefined {
+/** `udpOnly`: the route's transport is 'udp', where a socket-handler's handler would be a datagramHandler (refused by checkUdpRoute). */
+function checkAction(action: unknown, out: Problems, udpOnly: boolean): TRecord | undefined {
   if (action === undefined) {
     out.add('action', "required (an object with type 'forward' or 'socket-handler')");
     return undefined;
@@ -699,7 +713,7 @@ function checkAction(action: unknown, out: Problems): TRecord | undefined {
       out.add('action.targets', 'a forward route needs at least one target');
     }
   } else if (action.type === 'socket-handler') {
-    if (typeof action.socketHandler !== 'function') {
+    if (typeof action.socketHandler !== 'function' && !udpOnly) {
       out.add('action.socketHandler', `a 'socket-handler' route needs a socketHandler function, got ${show(action.socketHandler)}`);
     }
   } else {
@@ -791,7 +805,7 @@ export function validateRouteConfig(route: IRouteConfig): IRouteValidationResult
   }
   if (raw.enabled !== undefined && typeof raw.enabled !== 'boolean') out.add('enabled', `expected true or false, got ${show(raw.enabled)}`);
   checkMatch(raw.match, out);
-  const action = checkAction(raw.action, out);
+  const action = checkAction(raw.action, out, isRecord(raw.match) && raw.match.transport === 'udp');
   const tls = action !== undefined && isRecord(action.tls) ? action.tls : undefined;
   const rawRelay = action !== undefined && isRecord(action.options) && action.options.raw === true;
   const noHttp = tls?.mode === 'passthrough' ? 'this route passes TLS through' : rawRelay ? 'this route relays raw TCP' : undefined;
@@ -805,6 +819,8 @@ export function validateRouteConfig(route: IRouteConfig): IRouteValidationResult
       if (isRecord(t) && t.tls !== undefined) out.add(`${field}.tls`, `${noOwnTls}: the proxy opens no TLS of its own to the target`);
     }
   }
+  // `match.transport`, `action.udp`, and what a route taking UDP cannot have.
+  for (const problem of checkUdpRoute(raw.match, raw.action).problems) out.add(problem.field, problem.reason);
   if (raw.security !== undefined) checkSecurity(raw.security, 'security', out, noHttp);
   else if (action?.security !== undefined) checkSecurity(action.security, 'action.security', out, noHttp);
   if (raw.headers !== undefined) checkHeaderTemplates(raw.headers, 'headers', out);

@@ -1,0 +1,406 @@
+//! UDP routes (`match.transport: 'udp' | 'all'`): one socket per port, and a flow per client
+//! address and port, with a connected upstream socket of its own, so the backend tells clients
+//! apart by source port and answers reach the client they belong to. A flow starts with its first
+//! datagram (route, IP lists, per-IP and per-route limits decide it once), and ends when no
+//! datagram passed either way for the route's `sessionTimeout`, or at stop. The flows of a port
+//! are bounded in number, and per client IP. Datagrams are never queued deep: a full queue or a
+//! socket that would block drops the datagram, as the network would.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use socket2::{Domain, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::Lease;
+use crate::listener::BindError;
+use crate::metrics::EngineMetrics;
+use crate::routing::table::{Route, RouteTable};
+use crate::security::{IpPolicy, RouteGuard};
+
+/// Flows one port keeps at most (each holds a socket and a task).
+const MAX_FLOWS_PER_PORT: usize = 65_536;
+/// Datagrams a flow holds for its upstream socket before dropping more.
+const FLOW_QUEUE: usize = 64;
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Counters of `getStatistics().udp`.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    active: AtomicU64,
+    total: AtomicU64,
+    datagrams_in: AtomicU64,
+    datagrams_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UdpStatsSnapshot {
+    pub sessions_total: u64,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped: u64,
+}
+
+impl UdpStats {
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> UdpStatsSnapshot {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        UdpStatsSnapshot {
+            sessions_total: load(&self.total),
+            datagrams_in: load(&self.datagrams_in),
+            datagrams_out: load(&self.datagrams_out),
+            bytes_in: load(&self.bytes_in),
+            bytes_out: load(&self.bytes_out),
+            dropped: load(&self.dropped),
+        }
+    }
+
+    fn drop_one(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the ports' relays share with the engine.
+pub struct UdpEnv {
+    pub table: Arc<RwLock<Arc<RouteTable>>>,
+    pub global_policy: IpPolicy,
+    pub metrics: Arc<EngineMetrics>,
+    pub stats: Arc<UdpStats>,
+}
+
+struct Listening {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The UDP ports bound, each with its relay task.
+#[derive(Default)]
+pub struct UdpPorts {
+    ports: BTreeMap<u16, Listening>,
+}
+
+impl UdpPorts {
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.keys().copied().collect()
+    }
+
+    /// Binds every port of `ports` not yet bound, or none of them; returns those this call bound.
+    /// Must run inside the engine's runtime.
+    pub fn bind_all(&mut self, ports: &[u16], env: &Arc<UdpEnv>) -> Result<Vec<u16>, BindError> {
+        let mut bound = Vec::new();
+        for &port in ports.iter().filter(|p| !self.ports.contains_key(p)) {
+            let socket = bind(port).and_then(UdpSocket::from_std).map_err(|source| BindError { port, source })?;
+            bound.push((port, socket));
+        }
+        let mut added = Vec::with_capacity(bound.len());
+        for (port, socket) in bound {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(relay_port(Arc::new(socket), port, stop.clone(), env.clone()));
+            self.ports.insert(port, Listening { stop, task });
+            added.push(port);
+        }
+        Ok(added)
+    }
+
+    /// Closes the port's socket and ends its flows before returning.
+    pub async fn release(&mut self, port: u16) {
+        if let Some(listening) = self.ports.remove(&port) {
+            listening.stop.cancel();
+            let _ = listening.task.await;
+        }
+    }
+
+    pub async fn release_all(&mut self) {
+        for port in self.ports() {
+            self.release(port).await;
+        }
+    }
+}
+
+/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`.
+fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
+    let socket = match Socket::new(Domain::IPV6, Type::DGRAM, None) {
+        Ok(socket) => {
+            socket.set_only_v6(false)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+            socket
+        }
+        Err(_) => {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            socket
+        }
+    };
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// A live flow as the port's relay sees it.
+struct Flow {
+    id: u64,
+    to_upstream: mpsc::Sender<Bytes>,
+    max_datagram: usize,
+}
+
+#[derive(Default)]
+struct Flows {
+    by_client: HashMap<SocketAddr, Flow>,
+    per_ip: HashMap<IpAddr, u32>,
+    next_id: u64,
+}
+
+impl Flows {
+    /// Forgets flow `id` of `client` (a newer flow of the same client stays).
+    fn remove(&mut self, client: SocketAddr, id: u64) {
+        if self.by_client.get(&client).is_some_and(|flow| flow.id == id) {
+            self.by_client.remove(&client);
+            if let Some(count) = self.per_ip.get_mut(&client.ip()) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_ip.remove(&client.ip());
+                }
+            }
+        }
+    }
+}
+
+/// An IPv4 client on a dual-stack socket as the IPv4 address it is.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, env: Arc<UdpEnv>) {
+    let flows: Arc<Mutex<Flows>> = Arc::default();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (len, from) = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(received) => received,
+                // An ICMP error for an earlier send, or a transient failure: the next datagram counts.
+                Err(_) => continue,
+            },
+        };
+        env.stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
+        env.stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+        let client = canonical(from);
+        let datagram = &buf[..len];
+        {
+            let table = flows.lock();
+            if let Some(flow) = table.by_client.get(&client) {
+                if len > flow.max_datagram || flow.to_upstream.try_send(Bytes::copy_from_slice(datagram)).is_err() {
+                    env.stats.drop_one();
+                }
+                continue;
+            }
+        }
+        if !start_flow(&socket, port, client, datagram, &flows, &env, &stop) {
+            env.stats.drop_one();
+        }
+    }
+    // The flows' tokens are children of `stop`: they end with the port.
+}
+
+/// Admits a new client flow with its first datagram; false when it is refused.
+fn start_flow(socket: &Arc<UdpSocket>, port: u16, client: SocketAddr, first: &[u8], flows: &Arc<Mutex<Flows>>, env: &Arc<UdpEnv>, stop: &CancellationToken) -> bool {
+    let ip = client.ip();
+    if !env.global_policy.admits(ip) {
+        return false;
+    }
+    let table = env.table.read().clone();
+    let Some(route) = table.find_udp(port, ip).cloned() else { return false };
+    if !route.policy.admits(ip) {
+        route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let limits = route.udp;
+    if first.len() > limits.max_datagram_size as usize {
+        return false;
+    }
+    let (to_upstream, queued) = mpsc::channel(FLOW_QUEUE);
+    let id = {
+        let mut table = flows.lock();
+        if table.by_client.len() >= MAX_FLOWS_PER_PORT || table.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_sessions_per_ip {
+            return false;
+        }
+        table.next_id += 1;
+        let id = table.next_id;
+        table.by_client.insert(client, Flow { id, to_upstream: to_upstream.clone(), max_datagram: limits.max_datagram_size as usize });
+        *table.per_ip.entry(ip).or_insert(0) += 1;
+        id
+    };
+    let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
+        flows.lock().remove(client, id);
+        return false;
+    };
+    let Some(target) = route.select_target(port, ip) else {
+        flows.lock().remove(client, id);
+        return false;
+    };
+    let upstream = (target.host.clone(), target.port);
+    let lease = target.lease;
+    // Cannot fail: the queue is new and empty.
+    let _ = to_upstream.try_send(Bytes::copy_from_slice(first));
+    env.stats.active.fetch_add(1, Ordering::Relaxed);
+    env.stats.total.fetch_add(1, Ordering::Relaxed);
+    let flow = FlowTask {
+        client,
+        id,
+        route,
+        upstream,
+        socket: socket.clone(),
+        flows: flows.clone(),
+        env: env.clone(),
+        cancel: stop.child_token(),
+        _route_slot: route_slot,
+        _lease: lease,
+    };
+    tokio::spawn(flow.run(queued));
+    true
+}
+
+/// One client flow: its queue towards the backend, the backend's answers back, its idle timer.
+struct FlowTask {
+    client: SocketAddr,
+    id: u64,
+    route: Arc<Route>,
+    upstream: (Arc<str>, u16),
+    socket: Arc<UdpSocket>,
+    flows: Arc<Mutex<Flows>>,
+    env: Arc<UdpEnv>,
+    cancel: CancellationToken,
+    /// Held for the flow's life: the route's `maxConnections` counts flows.
+    _route_slot: RouteGuard,
+    /// The backend's in-flight slot (least-connections balancing).
+    _lease: Option<Lease>,
+}
+
+thread_local! {
+    /// Where a worker thread reads a backend's datagram before sending it on (no buffer per flow).
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
+
+impl FlowTask {
+    async fn run(self, mut queued: mpsc::Receiver<Bytes>) {
+        match self.connect().await {
+            Ok(upstream) => self.relay(&upstream, &mut queued).await,
+            Err(err) => {
+                tracing::debug!(route = %self.route.label, backend = %self.upstream.0, error = %err, "cannot open the UDP flow's upstream socket");
+                self.env.stats.drop_one();
+            }
+        }
+        self.flows.lock().remove(self.client, self.id);
+        self.env.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn count_out(&self, len: usize) {
+        let stats = &self.env.stats;
+        stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+        self.route.stats.bytes.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+        self.env.metrics.bytes.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    async fn connect(&self) -> io::Result<UdpSocket> {
+        let (host, port) = (&*self.upstream.0, self.upstream.1);
+        let address = tokio::time::timeout(self.route.connect_timeout, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "resolving the target took too long"))??
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the target resolves to no address"))?;
+        let local: SocketAddr = if address.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        let upstream = UdpSocket::bind(local).await?;
+        upstream.connect(address).await?;
+        Ok(upstream)
+    }
+
+    async fn relay(&self, upstream: &UdpSocket, queued: &mut mpsc::Receiver<Bytes>) {
+        let idle_after = Duration::from_millis(self.route.udp.session_timeout_ms);
+        let idle = tokio::time::sleep(idle_after);
+        tokio::pin!(idle);
+        let stats = &self.env.stats;
+        let route_bytes = &self.route.stats.bytes;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = &mut idle => return,
+                datagram = queued.recv() => {
+                    let Some(datagram) = datagram else { return };
+                    route_bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                    self.env.metrics.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                    // Awaited, not tried: a new socket's writability is known only once polled.
+                    if upstream.send(&datagram).await.is_err() {
+                        stats.drop_one();
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_after);
+                }
+                ready = upstream.readable() => {
+                    if ready.is_err() {
+                        return;
+                    }
+                    // Every answer waiting now, each read and sent on without an await between. One
+                    // the port's socket cannot take at once (its writability not yet known, or
+                    // its buffer full) is copied out and awaited.
+                    let (answered, waiting) = SCRATCH.with(|scratch| {
+                        let mut scratch = scratch.borrow_mut();
+                        let mut answered = false;
+                        loop {
+                            match upstream.try_recv(&mut scratch) {
+                                Ok(len) => {
+                                    answered = true;
+                                    match self.socket.try_send_to(&scratch[..len], self.client) {
+                                        Ok(_) => self.count_out(len),
+                                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => return (answered, Some(scratch[..len].to_vec())),
+                                        Err(_) => stats.drop_one(),
+                                    }
+                                }
+                                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return (answered, None),
+                                // The backend's port is closed (ICMP): later datagrams may find it open.
+                                Err(_) => return (answered, None),
+                            }
+                        }
+                    });
+                    if let Some(datagram) = waiting {
+                        match self.socket.send_to(&datagram, self.client).await {
+                            Ok(_) => self.count_out(datagram.len()),
+                            Err(_) => stats.drop_one(),
+                        }
+                    }
+                    if answered {
+                        idle.as_mut().reset(tokio::time::Instant::now() + idle_after);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,483 @@
+// UDP forward routes (`match.transport: 'udp' | 'all'`): datagrams relayed per flow (client address
+// and port ↔ one connected upstream socket), replies sent back from the proxy's port, idle flows
+// reaped after `udp.sessionTimeout`, the route's IP lists, `maxSessionsPerIP` and `maxDatagramSize`,
+// one route serving TCP and UDP on the same port, and stop() releasing the UDP port.
+// The UDP echo backend answers each datagram with `${sender port}:` followed by the datagram, so a
+// client sees which upstream socket (flow) carried its datagram.
+import { tap, expect } from '@push.rocks/tapbundle';
+import * as dgram from 'node:dgram';
+import { randomBytes } from 'node:crypto';
+
+import { SmartProxy } from '../ts/index.js';
+import { exchange, freePort, sleep, startEchoServer } from './helpers/net.js';
+
+type TOptions = ConstructorParameters<typeof SmartProxy>[0];
+type TDefer = (fn: () => Promise<unknown> | unknown) => void;
+
+interface IUdpStats {
+  udpSessions: number;
+  udp: { sessionsTotal: number; datagramsIn: number; datagramsOut: number; bytesIn: number; bytesOut: number; dropped: number } | null;
+}
+
+/** The UDP part of `getStatistics()` (typed here until IStatistics declares it). */
+function udpStats(proxy: SmartProxy): IUdpStats {
+  const stats = proxy.getStatistics() as unknown as IUdpStats;
+  return { udpSessions: stats.udpSessions, udp: stats.udp };
+}
+
+function dropped(proxy: SmartProxy): number {
+  return udpStats(proxy).udp?.dropped ?? 0;
+}
+
+/** Runs `body` with a list of clean-ups that always run afterwards (last registered first). */
+async function withCleanup(body: (defer: TDefer) => Promise<void>): Promise<void> {
+  const cleanups: Array<() => Promise<unknown> | unknown> = [];
+  try {
+    await body((fn) => cleanups.push(fn));
+  } finally {
+    for (const fn of cleanups.reverse()) {
+      try {
+        await fn();
+      } catch (err) {
+        console.error('clean-up failed:', err);
+      }
+    }
+  }
+}
+
+/** Polls `probe` every 20 ms until `ok` holds for its value; the error names the last value seen. */
+async function eventually<T>(what: string, probe: () => T, ok: (value: T) => boolean, timeoutMs = 3000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = probe();
+    if (ok(value)) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last value: ${JSON.stringify(value)})`);
+    await sleep(20);
+  }
+}
+
+interface IUdpRouteOptions {
+  name?: string;
+  transport?: 'udp' | 'all';
+  udp?: { sessionTimeout?: number; maxSessionsPerIP?: number; maxDatagramSize?: number };
+  security?: { ipAllowList?: string[]; ipBlockList?: string[] };
+}
+
+/** A forward route on `port` with `transport: 'udp'` (or `opts.transport`) to 127.0.0.1:`backendPort`. */
+function udpRoute(port: number, backendPort: number, opts: IUdpRouteOptions = {}) {
+  return {
+    name: opts.name ?? 'udp',
+    match: { ports: port, transport: opts.transport ?? 'udp' },
+    action: {
+      type: 'forward' as const,
+      targets: [{ host: '127.0.0.1', port: backendPort }],
+      ...(opts.udp ? { udp: opts.udp } : {}),
+    },
+    ...(opts.security ? { security: opts.security } : {}),
+  };
+}
+
+interface IProxyHandle {
+  proxy: SmartProxy;
+  /** Stops the proxy once; the deferred clean-up does nothing after an explicit stop. */
+  stop(): Promise<void>;
+}
+
+async function startProxy(routes: unknown[], defer: TDefer): Promise<IProxyHandle> {
+  const proxy = new SmartProxy({ gracefulShutdownTimeout: 200, routes } as unknown as TOptions);
+  let stopping: Promise<void> | undefined;
+  const handle: IProxyHandle = { proxy, stop: () => (stopping ??= proxy.stop()) };
+  await proxy.start();
+  defer(() => handle.stop());
+  return handle;
+}
+
+interface IUdpEcho {
+  port: number;
+  /** Source ports of the datagrams received, in order. */
+  sourcePorts: number[];
+  received: number;
+  close(): Promise<void>;
+}
+
+/** A UDP backend on 127.0.0.1:`port` (0 = any) answering `${rinfo.port}:` + the datagram. */
+function startUdpEcho(port = 0): Promise<IUdpEcho> {
+  return new Promise((resolve, reject) => {
+    const socket = dgram.createSocket('udp4');
+    const echo: IUdpEcho = {
+      port: 0,
+      sourcePorts: [],
+      received: 0,
+      close: () => new Promise<void>((done) => socket.close(() => done())),
+    };
+    socket.on('message', (msg, rinfo) => {
+      echo.received++;
+      echo.sourcePorts.push(rinfo.port);
+      socket.send(Buffer.concat([Buffer.from(`${rinfo.port}:`), msg]), rinfo.port, rinfo.address);
+    });
+    socket.once('error', reject);
+    socket.bind(port, '127.0.0.1', () => {
+      socket.removeListener('error', reject);
+      socket.on('error', () => undefined);
+      echo.port = (socket.address() as { port: number }).port;
+      resolve(echo);
+    });
+  });
+}
+
+interface IReply {
+  data: Buffer;
+  fromAddress: string;
+  fromPort: number;
+}
+
+/** A client dgram socket on 127.0.0.1 (unconnected, so it also sees datagrams from unexpected sources). */
+class UdpClient {
+  private readonly socket = dgram.createSocket('udp4');
+  private readonly queue: IReply[] = [];
+  private waiter: ((reply: IReply) => void) | undefined;
+  public port = 0;
+
+  public static async open(defer: TDefer): Promise<UdpClient> {
+    const client = new UdpClient();
+    await new Promise<void>((resolve, reject) => {
+      client.socket.once('error', reject);
+      client.socket.bind(0, '127.0.0.1', () => {
+        client.socket.removeListener('error', reject);
+        resolve();
+      });
+    });
+    client.socket.on('error', () => undefined);
+    client.port = client.socket.address().port;
+    client.socket.on('message', (data, rinfo) => {
+      const reply = { data, fromAddress: rinfo.address, fromPort: rinfo.port };
+      const waiter = client.waiter;
+      client.waiter = undefined;
+      if (waiter) waiter(reply);
+      else client.queue.push(reply);
+    });
+    defer(() => client.close());
+    return client;
+  }
+
+  public send(port: number, payload: Buffer | string): Promise<void> {
+    return new Promise((resolve, reject) => this.socket.send(payload, port, '127.0.0.1', (err) => (err ? reject(err) : resolve())));
+  }
+
+  /** The next datagram received (queued or arriving within `timeoutMs`). */
+  public next(timeoutMs = 2000): Promise<IReply> {
+    const queued = this.queue.shift();
+    if (queued) return Promise.resolve(queued);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiter = undefined;
+        reject(new Error(`no datagram within ${timeoutMs} ms on client port ${this.port}`));
+      }, timeoutMs);
+      this.waiter = (reply) => {
+        clearTimeout(timer);
+        resolve(reply);
+      };
+    });
+  }
+
+  /** Sends `payload` to `port` and resolves with the next datagram received. */
+  public async request(port: number, payload: Buffer | string, timeoutMs = 2000): Promise<IReply> {
+    const reply = this.next(timeoutMs);
+    await this.send(port, payload);
+    return reply;
+  }
+
+  /** Resolves with the datagrams received during the next `ms` (plus any already queued). */
+  public async collect(ms: number): Promise<IReply[]> {
+    await sleep(ms);
+    return this.queue.splice(0);
+  }
+
+  public close(): Promise<void> {
+    return new Promise((resolve) => {
+      try {
+        this.socket.close(() => resolve());
+      } catch {
+        resolve();
+      }
+    });
+  }
+}
+
+/** Splits an echo reply into the backend-seen source port and the echoed payload. */
+function parseEcho(reply: IReply): { sourcePort: number; payload: Buffer } {
+  const colon = reply.data.indexOf(0x3a);
+  if (colon < 0) throw new Error(`not an echo reply: ${reply.data.subarray(0, 40).toString()}`);
+  return { sourcePort: Number(reply.data.subarray(0, colon).toString()), payload: reply.data.subarray(colon + 1) };
+}
+
+/** Binds a dgram socket to `port` on 0.0.0.0 and closes it again; resolves with the bind error, if any. */
+function tryBindUdp(port: number): Promise<Error | undefined> {
+  return new Promise((resolve) => {
+    const socket = dgram.createSocket('udp4');
+    socket.once('error', (err) => {
+      try {
+        socket.close();
+      } catch {
+        // never bound
+      }
+      resolve(err);
+    });
+    socket.bind(port, '0.0.0.0', () => socket.close(() => resolve(undefined)));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+tap.test('echo through a udp forward route: replies come back from the proxy port; 100 datagrams of 1000 bytes all return', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, echo.port)], defer);
+    const client = await UdpClient.open(defer);
+
+    const first = await client.request(port, 'hello udp');
+    expect(first.fromAddress).toEqual('127.0.0.1');
+    expect(first.fromPort).toEqual(port);
+    const { sourcePort, payload } = parseEcho(first);
+    expect(payload.toString()).toEqual('hello udp');
+    // The backend sees the proxy's upstream socket, not the client.
+    expect(sourcePort).not.toEqual(client.port);
+    expect(first.data.toString()).toEqual(`${sourcePort}:hello udp`);
+
+    for (let i = 0; i < 100; i++) {
+      const sent = randomBytes(1000);
+      const reply = await client.request(port, sent, 2000);
+      expect(reply.fromPort).toEqual(port);
+      const echoed = parseEcho(reply);
+      expect(echoed.sourcePort).toEqual(sourcePort);
+      expect(echoed.payload.equals(sent)).toBeTrue();
+    }
+    expect(echo.received).toEqual(101);
+    // One client address and port is one flow: one upstream socket carried all 101 datagrams.
+    expect(new Set(echo.sourcePorts).size).toEqual(1);
+
+    const stats = udpStats(proxy);
+    expect(stats.udpSessions).toEqual(1);
+    expect(stats.udp).not.toEqual(null);
+    expect(stats.udp!.sessionsTotal).toEqual(1);
+    await eventually('datagram counters to reach 101', () => udpStats(proxy).udp!, (u) => u.datagramsIn >= 101 && u.datagramsOut >= 101);
+    const udp = udpStats(proxy).udp!;
+    expect(udp.bytesIn).toBeGreaterThanOrEqual(100 * 1000 + 'hello udp'.length);
+    expect(udp.bytesOut).toBeGreaterThanOrEqual(100 * 1000 + 'hello udp'.length);
+    expect(udp.dropped).toEqual(0);
+  });
+});
+
+tap.test('two client flows are kept apart: each gets only its own replies over its own upstream socket', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, echo.port)], defer);
+    const a = await UdpClient.open(defer);
+    const b = await UdpClient.open(defer);
+
+    const upstreamOf: Record<string, Set<number>> = { a: new Set(), b: new Set() };
+    for (let i = 0; i < 10; i++) {
+      for (const [tag, client] of [['a', a], ['b', b]] as const) {
+        const reply = await client.request(port, `${tag}-${i}`);
+        expect(reply.fromPort).toEqual(port);
+        const { sourcePort, payload } = parseEcho(reply);
+        expect(payload.toString()).toEqual(`${tag}-${i}`);
+        upstreamOf[tag].add(sourcePort);
+      }
+    }
+    // Nothing else arrived on either socket (no reply of the other flow leaked over).
+    expect((await a.collect(100)).length).toEqual(0);
+    expect((await b.collect(0)).length).toEqual(0);
+
+    expect(upstreamOf.a.size).toEqual(1);
+    expect(upstreamOf.b.size).toEqual(1);
+    const [portA] = [...upstreamOf.a];
+    const [portB] = [...upstreamOf.b];
+    expect(portA).not.toEqual(portB);
+    expect(new Set(echo.sourcePorts).size).toEqual(2);
+
+    expect(udpStats(proxy).udpSessions).toEqual(2);
+    expect(udpStats(proxy).udp!.sessionsTotal).toEqual(2);
+  });
+});
+
+tap.test('the idle reaper ends a flow after sessionTimeout; a later datagram opens a new flow', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, echo.port, { udp: { sessionTimeout: 1000 } })], defer);
+    const client = await UdpClient.open(defer);
+
+    expect(parseEcho(await client.request(port, 'before')).payload.toString()).toEqual('before');
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+    const started = Date.now();
+    await eventually('the idle flow to be reaped', () => udpStats(proxy).udpSessions, (n) => n === 0, 3000);
+    // Not reaped before its timeout (a little slack for timer granularity).
+    expect(Date.now() - started).toBeGreaterThanOrEqual(900);
+    expect(udpStats(proxy).udp!.sessionsTotal).toBeGreaterThanOrEqual(1);
+
+    const reply = await client.request(port, 'after');
+    expect(reply.fromPort).toEqual(port);
+    expect(parseEcho(reply).payload.toString()).toEqual('after');
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+    expect(udpStats(proxy).udp!.sessionsTotal).toBeGreaterThanOrEqual(2);
+  });
+});
+
+tap.test("the route's IP block list drops the client's datagrams: no reply, dropped counted, no flow", async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const [blockedPort, allowPort] = [await freePort(), await freePort()];
+    const { proxy } = await startProxy(
+      [
+        udpRoute(blockedPort, echo.port, { name: 'udp-blocked', security: { ipBlockList: ['127.0.0.1'] } }),
+        udpRoute(allowPort, echo.port, { name: 'udp-allow-other', security: { ipAllowList: ['10.0.0.0/8'] } }),
+      ],
+      defer,
+    );
+    const client = await UdpClient.open(defer);
+
+    await client.send(blockedPort, 'blocked');
+    expect((await client.collect(500)).length).toEqual(0);
+    await eventually('dropped to count the blocked datagram', () => dropped(proxy), (n) => n >= 1, 1000);
+
+    // An allow list without the client drops it as well.
+    const before = dropped(proxy);
+    await client.send(allowPort, 'not allowed');
+    expect((await client.collect(500)).length).toEqual(0);
+    await eventually('dropped to count the unlisted datagram', () => dropped(proxy), (n) => n > before, 1000);
+
+    expect(echo.received).toEqual(0);
+    expect(udpStats(proxy).udpSessions).toEqual(0);
+  });
+});
+
+tap.test('maxSessionsPerIP 1: a second flow from the same IP is dropped while the first lives, and works after it is reaped', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, echo.port, { udp: { sessionTimeout: 1000, maxSessionsPerIP: 1 } })], defer);
+    const first = await UdpClient.open(defer);
+    const second = await UdpClient.open(defer);
+
+    expect(parseEcho(await first.request(port, 'first')).payload.toString()).toEqual('first');
+    // The first flow is idle for at most ~500 ms below: well within its 1000 ms timeout.
+    await second.send(port, 'second, too early');
+    expect((await second.collect(500)).length).toEqual(0);
+    expect(dropped(proxy)).toBeGreaterThanOrEqual(1);
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+    expect(echo.received).toEqual(1);
+
+    await eventually("the first client's flow to be reaped", () => udpStats(proxy).udpSessions, (n) => n === 0, 3000);
+    const reply = await second.request(port, 'second, now');
+    expect(parseEcho(reply).payload.toString()).toEqual('second, now');
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+  });
+});
+
+tap.test("transport 'all': one route on one port relays TCP and UDP to the same backend port number", async () => {
+  await withCleanup(async (defer) => {
+    // A port number free for both a TCP listener and a UDP socket on 127.0.0.1.
+    let udpEcho: IUdpEcho | undefined;
+    let backendPort = 0;
+    for (let attempt = 0; attempt < 20 && udpEcho === undefined; attempt++) {
+      backendPort = await freePort();
+      udpEcho = await startUdpEcho(backendPort).catch(() => undefined);
+    }
+    if (udpEcho === undefined) throw new Error('no port free for both TCP and UDP');
+    const echoUdp = udpEcho;
+    defer(() => echoUdp.close());
+    const tcpEcho = await startEchoServer(backendPort);
+    defer(() => tcpEcho.close());
+
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, backendPort, { name: 'both', transport: 'all' })], defer);
+    expect(proxy.getListeningPorts()).toContain(port);
+
+    const tcpReply = await exchange(port, 'hello over tcp');
+    expect(tcpReply.toString()).toEqual('hello over tcp');
+    expect(tcpEcho.connections).toEqual(1);
+
+    const client = await UdpClient.open(defer);
+    const udpReply = await client.request(port, 'hello over udp');
+    expect(udpReply.fromPort).toEqual(port);
+    expect(parseEcho(udpReply).payload.toString()).toEqual('hello over udp');
+    expect(echoUdp.received).toEqual(1);
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+  });
+});
+
+tap.test('stop() releases the UDP port', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const handle = await startProxy([udpRoute(port, echo.port)], defer);
+    const client = await UdpClient.open(defer);
+    // A live flow while stopping.
+    expect(parseEcho(await client.request(port, 'ping')).payload.toString()).toEqual('ping');
+    // While started the port is taken (so the check below means something).
+    expect(await tryBindUdp(port)).toBeInstanceOf(Error);
+
+    await handle.stop();
+    const error = await tryBindUdp(port);
+    expect(error?.message).toBeUndefined();
+    // And nothing answers there any more.
+    await client.send(port, 'anyone?');
+    expect((await client.collect(300)).length).toEqual(0);
+  });
+});
+
+tap.test('updateRoutes binds a new UDP port and releases the old; a route\'s maxConnections counts flows', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const [first, second] = [await freePort(), await freePort()];
+    const handle = await startProxy([udpRoute(first, echo.port)], defer);
+    const client = await UdpClient.open(defer);
+    expect(parseEcho(await client.request(first, 'one')).payload.toString()).toEqual('one');
+
+    const limited = { ...udpRoute(second, echo.port), security: { maxConnections: 1 } };
+    await handle.proxy.updateRoutes([limited] as never);
+    expect(await tryBindUdp(first)).toBeUndefined();
+    expect(parseEcho(await client.request(second, 'two')).payload.toString()).toEqual('two');
+    // A second flow (another client socket) is one more than maxConnections allows.
+    const other = await UdpClient.open(defer);
+    const before = dropped(handle.proxy);
+    await other.send(second, 'three');
+    expect((await other.collect(300)).length).toEqual(0);
+    expect(dropped(handle.proxy)).toBeGreaterThan(before);
+  });
+});
+
+tap.test('a datagram larger than maxDatagramSize is dropped while small ones pass', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, echo.port, { udp: { maxDatagramSize: 100 } })], defer);
+    const client = await UdpClient.open(defer);
+
+    expect(parseEcho(await client.request(port, 'small')).payload.toString()).toEqual('small');
+    const before = dropped(proxy);
+
+    await client.send(port, randomBytes(200));
+    expect((await client.collect(500)).length).toEqual(0);
+    await eventually('dropped to count the oversized datagram', () => dropped(proxy), (n) => n > before, 1000);
+    expect(echo.received).toEqual(1);
+
+    const small = Buffer.alloc(50, 'x');
+    const reply = await client.request(port, small);
+    expect(parseEcho(reply).payload.equals(small)).toBeTrue();
+    expect(echo.received).toEqual(2);
+  });
+});
+
+tap.start({ throwOnError: true });

@@ -1,0 +1,102 @@
+// UDP routes (API.md "HTTP/3, QUIC and UDP"): `match.transport`, `action.udp`, and what a route
+// taking UDP cannot ask for. Both validators run these checks (normalizeOptions fails on the first
+// problem, validateRouteConfig lists them all), so they refuse the same routes in the same words.
+import type { TTransport } from '../models/route-types.js';
+import type { INativeUdp } from '../models/native-config.js';
+import { DATAGRAM_HANDLER_NOT_YET, TRANSPORTS, UDP_DEFAULTS } from '../models/option-schema.js';
+
+export interface IUdpRouteCheck {
+  /** The route's transport ('tcp' when unset); null when the value is not one. */
+  transport: TTransport | null;
+  /** `action.udp` with its defaults, for a route taking UDP without problems; otherwise null. */
+  udp: INativeUdp | null;
+  /** Each problem with the field it is about (`match.transport`, `action.udp.maxDatagramSize`, ...), in the order found. */
+  problems: Array<{ field: string; reason: string }>;
+}
+
+type TRecord = Record<string, unknown>;
+
+const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
+const show = (v: unknown): string => {
+  if (typeof v === 'function') return 'a function';
+  if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
+  return JSON.stringify(v) ?? String(v);
+};
+
+/** The engine holds `maxSessionsPerIp` as a u32. */
+const U32_MAX = 4294967295;
+
+/** What a datagram does not carry, for each match field a route taking UDP may not set. */
+const NOT_IN_DATAGRAMS: ReadonlyArray<readonly [string, string]> = [
+  ['domains', 'they carry no domain to match (routing QUIC by SNI is not supported yet)'],
+  ['path', 'they carry no HTTP path to match'],
+  ['headers', 'they carry no HTTP headers to match'],
+  ['tlsVersion', 'they carry no TLS handshake to match'],
+];
+
+/**
+ * The UDP side of a route: its transport (default 'tcp'), the problems of its UDP settings, and the
+ * native `action.udp` (defaults filled in) when it takes UDP. `match` and `action` are the route's
+ * as the user wrote them; values of the wrong shape elsewhere are left to the other checks.
+ */
+export function checkUdpRoute(match: unknown, action: unknown): IUdpRouteCheck {
+  const problems: IUdpRouteCheck['problems'] = [];
+  const add = (field: string, reason: string): void => {
+    problems.push({ field, reason });
+  };
+  const m = isRecord(match) ? match : {};
+  const a = isRecord(action) ? action : {};
+
+  const given = m.transport === undefined ? 'tcp' : m.transport;
+  let transport: TTransport | null = null;
+  if (typeof given === 'string' && TRANSPORTS.includes(given)) transport = given as TTransport;
+  else add('match.transport', `expected 'tcp', 'udp' or 'all', got ${show(m.transport)}`);
+  const takesUdp = transport === 'udp' || transport === 'all';
+
+  if (takesUdp) {
+    const relay = (what: string): string => `UDP routes relay datagrams${transport === 'all' ? ` (match.transport 'all' takes UDP too)` : ''}: ${what}`;
+    // A `datagramHandler` itself is refused by the key schema, in the same words.
+    if (a.type === 'socket-handler' && a.datagramHandler === undefined) add('action.socketHandler', DATAGRAM_HANDLER_NOT_YET);
+    for (const [key, what] of NOT_IN_DATAGRAMS) {
+      if (m[key] !== undefined) add(`match.${key}`, relay(what));
+    }
+    if (a.tls !== undefined) add('action.tls', relay('the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)'));
+    if (a.forwardingEngine === 'nftables') add('action.forwardingEngine', relay('kernel forwarding takes UDP by action.nftables.protocol, not match.transport'));
+    // Each flow is bound to its upstream when it starts: the engine takes fixed targets only.
+    const targets: Array<[unknown, string]> = Array.isArray(a.targets)
+      ? a.targets.map((t: unknown, i: number): [unknown, string] => [t, `action.targets[${i}]`])
+      : a.target !== undefined ? [[a.target, 'action.target']] : [];
+    for (const [t, field] of targets) {
+      if (!isRecord(t)) continue;
+      if (typeof t.host === 'function') add(`${field}.host`, relay('a target host is a name or address (or a list of them), not a function'));
+      if (typeof t.port === 'function' || t.port === 'preserve') add(`${field}.port`, relay(`a target port is a number, not ${t.port === 'preserve' ? `'preserve'` : 'a function'}`));
+    }
+  }
+
+  let settings: TRecord = {};
+  if (a.udp !== undefined) {
+    if (transport === 'tcp') add('action.udp', `needs match.transport 'udp' or 'all' (this route takes TCP only)`);
+    if (isRecord(a.udp)) settings = a.udp;
+    else add('action.udp', `expected an object, got ${show(a.udp)}`);
+  }
+  const { sessionTimeout, maxSessionsPerIP, maxDatagramSize } = settings;
+  if (sessionTimeout !== undefined && (typeof sessionTimeout !== 'number' || !Number.isSafeInteger(sessionTimeout) || sessionTimeout < 1000)) {
+    add('action.udp.sessionTimeout', `expected an integer number of milliseconds, at least 1000, got ${show(sessionTimeout)}`);
+  }
+  if (maxSessionsPerIP !== undefined && (typeof maxSessionsPerIP !== 'number' || !Number.isInteger(maxSessionsPerIP) || maxSessionsPerIP < 1 || maxSessionsPerIP > U32_MAX)) {
+    add('action.udp.maxSessionsPerIP', `expected a positive integer (at most ${U32_MAX}), got ${show(maxSessionsPerIP)}`);
+  }
+  if (maxDatagramSize !== undefined && (typeof maxDatagramSize !== 'number' || !Number.isInteger(maxDatagramSize) || maxDatagramSize < 1 || maxDatagramSize > 65535)) {
+    add('action.udp.maxDatagramSize', `expected an integer from 1 to 65535, got ${show(maxDatagramSize)}`);
+  }
+
+  const udp: INativeUdp | null =
+    takesUdp && problems.length === 0
+      ? {
+          sessionTimeoutMs: (sessionTimeout as number | undefined) ?? UDP_DEFAULTS.sessionTimeout,
+          maxSessionsPerIp: (maxSessionsPerIP as number | undefined) ?? UDP_DEFAULTS.maxSessionsPerIP,
+          maxDatagramSize: (maxDatagramSize as number | undefined) ?? UDP_DEFAULTS.maxDatagramSize,
+        }
+      : null;
+  return { transport, udp, problems };
+}
