@@ -32,6 +32,9 @@ const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort,
 //                  Prometheus listener on BENCH_METRICS_PORT.
 //   tcp-kernel:   the tcp route with forwardingEngine 'nftables': the kernel forwards the flows
 //                 (needs root and nft; else the Rust core relays them, with a warning).
+//   udp:          the forward route with `match.transport: 'all'`: UDP datagrams on the port relayed
+//                 per client flow (a connected upstream socket each), and TCP connections as in tcp
+//                 (iperf3's UDP test keeps its TCP control connection on the same port).
 const affinity = mode.startsWith('http-affinity') ? { loadBalancing: { affinity: { key: 'header:X-Session' } } } : {};
 const scaleOut = {
   ...(mode === 'http-affinity-redis' || mode === 'http-ratelimit-redis' ? { redis: { url: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379', keyPrefix: 'bench:' } } : {}),
@@ -56,12 +59,18 @@ const proxy = new SmartProxy({
   connectionRateLimitPerMinute: 0,
   ...scaleOut,
   ...observed,
-  routes: [{
-    name: `bench-${mode}`,
-    match,
-    action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity, ...(mode === 'tcp-kernel' ? { forwardingEngine: 'nftables' } : {}) },
-    ...(security ? { security } : {}),
-  }],
+  routes: [mode === 'udp'
+    ? {
+      name: 'bench-udp',
+      match: { ports: listenPort, transport: 'all' },
+      action: { type: 'forward', targets: [{ host: '127.0.0.1', port: backendPort }] },
+    }
+    : {
+      name: `bench-${mode}`,
+      match,
+      action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity, ...(mode === 'tcp-kernel' ? { forwardingEngine: 'nftables' } : {}) },
+      ...(security ? { security } : {}),
+    }],
 });
 await proxy.start();
 if (mode === 'tcp-kernel' && proxy.getStatistics().kernelForwarding?.active !== true) {

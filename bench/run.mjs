@@ -19,10 +19,13 @@
 //   RSS per idle keep-alive client connection, plain HTTP and TLS (bench/idle-conns.mjs holding
 //   10,000 of them, with --tls each after a TLS handshake and one HTTPS GET).
 // Tables of ours alone: "TCP streams across CPUs" (direct on one CPU, direct across CPUs, ours),
-// "HTTP security overhead", "Scale-out" (affinity in memory and through Redis, the PROXY protocol)
-// and "Function targets: new connections".
+// "HTTP security overhead", "Scale-out" (affinity in memory and through Redis, the PROXY protocol),
+// "Function targets: new connections" and "UDP datagrams (64-byte, per second)" (iperf3 -u -b 0
+// -l 64 direct and through our relay with a `transport: 'all'` route: datagrams received and sent
+// per second, loss, and the proxy's CPU seconds per million received datagrams).
 // Scenarios a proxy cannot run print n/a. Environment: BENCH_ROUNDS (default 3), BENCH_BYTES
-// (default 1G), BENCH_HTTP_SECONDS (default 5, each timed measurement), BENCH_ONLY, BENCH_IDLE_CONNS
+// (default 1G), BENCH_HTTP_SECONDS (default 5, each timed measurement;
+// also the UDP runs' iperf3 -t, there default 4), BENCH_ONLY, BENCH_IDLE_CONNS
 // (default 10000, or 9000 when a hard file descriptor limit below ~21,000 keeps HAProxy from that many; both idle rows), BENCH_ECHO_ROUNDTRIPS (default 20000), BENCH_TLS_KEY (ec = P-256, default; rsa =
 // RSA 2048), BENCH_HANDSHAKE_CLIENTS (parallel s_time processes, default 8), BENCH_SCALE_OUT_ROUNDS
 // (default the larger of BENCH_ROUNDS and 6), BENCH_STEAL_LIMIT (default 0.03: a measurement during
@@ -30,9 +33,9 @@
 // Time budget of a default run: 3 rounds x (64 proxy/scenario pairs: 44 of them timed at 5 s; 16
 // iperf3 1 GiB, 20,000 echo round trips or opening the plain idle connections, ~1-4 s each; 4 opening
 // the idle TLS connections, ~16 s each), the TCP layout table (3 x 3 x 2 iperf3 runs) and the tables
-// of ours alone (3 x 7 runs of 5 s, 6 x 5 for scale-out): ~21 min measured, ~25.5 min estimated with
-// 1 s of proxy start/stop per run, more when the host's steal forces repeats (printed at the start
-// and written to RESULTS.md with the real duration).
+// of ours alone (3 x 7 runs of 5 s, 6 x 5 for scale-out, 3 x 2 UDP iperf3 runs of 4 s): ~21.5 min
+// measured, ~26 min estimated with 1 s of proxy start/stop per run, more when the host's steal
+// forces repeats (printed at the start and written to RESULTS.md with the real duration).
 import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync, rmSync } from 'node:fs';
@@ -751,6 +754,57 @@ async function tcpLayoutRows() {
   });
 }
 
+const udpScenario = 'UDP datagrams (64-byte, per second)';
+const runUdp = !only || udpScenario.includes(only);
+// Seconds of each UDP run (iperf3 -t): BENCH_HTTP_SECONDS when given, else 4.
+const udpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 4);
+
+/**
+ * 64-byte UDP datagrams as fast as iperf3 sends them, direct and through our relay (a route with
+ * transport 'all': iperf3's UDP test keeps its TCP control connection on the same port), both iperf3
+ * ends on CPU 1 and the proxy on CPU 0, in interleaved rounds, with the proxy process's CPU time.
+ */
+async function udpRows() {
+  const server = await startIperfServer(LOAD_CPU);
+  const kinds = [
+    [`direct (iperf3 client to server, both on CPU ${LOAD_CPU})`, () => proxies.direct.start(server, 'tcp')],
+    [`ours relaying (on CPU ${PROXY_CPU})`, () => proxies.smartproxy.start(server, 'udp')],
+  ];
+  const runs = kinds.map(() => ({ received: [], sent: [], loss: [], cpu: [] }));
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const [i, [label, start]] of kinds.entries()) {
+        const target = await start();
+        try {
+          // The CPU time is read inside the measurement, so a repeated one counts its own try only.
+          const r = await undisturbed(() => {
+            const cpu0 = target.pid ? cpuSeconds(target.pid) : 0;
+            const run = iperfUdp(target.port);
+            return { ...run, cpu: target.pid ? cpuSeconds(target.pid) - cpu0 : null };
+          });
+          runs[i].received.push(r.receivedPerSecond);
+          runs[i].sent.push(r.sentPerSecond);
+          runs[i].loss.push(r.lossPercent);
+          if (r.cpu !== null) runs[i].cpu.push(r.cpu / (r.received / 1e6));
+          const cpu = r.cpu !== null ? `, ${fmt(runs[i].cpu.at(-1))} s of proxy CPU per million` : '';
+          console.log(`${udpScenario} round ${round + 1} ${label}: received ${whole(r.receivedPerSecond)}/s, sent ${whole(r.sentPerSecond)}/s, loss ${r.lossPercent.toFixed(1)} %${cpu}`);
+        } finally {
+          await target.stop();
+        }
+      }
+    }
+  } finally {
+    await server.stop();
+  }
+  const percent = (v) => `${v.toFixed(1)} %`;
+  return kinds.map(([label], i) => {
+    const r = runs[i];
+    const vs = (median(r.received) / median(runs[0].received)).toFixed(2);
+    const cpu = r.cpu.length > 0 ? spread(r.cpu, fmt) : 'n/a';
+    return `| ${label} | ${spread(r.received, whole)} | ${spread(r.sent, whole)} | ${spread(r.loss, percent)} | ${vs} | ${cpu} |`;
+  });
+}
+
 const kernelScenario = 'kernel forwarding (MB/s)';
 const runKernel = (!only || kernelScenario.includes(only)) && process.getuid?.() === 0 && have('nft');
 
@@ -889,12 +943,36 @@ function wrk(port, { headers = [], conns = 32, urlPath = '/', tls: useTls = fals
   };
 }
 
+/** `iperf3 -c 127.0.0.1 -p port ...args -J` pinned to the load CPU: its JSON report. */
+function iperf3Client(port, args, timeoutMs = 0) {
+  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'iperf3', '-c', '127.0.0.1', '-p', String(port), ...args, '-J'], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024, timeout: timeoutMs });
+  return JSON.parse(out);
+}
+
 function iperf(port, reverse) {
-  const args = ['-c', LOAD_CPU, 'iperf3', '-c', '127.0.0.1', '-p', String(port), '-n', bytes, '-J', ...(reverse ? ['-R'] : [])];
-  const out = execFileSync('taskset', args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
-  const result = JSON.parse(out);
+  const result = iperf3Client(port, ['-n', bytes, ...(reverse ? ['-R'] : [])]);
   const bitsPerSecond = reverse ? result.end.sum_received.bits_per_second : result.end.sum_sent.bits_per_second;
   return bitsPerSecond / 8 / 1e6;
+}
+
+/**
+ * `iperf3 -u -b 0 -l 64 -t udpSeconds`: 64-byte datagrams as fast as the client sends them. Received:
+ * the server's own count (end.sum_received: the highest sequence number it saw minus the gaps, which
+ * equals its bytes / 64; end.sum's packets are the client's count, which would also count the
+ * datagrams lost after the server's last one as received), per second of the test; sent:
+ * end.sum_sent; loss: the share of the sent datagrams never received.
+ */
+function iperfUdp(port) {
+  const { end } = iperf3Client(port, ['-u', '-b', '0', '-l', '64', '-t', String(udpSeconds)], (udpSeconds + 30) * 1000);
+  const received = end.sum_received.packets - end.sum_received.lost_packets;
+  const sent = end.sum_sent.packets;
+  if (!(received > 0)) throw new Error(`iperf3 -u through port ${port}: no datagram received (${JSON.stringify(end.sum_received)})`);
+  return {
+    received,
+    receivedPerSecond: received / end.sum_received.seconds,
+    sentPerSecond: sent / end.sum_sent.seconds,
+    lossPercent: (100 * (sent - received)) / sent,
+  };
 }
 
 /** BENCH_ECHO_ROUNDTRIPS sequential 64-byte round trips over one connection (bench/echo.mjs). */
@@ -1036,6 +1114,7 @@ function budgetSeconds() {
   if (runOperations) total += scaleOutRounds * 2 * (httpSeconds + 1.5);
   if (runTcpLayout) total += rounds * 3 * 4;
   if (runKernel) total += rounds * 3 * 4;
+  if (runUdp) total += rounds * 2 * (udpSeconds + 1.5);
   return total;
 }
 
@@ -1121,6 +1200,9 @@ async function main() {
   const kernelTable = runKernel
     ? ['| 1 GiB stream | upload | download | vs direct (up / down) | proxy CPU seconds (both runs) |', '| --- | --- | --- | --- | --- |', ...(await kernelRows())].join('\n')
     : '(not run: needs root and nft)';
+  const udpTable = runUdp
+    ? ['| path | received datagrams/s | sent datagrams/s | loss | vs direct (received) | proxy CPU per million datagrams (s) |', '| --- | --- | --- | --- | --- | --- |', ...(await udpRows())].join('\n')
+    : '(not run)';
   const scaleOutTable = runScaleOut
     ? ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await scaleOutRows())].join('\n')
     : '(not run)';
@@ -1168,6 +1250,12 @@ ${kernelTable}
 
 \`iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` (and \`-R\`), client and server pinned to CPU ${LOAD_CPU}, our proxy process on CPU ${PROXY_CPU}. Medians of ${rounds} interleaved rounds. The kernel route (bench/proxy-smartproxy.mjs mode tcp-kernel) is destination NAT in the proxy's nftables table: the bytes go from client to server inside the kernel, on the CPU that sends them, and the proxy process does nothing for them. Its CPU column is the process's utime+stime over the upload and the download together.
 
+## UDP: 64-byte datagrams through the relay
+
+${udpTable}
+
+\`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -u -b 0 -l 64 -t ${udpSeconds} -J\` (64-byte datagrams, \`-b 0\`: as fast as the client can send them, for ${udpSeconds} s) against \`taskset -c ${LOAD_CPU} iperf3 -s -p PORT -B 127.0.0.1\`: client and server both pinned to CPU ${LOAD_CPU}; ours, on CPU ${PROXY_CPU} with one worker thread, relays with the route \`{ match: { ports: PORT, transport: 'all' }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: SERVER_PORT }] } }\` (bench/proxy-smartproxy.mjs mode udp; \`'all'\` because iperf3's UDP test keeps its TCP control connection on the same port, and the same route relays it). One client flow per run, so one upstream socket. Medians of ${rounds} interleaved rounds (direct, then ours, each round), min–max in parentheses. Received: the datagrams the server counted (\`end.sum_received\` of the client's JSON, the server's report: packets − lost_packets) per second; sent: \`end.sum_sent.packets\` per second; loss: the share of the sent datagrams that never reached the server. The ratio is ours' median received rate over direct's. The CPU column is the proxy process's utime+stime (/proc/PID/stat) over the run divided by the millions of datagrams the server received. With both iperf3 ends on one CPU the sender and the receiver compete for it, so the direct row is bounded by that CPU too: the client sends with the CPU time the server leaves it, and the datagrams the server cannot read in time overflow its socket receive buffer (the direct row's loss: the kernel's RcvbufErrors counter in /proc/net/snmp grows by as many). Through ours, the datagrams the relay does not take in time are dropped on the way as well (a full socket buffer, or the relay's shallow queues, as a network would), and CPU ${LOAD_CPU} is still shared by the sender and the receiver: the sent and loss columns describe the whole path under that contention, not the relay alone, and the received column (and its ratio) is the one to compare.
+
 ## HTTP security: keep-alive requests through the same route with and without checks
 
 ${securityTable}
@@ -1193,7 +1281,7 @@ ${connectionTable}
 \`${wrkCmd} -H 'Connection: close'\` (one TCP connection per request) against the nginx backend, through our plain forward route with a static target, with \`host\`/\`port\` as synchronous functions, and as async functions (one JavaScript call per connection either way; bench/proxy-smartproxy.mjs).
 `;
   writeFileSync(path.join(root, 'bench', 'RESULTS.md'), doc);
-  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${kernelTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
+  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${kernelTable}\n\n${udpTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
 }
 
 main().catch((err) => {
