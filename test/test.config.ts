@@ -855,12 +855,15 @@ tap.test('UDP routes: what they cannot have is refused, naming the route and the
     [{ transport: 'udp' }, { ...t, udp: { maxDatagramSize: 0 } }, 'action.udp.maxDatagramSize: expected an integer from 1 to 65535, got 0'],
     [{ transport: 'udp' }, { ...t, udp: { maxDatagramSize: 70000 } }, 'action.udp.maxDatagramSize: expected an integer from 1 to 65535, got 70000'],
     [{ transport: 'udp' }, { ...t, udp: { maxDatagramSize: 1500, burst: 2 } }, 'action.udp.burst: unknown field (expected one of sessionTimeout, maxSessionsPerIP, maxDatagramSize)'],
+    [{ transport: 'udp' }, { ...t, loadBalancing: { healthCheck: { path: '/', interval: 1000, timeout: 500, unhealthyThreshold: 2, healthyThreshold: 2 } } }, 'action.loadBalancing.healthCheck: UDP routes relay datagrams: health checks probe over TCP or HTTP, which a UDP backend may not answer'],
   ];
   for (const [match, action, message] of cases) {
     const err = configError({ routes: [route(80, 'ok'), { name: 'udp', match: { ports: 53, ...match }, action }] });
     expect(err.message).toEqual(`routes[1] "udp": ${message}`);
     expect(err.path).toEqual('routes[1] "udp"');
   }
+  // An empty list asks for nothing: no refusal.
+  expect(() => new SmartProxy({ routes: [{ name: 'udp', match: { ports: 53, transport: 'udp', domains: [] }, action: t }] } as never)).not.toThrow();
   // A datagramHandler is refused on a TCP route too, in the same words.
   expect(configError({ routes: [{ match: { ports: 80 }, action: { type: 'socket-handler', socketHandler: () => undefined, datagramHandler: () => undefined } }] }).message)
     .toEqual('routes[0]: action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)');

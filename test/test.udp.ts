@@ -457,6 +457,24 @@ tap.test('updateRoutes binds a new UDP port and releases the old; a route\'s max
   });
 });
 
+tap.test('maxSessionsPerIP counts a route\'s flows across all of its ports', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const [a, b] = [await freePort(), await freePort()];
+    const route = { ...udpRoute(a, echo.port, { udp: { maxSessionsPerIP: 1 } }), match: { ports: [a, b], transport: 'udp' } };
+    const handle = await startProxy([route], defer);
+    const first = await UdpClient.open(defer);
+    expect(parseEcho(await first.request(a, 'on a')).payload.toString()).toEqual('on a');
+    const second = await UdpClient.open(defer);
+    await second.send(b, 'on b');
+    expect((await second.collect(300)).length).toEqual(0);
+    // One flow in all: the second, on the route's other port, was refused.
+    expect(handle.proxy.getStatistics().udpSessions).toEqual(1);
+    expect(udpStats(handle.proxy).udp?.sessionsTotal).toEqual(1);
+  });
+});
+
 tap.test('a datagram larger than maxDatagramSize is dropped while small ones pass', async () => {
   await withCleanup(async (defer) => {
     const echo = await startUdpEcho();

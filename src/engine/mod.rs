@@ -254,12 +254,7 @@ impl Engine {
             }
         };
         let mut ports = PortManager::default();
-        let udp_env = Arc::new(UdpEnv {
-            table: self.table.clone(),
-            global_policy: self.global_policy.clone(),
-            metrics: self.metrics.clone(),
-            stats: self.udp_stats.clone(),
-        });
+        let udp_env = Arc::new(UdpEnv::new(self.table.clone(), self.global_policy.clone(), self.metrics.clone(), self.udp_stats.clone()));
         let mut udp = UdpPorts::default();
         let udp_wanted: Vec<u16> = self.table.read().udp_ports().into_iter().collect();
         let bound = ports.bind_all(&self.wanted_ports(&control), &on_accept).and_then(|()| udp.bind_all(&udp_wanted, &udp_env).map(drop));

@@ -552,9 +552,15 @@ fn check_udp_route(config: &RouteConfig, route: &Route) -> Result<(), (String, S
     if route.targets.iter().any(|t| t.host_function.is_some() || !matches!(t.port, TargetPort::Fixed(_))) {
         return refuse("action.targets", "targets must be static hosts and ports, not functions");
     }
+    if config.action.load_balancing.health_check.is_some() && !route.transport.tcp() {
+        return refuse("action.loadBalancing.healthCheck", "health checks probe over TCP or HTTP, which a UDP backend may not answer");
+    }
     let udp = route.udp;
-    if udp.session_timeout_ms == 0 || udp.max_sessions_per_ip == 0 || udp.max_datagram_size == 0 || udp.max_datagram_size > 65_535 {
-        return Err(("action.udp".into(), "sessionTimeout, maxSessionsPerIP and maxDatagramSize must be positive (maxDatagramSize at most 65535)".into()));
+    if udp.session_timeout_ms < 1000 || udp.max_sessions_per_ip == 0 || udp.max_datagram_size == 0 || udp.max_datagram_size > 65_535 {
+        return Err((
+            "action.udp".into(),
+            "sessionTimeout must be at least 1000 ms, maxSessionsPerIP at least 1, maxDatagramSize from 1 to 65535".into(),
+        ));
     }
     Ok(())
 }
@@ -569,11 +575,11 @@ fn check_kernel_ports(configs: &[RouteConfig], routes: &[Arc<Route>]) -> Result<
             if i == j {
                 continue;
             }
-            // A UDP-only kernel route leaves TCP to the other routes on its port.
-            let clash = match (&other.kernel, kernel.protocol) {
-                (None, KernelProtocol::Udp) => false,
-                (Some(theirs), ours) => ours == KernelProtocol::All || theirs.protocol == KernelProtocol::All || theirs.protocol == ours,
-                (None, _) => true,
+            // A kernel route takes its protocols' flows: another route may keep the others.
+            let (kernel_tcp, kernel_udp) = (kernel.protocol != KernelProtocol::Udp, kernel.protocol != KernelProtocol::Tcp);
+            let clash = match &other.kernel {
+                Some(theirs) => kernel.protocol == KernelProtocol::All || theirs.protocol == KernelProtocol::All || theirs.protocol == kernel.protocol,
+                None => (kernel_tcp && other.transport.tcp()) || (kernel_udp && other.transport.udp()),
             };
             if let Some(port) = clash.then(|| config.match_.ports.iter().find(|p| other_config.match_.ports.contains(p))).flatten() {
                 let (later, earlier) = if i > j { (config, &other.label) } else { (other_config, &route.label) };
@@ -880,6 +886,8 @@ impl Route {
         let route = Route { needs_http: route.wants_http(), ..route };
         if route.transport.udp() {
             check_udp_route(config, &route).map_err(|(f, r)| fail(f, r))?;
+        } else if config.action.udp.is_some() {
+            return Err(fail("action.udp".into(), "needs match.transport 'udp' or 'all' (this route takes TCP only)".into()));
         }
         if route.affinity.is_some() && !route.speaks_http() {
             return Err(fail("action.loadBalancing.affinity".into(), "affinity is kept per HTTP request: the route must serve HTTP (terminate TLS, or plain HTTP with domains or HTTP matching)".into()));

@@ -2,9 +2,10 @@
 //! address and port, with a connected upstream socket of its own, so the backend tells clients
 //! apart by source port and answers reach the client they belong to. A flow starts with its first
 //! datagram (route, IP lists, per-IP and per-route limits decide it once), and ends when no
-//! datagram passed either way for the route's `sessionTimeout`, or at stop. The flows of a port
-//! are bounded in number, and per client IP. Datagrams are never queued deep: a full queue or a
-//! socket that would block drops the datagram, as the network would.
+//! datagram passed either way for the route's `sessionTimeout`, or at stop. Flows are bounded in
+//! number for the engine (each holds a socket, an ephemeral port and a task: a flood of spoofed
+//! sources must not exhaust the host's), and per client IP and route. Datagrams are never queued
+//! deep: a full queue drops the datagram, as the network would.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::balance::Lease;
 use crate::listener::BindError;
@@ -29,8 +31,10 @@ use crate::metrics::EngineMetrics;
 use crate::routing::table::{Route, RouteTable};
 use crate::security::{IpPolicy, RouteGuard};
 
-/// Flows one port keeps at most (each holds a socket and a task).
-const MAX_FLOWS_PER_PORT: usize = 65_536;
+/// Flows the engine keeps at most, well below the host's ephemeral ports and descriptors.
+const MAX_FLOWS: u64 = 16_384;
+/// Answers a flow sends on in one go before it lets other tasks of its thread run.
+const ANSWERS_PER_TURN: usize = 64;
 /// Datagrams a flow holds for its upstream socket before dropping more.
 const FLOW_QUEUE: usize = 64;
 /// The largest UDP payload.
@@ -87,11 +91,31 @@ pub struct UdpEnv {
     pub global_policy: IpPolicy,
     pub metrics: Arc<EngineMetrics>,
     pub stats: Arc<UdpStats>,
+    /// Live flows per route and client IP, across the route's ports (`maxSessionsPerIP`).
+    pub per_ip: Mutex<HashMap<(Arc<str>, IpAddr), u32>>,
+}
+
+impl UdpEnv {
+    pub fn new(table: Arc<RwLock<Arc<RouteTable>>>, global_policy: IpPolicy, metrics: Arc<EngineMetrics>, stats: Arc<UdpStats>) -> UdpEnv {
+        UdpEnv { table, global_policy, metrics, stats, per_ip: Mutex::default() }
+    }
+
+    fn release_ip(&self, route: &Arc<str>, ip: IpAddr) {
+        let mut per_ip = self.per_ip.lock();
+        let key = (route.clone(), ip);
+        if let Some(count) = per_ip.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&key);
+            }
+        }
+    }
 }
 
 struct Listening {
     stop: CancellationToken,
     task: JoinHandle<()>,
+    flows: TaskTracker,
 }
 
 /// The UDP ports bound, each with its relay task.
@@ -116,18 +140,21 @@ impl UdpPorts {
         let mut added = Vec::with_capacity(bound.len());
         for (port, socket) in bound {
             let stop = CancellationToken::new();
-            let task = tokio::spawn(relay_port(Arc::new(socket), port, stop.clone(), env.clone()));
-            self.ports.insert(port, Listening { stop, task });
+            let flows = TaskTracker::new();
+            let task = tokio::spawn(relay_port(Arc::new(socket), port, stop.clone(), flows.clone(), env.clone()));
+            self.ports.insert(port, Listening { stop, task, flows });
             added.push(port);
         }
         Ok(added)
     }
 
-    /// Closes the port's socket and ends its flows before returning.
+    /// Ends the port's flows and closes its socket (theirs too) before returning.
     pub async fn release(&mut self, port: u16) {
         if let Some(listening) = self.ports.remove(&port) {
             listening.stop.cancel();
             let _ = listening.task.await;
+            listening.flows.close();
+            listening.flows.wait().await;
         }
     }
 
@@ -138,18 +165,26 @@ impl UdpPorts {
     }
 }
 
-/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`.
+impl Drop for UdpPorts {
+    /// An engine dropped without `stop()` leaves no relay behind.
+    fn drop(&mut self) {
+        for listening in self.ports.values() {
+            listening.stop.cancel();
+        }
+    }
+}
+
+/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`. No SO_REUSEADDR: on UDP
+/// it would let another socket share the port (and its datagrams) instead of failing to bind.
 fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
     let socket = match Socket::new(Domain::IPV6, Type::DGRAM, None) {
         Ok(socket) => {
             socket.set_only_v6(false)?;
-            socket.set_reuse_address(true)?;
             socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
             socket
         }
         Err(_) => {
             let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-            socket.set_reuse_address(true)?;
             socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
             socket
         }
@@ -168,7 +203,6 @@ struct Flow {
 #[derive(Default)]
 struct Flows {
     by_client: HashMap<SocketAddr, Flow>,
-    per_ip: HashMap<IpAddr, u32>,
     next_id: u64,
 }
 
@@ -177,12 +211,6 @@ impl Flows {
     fn remove(&mut self, client: SocketAddr, id: u64) {
         if self.by_client.get(&client).is_some_and(|flow| flow.id == id) {
             self.by_client.remove(&client);
-            if let Some(count) = self.per_ip.get_mut(&client.ip()) {
-                *count -= 1;
-                if *count == 0 {
-                    self.per_ip.remove(&client.ip());
-                }
-            }
         }
     }
 }
@@ -198,7 +226,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, env: Arc<UdpEnv>) {
+async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, tracker: TaskTracker, env: Arc<UdpEnv>) {
     let flows: Arc<Mutex<Flows>> = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -216,25 +244,48 @@ async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, 
         let client = canonical(from);
         let datagram = &buf[..len];
         {
-            let table = flows.lock();
+            let mut table = flows.lock();
             if let Some(flow) = table.by_client.get(&client) {
-                if len > flow.max_datagram || flow.to_upstream.try_send(Bytes::copy_from_slice(datagram)).is_err() {
+                if len > flow.max_datagram {
                     env.stats.drop_one();
+                    continue;
                 }
-                continue;
+                match flow.to_upstream.try_send(Bytes::copy_from_slice(datagram)) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        env.stats.drop_one();
+                        continue;
+                    }
+                    // The flow just ended: this datagram starts the next one.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        let id = flow.id;
+                        table.remove(client, id);
+                    }
+                }
             }
         }
-        if !start_flow(&socket, port, client, datagram, &flows, &env, &stop) {
+        if !start_flow(&socket, port, client, datagram, &flows, &env, &stop, &tracker) {
             env.stats.drop_one();
         }
     }
     // The flows' tokens are children of `stop`: they end with the port.
 }
 
-/// Admits a new client flow with its first datagram; false when it is refused.
-fn start_flow(socket: &Arc<UdpSocket>, port: u16, client: SocketAddr, first: &[u8], flows: &Arc<Mutex<Flows>>, env: &Arc<UdpEnv>, stop: &CancellationToken) -> bool {
+/// Admits a new client flow with its first datagram; false when it is refused. The checks come
+/// before anything is made, since refused datagrams (a flood of them, maybe) do only this.
+#[allow(clippy::too_many_arguments)]
+fn start_flow(
+    socket: &Arc<UdpSocket>,
+    port: u16,
+    client: SocketAddr,
+    first: &[u8],
+    flows: &Arc<Mutex<Flows>>,
+    env: &Arc<UdpEnv>,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> bool {
     let ip = client.ip();
-    if !env.global_policy.admits(ip) {
+    if !env.global_policy.admits(ip) || env.stats.active() >= MAX_FLOWS {
         return false;
     }
     let table = env.table.read().clone();
@@ -247,30 +298,32 @@ fn start_flow(socket: &Arc<UdpSocket>, port: u16, client: SocketAddr, first: &[u
     if first.len() > limits.max_datagram_size as usize {
         return false;
     }
-    let (to_upstream, queued) = mpsc::channel(FLOW_QUEUE);
-    let id = {
-        let mut table = flows.lock();
-        if table.by_client.len() >= MAX_FLOWS_PER_PORT || table.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_sessions_per_ip {
+    {
+        let mut per_ip = env.per_ip.lock();
+        let count = per_ip.entry((route.label.clone(), ip)).or_insert(0);
+        if *count >= limits.max_sessions_per_ip {
             return false;
         }
-        table.next_id += 1;
-        let id = table.next_id;
-        table.by_client.insert(client, Flow { id, to_upstream: to_upstream.clone(), max_datagram: limits.max_datagram_size as usize });
-        *table.per_ip.entry(ip).or_insert(0) += 1;
-        id
-    };
-    let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
-        flows.lock().remove(client, id);
+        *count += 1;
+    }
+    let admitted = RouteGuard::acquire(&route.stats, route.max_connections).and_then(|slot| {
+        let target = route.select_target(port, ip)?;
+        Some((slot, (target.host.clone(), target.port), target.lease))
+    });
+    let Some((route_slot, upstream, lease)) = admitted else {
+        env.release_ip(&route.label, ip);
         return false;
     };
-    let Some(target) = route.select_target(port, ip) else {
-        flows.lock().remove(client, id);
-        return false;
-    };
-    let upstream = (target.host.clone(), target.port);
-    let lease = target.lease;
+    let (to_upstream, queued) = mpsc::channel(FLOW_QUEUE);
     // Cannot fail: the queue is new and empty.
     let _ = to_upstream.try_send(Bytes::copy_from_slice(first));
+    let id = {
+        let mut table = flows.lock();
+        table.next_id += 1;
+        let id = table.next_id;
+        table.by_client.insert(client, Flow { id, to_upstream, max_datagram: limits.max_datagram_size as usize });
+        id
+    };
     env.stats.active.fetch_add(1, Ordering::Relaxed);
     env.stats.total.fetch_add(1, Ordering::Relaxed);
     let flow = FlowTask {
@@ -285,7 +338,7 @@ fn start_flow(socket: &Arc<UdpSocket>, port: u16, client: SocketAddr, first: &[u
         _route_slot: route_slot,
         _lease: lease,
     };
-    tokio::spawn(flow.run(queued));
+    tracker.spawn(flow.run(queued));
     true
 }
 
@@ -312,14 +365,23 @@ thread_local! {
 
 impl FlowTask {
     async fn run(self, mut queued: mpsc::Receiver<Bytes>) {
-        match self.connect().await {
-            Ok(upstream) => self.relay(&upstream, &mut queued).await,
-            Err(err) => {
-                tracing::debug!(route = %self.route.label, backend = %self.upstream.0, error = %err, "cannot open the UDP flow's upstream socket");
-                self.env.stats.drop_one();
-            }
+        let connected = tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            connected = self.connect() => Some(connected),
+        };
+        match connected {
+            Some(Ok(upstream)) => self.relay(&upstream, &mut queued).await,
+            Some(Err(err)) => tracing::debug!(route = %self.route.label, backend = %self.upstream.0, error = %err, "cannot open the UDP flow's upstream socket"),
+            None => {}
+        }
+        // What the port queued after the last read is dropped, and counted; the port starts a
+        // new flow for the client's next datagram.
+        queued.close();
+        while queued.try_recv().is_ok() {
+            self.env.stats.drop_one();
         }
         self.flows.lock().remove(self.client, self.id);
+        self.env.release_ip(&self.route.label, self.client.ip());
         self.env.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -358,8 +420,13 @@ impl FlowTask {
                     let Some(datagram) = datagram else { return };
                     route_bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
                     self.env.metrics.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-                    // Awaited, not tried: a new socket's writability is known only once polled.
-                    if upstream.send(&datagram).await.is_err() {
+                    // Awaited, not tried: a new socket's writability is known only once polled. An
+                    // ICMP error left by an earlier datagram fails one send: that one is sent again.
+                    let mut sent = upstream.send(&datagram).await;
+                    if matches!(&sent, Err(err) if err.kind() == io::ErrorKind::ConnectionRefused) {
+                        sent = upstream.send(&datagram).await;
+                    }
+                    if sent.is_err() {
                         stats.drop_one();
                     }
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_after);
@@ -374,7 +441,7 @@ impl FlowTask {
                     let (answered, waiting) = SCRATCH.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
                         let mut answered = false;
-                        loop {
+                        for _ in 0..ANSWERS_PER_TURN {
                             match upstream.try_recv(&mut scratch) {
                                 Ok(len) => {
                                     answered = true;
@@ -389,6 +456,8 @@ impl FlowTask {
                                 Err(_) => return (answered, None),
                             }
                         }
+                        // More may wait: readiness stays set, so the next turn reads on.
+                        (answered, None)
                     });
                     if let Some(datagram) = waiting {
                         match self.socket.send_to(&datagram, self.client).await {

@@ -58,7 +58,13 @@ export function checkUdpRoute(match: unknown, action: unknown): IUdpRouteCheck {
     // A `datagramHandler` itself is refused by the key schema, in the same words.
     if (a.type === 'socket-handler' && a.datagramHandler === undefined) add('action.socketHandler', DATAGRAM_HANDLER_NOT_YET);
     for (const [key, what] of NOT_IN_DATAGRAMS) {
-      if (m[key] !== undefined) add(`match.${key}`, relay(what));
+      // An empty list asks for nothing, as the engine reads it.
+      const value = m[key];
+      if (value !== undefined && !(Array.isArray(value) && value.length === 0)) add(`match.${key}`, relay(what));
+    }
+    const balancing = isRecord(a.loadBalancing) ? a.loadBalancing : {};
+    if (transport === 'udp' && balancing.healthCheck !== undefined) {
+      add('action.loadBalancing.healthCheck', relay('health checks probe over TCP or HTTP, which a UDP backend may not answer'));
     }
     if (a.tls !== undefined) add('action.tls', relay('the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)'));
     if (a.forwardingEngine === 'nftables') add('action.forwardingEngine', relay('kernel forwarding takes UDP by action.nftables.protocol, not match.transport'));
