@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 
 import { SmartProxy } from '../ts/index.js';
 import type { IRouteConfig } from '../ts/index.js';
-import { freePorts, sleep, waitFor } from './helpers/net.js';
+import { freePorts, sleep, waitFor, withCleanup } from './helpers/net.js';
 
 // ---------------------------------------------------------------------------------------------
 // The MCP-style backend: `POST /mcp` without a session id creates one (`<name>-<counter>`) and
@@ -231,22 +231,6 @@ function mcpRoute(port: number, backends: IMcpBackend[], affinity: TAffinity): I
 }
 
 const mcpAffinity: TAffinity = { key: 'header:Mcp-Session-Id', ttlSeconds: 3600, onUnknown: 'assign' };
-
-/** Runs `body` with a list of clean-ups that always run afterwards (last registered first). */
-async function withCleanup(body: (defer: (fn: () => Promise<unknown> | unknown) => void) => Promise<void>): Promise<void> {
-  const cleanups: Array<() => Promise<unknown> | unknown> = [];
-  try {
-    await body((fn) => cleanups.push(fn));
-  } finally {
-    for (const fn of cleanups.reverse()) {
-      try {
-        await fn();
-      } catch (err) {
-        console.error('clean-up failed:', err);
-      }
-    }
-  }
-}
 
 async function startProxy(options: ConstructorParameters<typeof SmartProxy>[0], defer: (fn: () => Promise<unknown>) => void): Promise<SmartProxy> {
   const proxy = new SmartProxy({ gracefulShutdownTimeout: 200, ...options });

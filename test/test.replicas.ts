@@ -22,7 +22,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 
 import type { ICertStatus, ISharedStateStats } from '../ts/index.js';
-import { freePort, freePorts, sleep } from './helpers/net.js';
+import { freePort, freePorts, runCleanups, sleep } from './helpers/net.js';
 import { startPebble, type Pebble } from './helpers/pebble.js';
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -509,13 +509,7 @@ function replicaTest(name: string, body: (ctx: IContext) => Promise<void>): void
       process.stderr.write(`----- pebble during this test -----\n${pebbleLines().slice(pebbleMark).slice(-80).join('\n')}\n-----\n`);
       throw err;
     } finally {
-      for (const fn of cleanups.reverse()) {
-        try {
-          await fn();
-        } catch (err) {
-          console.error('clean-up failed:', err);
-        }
-      }
+      await runCleanups(cleanups);
     }
   });
 }

@@ -9,10 +9,9 @@ import * as dgram from 'node:dgram';
 import { randomBytes } from 'node:crypto';
 
 import { SmartProxy } from '../ts/index.js';
-import { exchange, freePort, sleep, startEchoServer } from './helpers/net.js';
+import { exchange, freePort, sleep, startEchoServer, withCleanup, type TDefer } from './helpers/net.js';
 
 type TOptions = ConstructorParameters<typeof SmartProxy>[0];
-type TDefer = (fn: () => Promise<unknown> | unknown) => void;
 
 interface IUdpStats {
   udpSessions: number;
@@ -27,22 +26,6 @@ function udpStats(proxy: SmartProxy): IUdpStats {
 
 function dropped(proxy: SmartProxy): number {
   return udpStats(proxy).udp?.dropped ?? 0;
-}
-
-/** Runs `body` with a list of clean-ups that always run afterwards (last registered first). */
-async function withCleanup(body: (defer: TDefer) => Promise<void>): Promise<void> {
-  const cleanups: Array<() => Promise<unknown> | unknown> = [];
-  try {
-    await body((fn) => cleanups.push(fn));
-  } finally {
-    for (const fn of cleanups.reverse()) {
-      try {
-        await fn();
-      } catch (err) {
-        console.error('clean-up failed:', err);
-      }
-    }
-  }
 }
 
 /** Polls `probe` every 20 ms until `ok` holds for its value; the error names the last value seen. */

@@ -223,3 +223,27 @@ export function connectionRefused(port: number): Promise<boolean> {
     socket.on('error', () => resolve(true));
   });
 }
+
+/** Registers a clean-up with `withCleanup`. */
+export type TDefer = (fn: () => Promise<unknown> | unknown) => void;
+
+/** Runs clean-ups last registered first, each one even when an earlier one failed. */
+export async function runCleanups(cleanups: Array<() => Promise<unknown> | unknown>): Promise<void> {
+  for (const fn of cleanups.reverse()) {
+    try {
+      await fn();
+    } catch (err) {
+      console.error('clean-up failed:', err);
+    }
+  }
+}
+
+/** Runs `body` with a list of clean-ups that always run afterwards (last registered first). */
+export async function withCleanup(body: (defer: TDefer) => Promise<void>): Promise<void> {
+  const cleanups: Array<() => Promise<unknown> | unknown> = [];
+  try {
+    await body((fn) => cleanups.push(fn));
+  } finally {
+    await runCleanups(cleanups);
+  }
+}
