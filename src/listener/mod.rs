@@ -88,27 +88,35 @@ impl PortManager {
     }
 }
 
-/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`. SO_REUSEADDR lets a port
-/// released by `stop()` be bound again while old connections sit in TIME_WAIT; it does not let two
-/// listeners share a port (that would be SO_REUSEPORT).
+/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`.
 fn bind(port: u16) -> io::Result<std::net::TcpListener> {
-    let socket = match Socket::new(Domain::IPV6, Type::STREAM, None) {
-        Ok(socket) => {
-            socket.set_only_v6(false)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-            socket
-        }
-        Err(_) => {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-            socket
-        }
-    };
+    let socket = bind_dual_stack(Type::STREAM, port)?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// A socket of `kind` bound to `[::]:port` (taking IPv4 too) where the host has IPv6, else to
+/// `0.0.0.0:port`. TCP sockets get SO_REUSEADDR, so a port released by `stop()` can be bound
+/// again while old connections sit in TIME_WAIT (it does not let two listeners share a port:
+/// that would be SO_REUSEPORT). UDP sockets do not: there it would let another socket share the
+/// port and its datagrams instead of failing to bind.
+pub fn bind_dual_stack(kind: Type, port: u16) -> io::Result<Socket> {
+    let reuse = kind == Type::STREAM;
+    match Socket::new(Domain::IPV6, kind, None) {
+        Ok(socket) => {
+            socket.set_only_v6(false)?;
+            socket.set_reuse_address(reuse)?;
+            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+            Ok(socket)
+        }
+        Err(_) => {
+            let socket = Socket::new(Domain::IPV4, kind, None)?;
+            socket.set_reuse_address(reuse)?;
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            Ok(socket)
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, port: u16, stop: CancellationToken, on_accept: OnAccept) {

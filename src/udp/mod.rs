@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
-use socket2::{Domain, Socket, Type};
+use socket2::Type;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::Lease;
-use crate::listener::BindError;
+use crate::listener::{bind_dual_stack, BindError};
 use crate::metrics::EngineMetrics;
 use crate::routing::table::{Route, RouteTable};
 use crate::security::{IpPolicy, RouteGuard};
@@ -174,21 +174,9 @@ impl Drop for UdpPorts {
     }
 }
 
-/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`. No SO_REUSEADDR: on UDP
-/// it would let another socket share the port (and its datagrams) instead of failing to bind.
+/// The port's socket, dual stack where the host has IPv6 (`listener::bind_dual_stack`).
 fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
-    let socket = match Socket::new(Domain::IPV6, Type::DGRAM, None) {
-        Ok(socket) => {
-            socket.set_only_v6(false)?;
-            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-            socket
-        }
-        Err(_) => {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-            socket
-        }
-    };
+    let socket = bind_dual_stack(Type::DGRAM, port)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
