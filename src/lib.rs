@@ -16,6 +16,7 @@ mod logging;
 mod matchers;
 mod metrics;
 mod proxy_protocol;
+mod quic;
 mod routing;
 mod security;
 mod session;

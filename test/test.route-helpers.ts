@@ -165,6 +165,33 @@ tap.test('createHttpsTerminateRoute: 443, terminate with certificate auto; reenc
   expect(createHttpsTerminateRoute('a.com', target, { httpPort: 8080 })).toEqual(route);
 });
 
+tap.test('createHttpsTerminateRoute / createCompleteHttpsServer: http3 sets action.http3 (true is { enabled: true })', async () => {
+  const on = pure(['a.com', target, { http3: true }], createHttpsTerminateRoute);
+  expect(on).toEqual({
+    name: 'HTTPS: a.com',
+    match: { ports: 443, domains: 'a.com' },
+    action: { type: 'forward', targets: [target], tls: { mode: 'terminate', certificate: 'auto' }, http3: { enabled: true } },
+  });
+  expectValid(on);
+  const tuned = pure([['a.com'], target, { http3: { enabled: true, altSvcMaxAge: 600 }, reencrypt: true, certificate: PEM, httpsPort: 8443 }], createHttpsTerminateRoute);
+  expect(tuned.match.ports).toEqual(8443);
+  expect(tuned.action.tls).toEqual({ mode: 'terminate-and-reencrypt', certificate: PEM });
+  expect(tuned.action.http3).toEqual({ enabled: true, altSvcMaxAge: 600 });
+  expectValid(tuned);
+  expect(pure(['a.com', target, { http3: false }], createHttpsTerminateRoute).action.http3).toEqual({ enabled: false });
+  // Without the option the route has no http3 at all; `action.http3` overrides merge field by field.
+  expect('http3' in createHttpsTerminateRoute('a.com', target).action).toBeFalse();
+  expect(createHttpsTerminateRoute('a.com', target, { http3: true, action: { http3: { enabled: true, altSvcMaxAge: 60 } } }).action.http3).toEqual({ enabled: true, altSvcMaxAge: 60 });
+  // createCompleteHttpsServer passes it to the HTTPS route only.
+  const complete = pure(['a.com', target, { http3: true, certificate: PEM }], createCompleteHttpsServer);
+  expect(complete[0].action.http3).toEqual({ enabled: true });
+  expect('http3' in complete[1].action).toBeFalse();
+  complete.forEach(expectValid);
+  // The normaliser fills in the default Alt-Svc max age.
+  const { config } = normalizeOptions({ routes: deepFreeze([complete[0], { ...tuned, action: { ...tuned.action, tls: { mode: 'terminate', certificate: PEM } } }]) });
+  expect(config.routes.map((r) => r.action.http3)).toEqual([{ altSvcMaxAge: 86400 }, { altSvcMaxAge: 600 }]);
+});
+
 tap.test('createHttpsPassthroughRoute: 443, passthrough', async () => {
   const route = pure(['*.a.com', target], createHttpsPassthroughRoute);
   expect(route).toEqual({
@@ -531,6 +558,7 @@ tap.test('helper routes are accepted by the option normaliser (no stray fields)'
     createHttpRoute('a.com', { host: '127.0.0.1', port: 3000 }),
     createHttpsPassthroughRoute('a.com', { host: '127.0.0.1', port: 3443 }),
     createHttpsTerminateRoute('a.com', { host: '127.0.0.1', port: 3000 }, { certificate: PEM }),
+    createHttpsTerminateRoute('b.com', { host: '127.0.0.1', port: 3000 }, { certificate: PEM, httpsPort: 8443, http3: { enabled: true, altSvcMaxAge: 60 } }),
     createLoadBalancerRoute('a.com', [{ host: '127.0.0.1', port: 3000 }, { host: '127.0.0.2', port: 3000 }]),
     createApiRoute('a.com', '/api', { host: '127.0.0.1', port: 3000 }, { addCorsHeaders: true }),
     createWebSocketRoute('a.com', '/ws', { host: '127.0.0.1', port: 3000 }),
@@ -760,7 +788,7 @@ tap.test('validateRouteConfig: every problem, each naming its field', async () =
   expect(validateRouteConfig(typos as unknown as IRouteConfig).errors).toEqual([
     'nmae: unknown field (expected one of id, name, description, tags, priority, enabled, match, action, security, headers)',
     'match.domain: unknown field (expected one of ports, domains, path, clientIp, tlsVersion, headers, transport)',
-    'action.redirect: unknown field (expected one of type, targets, target, tls, socketHandler, datagramHandler, udp, websocket, loadBalancing, forwardingEngine, nftables, options, sendProxyProtocol, retry, timeouts, security, normalizePath)',
+    'action.redirect: unknown field (expected one of type, targets, target, tls, socketHandler, datagramHandler, udp, http3, websocket, loadBalancing, forwardingEngine, nftables, options, sendProxyProtocol, retry, timeouts, security, normalizePath)',
     'action.targets[0].hots: unknown field (expected one of host, port, match, priority, weight, tls, headers, sendProxyProtocol)',
   ]);
   // The 19.x target form and 'preserve' are fine.

@@ -3,7 +3,7 @@
 // the schema accepts passes both; an unknown key at any level is reported by both with its path;
 // keys the engine refuses for now are refused by both in the same words; the (ext) keys of API.md
 // "Edge hygiene" are checked by both, naming the field; so are UDP routes (`match.transport`,
-// `action.udp`). Pure TypeScript: no engine needed.
+// `action.udp`) and HTTP/3 (`action.http3`). Pure TypeScript: no engine needed.
 import { tap, expect } from '@push.rocks/tapbundle';
 
 import { normalizeOptions, SmartProxyConfigError } from '../ts/utils/normalize-options.js';
@@ -82,6 +82,7 @@ function everyKeyRoute(): TRecord {
       timeouts: { connectMs: 1000, responseMs: 5000 },
       security,
       normalizePath: true,
+      http3: { enabled: true, altSvcMaxAge: 3600 },
     },
     security,
     headers: { request: { 'x-route': '{routeName}' }, response: { 'x-domain': '{domain}' } },
@@ -246,6 +247,7 @@ tap.test('a route using every accepted key passes both validators', async () => 
   expect(config.routes[0].action.sendProxyProtocol).toEqual(2);
   expect(config.routes[0].match.transport).toEqual('tcp');
   expect(config.routes[0].action.udp).toBeNull();
+  expect(config.routes[0].action.http3).toEqual({ altSvcMaxAge: 3600 });
 
   const udp = everyUdpKeyRoute();
   expect(validateRouteConfig(udp as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
@@ -253,6 +255,7 @@ tap.test('a route using every accepted key passes both validators', async () => 
   const native = normalizeOptions({ routes: [udp] } as unknown as ISmartProxyOptions).config.routes[0];
   expect(native.match.transport).toEqual('udp');
   expect(native.action.udp).toEqual({ sessionTimeoutMs: 30000, maxSessionsPerIp: 10, maxDatagramSize: 1500 });
+  expect(native.action.http3).toBeNull();
 });
 
 tap.test('options using every option key: no error, and no "unknown options" warning', async () => {
@@ -432,6 +435,123 @@ tap.test('UDP routes: transport, action.udp and what datagrams do not carry are 
     expect(validateRouteConfig(route as unknown as IRouteConfig).errors).toEqual([]);
     expect(normalizerError([route])?.message).toBeUndefined();
   }
+});
+
+/** A route serving HTTPS on 443 (TLS terminated with PEM), with `action` fields added or replaced. */
+function http3Route(match: TRecord, action: TRecord): TRecord {
+  return {
+    name: 'h3',
+    match: { ports: 443, domains: 'a.example.com', ...match },
+    action: { type: 'forward', targets: [{ host: 'h', port: 8080 }], tls: { mode: 'terminate', certificate: PEM }, ...action },
+  };
+}
+
+tap.test('HTTP/3 routes: action.http3 in the native config (altSvcMaxAge 86400 by default), null when disabled or absent', async () => {
+  const routes: TRecord[] = [
+    http3Route({}, { http3: { enabled: true } }),
+    http3Route({}, { http3: { enabled: true, altSvcMaxAge: 600 } }),
+    http3Route({ transport: 'tcp' }, { tls: { mode: 'terminate-and-reencrypt', certificate: PEM }, http3: { enabled: true, altSvcMaxAge: 0 } }),
+    http3Route({}, { http3: { enabled: true, altSvcMaxAge: 4294967295 } }),
+    http3Route({}, { http3: { enabled: false } }),
+    http3Route({}, { http3: { enabled: false, altSvcMaxAge: 60 } }),
+    http3Route({}, {}),
+    http3Route({}, { http3: undefined }),
+    // Disabled, HTTP/3 asks nothing of the route: passthrough, no TLS, UDP and socket-handler routes may carry it.
+    http3Route({}, { tls: { mode: 'passthrough' }, http3: { enabled: false } }),
+    http3Route({}, { tls: undefined, http3: { enabled: false } }),
+    { name: 'h3', match: { ports: 443, transport: 'udp' }, action: { type: 'forward', targets: [{ host: 'h', port: 443 }], http3: { enabled: false } } },
+    http3Route({}, { type: 'socket-handler', socketHandler: handler, targets: undefined, http3: { enabled: false } }),
+  ];
+  for (const route of routes) {
+    expect({ route: JSON.stringify(route), errors: validateRouteConfig(route as unknown as IRouteConfig).errors }).toEqual({ route: JSON.stringify(route), errors: [] });
+  }
+  const { config } = normalizeOptions({ routes } as unknown as ISmartProxyOptions);
+  expect(config.routes.map((r) => r.action.http3)).toEqual([
+    { altSvcMaxAge: 86400 },
+    { altSvcMaxAge: 600 },
+    { altSvcMaxAge: 0 },
+    { altSvcMaxAge: 4294967295 },
+    null,
+    null,
+    null,
+    null,
+    null,
+    null,
+    null,
+    null,
+  ]);
+  // The route's other settings are untouched by HTTP/3: still a TCP route with its TLS.
+  expect(config.routes[0].match.transport).toEqual('tcp');
+  expect(config.routes[0].action.udp).toBeNull();
+  expect(config.routes[0].action.tls?.mode).toEqual('terminate');
+  // The input is never changed.
+  const frozen = http3Route({}, { http3: Object.freeze({ enabled: true }) });
+  const before = JSON.stringify(frozen);
+  normalizeOptions({ routes: [frozen] } as unknown as ISmartProxyOptions);
+  validateRouteConfig(frozen as unknown as IRouteConfig);
+  expect(JSON.stringify(frozen)).toEqual(before);
+});
+
+tap.test('HTTP/3 routes: bad action.http3 values, and routes that cannot serve HTTP/3, are refused by both validators naming the same field', async () => {
+  const needsTerminate = `HTTP/3 ends QUIC, and its TLS, in the proxy: the route needs action.tls.mode 'terminate' or 'terminate-and-reencrypt'`;
+  const udpTls = 'UDP routes relay datagrams: the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)';
+  const on = { enabled: true };
+  // [field, match, action, reason, the other problems validateRouteConfig lists after it]
+  const cases: Array<[string, TRecord, TRecord, string, string[]]> = [
+    ['action.http3', {}, { tls: undefined, http3: on }, `${needsTerminate} (this route has no action.tls)`, []],
+    // TLS only towards the target: the client's side is plain, nothing ends QUIC.
+    ['action.http3', {}, { tls: undefined, targets: [{ host: 'h', port: 8443, tls: { mode: 'terminate-and-reencrypt' } }], http3: on }, `${needsTerminate} (this route has no action.tls)`, []],
+    ['action.http3', {}, { tls: { mode: 'passthrough' }, http3: on }, `${needsTerminate}, not 'passthrough'`, []],
+    [
+      'action.http3',
+      { transport: 'udp', domains: undefined },
+      { http3: on },
+      `HTTP/3 takes the route's UDP ports for QUIC, which match.transport 'udp' would relay as datagrams: enable it on a route with match.transport 'tcp' (the default)`,
+      [`action.tls: ${udpTls}`],
+    ],
+    [
+      'action.http3',
+      { transport: 'all', domains: undefined },
+      { http3: { enabled: true, altSvcMaxAge: 60 } },
+      `HTTP/3 takes the route's UDP ports for QUIC, which match.transport 'all' would relay as datagrams: enable it on a route with match.transport 'tcp' (the default)`,
+      [`action.tls: UDP routes relay datagrams (match.transport 'all' takes UDP too): the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)`],
+    ],
+    [
+      'action.http3',
+      {},
+      { type: 'socket-handler', socketHandler: handler, targets: undefined, http3: on },
+      `HTTP/3 requests go to the route's targets: a 'socket-handler' route hands connections to a function instead (use action.type 'forward')`,
+      [],
+    ],
+    ['action.http3', {}, { options: { raw: true }, http3: on }, 'HTTP/3 carries HTTP requests, which a raw route (action.options.raw) does not read: it relays bytes as they come', []],
+    ['action.http3', {}, { forwardingEngine: 'nftables', http3: on }, `HTTP/3 is served by the proxy itself: kernel forwarding (forwardingEngine: 'nftables') only moves packets`, []],
+    ['action.http3', {}, { http3: true }, 'expected an object with enabled (true or false), got true', []],
+    ['action.http3', {}, { http3: null }, 'expected an object with enabled (true or false), got null', []],
+    ['action.http3.enabled', {}, { http3: {} }, 'required (true or false)', []],
+    ['action.http3.enabled', {}, { http3: { enabled: 'yes' } }, 'expected true or false, got "yes"', []],
+    ['action.http3.enabled', {}, { http3: { enabled: 1, altSvcMaxAge: 60 } }, 'expected true or false, got 1', []],
+    ['action.http3.altSvcMaxAge', {}, { http3: { enabled: true, altSvcMaxAge: -1 } }, 'expected an integer number of seconds from 0 to 4294967295, got -1', []],
+    ['action.http3.altSvcMaxAge', {}, { http3: { enabled: true, altSvcMaxAge: 1.5 } }, 'expected an integer number of seconds from 0 to 4294967295, got 1.5', []],
+    ['action.http3.altSvcMaxAge', {}, { http3: { enabled: true, altSvcMaxAge: '60' } }, 'expected an integer number of seconds from 0 to 4294967295, got "60"', []],
+    ['action.http3.altSvcMaxAge', {}, { http3: { enabled: false, altSvcMaxAge: 2 ** 32 } }, `expected an integer number of seconds from 0 to 4294967295, got ${2 ** 32}`, []],
+    ['action.http3.altSvcMaxAge', {}, { http3: { enabled: true, altSvcMaxAge: Infinity } }, 'expected an integer number of seconds from 0 to 4294967295, got Infinity', []],
+    ['action.http3.maxAge', {}, { http3: { enabled: true, maxAge: 60 } }, 'unknown field (expected one of enabled, altSvcMaxAge)', []],
+  ];
+  for (const [field, match, action, reason, others] of cases) {
+    const route = http3Route(match, action);
+    const errors = validateRouteConfig(route as unknown as IRouteConfig).errors;
+    expect({ field, action: JSON.stringify(action), errors }).toEqual({ field, action: JSON.stringify(action), errors: [`${field}: ${reason}`, ...others] });
+    expect({ field, action: JSON.stringify(action), thrown: normalizerError([route])?.message }).toEqual({
+      field,
+      action: JSON.stringify(action),
+      thrown: `routes[0] "h3": ${field}: ${reason}`,
+    });
+  }
+  // Every reason at once: validateRouteConfig lists them all, normalizeOptions names the first.
+  const worst = http3Route({ transport: 'all', domains: undefined }, { type: 'socket-handler', socketHandler: handler, targets: undefined, tls: { mode: 'passthrough' }, options: { raw: true }, http3: on });
+  const errors = validateRouteConfig(worst as unknown as IRouteConfig).errors.filter((e) => e.startsWith('action.http3: '));
+  expect(errors).toHaveLength(4);
+  expect(normalizerError([worst])?.message).toEqual(`routes[0] "h3": ${errors[0]}`);
 });
 
 tap.start();

@@ -230,6 +230,17 @@ pub struct ActionConfig {
     /// `action.udp` of a route whose transport includes UDP.
     #[serde(default)]
     pub udp: Option<UdpConfig>,
+    /// `action.http3` when enabled: the route is also served over QUIC on its ports.
+    #[serde(default)]
+    pub http3: Option<Http3Config>,
+}
+
+/// `action.http3` of a terminating route, with its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Http3Config {
+    /// `ma=` of the `Alt-Svc` the route's HTTP/1.1 and HTTP/2 responses carry, in seconds.
+    pub alt_svc_max_age: u32,
 }
 
 /// `action.nftables` of a route with `forwardingEngine: 'nftables'`, with its defaults.

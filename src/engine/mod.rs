@@ -24,6 +24,7 @@ use crate::balance::health::HealthChecks;
 use crate::balance::affinity::AffinityStore;
 use crate::shared_state::SharedRedis;
 use crate::udp::{UdpEnv, UdpPorts, UdpStats};
+use crate::quic::{QuicEnv, QuicPorts, QuicStats};
 use crate::balance::BackendRegistry;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
@@ -87,6 +88,8 @@ pub struct Engine {
     affinity: std::sync::OnceLock<Arc<AffinityStore>>,
     /// UDP flows' counters, kept across restarts.
     udp_stats: Arc<UdpStats>,
+    /// QUIC connections' counters, kept across restarts.
+    quic_stats: Arc<QuicStats>,
     /// The Redis client replicas share state through (`options.redis`), made at the first start.
     shared: std::sync::OnceLock<Option<Arc<SharedRedis>>>,
     /// Raised when a stop begins, lowered by the next start.
@@ -113,6 +116,9 @@ struct Running {
     /// The UDP routes' ports, each with its relay.
     udp: UdpPorts,
     udp_env: Arc<UdpEnv>,
+    /// The HTTP/3 routes' ports, each with its QUIC endpoint.
+    quic: QuicPorts,
+    quic_env: Arc<QuicEnv>,
     on_accept: OnAccept,
     sessions: TaskTracker,
     draining: CancellationToken,
@@ -200,6 +206,7 @@ impl Engine {
             affinity: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
             udp_stats: Arc::default(),
+            quic_stats: Arc::default(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),
             access_log_format,
@@ -238,6 +245,7 @@ impl Engine {
         let affinity = self.affinity_store(shared.clone());
         let access_log = self.open_access_log()?;
         let env = Arc::new(self.session_env(draining.clone(), force_close.clone(), pool.clone(), affinity.clone(), shared.clone(), access_log.clone()));
+        let quic_env = Arc::new(QuicEnv::new(self.table.clone(), env.clone(), sessions.clone(), self.next_session_id.clone(), self.quic_stats.clone()));
         let on_accept = self.accept_callback(env, sessions.clone());
         if let Some(redis) = shared {
             self.acme.share(redis);
@@ -257,9 +265,16 @@ impl Engine {
         let udp_env = Arc::new(UdpEnv::new(self.table.clone(), self.global_policy.clone(), self.metrics.clone(), self.udp_stats.clone()));
         let mut udp = UdpPorts::default();
         let udp_wanted: Vec<u16> = self.table.read().udp_ports().into_iter().collect();
-        let bound = ports.bind_all(&self.wanted_ports(&control), &on_accept).and_then(|()| udp.bind_all(&udp_wanted, &udp_env).map(drop));
+        let mut quic = QuicPorts::default();
+        let quic_wanted: Vec<u16> = self.table.read().quic_ports().into_iter().collect();
+        let bound = ports
+            .bind_all(&self.wanted_ports(&control), &on_accept)
+            .and_then(|()| udp.bind_all(&udp_wanted, &udp_env).map(drop))
+            .and_then(|()| quic.bind_all(&quic_wanted, &quic_env).map(drop));
         if let Err(err) = bound {
             ports.release_all().await;
+            udp.release_all().await;
+            quic.release_all().await;
             for listener in ops {
                 listener.stop().await;
             }
@@ -278,7 +293,7 @@ impl Engine {
         self.kernel.sync(&kernel_routes).await;
         let kernel_counters = tokio::spawn(read_kernel_counters(self.kernel.clone()));
         tracing::info!(ports = ?ports.ports(), routes = self.table.read().routes().len(), "proxy started");
-        control.running = Some(Running { ports, udp, udp_env, on_accept, sessions, draining, force_close, pool, sampler, kernel_counters, ops, _log: log });
+        control.running = Some(Running { ports, udp, udp_env, quic, quic_env, on_accept, sessions, draining, force_close, pool, sampler, kernel_counters, ops, _log: log });
         Ok(())
     }
 
@@ -294,6 +309,8 @@ impl Engine {
         self.stopping.store(true, Ordering::Release);
         running.ports.release_all().await;
         running.udp.release_all().await;
+        // QUIC connections drain with the other sessions; their endpoints close after them.
+        running.quic.stop_accepting();
         self.listening.lock().clear();
         running.sampler.abort();
         running.kernel_counters.abort();
@@ -308,6 +325,7 @@ impl Engine {
             running.force_close.cancel();
             let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, running.sessions.wait()).await;
         }
+        running.quic.release_all().await;
         // Connections returned to the pool by the last requests.
         running.pool.clear();
         // After the sessions: their last records are written before the file closes.
@@ -391,9 +409,17 @@ impl Engine {
                     return Err(EngineError::Bind(err));
                 }
             };
-            if let Err(err) = running.ports.bind_all(&wanted, &running.on_accept) {
+            let quic_wanted: Vec<u16> = table.quic_ports().into_iter().collect();
+            let bound = match running.quic.bind_all(&quic_wanted, &running.quic_env) {
+                Ok(quic_added) => running.ports.bind_all(&wanted, &running.on_accept).map_err(|err| (err, quic_added)),
+                Err(err) => Err((err, Vec::new())),
+            };
+            if let Err((err, quic_added)) = bound {
                 for port in udp_added {
                     running.udp.release(port).await;
+                }
+                for port in quic_added {
+                    running.quic.release(port).await;
                 }
                 *self.table.write() = previous;
                 control.removed_ports = removed_before;
@@ -402,6 +428,11 @@ impl Engine {
             for port in running.udp.ports() {
                 if !udp_wanted.contains(&port) {
                     running.udp.release(port).await;
+                }
+            }
+            for port in running.quic.ports() {
+                if !quic_wanted.contains(&port) {
+                    running.quic.release(port).await;
                 }
             }
             for port in running.ports.ports() {
@@ -514,6 +545,12 @@ impl Engine {
     }
 
     /// Active UDP flows, and the UDP counters when a route takes UDP or a flow ever ran.
+    pub fn quic_stats(&self) -> (u64, Option<crate::quic::QuicStatsSnapshot>) {
+        let snapshot = self.quic_stats.snapshot();
+        let wanted = !self.table.read().quic_ports().is_empty() || snapshot.connections_total > 0 || snapshot.refused > 0;
+        (self.quic_stats.active(), wanted.then_some(snapshot))
+    }
+
     pub fn udp_stats(&self) -> (u64, Option<crate::udp::UdpStatsSnapshot>) {
         let snapshot = self.udp_stats.snapshot();
         let wanted = !self.table.read().udp_ports().is_empty() || snapshot.sessions_total > 0;

@@ -43,6 +43,10 @@ pub struct Statistics {
     pub udp_sessions: u64,
     /// (ext) UDP routes' counters; None when no route takes UDP.
     pub udp: Option<crate::udp::UdpStatsSnapshot>,
+    /// (ext) QUIC connections open now (HTTP/3; each is also one of the active connections).
+    pub quic_connections: u64,
+    /// (ext) QUIC's counters; None when no route serves HTTP/3.
+    pub quic: Option<crate::quic::QuicStatsSnapshot>,
     /// Rate-limit keys dropped to keep routes within `rateLimit.maxKeys` (routes of the current
     /// table; affinity evictions are under `affinity`).
     pub rate_limit_evictions: u64,
@@ -108,6 +112,7 @@ impl Engine {
         let tls = m.active_tls.load(Ordering::Acquire).min(active);
         let (bytes_in, bytes_out) = m.bytes.totals();
         let (udp_sessions, udp) = self.udp_stats();
+        let (quic_connections, quic) = self.quic_stats();
         Statistics {
             active_connections: active,
             tls_connections: tls,
@@ -145,6 +150,8 @@ impl Engine {
             shared_state: self.shared_state_stats(),
             udp_sessions,
             udp,
+            quic_connections,
+            quic,
             rate_limit_evictions: self.table.read().routes().iter().filter_map(|r| r.http_security.as_ref()).map(|s| s.rate_limit_evictions()).sum(),
             kernel_forwarding: self.kernel_status(),
         }
@@ -230,6 +237,8 @@ impl Engine {
             ("smartproxy_websocket_tunnels_active", Kind::Gauge, "WebSocket tunnels open now.", statistics.websocket_connections),
             ("smartproxy_connections_total", Kind::Counter, "Client connections accepted.", statistics.total_connections),
             ("smartproxy_websocket_tunnels_total", Kind::Counter, "WebSocket tunnels opened.", statistics.websocket_total),
+            ("smartproxy_quic_connections_active", Kind::Gauge, "QUIC (HTTP/3) client connections open now.", statistics.quic_connections),
+            ("smartproxy_quic_connections_total", Kind::Counter, "QUIC (HTTP/3) client connections whose handshake completed.", statistics.quic.as_ref().map_or(0, |q| q.connections_total)),
             ("smartproxy_http_requests_received_total", Kind::Counter, "Requests the HTTP engine received (routed or not).", statistics.http_requests),
             ("smartproxy_received_bytes_total", Kind::Counter, "Bytes read from clients.", statistics.bytes_in),
             ("smartproxy_sent_bytes_total", Kind::Counter, "Bytes written to clients.", statistics.bytes_out),

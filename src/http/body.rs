@@ -136,6 +136,8 @@ pub enum ClientBody {
     H1(crate::http::h1::channel::RequestBody),
     /// An HTTP/2 stream's body.
     H2(hyper::body::Incoming),
+    /// An HTTP/3 stream's body (boxed: the stream is large, and most requests have none).
+    H3(Box<crate::http::h3::RequestBody>),
 }
 
 impl Body for ClientBody {
@@ -147,6 +149,7 @@ impl Body for ClientBody {
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
             ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ClientBody::H3(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -155,6 +158,7 @@ impl Body for ClientBody {
             ClientBody::Empty => true,
             ClientBody::H1(body) => body.is_end_stream(),
             ClientBody::H2(body) => body.is_end_stream(),
+            ClientBody::H3(body) => body.is_end_stream(),
         }
     }
 
@@ -163,6 +167,7 @@ impl Body for ClientBody {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::H1(body) => body.size_hint(),
             ClientBody::H2(body) => body.size_hint(),
+            ClientBody::H3(body) => body.size_hint(),
         }
     }
 }

@@ -229,6 +229,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
     let (protocol, via_alone) = match facts.version {
         http::Version::HTTP_10 => ("1.0", "1.0 smartproxy"),
         http::Version::HTTP_2 => ("2", "2 smartproxy"),
+        http::Version::HTTP_3 => ("3", "3 smartproxy"),
         _ => ("1.1", "1.1 smartproxy"),
     };
     let sent_via = if carried.forwarding[4] { headers.get(header::VIA).and_then(|v| v.to_str().ok()) } else { None };

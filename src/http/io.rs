@@ -71,6 +71,20 @@ impl ClientCounters {
         InFlight(self.clone())
     }
 
+    /// A connection whose bytes are not read through `ClientIo` (QUIC): a sign of life for the
+    /// watchdog.
+    pub fn note_activity(&self) {
+        self.touch();
+    }
+
+    /// Bytes counted at once, by a connection whose transport counts them itself (QUIC).
+    pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
+        self.engine.bytes.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        self.ip.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        self.engine.bytes.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+        self.ip.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

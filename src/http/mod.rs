@@ -6,6 +6,7 @@
 pub mod body;
 pub mod edge;
 pub mod h1;
+pub mod h3;
 pub mod head;
 pub mod headers;
 pub mod io;

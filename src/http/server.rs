@@ -172,7 +172,7 @@ where
 
 /// Runs a connection under the watchdog. `on_drain` is told when the engine starts draining and
 /// says whether to close at once. Err: the watchdog ended the connection.
-async fn watched<F: std::future::Future>(mut connection: std::pin::Pin<&mut F>, watch: &Watch<'_>, mut on_drain: impl FnMut(&Watch<'_>) -> bool) -> Result<F::Output, TerminationReason> {
+pub(crate) async fn watched<F: std::future::Future>(mut connection: std::pin::Pin<&mut F>, watch: &Watch<'_>, mut on_drain: impl FnMut(&Watch<'_>) -> bool) -> Result<F::Output, TerminationReason> {
     let mut watchdog = WakeGated::new(watch.next(false));
     loop {
         tokio::select! {

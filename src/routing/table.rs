@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::{
     BackendProtocol, ConfigError, HeaderMatchConfig, HealthCheckConfig, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RegexConfig, RetryConfig,
-    RouteConfig, TargetPort, TargetTlsConfig, TlsConfig, TlsMode, Transport, UdpConfig,
+    RouteConfig, TargetPort, TargetTlsConfig, TlsConfig, TlsMode, Transport, UdpConfig, Http3Config,
 };
 use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
 use crate::tls::dynamic::{CertSlots, SlotResolver};
@@ -122,6 +122,8 @@ pub struct Route {
     pub transport: Transport,
     /// `action.udp` with its defaults (used when `transport` includes UDP).
     pub udp: UdpConfig,
+    /// `action.http3`: the route is served over QUIC too, and advertised with this `Alt-Svc` age.
+    pub http3: Option<Http3Config>,
 }
 
 /// How the route spreads picks over a backend set.
@@ -528,6 +530,8 @@ pub struct RouteTable {
     ports: HashMap<u16, PortPlan, foldhash::fast::RandomState>,
     /// The routes taking datagrams on each UDP port, in matching order.
     udp_ports: HashMap<u16, Vec<Arc<Route>>, foldhash::fast::RandomState>,
+    /// The ports some route serves HTTP/3 on (`action.http3`): their UDP sockets are QUIC's.
+    quic_ports: BTreeSet<u16>,
 }
 
 /// What a UDP route can be: a relay of datagrams to static targets, with nothing of TLS or HTTP.
@@ -565,6 +569,22 @@ fn check_udp_route(config: &RouteConfig, route: &Route) -> Result<(), (String, S
     Ok(())
 }
 
+/// What a route served over HTTP/3 needs: QUIC ends in the proxy, so its TLS must too, and its
+/// ports' UDP sockets belong to QUIC.
+fn check_http3_route(route: &Route) -> Result<(), (String, String)> {
+    let refuse = |why: &str| Err(("action.http3".to_string(), why.to_string()));
+    if !route.tls.as_ref().is_some_and(|tls| tls.terminates() && tls.acceptor.is_some()) {
+        return refuse("HTTP/3 ends QUIC, and its TLS, in the proxy: the route needs action.tls.mode 'terminate' or 'terminate-and-reencrypt'");
+    }
+    if route.transport.udp() {
+        return refuse("the route's UDP ports are taken by QUIC: match.transport must be 'tcp'");
+    }
+    if route.socket_handler.is_some() || route.http.raw || route.kernel.is_some() {
+        return refuse("HTTP/3 requests go through the HTTP engine: not on a socket-handler, raw or kernel-forwarded route");
+    }
+    Ok(())
+}
+
 /// The kernel takes every flow to a kernel route's port (on this host's addresses) before any
 /// socket sees it: a port it forwards belongs to that route alone.
 fn check_kernel_ports(configs: &[RouteConfig], routes: &[Arc<Route>]) -> Result<(), ConfigError> {
@@ -579,7 +599,7 @@ fn check_kernel_ports(configs: &[RouteConfig], routes: &[Arc<Route>]) -> Result<
             let (kernel_tcp, kernel_udp) = (kernel.protocol != KernelProtocol::Udp, kernel.protocol != KernelProtocol::Tcp);
             let clash = match &other.kernel {
                 Some(theirs) => kernel.protocol == KernelProtocol::All || theirs.protocol == KernelProtocol::All || theirs.protocol == kernel.protocol,
-                None => (kernel_tcp && other.transport.tcp()) || (kernel_udp && other.transport.udp()),
+                None => (kernel_tcp && other.transport.tcp()) || (kernel_udp && (other.transport.udp() || other.http3.is_some())),
             };
             if let Some(port) = clash.then(|| config.match_.ports.iter().find(|p| other_config.match_.ports.contains(p))).flatten() {
                 let (later, earlier) = if i > j { (config, &other.label) } else { (other_config, &route.label) };
@@ -635,7 +655,29 @@ impl RouteTable {
                 plan.needs_client_data = true;
             }
         }
-        Ok(RouteTable { routes, ports, udp_ports })
+        let mut quic_ports = BTreeSet::new();
+        for (config, route) in configs.iter().zip(&routes) {
+            if route.http3.is_none() {
+                continue;
+            }
+            for port in &config.match_.ports {
+                if let Some(relay) = udp_ports.get(port).and_then(|relays| relays.first()) {
+                    return Err(ConfigError::in_route(
+                        config.index,
+                        config.name.as_deref(),
+                        "action.http3",
+                        format!("port {port} relays datagrams for route {:?} (match.transport): its UDP socket cannot also take QUIC", relay.label),
+                    ));
+                }
+                quic_ports.insert(*port);
+            }
+        }
+        Ok(RouteTable { routes, ports, udp_ports, quic_ports })
+    }
+
+    /// Every port some route serves HTTP/3 on.
+    pub fn quic_ports(&self) -> BTreeSet<u16> {
+        self.quic_ports.clone()
     }
 
     /// Every port some route takes datagrams on.
@@ -882,8 +924,12 @@ impl Route {
             kernel,
             transport: config.match_.transport,
             udp: config.action.udp.unwrap_or_default(),
+            http3: config.action.http3,
         };
         let route = Route { needs_http: route.wants_http(), ..route };
+        if route.http3.is_some() {
+            check_http3_route(&route).map_err(|(f, r)| fail(f, r))?;
+        }
         if route.transport.udp() {
             check_udp_route(config, &route).map_err(|(f, r)| fail(f, r))?;
         } else if config.action.udp.is_some() {
@@ -1177,6 +1223,7 @@ mod tests {
                 normalize_path: false,
                 kernel: None,
                 udp: None,
+                http3: None,
             },
             security: RouteSecurityConfig::default(),
             headers: HeaderTemplatesConfig::default(),

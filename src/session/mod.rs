@@ -39,7 +39,7 @@ use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
 use crate::tcp::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
 use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
 
-use guards::ConnectionGuard;
+pub use guards::ConnectionGuard;
 use sniff::Sniffed;
 
 /// What a backend connect may take when the route sets no `timeouts.connectMs`.

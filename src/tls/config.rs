@@ -21,6 +21,7 @@ const SYSTEM_ROOTS: &[&str] = &[
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+pub const ALPN_H3: &[u8] = b"h3";
 
 fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -90,6 +91,46 @@ fn finish_server_config(mut config: ServerConfig, alpn: &[&[u8]]) -> Result<Arc<
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|err| err.to_string())?;
     Ok(Arc::new(config))
+}
+
+/// What QUIC connections of one port share across handshakes: session resumption by tickets and
+/// by a session cache, as the TCP acceptors have.
+#[derive(Debug, Clone)]
+pub struct QuicResumption {
+    /// None: the system's randomness failed; the session cache alone resumes.
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    cache: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+impl QuicResumption {
+    pub fn new() -> QuicResumption {
+        let ticketer = match rustls::crypto::ring::Ticketer::new() {
+            Ok(ticketer) => Some(ticketer),
+            Err(err) => {
+                tracing::warn!(error = %err, "QUIC session tickets unavailable");
+                None
+            }
+        };
+        QuicResumption { ticketer, cache: rustls::server::ServerSessionMemoryCache::new(4096) }
+    }
+}
+
+/// The TLS side of one QUIC connection: TLS 1.3 only (QUIC has no other), ALPN `h3`, no early
+/// data (a replayed 0-RTT request would reach a backend twice), and the certificate `resolver`
+/// picks from the client's hello.
+pub fn quic_server_config(resolver: Arc<dyn ResolvesServerCert>, resumption: &QuicResumption) -> Result<quinn::crypto::rustls::QuicServerConfig, String> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|err| err.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_H3.to_vec()];
+    if let Some(ticketer) = &resumption.ticketer {
+        config.ticketer = ticketer.clone();
+    }
+    config.session_storage = resumption.cache.clone();
+    config.max_early_data_size = 0;
+    quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|err| err.to_string())
 }
 
 /// The connector config of a re-encrypting route or target; `allowed` lists the TLS versions it

@@ -87,6 +87,8 @@ export interface INativeRoute {
     kernel: INativeKernel | null;
     /** `action.udp` with its defaults when `match.transport` is 'udp' or 'all'; null for TCP-only routes. */
     udp: INativeUdp | null;
+    /** `action.http3` when enabled (the route's ports also take QUIC on UDP); null when absent or disabled. */
+    http3: INativeHttp3 | null;
   };
   security: {
     ipAllowList: string[];
@@ -108,6 +110,12 @@ export interface INativeUdp {
   maxSessionsPerIp: number;
   /** Larger datagrams are dropped (1-65535). */
   maxDatagramSize: number;
+}
+
+/** HTTP/3 on a route whose TLS ends in the proxy: its ports also take QUIC (UDP). */
+export interface INativeHttp3 {
+  /** Alt-Svc ma= in seconds */
+  altSvcMaxAge: number;
 }
 
 /** `action.nftables` of a kernel-forwarded route, with its defaults. */

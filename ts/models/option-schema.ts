@@ -67,6 +67,9 @@ export const DATAGRAM_HANDLER_NOT_YET = 'datagramHandler is not supported yet (U
 /** `action.udp` defaults (API.md "HTTP/3, QUIC and UDP"). */
 export const UDP_DEFAULTS = { sessionTimeout: 60000, maxSessionsPerIP: 1000, maxDatagramSize: 65535 } as const;
 
+/** `action.http3.altSvcMaxAge` default, in seconds: the `ma=` of the `Alt-Svc` the route's HTTP/1.1 and HTTP/2 responses carry. */
+export const HTTP3_ALT_SVC_MAX_AGE = 86400;
+
 /** API.md "Edge hygiene": how many affinity or rate-limit keys a route keeps in memory by default. */
 export const DEFAULT_MAX_KEYS = 100000;
 
@@ -123,6 +126,7 @@ export const ACTION_SCHEMA = keys({
   socketHandler: leaf,
   datagramHandler: { notYet: 'UDP routes forward only', notYetMessage: DATAGRAM_HANDLER_NOT_YET },
   udp: nested(keys(leaves('sessionTimeout', 'maxSessionsPerIP', 'maxDatagramSize'))),
+  http3: nested(keys(leaves('enabled', 'altSvcMaxAge'))),
   // The original's WebSocket, nftables and options blocks carry settings this engine has no use
   // for; refusing them would break drop-in configs.
   websocket: nested(keys(leaves('enabled', 'pingInterval', 'pingTimeout', 'maxPayloadSize'), true)),

@@ -198,6 +198,10 @@ export interface IStatistics {
   udpSessions: number;
   /** (ext) UDP relaying since start, over every route taking UDP; null when no route takes UDP. */
   udp: IUdpStats | null;
+  /** (ext) QUIC (HTTP/3) client connections open right now; each is also one of `activeConnections` (and of `tlsConnections`). */
+  quicConnections: number;
+  /** (ext) QUIC since start; null when no route serves HTTP/3. */
+  quic: IQuicStats | null;
   /** (ext) Rate-limit keys evicted to keep routes within `rateLimit.maxKeys` (the routes in force). */
   rateLimitEvictions: number;
   /**
@@ -223,6 +227,16 @@ export interface IUdpStats {
   bytesOut: number;
   /** Datagrams not relayed: larger than `maxDatagramSize`, over a flow limit, refused by the route's security, or undeliverable. */
   dropped: number;
+}
+
+/** (ext) `IStatistics.quic`: QUIC connections of the routes serving HTTP/3 (`action.http3`). Their bytes (UDP payload, QUIC's own included) are in `bytesIn`/`bytesOut` once each connection ends. */
+export interface IQuicStats {
+  /** Connections whose handshake completed. */
+  connectionsTotal: number;
+  /** Handshakes that failed or timed out (no route for the SNI, no certificate, a client that left). */
+  handshakeFailures: number;
+  /** Attempts refused before any handshake work: IP lists, per-IP connection limits and rates. */
+  refused: number;
 }
 
 /** (ext) `IStatistics.sharedState`: this replica's use of the state shared through Redis. */

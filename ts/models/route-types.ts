@@ -57,6 +57,19 @@ export interface IRouteUdp {
   maxDatagramSize?: number;
 }
 
+/**
+ * (ext) `action.http3`: HTTP/3 (QUIC) beside HTTP/1.1 and HTTP/2 on a route whose TLS ends in the
+ * proxy (`tls.mode` 'terminate' or 'terminate-and-reencrypt'). The engine also listens on UDP on
+ * the route's ports, with the route's certificate, and routes HTTP/3 requests as it routes the
+ * others; HTTP/1.1 and HTTP/2 responses of the route advertise it (`Alt-Svc: h3=":<port>"`).
+ */
+export interface IRouteHttp3 {
+  /** Serve HTTP/3 on the route's ports (UDP). */
+  enabled: boolean;
+  /** Seconds clients may remember the `Alt-Svc` advertisement (its `ma=`); default 86400. */
+  altSvcMaxAge?: number;
+}
+
 export interface IRouteMatch {
   /** Required: the ports this route listens on. */
   ports: TPortRange;
@@ -168,6 +181,11 @@ export interface IRouteAction {
   datagramHandler?: TDatagramHandler;
   /** (ext) Flow settings of a route whose `match.transport` is 'udp' or 'all' (refused on a TCP-only route). */
   udp?: IRouteUdp;
+  /**
+   * (ext) HTTP/3 on the route's ports (UDP) beside its TCP listener. Needs `tls.mode` 'terminate'
+   * or 'terminate-and-reencrypt', a `forward` route, and `match.transport` 'tcp' (the default).
+   */
+  http3?: IRouteHttp3;
   /**
    * WebSocket upgrades, proxied unless `enabled` is false. `pingInterval` (ms): the proxy pings the
    * client between the backend's frames, and closes it (status 1001) when no pong comes within

@@ -42,6 +42,7 @@ import { expandPortRange, isValidPortNumber } from './port-range.js';
 import { headerRegExpProblem, nativeHeaderMatch } from './header-match.js';
 import { nativeSpecOf } from './socket-handlers.js';
 import { checkUdpRoute } from './udp-route.js';
+import { checkHttp3Route } from './http3-route.js';
 import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
 
 /** A JavaScript function the engine may call, by the id the config carries instead of it. */
@@ -355,6 +356,11 @@ function normalizeRoute(
   if (action.type !== 'forward' && action.type !== 'socket-handler') {
     at.fail('action.type', `expected 'forward' or 'socket-handler', got ${show(action.type)}`);
   }
+  // `action.http3`, and what a route serving HTTP/3 must be (TLS ending here, TCP transport, forward).
+  // Before the UDP checks: a route taking UDP that enables HTTP/3 is told why about HTTP/3 first.
+  const http3Check = checkHttp3Route(route.match, action);
+  const [http3Problem] = http3Check.problems;
+  if (http3Problem !== undefined) at.fail(http3Problem.field, http3Problem.reason);
   // `match.transport` and `action.udp`, and what a route taking UDP cannot have (TLS, domains, ...).
   const udpCheck = checkUdpRoute(route.match, action);
   const [udpProblem] = udpCheck.problems;
@@ -436,6 +442,7 @@ function normalizeRoute(
       normalizePath: optionalFlag(action.normalizePath, at, 'action.normalizePath') ?? false,
       kernel,
       udp: udpCheck.udp,
+      http3: http3Check.http3,
     },
     security: { ...lists, maxConnections, ...httpSecurity },
     headers,

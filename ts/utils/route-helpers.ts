@@ -5,6 +5,7 @@ import type {
   IRouteAction,
   IRouteConfig,
   IRouteContext,
+  IRouteHttp3,
   IRouteMatch,
   IRouteSecurity,
   IRouteTarget,
@@ -42,6 +43,11 @@ export interface IHttpsTerminateRouteOptions extends TRouteOverrides {
   httpsPort?: number;
   /** Used by createCompleteHttpsServer (the redirect's port, default 80); ignored by createHttpsTerminateRoute. */
   httpPort?: number;
+  /**
+   * (ext) HTTP/3 on the same port (UDP) beside HTTP/1.1 and HTTP/2: `action.http3` (`true` is
+   * `{ enabled: true }`, with the default `altSvcMaxAge`; `false` sets `{ enabled: false }`).
+   */
+  http3?: boolean | IRouteHttp3;
 }
 
 export type ICompleteHttpsServerOptions = IHttpsTerminateRouteOptions;
@@ -279,14 +285,18 @@ export function createHttpRoute(domains: TDomains, target: THelperTarget, option
   return mergeRouteConfigs(base, options);
 }
 
-/** TLS terminated on port 443 (`certificate` defaults to `'auto'`), plain HTTP (or TLS with `reencrypt`) to `target`. */
+/**
+ * TLS terminated on port 443 (`certificate` defaults to `'auto'`), plain HTTP (or TLS with
+ * `reencrypt`) to `target`; with `http3`, HTTP/3 on the same port too (`action.http3`).
+ */
 export function createHttpsTerminateRoute(domains: TDomains, target: THelperTarget, options: IHttpsTerminateRouteOptions = {}): IRouteConfig {
-  const { certificate, reencrypt, httpsPort, httpPort: _redirectPort, ...overrides } = options;
+  const { certificate, reencrypt, httpsPort, httpPort: _redirectPort, http3, ...overrides } = options;
   const base: IRouteConfig = {
     name: `HTTPS: ${describeDomains(domains)}`,
     match: matchOf(httpsPort ?? 443, domains),
     action: { type: 'forward', targets: [copyTarget(target)], tls: terminateTls(certificate, reencrypt) },
   };
+  if (http3 !== undefined) base.action.http3 = typeof http3 === 'boolean' ? { enabled: http3 } : cloneDeep(http3);
   return mergeRouteConfigs(base, overrides);
 }
 

@@ -19,6 +19,7 @@ import {
 } from '../models/option-schema.js';
 import { SmartProxyConfigError } from './normalize-options.js';
 import { checkUdpRoute } from './udp-route.js';
+import { checkHttp3Route } from './http3-route.js';
 
 /** What a connection or request is known by, for `findMatchingRoutes`. */
 export interface IRouteMatchQuery {
@@ -819,6 +820,8 @@ export function validateRouteConfig(route: IRouteConfig): IRouteValidationResult
       if (isRecord(t) && t.tls !== undefined) out.add(`${field}.tls`, `${noOwnTls}: the proxy opens no TLS of its own to the target`);
     }
   }
+  // `action.http3`, and what a route serving HTTP/3 must be (before the UDP checks, as normalizeOptions).
+  for (const problem of checkHttp3Route(raw.match, raw.action).problems) out.add(problem.field, problem.reason);
   // `match.transport`, `action.udp`, and what a route taking UDP cannot have.
   for (const problem of checkUdpRoute(raw.match, raw.action).problems) out.add(problem.field, problem.reason);
   if (raw.security !== undefined) checkSecurity(raw.security, 'security', out, noHttp);

@@ -68,6 +68,10 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Adm
     let Some(route) = found else {
         return Err(text_response(StatusCode::NOT_FOUND, "no route matches this request").into());
     };
+    // Over QUIC, only routes that serve HTTP/3 take requests: the others never offered it.
+    if version == Version::HTTP_3 && route.http3.is_none() {
+        return Err(text_response(StatusCode::MISDIRECTED_REQUEST, "this route is not served over HTTP/3").into());
+    }
     let refused = |answer: Answer| Refused { route: Some(route), answer };
     if !route.policy.admits(conn.client_ip) {
         route.stats.forbidden.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::header::Entry;
 use http::request::Parts;
 use http::{Request, Response, Uri, Version};
 
@@ -131,6 +132,7 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
     // is written at once.
     let mut in_flight = Some(conn.counters.request_started());
     let (mut head, body) = req.into_parts();
+    let version = head.version;
     let received = Instant::now();
     let mut access_record = record::PendingRecord::begin(&conn, &head, received);
     async move {
@@ -170,15 +172,28 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
             }
             respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, &mut in_flight, &mut access_record)
         };
-        let response = proxied.await.unwrap_or_else(|answer: Answer| answer);
+        let mut response = proxied.await.unwrap_or_else(|answer: Answer| answer);
         if let Some(route) = answered_by {
             route.stats.record_response(response.status().as_u16(), received.elapsed());
+            if let Some(http3) = route.http3.filter(|_| version < Version::HTTP_3) {
+                advertise_http3(&mut response, conn.local_port, http3.alt_svc_max_age);
+            }
         }
         // Unless the response body took it along, the request is over once its head is ready.
         if let Some(pending) = access_record {
             pending.answered(answered_by, &response);
         }
         Ok(response)
+    }
+}
+
+/// `Alt-Svc` on a response over TCP of a route also served over QUIC on the same port (RFC 7838),
+/// unless the backend named alternatives of its own.
+fn advertise_http3(response: &mut Response<ProxyBody>, port: u16, max_age: u32) {
+    if let Entry::Vacant(entry) = response.headers_mut().entry(http::header::ALT_SVC) {
+        if let Ok(value) = http::HeaderValue::try_from(format!("h3=\":{port}\"; ma={max_age}")) {
+            entry.insert(value);
+        }
     }
 }
 

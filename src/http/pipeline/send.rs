@@ -84,7 +84,7 @@ pub(super) async fn send_with_retries<'c>(
             proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(conn.client_ip, conn.client_port), destination).map(Arc::from)
         });
         let key = PoolKey { host: target_host, port: target_port, protocol: outbound.protocol, tls, proxy_header };
-        if ctx.version == Version::HTTP_2 && client_slot.is_none() {
+        if ctx.version >= Version::HTTP_2 && client_slot.is_none() {
             let slots = conn.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(conn.max_upstream_per_client.max(1) as usize)));
             match tokio::time::timeout(route.connect_timeout, slots.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => client_slot = Some(permit),

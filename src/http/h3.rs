@@ -1,0 +1,281 @@
+//! Serving one client's HTTP/3 connection (RFC 9114) with the `h3` crate over quinn. Each request
+//! stream goes through the same pipeline as HTTP/1.1 and HTTP/2 (`pipeline::handle`): its body is
+//! read as it arrives (and checked against its `Content-Length`), and the response streams back
+//! under QUIC's flow control. The connection runs under the same watchdog as the TCP ones
+//! (keep-alive and idle timeouts, lifetime, drain on stop), with a request's headers bounded by
+//! `headerTimeout` and `maxHeaderSize` and its streams by `http2MaxConcurrentStreams`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h3::error::Code;
+use http::{header, HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::task::JoinSet;
+
+use crate::http::body::{BoxError, ClientBody};
+use crate::http::io::ClientCounters;
+use crate::http::pipeline::{handle, ConnectionContext};
+use crate::http::server::{watched, HttpLimits, Shutdown};
+use crate::http::watchdog::Watch;
+use crate::metrics::{GaugeHold, TerminationReason};
+
+type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
+
+/// Serves the connection's requests until the client closes it, the watchdog ends it, or a stop
+/// drains it (a GOAWAY, then the requests in flight finish).
+pub async fn serve(connection: quinn::Connection, counters: Arc<ClientCounters>, ctx: Arc<ConnectionContext>, limits: HttpLimits, shutdown: Shutdown<'_>) -> TerminationReason {
+    let _active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
+    let watch = Watch {
+        draining: shutdown.draining,
+        force_close: shutdown.force_close,
+        counters: counters.clone(),
+        idle_timeout: limits.idle_timeout,
+        keep_alive_timeout: limits.keep_alive_timeout,
+        header_timeout: limits.header_timeout,
+        deadline: limits.deadline,
+    };
+    let serving = std::pin::pin!(serve_requests(connection.clone(), counters, ctx, limits, shutdown.draining));
+    let reason = watched(serving, &watch, |watch| watch.counters.in_flight() == 0).await.unwrap_or_else(|reason| reason);
+    // Dropping the h3 connection closed it already (H3_NO_ERROR); this also ends one the watchdog left.
+    connection.close(quinn::VarInt::from_u32(0x100), b"");
+    reason
+}
+
+async fn serve_requests(
+    connection: quinn::Connection,
+    counters: Arc<ClientCounters>,
+    ctx: Arc<ConnectionContext>,
+    limits: HttpLimits,
+    draining: &tokio_util::sync::CancellationToken,
+) -> TerminationReason {
+    let mut builder = h3::server::builder();
+    builder.max_field_section_size(limits.max_header_size as u64);
+    let mut h3 = match tokio::time::timeout(limits.header_timeout, builder.build::<_, Bytes>(h3_quinn::Connection::new(connection))).await {
+        Ok(Ok(h3)) => h3,
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "HTTP/3 connection failed to start");
+            return TerminationReason::ClientError;
+        }
+        Err(_) => return TerminationReason::HeadTimeout,
+    };
+    // Each request runs in a task of its own, as HTTP/2 streams do; dropping the set (the
+    // watchdog ended the connection) ends them.
+    let mut requests = JoinSet::new();
+    let mut goaway_sent = false;
+    let reason = loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = draining.cancelled(), if !goaway_sent => {
+                goaway_sent = true;
+                // Requests already accepted finish; the client opens no more.
+                if h3.shutdown(0).await.is_err() {
+                    break TerminationReason::Completed;
+                }
+                continue;
+            }
+            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+            accepted = h3.accept() => accepted,
+        };
+        match accepted {
+            Ok(Some(resolver)) => {
+                counters.note_activity();
+                requests.spawn(serve_request(resolver, ctx.clone(), counters.clone(), limits.header_timeout));
+            }
+            Ok(None) => break TerminationReason::Completed,
+            Err(err) if err.is_h3_no_error() => break TerminationReason::Completed,
+            Err(err) => {
+                tracing::debug!(error = %err, "HTTP/3 connection ended with an error");
+                break TerminationReason::ClientError;
+            }
+        }
+    };
+    while requests.join_next().await.is_some() {}
+    reason
+}
+
+/// One request stream: its headers (within `headerTimeout`), the pipeline, and the response.
+async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters: Arc<ClientCounters>, header_timeout: Duration) {
+    // A malformed or oversized header section is answered by h3 itself (400 or 431).
+    let (request, stream) = match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
+        Ok(Ok(resolved)) => resolved,
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "HTTP/3 request refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (mut send, recv) = stream.split();
+    let (parts, ()) = request.into_parts();
+    let body = match RequestBody::start(recv, &parts.headers, counters.clone()) {
+        Ok(body) => body,
+        Err(reason) => {
+            tracing::debug!(reason, "HTTP/3 request refused");
+            send.stop_stream(Code::H3_MESSAGE_ERROR);
+            return;
+        }
+    };
+    let Ok(response) = handle(ctx, Request::from_parts(parts, body)).await;
+    if let Err(err) = write_response(&mut send, response, &counters).await {
+        tracing::debug!(error = %err, "HTTP/3 response not delivered");
+        send.stop_stream(Code::H3_INTERNAL_ERROR);
+    }
+}
+
+async fn write_response(send: &mut SendStream, response: Response<crate::http::body::ProxyBody>, counters: &ClientCounters) -> Result<(), BoxError> {
+    let (parts, mut body) = response.into_parts();
+    send.send_response(Response::from_parts(parts, ())).await?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        counters.note_activity();
+        match frame.into_data() {
+            Ok(data) => {
+                if !data.is_empty() {
+                    send.send_data(data).await?;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    send.send_trailers(trailers).await?;
+                }
+            }
+        }
+    }
+    send.finish().await?;
+    Ok(())
+}
+
+/// A request's body off its stream. The bytes must add up to its `Content-Length` when it sent
+/// one (RFC 9114 §4.1.2: otherwise the request is malformed), so what the backend receives is
+/// framed as the client said.
+pub struct RequestBody {
+    stream: RecvStream,
+    /// Data read before the body was handed on (the check for an already finished stream).
+    first: Option<Bytes>,
+    expected: Option<u64>,
+    received: u64,
+    phase: Phase,
+    counters: Arc<ClientCounters>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Data,
+    Trailers,
+    Done,
+}
+
+impl RequestBody {
+    /// The body of a request with these headers; a stream the client already finished (most
+    /// requests without a body arrive so) is an empty body, which no upstream sees framed.
+    fn start(mut stream: RecvStream, headers: &HeaderMap, counters: Arc<ClientCounters>) -> Result<ClientBody, &'static str> {
+        let expected = content_length(headers)?;
+        if expected == Some(0) {
+            return Ok(ClientBody::Empty);
+        }
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let first = match stream.poll_recv_data(&mut cx) {
+            Poll::Ready(Ok(None)) if expected.is_none() => return Ok(ClientBody::Empty),
+            Poll::Ready(Ok(Some(mut data))) => Some(data.copy_to_bytes(data.remaining())),
+            // The stream ended early, or failed: the first poll of the body reports it.
+            _ => None,
+        };
+        let mut body = RequestBody { stream, first: None, expected, received: 0, phase: Phase::Data, counters };
+        if let Some(first) = first {
+            body.count(first.len()).map_err(|_| "the body is longer than its Content-Length")?;
+            body.first = Some(first);
+        }
+        Ok(ClientBody::H3(Box::new(body)))
+    }
+
+    fn count(&mut self, n: usize) -> Result<(), BoxError> {
+        self.received += n as u64;
+        match self.expected {
+            Some(expected) if self.received > expected => Err("the request body is longer than its Content-Length".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else { return Ok(None) };
+    let parsed = first.to_str().ok().filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok());
+    let Some(length) = parsed else { return Err("Content-Length is not a number") };
+    if values.any(|other| other != first) {
+        return Err("differing Content-Length values");
+    }
+    Ok(Some(length))
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        loop {
+            match this.phase {
+                Phase::Data => match this.stream.poll_recv_data(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(err)) => {
+                        this.phase = Phase::Done;
+                        return Poll::Ready(Some(Err(err.into())));
+                    }
+                    Poll::Ready(Ok(Some(mut data))) => {
+                        let data = data.copy_to_bytes(data.remaining());
+                        if let Err(err) = this.count(data.len()) {
+                            this.phase = Phase::Done;
+                            this.stream.stop_sending(Code::H3_MESSAGE_ERROR);
+                            return Poll::Ready(Some(Err(err)));
+                        }
+                        this.counters.note_activity();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        if this.expected.is_some_and(|expected| expected != this.received) {
+                            this.phase = Phase::Done;
+                            return Poll::Ready(Some(Err("the request body is shorter than its Content-Length".into())));
+                        }
+                        this.phase = Phase::Trailers;
+                    }
+                },
+                Phase::Trailers => {
+                    let polled = this.stream.poll_recv_trailers(cx);
+                    if polled.is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.phase = Phase::Done;
+                    return match polled {
+                        Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                        Poll::Ready(Ok(None)) => Poll::Ready(None),
+                        Poll::Ready(Err(err)) => Poll::Ready(Some(Err(err.into()))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Phase::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.phase == Phase::Done && self.first.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.expected {
+            Some(expected) => SizeHint::with_exact(expected - (self.received - self.first.as_ref().map_or(0, |f| f.len() as u64))),
+            None => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! QUIC to clients (`action.http3`): one QUIC endpoint on the UDP side of each port some route
+//! serves HTTP/3 on. A connection is admitted as a TCP one is (the engine's IP lists and per-IP
+//! limits, before any handshake work), its certificate is the one of the route its SNI selects
+//! (for this client, as `find` decides for TCP), and that route's IP lists apply once the
+//! handshake is done. Its requests then go through the same pipeline as HTTP/1.1 and HTTP/2
+//! (`http::h3`). Connections belong to the engine's sessions, so a stop drains them with the rest.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::Serialize;
+use socket2::Type;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::headers::ConnectionValues;
+use crate::http::io::ClientCounters;
+use crate::http::pipeline::ConnectionContext;
+use crate::http::server::{HttpLimits, Shutdown};
+use crate::http::websocket::TunnelScope;
+use crate::listener::{bind_dual_stack, BindError};
+use crate::matchers::ip::canonical_ip;
+use crate::metrics::TerminationReason;
+use crate::routing::table::{Route, RouteTable};
+use crate::routing::{ConnectionFacts, Protocol};
+use crate::session::{ConnectionGuard, SessionEnv};
+use crate::tcp::RelayLimits;
+use crate::tls::config::{quic_server_config, QuicResumption};
+
+/// H3_NO_ERROR (RFC 9114 §8.1): the application close code of every connection the proxy
+/// closes itself, with the reason as text.
+const NO_ERROR: u32 = 0x100;
+/// At most this many QUIC control streams a client may open (HTTP/3 uses three: control and the
+/// two QPACK streams); push and extensions get none.
+const MAX_UNI_STREAMS: u32 = 3;
+
+/// Counters of `getStatistics().quic`.
+#[derive(Debug, Default)]
+pub struct QuicStats {
+    active: AtomicU64,
+    total: AtomicU64,
+    handshake_failures: AtomicU64,
+    refused: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuicStatsSnapshot {
+    /// QUIC connections whose handshake completed, since start.
+    pub connections_total: u64,
+    pub handshake_failures: u64,
+    /// Connection attempts refused before the handshake (IP lists, per-IP limits, no route).
+    pub refused: u64,
+}
+
+impl QuicStats {
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> QuicStatsSnapshot {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        QuicStatsSnapshot { connections_total: load(&self.total), handshake_failures: load(&self.handshake_failures), refused: load(&self.refused) }
+    }
+}
+
+/// What the ports' endpoints share with the engine.
+pub struct QuicEnv {
+    pub table: Arc<RwLock<Arc<RouteTable>>>,
+    pub session: Arc<SessionEnv>,
+    /// The engine's sessions: a stop waits for QUIC connections as for TCP ones.
+    pub sessions: TaskTracker,
+    pub next_id: Arc<AtomicU64>,
+    pub stats: Arc<QuicStats>,
+    resumption: QuicResumption,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+impl QuicEnv {
+    pub fn new(table: Arc<RwLock<Arc<RouteTable>>>, session: Arc<SessionEnv>, sessions: TaskTracker, next_id: Arc<AtomicU64>, stats: Arc<QuicStats>) -> QuicEnv {
+        let mut transport = quinn::TransportConfig::default();
+        let streams = session.http_limits.max_concurrent_streams.max(1);
+        transport.max_concurrent_bidi_streams(streams.into()).max_concurrent_uni_streams(MAX_UNI_STREAMS.into());
+        // The transport's own idle limit is the longest the watchdog allows; the watchdog closes
+        // idle keep-alive connections sooner (`httpKeepAliveTimeout`).
+        let idle = session.idle_timeout.max(session.http_limits.keep_alive_timeout).min(Duration::from_secs(3600));
+        transport.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+        QuicEnv { table, session, sessions, next_id, stats, resumption: QuicResumption::new(), transport: Arc::new(transport) }
+    }
+
+    /// The server config of one incoming connection: its certificate is chosen for this client.
+    fn server_config(&self, resolver: Arc<RouteCertificate>) -> Result<Arc<quinn::ServerConfig>, String> {
+        let crypto = quic_server_config(resolver, &self.resumption)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(self.transport.clone());
+        Ok(Arc::new(config))
+    }
+}
+
+struct Listening {
+    endpoint: quinn::Endpoint,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The QUIC endpoints bound, each with its accept loop.
+#[derive(Default)]
+pub struct QuicPorts {
+    ports: BTreeMap<u16, Listening>,
+}
+
+impl QuicPorts {
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.keys().copied().collect()
+    }
+
+    /// Binds every port of `ports` not yet bound, or none of them; returns those this call bound.
+    /// Must run inside the engine's runtime.
+    pub fn bind_all(&mut self, ports: &[u16], env: &Arc<QuicEnv>) -> Result<Vec<u16>, BindError> {
+        let mut bound = Vec::new();
+        for &port in ports.iter().filter(|p| !self.ports.contains_key(p)) {
+            let endpoint = bind(port, env).map_err(|source| BindError { port, source })?;
+            bound.push((port, endpoint));
+        }
+        let mut added = Vec::with_capacity(bound.len());
+        for (port, endpoint) in bound {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(accept_loop(endpoint.clone(), port, stop.clone(), env.clone()));
+            self.ports.insert(port, Listening { endpoint, stop, task });
+            added.push(port);
+        }
+        Ok(added)
+    }
+
+    /// Stops taking connections on the port and closes its endpoint. Its open connections are
+    /// closed with it: `release_all` at a stop runs after they drained.
+    pub async fn release(&mut self, port: u16) {
+        if let Some(listening) = self.ports.remove(&port) {
+            listening.stop.cancel();
+            let _ = listening.task.await;
+            listening.endpoint.close(NO_ERROR.into(), b"port closed");
+            let _ = tokio::time::timeout(Duration::from_secs(1), listening.endpoint.wait_idle()).await;
+        }
+    }
+
+    /// Stops taking new connections on every port, leaving open ones to drain.
+    pub fn stop_accepting(&self) {
+        for listening in self.ports.values() {
+            listening.stop.cancel();
+            listening.endpoint.set_server_config(None);
+        }
+    }
+
+    pub async fn release_all(&mut self) {
+        for port in self.ports() {
+            self.release(port).await;
+        }
+    }
+}
+
+impl Drop for QuicPorts {
+    /// An engine dropped without `stop()` leaves no endpoint behind.
+    fn drop(&mut self) {
+        for listening in self.ports.values() {
+            listening.stop.cancel();
+            listening.endpoint.close(NO_ERROR.into(), b"stopped");
+        }
+    }
+}
+
+/// The port's UDP socket (dual stack where the host has IPv6), as a QUIC server endpoint.
+fn bind(port: u16, env: &QuicEnv) -> std::io::Result<quinn::Endpoint> {
+    let socket = bind_dual_stack(Type::DGRAM, port)?;
+    socket.set_nonblocking(true)?;
+    // The endpoint's own config serves no certificate (port 0 has no route): every connection
+    // is accepted with the config chosen for its client (`serve_connection`).
+    let resolver = Arc::new(RouteCertificate { table: env.table.read().clone(), port: 0, client_ip: IpAddr::from([0, 0, 0, 0]), chosen: Arc::default() });
+    let config = env.server_config(resolver).map_err(std::io::Error::other)?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(Arc::unwrap_or_clone(config)), socket.into(), Arc::new(quinn::TokioRuntime))
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, port: u16, stop: CancellationToken, env: Arc<QuicEnv>) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let connection_env = env.clone();
+        env.sessions.spawn(serve_connection(incoming, port, connection_env));
+    }
+}
+
+/// The route a client's hello selects on this port, and its certificate: decided once, by the
+/// same facts as a TCP connection's TLS route (port, client address, SNI), among routes that
+/// serve HTTP/3. No route: no certificate, and the handshake fails.
+struct RouteCertificate {
+    table: Arc<RouteTable>,
+    port: u16,
+    client_ip: IpAddr,
+    chosen: Arc<OnceLock<Arc<Route>>>,
+}
+
+impl std::fmt::Debug for RouteCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteCertificate").field("port", &self.port).field("client_ip", &self.client_ip).finish()
+    }
+}
+
+impl ResolvesServerCert for RouteCertificate {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let domain = hello.server_name().map(|name| name.trim_end_matches('.').to_ascii_lowercase());
+        let facts = ConnectionFacts { local_port: self.port, client_ip: self.client_ip, domain: domain.as_deref(), protocol: Protocol::Tls { version: Some("TLSv1.3") } };
+        let route = self.table.find(&facts)?;
+        route.http3?;
+        let acceptor = route.tls.as_ref()?.acceptor.as_ref()?;
+        let key = acceptor.cert_resolver.resolve(hello)?;
+        let _ = self.chosen.set(route.clone());
+        Some(key)
+    }
+}
+
+/// One client's QUIC connection, from its first packet to its close.
+async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv>) {
+    let session = &env.session;
+    let remote = incoming.remote_address();
+    let client_ip = canonical_ip(remote.ip());
+    if !session.global_policy.admits(client_ip) {
+        return refuse(incoming, &env, TerminationReason::IpBlocked);
+    }
+    let ip_slot = match session.limiter.admit(client_ip) {
+        Ok(slot) => slot,
+        Err(crate::security::IpRefusal::TooManyConnections) => return refuse(incoming, &env, TerminationReason::PerIpLimit),
+        Err(crate::security::IpRefusal::RateLimited) => return refuse(incoming, &env, TerminationReason::RateLimited),
+    };
+    let table = env.table.read().clone();
+    let chosen: Arc<OnceLock<Arc<Route>>> = Arc::default();
+    let resolver = Arc::new(RouteCertificate { table: table.clone(), port, client_ip, chosen: chosen.clone() });
+    let config = match env.server_config(resolver) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::warn!(port, error = %err, "QUIC server config failed");
+            return refuse(incoming, &env, TerminationReason::TlsHandshakeFailed);
+        }
+    };
+    let local_ip = incoming.local_ip().map(canonical_ip);
+    let connecting = match incoming.accept_with(config) {
+        Ok(connecting) => connecting,
+        Err(_) => return handshake_failed(&env),
+    };
+    let accepted_at = std::time::Instant::now();
+    let connection = match tokio::time::timeout(session.initial_data_timeout, connecting).await {
+        Ok(Ok(connection)) => connection,
+        _ => {
+            if chosen.get().is_none() {
+                session.metrics.record_termination(TerminationReason::NoRoute);
+            }
+            return handshake_failed(&env);
+        }
+    };
+    let Some(route) = chosen.get().cloned() else {
+        connection.close(NO_ERROR.into(), b"no route");
+        return handshake_failed(&env);
+    };
+    let mut counted = ConnectionGuard::new(&session.metrics);
+    counted.mark_tls();
+    env.stats.total.fetch_add(1, Ordering::Relaxed);
+    let _active = QuicActive::enter(&env.stats);
+    if !route.policy.admits(client_ip) {
+        route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+        connection.close(NO_ERROR.into(), b"forbidden");
+        session.metrics.record_termination(TerminationReason::RouteIpBlocked);
+        drop(counted);
+        return;
+    }
+    let sni = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.server_name)
+        .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
+    let counters = Arc::new(ClientCounters::new(session.metrics.clone(), ip_slot.bytes.clone()));
+    let server_ip = local_ip;
+    let ctx = Arc::new(ConnectionContext {
+        env: session.http.clone(),
+        table,
+        connection_id: env.next_id.fetch_add(1, Ordering::Relaxed),
+        local_port: port,
+        client_ip,
+        client_port: remote.port(),
+        server_ip,
+        destination: server_ip.map(|ip| SocketAddr::new(ip, port)),
+        https: true,
+        tls_version: Some("TLSv1.3"),
+        trusted_peer: session.trust_forwarded_headers && session.trusted_proxies.matches(client_ip),
+        sni: sni.map(String::into_boxed_str),
+        tls_route: Some(route),
+        tunnels: TunnelScope::new(session.force_close.clone(), RelayLimits { idle: session.idle_timeout, deadline: accepted_at + session.max_lifetime }),
+        header_values: ConnectionValues::new(client_ip, port),
+        client_fd: None,
+        counters: counters.clone(),
+        upstream_slots: OnceLock::new(),
+        max_upstream_per_client: session.http_limits.max_concurrent_streams / 4,
+    });
+    let limits = HttpLimits {
+        max_header_size: session.http_limits.max_header_size,
+        header_timeout: session.http_limits.header_timeout,
+        max_concurrent_streams: session.http_limits.max_concurrent_streams,
+        idle_timeout: session.idle_timeout,
+        keep_alive_timeout: session.http_limits.keep_alive_timeout,
+        deadline: accepted_at + session.max_lifetime,
+    };
+    let shutdown = Shutdown { draining: &session.draining, force_close: &session.force_close };
+    let reason = crate::http::h3::serve(connection.clone(), counters.clone(), ctx, limits, shutdown).await;
+    // The connection's bytes, as UDP payload (QUIC's own overhead included), once it is over.
+    let stats = connection.stats();
+    counters.add_bytes(stats.udp_rx.bytes, stats.udp_tx.bytes);
+    session.metrics.record_termination(reason);
+    drop(counted);
+}
+
+fn refuse(incoming: quinn::Incoming, env: &QuicEnv, reason: TerminationReason) {
+    env.stats.refused.fetch_add(1, Ordering::Relaxed);
+    env.session.metrics.record_termination(reason);
+    incoming.refuse();
+}
+
+fn handshake_failed(env: &QuicEnv) {
+    env.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+    env.session.metrics.record_termination(TerminationReason::TlsHandshakeFailed);
+}
+
+/// One open QUIC connection in `QuicStats::active`.
+struct QuicActive<'a>(&'a QuicStats);
+
+impl<'a> QuicActive<'a> {
+    fn enter(stats: &'a QuicStats) -> Self {
+        stats.active.fetch_add(1, Ordering::AcqRel);
+        QuicActive(stats)
+    }
+}
+
+impl Drop for QuicActive<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}

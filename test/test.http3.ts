@@ -1,0 +1,337 @@
+// HTTP/3 to clients (`action.http3`): a real HTTP/3 client (aioquic, test/helpers/h3-client.py)
+// against the proxy's QUIC endpoint on the route's port. Routing by SNI and `:authority` among two
+// domains with their own certificates, the same security and rewriting as over TCP, 10 MiB bodies
+// both ways, 50 concurrent streams, `Alt-Svc` on the TCP side, certificates swapped live, the
+// engine's IP lists before any handshake, statistics, and the UDP port released at stop.
+import { tap, expect } from '@push.rocks/tapbundle';
+import * as dgram from 'node:dgram';
+import * as http from 'node:http';
+import * as http2 from 'node:http2';
+import * as https from 'node:https';
+import { createHash, X509Certificate } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import type { AddressInfo } from 'node:net';
+
+import { SmartProxy } from '../ts/index.js';
+import { freePort, sleep, withCleanup, type TDefer } from './helpers/net.js';
+import { createTestCa } from './helpers/tls.js';
+import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, type IH3Answer, type TH3Response } from './helpers/h3.js';
+
+type TOptions = ConstructorParameters<typeof SmartProxy>[0];
+type TRoute = TOptions['routes'][number];
+
+const ca = createTestCa();
+const certA = ca.issue(['a.test']);
+const certB = ca.issue(['b.test']);
+const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-h3-'));
+const caFile = path.join(workDir, 'ca.pem');
+writeFileSync(caFile, ca.cert);
+
+/** sha256 of a PEM certificate's DER, as the client reports the one it was served. */
+function certSha256(pem: string): string {
+  return createHash('sha256').update(new X509Certificate(pem).raw).digest('hex');
+}
+
+interface IEchoBackend {
+  port: number;
+  /** `x-forwarded-proto`, `via` and `host` of every request seen, in order. */
+  seen: Array<{ host: string; path: string; forwardedProto: string; via: string }>;
+  close(): Promise<void>;
+}
+
+/**
+ * An HTTP/1.1 backend: POST/PUT bodies are streamed back as they come (with their sha256 in a
+ * trailer-free header computed at the end is impossible, so the client compares hashes itself);
+ * GET `/big` answers 10 MiB of the pattern; anything else `<tag> <host> <path>`.
+ */
+async function startEchoBackend(tag: string): Promise<IEchoBackend> {
+  const seen: IEchoBackend['seen'] = [];
+  const server = http.createServer((req, res) => {
+    seen.push({ host: req.headers.host ?? '', path: req.url ?? '', forwardedProto: String(req.headers['x-forwarded-proto'] ?? ''), via: String(req.headers.via ?? '') });
+    if (req.method === 'POST' || req.method === 'PUT') {
+      res.writeHead(200, { 'content-type': 'application/octet-stream' });
+      req.pipe(res);
+      return;
+    }
+    if (req.url === '/big') {
+      const body = h3PatternBody(10 * 1024 * 1024);
+      res.writeHead(200, { 'content-length': body.length });
+      res.end(body);
+      return;
+    }
+    const body = `${tag} ${req.headers.host ?? ''} ${req.url ?? ''}`;
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  });
+  server.keepAliveTimeout = 30_000;
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as AddressInfo).port,
+    seen,
+    close: async () => {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+/** A terminating route for `domain` on `port`, served over HTTP/3 too (unless `http3: false`). */
+function h3Route(name: string, domain: string, port: number, backendPort: number, creds: { key: string; cert: string }, extra: Partial<TRoute> & { http3?: boolean; altSvcMaxAge?: number } = {}): TRoute {
+  const { http3 = true, altSvcMaxAge, ...rest } = extra;
+  return {
+    name,
+    match: { ports: port, domains: domain },
+    action: {
+      type: 'forward',
+      targets: [{ host: '127.0.0.1', port: backendPort }],
+      tls: { mode: 'terminate', certificate: { key: creds.key, cert: creds.cert } },
+      ...(http3 ? { http3: { enabled: true, ...(altSvcMaxAge !== undefined ? { altSvcMaxAge } : {}) } } : {}),
+    },
+    ...rest,
+  } as TRoute;
+}
+
+async function startProxy(defer: TDefer, options: TOptions): Promise<SmartProxy> {
+  const proxy = new SmartProxy(options);
+  await proxy.start();
+  defer(() => proxy.stop());
+  return proxy;
+}
+
+async function twoDomains(defer: TDefer, extraA: Partial<TRoute> = {}): Promise<{ port: number; proxy: SmartProxy; a: IEchoBackend; b: IEchoBackend }> {
+  const a = await startEchoBackend('A');
+  defer(() => a.close());
+  const b = await startEchoBackend('B');
+  defer(() => b.close());
+  const port = await freePort();
+  const proxy = await startProxy(defer, { routes: [h3Route('site-a', 'a.test', port, a.port, certA, extraA), h3Route('site-b', 'b.test', port, b.port, certB)] });
+  return { port, proxy, a, b };
+}
+
+function answer(response: TH3Response | undefined): IH3Answer {
+  if (response === undefined || 'reset' in response) throw new Error(`expected an answer, got ${JSON.stringify(response)}`);
+  return response;
+}
+
+const statsOf = (proxy: SmartProxy) => proxy.getStatistics();
+
+/** Tests need the aioquic client; without it they fail loudly rather than pass unseen. */
+function h3Test(name: string, body: () => Promise<void>): void {
+  tap.test(name, async () => {
+    if (!h3ClientAvailable()) throw new Error('the HTTP/3 test client is missing: run .ci/run (it makes .venv-h3 with aioquic)');
+    await body();
+  });
+}
+
+h3Test('two domains on one port: each SNI gets its own certificate and backend, by :authority', async () => {
+  await withCleanup(async (defer) => {
+    const { port, a, b } = await twoDomains(defer);
+    for (const [domain, cert, tag] of [['a.test', certA.cert, 'A'], ['b.test', certB.cert, 'B']] as const) {
+      const result = await h3RequestOk({ port, serverName: domain, caFile, requests: [{ path: '/hello?x=1' }] });
+      expect(result.alpn).toEqual('h3');
+      expect(result.peerCertSha256).toEqual(certSha256(cert));
+      const response = answer(result.responses[0]);
+      expect(response.status).toEqual(200);
+      expect(response.bodyText).toEqual(`${tag} ${domain} /hello?x=1`);
+    }
+    // What the backend received: the host as the client named it, X-Forwarded-Proto https, Via 3.
+    expect(a.seen[0]).toEqual({ host: 'a.test', path: '/hello?x=1', forwardedProto: 'https', via: '3 smartproxy' });
+    expect(b.seen.length).toEqual(1);
+  });
+});
+
+h3Test("a request for another route's host on a connection made for a.test is misdirected (421)", async () => {
+  await withCleanup(async (defer) => {
+    const { port, b } = await twoDomains(defer);
+    const result = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ authority: 'b.test', path: '/' }, { authority: 'a.test', path: '/ok' }] });
+    expect(answer(result.responses[0]).status).toEqual(421);
+    expect(answer(result.responses[1]).status).toEqual(200);
+    expect(b.seen.length).toEqual(0);
+  });
+});
+
+h3Test('an SNI no HTTP/3 route takes fails the handshake; a TCP-only route on the port is not reachable over QUIC', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    const proxy = await startProxy(defer, { routes: [h3Route('site-a', 'a.test', port, a.port, certA), h3Route('tcp-only', 'b.test', port, a.port, certB, { http3: false })] });
+    const unknown = await h3Request({ port, serverName: 'c.test', insecure: true, timeoutMs: 5000, requests: [{ path: '/' }] });
+    expect(unknown.ok).toBeFalse();
+    const tcpOnly = await h3Request({ port, serverName: 'b.test', insecure: true, timeoutMs: 5000, requests: [{ path: '/' }] });
+    expect(tcpOnly.ok).toBeFalse();
+    // Its :authority on a connection made for a.test: the route does not serve HTTP/3.
+    const asked = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ authority: 'b.test', path: '/' }] });
+    expect(answer(asked.responses[0]).status).toEqual(421);
+    expect(a.seen.length).toEqual(0);
+    expect(statsOf(proxy).quic?.handshakeFailures).toBeGreaterThanOrEqual(2);
+  });
+});
+
+h3Test('route security over HTTP/3: basic auth answers 401 without credentials and passes with them', async () => {
+  await withCleanup(async (defer) => {
+    const { port, a } = await twoDomains(defer, { security: { basicAuth: { enabled: true, users: [{ username: 'u', password: 'p' }] } } } as Partial<TRoute>);
+    const credentials = Buffer.from('u:p').toString('base64');
+    const result = await h3RequestOk({
+      port,
+      serverName: 'a.test',
+      caFile,
+      sequential: true,
+      requests: [{ path: '/private' }, { path: '/private', headers: [['authorization', `Basic ${credentials}`]] }],
+    });
+    const refused = answer(result.responses[0]);
+    expect(refused.status).toEqual(401);
+    expect(h3Header(refused.headers, 'www-authenticate')).toInclude('Basic');
+    expect(answer(result.responses[1]).status).toEqual(200);
+    expect(a.seen.map((r) => r.path)).toEqual(['/private']);
+  });
+});
+
+h3Test('10 MiB both ways: a POST streamed to the backend and echoed back intact, and a 10 MiB download', async () => {
+  await withCleanup(async (defer) => {
+    const { port } = await twoDomains(defer);
+    const size = 10 * 1024 * 1024;
+    const result = await h3RequestOk({ port, serverName: 'a.test', caFile, timeoutMs: 60_000, requests: [{ method: 'POST', path: '/upload', bodySize: size }, { path: '/big' }] });
+    const echoed = answer(result.responses[0]);
+    expect(echoed.status).toEqual(200);
+    expect(echoed.bodyLength).toEqual(size);
+    expect(echoed.sentSha256).toEqual(sha256Hex(h3PatternBody(size)));
+    expect(echoed.bodySha256).toEqual(echoed.sentSha256);
+    const download = answer(result.responses[1]);
+    expect(download.bodyLength).toEqual(size);
+    expect(download.bodySha256).toEqual(sha256Hex(h3PatternBody(size)));
+  });
+});
+
+h3Test('50 concurrent streams on one connection, all answered; statistics count the connection and return to zero', async () => {
+  await withCleanup(async (defer) => {
+    const { port, proxy, a } = await twoDomains(defer);
+    const result = await h3RequestOk({ port, serverName: 'a.test', caFile, timeoutMs: 30_000, requests: [{ path: '/stream', streams: 50 }] });
+    expect(result.responses.length).toEqual(50);
+    for (const response of result.responses) expect(answer(response).bodyText).toEqual('A a.test /stream');
+    expect(a.seen.length).toEqual(50);
+    const deadline = Date.now() + 5000;
+    while ((statsOf(proxy).quicConnections !== 0 || statsOf(proxy).activeConnections !== 0) && Date.now() < deadline) await sleep(50);
+    const stats = statsOf(proxy);
+    expect(stats.quicConnections).toEqual(0);
+    expect(stats.activeConnections).toEqual(0);
+    expect(stats.quic?.connectionsTotal).toEqual(1);
+    expect(stats.httpRequests).toBeGreaterThanOrEqual(50);
+    expect(stats.bytesIn).toBeGreaterThan(0);
+  });
+});
+
+h3Test("Alt-Svc on the route's HTTP/1.1 and HTTP/2 responses over TLS names the QUIC port; not on routes without HTTP/3", async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    await startProxy(defer, { routes: [h3Route('site-a', 'a.test', port, a.port, certA, { altSvcMaxAge: 600 }), h3Route('tcp-only', 'b.test', port, a.port, certB, { http3: false })] });
+    const h1 = (servername: string) =>
+      new Promise<http.IncomingMessage>((resolve, reject) => {
+        const req = https.request({ host: '127.0.0.1', port, servername, path: '/', headers: { host: servername }, ca: ca.cert }, (res) => {
+          res.resume();
+          res.on('end', () => resolve(res));
+        });
+        req.on('error', reject);
+        req.end();
+      });
+    expect((await h1('a.test')).headers['alt-svc']).toEqual(`h3=":${port}"; ma=600`);
+    expect((await h1('b.test')).headers['alt-svc']).toBeUndefined();
+    const session = http2.connect(`https://a.test:${port}`, { host: '127.0.0.1', servername: 'a.test', ca: ca.cert });
+    defer(() => session.close());
+    const altSvc = await new Promise<unknown>((resolve, reject) => {
+      const stream = session.request({ ':path': '/' });
+      stream.on('response', (headers) => resolve(headers['alt-svc']));
+      stream.on('error', reject);
+      stream.resume();
+    });
+    expect(altSvc).toEqual(`h3=":${port}"; ma=600`);
+  });
+});
+
+h3Test('a new certificate through updateRoutes serves the next QUIC handshake; HTTP/3 taken off a port releases its UDP socket', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    const proxy = await startProxy(defer, { routes: [h3Route('site-a', 'a.test', port, a.port, certA)] });
+    const first = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/' }] });
+    expect(first.peerCertSha256).toEqual(certSha256(certA.cert));
+    const renewed = ca.issue(['a.test']);
+    await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, renewed)]);
+    const second = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/' }] });
+    expect(second.peerCertSha256).toEqual(certSha256(renewed.cert));
+    expect(second.peerCertSha256).not.toEqual(first.peerCertSha256);
+    // Without HTTP/3 the UDP port is free again (TCP keeps serving).
+    await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, renewed, { http3: false })]);
+    await bindUdp(port);
+  });
+});
+
+/** Binds and closes a UDP socket on `port` (all interfaces, as the proxy binds): rejects if taken. */
+function bindUdp(port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const socket = dgram.createSocket({ type: 'udp6' });
+    socket.once('error', (err) => {
+      socket.close();
+      reject(err);
+    });
+    socket.bind(port, '::', () => socket.close(() => resolve()));
+  });
+}
+
+h3Test('the engine block list refuses a QUIC client before any handshake; stop() releases the UDP port', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    const proxy = new SmartProxy({ routes: [h3Route('site-a', 'a.test', port, a.port, certA)], defaults: { security: { ipBlockList: ['127.0.0.1'] } } } as TOptions);
+    await proxy.start();
+    let stopped = false;
+    defer(() => (stopped ? undefined : proxy.stop()));
+    const refused = await h3Request({ port, serverName: 'a.test', caFile, timeoutMs: 5000, requests: [{ path: '/' }] });
+    expect(refused.ok).toBeFalse();
+    expect(statsOf(proxy).quic?.refused).toBeGreaterThanOrEqual(1);
+    expect(statsOf(proxy).quic?.connectionsTotal).toEqual(0);
+    expect(a.seen.length).toEqual(0);
+    await proxy.stop();
+    stopped = true;
+    await bindUdp(port);
+  });
+});
+
+h3Test("a route's own IP block list closes the QUIC connection after its handshake; nothing reaches the backend", async () => {
+  await withCleanup(async (defer) => {
+    const { port, proxy, a } = await twoDomains(defer, { security: { ipBlockList: ['127.0.0.1'] } } as Partial<TRoute>);
+    const result = await h3Request({ port, serverName: 'a.test', caFile, timeoutMs: 5000, requests: [{ path: '/' }] });
+    expect(result.ok).toBeFalse();
+    if (!result.ok) expect(result.closeReason).toEqual('forbidden');
+    expect(a.seen.length).toEqual(0);
+    expect(statsOf(proxy).refusals['site-a']?.forbidden).toEqual(1);
+    expect(statsOf(proxy).terminationReasons['route_ip_blocked']).toEqual(1);
+  });
+});
+
+h3Test('config: HTTP/3 needs a terminating route, and its port cannot also relay UDP', async () => {
+  const port = await freePort();
+  const passthrough = {
+    name: 'pt',
+    match: { ports: port, domains: 'a.test' },
+    action: { type: 'forward', targets: [{ host: '127.0.0.1', port: 1 }], tls: { mode: 'passthrough' }, http3: { enabled: true } },
+  } as TRoute;
+  expect(() => new SmartProxy({ routes: [passthrough] })).toThrow();
+  const udpRelay = { name: 'relay', match: { ports: port, transport: 'udp' }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: 1 }] } } as TRoute;
+  let message = '';
+  try {
+    new SmartProxy({ routes: [h3Route('site-a', 'a.test', port, 1, certA), udpRelay] });
+  } catch (err) {
+    message = (err as Error).message;
+  }
+  expect(message).toInclude('action.http3');
+  expect(message).toInclude('UDP socket');
+});
+
+export default tap.start();
