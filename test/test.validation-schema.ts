@@ -393,6 +393,8 @@ tap.test('the (ext) Edge hygiene keys: bad values are refused by both validators
 
 tap.test('UDP routes: transport, action.udp and what datagrams do not carry are refused by both validators in the same words', async () => {
   const t = [{ host: 'h', port: 53 }];
+  const noDomain = `they carry no domain unless the route passes QUIC through by SNI: set action.tls.mode 'passthrough'`;
+  const noTerminate = `the proxy does not terminate TLS on them (only 'passthrough', routing QUIC by SNI); HTTP/3 termination is action.http3 on a TCP route`;
   const cases: Array<[string, TRecord, TRecord, string]> = [
     ['match.transport', { transport: 'bogus' }, { type: 'forward', targets: t }, `expected 'tcp', 'udp' or 'all', got "bogus"`],
     ['match.transport', { transport: 'UDP' }, { type: 'forward', targets: t }, `expected 'tcp', 'udp' or 'all', got "UDP"`],
@@ -405,11 +407,13 @@ tap.test('UDP routes: transport, action.udp and what datagrams do not carry are 
     ['action.udp.maxSessionsPerIP', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxSessionsPerIP: 2 ** 32 } }, `expected a positive integer (at most 4294967295), got ${2 ** 32}`],
     ['action.udp.maxDatagramSize', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxDatagramSize: 65536 } }, 'expected an integer from 1 to 65535, got 65536'],
     ['action.udp.maxDatagramSize', { transport: 'udp' }, { type: 'forward', targets: t, udp: { maxDatagramSize: '1500' } }, 'expected an integer from 1 to 65535, got "1500"'],
-    ['match.domains', { transport: 'udp', domains: 'a.example.com' }, { type: 'forward', targets: t }, 'UDP routes relay datagrams: they carry no domain to match (routing QUIC by SNI is not supported yet)'],
+    ['match.domains', { transport: 'udp', domains: 'a.example.com' }, { type: 'forward', targets: t }, `UDP routes relay datagrams: ${noDomain}`],
+    ['match.domains', { transport: 'all', domains: ['a.example.com'] }, { type: 'forward', targets: t }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): ${noDomain}`],
     ['match.path', { transport: 'udp', path: '/x' }, { type: 'forward', targets: t }, 'UDP routes relay datagrams: they carry no HTTP path to match'],
     ['match.headers', { transport: 'udp', headers: { 'x-a': 'b' } }, { type: 'forward', targets: t }, 'UDP routes relay datagrams: they carry no HTTP headers to match'],
     ['match.tlsVersion', { transport: 'all', tlsVersion: ['TLSv1.3'] }, { type: 'forward', targets: t }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): they carry no TLS handshake to match`],
-    ['action.tls', { transport: 'udp' }, { type: 'forward', targets: t, tls: { mode: 'passthrough' } }, 'UDP routes relay datagrams: the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)'],
+    ['action.tls', { transport: 'udp' }, { type: 'forward', targets: t, tls: { mode: 'terminate', certificate: PEM } }, `UDP routes relay datagrams: ${noTerminate}`],
+    ['action.tls', { transport: 'all' }, { type: 'forward', targets: t, tls: { mode: 'terminate-and-reencrypt', certificate: 'auto' } }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): ${noTerminate}`],
     ['action.socketHandler', { transport: 'udp' }, { type: 'socket-handler', socketHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
     ['action.socketHandler', { transport: 'all' }, { type: 'socket-handler', socketHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
     ['action.datagramHandler', { transport: 'udp' }, { type: 'socket-handler', datagramHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
@@ -430,11 +434,59 @@ tap.test('UDP routes: transport, action.udp and what datagrams do not carry are 
     { match: { ports: 53, transport: 'all', clientIp: ['10.0.0.0/8'] }, action: { type: 'forward', targets: t, udp: { sessionTimeout: 1000, maxSessionsPerIP: 1, maxDatagramSize: 1 } } },
     { match: { ports: 53, transport: 'udp' }, action: { type: 'forward', targets: t, udp: { maxSessionsPerIP: 4294967295, maxDatagramSize: 65535 } }, security: { ipBlockList: ['10.0.0.9'], maxConnections: 5 } },
     { match: { ports: 443, transport: 'tcp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
+    // QUIC passthrough: routed by the SNI of the client's Initial packets ('all': TLS over TCP too).
+    { match: { ports: 443, transport: 'udp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
+    { match: { ports: 443, transport: 'all', domains: ['a.example.com', '*.b.example.com'] }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' }, udp: { sessionTimeout: 30000 } } },
+    { match: { ports: 443, transport: 'udp' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
   ];
   for (const route of fine) {
-    expect(validateRouteConfig(route as unknown as IRouteConfig).errors).toEqual([]);
-    expect(normalizerError([route])?.message).toBeUndefined();
+    expect({ route: JSON.stringify(route), errors: validateRouteConfig(route as unknown as IRouteConfig).errors }).toEqual({ route: JSON.stringify(route), errors: [] });
+    expect({ route: JSON.stringify(route), thrown: normalizerError([route])?.message }).toEqual({ route: JSON.stringify(route), thrown: undefined });
   }
+  // Domains with TLS that is not passed through: both problems, domains first.
+  const terminated = { name: 'u', match: { ports: 443, transport: 'udp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'terminate', certificate: PEM } } };
+  expect(validateRouteConfig(terminated as unknown as IRouteConfig).errors).toEqual([
+    `match.domains: UDP routes relay datagrams: ${noDomain}`,
+    `action.tls: UDP routes relay datagrams: ${noTerminate}`,
+  ]);
+  expect(normalizerError([terminated])?.message).toEqual(`routes[0] "u": match.domains: UDP routes relay datagrams: ${noDomain}`);
+  // An unknown mode is the TLS checks' (and then the domains have no passthrough either).
+  const bogus = { name: 'u', match: { ports: 443, transport: 'udp' }, action: { type: 'forward', targets: t, tls: { mode: 'quic' } } };
+  expect(validateRouteConfig(bogus as unknown as IRouteConfig).errors).toEqual([`action.tls.mode: expected one of passthrough, terminate, terminate-and-reencrypt, got "quic"`]);
+  expect(normalizerError([bogus])?.message).toEqual(`routes[0] "u": action.tls.mode: expected one of passthrough, terminate, terminate-and-reencrypt, got "quic"`);
+});
+
+tap.test('QUIC passthrough routes: the native config has the domains, passthrough TLS and UDP settings', async () => {
+  const t = [{ host: '10.0.0.5', port: 443 }];
+  const routes: TRecord[] = [
+    { name: 'quic', match: { ports: 443, transport: 'udp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
+    {
+      name: 'both',
+      match: { ports: [443, 8443], transport: 'all', domains: ['b.example.com', '*.c.example.com'] },
+      action: { type: 'forward', targets: t, tls: { mode: 'passthrough' }, udp: { sessionTimeout: 30000, maxSessionsPerIP: 10, maxDatagramSize: 1500 } },
+    },
+  ];
+  const { config, warnings } = normalizeOptions({ routes } as unknown as ISmartProxyOptions);
+  expect(warnings).toEqual([]);
+  const [quic, both] = config.routes;
+  expect(quic.match.transport).toEqual('udp');
+  expect(quic.match.domains).toEqual(['a.example.com']);
+  expect(quic.action.tls).toEqual({ mode: 'passthrough', certificate: null, versions: [], rejectUnauthorized: true, acme: null });
+  expect(quic.action.udp).toEqual({ sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 });
+  expect(quic.action.http3).toBeNull();
+  expect(both.match.transport).toEqual('all');
+  expect(both.match.domains).toEqual(['b.example.com', '*.c.example.com']);
+  expect(both.action.tls?.mode).toEqual('passthrough');
+  expect(both.action.udp).toEqual({ sessionTimeoutMs: 30000, maxSessionsPerIp: 10, maxDatagramSize: 1500 });
+  // The same shape as a TCP passthrough route's, apart from the transport and the UDP settings.
+  const tcp = normalizeOptions({ routes: [{ ...routes[0], match: { ports: 443, domains: 'a.example.com' } }] } as unknown as ISmartProxyOptions).config.routes[0];
+  expect({ ...quic, match: { ...quic.match, transport: 'tcp' }, action: { ...quic.action, udp: null } }).toEqual(tcp);
+  // A certificate on a passthrough route is what the TLS checks say of it: ignored, with a warning.
+  const withCert = { ...routes[0], action: { type: 'forward', targets: t, tls: { mode: 'passthrough', certificate: PEM } } };
+  expect(validateRouteConfig(withCert as unknown as IRouteConfig).errors).toEqual([]);
+  const result = normalizeOptions({ routes: [withCert] } as unknown as ISmartProxyOptions);
+  expect(result.warnings).toEqual(['routes[0] "quic": action.tls.certificate ignored: a passthrough route does not terminate TLS']);
+  expect(result.config.routes[0].action.tls?.certificate).toBeNull();
 });
 
 /** A route serving HTTPS on 443 (TLS terminated with PEM), with `action` fields added or replaced. */
@@ -494,7 +546,8 @@ tap.test('HTTP/3 routes: action.http3 in the native config (altSvcMaxAge 86400 b
 
 tap.test('HTTP/3 routes: bad action.http3 values, and routes that cannot serve HTTP/3, are refused by both validators naming the same field', async () => {
   const needsTerminate = `HTTP/3 ends QUIC, and its TLS, in the proxy: the route needs action.tls.mode 'terminate' or 'terminate-and-reencrypt'`;
-  const udpTls = 'UDP routes relay datagrams: the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)';
+  const noTerminate = `the proxy does not terminate TLS on them (only 'passthrough', routing QUIC by SNI); HTTP/3 termination is action.http3 on a TCP route`;
+  const udpTls = `UDP routes relay datagrams: ${noTerminate}`;
   const on = { enabled: true };
   // [field, match, action, reason, the other problems validateRouteConfig lists after it]
   const cases: Array<[string, TRecord, TRecord, string, string[]]> = [
@@ -514,7 +567,7 @@ tap.test('HTTP/3 routes: bad action.http3 values, and routes that cannot serve H
       { transport: 'all', domains: undefined },
       { http3: { enabled: true, altSvcMaxAge: 60 } },
       `HTTP/3 takes the route's UDP ports for QUIC, which match.transport 'all' would relay as datagrams: enable it on a route with match.transport 'tcp' (the default)`,
-      [`action.tls: UDP routes relay datagrams (match.transport 'all' takes UDP too): the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)`],
+      [`action.tls: UDP routes relay datagrams (match.transport 'all' takes UDP too): ${noTerminate}`],
     ],
     [
       'action.http3',

@@ -42,7 +42,8 @@ pub async fn serve(connection: quinn::Connection, counters: Arc<ClientCounters>,
         deadline: limits.deadline,
     };
     let serving = std::pin::pin!(serve_requests(connection.clone(), counters, ctx, limits, shutdown.draining));
-    let reason = watched(serving, &watch, |watch| watch.counters.in_flight() == 0).await.unwrap_or_else(|reason| reason);
+    // Draining is the serving loop's own business: a GOAWAY, then the streams it covers finish.
+    let reason = watched(serving, &watch, |_| false).await.unwrap_or_else(|reason| reason);
     // Dropping the h3 connection closed it already (H3_NO_ERROR); this also ends one the watchdog left.
     connection.close(quinn::VarInt::from_u32(0x100), b"");
     reason
@@ -70,12 +71,16 @@ async fn serve_requests(
     let mut requests = JoinSet::new();
     let mut goaway_sent = false;
     let reason = loop {
+        if goaway_sent && requests.is_empty() {
+            break TerminationReason::Completed;
+        }
         let accepted = tokio::select! {
             biased;
             _ = draining.cancelled(), if !goaway_sent => {
                 goaway_sent = true;
-                // Requests already accepted finish; the client opens no more.
-                if h3.shutdown(0).await.is_err() {
+                // The GOAWAY covers every stream accepted so far (its id is the next one): those
+                // finish, and the client sends the rest elsewhere.
+                if h3.shutdown(1).await.is_err() {
                     break TerminationReason::Completed;
                 }
                 continue;
@@ -85,13 +90,14 @@ async fn serve_requests(
         };
         match accepted {
             Ok(Some(resolver)) => {
-                counters.note_activity();
                 requests.spawn(serve_request(resolver, ctx.clone(), counters.clone(), limits.header_timeout));
             }
             Ok(None) => break TerminationReason::Completed,
             Err(err) if err.is_h3_no_error() => break TerminationReason::Completed,
             Err(err) => {
                 tracing::debug!(error = %err, "HTTP/3 connection ended with an error");
+                // Nothing can reach the client any more: its requests stop waiting upstream.
+                requests.abort_all();
                 break TerminationReason::ClientError;
             }
         }
@@ -111,8 +117,11 @@ async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters
         }
         Err(_) => return,
     };
+    // A request's headers are a sign of life; an empty stream opened now and then is not.
+    counters.note_activity();
     let (mut send, recv) = stream.split();
     let (parts, ()) = request.into_parts();
+    let head_only = parts.method == http::Method::HEAD;
     let body = match RequestBody::start(recv, &parts.headers, counters.clone()) {
         Ok(body) => body,
         Err(reason) => {
@@ -122,15 +131,22 @@ async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters
         }
     };
     let Ok(response) = handle(ctx, Request::from_parts(parts, body)).await;
-    if let Err(err) = write_response(&mut send, response, &counters).await {
+    if let Err(err) = write_response(&mut send, response, head_only, &counters).await {
         tracing::debug!(error = %err, "HTTP/3 response not delivered");
         send.stop_stream(Code::H3_INTERNAL_ERROR);
     }
 }
 
-async fn write_response(send: &mut SendStream, response: Response<crate::http::body::ProxyBody>, counters: &ClientCounters) -> Result<(), BoxError> {
+/// `head_only`: the answer to a HEAD request, whose body (the proxy's own answers have one) is not
+/// sent.
+async fn write_response(send: &mut SendStream, response: Response<crate::http::body::ProxyBody>, head_only: bool, counters: &ClientCounters) -> Result<(), BoxError> {
     let (parts, mut body) = response.into_parts();
     send.send_response(Response::from_parts(parts, ())).await?;
+    if head_only {
+        drop(body);
+        send.finish().await?;
+        return Ok(());
+    }
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         counters.note_activity();

@@ -5,6 +5,8 @@
 //! handshake is done. Its requests then go through the same pipeline as HTTP/1.1 and HTTP/2
 //! (`http::h3`). Connections belong to the engine's sessions, so a stop drains them with the rest.
 
+pub mod initial;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,9 +39,20 @@ use crate::tls::config::{quic_server_config, QuicResumption};
 /// H3_NO_ERROR (RFC 9114 §8.1): the application close code of every connection the proxy
 /// closes itself, with the reason as text.
 const NO_ERROR: u32 = 0x100;
-/// At most this many QUIC control streams a client may open (HTTP/3 uses three: control and the
-/// two QPACK streams); push and extensions get none.
-const MAX_UNI_STREAMS: u32 = 3;
+/// Unidirectional streams a client may have open: HTTP/3 keeps three for the connection's life
+/// (control and the two QPACK streams); h3 stops the others (grease, extensions) at once.
+const MAX_UNI_STREAMS: u32 = 16;
+/// What one stream, and the whole connection, may have received and not yet read: the bound on
+/// what a client makes the proxy hold for it (quinn's defaults are per stream only).
+const STREAM_RECEIVE_WINDOW: u32 = 1 << 20;
+const CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+const SEND_WINDOW: u64 = 8 << 20;
+/// A handshake takes a few round trips: one that is not done by then is given up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress beyond which a client whose address is not yet validated is first sent
+/// a Retry (RFC 9000 §8.1): a flood of spoofed Initials costs one stateless packet each, not a
+/// handshake and a per-IP admission in the victim's name.
+const RETRY_ABOVE_HANDSHAKES: u64 = 64;
 
 /// Counters of `getStatistics().quic`.
 #[derive(Debug, Default)]
@@ -48,6 +61,8 @@ pub struct QuicStats {
     total: AtomicU64,
     handshake_failures: AtomicU64,
     refused: AtomicU64,
+    handshaking: AtomicU64,
+    retries: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,8 +71,10 @@ pub struct QuicStatsSnapshot {
     /// QUIC connections whose handshake completed, since start.
     pub connections_total: u64,
     pub handshake_failures: u64,
-    /// Connection attempts refused before the handshake (IP lists, per-IP limits, no route).
+    /// Connection attempts refused before the handshake (IP lists, per-IP limits).
     pub refused: u64,
+    /// Clients sent a Retry to prove their address first.
+    pub retries: u64,
 }
 
 impl QuicStats {
@@ -67,7 +84,7 @@ impl QuicStats {
 
     pub fn snapshot(&self) -> QuicStatsSnapshot {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        QuicStatsSnapshot { connections_total: load(&self.total), handshake_failures: load(&self.handshake_failures), refused: load(&self.refused) }
+        QuicStatsSnapshot { connections_total: load(&self.total), handshake_failures: load(&self.handshake_failures), refused: load(&self.refused), retries: load(&self.retries) }
     }
 }
 
@@ -87,7 +104,14 @@ impl QuicEnv {
     pub fn new(table: Arc<RwLock<Arc<RouteTable>>>, session: Arc<SessionEnv>, sessions: TaskTracker, next_id: Arc<AtomicU64>, stats: Arc<QuicStats>) -> QuicEnv {
         let mut transport = quinn::TransportConfig::default();
         let streams = session.http_limits.max_concurrent_streams.max(1);
-        transport.max_concurrent_bidi_streams(streams.into()).max_concurrent_uni_streams(MAX_UNI_STREAMS.into());
+        transport
+            .max_concurrent_bidi_streams(streams.into())
+            .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+            .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+            .receive_window(CONNECTION_RECEIVE_WINDOW.into())
+            .send_window(SEND_WINDOW)
+            // HTTP/3 here uses no unreliable datagrams: none are buffered.
+            .datagram_receive_buffer_size(None);
         // The transport's own idle limit is the longest the watchdog allows; the watchdog closes
         // idle keep-alive connections sooner (`httpKeepAliveTimeout`).
         let idle = session.idle_timeout.max(session.http_limits.keep_alive_timeout).min(Duration::from_secs(3600));
@@ -99,13 +123,17 @@ impl QuicEnv {
     fn server_config(&self, resolver: Arc<RouteCertificate>) -> Result<Arc<quinn::ServerConfig>, String> {
         let crypto = quic_server_config(resolver, &self.resumption)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(self.transport.clone());
+        // The address admitted (IP lists, per-IP limits) is the connection's for its life.
+        config.transport_config(self.transport.clone()).migration(false);
         Ok(Arc::new(config))
     }
 }
 
 struct Listening {
     endpoint: quinn::Endpoint,
+    /// The endpoint's socket, held by its driver task: gone once that task has ended, and with
+    /// it the port.
+    socket: std::sync::Weak<dyn quinn::AsyncUdpSocket>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -126,27 +154,35 @@ impl QuicPorts {
     pub fn bind_all(&mut self, ports: &[u16], env: &Arc<QuicEnv>) -> Result<Vec<u16>, BindError> {
         let mut bound = Vec::new();
         for &port in ports.iter().filter(|p| !self.ports.contains_key(p)) {
-            let endpoint = bind(port, env).map_err(|source| BindError { port, source })?;
-            bound.push((port, endpoint));
+            let (endpoint, socket) = bind(port, env).map_err(|source| BindError { port, source })?;
+            bound.push((port, endpoint, socket));
         }
         let mut added = Vec::with_capacity(bound.len());
-        for (port, endpoint) in bound {
+        for (port, endpoint, socket) in bound {
             let stop = CancellationToken::new();
             let task = tokio::spawn(accept_loop(endpoint.clone(), port, stop.clone(), env.clone()));
-            self.ports.insert(port, Listening { endpoint, stop, task });
+            self.ports.insert(port, Listening { endpoint, socket, stop, task });
             added.push(port);
         }
         Ok(added)
     }
 
-    /// Stops taking connections on the port and closes its endpoint. Its open connections are
-    /// closed with it: `release_all` at a stop runs after they drained.
+    /// Stops taking connections on the port and closes its endpoint; returns once the port is
+    /// free. Its open connections are closed with it: `release_all` at a stop runs after they
+    /// drained.
     pub async fn release(&mut self, port: u16) {
         if let Some(listening) = self.ports.remove(&port) {
-            listening.stop.cancel();
-            let _ = listening.task.await;
-            listening.endpoint.close(NO_ERROR.into(), b"port closed");
-            let _ = tokio::time::timeout(Duration::from_secs(1), listening.endpoint.wait_idle()).await;
+            let Listening { endpoint, socket, stop, task } = listening;
+            stop.cancel();
+            let _ = task.await;
+            endpoint.close(NO_ERROR.into(), b"port closed");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            drop(endpoint);
+            // The driver task lets go of the socket once it sees the last handle gone.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while socket.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
     }
 
@@ -176,14 +212,18 @@ impl Drop for QuicPorts {
 }
 
 /// The port's UDP socket (dual stack where the host has IPv6), as a QUIC server endpoint.
-fn bind(port: u16, env: &QuicEnv) -> std::io::Result<quinn::Endpoint> {
+fn bind(port: u16, env: &QuicEnv) -> std::io::Result<(quinn::Endpoint, std::sync::Weak<dyn quinn::AsyncUdpSocket>)> {
     let socket = bind_dual_stack(Type::DGRAM, port)?;
     socket.set_nonblocking(true)?;
     // The endpoint's own config serves no certificate (port 0 has no route): every connection
     // is accepted with the config chosen for its client (`serve_connection`).
-    let resolver = Arc::new(RouteCertificate { table: env.table.read().clone(), port: 0, client_ip: IpAddr::from([0, 0, 0, 0]), chosen: Arc::default() });
+    let resolver = Arc::new(RouteCertificate { table: env.table.read().clone(), port: 0, client_ip: IpAddr::from([0, 0, 0, 0]), chosen: Arc::default(), forbidden: Arc::default() });
     let config = env.server_config(resolver).map_err(std::io::Error::other)?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(Arc::unwrap_or_clone(config)), socket.into(), Arc::new(quinn::TokioRuntime))
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let socket = runtime.wrap_udp_socket(socket.into())?;
+    let weak = Arc::downgrade(&socket);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(Arc::unwrap_or_clone(config)), socket, runtime)?;
+    Ok((endpoint, weak))
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, port: u16, stop: CancellationToken, env: Arc<QuicEnv>) {
@@ -203,12 +243,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, port: u16, stop: CancellationTok
 
 /// The route a client's hello selects on this port, and its certificate: decided once, by the
 /// same facts as a TCP connection's TLS route (port, client address, SNI), among routes that
-/// serve HTTP/3. No route: no certificate, and the handshake fails.
+/// serve HTTP/3. No route, or one whose IP lists refuse the client: no certificate, and the
+/// handshake fails, before any key exchange (as a TCP connection is refused before TLS).
 struct RouteCertificate {
     table: Arc<RouteTable>,
     port: u16,
     client_ip: IpAddr,
     chosen: Arc<OnceLock<Arc<Route>>>,
+    forbidden: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for RouteCertificate {
@@ -223,6 +265,11 @@ impl ResolvesServerCert for RouteCertificate {
         let facts = ConnectionFacts { local_port: self.port, client_ip: self.client_ip, domain: domain.as_deref(), protocol: Protocol::Tls { version: Some("TLSv1.3") } };
         let route = self.table.find(&facts)?;
         route.http3?;
+        if !route.policy.admits(self.client_ip) {
+            route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+            self.forbidden.store(true, Ordering::Relaxed);
+            return None;
+        }
         let acceptor = route.tls.as_ref()?.acceptor.as_ref()?;
         let key = acceptor.cert_resolver.resolve(hello)?;
         let _ = self.chosen.set(route.clone());
@@ -238,6 +285,12 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
     if !session.global_policy.admits(client_ip) {
         return refuse(incoming, &env, TerminationReason::IpBlocked);
     }
+    if !incoming.remote_address_validated() && incoming.may_retry() && env.stats.handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES {
+        env.stats.retries.fetch_add(1, Ordering::Relaxed);
+        // Nothing is kept: the client's next Initial carries the token that proves its address.
+        let _ = incoming.retry();
+        return;
+    }
     let ip_slot = match session.limiter.admit(client_ip) {
         Ok(slot) => slot,
         Err(crate::security::IpRefusal::TooManyConnections) => return refuse(incoming, &env, TerminationReason::PerIpLimit),
@@ -245,7 +298,8 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
     };
     let table = env.table.read().clone();
     let chosen: Arc<OnceLock<Arc<Route>>> = Arc::default();
-    let resolver = Arc::new(RouteCertificate { table: table.clone(), port, client_ip, chosen: chosen.clone() });
+    let forbidden: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let resolver = Arc::new(RouteCertificate { table: table.clone(), port, client_ip, chosen: chosen.clone(), forbidden: forbidden.clone() });
     let config = match env.server_config(resolver) {
         Ok(config) => config,
         Err(err) => {
@@ -254,19 +308,20 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
         }
     };
     let local_ip = incoming.local_ip().map(canonical_ip);
+    // The client's first Initial is read here: a hello that finds no route (or a forbidden one)
+    // fails at once.
     let connecting = match incoming.accept_with(config) {
         Ok(connecting) => connecting,
-        Err(_) => return handshake_failed(&env),
+        Err(_) => return handshake_refused(&env, &forbidden),
     };
     let accepted_at = std::time::Instant::now();
-    let connection = match tokio::time::timeout(session.initial_data_timeout, connecting).await {
+    let handshake = {
+        let _handshaking = Gauge::enter(&env.stats.handshaking);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT.min(session.initial_data_timeout), connecting).await
+    };
+    let connection = match handshake {
         Ok(Ok(connection)) => connection,
-        _ => {
-            if chosen.get().is_none() {
-                session.metrics.record_termination(TerminationReason::NoRoute);
-            }
-            return handshake_failed(&env);
-        }
+        _ => return handshake_refused(&env, &forbidden),
     };
     let Some(route) = chosen.get().cloned() else {
         connection.close(NO_ERROR.into(), b"no route");
@@ -275,14 +330,7 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
     let mut counted = ConnectionGuard::new(&session.metrics);
     counted.mark_tls();
     env.stats.total.fetch_add(1, Ordering::Relaxed);
-    let _active = QuicActive::enter(&env.stats);
-    if !route.policy.admits(client_ip) {
-        route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
-        connection.close(NO_ERROR.into(), b"forbidden");
-        session.metrics.record_termination(TerminationReason::RouteIpBlocked);
-        drop(counted);
-        return;
-    }
+    let _active = Gauge::enter(&env.stats.active);
     let sni = connection
         .handshake_data()
         .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -334,23 +382,33 @@ fn refuse(incoming: quinn::Incoming, env: &QuicEnv, reason: TerminationReason) {
     incoming.refuse();
 }
 
+/// A handshake that did not complete: the route's IP lists refused the client, or it failed.
+fn handshake_refused(env: &QuicEnv, forbidden: &std::sync::atomic::AtomicBool) {
+    if forbidden.load(Ordering::Relaxed) {
+        env.stats.refused.fetch_add(1, Ordering::Relaxed);
+        env.session.metrics.record_termination(TerminationReason::RouteIpBlocked);
+    } else {
+        handshake_failed(env);
+    }
+}
+
 fn handshake_failed(env: &QuicEnv) {
     env.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
     env.session.metrics.record_termination(TerminationReason::TlsHandshakeFailed);
 }
 
-/// One open QUIC connection in `QuicStats::active`.
-struct QuicActive<'a>(&'a QuicStats);
+/// One unit of a QUIC gauge (open connections, handshakes in progress), given back on drop.
+struct Gauge<'a>(&'a AtomicU64);
 
-impl<'a> QuicActive<'a> {
-    fn enter(stats: &'a QuicStats) -> Self {
-        stats.active.fetch_add(1, Ordering::AcqRel);
-        QuicActive(stats)
+impl<'a> Gauge<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::AcqRel);
+        Gauge(gauge)
     }
 }
 
-impl Drop for QuicActive<'_> {
+impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

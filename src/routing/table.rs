@@ -541,11 +541,15 @@ fn check_udp_route(config: &RouteConfig, route: &Route) -> Result<(), (String, S
     if config.action.socket_handler.is_some() {
         return Err(("action.socketHandler".into(), "datagramHandler is not supported yet (UDP routes forward only)".into()));
     }
-    if config.action.tls.is_some() {
-        return refuse("action.tls", "no TLS (QUIC passthrough is not supported yet)");
-    }
-    if !m.domains.is_empty() {
-        return refuse("match.domains", "a datagram names no domain");
+    // QUIC passed through by SNI is the one TLS a UDP route has: the proxy reads the hello in
+    // the client's Initial packets and ends nothing.
+    let passthrough = match &config.action.tls {
+        None => false,
+        Some(tls) if tls.mode == TlsMode::Passthrough => true,
+        Some(_) => return refuse("action.tls", "the proxy does not end TLS on them (QUIC passthrough by SNI is tls.mode 'passthrough'; HTTP/3 is action.http3 on a TCP route)"),
+    };
+    if !m.domains.is_empty() && !passthrough {
+        return refuse("match.domains", "a datagram names no domain unless the route passes QUIC through by SNI (action.tls.mode 'passthrough')");
     }
     if m.path.is_some() || !m.headers.is_empty() || !m.tls_version.is_empty() {
         return refuse("match", "no path, headers or TLS version to match");
@@ -685,10 +689,23 @@ impl RouteTable {
         self.udp_ports.keys().copied().collect()
     }
 
-    /// The first UDP route of the port whose client addresses include `client_ip`.
-    pub fn find_udp(&self, port: u16, client_ip: IpAddr) -> Option<&Arc<Route>> {
-        let facts = ConnectionFacts { local_port: port, client_ip, domain: None, protocol: Protocol::NotSniffed };
-        self.udp_ports.get(&port)?.iter().find(|route| route.matches(&facts))
+    /// Whether some UDP route of the port passes QUIC through by SNI: a new flow's first datagrams
+    /// are then read as QUIC Initial packets before a route is chosen.
+    pub fn udp_reads_hello(&self, port: u16) -> bool {
+        self.udp_ports.get(&port).is_some_and(|routes| routes.iter().any(|route| route.tls.is_some()))
+    }
+
+    /// The first UDP route of the port that takes this flow. `hello`: on a port that reads hellos
+    /// (`udp_reads_hello`), the QUIC client's ClientHello, or None when the first datagram was no
+    /// QUIC Initial (then only routes without TLS take it, as on TCP).
+    pub fn find_udp(&self, port: u16, client_ip: IpAddr, hello: Option<&crate::tls::client_hello::ClientHelloInfo>) -> Option<&Arc<Route>> {
+        let routes = self.udp_ports.get(&port)?;
+        let facts = match hello {
+            Some(hello) => ConnectionFacts { local_port: port, client_ip, domain: hello.sni.as_deref(), protocol: Protocol::Tls { version: hello.max_version_name() } },
+            None if routes.iter().any(|route| route.tls.is_some()) => ConnectionFacts { local_port: port, client_ip, domain: None, protocol: Protocol::Other },
+            None => ConnectionFacts { local_port: port, client_ip, domain: None, protocol: Protocol::NotSniffed },
+        };
+        routes.iter().find(|route| route.matches(&facts))
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {

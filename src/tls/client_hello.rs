@@ -87,6 +87,20 @@ pub fn parse_client_hello(buf: &[u8]) -> ClientHelloParse {
     }
 }
 
+/// Parses a whole ClientHello handshake message (its 4-byte header first) that arrived without a
+/// record layer, as QUIC carries it in CRYPTO frames (RFC 9001 §4). `message` must be exactly the
+/// message: the caller knows its length from the header.
+pub fn parse_client_hello_message(message: &[u8]) -> ClientHelloParse {
+    match message {
+        [HANDSHAKE_CLIENT_HELLO, a, b, c, body @ ..] if usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c) == body.len() => match parse_body(body) {
+            Ok(info) => ClientHelloParse::Complete(info),
+            Err(reason) => ClientHelloParse::Invalid(reason),
+        },
+        [HANDSHAKE_CLIENT_HELLO, ..] => ClientHelloParse::Invalid("client hello length does not match its message"),
+        _ => ClientHelloParse::Invalid("first handshake message is not a client hello"),
+    }
+}
+
 impl ClientHelloInfo {
     /// Highest TLS version the client offers, as "TLSv1.3"/"TLSv1.2"/"TLSv1.1"/"TLSv1.0";
     /// supported_versions wins over legacy_version.

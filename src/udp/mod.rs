@@ -1,7 +1,9 @@
 //! UDP routes (`match.transport: 'udp' | 'all'`): one socket per port, and a flow per client
 //! address and port, with a connected upstream socket of its own, so the backend tells clients
 //! apart by source port and answers reach the client they belong to. A flow starts with its first
-//! datagram (route, IP lists, per-IP and per-route limits decide it once), and ends when no
+//! datagram (route, IP lists, per-IP and per-route limits decide it once); on a port with QUIC
+//! passthrough routes, with the datagrams that carried the client's ClientHello, whose SNI picks
+//! the route (`quic::initial`) and which are then relayed untouched. It ends when no
 //! datagram passed either way for the route's `sessionTimeout`, or at stop. Flows are bounded in
 //! number for the engine (each holds a socket, an ephemeral port and a task: a flood of spoofed
 //! sources must not exhaust the host's), and per client IP and route. Datagrams are never queued
@@ -13,7 +15,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -28,7 +30,9 @@ use tokio_util::task::TaskTracker;
 use crate::balance::Lease;
 use crate::listener::{bind_dual_stack, BindError};
 use crate::metrics::EngineMetrics;
+use crate::quic::initial::{read_datagram, CryptoAssembly, InitialRead};
 use crate::routing::table::{Route, RouteTable};
+use crate::tls::client_hello::ClientHelloInfo;
 use crate::security::{IpPolicy, RouteGuard};
 
 /// Flows the engine keeps at most, well below the host's ephemeral ports and descriptors.
@@ -216,6 +220,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, tracker: TaskTracker, env: Arc<UdpEnv>) {
     let flows: Arc<Mutex<Flows>> = Arc::default();
+    let mut hellos = PendingHellos::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, from) = tokio::select! {
@@ -252,21 +257,108 @@ async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, 
                 }
             }
         }
-        if !start_flow(&socket, port, client, datagram, &flows, &env, &stop, &tracker) {
-            env.stats.drop_one();
+        let table = env.table.read().clone();
+        let (firsts, hello) = if table.udp_reads_hello(port) {
+            match hellos.read(client, datagram) {
+                HelloStep::Wait => continue,
+                HelloStep::Refused(dropped) => {
+                    for _ in 0..dropped {
+                        env.stats.drop_one();
+                    }
+                    continue;
+                }
+                HelloStep::Start(firsts, hello) => (firsts, hello),
+            }
+        } else {
+            (vec![Bytes::copy_from_slice(datagram)], None)
+        };
+        let count = firsts.len();
+        if !start_flow(&socket, port, client, firsts, hello.as_ref(), &table, &flows, &env, &stop, &tracker) {
+            for _ in 0..count {
+                env.stats.drop_one();
+            }
         }
     }
     // The flows' tokens are children of `stop`: they end with the port.
 }
 
-/// Admits a new client flow with its first datagram; false when it is refused. The checks come
-/// before anything is made, since refused datagrams (a flood of them, maybe) do only this.
+/// Clients of a port whose QUIC ClientHello is still arriving over several datagrams, held until
+/// it is whole and a route can be chosen by its SNI. Bounded in clients, datagrams and bytes, and
+/// in time: a hello not whole within `HELLO_WAIT` is dropped with its datagrams, as a lost one.
+#[derive(Default)]
+struct PendingHellos {
+    by_client: HashMap<SocketAddr, PendingHello>,
+}
+
+struct PendingHello {
+    assembly: CryptoAssembly,
+    datagrams: Vec<Bytes>,
+    since: Instant,
+}
+
+/// Clients whose hello may be pending at once, per port.
+const MAX_PENDING_HELLOS: usize = 256;
+/// Datagrams a hello may take, and the largest of them: Initial packets fill datagrams of at
+/// least 1200 bytes and rarely more than a path's MTU.
+const HELLO_DATAGRAMS: usize = 4;
+const HELLO_DATAGRAM_MAX: usize = 4096;
+const HELLO_WAIT: Duration = Duration::from_secs(2);
+
+enum HelloStep {
+    /// The datagram is held: the hello goes on in later ones.
+    Wait,
+    /// The datagrams that carried the hello (this one last), and the hello; None when the first
+    /// datagram was no QUIC Initial (routes without TLS may still take the flow).
+    Start(Vec<Bytes>, Option<ClientHelloInfo>),
+    /// Dropped, with this many datagrams held before.
+    Refused(usize),
+}
+
+impl PendingHellos {
+    fn read(&mut self, client: SocketAddr, datagram: &[u8]) -> HelloStep {
+        let now = Instant::now();
+        let held = self.by_client.remove(&client).filter(|pending| now.duration_since(pending.since) < HELLO_WAIT);
+        let was_held = held.as_ref().map_or(0, |pending| pending.datagrams.len());
+        let mut pending = held.unwrap_or_else(|| PendingHello { assembly: CryptoAssembly::default(), datagrams: Vec::new(), since: now });
+        if datagram.len() > HELLO_DATAGRAM_MAX && was_held > 0 {
+            return HelloStep::Refused(was_held + 1);
+        }
+        match read_datagram(datagram, &mut pending.assembly) {
+            InitialRead::Complete(hello) => {
+                pending.datagrams.push(Bytes::copy_from_slice(datagram));
+                HelloStep::Start(pending.datagrams, Some(hello))
+            }
+            InitialRead::NotInitial if was_held == 0 => HelloStep::Start(vec![Bytes::copy_from_slice(datagram)], None),
+            InitialRead::NotInitial | InitialRead::Invalid(_) => HelloStep::Refused(was_held + 1),
+            InitialRead::Incomplete => {
+                if pending.datagrams.len() + 1 >= HELLO_DATAGRAMS || datagram.len() > HELLO_DATAGRAM_MAX {
+                    return HelloStep::Refused(was_held + 1);
+                }
+                if was_held == 0 && self.by_client.len() >= MAX_PENDING_HELLOS {
+                    self.by_client.retain(|_, pending| now.duration_since(pending.since) < HELLO_WAIT);
+                    if self.by_client.len() >= MAX_PENDING_HELLOS {
+                        return HelloStep::Refused(1);
+                    }
+                }
+                pending.datagrams.push(Bytes::copy_from_slice(datagram));
+                self.by_client.insert(client, pending);
+                HelloStep::Wait
+            }
+        }
+    }
+}
+
+/// Admits a new client flow with its first datagrams (one, or those that carried a QUIC hello);
+/// false when it is refused. The checks come before anything is made, since refused datagrams (a
+/// flood of them, maybe) do only this.
 #[allow(clippy::too_many_arguments)]
 fn start_flow(
     socket: &Arc<UdpSocket>,
     port: u16,
     client: SocketAddr,
-    first: &[u8],
+    firsts: Vec<Bytes>,
+    hello: Option<&ClientHelloInfo>,
+    table: &RouteTable,
     flows: &Arc<Mutex<Flows>>,
     env: &Arc<UdpEnv>,
     stop: &CancellationToken,
@@ -276,14 +368,13 @@ fn start_flow(
     if !env.global_policy.admits(ip) || env.stats.active() >= MAX_FLOWS {
         return false;
     }
-    let table = env.table.read().clone();
-    let Some(route) = table.find_udp(port, ip).cloned() else { return false };
+    let Some(route) = table.find_udp(port, ip, hello).cloned() else { return false };
     if !route.policy.admits(ip) {
         route.stats.forbidden.fetch_add(1, Ordering::Relaxed);
         return false;
     }
     let limits = route.udp;
-    if first.len() > limits.max_datagram_size as usize {
+    if firsts.iter().any(|first| first.len() > limits.max_datagram_size as usize) {
         return false;
     }
     {
@@ -303,8 +394,10 @@ fn start_flow(
         return false;
     };
     let (to_upstream, queued) = mpsc::channel(FLOW_QUEUE);
-    // Cannot fail: the queue is new and empty.
-    let _ = to_upstream.try_send(Bytes::copy_from_slice(first));
+    // Cannot fail: the queue is new, and holds more than a hello's datagrams.
+    for first in firsts {
+        let _ = to_upstream.try_send(first);
+    }
     let id = {
         let mut table = flows.lock();
         table.next_id += 1;

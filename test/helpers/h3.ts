@@ -6,6 +6,8 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -212,4 +214,121 @@ export function h3PatternBody(size: number): Buffer {
 /** sha256 (hex) of `data`, as the client reports bodies. */
 export function sha256Hex(data: Buffer | string): string {
   return createHash('sha256').update(data).digest('hex');
+}
+
+// A real HTTP/3 server for the tests: test/helpers/h3-server.py (aioquic), in the same Python as the
+// client. It answers GET (and any method but POST/PUT) with `<tag> <:authority> <:path>` as
+// text/plain, and POST/PUT by echoing the body; each response carries x-h3-tag, x-h3-connection
+// (the connection's number, from 1) and x-h3-connections (connections accepted so far).
+export const H3_SERVER_SCRIPT = path.join(HELPERS_DIR, 'h3-server.py');
+
+export interface IH3ServerOptions {
+  /** First word of every GET response body. */
+  tag: string;
+  /** PEM text of the certificate (chain) the server presents. */
+  cert: string;
+  /** PEM text of its private key. */
+  key: string;
+  /** Default 127.0.0.1. */
+  host?: string;
+  /** UDP port; default 0 (a free one). */
+  port?: number;
+}
+
+export interface IH3Server {
+  /** The UDP port it listens on. */
+  port: number;
+  /** Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it to exit; idempotent. */
+  close(): Promise<void>;
+}
+
+const H3_SERVER_START_TIMEOUT_MS = 15000;
+const H3_SERVER_STOP_TIMEOUT_MS = 5000;
+/** How much of the server's stderr (its log) is kept for error messages. */
+const H3_SERVER_LOG_LIMIT = 64 * 1024;
+
+/** Starts h3-server.py on a free UDP port; resolves once it listens (rejects with its log after 15 s). */
+export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> {
+  const dir = await mkdtemp(path.join(tmpdir(), 'smartproxy-h3-server-'));
+  const certFile = path.join(dir, 'cert.pem');
+  const keyFile = path.join(dir, 'key.pem');
+  await writeFile(certFile, opts.cert);
+  await writeFile(keyFile, opts.key, { mode: 0o600 });
+  const args = [H3_SERVER_SCRIPT, '--cert', certFile, '--key', keyFile, '--tag', opts.tag, '--host', opts.host ?? '127.0.0.1', '--port', String(opts.port ?? 0)];
+  // stdin stays open: when this process dies, the server sees its end and exits too.
+  const child = spawn(H3_PYTHON, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let log = '';
+  child.stderr.on('data', (d: Buffer) => {
+    log = (log + d.toString('utf8')).slice(-H3_SERVER_LOG_LIMIT);
+  });
+  child.stdin.on('error', () => undefined);
+  const exited = new Promise<void>((resolve) => {
+    child.once('close', () => resolve());
+  });
+
+  let port: number;
+  try {
+    port = await new Promise<number>((resolve, reject) => {
+      let out = '';
+      const fail = (why: string): void => {
+        cleanup();
+        child.kill('SIGKILL');
+        reject(new Error(`h3 server (${opts.tag}) ${why}; stderr: ${log}`));
+      };
+      const onData = (d: Buffer): void => {
+        out += d.toString('utf8');
+        const newline = out.indexOf('\n');
+        if (newline < 0) return;
+        const line = out.slice(0, newline).trim();
+        let parsed: unknown;
+        try {
+          parsed = JSON.parse(line);
+        } catch {
+          fail(`printed ${JSON.stringify(line)} instead of {"port": N}`);
+          return;
+        }
+        const value = isRecord(parsed) ? parsed.port : undefined;
+        if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > 65535) {
+          fail(`printed ${JSON.stringify(line)} instead of {"port": N}`);
+          return;
+        }
+        cleanup();
+        resolve(value);
+      };
+      const onError = (e: Error): void => fail(`could not start (${H3_PYTHON}): ${e.message}`);
+      const onClose = (code: number | null, signal: NodeJS.Signals | null): void => fail(`exited (${code ?? signal}) before listening`);
+      const timer = setTimeout(() => fail(`did not listen within ${H3_SERVER_START_TIMEOUT_MS} ms`), H3_SERVER_START_TIMEOUT_MS);
+      const cleanup = (): void => {
+        clearTimeout(timer);
+        child.stdout.off('data', onData);
+        child.off('error', onError);
+        child.off('close', onClose);
+        // Nothing else is printed on stdout, but a pipe left unread could fill.
+        child.stdout.resume();
+      };
+      child.stdout.on('data', onData);
+      child.on('error', onError);
+      child.on('close', onClose);
+    });
+  } catch (e) {
+    await Promise.race([exited, new Promise<void>((resolve) => setTimeout(resolve, H3_SERVER_STOP_TIMEOUT_MS))]);
+    await rm(dir, { recursive: true, force: true });
+    throw e;
+  }
+
+  let closing: Promise<void> | undefined;
+  const close = (): Promise<void> => {
+    closing ??= (async () => {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.stdin.end();
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), H3_SERVER_STOP_TIMEOUT_MS);
+        await exited;
+        clearTimeout(timer);
+      }
+      await rm(dir, { recursive: true, force: true });
+    })();
+    return closing;
+  };
+  return { port, close };
 }

@@ -235,8 +235,10 @@ export interface IQuicStats {
   connectionsTotal: number;
   /** Handshakes that failed or timed out (no route for the SNI, no certificate, a client that left). */
   handshakeFailures: number;
-  /** Attempts refused before any handshake work: IP lists, per-IP connection limits and rates. */
+  /** Attempts refused: the engine's IP lists and per-IP connection limits and rates (before any handshake work), and the route's IP lists (in the handshake, once the SNI chose the route). */
   refused: number;
+  /** Clients sent a Retry to prove their address first (while many handshakes are in progress). */
+  retries: number;
 }
 
 /** (ext) `IStatistics.sharedState`: this replica's use of the state shared through Redis. */

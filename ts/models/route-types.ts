@@ -90,7 +90,9 @@ export interface IRouteMatch {
   /**
    * (ext) `'tcp'` (default): connections; `'udp'`: datagrams, relayed per flow by a `forward`
    * route; `'all'`: both on the route's ports. UDP carries no domain, path, headers or TLS version
-   * to match, so a route taking UDP sets none of those.
+   * to match, so a route taking UDP sets none of those, except `domains` on a route with
+   * `action.tls.mode` 'passthrough': it routes QUIC by the SNI of the client's Initial packets,
+   * untouched (and, with 'all', TLS over TCP by its ClientHello).
    */
   transport?: TTransport;
 }

@@ -26,9 +26,13 @@ const show = (v: unknown): string => {
 /** The engine holds `maxSessionsPerIp` as a u32. */
 const U32_MAX = 4294967295;
 
-/** What a datagram does not carry, for each match field a route taking UDP may not set. */
+/**
+ * What a datagram does not carry, for each match field a route taking UDP may not set. `domains`
+ * is the exception of QUIC passthrough (`action.tls.mode` 'passthrough'): the proxy reads the SNI
+ * from the client's Initial packets, as TCP passthrough reads it from the ClientHello.
+ */
 const NOT_IN_DATAGRAMS: ReadonlyArray<readonly [string, string]> = [
-  ['domains', 'they carry no domain to match (routing QUIC by SNI is not supported yet)'],
+  ['domains', `they carry no domain unless the route passes QUIC through by SNI: set action.tls.mode 'passthrough'`],
   ['path', 'they carry no HTTP path to match'],
   ['headers', 'they carry no HTTP headers to match'],
   ['tlsVersion', 'they carry no TLS handshake to match'],
@@ -57,7 +61,12 @@ export function checkUdpRoute(match: unknown, action: unknown): IUdpRouteCheck {
     const relay = (what: string): string => `UDP routes relay datagrams${transport === 'all' ? ` (match.transport 'all' takes UDP too)` : ''}: ${what}`;
     // A `datagramHandler` itself is refused by the key schema, in the same words.
     if (a.type === 'socket-handler' && a.datagramHandler === undefined) add('action.socketHandler', DATAGRAM_HANDLER_NOT_YET);
+    // A passthrough route takes QUIC by the SNI of its Initial packets (and, with 'all', TLS over
+    // TCP by its ClientHello): it may name domains and carry `action.tls` in that mode only.
+    const tls = isRecord(a.tls) ? a.tls : undefined;
+    const passesQuic = tls?.mode === 'passthrough';
     for (const [key, what] of NOT_IN_DATAGRAMS) {
+      if (key === 'domains' && passesQuic) continue;
       // An empty list asks for nothing, as the engine reads it.
       const value = m[key];
       if (value !== undefined && !(Array.isArray(value) && value.length === 0)) add(`match.${key}`, relay(what));
@@ -66,7 +75,10 @@ export function checkUdpRoute(match: unknown, action: unknown): IUdpRouteCheck {
     if (transport === 'udp' && balancing.healthCheck !== undefined) {
       add('action.loadBalancing.healthCheck', relay('health checks probe over TCP or HTTP, which a UDP backend may not answer'));
     }
-    if (a.tls !== undefined) add('action.tls', relay('the proxy neither terminates TLS on them nor passes it through (routing QUIC by SNI is not supported yet)'));
+    // Other values of action.tls (not an object, an unknown mode) are the TLS checks' to refuse.
+    if (tls?.mode === 'terminate' || tls?.mode === 'terminate-and-reencrypt') {
+      add('action.tls', relay(`the proxy does not terminate TLS on them (only 'passthrough', routing QUIC by SNI); HTTP/3 termination is action.http3 on a TCP route`));
+    }
     if (a.forwardingEngine === 'nftables') add('action.forwardingEngine', relay('kernel forwarding takes UDP by action.nftables.protocol, not match.transport'));
     // Each flow is bound to its upstream when it starts: the engine takes fixed targets only.
     const targets: Array<[unknown, string]> = Array.isArray(a.targets)
