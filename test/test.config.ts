@@ -447,7 +447,6 @@ tap.test('features of later issues are refused with an error naming the route an
   });
   const cases: Array<[string, unknown]> = [
     ['action.timeouts.idleMs', base({ timeouts: { idleMs: 100 } })],
-    ['action.options.backendProtocol', base({ options: { backendProtocol: 'http3' } })],
   ];
   for (const [field, options] of cases) {
     // `undefined` spread values are dropped so the route looks as a user would write it.
@@ -463,6 +462,65 @@ tap.test('features of later issues are refused with an error naming the route an
   expect(accepted.config.routes[1].action.connectTimeoutMs).toEqual(10);
   const weightOne = normalize({ routes: [{ match: { ports: 80 }, action: { type: 'forward', targets: [{ host: 'h', port: 1, weight: 1 }] } }] });
   expect(weightOne.config.routes[0].action.targets).toHaveLength(1);
+});
+
+tap.test("backendProtocol 'http3': TLS to every target (the route's or the target's own), no PROXY header; emitted as 'http3'", async () => {
+  const PEM = { key: 'K', cert: 'C' };
+  const h3 = (action: Record<string, unknown>) => ({ routes: [{ name: 'h3b', match: { ports: 443 }, action: { type: 'forward', options: { backendProtocol: 'http3' }, ...action } }] });
+  const plain = (field: string) => `'http3' speaks QUIC, which is TLS, to the targets: ${field} is plain (use action.tls.mode 'terminate-and-reencrypt', or the target's tls)`;
+  // A plain target: no TLS on the route, TLS ending at the proxy ('terminate'), or the target's own 'terminate'.
+  const refused: Array<[Record<string, unknown>, string]> = [
+    [{ target }, `action.options.backendProtocol: ${plain('action.target')}`],
+    [{ targets: [{ host: 'a', port: 1 }] }, `action.options.backendProtocol: ${plain('action.targets[0]')}`],
+    [{ tls: { mode: 'terminate', certificate: PEM }, target }, `action.options.backendProtocol: ${plain('action.target')}`],
+    [
+      { tls: { mode: 'terminate-and-reencrypt', certificate: PEM }, targets: [{ host: 'a', port: 1 }, { host: 'b', port: 1, tls: { mode: 'terminate' } }] },
+      `action.options.backendProtocol: ${plain('action.targets[1]')}`,
+    ],
+    // A PROXY header goes first on a TCP connection: QUIC has none.
+    [
+      { tls: { mode: 'terminate-and-reencrypt', certificate: PEM }, targets: [{ host: 'a', port: 1, sendProxyProtocol: 2 }] },
+      'action.targets[0].sendProxyProtocol: a PROXY header goes first on a TCP connection: HTTP/3 targets have none',
+    ],
+    [
+      { targets: [{ host: 'a', port: 1, tls: { mode: 'terminate-and-reencrypt' }, sendProxyProtocol: true }] },
+      'action.targets[0].sendProxyProtocol: a PROXY header goes first on a TCP connection: HTTP/3 targets have none',
+    ],
+    [
+      { tls: { mode: 'terminate-and-reencrypt', certificate: PEM }, target: { ...target, sendProxyProtocol: 1 } },
+      'action.target.sendProxyProtocol: a PROXY header goes first on a TCP connection: HTTP/3 targets have none',
+    ],
+  ];
+  for (const [action, message] of refused) {
+    const err = configError(h3(action));
+    expect({ action: JSON.stringify(action), message: err.message }).toEqual({ action: JSON.stringify(action), message: `routes[0] "h3b": ${message}` });
+    expect(err.path).toEqual('routes[0] "h3b"');
+  }
+  // defaults.target is checked as the route's own target.
+  const fromDefaults = configError({ defaults: { target }, routes: [{ name: 'h3b', match: { ports: 80 }, action: { type: 'forward', options: { backendProtocol: 'http3' } } }] });
+  expect(fromDefaults.message).toEqual(`routes[0] "h3b": action.options.backendProtocol: ${plain('defaults.target')}`);
+
+  // Accepted, and emitted as 'http3': the route re-encrypts, or each target has its own TLS.
+  const reencrypt = normalize(h3({ tls: { mode: 'terminate-and-reencrypt', certificate: PEM }, targets: [{ host: 'a', port: 1, sendProxyProtocol: false }] }));
+  expect(reencrypt.config.routes[0].action.backendProtocol).toEqual('http3');
+  expect(reencrypt.config.routes[0].action.targets[0].sendProxyProtocol).toEqual(0);
+  const ownTls = normalize(h3({ targets: [{ host: 'a', port: 1, tls: { mode: 'terminate-and-reencrypt' } }] }));
+  expect(ownTls.config.routes[0].action.backendProtocol).toEqual('http3');
+  expect(ownTls.config.routes[0].action.targets[0].tls?.mode).toEqual('terminate-and-reencrypt');
+  // The target's own tls wins over the route's: TLS to it although the route's TLS ends at the proxy.
+  const terminated = normalize(h3({ tls: { mode: 'terminate', certificate: PEM }, targets: [{ host: 'a', port: 1, tls: { mode: 'terminate-and-reencrypt' } }] }));
+  expect(terminated.config.routes[0].action.backendProtocol).toEqual('http3');
+  // Other protocols are emitted as given, 'auto' by default.
+  expect(normalize(h3({ target, options: { backendProtocol: 'http2' } })).config.routes[0].action.backendProtocol).toEqual('http2');
+  expect(normalize(h3({ target, options: {} })).config.routes[0].action.backendProtocol).toEqual('auto');
+  // A 'socket-handler' route has no targets to speak HTTP/3 to.
+  expect(normalize(h3({ type: 'socket-handler', socketHandler: () => undefined })).config.routes[0].action.backendProtocol).toEqual('http3');
+
+  // The engine takes the native form as the normaliser writes it (not started).
+  const engine = thrown(() => new SmartProxy({
+    routes: [{ name: 'h3b', match: { ports: 8443 }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: 9443, tls: { mode: 'terminate-and-reencrypt' } }], options: { backendProtocol: 'http3' } } }],
+  }));
+  expect(engine?.message).toBeUndefined();
 });
 
 tap.test('match.headers: strings stay exact, RegExps go to the engine as source and flags; refused ones name the field', async () => {

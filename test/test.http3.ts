@@ -17,7 +17,7 @@ import type { AddressInfo } from 'node:net';
 import { SmartProxy } from '../ts/index.js';
 import { freePort, sleep, withCleanup, type TDefer } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
-import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, type IH3Answer, type TH3Response } from './helpers/h3.js';
+import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, startH3Server, type IH3Answer, type TH3Response } from './helpers/h3.js';
 
 type TOptions = ConstructorParameters<typeof SmartProxy>[0];
 type TRoute = TOptions['routes'][number];
@@ -333,6 +333,110 @@ h3Test('config: HTTP/3 needs a terminating route, and its port cannot also relay
   }
   expect(message).toInclude('action.http3');
   expect(message).toInclude('UDP socket');
+});
+
+/** A route terminating TLS for a.test on `port`, to `backendPort` over HTTP/3 (TLS verified against the test CA). */
+function toH3Backend(port: number, backendPort: number, extra: { http3?: boolean } = {}): TRoute {
+  return {
+    name: 'to-h3',
+    match: { ports: port, domains: 'a.test' },
+    action: {
+      type: 'forward',
+      targets: [{ host: '127.0.0.1', port: backendPort }],
+      tls: { mode: 'terminate-and-reencrypt', certificate: { key: certA.key, cert: certA.cert, ca: ca.cert } },
+      options: { backendProtocol: 'http3' },
+      ...(extra.http3 ? { http3: { enabled: true } } : {}),
+    },
+  } as TRoute;
+}
+
+/** An HTTPS GET or POST through the proxy for a.test; resolves with status, headers and body. */
+function httpsRequest(port: number, path: string, body?: Buffer): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const req = https.request({ host: '127.0.0.1', port, servername: 'a.test', path, method: body ? 'POST' : 'GET', headers: { host: 'a.test' }, ca: ca.cert, agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (d: Buffer) => chunks.push(d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+h3Test("backendProtocol 'http3': HTTP/1.1 clients reach an HTTP/3 backend, all requests on one pooled QUIC connection, bodies both ways", async () => {
+  await withCleanup(async (defer) => {
+    const backend = await startH3Server({ tag: 'H3', cert: certA.cert, key: certA.key });
+    defer(() => backend.close());
+    const port = await freePort();
+    await startProxy(defer, { routes: [toH3Backend(port, backend.port)] });
+    const first = await httpsRequest(port, '/one?x=1');
+    expect(first.status).toEqual(200);
+    expect(first.body.toString()).toEqual('H3 a.test /one?x=1');
+    const upload = h3PatternBody(3 * 1024 * 1024 + 17);
+    const echoed = await httpsRequest(port, '/echo', upload);
+    expect(echoed.status).toEqual(200);
+    expect(sha256Hex(echoed.body)).toEqual(sha256Hex(upload));
+    const parallel = await Promise.all(Array.from({ length: 20 }, (_, i) => httpsRequest(port, `/p${i}`)));
+    for (const [i, response] of parallel.entries()) expect(response.body.toString()).toEqual(`H3 a.test /p${i}`);
+    // One QUIC connection carried them all: the backend numbers its connections.
+    const connections = new Set([first, echoed, ...parallel].map((r) => String(r.headers['x-h3-connection'])));
+    expect(connections.size).toEqual(1);
+  });
+});
+
+h3Test("backendProtocol 'http3' end to end: an HTTP/3 client through the proxy to an HTTP/3 backend", async () => {
+  await withCleanup(async (defer) => {
+    const backend = await startH3Server({ tag: 'H3', cert: certA.cert, key: certA.key });
+    defer(() => backend.close());
+    const port = await freePort();
+    await startProxy(defer, { routes: [toH3Backend(port, backend.port, { http3: true })] });
+    const size = 2 * 1024 * 1024;
+    const result = await h3RequestOk({ port, serverName: 'a.test', caFile, timeoutMs: 30_000, requests: [{ path: '/both' }, { method: 'POST', path: '/echo', bodySize: size }] });
+    expect(answer(result.responses[0]).bodyText).toEqual('H3 a.test /both');
+    const echoed = answer(result.responses[1]);
+    expect(echoed.bodyLength).toEqual(size);
+    expect(echoed.bodySha256).toEqual(echoed.sentSha256);
+  });
+});
+
+h3Test("backendProtocol 'http3': a backend killed without a word times out (504), its connection is given up, and a new backend on the port is dialled", async () => {
+  await withCleanup(async (defer) => {
+    const backend = await startH3Server({ tag: 'H3', cert: certA.cert, key: certA.key });
+    const port = await freePort();
+    // QUIC hears of no refused port: a backend that left without closing is known by its silence.
+    const route = toH3Backend(port, backend.port) as TRoute & { action: { timeouts?: { responseMs: number; connectMs: number } } };
+    route.action.timeouts = { responseMs: 1500, connectMs: 1500 };
+    await startProxy(defer, { routes: [route] });
+    expect((await httpsRequest(port, '/up')).status).toEqual(200);
+    const backendPort = backend.port;
+    await backend.kill();
+    const down = await httpsRequest(port, '/down');
+    expect(down.status).toEqual(504);
+    // The connection that heard nothing was given up: a new dial, which nothing answers, fails.
+    const stillDown = await httpsRequest(port, '/still-down');
+    expect(stillDown.status).toEqual(502);
+    expect(stillDown.body.toString()).toInclude('timed out');
+    const again = await startH3Server({ tag: 'H3b', cert: certA.cert, key: certA.key, port: backendPort });
+    defer(() => again.close());
+    const back = await httpsRequest(port, '/back');
+    expect(back.status).toEqual(200);
+    expect(back.body.toString()).toEqual('H3b a.test /back');
+  });
+});
+
+h3Test("backendProtocol 'http3': a backend whose certificate the route does not trust is a 502", async () => {
+  await withCleanup(async (defer) => {
+    const otherCa = createTestCa();
+    const untrusted = otherCa.issue(['a.test']);
+    const backend = await startH3Server({ tag: 'H3', cert: untrusted.cert, key: untrusted.key });
+    defer(() => backend.close());
+    const port = await freePort();
+    await startProxy(defer, { routes: [toH3Backend(port, backend.port)] });
+    const response = await httpsRequest(port, '/');
+    expect(response.status).toEqual(502);
+    expect(response.body.toString()).toInclude('QUIC');
+  });
 });
 
 export default tap.start();

@@ -299,7 +299,6 @@ tap.test('an unknown key at any level of a route is reported by both validators,
 tap.test('keys the engine refuses for now are refused by both validators in the same words', async () => {
   const cases: Array<[string, TRecord]> = [
     ['action.timeouts.idleMs', { targets: [{ host: 'h', port: 1 }], timeouts: { idleMs: 100 } }],
-    ['action.options.backendProtocol', { targets: [{ host: 'h', port: 1 }], options: { backendProtocol: 'http3' } }],
   ];
   for (const [field, action] of cases) {
     const route = { name: 'later', match: { ports: 80 }, action: { type: 'forward', ...action } };
@@ -308,6 +307,57 @@ tap.test('keys the engine refuses for now are refused by both validators in the 
     expect(errors[0]).toStartWith(`${field}: not supported yet (`);
     expect(normalizerError([route])?.message).toEqual(`routes[0] "later": ${errors[0]}`);
   }
+});
+
+tap.test("backendProtocol 'http3': a plain target and a target's own sendProxyProtocol are refused by both validators in the same words", async () => {
+  const plain = (field: string) => `action.options.backendProtocol: 'http3' speaks QUIC, which is TLS, to the targets: ${field} is plain (use action.tls.mode 'terminate-and-reencrypt', or the target's tls)`;
+  const noProxyHeader = (field: string) => `${field}.sendProxyProtocol: a PROXY header goes first on a TCP connection: HTTP/3 targets have none`;
+  const reencrypt = { mode: 'terminate-and-reencrypt', certificate: PEM };
+  const h3 = (action: TRecord): TRecord => ({ name: 'h3b', match: { ports: 443 }, action: { type: 'forward', options: { backendProtocol: 'http3' }, ...action } });
+  // [action, every problem validateRouteConfig lists (normalizeOptions throws the first)]
+  const refused: Array<[TRecord, string[]]> = [
+    [{ targets: [{ host: 'h', port: 1 }] }, [plain('action.targets[0]')]],
+    [{ target: { host: 'h', port: 1 } }, [plain('action.target')]],
+    [{ tls: { mode: 'terminate', certificate: PEM }, targets: [{ host: 'h', port: 1 }] }, [plain('action.targets[0]')]],
+    [{ tls: { mode: 'passthrough' }, targets: [{ host: 'h', port: 1 }] }, [plain('action.targets[0]')]],
+    // The target's own 'terminate' wins over the route's re-encryption.
+    [{ tls: reencrypt, targets: [{ host: 'a', port: 1 }, { host: 'b', port: 1, tls: { mode: 'terminate' } }] }, [plain('action.targets[1]')]],
+    [{ tls: reencrypt, targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] }, [noProxyHeader('action.targets[0]')]],
+    [{ tls: reencrypt, target: { host: 'h', port: 1, sendProxyProtocol: true } }, [noProxyHeader('action.target')]],
+    [
+      { targets: [{ host: 'a', port: 1, sendProxyProtocol: 1 }, { host: 'b', port: 1, tls: { mode: 'terminate-and-reencrypt' }, sendProxyProtocol: 2 }] },
+      [plain('action.targets[0]'), noProxyHeader('action.targets[0]'), noProxyHeader('action.targets[1]')],
+    ],
+  ];
+  for (const [action, expected] of refused) {
+    const route = h3(action);
+    const errors = validateRouteConfig(route as unknown as IRouteConfig).errors;
+    expect({ action: JSON.stringify(action), errors }).toEqual({ action: JSON.stringify(action), errors: expected });
+    expect({ action: JSON.stringify(action), thrown: normalizerError([route])?.message }).toEqual({ action: JSON.stringify(action), thrown: `routes[0] "h3b": ${expected[0]}` });
+  }
+  // Accepted by both: TLS to every target, by the route's re-encryption or the target's own tls.
+  const accepted: TRecord[] = [
+    { tls: reencrypt, targets: [{ host: 'a', port: 1 }, { host: 'b', port: 1, sendProxyProtocol: false }] },
+    { targets: [{ host: 'h', port: 1, tls: { mode: 'terminate-and-reencrypt' } }] },
+    { tls: { mode: 'terminate', certificate: PEM }, target: { host: 'h', port: 1, tls: { mode: 'terminate-and-reencrypt', rejectUnauthorized: false } } },
+    // A 'socket-handler' route has no targets to speak HTTP/3 to.
+    { type: 'socket-handler', socketHandler: handler },
+  ];
+  for (const action of accepted) {
+    const route = h3(action);
+    expect({ action: JSON.stringify(action), result: validateRouteConfig(route as unknown as IRouteConfig) }).toEqual({ action: JSON.stringify(action), result: { valid: true, errors: [] } });
+    expect({ action: JSON.stringify(action), thrown: normalizerError([route])?.message }).toEqual({ action: JSON.stringify(action), thrown: undefined });
+    expect(normalizeOptions({ routes: [route] } as unknown as ISmartProxyOptions).config.routes[0].action.backendProtocol).toEqual('http3');
+  }
+  // Other protocols ask nothing of the targets.
+  for (const backendProtocol of ['auto', 'http1', 'http2']) {
+    const route = h3({ options: { backendProtocol }, targets: [{ host: 'h', port: 1, sendProxyProtocol: 2 }] });
+    expect(validateRouteConfig(route as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
+    expect(normalizerError([route])).toBeUndefined();
+  }
+  // A target taken from options.defaults is checked by normalizeOptions, naming it.
+  const bare = { name: 'h3b', match: { ports: 80 }, action: { type: 'forward', options: { backendProtocol: 'http3' } } };
+  expect(normalizerError([bare], { defaults: { target: { host: 'h', port: 1 } } })?.message).toEqual(`routes[0] "h3b": ${plain('defaults.target')}`);
 });
 
 tap.test('RegExp header values and target tls/sendProxyProtocol: what one validator refuses, the other refuses in the same words', async () => {

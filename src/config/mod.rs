@@ -364,6 +364,8 @@ pub enum BackendProtocol {
     Auto,
     Http1,
     Http2,
+    /// QUIC to the target's port over UDP; the target must be TLS.
+    Http3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -137,7 +137,7 @@ pub enum ClientBody {
     /// An HTTP/2 stream's body.
     H2(hyper::body::Incoming),
     /// An HTTP/3 stream's body (boxed: the stream is large, and most requests have none).
-    H3(Box<crate::http::h3::RequestBody>),
+    H3(Box<crate::http::h3::MessageBody<crate::http::h3::server::RecvStream>>),
 }
 
 impl Body for ClientBody {
@@ -176,6 +176,7 @@ impl Body for ClientBody {
 pub enum UpstreamBody {
     H1(crate::http::h1::client::ResponseBody),
     H2(hyper::body::Incoming),
+    H3(Box<crate::http::h3::client::ResponseBody>),
 }
 
 impl UpstreamBody {
@@ -183,7 +184,7 @@ impl UpstreamBody {
     pub fn take_reusable(&mut self) -> Option<crate::http::h1::client::Connection> {
         match self {
             UpstreamBody::H1(body) => body.take_reusable(),
-            UpstreamBody::H2(_) => None,
+            UpstreamBody::H2(_) | UpstreamBody::H3(_) => None,
         }
     }
 }
@@ -196,6 +197,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx),
             UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            UpstreamBody::H3(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -203,6 +205,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::H1(body) => body.is_end_stream(),
             UpstreamBody::H2(body) => body.is_end_stream(),
+            UpstreamBody::H3(body) => body.is_end_stream(),
         }
     }
 
@@ -210,6 +213,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::H1(body) => body.size_hint(),
             UpstreamBody::H2(body) => body.size_hint(),
+            UpstreamBody::H3(body) => body.size_hint(),
         }
     }
 }

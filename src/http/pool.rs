@@ -26,6 +26,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::http::body::ProxyBody;
 use crate::http::h1::client::Connection;
+use crate::http::h3::client::{self as h3_client, H3Upstream, QuicClients};
 
 /// What the route asks of the upstream connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,6 +35,8 @@ pub enum UpstreamProtocol {
     Http2,
     /// HTTP/2 when TLS ALPN picks `h2`, else HTTP/1.1 (plain connections: HTTP/1.1).
     Auto,
+    /// QUIC (TLS, ALPN `h3`) to the same port number over UDP.
+    Http3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -91,6 +94,8 @@ pub enum UpstreamError {
     ConnectFailed(std::io::Error),
     Tls(std::io::Error),
     Handshake(hyper::Error),
+    /// The QUIC connection or its HTTP/3 handshake failed.
+    Quic(String),
     PoolExhausted,
 }
 
@@ -101,6 +106,7 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::ConnectFailed(err) => write!(f, "upstream connect failed: {err}"),
             UpstreamError::Tls(err) => write!(f, "upstream TLS handshake failed: {err}"),
             UpstreamError::Handshake(err) => write!(f, "upstream HTTP handshake failed: {err}"),
+            UpstreamError::Quic(err) => write!(f, "upstream QUIC connection failed: {err}"),
             UpstreamError::PoolExhausted => f.write_str("no upstream connection available (per-host limit reached)"),
         }
     }
@@ -117,6 +123,8 @@ struct HostEntry {
     idle: Vec<IdleH1>,
     /// HTTP/2 multiplexes: one live connection per key serves every request.
     h2: Option<(http2::SendRequest<ProxyBody>, Arc<OwnedSemaphorePermit>)>,
+    /// HTTP/3 as HTTP/2: one live QUIC connection per key.
+    h3: Option<(H3Upstream, Arc<OwnedSemaphorePermit>)>,
 }
 
 /// One upstream address, whatever the keys connecting to it.
@@ -128,6 +136,8 @@ pub struct UpstreamPool {
     slots: Mutex<HashMap<Backend, Arc<Semaphore>, RandomState>>,
     settings: PoolSettings,
     counters: Arc<UpstreamCounters>,
+    /// The client endpoints of HTTP/3 connections, bound on first use.
+    quic: QuicClients,
 }
 
 /// What checkouts came to, engine-wide (kept by the engine's metrics across pools).
@@ -148,19 +158,26 @@ pub enum Checkout {
     /// `conn` is taken by the request that uses it (its response body owns it).
     Http1 { conn: Option<Connection>, permit: OwnedSemaphorePermit, reused: bool },
     Http2 { sender: http2::SendRequest<ProxyBody>, reused: bool },
+    Http3 { upstream: H3Upstream, reused: bool },
 }
 
 impl Checkout {
     pub fn reused(&self) -> bool {
         match self {
-            Checkout::Http1 { reused, .. } | Checkout::Http2 { reused, .. } => *reused,
+            Checkout::Http1 { reused, .. } | Checkout::Http2 { reused, .. } | Checkout::Http3 { reused, .. } => *reused,
         }
+    }
+
+    /// The connection multiplexes requests (HTTP/2, HTTP/3): heads name their target as an
+    /// absolute URI.
+    pub fn multiplexed(&self) -> bool {
+        !matches!(self, Checkout::Http1 { .. })
     }
 }
 
 impl UpstreamPool {
     pub fn new(settings: PoolSettings, counters: Arc<UpstreamCounters>) -> Self {
-        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings, counters }
+        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings, counters, quic: QuicClients::default() }
     }
 
     /// A pooled connection when one is idle and alive, else a new one.
@@ -210,6 +227,15 @@ impl UpstreamPool {
                 return Ok(reused);
             }
         }
+        if key.protocol == UpstreamProtocol::Http3 {
+            let Some(tls) = &key.tls else {
+                return Err(UpstreamError::Quic("HTTP/3 needs TLS to the target".into()));
+            };
+            let upstream = h3_client::connect(&self.quic, &key.host, key.port, tls, deadline).await?;
+            let mut hosts = self.hosts.lock();
+            hosts.entry(key.clone()).or_default().h3 = Some((upstream.clone(), Arc::new(permit)));
+            return Ok(Checkout::Http3 { upstream, reused: false });
+        }
         let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect((&*key.host, key.port)))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout)?
@@ -233,7 +259,7 @@ impl UpstreamPool {
                 let alpn_h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::config::ALPN_H2);
                 let use_h2 = match key.protocol {
                     UpstreamProtocol::Http2 => true,
-                    UpstreamProtocol::Http1 => false,
+                    UpstreamProtocol::Http1 | UpstreamProtocol::Http3 => false,
                     UpstreamProtocol::Auto => alpn_h2,
                 };
                 self.handshake(stream, key, permit, use_h2).await
@@ -277,6 +303,13 @@ impl UpstreamPool {
                     Some(_) => entry.h2 = None,
                     None => {}
                 }
+                match &entry.h3 {
+                    Some((upstream, _)) if !upstream.is_closed() => {
+                        return Some(Checkout::Http3 { upstream: upstream.clone(), reused: true });
+                    }
+                    Some(_) => entry.h3 = None,
+                    None => {}
+                }
                 entry.idle.pop()?
             };
             let IdleH1 { mut conn, permit, since } = candidate;
@@ -314,10 +347,11 @@ impl UpstreamPool {
         }
     }
 
-    /// Drops an HTTP/2 connection that failed so the next request dials again.
-    pub fn forget_h2(&self, key: &PoolKey) {
+    /// Drops an HTTP/2 or HTTP/3 connection that failed so the next request dials again.
+    pub fn forget_multiplexed(&self, key: &PoolKey) {
         if let Some(entry) = self.hosts.lock().get_mut(key) {
             entry.h2 = None;
+            entry.h3 = None;
         }
     }
 
@@ -337,8 +371,11 @@ impl UpstreamPool {
             if entry.h2.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
                 entry.h2 = None;
             }
+            if entry.h3.as_ref().is_some_and(|(upstream, _)| upstream.is_closed()) {
+                entry.h3 = None;
+            }
         }
-        hosts.retain(|_, entry| !entry.idle.is_empty() || entry.h2.is_some());
+        hosts.retain(|_, entry| !entry.idle.is_empty() || entry.h2.is_some() || entry.h3.is_some());
         drop(hosts);
         drop(expired);
         let max = self.settings.max_per_host;

@@ -368,7 +368,7 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
         deadline: accepted_at + session.max_lifetime,
     };
     let shutdown = Shutdown { draining: &session.draining, force_close: &session.force_close };
-    let reason = crate::http::h3::serve(connection.clone(), counters.clone(), ctx, limits, shutdown).await;
+    let reason = crate::http::h3::server::serve(connection.clone(), counters.clone(), ctx, limits, shutdown).await;
     // The connection's bytes, as UDP payload (QUIC's own overhead included), once it is over.
     let stats = connection.stats();
     counters.add_bytes(stats.udp_rx.bytes, stats.udp_tx.bytes);

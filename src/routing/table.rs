@@ -15,7 +15,7 @@ use crate::config::{
     BackendProtocol, ConfigError, HeaderMatchConfig, HealthCheckConfig, HeaderTemplatesConfig, NameValue, NativeResponseConfig, RegexConfig, RetryConfig,
     RouteConfig, TargetPort, TargetTlsConfig, TlsConfig, TlsMode, Transport, UdpConfig, Http3Config,
 };
-use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_HTTP11};
+use crate::tls::config::{client_config, server_config, server_config_with_resolver, ALPN_H2, ALPN_H3, ALPN_HTTP11};
 use crate::tls::dynamic::{CertSlots, SlotResolver};
 use crate::balance::affinity::{Affinity, AffinityKey, OnUnknown};
 use crate::balance::health::{ProbeKind, ProbeSpec};
@@ -164,8 +164,12 @@ impl UpstreamConnectors {
             BackendProtocol::Auto => &[ALPN_H2, ALPN_HTTP11],
             BackendProtocol::Http1 => &[ALPN_HTTP11],
             BackendProtocol::Http2 => &[ALPN_H2],
+            BackendProtocol::Http3 => &[ALPN_H3],
         };
-        Ok(UpstreamConnectors { any: client_config(ca, verify, versions, alpn)?, http1: client_config(ca, verify, versions, &[ALPN_HTTP11])? })
+        // QUIC has TLS 1.3 only.
+        let tls13 = ["TLSv1.3".to_string()];
+        let any_versions: &[String] = if backend_protocol == BackendProtocol::Http3 { &tls13 } else { versions };
+        Ok(UpstreamConnectors { any: client_config(ca, verify, any_versions, alpn)?, http1: client_config(ca, verify, versions, &[ALPN_HTTP11])? })
     }
 
     fn pick(&self, http1_only: bool) -> Arc<rustls::ClientConfig> {
@@ -820,6 +824,15 @@ impl Route {
                 }
                 None => tls.as_ref().and_then(|t| t.upstream.clone()),
             };
+            if config.action.backend_protocol == BackendProtocol::Http3 && upstream.is_none() {
+                return Err(fail(
+                    "action.backendProtocol".into(),
+                    format!("'http3' speaks QUIC, which is TLS, to the targets: action.targets[{i}] is plain (use action.tls.mode 'terminate-and-reencrypt', or the target's tls)"),
+                ));
+            }
+            if config.action.backend_protocol == BackendProtocol::Http3 && target.send_proxy_protocol.is_some_and(|v| v > 0) {
+                return Err(fail(field("sendProxyProtocol"), "a PROXY header goes first on a TCP connection: HTTP/3 targets have none".into()));
+            }
             if let Some(version) = target.send_proxy_protocol.filter(|v| *v > 2) {
                 return Err(fail(field("sendProxyProtocol"), format!("{version} is not a PROXY protocol version (1 or 2)")));
             }

@@ -240,6 +240,8 @@ export interface IH3Server {
   port: number;
   /** Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it to exit; idempotent. */
   close(): Promise<void>;
+  /** Kills the server at once (SIGKILL): its connections end without a word to their peers. */
+  kill(): Promise<void>;
 }
 
 const H3_SERVER_START_TIMEOUT_MS = 15000;
@@ -317,11 +319,11 @@ export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> 
   }
 
   let closing: Promise<void> | undefined;
-  const close = (): Promise<void> => {
+  const stop = (signal: 'SIGTERM' | 'SIGKILL'): Promise<void> => {
     closing ??= (async () => {
       if (child.exitCode === null && child.signalCode === null) {
-        child.stdin.end();
-        child.kill('SIGTERM');
+        if (signal === 'SIGTERM') child.stdin.end();
+        child.kill(signal);
         const timer = setTimeout(() => child.kill('SIGKILL'), H3_SERVER_STOP_TIMEOUT_MS);
         await exited;
         clearTimeout(timer);
@@ -330,5 +332,5 @@ export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> 
     })();
     return closing;
   };
-  return { port, close };
+  return { port, close: () => stop('SIGTERM'), kill: () => stop('SIGKILL') };
 }

@@ -72,7 +72,7 @@ export interface INativeRoute {
     websocket: boolean;
     /** `action.websocket` in milliseconds and bytes; all null: a plain byte tunnel. */
     websocketOptions: { pingIntervalMs: number | null; pingTimeoutMs: number | null; maxPayloadSize: number | null };
-    backendProtocol: 'auto' | 'http1' | 'http2';
+    backendProtocol: 'auto' | 'http1' | 'http2' | 'http3';
     raw: boolean;
     retry: INativeRetry | null;
     nativeResponse: INativeResponse | null;

@@ -50,16 +50,11 @@ export const LB_ALGORITHMS: readonly string[] = ['round-robin', 'least-connectio
 export const RATE_LIMIT_KEYS_BY: readonly string[] = ['ip', 'path', 'header'];
 /** `loadBalancing.affinity.key`: the client IP, a request header (a token) or a cookie name. */
 export const AFFINITY_KEY = /^(?:ip|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s=;,]+)$/;
-/** Every spelling of `action.options.backendProtocol`; 'http3' is known but refused (NOT_YET.http3). */
+/** Every spelling of `action.options.backendProtocol` ('http3' needs TLS to every target: ts/utils/http3-backend.ts). */
 export const BACKEND_PROTOCOLS: readonly string[] = ['auto', 'http1', 'http2', 'http3'];
 
 /** `match.transport`: the default, 'tcp', takes connections; 'udp' datagrams; 'all' both. */
 export const TRANSPORTS: readonly string[] = ['tcp', 'udp', 'all'];
-
-/** Value-level refusals, in the words both validators report (`not supported yet (<reason>)`). */
-export const NOT_YET = {
-  http3: `'http3' needs QUIC, which is not implemented`,
-} as const;
 
 /** Why a `datagramHandler` (and a `socket-handler` route taking UDP) is refused, in both validators' words. */
 export const DATAGRAM_HANDLER_NOT_YET = 'datagramHandler is not supported yet (UDP routes forward only)';

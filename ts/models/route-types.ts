@@ -207,6 +207,14 @@ export interface IRouteAction {
    */
   forwardingEngine?: 'node' | 'nftables';
   nftables?: { preserveSourceIP?: boolean; protocol?: 'tcp' | 'udp' | 'all'; maxRate?: string; priority?: number };
+  /**
+   * `backendProtocol`: what the proxy speaks to the targets. `'auto'` (default) HTTP/2 where TLS
+   * to the target negotiates it by ALPN, HTTP/1.1 otherwise; `'http1'`; `'http2'` (h2c on plain
+   * targets). `'http3'`: HTTP/3 over QUIC to the target's port over UDP, so TLS is required to
+   * every target (`tls.mode` 'terminate-and-reencrypt' on the route, or the target's own `tls`;
+   * a plain target, or a target's own `sendProxyProtocol`, is a config error); WebSocket upgrades
+   * still use HTTP/1.1 (over TCP). `raw`: (ext) relay bytes as they come, even HTTP traffic.
+   */
   options?: { backendProtocol?: 'auto' | 'http1' | 'http2' | 'http3'; raw?: boolean };
   sendProxyProtocol?: boolean | 1 | 2;
   /** (ext) */

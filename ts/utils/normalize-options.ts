@@ -28,7 +28,6 @@ import {
   BACKEND_PROTOCOLS,
   DEFAULT_MAX_KEYS,
   LB_ALGORITHMS,
-  NOT_YET,
   OPTIONS_SCHEMA,
   RATE_LIMIT_KEYS_BY,
   ROUTE_SCHEMA,
@@ -43,6 +42,7 @@ import { headerRegExpProblem, nativeHeaderMatch } from './header-match.js';
 import { nativeSpecOf } from './socket-handlers.js';
 import { checkUdpRoute } from './udp-route.js';
 import { checkHttp3Route } from './http3-route.js';
+import { checkHttp3Backend } from './http3-backend.js';
 import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
 
 /** A JavaScript function the engine may call, by the id the config carries instead of it. */
@@ -403,6 +403,9 @@ function normalizeRoute(
   if (targetList.length === 0 && action.type === 'forward') at.fail('action.targets', 'a forward route needs at least one target');
   const field = action.targets !== undefined ? 'action.targets' : action.target !== undefined ? 'action.target' : 'defaults.target';
   const targets = targetList.map((t, i) => normalizeTarget(t, at, field === 'action.targets' ? `${field}[${i}]` : field, functions, warnings, describe(index, name)));
+  // `backendProtocol: 'http3'`: QUIC (TLS) to every target, none with a PROXY header of its own.
+  const [http3BackendProblem] = checkHttp3Backend(action, defaultTarget).problems;
+  if (http3BackendProblem !== undefined) at.fail(http3BackendProblem.field, http3BackendProblem.reason);
 
   const { security, field: securityField } = pickSecurity(route.security, action.security, at, index, name, warnings);
   const lists = securityLists(security, at, securityField);
@@ -432,7 +435,7 @@ function normalizeRoute(
       responseTimeoutMs,
       websocket,
       websocketOptions,
-      backendProtocol: (options.backendProtocol as 'auto' | 'http1' | 'http2' | undefined) ?? 'auto',
+      backendProtocol: (options.backendProtocol as INativeRoute['action']['backendProtocol'] | undefined) ?? 'auto',
       raw: options.raw === true,
       retry: normalizeRetry(action.retry, at),
       nativeResponse,
@@ -655,7 +658,6 @@ function rejectLaterActionFeatures(action: TRecord, at: Place): void {
   }
   if (isRecord(action.options)) {
     const protocol = action.options.backendProtocol;
-    if (protocol === 'http3') at.notYet('action.options.backendProtocol', NOT_YET.http3);
     if (protocol !== undefined && !BACKEND_PROTOCOLS.includes(protocol as string)) {
       at.fail('action.options.backendProtocol', `expected 'auto', 'http1', 'http2' or 'http3', got ${show(protocol)}`);
     }

@@ -10,7 +10,6 @@ import {
   AFFINITY_KEY,
   BACKEND_PROTOCOLS,
   LB_ALGORITHMS,
-  NOT_YET,
   RATE_LIMIT_KEYS_BY,
   ROUTE_SCHEMA,
   TLS_MODES,
@@ -20,6 +19,7 @@ import {
 import { SmartProxyConfigError } from './normalize-options.js';
 import { checkUdpRoute } from './udp-route.js';
 import { checkHttp3Route } from './http3-route.js';
+import { checkHttp3Backend } from './http3-backend.js';
 
 /** What a connection or request is known by, for `findMatchingRoutes`. */
 export interface IRouteMatchQuery {
@@ -748,8 +748,7 @@ function checkAction(action: unknown, out: Problems, udpOnly: boolean): TRecord 
     const o = action.options;
     if (!isRecord(o)) out.add('action.options', `expected an object, got ${show(o)}`);
     else {
-      if (o.backendProtocol === 'http3') out.add('action.options.backendProtocol', `not supported yet (${NOT_YET.http3})`);
-      else if (o.backendProtocol !== undefined && !BACKEND_PROTOCOLS.includes(o.backendProtocol as string)) {
+      if (o.backendProtocol !== undefined && !BACKEND_PROTOCOLS.includes(o.backendProtocol as string)) {
         out.add('action.options.backendProtocol', `expected 'auto', 'http1', 'http2' or 'http3', got ${show(o.backendProtocol)}`);
       }
       if (o.raw !== undefined && typeof o.raw !== 'boolean') out.add('action.options.raw', `expected true or false, got ${show(o.raw)}`);
@@ -822,6 +821,8 @@ export function validateRouteConfig(route: IRouteConfig): IRouteValidationResult
   }
   // `action.http3`, and what a route serving HTTP/3 must be (before the UDP checks, as normalizeOptions).
   for (const problem of checkHttp3Route(raw.match, raw.action).problems) out.add(problem.field, problem.reason);
+  // `backendProtocol: 'http3'`: QUIC (TLS) to every target, none with a PROXY header of its own.
+  for (const problem of checkHttp3Backend(raw.action).problems) out.add(problem.field, problem.reason);
   // `match.transport`, `action.udp`, and what a route taking UDP cannot have.
   for (const problem of checkUdpRoute(raw.match, raw.action).problems) out.add(problem.field, problem.reason);
   if (raw.security !== undefined) checkSecurity(raw.security, 'security', out, noHttp);

@@ -94,6 +94,7 @@ pub(super) fn upstream_failure(err: UpstreamError) -> Answer {
         UpstreamError::ConnectFailed(_) => "the upstream server refused the connection",
         UpstreamError::Tls(_) => "the TLS handshake with the upstream server failed",
         UpstreamError::Handshake(_) => "the upstream server failed the handshake",
+        UpstreamError::Quic(_) => "the QUIC connection to the upstream server failed",
         UpstreamError::PoolExhausted => "too many connections to the upstream server",
     };
     text_response(StatusCode::BAD_GATEWAY, message)

@@ -57,6 +57,7 @@ pub(super) fn prepare(ctx: &RequestCtx<'_>, head: &mut Parts, incoming: ClientBo
         BackendProtocol::Http2 => UpstreamProtocol::Http2,
         BackendProtocol::Http1 => UpstreamProtocol::Http1,
         BackendProtocol::Auto => UpstreamProtocol::Auto,
+        BackendProtocol::Http3 => UpstreamProtocol::Http3,
     };
     let sent_path = || head.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let path_and_query = match (&ctx.normalised_path, route.http.normalize_path) {

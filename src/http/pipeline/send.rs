@@ -23,6 +23,7 @@ use crate::hooks::ScriptContext;
 use crate::http::body::{text_response, Direction, ProxyBody, TrackedBody, UpstreamBody};
 use crate::http::edge;
 use crate::http::h1::client::{self as h1_client, ClientError};
+use crate::http::h3::client as h3_client;
 use crate::http::headers::{add_forwarded, strip_hop_by_hop, ForwardedFacts, ForwardingHeaders};
 use crate::templates::apply_templates;
 use crate::http::pool::{Checkout, PoolKey, UpstreamTls};
@@ -119,7 +120,7 @@ pub(super) async fn send_with_retries<'c>(
         let Some(attempt_body) = outbound.body.for_attempt() else {
             return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server failed and the request cannot be repeated"));
         };
-        let http2 = matches!(checkout, Checkout::Http2 { .. });
+        let multiplexed = checkout.multiplexed();
         // Made in a block that ends before the send waits: a moved-from head would otherwise
         // still take room in the future.
         let mut upstream_head = {
@@ -132,7 +133,7 @@ pub(super) async fn send_with_retries<'c>(
                     rewrite_headers(fresh, ctx, target, outbound.wants_upgrade)
                 }
             };
-            set_target(&mut built.parts, http2, &key, &outbound.path_and_query, ctx.raw_host.as_deref())
+            set_target(&mut built.parts, &checkout, &key, &outbound.path_and_query, ctx.raw_host.as_deref())
                 .map_err(|()| text_response(StatusCode::BAD_REQUEST, "bad request target"))?;
             Some(built)
         };
@@ -142,7 +143,7 @@ pub(super) async fn send_with_retries<'c>(
         // HTTP/2 consumes the head it sends: a copy, where a stale pooled connection could be
         // replaced (boxed, so that the common request's future does not carry room for one).
         // HTTP/1.1 only borrows it: it is still in `upstream_head` after the attempt.
-        let mut spare = (http2 && reused && !replaced_dead_connection && replayable)
+        let mut spare = (multiplexed && reused && !replaced_dead_connection && replayable)
             .then(|| upstream_head.as_ref().map(|head| Box::new(head.copy())))
             .flatten();
         // A body is followed to its end (and its bytes counted, when streamed); no body is sent
@@ -167,8 +168,8 @@ pub(super) async fn send_with_retries<'c>(
             // A pooled connection the upstream closed just as it was reused fails before the
             // request was processed: a request that can be sent again goes on a fresh connection.
             Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && err.stale_connection() => {
-                if http2 {
-                    pool.forget_h2(&key);
+                if multiplexed {
+                    pool.forget_multiplexed(&key);
                 }
                 // The same target again, on a new connection: the head goes as it was rewritten.
                 rewritten = upstream_head.map(Box::new).or(spare.take());
@@ -179,8 +180,8 @@ pub(super) async fn send_with_retries<'c>(
                 return Err(edge_refusal(edge::Refusal::bad_request("the request body is not framed correctly"), ctx.version));
             }
             Err(SendError::Failed(err)) => {
-                if http2 {
-                    pool.forget_h2(&key);
+                if multiplexed {
+                    pool.forget_multiplexed(&key);
                 }
                 tracing::debug!(route = &*route.label, error = %err, "upstream request failed");
                 return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server did not answer properly"));
@@ -237,11 +238,11 @@ impl UpstreamHead {
 }
 
 /// How the request names its target upstream: origin form and `Host` for HTTP/1.1, an absolute
-/// URI (`:scheme`, `:authority`) for HTTP/2. Known only once the connection's protocol is. The
-/// authority is the host the client named, else the target's address.
-fn set_target(head: &mut Parts, http2: bool, key: &PoolKey, path_and_query: &PathAndQuery, raw_host: Option<&str>) -> Result<(), ()> {
+/// URI (`:scheme`, `:authority`) for HTTP/2 and HTTP/3. Known only once the connection's protocol
+/// is. The authority is the host the client named, else the target's address.
+fn set_target(head: &mut Parts, checkout: &Checkout, key: &PoolKey, path_and_query: &PathAndQuery, raw_host: Option<&str>) -> Result<(), ()> {
     let authority = || raw_host.map_or_else(|| format!("{}:{}", key.host, key.port), str::to_string);
-    if http2 {
+    if checkout.multiplexed() {
         head.headers.remove(header::HOST);
         head.uri = Uri::builder()
             .scheme(if key.tls.is_some() { "https" } else { "http" })
@@ -249,7 +250,7 @@ fn set_target(head: &mut Parts, http2: bool, key: &PoolKey, path_and_query: &Pat
             .path_and_query(path_and_query.clone())
             .build()
             .map_err(|_| ())?;
-        head.version = Version::HTTP_2;
+        head.version = if matches!(checkout, Checkout::Http3 { .. }) { Version::HTTP_3 } else { Version::HTTP_2 };
     } else {
         // Host is kept as the client sent it; an HTTP/2 client's `:authority` becomes Host, which
         // our HTTP/1.1 client writes from the request's host as it writes the head (`send`).
@@ -308,6 +309,7 @@ enum SendError {
 enum UpstreamFailure {
     H1(ClientError),
     H2(hyper::Error),
+    H3(h3::error::StreamError),
 }
 
 impl UpstreamFailure {
@@ -317,6 +319,9 @@ impl UpstreamFailure {
         match self {
             UpstreamFailure::H1(err) => err.before_response(),
             UpstreamFailure::H2(err) => err.is_canceled() || err.is_incomplete_message(),
+            // A QUIC connection closed by the backend (idle) is seen by the pool before reuse;
+            // one that fails on the way is not told apart from a failed request.
+            UpstreamFailure::H3(_) => false,
         }
     }
 }
@@ -326,6 +331,7 @@ impl std::fmt::Display for UpstreamFailure {
         match self {
             UpstreamFailure::H1(err) => err.fmt(f),
             UpstreamFailure::H2(err) => err.fmt(f),
+            UpstreamFailure::H3(err) => err.fmt(f),
         }
     }
 }
@@ -344,6 +350,24 @@ async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: Pr
                 Ok(Ok(response)) => Ok(response.map(UpstreamBody::H1)),
                 Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H1(err))),
                 Err(_) => Err(SendError::Timeout),
+            }
+        }
+        Checkout::Http3 { upstream, .. } => {
+            let Some(UpstreamHead { mut parts, mut forwarding }) = head.take() else {
+                return Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None))));
+            };
+            forwarding.move_into(&mut parts.headers);
+            let heard = upstream.datagrams_received();
+            match tokio::time::timeout(timeout, h3_client::send(upstream, parts, body)).await {
+                Ok(Ok(response)) => Ok(response.map(|body| UpstreamBody::H3(Box::new(body)))),
+                Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H3(err))),
+                Err(_) => {
+                    // Not a word, not even an acknowledgement, all that time: the backend is gone.
+                    if upstream.datagrams_received() == heard {
+                        upstream.abandon();
+                    }
+                    Err(SendError::Timeout)
+                }
             }
         }
         Checkout::Http2 { sender, .. } => {

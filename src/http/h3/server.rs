@@ -5,18 +5,17 @@
 //! (keep-alive and idle timeouts, lifetime, drain on stop), with a request's headers bounded by
 //! `headerTimeout` and `maxHeaderSize` and its streams by `http2MaxConcurrentStreams`.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use h3::error::Code;
-use http::{header, HeaderMap, Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::task::JoinSet;
 
+use super::{content_length, MessageBody};
 use crate::http::body::{BoxError, ClientBody};
 use crate::http::io::ClientCounters;
 use crate::http::pipeline::{handle, ConnectionContext};
@@ -24,7 +23,7 @@ use crate::http::server::{watched, HttpLimits, Shutdown};
 use crate::http::watchdog::Watch;
 use crate::metrics::{GaugeHold, TerminationReason};
 
-type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+pub type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 
@@ -122,7 +121,7 @@ async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters
     let (mut send, recv) = stream.split();
     let (parts, ()) = request.into_parts();
     let head_only = parts.method == http::Method::HEAD;
-    let body = match RequestBody::start(recv, &parts.headers, counters.clone()) {
+    let body = match request_body(recv, &parts.headers, counters.clone()) {
         Ok(body) => body,
         Err(reason) => {
             tracing::debug!(reason, "HTTP/3 request refused");
@@ -167,131 +166,25 @@ async fn write_response(send: &mut SendStream, response: Response<crate::http::b
     Ok(())
 }
 
-/// A request's body off its stream. The bytes must add up to its `Content-Length` when it sent
-/// one (RFC 9114 §4.1.2: otherwise the request is malformed), so what the backend receives is
-/// framed as the client said.
-pub struct RequestBody {
-    stream: RecvStream,
-    /// Data read before the body was handed on (the check for an already finished stream).
-    first: Option<Bytes>,
-    expected: Option<u64>,
-    received: u64,
-    phase: Phase,
-    counters: Arc<ClientCounters>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Data,
-    Trailers,
-    Done,
-}
-
-impl RequestBody {
-    /// The body of a request with these headers; a stream the client already finished (most
-    /// requests without a body arrive so) is an empty body, which no upstream sees framed.
-    fn start(mut stream: RecvStream, headers: &HeaderMap, counters: Arc<ClientCounters>) -> Result<ClientBody, &'static str> {
-        let expected = content_length(headers)?;
-        if expected == Some(0) {
-            return Ok(ClientBody::Empty);
-        }
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let first = match stream.poll_recv_data(&mut cx) {
-            Poll::Ready(Ok(None)) if expected.is_none() => return Ok(ClientBody::Empty),
-            Poll::Ready(Ok(Some(mut data))) => Some(data.copy_to_bytes(data.remaining())),
-            // The stream ended early, or failed: the first poll of the body reports it.
-            _ => None,
-        };
-        let mut body = RequestBody { stream, first: None, expected, received: 0, phase: Phase::Data, counters };
-        if let Some(first) = first {
-            body.count(first.len()).map_err(|_| "the body is longer than its Content-Length")?;
-            body.first = Some(first);
-        }
-        Ok(ClientBody::H3(Box::new(body)))
+/// The body of a request with these headers; a stream the client already finished (most
+/// requests without a body arrive so) is an empty body, which no upstream sees framed.
+fn request_body(mut stream: RecvStream, headers: &HeaderMap, counters: Arc<ClientCounters>) -> Result<ClientBody, &'static str> {
+    let expected = content_length(headers)?;
+    if expected == Some(0) {
+        return Ok(ClientBody::Empty);
     }
-
-    fn count(&mut self, n: usize) -> Result<(), BoxError> {
-        self.received += n as u64;
-        match self.expected {
-            Some(expected) if self.received > expected => Err("the request body is longer than its Content-Length".into()),
-            _ => Ok(()),
-        }
+    // One look without waiting: a stream whose end came with its headers has no body.
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let first = match stream.poll_recv_data(&mut cx) {
+        Poll::Ready(Ok(None)) if expected.is_none() => return Ok(ClientBody::Empty),
+        Poll::Ready(Ok(Some(mut data))) => Some(data.copy_to_bytes(data.remaining())),
+        // The stream ended early, or failed: the first poll of the body reports it.
+        _ => None,
+    };
+    let mut body = MessageBody::new(stream, expected, Some(counters));
+    if let Some(first) = first {
+        body = body.with_first(first).map_err(|_| "the body is longer than its Content-Length")?;
     }
-}
-
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = values.next() else { return Ok(None) };
-    let parsed = first.to_str().ok().filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok());
-    let Some(length) = parsed else { return Err("Content-Length is not a number") };
-    if values.any(|other| other != first) {
-        return Err("differing Content-Length values");
-    }
-    Ok(Some(length))
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        loop {
-            match this.phase {
-                Phase::Data => match this.stream.poll_recv_data(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(err)) => {
-                        this.phase = Phase::Done;
-                        return Poll::Ready(Some(Err(err.into())));
-                    }
-                    Poll::Ready(Ok(Some(mut data))) => {
-                        let data = data.copy_to_bytes(data.remaining());
-                        if let Err(err) = this.count(data.len()) {
-                            this.phase = Phase::Done;
-                            this.stream.stop_sending(Code::H3_MESSAGE_ERROR);
-                            return Poll::Ready(Some(Err(err)));
-                        }
-                        this.counters.note_activity();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Poll::Ready(Ok(None)) => {
-                        if this.expected.is_some_and(|expected| expected != this.received) {
-                            this.phase = Phase::Done;
-                            return Poll::Ready(Some(Err("the request body is shorter than its Content-Length".into())));
-                        }
-                        this.phase = Phase::Trailers;
-                    }
-                },
-                Phase::Trailers => {
-                    let polled = this.stream.poll_recv_trailers(cx);
-                    if polled.is_pending() {
-                        return Poll::Pending;
-                    }
-                    this.phase = Phase::Done;
-                    return match polled {
-                        Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-                        Poll::Ready(Ok(None)) => Poll::Ready(None),
-                        Poll::Ready(Err(err)) => Poll::Ready(Some(Err(err.into()))),
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
-                Phase::Done => return Poll::Ready(None),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.phase == Phase::Done && self.first.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.expected {
-            Some(expected) => SizeHint::with_exact(expected - (self.received - self.first.as_ref().map_or(0, |f| f.len() as u64))),
-            None => SizeHint::default(),
-        }
-    }
+    Ok(ClientBody::H3(Box::new(body)))
 }
