@@ -439,4 +439,53 @@ h3Test("backendProtocol 'http3': a backend whose certificate the route does not 
   });
 });
 
+/** An HTTPS (TCP) backend for a.test answering `TCP <host> <path>`, advertising HTTP/3 on `altSvcPort`. */
+async function startAdvertisingBackend(altSvcPort: () => number): Promise<{ port: number; close(): Promise<void> }> {
+  const server = https.createServer({ key: certA.key, cert: certA.cert }, (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/plain', 'alt-svc': `h3=":${altSvcPort()}"; ma=600` });
+    res.end(`TCP ${req.headers.host ?? ''} ${req.url ?? ''}`);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: async () => {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+h3Test("backendProtocol 'auto' learns Alt-Svc h3 from a TLS backend, goes over HTTP/3, and back to TCP (for good) when HTTP/3 fails", async () => {
+  await withCleanup(async (defer) => {
+    let h3Port = 0;
+    const tcp = await startAdvertisingBackend(() => h3Port);
+    defer(() => tcp.close());
+    // HTTP/3 on the backend's own port number, over UDP.
+    const quic = await startH3Server({ tag: 'H3', cert: certA.cert, key: certA.key, port: tcp.port });
+    h3Port = quic.port;
+    const port = await freePort();
+    const route = {
+      name: 'auto',
+      match: { ports: port, domains: 'a.test' },
+      action: {
+        type: 'forward',
+        targets: [{ host: '127.0.0.1', port: tcp.port }],
+        tls: { mode: 'terminate-and-reencrypt', certificate: { key: certA.key, cert: certA.cert, ca: ca.cert } },
+      },
+    } as TRoute;
+    await startProxy(defer, { routes: [route] });
+    expect((await httpsRequest(port, '/1')).body.toString()).toEqual('TCP a.test /1');
+    // Learnt: the next request goes over QUIC to the advertised port.
+    expect((await httpsRequest(port, '/2')).body.toString()).toEqual('H3 a.test /2');
+    expect((await httpsRequest(port, '/3')).body.toString()).toEqual('H3 a.test /3');
+    // HTTP/3 goes away: the request falls back to TCP, and stays there despite the backend's
+    // advertisement.
+    await quic.close();
+    const fallback = await httpsRequest(port, '/4');
+    expect(fallback.status).toEqual(200);
+    expect(fallback.body.toString()).toEqual('TCP a.test /4');
+    expect((await httpsRequest(port, '/5')).body.toString()).toEqual('TCP a.test /5');
+  });
+});
+
 export default tap.start();

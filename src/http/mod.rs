@@ -3,6 +3,7 @@
 //! upstream connections, WebSocket tunnels). Knows nothing of napi or of how a connection was
 //! accepted; the session hands it a stream and a context.
 
+pub mod alt_svc;
 pub mod body;
 pub mod edge;
 pub mod h1;

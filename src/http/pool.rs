@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::http::body::ProxyBody;
+use crate::http::alt_svc::AltSvcCache;
 use crate::http::h1::client::Connection;
 use crate::http::h3::client::{self as h3_client, H3Upstream, QuicClients};
 
@@ -138,6 +139,8 @@ pub struct UpstreamPool {
     counters: Arc<UpstreamCounters>,
     /// The client endpoints of HTTP/3 connections, bound on first use.
     quic: QuicClients,
+    /// The HTTP/3 ports TLS backends advertised (`'auto'`).
+    pub alt_svc: AltSvcCache,
 }
 
 /// What checkouts came to, engine-wide (kept by the engine's metrics across pools).
@@ -177,7 +180,7 @@ impl Checkout {
 
 impl UpstreamPool {
     pub fn new(settings: PoolSettings, counters: Arc<UpstreamCounters>) -> Self {
-        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings, counters, quic: QuicClients::default() }
+        UpstreamPool { hosts: Mutex::new(HashMap::default()), slots: Mutex::new(HashMap::default()), settings, counters, quic: QuicClients::default(), alt_svc: AltSvcCache::default() }
     }
 
     /// A pooled connection when one is idle and alive, else a new one.

@@ -156,6 +156,9 @@ struct UpstreamConnectors {
     any: Arc<rustls::ClientConfig>,
     /// Offers only HTTP/1.1 (WebSocket upgrades and health checks need it).
     http1: Arc<rustls::ClientConfig>,
+    /// QUIC's (TLS 1.3, ALPN h3), for `'auto'` once a backend advertised HTTP/3 (`'http3'` uses
+    /// `any`); None where the TLS versions allowed leave out 1.3.
+    h3: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl UpstreamConnectors {
@@ -169,7 +172,13 @@ impl UpstreamConnectors {
         // QUIC has TLS 1.3 only.
         let tls13 = ["TLSv1.3".to_string()];
         let any_versions: &[String] = if backend_protocol == BackendProtocol::Http3 { &tls13 } else { versions };
-        Ok(UpstreamConnectors { any: client_config(ca, verify, any_versions, alpn)?, http1: client_config(ca, verify, versions, &[ALPN_HTTP11])? })
+        let any = client_config(ca, verify, any_versions, alpn)?;
+        let h3 = match backend_protocol {
+            BackendProtocol::Http3 => Some(any.clone()),
+            BackendProtocol::Auto if versions.is_empty() || versions.iter().any(|v| v == "TLSv1.3") => Some(client_config(ca, verify, &tls13, &[ALPN_H3])?),
+            _ => None,
+        };
+        Ok(UpstreamConnectors { any, http1: client_config(ca, verify, versions, &[ALPN_HTTP11])?, h3 })
     }
 
     fn pick(&self, http1_only: bool) -> Arc<rustls::ClientConfig> {
@@ -509,6 +518,11 @@ impl SelectedTarget<'_> {
     /// winning over the route's. `http1_only`: the connection must speak HTTP/1.1 (upgrades).
     pub fn upstream_tls(&self, http1_only: bool) -> Option<Arc<rustls::ClientConfig>> {
         self.upstream.map(|connectors| connectors.pick(http1_only))
+    }
+
+    /// The TLS config for QUIC to this target, where it may speak HTTP/3.
+    pub fn upstream_tls_h3(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.upstream.and_then(|connectors| connectors.h3.clone())
     }
 }
 

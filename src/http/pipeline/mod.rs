@@ -31,7 +31,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::Entry;
 use http::request::Parts;
 use http::{Request, Response, Uri, Version};
 
@@ -187,13 +186,11 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
     }
 }
 
-/// `Alt-Svc` on a response over TCP of a route also served over QUIC on the same port (RFC 7838),
-/// unless the backend named alternatives of its own.
+/// `Alt-Svc` on a response over TCP of a route also served over QUIC on the same port (RFC 7838).
+/// It replaces the backend's own: the client's alternatives are the proxy's, not the backend's.
 fn advertise_http3(response: &mut Response<ProxyBody>, port: u16, max_age: u32) {
-    if let Entry::Vacant(entry) = response.headers_mut().entry(http::header::ALT_SVC) {
-        if let Ok(value) = http::HeaderValue::try_from(format!("h3=\":{port}\"; ma={max_age}")) {
-            entry.insert(value);
-        }
+    if let Ok(value) = http::HeaderValue::try_from(format!("h3=\":{port}\"; ma={max_age}")) {
+        response.headers_mut().insert(http::header::ALT_SVC, value);
     }
 }
 

@@ -26,7 +26,7 @@ use crate::http::h1::client::{self as h1_client, ClientError};
 use crate::http::h3::client as h3_client;
 use crate::http::headers::{add_forwarded, strip_hop_by_hop, ForwardedFacts, ForwardingHeaders};
 use crate::templates::apply_templates;
-use crate::http::pool::{Checkout, PoolKey, UpstreamTls};
+use crate::http::pool::{Checkout, PoolKey, UpstreamProtocol, UpstreamTls};
 use crate::proxy_protocol;
 use crate::routing::table::SelectedTarget;
 use crate::security::RouteGuard;
@@ -64,6 +64,10 @@ pub(super) async fn send_with_retries<'c>(
     // replaced.
     // (Boxed: only a replacement has one.)
     let mut rewritten: Option<Box<UpstreamHead>> = None;
+    // The backend advertised HTTP/3 and this request goes over it (its host and TCP port), or it
+    // failed already and the request stays on TCP.
+    let mut alt_svc_from: Option<(Arc<str>, u16)>;
+    let mut alt_svc_failed = false;
     loop {
         let endpoint = match target.static_endpoint() {
             Some(endpoint) => Ok(endpoint),
@@ -77,14 +81,24 @@ pub(super) async fn send_with_retries<'c>(
                 return Err(text_response(StatusCode::BAD_GATEWAY, "the route's target function failed"));
             }
         };
-        let tls = target
-            .upstream_tls(outbound.wants_upgrade)
-            .map(|config| UpstreamTls { server_name: upstream_server_name(&target_host, ctx.domain.as_deref()), config });
-        let proxy_version = target.send_proxy_protocol.unwrap_or(conn.env.send_proxy_protocol);
-        let proxy_header = conn.destination.and_then(|destination| {
-            proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(conn.client_ip, conn.client_port), destination).map(Arc::from)
-        });
-        let key = PoolKey { host: target_host, port: target_port, protocol: outbound.protocol, tls, proxy_header };
+        let server_name = upstream_server_name(&target_host, ctx.domain.as_deref());
+        // `auto` to a TLS backend that advertised HTTP/3 on its host: QUIC to that port; TCP
+        // again should it fail.
+        let advertised = (outbound.protocol == UpstreamProtocol::Auto && !outbound.wants_upgrade && !alt_svc_failed)
+            .then(|| pool.alt_svc.h3_port(&target_host, target_port).zip(target.upstream_tls_h3()))
+            .flatten();
+        alt_svc_from = advertised.as_ref().map(|_| (target_host.clone(), target_port));
+        let key = match advertised {
+            Some((h3_port, config)) => PoolKey { host: target_host, port: h3_port, protocol: UpstreamProtocol::Http3, tls: Some(UpstreamTls { server_name, config }), proxy_header: None },
+            None => {
+                let tls = target.upstream_tls(outbound.wants_upgrade).map(|config| UpstreamTls { server_name, config });
+                let proxy_version = target.send_proxy_protocol.unwrap_or(conn.env.send_proxy_protocol);
+                let proxy_header = conn.destination.and_then(|destination| {
+                    proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(conn.client_ip, conn.client_port), destination).map(Arc::from)
+                });
+                PoolKey { host: target_host, port: target_port, protocol: outbound.protocol, tls, proxy_header }
+            }
+        };
         if ctx.version >= Version::HTTP_2 && client_slot.is_none() {
             let slots = conn.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(conn.max_upstream_per_client.max(1) as usize)));
             match tokio::time::timeout(route.connect_timeout, slots.clone().acquire_owned()).await {
@@ -92,10 +106,12 @@ pub(super) async fn send_with_retries<'c>(
                 _ => return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "too many requests of this connection are waiting upstream")),
             }
         }
+        // An advertised alternative gets a short try: TCP is there should it not answer.
+        let connect_timeout = if alt_svc_from.is_some() { route.connect_timeout.min(ALT_SVC_CONNECT_BUDGET) } else { route.connect_timeout };
         let checked_out = if fresh_connection {
-            pool.checkout_fresh(&key, route.connect_timeout, conn.env.no_delay).await
+            pool.checkout_fresh(&key, connect_timeout, conn.env.no_delay).await
         } else {
-            pool.checkout(&key, route.connect_timeout, conn.env.no_delay).await
+            pool.checkout(&key, connect_timeout, conn.env.no_delay).await
         };
         fresh_connection = false;
         if let Some(lease) = &target.lease {
@@ -107,6 +123,16 @@ pub(super) async fn send_with_retries<'c>(
         }
         let mut checkout = match checked_out {
             Ok(checkout) => checkout,
+            // Nothing was sent: the backend is asked over TCP at once, and not over QUIC again
+            // until it advertises HTTP/3 anew.
+            Err(err) if alt_svc_from.is_some() => {
+                tracing::debug!(route = &*route.label, error = %err, "advertised HTTP/3 failed, back to TCP");
+                if let Some((host, port)) = alt_svc_from.take() {
+                    pool.alt_svc.failed(&host, port);
+                }
+                alt_svc_failed = true;
+                continue;
+            }
             // Nothing was sent: any request may go to the next pick.
             Err(err) if policy.on_connect_failure && attempt < policy.max_retries => {
                 tracing::debug!(route = &*route.label, error = %err, attempt, "upstream connect failed, retrying");
@@ -143,7 +169,7 @@ pub(super) async fn send_with_retries<'c>(
         // HTTP/2 consumes the head it sends: a copy, where a stale pooled connection could be
         // replaced (boxed, so that the common request's future does not carry room for one).
         // HTTP/1.1 only borrows it: it is still in `upstream_head` after the attempt.
-        let mut spare = (multiplexed && reused && !replaced_dead_connection && replayable)
+        let mut spare = (multiplexed && (reused || alt_svc_from.is_some()) && !replaced_dead_connection && replayable)
             .then(|| upstream_head.as_ref().map(|head| Box::new(head.copy())))
             .flatten();
         // A body is followed to its end (and its bytes counted, when streamed); no body is sent
@@ -164,7 +190,27 @@ pub(super) async fn send_with_retries<'c>(
                 backoff(policy.backoff, attempt).await;
                 ctx.reselect(head, target);
             }
-            Ok(response) => return Ok(Exchange { response, checkout, key, request_sent, client_slot }),
+            Ok(response) => {
+                if key.protocol == UpstreamProtocol::Auto && key.tls.is_some() {
+                    pool.alt_svc.learn(&key.host, key.port, response.headers());
+                }
+                return Ok(Exchange { response, checkout, key, request_sent, client_slot });
+            }
+            Err(err) if alt_svc_from.is_some() => {
+                if let Some((host, port)) = alt_svc_from.take() {
+                    pool.alt_svc.failed(&host, port);
+                }
+                alt_svc_failed = true;
+                match err {
+                    // Sent again over TCP, where the request may be repeated.
+                    SendError::Failed(_) if replayable => {
+                        pool.forget_multiplexed(&key);
+                        rewritten = upstream_head.map(Box::new).or(spare.take());
+                    }
+                    SendError::Failed(_) => return Err(text_response(StatusCode::BAD_GATEWAY, "the upstream server did not answer properly")),
+                    SendError::Timeout => return Err(text_response(StatusCode::GATEWAY_TIMEOUT, "the upstream server did not answer in time")),
+                }
+            }
             // A pooled connection the upstream closed just as it was reused fails before the
             // request was processed: a request that can be sent again goes on a fresh connection.
             Err(SendError::Failed(err)) if reused && !replaced_dead_connection && replayable && err.stale_connection() => {
@@ -383,6 +429,10 @@ async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: Pr
         }
     }
 }
+
+/// The longest an advertised HTTP/3 alternative may take to connect before the request goes over
+/// TCP instead (within the route's connect timeout).
+const ALT_SVC_CONNECT_BUDGET: Duration = Duration::from_secs(2);
 
 /// How often a waiting HTTP/1 request looks whether its client closed its side.
 const CLIENT_WATCH_PERIOD: Duration = Duration::from_millis(250);
