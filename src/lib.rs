@@ -32,7 +32,7 @@ use std::sync::Arc;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::bridge::{EventCallback, JsBridge, SocketCallback, TargetCallback};
+use crate::bridge::{DatagramCallback, EventCallback, JsBridge, SocketCallback, TargetCallback};
 use crate::engine::{Engine, EngineError};
 
 /// One proxy instance on the shared Rust runtime. Constructed from the normalised config
@@ -49,16 +49,17 @@ impl NativeEngine {
     /// `resolveTarget` calls a route's host/port functions; `onEvent` receives `{ type, data }`.
     #[napi(
         constructor,
-        ts_args_type = "config: object, onSocket: (handoff: SocketHandoff) => Promise<SocketReport>, resolveTarget: (call: TargetCall) => TargetAnswer | Promise<TargetAnswer>, onEvent: (message: { type: string; data: object }) => void"
+        ts_args_type = "config: object, onSocket: (handoff: SocketHandoff) => Promise<SocketReport>, resolveTarget: (call: TargetCall) => TargetAnswer | Promise<TargetAnswer>, onEvent: (message: { type: string; data: object }) => void, onDatagram: (call: DatagramCall) => void"
     )]
     pub fn new(
         config: serde_json::Value,
         on_socket: SocketCallback,
         resolve_target: TargetCallback,
         on_event: EventCallback,
+        on_datagram: DatagramCallback,
     ) -> Result<Self> {
         let config = config::parse(config).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
-        let bridge = Arc::new(JsBridge::new(on_socket, resolve_target, on_event));
+        let bridge = Arc::new(JsBridge::new(on_socket, resolve_target, on_event, on_datagram));
         let engine = Engine::new(config, Some(bridge.clone())).map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
         Ok(NativeEngine { engine: Arc::new(engine), bridge })
     }
@@ -108,6 +109,16 @@ impl NativeEngine {
         let port = valid_port(port)?;
         let engine = self.engine.clone();
         on_engine_runtime(&self.engine, async move { engine.remove_listening_port(port).await }).await
+    }
+
+    /// A datagram handler's reply: `data` from the route's UDP `port` to the client, whose flow
+    /// must still be open. False when it is not, or the datagram could not be sent.
+    #[napi]
+    pub fn udp_reply(&self, port: u32, client_ip: String, client_port: u32, data: Buffer) -> Result<bool> {
+        let port = valid_port(port)?;
+        let client_port = valid_port(client_port)?;
+        let ip: std::net::IpAddr = client_ip.parse().map_err(|_| Error::new(Status::InvalidArg, format!("{client_ip:?} is not an IP address")))?;
+        Ok(self.engine.udp_reply(port, std::net::SocketAddr::new(ip, client_port), &data))
     }
 
     #[napi]

@@ -901,9 +901,12 @@ tap.test('UDP routes: what they cannot have is refused, naming the route and the
     [{ transport: 'udp', domains: 'a.example.com' }, { ...t, tls: { mode: 'terminate', certificate: { key: 'K', cert: 'C' } } }, `match.domains: UDP routes relay datagrams: they carry no domain unless the route passes QUIC through by SNI: set action.tls.mode 'passthrough'`],
     [{ transport: 'udp' }, { ...t, tls: { mode: 'terminate-and-reencrypt', certificate: 'auto' } }, `action.tls: UDP routes relay datagrams: the proxy does not terminate TLS on them (only 'passthrough', routing QUIC by SNI); HTTP/3 termination is action.http3 on a TCP route`],
     [{ transport: 'all' }, { ...t, tls: { mode: 'terminate', certificate: { key: 'K', cert: 'C' } } }, `action.tls: UDP routes relay datagrams (match.transport 'all' takes UDP too): the proxy does not terminate TLS on them (only 'passthrough', routing QUIC by SNI); HTTP/3 termination is action.http3 on a TCP route`],
-    [{ transport: 'udp' }, { type: 'socket-handler', datagramHandler: () => undefined }, 'action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)'],
-    [{ transport: 'all' }, { type: 'socket-handler', socketHandler: () => undefined, datagramHandler: () => undefined }, 'action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)'],
-    [{ transport: 'udp' }, { type: 'socket-handler', socketHandler: () => undefined }, 'action.socketHandler: datagramHandler is not supported yet (UDP routes forward only)'],
+    [{ transport: 'udp' }, { type: 'socket-handler' }, `action.datagramHandler: a 'socket-handler' route with match.transport 'udp' needs a datagramHandler function, got undefined`],
+    [{ transport: 'udp' }, { type: 'socket-handler', datagramHandler: 42 }, `action.datagramHandler: a 'socket-handler' route with match.transport 'udp' needs a datagramHandler function, got 42`],
+    [{ transport: 'all' }, { type: 'socket-handler', socketHandler: () => undefined }, `action.datagramHandler: a 'socket-handler' route with match.transport 'all' needs a datagramHandler function for its datagrams (its socketHandler takes the TCP connections), got undefined`],
+    [{ transport: 'all' }, { type: 'socket-handler', datagramHandler: () => undefined }, `action.socketHandler: a 'socket-handler' route needs a socketHandler function, got undefined`],
+    [{ transport: 'udp' }, { type: 'socket-handler', socketHandler: () => undefined }, `action.socketHandler: a 'socket-handler' route with match.transport 'udp' takes datagrams only: they go to its datagramHandler (a socketHandler takes TCP connections: match.transport 'tcp' or 'all')`],
+    [{ transport: 'udp' }, { ...t, datagramHandler: () => undefined }, `action.datagramHandler: a 'forward' route relays datagrams to its targets: only a 'socket-handler' route takes a datagramHandler`],
     [{ transport: 'udp' }, { type: 'forward' }, 'action.targets: a forward route needs at least one target'],
     [{ transport: 'udp' }, { type: 'forward', target: { host: () => 'h', port: 53 } }, 'action.target.host: UDP routes relay datagrams: a target host is a name or address (or a list of them), not a function'],
     [{ transport: 'udp' }, { type: 'forward', target: { host: 'h', port: 'preserve' } }, `action.target.port: UDP routes relay datagrams: a target port is a number, not 'preserve'`],
@@ -923,9 +926,38 @@ tap.test('UDP routes: what they cannot have is refused, naming the route and the
   }
   // An empty list asks for nothing: no refusal.
   expect(() => new SmartProxy({ routes: [{ name: 'udp', match: { ports: 53, transport: 'udp', domains: [] }, action: t }] } as never)).not.toThrow();
-  // A datagramHandler is refused on a TCP route too, in the same words.
+  // A datagramHandler is refused on a route taking TCP only, in the words of action.udp.
   expect(configError({ routes: [{ match: { ports: 80 }, action: { type: 'socket-handler', socketHandler: () => undefined, datagramHandler: () => undefined } }] }).message)
-    .toEqual('routes[0]: action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)');
+    .toEqual(`routes[0]: action.datagramHandler: needs match.transport 'udp' or 'all' (this route takes TCP only)`);
+});
+
+tap.test('UDP handler routes: the native config carries the datagramHandler id (and the socketHandler id with transport all)', async () => {
+  const datagrams = (): void => undefined;
+  const connections = (): void => undefined;
+  const { config, warnings, functionIds } = normalize({
+    routes: [
+      { name: 'udp', match: { ports: 53, transport: 'udp' }, action: { type: 'socket-handler', datagramHandler: datagrams, udp: { sessionTimeout: 1000 } }, security: { ipAllowList: ['127.0.0.1'], maxConnections: 4 } },
+      { name: 'all', match: { ports: 54, transport: 'all' }, action: { type: 'socket-handler', socketHandler: connections, datagramHandler: datagrams } },
+      { name: 'tcp', match: { ports: 55 }, action: { type: 'socket-handler', socketHandler: connections } },
+      route(56, 'forward'),
+    ],
+  });
+  expect(warnings).toEqual([]);
+  const [udp, all, tcp, forward] = config.routes;
+  expect(typeof udp.action.datagramHandler).toEqual('number');
+  expectSubset(udp, {
+    match: { ports: [53], transport: 'udp' },
+    action: { targets: [], socketHandler: null, nativeResponse: null, udp: { sessionTimeoutMs: 1000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 } },
+    security: { ipAllowList: ['127.0.0.1'], maxConnections: 4 },
+  });
+  // The same function keeps its id; the TCP side of 'all' has its own.
+  expect(all.action.datagramHandler).toEqual(udp.action.datagramHandler);
+  expect(typeof all.action.socketHandler).toEqual('number');
+  expect(all.action.socketHandler).not.toEqual(all.action.datagramHandler);
+  expect(tcp.action.socketHandler).toEqual(all.action.socketHandler);
+  expect([tcp.action.datagramHandler, forward.action.datagramHandler]).toEqual([null, null]);
+  // Both are functions of the config: registered, and released with the routes that use them.
+  expect([...functionIds].sort()).toEqual([udp.action.datagramHandler!, all.action.socketHandler!].sort());
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -959,14 +991,18 @@ tap.test('new SmartProxy: a UDP route is refused synchronously when bad, and acc
   expect(bad instanceof SmartProxyConfigError).toBeTrue();
   expect(bad?.message).toEqual(`routes[0] "u": action.udp: needs match.transport 'udp' or 'all' (this route takes TCP only)`);
   expect((bad as SmartProxyConfigError).path).toEqual('routes[0] "u"');
-  const handler = thrown(() => new SmartProxy({ routes: [{ name: 'd', match: { ports: 53, transport: 'udp' }, action: { type: 'socket-handler', datagramHandler: () => undefined } }] } as unknown as TOptions));
+  const handler = thrown(() => new SmartProxy({ routes: [{ name: 'd', match: { ports: 53, transport: 'udp' }, action: { type: 'socket-handler', socketHandler: () => undefined } }] } as unknown as TOptions));
   expect(handler instanceof SmartProxyConfigError).toBeTrue();
-  expect(handler?.message).toEqual('routes[0] "d": action.datagramHandler: datagramHandler is not supported yet (UDP routes forward only)');
-  // The engine takes the native form (transport, udp) as the normaliser writes it.
+  expect(handler?.message).toEqual(
+    `routes[0] "d": action.socketHandler: a 'socket-handler' route with match.transport 'udp' takes datagrams only: they go to its datagramHandler (a socketHandler takes TCP connections: match.transport 'tcp' or 'all')`,
+  );
+  // The engine takes the native form (transport, udp, datagramHandler) as the normaliser writes it.
   const good = thrown(() => new SmartProxy({
     routes: [
       { name: 'dns', match: { ports: 53, transport: 'udp' }, action: { type: 'forward', target, udp: { sessionTimeout: 5000 } } },
       { name: 'both', match: { ports: 8443, transport: 'all' }, action: { type: 'forward', target } },
+      { name: 'handled', match: { ports: 5353, transport: 'udp' }, action: { type: 'socket-handler', datagramHandler: () => undefined, udp: { sessionTimeout: 1000 } } },
+      { name: 'handled both', match: { ports: 5354, transport: 'all' }, action: { type: 'socket-handler', socketHandler: () => undefined, datagramHandler: () => undefined } },
     ],
   }));
   expect(good?.message).toBeUndefined();

@@ -23,6 +23,7 @@ import {
   createOffsetPortMappingRoute,
   createDynamicRoute,
   createUdpForwardRoute,
+  createUdpHandlerRoute,
   createApiGatewayRoute,
   createNfTablesRoute,
   createNfTablesTerminateRoute,
@@ -42,7 +43,7 @@ import {
   validateRoutes,
   assertValidRoute,
 } from '../ts/index.js';
-import type { IRouteConfig, IRouteContext, TSocketHandler } from '../ts/index.js';
+import type { IRouteConfig, IRouteContext, TDatagramHandler, TSocketHandler } from '../ts/index.js';
 import { normalizeOptions } from '../ts/utils/normalize-options.js';
 import { startEchoServer, waitFor, thrown } from './helpers/net.js';
 
@@ -448,6 +449,50 @@ tap.test('createUdpForwardRoute: transport udp, one forward target, action.udp o
   ]);
 });
 
+tap.test('createUdpHandlerRoute: transport udp, a socket-handler with the datagramHandler, action.udp only when settings are given', async () => {
+  const handler: TDatagramHandler = (datagram, _info, reply) => reply(datagram);
+  const plain = pure([53, handler], createUdpHandlerRoute);
+  expect(plain).toEqual({
+    name: 'UDP handler: 53',
+    match: { ports: 53, transport: 'udp' },
+    action: { type: 'socket-handler', datagramHandler: handler },
+  });
+  // The function is kept by reference.
+  expect(plain.action.datagramHandler === handler).toBeTrue();
+  expectValid(plain);
+
+  const tuned = pure(
+    [[5000, { from: 6000, to: 6001 }], handler, { sessionTimeout: 5000, maxSessionsPerIP: 2, maxDatagramSize: undefined, name: 'game', security: { ipAllowList: ['10.0.0.0/8'] } }],
+    createUdpHandlerRoute,
+  );
+  expect(tuned).toEqual({
+    name: 'game',
+    match: { ports: [5000, { from: 6000, to: 6001 }], transport: 'udp' },
+    action: { type: 'socket-handler', datagramHandler: handler, udp: { sessionTimeout: 5000, maxSessionsPerIP: 2 } },
+    security: { ipAllowList: ['10.0.0.0/8'] },
+  });
+  expectValid(tuned);
+  // 'all' takes TCP connections too: the override adds their socketHandler.
+  const socketHandler: TSocketHandler = (socket) => {
+    socket.end();
+  };
+  const both = createUdpHandlerRoute(7000, handler, { match: { transport: 'all' }, action: { socketHandler } });
+  expect(both.match).toEqual({ ports: 7000, transport: 'all' });
+  expect(both.action.socketHandler === socketHandler && both.action.datagramHandler === handler).toBeTrue();
+  expectValid(both);
+  // The normaliser sends the handler's id and the defaults the helper left out.
+  const { config, functionIds } = normalizeOptions({ routes: deepFreeze([plain, tuned, both]) });
+  expect(config.routes.map((r) => [r.match.transport, r.action.udp, r.action.socketHandler === null, r.action.datagramHandler !== null])).toEqual([
+    ['udp', { sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 }, true, true],
+    ['udp', { sessionTimeoutMs: 5000, maxSessionsPerIp: 2, maxDatagramSize: 65535 }, true, true],
+    ['all', { sessionTimeoutMs: 60000, maxSessionsPerIp: 1000, maxDatagramSize: 65535 }, false, true],
+  ]);
+  // One function, one id.
+  expect(new Set(config.routes.map((r) => r.action.datagramHandler)).size).toEqual(1);
+  expect(functionIds.has(config.routes[0].action.datagramHandler!)).toBeTrue();
+  expect(functionIds.has(config.routes[2].action.socketHandler!)).toBeTrue();
+});
+
 tap.test('addRateLimiting / addBasicAuth / addJwtAuth: copies with security.<kind> enabled', async () => {
   const base = createHttpRoute('a.com', target, { security: { ipAllowList: ['10.0.0.0/8'] } });
   const limited = pure([base, { maxRequests: 10, window: 60, keyBy: 'header', headerName: 'X-Key', errorMessage: 'slow down' }], addRateLimiting);
@@ -564,6 +609,7 @@ tap.test('helper routes are accepted by the option normaliser (no stray fields)'
     createWebSocketRoute('a.com', '/ws', { host: '127.0.0.1', port: 3000 }),
     createNfTablesRoute('a.example.com', { host: '127.0.0.1', port: 3000 }, { ipAllowList: ['127.0.0.1'] }),
     createUdpForwardRoute(5353, { host: '127.0.0.1', port: 53 }, { maxDatagramSize: 512 }),
+    createUdpHandlerRoute(5354, () => undefined, { maxDatagramSize: 512 }),
   ];
   const { config } = normalizeOptions({ routes: deepFreeze(routes) });
   expect(config.routes.length).toEqual(routes.length);

@@ -4,12 +4,17 @@
 // one route serving TCP and UDP on the same port, and stop() releasing the UDP port.
 // The UDP echo backend answers each datagram with `${sender port}:` followed by the datagram, so a
 // client sees which upstream socket (flow) carried its datagram.
+// UDP socket-handler routes: a `datagramHandler` gets each datagram with the client's address, the
+// port and the route's name, and answers through `reply` (several times, later too) while the
+// client's flow lives; its failures are 'error' events; an 'all' route takes TCP connections with
+// its socketHandler on the same port; handler flows follow the flow rules of forward routes.
 import { tap, expect } from '@push.rocks/tapbundle';
 import * as dgram from 'node:dgram';
 import { randomBytes } from 'node:crypto';
 
-import { SmartProxy } from '../ts/index.js';
-import { exchange, freePort, sleep, startEchoServer, withCleanup, type TDefer } from './helpers/net.js';
+import { SmartProxy, SmartProxyConfigError, createUdpHandlerRoute, validateRouteConfig } from '../ts/index.js';
+import type { IDatagramInfo, IRouteConfig, TDatagramHandler, TSocketHandler } from '../ts/index.js';
+import { exchange, freePort, sleep, startEchoServer, thrown, withCleanup, type TDefer } from './helpers/net.js';
 
 type TOptions = ConstructorParameters<typeof SmartProxy>[0];
 
@@ -479,6 +484,255 @@ tap.test('a datagram larger than maxDatagramSize is dropped while small ones pas
     expect(parseEcho(reply).payload.equals(small)).toBeTrue();
     expect(echo.received).toEqual(2);
   });
+});
+
+// ---------------------------------------------------------------------------------------------
+// UDP socket-handler routes (datagramHandler)
+
+/** A `socket-handler` route on `port` taking datagrams (`transport` 'udp' unless `opts.transport`). */
+function handlerRoute(
+  port: number,
+  datagramHandler: TDatagramHandler,
+  opts: { name?: string; transport?: 'udp' | 'all'; socketHandler?: TSocketHandler; udp?: IUdpRouteOptions['udp'] } = {},
+) {
+  return {
+    ...(opts.name !== undefined ? { name: opts.name } : {}),
+    match: { ports: port, transport: opts.transport ?? 'udp' },
+    action: {
+      type: 'socket-handler' as const,
+      datagramHandler,
+      ...(opts.socketHandler ? { socketHandler: opts.socketHandler } : {}),
+      ...(opts.udp ? { udp: opts.udp } : {}),
+    },
+  };
+}
+
+/** A port number free for both a TCP listener and a UDP socket (the proxy binds both with 'all'). */
+async function freeTcpAndUdpPort(): Promise<number> {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const port = await freePort();
+    if ((await tryBindUdp(port)) === undefined) return port;
+  }
+  throw new Error('no port free for both TCP and UDP');
+}
+
+tap.test("datagramHandler: 'handled:' + the datagram comes back from the route port; two clients kept apart; info names the client, port and route", async () => {
+  await withCleanup(async (defer) => {
+    const port = await freePort();
+    const seen: IDatagramInfo[] = [];
+    const handler: TDatagramHandler = (datagram, info, reply) => {
+      seen.push(info);
+      reply(Buffer.concat([Buffer.from('handled:'), datagram]));
+    };
+    const { proxy } = await startProxy([createUdpHandlerRoute(port, handler, { name: 'handled' })], defer);
+    const a = await UdpClient.open(defer);
+    const b = await UdpClient.open(defer);
+
+    for (let i = 0; i < 5; i++) {
+      for (const [tag, client] of [['a', a], ['b', b]] as const) {
+        const reply = await client.request(port, `${tag}-${i}`);
+        expect(reply.fromAddress).toEqual('127.0.0.1');
+        expect(reply.fromPort).toEqual(port);
+        expect(reply.data.toString()).toEqual(`handled:${tag}-${i}`);
+      }
+    }
+    // Nothing else arrived on either socket: each reply went to its own client only.
+    expect((await a.collect(100)).length).toEqual(0);
+    expect((await b.collect(0)).length).toEqual(0);
+
+    expect(seen.length).toEqual(10);
+    seen.forEach((info, i) => {
+      const client = i % 2 === 0 ? a : b;
+      expect(info).toEqual({ clientIp: '127.0.0.1', clientPort: client.port, port, routeName: 'handled' });
+    });
+    // Binary datagrams arrive and return byte for byte.
+    const bytes = randomBytes(1200);
+    const reply = await a.request(port, bytes);
+    expect(reply.data.subarray('handled:'.length).equals(bytes)).toBeTrue();
+    expect(udpStats(proxy).udpSessions).toEqual(2);
+  });
+});
+
+tap.test('datagramHandler: several replies per datagram and one 50 ms later all arrive; reply() refuses what is not bytes', async () => {
+  await withCleanup(async (defer) => {
+    const port = await freePort();
+    const infos: IDatagramInfo[] = [];
+    const refusals: unknown[] = [];
+    const handler: TDatagramHandler = (datagram, info, reply) => {
+      infos.push(info);
+      const text = datagram.toString();
+      for (let i = 1; i <= 3; i++) reply(Buffer.from(`${text}#${i}`));
+      // A Uint8Array is bytes too.
+      reply(new TextEncoder().encode(`${text}#u8`) as Buffer);
+      setTimeout(() => reply(Buffer.from(`${text}#later`)), 50);
+      try {
+        reply('not bytes' as unknown as Buffer);
+      } catch (err) {
+        refusals.push(err);
+      }
+    };
+    // Unnamed: the info has no routeName.
+    await startProxy([handlerRoute(port, handler)], defer);
+    const client = await UdpClient.open(defer);
+
+    for (const query of ['q1', 'q2']) {
+      await client.send(port, query);
+      const replies: IReply[] = [];
+      for (let i = 0; i < 5; i++) replies.push(await client.next(2000));
+      for (const reply of replies) expect(reply.fromPort).toEqual(port);
+      const texts = replies.map((r) => r.data.toString());
+      // The delayed one comes last; the others in any order.
+      expect(texts[4]).toEqual(`${query}#later`);
+      expect(texts.slice(0, 4).sort()).toEqual([`${query}#1`, `${query}#2`, `${query}#3`, `${query}#u8`]);
+    }
+    expect((await client.collect(150)).length).toEqual(0);
+
+    expect(infos.length).toEqual(2);
+    expect(infos[0]).toEqual({ clientIp: '127.0.0.1', clientPort: client.port, port });
+    expect('routeName' in infos[0]).toBeFalse();
+    expect(refusals.length).toEqual(2);
+    for (const err of refusals) expect(err instanceof TypeError).toBeTrue();
+  });
+});
+
+tap.test("a datagramHandler that throws or rejects: the proxy emits 'error' (DATAGRAM_HANDLER_FAILED) and keeps serving", async () => {
+  await withCleanup(async (defer) => {
+    const port = await freePort();
+    const handler: TDatagramHandler = (datagram, _info, reply) => {
+      const text = datagram.toString();
+      if (text === 'throw') throw new Error('sync boom');
+      if (text === 'reject') return sleep(10).then(() => Promise.reject(new Error('async boom')));
+      reply(Buffer.from(`ok:${text}`));
+      return undefined;
+    };
+    const { proxy } = await startProxy([handlerRoute(port, handler, { name: 'fragile' })], defer);
+    const errors: Array<Error & { code?: string; routeName?: string }> = [];
+    proxy.on('error', (err: Error & { code?: string; routeName?: string }) => errors.push(err));
+    const client = await UdpClient.open(defer);
+    const other = await UdpClient.open(defer);
+
+    await client.send(port, 'throw');
+    expect((await client.request(port, 'after throw')).data.toString()).toEqual('ok:after throw');
+    await client.send(port, 'reject');
+    expect((await client.request(port, 'after reject')).data.toString()).toEqual('ok:after reject');
+    expect((await other.request(port, 'other')).data.toString()).toEqual('ok:other');
+    await eventually('two error events', () => errors.length, (n) => n >= 2);
+    // The failed datagrams got no answer (only the replies read above arrived).
+    expect((await client.collect(100)).length).toEqual(0);
+
+    expect(errors.length).toEqual(2);
+    expect(errors.map((e) => e.code)).toEqual(['DATAGRAM_HANDLER_FAILED', 'DATAGRAM_HANDLER_FAILED']);
+    expect(errors.map((e) => e.routeName)).toEqual(['fragile', 'fragile']);
+    expect(errors[0].message).toEqual(`datagram handler of route "fragile" threw: sync boom (client 127.0.0.1:${client.port}, port ${port})`);
+    expect(errors[1].message).toEqual(`datagram handler of route "fragile" rejected: async boom (client 127.0.0.1:${client.port}, port ${port})`);
+    expect((errors[0].cause as Error).message).toEqual('sync boom');
+  });
+});
+
+tap.test("transport 'all' socket-handler route: its socketHandler takes TCP connections and its datagramHandler datagrams, on one port", async () => {
+  await withCleanup(async (defer) => {
+    const port = await freeTcpAndUdpPort();
+    const datagrams: IDatagramInfo[] = [];
+    let connections = 0;
+    const route = handlerRoute(
+      port,
+      (datagram, info, reply) => {
+        datagrams.push(info);
+        reply(Buffer.concat([Buffer.from('udp-ok:'), datagram]));
+      },
+      {
+        name: 'both handlers',
+        transport: 'all',
+        socketHandler: (socket) => {
+          connections++;
+          socket.end('tcp-ok');
+        },
+      },
+    );
+    const { proxy } = await startProxy([route], defer);
+    expect(proxy.getListeningPorts()).toContain(port);
+
+    expect((await exchange(port, 'hello over tcp')).toString()).toEqual('tcp-ok');
+    const client = await UdpClient.open(defer);
+    const reply = await client.request(port, 'hello over udp');
+    expect(reply.fromPort).toEqual(port);
+    expect(reply.data.toString()).toEqual('udp-ok:hello over udp');
+    // Once more each way: neither side took the other's traffic.
+    expect((await exchange(port, 'again')).toString()).toEqual('tcp-ok');
+    expect((await client.request(port, 'again')).data.toString()).toEqual('udp-ok:again');
+    expect(connections).toEqual(2);
+    expect(datagrams.map((d) => [d.port, d.routeName])).toEqual([[port, 'both handlers'], [port, 'both handlers']]);
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+  });
+});
+
+tap.test('handler flows: getStatistics().udpSessions counts them and returns to 0 after sessionTimeout; a reply then goes nowhere', async () => {
+  await withCleanup(async (defer) => {
+    const port = await freePort();
+    let lastReply: ((data: Buffer) => void) | undefined;
+    const handler: TDatagramHandler = (datagram, _info, reply) => {
+      lastReply = reply;
+      reply(Buffer.concat([Buffer.from('handled:'), datagram]));
+    };
+    const { proxy } = await startProxy([handlerRoute(port, handler, { name: 'timed', udp: { sessionTimeout: 1000 } })], defer);
+    const a = await UdpClient.open(defer);
+    const b = await UdpClient.open(defer);
+    expect(udpStats(proxy).udpSessions).toEqual(0);
+
+    expect((await a.request(port, 'a1')).data.toString()).toEqual('handled:a1');
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+    expect((await b.request(port, 'b1')).data.toString()).toEqual('handled:b1');
+    expect(udpStats(proxy).udpSessions).toEqual(2);
+    // A client's later datagrams stay in its flow.
+    expect((await a.request(port, 'a2')).data.toString()).toEqual('handled:a2');
+    expect(udpStats(proxy).udpSessions).toEqual(2);
+    expect(udpStats(proxy).udp!.sessionsTotal).toEqual(2);
+
+    const started = Date.now();
+    await eventually('the idle handler flows to be reaped', () => udpStats(proxy).udpSessions, (n) => n === 0, 3000);
+    // Not before the timeout of the flow used last (a little slack for timer granularity).
+    expect(Date.now() - started).toBeGreaterThanOrEqual(900);
+
+    // The last datagram was a's: its flow is gone, so a reply now reaches nobody.
+    lastReply!(Buffer.from('too late'));
+    expect((await a.collect(300)).length).toEqual(0);
+
+    // A new datagram opens a new flow.
+    expect((await a.request(port, 'a3')).data.toString()).toEqual('handled:a3');
+    expect(udpStats(proxy).udpSessions).toEqual(1);
+    expect(udpStats(proxy).udp!.sessionsTotal).toBeGreaterThanOrEqual(3);
+  });
+});
+
+tap.test("validation: datagramHandler on a TCP route, socketHandler alone on a 'udp' route, and an 'all' route without both handlers are refused", async () => {
+  const datagramHandler: TDatagramHandler = () => undefined;
+  const socketHandler: TSocketHandler = () => undefined;
+  const tcpOnly = `needs match.transport 'udp' or 'all' (this route takes TCP only)`;
+  const socketOnUdp = `a 'socket-handler' route with match.transport 'udp' takes datagrams only: they go to its datagramHandler (a socketHandler takes TCP connections: match.transport 'tcp' or 'all')`;
+  const cases: Array<[Record<string, unknown>, Record<string, unknown>, string, string]> = [
+    [{}, { type: 'socket-handler', socketHandler, datagramHandler }, 'action.datagramHandler', tcpOnly],
+    [{ transport: 'tcp' }, { type: 'forward', targets: [{ host: '127.0.0.1', port: 53 }], datagramHandler }, 'action.datagramHandler', tcpOnly],
+    [{ transport: 'udp' }, { type: 'socket-handler', socketHandler }, 'action.socketHandler', socketOnUdp],
+    [{ transport: 'udp' }, { type: 'socket-handler', socketHandler, datagramHandler }, 'action.socketHandler', socketOnUdp],
+    [
+      { transport: 'all' },
+      { type: 'socket-handler', socketHandler },
+      'action.datagramHandler',
+      `a 'socket-handler' route with match.transport 'all' needs a datagramHandler function for its datagrams (its socketHandler takes the TCP connections), got undefined`,
+    ],
+    [{ transport: 'all' }, { type: 'socket-handler', datagramHandler }, 'action.socketHandler', `a 'socket-handler' route needs a socketHandler function, got undefined`],
+  ];
+  for (const [match, action, field, reason] of cases) {
+    const route = { name: 'v', match: { ports: 5300, ...match }, action };
+    const err = thrown(() => new SmartProxy({ routes: [route] } as unknown as TOptions));
+    expect({ field, isConfigError: err instanceof SmartProxyConfigError, message: err?.message }).toEqual({ field, isConfigError: true, message: `routes[0] "v": ${field}: ${reason}` });
+    expect({ field, first: validateRouteConfig(route as unknown as IRouteConfig).errors[0] }).toEqual({ field, first: `${field}: ${reason}` });
+  }
+  // Accepted: datagrams only on 'udp', both handlers on 'all' (constructed, not started).
+  for (const route of [handlerRoute(5300, datagramHandler), handlerRoute(5300, datagramHandler, { transport: 'all', socketHandler })]) {
+    expect(validateRouteConfig(route as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
+    expect(thrown(() => new SmartProxy({ routes: [route] } as unknown as TOptions))?.message).toBeUndefined();
+  }
 });
 
 tap.start({ throwOnError: true });

@@ -106,6 +106,21 @@ function everyUdpKeyRoute(): TRecord {
   };
 }
 
+/** A `socket-handler` route taking TCP and UDP: a socketHandler for connections, a datagramHandler for datagrams. */
+function everyUdpHandlerKeyRoute(): TRecord {
+  return {
+    name: 'every udp handler key',
+    match: { ports: 5353, transport: 'all' },
+    action: {
+      type: 'socket-handler',
+      socketHandler: handler,
+      datagramHandler: handler,
+      udp: { sessionTimeout: 5000, maxSessionsPerIP: 2, maxDatagramSize: 512 },
+    },
+    security: { ipAllowList: ['127.0.0.1'], maxConnections: 10 },
+  };
+}
+
 /** Options that set every option key (routes included). */
 function everyOption(routes: unknown[]): TRecord {
   return {
@@ -231,6 +246,7 @@ tap.test('the fixtures use every key the schema accepts', async () => {
   const used = new Map<IObjectSchema, Set<string>>();
   collectUsed(everyKeyRoute(), ROUTE_SCHEMA, used);
   collectUsed(everyUdpKeyRoute(), ROUTE_SCHEMA, used);
+  collectUsed(everyUdpHandlerKeyRoute(), ROUTE_SCHEMA, used);
   collectUsed(everyOption([]), OPTIONS_SCHEMA, used);
   const unused = [...unusedKeys(ROUTE_SCHEMA, used, ''), ...unusedKeys(OPTIONS_SCHEMA, used, 'options.')];
   if (unused.length > 0) throw new Error(`keys the fixtures do not set: ${unused.join(', ')}`);
@@ -256,6 +272,17 @@ tap.test('a route using every accepted key passes both validators', async () => 
   expect(native.match.transport).toEqual('udp');
   expect(native.action.udp).toEqual({ sessionTimeoutMs: 30000, maxSessionsPerIp: 10, maxDatagramSize: 1500 });
   expect(native.action.http3).toBeNull();
+  expect(native.action.datagramHandler).toBeNull();
+
+  const handlers = everyUdpHandlerKeyRoute();
+  expect(validateRouteConfig(handlers as unknown as IRouteConfig)).toEqual({ valid: true, errors: [] });
+  expect(normalizerError([handlers])).toBeUndefined();
+  const both = normalizeOptions({ routes: [handlers] } as unknown as ISmartProxyOptions).config.routes[0];
+  expect(both.match.transport).toEqual('all');
+  expect(both.action.udp).toEqual({ sessionTimeoutMs: 5000, maxSessionsPerIp: 2, maxDatagramSize: 512 });
+  // The same function: one registry id for both handlers.
+  expect(typeof both.action.socketHandler).toEqual('number');
+  expect(both.action.datagramHandler).toEqual(both.action.socketHandler);
 });
 
 tap.test('options using every option key: no error, and no "unknown options" warning', async () => {
@@ -274,7 +301,11 @@ tap.test('an unknown key at any level of a route is reported by both validators,
   const everyKeyPaths = objectPaths(everyKeyRoute(), ROUTE_SCHEMA);
   // Every level of a route is visited, each with its own object.
   expect(everyKeyPaths.length > 25).toBeTrue();
-  for (const [route, prefix] of [[everyKeyRoute(), ROUTE_PREFIX], [everyUdpKeyRoute(), 'routes[0] "every udp key": ']] as const) {
+  for (const [route, prefix] of [
+    [everyKeyRoute(), ROUTE_PREFIX],
+    [everyUdpKeyRoute(), 'routes[0] "every udp key": '],
+    [everyUdpHandlerKeyRoute(), 'routes[0] "every udp handler key": '],
+  ] as const) {
     for (const { path, schema } of objectPaths(route, ROUTE_SCHEMA)) {
       const bad = withKeyAt(route, path, 'bogusKey', 1);
       const field = `${path}bogusKey`;
@@ -445,6 +476,9 @@ tap.test('UDP routes: transport, action.udp and what datagrams do not carry are 
   const t = [{ host: 'h', port: 53 }];
   const noDomain = `they carry no domain unless the route passes QUIC through by SNI: set action.tls.mode 'passthrough'`;
   const noTerminate = `the proxy does not terminate TLS on them (only 'passthrough', routing QUIC by SNI); HTTP/3 termination is action.http3 on a TCP route`;
+  const tcpOnly = `needs match.transport 'udp' or 'all' (this route takes TCP only)`;
+  const socketOnUdp = `a 'socket-handler' route with match.transport 'udp' takes datagrams only: they go to its datagramHandler (a socketHandler takes TCP connections: match.transport 'tcp' or 'all')`;
+  const needsDatagramHandler = (transport: string) => `a 'socket-handler' route with match.transport '${transport}' needs a datagramHandler function`;
   const cases: Array<[string, TRecord, TRecord, string]> = [
     ['match.transport', { transport: 'bogus' }, { type: 'forward', targets: t }, `expected 'tcp', 'udp' or 'all', got "bogus"`],
     ['match.transport', { transport: 'UDP' }, { type: 'forward', targets: t }, `expected 'tcp', 'udp' or 'all', got "UDP"`],
@@ -464,14 +498,18 @@ tap.test('UDP routes: transport, action.udp and what datagrams do not carry are 
     ['match.tlsVersion', { transport: 'all', tlsVersion: ['TLSv1.3'] }, { type: 'forward', targets: t }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): they carry no TLS handshake to match`],
     ['action.tls', { transport: 'udp' }, { type: 'forward', targets: t, tls: { mode: 'terminate', certificate: PEM } }, `UDP routes relay datagrams: ${noTerminate}`],
     ['action.tls', { transport: 'all' }, { type: 'forward', targets: t, tls: { mode: 'terminate-and-reencrypt', certificate: 'auto' } }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): ${noTerminate}`],
-    ['action.socketHandler', { transport: 'udp' }, { type: 'socket-handler', socketHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
-    ['action.socketHandler', { transport: 'all' }, { type: 'socket-handler', socketHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
-    ['action.datagramHandler', { transport: 'udp' }, { type: 'socket-handler', datagramHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
+    ['action.socketHandler', { transport: 'udp' }, { type: 'socket-handler', socketHandler: handler, datagramHandler: handler }, socketOnUdp],
+    ['action.datagramHandler', { transport: 'udp' }, { type: 'socket-handler' }, `${needsDatagramHandler('udp')}, got undefined`],
+    ['action.datagramHandler', { transport: 'udp' }, { type: 'socket-handler', datagramHandler: 'echo' }, `${needsDatagramHandler('udp')}, got "echo"`],
+    ['action.datagramHandler', { transport: 'all' }, { type: 'socket-handler', socketHandler: handler }, `${needsDatagramHandler('all')} for its datagrams (its socketHandler takes the TCP connections), got undefined`],
+    ['action.socketHandler', { transport: 'all' }, { type: 'socket-handler', datagramHandler: handler }, `a 'socket-handler' route needs a socketHandler function, got undefined`],
+    ['action.datagramHandler', { transport: 'tcp' }, { type: 'socket-handler', socketHandler: handler, datagramHandler: handler }, tcpOnly],
+    ['action.datagramHandler', { transport: 'udp' }, { type: 'forward', targets: t, datagramHandler: handler }, `a 'forward' route relays datagrams to its targets: only a 'socket-handler' route takes a datagramHandler`],
     ['action.targets[1].host', { transport: 'udp' }, { type: 'forward', targets: [t[0], { host: handler, port: 53 }] }, 'UDP routes relay datagrams: a target host is a name or address (or a list of them), not a function'],
     ['action.target.port', { transport: 'udp' }, { type: 'forward', target: { host: 'h', port: 'preserve' } }, `UDP routes relay datagrams: a target port is a number, not 'preserve'`],
     ['action.targets[0].port', { transport: 'all' }, { type: 'forward', targets: [{ host: 'h', port: handler }] }, `UDP routes relay datagrams (match.transport 'all' takes UDP too): a target port is a number, not a function`],
     ['action.forwardingEngine', { transport: 'udp' }, { type: 'forward', targets: t, forwardingEngine: 'nftables' }, 'UDP routes relay datagrams: kernel forwarding takes UDP by action.nftables.protocol, not match.transport'],
-    ['action.datagramHandler', {}, { type: 'forward', targets: t, datagramHandler: handler }, 'datagramHandler is not supported yet (UDP routes forward only)'],
+    ['action.datagramHandler', {}, { type: 'forward', targets: t, datagramHandler: handler }, tcpOnly],
   ];
   for (const [field, match, action, reason] of cases) {
     const route = { name: 'u', match: { ports: 53, ...match }, action };
@@ -488,11 +526,21 @@ tap.test('UDP routes: transport, action.udp and what datagrams do not carry are 
     { match: { ports: 443, transport: 'udp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
     { match: { ports: 443, transport: 'all', domains: ['a.example.com', '*.b.example.com'] }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' }, udp: { sessionTimeout: 30000 } } },
     { match: { ports: 443, transport: 'udp' }, action: { type: 'forward', targets: t, tls: { mode: 'passthrough' } } },
+    // Handler routes: datagrams to the datagramHandler; with 'all', TCP connections to the socketHandler.
+    { match: { ports: 53, transport: 'udp' }, action: { type: 'socket-handler', datagramHandler: handler, udp: { sessionTimeout: 1000 } }, security: { ipAllowList: ['10.0.0.0/8'], maxConnections: 5 } },
+    { match: { ports: 53, transport: 'all' }, action: { type: 'socket-handler', socketHandler: handler, datagramHandler: handler } },
   ];
   for (const route of fine) {
     expect({ route: JSON.stringify(route), errors: validateRouteConfig(route as unknown as IRouteConfig).errors }).toEqual({ route: JSON.stringify(route), errors: [] });
     expect({ route: JSON.stringify(route), thrown: normalizerError([route])?.message }).toEqual({ route: JSON.stringify(route), thrown: undefined });
   }
+  // A socketHandler alone on a 'udp' route: it is refused, and the datagramHandler is missing.
+  const socketOnly = { name: 'u', match: { ports: 53, transport: 'udp' }, action: { type: 'socket-handler', socketHandler: handler } };
+  expect(validateRouteConfig(socketOnly as unknown as IRouteConfig).errors).toEqual([
+    `action.socketHandler: ${socketOnUdp}`,
+    `action.datagramHandler: ${needsDatagramHandler('udp')}, got undefined`,
+  ]);
+  expect(normalizerError([socketOnly])?.message).toEqual(`routes[0] "u": action.socketHandler: ${socketOnUdp}`);
   // Domains with TLS that is not passed through: both problems, domains first.
   const terminated = { name: 'u', match: { ports: 443, transport: 'udp', domains: 'a.example.com' }, action: { type: 'forward', targets: t, tls: { mode: 'terminate', certificate: PEM } } };
   expect(validateRouteConfig(terminated as unknown as IRouteConfig).errors).toEqual([

@@ -1,14 +1,15 @@
 // The JavaScript end of the engine's calls: socket handlers get a real net.Socket (the client's own
 // descriptor, or a socket pair carrying terminated TLS's plaintext) with the bytes read to route it
-// delivered first; host/port functions are called with the route context and their answers
-// checked; engine events become SmartProxy events. Functions are found by the ids the normalised
-// config carries (FunctionRegistry).
+// delivered first; datagram handlers get each datagram with a `reply` sending back through the
+// engine; host/port functions are called with the route context and their answers checked; engine
+// events become SmartProxy events. Functions are found by the ids the normalised config carries
+// (FunctionRegistry).
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import type { EventEmitter } from 'node:events';
 
-import type { RouteContext, SocketHandoff, SocketReport, TargetAnswer, TargetCall } from './native.js';
-import type { IRouteContext, TSocketHandler } from './models/route-types.js';
+import type { DatagramCall, NativeEngine, RouteContext, SocketHandoff, SocketReport, TargetAnswer, TargetCall } from './native.js';
+import type { IDatagramInfo, IRouteContext, TDatagramHandler, TSocketHandler } from './models/route-types.js';
 import type { ILogEntry } from './models/options.js';
 import { FunctionRegistry } from './utils/normalize-options.js';
 
@@ -30,6 +31,8 @@ export class ScriptBridge {
   public readonly functions = new FunctionRegistry();
   /** Sockets given to handlers and not closed yet; `stop()` destroys what is left. */
   private readonly sockets = new Set<net.Socket>();
+  /** What datagram handlers' replies go through; set once the engine exists (`attachEngine`). */
+  private engine: Pick<NativeEngine, 'udpReply'> | undefined;
 
   constructor(
     private readonly events: EventEmitter,
@@ -125,6 +128,47 @@ export class ScriptBridge {
       );
     }
   }
+
+  /** The engine `reply` sends through: the bridge's callbacks are given to its constructor, so it comes after. */
+  public attachEngine(engine: Pick<NativeEngine, 'udpReply'>): void {
+    this.engine = engine;
+  }
+
+  /**
+   * One datagram for a route's datagramHandler (fire and forget). Never throws: a handler that is
+   * gone, throws or rejects is reported as an 'error' event, and the next datagram is served.
+   */
+  public readonly onDatagram = (call: DatagramCall): void => {
+    const { port, clientIp, clientPort } = call;
+    const routeName = call.routeName ?? undefined;
+    const fail = (reason: string, err?: unknown): void => {
+      const where = `datagram handler of route ${routeName !== undefined ? JSON.stringify(routeName) : '(unnamed)'}`;
+      const client = net.isIPv6(clientIp) ? `[${clientIp}]:${clientPort}` : `${clientIp}:${clientPort}`;
+      const message = `${where} ${reason} (client ${client}, port ${port})`;
+      this.emitError(Object.assign(new Error(message, err === undefined ? undefined : { cause: err }), { code: 'DATAGRAM_HANDLER_FAILED', routeName }));
+    };
+    const handler = this.functions.get(call.handler) as TDatagramHandler | undefined;
+    if (handler === undefined) {
+      fail('is no longer registered');
+      return;
+    }
+    const info: IDatagramInfo = routeName !== undefined ? { clientIp, clientPort, port, routeName } : { clientIp, clientPort, port };
+    // Typed loosely: JavaScript callers may pass anything, and anything but bytes is a TypeError.
+    const reply = (data: unknown): void => {
+      if (!(data instanceof Uint8Array)) throw new TypeError(`reply() takes a Buffer or Uint8Array, got ${typeOf(data)}`);
+      const buffer = Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+      // false: the client's flow is gone (idle past its sessionTimeout, or the proxy stopped), or the send failed.
+      this.engine?.udpReply(port, clientIp, clientPort, buffer);
+    };
+    let result: unknown;
+    try {
+      result = handler(call.data, info, reply);
+    } catch (err) {
+      fail(`threw: ${messageOf(err)}`, err);
+      return;
+    }
+    if (isPromiseLike(result)) result.then(undefined, (err: unknown) => fail(`rejected: ${messageOf(err)}`, err));
+  };
 
   /** Calls the target's host and/or port function; a throw or a bad answer rejects the call. */
   public readonly resolveTarget = (call: TargetCall): TargetAnswer | Promise<TargetAnswer> => {
@@ -279,6 +323,14 @@ function checkedAnswer(call: TargetCall, host: unknown, port: unknown): TargetAn
 
 function isPromiseLike(value: unknown): value is PromiseLike<unknown> {
   return (typeof value === 'object' || typeof value === 'function') && value !== null && typeof (value as PromiseLike<unknown>).then === 'function';
+}
+
+/** What a value is, for a TypeError: `null`, `a string`, `an object`, ... */
+function typeOf(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  const type = typeof value;
+  return `${/^[aeiou]/.test(type) ? 'an' : 'a'} ${type}`;
 }
 
 function describe(value: unknown): string {

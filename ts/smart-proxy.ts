@@ -287,7 +287,9 @@ function normalizeAndWarn(options: ISmartProxyOptions, functions: FunctionRegist
 
 function createEngine(config: INativeConfig, bridge: ScriptBridge): NativeEngine {
   try {
-    return new NativeEngine(config, bridge.onSocket, bridge.resolveTarget, bridge.onEvent);
+    const engine = new NativeEngine(config, bridge.onSocket, bridge.resolveTarget, bridge.onEvent, bridge.onDatagram);
+    bridge.attachEngine(engine);
+    return engine;
   } catch (err) {
     throw asConfigError(err);
   }

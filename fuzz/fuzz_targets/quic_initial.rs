@@ -19,7 +19,7 @@ use ring::hkdf;
 mod client_hello;
 
 mod tls {
-    pub use super::client_hello;
+    pub(crate) use super::client_hello;
 }
 
 #[allow(dead_code)]

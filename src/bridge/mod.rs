@@ -14,7 +14,7 @@ use napi::Status;
 use napi_derive::napi;
 use serde_json::json;
 
-use crate::hooks::{BoxFuture, EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, ScriptError, ScriptHost, ScriptTarget};
+use crate::hooks::{BoxFuture, DatagramDelivery, EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, ScriptError, ScriptHost, ScriptTarget};
 use crate::routing::table::TargetFunctions;
 
 /// `IRouteContext` as JavaScript receives it.
@@ -59,6 +59,17 @@ pub struct SocketReport {
     pub bytes_written: f64,
 }
 
+/// A datagram for a route's `datagramHandler`; replies go back through `NativeEngine.udpReply`.
+#[napi(object)]
+pub struct DatagramCall {
+    pub handler: u32,
+    pub data: Buffer,
+    pub client_ip: String,
+    pub client_port: u32,
+    pub port: u32,
+    pub route_name: Option<String>,
+}
+
 #[napi(object)]
 pub struct TargetCall {
     pub host_function: Option<u32>,
@@ -82,22 +93,28 @@ pub type TargetCallback =
 /// (and counted) rather than growing memory without bound.
 const EVENT_QUEUE_LIMIT: usize = 10_000;
 pub type EventCallback = ThreadsafeFunction<serde_json::Value, (), serde_json::Value, Status, false, true, EVENT_QUEUE_LIMIT>;
+/// Datagrams wait here for the JavaScript thread; beyond this many, new ones are dropped (as a
+/// full socket buffer would) and counted by the UDP statistics.
+const DATAGRAM_QUEUE_LIMIT: usize = 10_000;
+pub type DatagramCallback = ThreadsafeFunction<DatagramCall, (), DatagramCall, Status, false, true, DATAGRAM_QUEUE_LIMIT>;
 
 pub struct JsBridge {
     on_socket: Arc<SocketCallback>,
     resolve_target: Arc<TargetCallback>,
     on_event: EventCallback,
+    on_datagram: DatagramCallback,
     wants_connection: AtomicBool,
     wants_route_matched: AtomicBool,
     dropped_events: AtomicU64,
 }
 
 impl JsBridge {
-    pub fn new(on_socket: SocketCallback, resolve_target: TargetCallback, on_event: EventCallback) -> Self {
+    pub fn new(on_socket: SocketCallback, resolve_target: TargetCallback, on_event: EventCallback, on_datagram: DatagramCallback) -> Self {
         JsBridge {
             on_socket: Arc::new(on_socket),
             resolve_target: Arc::new(resolve_target),
             on_event,
+            on_datagram,
             wants_connection: AtomicBool::new(false),
             wants_route_matched: AtomicBool::new(false),
             dropped_events: AtomicU64::new(0),
@@ -166,6 +183,18 @@ impl ScriptHost for JsBridge {
             };
             Ok(ScriptTarget { hosts: answer.hosts, port })
         })
+    }
+
+    fn datagram(&self, delivery: DatagramDelivery) -> bool {
+        let call = DatagramCall {
+            handler: delivery.handler,
+            data: Buffer::from(delivery.data),
+            client_ip: delivery.client_ip.to_string(),
+            client_port: u32::from(delivery.client_port),
+            port: u32::from(delivery.port),
+            route_name: delivery.route_name,
+        };
+        self.on_datagram.call(call, ThreadsafeFunctionCallMode::NonBlocking) == Status::Ok
     }
 
     fn wants(&self, kind: EventKind) -> bool {

@@ -217,6 +217,10 @@ pub struct ActionConfig {
     pub native_response: Option<NativeResponseConfig>,
     /// The wrapper's id of the route's `socketHandler` function (type `socket-handler`).
     pub socket_handler: Option<u32>,
+    /// The wrapper's id of the route's `datagramHandler` function (a `socket-handler` route
+    /// taking UDP).
+    #[serde(default)]
+    pub datagram_handler: Option<u32>,
     /// PROXY header version towards this route's backends (0 = none, 1, 2); `None` = the option's.
     pub send_proxy_protocol: Option<u8>,
     #[serde(default)]

@@ -23,7 +23,7 @@ use crate::acme::{AcmeManager, CertStatus};
 use crate::balance::health::HealthChecks;
 use crate::balance::affinity::AffinityStore;
 use crate::shared_state::SharedRedis;
-use crate::udp::{UdpEnv, UdpPorts, UdpStats};
+use crate::udp::{UdpEnv, UdpPorts, UdpReplies, UdpStats};
 use crate::quic::{QuicEnv, QuicPorts, QuicStats};
 use crate::balance::BackendRegistry;
 use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
@@ -90,6 +90,8 @@ pub struct Engine {
     udp_stats: Arc<UdpStats>,
     /// QUIC connections' counters, kept across restarts.
     quic_stats: Arc<QuicStats>,
+    /// The UDP ports' sockets and flows, for datagram handlers' replies.
+    udp_replies: Arc<UdpReplies>,
     /// The Redis client replicas share state through (`options.redis`), made at the first start.
     shared: std::sync::OnceLock<Option<Arc<SharedRedis>>>,
     /// Raised when a stop begins, lowered by the next start.
@@ -207,6 +209,7 @@ impl Engine {
             shared: std::sync::OnceLock::new(),
             udp_stats: Arc::default(),
             quic_stats: Arc::default(),
+            udp_replies: Arc::default(),
             stopping: AtomicBool::new(false),
             started_at: Mutex::new(None),
             access_log_format,
@@ -262,7 +265,7 @@ impl Engine {
             }
         };
         let mut ports = PortManager::default();
-        let udp_env = Arc::new(UdpEnv::new(self.table.clone(), self.global_policy.clone(), self.metrics.clone(), self.udp_stats.clone()));
+        let udp_env = Arc::new(UdpEnv::new(self.table.clone(), self.global_policy.clone(), self.metrics.clone(), self.udp_stats.clone(), self.scripts.clone(), self.udp_replies.clone()));
         let mut udp = UdpPorts::default();
         let udp_wanted: Vec<u16> = self.table.read().udp_ports().into_iter().collect();
         let mut quic = QuicPorts::default();
@@ -545,6 +548,11 @@ impl Engine {
     }
 
     /// Active UDP flows, and the UDP counters when a route takes UDP or a flow ever ran.
+    /// A datagram handler's reply to a client of `port` (see `UdpReplies::reply`).
+    pub fn udp_reply(&self, port: u16, client: std::net::SocketAddr, data: &[u8]) -> bool {
+        self.udp_replies.reply(port, client, data, &self.udp_stats, &self.metrics)
+    }
+
     pub fn quic_stats(&self) -> (u64, Option<crate::quic::QuicStatsSnapshot>) {
         let snapshot = self.quic_stats.snapshot();
         let wanted = !self.table.read().quic_ports().is_empty() || snapshot.connections_total > 0 || snapshot.refused > 0;

@@ -107,6 +107,20 @@ pub struct Handoff {
     pub context: ScriptContext,
 }
 
+/// One datagram of a UDP flow for a route's datagram handler; its answers come back through
+/// the engine's `udp_reply`.
+#[derive(Debug)]
+pub struct DatagramDelivery {
+    /// The wrapper's id of the handler function.
+    pub handler: u32,
+    pub data: Vec<u8>,
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    /// The proxy's port the datagram came to (and replies leave from).
+    pub port: u16,
+    pub route_name: Option<String>,
+}
+
 /// How a handed-off socket ended, as the wrapper reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandoffEnd {
@@ -187,6 +201,9 @@ pub trait ScriptHost: Send + Sync + 'static {
     /// Gives the socket to the handler; resolves when the wrapper reports the socket closed.
     fn hand_off(&self, handoff: Handoff) -> BoxFuture<Result<HandoffEnd, ScriptError>>;
     fn resolve_target(&self, functions: TargetFunctions, context: ScriptContext) -> BoxFuture<Result<ScriptTarget, ScriptError>>;
+    /// Queues a datagram for its handler, without waiting; false when it could not be queued
+    /// (the JavaScript side is gone, or too far behind).
+    fn datagram(&self, delivery: DatagramDelivery) -> bool;
     fn wants(&self, kind: EventKind) -> bool;
     fn emit(&self, event: EngineEvent);
 }
@@ -277,6 +294,17 @@ impl Scripts {
             });
         }
         endpoint
+    }
+
+    /// A datagram for a route's handler; false when it was dropped.
+    pub fn datagram(&self, delivery: DatagramDelivery) -> bool {
+        match &self.host {
+            Some(host) => {
+                self.metrics.js_calls.fetch_add(1, Ordering::Relaxed);
+                host.datagram(delivery)
+            }
+            None => false,
+        }
     }
 
     /// Hands the socket over; the future ends when the socket is closed on the JavaScript side.

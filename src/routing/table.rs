@@ -93,6 +93,9 @@ pub struct Route {
     pub id: Option<String>,
     /// `socket-handler` routes: the wrapper's id of the handler; the connection goes to it.
     pub socket_handler: Option<u32>,
+    /// `socket-handler` routes taking UDP: the wrapper's id of the datagram handler; each of a
+    /// flow's datagrams goes to it.
+    pub datagram_handler: Option<u32>,
     /// Rate limit and authentication, checked per request by the HTTP engine.
     pub http_security: Option<HttpSecurity>,
     pub priority: f64,
@@ -556,8 +559,17 @@ pub struct RouteTable {
 fn check_udp_route(config: &RouteConfig, route: &Route) -> Result<(), (String, String)> {
     let m = &config.match_;
     let refuse = |field: &str, why: &str| Err((field.to_string(), format!("UDP routes relay datagrams: {why}")));
-    if config.action.socket_handler.is_some() {
-        return Err(("action.socketHandler".into(), "datagramHandler is not supported yet (UDP routes forward only)".into()));
+    let handler_route = config.action.socket_handler.is_some() || config.action.datagram_handler.is_some();
+    if handler_route {
+        match (route.transport, config.action.socket_handler, config.action.datagram_handler) {
+            (Transport::Udp, Some(_), _) => return Err(("action.socketHandler".into(), "a route taking only UDP takes datagrams: give it a datagramHandler instead".into())),
+            (_, _, None) => return Err(("action.datagramHandler".into(), "a socket-handler route taking UDP needs a datagramHandler for its datagrams".into())),
+            (Transport::All, None, Some(_)) => return Err(("action.socketHandler".into(), "a socket-handler route with match.transport 'all' needs a socketHandler for its TCP connections too".into())),
+            _ => {}
+        }
+        if config.action.tls.is_some() || !m.domains.is_empty() {
+            return refuse("action.tls", "a datagram handler gets the client's datagrams as they come: no TLS, no domains");
+        }
     }
     // QUIC passed through by SNI is the one TLS a UDP route has: the proxy reads the hello in
     // the client's Initial packets and ends nothing.
@@ -785,7 +797,7 @@ impl Route {
             Some(native) => Some(NativeResponse::compile(native).map_err(|r| fail("action.socketHandler".into(), r))?),
             None => None,
         };
-        if config.action.targets.is_empty() && native.is_none() && config.action.socket_handler.is_none() {
+        if config.action.targets.is_empty() && native.is_none() && config.action.socket_handler.is_none() && config.action.datagram_handler.is_none() {
             return Err(fail("action.targets".into(), "a forward route needs at least one target".into()));
         }
         let tls = match &config.action.tls {
@@ -941,6 +953,7 @@ impl Route {
             name: config.name.clone(),
             id: config.id.clone(),
             socket_handler: config.action.socket_handler,
+            datagram_handler: config.action.datagram_handler,
             http_security,
             priority: config.priority,
             domains,
@@ -976,6 +989,8 @@ impl Route {
         }
         if route.transport.udp() {
             check_udp_route(config, &route).map_err(|(f, r)| fail(f, r))?;
+        } else if config.action.datagram_handler.is_some() {
+            return Err(fail("action.datagramHandler".into(), "a datagram handler needs match.transport 'udp' or 'all' (this route takes TCP only)".into()));
         } else if config.action.udp.is_some() {
             return Err(fail("action.udp".into(), "needs match.transport 'udp' or 'all' (this route takes TCP only)".into()));
         }
@@ -994,7 +1009,7 @@ impl Route {
             };
             t.host_function.into_iter().chain(port)
         });
-        self.socket_handler.into_iter().chain(targets)
+        self.socket_handler.into_iter().chain(self.datagram_handler).chain(targets)
     }
 
     /// Some target's host or port is a JavaScript function.
@@ -1262,6 +1277,7 @@ mod tests {
                 retry: None,
                 native_response: None,
                 socket_handler: None,
+                datagram_handler: None,
                 send_proxy_protocol: None,
                 load_balancing: Default::default(),
                 normalize_path: false,

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::Lease;
+use crate::hooks::{DatagramDelivery, Scripts};
 use crate::listener::{bind_dual_stack, BindError};
 use crate::metrics::EngineMetrics;
 use crate::quic::initial::{read_datagram, CryptoAssembly, InitialRead};
@@ -97,11 +98,15 @@ pub struct UdpEnv {
     pub stats: Arc<UdpStats>,
     /// Live flows per route and client IP, across the route's ports (`maxSessionsPerIP`).
     pub per_ip: Mutex<HashMap<(Arc<str>, IpAddr), u32>>,
+    /// Datagram handlers (JavaScript) of `socket-handler` routes.
+    pub scripts: Scripts,
+    /// Where handlers' replies find their port's socket and flows.
+    pub replies: Arc<UdpReplies>,
 }
 
 impl UdpEnv {
-    pub fn new(table: Arc<RwLock<Arc<RouteTable>>>, global_policy: IpPolicy, metrics: Arc<EngineMetrics>, stats: Arc<UdpStats>) -> UdpEnv {
-        UdpEnv { table, global_policy, metrics, stats, per_ip: Mutex::default() }
+    pub fn new(table: Arc<RwLock<Arc<RouteTable>>>, global_policy: IpPolicy, metrics: Arc<EngineMetrics>, stats: Arc<UdpStats>, scripts: Scripts, replies: Arc<UdpReplies>) -> UdpEnv {
+        UdpEnv { table, global_policy, metrics, stats, per_ip: Mutex::default(), scripts, replies }
     }
 
     fn release_ip(&self, route: &Arc<str>, ip: IpAddr) {
@@ -119,7 +124,60 @@ impl UdpEnv {
 struct Listening {
     stop: CancellationToken,
     task: JoinHandle<()>,
-    flows: TaskTracker,
+    tasks: TaskTracker,
+    replies: Arc<UdpReplies>,
+}
+
+/// The bound ports' sockets and flows, by port, for datagram handlers' replies (which come from
+/// the JavaScript thread, not from a flow's task).
+#[derive(Default)]
+pub struct UdpReplies {
+    ports: RwLock<HashMap<u16, (Arc<UdpSocket>, Arc<Mutex<Flows>>)>>,
+}
+
+impl UdpReplies {
+    /// Sends a handler's reply from `port` to `client`, if that client has a handler flow there.
+    pub fn reply(&self, port: u16, client: SocketAddr, data: &[u8], stats: &UdpStats, metrics: &EngineMetrics) -> bool {
+        let client = canonical(client);
+        let Some((socket, flows)) = self.ports.read().get(&port).cloned() else { return false };
+        let activity = match flows.lock().by_client.get(&client) {
+            Some(Flow { handler: Some(activity), .. }) => activity.clone(),
+            _ => return false,
+        };
+        // The socket is non-blocking: the datagram goes out now, or is dropped as a full buffer
+        // would drop it.
+        match socket2::SockRef::from(socket.as_ref()).send_to(data, &client.into()) {
+            Ok(_) => {
+                activity.touch();
+                stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                stats.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+                metrics.bytes.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+                activity.route.stats.bytes.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                stats.drop_one();
+                false
+            }
+        }
+    }
+}
+
+/// When a handler flow last saw a datagram either way (replies come from outside its task).
+struct FlowActivity {
+    epoch: tokio::time::Instant,
+    last_ms: AtomicU64,
+    route: Arc<Route>,
+}
+
+impl FlowActivity {
+    fn touch(&self) {
+        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// The UDP ports bound, each with its relay task.
@@ -144,9 +202,12 @@ impl UdpPorts {
         let mut added = Vec::with_capacity(bound.len());
         for (port, socket) in bound {
             let stop = CancellationToken::new();
-            let flows = TaskTracker::new();
-            let task = tokio::spawn(relay_port(Arc::new(socket), port, stop.clone(), flows.clone(), env.clone()));
-            self.ports.insert(port, Listening { stop, task, flows });
+            let tasks = TaskTracker::new();
+            let socket = Arc::new(socket);
+            let flows: Arc<Mutex<Flows>> = Arc::default();
+            env.replies.ports.write().insert(port, (socket.clone(), flows.clone()));
+            let task = tokio::spawn(relay_port(socket, flows, port, stop.clone(), tasks.clone(), env.clone()));
+            self.ports.insert(port, Listening { stop, task, tasks, replies: env.replies.clone() });
             added.push(port);
         }
         Ok(added)
@@ -155,10 +216,11 @@ impl UdpPorts {
     /// Ends the port's flows and closes its socket (theirs too) before returning.
     pub async fn release(&mut self, port: u16) {
         if let Some(listening) = self.ports.remove(&port) {
+            listening.replies.ports.write().remove(&port);
             listening.stop.cancel();
             let _ = listening.task.await;
-            listening.flows.close();
-            listening.flows.wait().await;
+            listening.tasks.close();
+            listening.tasks.wait().await;
         }
     }
 
@@ -172,7 +234,8 @@ impl UdpPorts {
 impl Drop for UdpPorts {
     /// An engine dropped without `stop()` leaves no relay behind.
     fn drop(&mut self) {
-        for listening in self.ports.values() {
+        for (port, listening) in &self.ports {
+            listening.replies.ports.write().remove(port);
             listening.stop.cancel();
         }
     }
@@ -190,6 +253,8 @@ struct Flow {
     id: u64,
     to_upstream: mpsc::Sender<Bytes>,
     max_datagram: usize,
+    /// A datagram handler's flow: its activity, which replies renew.
+    handler: Option<Arc<FlowActivity>>,
 }
 
 #[derive(Default)]
@@ -218,8 +283,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn relay_port(socket: Arc<UdpSocket>, port: u16, stop: CancellationToken, tracker: TaskTracker, env: Arc<UdpEnv>) {
-    let flows: Arc<Mutex<Flows>> = Arc::default();
+async fn relay_port(socket: Arc<UdpSocket>, flows: Arc<Mutex<Flows>>, port: u16, stop: CancellationToken, tracker: TaskTracker, env: Arc<UdpEnv>) {
     let mut hellos = PendingHellos::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -385,13 +449,23 @@ fn start_flow(
         }
         *count += 1;
     }
-    let admitted = RouteGuard::acquire(&route.stats, route.max_connections).and_then(|slot| {
-        let target = route.select_target(port, ip)?;
-        Some((slot, (target.host.clone(), target.port), target.lease))
+    let admitted = RouteGuard::acquire(&route.stats, route.max_connections).and_then(|slot| match route.datagram_handler {
+        Some(handler) => {
+            let activity = Arc::new(FlowActivity { epoch: tokio::time::Instant::now(), last_ms: AtomicU64::new(0), route: route.clone() });
+            Some((slot, FlowKind::Handler { handler, activity }))
+        }
+        None => {
+            let target = route.select_target(port, ip)?;
+            Some((slot, FlowKind::Relay { upstream: (target.host.clone(), target.port), _lease: target.lease }))
+        }
     });
-    let Some((route_slot, upstream, lease)) = admitted else {
+    let Some((route_slot, kind)) = admitted else {
         env.release_ip(&route.label, ip);
         return false;
+    };
+    let handler_activity = match &kind {
+        FlowKind::Handler { activity, .. } => Some(activity.clone()),
+        FlowKind::Relay { .. } => None,
     };
     let (to_upstream, queued) = mpsc::channel(FLOW_QUEUE);
     // Cannot fail: the queue is new, and holds more than a hello's datagrams.
@@ -402,7 +476,7 @@ fn start_flow(
         let mut table = flows.lock();
         table.next_id += 1;
         let id = table.next_id;
-        table.by_client.insert(client, Flow { id, to_upstream, max_datagram: limits.max_datagram_size as usize });
+        table.by_client.insert(client, Flow { id, to_upstream, max_datagram: limits.max_datagram_size as usize, handler: handler_activity });
         id
     };
     env.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -410,33 +484,41 @@ fn start_flow(
     let flow = FlowTask {
         client,
         id,
+        port,
         route,
-        upstream,
+        kind,
         socket: socket.clone(),
         flows: flows.clone(),
         env: env.clone(),
         cancel: stop.child_token(),
         _route_slot: route_slot,
-        _lease: lease,
     };
     tracker.spawn(flow.run(queued));
     true
 }
 
-/// One client flow: its queue towards the backend, the backend's answers back, its idle timer.
+/// One client flow: its queue towards the backend (or the route's datagram handler), the
+/// answers back, its idle timer.
 struct FlowTask {
     client: SocketAddr,
     id: u64,
+    port: u16,
     route: Arc<Route>,
-    upstream: (Arc<str>, u16),
+    kind: FlowKind,
     socket: Arc<UdpSocket>,
     flows: Arc<Mutex<Flows>>,
     env: Arc<UdpEnv>,
     cancel: CancellationToken,
     /// Held for the flow's life: the route's `maxConnections` counts flows.
     _route_slot: RouteGuard,
-    /// The backend's in-flight slot (least-connections balancing).
-    _lease: Option<Lease>,
+}
+
+enum FlowKind {
+    /// To a backend through a connected upstream socket of its own; `_lease` is the backend's
+    /// in-flight slot (least-connections balancing).
+    Relay { upstream: (Arc<str>, u16), _lease: Option<Lease> },
+    /// To JavaScript: each datagram to the handler, whose replies come back through `UdpReplies`.
+    Handler { handler: u32, activity: Arc<FlowActivity> },
 }
 
 thread_local! {
@@ -446,14 +528,19 @@ thread_local! {
 
 impl FlowTask {
     async fn run(self, mut queued: mpsc::Receiver<Bytes>) {
-        let connected = tokio::select! {
-            _ = self.cancel.cancelled() => None,
-            connected = self.connect() => Some(connected),
-        };
-        match connected {
-            Some(Ok(upstream)) => self.relay(&upstream, &mut queued).await,
-            Some(Err(err)) => tracing::debug!(route = %self.route.label, backend = %self.upstream.0, error = %err, "cannot open the UDP flow's upstream socket"),
-            None => {}
+        match &self.kind {
+            FlowKind::Relay { upstream, .. } => {
+                let connected = tokio::select! {
+                    _ = self.cancel.cancelled() => None,
+                    connected = self.connect(upstream) => Some(connected),
+                };
+                match connected {
+                    Some(Ok(socket)) => self.relay(&socket, &mut queued).await,
+                    Some(Err(err)) => tracing::debug!(route = %self.route.label, backend = %upstream.0, error = %err, "cannot open the UDP flow's upstream socket"),
+                    None => {}
+                }
+            }
+            FlowKind::Handler { handler, activity } => self.hand_to_script(*handler, activity, &mut queued).await,
         }
         // What the port queued after the last read is dropped, and counted; the port starts a
         // new flow for the client's next datagram.
@@ -474,8 +561,48 @@ impl FlowTask {
         self.env.metrics.bytes.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
     }
 
-    async fn connect(&self) -> io::Result<UdpSocket> {
-        let (host, port) = (&*self.upstream.0, self.upstream.1);
+    /// Each datagram to the route's handler, until the flow sat idle (no datagram either way)
+    /// for the route's `sessionTimeout`.
+    async fn hand_to_script(&self, handler: u32, activity: &FlowActivity, queued: &mut mpsc::Receiver<Bytes>) {
+        let idle_after = Duration::from_millis(self.route.udp.session_timeout_ms);
+        let idle = tokio::time::sleep(idle_after);
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = &mut idle => {
+                    // Replies renew the flow too; they come from outside this task.
+                    let until = activity.last() + idle_after;
+                    if until <= tokio::time::Instant::now() {
+                        return;
+                    }
+                    idle.as_mut().reset(until);
+                }
+                datagram = queued.recv() => {
+                    let Some(datagram) = datagram else { return };
+                    self.route.stats.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                    self.env.metrics.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                    activity.touch();
+                    let delivery = DatagramDelivery {
+                        handler,
+                        data: datagram.to_vec(),
+                        client_ip: self.client.ip(),
+                        client_port: self.client.port(),
+                        port: self.port,
+                        route_name: self.route.name.clone(),
+                    };
+                    if !self.env.scripts.datagram(delivery) {
+                        self.env.stats.drop_one();
+                    }
+                    let until = activity.last() + idle_after;
+                    idle.as_mut().reset(until);
+                }
+            }
+        }
+    }
+
+    async fn connect(&self, upstream: &(Arc<str>, u16)) -> io::Result<UdpSocket> {
+        let (host, port) = (&*upstream.0, upstream.1);
         let address = tokio::time::timeout(self.route.connect_timeout, tokio::net::lookup_host((host, port)))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "resolving the target took too long"))??

@@ -78,6 +78,11 @@ export interface INativeRoute {
     nativeResponse: INativeResponse | null;
     /** Registry id of the `socketHandler` function (type 'socket-handler' without a native equivalent). */
     socketHandler: number | null;
+    /**
+     * Registry id of the `datagramHandler` function of a 'socket-handler' route taking UDP
+     * (`match.transport` 'udp' or 'all'); null for every other route.
+     */
+    datagramHandler: number | null;
     /** 0 = none, 1 = v1, 2 = v2, null = the option's. */
     sendProxyProtocol: number | null;
     loadBalancing: INativeLoadBalancing;

@@ -56,9 +56,6 @@ export const BACKEND_PROTOCOLS: readonly string[] = ['auto', 'http1', 'http2', '
 /** `match.transport`: the default, 'tcp', takes connections; 'udp' datagrams; 'all' both. */
 export const TRANSPORTS: readonly string[] = ['tcp', 'udp', 'all'];
 
-/** Why a `datagramHandler` (and a `socket-handler` route taking UDP) is refused, in both validators' words. */
-export const DATAGRAM_HANDLER_NOT_YET = 'datagramHandler is not supported yet (UDP routes forward only)';
-
 /** `action.udp` defaults (API.md "HTTP/3, QUIC and UDP"). */
 export const UDP_DEFAULTS = { sessionTimeout: 60000, maxSessionsPerIP: 1000, maxDatagramSize: 65535 } as const;
 
@@ -119,7 +116,8 @@ export const ACTION_SCHEMA = keys({
   target: nested(TARGET_SCHEMA),
   tls: nested(TLS_SCHEMA),
   socketHandler: leaf,
-  datagramHandler: { notYet: 'UDP routes forward only', notYetMessage: DATAGRAM_HANDLER_NOT_YET },
+  // A function (checked with the transport it needs by checkUdpRoute, in both validators).
+  datagramHandler: leaf,
   udp: nested(keys(leaves('sessionTimeout', 'maxSessionsPerIP', 'maxDatagramSize'))),
   http3: nested(keys(leaves('enabled', 'altSvcMaxAge'))),
   // The original's WebSocket, nftables and options blocks carry settings this engine has no use

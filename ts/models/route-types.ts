@@ -42,8 +42,13 @@ export interface IDatagramInfo {
 }
 
 /**
- * A `socket-handler` route's handler of UDP datagrams (API.md "HTTP/3, QUIC and UDP"): `reply`
- * sends a datagram back to the client. Not supported yet: UDP routes forward only.
+ * A `socket-handler` route's handler of UDP datagrams (API.md "HTTP/3, QUIC and UDP"), called for
+ * every datagram a client sends to the route's ports. `reply` sends a datagram back to that client
+ * from the port it arrived on, now or later, as often as needed, while the client's flow lives
+ * (`action.udp.sessionTimeout` without a datagram either way ends it; a reply then goes nowhere).
+ * `reply` takes a Buffer (or Uint8Array) and throws a TypeError for anything else. A handler that
+ * throws or rejects is reported as an `'error'` event (code `DATAGRAM_HANDLER_FAILED`); the route
+ * goes on serving.
  */
 export type TDatagramHandler = (datagram: Buffer, info: IDatagramInfo, reply: (data: Buffer) => void) => void | Promise<void>;
 
@@ -89,7 +94,7 @@ export interface IRouteMatch {
   headers?: Record<string, string | RegExp>;
   /**
    * (ext) `'tcp'` (default): connections; `'udp'`: datagrams, relayed per flow by a `forward`
-   * route; `'all'`: both on the route's ports. UDP carries no domain, path, headers or TLS version
+   * route or handed to a `socket-handler` route's `datagramHandler`; `'all'`: both on the route's ports. UDP carries no domain, path, headers or TLS version
    * to match, so a route taking UDP sets none of those, except `domains` on a route with
    * `action.tls.mode` 'passthrough': it routes QUIC by the SNI of the client's Initial packets,
    * untouched (and, with 'all', TLS over TCP by its ClientHello).
@@ -178,8 +183,12 @@ export interface IRouteAction {
   /** 19.x form: normalised to `targets: [target]`. */
   target?: IRouteTarget;
   tls?: IRouteTls;
+  /** TCP connections of a `socket-handler` route: needed unless `match.transport` is 'udp' (where it is refused). */
   socketHandler?: TSocketHandler;
-  /** UDP datagrams of a `socket-handler` route with `transport` 'udp' or 'all'. Not supported yet: refused. */
+  /**
+   * UDP datagrams of a `socket-handler` route: needed when `match.transport` is 'udp' (instead of
+   * `socketHandler`) or 'all' (beside it); refused on routes taking TCP only.
+   */
   datagramHandler?: TDatagramHandler;
   /** (ext) Flow settings of a route whose `match.transport` is 'udp' or 'all' (refused on a TCP-only route). */
   udp?: IRouteUdp;

@@ -49,8 +49,8 @@ import type { TNativeSocketHandlerSpec } from './socket-handlers.js';
 export type TRegisteredFunction = (...args: never[]) => unknown;
 
 /**
- * Ids for the functions of a config (socket handlers, host and port functions): the same function
- * keeps its id across route updates. The engine only ever sees the ids.
+ * Ids for the functions of a config (socket and datagram handlers, host and port functions): the
+ * same function keeps its id across route updates. The engine only ever sees the ids.
  */
 export class FunctionRegistry {
   private readonly idsByFunction = new Map<TRegisteredFunction, number>();
@@ -373,20 +373,26 @@ function normalizeRoute(
 
   let targetList: unknown[];
   let socketHandler: number | null = null;
+  let datagramHandler: number | null = null;
   let nativeResponse: INativeResponse | null = null;
   if (action.type === 'socket-handler') {
-    const handler = action.socketHandler;
-    if (typeof handler !== 'function') {
-      at.fail('action.socketHandler', `a 'socket-handler' route needs a socketHandler function, got ${show(handler)}`);
+    // checkUdpRoute has seen to the handlers a route taking UDP needs (a datagramHandler; no
+    // socketHandler on a 'udp' route) and to a TCP route having no datagramHandler.
+    if (match.transport !== 'udp') {
+      const handler = action.socketHandler;
+      if (typeof handler !== 'function') {
+        at.fail('action.socketHandler', `a 'socket-handler' route needs a socketHandler function, got ${show(handler)}`);
+      }
+      // Redirects, fixed responses and blocks are HTTP answers the engine writes itself, except
+      // where it does not see HTTP (TLS passed through).
+      const spec = tls?.mode === 'passthrough' ? undefined : nativeSpecOf(handler);
+      if (spec !== undefined) nativeResponse = nativeResponseOf(spec);
+      else socketHandler = functions.idOf(handler as TRegisteredFunction);
     }
+    if (typeof action.datagramHandler === 'function') datagramHandler = functions.idOf(action.datagramHandler as TRegisteredFunction);
     if (action.targets !== undefined || action.target !== undefined) {
       warnings.push(`${describe(index, name)}: the targets of a 'socket-handler' route are ignored`);
     }
-    // Redirects, fixed responses and blocks are HTTP answers the engine writes itself, except
-    // where it does not see HTTP (TLS passed through).
-    const spec = tls?.mode === 'passthrough' ? undefined : nativeSpecOf(handler);
-    if (spec !== undefined) nativeResponse = nativeResponseOf(spec);
-    else socketHandler = functions.idOf(handler as TRegisteredFunction);
     targetList = [];
   } else if (action.targets !== undefined) {
     if (!Array.isArray(action.targets)) at.fail('action.targets', `expected an array of targets, got ${show(action.targets)}`);
@@ -440,6 +446,7 @@ function normalizeRoute(
       retry: normalizeRetry(action.retry, at),
       nativeResponse,
       socketHandler,
+      datagramHandler,
       sendProxyProtocol: proxyProtocolVersion(action.sendProxyProtocol, at, 'action.sendProxyProtocol'),
       loadBalancing: normalizeLoadBalancing(action.loadBalancing, at),
       normalizePath: optionalFlag(action.normalizePath, at, 'action.normalizePath') ?? false,

@@ -11,6 +11,7 @@ import type {
   IRouteTarget,
   IRouteTls,
   IRouteUdp,
+  TDatagramHandler,
   TPortRange,
   TSocketHandler,
 } from '../models/route-types.js';
@@ -102,6 +103,8 @@ export interface IDynamicRouteOptions extends TRouteOverrides {
 
 /** `action.udp` settings (set only those given), and any route field to override. */
 export interface IUdpForwardRouteOptions extends IRouteUdp, TRouteOverrides {}
+
+export interface IUdpHandlerRouteOptions extends IRouteUdp, TRouteOverrides {}
 
 export interface INfTablesRouteOptions {
   /** Default 80 (443 for the terminate variant). */
@@ -476,6 +479,25 @@ export function createUdpForwardRoute(ports: TPortRange, target: THelperTarget, 
   if (Object.keys(udp).length > 0) action.udp = udp;
   const base: IRouteConfig = {
     name: `UDP: ${describePorts(ports)}`,
+    match: matchOf(ports, undefined, { transport: 'udp' }),
+    action,
+  };
+  return mergeRouteConfigs(base, overrides);
+}
+
+/**
+ * (ext) UDP datagrams on `ports` handed to `datagramHandler` (`match.transport: 'udp'`, a
+ * `socket-handler` action), which answers through its `reply`; the `sessionTimeout`,
+ * `maxSessionsPerIP` and `maxDatagramSize` given go to `action.udp` (the engine's defaults
+ * otherwise), other options override the route's fields.
+ */
+export function createUdpHandlerRoute(ports: TPortRange, datagramHandler: TDatagramHandler, options: IUdpHandlerRouteOptions = {}): IRouteConfig {
+  const { sessionTimeout, maxSessionsPerIP, maxDatagramSize, ...overrides } = options;
+  const udp = definedFields<IRouteUdp>({ sessionTimeout, maxSessionsPerIP, maxDatagramSize });
+  const action: IRouteAction = { type: 'socket-handler', datagramHandler };
+  if (Object.keys(udp).length > 0) action.udp = udp;
+  const base: IRouteConfig = {
+    name: `UDP handler: ${describePorts(ports)}`,
     match: matchOf(ports, undefined, { transport: 'udp' }),
     action,
   };

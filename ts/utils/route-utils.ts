@@ -693,7 +693,10 @@ function checkSecurity(security: unknown, field: string, out: Problems, needsNoH
   }
 }
 
-/** `udpOnly`: the route's transport is 'udp', where a socket-handler's handler would be a datagramHandler (refused by checkUdpRoute). */
+/**
+ * `udpOnly`: the route's transport is 'udp', where a socket-handler route takes datagrams only:
+ * its handler is a datagramHandler, and a socketHandler is refused (both checked by checkUdpRoute).
+ */
 function checkAction(action: unknown, out: Problems, udpOnly: boolean): TRecord | undefined {
   if (action === undefined) {
     out.add('action', "required (an object with type 'forward' or 'socket-handler')");

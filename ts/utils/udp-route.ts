@@ -1,9 +1,11 @@
 // UDP routes (API.md "HTTP/3, QUIC and UDP"): `match.transport`, `action.udp`, and what a route
 // taking UDP cannot ask for. Both validators run these checks (normalizeOptions fails on the first
 // problem, validateRouteConfig lists them all), so they refuse the same routes in the same words.
+// The handlers of a `socket-handler` route are checked here too: `socketHandler` takes TCP
+// connections ('tcp', 'all'), `datagramHandler` takes datagrams ('udp', 'all').
 import type { TTransport } from '../models/route-types.js';
 import type { INativeUdp } from '../models/native-config.js';
-import { DATAGRAM_HANDLER_NOT_YET, TRANSPORTS, UDP_DEFAULTS } from '../models/option-schema.js';
+import { TRANSPORTS, UDP_DEFAULTS } from '../models/option-schema.js';
 
 export interface IUdpRouteCheck {
   /** The route's transport ('tcp' when unset); null when the value is not one. */
@@ -57,10 +59,31 @@ export function checkUdpRoute(match: unknown, action: unknown): IUdpRouteCheck {
   else add('match.transport', `expected 'tcp', 'udp' or 'all', got ${show(m.transport)}`);
   const takesUdp = transport === 'udp' || transport === 'all';
 
+  // Which handler takes what: a TCP route has no datagrams to hand over; a 'udp' socket-handler
+  // route no connections; an 'all' one both (the socketHandler a TCP route needs is the action
+  // checks' to ask for, as on any route taking TCP).
+  const datagramHandler = a.datagramHandler;
+  if (transport === 'tcp') {
+    if (datagramHandler !== undefined) add('action.datagramHandler', `needs match.transport 'udp' or 'all' (this route takes TCP only)`);
+  } else if (takesUdp && a.type === 'socket-handler') {
+    if (transport === 'udp' && a.socketHandler !== undefined) {
+      add('action.socketHandler', `a 'socket-handler' route with match.transport 'udp' takes datagrams only: they go to its datagramHandler (a socketHandler takes TCP connections: match.transport 'tcp' or 'all')`);
+    }
+    if (typeof datagramHandler !== 'function') {
+      const forWhat = transport === 'all' ? ' for its datagrams (its socketHandler takes the TCP connections)' : '';
+      add('action.datagramHandler', `a 'socket-handler' route with match.transport '${transport}' needs a datagramHandler function${forWhat}, got ${show(datagramHandler)}`);
+    }
+    // Datagrams go to the handler as they come: there is no hello whose SNI could pick the route.
+    const namesDomains = Array.isArray(m.domains) ? m.domains.length > 0 : m.domains !== undefined;
+    if (a.tls !== undefined || namesDomains) {
+      add('action.tls', `UDP routes relay datagrams: a datagram handler gets the client's datagrams as they come: no TLS, no domains`);
+    }
+  } else if (takesUdp && datagramHandler !== undefined && a.type === 'forward') {
+    add('action.datagramHandler', `a 'forward' route relays datagrams to its targets: only a 'socket-handler' route takes a datagramHandler`);
+  }
+
   if (takesUdp) {
     const relay = (what: string): string => `UDP routes relay datagrams${transport === 'all' ? ` (match.transport 'all' takes UDP too)` : ''}: ${what}`;
-    // A `datagramHandler` itself is refused by the key schema, in the same words.
-    if (a.type === 'socket-handler' && a.datagramHandler === undefined) add('action.socketHandler', DATAGRAM_HANDLER_NOT_YET);
     // A passthrough route takes QUIC by the SNI of its Initial packets (and, with 'all', TLS over
     // TCP by its ClientHello): it may name domains and carry `action.tls` in that mode only.
     const tls = isRecord(a.tls) ? a.tls : undefined;
