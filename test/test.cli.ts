@@ -169,6 +169,21 @@ tap.test('serves the file; SIGHUP applies a new one without dropping open connec
   }
 });
 
+tap.test('the start lines name the UDP ports of datagram routes and of HTTP/3', async () => {
+  const [udpPort] = await freePorts(1);
+  const udpFile = path.join(dir, 'udp.json');
+  writeFileSync(udpFile, JSON.stringify({ routes: [{ name: 'dns', match: { ports: udpPort, transport: 'udp' }, action: { type: 'forward', target: { host: '127.0.0.1', port: 53 } } }] }));
+  const run = startCli([udpFile]);
+  try {
+    await waitFor(() => run.stdout().includes('UDP datagrams on ports'), 30000, 'the CLI to start');
+    expect(run.stdout()).toInclude(`UDP datagrams on ports ${udpPort}`);
+    expect(run.stdout()).not.toInclude('HTTP/3');
+  } finally {
+    run.child.kill('SIGTERM');
+    await run.exited;
+  }
+});
+
 tap.test('cleanup', async () => {
   await backendA.close();
   await backendB.close();

@@ -218,6 +218,8 @@ h3Test('50 concurrent streams on one connection, all answered; statistics count 
     expect(stats.quicConnections).toEqual(0);
     expect(stats.activeConnections).toEqual(0);
     expect(stats.quic?.connectionsTotal).toEqual(1);
+    expect(stats.quicPorts).toEqual([port]);
+    expect(stats.udpPorts).toEqual([]);
     expect(stats.httpRequests).toBeGreaterThanOrEqual(50);
     expect(stats.bytesIn).toBeGreaterThan(0);
   });

@@ -86,6 +86,9 @@ async function run(file: string | undefined): Promise<void> {
   const proxy = new SmartProxy(options);
   await proxy.start();
   console.log(`smartproxy listening on ports ${proxy.getListeningPorts().join(', ')}`);
+  const { udpPorts, quicPorts } = proxy.getStatistics();
+  if (udpPorts.length > 0) console.log(`UDP datagrams on ports ${udpPorts.join(', ')}`);
+  if (quicPorts.length > 0) console.log(`HTTP/3 (QUIC) on UDP ports ${quicPorts.join(', ')}`);
   if (file === undefined) {
     console.log(`try it:  curl http://127.0.0.1:${DEMO_PROXY_PORT}/hello`);
   }

@@ -28,6 +28,9 @@ pub struct Statistics {
     pub js_calls: u64,
     pub routes: usize,
     pub listening_ports: Vec<u16>,
+    /// (ext) The UDP ports the routes take: datagram relays and handlers, and QUIC for HTTP/3.
+    pub udp_ports: Vec<u16>,
+    pub quic_ports: Vec<u16>,
     pub termination_reasons: BTreeMap<&'static str, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -125,6 +128,8 @@ impl Engine {
             js_calls: m.js_calls.load(Ordering::Relaxed),
             routes: self.table.read().routes().len(),
             listening_ports: self.listening_ports(),
+            udp_ports: self.table.read().udp_ports().into_iter().collect(),
+            quic_ports: self.table.read().quic_ports().into_iter().collect(),
             termination_reasons: m.terminations().into_iter().collect(),
             bytes_in,
             bytes_out,

@@ -182,6 +182,10 @@ export interface IStatistics {
   /** Enabled routes. */
   routes: number;
   listeningPorts: number[];
+  /** (ext) The UDP ports routes take datagrams on (`match.transport` 'udp' or 'all'). */
+  udpPorts: number[];
+  /** (ext) The UDP ports HTTP/3 (QUIC) is served on (`action.http3`). */
+  quicPorts: number[];
   /** How many connections ended for each reason (reasons never seen are absent). */
   terminationReasons: Record<string, number>;
   bytesIn: number;
