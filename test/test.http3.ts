@@ -490,4 +490,24 @@ h3Test("backendProtocol 'auto' learns Alt-Svc h3 from a TLS backend, goes over H
   });
 });
 
+h3Test('header limits: a section over maxHeaderSize is answered 431; a HEADERS frame far over it is refused as it arrives; the proxy serves on', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    await startProxy(defer, { maxHeaderSize: 4096, routes: [h3Route('site-a', 'a.test', port, a.port, certA)] } as TOptions);
+    const over = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/over', headers: [['x-big', 'b'.repeat(6000)]] }] });
+    expect(answer(over.responses[0]).status).toEqual(431);
+    // A frame h3 would have buffered whole before deciding: refused while it streams in.
+    const noise = Array.from({ length: 60000 }, (_, i) => String.fromCharCode(33 + ((i * 7919) % 90))).join('').replace(/[,;"\\]/g, 'x');
+    const far = await h3Request({ port, serverName: 'a.test', caFile, timeoutMs: 5000, requests: [{ path: '/far', headers: [['x-huge', noise]] }] });
+    // The stream is stopped with H3_EXCESSIVE_LOAD (0x107) before any answer.
+    expect(far.ok).toBeTrue();
+    if (far.ok) expect((far.responses[0] as { stopSending?: number }).stopSending).toEqual(0x107);
+    expect(a.seen.map((r) => r.path)).toEqual([]);
+    const after = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/after' }] });
+    expect(answer(after.responses[0]).bodyText).toEqual('A a.test /after');
+  });
+});
+
 export default tap.start();

@@ -4,6 +4,7 @@
 //! same way (`MessageBody`): as they arrive, checked against their `Content-Length`.
 
 pub mod client;
+pub mod guard;
 pub mod server;
 
 use std::pin::Pin;

@@ -15,6 +15,7 @@ use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 
+use super::guard::{Guarded, GuardedConnection};
 use super::{content_length, MessageBody};
 use crate::http::body::{BoxError, ClientBody};
 use crate::http::io::ClientCounters;
@@ -23,9 +24,9 @@ use crate::http::server::{watched, HttpLimits, Shutdown};
 use crate::http::watchdog::Watch;
 use crate::metrics::{GaugeHold, TerminationReason};
 
-pub type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+pub type RecvStream = h3::server::RequestStream<Guarded<h3_quinn::RecvStream>, Bytes>;
 type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
+type Resolver = h3::server::RequestResolver<GuardedConnection, Bytes>;
 
 /// Serves the connection's requests until the client closes it, the watchdog ends it, or a stop
 /// drains it (a GOAWAY, then the requests in flight finish).
@@ -57,7 +58,7 @@ async fn serve_requests(
 ) -> TerminationReason {
     let mut builder = h3::server::builder();
     builder.max_field_section_size(limits.max_header_size as u64);
-    let mut h3 = match tokio::time::timeout(limits.header_timeout, builder.build::<_, Bytes>(h3_quinn::Connection::new(connection))).await {
+    let mut h3 = match tokio::time::timeout(limits.header_timeout, builder.build::<_, Bytes>(GuardedConnection::new(h3_quinn::Connection::new(connection), limits.max_header_size))).await {
         Ok(Ok(h3)) => h3,
         Ok(Err(err)) => {
             tracing::debug!(error = %err, "HTTP/3 connection failed to start");
