@@ -22,18 +22,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::headers::ConnectionValues;
 use crate::http::io::ClientCounters;
-use crate::http::pipeline::ConnectionContext;
-use crate::http::server::{HttpLimits, Shutdown};
-use crate::http::websocket::TunnelScope;
+use crate::http::server::Shutdown;
 use crate::listener::{bind_dual_stack, BindError};
 use crate::matchers::ip::canonical_ip;
 use crate::metrics::TerminationReason;
 use crate::routing::table::{Route, RouteTable};
 use crate::routing::{ConnectionFacts, Protocol};
-use crate::session::{ConnectionGuard, SessionEnv};
-use crate::tcp::RelayLimits;
+use crate::session::{ConnectionGuard, HttpPeer, SessionEnv};
 use crate::tls::config::{quic_server_config, QuicResumption};
 
 /// H3_NO_ERROR (RFC 9114 §8.1): the application close code of every connection the proxy
@@ -337,36 +333,18 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
         .and_then(|data| data.server_name)
         .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
     let counters = Arc::new(ClientCounters::new(session.metrics.clone(), ip_slot.bytes.clone()));
-    let server_ip = local_ip;
-    let ctx = Arc::new(ConnectionContext {
-        env: session.http.clone(),
-        table,
+    let peer = HttpPeer {
         connection_id: env.next_id.fetch_add(1, Ordering::Relaxed),
         local_port: port,
-        client_ip,
-        client_port: remote.port(),
-        server_ip,
-        destination: server_ip.map(|ip| SocketAddr::new(ip, port)),
-        https: true,
+        client: SocketAddr::new(client_ip, remote.port()),
+        peer_ip: client_ip,
+        server_ip: local_ip,
+        destination: None,
         tls_version: Some("TLSv1.3"),
-        trusted_peer: session.trust_forwarded_headers && session.trusted_proxies.matches(client_ip),
-        sni: sni.map(String::into_boxed_str),
-        tls_route: Some(route),
-        tunnels: TunnelScope::new(session.force_close.clone(), RelayLimits { idle: session.idle_timeout, deadline: accepted_at + session.max_lifetime }),
-        header_values: ConnectionValues::new(client_ip, port),
-        client_fd: None,
-        counters: counters.clone(),
-        upstream_slots: OnceLock::new(),
-        max_upstream_per_client: session.http_limits.max_concurrent_streams / 4,
-    });
-    let limits = HttpLimits {
-        max_header_size: session.http_limits.max_header_size,
-        header_timeout: session.http_limits.header_timeout,
-        max_concurrent_streams: session.http_limits.max_concurrent_streams,
-        idle_timeout: session.idle_timeout,
-        keep_alive_timeout: session.http_limits.keep_alive_timeout,
-        deadline: accepted_at + session.max_lifetime,
+        accepted_at,
     };
+    let ctx = session.http_context(table, peer, sni, Some(route), None, counters.clone());
+    let limits = session.http_limits_from(accepted_at);
     let shutdown = Shutdown { draining: &session.draining, force_close: &session.force_close };
     let reason = crate::http::h3::server::serve(connection.clone(), counters.clone(), ctx, limits, shutdown).await;
     // The connection's bytes, as UDP payload (QUIC's own overhead included), once it is over.

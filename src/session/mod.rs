@@ -668,6 +668,7 @@ impl Session {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn http_context(
         &self,
         env: &SessionEnv,
@@ -678,40 +679,83 @@ impl Session {
         client_fd: Option<std::os::fd::RawFd>,
         counters: Arc<ClientCounters>,
     ) -> Arc<ConnectionContext> {
-        Arc::new(ConnectionContext {
-            env: env.http.clone(),
-            table: Arc::clone(table),
+        let peer = HttpPeer {
             connection_id: self.id,
             local_port: self.local_port,
-            client_ip: self.client_ip,
-            client_port: self.client_port,
+            client: SocketAddr::new(self.client_ip, self.client_port),
+            peer_ip: self.peer_ip,
             server_ip,
-            destination: self.destination.or_else(|| server_ip.map(|ip| SocketAddr::new(ip, self.local_port))),
-            https: tls_route.is_some(),
+            destination: self.destination,
             tls_version: self.tls_version,
-            trusted_peer: env.trust_forwarded_headers && env.trusted_proxies.matches(self.peer_ip),
-            sni: sni.map(String::into_boxed_str),
-            tls_route,
-            tunnels: TunnelScope::new(
-                env.force_close.clone(),
-                RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime },
-            ),
-            header_values: ConnectionValues::new(self.client_ip, self.local_port),
-            client_fd,
-            counters,
-            upstream_slots: std::sync::OnceLock::new(),
-            max_upstream_per_client: env.http_limits.max_concurrent_streams / 4,
-        })
+            accepted_at: self.accepted_at,
+        };
+        env.http_context(Arc::clone(table), peer, sni, tls_route, client_fd, counters)
     }
 
     fn http_limits(&self, env: &SessionEnv) -> HttpLimits {
+        env.http_limits_from(self.accepted_at)
+    }
+}
+
+/// Who a client connection served by the HTTP engine is, as its context needs it.
+pub struct HttpPeer {
+    pub connection_id: u64,
+    pub local_port: u16,
+    /// The client (named by a trusted PROXY header, where one came).
+    pub client: SocketAddr,
+    /// The address the connection came from (a balancer, where the PROXY header named another).
+    pub peer_ip: IpAddr,
+    pub server_ip: Option<IpAddr>,
+    /// Where the client connected to, when a PROXY header said.
+    pub destination: Option<SocketAddr>,
+    pub tls_version: Option<&'static str>,
+    pub accepted_at: Instant,
+}
+
+impl SessionEnv {
+    /// The context of a client connection the HTTP engine serves (over TCP or QUIC): the one
+    /// place its engine-wide parts are derived.
+    pub fn http_context(
+        &self,
+        table: Arc<RouteTable>,
+        peer: HttpPeer,
+        sni: Option<String>,
+        tls_route: Option<Arc<Route>>,
+        client_fd: Option<std::os::fd::RawFd>,
+        counters: Arc<ClientCounters>,
+    ) -> Arc<ConnectionContext> {
+        Arc::new(ConnectionContext {
+            env: self.http.clone(),
+            table,
+            connection_id: peer.connection_id,
+            local_port: peer.local_port,
+            client_ip: peer.client.ip(),
+            client_port: peer.client.port(),
+            server_ip: peer.server_ip,
+            destination: peer.destination.or_else(|| peer.server_ip.map(|ip| SocketAddr::new(ip, peer.local_port))),
+            https: tls_route.is_some(),
+            tls_version: peer.tls_version,
+            trusted_peer: self.trust_forwarded_headers && self.trusted_proxies.matches(peer.peer_ip),
+            sni: sni.map(String::into_boxed_str),
+            tls_route,
+            tunnels: TunnelScope::new(self.force_close.clone(), RelayLimits { idle: self.idle_timeout, deadline: peer.accepted_at + self.max_lifetime }),
+            header_values: ConnectionValues::new(peer.client.ip(), peer.local_port),
+            client_fd,
+            counters,
+            upstream_slots: std::sync::OnceLock::new(),
+            max_upstream_per_client: self.http_limits.max_concurrent_streams / 4,
+        })
+    }
+
+    /// The HTTP limits of a connection accepted at `accepted_at`.
+    pub fn http_limits_from(&self, accepted_at: Instant) -> HttpLimits {
         HttpLimits {
-            max_header_size: env.http_limits.max_header_size,
-            header_timeout: env.http_limits.header_timeout,
-            max_concurrent_streams: env.http_limits.max_concurrent_streams,
-            idle_timeout: env.idle_timeout,
-            keep_alive_timeout: env.http_limits.keep_alive_timeout,
-            deadline: self.accepted_at + env.max_lifetime,
+            max_header_size: self.http_limits.max_header_size,
+            header_timeout: self.http_limits.header_timeout,
+            max_concurrent_streams: self.http_limits.max_concurrent_streams,
+            idle_timeout: self.idle_timeout,
+            keep_alive_timeout: self.http_limits.keep_alive_timeout,
+            deadline: accepted_at + self.max_lifetime,
         }
     }
 }
