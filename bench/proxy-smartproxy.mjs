@@ -12,17 +12,21 @@
 //                 certificate: { key, cert } }`, PEM read from certFile/keyFile or the environment
 //                 variables BENCH_TLS_CERT/BENCH_TLS_KEY), plain HTTP/1.1 to the backend; ALPN h2 and
 //                 http/1.1 offered to clients.
+//   https-h3:     the https route plus `action.http3: { enabled: true }`: HTTP/3 (QUIC) on the same
+//                 port over UDP, beside HTTP/1.1 and HTTP/2 over TLS on TCP, with the same certificate.
 import { readFileSync } from 'node:fs';
 import { SmartProxy } from '../dist_ts/index.js';
 
 const [listenPort, backendPort] = process.argv.slice(2, 4).map(Number);
 const mode = process.argv[4] ?? 'tcp';
 const [certFile = process.env.BENCH_TLS_CERT, keyFile = process.env.BENCH_TLS_KEY] = process.argv.slice(5, 7);
-if (mode === 'https' && (!certFile || !keyFile)) throw new Error('https mode needs certFile keyFile (or BENCH_TLS_CERT/BENCH_TLS_KEY)');
-const tls = mode === 'https'
+const terminatesTls = mode === 'https' || mode === 'https-h3';
+if (terminatesTls && (!certFile || !keyFile)) throw new Error(`${mode} mode needs certFile keyFile (or BENCH_TLS_CERT/BENCH_TLS_KEY)`);
+const tls = terminatesTls
   ? { tls: { mode: 'terminate', certificate: { key: readFileSync(keyFile, 'utf8'), cert: readFileSync(certFile, 'utf8') } } }
   : {};
-const match = mode.startsWith('http') && mode !== 'https' ? { ports: listenPort, domains: '*' } : { ports: listenPort };
+const http3 = mode === 'https-h3' ? { http3: { enabled: true } } : {};
+const match = mode.startsWith('http') && !terminatesTls ? { ports: listenPort, domains: '*' } : { ports: listenPort };
 //   http-affinity: the http route with affinity on the `X-Session` header (in memory);
 //   http-affinity-redis: the same with `options.redis` at BENCH_REDIS_URL;
 //   http-ratelimit-redis: the http-ratelimit route with `options.redis` at BENCH_REDIS_URL, so the
@@ -68,7 +72,7 @@ const proxy = new SmartProxy({
     : {
       name: `bench-${mode}`,
       match,
-      action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...affinity, ...(mode === 'tcp-kernel' ? { forwardingEngine: 'nftables' } : {}) },
+      action: { type: 'forward', target: targets[mode] ?? { host: '127.0.0.1', port: backendPort }, ...tls, ...http3, ...affinity, ...(mode === 'tcp-kernel' ? { forwardingEngine: 'nftables' } : {}) },
       ...(security ? { security } : {}),
     }],
 });

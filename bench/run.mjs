@@ -22,7 +22,9 @@
 // "HTTP security overhead", "Scale-out" (affinity in memory and through Redis, the PROXY protocol),
 // "Function targets: new connections" and "UDP datagrams (64-byte, per second)" (iperf3 -u -b 0
 // -l 64 direct and through our relay with a `transport: 'all'` route: datagrams received and sent
-// per second, loss, and the proxy's CPU seconds per million received datagrams).
+// per second, loss, and the proxy's CPU seconds per million received datagrams) and "HTTP/3 beside
+// HTTP/2" (small GETs to one route serving both: h2load, and examples/h3load.rs for HTTP/3, at 16
+// connections x 10 streams and 1 x 10, with the proxy's and the client's CPU per request).
 // Scenarios a proxy cannot run print n/a. Environment: BENCH_ROUNDS (default 3), BENCH_BYTES
 // (default 1G), BENCH_HTTP_SECONDS (default 5, each timed measurement;
 // also the UDP runs' iperf3 -t, there default 4), BENCH_ONLY, BENCH_IDLE_CONNS
@@ -285,7 +287,7 @@ const proxies = {
     h2: true,
     async start(backend, kind, env = {}) {
       const port = await freePort();
-      const tlsArgs = kind === 'https' ? [certs.cert, certs.key] : [];
+      const tlsArgs = kind === 'https' || kind === 'https-h3' ? [certs.cert, certs.key] : [];
       const child = startPinned(PROXY_CPU, process.execPath, [path.join(root, 'bench', 'proxy-smartproxy.mjs'), String(port), String(backend.port), kind, ...tlsArgs], { env: { ...process.env, ...env } });
       await waitForPort(port, child);
       return { port, pid: child.pid, stop: () => stop(child) };
@@ -805,6 +807,86 @@ async function udpRows() {
   });
 }
 
+const http3Scenario = 'HTTP/3 small GET beside HTTP/2 on the same route (req/s)';
+const runHttp3 = !only || http3Scenario.includes(only);
+// Our own HTTP/3 load generator (examples/h3load.rs: quinn + h3, one thread): Debian's h2load is
+// built without QUIC (not linked to ngtcp2), so it cannot speak HTTP/3.
+const h3loadBin = path.join(root, 'target', 'release', 'examples', 'h3load');
+// Client connections x concurrent streams of each pair of rows (HTTP/2 and HTTP/3 alike).
+const http3Shapes = [[16, 10], [1, 10]];
+
+/** target/release/examples/h3load, built with cargo when missing; throws with the reason when it cannot be. */
+function ensureH3load() {
+  if (existsSync(h3loadBin)) return h3loadBin;
+  if (!have('cargo')) throw new Error(`${path.relative(root, h3loadBin)} is missing and cargo is not installed to build it (cargo build --release --example h3load)`);
+  console.log('building the HTTP/3 load generator: cargo build --release --example h3load ...');
+  const r = spawnSync('cargo', ['build', '--release', '--example', 'h3load'], { cwd: root, stdio: 'inherit' });
+  if (r.status !== 0 || !existsSync(h3loadBin)) throw new Error(`cargo build --release --example h3load failed (exit ${r.status}): ${path.relative(root, h3loadBin)} is missing`);
+  return h3loadBin;
+}
+
+/** `h3load 127.0.0.1 port bench.test / conns streams seconds` pinned to the load CPU: req/s, requests and the client's CPU seconds. */
+function h3loadRun(port, { conns = 16, streams = 10, seconds = httpSeconds } = {}) {
+  const { out, cpuSeconds: clientCpu } = timedLoad([h3loadBin, '127.0.0.1', String(port), 'bench.test', '/', String(conns), String(streams), String(seconds)]);
+  const line = out.split('\n').find((l) => l.startsWith('{'));
+  const r = line ? JSON.parse(line) : null;
+  if (!r || !(r.requests > 0)) throw new Error(`h3load through port ${port}: ${out.slice(-400)}`);
+  if (r.failed > 0) throw new Error(`h3load through port ${port}: ${r.failed} of ${r.requests + r.failed} requests failed`);
+  return { rps: r.rps, requests: r.requests, clientCpu };
+}
+
+/**
+ * Small GETs over HTTP/2 (h2load, TLS on TCP) and HTTP/3 (h3load, QUIC on UDP) to the same route of
+ * ours (https-h3: TLS terminated, `http3: { enabled: true }`), each protocol at 16 connections x 10
+ * streams and 1 x 10, a fresh proxy for every run, in interleaved rounds: req/s, the proxy's and the
+ * client's CPU per request, and HTTP/3 over HTTP/2 per round.
+ */
+async function http3Rows() {
+  ensureH3load();
+  const backend = await startNginxBackend();
+  const kinds = http3Shapes.flatMap(([conns, streams]) => [
+    ['HTTP/2', conns, streams, (port) => h2loadRun(port, { conns, streams, clientCpu: true })],
+    ['HTTP/3', conns, streams, (port) => h3loadRun(port, { conns, streams })],
+  ]);
+  const runs = kinds.map(() => ({ rps: [], cpu: [], client: [] }));
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const [i, [protocol, conns, streams, load]] of kinds.entries()) {
+        const proxy = await proxies.smartproxy.start(backend, 'https-h3');
+        try {
+          // A first exchange outside the measurement (the TCP port is open once the proxy is up; this
+          // also shows the route answers over UDP): HTTP/3 for 0.2 s, or one HTTPS GET.
+          if (protocol === 'HTTP/3') h3loadRun(proxy.port, { conns: 1, streams: 1, seconds: 0.2 });
+          else await warmUp(proxy.port, true);
+          const r = await undisturbed(() => {
+            const cpu0 = cpuSeconds(proxy.pid);
+            const run = load(proxy.port);
+            return { ...run, cpuUs: ((cpuSeconds(proxy.pid) - cpu0) * 1e6) / run.requests };
+          });
+          runs[i].rps.push(r.rps);
+          runs[i].cpu.push(r.cpuUs);
+          runs[i].client.push((r.clientCpu * 1e6) / r.requests);
+          console.log(`${http3Scenario} round ${round + 1} ${protocol} ${conns}x${streams}: ${whole(r.rps)} req/s, ${r.cpuUs.toFixed(2)} µs of proxy CPU and ${runs[i].client.at(-1).toFixed(2)} µs of client CPU per request`);
+        } finally {
+          await proxy.stop();
+        }
+      }
+    }
+  } finally {
+    await backend.stop();
+  }
+  const twoDecimals = (r) => r.toFixed(2);
+  return kinds.map(([protocol, conns, streams], i) => {
+    const r = runs[i];
+    // HTTP/3 against the HTTP/2 run of the same shape in the same round.
+    const h2 = runs[i - (i % 2)];
+    const rpsRatio = protocol === 'HTTP/3' ? spread(r.rps.map((v, round) => v / h2.rps[round]), twoDecimals) : '1.00';
+    const cpuRatio = protocol === 'HTTP/3' ? spread(r.cpu.map((v, round) => v / h2.cpu[round]), twoDecimals) : '1.00';
+    const client = protocol === 'HTTP/3' ? 'h3load' : 'h2load';
+    return `| ${protocol} (${client}), ${conns} conn${conns > 1 ? 's' : ''} x ${streams} streams | ${spread(r.rps, whole)} | ${rpsRatio} | ${spread(r.cpu, twoDecimals)} | ${cpuRatio} | ${spread(r.client, twoDecimals)} |`;
+  });
+}
+
 const kernelScenario = 'kernel forwarding (MB/s)';
 const runKernel = (!only || kernelScenario.includes(only)) && process.getuid?.() === 0 && have('nft');
 
@@ -1025,12 +1107,30 @@ async function sTime(port) {
 
 /** h2load over TLS (ALPN h2), 16 connections with 10 concurrent streams each: req/s. */
 function h2load(port) {
-  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'h2load', '-t1', '-c16', '-m10', '-D', String(httpSeconds), `https://127.0.0.1:${port}/`], { encoding: 'utf8' });
+  return h2loadRun(port).rps;
+}
+
+/** `h2load -t1 -c<conns> -m<streams> -D BENCH_HTTP_SECONDS` over TLS (ALPN h2): req/s and requests that succeeded. */
+function h2loadRun(port, { conns = 16, streams = 10, clientCpu = false } = {}) {
+  const args = ['h2load', '-t1', `-c${conns}`, `-m${streams}`, '-D', String(httpSeconds), `https://127.0.0.1:${port}/`];
+  const { out, cpuSeconds: client } = clientCpu ? timedLoad(args) : { out: execFileSync('taskset', ['-c', LOAD_CPU, ...args], { encoding: 'utf8' }), cpuSeconds: null };
   if (!/Application protocol: h2/.test(out)) throw new Error(`h2load did not negotiate h2 through port ${port}: ${out.slice(-400)}`);
   const done = /requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored/.exec(out);
   const ok2xx = Number(/status codes: (\d+) 2xx/.exec(out)?.[1] ?? 0);
   if (!done || Number(done[1]) === 0 || ok2xx < Number(done[1])) throw new Error(`h2load through port ${port}: ${out.slice(-400)}`);
-  return Number(/finished in [\d.]+m?s, ([\d.]+) req\/s/.exec(out)?.[1] ?? NaN);
+  return { rps: Number(/finished in [\d.]+m?s, ([\d.]+) req\/s/.exec(out)?.[1] ?? NaN), requests: Number(done[1]), clientCpu: client };
+}
+
+/**
+ * A load generator pinned to the load CPU under bash, whose `times` builtin then prints the user and
+ * system CPU time of its finished children (getrusage RUSAGE_CHILDREN: the load generator alone):
+ * the generator's stdout and its CPU seconds.
+ */
+function timedLoad(args) {
+  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'bash', '-c', '"$@"; status=$?; times; exit $status', 'load', ...args], { encoding: 'utf8', maxBuffer: 16 * 1024 * 1024 });
+  const m = /(\d+)m([\d.]+)s (\d+)m([\d.]+)s\s*$/.exec(out);
+  if (!m) throw new Error(`no CPU times after ${args[0]}: ${out.slice(-400)}`);
+  return { out, cpuSeconds: Number(m[1]) * 60 + Number(m[2]) + Number(m[3]) * 60 + Number(m[4]) };
 }
 
 /** One keep-alive GET, over TLS with `useTls` (so lazily created state exists before the baseline). */
@@ -1115,6 +1215,7 @@ function budgetSeconds() {
   if (runTcpLayout) total += rounds * 3 * 4;
   if (runKernel) total += rounds * 3 * 4;
   if (runUdp) total += rounds * 2 * (udpSeconds + 1.5);
+  if (runHttp3) total += rounds * 2 * http3Shapes.length * (httpSeconds + 1.5);
   return total;
 }
 
@@ -1203,6 +1304,15 @@ async function main() {
   const udpTable = runUdp
     ? ['| path | received datagrams/s | sent datagrams/s | loss | vs direct (received) | proxy CPU per million datagrams (s) |', '| --- | --- | --- | --- | --- | --- |', ...(await udpRows())].join('\n')
     : '(not run)';
+  let http3Table = '(not run)';
+  if (runHttp3) {
+    try {
+      http3Table = ['| protocol (client), connections x streams | req/s | HTTP/3 / HTTP/2 (req/s) | proxy CPU per request (µs) | HTTP/3 / HTTP/2 (proxy CPU) | client CPU per request (µs) |', '| --- | --- | --- | --- | --- | --- |', ...(await http3Rows())].join('\n');
+    } catch (err) {
+      console.log(`${http3Scenario}: FAILED ${err.message}`);
+      http3Table = `(failed: ${err.message})`;
+    }
+  }
   const scaleOutTable = runScaleOut
     ? ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await scaleOutRows())].join('\n')
     : '(not run)';
@@ -1256,6 +1366,12 @@ ${udpTable}
 
 \`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -u -b 0 -l 64 -t ${udpSeconds} -J\` (64-byte datagrams, \`-b 0\`: as fast as the client can send them, for ${udpSeconds} s) against \`taskset -c ${LOAD_CPU} iperf3 -s -p PORT -B 127.0.0.1\`: client and server both pinned to CPU ${LOAD_CPU}; ours, on CPU ${PROXY_CPU} with one worker thread, relays with the route \`{ match: { ports: PORT, transport: 'all' }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: SERVER_PORT }] } }\` (bench/proxy-smartproxy.mjs mode udp; \`'all'\` because iperf3's UDP test keeps its TCP control connection on the same port, and the same route relays it). One client flow per run, so one upstream socket. Medians of ${rounds} interleaved rounds (direct, then ours, each round), min–max in parentheses. Received: the datagrams the server counted (\`end.sum_received\` of the client's JSON, the server's report: packets − lost_packets) per second; sent: \`end.sum_sent.packets\` per second; loss: the share of the sent datagrams that never reached the server. The ratio is ours' median received rate over direct's. The CPU column is the proxy process's utime+stime (/proc/PID/stat) over the run divided by the millions of datagrams the server received. With both iperf3 ends on one CPU the sender and the receiver compete for it, so the direct row is bounded by that CPU too: the client sends with the CPU time the server leaves it, and the datagrams the server cannot read in time overflow its socket receive buffer (the direct row's loss: the kernel's RcvbufErrors counter in /proc/net/snmp grows by as many). Through ours, the datagrams the relay does not take in time are dropped on the way as well (a full socket buffer, or the relay's shallow queues, as a network would), and CPU ${LOAD_CPU} is still shared by the sender and the receiver: the sent and loss columns describe the whole path under that contention, not the relay alone, and the received column (and its ratio) is the one to compare.
 
+## HTTP/3: small GET beside HTTP/2 on the same route
+
+${http3Table}
+
+Ours only: HAProxy 2.6 and nginx 1.22 as Debian ships them have no HTTP/3. One route of ours (bench/proxy-smartproxy.mjs mode https-h3: the HTTPS route of the main table, TLS terminated with the bench certificate, no \`domains\`, plus \`action.http3: { enabled: true }\`, so QUIC on the same port over UDP), on CPU ${PROXY_CPU} with one worker thread, plain HTTP/1.1 to the nginx backend of the other HTTP rows (\`return 200 "ok"\`, pinned with the load on CPU ${LOAD_CPU}). HTTP/2: \`taskset -c ${LOAD_CPU} h2load -t1 -c16 -m10 -D ${httpSeconds} https://127.0.0.1:PORT/\` (ALPN h2: the main table's HTTP/2 command, which there runs against the route without \`http3\`) and the same with \`-c1\`. HTTP/3: \`taskset -c ${LOAD_CPU} target/release/examples/h3load 127.0.0.1 PORT bench.test / 16 10 ${httpSeconds}\` and the same with \`1 10\`: Debian's h2load is built without QUIC (not linked to ngtcp2), so this is our own client, examples/h3load.rs (quinn 0.11 + h3 0.0.8 + h3-quinn 0.0.10 over rustls 0.23 with ring, TLS 1.3, certificates not verified; one tokio thread; C QUIC connections with M request streams each, every stream sending its next GET as soon as the previous answer's body is read, for D seconds; \`cargo build --release --example h3load\`, which this bench runs when the binary is missing). A fresh proxy for every run (before the measurement, 0.2 s of h3load at 1 x 1 ahead of an HTTP/3 run, one HTTPS GET ahead of an HTTP/2 run), ${rounds} interleaved rounds, medians with min–max in parentheses; the ratio columns are the median (min–max) of each round's HTTP/3 run over the HTTP/2 run of the same shape in that round. Proxy CPU: the proxy process's utime+stime (/proc/PID/stat) over the run divided by the requests the client completed. Client CPU: the load generator's own user+system time (bash's \`times\` after it exits: getrusage of the finished child) divided by the same requests. The two clients are different programs, so the req/s rows compare the pair (client and proxy), not the proxy alone: the client runs on CPU ${LOAD_CPU} beside nginx, and where its CPU per request plus nginx's approaches that CPU's time, the client bounds the rate; the proxy CPU per request is the proxy's side alone.
+
 ## HTTP security: keep-alive requests through the same route with and without checks
 
 ${securityTable}
@@ -1281,7 +1397,7 @@ ${connectionTable}
 \`${wrkCmd} -H 'Connection: close'\` (one TCP connection per request) against the nginx backend, through our plain forward route with a static target, with \`host\`/\`port\` as synchronous functions, and as async functions (one JavaScript call per connection either way; bench/proxy-smartproxy.mjs).
 `;
   writeFileSync(path.join(root, 'bench', 'RESULTS.md'), doc);
-  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${kernelTable}\n\n${udpTable}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
+  console.log(`\n${table}\n\n${tcpLayoutTable}\n\n${kernelTable}\n\n${udpTable}\n\n${http3Table}\n\n${securityTable}\n\n${scaleOutTable}\n\n${operationsTable}\n\n${connectionTable}\n\ntook ${(elapsed / 60).toFixed(1)} min (estimated ${(budget / 60).toFixed(1)} min); written to bench/RESULTS.md`);
 }
 
 main().catch((err) => {
