@@ -2,15 +2,12 @@
 // speaks QUIC, which is always TLS, to the route's targets. Both validators run this check
 // (normalizeOptions fails on the first problem, validateRouteConfig lists them all), so they refuse
 // the same routes in the same words as the engine does.
+import { isRecord, type TRecord } from './check-values.js';
 
 export interface IHttp3BackendCheck {
   /** Each problem with the field it is about (`action.options.backendProtocol`, `action.targets[1].sendProxyProtocol`, ...), in the order found. */
   problems: Array<{ field: string; reason: string }>;
 }
-
-type TRecord = Record<string, unknown>;
-
-const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 /**
  * Whether the proxy speaks TLS to a target: the target's own `tls` wins over the route's

@@ -3,6 +3,7 @@
 // validateRouteConfig lists them all), so they refuse the same routes in the same words.
 import type { INativeHttp3 } from '../models/native-config.js';
 import { HTTP3_ALT_SVC_MAX_AGE } from '../models/option-schema.js';
+import { isRecord, type TRecord, show, U32_MAX } from './check-values.js';
 
 export interface IHttp3RouteCheck {
   /** `action.http3` with its defaults, for a route enabling it without problems; otherwise null. */
@@ -10,18 +11,6 @@ export interface IHttp3RouteCheck {
   /** Each problem with the field it is about (`action.http3`, `action.http3.altSvcMaxAge`, ...), in the order found. */
   problems: Array<{ field: string; reason: string }>;
 }
-
-type TRecord = Record<string, unknown>;
-
-const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
-const show = (v: unknown): string => {
-  if (typeof v === 'function') return 'a function';
-  if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
-  return JSON.stringify(v) ?? String(v);
-};
-
-/** The engine holds `altSvcMaxAge` as a u32. */
-const U32_MAX = 4294967295;
 
 /** Why HTTP/3 needs TLS ending in the proxy, in both validators' words. */
 const NEEDS_TERMINATE = `HTTP/3 ends QUIC, and its TLS, in the proxy: the route needs action.tls.mode 'terminate' or 'terminate-and-reencrypt'`;

@@ -6,6 +6,7 @@
 import type { TTransport } from '../models/route-types.js';
 import type { INativeUdp } from '../models/native-config.js';
 import { TRANSPORTS, UDP_DEFAULTS } from '../models/option-schema.js';
+import { isRecord, type TRecord, show, U32_MAX } from './check-values.js';
 
 export interface IUdpRouteCheck {
   /** The route's transport ('tcp' when unset); null when the value is not one. */
@@ -15,18 +16,6 @@ export interface IUdpRouteCheck {
   /** Each problem with the field it is about (`match.transport`, `action.udp.maxDatagramSize`, ...), in the order found. */
   problems: Array<{ field: string; reason: string }>;
 }
-
-type TRecord = Record<string, unknown>;
-
-const isRecord = (v: unknown): v is TRecord => typeof v === 'object' && v !== null && !Array.isArray(v);
-const show = (v: unknown): string => {
-  if (typeof v === 'function') return 'a function';
-  if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
-  return JSON.stringify(v) ?? String(v);
-};
-
-/** The engine holds `maxSessionsPerIp` as a u32. */
-const U32_MAX = 4294967295;
 
 /**
  * What a datagram does not carry, for each match field a route taking UDP may not set. `domains`

@@ -22,14 +22,16 @@ const DATA_FRAME: u64 = 0x0;
 /// h3-quinn's connection, its streams' receiving sides guarded.
 pub struct GuardedConnection {
     inner: h3_quinn::Connection,
-    /// The longest frame other than DATA a request stream may carry: twice the header limit, and
-    /// some (QPACK makes a section shorter than its fields, never much longer).
-    max_frame: u64,
+    /// Opens this connection's own streams (h3 opens its control stream through it).
+    opener: GuardedOpener,
 }
 
 impl GuardedConnection {
     pub fn new(inner: h3_quinn::Connection, max_header_size: usize) -> Self {
-        GuardedConnection { inner, max_frame: 2 * max_header_size as u64 + FRAME_SLACK }
+        // Twice the header limit, and some: QPACK makes a section shorter than its fields, never
+        // much longer.
+        let opener = GuardedOpener { inner: quic::Connection::<Bytes>::opener(&inner), max_frame: 2 * max_header_size as u64 + FRAME_SLACK };
+        GuardedConnection { inner, opener }
     }
 }
 
@@ -42,12 +44,12 @@ impl<B: Buf> quic::Connection<B> for GuardedConnection {
     }
 
     fn poll_accept_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<Self::BidiStream, quic::ConnectionErrorIncoming>> {
-        let max_frame = self.max_frame;
+        let max_frame = self.opener.max_frame;
         quic::Connection::<B>::poll_accept_bidi(&mut self.inner, cx).map_ok(|stream| GuardedBidi { inner: stream, frames: FrameGuard::new(max_frame) })
     }
 
     fn opener(&self) -> Self::OpenStreams {
-        GuardedOpener { inner: quic::Connection::<B>::opener(&self.inner), max_frame: self.max_frame }
+        self.opener.clone()
     }
 }
 
@@ -76,21 +78,21 @@ impl<B: Buf> quic::OpenStreams<B> for GuardedOpener {
     }
 }
 
+/// The connection opens streams as its opener does.
 impl<B: Buf> quic::OpenStreams<B> for GuardedConnection {
     type BidiStream = GuardedBidi<B>;
     type SendStream = h3_quinn::SendStream<B>;
 
     fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        let max_frame = self.max_frame;
-        quic::OpenStreams::<B>::poll_open_bidi(&mut self.inner, cx).map_ok(|stream| GuardedBidi { inner: stream, frames: FrameGuard::new(max_frame) })
+        self.opener.poll_open_bidi(cx)
     }
 
     fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<Self::SendStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<B>::poll_open_send(&mut self.inner, cx)
+        self.opener.poll_open_send(cx)
     }
 
     fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        quic::OpenStreams::<B>::close(&mut self.inner, code, reason)
+        quic::OpenStreams::<B>::close(&mut self.opener, code, reason)
     }
 }
 
