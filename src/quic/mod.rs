@@ -1,9 +1,10 @@
 //! QUIC to clients (`action.http3`): one QUIC endpoint on the UDP side of each port some route
 //! serves HTTP/3 on. A connection is admitted as a TCP one is (the engine's IP lists and per-IP
-//! limits, before any handshake work), its certificate is the one of the route its SNI selects
-//! (for this client, as `find` decides for TCP), and that route's IP lists apply once the
-//! handshake is done. Its requests then go through the same pipeline as HTTP/1.1 and HTTP/2
-//! (`http::h3`). Connections belong to the engine's sessions, so a stop drains them with the rest.
+//! limits, before any handshake work; a Retry first while many handshakes are in progress), its
+//! certificate is the one of the route its SNI selects (for this client, as `find` decides for
+//! TCP), and that route's IP lists refuse in the handshake, before any certificate is offered.
+//! Its requests then go through the same pipeline as HTTP/1.1 and HTTP/2 (`http::h3`).
+//! Connections belong to the engine's sessions, so a stop drains them with the rest.
 
 pub mod initial;
 
