@@ -90,6 +90,8 @@ fn split_outside_quotes(value: &str, separator: char) -> impl Iterator<Item = &s
 #[derive(Default)]
 pub struct AltSvcCache {
     entries: Mutex<HashMap<(Arc<str>, u16), Entry>>,
+    /// No backend ever advertised HTTP/3: every lookup is answered without the lock.
+    learnt_any: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +113,9 @@ impl Entry {
 impl AltSvcCache {
     /// The port to reach `host:port` over HTTP/3 on, while its advertisement holds.
     pub fn h3_port(&self, host: &Arc<str>, port: u16) -> Option<u16> {
+        if !self.learnt_any.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let mut entries = self.entries.lock();
         let key = (host.clone(), port);
         match entries.get(&key).copied() {
@@ -140,6 +145,7 @@ impl AltSvcCache {
                     }
                 }
                 entries.insert(key, Entry::H3(h3_port, now + max_age));
+                self.learnt_any.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Some(_) => {
                 let mut entries = self.entries.lock();

@@ -85,8 +85,9 @@ pub(super) async fn send_with_retries<'c>(
         // `auto` to a TLS backend that advertised HTTP/3 on its host: QUIC to that port; TCP
         // again should it fail.
         let advertised = (outbound.protocol == UpstreamProtocol::Auto && !outbound.wants_upgrade && !alt_svc_failed)
-            .then(|| pool.alt_svc.h3_port(&target_host, target_port).zip(target.upstream_tls_h3()))
-            .flatten();
+            .then(|| target.upstream_tls_h3())
+            .flatten()
+            .and_then(|config| Some((pool.alt_svc.h3_port(&target_host, target_port)?, config)));
         alt_svc_from = advertised.as_ref().map(|_| (target_host.clone(), target_port));
         let key = match advertised {
             Some((h3_port, config)) => PoolKey { host: target_host, port: h3_port, protocol: UpstreamProtocol::Http3, tls: Some(UpstreamTls { server_name, config }), proxy_header: None },
