@@ -7,8 +7,8 @@
 //   2. every tapbundle file test/test.*.ts in its own Node process (tsx), counted from its TAP.
 // A file that crashes, exits non-zero or hangs past TEST_FILE_TIMEOUT_MS counts as a failure.
 // Arguments filter the test files by substring; `--no-cargo` skips the Rust tests.
-import { spawn } from 'node:child_process';
-import { readdirSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -108,9 +108,29 @@ async function runTapFile(file) {
   return { passed, failed: failed + missing, skipped };
 }
 
+/**
+ * The HTTP/3 tests' client and server run on aioquic in the venv `.venv-h3`: made here when it is
+ * missing (a failure leaves those tests to say what is missing).
+ */
+const AIOQUIC = 'aioquic==1.7.2';
+function ensureH3Venv() {
+  const python = path.join(root, '.venv-h3', 'bin', 'python');
+  const quiet = { cwd: root, stdio: 'ignore' };
+  if (existsSync(python) && spawnSync(python, ['-c', 'import aioquic'], quiet).status === 0) return;
+  console.log(`making .venv-h3 with ${AIOQUIC} for the HTTP/3 tests`);
+  if (!existsSync(python) && spawnSync('python3', ['-m', 'venv', '.venv-h3'], quiet).status !== 0) {
+    console.log('python3 -m venv failed (Debian: apt-get install python3-venv); the HTTP/3 tests will fail');
+    return;
+  }
+  if (spawnSync(python, ['-m', 'pip', 'install', '--quiet', '--disable-pip-version-check', AIOQUIC], quiet).status !== 0) {
+    console.log(`pip install ${AIOQUIC} failed; the HTTP/3 tests will fail`);
+  }
+}
+
 let passed = 0;
 let failed = 0;
 let skipped = 0;
+if (filter.length === 0 || filter.some((p) => 'http3 quic-passthrough'.includes(p))) ensureH3Venv();
 if (runCargo) {
   const r = await runCargoTests();
   passed += r.passed;
