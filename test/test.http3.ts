@@ -8,7 +8,6 @@ import * as dgram from 'node:dgram';
 import * as http from 'node:http';
 import * as http2 from 'node:http2';
 import * as https from 'node:https';
-import { createHash, X509Certificate } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -17,7 +16,7 @@ import type { AddressInfo } from 'node:net';
 import { SmartProxy } from '../ts/index.js';
 import { freePort, sleep, withCleanup, type TDefer } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
-import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, startH3Server, type IH3Answer, type TH3Response } from './helpers/h3.js';
+import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, startH3Server, certSha256, h3Answer } from './helpers/h3.js';
 
 type TOptions = ConstructorParameters<typeof SmartProxy>[0];
 type TRoute = TOptions['routes'][number];
@@ -28,11 +27,6 @@ const certB = ca.issue(['b.test']);
 const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-h3-'));
 const caFile = path.join(workDir, 'ca.pem');
 writeFileSync(caFile, ca.cert);
-
-/** sha256 of a PEM certificate's DER, as the client reports the one it was served. */
-function certSha256(pem: string): string {
-  return createHash('sha256').update(new X509Certificate(pem).raw).digest('hex');
-}
 
 interface IEchoBackend {
   port: number;
@@ -110,11 +104,6 @@ async function twoDomains(defer: TDefer, extraA: Partial<TRoute> = {}): Promise<
   return { port, proxy, a, b };
 }
 
-function answer(response: TH3Response | undefined): IH3Answer {
-  if (response === undefined || 'reset' in response) throw new Error(`expected an answer, got ${JSON.stringify(response)}`);
-  return response;
-}
-
 const statsOf = (proxy: SmartProxy) => proxy.getStatistics();
 
 /** Tests need the aioquic client; without it they fail loudly rather than pass unseen. */
@@ -132,7 +121,7 @@ h3Test('two domains on one port: each SNI gets its own certificate and backend, 
       const result = await h3RequestOk({ port, serverName: domain, caFile, requests: [{ path: '/hello?x=1' }] });
       expect(result.alpn).toEqual('h3');
       expect(result.peerCertSha256).toEqual(certSha256(cert));
-      const response = answer(result.responses[0]);
+      const response = h3Answer(result.responses[0]);
       expect(response.status).toEqual(200);
       expect(response.bodyText).toEqual(`${tag} ${domain} /hello?x=1`);
     }
@@ -146,8 +135,8 @@ h3Test("a request for another route's host on a connection made for a.test is mi
   await withCleanup(async (defer) => {
     const { port, b } = await twoDomains(defer);
     const result = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ authority: 'b.test', path: '/' }, { authority: 'a.test', path: '/ok' }] });
-    expect(answer(result.responses[0]).status).toEqual(421);
-    expect(answer(result.responses[1]).status).toEqual(200);
+    expect(h3Answer(result.responses[0]).status).toEqual(421);
+    expect(h3Answer(result.responses[1]).status).toEqual(200);
     expect(b.seen.length).toEqual(0);
   });
 });
@@ -164,7 +153,7 @@ h3Test('an SNI no HTTP/3 route takes fails the handshake; a TCP-only route on th
     expect(tcpOnly.ok).toBeFalse();
     // Its :authority on a connection made for a.test: the route does not serve HTTP/3.
     const asked = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ authority: 'b.test', path: '/' }] });
-    expect(answer(asked.responses[0]).status).toEqual(421);
+    expect(h3Answer(asked.responses[0]).status).toEqual(421);
     expect(a.seen.length).toEqual(0);
     expect(statsOf(proxy).quic?.handshakeFailures).toBeGreaterThanOrEqual(2);
   });
@@ -181,10 +170,10 @@ h3Test('route security over HTTP/3: basic auth answers 401 without credentials a
       sequential: true,
       requests: [{ path: '/private' }, { path: '/private', headers: [['authorization', `Basic ${credentials}`]] }],
     });
-    const refused = answer(result.responses[0]);
+    const refused = h3Answer(result.responses[0]);
     expect(refused.status).toEqual(401);
     expect(h3Header(refused.headers, 'www-authenticate')).toInclude('Basic');
-    expect(answer(result.responses[1]).status).toEqual(200);
+    expect(h3Answer(result.responses[1]).status).toEqual(200);
     expect(a.seen.map((r) => r.path)).toEqual(['/private']);
   });
 });
@@ -194,12 +183,12 @@ h3Test('10 MiB both ways: a POST streamed to the backend and echoed back intact,
     const { port } = await twoDomains(defer);
     const size = 10 * 1024 * 1024;
     const result = await h3RequestOk({ port, serverName: 'a.test', caFile, timeoutMs: 60_000, requests: [{ method: 'POST', path: '/upload', bodySize: size }, { path: '/big' }] });
-    const echoed = answer(result.responses[0]);
+    const echoed = h3Answer(result.responses[0]);
     expect(echoed.status).toEqual(200);
     expect(echoed.bodyLength).toEqual(size);
     expect(echoed.sentSha256).toEqual(sha256Hex(h3PatternBody(size)));
     expect(echoed.bodySha256).toEqual(echoed.sentSha256);
-    const download = answer(result.responses[1]);
+    const download = h3Answer(result.responses[1]);
     expect(download.bodyLength).toEqual(size);
     expect(download.bodySha256).toEqual(sha256Hex(h3PatternBody(size)));
   });
@@ -210,7 +199,7 @@ h3Test('50 concurrent streams on one connection, all answered; statistics count 
     const { port, proxy, a } = await twoDomains(defer);
     const result = await h3RequestOk({ port, serverName: 'a.test', caFile, timeoutMs: 30_000, requests: [{ path: '/stream', streams: 50 }] });
     expect(result.responses.length).toEqual(50);
-    for (const response of result.responses) expect(answer(response).bodyText).toEqual('A a.test /stream');
+    for (const response of result.responses) expect(h3Answer(response).bodyText).toEqual('A a.test /stream');
     expect(a.seen.length).toEqual(50);
     const deadline = Date.now() + 5000;
     while ((statsOf(proxy).quicConnections !== 0 || statsOf(proxy).activeConnections !== 0) && Date.now() < deadline) await sleep(50);
@@ -395,8 +384,8 @@ h3Test("backendProtocol 'http3' end to end: an HTTP/3 client through the proxy t
     await startProxy(defer, { routes: [toH3Backend(port, backend.port, { http3: true })] });
     const size = 2 * 1024 * 1024;
     const result = await h3RequestOk({ port, serverName: 'a.test', caFile, timeoutMs: 30_000, requests: [{ path: '/both' }, { method: 'POST', path: '/echo', bodySize: size }] });
-    expect(answer(result.responses[0]).bodyText).toEqual('H3 a.test /both');
-    const echoed = answer(result.responses[1]);
+    expect(h3Answer(result.responses[0]).bodyText).toEqual('H3 a.test /both');
+    const echoed = h3Answer(result.responses[1]);
     expect(echoed.bodyLength).toEqual(size);
     expect(echoed.bodySha256).toEqual(echoed.sentSha256);
   });
@@ -497,7 +486,7 @@ h3Test('header limits: a section over maxHeaderSize is answered 431; a HEADERS f
     const port = await freePort();
     await startProxy(defer, { maxHeaderSize: 4096, routes: [h3Route('site-a', 'a.test', port, a.port, certA)] } as TOptions);
     const over = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/over', headers: [['x-big', 'b'.repeat(6000)]] }] });
-    expect(answer(over.responses[0]).status).toEqual(431);
+    expect(h3Answer(over.responses[0]).status).toEqual(431);
     // A frame h3 would have buffered whole before deciding: refused while it streams in.
     const noise = Array.from({ length: 60000 }, (_, i) => String.fromCharCode(33 + ((i * 7919) % 90))).join('').replace(/[,;"\\]/g, 'x');
     const far = await h3Request({ port, serverName: 'a.test', caFile, timeoutMs: 5000, requests: [{ path: '/far', headers: [['x-huge', noise]] }] });
@@ -506,7 +495,7 @@ h3Test('header limits: a section over maxHeaderSize is answered 431; a HEADERS f
     if (far.ok) expect((far.responses[0] as { stopSending?: number }).stopSending).toEqual(0x107);
     expect(a.seen.map((r) => r.path)).toEqual([]);
     const after = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/after' }] });
-    expect(answer(after.responses[0]).bodyText).toEqual('A a.test /after');
+    expect(h3Answer(after.responses[0]).bodyText).toEqual('A a.test /after');
   });
 });
 

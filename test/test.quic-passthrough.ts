@@ -4,7 +4,6 @@
 // client verifies each backend's own certificate. Real QUIC on both sides: aioquic's HTTP/3
 // client (test/helpers/h3-client.py) and two aioquic HTTP/3 servers (test/helpers/h3-server.py).
 import { tap, expect } from '@push.rocks/tapbundle';
-import { createHash, X509Certificate } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -12,7 +11,7 @@ import path from 'node:path';
 import { SmartProxy } from '../ts/index.js';
 import { freePort, withCleanup, type TDefer } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
-import { h3ClientAvailable, h3Header, h3Request, h3RequestOk, startH3Server, type IH3Answer, type TH3Response } from './helpers/h3.js';
+import { h3ClientAvailable, h3Header, h3Request, h3RequestOk, startH3Server, certSha256, h3Answer } from './helpers/h3.js';
 
 type TOptions = ConstructorParameters<typeof SmartProxy>[0];
 type TRoute = TOptions['routes'][number];
@@ -23,15 +22,6 @@ const certB = ca.issue(['b.test']);
 const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-quic-pt-'));
 const caFile = path.join(workDir, 'ca.pem');
 writeFileSync(caFile, ca.cert);
-
-function certSha256(pem: string): string {
-  return createHash('sha256').update(new X509Certificate(pem).raw).digest('hex');
-}
-
-function answer(response: TH3Response | undefined): IH3Answer {
-  if (response === undefined || 'reset' in response) throw new Error(`expected an answer, got ${JSON.stringify(response)}`);
-  return response;
-}
 
 function passthrough(name: string, domain: string, port: number, backendPort: number, transport: 'udp' | 'all' = 'udp'): TRoute {
   return {
@@ -66,10 +56,10 @@ quicTest("each SNI reaches its own backend, and the client verifies that backend
     for (const [domain, cert, tag] of [['a.test', certA.cert, 'A'], ['b.test', certB.cert, 'B']] as const) {
       const result = await h3RequestOk({ port, serverName: domain, caFile, requests: [{ path: '/x' }, { method: 'POST', path: '/echo', body: `hello ${domain}` }] });
       expect(result.peerCertSha256).toEqual(certSha256(cert));
-      const get = answer(result.responses[0]);
+      const get = h3Answer(result.responses[0]);
       expect(get.bodyText).toEqual(`${tag} ${domain} /x`);
       expect(h3Header(get.headers, 'x-h3-tag')).toEqual(tag);
-      expect(answer(result.responses[1]).bodyText).toEqual(`hello ${domain}`);
+      expect(h3Answer(result.responses[1]).bodyText).toEqual(`hello ${domain}`);
     }
     const udp = proxy.getStatistics().udp;
     expect(udp?.sessionsTotal).toEqual(2);
@@ -84,7 +74,7 @@ quicTest('a ClientHello spanning several Initial packets is reassembled before t
     const result = await h3RequestOk({ port, serverName: 'b.test', caFile, alpn, requests: [{ path: '/big-hello' }] });
     expect(result.alpn).toEqual('h3');
     expect(result.peerCertSha256).toEqual(certSha256(certB.cert));
-    expect(answer(result.responses[0]).bodyText).toEqual('B b.test /big-hello');
+    expect(h3Answer(result.responses[0]).bodyText).toEqual('B b.test /big-hello');
   });
 });
 

@@ -4,7 +4,7 @@
 // A protocol outcome (handshake refused, timeout, connection closed) resolves with `ok: false`;
 // only a broken harness (no Python, unreadable output, the client killed) rejects.
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -333,4 +333,15 @@ export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> 
     return closing;
   };
   return { port, close: () => stop('SIGTERM'), kill: () => stop('SIGKILL') };
+}
+
+/** sha256 (hex) of a PEM certificate's DER, as `peerCertSha256` reports the one served. */
+export function certSha256(pem: string): string {
+  return createHash('sha256').update(new X509Certificate(pem).raw).digest('hex');
+}
+
+/** The response entry as an answer; throws when the stream was reset or the entry is missing. */
+export function h3Answer(response: TH3Response | undefined): IH3Answer {
+  if (response === undefined || 'reset' in response) throw new Error(`expected an answer, got ${JSON.stringify(response)}`);
+  return response;
 }

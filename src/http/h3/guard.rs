@@ -113,8 +113,20 @@ impl<S> Guarded<S> {
     }
 }
 
-fn refused(what: &'static str) -> StreamErrorIncoming {
-    StreamErrorIncoming::Unknown(Box::new(std::io::Error::other(what)))
+/// A chunk on its way to h3, checked against the stream's bound: past it, the stream is stopped
+/// (H3_EXCESSIVE_LOAD) and h3 gets an error instead.
+fn checked<S: quic::RecvStream>(
+    polled: Poll<Result<Option<Bytes>, StreamErrorIncoming>>,
+    stream: &mut S,
+    check: impl FnOnce(&[u8]) -> Result<(), &'static str>,
+) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+    if let Poll::Ready(Ok(Some(chunk))) = &polled {
+        if let Err(why) = check(chunk) {
+            stream.stop_sending(h3::error::Code::H3_EXCESSIVE_LOAD.value());
+            return Poll::Ready(Err(StreamErrorIncoming::Unknown(Box::new(std::io::Error::other(why)))));
+        }
+    }
+    polled
 }
 
 impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
@@ -122,23 +134,17 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
         let polled = self.inner.poll_data(cx);
-        if let Poll::Ready(Ok(Some(chunk))) = &polled {
-            let allowed = match &mut self.limit {
-                Limit::Total { left } => match left.checked_sub(chunk.len() as u64) {
-                    Some(rest) => {
-                        *left = rest;
-                        Ok(())
-                    }
-                    None => Err("a control or QPACK stream carried more than it ever needs"),
-                },
-                Limit::Frames(frames) => frames.follow(chunk),
-            };
-            if let Err(why) = allowed {
-                self.inner.stop_sending(h3::error::Code::H3_EXCESSIVE_LOAD.value());
-                return Poll::Ready(Err(refused(why)));
-            }
-        }
-        polled
+        let limit = &mut self.limit;
+        checked(polled, &mut self.inner, |chunk| match limit {
+            Limit::Total { left } => match left.checked_sub(chunk.len() as u64) {
+                Some(rest) => {
+                    *left = rest;
+                    Ok(())
+                }
+                None => Err("a control or QPACK stream carried more than it ever needs"),
+            },
+            Limit::Frames(frames) => frames.follow(chunk),
+        })
     }
 
     fn stop_sending(&mut self, error_code: u64) {
@@ -161,13 +167,8 @@ impl<B: Buf> quic::RecvStream for GuardedBidi<B> {
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
         let polled = self.inner.poll_data(cx);
-        if let Poll::Ready(Ok(Some(chunk))) = &polled {
-            if let Err(why) = self.frames.follow(chunk) {
-                self.inner.stop_sending(h3::error::Code::H3_EXCESSIVE_LOAD.value());
-                return Poll::Ready(Err(refused(why)));
-            }
-        }
-        polled
+        let frames = &mut self.frames;
+        checked(polled, &mut self.inner, |chunk| frames.follow(chunk))
     }
 
     fn stop_sending(&mut self, error_code: u64) {
