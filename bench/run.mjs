@@ -35,7 +35,7 @@
 // Time budget of a default run: 3 rounds x (64 proxy/scenario pairs: 44 of them timed at 5 s; 16
 // iperf3 1 GiB, 20,000 echo round trips or opening the plain idle connections, ~1-4 s each; 4 opening
 // the idle TLS connections, ~16 s each), the TCP layout table (3 x 3 x 2 iperf3 runs) and the tables
-// of ours alone (3 x 7 runs of 5 s, 6 x 5 for scale-out, 3 x 2 UDP iperf3 runs of 4 s): ~21.5 min
+// of ours alone (3 x 7 runs of 5 s, 6 x 5 for scale-out, 3 x 4 UDP iperf3 runs of 4 s): ~21.5 min
 // measured, ~26 min estimated with 1 s of proxy start/stop per run, more when the host's steal
 // forces repeats (printed at the start and written to RESULTS.md with the real duration).
 import { spawn, spawnSync, execFileSync } from 'node:child_process';
@@ -760,6 +760,8 @@ const udpScenario = 'UDP datagrams (64-byte, per second)';
 const runUdp = !only || udpScenario.includes(only);
 // Seconds of each UDP run (iperf3 -t): BENCH_HTTP_SECONDS when given, else 4.
 const udpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 4);
+// Client flows of the second pair of UDP rows (iperf3 -P: a socket, so a relay flow, each).
+const udpFlows = 4;
 
 /**
  * 64-byte UDP datagrams as fast as iperf3 sends them, direct and through our relay (a route with
@@ -768,20 +770,23 @@ const udpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 4);
  */
 async function udpRows() {
   const server = await startIperfServer(LOAD_CPU);
+  // [label, start, client flows (iperf3 -P), the row its ratio is over]
   const kinds = [
-    [`direct (iperf3 client to server, both on CPU ${LOAD_CPU})`, () => proxies.direct.start(server, 'tcp')],
-    [`ours relaying (on CPU ${PROXY_CPU})`, () => proxies.smartproxy.start(server, 'udp')],
+    [`direct (iperf3 client to server, both on CPU ${LOAD_CPU}), 1 flow`, () => proxies.direct.start(server, 'tcp'), 1, 0],
+    [`ours relaying (on CPU ${PROXY_CPU}), 1 flow`, () => proxies.smartproxy.start(server, 'udp'), 1, 0],
+    [`direct, ${udpFlows} flows`, () => proxies.direct.start(server, 'tcp'), udpFlows, 2],
+    [`ours relaying, ${udpFlows} flows`, () => proxies.smartproxy.start(server, 'udp'), udpFlows, 2],
   ];
   const runs = kinds.map(() => ({ received: [], sent: [], loss: [], cpu: [] }));
   try {
     for (let round = 0; round < rounds; round++) {
-      for (const [i, [label, start]] of kinds.entries()) {
+      for (const [i, [label, start, flows]] of kinds.entries()) {
         const target = await start();
         try {
           // The CPU time is read inside the measurement, so a repeated one counts its own try only.
           const r = await undisturbed(() => {
             const cpu0 = target.pid ? cpuSeconds(target.pid) : 0;
-            const run = iperfUdp(target.port);
+            const run = iperfUdp(target.port, flows);
             return { ...run, cpu: target.pid ? cpuSeconds(target.pid) - cpu0 : null };
           });
           runs[i].received.push(r.receivedPerSecond);
@@ -799,9 +804,9 @@ async function udpRows() {
     await server.stop();
   }
   const percent = (v) => `${v.toFixed(1)} %`;
-  return kinds.map(([label], i) => {
+  return kinds.map(([label, , , over], i) => {
     const r = runs[i];
-    const vs = (median(r.received) / median(runs[0].received)).toFixed(2);
+    const vs = (median(r.received) / median(runs[over].received)).toFixed(2);
     const cpu = r.cpu.length > 0 ? spread(r.cpu, fmt) : 'n/a';
     return `| ${label} | ${spread(r.received, whole)} | ${spread(r.sent, whole)} | ${spread(r.loss, percent)} | ${vs} | ${cpu} |`;
   });
@@ -1044,8 +1049,8 @@ function iperf(port, reverse) {
  * datagrams lost after the server's last one as received), per second of the test; sent:
  * end.sum_sent; loss: the share of the sent datagrams never received.
  */
-function iperfUdp(port) {
-  const { end } = iperf3Client(port, ['-u', '-b', '0', '-l', '64', '-t', String(udpSeconds)], (udpSeconds + 30) * 1000);
+function iperfUdp(port, flows = 1) {
+  const { end } = iperf3Client(port, ['-u', '-b', '0', '-l', '64', '-t', String(udpSeconds), '-P', String(flows)], (udpSeconds + 30) * 1000);
   const received = end.sum_received.packets - end.sum_received.lost_packets;
   const sent = end.sum_sent.packets;
   if (!(received > 0)) throw new Error(`iperf3 -u through port ${port}: no datagram received (${JSON.stringify(end.sum_received)})`);
@@ -1214,7 +1219,7 @@ function budgetSeconds() {
   if (runOperations) total += scaleOutRounds * 2 * (httpSeconds + 1.5);
   if (runTcpLayout) total += rounds * 3 * 4;
   if (runKernel) total += rounds * 3 * 4;
-  if (runUdp) total += rounds * 2 * (udpSeconds + 1.5);
+  if (runUdp) total += rounds * 4 * (udpSeconds + 1.5);
   if (runHttp3) total += rounds * 2 * http3Shapes.length * (httpSeconds + 1.5);
   return total;
 }

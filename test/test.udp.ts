@@ -293,6 +293,38 @@ tap.test('two client flows are kept apart: each gets only its own replies over i
   });
 });
 
+tap.test('bursts from three clients at once, from their first datagram on: each gets all of its own replies, in the order sent', async () => {
+  await withCleanup(async (defer) => {
+    const echo = await startUdpEcho();
+    defer(() => echo.close());
+    const port = await freePort();
+    const { proxy } = await startProxy([udpRoute(port, echo.port)], defer);
+    const clients = await Promise.all(['a', 'b', 'c'].map(async (tag) => ({ tag, client: await UdpClient.open(defer) })));
+    const perClient = 60;
+    // No waiting for replies: the first datagrams of each flow arrive while its upstream socket
+    // is being opened (queued for the flow), the later ones while it is open (sent straight on),
+    // and the port reads the three clients' datagrams interleaved, several per read.
+    const sends: Promise<void>[] = [];
+    for (let i = 0; i < perClient; i++) {
+      for (const { tag, client } of clients) sends.push(client.send(port, `${tag}-${i}`));
+    }
+    await Promise.all(sends);
+    for (const { tag, client } of clients) {
+      const replies: IReply[] = [];
+      while (replies.length < perClient) replies.push(await client.next(3000));
+      const echoed = replies.map(parseEcho);
+      expect(echoed.map(({ payload }) => payload.toString())).toEqual(Array.from({ length: perClient }, (_, i) => `${tag}-${i}`));
+      expect(new Set(echoed.map(({ sourcePort }) => sourcePort)).size).toEqual(1);
+      expect(replies.every((reply) => reply.fromPort === port)).toBeTrue();
+    }
+    expect(new Set(echo.sourcePorts).size).toEqual(3);
+    const udp = udpStats(proxy).udp!;
+    expect(udp.dropped).toEqual(0);
+    expect(udp.datagramsIn).toEqual(3 * perClient);
+    await eventually('datagramsOut to reach every reply', () => udpStats(proxy).udp!.datagramsOut, (out) => out === 3 * perClient);
+  });
+});
+
 tap.test('the idle reaper ends a flow after sessionTimeout; a later datagram opens a new flow', async () => {
   await withCleanup(async (defer) => {
     const echo = await startUdpEcho();

@@ -8,11 +8,20 @@
 //! number for the engine (each holds a socket, an ephemeral port and a task: a flood of spoofed
 //! sources must not exhaust the host's), and per client IP and route. Datagrams are never queued
 //! deep: a full queue drops the datagram, as the network would.
+//!
+//! Datagrams move in batches (`batch`): the port reads what is waiting in one call and sends each
+//! run of a relay flow's datagrams straight on that flow's upstream socket in one call, without a
+//! hop through the flow's task; only the datagrams that arrive while a flow's upstream socket is
+//! being opened (and those for JavaScript handlers) are queued for its task. Answers come back the
+//! same way, a batch per call each way.
+
+mod batch;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +29,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
-use socket2::Type;
+use socket2::{SockAddr, SockRef, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -35,15 +45,14 @@ use crate::quic::initial::{read_datagram, CryptoAssembly, InitialRead};
 use crate::routing::table::{Route, RouteTable};
 use crate::tls::client_hello::ClientHelloInfo;
 use crate::security::{IpPolicy, RouteGuard};
+use batch::RecvBatch;
 
 /// Flows the engine keeps at most, well below the host's ephemeral ports and descriptors.
 const MAX_FLOWS: u64 = 16_384;
-/// Answers a flow sends on in one go before it lets other tasks of its thread run.
-const ANSWERS_PER_TURN: usize = 64;
+/// Batches of answers a flow sends on in one go before it lets other tasks of its thread run.
+const ANSWER_BATCHES_PER_TURN: usize = 2;
 /// Datagrams a flow holds for its upstream socket before dropping more.
 const FLOW_QUEUE: usize = 64;
-/// The largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
 
 /// Counters of `getStatistics().udp`.
 #[derive(Debug, Default)]
@@ -141,7 +150,7 @@ impl UdpReplies {
         let client = canonical(client);
         let Some((socket, flows)) = self.ports.read().get(&port).cloned() else { return false };
         let activity = match flows.lock().by_client.get(&client) {
-            Some(Flow { handler: Some(activity), .. }) => activity.clone(),
+            Some(Flow { activity, handler: true, .. }) => activity.clone(),
             _ => return false,
         };
         // The socket is non-blocking: the datagram goes out now, or is dropped as a full buffer
@@ -163,7 +172,8 @@ impl UdpReplies {
     }
 }
 
-/// When a handler flow last saw a datagram either way (replies come from outside its task).
+/// When a flow last saw a datagram either way: the port's relay and handlers' replies renew it
+/// from outside the flow's task.
 struct FlowActivity {
     epoch: tokio::time::Instant,
     last_ms: AtomicU64,
@@ -251,10 +261,14 @@ fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
 /// A live flow as the port's relay sees it.
 struct Flow {
     id: u64,
+    /// To the flow's task: until its upstream socket is open, or always for a handler's flow.
     to_upstream: mpsc::Sender<Bytes>,
+    /// A relay flow's connected upstream socket once open: the port sends on it itself.
+    upstream: Option<Arc<UdpSocket>>,
     max_datagram: usize,
-    /// A datagram handler's flow: its activity, which replies renew.
-    handler: Option<Arc<FlowActivity>>,
+    activity: Arc<FlowActivity>,
+    /// A datagram handler's flow (replies come from JavaScript).
+    handler: bool,
 }
 
 #[derive(Default)]
@@ -283,53 +297,148 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+thread_local! {
+    /// Where a worker thread reads a batch of datagrams (a port's or a flow's) and sends it on
+    /// before its next await: one batch buffer per thread, none per port or flow.
+    static BATCH_BUFFER: RefCell<RecvBatch> = RefCell::new(RecvBatch::default());
+}
+
 async fn relay_port(socket: Arc<UdpSocket>, flows: Arc<Mutex<Flows>>, port: u16, stop: CancellationToken, tracker: TaskTracker, env: Arc<UdpEnv>) {
-    let mut hellos = PendingHellos::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut relay = PortRelay { socket, flows, port, stop, tracker, env, hellos: PendingHellos::default() };
     loop {
-        let (len, from) = tokio::select! {
+        tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
-            received = socket.recv_from(&mut buf) => match received {
-                Ok(received) => received,
-                // An ICMP error for an earlier send, or a transient failure: the next datagram counts.
-                Err(_) => continue,
-            },
-        };
-        env.stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
-        env.stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
-        let client = canonical(from);
-        let datagram = &buf[..len];
-        {
-            let mut table = flows.lock();
-            if let Some(flow) = table.by_client.get(&client) {
-                if len > flow.max_datagram {
-                    env.stats.drop_one();
-                    continue;
-                }
-                match flow.to_upstream.try_send(Bytes::copy_from_slice(datagram)) {
-                    Ok(()) => continue,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        env.stats.drop_one();
-                        continue;
+            _ = relay.stop.cancelled() => break,
+            ready = relay.socket.readable() => if ready.is_err() { break },
+        }
+        // No await from the read to the last send: the thread's batch buffer is this task's.
+        BATCH_BUFFER.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            let fd = relay.socket.as_raw_fd();
+            // An error other than an empty socket is an ICMP error for an earlier send, or a
+            // transient failure: the next read goes on.
+            if relay.socket.try_io(Interest::READABLE, || batch.recv(fd)).is_ok() {
+                relay.take(&batch);
+            }
+        });
+    }
+    // The flows' tokens are children of `stop`: they end with the port.
+}
+
+/// A port's relay task: what it reads goes to the flows.
+struct PortRelay {
+    socket: Arc<UdpSocket>,
+    flows: Arc<Mutex<Flows>>,
+    port: u16,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    env: Arc<UdpEnv>,
+    hellos: PendingHellos,
+}
+
+/// Datagrams of one batch in a row for one relay flow, sent on its upstream socket in one call.
+struct DirectRun {
+    upstream: Arc<UdpSocket>,
+    activity: Arc<FlowActivity>,
+    datagrams: std::ops::Range<usize>,
+}
+
+/// Where a datagram of a batch went.
+enum Taken {
+    /// Into the current run, queued for its flow's task, or dropped (counted).
+    Done,
+    /// The first of a new run, on this flow's socket.
+    Run(Arc<UdpSocket>, Arc<FlowActivity>),
+    /// No flow has the client: the datagram may start one.
+    NoFlow,
+}
+
+impl PortRelay {
+    fn take(&mut self, batch: &RecvBatch) {
+        let env = self.env.clone();
+        let stats = &env.stats;
+        stats.datagrams_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.bytes_in.fetch_add((0..batch.len()).map(|index| batch.datagram(index).len() as u64).sum(), Ordering::Relaxed);
+        let mut run: Option<DirectRun> = None;
+        for index in 0..batch.len() {
+            let Some(from) = batch.source(index) else {
+                stats.drop_one();
+                continue;
+            };
+            let client = canonical(from);
+            let datagram = batch.datagram(index);
+            let taken = {
+                let mut table = self.flows.lock();
+                match table.by_client.get(&client) {
+                    None => Taken::NoFlow,
+                    Some(flow) if datagram.len() > flow.max_datagram => {
+                        stats.drop_one();
+                        Taken::Done
                     }
-                    // The flow just ended: this datagram starts the next one.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        let id = flow.id;
-                        table.remove(client, id);
+                    Some(Flow { upstream: Some(upstream), activity, .. }) => match &mut run {
+                        Some(run) if run.datagrams.end == index && Arc::ptr_eq(&run.upstream, upstream) => {
+                            run.datagrams.end += 1;
+                            Taken::Done
+                        }
+                        _ => Taken::Run(upstream.clone(), activity.clone()),
+                    },
+                    Some(flow) => match flow.to_upstream.try_send(Bytes::copy_from_slice(datagram)) {
+                        Ok(()) => Taken::Done,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            stats.drop_one();
+                            Taken::Done
+                        }
+                        // The flow just ended: this datagram starts the next one.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            let id = flow.id;
+                            table.remove(client, id);
+                            Taken::NoFlow
+                        }
+                    },
+                }
+            };
+            match taken {
+                Taken::Done => {}
+                Taken::Run(upstream, activity) => {
+                    if let Some(done) = run.replace(DirectRun { upstream, activity, datagrams: index..index + 1 }) {
+                        self.send_run(batch, done);
                     }
                 }
+                Taken::NoFlow => self.start(client, datagram),
             }
         }
-        let table = env.table.read().clone();
-        let (firsts, hello) = if table.udp_reads_hello(port) {
-            match hellos.read(client, datagram) {
-                HelloStep::Wait => continue,
+        if let Some(done) = run {
+            self.send_run(batch, done);
+        }
+    }
+
+    /// A run of a relay flow's datagrams on its upstream socket. What its send buffer cannot take
+    /// now is dropped: the port does not wait for one flow.
+    fn send_run(&self, batch: &RecvBatch, run: DirectRun) {
+        let taken = run.datagrams.len();
+        let bytes: u64 = run.datagrams.clone().map(|index| batch.datagram(index).len() as u64).sum();
+        let sent = batch::send_run(run.upstream.as_raw_fd(), None, batch, run.datagrams.clone());
+        let stats = &self.env.stats;
+        for _ in sent.datagrams..taken {
+            stats.drop_one();
+        }
+        run.activity.route.stats.bytes.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        self.env.metrics.bytes.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        run.activity.touch();
+    }
+
+    /// A datagram from a client without a flow: it starts one, or waits for the rest of a QUIC
+    /// hello, or is dropped.
+    fn start(&mut self, client: SocketAddr, datagram: &[u8]) {
+        let table = self.env.table.read().clone();
+        let (firsts, hello) = if table.udp_reads_hello(self.port) {
+            match self.hellos.read(client, datagram) {
+                HelloStep::Wait => return,
                 HelloStep::Refused(dropped) => {
                     for _ in 0..dropped {
-                        env.stats.drop_one();
+                        self.env.stats.drop_one();
                     }
-                    continue;
+                    return;
                 }
                 HelloStep::Start(firsts, hello) => (firsts, hello),
             }
@@ -337,13 +446,12 @@ async fn relay_port(socket: Arc<UdpSocket>, flows: Arc<Mutex<Flows>>, port: u16,
             (vec![Bytes::copy_from_slice(datagram)], None)
         };
         let count = firsts.len();
-        if !start_flow(&socket, port, client, firsts, hello.as_ref(), &table, &flows, &env, &stop, &tracker) {
+        if !start_flow(&self.socket, self.port, client, firsts, hello.as_ref(), &table, &self.flows, &self.env, &self.stop, &self.tracker) {
             for _ in 0..count {
-                env.stats.drop_one();
+                self.env.stats.drop_one();
             }
         }
     }
-    // The flows' tokens are children of `stop`: they end with the port.
 }
 
 /// Clients of a port whose QUIC ClientHello is still arriving over several datagrams, held until
@@ -450,10 +558,7 @@ fn start_flow(
         *count += 1;
     }
     let admitted = RouteGuard::acquire(&route.stats, route.max_connections).and_then(|slot| match route.datagram_handler {
-        Some(handler) => {
-            let activity = Arc::new(FlowActivity { epoch: tokio::time::Instant::now(), last_ms: AtomicU64::new(0), route: route.clone() });
-            Some((slot, FlowKind::Handler { handler, activity }))
-        }
+        Some(handler) => Some((slot, FlowKind::Handler { handler })),
         None => {
             let target = route.select_target(port, ip)?;
             Some((slot, FlowKind::Relay { upstream: (target.host.clone(), target.port), _lease: target.lease }))
@@ -463,10 +568,8 @@ fn start_flow(
         env.release_ip(&route.label, ip);
         return false;
     };
-    let handler_activity = match &kind {
-        FlowKind::Handler { activity, .. } => Some(activity.clone()),
-        FlowKind::Relay { .. } => None,
-    };
+    let activity = Arc::new(FlowActivity { epoch: tokio::time::Instant::now(), last_ms: AtomicU64::new(0), route: route.clone() });
+    let handler = matches!(kind, FlowKind::Handler { .. });
     let (to_upstream, queued) = mpsc::channel(FLOW_QUEUE);
     // Cannot fail: the queue is new, and holds more than a hello's datagrams.
     for first in firsts {
@@ -476,7 +579,7 @@ fn start_flow(
         let mut table = flows.lock();
         table.next_id += 1;
         let id = table.next_id;
-        table.by_client.insert(client, Flow { id, to_upstream, max_datagram: limits.max_datagram_size as usize, handler: handler_activity });
+        table.by_client.insert(client, Flow { id, to_upstream, upstream: None, max_datagram: limits.max_datagram_size as usize, activity: activity.clone(), handler });
         id
     };
     env.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -487,6 +590,7 @@ fn start_flow(
         port,
         route,
         kind,
+        activity,
         socket: socket.clone(),
         flows: flows.clone(),
         env: env.clone(),
@@ -505,6 +609,7 @@ struct FlowTask {
     port: u16,
     route: Arc<Route>,
     kind: FlowKind,
+    activity: Arc<FlowActivity>,
     socket: Arc<UdpSocket>,
     flows: Arc<Mutex<Flows>>,
     env: Arc<UdpEnv>,
@@ -518,12 +623,7 @@ enum FlowKind {
     /// in-flight slot (least-connections balancing).
     Relay { upstream: (Arc<str>, u16), _lease: Option<Lease> },
     /// To JavaScript: each datagram to the handler, whose replies come back through `UdpReplies`.
-    Handler { handler: u32, activity: Arc<FlowActivity> },
-}
-
-thread_local! {
-    /// Where a worker thread reads a backend's datagram before sending it on (no buffer per flow).
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
+    Handler { handler: u32 },
 }
 
 impl FlowTask {
@@ -535,12 +635,12 @@ impl FlowTask {
                     connected = self.connect(upstream) => Some(connected),
                 };
                 match connected {
-                    Some(Ok(socket)) => self.relay(&socket, &mut queued).await,
+                    Some(Ok(socket)) => self.relay(Arc::new(socket), &mut queued).await,
                     Some(Err(err)) => tracing::debug!(route = %self.route.label, backend = %upstream.0, error = %err, "cannot open the UDP flow's upstream socket"),
                     None => {}
                 }
             }
-            FlowKind::Handler { handler, activity } => self.hand_to_script(*handler, activity, &mut queued).await,
+            FlowKind::Handler { handler } => self.hand_to_script(*handler, &mut queued).await,
         }
         // What the port queued after the last read is dropped, and counted; the port starts a
         // new flow for the client's next datagram.
@@ -563,7 +663,8 @@ impl FlowTask {
 
     /// Each datagram to the route's handler, until the flow sat idle (no datagram either way)
     /// for the route's `sessionTimeout`.
-    async fn hand_to_script(&self, handler: u32, activity: &FlowActivity, queued: &mut mpsc::Receiver<Bytes>) {
+    async fn hand_to_script(&self, handler: u32, queued: &mut mpsc::Receiver<Bytes>) {
+        let activity = &self.activity;
         let idle_after = Duration::from_millis(self.route.udp.session_timeout_ms);
         let idle = tokio::time::sleep(idle_after);
         tokio::pin!(idle);
@@ -614,70 +715,92 @@ impl FlowTask {
         Ok(upstream)
     }
 
-    async fn relay(&self, upstream: &UdpSocket, queued: &mut mpsc::Receiver<Bytes>) {
+    async fn relay(&self, upstream: Arc<UdpSocket>, queued: &mut mpsc::Receiver<Bytes>) {
+        // What queued while the socket was opened goes first; then the port sends on the socket
+        // itself. Both under the flows' lock, so no datagram overtakes a queued one.
+        {
+            let mut flows = self.flows.lock();
+            let Some(flow) = flows.by_client.get_mut(&self.client).filter(|flow| flow.id == self.id) else { return };
+            let socket = SockRef::from(upstream.as_ref());
+            while let Ok(datagram) = queued.try_recv() {
+                self.route.stats.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                self.env.metrics.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                // An ICMP error left by an earlier datagram fails one send: that one is sent again.
+                let mut sent = socket.send(&datagram);
+                if matches!(&sent, Err(err) if err.kind() == io::ErrorKind::ConnectionRefused) {
+                    sent = socket.send(&datagram);
+                }
+                if sent.is_err() {
+                    self.env.stats.drop_one();
+                }
+            }
+            flow.upstream = Some(upstream.clone());
+        }
+        self.activity.touch();
         let idle_after = Duration::from_millis(self.route.udp.session_timeout_ms);
         let idle = tokio::time::sleep(idle_after);
         tokio::pin!(idle);
-        let stats = &self.env.stats;
-        let route_bytes = &self.route.stats.bytes;
+        let client = SockAddr::from(self.client);
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = &mut idle => return,
-                datagram = queued.recv() => {
-                    let Some(datagram) = datagram else { return };
-                    route_bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-                    self.env.metrics.bytes.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-                    // Awaited, not tried: a new socket's writability is known only once polled. An
-                    // ICMP error left by an earlier datagram fails one send: that one is sent again.
-                    let mut sent = upstream.send(&datagram).await;
-                    if matches!(&sent, Err(err) if err.kind() == io::ErrorKind::ConnectionRefused) {
-                        sent = upstream.send(&datagram).await;
+                _ = &mut idle => {
+                    // The port renews the flow too, from outside this task.
+                    let until = self.activity.last() + idle_after;
+                    if until <= tokio::time::Instant::now() {
+                        return;
                     }
-                    if sent.is_err() {
-                        stats.drop_one();
-                    }
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_after);
+                    idle.as_mut().reset(until);
                 }
                 ready = upstream.readable() => {
                     if ready.is_err() {
                         return;
                     }
-                    // Every answer waiting now, each read and sent on without an await between. One
-                    // the port's socket cannot take at once (its writability not yet known, or
-                    // its buffer full) is copied out and awaited.
-                    let (answered, waiting) = SCRATCH.with(|scratch| {
-                        let mut scratch = scratch.borrow_mut();
-                        let mut answered = false;
-                        for _ in 0..ANSWERS_PER_TURN {
-                            match upstream.try_recv(&mut scratch) {
-                                Ok(len) => {
-                                    answered = true;
-                                    match self.socket.try_send_to(&scratch[..len], self.client) {
-                                        Ok(_) => self.count_out(len),
-                                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => return (answered, Some(scratch[..len].to_vec())),
-                                        Err(_) => stats.drop_one(),
-                                    }
-                                }
-                                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return (answered, None),
-                                // The backend's port is closed (ICMP): later datagrams may find it open.
-                                Err(_) => return (answered, None),
+                    if let Some(waiting) = self.answer(&upstream, &client) {
+                        // The port's socket could not take these at once (its writability not yet
+                        // known, or its buffer full): they wait for it.
+                        for datagram in waiting {
+                            match self.socket.send_to(&datagram, self.client).await {
+                                Ok(_) => self.count_out(datagram.len()),
+                                Err(_) => self.env.stats.drop_one(),
                             }
                         }
-                        // More may wait: readiness stays set, so the next turn reads on.
-                        (answered, None)
-                    });
-                    if let Some(datagram) = waiting {
-                        match self.socket.send_to(&datagram, self.client).await {
-                            Ok(_) => self.count_out(datagram.len()),
-                            Err(_) => stats.drop_one(),
-                        }
-                    }
-                    if answered {
-                        idle.as_mut().reset(tokio::time::Instant::now() + idle_after);
                     }
                 }
             }
         }
+    }
+
+    /// The backend's answers waiting now, a batch at a time, each batch sent on to the client in
+    /// one call without an await between. Returns those the port's socket did not take.
+    fn answer(&self, upstream: &UdpSocket, client: &SockAddr) -> Option<Vec<Vec<u8>>> {
+        let fd = upstream.as_raw_fd();
+        let port_fd = self.socket.as_raw_fd();
+        BATCH_BUFFER.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            for _ in 0..ANSWER_BATCHES_PER_TURN {
+                let read = match upstream.try_io(Interest::READABLE, || batch.recv(fd)) {
+                    Ok(read) => read,
+                    // Nothing waiting; or the backend's port is closed (ICMP), and later
+                    // datagrams may find it open.
+                    Err(_) => return None,
+                };
+                self.activity.touch();
+                let sent = batch::send_run(port_fd, Some(client), &batch, 0..read);
+                let stats = &self.env.stats;
+                stats.datagrams_out.fetch_add(sent.datagrams as u64, Ordering::Relaxed);
+                stats.bytes_out.fetch_add(sent.bytes as u64, Ordering::Relaxed);
+                self.route.stats.bytes.bytes_out.fetch_add(sent.bytes as u64, Ordering::Relaxed);
+                self.env.metrics.bytes.bytes_out.fetch_add(sent.bytes as u64, Ordering::Relaxed);
+                for _ in 0..sent.dropped {
+                    stats.drop_one();
+                }
+                if let Some(blocked_at) = sent.blocked_at {
+                    return Some((blocked_at..read).map(|index| batch.datagram(index).to_vec()).collect());
+                }
+            }
+            // More may wait: readiness stays set, so the next turn reads on.
+            None
+        })
     }
 }
