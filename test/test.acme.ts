@@ -10,7 +10,7 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -18,6 +18,7 @@ import { SmartProxy } from '../ts/index.js';
 import type { IAcmeOptions, IRouteConfig, ISmartProxyOptions } from '../ts/index.js';
 import { freePort, freePorts, rejection, sleep, waitFor } from './helpers/net.js';
 import { startPebble, type Pebble } from './helpers/pebble.js';
+import { h3Answer, h3ClientAvailable, h3RequestOk } from './helpers/h3.js';
 
 const ISSUE_TIMEOUT_MS = 30000;
 const CERT_EVENTS = ['certificate-issued', 'certificate-renewed', 'certificate-failed', 'certificate-expiring'] as const;
@@ -30,6 +31,8 @@ const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-acme-'));
 const challengePort = await freePort();
 const pebble: Pebble = await startPebble({ httpPort: challengePort });
 const rootPem = await pebble.rootPem();
+const rootPemFile = path.join(workDir, 'acme-root.pem');
+writeFileSync(rootPemFile, rootPem);
 
 /** A self-signed certificate (usable as its own trust anchor) for `name`, made with openssl. */
 function selfSigned(name: string): { key: string; cert: string } {
@@ -42,6 +45,8 @@ function selfSigned(name: string): { key: string; cert: string } {
 const staticCert = selfSigned('static.test');
 const customCert = selfSigned('c.test');
 const fingerprintOf = (pem: string): string => new X509Certificate(pem).fingerprint256;
+/** A fingerprint256 (`AB:CD:…`) as the HTTP/3 client reports the certificate it was served (hex). */
+const hexOf = (fingerprint: string): string => fingerprint.replace(/:/g, '').toLowerCase();
 
 /** Answers every request with JSON naming itself and what it received. */
 async function startBackend(name: string): Promise<{ port: number; requests: number; close(): Promise<void> }> {
@@ -84,11 +89,17 @@ function acmeOptions(store: string, extra: Partial<IAcmeOptions> = {}): IAcmeOpt
   };
 }
 
-function autoRoute(name: string, domain: string, port: number): IRouteConfig {
+/** With `http3`, the route also serves HTTP/3 (QUIC on the port's UDP side) with the same certificate. */
+function autoRoute(name: string, domain: string, port: number, { http3 = false } = {}): IRouteConfig {
   return {
     name,
     match: { ports: port, domains: domain },
-    action: { type: 'forward', target: { host: '127.0.0.1', port: backend.port }, tls: { mode: 'terminate', certificate: 'auto' } },
+    action: {
+      type: 'forward',
+      target: { host: '127.0.0.1', port: backend.port },
+      tls: { mode: 'terminate', certificate: 'auto' },
+      ...(http3 ? { http3: { enabled: true } } : {}),
+    },
   };
 }
 
@@ -340,9 +351,19 @@ acmeTest('a restart with the same store serves the stored certificate at once, w
   }
 });
 
-acmeTest('renewCertificate: a new certificate for new connections; an open keep-alive connection keeps working', async () => {
+/** One HTTP/3 GET to a.test on `port`, verified against the ACME root: the certificate served (hex sha256). */
+async function h3Get(port: number, reqPath: string): Promise<string | null> {
+  const result = await h3RequestOk({ port, serverName: 'a.test', caFile: rootPemFile, requests: [{ path: reqPath }] });
+  const answer = h3Answer(result.responses[0]);
+  expect(answer.status).toEqual(200);
+  expect(JSON.parse(answer.bodyText).url).toEqual(reqPath);
+  return result.peerCertSha256;
+}
+
+acmeTest('renewCertificate: a new certificate for new connections, over TCP and QUIC; an open keep-alive connection keeps working', async () => {
+  if (!h3ClientAvailable()) throw new Error('the HTTP/3 test client is missing: run .ci/run (it makes .venv-h3 with aioquic)');
   const [port] = await freePorts(1);
-  const proxy = newProxy({ acme: acmeOptions(mainStore), routes: [autoRoute('auto-site', 'a.test', port)] });
+  const proxy = newProxy({ acme: acmeOptions(mainStore), routes: [autoRoute('auto-site', 'a.test', port, { http3: true })] });
   const events = recordEvents(proxy);
   await proxy.start();
   const agent = new https.Agent({ keepAlive: true, maxSockets: 1 });
@@ -351,6 +372,8 @@ acmeTest('renewCertificate: a new certificate for new connections; an open keep-
     expect(before.status).toEqual(200);
     const oldFingerprint = before.fingerprint;
     expect(oldFingerprint).toEqual(firstFingerprint);
+    // The 'auto' certificate serves QUIC handshakes too, verified against the ACME root.
+    expect(await h3Get(port, '/h3-before')).toEqual(hexOf(oldFingerprint));
 
     await proxy.renewCertificate('auto-site');
     await waitFor(() => events.some((e) => e.type === 'certificate-renewed'), 2000, "'certificate-renewed'");
@@ -374,6 +397,8 @@ acmeTest('renewCertificate: a new certificate for new connections; an open keep-
     expect(fresh.fingerprint).not.toEqual(oldFingerprint);
     expect(fingerprintOf(readFileSync(path.join(mainStore, 'auto-site', 'cert.pem'), 'utf8'))).toEqual(fresh.fingerprint);
     expect(proxy.getCertificateStatus('auto-site')?.status).toEqual('valid');
+    // A new QUIC connection gets the renewed certificate as well.
+    expect(await h3Get(port, '/h3-fresh')).toEqual(hexOf(fresh.fingerprint));
   } finally {
     agent.destroy();
   }
