@@ -14,9 +14,9 @@ import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 
 import { SmartProxy } from '../ts/index.js';
-import { freePort, sleep, withCleanup, type TDefer } from './helpers/net.js';
+import { freePort, sleep, waitFor, withCleanup, type TDefer } from './helpers/net.js';
 import { createTestCa } from './helpers/tls.js';
-import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, startH3Server, certSha256, h3Answer } from './helpers/h3.js';
+import { h3ClientAvailable, h3Header, h3PatternBody, h3Request, h3RequestOk, sha256Hex, startH3Server, startHalfOpenHandshakes, certSha256, h3Answer } from './helpers/h3.js';
 
 type TOptions = ConstructorParameters<typeof SmartProxy>[0];
 type TRoute = TOptions['routes'][number];
@@ -291,6 +291,45 @@ h3Test('the engine block list refuses a QUIC client before any handshake; stop()
     await proxy.stop();
     stopped = true;
     await bindUdp(port);
+  });
+});
+
+h3Test('more than 64 handshakes in progress: a new client is first sent a Retry, proves its address and is served; the half-open ones time out', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    // The half-open handshakes come from one IP: its connection budget must not refuse them first.
+    const proxy = await startProxy(defer, {
+      routes: [h3Route('site-a', 'a.test', port, a.port, certA)],
+      maxConnectionsPerIP: 1000,
+      connectionRateLimitPerMinute: 100000,
+      initialDataTimeout: 3000,
+    } as TOptions);
+    const quic = () => statsOf(proxy).quic!;
+
+    // Below the mark a client goes straight in.
+    const direct = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/before' }] });
+    expect(h3Answer(direct.responses[0]).status).toEqual(200);
+    expect(quic().retries).toEqual(0);
+
+    const flood = await startHalfOpenHandshakes({ port, serverName: 'a.test', count: 80, holdMs: 10000 });
+    defer(() => flood.kill());
+    expect(flood.sent).toEqual(80);
+    // Each attempt is in progress, or was sent a Retry once 64 were (which this flood ignores).
+    await waitFor(() => quic().handshaking + quic().retries >= 80, 5000, 'every half-open attempt to be taken');
+    expect(quic().handshaking).toBeGreaterThanOrEqual(64);
+    const retriesBefore = quic().retries;
+
+    const result = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/after-retry' }] });
+    expect(h3Answer(result.responses[0]).status).toEqual(200);
+    expect(quic().retries).toEqual(retriesBefore + 1);
+    expect(a.seen.map((r) => r.path)).toContain('/after-retry');
+
+    // initialDataTimeout bounds a handshake: the abandoned ones end as failures, none is left.
+    await waitFor(() => quic().handshaking === 0, 8000, 'the half-open handshakes to time out');
+    expect(quic().handshakeFailures).toBeGreaterThanOrEqual(64);
+    expect(quic().connectionsTotal).toEqual(2);
   });
 });
 

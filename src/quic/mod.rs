@@ -72,6 +72,8 @@ pub struct QuicStatsSnapshot {
     pub refused: u64,
     /// Clients sent a Retry to prove their address first.
     pub retries: u64,
+    /// Handshakes in progress now.
+    pub handshaking: u64,
 }
 
 impl QuicStats {
@@ -81,7 +83,7 @@ impl QuicStats {
 
     pub fn snapshot(&self) -> QuicStatsSnapshot {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        QuicStatsSnapshot { connections_total: load(&self.total), handshake_failures: load(&self.handshake_failures), refused: load(&self.refused), retries: load(&self.retries) }
+        QuicStatsSnapshot { connections_total: load(&self.total), handshake_failures: load(&self.handshake_failures), refused: load(&self.refused), retries: load(&self.retries), handshaking: load(&self.handshaking) }
     }
 }
 

@@ -191,6 +191,52 @@ export function h3Request(input: IH3ClientInput): Promise<IH3ClientOutput> {
   });
 }
 
+export const QUIC_INITIALS_SCRIPT = path.join(HELPERS_DIR, 'quic-initials.py');
+
+export interface IHalfOpenHandshakes {
+  /** First flights sent (one connection each). */
+  sent: number;
+  /** Ends the helper (its sockets close). */
+  kill(): void;
+}
+
+/**
+ * `count` QUIC handshakes begun and abandoned (test/helpers/quic-initials.py): each connection's
+ * Initial packets from a socket of its own, then silence for `holdMs`. Resolves once all are sent.
+ */
+export function startHalfOpenHandshakes(opts: { host?: string; port: number; serverName: string; count: number; holdMs: number }): Promise<IHalfOpenHandshakes> {
+  const args = [QUIC_INITIALS_SCRIPT, opts.host ?? '127.0.0.1', String(opts.port), opts.serverName, String(opts.count), String(opts.holdMs)];
+  return new Promise((resolve, reject) => {
+    const child = spawn(H3_PYTHON, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    const kill = (): void => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    };
+    const timer = setTimeout(() => {
+      kill();
+      reject(new Error(`quic-initials.py sent nothing within 20 s; stderr: ${err}`));
+    }, 20000);
+    child.stderr.on('data', (d: Buffer) => (err += d.toString('utf8')));
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString('utf8');
+      const line = out.split('\n').find((l) => l.startsWith('{'));
+      if (line === undefined) return;
+      clearTimeout(timer);
+      const parsed: unknown = JSON.parse(line);
+      resolve({ sent: isRecord(parsed) && typeof parsed.sent === 'number' ? parsed.sent : 0, kill });
+    });
+    child.on('error', (e: Error) => {
+      clearTimeout(timer);
+      reject(new Error(`quic-initials.py could not start (${H3_PYTHON}): ${e.message}`));
+    });
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      if (!out.includes('{')) reject(new Error(`quic-initials.py exited ${code} before sending: ${err}`));
+    });
+  });
+}
+
 /** Like `h3Request`, but a failure throws (with the client's error and log). */
 export async function h3RequestOk(input: IH3ClientInput): Promise<IH3Success> {
   const result = await h3Request(input);

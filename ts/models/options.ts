@@ -243,6 +243,8 @@ export interface IQuicStats {
   refused: number;
   /** Clients sent a Retry to prove their address first (while many handshakes are in progress). */
   retries: number;
+  /** Handshakes in progress now. */
+  handshaking: number;
 }
 
 /** (ext) `IStatistics.sharedState`: this replica's use of the state shared through Redis. */
