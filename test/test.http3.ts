@@ -38,7 +38,8 @@ interface IEchoBackend {
 /**
  * An HTTP/1.1 backend: POST/PUT bodies are streamed back as they come (with their sha256 in a
  * trailer-free header computed at the end is impossible, so the client compares hashes itself);
- * GET `/big` answers 10 MiB of the pattern; anything else `<tag> <host> <path>`.
+ * GET `/big` answers 10 MiB of the pattern; `/slow` answers `slow` after 1.5 s; anything else
+ * `<tag> <host> <path>`.
  */
 async function startEchoBackend(tag: string): Promise<IEchoBackend> {
   const seen: IEchoBackend['seen'] = [];
@@ -47,6 +48,13 @@ async function startEchoBackend(tag: string): Promise<IEchoBackend> {
     if (req.method === 'POST' || req.method === 'PUT') {
       res.writeHead(200, { 'content-type': 'application/octet-stream' });
       req.pipe(res);
+      return;
+    }
+    if (req.url === '/slow') {
+      setTimeout(() => {
+        res.writeHead(200, { 'content-type': 'text/plain', 'content-length': 4 });
+        res.end('slow');
+      }, 1500);
       return;
     }
     if (req.url === '/big') {
@@ -256,11 +264,66 @@ h3Test('a new certificate through updateRoutes serves the next QUIC handshake; H
     const second = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/' }] });
     expect(second.peerCertSha256).toEqual(certSha256(renewed.cert));
     expect(second.peerCertSha256).not.toEqual(first.peerCertSha256);
-    // Without HTTP/3 the UDP port is free again (TCP keeps serving).
+    // Without HTTP/3 the UDP port is free again once its (closed) connections are gone (TCP
+    // keeps serving).
     await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, renewed, { http3: false })]);
-    await bindUdp(port);
+    await waitForUdpFree(port);
   });
 });
+
+h3Test('HTTP/3 taken off a port by updateRoutes: a request in flight finishes (GOAWAY, then its answer), new connections are refused, then the port is free; enabling it again binds at once', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    const proxy = await startProxy(defer, { routes: [h3Route('site-a', 'a.test', port, a.port, certA)] });
+    // h3Request resolves with ok: false on a failure: nothing rejects before it is awaited.
+    const inFlight = h3Request({ port, serverName: 'a.test', caFile, requests: [{ path: '/slow' }] });
+    await waitFor(() => a.seen.some((r) => r.path === '/slow'), 5000, 'the slow request to reach the backend');
+    await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, certA, { http3: false })]);
+    expect(statsOf(proxy).quicPorts).toEqual([]);
+
+    const refused = await h3Request({ port, serverName: 'a.test', caFile, timeoutMs: 2000, requests: [{ path: '/late' }] });
+    expect(refused.ok).toBeFalse();
+    expect(a.seen.some((r) => r.path === '/late')).toBeFalse();
+
+    const done = await inFlight;
+    if (!done.ok) throw new Error(`the request in flight failed: ${done.error}`);
+    const answer = h3Answer(done.responses[0]);
+    expect(answer.status).toEqual(200);
+    expect(answer.bodyText).toEqual('slow');
+    await waitForUdpFree(port);
+
+    // Flipped on again: served at once.
+    await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, certA)]);
+    const again = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/again' }] });
+    expect(h3Answer(again.responses[0]).status).toEqual(200);
+    const slowAgain = h3Request({ port, serverName: 'a.test', caFile, timeoutMs: 5000, requests: [{ path: '/slow' }] });
+    await waitFor(() => a.seen.filter((r) => r.path === '/slow').length === 2, 5000, 'the second slow request to reach the backend');
+    // Off and on again while that request drains: the port is wanted again, so the draining
+    // endpoint is closed at once to free it, and the new one serves.
+    await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, certA, { http3: false })]);
+    await proxy.updateRoutes([h3Route('site-a', 'a.test', port, a.port, certA)]);
+    expect(statsOf(proxy).quicPorts).toEqual([port]);
+    const third = await h3RequestOk({ port, serverName: 'a.test', caFile, requests: [{ path: '/third' }] });
+    expect(h3Answer(third.responses[0]).status).toEqual(200);
+    expect((await slowAgain).ok).toBeFalse();
+  });
+});
+
+/** Polls `bindUdp(port)` until the port is free (bounded). */
+async function waitForUdpFree(port: number, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      await bindUdp(port);
+      return;
+    } catch (err) {
+      if (Date.now() > deadline) throw new Error(`UDP port ${port} still taken after ${timeoutMs} ms: ${(err as Error).message}`);
+      await sleep(50);
+    }
+  }
+}
 
 /** Binds and closes a UDP socket on `port` (all interfaces, as the proxy binds): rejects if taken. */
 function bindUdp(port: number): Promise<void> {
@@ -273,6 +336,23 @@ function bindUdp(port: number): Promise<void> {
     socket.bind(port, '::', () => socket.close(() => resolve()));
   });
 }
+
+h3Test('stop() with an HTTP/3 request in flight: a GOAWAY, its answer arrives whole, then the proxy stops and the port is free', async () => {
+  await withCleanup(async (defer) => {
+    const a = await startEchoBackend('A');
+    defer(() => a.close());
+    const port = await freePort();
+    const proxy = new SmartProxy({ routes: [h3Route('site-a', 'a.test', port, a.port, certA)], gracefulShutdownTimeout: 10000 } as TOptions);
+    await proxy.start();
+    const inFlight = h3Request({ port, serverName: 'a.test', caFile, requests: [{ path: '/slow' }] });
+    await waitFor(() => a.seen.some((r) => r.path === '/slow'), 5000, 'the slow request to reach the backend');
+    await proxy.stop();
+    const done = await inFlight;
+    if (!done.ok) throw new Error(`the request in flight failed: ${done.error}`);
+    expect(h3Answer(done.responses[0]).bodyText).toEqual('slow');
+    await bindUdp(port);
+  });
+});
 
 h3Test('the engine block list refuses a QUIC client before any handshake; stop() releases the UDP port', async () => {
   await withCleanup(async (defer) => {

@@ -404,6 +404,10 @@ impl Engine {
         let wanted = self.wanted_ports(&control);
         if let Some(running) = control.running.as_mut() {
             let udp_wanted: Vec<u16> = table.udp_ports().into_iter().collect();
+            let quic_wanted: Vec<u16> = table.quic_ports().into_iter().collect();
+            // A port still draining its HTTP/3 connections is closed now if it is wanted again.
+            let wanted_udp_sides: Vec<u16> = udp_wanted.iter().chain(&quic_wanted).copied().collect();
+            running.quic.reclaim(&wanted_udp_sides).await;
             let udp_added = match running.udp.bind_all(&udp_wanted, &running.udp_env) {
                 Ok(added) => added,
                 Err(err) => {
@@ -412,7 +416,6 @@ impl Engine {
                     return Err(EngineError::Bind(err));
                 }
             };
-            let quic_wanted: Vec<u16> = table.quic_ports().into_iter().collect();
             let bound = match running.quic.bind_all(&quic_wanted, &running.quic_env) {
                 Ok(quic_added) => running.ports.bind_all(&wanted, &running.on_accept).map_err(|err| (err, quic_added)),
                 Err(err) => Err((err, Vec::new())),
@@ -433,9 +436,11 @@ impl Engine {
                     running.udp.release(port).await;
                 }
             }
+            // As over TCP, open connections finish what they took: a GOAWAY, then the grace period.
+            let grace = Duration::from_millis(self.options.graceful_shutdown_timeout_ms);
             for port in running.quic.ports() {
                 if !quic_wanted.contains(&port) {
-                    running.quic.release(port).await;
+                    running.quic.retire(port, grace).await;
                 }
             }
             for port in running.ports.ports() {

@@ -128,19 +128,35 @@ impl QuicEnv {
     }
 }
 
+type SocketHandle = std::sync::Weak<dyn quinn::AsyncUdpSocket>;
+
 struct Listening {
     endpoint: quinn::Endpoint,
     /// The endpoint's socket, held by its driver task: gone once that task has ended, and with
     /// it the port.
-    socket: std::sync::Weak<dyn quinn::AsyncUdpSocket>,
+    socket: SocketHandle,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// Cancelled when the port is retired (or at a stop, through its parent): the port's
+    /// connections send a GOAWAY and finish the requests they took.
+    draining: CancellationToken,
 }
 
-/// The QUIC endpoints bound, each with its accept loop.
+/// A port the routes no longer serve HTTP/3 on, whose connections are finishing their requests.
+/// It takes no new connection; its endpoint closes once they are done or the grace period is
+/// over, whichever comes first, and the port is free once its socket is gone.
+struct Retiring {
+    socket: SocketHandle,
+    /// Cancelled to close the endpoint now (a stop, or the port wanted again).
+    close_now: CancellationToken,
+    closer: JoinHandle<()>,
+}
+
+/// The QUIC endpoints bound, each with its accept loop, and those retiring.
 #[derive(Default)]
 pub struct QuicPorts {
     ports: BTreeMap<u16, Listening>,
+    retiring: BTreeMap<u16, Retiring>,
 }
 
 impl QuicPorts {
@@ -159,11 +175,50 @@ impl QuicPorts {
         let mut added = Vec::with_capacity(bound.len());
         for (port, endpoint, socket) in bound {
             let stop = CancellationToken::new();
-            let task = tokio::spawn(accept_loop(endpoint.clone(), port, stop.clone(), env.clone()));
-            self.ports.insert(port, Listening { endpoint, socket, stop, task });
+            let draining = env.session.draining.child_token();
+            let task = tokio::spawn(accept_loop(endpoint.clone(), port, stop.clone(), draining.clone(), env.clone()));
+            self.ports.insert(port, Listening { endpoint, socket, stop, task, draining });
             added.push(port);
         }
         Ok(added)
+    }
+
+    /// Closes the endpoints still retiring on any of `ports` now, so the ports can be bound again
+    /// (for QUIC or a UDP route); returns once they are free.
+    pub async fn reclaim(&mut self, ports: &[u16]) {
+        for port in ports {
+            if let Some(retiring) = self.retiring.remove(port) {
+                retiring.close_now.cancel();
+                let _ = retiring.closer.await;
+                socket_gone(&retiring.socket).await;
+            }
+        }
+        self.retiring.retain(|_, retiring| retiring.socket.strong_count() > 0);
+    }
+
+    /// Stops taking connections on the port and lets its open ones finish their requests (a
+    /// GOAWAY each), for up to `grace`, in the background; the endpoint closes after them.
+    pub async fn retire(&mut self, port: u16, grace: Duration) {
+        let Some(listening) = self.ports.remove(&port) else { return };
+        let Listening { endpoint, socket, stop, task, draining } = listening;
+        stop.cancel();
+        let _ = task.await;
+        // New Initials are refused from now on.
+        endpoint.set_server_config(None);
+        draining.cancel();
+        let close_now = CancellationToken::new();
+        let closer = tokio::spawn({
+            let close_now = close_now.clone();
+            async move {
+                tokio::select! {
+                    _ = close_now.cancelled() => {}
+                    _ = tokio::time::timeout(grace, endpoint.wait_idle()) => {}
+                }
+                close_endpoint(endpoint).await;
+            }
+        });
+        self.retiring.retain(|_, retiring| retiring.socket.strong_count() > 0);
+        self.retiring.insert(port, Retiring { socket, close_now, closer });
     }
 
     /// Stops taking connections on the port and closes its endpoint; returns once the port is
@@ -171,17 +226,11 @@ impl QuicPorts {
     /// drained.
     pub async fn release(&mut self, port: u16) {
         if let Some(listening) = self.ports.remove(&port) {
-            let Listening { endpoint, socket, stop, task } = listening;
+            let Listening { endpoint, socket, stop, task, .. } = listening;
             stop.cancel();
             let _ = task.await;
-            endpoint.close(NO_ERROR.into(), b"port closed");
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-            drop(endpoint);
-            // The driver task lets go of the socket once it sees the last handle gone.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while socket.strong_count() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            close_endpoint(endpoint).await;
+            socket_gone(&socket).await;
         }
     }
 
@@ -197,6 +246,23 @@ impl QuicPorts {
         for port in self.ports() {
             self.release(port).await;
         }
+        let retiring: Vec<u16> = self.retiring.keys().copied().collect();
+        self.reclaim(&retiring).await;
+    }
+}
+
+/// Closes the endpoint's connections at once, and lets go of this handle of it.
+async fn close_endpoint(endpoint: quinn::Endpoint) {
+    endpoint.close(NO_ERROR.into(), b"port closed");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// Waits (bounded) until the endpoint's socket is closed: its driver task lets go of it once it
+/// sees the last handle gone.
+async fn socket_gone(socket: &SocketHandle) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while socket.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -206,6 +272,9 @@ impl Drop for QuicPorts {
         for listening in self.ports.values() {
             listening.stop.cancel();
             listening.endpoint.close(NO_ERROR.into(), b"stopped");
+        }
+        for retiring in self.retiring.values() {
+            retiring.close_now.cancel();
         }
     }
 }
@@ -225,7 +294,7 @@ fn bind(port: u16, env: &QuicEnv) -> std::io::Result<(quinn::Endpoint, std::sync
     Ok((endpoint, weak))
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, port: u16, stop: CancellationToken, env: Arc<QuicEnv>) {
+async fn accept_loop(endpoint: quinn::Endpoint, port: u16, stop: CancellationToken, draining: CancellationToken, env: Arc<QuicEnv>) {
     loop {
         let incoming = tokio::select! {
             biased;
@@ -236,7 +305,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, port: u16, stop: CancellationTok
             },
         };
         let connection_env = env.clone();
-        env.sessions.spawn(serve_connection(incoming, port, connection_env));
+        env.sessions.spawn(serve_connection(incoming, port, draining.clone(), connection_env));
     }
 }
 
@@ -277,7 +346,7 @@ impl ResolvesServerCert for RouteCertificate {
 }
 
 /// One client's QUIC connection, from its first packet to its close.
-async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv>) {
+async fn serve_connection(incoming: quinn::Incoming, port: u16, draining: CancellationToken, env: Arc<QuicEnv>) {
     let session = &env.session;
     let remote = incoming.remote_address();
     let client_ip = canonical_ip(remote.ip());
@@ -348,7 +417,7 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, env: Arc<QuicEnv
     };
     let ctx = session.http_context(table, peer, sni, Some(route), None, counters.clone());
     let limits = session.http_limits_from(accepted_at);
-    let shutdown = Shutdown { draining: &session.draining, force_close: &session.force_close };
+    let shutdown = Shutdown { draining: &draining, force_close: &session.force_close };
     let reason = crate::http::h3::server::serve(connection.clone(), counters.clone(), ctx, limits, shutdown).await;
     // The connection's bytes, as UDP payload (QUIC's own overhead included), once it is over.
     let stats = connection.stats();

@@ -44,7 +44,8 @@ pub async fn serve(connection: quinn::Connection, counters: Arc<ClientCounters>,
     let serving = std::pin::pin!(serve_requests(connection.clone(), counters, ctx, limits, shutdown.draining));
     // Draining is the serving loop's own business: a GOAWAY, then the streams it covers finish.
     let reason = watched(serving, &watch, |_| false).await.unwrap_or_else(|reason| reason);
-    // Dropping the h3 connection closed it already (H3_NO_ERROR); this also ends one the watchdog left.
+    // Dropping the h3 connection closed it already (H3_NO_ERROR); this also ends one the watchdog
+    // left.
     connection.close(quinn::VarInt::from_u32(0x100), b"");
     reason
 }
@@ -58,7 +59,7 @@ async fn serve_requests(
 ) -> TerminationReason {
     let mut builder = h3::server::builder();
     builder.max_field_section_size(limits.max_header_size as u64);
-    let mut h3 = match tokio::time::timeout(limits.header_timeout, builder.build::<_, Bytes>(GuardedConnection::new(h3_quinn::Connection::new(connection), limits.max_header_size))).await {
+    let mut h3 = match tokio::time::timeout(limits.header_timeout, builder.build::<_, Bytes>(GuardedConnection::new(h3_quinn::Connection::new(connection.clone()), limits.max_header_size))).await {
         Ok(Ok(h3)) => h3,
         Ok(Err(err)) => {
             tracing::debug!(error = %err, "HTTP/3 connection failed to start");
@@ -103,8 +104,17 @@ async fn serve_requests(
         }
     };
     while requests.join_next().await.is_some() {}
+    if goaway_sent {
+        // The last answers may still be on their way, and a close (dropping `h3` is one) drops
+        // what the client has not acknowledged: it closes once it has them, or they had time to
+        // arrive. The watchdog still ends this at a forced close.
+        let _ = tokio::time::timeout(DRAINED_LINGER, connection.closed()).await;
+    }
     reason
 }
+
+/// How long a drained connection stays open after its last answer, unless the client closes it.
+const DRAINED_LINGER: Duration = Duration::from_secs(1);
 
 /// One request stream: its headers (within `headerTimeout`), the pipeline, and the response.
 async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters: Arc<ClientCounters>, header_timeout: Duration) {
