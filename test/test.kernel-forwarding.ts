@@ -127,8 +127,9 @@ test('preserveSourceIP: a backend in another namespace sees the client; without 
 });
 
 test("protocol 'udp': datagrams go through the kernel both ways and are counted", async () => {
-  const seen = run<{ answer: string; packets: number }>(['unshare', '-n', process.execPath, child, 'udp']);
+  const seen = run<{ answer: string; packets: number; relayedFlows: number }>(['unshare', '-n', process.execPath, child, 'udp']);
   expect(seen.answer).toEqual('udp:ping');
+  expect(seen.relayedFlows).toEqual(0);
   // The datagram and its answer.
   expect(seen.packets).toEqual(2);
 });
@@ -142,10 +143,12 @@ test("a table left by a process that is gone is removed at the next start; other
   expect(seen.during.length).toEqual(seen.foreign.length + 1);
 });
 
-test('without CAP_NET_ADMIN the relay serves the route, and one warning says why', async () => {
+test("without CAP_NET_ADMIN the relay serves the route, its TCP and (protocol 'all') its UDP, and one warning says why", async () => {
   const script = `ip link set lo up && exec setpriv --reuid=65534 --regid=65534 --clear-groups ${process.execPath} ${child} fallback`;
-  const seen = run<{ answer: string; answerAfterUpdate: string; kernel: IForward['kernel']; relayedTotal: number; warnings: string[] }>(['unshare', '-n', 'sh', '-c', script]);
+  const seen = run<{ answer: string; udpAnswer: string; udpSessions: number; answerAfterUpdate: string; kernel: IForward['kernel']; relayedTotal: number; warnings: string[] }>(['unshare', '-n', 'sh', '-c', script]);
   expect(seen.answer).toEqual('one:hello');
+  expect(seen.udpAnswer).toEqual('udp:ping');
+  expect(seen.udpSessions).toEqual(1);
   expect(seen.answerAfterUpdate).toEqual('one:again');
   expect(seen.relayedTotal).toEqual(2);
   expect(seen.kernel?.active).toEqual(false);

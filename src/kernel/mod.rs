@@ -314,15 +314,9 @@ impl KernelForwarder {
                     applied.counters.clear();
                 }
                 if applied.warned.as_deref() != Some(reason.as_str()) {
-                    let names = |carried: fn(KernelProtocol) -> bool| routes.iter().filter(|(_, r)| carried(r.protocol)).map(|(label, _)| &**label).collect::<Vec<&str>>();
-                    let relayed = names(|p| p != KernelProtocol::Udp);
+                    let relayed: Vec<&str> = routes.iter().map(|(label, _)| &**label).collect();
                     if !relayed.is_empty() {
                         tracing::warn!(reason = %reason, routes = ?relayed, "kernel forwarding is unavailable: these routes are relayed by the Rust core");
-                    }
-                    // The relay carries TCP only.
-                    let dropped = names(|p| p != KernelProtocol::Tcp);
-                    if !dropped.is_empty() {
-                        tracing::warn!(reason = %reason, routes = ?dropped, "kernel forwarding is unavailable: the Rust core relays no UDP, so these routes' datagrams are not forwarded");
                     }
                     applied.warned = Some(reason.clone());
                 }

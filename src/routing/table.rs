@@ -994,6 +994,12 @@ impl Route {
         } else if config.action.udp.is_some() {
             return Err(fail("action.udp".into(), "needs match.transport 'udp' or 'all' (this route takes TCP only)".into()));
         }
+        // A kernel route's datagrams are the relay's where the kernel cannot forward them, as
+        // its connections are: while the kernel forwards, none reaches the relay's socket.
+        let route = match &route.kernel {
+            Some(kernel) if kernel.protocol != crate::kernel::KernelProtocol::Tcp => Route { transport: Transport::All, ..route },
+            _ => route,
+        };
         if route.affinity.is_some() && !route.speaks_http() {
             return Err(fail("action.loadBalancing.affinity".into(), "affinity is kept per HTTP request: the route must serve HTTP (terminate TLS, or plain HTTP with domains or HTTP matching)".into()));
         }

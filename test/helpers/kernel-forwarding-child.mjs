@@ -196,22 +196,35 @@ if (scenario === 'forward') {
     await sleep(100);
   }
   out.packets = kernel?.routes['kernel-udp']?.packets ?? 0;
+  // The relay holds the port's UDP socket too (for when the kernel cannot forward): it saw nothing.
+  out.relayedFlows = proxy.getStatistics().udp?.sessionsTotal ?? 0;
   client.close();
   backendSocket.close();
   await proxy.stop();
 } else if (scenario === 'fallback') {
-  // No nftables for this process (run without CAP_NET_ADMIN): the relay serves, with one warning.
+  // No nftables for this process (run without CAP_NET_ADMIN): the relay serves, with one warning,
+  // TCP and (protocol 'all') UDP alike; the UDP backend answers on the TCP backend's port number.
   const one = await backend('one');
+  const udpBackend = dgram.createSocket('udp4');
+  await new Promise((resolve) => udpBackend.bind(one.port, '127.0.0.1', resolve));
+  udpBackend.on('message', (message, from) => udpBackend.send(`udp:${message}`, from.port, from.address));
   const port = await freePort();
   const logs = [];
-  const proxy = new SmartProxy({
-    routes: [{ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: one.port } } }],
-    logger: (entry) => logs.push(entry),
-  });
+  const route = { name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', nftables: { protocol: 'all' }, target: { host: '127.0.0.1', port: one.port } } };
+  const proxy = new SmartProxy({ routes: [route], logger: (entry) => logs.push(entry) });
   await proxy.start();
   out.answer = (await exchange(port, 'hello')).answer;
-  await proxy.updateRoutes([{ name: 'kernel', match: { ports: port }, action: { type: 'forward', forwardingEngine: 'nftables', target: { host: '127.0.0.1', port: one.port } } }]);
+  const client = dgram.createSocket('udp4');
+  out.udpAnswer = await new Promise((resolve, reject) => {
+    client.once('message', (message) => resolve(String(message)));
+    client.send('ping', port, '127.0.0.1');
+    setTimeout(() => reject(new Error('no datagram back through the relay')), 5000).unref();
+  });
+  client.close();
+  out.udpSessions = proxy.getStatistics().udpSessions;
+  await proxy.updateRoutes([route]);
   out.answerAfterUpdate = (await exchange(port, 'again')).answer;
+  udpBackend.close();
   await sleep(200);
   out.kernel = proxy.getStatistics().kernelForwarding;
   out.relayedTotal = proxy.getStatistics().totalConnections;
