@@ -27,7 +27,7 @@ use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::headers::connection_has;
 use crate::http::io::Replay;
-use crate::http::pipeline::{handle, ConnectionContext};
+use crate::http::pipeline::{handle_boxed, ConnectionContext};
 
 /// What one read takes while a connection has no buffer: most request heads fit.
 const FIRST_READ: usize = 2048;
@@ -280,7 +280,7 @@ impl<'a> Exchange<'a> {
             sender
         });
         Ok(Exchange {
-            response: Some(Box::pin(handle(ctx.clone(), request))),
+            response: Some(handle_boxed(ctx.clone(), request)),
             feed: feed.map(|(sender, decoder)| BodyFeed { sender, decoder, expect_continue, broken: false, abandoned: false }),
             writing: None,
             out: Output::default(),

@@ -124,6 +124,12 @@ impl ConnectionContext {
 /// One request through the phases. The request is taken apart here, before the future is made:
 /// an `async fn` keeps each argument twice (as passed, and moved into its body), and a request
 /// is large, so the future captures its parts and uses them in place.
+/// `handle`'s future in an allocation of its own, written there as it is made: built first and
+/// boxed after, the whole pipeline state would be copied into the box.
+pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> std::pin::Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
+    Box::into_pin(Box::write(Box::new_uninit(), handle(conn, req)))
+}
+
 pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     conn.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);

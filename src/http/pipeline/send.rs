@@ -405,7 +405,8 @@ async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: Pr
             };
             forwarding.move_into(&mut parts.headers);
             let heard = upstream.datagrams_received();
-            match tokio::time::timeout(timeout, h3_client::send(upstream, parts, body)).await {
+            // Boxed: inline, HTTP/3's state would size every request's future.
+            match tokio::time::timeout(timeout, Box::pin(h3_client::send(upstream, parts, body))).await {
                 Ok(Ok(response)) => Ok(response.map(|body| UpstreamBody::H3(Box::new(body)))),
                 Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H3(err))),
                 Err(_) => {
