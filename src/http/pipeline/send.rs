@@ -81,7 +81,8 @@ pub(super) async fn send_with_retries<'c>(
                 return Err(text_response(StatusCode::BAD_GATEWAY, "the route's target function failed"));
             }
         };
-        let server_name = upstream_server_name(&target_host, ctx.domain.as_deref());
+        // Only a TLS upstream needs it (a parse, a copy and a validation per request).
+        let server_name = || upstream_server_name(&target_host, ctx.domain.as_deref());
         // `auto` to a TLS backend that advertised HTTP/3 on its host: QUIC to that port; TCP
         // again should it fail.
         let advertised = (outbound.protocol == UpstreamProtocol::Auto && !outbound.wants_upgrade && !alt_svc_failed)
@@ -90,9 +91,12 @@ pub(super) async fn send_with_retries<'c>(
             .and_then(|config| Some((pool.alt_svc.h3_port(&target_host, target_port)?, config)));
         alt_svc_from = advertised.as_ref().map(|_| (target_host.clone(), target_port));
         let key = match advertised {
-            Some((h3_port, config)) => PoolKey { host: target_host, port: h3_port, protocol: UpstreamProtocol::Http3, tls: Some(UpstreamTls { server_name, config }), proxy_header: None },
+            Some((h3_port, config)) => {
+                let tls = Some(UpstreamTls { server_name: server_name(), config });
+                PoolKey { host: target_host, port: h3_port, protocol: UpstreamProtocol::Http3, tls, proxy_header: None }
+            }
             None => {
-                let tls = target.upstream_tls(outbound.wants_upgrade).map(|config| UpstreamTls { server_name, config });
+                let tls = target.upstream_tls(outbound.wants_upgrade).map(|config| UpstreamTls { server_name: server_name(), config });
                 let proxy_version = target.send_proxy_protocol.unwrap_or(conn.env.send_proxy_protocol);
                 let proxy_header = conn.destination.and_then(|destination| {
                     proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(conn.client_ip, conn.client_port), destination).map(Arc::from)
