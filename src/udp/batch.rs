@@ -75,7 +75,7 @@ impl RecvBatch {
             header.msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: every header points at a slot and an address of this batch, which outlive the call.
-        let read = unsafe { libc::recvmmsg(fd, headers.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+        let read = unsafe { libc::recvmmsg(fd, headers.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT as _, std::ptr::null_mut()) };
         if read < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -127,7 +127,7 @@ fn send_once(fd: RawFd, to: Option<&SockAddr>, batch: &RecvBatch, range: Range<u
         header.msg_hdr.msg_iovlen = 1;
     }
     // SAFETY: the headers point at datagrams of `batch` and at `to`, which outlive the call.
-    let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), count as libc::c_uint, libc::MSG_DONTWAIT) };
+    let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), count as libc::c_uint, libc::MSG_DONTWAIT as _) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
