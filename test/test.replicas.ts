@@ -1071,6 +1071,23 @@ replicaTest('rate limit shared by two replicas: 10 of 20 in all; with Redis down
   for (const r of [r1, r2]) expect((await sharedState(r)).rateLimitCalls).toBeGreaterThan(0);
   expect((await redisList(redisPort, 'KEYS', 'rt7:ratelimit:*')).length).toBeGreaterThan(0);
 
+  // 30 requests of one key at once, 15 through each replica: checks that arrive together share a
+  // script call, and the budget holds as it does one by one.
+  const beforeBurst = await Promise.all([r1, r2].map((r) => sharedState(r)));
+  const burstStarted = Date.now();
+  const burst = await Promise.all(Array.from({ length: 30 }, (_, i) => get(i % 2 === 0 ? p1 : p2, 'burst')));
+  const burstMs = Date.now() - burstStarted;
+  expectBudget(burst, burstMs);
+  const afterBurst = await Promise.all([r1, r2].map((r) => sharedState(r)));
+  const checks = afterBurst.map((s, i) => s.rateLimitCalls - beforeBurst[i].rateLimitCalls);
+  const scriptCalls = afterBurst.map((s, i) => s.rateLimitScriptCalls - beforeBurst[i].rateLimitScriptCalls);
+  console.log(`burst: ${passed(burst)} of 30 passed (${burstMs} ms); checks ${checks.join('+')}, script calls ${scriptCalls.join('+')}`);
+  expect(checks).toEqual([15, 15]);
+  for (let i = 0; i < 2; i++) {
+    expect(scriptCalls[i]).toBeGreaterThan(0);
+    expect(scriptCalls[i]).toBeLessThanOrEqual(checks[i]);
+  }
+
   await limitRedis.kill();
   const alone = await alternate([p1, p2], 'outage', 24);
   console.log(`redis down: ${alone.all.join(' ')} (${alone.ms} ms)`);

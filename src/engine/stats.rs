@@ -288,6 +288,7 @@ impl Engine {
             [
                 ("smartproxy_redis_reachable", Kind::Gauge, "Whether the last call to the replicas' shared Redis was answered.", u64::from(shared.redis_reachable)),
                 ("smartproxy_shared_rate_limit_calls_total", Kind::Counter, "Rate-limit checks sent to Redis.", shared.rate_limit_calls),
+                ("smartproxy_shared_rate_limit_script_calls_total", Kind::Counter, "Rate-limit script calls to Redis (checks of one key that arrive together share one).", shared.rate_limit_script_calls),
                 ("smartproxy_shared_rate_limit_fallbacks_total", Kind::Counter, "Rate-limit checks answered by this replica alone because Redis failed.", shared.rate_limit_fallbacks),
                 ("smartproxy_certificate_lock_waits_total", Kind::Counter, "Waits for another replica's certificate order.", shared.lock_waits),
                 ("smartproxy_certificates_loaded_total", Kind::Counter, "Certificates installed from Redis.", shared.certificates_loaded),

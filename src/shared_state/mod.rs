@@ -32,6 +32,7 @@ const RARE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct SharedStateCounters {
     pub rate_limit_calls: AtomicU64,
+    pub rate_limit_script_calls: AtomicU64,
     pub rate_limit_fallbacks: AtomicU64,
     pub lock_waits: AtomicU64,
     pub certificates_loaded: AtomicU64,
@@ -43,6 +44,7 @@ pub struct SharedStateCounters {
 pub struct SharedStateStats {
     pub redis_reachable: bool,
     pub rate_limit_calls: u64,
+    pub rate_limit_script_calls: u64,
     pub rate_limit_fallbacks: u64,
     pub lock_waits: u64,
     pub certificates_loaded: u64,
@@ -62,6 +64,8 @@ pub struct SharedRedis {
     /// Whether the last call was answered.
     reachable: AtomicBool,
     pub counters: SharedStateCounters,
+    /// Rate-limit checks of one key waiting to share a script call.
+    rate_batches: rate_limit::RateLimitBatches,
     /// Logs an outage of shared rate limits once.
     pub rate_limit_outage: OutageLog,
     /// Logs once that certificates come from the disk cache.
@@ -99,6 +103,7 @@ impl SharedRedis {
             sync_interval: Duration::from_millis(options.sync_interval_ms.max(100)),
             reachable: AtomicBool::new(true),
             counters: SharedStateCounters::default(),
+            rate_batches: rate_limit::RateLimitBatches::default(),
             rate_limit_outage: OutageLog::default(),
             certificate_outage: OutageLog::default(),
         }))
@@ -174,6 +179,7 @@ impl SharedRedis {
         SharedStateStats {
             redis_reachable: self.reachable.load(Ordering::Relaxed),
             rate_limit_calls: c.rate_limit_calls.load(Ordering::Relaxed),
+            rate_limit_script_calls: c.rate_limit_script_calls.load(Ordering::Relaxed),
             rate_limit_fallbacks: c.rate_limit_fallbacks.load(Ordering::Relaxed),
             lock_waits: c.lock_waits.load(Ordering::Relaxed),
             certificates_loaded: c.certificates_loaded.load(Ordering::Relaxed),

@@ -1,34 +1,51 @@
-//! A route's `rateLimit` counted across replicas: one atomic GCRA update per request, a Lua script
-//! sent with `EVALSHA` over the pipelined connection (so requests that arrive together share a
-//! write), on Redis's clock so that replicas with skewed clocks agree. The script answers as the
-//! in-memory limiter does: a fresh key may send `maxRequests` at once, then one more every
-//! `window / maxRequests`. After a Redis restart the script cache is empty: the `NOSCRIPT` answer
-//! is followed by one `EVAL`, which loads it again.
+//! A route's `rateLimit` counted across replicas: one atomic GCRA update per key per round trip,
+//! a Lua script sent with `EVALSHA` over the pipelined connection (so requests that arrive together
+//! share a write), on Redis's clock so that replicas with skewed clocks agree. Checks of one key
+//! that arrive together (a busy client's connections, a route-wide key) are one script call that
+//! asks for as many admissions as there are checks: the script admits them in arrival order as it
+//! would have one by one at that instant, so the answers are the in-memory limiter's, for a
+//! fraction of Redis's work. The script answers as the in-memory limiter does: a fresh key may send
+//! `maxRequests` at once, then one more every `window / maxRequests`. After a Redis restart the
+//! script cache is empty: the `NOSCRIPT` answer is followed by one `EVAL`, which loads it again.
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use super::pipeline::CallError;
 use super::resp::encode_command_of_parts;
 use super::SharedRedis;
 
-/// KEYS[1]: the key; ARGV[1]: the period, ARGV[2]: the burst, both in microseconds. Answers nil
-/// when admitted (no reply text to allocate for the common case), else the microseconds to wait.
-/// Numbers are formatted with `%.0f`, since Redis would turn a Lua number of 16 digits into
-/// exponent notation.
+/// KEYS[1]: the key; ARGV[1]: the period, ARGV[2]: the burst, both in microseconds; ARGV[3]: how
+/// many checks ask at once. Answers nil when all are admitted (no reply text to allocate for the
+/// common case), else "<admitted> <microseconds to wait>" for the rest. Numbers are formatted with
+/// `%.0f`, since Redis would turn a Lua number of 16 digits into exponent notation; every value
+/// stays an integer below 2^53, so the arithmetic is exact, and the division's rounding is
+/// corrected by the two loops.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local period = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local asked = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
-local nxt = tat + period
-if nxt > now + burst then
-  return string.format('%.0f', nxt - burst - now)
+local limit = now + burst
+local admitted = math.floor((limit - tat) / period)
+if admitted > asked then admitted = asked end
+if admitted < 0 then admitted = 0 end
+while admitted > 0 and tat + admitted * period > limit do admitted = admitted - 1 end
+while admitted < asked and tat + (admitted + 1) * period <= limit do admitted = admitted + 1 end
+if admitted > 0 then
+  tat = tat + admitted * period
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
 end
-redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000))
-return false
+if admitted == asked then return false end
+return string.format('%d %.0f', admitted, tat + period - burst - now)
 "#;
 
 fn script_sha() -> &'static str {
@@ -62,14 +79,97 @@ impl GcraArgs {
     }
 }
 
+type Answer = Result<SharedDecision, CallError>;
+
+/// The checks waiting to join a key's next script call, by full Redis key. An entry lives from its
+/// first check until that check's call leaves (one scheduler pass), so the map holds no more
+/// entries than there are requests in flight.
+#[derive(Default)]
+pub struct RateLimitBatches {
+    open: Mutex<HashMap<Box<[u8]>, Vec<oneshot::Sender<Answer>>, foldhash::fast::RandomState>>,
+}
+
+/// Closes the leader's batch when its check leaves, answered or dropped: dropping the senders of
+/// a dropped leader's followers sends them to a call of their own.
+struct OpenBatch<'a> {
+    batches: &'a RateLimitBatches,
+    key: Option<&'a [u8]>,
+}
+
+impl OpenBatch<'_> {
+    fn close(&mut self) -> Vec<oneshot::Sender<Answer>> {
+        let Some(key) = self.key.take() else { return Vec::new() };
+        self.batches.open.lock().remove(key).unwrap_or_default()
+    }
+}
+
+impl Drop for OpenBatch<'_> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 impl SharedRedis {
-    /// One GCRA update of `<prefix>ratelimit:<namespace><key>`.
-    pub async fn rate_limit(&self, namespace: &str, key: &[u8], args: &GcraArgs) -> Result<SharedDecision, CallError> {
-        let prefix = self.prefix().as_bytes();
+    /// One GCRA check of `<prefix>ratelimit:<namespace><key>`. The first check of a key waits one
+    /// scheduler pass for others of the same key to join it; they then share its script call.
+    pub async fn rate_limit(&self, namespace: &str, key: &[u8], args: &GcraArgs) -> Answer {
+        let parts: [&[u8]; 4] = [self.prefix().as_bytes(), b"ratelimit:", namespace.as_bytes(), key];
+        let mut stack = [0u8; 256];
+        let heap: Vec<u8>;
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        let redis_key: &[u8] = if len <= stack.len() {
+            let mut at = 0;
+            for part in parts {
+                stack[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            &stack[..len]
+        } else {
+            heap = parts.concat();
+            &heap
+        };
+        let joined = {
+            let mut open = self.rate_batches.open.lock();
+            match open.get_mut(redis_key) {
+                Some(followers) => {
+                    let (sender, answer) = oneshot::channel();
+                    followers.push(sender);
+                    Some(answer)
+                }
+                None => {
+                    open.insert(redis_key.into(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(answer) = joined {
+            // The leader answers; a leader dropped before its call (its client left) sends its
+            // followers to calls of their own.
+            return match answer.await {
+                Ok(answer) => answer,
+                Err(_) => self.gcra_call(redis_key, args, 1).await.map(|answered| answered.decision(0)),
+            };
+        }
+        let mut batch = OpenBatch { batches: &self.rate_batches, key: Some(redis_key) };
+        tokio::task::yield_now().await;
+        let followers = batch.close();
+        let asked = 1 + followers.len() as u64;
+        let answer = self.gcra_call(redis_key, args, asked).await;
+        let decision = |position: u64| answer.as_ref().map(|answered| answered.decision(position)).map_err(CallError::clone);
+        for (position, follower) in (1..).zip(followers) {
+            let _ = follower.send(decision(position));
+        }
+        decision(0)
+    }
+
+    /// One script call asking for `asked` admissions.
+    async fn gcra_call(&self, redis_key: &[u8], args: &GcraArgs, asked: u64) -> Result<BatchAnswer, CallError> {
+        self.counters.rate_limit_script_calls.fetch_add(1, Ordering::Relaxed);
+        let mut asked_text = itoa::Buffer::new();
+        let asked_text = asked_text.format(asked).as_bytes();
         let encode = |out: &mut Vec<u8>, by_hash: bool| {
             let (command, body): (&[u8], &[u8]) = if by_hash { (b"EVALSHA", script_sha().as_bytes()) } else { (b"EVAL", GCRA.as_bytes()) };
-            let redis_key: &[&[u8]] = &[prefix, b"ratelimit:", namespace.as_bytes(), key];
-            encode_command_of_parts(out, &[&[command], &[body], &[b"1"], redis_key, &[args.period_us.as_bytes()], &[args.burst_us.as_bytes()]]);
+            encode_command_of_parts(out, &[&[command], &[body], &[b"1"], &[redis_key], &[args.period_us.as_bytes()], &[args.burst_us.as_bytes()], &[asked_text]]);
         };
         let pipeline = self.pipeline();
         let mut answer = pipeline.call(|out| encode(out, true)).await;
@@ -78,11 +178,32 @@ impl SharedRedis {
         }
         self.answered(!matches!(answer, Err(CallError::Unreachable(_) | CallError::TimedOut | CallError::Broken(_) | CallError::Stopped)));
         match answer? {
-            None => Ok(SharedDecision::Admitted),
-            Some(text) => match text.parse::<u64>() {
-                Ok(wait_us) => Ok(SharedDecision::Wait(Duration::from_micros(wait_us))),
-                Err(_) => Err(CallError::Refused(format!("the rate-limit script answered {text:?}"))),
-            },
+            None => Ok(BatchAnswer { admitted: asked, wait: Duration::ZERO }),
+            Some(text) => BatchAnswer::parse(&text).ok_or_else(|| CallError::Refused(format!("the rate-limit script answered {text:?}"))),
+        }
+    }
+}
+
+/// How many of a script call's checks were admitted (the first ones, in arrival order), and how
+/// long the rest must wait.
+struct BatchAnswer {
+    admitted: u64,
+    wait: Duration,
+}
+
+impl BatchAnswer {
+    /// "<admitted> <wait in microseconds>".
+    fn parse(text: &str) -> Option<BatchAnswer> {
+        let (admitted, wait_us) = text.split_once(' ')?;
+        Some(BatchAnswer { admitted: admitted.parse().ok()?, wait: Duration::from_micros(wait_us.parse().ok()?) })
+    }
+
+    /// The decision for the check at `position` of the batch (0: the leader).
+    fn decision(&self, position: u64) -> SharedDecision {
+        if position < self.admitted {
+            SharedDecision::Admitted
+        } else {
+            SharedDecision::Wait(self.wait)
         }
     }
 }
@@ -115,5 +236,64 @@ mod tests {
         ttl.arg("t:ratelimit:r:k");
         let left: i64 = redis.call(&ttl).await.unwrap();
         assert!(left > 0 && left <= burst.as_millis() as i64, "the key expires when its state is fresh again: {left}");
+    }
+
+    /// `INFO commandstats`' call count of `command` (lowercase).
+    async fn calls_of(redis: &SharedRedis, command: &str) -> u64 {
+        let info: String = redis.call(redis::cmd("INFO").arg("commandstats")).await.unwrap();
+        let marker = format!("cmdstat_{command}:calls=");
+        info.lines().find_map(|line| line.strip_prefix(marker.as_str())?.split(',').next()?.parse().ok()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn checks_of_one_key_that_arrive_together_share_one_script_call_and_get_the_answers_one_by_one_would() {
+        let (_server, redis) = local_redis().await;
+        let period = Duration::from_secs(10);
+        let args = GcraArgs::new(period, period * 4);
+        // Warm: the script is loaded (one EVAL after NOSCRIPT), so what follows is EVALSHA only.
+        assert_eq!(redis.rate_limit("r:", b"warm", &args).await, Ok(SharedDecision::Admitted));
+        let before = calls_of(&redis, "evalsha").await;
+        let script_calls = redis.counters.rate_limit_script_calls.load(Ordering::Relaxed);
+        // Ten checks of one key, polled together; a burst of 4: the first four admitted, in order.
+        let checks = (0..10).map(|_| redis.rate_limit("r:", b"busy", &args));
+        let answers = futures_util::future::join_all(checks).await;
+        let admitted: Vec<bool> = answers.iter().map(|a| matches!(a, Ok(SharedDecision::Admitted))).collect();
+        assert_eq!(admitted, [true, true, true, true, false, false, false, false, false, false]);
+        for refused in &answers[4..] {
+            match refused {
+                Ok(SharedDecision::Wait(wait)) => assert!(*wait > period - Duration::from_secs(1) && *wait <= period, "{wait:?}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(calls_of(&redis, "evalsha").await - before, 1, "one script call for the ten checks");
+        assert_eq!(redis.counters.rate_limit_script_calls.load(Ordering::Relaxed) - script_calls, 1);
+        // The key's state is what four single admissions leave: the next single check waits too.
+        assert!(matches!(redis.rate_limit("r:", b"busy", &args).await, Ok(SharedDecision::Wait(_))));
+        // Two keys checked together: a call each, neither holds the other's budget.
+        let mixed = futures_util::future::join_all((0..6).map(|i| redis.rate_limit("r:", if i % 2 == 0 { b"a" } else { b"b" }, &args))).await;
+        assert!(mixed.iter().all(|a| matches!(a, Ok(SharedDecision::Admitted))), "{mixed:?}");
+        assert_eq!(redis.rate_batches.open.lock().len(), 0, "no batch stays open");
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_first_check_is_dropped_still_answers_the_others() {
+        let (_server, redis) = local_redis().await;
+        let args = GcraArgs::new(Duration::from_secs(10), Duration::from_secs(30));
+        let mut leader = Box::pin(redis.rate_limit("r:", b"k", &args));
+        // Polled once: it opened the batch and yields.
+        let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(leader.as_mut(), cx).is_pending())).await;
+        assert!(pending);
+        let followers = tokio::spawn({
+            let redis = redis.clone();
+            let args = args.clone();
+            async move { futures_util::future::join_all((0..3).map(|_| redis.rate_limit("r:", b"k", &args))).await }
+        });
+        tokio::task::yield_now().await;
+        drop(leader);
+        let answers = followers.await.unwrap();
+        let admitted = answers.iter().filter(|a| matches!(a, Ok(SharedDecision::Admitted))).count();
+        assert_eq!(admitted, 3, "{answers:?}");
+        assert!(matches!(redis.rate_limit("r:", b"k", &args).await, Ok(SharedDecision::Wait(_))), "the dropped check took nothing");
+        assert_eq!(redis.rate_batches.open.lock().len(), 0);
     }
 }

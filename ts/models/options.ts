@@ -253,6 +253,8 @@ export interface ISharedStateStats {
   redisReachable: boolean;
   /** Shared rate-limit checks sent to Redis (one per request of a route with rateLimit). */
   rateLimitCalls: number;
+  /** GCRA script calls those checks took: checks of one key that arrive together share one. */
+  rateLimitScriptCalls: number;
   /** Checks answered by this replica's own memory because Redis failed. */
   rateLimitFallbacks: number;
   /** Times this replica waited for another replica's certificate order (its lock). */
