@@ -69,6 +69,18 @@ pub fn request_host<'a>(authority: Option<&'a str>, mut hosts: impl Iterator<Ite
     }
 }
 
+/// `request_host`'s answer for a request whose head it accepted already (an HTTP/1.x head, which
+/// `http::head` checks as it reads it): the same choice, without checking the bytes again.
+pub fn checked_request_host<'a>(authority: Option<&'a str>, mut hosts: impl Iterator<Item = &'a [u8]>) -> Option<&'a str> {
+    let trimmed = |value: &'a [u8]| -> Option<&'a str> {
+        let blank = |b: &u8| *b == b' ' || *b == b'\t';
+        let start = value.iter().position(|b| !blank(b))?;
+        let end = value.iter().rposition(|b| !blank(b)).map_or(start, |last| last + 1);
+        std::str::from_utf8(&value[start..end]).ok()
+    };
+    hosts.next().and_then(trimmed).or_else(|| authority.and_then(|a| trimmed(a.as_bytes())))
+}
+
 /// The `Host` values of a request's header map, for `request_host`.
 pub fn host_values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers.get_all(header::HOST).iter().map(http::HeaderValue::as_bytes)
@@ -270,6 +282,24 @@ mod tests {
         assert!(host(None, &["a.test/x"]).is_err());
         assert!(host(None, &["u@a.test"]).is_err());
         assert_eq!(host(None, &["[::1]:8080"]), Ok(Some("[::1]:8080".into())));
+    }
+
+    #[test]
+    fn a_checked_head_gets_the_host_request_host_chose() {
+        let authorities = [None, Some(""), Some("a.test"), Some("A.test."), Some("a.test:80"), Some("[::1]:8080"), Some(" a.test\t")];
+        let values: &[&[&str]] = &[&[], &["a.test"], &[" "], &["a.test:80"], &["\ta.test "], &["[::1]:8080"], &["b.test"], &["a.test", "b.test"], &["a.test/x"]];
+        let mut accepted = 0;
+        for authority in authorities {
+            for host_values_sent in values {
+                let map = hosts(host_values_sent);
+                for required in [true, false] {
+                    let Ok(chosen) = request_host(authority, host_values(&map), required) else { continue };
+                    accepted += 1;
+                    assert_eq!(checked_request_host(authority, host_values(&map)), chosen, "{authority:?} {host_values_sent:?}");
+                }
+            }
+        }
+        assert!(accepted > 20, "{accepted}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::body::ClientBody;
 use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
-use crate::http::pipeline::{handle_boxed, ConnectionContext};
+use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
 use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
 use crate::http::websocket::TunnelScope;
 use crate::metrics::{GaugeHold, TerminationReason};
@@ -146,7 +146,7 @@ where
         .max_header_list_size(limits.max_header_size as u32);
     // Boxed: hyper spawns a task per stream holding this future, and moves it on the way; a
     // pointer moves cheaper than the pipeline's whole state.
-    let service = service_fn(move |req: Request<Incoming>| handle_boxed(ctx.clone(), req.map(ClientBody::H2)));
+    let service = service_fn(move |req: Request<Incoming>| handle_boxed(ctx.clone(), req.map(ClientBody::H2), HeadChecked::Nothing));
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let graceful = std::sync::atomic::AtomicBool::new(false);

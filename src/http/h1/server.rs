@@ -27,7 +27,7 @@ use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::headers::connection_has;
 use crate::http::io::Replay;
-use crate::http::pipeline::{handle_boxed, ConnectionContext};
+use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
 
 /// What one read takes while a connection has no buffer: most request heads fit.
 const FIRST_READ: usize = 2048;
@@ -98,8 +98,9 @@ where
                 HeadRead::Failed => return H1End::ClientError,
                 HeadRead::Refused(refusal) => break refusal,
             };
+            // Boxed: held in place, the request state would size every idle connection's future.
             let mut exchange = match Exchange::start(*head, &ctx, max_head, draining) {
-                Ok(exchange) => exchange,
+                Ok(exchange) => Box::new(exchange),
                 Err(refusal) => break refusal,
             };
             let outcome = std::future::poll_fn(|cx| exchange.poll(cx, &mut io, &mut buf)).await;
@@ -111,12 +112,8 @@ where
                     }
                 }
                 Outcome::Close { unread } => {
-                    // Boxed: a rare wait beside the request state would size every connection.
-                    if unread {
-                        Box::pin(linger(&mut io)).await;
-                    } else {
-                        let _ = tokio::time::timeout(LINGER_WRITE_TIMEOUT, io.shutdown()).await;
-                    }
+                    // Boxed: a wait held in place would size every connection's future.
+                    Box::pin(close(&mut io, unread)).await;
                     return H1End::Completed;
                 }
                 Outcome::Failed => return H1End::ClientError,
@@ -187,6 +184,15 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, refusal: &Ref
         return;
     }
     linger(io).await;
+}
+
+/// Closes after a response that was the last; `unread`: the client sent bytes that were not read.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, unread: bool) {
+    if unread {
+        linger(io).await;
+    } else {
+        let _ = tokio::time::timeout(LINGER_WRITE_TIMEOUT, io.shutdown()).await;
+    }
 }
 
 async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
@@ -280,7 +286,7 @@ impl<'a> Exchange<'a> {
             sender
         });
         Ok(Exchange {
-            response: Some(handle_boxed(ctx.clone(), request)),
+            response: Some(handle_boxed(ctx.clone(), request, HeadChecked::Host)),
             feed: feed.map(|(sender, decoder)| BodyFeed { sender, decoder, expect_continue, broken: false, abandoned: false }),
             writing: None,
             out: Output::default(),

@@ -19,7 +19,7 @@ use super::guard::{Guarded, GuardedConnection};
 use super::{content_length, MessageBody};
 use crate::http::body::{BoxError, ClientBody};
 use crate::http::io::ClientCounters;
-use crate::http::pipeline::{handle, ConnectionContext};
+use crate::http::pipeline::{handle, ConnectionContext, HeadChecked};
 use crate::http::server::{watched, HttpLimits, Shutdown};
 use crate::http::watchdog::Watch;
 use crate::metrics::{GaugeHold, TerminationReason};
@@ -140,7 +140,7 @@ async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters
             return;
         }
     };
-    let Ok(response) = handle(ctx, Request::from_parts(parts, body)).await;
+    let Ok(response) = handle(ctx, Request::from_parts(parts, body), HeadChecked::Nothing).await;
     if let Err(err) = write_response(&mut send, response, head_only, &counters).await {
         tracing::debug!(error = %err, "HTTP/3 response not delivered");
         send.stop_stream(Code::H3_INTERNAL_ERROR);

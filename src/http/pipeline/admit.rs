@@ -13,7 +13,7 @@ use super::answers::{edge_refusal, native_response, security_refusal};
 use super::{request_facts, Answer, ConnectionContext, RequestCtx};
 use crate::routing::table::Route;
 use crate::http::body::text_response;
-use crate::http::edge::{self, host_values, normalise_host, normalise_path, request_host};
+use crate::http::edge::{self, checked_request_host, host_values, normalise_host, normalise_path, request_host};
 use crate::security::RouteGuard;
 
 /// An admitted request: its context, and the route's `maxConnections` slot it holds until its
@@ -23,6 +23,15 @@ pub(super) struct Admission<'c> {
     pub route_slot: Option<RouteGuard>,
     /// The route's rate limit is to be asked of Redis (`admit_shared`) before anything else.
     pub shared_pending: bool,
+}
+
+/// Which edge rules a request's head met before the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadChecked {
+    /// None: an HTTP/2 or HTTP/3 request, whose head the pipeline checks.
+    Nothing,
+    /// Its host (`edge::request_host`), by the HTTP/1.x head reader (`http::head`).
+    Host,
 }
 
 /// A request refused before it reached its route's checks (`route: None`: it found no route), or
@@ -38,14 +47,18 @@ impl From<Answer> for Refused<'_> {
     }
 }
 
-pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts) -> Result<Admission<'c>, Refused<'c>> {
+pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked: HeadChecked) -> Result<Admission<'c>, Refused<'c>> {
     // The edge rules (API.md "Edge hygiene"): one host, which is the one the backend receives; a
     // normalised path for matching. An HTTP/1.x head met them already, with the framing rules
-    // (`http::head`); an HTTP/2 request meets them here first.
+    // (`http::head`); an HTTP/2 or HTTP/3 request meets them here first.
     let version = head.version;
-    let raw_host = match request_host(head.uri.authority().map(|a| a.as_str()), host_values(&head.headers), version >= Version::HTTP_11) {
-        Ok(host) => host.map(str::to_string),
-        Err(refusal) => return Err(edge_refusal(refusal, version).into()),
+    let authority = head.uri.authority().map(|a| a.as_str());
+    let raw_host = match head_checked {
+        HeadChecked::Host => checked_request_host(authority, host_values(&head.headers)).map(str::to_string),
+        HeadChecked::Nothing => match request_host(authority, host_values(&head.headers), version >= Version::HTTP_11) {
+            Ok(host) => host.map(str::to_string),
+            Err(refusal) => return Err(edge_refusal(refusal, version).into()),
+        },
     };
     if head.method == Method::CONNECT {
         return Err(edge_refusal(edge::Refusal { status: StatusCode::METHOD_NOT_ALLOWED, reason: "CONNECT is not proxied" }, version).into());

@@ -17,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admit;
+pub use admit::HeadChecked;
 mod answers;
 mod peer;
 mod prepare;
@@ -126,11 +127,11 @@ impl ConnectionContext {
 /// is large, so the future captures its parts and uses them in place.
 /// `handle`'s future in an allocation of its own, written there as it is made: built first and
 /// boxed after, the whole pipeline state would be copied into the box.
-pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> std::pin::Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
-    Box::into_pin(Box::write(Box::new_uninit(), handle(conn, req)))
+pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> std::pin::Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
+    Box::into_pin(Box::write(Box::new_uninit(), handle(conn, req, head_checked)))
 }
 
-pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     conn.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     // In flight until its response ends: a proxied body takes the guard along, any other answer
@@ -145,7 +146,7 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>) -> impl Fu
         let mut answered_by: Option<&Arc<Route>> = None;
         let proxied = async {
             let conn: &ConnectionContext = &conn;
-            let admit::Admission { mut ctx, mut route_slot, shared_pending } = admit::admit(conn, &head).map_err(|refused| {
+            let admit::Admission { mut ctx, mut route_slot, shared_pending } = admit::admit(conn, &head, head_checked).map_err(|refused| {
                 answered_by = refused.route;
                 refused.answer
             })?;

@@ -114,7 +114,7 @@ impl Tunnel {
         strip_hop_by_hop(&mut parts.headers, true);
         apply_templates(&mut parts.headers, &self.route.http.response_headers, templates);
         apply_templates(&mut parts.headers, target_templates, templates);
-        let scope = ctx.tunnels.clone();
+        let (limits, shutdown) = (ctx.tunnels.limits(), ctx.tunnels.shutdown().clone());
         let metrics = ctx.env.metrics.clone();
         let Tunnel { client_upgrade, route, _route_slot: route_slot, _backend_lease: backend_lease } = self;
         ctx.tunnels.spawn(async move {
@@ -132,7 +132,7 @@ impl Tunnel {
             metrics.websocket_total.fetch_add(1, Ordering::Relaxed);
             let _open = GaugeHold::enter(metrics, |m| &m.active_websocket);
             let settings = route.http.websocket_settings;
-            let end = websocket::run(client, upstream, settings, scope.limits(), scope.shutdown()).await;
+            let end = websocket::run(client, upstream, settings, limits, &shutdown).await;
             tracing::debug!(route = &*route.label, end = end.as_str(), "websocket tunnel closed");
         });
         Response::from_parts(parts, crate::http::body::empty())

@@ -290,9 +290,10 @@ async fn write_flushed<W: AsyncWrite + Unpin + ?Sized>(to: &mut W, bytes: &[u8])
 /// The tunnels of one client connection. hyper's connection future ends as soon as it hands the
 /// upgraded stream over, but the session (its counters, its per-IP and route slots) must last as
 /// long as the tunnel does: the session waits on this scope once hyper is done.
-#[derive(Clone)]
 pub struct TunnelScope {
-    tasks: tokio_util::task::TaskTracker,
+    /// Made by the first tunnel (or at the end): most connections never upgrade, and an idle
+    /// connection should hold only what it needs.
+    tasks: std::sync::OnceLock<tokio_util::task::TaskTracker>,
     /// The engine's "close now" (end of the grace period at stop).
     shutdown: CancellationToken,
     limits: RelayLimits,
@@ -300,7 +301,7 @@ pub struct TunnelScope {
 
 impl TunnelScope {
     pub fn new(shutdown: CancellationToken, limits: RelayLimits) -> Self {
-        TunnelScope { tasks: tokio_util::task::TaskTracker::new(), shutdown, limits }
+        TunnelScope { tasks: std::sync::OnceLock::new(), shutdown, limits }
     }
 
     pub fn limits(&self) -> RelayLimits {
@@ -315,12 +316,14 @@ impl TunnelScope {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.tasks.spawn(tunnel);
+        self.tasks.get_or_init(tokio_util::task::TaskTracker::new).spawn(tunnel);
     }
 
     /// Resolves when every tunnel of the connection has ended.
     pub async fn wait(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+        // Made here when no tunnel made it, so that one spawned from now on is waited for too.
+        let tasks = self.tasks.get_or_init(tokio_util::task::TaskTracker::new);
+        tasks.close();
+        tasks.wait().await;
     }
 }
