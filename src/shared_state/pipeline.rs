@@ -85,6 +85,9 @@ struct Waiter {
 struct Outbox {
     /// Encoded commands not yet written, one per waiter, in order.
     commands: Vec<u8>,
+    /// Bumped each time `commands` is taken (written or failed): a `CountField` of an earlier
+    /// generation is gone.
+    generation: u64,
     waiting: Vec<Waiter>,
     /// Set after a failure: until the instant, calls fail at once for the reason.
     paused: Option<(Instant, String)>,
@@ -117,8 +120,45 @@ impl RedisPipeline {
 
     /// One command, which `encode` appends in RESP; its reply is a value, nil or an error.
     pub async fn call(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Answer {
+        match self.queue(encode) {
+            Ok((_, pending)) => pending.await,
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Queues a command whose last argument is a count, written as `COUNT_DIGITS` digits (the
+    /// caller encodes it, 1 as "0000000001"): until the command is written, `raise_count` may
+    /// change it. Checks of one key that arrive before the write share the command this way.
+    pub fn queue_counted(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(CountField, PendingAnswer), CallError> {
+        let mut at = 0;
+        let (generation, pending) = self.queue(|out| {
+            encode(out);
+            at = out.len() - (COUNT_DIGITS + 2);
+            debug_assert!(out[at..at + COUNT_DIGITS].iter().all(u8::is_ascii_digit), "the command ends in a count field");
+        })?;
+        Ok((CountField { generation, at }, pending))
+    }
+
+    /// Writes `count` into a queued command's count field; false when the command was written
+    /// (or failed) already.
+    pub fn raise_count(&self, field: &CountField, count: u64) -> bool {
+        let mut outbox = self.shared.outbox.lock();
+        if outbox.generation != field.generation || count >= 10u64.pow(COUNT_DIGITS as u32) {
+            return false;
+        }
+        let digits = &mut outbox.commands[field.at..field.at + COUNT_DIGITS];
+        let mut rest = count;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        true
+    }
+
+    /// Appends a command to the outbox; the generation it went into, and its answer to come.
+    fn queue(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(u64, PendingAnswer), CallError> {
         let (answer, answered) = oneshot::channel();
-        let first = {
+        let (generation, first) = {
             let mut outbox = self.shared.outbox.lock();
             if outbox.stopped {
                 return Err(CallError::Stopped);
@@ -131,12 +171,33 @@ impl RedisPipeline {
             }
             encode(&mut outbox.commands);
             outbox.waiting.push(Waiter { answer, queued_at: Instant::now() });
-            outbox.waiting.len() == 1
+            (outbox.generation, outbox.waiting.len() == 1)
         };
         if first {
             self.shared.wake.notify_one();
         }
-        answered.await.unwrap_or(Err(CallError::Stopped))
+        Ok((generation, PendingAnswer(answered)))
+    }
+}
+
+/// The width of a count field (`queue_counted`): zero-padded decimal digits.
+pub const COUNT_DIGITS: usize = 10;
+
+/// Where a queued command's count field is, while that command waits to be written.
+#[derive(Debug)]
+pub struct CountField {
+    generation: u64,
+    at: usize,
+}
+
+/// The answer to a queued command, to come.
+pub struct PendingAnswer(oneshot::Receiver<Answer>);
+
+impl std::future::Future for PendingAnswer {
+    type Output = Answer;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Answer> {
+        Pin::new(&mut self.0).poll(cx).map(|answer| answer.unwrap_or(Err(CallError::Stopped)))
     }
 }
 
@@ -217,6 +278,7 @@ async fn run(shared: Arc<Shared>, target: RedisTarget, timeout: Duration) {
         {
             let mut outbox = shared.outbox.lock();
             std::mem::swap(&mut outbox.commands, &mut sending);
+            outbox.generation += 1;
             in_flight.extend(outbox.waiting.drain(..));
         }
         let Some(open) = connection.as_mut() else { continue };
@@ -286,6 +348,7 @@ fn fail_queued(shared: &Shared, why: CallError) {
     let waiting = {
         let mut outbox = shared.outbox.lock();
         outbox.commands.clear();
+        outbox.generation += 1;
         std::mem::take(&mut outbox.waiting)
     };
     for waiter in waiting {

@@ -10,13 +10,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::pipeline::CallError;
+use super::pipeline::{CallError, CountField, PendingAnswer, COUNT_DIGITS};
 use super::resp::encode_command_of_parts;
 use super::SharedRedis;
 
@@ -81,37 +81,68 @@ impl GcraArgs {
 
 type Answer = Result<SharedDecision, CallError>;
 
-/// The checks waiting to join a key's next script call, by full Redis key. An entry lives from its
-/// first check until that check's call leaves (one scheduler pass), so the map holds no more
-/// entries than there are requests in flight.
+/// The checks of one key that joined a queued script call, after its first.
+type Followers = Arc<Mutex<Vec<oneshot::Sender<Answer>>>>;
+
+/// The script call of each key that is queued and not yet written, by full Redis key. An entry
+/// lives until its call is answered, or until a later check finds the call written and queues the
+/// next, so the map holds no more entries than there are requests in flight.
 #[derive(Default)]
 pub struct RateLimitBatches {
-    open: Mutex<HashMap<Box<[u8]>, Vec<oneshot::Sender<Answer>>, foldhash::fast::RandomState>>,
+    open: Mutex<HashMap<Box<[u8]>, OpenBatch, foldhash::fast::RandomState>>,
 }
 
-/// Closes the leader's batch when its check leaves, answered or dropped: dropping the senders of
-/// a dropped leader's followers sends them to a call of their own.
-struct OpenBatch<'a> {
+struct OpenBatch {
+    /// The call's count of checks, raised by each check that joins it.
+    count: CountField,
+    asked: u64,
+    followers: Followers,
+}
+
+/// The first check of a batch, waiting for the batch's answer. Dropped before it (its client
+/// left), it leaves a task to hand the answer to the checks that joined.
+struct Leader<'a> {
     batches: &'a RateLimitBatches,
-    key: Option<&'a [u8]>,
+    key: &'a [u8],
+    followers: Followers,
+    pending: Option<PendingAnswer>,
 }
 
-impl OpenBatch<'_> {
-    fn close(&mut self) -> Vec<oneshot::Sender<Answer>> {
-        let Some(key) = self.key.take() else { return Vec::new() };
-        self.batches.open.lock().remove(key).unwrap_or_default()
+impl Leader<'_> {
+    /// Closes the batch to new checks; those that joined, in order.
+    fn close(&self) -> Vec<oneshot::Sender<Answer>> {
+        let mut open = self.batches.open.lock();
+        if open.get(self.key).is_some_and(|batch| Arc::ptr_eq(&batch.followers, &self.followers)) {
+            open.remove(self.key);
+        }
+        // Under the map's lock: a check that raised the count has also joined the list.
+        std::mem::take(&mut *self.followers.lock())
     }
 }
 
-impl Drop for OpenBatch<'_> {
+impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        self.close();
+        let Some(pending) = self.pending.take() else { return };
+        let followers = self.close();
+        if followers.is_empty() {
+            return;
+        }
+        let asked = 1 + followers.len() as u64;
+        tokio::spawn(async move {
+            match pending.await {
+                // The script did not run: the checks that joined are asked alone (dropping their
+                // senders tells them so), and the first of those loads the script again.
+                Err(CallError::Refused(why)) if why.starts_with("NOSCRIPT") => drop(followers),
+                answer => BatchAnswer::hand_out(&BatchAnswer::of(answer, asked), followers),
+            }
+        });
     }
 }
 
 impl SharedRedis {
-    /// One GCRA check of `<prefix>ratelimit:<namespace><key>`. The first check of a key waits one
-    /// scheduler pass for others of the same key to join it; they then share its script call.
+    /// One GCRA check of `<prefix>ratelimit:<namespace><key>`. While the script call of an
+    /// earlier check of the key waits to be written, this check joins it (its count is raised);
+    /// otherwise it queues the next call.
     pub async fn rate_limit(&self, namespace: &str, key: &[u8], args: &GcraArgs) -> Answer {
         let parts: [&[u8]; 4] = [self.prefix().as_bytes(), b"ratelimit:", namespace.as_bytes(), key];
         let mut stack = [0u8; 256];
@@ -128,60 +159,88 @@ impl SharedRedis {
             heap = parts.concat();
             &heap
         };
-        let joined = {
+        let pipeline = self.pipeline();
+        let leading = {
             let mut open = self.rate_batches.open.lock();
-            match open.get_mut(redis_key) {
-                Some(followers) => {
-                    let (sender, answer) = oneshot::channel();
-                    followers.push(sender);
-                    Some(answer)
+            let joined = open.get_mut(redis_key).and_then(|batch| {
+                if !pipeline.raise_count(&batch.count, batch.asked + 1) {
+                    return None;
                 }
+                batch.asked += 1;
+                let (sender, answer) = oneshot::channel();
+                batch.followers.lock().push(sender);
+                Some(answer)
+            });
+            match joined {
+                Some(answer) => Err(answer),
                 None => {
-                    open.insert(redis_key.into(), Vec::new());
-                    None
+                    self.counters.rate_limit_script_calls.fetch_add(1, Ordering::Relaxed);
+                    let (count, pending) = match pipeline.queue_counted(|out| encode_gcra(out, true, redis_key, args, None)) {
+                        Ok(queued) => queued,
+                        Err(err) => return Err(self.failed(err)),
+                    };
+                    let followers = Followers::default();
+                    open.insert(redis_key.into(), OpenBatch { count, asked: 1, followers: followers.clone() });
+                    Ok((followers, pending))
                 }
             }
         };
-        if let Some(answer) = joined {
-            // The leader answers; a leader dropped before its call (its client left) sends its
-            // followers to calls of their own.
-            return match answer.await {
-                Ok(answer) => answer,
-                Err(_) => self.gcra_call(redis_key, args, 1).await.map(|answered| answered.decision(0)),
-            };
-        }
-        let mut batch = OpenBatch { batches: &self.rate_batches, key: Some(redis_key) };
-        tokio::task::yield_now().await;
-        let followers = batch.close();
+        let (followers, pending) = match leading {
+            Ok(leading) => leading,
+            Err(answer) => {
+                // A leader dropped before its answer hands it out from a task; gone without
+                // one (the runtime stopping), the check is asked alone.
+                return match answer.await {
+                    Ok(answer) => answer,
+                    Err(_) => BatchAnswer::of(self.gcra_call(redis_key, args, 1).await, 1).map(|answered| answered.decision(0)),
+                };
+            }
+        };
+        let mut leader = Leader { batches: &self.rate_batches, key: redis_key, followers, pending: Some(pending) };
+        let answer = match leader.pending.as_mut() {
+            Some(pending) => pending.await,
+            None => Err(CallError::Stopped),
+        };
+        leader.pending = None;
+        let followers = leader.close();
         let asked = 1 + followers.len() as u64;
-        let answer = self.gcra_call(redis_key, args, asked).await;
-        let decision = |position: u64| answer.as_ref().map(|answered| answered.decision(position)).map_err(CallError::clone);
-        for (position, follower) in (1..).zip(followers) {
-            let _ = follower.send(decision(position));
-        }
-        decision(0)
+        let answer = match answer {
+            // Redis restarted (or flushed its scripts): one EVAL loads the script again.
+            Err(CallError::Refused(why)) if why.starts_with("NOSCRIPT") => self.gcra_call(redis_key, args, asked).await,
+            answer => answer,
+        };
+        self.answered(!matches!(answer, Err(CallError::Unreachable(_) | CallError::TimedOut | CallError::Broken(_) | CallError::Stopped)));
+        let answer = BatchAnswer::of(answer, asked);
+        BatchAnswer::hand_out(&answer, followers);
+        answer.map(|answered| answered.decision(0))
     }
 
-    /// One script call asking for `asked` admissions.
-    async fn gcra_call(&self, redis_key: &[u8], args: &GcraArgs, asked: u64) -> Result<BatchAnswer, CallError> {
+    /// One script call asking for `asked` admissions, with the script's text (`EVAL`), so that
+    /// it is loaded again where Redis lost it.
+    async fn gcra_call(&self, redis_key: &[u8], args: &GcraArgs, asked: u64) -> Result<Option<String>, CallError> {
         self.counters.rate_limit_script_calls.fetch_add(1, Ordering::Relaxed);
-        let mut asked_text = itoa::Buffer::new();
-        let asked_text = asked_text.format(asked).as_bytes();
-        let encode = |out: &mut Vec<u8>, by_hash: bool| {
-            let (command, body): (&[u8], &[u8]) = if by_hash { (b"EVALSHA", script_sha().as_bytes()) } else { (b"EVAL", GCRA.as_bytes()) };
-            encode_command_of_parts(out, &[&[command], &[body], &[b"1"], &[redis_key], &[args.period_us.as_bytes()], &[args.burst_us.as_bytes()], &[asked_text]]);
-        };
-        let pipeline = self.pipeline();
-        let mut answer = pipeline.call(|out| encode(out, true)).await;
-        if matches!(&answer, Err(CallError::Refused(why)) if why.starts_with("NOSCRIPT")) {
-            answer = pipeline.call(|out| encode(out, false)).await;
-        }
+        let answer = self.pipeline().call(|out| encode_gcra(out, false, redis_key, args, Some(asked))).await;
         self.answered(!matches!(answer, Err(CallError::Unreachable(_) | CallError::TimedOut | CallError::Broken(_) | CallError::Stopped)));
-        match answer? {
-            None => Ok(BatchAnswer { admitted: asked, wait: Duration::ZERO }),
-            Some(text) => BatchAnswer::parse(&text).ok_or_else(|| CallError::Refused(format!("the rate-limit script answered {text:?}"))),
-        }
+        answer
     }
+
+    /// A call that could not be queued (Redis paused after a failure, or the engine stopping).
+    fn failed(&self, err: CallError) -> CallError {
+        self.answered(!matches!(err, CallError::Unreachable(_) | CallError::Stopped));
+        err
+    }
+}
+
+/// The script call: `EVALSHA` (or `EVAL` with the text), the key, the period, the burst, and the
+/// count of checks asked for (`None`: 1 in a field that `raise_count` may change).
+fn encode_gcra(out: &mut Vec<u8>, by_hash: bool, redis_key: &[u8], args: &GcraArgs, asked: Option<u64>) {
+    let (command, body): (&[u8], &[u8]) = if by_hash { (b"EVALSHA", script_sha().as_bytes()) } else { (b"EVAL", GCRA.as_bytes()) };
+    let mut count = itoa::Buffer::new();
+    let count: &[u8] = match asked {
+        Some(asked) => count.format(asked).as_bytes(),
+        None => &b"0000000001"[..COUNT_DIGITS],
+    };
+    encode_command_of_parts(out, &[&[command], &[body], &[b"1"], &[redis_key], &[args.period_us.as_bytes()], &[args.burst_us.as_bytes()], &[count]]);
 }
 
 /// How many of a script call's checks were admitted (the first ones, in arrival order), and how
@@ -192,6 +251,21 @@ struct BatchAnswer {
 }
 
 impl BatchAnswer {
+    /// The script's reply to a call that asked for `asked` admissions.
+    fn of(reply: Result<Option<String>, CallError>, asked: u64) -> Result<BatchAnswer, CallError> {
+        match reply? {
+            None => Ok(BatchAnswer { admitted: asked, wait: Duration::ZERO }),
+            Some(text) => BatchAnswer::parse(&text).ok_or_else(|| CallError::Refused(format!("the rate-limit script answered {text:?}"))),
+        }
+    }
+
+    /// Each joined check's decision: the first of the batch was the leader's.
+    fn hand_out(answer: &Result<BatchAnswer, CallError>, followers: Vec<oneshot::Sender<Answer>>) {
+        for (position, follower) in (1..).zip(followers) {
+            let _ = follower.send(answer.as_ref().map(|answered| answered.decision(position)).map_err(CallError::clone));
+        }
+    }
+
     /// "<admitted> <wait in microseconds>".
     fn parse(text: &str) -> Option<BatchAnswer> {
         let (admitted, wait_us) = text.split_once(' ')?;
@@ -275,25 +349,57 @@ mod tests {
         assert_eq!(redis.rate_batches.open.lock().len(), 0, "no batch stays open");
     }
 
-    #[tokio::test]
-    async fn a_batch_whose_first_check_is_dropped_still_answers_the_others() {
-        let (_server, redis) = local_redis().await;
-        let args = GcraArgs::new(Duration::from_secs(10), Duration::from_secs(30));
-        let mut leader = Box::pin(redis.rate_limit("r:", b"k", &args));
-        // Polled once: it opened the batch and yields.
+    /// Polls a check once (its call queued, or its batch joined), drops it (its client left), and
+    /// returns what three more checks of the key, made meanwhile, were answered.
+    async fn three_checks_beside_a_dropped_one(redis: &Arc<SharedRedis>, key: &'static [u8], args: &GcraArgs) -> Vec<bool> {
+        let mut leader = Box::pin(redis.rate_limit("r:", key, args));
         let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(leader.as_mut(), cx).is_pending())).await;
         assert!(pending);
         let followers = tokio::spawn({
             let redis = redis.clone();
             let args = args.clone();
-            async move { futures_util::future::join_all((0..3).map(|_| redis.rate_limit("r:", b"k", &args))).await }
+            async move { futures_util::future::join_all((0..3).map(|_| redis.rate_limit("r:", key, &args))).await }
         });
         tokio::task::yield_now().await;
         drop(leader);
         let answers = followers.await.unwrap();
-        let admitted = answers.iter().filter(|a| matches!(a, Ok(SharedDecision::Admitted))).count();
-        assert_eq!(admitted, 3, "{answers:?}");
-        assert!(matches!(redis.rate_limit("r:", b"k", &args).await, Ok(SharedDecision::Wait(_))), "the dropped check took nothing");
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        answers.iter().map(|a| matches!(a, Ok(SharedDecision::Admitted))).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_first_check_is_dropped_still_answers_the_others() {
+        let (_server, redis) = local_redis().await;
+        let args = GcraArgs::new(Duration::from_secs(10), Duration::from_secs(30));
+        assert_eq!(redis.rate_limit("r:", b"warm", &args).await, Ok(SharedDecision::Admitted));
+        // The dropped check was counted (as in memory): two of the three others fit the burst.
+        assert_eq!(three_checks_beside_a_dropped_one(&redis, b"k", &args).await, [true, true, false]);
+        assert!(matches!(redis.rate_limit("r:", b"k", &args).await, Ok(SharedDecision::Wait(_))));
+        // Redis lost the script: the dropped check's call did not run, so it counted nothing,
+        // and the others, asked alone, load the script again.
+        redis.call::<()>(&redis::cmd("SCRIPT").arg("FLUSH").clone()).await.unwrap();
+        assert_eq!(three_checks_beside_a_dropped_one(&redis, b"k2", &args).await, [true, true, true]);
+        assert_eq!(redis.rate_batches.open.lock().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_check_that_comes_after_its_keys_call_was_written_queues_the_next() {
+        let (_server, redis) = local_redis().await;
+        let args = GcraArgs::new(Duration::from_secs(10), Duration::from_secs(20));
+        assert_eq!(redis.rate_limit("r:", b"warm", &args).await, Ok(SharedDecision::Admitted));
+        let before = calls_of(&redis, "evalsha").await;
+        let mut first = Box::pin(redis.rate_limit("r:", b"k", &args));
+        let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(first.as_mut(), cx).is_pending())).await;
+        assert!(pending);
+        // Until Redis ran it: the call was written.
+        while calls_of(&redis, "evalsha").await == before {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (first, second, third) = tokio::join!(first, redis.rate_limit("r:", b"k", &args), redis.rate_limit("r:", b"k", &args));
+        assert_eq!(first, Ok(SharedDecision::Admitted));
+        assert_eq!(second, Ok(SharedDecision::Admitted));
+        assert!(matches!(third, Ok(SharedDecision::Wait(_))), "{third:?}");
+        assert_eq!(calls_of(&redis, "evalsha").await - before, 2, "the written call, then one for the two that came after");
         assert_eq!(redis.rate_batches.open.lock().len(), 0);
     }
 }
