@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const HOP_COUNT: usize = 7;
@@ -107,18 +108,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// A connection's client address and local port as header values. They are the same on every
-/// request of the connection, so they are formatted once per connection rather than per request.
+/// request of the connection, so they are formatted once per connection rather than per request,
+/// into one buffer that each value shares (a connection, idle ones included, holds one pointer
+/// and a length rather than two values).
 #[derive(Debug, Clone)]
 pub struct ConnectionValues {
-    pub client_ip: HeaderValue,
-    pub local_port: HeaderValue,
+    /// The address's text, then the port's.
+    text: Bytes,
+    address_len: u8,
 }
 
 impl ConnectionValues {
     pub fn new(client_ip: IpAddr, local_port: u16) -> ConnectionValues {
-        // An address's text is always a valid header value.
-        let client_ip = HeaderValue::try_from(client_ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ConnectionValues { client_ip, local_port: HeaderValue::from(local_port) }
+        let mut text = client_ip.to_string();
+        let address_len = text.len() as u8;
+        text.push_str(itoa::Buffer::new().format(local_port));
+        ConnectionValues { text: Bytes::from(text), address_len }
+    }
+
+    pub fn client_ip(&self) -> HeaderValue {
+        // SAFETY: an address's text is visible ASCII, which a header value may hold.
+        unsafe { HeaderValue::from_maybe_shared_unchecked(self.text.slice(..usize::from(self.address_len))) }
+    }
+
+    pub fn client_ip_text(&self) -> &[u8] {
+        &self.text[..usize::from(self.address_len)]
+    }
+
+    pub fn local_port(&self) -> HeaderValue {
+        // SAFETY: a port's decimal digits.
+        unsafe { HeaderValue::from_maybe_shared_unchecked(self.text.slice(usize::from(self.address_len)..)) }
     }
 }
 
@@ -194,7 +213,7 @@ fn carried(headers: &HeaderMap) -> Carried {
 pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> ForwardingHeaders {
     let carried = carried(headers);
     let trusted = facts.trusted_peer;
-    let client_ip = &facts.connection.client_ip;
+    let connection = facts.connection;
     let mut out = ForwardingHeaders::default();
     let [for_, proto, host, port, via] = &mut out.values;
 
@@ -204,10 +223,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
             value.push_str(existing);
             value.push_str(", ");
         }
-        value.push_str(client_ip.to_str().unwrap_or("unknown"));
+        value.push_str(std::str::from_utf8(connection.client_ip_text()).unwrap_or("unknown"));
         HeaderValue::try_from(value).ok()
     } else {
-        Some(client_ip.clone())
+        Some(connection.client_ip())
     };
     let sent_host = facts.host.and_then(|host| match headers.get(header::HOST) {
         Some(sent) if sent.as_bytes() == host.as_bytes() => Some(sent.clone()),
@@ -224,7 +243,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
         *host = sent_host;
     }
     if !kept(3) {
-        *port = Some(facts.connection.local_port.clone());
+        *port = Some(facts.connection.local_port());
     }
     let (protocol, via_alone) = match facts.version {
         http::Version::HTTP_10 => ("1.0", "1.0 smartproxy"),
@@ -247,7 +266,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
     if !trusted {
         if carried.forwarded {
             let proto = if facts.https { "https" } else { "http" };
-            let client = client_ip.to_str().unwrap_or("unknown");
+            let client = std::str::from_utf8(connection.client_ip_text()).unwrap_or("unknown");
             let value = if client.contains(':') { format!("for=\"[{client}]\";proto={proto}") } else { format!("for={client};proto={proto}") };
             match HeaderValue::try_from(value) {
                 Ok(value) => headers.insert(header::FORWARDED, value),
@@ -255,7 +274,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
             };
         }
         if carried.real_ip {
-            headers.insert(X_REAL_IP, client_ip.clone());
+            headers.insert(X_REAL_IP, connection.client_ip());
         }
     }
     out

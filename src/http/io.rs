@@ -19,15 +19,26 @@ use crate::metrics::ByteCounters;
 pub struct ClientCounters {
     pub engine: Arc<crate::metrics::EngineMetrics>,
     pub ip: Arc<ByteCounters>,
-    epoch: Instant,
+    /// Milliseconds from `epoch()`.
     last_activity_ms: AtomicU64,
     /// Requests of the connection between their head and the end of their response.
     in_flight: AtomicU32,
     /// HTTP/1.x: heads are timed from their first byte (HTTP/2 frames between streams are not heads).
     times_heads: AtomicBool,
-    /// Milliseconds from `epoch` (plus one; 0 = none) to the first byte read while no request was
+    /// Milliseconds from `epoch()` (plus one; 0 = none) to the first byte read while no request was
     /// in flight: a head on its way.
     head_started_ms: AtomicU64,
+}
+
+/// The instant every connection's activity times count from (one for the process, rather than
+/// one in every connection's counters).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 impl ClientCounters {
@@ -35,8 +46,7 @@ impl ClientCounters {
         ClientCounters {
             engine,
             ip,
-            epoch: Instant::now(),
-            last_activity_ms: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(now_ms()),
             in_flight: AtomicU32::new(0),
             times_heads: AtomicBool::new(false),
             head_started_ms: AtomicU64::new(0),
@@ -44,7 +54,7 @@ impl ClientCounters {
     }
 
     pub fn last_activity(&self) -> Instant {
-        self.epoch + std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+        epoch() + std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
     }
 
     /// The connection speaks HTTP/1.x: time each later head from its first byte.
@@ -60,7 +70,7 @@ impl ClientCounters {
     pub fn head_started(&self) -> Option<Instant> {
         match self.head_started_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(self.epoch + std::time::Duration::from_millis(ms - 1)),
+            ms => Some(epoch() + std::time::Duration::from_millis(ms - 1)),
         }
     }
 
@@ -85,18 +95,14 @@ impl ClientCounters {
         self.ip.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     fn touch(&self) {
-        self.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     fn add_in(&self, n: usize) {
         self.engine.bytes.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         self.ip.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        let now = self.now_ms();
+        let now = now_ms();
         self.last_activity_ms.store(now, Ordering::Relaxed);
         if self.times_heads.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Acquire) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
             self.head_started_ms.store(now + 1, Ordering::Relaxed);

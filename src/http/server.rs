@@ -25,7 +25,7 @@ use crate::http::io::ClientCounters;
 use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
 use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
 use crate::http::websocket::TunnelScope;
-use crate::metrics::{GaugeHold, TerminationReason};
+use crate::metrics::TerminationReason;
 
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -80,7 +80,7 @@ pub fn serve<'a, S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let active = GaugeHold::enter(ctx.env.metrics.clone(), |m| &m.active_http);
+    let serving = Serving::enter(ctx.clone());
     let watch = Watch {
         draining: shutdown.draining,
         force_close: shutdown.force_close,
@@ -90,13 +90,12 @@ where
         header_timeout: limits.header_timeout,
         deadline: limits.deadline,
     };
-    let scope = ctx.clone();
     match version {
         HttpVersion::Http1 => {
             let mut connection = serve_h1(io, ctx, limits.max_header_size, shutdown.draining);
             Either::Left(async move {
                 // Held, not moved: what this future captured stays where it is.
-                let _ = &active;
+                let _ = &serving;
                 // SAFETY: `connection` is part of this future's own state, which stays where it
                 // is once polled (a future is pinned to be polled), and nothing moves it out.
                 let connection = unsafe { Pin::new_unchecked(&mut connection) };
@@ -111,15 +110,32 @@ where
                     H1End::ClientError => TerminationReason::ClientError,
                     H1End::InvalidHttp => TerminationReason::InvalidHttp,
                 });
-                after_serving(reason, &scope.tunnels).await
+                after_serving(reason, &serving.0.tunnels).await
             })
         }
         HttpVersion::Http2 => Either::Right(async move {
-            let _ = &active;
+            let _ = &serving;
             // Boxed: hyper's HTTP/2 connection would otherwise size every HTTP/1 connection's future.
             let reason = Box::pin(serve_h2(io, ctx, limits, &watch)).await;
-            after_serving(reason, &scope.tunnels).await
+            after_serving(reason, &serving.0.tunnels).await
         }),
+    }
+}
+
+/// A connection counted in `active_http` while it is served, with its context kept for what
+/// follows (its tunnels): one pointer for both in every idle connection's future.
+struct Serving(Arc<ConnectionContext>);
+
+impl Serving {
+    fn enter(ctx: Arc<ConnectionContext>) -> Serving {
+        ctx.env.metrics.active_http.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Serving(ctx)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.env.metrics.active_http.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -47,30 +47,33 @@ impl Watch<'_> {
     /// The next event. Before `Draining` was reported it waits on `draining` (which a force close
     /// cancels too), afterwards on `force_close`: one token at a time, and one timer for both the
     /// idle timeout and the lifetime.
+    /// (Polled by hand rather than through `select!`: what every connection holds while it
+    /// waits is the timer, the token's wait and a reference, and no copies of them.)
     pub async fn next(&self, draining_reported: bool) -> WatchEvent {
         let token = if draining_reported { self.force_close } else { self.draining };
-        let timer = tokio::time::sleep_until(self.next_check().into());
-        tokio::pin!(timer);
-        loop {
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => {
-                    return if self.force_close.is_cancelled() { WatchEvent::ForceClose } else { WatchEvent::Draining };
-                }
-                _ = timer.as_mut() => {
-                    let now = Instant::now();
-                    if self.deadline <= now {
-                        return WatchEvent::LifetimeExceeded;
-                    }
-                    // Activity since the timer was set moved the idle point on.
-                    let (idle_at, event) = self.idle_at();
-                    if idle_at <= now {
-                        return event;
-                    }
-                    timer.as_mut().reset(self.next_check().into());
-                }
+        let timer = std::pin::pin!(tokio::time::sleep_until(self.next_check().into()));
+        let cancelled = std::pin::pin!(token.cancelled());
+        let mut waits = (timer, cancelled);
+        std::future::poll_fn(move |cx| {
+            let (timer, cancelled) = &mut waits;
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(if self.force_close.is_cancelled() { WatchEvent::ForceClose } else { WatchEvent::Draining });
             }
-        }
+            while timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if self.deadline <= now {
+                    return Poll::Ready(WatchEvent::LifetimeExceeded);
+                }
+                // Activity since the timer was set moved the idle point on.
+                let (idle_at, event) = self.idle_at();
+                if idle_at <= now {
+                    return Poll::Ready(event);
+                }
+                timer.as_mut().reset(self.next_check().into());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// When the connection has waited too long, and what it then waited for.

@@ -25,7 +25,7 @@ use crate::http::io::{ClientCounters, ClientIo, Replay};
 use crate::hooks::{ConnectionIdentity, EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
 use crate::http::edge::{normalise_path, Refusal};
 use crate::http::head::{HeadParse, RequestHead};
-use crate::http::pipeline::{ConnectionContext, HttpEnv};
+use crate::http::pipeline::{ConnectionContext, HttpEnv, TerminatedTls};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, HttpVersion, Shutdown};
 use crate::http::websocket::TunnelScope;
 use crate::access_log::{AccessLog, AccessRecord, Opening};
@@ -734,10 +734,8 @@ impl SessionEnv {
             server_ip: peer.server_ip,
             destination: peer.destination.or_else(|| peer.server_ip.map(|ip| SocketAddr::new(ip, peer.local_port))),
             https: tls_route.is_some(),
-            tls_version: peer.tls_version,
             trusted_peer: self.trust_forwarded_headers && self.trusted_proxies.matches(peer.peer_ip),
-            sni: sni.map(String::into_boxed_str),
-            tls_route,
+            tls: tls_route.map(|route| Box::new(TerminatedTls { version: peer.tls_version, sni: sni.map(String::into_boxed_str), route })),
             tunnels: TunnelScope::new(self.force_close.clone(), RelayLimits { idle: self.idle_timeout, deadline: peer.accepted_at + self.max_lifetime }),
             header_values: ConnectionValues::new(peer.client.ip(), peer.local_port),
             client_fd,

@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::{Method, StatusCode, Version};
 
 use super::answers::{edge_refusal, native_response, security_refusal};
-use super::{request_facts, Answer, ConnectionContext, RequestCtx};
+use super::{request_facts, Answer, ConnectionContext, RequestCtx, TerminatedTls};
 use crate::routing::table::Route;
 use crate::http::body::text_response;
 use crate::http::edge::{self, checked_request_host, host_values, normalise_host, normalise_path, request_host};
@@ -71,7 +71,7 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked:
     };
     let match_path = normalised_path.as_deref().unwrap_or(head.uri.path());
     let found = conn.table.find_for_request(&request_facts(conn, domain.as_deref(), match_path, head));
-    if let (Some(sni), Some(sni_route)) = (&conn.sni, &conn.tls_route) {
+    if let Some(TerminatedTls { sni: Some(sni), route: sni_route, .. }) = conn.tls.as_deref() {
         let same_host = domain.as_deref() == Some(&**sni);
         let same_route = found.is_some_and(|route| Arc::ptr_eq(route, sni_route));
         if !same_host && !same_route {

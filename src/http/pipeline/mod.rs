@@ -64,6 +64,15 @@ pub struct HttpEnv {
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
+/// What a connection whose TLS was terminated here adds to its context.
+pub struct TerminatedTls {
+    pub version: Option<&'static str>,
+    /// The SNI and the route it selected. A request for another host that belongs to another
+    /// route is misdirected (421): its certificate was never presented.
+    pub sni: Option<Box<str>>,
+    pub route: Arc<Route>,
+}
+
 /// One client connection as the pipeline sees it.
 pub struct ConnectionContext {
     pub env: Arc<HttpEnv>,
@@ -76,14 +85,12 @@ pub struct ConnectionContext {
     pub server_ip: Option<IpAddr>,
     /// Where the client connected to, as a PROXY header towards a backend names it.
     pub destination: Option<std::net::SocketAddr>,
+    /// TLS was terminated here (`tls` is set).
     pub https: bool,
-    pub tls_version: Option<&'static str>,
     /// The peer is a trusted proxy (`proxyIPs`) and `trustForwardedHeaders` is set.
     pub trusted_peer: bool,
-    /// On terminated TLS: the SNI and the route it selected. A request for another host that
-    /// belongs to another route is misdirected (421): its certificate was never presented.
-    pub sni: Option<Box<str>>,
-    pub tls_route: Option<Arc<Route>>,
+    /// On terminated TLS (boxed: a plain connection, idle ones included, holds a pointer).
+    pub tls: Option<Box<TerminatedTls>>,
     /// Where this connection's WebSocket tunnels run (the session waits for them).
     pub tunnels: TunnelScope,
     /// `client_ip` and `local_port` formatted for `X-Forwarded-For` and `X-Forwarded-Port`.
@@ -109,13 +116,13 @@ impl ConnectionContext {
             client_port: self.client_port,
             server_ip: self.server_ip,
             is_tls: self.https,
-            tls_version: self.tls_version,
+            tls_version: self.tls.as_ref().and_then(|tls| tls.version),
         }
     }
 
     fn protocol(&self) -> Protocol {
         if self.https {
-            Protocol::Tls { version: self.tls_version }
+            Protocol::Tls { version: self.tls.as_ref().and_then(|tls| tls.version) }
         } else {
             Protocol::Http
         }

@@ -54,7 +54,7 @@ impl PendingRecord {
             LogFormat::Json => (None, None),
         };
         let opening = Opening {
-            client_ip: conn.header_values.client_ip.as_bytes(),
+            client_ip: conn.header_values.client_ip_text(),
             method: Some(head.method.as_str()),
             host: request_host(head),
             path: Some(head.uri.path().as_bytes()),
