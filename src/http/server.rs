@@ -16,7 +16,6 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::body::ClientBody;
@@ -69,6 +68,8 @@ pub enum HttpVersion {
 /// `io` is the client stream, counted below (a `ClientIo`, or TLS over one). A function returning
 /// the future: an HTTP/1.x connection's serving future is made here and kept in place by the one
 /// returned, so that its state (the largest part of an idle connection's memory) is held once.
+/// Boxed here, each protocol's future in an allocation of its own size (an enum of the two would
+/// add its tag to the size, and cost an idle HTTP/1.x connection the next size class).
 pub fn serve<'a, S>(
     io: S,
     version: HttpVersion,
@@ -76,7 +77,7 @@ pub fn serve<'a, S>(
     ctx: Arc<ConnectionContext>,
     limits: HttpLimits,
     shutdown: Shutdown<'a>,
-) -> impl Future<Output = TerminationReason> + Send + 'a
+) -> Pin<Box<dyn Future<Output = TerminationReason> + Send + 'a>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
@@ -93,7 +94,7 @@ where
     match version {
         HttpVersion::Http1 => {
             let mut connection = serve_h1(io, ctx, limits.max_header_size, shutdown.draining);
-            Either::Left(async move {
+            Box::pin(async move {
                 // Held, not moved: what this future captured stays where it is.
                 let _ = &serving;
                 // SAFETY: `connection` is part of this future's own state, which stays where it
@@ -113,7 +114,7 @@ where
                 after_serving(reason, &serving.0.tunnels).await
             })
         }
-        HttpVersion::Http2 => Either::Right(async move {
+        HttpVersion::Http2 => Box::pin(async move {
             let _ = &serving;
             // Boxed: hyper's HTTP/2 connection would otherwise size every HTTP/1 connection's future.
             let reason = Box::pin(serve_h2(io, ctx, limits, &watch)).await;

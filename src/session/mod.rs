@@ -166,8 +166,11 @@ impl Session {
 
     /// Runs the connection to its end and records why it ended.
     /// (A function returning the future rather than an `async fn`: the future uses what it
-    /// captures in place instead of holding each argument twice, for the connection's whole life.)
-    pub fn run(mut self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) -> impl Future<Output = ()> + Send + 'static {
+    /// captures in place instead of holding each argument twice, for the connection's whole life.
+    /// The session itself is boxed: inline it would take the connection's task past tokio's
+    /// smallest cache-aligned task size, which costs every idle connection more than the box.)
+    pub fn run(self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) -> impl Future<Output = ()> + Send + 'static {
+        let mut session = Box::new(self);
         async move {
             // Accepted: counted at once. The count is released only after the reason is recorded, so
             // whoever sees activeConnections drop also sees why the connection ended.
@@ -175,22 +178,22 @@ impl Session {
             // Routing runs boxed and its state is freed once it decides; a plain HTTP connection is
             // then served by what `drive` hands back, so that an idle keep-alive connection holds its
             // serving state and this small future, not the routing state as well.
-            let reason = match Box::pin(self.drive(&env, &table, client, &mut counted)).await {
+            let reason = match Box::pin(session.drive(&env, &table, client, &mut counted)).await {
                 Next::Ended(reason) => reason,
                 Next::ServeHttp(serving) => serving.await,
             };
-            let ended_in = self.state;
-            self.state.advance(State::Closed, self.id);
-            self.termination = Some(reason);
+            let ended_in = session.state;
+            session.state.advance(State::Closed, session.id);
+            session.termination = Some(reason);
             env.metrics.record_termination(reason);
             drop(counted);
             tracing::debug!(
-                id = self.id,
-                client = %self.client_ip,
-                client_port = self.client_port,
-                port = self.local_port,
-                domain = self.domain.as_deref().unwrap_or("-"),
-                route = self.route_label.as_deref().unwrap_or("-"),
+                id = session.id,
+                client = %session.client_ip,
+                client_port = session.client_port,
+                port = session.local_port,
+                domain = session.domain.as_deref().unwrap_or("-"),
+                route = session.route_label.as_deref().unwrap_or("-"),
                 reason = reason.as_str(),
                 state = ?ended_in,
                 "connection closed"
@@ -381,9 +384,9 @@ impl Session {
             }
             let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd), counters.clone());
             let version = if h2_preface { HttpVersion::Http2 } else { HttpVersion::Http1 };
-            // Boxed, as every branch that outlives the routing decision: the session's own future
-            // stays small, and an idle HTTP connection holds only what serving HTTP needs.
-            return Next::ServeHttp(Box::pin(serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close })));
+            // Boxed (by `serve`), as every branch that outlives the routing decision: the session's
+            // own future stays small, and an idle HTTP connection holds only what serving HTTP needs.
+            return Next::ServeHttp(serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }));
         }
 
         // Routed: the table this connection was accepted under decides, whatever updates follow.
