@@ -127,8 +127,8 @@ impl RedisPipeline {
     }
 
     /// Queues a command whose last argument is a count, written as `COUNT_DIGITS` digits (the
-    /// caller encodes it, 1 as "0000000001"): until the command is written, `raise_count` may
-    /// change it. Checks of one key that arrive before the write share the command this way.
+    /// caller encodes it, 1 as "0000000001"): until the command is written, `add_to_count` may
+    /// raise it. Checks of one key that arrive before the write share the command this way.
     pub fn queue_counted(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(CountField, PendingAnswer), CallError> {
         let mut at = 0;
         let (generation, pending) = self.queue(|out| {
@@ -139,18 +139,24 @@ impl RedisPipeline {
         Ok((CountField { generation, at }, pending))
     }
 
-    /// Writes `count` into a queued command's count field; false when the command was written
-    /// (or failed) already.
-    pub fn raise_count(&self, field: &CountField, count: u64) -> bool {
+    /// Adds one to a queued command's count field, in place (a carry rarely goes past the last
+    /// digit); false when the command was written (or failed) already, or the field is full.
+    pub fn add_to_count(&self, field: &CountField) -> bool {
         let mut outbox = self.shared.outbox.lock();
-        if outbox.generation != field.generation || count >= 10u64.pow(COUNT_DIGITS as u32) {
+        if outbox.generation != field.generation {
             return false;
         }
         let digits = &mut outbox.commands[field.at..field.at + COUNT_DIGITS];
-        let mut rest = count;
+        if digits.iter().all(|digit| *digit == b'9') {
+            return false;
+        }
         for digit in digits.iter_mut().rev() {
-            *digit = b'0' + (rest % 10) as u8;
-            rest /= 10;
+            if *digit == b'9' {
+                *digit = b'0';
+            } else {
+                *digit += 1;
+                break;
+            }
         }
         true
     }
@@ -443,6 +449,25 @@ mod tests {
             }
         });
         (port, served)
+    }
+
+    #[tokio::test]
+    async fn a_queued_count_field_is_raised_in_place_with_its_carry_until_it_is_written() {
+        let (_listener, port) = listen().await;
+        let lookups = RedisPipeline::start(target(port), Duration::from_millis(500));
+        let queued = |digits: &'static [u8]| lookups.queue_counted(|out| encode_command(out, &[b"EVALSHA", b"sha", digits])).unwrap();
+        // Nothing yields here, so the connection task has not taken the outbox yet.
+        let (nine, _nine_answer) = queued(b"0000000009");
+        let (full, _full_answer) = queued(b"9999999999");
+        assert!(lookups.add_to_count(&nine));
+        assert!(!lookups.add_to_count(&full), "a full field is not raised");
+        let commands = lookups.shared.outbox.lock().commands.clone();
+        let text = String::from_utf8(commands).unwrap();
+        assert!(text.contains("$10\r\n0000000010\r\n"), "{text:?}");
+        assert!(text.ends_with("$10\r\n9999999999\r\n"), "{text:?}");
+        // Taken by the connection task: too late to join.
+        lookups.shared.outbox.lock().generation += 1;
+        assert!(!lookups.add_to_count(&nine));
     }
 
     #[tokio::test]

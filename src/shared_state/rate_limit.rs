@@ -1,10 +1,10 @@
 //! A route's `rateLimit` counted across replicas: one atomic GCRA update per key per round trip,
 //! a Lua script sent with `EVALSHA` over the pipelined connection (so requests that arrive together
-//! share a write), on Redis's clock so that replicas with skewed clocks agree. Checks of one key
-//! that arrive together (a busy client's connections, a route-wide key) are one script call that
-//! asks for as many admissions as there are checks: the script admits them in arrival order as it
-//! would have one by one at that instant, so the answers are the in-memory limiter's, for a
-//! fraction of Redis's work. The script answers as the in-memory limiter does: a fresh key may send
+//! share a write), on Redis's clock so that replicas with skewed clocks agree. A check of a key
+//! whose script call is still waiting to be written (a busy client's connections, a route-wide
+//! key) joins that call, which then asks for as many admissions as it has checks: the script
+//! admits them in arrival order as it would have one by one at that instant, so the answers are
+//! the in-memory limiter's, for a fraction of Redis's work and of the proxy's. The script answers as the in-memory limiter does: a fresh key may send
 //! `maxRequests` at once, then one more every `window / maxRequests`. After a Redis restart the
 //! script cache is empty: the `NOSCRIPT` answer is followed by one `EVAL`, which loads it again.
 
@@ -95,7 +95,6 @@ pub struct RateLimitBatches {
 struct OpenBatch {
     /// The call's count of checks, raised by each check that joins it.
     count: CountField,
-    asked: u64,
     followers: Followers,
 }
 
@@ -163,10 +162,9 @@ impl SharedRedis {
         let leading = {
             let mut open = self.rate_batches.open.lock();
             let joined = open.get_mut(redis_key).and_then(|batch| {
-                if !pipeline.raise_count(&batch.count, batch.asked + 1) {
+                if !pipeline.add_to_count(&batch.count) {
                     return None;
                 }
-                batch.asked += 1;
                 let (sender, answer) = oneshot::channel();
                 batch.followers.lock().push(sender);
                 Some(answer)
@@ -180,7 +178,7 @@ impl SharedRedis {
                         Err(err) => return Err(self.failed(err)),
                     };
                     let followers = Followers::default();
-                    open.insert(redis_key.into(), OpenBatch { count, asked: 1, followers: followers.clone() });
+                    open.insert(redis_key.into(), OpenBatch { count, followers: followers.clone() });
                     Ok((followers, pending))
                 }
             }
@@ -209,7 +207,7 @@ impl SharedRedis {
             Err(CallError::Refused(why)) if why.starts_with("NOSCRIPT") => self.gcra_call(redis_key, args, asked).await,
             answer => answer,
         };
-        self.answered(!matches!(answer, Err(CallError::Unreachable(_) | CallError::TimedOut | CallError::Broken(_) | CallError::Stopped)));
+        self.answered(redis_answered(&answer));
         let answer = BatchAnswer::of(answer, asked);
         BatchAnswer::hand_out(&answer, followers);
         answer.map(|answered| answered.decision(0))
@@ -220,19 +218,24 @@ impl SharedRedis {
     async fn gcra_call(&self, redis_key: &[u8], args: &GcraArgs, asked: u64) -> Result<Option<String>, CallError> {
         self.counters.rate_limit_script_calls.fetch_add(1, Ordering::Relaxed);
         let answer = self.pipeline().call(|out| encode_gcra(out, false, redis_key, args, Some(asked))).await;
-        self.answered(!matches!(answer, Err(CallError::Unreachable(_) | CallError::TimedOut | CallError::Broken(_) | CallError::Stopped)));
+        self.answered(redis_answered(&answer));
         answer
     }
 
     /// A call that could not be queued (Redis paused after a failure, or the engine stopping).
     fn failed(&self, err: CallError) -> CallError {
-        self.answered(!matches!(err, CallError::Unreachable(_) | CallError::Stopped));
+        self.answered(false);
         err
     }
 }
 
+/// Whether Redis answered (an error it sent is an answer).
+fn redis_answered<T>(answer: &Result<T, CallError>) -> bool {
+    !matches!(answer, Err(CallError::Unreachable(_) | CallError::TimedOut | CallError::Broken(_) | CallError::Stopped))
+}
+
 /// The script call: `EVALSHA` (or `EVAL` with the text), the key, the period, the burst, and the
-/// count of checks asked for (`None`: 1 in a field that `raise_count` may change).
+/// count of checks asked for (`None`: 1 in a field that `add_to_count` raises).
 fn encode_gcra(out: &mut Vec<u8>, by_hash: bool, redis_key: &[u8], args: &GcraArgs, asked: Option<u64>) {
     let (command, body): (&[u8], &[u8]) = if by_hash { (b"EVALSHA", script_sha().as_bytes()) } else { (b"EVAL", GCRA.as_bytes()) };
     let mut count = itoa::Buffer::new();
