@@ -125,7 +125,7 @@ pub(super) async fn admit_shared<'c>(ctx: &mut RequestCtx<'c>, head: &Parts) -> 
     let route = ctx.route;
     let (Some(security), Some(redis)) = (&route.http_security, &ctx.conn.env.shared) else { return Ok(()) };
     let match_path = ctx.normalised_path.as_deref().unwrap_or(head.uri.path());
-    match security.admit_shared(redis, ctx.conn.client_ip, match_path, &head.headers).await {
+    match security.admit_shared(redis, ctx.conn.client_ip, ctx.conn.header_values.client_ip_text(), match_path, &head.headers).await {
         Ok(admitted) => ctx.admitted = Some(admitted),
         Err(refusal) => return Err(Refused { route: Some(route), answer: security_refusal(route, refusal) }),
     }
