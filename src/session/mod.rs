@@ -736,7 +736,6 @@ impl SessionEnv {
             client_port: peer.client.port(),
             server_ip: peer.server_ip,
             destination: peer.destination.or_else(|| peer.server_ip.map(|ip| SocketAddr::new(ip, peer.local_port))),
-            https: tls_route.is_some(),
             trusted_peer: self.trust_forwarded_headers && self.trusted_proxies.matches(peer.peer_ip),
             tls: tls_route.map(|route| Box::new(TerminatedTls { version: peer.tls_version, sni: sni.map(String::into_boxed_str), route })),
             tunnels: TunnelScope::new(self.force_close.clone(), RelayLimits { idle: self.idle_timeout, deadline: peer.accepted_at + self.max_lifetime }),

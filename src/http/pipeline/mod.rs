@@ -85,8 +85,6 @@ pub struct ConnectionContext {
     pub server_ip: Option<IpAddr>,
     /// Where the client connected to, as a PROXY header towards a backend names it.
     pub destination: Option<std::net::SocketAddr>,
-    /// TLS was terminated here (`tls` is set).
-    pub https: bool,
     /// The peer is a trusted proxy (`proxyIPs`) and `trustForwardedHeaders` is set.
     pub trusted_peer: bool,
     /// On terminated TLS (boxed: a plain connection, idle ones included, holds a pointer).
@@ -108,6 +106,11 @@ pub struct ConnectionContext {
 }
 
 impl ConnectionContext {
+    /// TLS was terminated here.
+    pub fn https(&self) -> bool {
+        self.tls.is_some()
+    }
+
     fn identity(&self) -> ConnectionIdentity {
         ConnectionIdentity {
             connection_id: self.connection_id,
@@ -115,13 +118,13 @@ impl ConnectionContext {
             client_ip: self.client_ip,
             client_port: self.client_port,
             server_ip: self.server_ip,
-            is_tls: self.https,
+            is_tls: self.https(),
             tls_version: self.tls.as_ref().and_then(|tls| tls.version),
         }
     }
 
     fn protocol(&self) -> Protocol {
-        if self.https {
+        if self.https() {
             Protocol::Tls { version: self.tls.as_ref().and_then(|tls| tls.version) }
         } else {
             Protocol::Http

@@ -59,7 +59,7 @@ impl PendingRecord {
             host: request_host(head),
             path: Some(head.uri.path().as_bytes()),
             protocol: protocol_name(head.version),
-            tls: conn.https,
+            tls: conn.https(),
             referer: referer.as_deref().map(str::as_bytes),
             user_agent,
         };

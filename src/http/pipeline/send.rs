@@ -255,7 +255,7 @@ fn rewrite_headers(mut parts: Parts, ctx: &RequestCtx<'_>, target: &SelectedTarg
     let conn = ctx.conn;
     let facts = ForwardedFacts {
         connection: &conn.header_values,
-        https: conn.https,
+        https: conn.https(),
         host: ctx.raw_host.as_deref(),
         trusted_peer: conn.trusted_peer,
         version: parts.version,
