@@ -50,7 +50,7 @@ for mode in "${modes[@]}"; do
     printf '%s\n' 'global' '  nbthread 1' 'defaults' '  mode http' '  timeout connect 5s' '  timeout client 60s' \
       '  timeout server 60s' '  option http-keep-alive' '  option forwardfor' '  http-reuse always' \
       'frontend bench' "  bind 127.0.0.1:$port" '  default_backend be' 'backend be' "  server s1 127.0.0.1:$backend_port" > "$work/haproxy.cfg"
-    valgrind --tool=callgrind --callgrind-out-file="$out" haproxy -db -f "$work/haproxy.cfg" > "$work/proxy.log" 2>&1 &
+    valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" haproxy -db -f "$work/haproxy.cfg" > "$work/proxy.log" 2>&1 &
   else
     BENCH_REDIS_URL="redis://127.0.0.1:$redis_port" valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" \
       node "$root/bench/proxy-smartproxy.mjs" "$port" "$backend_port" "$mode" > "$work/proxy.log" 2>&1 &

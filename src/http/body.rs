@@ -135,7 +135,7 @@ pub enum ClientBody {
     /// Read off an HTTP/1.x connection by its own loop.
     H1(crate::http::h1::channel::RequestBody),
     /// An HTTP/2 stream's body.
-    H2(hyper::body::Incoming),
+    H2(crate::http::h2::server::RequestBody),
     /// An HTTP/3 stream's body (boxed: the stream is large, and most requests have none).
     H3(Box<crate::http::h3::MessageBody<crate::http::h3::server::RecvStream>>),
 }
@@ -148,7 +148,7 @@ impl Body for ClientBody {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
-            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx),
             ClientBody::H3(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }

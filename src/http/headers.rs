@@ -289,6 +289,19 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|item| item.eq_ignore_ascii_case(token.as_bytes()))
 }
 
+
+/// The message's `Content-Length`: None without one; an error when it is not one number.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else { return Ok(None) };
+    let parsed = first.to_str().ok().filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok());
+    let Some(length) = parsed else { return Err("Content-Length is not a number") };
+    if values.any(|other| other != first) {
+        return Err("differing Content-Length values");
+    }
+    Ok(Some(length))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

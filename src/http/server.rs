@@ -1,4 +1,4 @@
-//! Serving one client connection: HTTP/1.x by our own loop (`h1::server`), HTTP/2 by hyper
+//! Serving one client connection: HTTP/1.x by our own loop (`h1::server`), HTTP/2 by `h2::server`
 //! (ALPN `h2` on TLS, the prior-knowledge preface on plain ports), both under one watchdog. Limits of API.md: the request
 //! head size (over it: 431), the head read timeout, HTTP/2 concurrent streams. The connection ends
 //! when the client leaves, when it sits idle past the idle timeout, gracefully when the engine
@@ -10,18 +10,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::Request;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::body::ClientBody;
 use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
-use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
+use crate::http::pipeline::ConnectionContext;
 use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
 use crate::http::websocket::TunnelScope;
 use crate::metrics::TerminationReason;
@@ -117,7 +111,7 @@ where
         HttpVersion::Http2 => Box::pin(async move {
             let _ = &serving;
             // Boxed: hyper's HTTP/2 connection would otherwise size every HTTP/1 connection's future.
-            let reason = Box::pin(serve_h2(io, ctx, limits, &watch)).await;
+            let reason = Box::pin(crate::http::h2::server::serve(io, ctx, limits, &watch)).await;
             after_serving(reason, &serving.0.tunnels).await
         }),
     }
@@ -150,41 +144,6 @@ async fn after_serving(served: Result<TerminationReason, TerminationReason>, tun
         }
         Err(reason) => reason,
     }
-}
-
-async fn serve_h2<S>(io: S, ctx: Arc<ConnectionContext>, limits: HttpLimits, watch: &Watch<'_>) -> Result<TerminationReason, TerminationReason>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
-{
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_size as u32);
-    // Boxed: hyper spawns a task per stream holding this future, and moves it on the way; a
-    // pointer moves cheaper than the pipeline's whole state.
-    let service = service_fn(move |req: Request<Incoming>| handle_boxed(ctx.clone(), req.map(ClientBody::H2), HeadChecked::Nothing));
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let graceful = std::sync::atomic::AtomicBool::new(false);
-    let connection = std::pin::pin!(std::future::poll_fn(|cx| {
-        if graceful.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            connection.as_mut().graceful_shutdown();
-        }
-        std::future::Future::poll(connection.as_mut(), cx)
-    }));
-    watched(connection, watch, |_| {
-        graceful.store(true, std::sync::atomic::Ordering::Relaxed);
-        false
-    })
-    .await
-    .map(|result| match result {
-        Ok(()) => TerminationReason::Completed,
-        Err(err) => {
-            tracing::debug!(error = %err, "http/2 connection ended with an error");
-            TerminationReason::ClientError
-        }
-    })
 }
 
 /// Runs a connection under the watchdog. `on_drain` is told when the engine starts draining and

@@ -231,7 +231,7 @@ fn hex_usize(mut n: usize, out: &mut [u8]) -> &[u8] {
 }
 
 /// The current `Date` value, formatted once a second per thread.
-fn with_http_date(f: impl FnOnce(&[u8])) {
+pub(crate) fn with_http_date(f: impl FnOnce(&[u8])) {
     thread_local! {
         static CACHED: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((u64::MAX, [0; 29])) };
     }

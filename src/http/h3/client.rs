@@ -14,7 +14,8 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 
-use super::{content_length, MessageBody};
+use super::MessageBody;
+use crate::http::headers::content_length;
 use crate::http::body::ProxyBody;
 use crate::http::pool::{UpstreamError, UpstreamTls};
 

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use h3::error::{Code, StreamError};
-use http::{header, HeaderMap};
+use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::http::body::BoxError;
@@ -98,18 +98,6 @@ impl<S: RecvHalf> MessageBody<S> {
             _ => Ok(()),
         }
     }
-}
-
-/// The message's `Content-Length`: None without one; an error when it is not one number.
-pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = values.next() else { return Ok(None) };
-    let parsed = first.to_str().ok().filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok());
-    let Some(length) = parsed else { return Err("Content-Length is not a number") };
-    if values.any(|other| other != first) {
-        return Err("differing Content-Length values");
-    }
-    Ok(Some(length))
 }
 
 impl<S: RecvHalf> Body for MessageBody<S> {

@@ -16,7 +16,8 @@ use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 
 use super::guard::{Guarded, GuardedConnection};
-use super::{content_length, MessageBody};
+use super::MessageBody;
+use crate::http::headers::content_length;
 use crate::http::body::{BoxError, ClientBody};
 use crate::http::io::ClientCounters;
 use crate::http::pipeline::{handle, ConnectionContext, HeadChecked};
