@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::body::{BoxError, ClientBody, ProxyBody};
 use crate::http::h1::write::with_http_date;
-use crate::http::headers::{content_length, strip_hop_by_hop};
+use crate::http::headers::{content_length, hop_index, strip_hop_by_hop};
 use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
 use crate::http::server::{watched, HttpLimits};
 use crate::http::watchdog::Watch;
@@ -143,9 +143,19 @@ async fn serve_stream(mut pipeline: Pin<Box<impl Future<Output = Result<Response
 /// answer to a HEAD request, whose body (the proxy's own answers have one) is not sent.
 async fn send_response(respond: &mut SendResponse<Bytes>, response: Response<ProxyBody>, head_only: bool) -> Result<(), BoxError> {
     let (mut head, body) = response.into_parts();
-    // Connection-specific headers are malformed in HTTP/2 (the codec refuses the whole head).
-    strip_hop_by_hop(&mut head.headers, false);
-    if !head.headers.contains_key(header::DATE) {
+    // One pass over the names (a proxied response has been filtered already, and nearly always
+    // has both a Date and a Content-Length): connection-specific headers are malformed in
+    // HTTP/2, and the codec would refuse the whole head.
+    let (mut has_date, mut has_length, mut connection_specific) = (false, false, false);
+    for name in head.headers.keys() {
+        has_date |= name == header::DATE;
+        has_length |= name == header::CONTENT_LENGTH;
+        connection_specific |= hop_index(name.as_str().as_bytes()).is_some();
+    }
+    if connection_specific {
+        strip_hop_by_hop(&mut head.headers, false);
+    }
+    if !has_date {
         with_http_date(|date| {
             if let Ok(value) = HeaderValue::from_bytes(date) {
                 head.headers.insert(header::DATE, value);
@@ -153,7 +163,7 @@ async fn send_response(respond: &mut SendResponse<Bytes>, response: Response<Pro
         });
     }
     let end = head_only || body.is_end_stream();
-    if !end && !head.headers.contains_key(header::CONTENT_LENGTH) {
+    if !end && !has_length {
         if let Some(length) = body.size_hint().exact() {
             head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
@@ -183,19 +193,12 @@ struct BodyPump {
 impl BodyPump {
     fn poll(&mut self, send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            // A reset from the client ends the body wherever it is (and wakes this task).
-            if let Poll::Ready(reset) = send.poll_reset(cx) {
-                return Poll::Ready(Err(match reset {
-                    Ok(reason) => format!("the client reset the stream ({reason})").into(),
-                    Err(err) => err.into(),
-                }));
-            }
             if let Some((chunk, last)) = self.waiting.take() {
                 while send.capacity() == 0 {
                     match send.poll_capacity(cx) {
                         Poll::Pending => {
                             self.waiting = Some((chunk, last));
-                            return Poll::Pending;
+                            return pending_unless_reset(send, cx);
                         }
                         Poll::Ready(Some(Ok(_))) => {}
                         Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(err.into())),
@@ -211,7 +214,7 @@ impl BodyPump {
                 continue;
             }
             match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return pending_unless_reset(send, cx),
                 Poll::Ready(None) => {
                     send.send_data(Bytes::new(), true)?;
                     return Poll::Ready(Ok(()));
@@ -222,12 +225,13 @@ impl BodyPump {
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(chunk) => {
-                        let last = self.body.is_end_stream();
+                        if self.body.is_end_stream() {
+                            // Nothing follows, so nothing more is read while the codec sends it
+                            // as the window allows (most responses are this one chunk).
+                            send.send_data(chunk, true)?;
+                            return Poll::Ready(Ok(()));
+                        }
                         if chunk.is_empty() {
-                            if last {
-                                send.send_data(chunk, true)?;
-                                return Poll::Ready(Ok(()));
-                            }
                             continue;
                         }
                         // A claim on the window only once a chunk is in hand: claimed ahead of
@@ -235,7 +239,7 @@ impl BodyPump {
                         // while other streams wait for it. The codec raises the claim to the
                         // chunk's length when it takes the chunk.
                         send.reserve_capacity(1);
-                        self.waiting = Some((chunk, last));
+                        self.waiting = Some((chunk, false));
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -247,6 +251,16 @@ impl BodyPump {
                 },
             }
         }
+    }
+}
+
+/// Waiting for the body or for the window: a reset from the client ends the response instead
+/// (and wakes this stream when it comes).
+fn pending_unless_reset(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    match send.poll_reset(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(reason)) => Poll::Ready(Err(format!("the client reset the stream ({reason})").into())),
+        Poll::Ready(Err(err)) => Poll::Ready(Err(err.into())),
     }
 }
 

@@ -2,6 +2,7 @@
 //! on a TLS connection made for another route), the route's IP policy and connection limit, its
 //! rate limit and authentication, and the answers a route gives without an upstream.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use http::request::Parts;
 use http::{Method, StatusCode, Version};
 
 use super::answers::{edge_refusal, native_response, security_refusal};
-use super::{request_facts, Answer, ConnectionContext, RequestCtx, TerminatedTls};
+use super::{request_facts, Answer, ConnectionContext, DomainText, RequestCtx, TerminatedTls};
 use crate::routing::table::Route;
 use crate::http::body::text_response;
 use crate::http::edge::{self, checked_request_host, host_values, normalise_host, normalise_path, request_host};
@@ -63,16 +64,17 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked:
     if head.method == Method::CONNECT {
         return Err(edge_refusal(edge::Refusal { status: StatusCode::METHOD_NOT_ALLOWED, reason: "CONNECT is not proxied" }, version).into());
     }
-    let domain = raw_host.as_deref().map(normalise_host).filter(|d| !d.is_empty()).map(|d| d.into_owned());
+    let normalised = raw_host.as_deref().map(normalise_host);
+    let domain = normalised.as_deref().filter(|d| !d.is_empty());
     let normalised_path = match normalise_path(head.uri.path()) {
-        Ok(std::borrow::Cow::Owned(normal)) => Some(normal),
-        Ok(std::borrow::Cow::Borrowed(_)) => None,
+        Ok(Cow::Owned(normal)) => Some(normal),
+        Ok(Cow::Borrowed(_)) => None,
         Err(refusal) => return Err(edge_refusal(refusal, version).into()),
     };
     let match_path = normalised_path.as_deref().unwrap_or(head.uri.path());
-    let found = conn.table.find_for_request(&request_facts(conn, domain.as_deref(), match_path, head));
+    let found = conn.table.find_for_request(&request_facts(conn, domain, match_path, head));
     if let Some(TerminatedTls { sni: Some(sni), route: sni_route, .. }) = conn.tls.as_deref() {
-        let same_host = domain.as_deref() == Some(&**sni);
+        let same_host = domain == Some(&**sni);
         let same_route = found.is_some_and(|route| Arc::ptr_eq(route, sni_route));
         if !same_host && !same_route {
             return Err(text_response(StatusCode::MISDIRECTED_REQUEST, "this connection was not made for that host").into());
@@ -97,7 +99,7 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked:
         refusal.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Err(refused(refusal));
     }
-    conn.env.scripts.route_matched(&conn.identity(), domain.as_deref(), route);
+    conn.env.scripts.route_matched(&conn.identity(), domain, route);
     let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections).map(Some) else {
         return Err(refused(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached")));
     };
@@ -110,6 +112,14 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked:
             Err(refusal) => return Err(refused(security_refusal(route, refusal))),
         },
         _ => None,
+    };
+    let domain = match (raw_host.as_deref(), normalised) {
+        (Some(raw), Some(Cow::Borrowed(normal))) => {
+            let start = normal.as_ptr() as usize - raw.as_ptr() as usize;
+            DomainText::Within(start..start + normal.len())
+        }
+        (_, Some(Cow::Owned(normal))) => DomainText::Own(normal),
+        _ => DomainText::Within(0..0),
     };
     let ctx = RequestCtx { conn, route, version, uri: head.uri.clone(), raw_host, domain, normalised_path, admitted };
     if shared {

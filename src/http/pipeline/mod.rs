@@ -224,6 +224,13 @@ fn request_facts<'a>(conn: &ConnectionContext, domain: Option<&'a str>, match_pa
     }
 }
 
+/// The host routes match, as normalising `raw_host` gave it: a span of it (the host without
+/// its port or trailing dot, already lowercase, as most are), or a lowercased copy.
+enum DomainText {
+    Within(std::ops::Range<usize>),
+    Own(String),
+}
+
 /// What the phases of one request share, fixed once the request is admitted.
 struct RequestCtx<'c> {
     conn: &'c ConnectionContext,
@@ -234,8 +241,8 @@ struct RequestCtx<'c> {
     /// The host as the client named it (`Host`, or the target's authority): what the backend
     /// receives.
     raw_host: Option<String>,
-    /// The host routes match: lowercase, without port or trailing dot.
-    domain: Option<String>,
+    /// Where the host routes match (`domain()`) is.
+    domain: DomainText,
     /// The path routes and security match, where normalising changed the one sent.
     normalised_path: Option<String>,
     /// What the route's security established: JWT claims, and whether the request's credentials
@@ -244,6 +251,15 @@ struct RequestCtx<'c> {
 }
 
 impl<'c> RequestCtx<'c> {
+    /// The host routes match: lowercase, without port or trailing dot.
+    fn domain(&self) -> Option<&str> {
+        match &self.domain {
+            DomainText::Within(span) => self.raw_host.as_deref().and_then(|raw| raw.get(span.clone())),
+            DomainText::Own(normal) => Some(normal.as_str()),
+        }
+        .filter(|domain| !domain.is_empty())
+    }
+
     /// The path as sent, without the query.
     fn path(&self) -> &str {
         self.uri.path()
@@ -259,7 +275,7 @@ impl<'c> RequestCtx<'c> {
 
     fn templates(&self) -> TemplateContext<'_> {
         TemplateContext {
-            domain: self.domain.as_deref().unwrap_or(""),
+            domain: self.domain().unwrap_or(""),
             port: self.conn.local_port,
             path: self.path(),
             query: self.query(),
@@ -272,7 +288,7 @@ impl<'c> RequestCtx<'c> {
 
     /// What routing and target selection read of the request.
     fn facts<'a>(&'a self, head: &'a Parts) -> RequestFacts<'a> {
-        request_facts(self.conn, self.domain.as_deref(), self.match_path(), head)
+        request_facts(self.conn, self.domain(), self.match_path(), head)
     }
 
     /// The route's next pick for a retry, or the same target when there is no other.
@@ -294,7 +310,7 @@ impl<'c> RequestCtx<'c> {
                     .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
                     .collect(),
             ),
-            ..ScriptContext::for_route(&self.conn.identity(), self.domain.as_deref(), self.route)
+            ..ScriptContext::for_route(&self.conn.identity(), self.domain(), self.route)
         }
     }
 }

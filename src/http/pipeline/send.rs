@@ -82,7 +82,7 @@ pub(super) async fn send_with_retries<'c>(
             }
         };
         // Only a TLS upstream needs it (a parse, a copy and a validation per request).
-        let server_name = || upstream_server_name(&target_host, ctx.domain.as_deref());
+        let server_name = || upstream_server_name(&target_host, ctx.domain());
         // `auto` to a TLS backend that advertised HTTP/3 on its host: QUIC to that port; TCP
         // again should it fail.
         let advertised = (outbound.protocol == UpstreamProtocol::Auto && !outbound.wants_upgrade && !alt_svc_failed)
