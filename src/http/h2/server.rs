@@ -134,14 +134,26 @@ async fn serve_stream(mut pipeline: Pin<Box<impl Future<Output = Result<Response
     .await;
     drop(pipeline);
     let Some(response) = answer else { return };
-    if let Err(err) = send_response(&mut respond, response, head_only).await {
+    // The head is sent at once; only the body, if any, is waited on (so the stream's future
+    // holds no response while it waits, and is moved cheaply when it starts).
+    let sending = match start_response(&mut respond, response, head_only) {
+        Ok(Some(sending)) => sending,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::debug!(error = %err, "HTTP/2 response not delivered");
+            return;
+        }
+    };
+    let (mut send, mut pump) = sending;
+    if let Err(err) = std::future::poll_fn(|cx| pump.poll(&mut send, cx)).await {
         tracing::debug!(error = %err, "HTTP/2 response not delivered");
     }
 }
 
-/// The response's head, then its body and trailers as the body yields them. `head_only`: the
-/// answer to a HEAD request, whose body (the proxy's own answers have one) is not sent.
-async fn send_response(respond: &mut SendResponse<Bytes>, response: Response<ProxyBody>, head_only: bool) -> Result<(), BoxError> {
+/// The response's head; then the body and trailers that follow it, if any, for `BodyPump`.
+/// `head_only`: the answer to a HEAD request, whose body (the proxy's own answers have one) is not
+/// sent.
+fn start_response(respond: &mut SendResponse<Bytes>, response: Response<ProxyBody>, head_only: bool) -> Result<Option<(SendStream<Bytes>, BodyPump)>, h2::Error> {
     let (mut head, body) = response.into_parts();
     // One pass over the names (a proxied response has been filtered already, and nearly always
     // has both a Date and a Content-Length): connection-specific headers are malformed in
@@ -168,18 +180,14 @@ async fn send_response(respond: &mut SendResponse<Bytes>, response: Response<Pro
             head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
     }
-    let mut send = match respond.send_response(Response::from_parts(head, ()), end) {
+    let send = match respond.send_response(Response::from_parts(head, ()), end) {
         Ok(send) => send,
         Err(err) => {
             respond.send_reset(Reason::INTERNAL_ERROR);
-            return Err(err.into());
+            return Err(err);
         }
     };
-    if end {
-        return Ok(());
-    }
-    let mut pump = BodyPump { body, waiting: None };
-    std::future::poll_fn(|cx| pump.poll(&mut send, cx)).await
+    Ok((!end).then(|| (send, BodyPump { body, waiting: None })))
 }
 
 /// A response body into its stream: each chunk waits for flow-control capacity before the next

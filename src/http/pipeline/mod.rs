@@ -141,6 +141,7 @@ pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head
     Box::into_pin(Box::write(Box::new_uninit(), handle(conn, req, head_checked)))
 }
 
+#[inline(always)]
 pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     conn.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
