@@ -106,9 +106,18 @@ pub(super) async fn send_with_retries<'c>(
         };
         if ctx.version >= Version::HTTP_2 && client_slot.is_none() {
             let slots = conn.upstream_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(conn.max_upstream_per_client.max(1) as usize)));
-            match tokio::time::timeout(route.connect_timeout, slots.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => client_slot = Some(permit),
-                _ => return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "too many requests of this connection are waiting upstream")),
+            // A free slot is taken at once (no timer, no clock read); only a client holding all
+            // of its slots waits, up to the connect timeout.
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => match tokio::time::timeout(route.connect_timeout, slots.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => Some(permit),
+                    _ => None,
+                },
+            };
+            match permit {
+                Some(permit) => client_slot = Some(permit),
+                None => return Err(text_response(StatusCode::SERVICE_UNAVAILABLE, "too many requests of this connection are waiting upstream")),
             }
         }
         // An advertised alternative gets a short try: TCP is there should it not answer.
