@@ -107,7 +107,14 @@ tap.test('setup: a proxy on an HTTP route, an HTTP/1.1 backend', async () => {
   });
   await new Promise<void>((resolve) => backend.listen(0, '127.0.0.1', resolve));
   proxy = new SmartProxy({
-    routes: [{ name: 'app', match: { ports: port, domains: 'app.test' }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: (backend.address() as AddressInfo).port }] } }],
+    routes: [
+      { name: 'app', match: { ports: port, domains: 'app.test' }, action: { type: 'forward', targets: [{ host: '127.0.0.1', port: (backend.address() as AddressInfo).port }] } },
+      {
+        name: 'timed',
+        match: { ports: port, domains: 'timed.test' },
+        action: { type: 'forward', targets: [{ host: '127.0.0.1', port: (backend.address() as AddressInfo).port }], timeouts: { responseMs: 300 } },
+      },
+    ],
   });
   await proxy.start();
 });
@@ -236,6 +243,30 @@ tap.test('a storm of streams reset at every stage leaves nothing behind', async 
     expect((await ask(client, { ':path': '/still' })).body.toString()).toEqual('ok GET /still');
   } finally {
     client.destroy();
+  }
+});
+
+tap.test('responseMs holds for every request of a pooled upstream connection, also after its timer ran out while idle', async () => {
+  const client = connect();
+  try {
+    for (let round = 0; round < 2; round++) {
+      const fast = await ask(client, { ':path': `/fast/${round}`, ':authority': 'timed.test' });
+      expect(fast.body.toString()).toEqual(`ok GET /fast/${round}`);
+      // Idle past the timeout: the connection's timer expires with nothing waiting on it.
+      await sleep(450);
+      const started = Date.now();
+      const slow = await ask(client, { ':path': '/hold', ':authority': 'timed.test' });
+      const took = Date.now() - started;
+      expect(slow.status).toEqual(504);
+      expect(took).toBeGreaterThanOrEqual(250);
+      expect(took).toBeLessThan(3000);
+    }
+    // A request answered in time on a connection whose earlier deadline has passed is not cut.
+    const answered = await ask(client, { ':path': '/after-timeouts', ':authority': 'timed.test' });
+    expect(answered.status).toEqual(200);
+  } finally {
+    client.destroy();
+    held.splice(0).forEach((res) => res.destroy());
   }
 });
 

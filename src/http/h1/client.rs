@@ -6,7 +6,7 @@
 //! framing checked (a response that frames its body twice is refused); the body is read to its
 //! end, and only then can the connection go back to the pool.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -38,6 +38,10 @@ const MAX_BODY_READ: usize = 256 * 1024;
 pub struct Connection {
     io: Box<dyn ClientStream>,
     buf: BytesMut,
+    /// The response timeout, one timer for the connection's life: each request moves its deadline
+    /// later, which the timer wheel takes without a lock; a timer made and dropped per request
+    /// went through the wheel's lock twice.
+    response_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The upstream connection of an answered upgrade (101), with the bytes read past its head.
@@ -67,6 +71,8 @@ pub enum ClientError {
     Malformed(&'static str),
     /// The request body (the client's) failed.
     RequestBody(BoxError),
+    /// No response head within the response timeout.
+    TimedOut,
 }
 
 impl ClientError {
@@ -85,6 +91,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Incomplete => f.write_str("the upstream closed the connection in the middle of a response"),
             ClientError::Malformed(why) => write!(f, "malformed upstream response: {why}"),
             ClientError::RequestBody(err) => write!(f, "the request body failed: {err}"),
+            ClientError::TimedOut => f.write_str("the upstream sent no response in time"),
         }
     }
 }
@@ -93,7 +100,7 @@ impl std::error::Error for ClientError {}
 
 impl Connection {
     pub fn new(io: Box<dyn ClientStream>) -> Self {
-        Connection { io, buf: BytesMut::new() }
+        Connection { io, buf: BytesMut::new(), response_timer: None }
     }
 
     /// After sitting idle: the upstream neither closed it nor sent anything unasked.
@@ -113,11 +120,27 @@ impl Connection {
 /// written as `Host` when `parts` has none. The response body owns the connection; the head stays the caller's,
 /// to send again should the connection turn out closed before any response
 /// (`ClientError::before_response`).
-pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHeaders, host: Option<&str>, body: ProxyBody) -> Result<Response<ResponseBody>, ClientError> {
+pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHeaders, host: Option<&str>, body: ProxyBody, timeout: std::time::Duration) -> Result<Response<ResponseBody>, ClientError> {
     let mut sending = RequestSend::new(parts, forwarding, host, body);
     let head_request = parts.method == Method::HEAD;
     let upgrade_request = parts.headers.contains_key(header::UPGRADE);
-    let head = poll_fn(|cx| poll_response_head(cx, &mut conn, &mut sending)).await?;
+    let now = tokio::time::Instant::now();
+    // A timeout too long to add is no timeout (a deadline decades away, as tokio's own).
+    let deadline = now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30));
+    match conn.response_timer.as_mut() {
+        Some(timer) => timer.as_mut().reset(deadline),
+        None => conn.response_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+    }
+    let head = poll_fn(|cx| {
+        if let Poll::Ready(head) = poll_response_head(cx, &mut conn, &mut sending) {
+            return Poll::Ready(head);
+        }
+        match conn.response_timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(ClientError::TimedOut)),
+            _ => Poll::Pending,
+        }
+    })
+    .await?;
     let ResponseHeadParts { status, version, reason, headers, close, fields } = head;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if !upgrade_request {

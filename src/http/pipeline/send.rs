@@ -406,10 +406,10 @@ async fn send(checkout: &mut Checkout, head: &mut Option<UpstreamHead>, body: Pr
             let (Some(conn), Some(head)) = (conn.take(), head.as_ref()) else {
                 return Err(SendError::Failed(UpstreamFailure::H1(ClientError::ClosedBeforeResponse(None))));
             };
-            match tokio::time::timeout(timeout, h1_client::send(conn, &head.parts, &head.forwarding, host, body)).await {
-                Ok(Ok(response)) => Ok(response.map(UpstreamBody::H1)),
-                Ok(Err(err)) => Err(SendError::Failed(UpstreamFailure::H1(err))),
-                Err(_) => Err(SendError::Timeout),
+            match h1_client::send(conn, &head.parts, &head.forwarding, host, body, timeout).await {
+                Ok(response) => Ok(response.map(UpstreamBody::H1)),
+                Err(ClientError::TimedOut) => Err(SendError::Timeout),
+                Err(err) => Err(SendError::Failed(UpstreamFailure::H1(err))),
             }
         }
         Checkout::Http3 { upstream, .. } => {
