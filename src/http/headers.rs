@@ -289,7 +289,6 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|item| item.eq_ignore_ascii_case(token.as_bytes()))
 }
 
-
 /// The message's `Content-Length`: None without one; an error when it is not one number.
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();

@@ -70,8 +70,8 @@ where
                 loop {
                     match connection.poll_accept(cx) {
                         Poll::Ready(Some(Ok((request, mut respond)))) => {
-                            // The pipeline's future is made (in its own allocation) before the
-                            // stream's: what the stream's future holds is moved once more.
+                            // The pipeline's future is made in its own allocation first: the
+                            // stream's future, moved into the set, holds a pointer to it.
                             let head_only = request.method() == Method::HEAD;
                             match start_pipeline(&ctx, request) {
                                 Ok(pipeline) => streams.push(serve_stream(pipeline, respond, head_only)),

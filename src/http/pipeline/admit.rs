@@ -113,6 +113,7 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked:
         },
         _ => None,
     };
+    // A borrowed normal form is a slice of `raw_host` (normalising only cut it): its span.
     let domain = match (raw_host.as_deref(), normalised) {
         (Some(raw), Some(Cow::Borrowed(normal))) => {
             let start = normal.as_ptr() as usize - raw.as_ptr() as usize;
