@@ -22,7 +22,7 @@ static ALLOCATOR: Allocator = Allocator;
 /// mimalloc, asked for alignment only where its plain blocks lack it. Every block it hands out is
 /// aligned to 8 bytes (its size classes are multiples of 8, its pages start 16-aligned), but its
 /// aligned entry point, which the `mimalloc` crate calls for every allocation, takes the
-/// over-allocating slow path for blocks above 1 KiB whose size class is not a power of two:
+/// over-allocating slow path for blocks past its small sizes whose size class is not a power of two:
 /// a request's pipeline future is one, allocated and freed per request.
 struct Allocator;
 

@@ -32,7 +32,7 @@ use crate::http::watchdog::Watch;
 use crate::metrics::TerminationReason;
 
 /// Flow-control windows, frame size and send buffer: the defaults of hyper's HTTP/2 server, which
-/// served these connections before (the spec's 64 KiB windows would throttle uploads).
+/// served these connections before (the spec's default windows would throttle uploads).
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 16 * 1024;
