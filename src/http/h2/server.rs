@@ -275,10 +275,12 @@ fn pending_unless_reset(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> P
 /// The body of a request with these headers; a stream the client ended with its headers (most
 /// requests without a body arrive so) is an empty body.
 fn request_body(stream: RecvStream, headers: &HeaderMap) -> Result<ClientBody, &'static str> {
-    let length = content_length(headers)?;
+    // The codec has reset any request whose Content-Length is not a number, differs from another,
+    // or is not zero on a stream that ended with its headers: only a body's length is read here.
     if stream.is_end_stream() {
         return Ok(ClientBody::Empty);
     }
+    let length = content_length(headers)?;
     Ok(ClientBody::H2(RequestBody { stream, remaining: length, data_done: false }))
 }
 
