@@ -25,6 +25,7 @@ mod tcp;
 mod templates;
 mod tls;
 mod udp;
+mod write_batch;
 
 use std::future::Future;
 use std::sync::Arc;

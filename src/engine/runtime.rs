@@ -79,6 +79,7 @@ pub fn give_memory_back() {
 }
 
 fn on_worker_park() {
+    crate::write_batch::round_ended();
     let wanted = GIVE_BACK.load(Ordering::Relaxed);
     if wanted == 0 {
         return;
@@ -100,6 +101,7 @@ pub fn shared(worker_threads: Option<usize>) -> &'static Runtime {
         Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("smartproxy-worker")
+            .on_thread_start(crate::write_batch::worker_started)
             .on_thread_park(on_worker_park)
             .enable_all()
             .build()

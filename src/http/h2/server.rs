@@ -30,6 +30,7 @@ use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
 use crate::http::server::{watched, HttpLimits};
 use crate::http::watchdog::Watch;
 use crate::metrics::TerminationReason;
+use crate::write_batch::Batched;
 
 /// Flow-control windows, frame size and send buffer: the defaults of hyper's HTTP/2 server, which
 /// served these connections before (the spec's default windows would throttle uploads).
@@ -57,7 +58,7 @@ where
         .max_header_list_size(limits.max_header_size as u32);
     let graceful = AtomicBool::new(false);
     let serving = std::pin::pin!(async {
-        let mut connection = builder.handshake::<_, Bytes>(io).await?;
+        let mut connection = builder.handshake::<_, Bytes>(Batched::new(io)).await?;
         let mut streams = FuturesUnordered::new();
         std::future::poll_fn(|cx| {
             if graceful.swap(false, Ordering::Relaxed) {
