@@ -39,7 +39,7 @@ fn current_round() -> u64 {
 /// The writes after it in the same round go through at once: they were produced by the same poll,
 /// and by then the round's others are leaving too.
 #[derive(Default)]
-pub struct WriteGate {
+struct WriteGate {
     /// The round in which writes last went through, or in which they began to be held.
     round: u64,
     held: bool,
@@ -47,7 +47,7 @@ pub struct WriteGate {
 }
 
 impl WriteGate {
-    pub fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let round = current_round();
         if round == 0 {
             return Poll::Ready(());
