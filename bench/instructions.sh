@@ -8,6 +8,9 @@
 # 10000) keep-alive requests over 32 connections (h2load --h1); the count covers exactly those.
 # Mode `haproxy` counts HAProxy run the same way (nbthread 1, option http-keep-alive, http-reuse
 # always, option forwardfor; needs haproxy), so the two figures can be compared within one run.
+# Mode `nginx` counts an nginx proxy the same way (one process: `master_process off`, so valgrind
+# follows the process that serves; upstream `keepalive 1024`, HTTP/1.1, X-Forwarded-For: the
+# configuration of bench/run.mjs).
 # With KEEP_DIR set, the callgrind files stay there (callgrind.MODE.*) for callgrind_annotate.
 # CALLGRIND_ARGS adds options to our proxy's valgrind (e.g. --dump-instr=yes for callgrind_annotate).
 # With INSTR_H2=1 the client speaks HTTP/2 over cleartext (prior knowledge; h2load -c16 -m10)
@@ -51,6 +54,18 @@ for mode in "${modes[@]}"; do
       '  timeout server 60s' '  option http-keep-alive' '  option forwardfor' '  http-reuse always' \
       'frontend bench' "  bind 127.0.0.1:$port" '  default_backend be' 'backend be' "  server s1 127.0.0.1:$backend_port" > "$work/haproxy.cfg"
     valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" haproxy -db -f "$work/haproxy.cfg" > "$work/proxy.log" 2>&1 &
+  elif [ "$mode" = nginx ]; then
+    mkdir -p "$work/nginx-proxy/logs"
+    cat > "$work/nginx-proxy/nginx.conf" <<CONF
+worker_processes 1; master_process off; daemon off; pid nginx.pid; error_log logs/error.log crit;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
+  upstream be { server 127.0.0.1:$backend_port; keepalive 1024; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$port; server_name bench.test;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_max_temp_file_size 0; } } }
+CONF
+    valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" nginx -p "$work/nginx-proxy" -c nginx.conf > "$work/proxy.log" 2>&1 &
   else
     BENCH_REDIS_URL="redis://127.0.0.1:$redis_port" valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out" \
       node "$root/bench/proxy-smartproxy.mjs" "$port" "$backend_port" "$mode" > "$work/proxy.log" 2>&1 &
