@@ -13,6 +13,10 @@
 # configuration of bench/run.mjs).
 # With KEEP_DIR set, the callgrind files stay there (callgrind.MODE.*) for callgrind_annotate.
 # CALLGRIND_ARGS adds options to our proxy's valgrind (e.g. --dump-instr=yes for callgrind_annotate).
+# With INSTR_CACHE=1 callgrind also simulates the caches (--cache-sim=yes, level 1 as this CPU's)
+# and each mode's line adds its level-1 instruction and data misses and its data writes per
+# request: how much memory a request touches, which costs more than its instructions when other
+# work shares the cache.
 # With INSTR_H2=1 the client speaks HTTP/2 over cleartext (prior knowledge; h2load -c16 -m10)
 # to the proxy, which still forwards HTTP/1.1 to the backend: the HTTP/2 front end's cost.
 set -euo pipefail
@@ -44,6 +48,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/d
 wait_port "$backend_port"; wait_port "$redis_port"
 
 header=(-H 'X-Session: bench-session')
+if [ "${INSTR_CACHE:-0}" = 1 ]; then CALLGRIND_ARGS="${CALLGRIND_ARGS:-} --cache-sim=yes"; fi
 if [ "${INSTR_H2:-0}" = 1 ]; then load=(-c 16 -m 10); else load=(--h1 -c 32); fi
 for mode in "${modes[@]}"; do
   port="$(free_port)"
@@ -81,5 +86,10 @@ CONF
   succeeded="$(sed -E 's/.* ([0-9]+) succeeded.*/\1/' <<<"$done_line")"
   [ "$succeeded" = "$requests" ] || { echo "$mode: only $succeeded of $requests requests succeeded" >&2; exit 1; }
   total="$(grep -h '^summary:' "$out.2" | awk '{print $2}')"
-  echo "$mode: $(( total / requests )) instructions per request"
+  misses=""
+  if [ "${INSTR_CACHE:-0}" = 1 ]; then
+    # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+    misses="$(grep -h '^summary:' "$out.2" | awk -v n="$requests" '{printf ", %.0f L1 instruction misses, %.0f L1 data misses (%.0f on reads, %.0f on writes), %.0f data writes", $5/n, ($6+$7)/n, $6/n, $7/n, $4/n}')"
+  fi
+  echo "$mode: $(( total / requests )) instructions per request$misses"
 done
