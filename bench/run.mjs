@@ -54,6 +54,8 @@ mkdirSync(work, { recursive: true });
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const bytes = process.env.BENCH_BYTES ?? '1G';
 const httpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 5);
+// The keep-alive rows' measurement in as many slices (of httpSeconds / SLICES s), interleaved.
+const SLICES = Number(process.env.BENCH_SLICES ?? 5);
 const only = process.env.BENCH_ONLY;
 const echoTrips = Number(process.env.BENCH_ECHO_ROUNDTRIPS ?? 20000);
 const tlsKeyType = process.env.BENCH_TLS_KEY === 'rsa' ? 'rsa' : 'ec';
@@ -377,13 +379,75 @@ function keepAliveScenario(name, cpuRowName, conns) {
     setup: startNginxBackend,
     seconds: httpSeconds,
     extraRows: [cpuRowName],
-    run: ({ port, pid }) => {
+    // Measured in slices, every proxy's in turn (runSlicedRound): req/s and CPU per request are
+    // what the host lets a proxy do, and its slow spells last seconds, so a 5 s run each, one
+    // proxy after another, compared the host's moods as much as the proxies.
+    sliced: { cpuRow: cpuRowName },
+    run: ({ port, pid }, seconds = httpSeconds) => {
       const cpu0 = pid ? cpuSeconds(pid) : 0;
-      const r = wrk(port, { conns });
-      const cpu = pid ? ((cpuSeconds(pid) - cpu0) * 1e6) / r.requests : null;
-      return { value: r.rps, notes: [['p50', r.p50, 'ms'], ['p99', r.p99, 'ms']], extra: { [cpuRowName]: cpu } };
+      const r = wrk(port, { conns, seconds });
+      return { requests: r.requests, seconds: r.requests / r.rps, cpuSeconds: pid ? cpuSeconds(pid) - cpu0 : null, p50: r.p50, p99: r.p99 };
     },
   };
+}
+
+/**
+ * One round of a sliced scenario: every applicable proxy started at once (each idle while another
+ * is measured), then SLICES slices of httpSeconds / SLICES seconds each, every slice through every
+ * proxy in turn, the order rotating from slice to slice. A proxy's round: its requests over its
+ * measured seconds, its process tree's CPU over its requests, the medians of its slices' latency
+ * percentiles.
+ */
+async function runSlicedRound(scenario, backend, round, names, results, notes, failures) {
+  const rows = [scenario.name, ...(scenario.extraRows ?? [])];
+  const running = [];
+  try {
+    for (const name of names) {
+      if (!applicable(proxies[name], scenario)) continue;
+      try {
+        const proxy = await proxies[name].start(backend, scenario.kind);
+        if (proxy !== null) running.push({ name, proxy, requests: 0, seconds: 0, cpu: 0, p50: [], p99: [], failed: null });
+      } catch (err) {
+        for (const row of rows) failures[row][name].push(err.message);
+        console.log(`${scenario.name} round ${round + 1} ${name}: FAILED ${err.message}`);
+      }
+    }
+    const sliceSeconds = Math.max(1, Math.round(httpSeconds / SLICES));
+    for (let slice = 0; slice < SLICES; slice++) {
+      for (let i = 0; i < running.length; i++) {
+        const r = running[(slice + i) % running.length];
+        if (r.failed) continue;
+        try {
+          const m = await undisturbed(() => scenario.run(r.proxy, sliceSeconds));
+          r.requests += m.requests;
+          r.seconds += m.seconds;
+          r.cpu = m.cpuSeconds === null ? null : r.cpu + m.cpuSeconds;
+          r.p50.push(m.p50);
+          r.p99.push(m.p99);
+        } catch (err) {
+          r.failed = err.message;
+        }
+      }
+    }
+  } finally {
+    for (const r of running) await r.proxy.stop();
+  }
+  for (const r of running) {
+    if (r.failed) {
+      for (const row of rows) failures[row][r.name].push(r.failed);
+      console.log(`${scenario.name} round ${round + 1} ${r.name}: FAILED ${r.failed}`);
+      continue;
+    }
+    const rps = r.requests / r.seconds;
+    results[scenario.name][r.name].push(rps);
+    for (const [label, xs] of [['p50', r.p50], ['p99', r.p99]]) {
+      if (!notes[scenario.name][r.name][label]) notes[scenario.name][r.name][label] = { unit: 'ms', xs: [] };
+      notes[scenario.name][r.name][label].xs.push(median(xs));
+    }
+    const cpuUs = r.cpu === null ? null : (r.cpu * 1e6) / r.requests;
+    if (cpuUs !== null) results[scenario.sliced.cpuRow][r.name].push(cpuUs);
+    console.log(`${scenario.name} round ${round + 1} ${r.name}: ${fmt(rps)}, p50 ${median(r.p50).toFixed(2)} ms, p99 ${median(r.p99).toFixed(2)} ms${cpuUs === null ? '' : `; ${scenario.sliced.cpuRow.split(' (')[0]}: ${fmt(cpuUs)}`}`);
+  }
 }
 
 const scenarios = [
@@ -1009,10 +1073,10 @@ function latencyMs(match) {
 }
 
 /** wrk -t1 for BENCH_HTTP_SECONDS: req/s, p50/p99 ms, requests done, bytes/s transferred. */
-function wrk(port, { headers = [], conns = 32, urlPath = '/', tls: useTls = false } = {}) {
+function wrk(port, { headers = [], conns = 32, urlPath = '/', tls: useTls = false, seconds = httpSeconds } = {}) {
   const hs = ['Host: bench.test', ...headers].flatMap((h) => ['-H', h]);
   const url = `${useTls ? 'https' : 'http'}://127.0.0.1:${port}${urlPath}`;
-  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'wrk', '-t1', `-c${conns}`, `-d${httpSeconds}s`, '--latency', ...hs, url], { encoding: 'utf8' });
+  const out = execFileSync('taskset', ['-c', LOAD_CPU, 'wrk', '-t1', `-c${conns}`, `-d${seconds}s`, '--latency', ...hs, url], { encoding: 'utf8' });
   const errors = /Non-2xx or 3xx responses: (\d+)/.exec(out);
   if (errors) throw new Error(`wrk saw ${errors[1]} non-2xx answers through port ${port}`);
   const socketErrors = /Socket errors: (.*)/.exec(out);
@@ -1242,6 +1306,10 @@ async function main() {
     const backend = await scenario.setup();
     try {
       for (let round = 0; round < rounds; round++) {
+        if (scenario.sliced) {
+          await runSlicedRound(scenario, backend, round, names, results, notes, failures);
+          continue;
+        }
         for (const name of names) {
           if (!applicable(proxies[name], scenario)) continue;
           let proxy = null;
@@ -1342,7 +1410,7 @@ Run of ${new Date().toISOString().slice(0, 10)}: ${(elapsed / 60).toFixed(1)} mi
 - Commands (PORT = the proxy's port, or the backend's for direct):
   - TCP upload/download: \`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` and the same with \`-R\`.
   - TCP echo: \`taskset -c ${LOAD_CPU} node bench/echo.mjs client PORT ${echoTrips} ${2 * httpSeconds}\`: one connection, ${echoTrips} sequential 64-byte write-then-read-back round trips after 1,000 unmeasured ones, TCP_NODELAY.
-  - HTTP/1.1 keep-alive: \`${wrkCmd} http://127.0.0.1:PORT/\`; the CPU row is the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over that same run divided by the requests wrk completed.
+  - HTTP/1.1 keep-alive: \`${wrkCmd.replace(`-d${httpSeconds}s`, `-d${Math.max(1, Math.round(httpSeconds / SLICES))}s`)} http://127.0.0.1:PORT/\` ${SLICES} times per round, in slices interleaved across the proxies: each round starts every proxy at once (those not being measured sit idle), then runs slice 1 through each proxy in turn, then slice 2, and so on, the order rotating by one from slice to slice; this VM's host has slow spells lasting seconds, and a 5 s run per proxy one after another let them fall on one proxy and not the next. A proxy's round: its requests over its slices' seconds; the CPU row: the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over its slices divided by their requests; latency: the medians of its slices' p50 and p99.
   - HTTP/1.1 keep-alive at ${keepAliveSweep.join(', ')} connections: the same with \`-c${keepAliveSweep.join('`, `-c')}\` instead of \`-c32\` (one wrk thread drives them all), each with its CPU row.
   - New connection per request: the same with \`-H 'Connection: close'\`.
   - 1 MiB responses: \`taskset -c ${LOAD_CPU} wrk -t1 -c8 -d${httpSeconds}s --latency -H 'Host: bench.test' http://127.0.0.1:PORT/1m.bin\`, wrk's Transfer/sec in 10^6 bytes/s.
