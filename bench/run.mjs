@@ -392,6 +392,22 @@ function keepAliveScenario(name, cpuRowName, conns) {
 }
 
 /**
+ * Once the process tree of `pid` has used no CPU for 100 ms (at most 2 s): a proxy still working
+ * off the requests of its slice (node http-proxy, for a tenth of a second after 512 connections)
+ * would otherwise share the CPU with the next proxy's slice.
+ */
+async function settled(pid) {
+  const deadline = Date.now() + 2000;
+  let last = cpuSeconds(pid);
+  while (Date.now() < deadline) {
+    await sleep(100);
+    const now = cpuSeconds(pid);
+    if (now === last) return;
+    last = now;
+  }
+}
+
+/**
  * One round of a sliced scenario: every applicable proxy started at once (each idle while another
  * is measured), then SLICES slices of httpSeconds / SLICES seconds each, every slice through every
  * proxy in turn, the order rotating from slice to slice. A proxy's round: its requests over its
@@ -424,6 +440,7 @@ async function runSlicedRound(scenario, backend, round, names, results, notes, f
           r.cpu = m.cpuSeconds === null ? null : r.cpu + m.cpuSeconds;
           r.p50.push(m.p50);
           r.p99.push(m.p99);
+          if (r.proxy.pid) await settled(r.proxy.pid);
         } catch (err) {
           r.failed = err.message;
         }
@@ -1410,7 +1427,7 @@ Run of ${new Date().toISOString().slice(0, 10)}: ${(elapsed / 60).toFixed(1)} mi
 - Commands (PORT = the proxy's port, or the backend's for direct):
   - TCP upload/download: \`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` and the same with \`-R\`.
   - TCP echo: \`taskset -c ${LOAD_CPU} node bench/echo.mjs client PORT ${echoTrips} ${2 * httpSeconds}\`: one connection, ${echoTrips} sequential 64-byte write-then-read-back round trips after 1,000 unmeasured ones, TCP_NODELAY.
-  - HTTP/1.1 keep-alive: \`${wrkCmd.replace(`-d${httpSeconds}s`, `-d${Math.max(1, Math.round(httpSeconds / SLICES))}s`)} http://127.0.0.1:PORT/\` ${SLICES} times per round, in slices interleaved across the proxies: each round starts every proxy at once (those not being measured sit idle), then runs slice 1 through each proxy in turn, then slice 2, and so on, the order rotating by one from slice to slice; this VM's host has slow spells lasting seconds, and a 5 s run per proxy one after another let them fall on one proxy and not the next. A proxy's round: its requests over its slices' seconds; the CPU row: the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over its slices divided by their requests; latency: the medians of its slices' p50 and p99.
+  - HTTP/1.1 keep-alive: \`${wrkCmd.replace(`-d${httpSeconds}s`, `-d${Math.max(1, Math.round(httpSeconds / SLICES))}s`)} http://127.0.0.1:PORT/\` ${SLICES} times per round, in slices interleaved across the proxies: each round starts every proxy at once (those not being measured sit idle), then runs slice 1 through each proxy in turn, then slice 2, and so on, the order rotating by one from slice to slice, and each slice followed by a wait until its proxy has used no CPU for 100 ms; this VM's host has slow spells lasting seconds, and a 5 s run per proxy one after another let them fall on one proxy and not the next. A proxy's round: its requests over its slices' seconds; the CPU row: the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over its slices divided by their requests; latency: the medians of its slices' p50 and p99.
   - HTTP/1.1 keep-alive at ${keepAliveSweep.join(', ')} connections: the same with \`-c${keepAliveSweep.join('`, `-c')}\` instead of \`-c32\` (one wrk thread drives them all), each with its CPU row.
   - New connection per request: the same with \`-H 'Connection: close'\`.
   - 1 MiB responses: \`taskset -c ${LOAD_CPU} wrk -t1 -c8 -d${httpSeconds}s --latency -H 'Host: bench.test' http://127.0.0.1:PORT/1m.bin\`, wrk's Transfer/sec in 10^6 bytes/s.
