@@ -10,7 +10,7 @@
 //   TCP upload / download 1 GiB (iperf3) and a 64-byte echo round trip (bench/echo.mjs) through each
 //   proxy's raw TCP mode (ours a plain forward route, HAProxy `mode tcp`, nginx `stream`);
 //   HTTP/1.1 keep-alive small GETs (wrk -c32, and a sweep at -c8, -c64 and -c512, each plus the
-//   proxy's CPU time per request), a new connection per request (wrk `Connection: close`), 1 MiB
+//   proxy's CPU time per request; measured in 1 s slices taken through every proxy in turn), a new connection per request (wrk `Connection: close`), 1 MiB
 //   responses (wrk) through each proxy's HTTP mode against an nginx backend (`return 200 "ok"`, a
 //   1 MiB static file);
 //   HTTPS keep-alive (wrk), full TLS handshakes (`openssl s_time -new`, which never resumes a session;
@@ -31,7 +31,8 @@
 // (default 10000, or 9000 when a hard file descriptor limit below ~21,000 keeps HAProxy from that many; both idle rows), BENCH_ECHO_ROUNDTRIPS (default 20000), BENCH_TLS_KEY (ec = P-256, default; rsa =
 // RSA 2048), BENCH_HANDSHAKE_CLIENTS (parallel s_time processes, default 8), BENCH_SCALE_OUT_ROUNDS
 // (default the larger of BENCH_ROUNDS and 6), BENCH_STEAL_LIMIT (default 0.03: a measurement during
-// which the VM's host took more of the CPUs is repeated, up to 3 tries), BENCH_VERBOSE.
+// which the VM's host took more of the CPUs is repeated, up to 3 tries), BENCH_SLICES (default 5:
+// the keep-alive rows' slices per round), BENCH_VERBOSE.
 // Time budget of a default run: 3 rounds x (64 proxy/scenario pairs: 44 of them timed at 5 s; 16
 // iperf3 1 GiB, 20,000 echo round trips or opening the plain idle connections, ~1-4 s each; 4 opening
 // the idle TLS connections, ~16 s each), the TCP layout table (3 x 3 x 2 iperf3 runs) and the tables
@@ -382,7 +383,7 @@ function keepAliveScenario(name, cpuRowName, conns) {
     // Measured in slices, every proxy's in turn (runSlicedRound): req/s and CPU per request are
     // what the host lets a proxy do, and its slow spells last seconds, so a 5 s run each, one
     // proxy after another, compared the host's moods as much as the proxies.
-    sliced: { cpuRow: cpuRowName },
+    sliced: true,
     run: ({ port, pid }, seconds = httpSeconds) => {
       const cpu0 = pid ? cpuSeconds(pid) : 0;
       const r = wrk(port, { conns, seconds });
@@ -462,8 +463,10 @@ async function runSlicedRound(scenario, backend, round, names, results, notes, f
       notes[scenario.name][r.name][label].xs.push(median(xs));
     }
     const cpuUs = r.cpu === null ? null : (r.cpu * 1e6) / r.requests;
-    if (cpuUs !== null) results[scenario.sliced.cpuRow][r.name].push(cpuUs);
-    console.log(`${scenario.name} round ${round + 1} ${r.name}: ${fmt(rps)}, p50 ${median(r.p50).toFixed(2)} ms, p99 ${median(r.p99).toFixed(2)} ms${cpuUs === null ? '' : `; ${scenario.sliced.cpuRow.split(' (')[0]}: ${fmt(cpuUs)}`}`);
+    // The scenario's one extra row is its CPU per request.
+    const [cpuRow] = scenario.extraRows;
+    if (cpuUs !== null) results[cpuRow][r.name].push(cpuUs);
+    console.log(`${scenario.name} round ${round + 1} ${r.name}: ${fmt(rps)}, p50 ${median(r.p50).toFixed(2)} ms, p99 ${median(r.p99).toFixed(2)} ms${cpuUs === null ? '' : `; ${cpuRow.split(' (')[0]}: ${fmt(cpuUs)}`}`);
   }
 }
 
@@ -1429,14 +1432,14 @@ Run of ${new Date().toISOString().slice(0, 10)}: ${(elapsed / 60).toFixed(1)} mi
   - TCP echo: \`taskset -c ${LOAD_CPU} node bench/echo.mjs client PORT ${echoTrips} ${2 * httpSeconds}\`: one connection, ${echoTrips} sequential 64-byte write-then-read-back round trips after 1,000 unmeasured ones, TCP_NODELAY.
   - HTTP/1.1 keep-alive: \`${wrkCmd.replace(`-d${httpSeconds}s`, `-d${Math.max(1, Math.round(httpSeconds / SLICES))}s`)} http://127.0.0.1:PORT/\` ${SLICES} times per round, in slices interleaved across the proxies: each round starts every proxy at once (those not being measured sit idle), then runs slice 1 through each proxy in turn, then slice 2, and so on, the order rotating by one from slice to slice, and each slice followed by a wait until its proxy has used no CPU for 100 ms; this VM's host has slow spells lasting seconds, and a 5 s run per proxy one after another let them fall on one proxy and not the next. A proxy's round: its requests over its slices' seconds; the CPU row: the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over its slices divided by their requests; latency: the medians of its slices' p50 and p99.
   - HTTP/1.1 keep-alive at ${keepAliveSweep.join(', ')} connections: the same with \`-c${keepAliveSweep.join('`, `-c')}\` instead of \`-c32\` (one wrk thread drives them all), each with its CPU row.
-  - New connection per request: the same with \`-H 'Connection: close'\`.
+  - New connection per request: \`${wrkCmd} -H 'Connection: close' http://127.0.0.1:PORT/\`, one run per proxy in turn.
   - 1 MiB responses: \`taskset -c ${LOAD_CPU} wrk -t1 -c8 -d${httpSeconds}s --latency -H 'Host: bench.test' http://127.0.0.1:PORT/1m.bin\`, wrk's Transfer/sec in 10^6 bytes/s.
   - HTTPS keep-alive: \`${wrkCmd} https://127.0.0.1:PORT/\`.
   - HTTPS full handshakes: ${handshakeClients} parallel \`taskset -c ${LOAD_CPU} openssl s_time -connect 127.0.0.1:PORT -new -time ${httpSeconds} -www /\` (\`-new\`: a full handshake for every connection, no session resumption; one \`GET / HTTP/1.0\` each); connections of all of them per wall-clock second. These clients are the bottleneck on a 2-core machine (OpenSSL 3.0 spends 0.7–1 ms of client CPU per connection), so the conn/s row is mostly a client figure; the row below it, connections divided by the proxy process's CPU seconds over the run, is what one proxy core would sustain.
   - HTTP/2: \`taskset -c ${LOAD_CPU} h2load -t1 -c16 -m10 -D ${httpSeconds} https://127.0.0.1:PORT/\` (ALPN h2).
   - Idle memory: one GET, 0.5 s, then VmRSS of the proxy's process tree (/proc/PID/status: ours the Node process holding the addon, nginx master + worker); then \`taskset -c ${LOAD_CPU} node bench/idle-conns.mjs PORT ${idleConns}\` opens ${idleConns} connections (100 being set up at a time), one keep-alive GET on each, and leaves them idle; 1 s later VmRSS again: (after − before) / ${idleConns}. The note gives the RSS before. The TLS row: the same against each proxy's HTTPS port, with one HTTPS GET before the first reading and \`node bench/idle-conns.mjs PORT ${idleConns} --tls\`, whose every connection completes a TLS handshake (no SNI, no ALPN, like wrk and s_time, so HTTP/1.1) and one GET over it before it idles (http-proxy: node:https).${idleConns < 10000 && !process.env.BENCH_IDLE_CONNS ? ` (${idleConns}, not 10,000: the hard file descriptor limit here is ${NOFILE} and cannot be raised, and HAProxy reserves two descriptors per connection of its maxconn.)` : ''}
 - Host interference: this is a VM, and the host's other guests take time from its CPUs (steal in /proc/stat). A measurement during which the host took more than ${(STEAL_LIMIT * 100).toFixed(0)} % of the CPUs' time was repeated, up to ${STEAL_TRIES} tries and ${STEAL_REPEAT_SECONDS} s of repeats per run. This run: ${stealTally.measurements} measurements, ${stealTally.repeated} of them repeated (${stealTally.repeatSeconds.toFixed(0)} s), ${stealTally.keptOverLimit} kept above the limit; the worst kept steal ${(stealTally.worst * 100).toFixed(1)} %. The idle-memory measurement is never repeated (a repeat would count the first try's connections).
-- Run: \`pnpm bench\` (= \`node bench/run.mjs\`; installs the Debian packages nginx, libnginx-mod-stream, haproxy, wrk, nghttp2-client, iperf3 and the npm devDependency http-proxy when missing). Environment: BENCH_ROUNDS (${rounds}), BENCH_HTTP_SECONDS (${httpSeconds}), BENCH_BYTES (${bytes}), BENCH_ONLY (substring of the scenario names), BENCH_IDLE_CONNS, BENCH_ECHO_ROUNDTRIPS, BENCH_TLS_KEY (ec|rsa), BENCH_HANDSHAKE_CLIENTS, BENCH_SCALE_OUT_ROUNDS (${scaleOutRounds}), BENCH_STEAL_LIMIT (${STEAL_LIMIT}).
+- Run: \`pnpm bench\` (= \`node bench/run.mjs\`; installs the Debian packages nginx, libnginx-mod-stream, haproxy, wrk, nghttp2-client, iperf3 and the npm devDependency http-proxy when missing). Environment: BENCH_ROUNDS (${rounds}), BENCH_HTTP_SECONDS (${httpSeconds}), BENCH_BYTES (${bytes}), BENCH_ONLY (substring of the scenario names), BENCH_IDLE_CONNS, BENCH_ECHO_ROUNDTRIPS, BENCH_TLS_KEY (ec|rsa), BENCH_HANDSHAKE_CLIENTS, BENCH_SCALE_OUT_ROUNDS (${scaleOutRounds}), BENCH_STEAL_LIMIT (${STEAL_LIMIT}), BENCH_SLICES (${SLICES}).
 
 ## TCP: what crossing CPUs costs by itself
 
