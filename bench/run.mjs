@@ -57,6 +57,7 @@ const bytes = process.env.BENCH_BYTES ?? '1G';
 const httpSeconds = Number(process.env.BENCH_HTTP_SECONDS ?? 5);
 // The keep-alive rows' measurement in as many slices (of httpSeconds / SLICES s), interleaved.
 const SLICES = Number(process.env.BENCH_SLICES ?? 5);
+const SLICE_SECONDS = Math.max(1, Math.round(httpSeconds / SLICES));
 const only = process.env.BENCH_ONLY;
 const echoTrips = Number(process.env.BENCH_ECHO_ROUNDTRIPS ?? 20000);
 const tlsKeyType = process.env.BENCH_TLS_KEY === 'rsa' ? 'rsa' : 'ec';
@@ -429,13 +430,12 @@ async function runSlicedRound(scenario, backend, round, names, results, notes, f
         console.log(`${scenario.name} round ${round + 1} ${name}: FAILED ${err.message}`);
       }
     }
-    const sliceSeconds = Math.max(1, Math.round(httpSeconds / SLICES));
     for (let slice = 0; slice < SLICES; slice++) {
       for (let i = 0; i < running.length; i++) {
         const r = running[(slice + i) % running.length];
         if (r.failed) continue;
         try {
-          const m = await undisturbed(() => scenario.run(r.proxy, sliceSeconds));
+          const m = await undisturbed(() => scenario.run(r.proxy, SLICE_SECONDS));
           r.requests += m.requests;
           r.seconds += m.seconds;
           r.cpu = m.cpuSeconds === null ? null : r.cpu + m.cpuSeconds;
@@ -1430,7 +1430,7 @@ Run of ${new Date().toISOString().slice(0, 10)}: ${(elapsed / 60).toFixed(1)} mi
 - Commands (PORT = the proxy's port, or the backend's for direct):
   - TCP upload/download: \`taskset -c ${LOAD_CPU} iperf3 -c 127.0.0.1 -p PORT -n ${bytes} -J\` and the same with \`-R\`.
   - TCP echo: \`taskset -c ${LOAD_CPU} node bench/echo.mjs client PORT ${echoTrips} ${2 * httpSeconds}\`: one connection, ${echoTrips} sequential 64-byte write-then-read-back round trips after 1,000 unmeasured ones, TCP_NODELAY.
-  - HTTP/1.1 keep-alive: \`${wrkCmd.replace(`-d${httpSeconds}s`, `-d${Math.max(1, Math.round(httpSeconds / SLICES))}s`)} http://127.0.0.1:PORT/\` ${SLICES} times per round, in slices interleaved across the proxies: each round starts every proxy at once (those not being measured sit idle), then runs slice 1 through each proxy in turn, then slice 2, and so on, the order rotating by one from slice to slice, and each slice followed by a wait until its proxy has used no CPU for 100 ms; this VM's host has slow spells lasting seconds, and a 5 s run per proxy one after another let them fall on one proxy and not the next. A proxy's round: its requests over its slices' seconds; the CPU row: the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over its slices divided by their requests; latency: the medians of its slices' p50 and p99.
+  - HTTP/1.1 keep-alive: \`${wrkCmd.replace(`-d${httpSeconds}s`, `-d${SLICE_SECONDS}s`)} http://127.0.0.1:PORT/\` ${SLICES} times per round, in slices interleaved across the proxies: each round starts every proxy at once (those not being measured sit idle), then runs slice 1 through each proxy in turn, then slice 2, and so on, the order rotating by one from slice to slice, and each slice followed by a wait until its proxy has used no CPU for 100 ms; this VM's host has slow spells lasting seconds, and a 5 s run per proxy one after another let them fall on one proxy and not the next. A proxy's round: its requests over its slices' seconds; the CPU row: the utime+stime delta of the proxy's process tree (/proc/PID/stat, ${CLK_TCK} Hz ticks) over its slices divided by their requests; latency: the medians of its slices' p50 and p99.
   - HTTP/1.1 keep-alive at ${keepAliveSweep.join(', ')} connections: the same with \`-c${keepAliveSweep.join('`, `-c')}\` instead of \`-c32\` (one wrk thread drives them all), each with its CPU row.
   - New connection per request: \`${wrkCmd} -H 'Connection: close' http://127.0.0.1:PORT/\`, one run per proxy in turn.
   - 1 MiB responses: \`taskset -c ${LOAD_CPU} wrk -t1 -c8 -d${httpSeconds}s --latency -H 'Host: bench.test' http://127.0.0.1:PORT/1m.bin\`, wrk's Transfer/sec in 10^6 bytes/s.
