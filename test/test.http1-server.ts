@@ -756,6 +756,74 @@ for (const name of ['plain', 'tls']) {
   });
 }
 
+/** A raw client that keeps its side open after the proxy's FIN, as an uploading client does. */
+async function halfOpenClient(path: IPath): Promise<net.Socket> {
+  const socket = path.tls
+    ? tls.connect({ port: path.port, host: '127.0.0.1', servername: 'a.test', ca: ca.cert, ALPNProtocols: ['http/1.1'], allowHalfOpen: true } as tls.ConnectionOptions)
+    : net.connect({ port: path.port, host: '127.0.0.1', allowHalfOpen: true });
+  await new Promise<void>((resolve, reject) => {
+    socket.once(path.tls ? 'secureConnect' : 'connect', () => resolve());
+    socket.once('error', reject);
+  });
+  return socket;
+}
+
+for (const name of ['plain', 'tls']) {
+  tap.test(`${name}: a refused 2 MiB upload still being sent after the 413 is read whole (no reset while the client sends), and the close follows the client's`, async () => {
+    const path = paths.find((p) => p.name === name)!;
+    seen.length = 0;
+    await thenCleanup('a refused upload sent whole', async () => {
+      const socket = await halfOpenClient(path);
+      let received = Buffer.alloc(0);
+      let failure: Error | null = null;
+      socket.on('data', (d: Buffer) => (received = Buffer.concat([received, d])));
+      socket.on('error', (err) => (failure = err));
+      const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+      const total = 2 * 1024 * 1024;
+      const piece = randomBytes(64 * 1024);
+      socket.write(`POST /reject HTTP/1.1\r\nHost: a.test\r\nContent-Length: ${total}\r\n\r\n`);
+      for (let sent = 0; sent < total; sent += piece.length) {
+        await new Promise<void>((resolve) => socket.write(piece, () => resolve()));
+        await sleep(2);
+        if (failure !== null) break;
+      }
+      // Every byte went out while the proxy lingered: no write failed and the 413 is here.
+      expect(failure).toBeNull();
+      expect(received.toString('latin1')).toMatch(/^HTTP\/1\.1 413 /);
+      expect(received.toString('latin1')).toInclude('too large');
+      socket.end();
+      await closed;
+      expect(failure).toBeNull();
+      expect(requestsTo('/reject').length).toEqual(1);
+      await settled('a refused upload sent whole');
+    });
+  });
+
+  tap.test(`${name}: a client that keeps sending after a 413 is closed once the linger time is over`, async () => {
+    const path = paths.find((p) => p.name === name)!;
+    seen.length = 0;
+    await thenCleanup('a client that keeps sending', async () => {
+      const socket = await halfOpenClient(path);
+      let received = Buffer.alloc(0);
+      socket.on('data', (d: Buffer) => (received = Buffer.concat([received, d])));
+      socket.on('error', () => undefined);
+      let closed = false;
+      socket.once('close', () => (closed = true));
+      socket.write(`POST /reject HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000000000\r\n\r\n`);
+      // Slower than the linger's byte budget lasts: the time bound is what ends it.
+      const piece = randomBytes(16 * 1024);
+      const deadline = Date.now() + 15_000;
+      while (!closed && Date.now() < deadline) {
+        if (!socket.destroyed) socket.write(piece);
+        await sleep(5);
+      }
+      expect(closed).toBeTrue();
+      expect(received.toString('latin1')).toMatch(/^HTTP\/1\.1 413 /);
+      await settled('a client that kept sending');
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Clients that leave
 // ---------------------------------------------------------------------------------------------

@@ -37,9 +37,12 @@ const BODY_READ: usize = 16 * 1024;
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// After a refusal or a response that leaves request bytes unread: how long, and how much, the
 /// client's bytes are read and dropped, so that the close does not reset the connection before
-/// the client has read the answer.
+/// the client has read the answer. Time is the bound that matters: a client still sending the
+/// upload that was refused must not see a reset while it is sending (some clients then report the
+/// failed write, not the answer they had received). The byte budget only caps what a fast sender
+/// costs in that time.
 const LINGER: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 64 * 1024;
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 const LINGER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A client stream after an upgrade, with the bytes it had sent past the request head.
@@ -200,7 +203,7 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
         return;
     }
     // On the heap: a buffer held across an await here would size every connection's future.
-    let mut sink = vec![0u8; 4096];
+    let mut sink = vec![0u8; 64 * 1024];
     let mut drained = 0;
     let draining = async {
         while drained < LINGER_BYTES {
