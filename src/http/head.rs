@@ -223,12 +223,7 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize, sh
     let mut headers = HeaderMap::with_capacity(request.headers.len());
     for field in request.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
-        let value = match shared {
-            Some(bytes) => HeaderValue::from_maybe_shared(bytes.slice_ref(field.value)),
-            None => HeaderValue::from_bytes(field.value),
-        };
-        let value = value.map_err(|_| Refusal::bad_request("malformed header value"))?;
-        headers.append(name, value);
+        headers.append(name, parsed_field_value(field.value, shared));
     }
     // The rules read the fields as httparse gave them, in order, rather than look each name up
     // in the map.
@@ -246,6 +241,19 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize, sh
     let path_end = origin_start + origin_form.find('?').unwrap_or(target.len() - origin_start);
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
     Ok(RequestHead { method, version, target: target.to_string(), body, len, headers, close, upgrade, expect_continue, origin_start, path_end })
+}
+
+/// A field value httparse accepted, as a `HeaderValue` without checking its bytes again.
+/// `value` must be a field value from an httparse parse (`shared` holding it, when given).
+pub(crate) fn parsed_field_value(value: &[u8], shared: Option<&Bytes>) -> HeaderValue {
+    let bytes = match shared {
+        Some(bytes) => bytes.slice_ref(value),
+        None => Bytes::copy_from_slice(value),
+    };
+    // SAFETY: httparse accepts in a field value only HTAB, SP to `~` and 0x80 to 0xFF (its
+    // HEADER_VALUE_MAP, and the same ranges in its SIMD paths), each a byte `HeaderValue` allows;
+    // debug builds check them again (`from_maybe_shared_unchecked` does).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
 /// The values of the fields called `name` (in any case), in order.

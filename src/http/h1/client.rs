@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -254,8 +254,7 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
             continue;
         }
         let name = HeaderName::from_bytes(name).map_err(|_| ClientError::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).map_err(|_| ClientError::Malformed("bad header value"))?;
-        headers.append(name, value);
+        headers.append(name, crate::http::head::parsed_field_value(field.value, Some(&head)));
     }
     if !tunnel {
         for name in &fields.named {
