@@ -187,6 +187,22 @@ impl UpstreamBody {
             UpstreamBody::H2(_) | UpstreamBody::H3(_) => None,
         }
     }
+
+    /// An HTTP/1.1 response's fields, while they are still kept in its head (`h1::fields`).
+    pub fn take_raw_fields(&mut self) -> Option<Box<crate::http::h1::fields::RawFields>> {
+        match self {
+            UpstreamBody::H1(body) => body.take_raw_fields(),
+            UpstreamBody::H2(_) | UpstreamBody::H3(_) => None,
+        }
+    }
+}
+
+/// Makes an upstream response's fields part of its `HeaderMap`, wherever they were kept: what
+/// reads or changes them calls this first.
+pub fn fields_in_map(response: &mut Response<UpstreamBody>) {
+    if let Some(raw) = response.body_mut().take_raw_fields() {
+        raw.merge_into(response.headers_mut());
+    }
 }
 
 impl Body for UpstreamBody {

@@ -14,6 +14,8 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
+
+use crate::http::h1::fields::RawFields;
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -150,7 +152,7 @@ pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHe
         let mut response = Response::new(ResponseBody::empty());
         *response.status_mut() = status;
         *response.version_mut() = version;
-        *response.headers_mut() = headers;
+        headers.set_on(&mut response);
         response.extensions_mut().insert(PendingUpstreamUpgrade(std::sync::Arc::new(parking_lot::Mutex::new(Some(upgraded)))));
         return Ok(response);
     }
@@ -160,10 +162,10 @@ pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHe
         fields.framing()?
     };
     let reusable = !close && !matches!(decoder, ResponseDecoder::UntilClose);
-    let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending: Some(sending), reusable, done: false, read_size: READ_SIZE });
+    let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending: Some(sending), reusable, done: false, read_size: READ_SIZE, raw_fields: None });
     *response.status_mut() = status;
     *response.version_mut() = version;
-    *response.headers_mut() = headers;
+    headers.set_on(&mut response);
     if let Some(reason) = reason {
         response.extensions_mut().insert(reason);
     }
@@ -175,8 +177,8 @@ struct ResponseHeadParts {
     status: StatusCode,
     version: Version,
     reason: Option<hyper::ext::ReasonPhrase>,
-    /// Without the hop-by-hop fields (but a 101's).
-    headers: HeaderMap,
+    /// Without the hop-by-hop fields (but a 101's, which are always in a map).
+    headers: Fields,
     /// The upstream will close after this response.
     close: bool,
     fields: DelimitingFields,
@@ -240,7 +242,9 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
     // them all: the tunnel that follows needs its `Upgrade`, and sorts them out itself.
     let tunnel = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut fields = DelimitingFields::default();
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    // The fields stay in the head (`RawFields`) unless there are too many, a 101's tunnel needs
+    // them, or `Connection` names some to leave out.
+    let mut raw = (!tunnel).then(|| RawFields::new(head.clone())).flatten();
     for field in response.headers.iter() {
         let name = field.name.as_bytes();
         let hop = hop_index(name);
@@ -253,17 +257,48 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
         if hop.is_some() && !tunnel {
             continue;
         }
-        let name = HeaderName::from_bytes(name).map_err(|_| ClientError::Malformed("bad header name"))?;
-        headers.append(name, crate::http::head::parsed_field_value(field.value, Some(&head)));
-    }
-    if !tunnel {
-        for name in &fields.named {
-            headers.remove(name);
+        if let Some(kept) = raw.as_mut() {
+            if kept.push(name, field.value) {
+                continue;
+            }
+            raw = None;
         }
     }
+    let headers = match raw {
+        Some(raw) if fields.named.is_empty() => Fields::Raw(raw),
+        _ => {
+            let mut headers = HeaderMap::with_capacity(response.headers.len());
+            for field in response.headers.iter().filter(|field| tunnel || hop_index(field.name.as_bytes()).is_none()) {
+                let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| ClientError::Malformed("bad header name"))?;
+                headers.append(name, crate::http::head::parsed_field_value(field.value, Some(&head)));
+            }
+            if !tunnel {
+                for name in &fields.named {
+                    headers.remove(name);
+                }
+            }
+            Fields::Map(headers)
+        }
+    };
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
     let close = if http10 { !fields.keep_alive } else { fields.close };
     Ok(Some(ResponseHeadParts { status, version, reason, headers, close, fields }))
+}
+
+/// A response head's fields as they go on: kept in the head, or in a map.
+enum Fields {
+    Raw(Box<RawFields>),
+    Map(HeaderMap),
+}
+
+impl Fields {
+    /// Into a response: a map as its `HeaderMap`, kept fields in its body.
+    fn set_on(self, response: &mut Response<ResponseBody>) {
+        match self {
+            Fields::Map(map) => *response.headers_mut() = map,
+            Fields::Raw(raw) => response.body_mut().raw_fields = Some(raw),
+        }
+    }
 }
 
 /// What a response head's delimiting and connection fields say, gathered as the head is read.
@@ -475,11 +510,18 @@ pub struct ResponseBody {
     done: bool,
     /// The next read's size (grows while reads come back full).
     read_size: usize,
+    /// The response's fields, kept in its head (`h1::fields`) until something takes them.
+    raw_fields: Option<Box<RawFields>>,
 }
 
 impl ResponseBody {
+    /// The response's fields as they were kept in its head, if nothing took them yet.
+    pub fn take_raw_fields(&mut self) -> Option<Box<RawFields>> {
+        self.raw_fields.take()
+    }
+
     fn empty() -> Self {
-        ResponseBody { conn: None, decoder: ResponseDecoder::Empty, sending: None, reusable: false, done: true, read_size: READ_SIZE }
+        ResponseBody { conn: None, decoder: ResponseDecoder::Empty, sending: None, reusable: false, done: true, read_size: READ_SIZE, raw_fields: None }
     }
 
     /// The connection, when the exchange ended cleanly on both sides and it may carry another.
@@ -594,6 +636,14 @@ mod tests {
         }
     }
 
+    /// The fields that go on, as a map, whichever way they were kept.
+    fn map(text: &str) -> HeaderMap {
+        match head(text).headers {
+            Fields::Map(map) => map,
+            Fields::Raw(raw) => raw.into_map(),
+        }
+    }
+
     fn framing(text: &str) -> Result<&'static str, &'static str> {
         match head(text).fields.framing() {
             Ok(ResponseDecoder::Body(decoder)) if decoder.remaining().is_some() => Ok("length"),
@@ -607,14 +657,19 @@ mod tests {
 
     #[test]
     fn hop_by_hop_fields_and_the_ones_connection_names_stay_behind() {
-        let parts = head(
-            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nKeep-Alive: timeout=5\r\nX-Internal: secret\r\n\
-             TE: trailers\r\nTrailer: x\r\nUpgrade: h2c\r\nProxy-Connection: close\r\nContent-Length: 2\r\nServer: up\r\n\r\n",
-        );
-        let mut names: Vec<&str> = parts.headers.keys().map(|name| name.as_str()).collect();
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nKeep-Alive: timeout=5\r\nX-Internal: secret\r\n\
+             TE: trailers\r\nTrailer: x\r\nUpgrade: h2c\r\nProxy-Connection: close\r\nContent-Length: 2\r\nServer: up\r\n\r\n";
+        let headers = map(text);
+        let mut names: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-length", "server"]);
-        assert!(!parts.close);
+        assert!(!head(text).close);
+        // Without a field named by Connection, the rest stay in the head, in order.
+        let kept = head("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nServer: up\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n");
+        let Fields::Raw(raw) = kept.headers else { panic!("a map") };
+        let fields: Vec<(&[u8], &[u8])> = raw.iter().collect();
+        assert_eq!(fields, [(&b"Server"[..], &b"up"[..]), (&b"Content-Length"[..], &b"2"[..])]);
+        assert_eq!(raw.content_length(), Some(&b"2"[..]));
     }
 
     #[test]
@@ -627,8 +682,8 @@ mod tests {
 
     #[test]
     fn a_switch_of_protocols_keeps_its_upgrade_fields_for_the_tunnel() {
-        let parts = head("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
-        assert!(parts.headers.contains_key(header::UPGRADE) && parts.headers.contains_key(header::CONNECTION));
+        let headers = map("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(headers.contains_key(header::UPGRADE) && headers.contains_key(header::CONNECTION));
     }
 
     #[test]
@@ -643,6 +698,6 @@ mod tests {
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n"), Err("bad Content-Length"));
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"), Err("both Content-Length and Transfer-Encoding"));
         // Read only where a body follows: a HEAD's answer may say what it likes.
-        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").headers.contains_key(header::CONTENT_LENGTH));
+        assert!(map("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").contains_key(header::CONTENT_LENGTH));
     }
 }

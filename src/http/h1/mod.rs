@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod client;
 pub mod decode;
+pub mod fields;
 #[cfg(test)] mod differential;
 pub mod server;
 pub mod write;

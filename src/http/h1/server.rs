@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::{header, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use hyper::body::{Body, SizeHint};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -27,7 +27,7 @@ use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::headers::connection_has;
 use crate::http::io::Replay;
-use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
+use crate::http::pipeline::{handle_boxed, Answered, ConnectionContext, HeadChecked};
 
 /// What one read takes while a connection has no buffer: most request heads fit.
 const FIRST_READ: usize = 2048;
@@ -224,7 +224,7 @@ enum Outcome {
     Upgrade(oneshot::Sender<UpgradedClient>),
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send>>;
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Answered, std::convert::Infallible>> + Send>>;
 
 /// The request body on its way from the client's socket to the pipeline.
 struct BodyFeed {
@@ -392,11 +392,19 @@ impl<'a> Exchange<'a> {
         }
     }
 
-    fn start_response(&mut self, response: Response<ProxyBody>, buf: &mut BytesMut) {
+    fn start_response(&mut self, answered: Answered, buf: &mut BytesMut) {
+        let Answered { response, upstream_fields } = answered;
         let (parts, body) = response.into_parts();
         let status = parts.status;
         let upgrading = status == StatusCode::SWITCHING_PROTOCOLS && self.upgrade.is_some();
-        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let raw = upstream_fields.as_deref();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .map(HeaderValue::as_bytes)
+            .or_else(|| raw.and_then(|raw| raw.content_length()))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok());
         let framing = if upgrading || self.method_head || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::NoBody
         } else if let Some(length) = declared {
@@ -421,6 +429,7 @@ impl<'a> Exchange<'a> {
             status,
             reason,
             headers: &parts.headers,
+            raw,
             framing,
             close: self.close && !upgrading,
             client_version: self.version,

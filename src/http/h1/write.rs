@@ -10,8 +10,10 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{header, HeaderMap, StatusCode, Version};
+use http::{header, HeaderMap, HeaderName, StatusCode, Version};
 use tokio::io::AsyncWrite;
+
+use crate::http::h1::fields::RawFields;
 
 /// Data frames up to this size are copied next to their framing; larger ones are written from
 /// their own buffer.
@@ -35,6 +37,8 @@ pub struct ResponseHead<'a> {
     /// The upstream's own reason phrase, when it sent one.
     pub reason: Option<&'a [u8]>,
     pub headers: &'a HeaderMap,
+    /// The upstream's fields kept in its head, written before those in `headers`.
+    pub raw: Option<&'a RawFields>,
     pub framing: Framing,
     /// `Connection: close` (this is the last response) or, to an HTTP/1.0 client that asked,
     /// `Connection: keep-alive`.
@@ -93,10 +97,12 @@ impl Output {
 
     pub fn encode_head(&mut self, head: &ResponseHead<'_>) {
         let reason = head.reason.unwrap_or_else(|| head.status.canonical_reason().unwrap_or("").as_bytes());
-        let mut size = 32 + reason.len();
-        for (name, value) in head.headers {
-            size += name.as_str().len() + value.len() + 4;
-        }
+        // The upstream's fields as they came (`RawFields`), then any in the map.
+        let mapped = || head.headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+        let fields = head.raw.into_iter().flat_map(RawFields::iter).chain(mapped());
+        // Each kept field takes no more room than its line in the upstream's head.
+        let kept_size = head.raw.map_or(0, RawFields::head_len);
+        let size = mapped().fold(32 + reason.len() + kept_size, |size, (name, value)| size + name.len() + value.len() + 4);
         self.tail.reserve(size + 96);
         let before = self.tail.len();
         let out = &mut self.tail;
@@ -106,20 +112,28 @@ impl Output {
         out.put_slice(reason);
         out.put_slice(b"\r\n");
         let mut has_date = false;
-        for (name, value) in head.headers {
-            if name == header::CONNECTION && head.status != StatusCode::SWITCHING_PROTOCOLS {
-                continue;
+        let mut has_length = false;
+        for (name, value) in fields {
+            // The names that matter here, told apart from most others by their length.
+            let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+            match name.len() {
+                10 if is(&header::CONNECTION) && head.status != StatusCode::SWITCHING_PROTOCOLS => continue,
+                17 if is(&header::TRANSFER_ENCODING) => continue,
+                14 if is(&header::CONTENT_LENGTH) => {
+                    if head.framing != Framing::NoBody && !matches!(head.framing, Framing::Length(_)) {
+                        continue;
+                    }
+                    has_length = true;
+                }
+                4 if is(&header::DATE) => has_date = true,
+                _ => {}
             }
-            if name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            if name == header::CONTENT_LENGTH && head.framing != Framing::NoBody && !matches!(head.framing, Framing::Length(_)) {
-                continue;
-            }
-            has_date |= name == header::DATE;
-            out.put_slice(name.as_str().as_bytes());
+            // Names go out in lowercase, as a map holds them, whatever case the upstream used.
+            let name_at = out.len();
+            out.put_slice(name);
+            out[name_at..].make_ascii_lowercase();
             out.put_slice(b": ");
-            out.put_slice(value.as_bytes());
+            out.put_slice(value);
             out.put_slice(b"\r\n");
         }
         if !has_date {
@@ -128,7 +142,7 @@ impl Output {
             out.put_slice(b"\r\n");
         }
         match head.framing {
-            Framing::Length(n) if !head.headers.contains_key(header::CONTENT_LENGTH) => {
+            Framing::Length(n) if !has_length => {
                 out.put_slice(b"content-length: ");
                 out.put_slice(itoa::Buffer::new().format(n).as_bytes());
                 out.put_slice(b"\r\n");
@@ -275,6 +289,7 @@ mod tests {
             status: StatusCode::OK,
             reason: None,
             headers: &headers,
+            raw: None,
             framing: Framing::Chunked,
             close: true,
             client_version: Version::HTTP_11,
@@ -288,6 +303,38 @@ mod tests {
     }
 
     #[test]
+    fn fields_kept_in_the_upstream_head_go_out_in_lowercase_before_the_maps() {
+        let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nX-Mixed-Case: A b\r\n\r\n");
+        let field = |name: &str, value: &str| {
+            let at = |part: &str| head.windows(part.len()).position(|w| w == part.as_bytes()).expect("in the head");
+            (head.slice(at(name)..at(name) + name.len()), head.slice(at(value)..at(value) + value.len()))
+        };
+        let mut raw = RawFields::new(head.clone()).expect("short head");
+        for (name, value) in [field("Server", "up"), field("Content-Length", "2"), field("X-Mixed-Case", "A b")] {
+            assert!(raw.push(&name, &value));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ALT_SVC, HeaderValue::from_static("h3=\":443\""));
+        let mut output = Output::default();
+        output.encode_head(&ResponseHead {
+            status: StatusCode::OK,
+            reason: None,
+            headers: &headers,
+            raw: Some(&raw),
+            framing: Framing::Length(2),
+            close: false,
+            client_version: Version::HTTP_11,
+        });
+        let text = written(&mut output);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nserver: up\r\ncontent-length: 2\r\nx-mixed-case: A b\r\nalt-svc: h3=\":443\"\r\ndate: "), "{text}");
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+        // The same fields made a map, as anything that reads them first does.
+        let map = raw.into_map();
+        assert_eq!(map.get("x-mixed-case").map(|v| v.as_bytes()), Some(&b"A b"[..]));
+        assert_eq!(map.len(), 3);
+    }
+
+    #[test]
     fn lengths_and_reasons() {
         let headers = HeaderMap::new();
         let mut output = Output::default();
@@ -295,6 +342,7 @@ mod tests {
             status: StatusCode::NOT_FOUND,
             reason: Some(b"Nothing Here"),
             headers: &headers,
+            raw: None,
             framing: Framing::Length(1234567),
             close: false,
             client_version: Version::HTTP_10,

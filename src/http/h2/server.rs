@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::http::body::{BoxError, ClientBody, ProxyBody};
 use crate::http::h1::write::with_http_date;
 use crate::http::headers::{content_length, hop_index, strip_hop_by_hop};
-use crate::http::pipeline::{handle_boxed, ConnectionContext, HeadChecked};
+use crate::http::pipeline::{handle_boxed, Answered, ConnectionContext, HeadChecked};
 use crate::http::server::{watched, HttpLimits};
 use crate::http::watchdog::Watch;
 use crate::metrics::TerminationReason;
@@ -117,7 +117,7 @@ where
 }
 
 /// The pipeline's future for a stream's request, or why the request is malformed.
-fn start_pipeline(ctx: &Arc<ConnectionContext>, request: Request<RecvStream>) -> Result<Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>, &'static str> {
+fn start_pipeline(ctx: &Arc<ConnectionContext>, request: Request<RecvStream>) -> Result<Pin<Box<impl Future<Output = Result<Answered, Infallible>> + Send>>, &'static str> {
     let (parts, stream) = request.into_parts();
     let body = request_body(stream, &parts.headers)?;
     Ok(handle_boxed(ctx.clone(), Request::from_parts(parts, body), HeadChecked::Nothing))
@@ -125,10 +125,10 @@ fn start_pipeline(ctx: &Arc<ConnectionContext>, request: Request<RecvStream>) ->
 
 /// One stream: the pipeline's answer to its request, unless the client resets the stream first
 /// (the pipeline, with its upstream exchange, is dropped then), and that answer written back.
-async fn serve_stream(mut pipeline: Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>>>>, mut respond: SendResponse<Bytes>, head_only: bool) {
+async fn serve_stream(mut pipeline: Pin<Box<impl Future<Output = Result<Answered, Infallible>>>>, mut respond: SendResponse<Bytes>, head_only: bool) {
     let answer = std::future::poll_fn(|cx| {
-        if let Poll::Ready(Ok(response)) = pipeline.as_mut().poll(cx) {
-            return Poll::Ready(Some(response));
+        if let Poll::Ready(Ok(answered)) = pipeline.as_mut().poll(cx) {
+            return Poll::Ready(Some(answered.into_response()));
         }
         respond.poll_reset(cx).map(|_| None)
     })

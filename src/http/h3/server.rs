@@ -141,7 +141,8 @@ async fn serve_request(resolver: Resolver, ctx: Arc<ConnectionContext>, counters
             return;
         }
     };
-    let Ok(response) = handle(ctx, Request::from_parts(parts, body), HeadChecked::Nothing).await;
+    let Ok(answered) = handle(ctx, Request::from_parts(parts, body), HeadChecked::Nothing).await;
+    let response = answered.into_response();
     if let Err(err) = write_response(&mut send, response, head_only, &counters).await {
         tracing::debug!(error = %err, "HTTP/3 response not delivered");
         send.stop_stream(Code::H3_INTERNAL_ERROR);

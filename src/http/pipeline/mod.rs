@@ -38,6 +38,7 @@ use http::{Request, Response, Uri, Version};
 use crate::balance::affinity::AffinityStore;
 use crate::hooks::{ConnectionIdentity, ScriptContext, Scripts};
 use crate::http::body::{ClientBody, ProxyBody};
+use crate::http::h1::fields::RawFields;
 use crate::http::headers::ConnectionValues;
 use crate::templates::TemplateContext;
 use crate::http::io::ClientCounters;
@@ -137,12 +138,12 @@ impl ConnectionContext {
 /// is large, so the future captures its parts and uses them in place.
 /// `handle`'s future in an allocation of its own, written there as it is made: built first and
 /// boxed after, the whole pipeline state would be copied into the box.
-pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> std::pin::Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
+pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> std::pin::Pin<Box<impl Future<Output = Result<Answered, Infallible>> + Send>> {
     Box::into_pin(Box::write(Box::new_uninit(), handle(conn, req, head_checked)))
 }
 
 #[inline(always)]
-pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> impl Future<Output = Result<Answered, Infallible>> + Send {
     conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
     conn.env.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     // In flight until its response ends: a proxied body takes the guard along, any other answer
@@ -183,13 +184,13 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_check
             if outbound.keep_whole {
                 Box::pin(prepare::read_whole(&ctx, &mut outbound)).await?;
             }
-            let exchange = send::send_with_retries(&ctx, &mut target, script_context.as_deref(), &mut head, &mut outbound, &mut route_slot).await?;
+            let mut exchange = send::send_with_retries(&ctx, &mut target, script_context.as_deref(), &mut head, &mut outbound, &mut route_slot).await?;
             if let Some(affinity) = affinity {
-                Box::pin(respond::bind_issued_session(&ctx, affinity, &exchange, &target, affinity_value.as_deref())).await;
+                Box::pin(respond::bind_issued_session(&ctx, affinity, &mut exchange, &target, affinity_value.as_deref())).await;
             }
             respond::respond(&ctx, exchange, target, outbound.client_upgrade, route_slot, &mut in_flight, &mut access_record)
         };
-        let mut response = proxied.await.unwrap_or_else(|answer: Answer| answer);
+        let Answered { mut response, upstream_fields } = proxied.await.unwrap_or_else(|answer: Answer| Answered::from(answer));
         if let Some(route) = answered_by {
             route.stats.record_response(response.status().as_u16(), received.elapsed());
             if let Some(http3) = route.http3.filter(|_| version < Version::HTTP_3) {
@@ -200,7 +201,32 @@ pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_check
         if let Some(pending) = access_record {
             pending.answered(answered_by, &response);
         }
-        Ok(response)
+        Ok(Answered { response, upstream_fields })
+    }
+}
+
+/// The pipeline's answer to a request.
+pub struct Answered {
+    pub response: Response<ProxyBody>,
+    /// An HTTP/1.1 upstream's fields kept in its head (`h1::fields`), when they go back unchanged
+    /// to an HTTP/1.x client: written before the response's own map, which holds none of them.
+    pub upstream_fields: Option<Box<RawFields>>,
+}
+
+impl Answered {
+    /// The response with every field in its map, as HTTP/2 and HTTP/3 write it.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut response = self.response;
+        if let Some(fields) = self.upstream_fields {
+            fields.merge_into(response.headers_mut());
+        }
+        response
+    }
+}
+
+impl From<Response<ProxyBody>> for Answered {
+    fn from(response: Response<ProxyBody>) -> Self {
+        Answered { response, upstream_fields: None }
     }
 }
 

@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::record::PendingRecord;
 use super::send::Exchange;
-use super::{Answer, ConnectionContext, RequestCtx};
-use crate::http::body::{text_response, BoxError, Direction, ProxyBody, TrackedBody, UpstreamBody};
+use super::{Answer, Answered, ConnectionContext, RequestCtx};
+use crate::http::body::{fields_in_map, text_response, BoxError, Direction, ProxyBody, TrackedBody, UpstreamBody};
 use crate::http::h1::client::PendingUpstreamUpgrade;
 use crate::http::h1::server::PendingUpgrade;
 use crate::http::headers::strip_hop_by_hop;
@@ -30,10 +30,11 @@ use crate::security::RouteGuard;
 
 /// A session the backend just issued belongs to it, bound before the client can use it (routes
 /// with affinity; an upgrade's 101 binds nothing).
-pub(super) async fn bind_issued_session(ctx: &RequestCtx<'_>, affinity: &Affinity, exchange: &Exchange, target: &SelectedTarget<'_>, affinity_value: Option<&str>) {
+pub(super) async fn bind_issued_session(ctx: &RequestCtx<'_>, affinity: &Affinity, exchange: &mut Exchange, target: &SelectedTarget<'_>, affinity_value: Option<&str>) {
     if exchange.response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
+    fields_in_map(&mut exchange.response);
     if let Some(issued) = affinity.key.response_value(exchange.response.headers()).filter(|v| affinity_value != Some(v.as_str())) {
         let backend = format!("{}:{}", target.host, target.port);
         ctx.conn.env.affinity.bind(affinity, &issued, &backend, false).await;
@@ -48,19 +49,28 @@ pub(super) fn respond(
     route_slot: Option<RouteGuard>,
     in_flight: &mut Option<InFlight>,
     access_record: &mut Option<PendingRecord>,
-) -> Result<Response<ProxyBody>, Answer> {
-    let Exchange { response, checkout, key, request_sent, client_slot } = exchange;
+) -> Result<Answered, Answer> {
+    let Exchange { mut response, checkout, key, request_sent, client_slot } = exchange;
     let route = ctx.route;
     let templates = ctx.templates();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
             Some(client_upgrade) => {
                 let joined = Tunnel { client_upgrade, route: route.clone(), _route_slot: route_slot, _backend_lease: target.lease };
-                Ok(joined.answer(ctx.conn, response, target.response_headers, &templates))
+                Ok(Answered::from(joined.answer(ctx.conn, response, target.response_headers, &templates)))
             }
             None => Err(text_response(StatusCode::BAD_GATEWAY, "the upstream switched protocols unasked")),
         };
     }
+    // An HTTP/1.1 upstream's fields stay in its head when they go back to an HTTP/1.x client
+    // unchanged; anything else reads or writes them in the map.
+    let unchanged = route.http.response_headers.is_empty() && target.response_headers.is_empty() && route.http3.is_none();
+    let upstream_fields = if unchanged && ctx.version < Version::HTTP_2 {
+        response.body_mut().take_raw_fields()
+    } else {
+        fields_in_map(&mut response);
+        None
+    };
     let (mut parts, body) = response.into_parts();
     // Our HTTP/1.1 client leaves the hop-by-hop fields out as it reads a head.
     if !matches!(body, UpstreamBody::H1(_)) {
@@ -87,7 +97,7 @@ pub(super) fn respond(
         _in_flight: in_flight.take(),
         access_record,
     };
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(Answered { response: Response::from_parts(parts, body.boxed()), upstream_fields })
 }
 
 /// A WebSocket upgrade the upstream accepted: the client's side still to be upgraded, and the

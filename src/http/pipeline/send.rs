@@ -20,7 +20,7 @@ use super::answers::{edge_refusal, upstream_failure};
 use super::prepare::{Outbound, RequestBody};
 use super::{Answer, RequestCtx};
 use crate::hooks::ScriptContext;
-use crate::http::body::{text_response, Direction, ProxyBody, TrackedBody, UpstreamBody};
+use crate::http::body::{fields_in_map, text_response, Direction, ProxyBody, TrackedBody, UpstreamBody};
 use crate::http::edge;
 use crate::http::h1::client::{self as h1_client, ClientError};
 use crate::http::h3::client as h3_client;
@@ -204,8 +204,9 @@ pub(super) async fn send_with_retries<'c>(
                 backoff(policy.backoff, attempt).await;
                 ctx.reselect(head, target);
             }
-            Ok(response) => {
+            Ok(mut response) => {
                 if key.protocol == UpstreamProtocol::Auto && key.tls.is_some() {
+                    fields_in_map(&mut response);
                     pool.alt_svc.learn(&key.host, key.port, response.headers());
                 }
                 return Ok(Exchange { response, checkout, key, request_sent, client_slot });
