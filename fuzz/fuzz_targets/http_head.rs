@@ -2,7 +2,8 @@
 //! inside TLS) and checks what the session and the HTTP engine rely on, beyond "no panic": the
 //! answer is deterministic, `Incomplete` never outlives the size caps, a decided answer never
 //! changes when more bytes arrive, a `Request` meets the edge rules and reads the same to httparse
-//! and to the engine's own routing, and a refusal is a 400 or a 431.
+//! and to the engine's own routing, and a refusal is a 400 or a 431; `take_head`, which reads the
+//! same bytes off a connection's buffer, gives the same answer.
 //!
 //! head.rs names its sibling as `crate::http::edge`, so both files are mounted under a `http`
 //! module of this crate; the `http` library is reached as `::http` here.
@@ -25,7 +26,7 @@ mod http {
 }
 
 use http::edge::{host_values, normalise_host, request_host};
-use http::head::{parse_head, HeadParse, RequestHead, H2_PREFACE, MAX_HEADERS};
+use http::head::{parse_head, take_head, HeadParse, RequestHead, H2_PREFACE, MAX_HEADERS};
 
 /// Small, so that inputs libFuzzer can grow reach the size paths.
 const MAX_HEAD: usize = 4096;
@@ -179,6 +180,15 @@ fuzz_target!(|data: &[u8]| {
     let parsed = parse_head(buf, MAX_HEAD);
     let full = key(&parsed);
     assert_eq!(full, key(&parse_head(buf, MAX_HEAD)), "not deterministic");
+    // The engine takes the head off its buffer (`take_head`): the same answer, and exactly the
+    // head's bytes taken.
+    let mut taken_from = bytes::BytesMut::from(buf);
+    let taken = take_head(&mut taken_from, MAX_HEAD);
+    assert_eq!(key(&taken), full, "take_head reads another head");
+    match &taken {
+        HeadParse::Request(head) => assert_eq!(&taken_from[..], &buf[head.len..], "take_head took another length"),
+        _ => assert_eq!(&taken_from[..], buf, "take_head took bytes without a head"),
+    }
 
     match &parsed {
         // The session's read buffer is sized by these caps: an undecided head never needs more.

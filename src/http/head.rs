@@ -47,7 +47,9 @@ pub struct RequestHead {
     pub target: String,
     /// How the body that follows the head is delimited.
     pub body: BodyLength,
-    /// How many bytes of the buffer the head took, its final empty line included.
+    /// How many bytes of the buffer the head took, its final empty line included (what
+    /// `take_head` takes off; the tests read it).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub len: usize,
     pub headers: HeaderMap,
     /// What its `Connection` and related fields ask of this hop: to close after the response
@@ -86,85 +88,108 @@ impl RequestHead {
 /// Reads `buf` (a connection's first bytes) as an HTTP/1.x request head. `max_head` is the
 /// engine's `maxHeaderSize`.
 pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
-    parse(buf, max_head, None)
+    parse(buf, max_head)
 }
 
 /// `parse_head` for a connection's buffer: a complete head is taken off `buf`, and its header
-/// values share the head's bytes instead of copying each one.
+/// values share the head's bytes instead of copying each one. httparse reads the buffer as it
+/// is; the fields are noted as spans of it, and made values once the head is off the buffer.
 pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
-    match head_end(buf).filter(|end| *end <= max_head) {
-        Some(end) => {
-            let head = buf.split_to(end).freeze();
-            match parse(&head, max_head, Some(&head)) {
-                HeadParse::Request(request) if request.len == end => HeadParse::Request(request),
-                _ => {
-                    // Not a request head after all (a preface, a refusal): the same bytes are
-                    // read whole, as `parse_head` would, so that the answer cannot differ.
-                    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-                    whole.extend_from_slice(&head);
-                    whole.extend_from_slice(buf);
-                    *buf = whole;
-                    parse(buf, max_head, None)
-                }
-            }
-        }
-        None => parse(buf, max_head, None),
+    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match read_request(buf, max_head, &mut request, &mut storage) {
+        Ok(len) => len,
+        Err(outcome) => return outcome,
+    };
+    let mut head = match checked_head(&buf[..len], &request, len) {
+        Ok(head) => head,
+        Err(refusal) => return HeadParse::Refused(refusal),
+    };
+    // Name start, name end, value start, value end, in the head.
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let base = buf.as_ptr() as usize;
+    // Every slice httparse gives is of the buffer it read (an empty value's too: should one not
+    // be, it is read as empty below).
+    let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base) as u32;
+    for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
+        let (name, value) = (field.name.as_bytes(), field.value);
+        *span = [offset(name), offset(name) + name.len() as u32, offset(value), offset(value) + value.len() as u32];
     }
+    let count = request.headers.len();
+    let taken = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for [name_start, name_end, value_start, value_end] in &spans[..count] {
+        let name = taken.get(*name_start as usize..*name_end as usize).unwrap_or_default();
+        let value = taken.get(*value_start as usize..*value_end as usize).unwrap_or_default();
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            return HeadParse::Refused(Refusal::bad_request("malformed header name"));
+        };
+        headers.append(name, parsed_field_value(value, Some(&taken)));
+    }
+    head.headers = headers;
+    HeadParse::Request(head)
 }
 
-/// Where the head in `buf` ends, past its empty line: the first line end followed by an empty
-/// line, after any empty lines that come before the start line (as httparse reads it).
-pub fn head_end(buf: &[u8]) -> Option<usize> {
-    let start = leading_empty_lines(buf);
-    memchr::memchr_iter(b'\n', &buf[start..]).map(|at| start + at + 1).find_map(|after| match &buf[after..] {
-        [b'\n', ..] => Some(after + 1),
-        [b'\r', b'\n', ..] => Some(after + 2),
-        _ => None,
-    })
+fn parse(buf: &[u8], max_head: usize) -> HeadParse {
+    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match read_request(buf, max_head, &mut request, &mut storage) {
+        Ok(len) => len,
+        Err(outcome) => return outcome,
+    };
+    let mut head = match checked_head(&buf[..len], &request, len) {
+        Ok(head) => head,
+        Err(refusal) => return HeadParse::Refused(refusal),
+    };
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    for field in request.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return HeadParse::Refused(Refusal::bad_request("malformed header name"));
+        };
+        headers.append(name, parsed_field_value(field.value, None));
+    }
+    head.headers = headers;
+    HeadParse::Request(head)
 }
 
-fn parse(buf: &[u8], max_head: usize, shared: Option<&Bytes>) -> HeadParse {
+/// Reads `buf` with httparse into `request` once it is a whole request head: its length, or what
+/// else the bytes are (so far).
+fn read_request<'h, 'b>(buf: &'b [u8], max_head: usize, request: &mut httparse::Request<'h, 'b>, storage: &'h mut [std::mem::MaybeUninit<httparse::Header<'b>>]) -> Result<usize, HeadParse> {
     // RFC 9112 §2.2: empty lines before the request line are ignored.
     let start = leading_empty_lines(buf);
     // The first line's cap counts from the start of the connection, empty lines included, so the
     // answer never depends on how the bytes were split.
     let Some(budget) = MAX_UNKNOWN_LINE.checked_sub(start).filter(|b| *b > 0) else {
-        return HeadParse::NotHttp;
+        return Err(HeadParse::NotHttp);
     };
     let line = &buf[start..];
     // Nothing yet, or half of another empty line.
     if line.is_empty() || line == b"\r" {
-        return HeadParse::Incomplete;
+        return Err(HeadParse::Incomplete);
     }
     if line.starts_with(b"PRI ") && start == 0 {
         let seen = line.len().min(H2_PREFACE.len());
-        return if line[..seen] != H2_PREFACE[..seen] {
+        return Err(if line[..seen] != H2_PREFACE[..seen] {
             HeadParse::Refused(Refusal::bad_request("malformed HTTP/2 preface"))
         } else if seen == H2_PREFACE.len() {
             HeadParse::H2Preface
         } else {
             HeadParse::Incomplete
-        };
+        });
     }
     match request_line_shape(line, budget) {
-        Shape::NotHttp => return HeadParse::NotHttp,
-        Shape::Undecided => return HeadParse::Incomplete,
+        Shape::NotHttp => return Err(HeadParse::NotHttp),
+        Shape::Undecided => return Err(HeadParse::Incomplete),
         Shape::Http => {}
     }
     // Only the first `max_head` bytes decide: whatever follows cannot turn a 431 into a 400.
     let view = &buf[..buf.len().min(max_head)];
-    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut []);
-    let len = match request.parse_with_uninit_headers(view, &mut storage) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() <= max_head => return HeadParse::Incomplete,
-        Ok(httparse::Status::Partial) => return too_large("the request head is larger than the limit"),
-        Err(httparse::Error::TooManyHeaders) => return too_large("too many header fields"),
-        Err(_) => return HeadParse::Refused(Refusal::bad_request("malformed request head")),
-    };
-    match checked_head(&buf[..len], &request, len, shared) {
-        Ok(head) => HeadParse::Request(head),
-        Err(refusal) => HeadParse::Refused(refusal),
+    match request.parse_with_uninit_headers(view, storage) {
+        Ok(httparse::Status::Complete(len)) => Ok(len),
+        Ok(httparse::Status::Partial) if buf.len() <= max_head => Err(HeadParse::Incomplete),
+        Ok(httparse::Status::Partial) => Err(too_large("the request head is larger than the limit")),
+        Err(httparse::Error::TooManyHeaders) => Err(too_large("too many header fields")),
+        Err(_) => Err(HeadParse::Refused(Refusal::bad_request("malformed request head"))),
     }
 }
 
@@ -208,7 +233,8 @@ fn request_line_shape(line: &[u8], budget: usize) -> Shape {
 }
 
 /// The framing and host rules on a head httparse accepted.
-fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize, shared: Option<&Bytes>) -> Result<RequestHead, Refusal> {
+/// Its `headers` are left empty for the caller, which knows where the values' bytes are kept.
+fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) -> Result<RequestHead, Refusal> {
     // httparse takes a bare LF as a line end; the next hop may not.
     if has_bare_lf(head) {
         return Err(Refusal::bad_request("a line ends in a bare LF"));
@@ -220,27 +246,22 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize, sh
     if target.contains('#') {
         return Err(Refusal::bad_request("the request target holds a fragment"));
     }
-    let mut headers = HeaderMap::with_capacity(request.headers.len());
-    for field in request.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
-        headers.append(name, parsed_field_value(field.value, shared));
-    }
     // The rules read the fields as httparse gave them, in order, rather than look each name up
     // in the map.
-    let fields = &*request.headers;
-    let body = check_framing(fields, http10)?;
+    let fields = RuledFields::of(request.headers);
+    let body = check_framing(&fields, http10)?;
     let (authority, origin_form) = split_target(target, &method)?;
-    request_host(authority, fields_named(fields, "host"), !http10)?;
-    let connection_lists = |token: &[u8]| fields_named(fields, "connection").flat_map(list_items).any(|item| item.eq_ignore_ascii_case(token));
+    request_host(authority, fields.values(Ruled::Host), !http10)?;
+    let connection_lists = |token: &[u8]| fields.values(Ruled::Connection).flat_map(list_items).any(|item| item.eq_ignore_ascii_case(token));
     let close = if http10 { !connection_lists(b"keep-alive") } else { connection_lists(b"close") };
-    let upgrade = !http10 && fields_named(fields, "upgrade").next().is_some() && connection_lists(b"upgrade");
-    let expect_continue = !http10 && fields_named(fields, "expect").next().is_some_and(|value| value.eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = !http10 && fields.values(Ruled::Upgrade).next().is_some() && connection_lists(b"upgrade");
+    let expect_continue = !http10 && fields.values(Ruled::Expect).next().is_some_and(|value| value.eq_ignore_ascii_case(b"100-continue"));
     // The origin form is a part of the target, or (no path in an absolute form, CONNECT) none.
     let origin_start = (origin_form.as_ptr() as usize).wrapping_sub(target.as_ptr() as usize);
     let origin_start = if origin_start <= target.len() && target.get(origin_start..) == Some(origin_form) { origin_start } else { target.len() };
     let path_end = origin_start + origin_form.find('?').unwrap_or(target.len() - origin_start);
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
-    Ok(RequestHead { method, version, target: target.to_string(), body, len, headers, close, upgrade, expect_continue, origin_start, path_end })
+    Ok(RequestHead { method, version, target: target.to_string(), body, len, headers: HeaderMap::new(), close, upgrade, expect_continue, origin_start, path_end })
 }
 
 /// A field value httparse accepted, as a `HeaderValue` without checking its bytes again.
@@ -256,9 +277,58 @@ pub(crate) fn parsed_field_value(value: &[u8], shared: Option<&Bytes>) -> Header
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
-/// The values of the fields called `name` (in any case), in order.
-fn fields_named<'h>(fields: &'h [httparse::Header<'h>], name: &'static str) -> impl Iterator<Item = &'h [u8]> {
-    fields.iter().filter(move |field| field.name.eq_ignore_ascii_case(name)).map(|field| field.value)
+/// The fields the head rules read.
+#[derive(Clone, Copy)]
+enum Ruled {
+    Host,
+    Connection,
+    Upgrade,
+    Expect,
+    ContentLength,
+    TransferEncoding,
+}
+
+/// A head's fields, with which of them are the ones the rules read: found in one pass over the
+/// names rather than one per rule.
+struct RuledFields<'h, 'b> {
+    fields: &'h [httparse::Header<'b>],
+    /// Per `Ruled`, bit i: field i has that name (`MAX_HEADERS` fields at most).
+    named: [u128; 6],
+}
+
+const _: () = assert!(MAX_HEADERS <= 128);
+
+impl<'h, 'b> RuledFields<'h, 'b> {
+    fn of(fields: &'h [httparse::Header<'b>]) -> Self {
+        let mut named = [0u128; 6];
+        for (index, field) in fields.iter().enumerate().take(128) {
+            let name = field.name.as_bytes();
+            // Told apart by length and first letter, then the whole name in any case.
+            let (ruled, text) = match (name.len(), name.first().map_or(0, |b| b | 0x20)) {
+                (4, b'h') => (Ruled::Host, "host"),
+                (10, b'c') => (Ruled::Connection, "connection"),
+                (7, b'u') => (Ruled::Upgrade, "upgrade"),
+                (6, b'e') => (Ruled::Expect, "expect"),
+                (14, b'c') => (Ruled::ContentLength, "content-length"),
+                (17, b't') => (Ruled::TransferEncoding, "transfer-encoding"),
+                _ => continue,
+            };
+            if name.eq_ignore_ascii_case(text.as_bytes()) {
+                named[ruled as usize] |= 1 << index;
+            }
+        }
+        RuledFields { fields, named }
+    }
+
+    /// The values of the fields with that name, in order.
+    fn values(&self, ruled: Ruled) -> impl Iterator<Item = &'b [u8]> + '_ {
+        let mut left = self.named[ruled as usize];
+        std::iter::from_fn(move || {
+            let index = left.trailing_zeros() as usize;
+            left &= left.checked_sub(1)?;
+            Some(self.fields[index].value)
+        })
+    }
 }
 
 /// How a request's body is delimited (RFC 9112 §6.3).
@@ -272,9 +342,9 @@ pub enum BodyLength {
 
 /// Body framing that every hop reads the same way (RFC 9112 §6): `Transfer-Encoding` or
 /// `Content-Length`, never both; one length; `chunked` last and only once; none on HTTP/1.0.
-fn check_framing(fields: &[httparse::Header<'_>], http10: bool) -> Result<BodyLength, Refusal> {
+fn check_framing(fields: &RuledFields<'_, '_>, http10: bool) -> Result<BodyLength, Refusal> {
     let mut length: Option<&[u8]> = None;
-    for value in fields_named(fields, "content-length") {
+    for value in fields.values(Ruled::ContentLength) {
         if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 19 {
             return Err(Refusal::bad_request("malformed Content-Length"));
         }
@@ -285,7 +355,7 @@ fn check_framing(fields: &[httparse::Header<'_>], http10: bool) -> Result<BodyLe
     }
     let mut codings = Vec::new();
     let mut transfer_encoding = false;
-    for value in fields_named(fields, "transfer-encoding") {
+    for value in fields.values(Ruled::TransferEncoding) {
         transfer_encoding = true;
         let text = field_text(value).ok_or(Refusal::bad_request("malformed Transfer-Encoding"))?;
         codings.extend(text.split(',').map(str::trim));
@@ -471,6 +541,9 @@ mod tests {
             b"GET /a?b HTTP/1.1\r\nHost: a.test\r\nX: 1\r\n\r\nNEXT",
             b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET / HTTP/1.1\nHost: a\n\nrest",
+            // A head ended by bare LFs, with a CRLF CRLF in the bytes after it.
+            b"GET / HTTP/1.1\nHost: a\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\nPOST / HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",

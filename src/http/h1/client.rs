@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 
-use crate::http::h1::fields::RawFields;
+use crate::http::h1::fields::{FieldSpans, RawFields};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -25,7 +25,7 @@ use crate::http::body::{BoxError, ProxyBody};
 use crate::http::h1::decode::{BodyDecoder, Decoded};
 use crate::http::h1::server::ClientStream;
 use crate::http::h1::write::Output;
-use crate::http::head::{head_end, MAX_HEADERS};
+use crate::http::head::MAX_HEADERS;
 use crate::http::headers::{hop_index, list_items, names_another_field, ForwardingHeaders, CONNECTION_HOP, TRANSFER_ENCODING_HOP};
 
 /// A response head larger than this is refused (the upstream is not an attacker, but not
@@ -211,24 +211,21 @@ fn poll_response_head(cx: &mut Context<'_>, conn: &mut Connection, sending: &mut
     }
 }
 
+/// Reads a response head off the start of `buf`: None while it is incomplete. httparse reads
+/// the buffer as it is, and the head is taken off it once read, its fields kept as spans of it.
 fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, ClientError> {
-    let Some(end) = head_end(buf) else {
-        return if buf.len() > MAX_RESPONSE_HEAD { Err(ClientError::Malformed("response head too large")) } else { Ok(None) };
-    };
-    // The limit holds however the bytes were split into reads.
-    if end > MAX_RESPONSE_HEAD {
-        return Err(ClientError::Malformed("response head too large"));
-    }
-    // The head is taken off the buffer first, so that its fields are slices of it (no copy per
-    // field).
-    let head = buf.split_to(end).freeze();
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
-    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, &head, &mut storage) {
-        Ok(httparse::Status::Complete(len)) if len == end => {}
-        Ok(_) => return Err(ClientError::Malformed("unreadable response head")),
+    let end = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut storage) {
+        Ok(httparse::Status::Complete(len)) => len,
+        // The limit holds however the bytes were split into reads.
+        Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => return Err(ClientError::Malformed("response head too large")),
+        Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(ClientError::Malformed("too many response header fields")),
         Err(_) => return Err(ClientError::Malformed("unreadable response head")),
+    };
+    if end > MAX_RESPONSE_HEAD {
+        return Err(ClientError::Malformed("response head too large"));
     }
     let code = response.code.ok_or(ClientError::Malformed("no status"))?;
     let status = StatusCode::from_u16(code).map_err(|_| ClientError::Malformed("bad status"))?;
@@ -244,7 +241,8 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
     let mut fields = DelimitingFields::default();
     // The fields stay in the head (`RawFields`) unless there are too many, a 101's tunnel needs
     // them, or `Connection` names some to leave out.
-    let mut raw = (!tunnel).then(|| RawFields::new(head.clone())).flatten();
+    let head = &buf[..end];
+    let mut spans = (!tunnel).then(|| FieldSpans::new(end)).flatten();
     for field in response.headers.iter() {
         let name = field.name.as_bytes();
         let hop = hop_index(name);
@@ -257,32 +255,45 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHeadParts>, 
         if hop.is_some() && !tunnel {
             continue;
         }
-        if let Some(kept) = raw.as_mut() {
-            if kept.push(name, field.value) {
+        if let Some(kept) = spans.as_mut() {
+            if kept.push(head, name, field.value) {
                 continue;
             }
-            raw = None;
+            spans = None;
         }
     }
-    let headers = match raw {
-        Some(raw) if fields.named.is_empty() => Fields::Raw(raw),
-        _ => {
-            let mut headers = HeaderMap::with_capacity(response.headers.len());
-            for field in response.headers.iter().filter(|field| tunnel || hop_index(field.name.as_bytes()).is_none()) {
-                let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| ClientError::Malformed("bad header name"))?;
-                headers.append(name, crate::http::head::parsed_field_value(field.value, Some(&head)));
-            }
-            if !tunnel {
-                for name in &fields.named {
-                    headers.remove(name);
-                }
-            }
-            Fields::Map(headers)
-        }
+    // Taken off the buffer now that it is read, so that its fields are slices of it (no copy
+    // per field).
+    let head = buf.split_to(end).freeze();
+    let headers = match spans {
+        Some(spans) if fields.named.is_empty() => Fields::Raw(spans.into_fields(head)),
+        _ => Fields::Map(fields_map(&head, tunnel, &fields.named)?),
     };
     let version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
     let close = if http10 { !fields.keep_alive } else { fields.close };
     Ok(Some(ResponseHeadParts { status, version, reason, headers, close, fields }))
+}
+
+/// The fields of a response head (read once already) that go on, as a map whose values share
+/// the head: all of a 101's; without the hop-by-hop ones and those `Connection` names otherwise.
+fn fields_map(head: &Bytes, tunnel: bool, named: &[HeaderName]) -> Result<HeaderMap, ClientError> {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, head, &mut storage) {
+        Ok(httparse::Status::Complete(len)) if len == head.len() => {}
+        _ => return Err(ClientError::Malformed("unreadable response head")),
+    }
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for field in response.headers.iter().filter(|field| tunnel || hop_index(field.name.as_bytes()).is_none()) {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| ClientError::Malformed("bad header name"))?;
+        headers.append(name, crate::http::head::parsed_field_value(field.value, Some(head)));
+    }
+    if !tunnel {
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    Ok(headers)
 }
 
 /// A response head's fields as they go on: kept in the head, or in a map.
@@ -670,6 +681,23 @@ mod tests {
         let fields: Vec<(&[u8], &[u8])> = raw.iter().collect();
         assert_eq!(fields, [(&b"Server"[..], &b"up"[..]), (&b"Content-Length"[..], &b"2"[..])]);
         assert_eq!(raw.content_length(), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn a_head_whose_lines_end_in_bare_lf_ends_where_httparse_reads_it() {
+        // The body holds a CRLF CRLF: the head still ends at its first empty line, and what
+        // follows stays in the buffer as the body's bytes.
+        for text in ["HTTP/1.1 200 OK\nContent-Length: 6\n\nab\r\n\r\n", "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\nab\r\n\r\n"] {
+            let mut buf = BytesMut::from(text.as_bytes());
+            let Ok(Some(parts)) = parse_response_head(&mut buf) else { panic!("{text:?}: no head") };
+            assert_eq!(&buf[..], b"ab\r\n\r\n", "{text:?}");
+            assert_eq!(framing(text), Ok("length"));
+            assert!(!parts.close);
+        }
+        // Without a CRLF CRLF anywhere.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 204 No Content\n\nrest"[..]);
+        assert!(matches!(parse_response_head(&mut buf), Ok(Some(_))));
+        assert_eq!(&buf[..], b"rest");
     }
 
     #[test]

@@ -97,9 +97,7 @@ impl Output {
 
     pub fn encode_head(&mut self, head: &ResponseHead<'_>) {
         let reason = head.reason.unwrap_or_else(|| head.status.canonical_reason().unwrap_or("").as_bytes());
-        // The upstream's fields as they came (`RawFields`), then any in the map.
         let mapped = || head.headers.iter().map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
-        let fields = head.raw.into_iter().flat_map(RawFields::iter).chain(mapped());
         // Each kept field takes no more room than its line in the upstream's head.
         let kept_size = head.raw.map_or(0, RawFields::head_len);
         let size = mapped().fold(32 + reason.len() + kept_size, |size, (name, value)| size + name.len() + value.len() + 4);
@@ -113,28 +111,60 @@ impl Output {
         out.put_slice(b"\r\n");
         let mut has_date = false;
         let mut has_length = false;
-        for (name, value) in fields {
+        // Whether a field goes on, noting the ones this head must otherwise add.
+        let mut goes_on = |name: &[u8]| {
             // The names that matter here, told apart from most others by their length.
             let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
             match name.len() {
-                10 if is(&header::CONNECTION) && head.status != StatusCode::SWITCHING_PROTOCOLS => continue,
-                17 if is(&header::TRANSFER_ENCODING) => continue,
+                10 if is(&header::CONNECTION) && head.status != StatusCode::SWITCHING_PROTOCOLS => return false,
+                17 if is(&header::TRANSFER_ENCODING) => return false,
                 14 if is(&header::CONTENT_LENGTH) => {
                     if head.framing != Framing::NoBody && !matches!(head.framing, Framing::Length(_)) {
-                        continue;
+                        return false;
                     }
                     has_length = true;
                 }
                 4 if is(&header::DATE) => has_date = true,
                 _ => {}
             }
-            // Names go out in lowercase, as a map holds them, whatever case the upstream used.
-            let name_at = out.len();
+            true
+        };
+        let put_field = |out: &mut BytesMut, name: &[u8], value: &[u8]| {
             out.put_slice(name);
-            out[name_at..].make_ascii_lowercase();
             out.put_slice(b": ");
             out.put_slice(value);
             out.put_slice(b"\r\n");
+        };
+        // The upstream's fields as they came (`RawFields`): lines that follow one another in its
+        // head, each `name: value` CRLF, are copied as one run.
+        if let Some(raw) = head.raw {
+            let mut run: Option<std::ops::Range<usize>> = None;
+            for field in raw.fields() {
+                if !goes_on(field.name) {
+                    continue;
+                }
+                match (field.line, run.as_mut()) {
+                    (Some(line), Some(lines)) if lines.end == line.start => lines.end = line.end,
+                    (line, _) => {
+                        if let Some(lines) = run.take() {
+                            out.put_slice(&raw.head()[lines]);
+                        }
+                        match line {
+                            Some(line) => run = Some(line),
+                            None => put_field(out, field.name, field.value),
+                        }
+                    }
+                }
+            }
+            if let Some(lines) = run {
+                out.put_slice(&raw.head()[lines]);
+            }
+        }
+        // Then any in the map.
+        for (name, value) in mapped() {
+            if goes_on(name) {
+                put_field(out, name, value);
+            }
         }
         if !has_date {
             out.put_slice(b"date: ");
@@ -267,6 +297,7 @@ pub(crate) fn with_http_date(f: impl FnOnce(&[u8])) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::h1::fields::FieldSpans;
     use http::HeaderValue;
 
     fn written(output: &mut Output) -> String {
@@ -303,16 +334,19 @@ mod tests {
     }
 
     #[test]
-    fn fields_kept_in_the_upstream_head_go_out_in_lowercase_before_the_maps() {
-        let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nX-Mixed-Case: A b\r\n\r\n");
+    fn fields_kept_in_the_upstream_head_go_out_as_they_came_before_the_maps() {
+        let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nConnection: keep-alive\r\nX-Mixed-Case:A b\r\nX-Last: z\r\n\r\n");
         let field = |name: &str, value: &str| {
             let at = |part: &str| head.windows(part.len()).position(|w| w == part.as_bytes()).expect("in the head");
             (head.slice(at(name)..at(name) + name.len()), head.slice(at(value)..at(value) + value.len()))
         };
-        let mut raw = RawFields::new(head.clone()).expect("short head");
-        for (name, value) in [field("Server", "up"), field("Content-Length", "2"), field("X-Mixed-Case", "A b")] {
-            assert!(raw.push(&name, &value));
+        let mut spans = FieldSpans::new(head.len()).expect("short head");
+        // `Connection` is a hop's own, and `X-Mixed-Case` has no space after its colon: the lines
+        // around them are copied, they are not (and `X-Mixed-Case` is written anew).
+        for (name, value) in [field("Server", "up"), field("Content-Length", "2"), field("Connection", "keep-alive"), field("X-Mixed-Case", "A b"), field("X-Last", "z")] {
+            assert!(spans.push(&head, &name, &value));
         }
+        let raw = spans.into_fields(head.clone());
         let mut headers = HeaderMap::new();
         headers.insert(header::ALT_SVC, HeaderValue::from_static("h3=\":443\""));
         let mut output = Output::default();
@@ -326,12 +360,12 @@ mod tests {
             client_version: Version::HTTP_11,
         });
         let text = written(&mut output);
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\nserver: up\r\ncontent-length: 2\r\nx-mixed-case: A b\r\nalt-svc: h3=\":443\"\r\ndate: "), "{text}");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nX-Mixed-Case: A b\r\nX-Last: z\r\nalt-svc: h3=\":443\"\r\ndate: "), "{text}");
         assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
         // The same fields made a map, as anything that reads them first does.
         let map = raw.into_map();
         assert_eq!(map.get("x-mixed-case").map(|v| v.as_bytes()), Some(&b"A b"[..]));
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 5);
     }
 
     #[test]
