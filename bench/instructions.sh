@@ -17,6 +17,7 @@
 # and each mode's line adds its level-1 instruction and data misses and its data writes per
 # request: how much memory a request touches, which costs more than its instructions when other
 # work shares the cache.
+# With INSTR_NEWCONN=1 the requests come one per connection (see below).
 # With INSTR_H2=1 the client speaks HTTP/2 over cleartext (prior knowledge; h2load -c16 -m10)
 # to the proxy, which still forwards HTTP/1.1 to the backend: the HTTP/2 front end's cost.
 set -euo pipefail
@@ -50,6 +51,9 @@ wait_port "$backend_port"; wait_port "$redis_port"
 header=(-H 'X-Session: bench-session')
 if [ "${INSTR_CACHE:-0}" = 1 ]; then CALLGRIND_ARGS="${CALLGRIND_ARGS:-} --cache-sim=yes"; fi
 if [ "${INSTR_H2:-0}" = 1 ]; then load=(-c 16 -m 10); else load=(--h1 -c 32); fi
+# With INSTR_NEWCONN=1 each request comes on a new connection (`Connection: close`, which h2load
+# answers by connecting again): accept, the first request and the close, per request.
+if [ "${INSTR_NEWCONN:-0}" = 1 ]; then load=(--h1 -c 8); header+=(-H 'Connection: close'); fi
 for mode in "${modes[@]}"; do
   port="$(free_port)"
   out="$work/callgrind.$mode"

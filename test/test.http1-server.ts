@@ -471,6 +471,31 @@ for (const name of ['plain', 'tls']) {
   });
 }
 
+for (const name of ['plain', 'tls']) {
+  tap.test(`${name}: a connection's first write holding a POST with its whole body and a GET after it: both reach the backend exactly, in order`, async () => {
+    // The session reads the first head to route the connection and hands it to the HTTP engine,
+    // which must then read the body and the next request from the bytes after that head.
+    const path = paths.find((p) => p.name === name)!;
+    seen.length = 0;
+    const client = await RawClient.connect(path);
+    await thenCleanup('first write', async () => {
+      const body = 'first-body\r\n\r\nGET /not-a-request HTTP/1.1\r\n\r\n';
+      client.write(
+        `POST /body/first-${name} HTTP/1.1\r\nHost: a.test\r\nContent-Length: ${body.length}\r\n\r\n${body}` +
+        `GET /p/first-${name}-2 HTTP/1.1\r\nHost: a.test\r\n\r\n`,
+      );
+      const first = await client.readResponse();
+      expect(first.status).toEqual(200);
+      expect(first.body.toString()).toEqual(`got:${body.length}`);
+      const second = await client.readResponse();
+      expect(second.status).toEqual(200);
+      expect(second.body.toString()).toEqual(`path:/p/first-${name}-2`);
+      expect(seen.map((s) => `${s.method} ${s.url} ${s.body.toString()}`)).toEqual([`POST /body/first-${name} ${body}`, `GET /p/first-${name}-2 `]);
+      expect(client.ended).toBeFalse();
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Split reads
 // ---------------------------------------------------------------------------------------------

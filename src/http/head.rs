@@ -2,13 +2,13 @@
 //! whether they are a request at all (any RFC 9110 token method, so server-first and binary
 //! protocols are told apart early), and if so the request head, parsed once and checked against
 //! the framing and host rules of API.md "Edge hygiene". Routing, the socket-handler context and
-//! the refusal all read this one parse; the HTTP engine then serves the same bytes, which this
-//! reading has already found unambiguous.
+//! the refusal all read this one parse, and the HTTP engine takes the head it found as the
+//! connection's first request (`h1::server::serve_h1`); later heads are read by `take_head`.
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use crate::http::edge::{field_text, has_bare_lf, host_values, is_tchar, normalise_host, request_host, Refusal};
+use crate::http::edge::{checked_request_host, field_text, has_bare_lf, host_values, is_tchar, normalise_host, request_host, Refusal};
 use crate::http::headers::list_items;
 
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -47,9 +47,7 @@ pub struct RequestHead {
     pub target: String,
     /// How the body that follows the head is delimited.
     pub body: BodyLength,
-    /// How many bytes of the buffer the head took, its final empty line included (what
-    /// `take_head` takes off; the tests read it).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// How many bytes of the buffer the head took, its final empty line included.
     pub len: usize,
     pub headers: HeaderMap,
     /// What its `Connection` and related fields ask of this hop: to close after the response
@@ -80,7 +78,8 @@ impl RequestHead {
     /// on demand: only a connection's first head is routed by the session from it.
     pub fn domain(&self) -> Option<String> {
         let (authority, _) = split_target(&self.target, &self.method).ok()?;
-        let host = request_host(authority, host_values(&self.headers), self.version != Version::HTTP_10).ok()??;
+        // The head met the host rules as it was read: the host they chose, without checking again.
+        let host = checked_request_host(authority, host_values(&self.headers))?;
         Some(normalise_host(host).into_owned()).filter(|d| !d.is_empty())
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::http::head::RequestHead;
 use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
 use crate::http::pipeline::ConnectionContext;
@@ -67,6 +68,7 @@ pub enum HttpVersion {
 pub fn serve<'a, S>(
     io: S,
     version: HttpVersion,
+    first_head: Option<Box<RequestHead>>,
     counters: Arc<ClientCounters>,
     ctx: Arc<ConnectionContext>,
     limits: HttpLimits,
@@ -87,7 +89,7 @@ where
     };
     match version {
         HttpVersion::Http1 => {
-            let mut connection = serve_h1(io, ctx, limits.max_header_size, shutdown.draining);
+            let mut connection = serve_h1(io, first_head, ctx, limits.max_header_size, shutdown.draining);
             Box::pin(async move {
                 // Held, not moved: what this future captured stays where it is.
                 let _ = &serving;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use std::os::fd::AsRawFd;
 
@@ -374,11 +375,12 @@ impl Session {
         };
         if protocol == Protocol::Http && plan.serves_http && handler_route.is_none() {
             self.state.advance(State::Http, self.id);
-            drop(first_head);
             let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let client_fd = client.as_raw_fd();
-            let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
+            // The head read here is the engine's first request: its bytes are not read again.
+            let (first_head, replayed) = split_first_head(first_head, initial);
+            let io = Replay::new(ClientIo::new(client, counters.clone()), replayed);
             if matches!(protocol, Protocol::Http) && !h2_preface {
                 counters.time_heads();
             }
@@ -386,7 +388,7 @@ impl Session {
             let version = if h2_preface { HttpVersion::Http2 } else { HttpVersion::Http1 };
             // Boxed (by `serve`), as every branch that outlives the routing decision: the session's
             // own future stays small, and an idle HTTP connection holds only what serving HTTP needs.
-            return Next::ServeHttp(serve_http(io, version, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }));
+            return Next::ServeHttp(serve_http(io, version, first_head, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }));
         }
 
         // Routed: the table this connection was accepted under decides, whatever updates follow.
@@ -818,13 +820,13 @@ where
     // HTTP/2 preface or an HTTP/1.x head), as on plain ports.
     let mut head = Vec::new();
     let max_head = env.http_limits.max_header_size;
-    let version = match sniff::read_first_head(&mut stream, &mut head, first_head_by, env.http_limits.header_timeout, max_head).await {
+    let (version, first_head) = match sniff::read_first_head(&mut stream, &mut head, first_head_by, env.http_limits.header_timeout, max_head).await {
         Err(reason) => return reason,
-        Ok(Some(HeadParse::Request(_))) => {
+        Ok(Some(HeadParse::Request(first))) => {
             counters.time_heads();
-            HttpVersion::Http1
+            (HttpVersion::Http1, Some(Box::new(first)))
         }
-        Ok(Some(HeadParse::H2Preface)) => HttpVersion::Http2,
+        Ok(Some(HeadParse::H2Preface)) => (HttpVersion::Http2, None),
         Ok(Some(HeadParse::Refused(refusal))) => {
             refuse_http(&mut stream, &refusal).await;
             return TerminationReason::InvalidHttp;
@@ -834,7 +836,21 @@ where
             return TerminationReason::InvalidHttp;
         }
     };
-    serve_http(Replay::new(stream, head.into()), version, counters, ctx, limits, shutdown).await
+    let (first_head, replayed) = split_first_head(first_head, head);
+    serve_http(Replay::new(stream, replayed), version, first_head, counters, ctx, limits, shutdown).await
+}
+
+/// The bytes a connection's first reading took, for the HTTP engine: past the request head that
+/// reading found (which the engine takes as its first request), or all of them.
+fn split_first_head(first_head: Option<Box<RequestHead>>, read: Vec<u8>) -> (Option<Box<RequestHead>>, Bytes) {
+    let read = Bytes::from(read);
+    match first_head {
+        Some(head) if head.len <= read.len() => {
+            let rest = read.slice(head.len..);
+            (Some(head), rest)
+        }
+        _ => (None, read),
+    }
 }
 
 /// Answers a request the edge rules refuse and closes (lingering, so the answer is read).

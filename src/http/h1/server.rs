@@ -80,9 +80,12 @@ pub enum H1End {
     Upgraded,
 }
 
-/// Serves one client connection's HTTP/1.x requests. A function returning the future rather than
-/// an `async fn`: the future uses its captured arguments in place instead of holding each twice.
-pub fn serve_h1<'a, S>(mut io: S, ctx: Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> impl Future<Output = H1End> + Send + 'a
+/// Serves one client connection's HTTP/1.x requests, the first of them `first_head` when the
+/// session read it already (its bytes are then no longer in `io`): one reading of those bytes
+/// decides both how the connection is routed and what the request is. A function returning the
+/// future rather than an `async fn`: the future uses its captured arguments in place instead of
+/// holding each twice.
+pub fn serve_h1<'a, S>(mut io: S, mut first_head: Option<Box<RequestHead>>, ctx: Arc<ConnectionContext>, max_head: usize, draining: &'a CancellationToken) -> impl Future<Output = H1End> + Send + 'a
 where
     S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
 {
@@ -91,15 +94,18 @@ where
         // A refused head leaves the loop and is answered after it, in a box: a rare wait held
         // beside the request state would size every connection's future, idle ones included.
         let refusal = loop {
-            if draining.is_cancelled() && buf.is_empty() {
+            if draining.is_cancelled() && buf.is_empty() && first_head.is_none() {
                 let _ = io.shutdown().await;
                 return H1End::Drained;
             }
-            let head = match read_head(&mut io, &mut buf, max_head).await {
-                HeadRead::Head(head) => head,
-                HeadRead::Closed => return H1End::Completed,
-                HeadRead::Failed => return H1End::ClientError,
-                HeadRead::Refused(refusal) => break refusal,
+            let head = match first_head.take() {
+                Some(head) => head,
+                None => match read_head(&mut io, &mut buf, max_head).await {
+                    HeadRead::Head(head) => head,
+                    HeadRead::Closed => return H1End::Completed,
+                    HeadRead::Failed => return H1End::ClientError,
+                    HeadRead::Refused(refusal) => break refusal,
+                },
             };
             // Boxed: held in place, the request state would size every idle connection's future.
             let mut exchange = match Exchange::start(*head, &ctx, max_head, draining) {
