@@ -72,9 +72,10 @@ function httpGet(
   urlPath: string,
   headers: Record<string, string> = {},
   agent: http.Agent | false = false,
+  host = '127.0.0.1',
 ): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
-    const req = http.get({ port, host: '127.0.0.1', path: urlPath, headers, agent }, (res) => {
+    const req = http.get({ port, host, path: urlPath, headers, agent }, (res) => {
       let body = '';
       res.on('data', (d: Buffer) => (body += d.toString()));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
@@ -343,6 +344,8 @@ tap.test('HTTP: path route, functions see path/query/headers and are called once
         expect(hostCalls[0].routeName).toEqual('api');
         expect(hostCalls[0].port).toEqual(port);
         expect(hostCalls[0].clientIp).toEqual('127.0.0.1');
+        // Asked of the client's socket on the first request that needs it, kept for the next.
+        expect(hostCalls.map((c) => c.serverIp)).toEqual(['127.0.0.1', '127.0.0.1', '127.0.0.1']);
         expect(hostCalls[0].isTls).toBeFalse();
         expect(hostCalls[1].path).toEqual('/api/two');
         expect(hostCalls[1].query).toEqual('q=2&r=3');
@@ -354,6 +357,10 @@ tap.test('HTTP: path route, functions see path/query/headers and are called once
         expect(miss.status).toEqual(404);
         expect(hostCalls.length).toEqual(3);
         expect(proxy.getStatistics().jsCalls).toEqual(3);
+
+        // A connection to another local address sees that address.
+        expect((await httpGet(port, '/api/one', {}, false, '127.0.0.2')).status).toEqual(200);
+        expect(hostCalls[3].serverIp).toEqual('127.0.0.2');
       },
     );
   } finally {

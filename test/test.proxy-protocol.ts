@@ -249,6 +249,9 @@ tap.test('sendProxyProtocol: v1 and v2 to raw backends, v2 to an HTTP upstream (
     const upstream = recorder.firstBytes[2];
     expect(upstream.subarray(0, 12).equals(v2Signature)).toBeTrue();
     expect([...upstream.subarray(16, 20)]).toEqual([127, 0, 0, 9]);
+    // The destination: the address and port the client connected to.
+    expect([...upstream.subarray(20, 24)]).toEqual([127, 0, 0, 1]);
+    expect(upstream.readUInt16BE(26)).toEqual(httpPort);
     expect(upstream.subarray(28).toString().startsWith('GET / HTTP/1.1\r\n')).toBeTrue();
     // A real PROXY v2 consumer behind us sees the client we saw.
     await waitForPort(haproxyPort);

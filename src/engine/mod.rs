@@ -30,7 +30,7 @@ use crate::config::{ConfigError, EngineConfig, EngineOptions, RouteConfig};
 use crate::http::pool::{PoolSettings, UpstreamPool};
 use crate::http::pipeline::HttpEnv;
 use crate::http::server::HttpLimitOptions;
-use crate::listener::{BindError, OnAccept, PortManager};
+use crate::listener::{BindError, ClientSocketOptions, OnAccept, PortManager};
 use crate::logging;
 use crate::hooks::{ScriptHost, Scripts};
 use crate::metrics::EngineMetrics;
@@ -264,7 +264,7 @@ impl Engine {
                 return Err(err);
             }
         };
-        let mut ports = PortManager::default();
+        let mut ports = PortManager::new(ClientSocketOptions { no_delay: self.options.no_delay, keep_alive: self.client_keep_alive() });
         let udp_env = Arc::new(UdpEnv::new(self.table.clone(), self.global_policy.clone(), self.metrics.clone(), self.udp_stats.clone(), self.scripts.clone(), self.udp_replies.clone()));
         let mut udp = UdpPorts::default();
         let udp_wanted: Vec<u16> = self.table.read().udp_ports().into_iter().collect();
@@ -578,6 +578,13 @@ impl Engine {
         self.affinity.get().map(|store| store.stats())
     }
 
+    /// Keep-alive probes on client and backend sockets (`keepAlive`, after
+    /// `keepAliveInitialDelay`, at least a second).
+    fn client_keep_alive(&self) -> Option<Duration> {
+        let o = &self.options;
+        o.keep_alive.then(|| Duration::from_millis(o.keep_alive_initial_delay_ms.max(1000)))
+    }
+
     fn session_env(
         &self,
         draining: CancellationToken,
@@ -603,7 +610,7 @@ impl Engine {
             max_lifetime: Duration::from_millis(o.max_connection_lifetime_ms),
             max_pending_data: o.max_pending_data_size,
             no_delay: o.no_delay,
-            keep_alive: o.keep_alive.then(|| Duration::from_millis(o.keep_alive_initial_delay_ms.max(1000))),
+            keep_alive: self.client_keep_alive(),
             draining,
             force_close,
             proxy_header_from: o.accept_proxy_protocol.then(|| self.trusted_proxies.clone()),

@@ -232,8 +232,10 @@ impl Scripts {
     }
 
     /// The 'route-matched' event, when the embedder listens for it.
-    pub fn route_matched(&self, connection: &ConnectionIdentity, domain: Option<&str>, route: &Route) {
+    /// `connection` is asked only when someone listens (its server address may cost a system call).
+    pub fn route_matched(&self, connection: impl FnOnce() -> ConnectionIdentity, domain: Option<&str>, route: &Route) {
         if self.wants(EventKind::RouteMatched) {
+            let connection = connection();
             self.emit(EngineEvent::RouteMatched {
                 connection_id: connection.connection_id,
                 client_ip: connection.client_ip,

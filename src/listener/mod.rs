@@ -1,6 +1,7 @@
 //! Listening ports: binding (all of a set or none), one accept loop per port, and releasing a port
 //! so it can be bound again at once. Hands each accepted socket to a callback; knows nothing of
-//! routes or sessions.
+//! routes or sessions. The client sockets' options are set once, on the listening socket: Linux
+//! copies them to every socket it accepts, which saves each connection its own setsockopt calls.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -8,8 +9,11 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +21,10 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// After an accept error such as EMFILE, wait before retrying instead of spinning on it.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 
-pub type OnAccept = Arc<dyn Fn(TcpStream, SocketAddr, u16) + Send + Sync>;
+mod accepted;
+pub use accepted::AcceptedSocket;
+
+pub type OnAccept = Arc<dyn Fn(AcceptedSocket, SocketAddr, u16) + Send + Sync>;
 
 /// Why a port could not be bound; the message starts with the errno name so the wrapper can set
 /// `err.code` as Node's own `listen` errors do.
@@ -45,12 +52,24 @@ struct Listening {
     task: JoinHandle<()>,
 }
 
-#[derive(Default)]
+/// The options every accepted client socket gets (`noDelay`, `keepAlive`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientSocketOptions {
+    pub no_delay: bool,
+    /// Idle time before the first keep-alive probe; `None`: no keep-alive probes.
+    pub keep_alive: Option<Duration>,
+}
+
 pub struct PortManager {
     ports: BTreeMap<u16, Listening>,
+    client_options: ClientSocketOptions,
 }
 
 impl PortManager {
+    pub fn new(client_options: ClientSocketOptions) -> Self {
+        PortManager { ports: BTreeMap::new(), client_options }
+    }
+
     pub fn ports(&self) -> Vec<u16> {
         self.ports.keys().copied().collect()
     }
@@ -60,8 +79,10 @@ impl PortManager {
     pub fn bind_all(&mut self, ports: &[u16], on_accept: &OnAccept) -> Result<(), BindError> {
         let mut bound = Vec::new();
         for &port in ports.iter().filter(|p| !self.ports.contains_key(p)) {
-            let listener = bind(port)
-                .and_then(TcpListener::from_std)
+            let listener = bind(port, self.client_options)
+                // SAFETY: the AsyncFd owns the listener, whose descriptor stays open and the same
+                // for as long as the AsyncFd lives.
+                .and_then(|listener| unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }.map_err(io::Error::from))
                 .map_err(|source| BindError { port, source })?;
             bound.push((port, listener));
         }
@@ -88,9 +109,14 @@ impl PortManager {
     }
 }
 
-/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`.
-fn bind(port: u16) -> io::Result<std::net::TcpListener> {
+/// Dual-stack `[::]:port` where the host has IPv6, else `0.0.0.0:port`, with the options its
+/// accepted sockets inherit.
+fn bind(port: u16, client_options: ClientSocketOptions) -> io::Result<std::net::TcpListener> {
     let socket = bind_dual_stack(Type::STREAM, port)?;
+    socket.set_nodelay(client_options.no_delay)?;
+    if let Some(idle) = client_options.keep_alive {
+        socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+    }
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
@@ -119,18 +145,66 @@ pub fn bind_dual_stack(kind: Type, port: u16) -> io::Result<Socket> {
     }
 }
 
-async fn accept_loop(listener: TcpListener, port: u16, stop: CancellationToken, on_accept: OnAccept) {
+async fn accept_loop(listener: AsyncFd<std::net::TcpListener>, port: u16, stop: CancellationToken, on_accept: OnAccept) {
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => on_accept(stream, peer, port),
+            accepted = listener.async_io(Interest::READABLE, accept_unregistered) => match accepted {
+                Ok((socket, peer)) => on_accept(AcceptedSocket::new(socket), peer, port),
                 Err(err) => {
                     tracing::warn!(port, error = %err, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
             },
+        }
+    }
+}
+
+/// One connection off the listening socket, non-blocking and not yet known to the poller (see
+/// `AcceptedSocket`).
+fn accept_unregistered(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    // SAFETY: accept4 writes at most `len` bytes of address into the storage try_init provides,
+    // and returns a new descriptor that nothing else owns.
+    let (fd, peer) = unsafe {
+        SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(listener.as_raw_fd(), storage.cast(), len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })?
+    };
+    // SAFETY: `fd` is the open socket accept4 just returned, owned from here on by the stream.
+    let socket = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = peer.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "accepted a socket without an IP address"))?;
+    Ok((socket, peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The session sets no options on a client socket of its own: it relies on these being
+    /// inherited from the listening socket.
+    #[test]
+    fn accepted_sockets_inherit_the_client_options() {
+        for options in [
+            ClientSocketOptions { no_delay: true, keep_alive: Some(Duration::from_secs(77)) },
+            ClientSocketOptions { no_delay: false, keep_alive: None },
+        ] {
+            let listener = bind(0, options).expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            listener.set_nonblocking(false).expect("blocking");
+            let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            let accepted = socket2::SockRef::from(&accepted);
+            assert_eq!(accepted.nodelay().expect("nodelay"), options.no_delay);
+            assert_eq!(accepted.keepalive().expect("keepalive"), options.keep_alive.is_some());
+            if let Some(idle) = options.keep_alive {
+                assert_eq!(accepted.keepalive_time().expect("keepidle"), idle);
+            }
         }
     }
 }

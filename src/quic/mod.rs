@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::io::ClientCounters;
+use crate::http::pipeline::ServerAddress;
 use crate::http::server::Shutdown;
 use crate::listener::{bind_dual_stack, BindError};
 use crate::matchers::ip::canonical_ip;
@@ -410,8 +411,7 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, draining: Cancel
         local_port: port,
         client: SocketAddr::new(client_ip, remote.port()),
         peer_ip: client_ip,
-        server_ip: local_ip,
-        destination: None,
+        server: ServerAddress::known(local_ip, port),
         tls_version: Some("TLSv1.3"),
         accepted_at,
     };

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use socket2::{SockRef, TcpKeepalive};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use std::os::fd::AsRawFd;
 
 use tokio::net::TcpStream;
+
+use crate::listener::AcceptedSocket;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +27,7 @@ use crate::http::io::{ClientCounters, ClientIo, Replay};
 use crate::hooks::{ConnectionIdentity, EngineEvent, EventKind, Handoff, HandoffEnd, ScriptContext, SocketKind};
 use crate::http::edge::{normalise_path, Refusal};
 use crate::http::head::{HeadParse, RequestHead};
-use crate::http::pipeline::{ConnectionContext, HttpEnv, TerminatedTls};
+use crate::http::pipeline::{ConnectionContext, HttpEnv, ServerAddress, TerminatedTls};
 use crate::http::server::{serve as serve_http, HttpLimitOptions, HttpLimits, HttpVersion, Shutdown};
 use crate::http::websocket::TunnelScope;
 use crate::access_log::{AccessLog, AccessRecord, Opening};
@@ -170,7 +171,7 @@ impl Session {
     /// captures in place instead of holding each argument twice, for the connection's whole life.
     /// The session itself is boxed: inline it would take the connection's task past tokio's
     /// smallest cache-aligned task size, which costs every idle connection more than the box.)
-    pub fn run(self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: TcpStream) -> impl Future<Output = ()> + Send + 'static {
+    pub fn run(self, env: Arc<SessionEnv>, table: Arc<RouteTable>, client: AcceptedSocket) -> impl Future<Output = ()> + Send + 'static {
         let mut session = Box::new(self);
         async move {
             // Accepted: counted at once. The count is released only after the reason is recorded, so
@@ -206,7 +207,7 @@ impl Session {
     /// served (`Next::ServeHttp`). The other paths (TLS, socket hand-offs, connect and relay) await
     /// boxed futures, so that this one stays small and a path's state is allocated only when it
     /// is taken.
-    async fn drive<'e>(&mut self, env: &'e SessionEnv, table_arc: &Arc<RouteTable>, client: TcpStream, counted: &mut ConnectionGuard<'_>) -> Next<'e> {
+    async fn drive<'e>(&mut self, env: &'e SessionEnv, table_arc: &Arc<RouteTable>, client: AcceptedSocket, counted: &mut ConnectionGuard<'_>) -> Next<'e> {
         let mut relayed = Relayed::default();
         let next = self.route_and_run(env, table_arc, client, counted, &mut relayed).await;
         // A connection the HTTP engine served is in the log request by request.
@@ -243,7 +244,7 @@ impl Session {
         &mut self,
         env: &'e SessionEnv,
         table_arc: &Arc<RouteTable>,
-        mut client: TcpStream,
+        mut client: AcceptedSocket,
         counted: &mut ConnectionGuard<'_>,
         relayed: &mut Relayed,
     ) -> Next<'e> {
@@ -273,7 +274,7 @@ impl Session {
             Err(IpRefusal::TooManyConnections) => return Next::Ended(TerminationReason::PerIpLimit),
             Err(IpRefusal::RateLimited) => return Next::Ended(TerminationReason::RateLimited),
         };
-        apply_socket_options(&client, env);
+        // The client socket's options came from the listening socket (listener::bind).
         let Some(plan) = table.port(self.local_port) else {
             return Next::Ended(TerminationReason::NoRoute);
         };
@@ -375,7 +376,6 @@ impl Session {
         };
         if protocol == Protocol::Http && plan.serves_http && handler_route.is_none() {
             self.state.advance(State::Http, self.id);
-            let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let client_fd = client.as_raw_fd();
             // The head read here is the engine's first request: its bytes are not read again.
@@ -384,7 +384,7 @@ impl Session {
             if matches!(protocol, Protocol::Http) && !h2_preface {
                 counters.time_heads();
             }
-            let ctx = self.http_context(env, table_arc, server_ip, None, None, Some(client_fd), counters.clone());
+            let ctx = self.http_context(env, table_arc, None, None, client_fd, counters.clone());
             let version = if h2_preface { HttpVersion::Http2 } else { HttpVersion::Http1 };
             // Boxed (by `serve`), as every branch that outlives the routing decision: the session's
             // own future stays small, and an idle HTTP connection holds only what serving HTTP needs.
@@ -414,7 +414,7 @@ impl Session {
             relayed.tls = true;
         }
         route_slot.stats.bytes.bytes_in.fetch_add(initial.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        env.http.scripts.route_matched(&self.identity(None), self.domain.as_deref(), route);
+        env.http.scripts.route_matched(|| self.identity(None), self.domain.as_deref(), route);
 
         // HandedToJs: a socket handler takes the connection, as plaintext where TLS ends here.
         if let Some(handler) = route.socket_handler {
@@ -455,7 +455,6 @@ impl Session {
         if let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) {
             drop(route_slot);
             self.state.advance(State::Terminating, self.id);
-            let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
             let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
             let client_fd = client.as_raw_fd();
             let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
@@ -469,7 +468,7 @@ impl Session {
                 };
                 self.tls_version = stream.get_ref().1.protocol_version().and_then(tls_version_label);
                 self.state.advance(State::Http, self.id);
-                let ctx = self.http_context(env, table_arc, server_ip, self.domain.clone(), Some(route.clone()), Some(client_fd), counters.clone());
+                let ctx = self.http_context(env, table_arc, self.domain.clone(), Some(route.clone()), client_fd, counters.clone());
                 let limits = self.http_limits(env);
                 serve_terminated(stream, counters, ctx, limits, deadline, env).await
             })
@@ -527,6 +526,9 @@ impl Session {
 
         // Relaying until both sides are done or a limit ends it.
         self.state.advance(State::Relaying, self.id);
+        let Ok(mut client) = client.into_registered() else {
+            return Next::Ended(TerminationReason::ClientError);
+        };
         let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
         Next::Ended(match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done)).await {
             RelayEnd::Completed => TerminationReason::Completed,
@@ -575,7 +577,7 @@ impl Session {
         &mut self,
         env: &SessionEnv,
         handler: u32,
-        client: TcpStream,
+        client: AcceptedSocket,
         initial: Vec<u8>,
         context: ScriptContext,
         sinks: &ByteSinks<'_>,
@@ -678,10 +680,9 @@ impl Session {
         &self,
         env: &SessionEnv,
         table: &Arc<RouteTable>,
-        server_ip: Option<IpAddr>,
         sni: Option<String>,
         tls_route: Option<Arc<Route>>,
-        client_fd: Option<std::os::fd::RawFd>,
+        client_fd: std::os::fd::RawFd,
         counters: Arc<ClientCounters>,
     ) -> Arc<ConnectionContext> {
         let peer = HttpPeer {
@@ -689,12 +690,11 @@ impl Session {
             local_port: self.local_port,
             client: SocketAddr::new(self.client_ip, self.client_port),
             peer_ip: self.peer_ip,
-            server_ip,
-            destination: self.destination,
+            server: ServerAddress::of_socket(client_fd, self.destination, self.local_port),
             tls_version: self.tls_version,
             accepted_at: self.accepted_at,
         };
-        env.http_context(Arc::clone(table), peer, sni, tls_route, client_fd, counters)
+        env.http_context(Arc::clone(table), peer, sni, tls_route, Some(client_fd), counters)
     }
 
     fn http_limits(&self, env: &SessionEnv) -> HttpLimits {
@@ -710,9 +710,8 @@ pub struct HttpPeer {
     pub client: SocketAddr,
     /// The address the connection came from (a balancer, where the PROXY header named another).
     pub peer_ip: IpAddr,
-    pub server_ip: Option<IpAddr>,
-    /// Where the client connected to, when a PROXY header said.
-    pub destination: Option<SocketAddr>,
+    /// Where the client connected to (a PROXY header's destination, where one came).
+    pub server: ServerAddress,
     pub tls_version: Option<&'static str>,
     pub accepted_at: Instant,
 }
@@ -736,8 +735,7 @@ impl SessionEnv {
             local_port: peer.local_port,
             client_ip: peer.client.ip(),
             client_port: peer.client.port(),
-            server_ip: peer.server_ip,
-            destination: peer.destination.or_else(|| peer.server_ip.map(|ip| SocketAddr::new(ip, peer.local_port))),
+            server: peer.server,
             trusted_peer: self.trust_forwarded_headers && self.trusted_proxies.matches(peer.peer_ip),
             tls: tls_route.map(|route| Box::new(TerminatedTls { version: peer.tls_version, sni: sni.map(String::into_boxed_str), route })),
             tunnels: TunnelScope::new(self.force_close.clone(), RelayLimits { idle: self.idle_timeout, deadline: peer.accepted_at + self.max_lifetime }),
@@ -778,7 +776,7 @@ where
 }
 
 /// Reads a PROXY header into `buf` (the client's bytes after it stay there) by `deadline`.
-async fn read_proxy_header(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<proxy_protocol::ProxyHeader, TerminationReason> {
+async fn read_proxy_header(client: &mut AcceptedSocket, buf: &mut Vec<u8>, deadline: Instant) -> Result<proxy_protocol::ProxyHeader, TerminationReason> {
     loop {
         match proxy_protocol::parse(buf) {
             proxy_protocol::Parse::Complete(header, consumed) => {
@@ -888,7 +886,7 @@ fn tls_version_label(version: rustls::ProtocolVersion) -> Option<&'static str> {
 async fn connect_backend(
     target: (&str, u16),
     timeout: Duration,
-    client: &mut TcpStream,
+    client: &mut AcceptedSocket,
     pending: &mut Vec<u8>,
     env: &SessionEnv,
     sinks: &ByteSinks<'_>,
@@ -922,6 +920,7 @@ async fn connect_backend(
     }
 }
 
+/// A backend socket's options (client sockets inherit theirs from the listening socket).
 fn apply_socket_options(stream: &TcpStream, env: &SessionEnv) {
     // Best effort: a socket that refuses an option still relays correctly.
     let _ = stream.set_nodelay(env.no_delay);

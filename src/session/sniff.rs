@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
 
 use crate::http::edge::Refusal;
 use crate::http::head::{parse_head, HeadParse, RequestHead};
@@ -29,8 +28,8 @@ const READ_CHUNK: usize = 4096;
 /// The first byte must come by `deadline`; from it, the rest must follow within `head_timeout`
 /// (a request head or ClientHello trickled in byte by byte does not hold a connection for long).
 /// `max_head` is the engine's `maxHeaderSize`.
-pub async fn sniff(
-    client: &mut TcpStream,
+pub async fn sniff<S: AsyncRead + Unpin>(
+    client: &mut S,
     buf: &mut Vec<u8>,
     deadline: Instant,
     head_timeout: std::time::Duration,

@@ -99,7 +99,7 @@ pub(super) fn admit<'c>(conn: &'c ConnectionContext, head: &Parts, head_checked:
         refusal.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Err(refused(refusal));
     }
-    conn.env.scripts.route_matched(&conn.identity(), domain, route);
+    conn.env.scripts.route_matched(|| conn.identity(), domain, route);
     let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections).map(Some) else {
         return Err(refused(text_response(StatusCode::SERVICE_UNAVAILABLE, "route connection limit reached")));
     };

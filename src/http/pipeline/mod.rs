@@ -27,9 +27,10 @@ mod send;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::request::Parts;
@@ -37,6 +38,7 @@ use http::{Request, Response, Uri, Version};
 
 use crate::balance::affinity::AffinityStore;
 use crate::hooks::{ConnectionIdentity, ScriptContext, Scripts};
+use crate::matchers::ip::canonical_ip;
 use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::h1::fields::RawFields;
 use crate::http::headers::ConnectionValues;
@@ -82,10 +84,9 @@ pub struct ConnectionContext {
     pub local_port: u16,
     pub client_ip: IpAddr,
     pub client_port: u16,
-    /// The address the client connected to (`IRouteContext.serverIp`).
-    pub server_ip: Option<IpAddr>,
-    /// Where the client connected to, as a PROXY header towards a backend names it.
-    pub destination: Option<std::net::SocketAddr>,
+    /// The address the client connected to (`IRouteContext.serverIp`, a PROXY header's
+    /// destination towards a backend).
+    pub server: ServerAddress,
     /// The peer is a trusted proxy (`proxyIPs`) and `trustForwardedHeaders` is set.
     pub trusted_peer: bool,
     /// On terminated TLS (boxed: a plain connection, idle ones included, holds a pointer).
@@ -95,8 +96,9 @@ pub struct ConnectionContext {
     /// `client_ip` and `local_port` formatted for `X-Forwarded-For` and `X-Forwarded-Port`.
     pub header_values: ConnectionValues,
     /// The client's socket, to see whether it has closed its sending side while an HTTP/1
-    /// request waits (`send::send_watching_client`). Valid for as long as HTTP/1 requests of the
-    /// connection run: they run inside the connection's own task, which owns the socket.
+    /// request waits (`send::send_watching_client`). Valid for as long as requests of the
+    /// connection run: they run inside the connection's own task (HTTP/2 streams too), which
+    /// owns the socket.
     pub client_fd: Option<std::os::fd::RawFd>,
     /// The client side's counters: requests in flight, for the connection's watchdog.
     pub counters: Arc<ClientCounters>,
@@ -104,6 +106,44 @@ pub struct ConnectionContext {
     /// its first stream), so that streams a client stalls cannot take a backend's whole pool.
     pub upstream_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
     pub max_upstream_per_client: u32,
+}
+
+/// Where a client connected to. Over TCP it is asked of the client's socket when a request first
+/// needs it (a script's context, a PROXY header towards a backend): most connections never do,
+/// and asking every one would cost each new connection a system call.
+pub struct ServerAddress {
+    /// The destination a trusted PROXY header named.
+    stated: Option<SocketAddr>,
+    /// The client's socket, valid as `ConnectionContext::client_fd` is.
+    socket: Option<RawFd>,
+    port: u16,
+    ip: OnceLock<Option<IpAddr>>,
+}
+
+impl ServerAddress {
+    /// An address known when the connection was set up (QUIC: the endpoint's).
+    pub fn known(ip: Option<IpAddr>, port: u16) -> Self {
+        ServerAddress { stated: None, socket: None, port, ip: OnceLock::from(ip) }
+    }
+
+    /// The local address of `socket`, unless a PROXY header `stated` one.
+    pub fn of_socket(socket: RawFd, stated: Option<SocketAddr>, port: u16) -> Self {
+        ServerAddress { stated, socket: Some(socket), port, ip: OnceLock::new() }
+    }
+
+    pub fn ip(&self) -> Option<IpAddr> {
+        *self.ip.get_or_init(|| {
+            let socket = self.socket?;
+            // SAFETY: the socket stays open while the connection's requests run (see `client_fd`).
+            let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+            socket2::SockRef::from(&socket).local_addr().ok()?.as_socket().map(|address| canonical_ip(address.ip()))
+        })
+    }
+
+    /// Where the client connected to, as a PROXY header towards a backend names it.
+    pub fn destination(&self) -> Option<SocketAddr> {
+        self.stated.or_else(|| self.ip().map(|ip| SocketAddr::new(ip, self.port)))
+    }
 }
 
 impl ConnectionContext {
@@ -118,7 +158,7 @@ impl ConnectionContext {
             port: self.local_port,
             client_ip: self.client_ip,
             client_port: self.client_port,
-            server_ip: self.server_ip,
+            server_ip: self.server.ip(),
             is_tls: self.https(),
             tls_version: self.tls.as_ref().and_then(|tls| tls.version),
         }
