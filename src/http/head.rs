@@ -94,32 +94,32 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
 /// values share the head's bytes instead of copying each one. httparse reads the buffer as it
 /// is; the fields are noted as spans of it, and made values once the head is off the buffer.
 pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
-    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut []);
-    let len = match read_request(buf, max_head, &mut request, &mut storage) {
-        Ok(len) => len,
+    let base = buf.as_ptr() as usize;
+    // Name start, name end, value start, value end, in the head; only the first `count` are
+    // written (a request has a handful of fields, and room for the most would be cleared each
+    // time for nothing).
+    let mut spans = [const { std::mem::MaybeUninit::<[u32; 4]>::uninit() }; MAX_HEADERS];
+    let (mut head, count) = match read_checked(buf, max_head, |fields| {
+        // Every slice httparse gives is of the buffer it read (an empty value's too: should one
+        // not be, it is read as empty below).
+        let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base) as u32;
+        for (span, field) in spans.iter_mut().zip(fields) {
+            let (name, value) = (field.name.as_bytes(), field.value);
+            span.write([offset(name), offset(name) + name.len() as u32, offset(value), offset(value) + value.len() as u32]);
+        }
+        fields.len()
+    }) {
+        Ok(read) => read,
         Err(outcome) => return outcome,
     };
-    let mut head = match checked_head(&buf[..len], &request, len) {
-        Ok(head) => head,
-        Err(refusal) => return HeadParse::Refused(refusal),
-    };
-    // Name start, name end, value start, value end, in the head.
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
-    let base = buf.as_ptr() as usize;
-    // Every slice httparse gives is of the buffer it read (an empty value's too: should one not
-    // be, it is read as empty below).
-    let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base) as u32;
-    for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
-        let (name, value) = (field.name.as_bytes(), field.value);
-        *span = [offset(name), offset(name) + name.len() as u32, offset(value), offset(value) + value.len() as u32];
-    }
-    let count = request.headers.len();
-    let taken = buf.split_to(len).freeze();
+    let taken = buf.split_to(head.len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for [name_start, name_end, value_start, value_end] in &spans[..count] {
-        let name = taken.get(*name_start as usize..*name_end as usize).unwrap_or_default();
-        let value = taken.get(*value_start as usize..*value_end as usize).unwrap_or_default();
+    for span in &spans[..count] {
+        // SAFETY: the loop above wrote one span per field, `count` of them (httparse gives at
+        // most MAX_HEADERS).
+        let [name_start, name_end, value_start, value_end] = unsafe { span.assume_init() };
+        let name = taken.get(name_start as usize..name_end as usize).unwrap_or_default();
+        let value = taken.get(value_start as usize..value_end as usize).unwrap_or_default();
         let Ok(name) = HeaderName::from_bytes(name) else {
             return HeadParse::Refused(Refusal::bad_request("malformed header name"));
         };
@@ -130,25 +130,32 @@ pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
 }
 
 fn parse(buf: &[u8], max_head: usize) -> HeadParse {
+    let read = read_checked(buf, max_head, |fields| {
+        let mut headers = HeaderMap::with_capacity(fields.len());
+        for field in fields {
+            let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
+            headers.append(name, parsed_field_value(field.value, None));
+        }
+        Ok(headers)
+    });
+    match read {
+        Ok((mut head, Ok(headers))) => {
+            head.headers = headers;
+            HeadParse::Request(head)
+        }
+        Ok((_, Err(refusal))) => HeadParse::Refused(refusal),
+        Err(outcome) => outcome,
+    }
+}
+
+/// The request head at the start of `buf`, read and checked, with what `note` made of its fields
+/// while they still borrow `buf`; or what else the bytes are (so far).
+fn read_checked<T>(buf: &[u8], max_head: usize, note: impl FnOnce(&[httparse::Header<'_>]) -> T) -> Result<(RequestHead, T), HeadParse> {
     let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
-    let len = match read_request(buf, max_head, &mut request, &mut storage) {
-        Ok(len) => len,
-        Err(outcome) => return outcome,
-    };
-    let mut head = match checked_head(&buf[..len], &request, len) {
-        Ok(head) => head,
-        Err(refusal) => return HeadParse::Refused(refusal),
-    };
-    let mut headers = HeaderMap::with_capacity(request.headers.len());
-    for field in request.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
-            return HeadParse::Refused(Refusal::bad_request("malformed header name"));
-        };
-        headers.append(name, parsed_field_value(field.value, None));
-    }
-    head.headers = headers;
-    HeadParse::Request(head)
+    let len = read_request(buf, max_head, &mut request, &mut storage)?;
+    let head = checked_head(&buf[..len], &request, len).map_err(HeadParse::Refused)?;
+    Ok((head, note(request.headers)))
 }
 
 /// Reads `buf` with httparse into `request` once it is a whole request head: its length, or what
