@@ -17,7 +17,9 @@
 # and each mode's line adds its level-1 instruction and data misses and its data writes per
 # request: how much memory a request touches, which costs more than its instructions when other
 # work shares the cache.
-# With INSTR_NEWCONN=1 the requests come one per connection (see below).
+# With INSTR_NEWCONN=1 the requests come one per connection (see below). INSTR_CONNS sets the
+# keep-alive connections (default 32): with many, each connection's own state is cold when its
+# next request comes, and the cache misses show it.
 # With INSTR_H2=1 the client speaks HTTP/2 over cleartext (prior knowledge; h2load -c16 -m10)
 # to the proxy, which still forwards HTTP/1.1 to the backend: the HTTP/2 front end's cost.
 set -euo pipefail
@@ -39,7 +41,7 @@ backend_port="$(free_port)"
 mkdir -p "$work/nginx/logs"
 cat > "$work/nginx/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid nginx.pid; error_log logs/error.log crit;
-events { worker_connections 1024; }
+events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$backend_port; location / { return 200 "ok"; } } }
 CONF
@@ -50,7 +52,7 @@ wait_port "$backend_port"; wait_port "$redis_port"
 
 header=(-H 'X-Session: bench-session')
 if [ "${INSTR_CACHE:-0}" = 1 ]; then CALLGRIND_ARGS="${CALLGRIND_ARGS:-} --cache-sim=yes"; fi
-if [ "${INSTR_H2:-0}" = 1 ]; then load=(-c 16 -m 10); else load=(--h1 -c 32); fi
+if [ "${INSTR_H2:-0}" = 1 ]; then load=(-c 16 -m 10); else load=(--h1 -c "${INSTR_CONNS:-32}"); fi
 # With INSTR_NEWCONN=1 each request comes on a new connection (`Connection: close`, which h2load
 # answers by connecting again): accept, the first request and the close, per request.
 if [ "${INSTR_NEWCONN:-0}" = 1 ]; then load=(--h1 -c 8); header+=(-H 'Connection: close'); fi
@@ -67,7 +69,7 @@ for mode in "${modes[@]}"; do
     mkdir -p "$work/nginx-proxy/logs"
     cat > "$work/nginx-proxy/nginx.conf" <<CONF
 worker_processes 1; master_process off; daemon off; pid nginx.pid; error_log logs/error.log crit;
-events { worker_connections 1024; }
+events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
   upstream be { server 127.0.0.1:$backend_port; keepalive 1024; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$port; server_name bench.test;
@@ -93,7 +95,7 @@ CONF
   misses=""
   if [ "${INSTR_CACHE:-0}" = 1 ]; then
     # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
-    misses="$(grep -h '^summary:' "$out.2" | awk -v n="$requests" '{printf ", %.0f L1 instruction misses, %.0f L1 data misses (%.0f on reads, %.0f on writes), %.0f data writes", $5/n, ($6+$7)/n, $6/n, $7/n, $4/n}')"
+    misses="$(grep -h '^summary:' "$out.2" | awk -v n="$requests" '{printf ", %.0f L1 instruction misses, %.0f L1 data misses (%.0f on reads, %.0f on writes), %.0f data writes, %.0f last-level data misses", $5/n, ($6+$7)/n, $6/n, $7/n, $4/n, ($9+$10)/n}')"
   fi
   echo "$mode: $(( total / requests )) instructions per request$misses"
 done
