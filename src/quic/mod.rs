@@ -411,7 +411,7 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, draining: Cancel
         local_port: port,
         client: SocketAddr::new(client_ip, remote.port()),
         peer_ip: client_ip,
-        server: ServerAddress::known(local_ip, port),
+        server: ServerAddress::known(local_ip),
         tls_version: Some("TLSv1.3"),
         accepted_at,
     };

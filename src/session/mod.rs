@@ -690,7 +690,7 @@ impl Session {
             local_port: self.local_port,
             client: SocketAddr::new(self.client_ip, self.client_port),
             peer_ip: self.peer_ip,
-            server: ServerAddress::of_socket(client_fd, self.destination, self.local_port),
+            server: ServerAddress::of_socket(self.destination),
             tls_version: self.tls_version,
             accepted_at: self.accepted_at,
         };

@@ -28,7 +28,7 @@ mod send;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -108,32 +108,38 @@ pub struct ConnectionContext {
     pub max_upstream_per_client: u32,
 }
 
+// Every client connection holds one, idle ones included, in an `Arc` (two counters more): in
+// 256 bytes it takes the allocator's 256-byte class, one byte more takes the 320-byte one.
+const _: () = assert!(std::mem::size_of::<ConnectionContext>() <= 240);
+
 /// Where a client connected to. Over TCP it is asked of the client's socket when a request first
 /// needs it (a script's context, a PROXY header towards a backend): most connections never do,
 /// and asking every one would cost each new connection a system call.
 pub struct ServerAddress {
-    /// The destination a trusted PROXY header named.
-    stated: Option<SocketAddr>,
-    /// The client's socket, valid as `ConnectionContext::client_fd` is.
-    socket: Option<RawFd>,
-    port: u16,
+    /// The destination a trusted PROXY header named (boxed: rare, and every connection's context
+    /// holds the field).
+    stated: Option<Box<SocketAddr>>,
     ip: OnceLock<Option<IpAddr>>,
 }
 
 impl ServerAddress {
     /// An address known when the connection was set up (QUIC: the endpoint's).
-    pub fn known(ip: Option<IpAddr>, port: u16) -> Self {
-        ServerAddress { stated: None, socket: None, port, ip: OnceLock::from(ip) }
+    pub fn known(ip: Option<IpAddr>) -> Self {
+        ServerAddress { stated: None, ip: OnceLock::from(ip) }
     }
 
-    /// The local address of `socket`, unless a PROXY header `stated` one.
-    pub fn of_socket(socket: RawFd, stated: Option<SocketAddr>, port: u16) -> Self {
-        ServerAddress { stated, socket: Some(socket), port, ip: OnceLock::new() }
+    /// To be asked of the client's socket (`ConnectionContext::client_fd`), unless a PROXY header
+    /// `stated` the destination.
+    pub fn of_socket(stated: Option<SocketAddr>) -> Self {
+        ServerAddress { stated: stated.map(Box::new), ip: OnceLock::new() }
     }
+}
 
-    pub fn ip(&self) -> Option<IpAddr> {
-        *self.ip.get_or_init(|| {
-            let socket = self.socket?;
+impl ConnectionContext {
+    /// The address the client connected to (`IRouteContext.serverIp`).
+    pub fn server_ip(&self) -> Option<IpAddr> {
+        *self.server.ip.get_or_init(|| {
+            let socket = self.client_fd?;
             // SAFETY: the socket stays open while the connection's requests run (see `client_fd`).
             let socket = unsafe { BorrowedFd::borrow_raw(socket) };
             socket2::SockRef::from(&socket).local_addr().ok()?.as_socket().map(|address| canonical_ip(address.ip()))
@@ -142,11 +148,9 @@ impl ServerAddress {
 
     /// Where the client connected to, as a PROXY header towards a backend names it.
     pub fn destination(&self) -> Option<SocketAddr> {
-        self.stated.or_else(|| self.ip().map(|ip| SocketAddr::new(ip, self.port)))
+        self.server.stated.as_deref().copied().or_else(|| self.server_ip().map(|ip| SocketAddr::new(ip, self.local_port)))
     }
-}
 
-impl ConnectionContext {
     /// TLS was terminated here.
     pub fn https(&self) -> bool {
         self.tls.is_some()
@@ -158,7 +162,7 @@ impl ConnectionContext {
             port: self.local_port,
             client_ip: self.client_ip,
             client_port: self.client_port,
-            server_ip: self.server.ip(),
+            server_ip: self.server_ip(),
             is_tls: self.https(),
             tls_version: self.tls.as_ref().and_then(|tls| tls.version),
         }

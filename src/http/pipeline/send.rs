@@ -98,7 +98,7 @@ pub(super) async fn send_with_retries<'c>(
             None => {
                 let tls = target.upstream_tls(outbound.wants_upgrade).map(|config| UpstreamTls { server_name: server_name(), config });
                 let proxy_version = target.send_proxy_protocol.unwrap_or(conn.env.send_proxy_protocol);
-                let proxy_header = (proxy_version > 0).then(|| conn.server.destination()).flatten().and_then(|destination| {
+                let proxy_header = (proxy_version > 0).then(|| conn.destination()).flatten().and_then(|destination| {
                     proxy_protocol::encode(proxy_version, std::net::SocketAddr::new(conn.client_ip, conn.client_port), destination).map(Arc::from)
                 });
                 PoolKey { host: target_host, port: target_port, protocol: outbound.protocol, tls, proxy_header }
