@@ -6,10 +6,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::os::fd::{AsRawFd, FromRawFd};
 
 use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
 use tokio::io::unix::AsyncFd;

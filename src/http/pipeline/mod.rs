@@ -38,7 +38,6 @@ use http::{Request, Response, Uri, Version};
 
 use crate::balance::affinity::AffinityStore;
 use crate::hooks::{ConnectionIdentity, ScriptContext, Scripts};
-use crate::matchers::ip::canonical_ip;
 use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::h1::fields::RawFields;
 use crate::http::headers::ConnectionValues;
@@ -46,6 +45,7 @@ use crate::templates::TemplateContext;
 use crate::http::io::ClientCounters;
 use crate::http::pool::UpstreamPool;
 use crate::http::websocket::TunnelScope;
+use crate::matchers::ip::canonical_ip;
 use crate::metrics::EngineMetrics;
 use crate::routing::table::{RequestFacts, Route, SelectedTarget};
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
