@@ -60,11 +60,11 @@ impl AcceptedSocket {
 
     /// Registers the socket; on failure the socket is gone (closed) and `Failed` remains.
     fn register(&mut self) -> io::Result<&mut TcpStream> {
-        if let State::Unregistered(_) = self.state {
-            let State::Unregistered(socket) = std::mem::replace(&mut self.state, State::Failed) else {
-                unreachable!("matched above")
+        if matches!(self.state, State::Unregistered(_)) {
+            self.state = match std::mem::replace(&mut self.state, State::Failed) {
+                State::Unregistered(socket) => State::Registered(TcpStream::from_std(socket)?),
+                kept => kept,
             };
-            self.state = State::Registered(TcpStream::from_std(socket)?);
         }
         match &mut self.state {
             State::Registered(stream) => Ok(stream),
