@@ -193,10 +193,18 @@ mod tests {
                 async move { log.lock().push("other task") }
             })
             .collect();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
         runtime.block_on(async {
-            // Spawned together, so one round of the worker finds all of them ready.
+            // The worker is held by the gate until all of them are spawned, so the round it goes
+            // on to finds all of them ready (spawned from outside, the writer alone could
+            // otherwise run in a round of its own).
+            let gate = tokio::spawn(async move {
+                let _ = gate.recv();
+            });
             let writer = tokio::spawn(writer);
             let others: Vec<_> = others.into_iter().map(tokio::spawn).collect();
+            release.send(()).expect("gate");
+            gate.await.expect("gate");
             writer.await.expect("writer");
             for other in others {
                 other.await.expect("other");
