@@ -8,6 +8,7 @@ import { freePort, openFdCount, sleep, startBlackhole, waitFor, waitForClose } f
 
 async function settle(proxy: SmartProxy, what: string): Promise<void> {
   await waitFor(() => proxy.getStatistics().activeConnections === 0, 5000, `activeConnections to return to 0 after ${what}`);
+  await waitFor(() => proxy.getStatistics().readBuffersLent === 0, 5000, `readBuffersLent to return to 0 after ${what}`);
 }
 
 function connectOnce(port: number): net.Socket {

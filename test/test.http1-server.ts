@@ -378,6 +378,10 @@ function theProxy(): SmartProxy {
 async function settled(what: string, timeoutMs = 5000): Promise<void> {
   await waitFor(() => theProxy().getStatistics().activeConnections === 0, timeoutMs,
     `activeConnections to return to 0 after ${what} (now ${theProxy().getStatistics().activeConnections})`);
+  // Every read buffer lent to a connection with work is back (idle pooled upstream connections
+  // and idle clients hold none), however the connections ended.
+  await waitFor(() => theProxy().getStatistics().readBuffersLent === 0, timeoutMs,
+    `readBuffersLent to return to 0 after ${what} (now ${theProxy().getStatistics().readBuffersLent})`);
 }
 
 /**

@@ -87,6 +87,7 @@ fn on_worker_park() {
     GIVEN_BACK.with(|given| {
         if given.get() != wanted {
             given.set(wanted);
+            crate::http::read_buffer::clear_thread_pool();
             // SAFETY: mi_collect takes no pointers; it only walks this thread's own heap.
             unsafe { libmimalloc_sys::mi_collect(true) };
         }

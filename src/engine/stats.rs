@@ -26,6 +26,9 @@ pub struct Statistics {
     pub http_requests: u64,
     /// Calls into JavaScript so far (function targets and socket handlers).
     pub js_calls: u64,
+    /// (ext) Read buffers lent to HTTP/1 connections that have bytes to work on right now, by
+    /// every proxy of this process (idle connections hold none): 0 when no connection works.
+    pub read_buffers_lent: u64,
     pub routes: usize,
     pub listening_ports: Vec<u16>,
     /// (ext) The UDP ports the routes take: datagram relays and handlers, and QUIC for HTTP/3.
@@ -126,6 +129,7 @@ impl Engine {
             total_connections: m.total.load(Ordering::Relaxed),
             http_requests: m.http_requests.load(Ordering::Relaxed),
             js_calls: m.js_calls.load(Ordering::Relaxed),
+            read_buffers_lent: crate::http::read_buffer::lent(),
             routes: self.table.read().routes().len(),
             listening_ports: self.listening_ports(),
             udp_ports: self.table.read().udp_ports().into_iter().collect(),
@@ -248,6 +252,7 @@ impl Engine {
             ("smartproxy_received_bytes_total", Kind::Counter, "Bytes read from clients.", statistics.bytes_in),
             ("smartproxy_sent_bytes_total", Kind::Counter, "Bytes written to clients.", statistics.bytes_out),
             ("smartproxy_js_calls_total", Kind::Counter, "Calls into JavaScript (function targets, socket handlers).", statistics.js_calls),
+            ("smartproxy_read_buffers_lent", Kind::Gauge, "Read buffers lent to HTTP/1 connections that have bytes to work on (the whole process).", statistics.read_buffers_lent),
             ("smartproxy_rate_limit_evictions_total", Kind::Counter, "Rate-limit keys dropped to keep routes within rateLimit.maxKeys.", statistics.rate_limit_evictions),
             ("smartproxy_access_log_lines_total", Kind::Counter, "Access log lines written.", m.access_log.written.load(Ordering::Relaxed)),
             (

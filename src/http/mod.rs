@@ -14,6 +14,7 @@ pub mod headers;
 pub mod io;
 pub mod pool;
 pub mod pipeline;
+pub mod read_buffer;
 pub mod server;
 pub mod watchdog;
 pub mod websocket;

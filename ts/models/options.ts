@@ -177,6 +177,8 @@ export interface IStatistics {
   httpRequests: number;
   /** (ext) Calls made into JavaScript: function targets and socket hand-offs (0 for routes without functions). */
   jsCalls: number;
+  /** (ext) Read buffers lent to HTTP/1 connections that have bytes to work on right now, across every proxy in this process; idle connections hold none, so it is 0 when no connection is working. */
+  readBuffersLent: number;
   /** (ext) 'connection' / 'route-matched' / 'error' events dropped because the JavaScript thread fell 10 000 behind. */
   droppedEvents: number;
   /** Enabled routes. */

@@ -27,6 +27,7 @@ use crate::http::h1::server::ClientStream;
 use crate::http::h1::write::Output;
 use crate::http::head::MAX_HEADERS;
 use crate::http::headers::{hop_index, list_items, names_another_field, ForwardingHeaders, CONNECTION_HOP, TRANSFER_ENCODING_HOP};
+use crate::http::read_buffer::{ReadBuffer, READ_ROOM};
 
 /// A response head larger than this is refused (the upstream is not an attacker, but not
 /// unbounded either).
@@ -39,7 +40,7 @@ const MAX_BODY_READ: usize = 256 * 1024;
 /// One upstream connection: its stream and what was read past the last response.
 pub struct Connection {
     io: Box<dyn ClientStream>,
-    buf: BytesMut,
+    buf: ReadBuffer,
     /// The response timeout, one timer for the connection's life: each request moves its deadline
     /// later, which the timer wheel takes without a lock; a timer made and dropped per request
     /// went through the wheel's lock twice.
@@ -102,7 +103,7 @@ impl std::error::Error for ClientError {}
 
 impl Connection {
     pub fn new(io: Box<dyn ClientStream>) -> Self {
-        Connection { io, buf: BytesMut::new(), response_timer: None }
+        Connection { io, buf: ReadBuffer::new(), response_timer: None }
     }
 
     /// After sitting idle: the upstream neither closed it nor sent anything unasked.
@@ -196,10 +197,10 @@ fn poll_response_head(cx: &mut Context<'_>, conn: &mut Connection, sending: &mut
             }
         }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_SIZE);
+            conn.buf.reserve(READ_ROOM);
         }
         let seen_any = !conn.buf.is_empty();
-        match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+        match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut *conn.buf) {
             Poll::Ready(Ok(0)) if seen_any => return Poll::Ready(Err(ClientError::Incomplete)),
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(sending.write_error.take().map_or(ClientError::ClosedBeforeResponse(None), |e| ClientError::ClosedBeforeResponse(Some(e))))),
             Poll::Ready(Ok(_)) => {}
@@ -542,8 +543,8 @@ impl ResponseBody {
             return None;
         }
         let mut conn = self.conn.take().filter(|conn| conn.buf.is_empty())?;
-        // An idle pooled connection holds no buffer: the next response's first read makes one.
-        conn.buf = BytesMut::new();
+        // An idle pooled connection holds no buffer: the next response's first read takes one.
+        conn.buf.release();
         Some(conn)
     }
 }
@@ -600,7 +601,7 @@ impl Body for ResponseBody {
                 conn.buf.reserve(this.read_size);
             }
             let room = conn.buf.capacity() - conn.buf.len();
-            match std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
+            match std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut *conn.buf)) {
                 Ok(n) if n == room => this.read_size = (this.read_size * 2).min(MAX_BODY_READ),
                 Ok(0) if matches!(this.decoder, ResponseDecoder::UntilClose) => {
                     this.done = true;

@@ -28,6 +28,7 @@ use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::headers::connection_has;
 use crate::http::io::Replay;
 use crate::http::pipeline::{handle_boxed, Answered, ConnectionContext, HeadChecked};
+use crate::http::read_buffer::ReadBuffer;
 
 /// What one read takes while a connection has no buffer: most request heads fit.
 const FIRST_READ: usize = 2048;
@@ -90,7 +91,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
 {
     async move {
-        let mut buf = BytesMut::new();
+        let mut buf = ReadBuffer::new();
         // A refused head leaves the loop and is answered after it, in a box: a rare wait held
         // beside the request state would size every connection's future, idle ones included.
         let refusal = loop {
@@ -115,10 +116,9 @@ where
             let outcome = std::future::poll_fn(|cx| exchange.poll(cx, &mut io, &mut buf)).await;
             match outcome {
                 Outcome::KeepAlive => {
-                    if buf.is_empty() {
-                        // Idle until the next request: the buffer goes; the next read makes a new one.
-                        buf = BytesMut::new();
-                    }
+                    // Idle until the next request: the buffer goes back to the pool (unless the
+                    // client's next request is in it already); the next read takes one again.
+                    buf.release();
                 }
                 Outcome::Close { unread } => {
                     // Boxed: a wait held in place would size every connection's future.
@@ -146,7 +146,7 @@ enum HeadRead {
     Refused(Refusal),
 }
 
-async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, max_head: usize) -> HeadRead {
+async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut ReadBuffer, max_head: usize) -> HeadRead {
     loop {
         if !buf.is_empty() {
             match take_head(buf, max_head) {
@@ -162,7 +162,7 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, max_hea
             if buf.capacity() - buf.len() < 512 {
                 buf.reserve(buf.capacity().max(FIRST_READ));
             }
-            io.read_buf(buf).await
+            io.read_buf(&mut **buf).await
         };
         match read {
             Ok(0) if buf.is_empty() => return HeadRead::Closed,
@@ -175,7 +175,7 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, max_hea
 
 /// A read while the connection holds no buffer: into the stack, so that only a connection with
 /// bytes to work on allocates one.
-fn poll_first_read<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
+fn poll_first_read<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuffer) -> Poll<std::io::Result<usize>> {
     let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
     let mut read = ReadBuf::uninit(&mut stack);
     std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
