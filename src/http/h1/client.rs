@@ -111,6 +111,12 @@ impl Connection {
         if !self.buf.is_empty() {
             return false;
         }
+        if let Some(tcp) = (*self.io).as_tcp() {
+            // What the runtime saw of the socket since the last read (a close, unasked bytes),
+            // without registering to hear of more: the probe below learns the same, dearer.
+            let mut probe = [0u8; 1];
+            return matches!(tcp.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock);
+        }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let mut read = ReadBuf::uninit(&mut probe);
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -665,6 +671,47 @@ mod tests {
             Err(ClientError::Malformed(why)) => Err(why),
             Err(_) => Err("other"),
         }
+    }
+
+    /// An idle connection stays usable until the runtime sees its upstream close it or send
+    /// something unasked; over plain TCP (readiness looked at, not registered for) and over any
+    /// other stream (a probing read) alike.
+    #[tokio::test]
+    async fn an_idle_connection_is_unusable_once_its_upstream_closed_or_spoke() {
+        async fn pair() -> (Connection, tokio::net::TcpStream) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            (Connection::new(Box::new(client)), server)
+        }
+        async fn turns_unusable(conn: &mut Connection) -> bool {
+            for _ in 0..200 {
+                if !conn.is_usable() {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            false
+        }
+        let (mut conn, server) = pair().await;
+        assert!((*conn.io).as_tcp().is_some());
+        assert!(conn.is_usable());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(conn.is_usable(), "nothing happened");
+        drop(server);
+        assert!(turns_unusable(&mut conn).await, "the upstream closed");
+
+        let (mut conn, mut server) = pair().await;
+        assert!(conn.is_usable());
+        tokio::io::AsyncWriteExt::write_all(&mut server, b"HTTP/1.1 408 Request Timeout\r\n\r\n").await.unwrap();
+        assert!(turns_unusable(&mut conn).await, "the upstream spoke unasked");
+
+        let (near, far) = tokio::io::duplex(64);
+        let mut conn = Connection::new(Box::new(near));
+        assert!((*conn.io).as_tcp().is_none());
+        assert!(conn.is_usable());
+        drop(far);
+        assert!(turns_unusable(&mut conn).await, "the other stream closed");
     }
 
     #[test]

@@ -51,8 +51,16 @@ pub type UpgradedClient = Replay<Box<dyn ClientStream>>;
 
 /// A byte stream as the HTTP/1 code holds it once its type no longer matters (an upgraded
 /// client, an upstream connection): Sync too, as the boxed bodies that may own one are.
-pub trait ClientStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> ClientStream for T {}
+pub trait ClientStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {
+    /// The plain TCP stream this is, if it is one. (Called on a `Box<dyn ClientStream>`, ask
+    /// what it holds, `(*boxed).as_tcp()`: the box is a stream of its own type too.)
+    fn as_tcp(&self) -> Option<&tokio::net::TcpStream>;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static> ClientStream for T {
+    fn as_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        (self as &dyn std::any::Any).downcast_ref()
+    }
+}
 
 /// In the extensions of an upgrade request: the client's stream, once the upgrade was answered.
 #[derive(Clone)]
