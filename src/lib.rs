@@ -6,6 +6,7 @@ mod acme;
 mod balance;
 mod bounded;
 mod bridge;
+mod clock;
 mod config;
 mod engine;
 mod hooks;

@@ -13,32 +13,22 @@ use std::time::Instant;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::clock::{coarse_ms as now_ms, instant_at};
 use crate::metrics::ByteCounters;
 
 /// Where client-side byte counts go; shared with the session that owns the connection.
 pub struct ClientCounters {
     pub engine: Arc<crate::metrics::EngineMetrics>,
     pub ip: Arc<ByteCounters>,
-    /// Milliseconds from `epoch()`.
+    /// On the coarse clock (`crate::clock`).
     last_activity_ms: AtomicU64,
     /// Requests of the connection between their head and the end of their response.
     in_flight: AtomicU32,
     /// HTTP/1.x: heads are timed from their first byte (HTTP/2 frames between streams are not heads).
     times_heads: AtomicBool,
-    /// Milliseconds from `epoch()` (plus one; 0 = none) to the first byte read while no request was
-    /// in flight: a head on its way.
+    /// When (on the coarse clock, plus one; 0 = none) the first byte was read while no request
+    /// was in flight: a head on its way.
     head_started_ms: AtomicU64,
-}
-
-/// The instant every connection's activity times count from (one for the process, rather than
-/// one in every connection's counters).
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
 }
 
 impl ClientCounters {
@@ -54,7 +44,7 @@ impl ClientCounters {
     }
 
     pub fn last_activity(&self) -> Instant {
-        epoch() + std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+        instant_at(self.last_activity_ms.load(Ordering::Relaxed))
     }
 
     /// The connection speaks HTTP/1.x: time each later head from its first byte.
@@ -70,7 +60,7 @@ impl ClientCounters {
     pub fn head_started(&self) -> Option<Instant> {
         match self.head_started_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(epoch() + std::time::Duration::from_millis(ms - 1)),
+            ms => Some(instant_at(ms - 1)),
         }
     }
 

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
+use crate::clock::coarse_ms;
 use crate::http::body::ProxyBody;
 use crate::http::alt_svc::AltSvcCache;
 use crate::http::h1::client::Connection;
@@ -116,7 +117,13 @@ impl std::fmt::Display for UpstreamError {
 struct IdleH1 {
     conn: Connection,
     permit: OwnedSemaphorePermit,
-    since: Instant,
+    /// When it went idle, on the coarse clock (`crate::clock`).
+    since: u64,
+}
+
+/// How long a connection idle since `since` (on the coarse clock) has been.
+fn idle_for(since: u64) -> Duration {
+    Duration::from_millis(coarse_ms().saturating_sub(since))
 }
 
 #[derive(Default)]
@@ -316,7 +323,7 @@ impl UpstreamPool {
                 entry.idle.pop()?
             };
             let IdleH1 { mut conn, permit, since } = candidate;
-            if since.elapsed() >= self.settings.idle_timeout || !conn.is_usable() {
+            if idle_for(since) >= self.settings.idle_timeout || !conn.is_usable() {
                 continue;
             }
             return Some(Checkout::Http1 { conn: Some(conn), permit, reused: true });
@@ -346,7 +353,7 @@ impl UpstreamPool {
         let mut hosts = self.hosts.lock();
         let entry = hosts.entry(key.clone()).or_default();
         if entry.idle.len() < self.settings.max_idle_per_host {
-            entry.idle.push(IdleH1 { conn, permit, since: Instant::now() });
+            entry.idle.push(IdleH1 { conn, permit, since: coarse_ms() });
         }
     }
 
@@ -365,7 +372,7 @@ impl UpstreamPool {
         let mut hosts = self.hosts.lock();
         for entry in hosts.values_mut() {
             for mut idle in std::mem::take(&mut entry.idle) {
-                if idle.since.elapsed() < idle_timeout && idle.conn.is_usable() {
+                if idle_for(idle.since) < idle_timeout && idle.conn.is_usable() {
                     entry.idle.push(idle);
                 } else {
                     expired.push(idle);

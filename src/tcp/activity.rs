@@ -5,19 +5,23 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::clock::{coarse_ms, instant_at};
+
 pub struct Activity {
-    epoch: Instant,
+    /// When the connection began, on the coarse clock (`crate::clock`): its times are read on
+    /// every transfer, and need no finer grain than idle timeouts do.
+    start_ms: u64,
     last_ms: AtomicU64,
 }
 
 impl Activity {
     pub fn new() -> Self {
-        Activity { epoch: Instant::now(), last_ms: AtomicU64::new(0) }
+        Activity { start_ms: coarse_ms(), last_ms: AtomicU64::new(0) }
     }
 
     /// Milliseconds since the connection began.
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        coarse_ms().saturating_sub(self.start_ms)
     }
 
     pub fn touch(&self) {
@@ -27,7 +31,7 @@ impl Activity {
     /// Resolves once nothing has moved for `idle`.
     pub async fn quiet_for(&self, idle: Duration) {
         loop {
-            let quiet_until = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle;
+            let quiet_until = instant_at(self.start_ms + self.last_ms.load(Ordering::Relaxed)) + idle;
             if Instant::now() >= quiet_until {
                 return;
             }
