@@ -6,12 +6,14 @@
 
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::matchers::ip::canonical_ip;
 
 pub struct AcceptedSocket {
     state: State,
@@ -50,11 +52,12 @@ impl AcceptedSocket {
         }
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    /// The address the client connected to, as the proxy reports it (`server_address`).
+    pub fn server_address(&self) -> Option<SocketAddr> {
         match &self.state {
-            State::Unregistered(socket) => socket.local_addr(),
-            State::Registered(stream) => stream.local_addr(),
-            State::Failed => Err(failed()),
+            State::Unregistered(socket) => server_address(socket.as_fd()),
+            State::Registered(stream) => server_address(stream.as_fd()),
+            State::Failed => None,
         }
     }
 
@@ -178,9 +181,31 @@ impl AcceptedSocket {
     }
 }
 
+/// The address a client connected to, as the proxy reports it (`IRouteContext.serverIp`, the
+/// destination of a PROXY header towards a backend): the socket's local address, an IPv4-mapped
+/// IPv6 address as the IPv4 one (as client addresses are).
+pub fn server_address(socket: BorrowedFd<'_>) -> Option<SocketAddr> {
+    let local = socket2::SockRef::from(&socket).local_addr().ok()?.as_socket()?;
+    Some(SocketAddr::new(canonical_ip(local.ip()), local.port()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_address_is_the_local_one_with_a_mapped_ipv4_address_as_ipv4() {
+        // A dual-stack listener sees an IPv4 client's connection on an IPv4-mapped address.
+        let Ok(listener) = std::net::TcpListener::bind("[::]:0") else { return };
+        let port = listener.local_addr().expect("addr").port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.local_addr().expect("addr").is_ipv6());
+        let expected = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(server_address(accepted.as_fd()), Some(expected));
+        accepted.set_nonblocking(true).expect("nonblocking");
+        assert_eq!(AcceptedSocket::new(accepted).server_address(), Some(expected));
+    }
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -21,7 +21,7 @@ const LISTEN_BACKLOG: i32 = 1024;
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 
 mod accepted;
-pub use accepted::AcceptedSocket;
+pub use accepted::{server_address, AcceptedSocket};
 
 pub type OnAccept = Arc<dyn Fn(AcceptedSocket, SocketAddr, u16) + Send + Sync>;
 

@@ -418,7 +418,7 @@ impl Session {
 
         // HandedToJs: a socket handler takes the connection, as plaintext where TLS ends here.
         if let Some(handler) = route.socket_handler {
-            let server_ip = client.local_addr().ok().map(|a| canonical_ip(a.ip()));
+            let server_ip = client.server_address().map(|a| a.ip());
             let mut context = ScriptContext::for_route(&self.identity(server_ip), self.domain.as_deref(), route);
             if let Some(head) = first_head {
                 context.path = Some(head.path().to_string());
@@ -477,7 +477,7 @@ impl Session {
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
             return Next::Ended(TerminationReason::NoTarget);
         };
-        let server_ip = if target.functions.is_some() { client.local_addr().ok().map(|a| canonical_ip(a.ip())) } else { None };
+        let server_ip = if target.functions.is_some() { client.server_address().map(|a| a.ip()) } else { None };
         let (target_host, target_port) = match Box::pin(env.http.scripts.endpoint(&target, || ScriptContext::for_route(&self.identity(server_ip), self.domain.as_deref(), route))).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
@@ -508,7 +508,7 @@ impl Session {
         apply_socket_options(&backend, env);
         let proxy_version = target.send_proxy_protocol.unwrap_or(env.send_proxy_protocol);
         if proxy_version > 0 {
-            let destination = self.destination.or_else(|| client.local_addr().ok().map(|a| SocketAddr::new(canonical_ip(a.ip()), a.port())));
+            let destination = self.destination.or_else(|| client.server_address());
             let header = destination.and_then(|d| proxy_protocol::encode(proxy_version, SocketAddr::new(self.client_ip, self.client_port), d));
             if let Some(header) = header {
                 if backend.write_all(&header).await.is_err() {

@@ -45,7 +45,6 @@ use crate::templates::TemplateContext;
 use crate::http::io::ClientCounters;
 use crate::http::pool::UpstreamPool;
 use crate::http::websocket::TunnelScope;
-use crate::matchers::ip::canonical_ip;
 use crate::metrics::EngineMetrics;
 use crate::routing::table::{RequestFacts, Route, SelectedTarget};
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
@@ -142,7 +141,7 @@ impl ConnectionContext {
             let socket = self.client_fd?;
             // SAFETY: the socket stays open while the connection's requests run (see `client_fd`).
             let socket = unsafe { BorrowedFd::borrow_raw(socket) };
-            socket2::SockRef::from(&socket).local_addr().ok()?.as_socket().map(|address| canonical_ip(address.ip()))
+            crate::listener::server_address(socket).map(|address| address.ip())
         })
     }
 
