@@ -52,11 +52,17 @@ pub struct Output {
     segments: VecDeque<Bytes>,
     tail: BytesMut,
     queued: usize,
+    /// Everything was written, but the stream's flush has not completed: a TLS stream takes the
+    /// bytes into its own buffer and sends them as records only as the flush goes on (the socket
+    /// may have been unwritable for the moment, as one just registered with the poller is until
+    /// the poller first reports it).
+    flush_pending: bool,
 }
 
 impl Output {
+    /// Nothing queued and nothing waiting in the stream to be flushed: the bytes are on their way.
     pub fn is_empty(&self) -> bool {
-        self.queued == 0
+        self.queued == 0 && !self.flush_pending
     }
 
     pub fn len(&self) -> usize {
@@ -244,7 +250,9 @@ impl Output {
             // A large response's buffer is not kept for the next one.
             self.tail = BytesMut::new();
         }
-        Pin::new(&mut *io).poll_flush(cx)
+        let flushed = Pin::new(&mut *io).poll_flush(cx);
+        self.flush_pending = flushed.is_pending();
+        flushed
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -307,6 +315,52 @@ mod tests {
             all.extend_from_slice(segment);
         }
         String::from_utf8(all).unwrap()
+    }
+
+    /// A stream like a TLS one: it takes every write into its own buffer, and sends it only as
+    /// its flush goes on, which waits the first time (the socket not yet reported writable).
+    struct BufferingStream {
+        taken: Vec<u8>,
+        sent: Vec<u8>,
+        flush_waits: usize,
+    }
+
+    impl AsyncWrite for BufferingStream {
+        fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            self.taken.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.flush_waits > 0 {
+                self.flush_waits -= 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let taken = std::mem::take(&mut self.taken);
+            self.sent.extend_from_slice(&taken);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn output_is_not_done_until_the_stream_has_flushed_what_it_took() {
+        let mut stream = BufferingStream { taken: Vec::new(), sent: Vec::new(), flush_waits: 1 };
+        let mut output = Output::default();
+        output.put_slice(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(output.poll_write_all(&mut cx, &mut stream).is_pending());
+        // Every byte was taken, none sent: the response is not out yet.
+        assert_eq!(output.len(), 0);
+        assert!(!output.is_empty());
+        assert!(stream.sent.is_empty());
+        assert!(output.poll_write_all(&mut cx, &mut stream).is_ready());
+        assert!(output.is_empty());
+        assert!(stream.sent.starts_with(b"HTTP/1.1 401"));
     }
 
     #[test]
