@@ -51,11 +51,15 @@ impl ReadBuffer {
     }
 
     /// Gives the buffer back, if there is one and it holds no unread bytes: the connection has
-    /// nothing more to work on for now.
+    /// nothing more to work on for now. (One that grew through `BytesMut`'s own `reserve`, not
+    /// this one's, is freed.)
     pub fn release(&mut self) {
-        if self.lent && self.bytes.is_empty() {
-            self.lent = false;
-            give_back(std::mem::take(&mut self.bytes));
+        if !self.bytes.is_empty() {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.bytes);
+        if std::mem::take(&mut self.lent) {
+            give_back(bytes);
         }
     }
 }
@@ -238,6 +242,15 @@ mod tests {
         let kept = POOL.with(|pool| pool.borrow().free.iter().any(|b| b.as_ptr() == rest));
         assert!(!kept);
         assert_eq!(head.len(), 6000);
+    }
+
+    #[test]
+    fn release_leaves_no_allocation_behind_even_one_made_without_the_pool() {
+        let mut buf = ReadBuffer::new();
+        BytesMut::reserve(&mut buf, 100);
+        assert!(buf.capacity() >= 100);
+        buf.release();
+        assert_eq!(buf.capacity(), 0);
     }
 
     #[test]

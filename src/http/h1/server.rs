@@ -317,7 +317,7 @@ impl<'a> Exchange<'a> {
         })
     }
 
-    fn poll<S: AsyncRead + AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S, buf: &mut BytesMut) -> Poll<Outcome> {
+    fn poll<S: AsyncRead + AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuffer) -> Poll<Outcome> {
         loop {
             let mut progressed = self.poll_feed(cx, io, buf);
             if let Some(response) = self.response.as_mut() {
@@ -348,7 +348,7 @@ impl<'a> Exchange<'a> {
     }
 
     /// Moves the request body along while the pipeline asks for it. True when something happened.
-    fn poll_feed<S: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S, buf: &mut BytesMut) -> bool {
+    fn poll_feed<S: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuffer) -> bool {
         let Some(feed) = self.feed.as_mut() else { return false };
         if feed.decoder.is_done() || feed.broken || feed.abandoned {
             return false;
@@ -394,7 +394,7 @@ impl<'a> Exchange<'a> {
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(BODY_READ);
             }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut **buf) {
                 Poll::Pending => return progressed,
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     feed.broken = true;
