@@ -4,7 +4,7 @@
 // standard output; and the counters in the Prometheus exposition.
 import { tap, expect } from '@push.rocks/tapbundle';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as http2 from 'node:http2';
 import { tmpdir } from 'node:os';
@@ -32,6 +32,7 @@ interface ILine {
 }
 
 const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-access-log-'));
+process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
 const logFile = path.join(dir, 'access.log');
 const RESPONSE = 'hello from the backend';
 const backend = await listenTracked(
@@ -345,6 +346,7 @@ tap.test('teardown', async () => {
   await proxy.stop();
   await backend.close();
   await echo.close();
+  rmSync(dir, { recursive: true, force: true });
 });
 
 export default tap.start();

@@ -28,6 +28,7 @@ const CERT_EVENTS = ['certificate-issued', 'certificate-renewed', 'certificate-f
 // ---------------------------------------------------------------------------------------------
 
 const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-acme-'));
+process.on('exit', () => rmSync(workDir, { recursive: true, force: true }));
 const challengePort = await freePort();
 const pebble: Pebble = await startPebble({ httpPort: challengePort });
 const rootPem = await pebble.rootPem();

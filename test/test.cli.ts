@@ -12,6 +12,7 @@ import { connectAndRead, connectionRefused, freePorts, listenTracked, startTagge
 
 const CLI = path.join(import.meta.dirname, '..', 'ts', 'cli.ts');
 const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-cli-'));
+process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
 const configFile = path.join(dir, 'config.json');
 const backendA = await startTaggedServer('backend-a');
 const backendB = await startTaggedServer('backend-b');

@@ -8,7 +8,7 @@ import * as dgram from 'node:dgram';
 import * as http from 'node:http';
 import * as http2 from 'node:http2';
 import * as https from 'node:https';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import type { AddressInfo } from 'node:net';
@@ -25,6 +25,7 @@ const ca = createTestCa();
 const certA = ca.issue(['a.test']);
 const certB = ca.issue(['b.test']);
 const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-h3-'));
+process.on('exit', () => rmSync(workDir, { recursive: true, force: true }));
 const caFile = path.join(workDir, 'ca.pem');
 writeFileSync(caFile, ca.cert);
 

@@ -4,7 +4,7 @@
 // that throws loses nothing else; without a logger, standard error gets one line per event.
 import { tap, expect } from '@push.rocks/tapbundle';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
@@ -126,8 +126,8 @@ tap.test('stop: one info entry', async () => {
 });
 
 tap.test('without a logger, standard error gets one line per event', async () => {
-  const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-logger-'));
   const [cliPort] = await freePorts(1);
+  const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-logger-'));
   const configFile = path.join(dir, 'config.json');
   writeFileSync(configFile, JSON.stringify({ routes: [{ match: { ports: cliPort }, action: { type: 'forward', target: { host: '127.0.0.1', port: up.port } } }] }));
   const child = spawn(process.execPath, ['--import', 'tsx', path.join(import.meta.dirname, '..', 'ts', 'cli.ts'), configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -142,6 +142,7 @@ tap.test('without a logger, standard error gets one line per event', async () =>
   } finally {
     child.kill('SIGTERM');
     await exited;
+    rmSync(dir, { recursive: true, force: true });
   }
   const line = stderr.split('\n').find((l) => l.includes('smartproxy: proxy started'))!;
   expect(line).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO smartproxy: proxy started /);

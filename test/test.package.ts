@@ -6,7 +6,7 @@
 // and C library with readelf.
 import { tap, expect } from '@push.rocks/tapbundle';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 
@@ -15,6 +15,7 @@ import { freePorts } from './helpers/net.js';
 const root = path.join(import.meta.dirname, '..');
 const pkg = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { version: string; napi: { binaryName: string } };
 const work = mkdtempSync(path.join(tmpdir(), 'smartproxy-package-'));
+process.on('exit', () => rmSync(work, { recursive: true, force: true }));
 
 interface IPacked {
   main: string;

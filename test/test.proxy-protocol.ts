@@ -6,7 +6,7 @@ import { tap, expect } from '@push.rocks/tapbundle';
 import * as http from 'node:http';
 import * as net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -163,6 +163,14 @@ function startHaproxy(config: string): Promise<ChildProcess> {
   const file = path.join(dir, 'haproxy.cfg');
   writeFileSync(file, config);
   const child = spawn('haproxy', ['-db', '-f', file], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // The configuration goes once HAProxy has ended (stopHaproxy, in each test's finally), or at
+  // exit should this process end first.
+  const removeDir = (): void => rmSync(dir, { recursive: true, force: true });
+  process.once('exit', removeDir);
+  child.once('close', () => {
+    process.off('exit', removeDir);
+    removeDir();
+  });
   return Promise.resolve(child);
 }
 

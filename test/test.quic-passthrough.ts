@@ -4,7 +4,7 @@
 // client verifies each backend's own certificate. Real QUIC on both sides: aioquic's HTTP/3
 // client (test/helpers/h3-client.py) and two aioquic HTTP/3 servers (test/helpers/h3-server.py).
 import { tap, expect } from '@push.rocks/tapbundle';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -20,6 +20,7 @@ const ca = createTestCa();
 const certA = ca.issue(['a.test']);
 const certB = ca.issue(['b.test']);
 const workDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-quic-pt-'));
+process.on('exit', () => rmSync(workDir, { recursive: true, force: true }));
 const caFile = path.join(workDir, 'ca.pem');
 writeFileSync(caFile, ca.cert);
 

@@ -11,7 +11,7 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { X509Certificate, createHash, randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -30,6 +30,7 @@ const execFileAsync = promisify(execFile);
 const ca = createTestCa();
 const otherCa = createTestCa(); // not trusted by the proxy
 const caDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-tls-terminate-'));
+process.on('exit', () => rmSync(caDir, { recursive: true, force: true }));
 const caFile = path.join(caDir, 'ca.pem');
 writeFileSync(caFile, ca.cert);
 
@@ -887,6 +888,7 @@ tap.test('stop', async () => {
   await untrustedBackend.close();
   await localhostBackend.close();
   await h2Backend.close();
+  rmSync(caDir, { recursive: true, force: true });
 });
 
 tap.start({ throwOnError: true });

@@ -32,6 +32,17 @@ export async function openPage(url: string, size = { width: 1280, height: 1150 }
     // Its own process group, so that closing takes its renderer and helper processes too.
     { stdio: ['ignore', 'ignore', 'pipe'], detached: true },
   );
+  // Removed by close(); at exit too (with Chromium, which would write on into it), should Chromium
+  // fail to start or a test end before closing it.
+  const removeProfileAtExit = (): void => {
+    try {
+      process.kill(-child.pid!, 'SIGKILL');
+    } catch {
+      // not running
+    }
+    rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
+  };
+  process.on('exit', removeProfileAtExit);
   const endpoint = await new Promise<string>((resolve, reject) => {
     let seen = '';
     const timer = setTimeout(() => reject(new Error(`chromium printed no DevTools address: ${seen}`)), 20000);
@@ -105,6 +116,7 @@ export async function openPage(url: string, size = { width: 1280, height: 1150 }
       }
       await exited;
       // A helper process may still be writing its last files for a moment.
+      process.off('exit', removeProfileAtExit);
       rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
     },
   };

@@ -5,7 +5,7 @@
 // only a broken harness (no Python, unreadable output, the client killed) rejects.
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash, X509Certificate } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -298,6 +298,9 @@ const H3_SERVER_LOG_LIMIT = 64 * 1024;
 /** Starts h3-server.py on a free UDP port; resolves once it listens (rejects with its log after 15 s). */
 export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> {
   const dir = await mkdtemp(path.join(tmpdir(), 'smartproxy-h3-server-'));
+  // Removed at close or kill; at exit too, for a server a failed test never closed.
+  const removeDirAtExit = (): void => rmSync(dir, { recursive: true, force: true });
+  process.on('exit', removeDirAtExit);
   const certFile = path.join(dir, 'cert.pem');
   const keyFile = path.join(dir, 'key.pem');
   await writeFile(certFile, opts.cert);
@@ -360,6 +363,7 @@ export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> 
     });
   } catch (e) {
     await Promise.race([exited, new Promise<void>((resolve) => setTimeout(resolve, H3_SERVER_STOP_TIMEOUT_MS))]);
+    process.off('exit', removeDirAtExit);
     await rm(dir, { recursive: true, force: true });
     throw e;
   }
@@ -374,6 +378,7 @@ export async function startH3Server(opts: IH3ServerOptions): Promise<IH3Server> 
         await exited;
         clearTimeout(timer);
       }
+      process.off('exit', removeDirAtExit);
       await rm(dir, { recursive: true, force: true });
     })();
     return closing;

@@ -141,6 +141,9 @@ async function startDns(isFailing: (name: string) => boolean, isSilent: (name: s
 export async function startPebble(options: { httpPort: number; binary?: string }): Promise<Pebble> {
   const binary = options.binary ?? process.env.PEBBLE_BIN ?? 'pebble';
   const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-pebble-'));
+  // Removed by cleanup (stop()); at exit too, should a test end first.
+  const removeDirAtExit = (): void => rmSync(dir, { recursive: true, force: true });
+  process.on('exit', removeDirAtExit);
   const output: string[] = [];
   const debug = Boolean(process.env.DEBUG_PEBBLE);
   const log = (line: string): void => {
@@ -220,6 +223,7 @@ export async function startPebble(options: { httpPort: number; binary?: string }
       clearTimeout(killTimer);
     }
     await dns.close();
+    process.off('exit', removeDirAtExit);
     rmSync(dir, { recursive: true, force: true });
   };
 

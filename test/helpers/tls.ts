@@ -1,7 +1,7 @@
 // Test certificates made with openssl at run time: one CA and leaf certificates signed by it, so a
 // TLS client can verify a backend end to end through SNI passthrough.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import * as tls from 'node:tls';
@@ -12,28 +12,42 @@ export interface ITestCa {
   issue(hostnames: string[]): { key: string; cert: string };
 }
 
-export function createTestCa(): ITestCa {
+/**
+ * Runs `fn` in a fresh temporary directory holding `files`, for openssl to work in; the directory
+ * is removed before this returns (or throws): what the caller needs is read back into memory.
+ */
+function inTempDir<T>(files: Record<string, string>, fn: (dir: string, run: (args: string[]) => void) => T): T {
   const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-ca-'));
-  const run = (args: string[]): void => {
-    execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
-  };
-  run(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
-    '-subj', '/CN=smartproxy test CA', '-keyout', 'ca.key', '-out', 'ca.pem']);
-  let serial = 0;
+  try {
+    for (const [name, content] of Object.entries(files)) writeFileSync(path.join(dir, name), content, { mode: 0o600 });
+    return fn(dir, (args) => {
+      execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+export function createTestCa(): ITestCa {
+  const ca = inTempDir({}, (dir, run) => {
+    run(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
+      '-subj', '/CN=smartproxy test CA', '-keyout', 'ca.key', '-out', 'ca.pem']);
+    return { key: readFileSync(path.join(dir, 'ca.key'), 'utf8'), cert: readFileSync(path.join(dir, 'ca.pem'), 'utf8') };
+  });
   return {
-    cert: readFileSync(path.join(dir, 'ca.pem'), 'utf8'),
+    cert: ca.cert,
     issue(hostnames) {
-      serial++;
-      const name = `leaf${serial}`;
-      writeFileSync(path.join(dir, `${name}.ext`), `subjectAltName=${hostnames.map((h) => `DNS:${h}`).join(',')}\n`);
-      run(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=${hostnames[0]}`,
-        '-keyout', `${name}.key`, '-out', `${name}.csr`]);
-      run(['x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
-        '-extfile', `${name}.ext`, '-out', `${name}.pem`]);
-      return {
-        key: readFileSync(path.join(dir, `${name}.key`), 'utf8'),
-        cert: readFileSync(path.join(dir, `${name}.pem`), 'utf8'),
-      };
+      return inTempDir({ 'ca.key': ca.key, 'ca.pem': ca.cert, 'leaf.ext': `subjectAltName=${hostnames.map((h) => `DNS:${h}`).join(',')}\n` }, (dir, run) => {
+        run(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=${hostnames[0]}`,
+          '-keyout', 'leaf.key', '-out', 'leaf.csr']);
+        // A fresh serial file each time: openssl starts it at a random number.
+        run(['x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
+          '-extfile', 'leaf.ext', '-out', 'leaf.pem']);
+        return {
+          key: readFileSync(path.join(dir, 'leaf.key'), 'utf8'),
+          cert: readFileSync(path.join(dir, 'leaf.pem'), 'utf8'),
+        };
+      });
     },
   };
 }
