@@ -169,7 +169,11 @@ pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHe
         fields.framing()?
     };
     let reusable = !close && !matches!(decoder, ResponseDecoder::UntilClose);
-    let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending: Some(sending), reusable, done: false, read_size: READ_SIZE, raw_fields: None });
+    // A request sent whole by now (most: no body, or a small one) leaves nothing for the body to
+    // finish; only one still sending is kept, boxed, so that every response moved through the
+    // pipeline is smaller by its room.
+    let sending = (!sending.complete).then(|| Box::new(sending));
+    let mut response = Response::new(ResponseBody { conn: Some(conn), decoder, sending, reusable, done: false, read_size: READ_SIZE, raw_fields: None });
     *response.status_mut() = status;
     *response.version_mut() = version;
     headers.set_on(&mut response);
@@ -523,7 +527,8 @@ enum ResponseDecoder {
 pub struct ResponseBody {
     conn: Option<Connection>,
     decoder: ResponseDecoder,
-    sending: Option<RequestSend>,
+    /// The request, while its body is still being sent (`None`: sent whole, or given up).
+    sending: Option<Box<RequestSend>>,
     reusable: bool,
     done: bool,
     /// The next read's size (grows while reads come back full).
