@@ -117,6 +117,13 @@ fn bind(port: u16, client_options: ClientSocketOptions) -> io::Result<std::net::
         socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
     }
     socket.listen(LISTEN_BACKLOG)?;
+    // Accepted sockets start with delayed acknowledgements, as a connection does anyway once it
+    // has exchanged data both ways: a client's first request (or TLS ClientHello) is then
+    // acknowledged by the answer to it, instead of by an ACK segment of its own that the client's
+    // kernel has to take too (HAProxy's `tcp-smart-accept`). Should no answer come in time, the
+    // kernel's delayed-ACK timer sends the ACK.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_quickack(false)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
@@ -204,6 +211,8 @@ mod tests {
             if let Some(idle) = options.keep_alive {
                 assert_eq!(accepted.keepalive_time().expect("keepidle"), idle);
             }
+            // Delayed acknowledgements from the start: the first request is acknowledged by its answer.
+            assert!(!accepted.quickack().expect("quickack"));
         }
     }
 }
