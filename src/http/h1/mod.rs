@@ -6,6 +6,7 @@ pub mod channel;
 pub mod client;
 pub mod decode;
 pub mod fields;
+pub mod response_head;
 #[cfg(test)] mod differential;
 pub mod server;
 pub mod write;
