@@ -136,20 +136,20 @@ pub enum Fields {
 #[derive(Default)]
 pub struct DelimitingFields {
     /// `Connection` lists `close`, `keep-alive`.
-    pub close: bool,
-    pub keep_alive: bool,
+    close: bool,
+    keep_alive: bool,
     /// Fields `Connection` names besides the hop-by-hop ones (rarely any).
-    pub named: Vec<HeaderName>,
+    named: Vec<HeaderName>,
     /// The one length every `Content-Length` gives, or why there is none.
-    pub length: Option<u64>,
-    pub length_error: Option<&'static str>,
-    pub transfer_encoding: bool,
+    length: Option<u64>,
+    length_error: Option<&'static str>,
+    transfer_encoding: bool,
     /// The last `Transfer-Encoding` field ends in `chunked`.
-    pub chunked_last: bool,
+    chunked_last: bool,
 }
 
 impl DelimitingFields {
-    pub fn connection(&mut self, value: &[u8]) {
+    fn connection(&mut self, value: &[u8]) {
         for token in list_items(value) {
             if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
@@ -163,13 +163,13 @@ impl DelimitingFields {
         }
     }
 
-    pub fn transfer_encoding(&mut self, value: &[u8]) {
+    fn transfer_encoding(&mut self, value: &[u8]) {
         self.transfer_encoding = true;
         let readable = value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b));
         self.chunked_last = readable && list_items(value).next_back().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
     }
 
-    pub fn content_length(&mut self, value: &[u8]) {
+    fn content_length(&mut self, value: &[u8]) {
         for item in list_items(value) {
             if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
                 self.length_error.get_or_insert("bad Content-Length");
