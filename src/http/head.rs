@@ -85,77 +85,79 @@ impl RequestHead {
 }
 
 /// Reads `buf` (a connection's first bytes) as an HTTP/1.x request head. `max_head` is the
-/// engine's `maxHeaderSize`.
+/// engine's `maxHeaderSize`. The header values share one copy of the head, rather than each
+/// value taking an allocation of its own.
 pub fn parse_head(buf: &[u8], max_head: usize) -> HeadParse {
-    parse(buf, max_head)
-}
-
-/// `parse_head` for a connection's buffer: a complete head is taken off `buf`, and its header
-/// values share the head's bytes instead of copying each one. httparse reads the buffer as it
-/// is; the fields are noted as spans of it, and made values once the head is off the buffer.
-pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
-    let base = buf.as_ptr() as usize;
-    // Name start, name end, value start, value end, in the head; only the first `count` are
-    // written (a request has a handful of fields, and room for the most would be cleared each
-    // time for nothing).
-    let mut spans = [const { std::mem::MaybeUninit::<[u32; 4]>::uninit() }; MAX_HEADERS];
-    let (mut head, count) = match read_checked(buf, max_head, |fields| {
-        // Every slice httparse gives is of the buffer it read (an empty value's too: should one
-        // not be, it is read as empty below).
-        let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base) as u32;
-        for (span, field) in spans.iter_mut().zip(fields) {
-            let (name, value) = (field.name.as_bytes(), field.value);
-            span.write([offset(name), offset(name) + name.len() as u32, offset(value), offset(value) + value.len() as u32]);
+    let mut spans = no_spans();
+    match read_spans(buf, max_head, &mut spans) {
+        Ok((head, count)) => {
+            let copy = Bytes::copy_from_slice(&buf[..head.len]);
+            with_fields(head, &spans[..count], &copy)
         }
-        fields.len()
-    }) {
-        Ok(read) => read,
-        Err(outcome) => return outcome,
-    };
-    let taken = buf.split_to(head.len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for span in &spans[..count] {
-        // SAFETY: the loop above wrote one span per field, `count` of them (httparse gives at
-        // most MAX_HEADERS).
-        let [name_start, name_end, value_start, value_end] = unsafe { span.assume_init() };
-        let name = taken.get(name_start as usize..name_end as usize).unwrap_or_default();
-        let value = taken.get(value_start as usize..value_end as usize).unwrap_or_default();
-        let Ok(name) = HeaderName::from_bytes(name) else {
-            return HeadParse::Refused(Refusal::bad_request("malformed header name"));
-        };
-        headers.append(name, parsed_field_value(value, Some(&taken)));
-    }
-    head.headers = headers;
-    HeadParse::Request(head)
-}
-
-fn parse(buf: &[u8], max_head: usize) -> HeadParse {
-    let read = read_checked(buf, max_head, |fields| {
-        let mut headers = HeaderMap::with_capacity(fields.len());
-        for field in fields {
-            let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Refusal::bad_request("malformed header name"))?;
-            headers.append(name, parsed_field_value(field.value, None));
-        }
-        Ok(headers)
-    });
-    match read {
-        Ok((mut head, Ok(headers))) => {
-            head.headers = headers;
-            HeadParse::Request(head)
-        }
-        Ok((_, Err(refusal))) => HeadParse::Refused(refusal),
         Err(outcome) => outcome,
     }
 }
 
-/// The request head at the start of `buf`, read and checked, with what `note` made of its fields
-/// while they still borrow `buf`; or what else the bytes are (so far).
-fn read_checked<T>(buf: &[u8], max_head: usize, note: impl FnOnce(&[httparse::Header<'_>]) -> T) -> Result<(RequestHead, T), HeadParse> {
+/// `parse_head` for a connection's buffer: a complete head is taken off `buf`, and its header
+/// values share the head's bytes instead of copying them.
+pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
+    let mut spans = no_spans();
+    match read_spans(buf, max_head, &mut spans) {
+        Ok((head, count)) => {
+            let taken = buf.split_to(head.len).freeze();
+            with_fields(head, &spans[..count], &taken)
+        }
+        Err(outcome) => outcome,
+    }
+}
+
+/// Where each field of a head is in it: name start, name end, value start, value end. Only the
+/// first fields, as many as the head has, are written (a request has a handful, and room for
+/// the most would be cleared each time for nothing).
+type FieldSpans = [std::mem::MaybeUninit<[u32; 4]>; MAX_HEADERS];
+
+fn no_spans() -> FieldSpans {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+/// The request head at the start of `buf`, read and checked, with its fields noted in `spans`
+/// (how many, beside the head): httparse reads the buffer as it is, and the fields are made
+/// values once the caller holds the head's bytes in a `Bytes` of their own. Or what else the
+/// bytes are (so far).
+fn read_spans(buf: &[u8], max_head: usize, spans: &mut FieldSpans) -> Result<(RequestHead, usize), HeadParse> {
+    let base = buf.as_ptr() as usize;
     let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let len = read_request(buf, max_head, &mut request, &mut storage)?;
     let head = checked_head(&buf[..len], &request, len).map_err(HeadParse::Refused)?;
-    Ok((head, note(request.headers)))
+    // Every slice httparse gives is of the buffer it read (an empty value's too: should one not
+    // be, it is read as empty by `with_fields`).
+    let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base) as u32;
+    for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
+        let (name, value) = (field.name.as_bytes(), field.value);
+        span.write([offset(name), offset(name) + name.len() as u32, offset(value), offset(value) + value.len() as u32]);
+    }
+    Ok((head, request.headers.len()))
+}
+
+/// `head` with its fields in its map, their values slices of `bytes` (the head's bytes, which
+/// `spans` locate them in). `spans` must all have been written by `read_spans`.
+fn with_fields(mut head: RequestHead, spans: &[std::mem::MaybeUninit<[u32; 4]>], bytes: &Bytes) -> HeadParse {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for span in spans {
+        // SAFETY: `read_spans` wrote one span per field, as many as it said, and the caller
+        // passes those alone.
+        let [name_start, name_end, value_start, value_end] = unsafe { span.assume_init() };
+        let name = bytes.get(name_start as usize..name_end as usize).unwrap_or_default();
+        let (value_start, value_end) = (value_start as usize, value_end as usize);
+        let value = if value_start <= value_end && value_end <= bytes.len() { bytes.slice(value_start..value_end) } else { Bytes::new() };
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            return HeadParse::Refused(Refusal::bad_request("malformed header name"));
+        };
+        headers.append(name, parsed_field_value(value));
+    }
+    head.headers = headers;
+    HeadParse::Request(head)
 }
 
 /// Reads `buf` with httparse into `request` once it is a whole request head: its length, or what
@@ -271,12 +273,8 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) ->
 }
 
 /// A field value httparse accepted, as a `HeaderValue` without checking its bytes again.
-/// `value` must be a field value from an httparse parse (`shared` holding it, when given).
-pub(crate) fn parsed_field_value(value: &[u8], shared: Option<&Bytes>) -> HeaderValue {
-    let bytes = match shared {
-        Some(bytes) => bytes.slice_ref(value),
-        None => Bytes::copy_from_slice(value),
-    };
+/// `bytes` must be a field value from an httparse parse.
+pub(crate) fn parsed_field_value(bytes: Bytes) -> HeaderValue {
     // SAFETY: httparse accepts in a field value only HTAB, SP to `~` and 0x80 to 0xFF (its
     // HEADER_VALUE_MAP, and the same ranges in its SIMD paths), each a byte `HeaderValue` allows;
     // debug builds check them again (`from_maybe_shared_unchecked` does).

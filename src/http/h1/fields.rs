@@ -124,7 +124,7 @@ impl RawFields {
         for (name, value) in self.iter() {
             // httparse read each name as a token, which is what a HeaderName takes.
             let Ok(name) = HeaderName::from_bytes(name) else { continue };
-            map.append(name, crate::http::head::parsed_field_value(value, Some(&self.head)));
+            map.append(name, crate::http::head::parsed_field_value(self.head.slice_ref(value)));
         }
     }
 

@@ -116,7 +116,7 @@ pub fn fields_map(head: &Bytes, tunnel: bool, named: &[HeaderName]) -> Result<He
     let mut headers = HeaderMap::with_capacity(response.headers.len());
     for field in response.headers.iter().filter(|field| tunnel || hop_index(field.name.as_bytes()).is_none()) {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Malformed("bad header name"))?;
-        headers.append(name, crate::http::head::parsed_field_value(field.value, Some(head)));
+        headers.append(name, crate::http::head::parsed_field_value(head.slice_ref(field.value)));
     }
     if !tunnel {
         for name in named {
