@@ -43,7 +43,27 @@ pub fn hop_index(name: &[u8]) -> Option<usize> {
         (7, b'u') => 6,
         _ => return None,
     };
-    name.eq_ignore_ascii_case(HOP_NAMES[index]).then_some(index)
+    is_lowercase_name_any_case(name, HOP_NAMES[index]).then_some(index)
+}
+
+/// Whether `name` is `lower` in any case, where `lower` holds only lowercase letters, digits and
+/// `-` (as the hop-by-hop names do). Eight bytes at a time: a letter's byte of `lower` has the
+/// 0x40 bit, and that bit shifted down is the case bit the same byte of `name` may differ by;
+/// digits and `-` must match exactly. (`eq_ignore_ascii_case` folds byte by byte, and this is
+/// asked of every response's `Connection`.)
+fn is_lowercase_name_any_case(name: &[u8], lower: &[u8]) -> bool {
+    const LETTER_BITS: u64 = u64::from_ne_bytes([0x40; 8]);
+    let same = |name: u64, lower: u64| name | ((lower & LETTER_BITS) >> 1) == lower;
+    let len = name.len();
+    if len != lower.len() {
+        return false;
+    }
+    if len < 8 {
+        return name.iter().zip(lower).all(|(n, l)| same(u64::from(*n), u64::from(*l)));
+    }
+    let word = |bytes: &[u8], at: usize| bytes.get(at..at + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()).map_or(0, u64::from_ne_bytes);
+    // Whole words from the start, then the last eight bytes (overlapping the word before).
+    (0..len - 8).step_by(8).all(|at| same(word(name, at), word(lower, at))) && same(word(name, len - 8), word(lower, len - 8))
 }
 
 /// A `Connection` token naming a hop-by-hop header, in any case.
@@ -82,23 +102,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     if present[CONNECTION_HOP] {
-        // What Connection names besides the hop-by-hop headers (removed
-        // below anyway) and `close` is gathered first, as the map cannot change while its values
-        // are read; nearly always nothing is, and nothing is allocated.
+        // Connection goes (an upgrade gets its own below), and what it names besides the
+        // hop-by-hop headers (removed below anyway) and `close` is gathered as its values are
+        // taken out, in one lookup; nearly always nothing is, and nothing is allocated.
         let mut named: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(header::CONNECTION) {
-            for token in list_items(value.as_bytes()).filter(|token| names_another_field(token)) {
-                if let Ok(name) = HeaderName::from_bytes(token) {
-                    named.push(name);
+        if let http::header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+            for value in connection.remove_entry_mult().1 {
+                for token in list_items(value.as_bytes()).filter(|token| names_another_field(token)) {
+                    if let Ok(name) = HeaderName::from_bytes(token) {
+                        named.push(name);
+                    }
                 }
             }
         }
         for name in &named {
             headers.remove(name);
         }
+        present[CONNECTION_HOP] = false;
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, present)| *present) {
-        if !(keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION)) {
+        if !(keep_upgrade && name == header::UPGRADE) {
             headers.remove(name);
         }
     }
@@ -376,6 +399,29 @@ mod tests {
         assert_eq!(HOP_BY_HOP[CONNECTION_HOP], header::CONNECTION);
         assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_HOP], header::TRANSFER_ENCODING);
         assert!(is_hop_by_hop(b"Keep-Alive") && is_hop_by_hop(b"TRANSFER-ENCODING") && !is_hop_by_hop(b"x-transfer-encoding"));
+    }
+
+    #[test]
+    fn hop_names_are_matched_in_any_case_and_nothing_else() {
+        for lower in HOP_NAMES {
+            // Each name in every case pattern (of its first ten bytes, the rest following them).
+            let cased = |mask: u32| lower.iter().enumerate().map(|(i, b)| if mask & (1 << (i % 10)) != 0 { b.to_ascii_uppercase() } else { *b }).collect::<Vec<u8>>();
+            for mask in 0u32..1 << lower.len().min(10) {
+                assert!(is_lowercase_name_any_case(&cased(mask), lower), "{}", String::from_utf8_lossy(&cased(mask)));
+            }
+            // Every one-byte change of three of them, against the byte-by-byte reading.
+            for name in [cased(0), cased(u32::MAX), cased(0b0101010101)] {
+                for at in 0..name.len() {
+                    for byte in 0..=255u8 {
+                        let mut changed = name.clone();
+                        changed[at] = byte;
+                        assert_eq!(is_lowercase_name_any_case(&changed, lower), changed.eq_ignore_ascii_case(lower), "{changed:?}");
+                    }
+                }
+            }
+            assert!(!is_lowercase_name_any_case(&lower[1..], lower));
+            assert!(!is_lowercase_name_any_case(&[lower, &b"x"[..]].concat(), lower));
+        }
     }
 
     #[test]
