@@ -76,7 +76,7 @@ pub fn checked_request_host<'a>(authority: Option<&'a str>, mut hosts: impl Iter
         let blank = |b: &u8| *b == b' ' || *b == b'\t';
         let start = value.iter().position(|b| !blank(b))?;
         let end = value.iter().rposition(|b| !blank(b)).map_or(start, |last| last + 1);
-        std::str::from_utf8(&value[start..end]).ok()
+        text(&value[start..end])
     };
     hosts.next().and_then(trimmed).or_else(|| authority.and_then(|a| trimmed(a.as_bytes())))
 }
@@ -90,9 +90,20 @@ pub fn host_values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
 /// it.
 pub fn field_text(value: &[u8]) -> Option<&str> {
     if value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)) {
-        std::str::from_utf8(value).ok()
+        text(value)
     } else {
         None
+    }
+}
+
+/// `bytes` as text when they are UTF-8; ASCII (nearly every host) without `from_utf8`'s
+/// byte-by-byte reading of a short string.
+fn text(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
     }
 }
 
