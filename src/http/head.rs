@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::http::edge::{checked_request_host, field_text, has_bare_lf, host_values, is_tchar, normalise_host, request_host, Refusal};
-use crate::http::headers::list_items;
+use crate::http::headers::{equals_lowercase_any_case, list_items};
 
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Methods recognised from their first bytes, before the request line is complete: the HTTP
@@ -260,10 +260,10 @@ fn checked_head(head: &[u8], request: &httparse::Request<'_, '_>, len: usize) ->
     let body = check_framing(&fields, http10)?;
     let (authority, origin_form) = split_target(target, &method)?;
     request_host(authority, fields.values(Ruled::Host), !http10)?;
-    let connection_lists = |token: &[u8]| fields.values(Ruled::Connection).flat_map(list_items).any(|item| item.eq_ignore_ascii_case(token));
+    let connection_lists = |token: &[u8]| fields.values(Ruled::Connection).flat_map(list_items).any(|item| equals_lowercase_any_case(item, token));
     let close = if http10 { !connection_lists(b"keep-alive") } else { connection_lists(b"close") };
     let upgrade = !http10 && fields.values(Ruled::Upgrade).next().is_some() && connection_lists(b"upgrade");
-    let expect_continue = !http10 && fields.values(Ruled::Expect).next().is_some_and(|value| value.eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue = !http10 && fields.values(Ruled::Expect).next().is_some_and(|value| equals_lowercase_any_case(value, b"100-continue"));
     // The origin form is a part of the target, or (no path in an absolute form, CONNECT) none.
     let origin_start = (origin_form.as_ptr() as usize).wrapping_sub(target.as_ptr() as usize);
     let origin_start = if origin_start <= target.len() && target.get(origin_start..) == Some(origin_form) { origin_start } else { target.len() };
@@ -317,7 +317,7 @@ impl<'h, 'b> RuledFields<'h, 'b> {
                 (17, b't') => (Ruled::TransferEncoding, "transfer-encoding"),
                 _ => continue,
             };
-            if name.eq_ignore_ascii_case(text.as_bytes()) {
+            if equals_lowercase_any_case(name, text.as_bytes()) {
                 named[ruled as usize] |= 1 << index;
             }
         }

@@ -43,15 +43,17 @@ pub fn hop_index(name: &[u8]) -> Option<usize> {
         (7, b'u') => 6,
         _ => return None,
     };
-    is_lowercase_name_any_case(name, HOP_NAMES[index]).then_some(index)
+    equals_lowercase_any_case(name, HOP_NAMES[index]).then_some(index)
 }
 
 /// Whether `name` is `lower` in any case, where `lower` holds only lowercase letters, digits and
-/// `-` (as the hop-by-hop names do). Eight bytes at a time: a letter's byte of `lower` has the
-/// 0x40 bit, and that bit shifted down is the case bit the same byte of `name` may differ by;
-/// digits and `-` must match exactly. (`eq_ignore_ascii_case` folds byte by byte, and this is
-/// asked of every response's `Connection`.)
-fn is_lowercase_name_any_case(name: &[u8], lower: &[u8]) -> bool {
+/// `-` (as field names and the tokens the proxy reads in field values do). Eight bytes at a
+/// time: a letter's byte of `lower` has the 0x40 bit, and that bit shifted down is the case bit
+/// the same byte of `name` may differ by; digits and `-` must match exactly.
+/// (`eq_ignore_ascii_case` folds byte by byte, and every request and response head asks this
+/// of several of its names and tokens.)
+pub fn equals_lowercase_any_case(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'), "{lower:?}");
     const LETTER_BITS: u64 = u64::from_ne_bytes([0x40; 8]);
     let same = |name: u64, lower: u64| name | ((lower & LETTER_BITS) >> 1) == lower;
     let len = name.len();
@@ -407,7 +409,7 @@ mod tests {
             // Each name in every case pattern (of its first ten bytes, the rest following them).
             let cased = |mask: u32| lower.iter().enumerate().map(|(i, b)| if mask & (1 << (i % 10)) != 0 { b.to_ascii_uppercase() } else { *b }).collect::<Vec<u8>>();
             for mask in 0u32..1 << lower.len().min(10) {
-                assert!(is_lowercase_name_any_case(&cased(mask), lower), "{}", String::from_utf8_lossy(&cased(mask)));
+                assert!(equals_lowercase_any_case(&cased(mask), lower), "{}", String::from_utf8_lossy(&cased(mask)));
             }
             // Every one-byte change of three of them, against the byte-by-byte reading.
             for name in [cased(0), cased(u32::MAX), cased(0b0101010101)] {
@@ -415,12 +417,12 @@ mod tests {
                     for byte in 0..=255u8 {
                         let mut changed = name.clone();
                         changed[at] = byte;
-                        assert_eq!(is_lowercase_name_any_case(&changed, lower), changed.eq_ignore_ascii_case(lower), "{changed:?}");
+                        assert_eq!(equals_lowercase_any_case(&changed, lower), changed.eq_ignore_ascii_case(lower), "{changed:?}");
                     }
                 }
             }
-            assert!(!is_lowercase_name_any_case(&lower[1..], lower));
-            assert!(!is_lowercase_name_any_case(&[lower, &b"x"[..]].concat(), lower));
+            assert!(!equals_lowercase_any_case(&lower[1..], lower));
+            assert!(!equals_lowercase_any_case(&[lower, &b"x"[..]].concat(), lower));
         }
     }
 

@@ -66,7 +66,7 @@ impl FieldSpans {
         if name_end + 2 == value_start && head[name_end..value_start] == *b": " && head.get(value_end..value_end + 2) == Some(b"\r\n") {
             self.plain_lines |= 1 << index;
         }
-        if self.content_length.is_none() && name.eq_ignore_ascii_case(b"content-length") {
+        if self.content_length.is_none() && crate::http::headers::equals_lowercase_any_case(name, b"content-length") {
             self.content_length = Some(self.len);
         }
         self.len += 1;

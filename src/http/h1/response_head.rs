@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, StatusCode, Version};
 
 use crate::http::h1::fields::{FieldSpans, RawFields};
 use crate::http::head::MAX_HEADERS;
-use crate::http::headers::{hop_index, list_items, names_another_field, CONNECTION_HOP, TRANSFER_ENCODING_HOP};
+use crate::http::headers::{equals_lowercase_any_case, hop_index, list_items, names_another_field, CONNECTION_HOP, TRANSFER_ENCODING_HOP};
 
 /// A response head larger than this is refused (the upstream is not an attacker, but not
 /// unbounded either).
@@ -79,7 +79,7 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, M
         match hop {
             Some(CONNECTION_HOP) => fields.connection(field.value),
             Some(TRANSFER_ENCODING_HOP) => fields.transfer_encoding(field.value),
-            None if name.eq_ignore_ascii_case(b"content-length") => fields.content_length(field.value),
+            None if equals_lowercase_any_case(name, b"content-length") => fields.content_length(field.value),
             _ => {}
         }
         if hop.is_some() && !tunnel {
@@ -151,9 +151,9 @@ pub struct DelimitingFields {
 impl DelimitingFields {
     fn connection(&mut self, value: &[u8]) {
         for token in list_items(value) {
-            if token.eq_ignore_ascii_case(b"close") {
+            if equals_lowercase_any_case(token, b"close") {
                 self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            } else if equals_lowercase_any_case(token, b"keep-alive") {
                 self.keep_alive = true;
             } else if names_another_field(token) {
                 if let Ok(name) = HeaderName::from_bytes(token) {
@@ -166,7 +166,7 @@ impl DelimitingFields {
     fn transfer_encoding(&mut self, value: &[u8]) {
         self.transfer_encoding = true;
         let readable = value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b));
-        self.chunked_last = readable && list_items(value).next_back().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
+        self.chunked_last = readable && list_items(value).next_back().is_some_and(|coding| equals_lowercase_any_case(coding, b"chunked"));
     }
 
     fn content_length(&mut self, value: &[u8]) {
