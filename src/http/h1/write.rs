@@ -14,6 +14,7 @@ use http::{header, HeaderMap, HeaderName, StatusCode, Version};
 use tokio::io::AsyncWrite;
 
 use crate::http::h1::fields::RawFields;
+use crate::http::headers::equals_lowercase_any_case;
 
 /// Data frames up to this size are copied next to their framing; larger ones are written from
 /// their own buffer.
@@ -71,7 +72,13 @@ impl Output {
 
     /// Room for `additional` bytes in the current write, in one allocation.
     pub fn reserve(&mut self, additional: usize) {
-        self.tail.reserve(additional);
+        if self.tail.capacity() == 0 {
+            // Most heads start an empty buffer: allocated at its size at once, where `reserve`
+            // would take its longer way (growing a vector) to the same allocation.
+            self.tail = BytesMut::with_capacity(additional);
+        } else {
+            self.tail.reserve(additional);
+        }
     }
 
     pub fn put_content_length(&mut self, n: u64) {
@@ -107,7 +114,7 @@ impl Output {
         // Each kept field takes no more room than its line in the upstream's head.
         let kept_size = head.raw.map_or(0, RawFields::head_len);
         let size = mapped().fold(32 + reason.len() + kept_size, |size, (name, value)| size + name.len() + value.len() + 4);
-        self.tail.reserve(size + 96);
+        self.reserve(size + 96);
         let before = self.tail.len();
         let out = &mut self.tail;
         out.put_slice(b"HTTP/1.1 ");
@@ -120,7 +127,7 @@ impl Output {
         // Whether a field goes on, noting the ones this head must otherwise add.
         let mut goes_on = |name: &[u8]| {
             // The names that matter here, told apart from most others by their length.
-            let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+            let is = |known: &HeaderName| equals_lowercase_any_case(name, known.as_str().as_bytes());
             match name.len() {
                 10 if is(&header::CONNECTION) && head.status != StatusCode::SWITCHING_PROTOCOLS => return false,
                 17 if is(&header::TRANSFER_ENCODING) => return false,
