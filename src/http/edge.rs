@@ -52,17 +52,17 @@ pub fn request_host<'a>(authority: Option<&'a str>, mut hosts: impl Iterator<Ite
     let host = match first {
         None => None,
         Some(_) if hosts.next().is_some() => return Err(Refusal::bad_request("more than one Host header")),
-        Some(value) => authority_text(field_text(value).ok_or(NOT_A_HOST)?)?,
+        Some(value) => authority_text(value)?,
     };
     match (authority.filter(|a| !a.is_empty()), host) {
         (Some(authority), Some(host)) => {
-            authority_text(authority)?;
+            authority_text(authority.as_bytes())?;
             if !same_authority(authority, host) {
                 return Err(Refusal::bad_request("the request target's host and the Host header disagree"));
             }
             Ok(Some(host))
         }
-        (Some(authority), None) => Ok(authority_text(authority)?),
+        (Some(authority), None) => Ok(authority_text(authority.as_bytes())?),
         // An empty Host is how a client names no authority (RFC 9112 §3.2); no Host at all is not.
         (None, None) if host_required && !host_sent => Err(Refusal::bad_request("the request names no host")),
         (None, host) => Ok(host),
@@ -122,17 +122,20 @@ const AUTHORITY_BYTES: [bool; 256] = {
     table
 };
 
-/// The authority without surrounding spaces, `None` when empty; refused when it holds a byte
-/// no host name, address or port has.
-fn authority_text(value: &str) -> Result<Option<&str>, Refusal> {
+/// The authority (a target's, or a `Host` value's bytes) without surrounding spaces, `None` when
+/// empty; refused when it holds a byte no host name, address or port has (any byte that is not
+/// visible ASCII among them).
+fn authority_text(value: &[u8]) -> Result<Option<&str>, Refusal> {
     let blank = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = value.bytes().position(|b| !blank(&b)).unwrap_or(value.len());
-    let end = value.bytes().rposition(|b| !blank(&b)).map_or(start, |last| last + 1);
+    let start = value.iter().position(|b| !blank(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !blank(b)).map_or(start, |last| last + 1);
     let value = &value[start..end];
-    if value.len() > 1024 || !value.bytes().all(|b| AUTHORITY_BYTES[usize::from(b)]) {
+    if value.len() > 1024 || !value.iter().all(|b| AUTHORITY_BYTES[usize::from(*b)]) {
         return Err(NOT_A_HOST);
     }
-    Ok(Some(value).filter(|text| !text.is_empty()))
+    // SAFETY: every byte is one of AUTHORITY_BYTES, which are ASCII, and ASCII is UTF-8.
+    let text = unsafe { std::str::from_utf8_unchecked(value) };
+    Ok(Some(text).filter(|text| !text.is_empty()))
 }
 
 /// Same host (case-insensitive, trailing dot ignored) and same port when both name one.

@@ -283,7 +283,9 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
     // replaced by ours (For and Via are always ours, extending what came).
     let kept = |i: usize| (1..=3).contains(&i) && trusted && carried.forwarding[i];
     if !kept(1) {
-        *proto = Some(HeaderValue::from_static(if facts.https { "https" } else { "http" }));
+        // Built at compile time (`from_static` checks its bytes, and a runtime choice of text
+        // left that check to every request).
+        *proto = Some(if facts.https { const { HeaderValue::from_static("https") } } else { const { HeaderValue::from_static("http") } });
     }
     if !kept(2) {
         *host = sent_host;
@@ -292,15 +294,15 @@ pub fn add_forwarded(headers: &mut HeaderMap, facts: &ForwardedFacts<'_>) -> For
         *port = Some(facts.connection.local_port());
     }
     let (protocol, via_alone) = match facts.version {
-        http::Version::HTTP_10 => ("1.0", "1.0 smartproxy"),
-        http::Version::HTTP_2 => ("2", "2 smartproxy"),
-        http::Version::HTTP_3 => ("3", "3 smartproxy"),
-        _ => ("1.1", "1.1 smartproxy"),
+        http::Version::HTTP_10 => ("1.0", const { HeaderValue::from_static("1.0 smartproxy") }),
+        http::Version::HTTP_2 => ("2", const { HeaderValue::from_static("2 smartproxy") }),
+        http::Version::HTTP_3 => ("3", const { HeaderValue::from_static("3 smartproxy") }),
+        _ => ("1.1", const { HeaderValue::from_static("1.1 smartproxy") }),
     };
     let sent_via = if carried.forwarding[4] { headers.get(header::VIA).and_then(|v| v.to_str().ok()) } else { None };
     *via = match sent_via {
         Some(existing) => HeaderValue::try_from(format!("{existing}, {protocol} smartproxy")).ok(),
-        None => Some(HeaderValue::from_static(via_alone)),
+        None => Some(via_alone),
     };
     // What the request carried of the headers worked out here goes, unless the peer's is kept.
     for (i, name) in FORWARDING.iter().enumerate() {
