@@ -221,7 +221,9 @@ fn poll_response_head(cx: &mut Context<'_>, conn: &mut Connection, sending: &mut
             Poll::Ready(Ok(_)) => {}
             Poll::Ready(Err(err)) if seen_any => return Poll::Ready(Err(ClientError::Io(err))),
             Poll::Ready(Err(err)) => return Poll::Ready(Err(ClientError::ClosedBeforeResponse(Some(err)))),
-            Poll::Pending if sent => {}
+            // Sending moved and may move again (a body's next frames): another turn. Once the
+            // request is all out, the read just registered is the only wait.
+            Poll::Pending if sent && !sending.finished() => {}
             Poll::Pending => return Poll::Pending,
         }
     }
@@ -302,11 +304,16 @@ impl RequestSend {
         RequestSend { out, body: (!empty).then_some(body), framing, complete: false, write_error: None }
     }
 
+    /// Nothing more will be written: the request is all out, or writing failed.
+    fn finished(&self) -> bool {
+        self.complete || self.write_error.is_some()
+    }
+
     /// Writes what is queued and pulls the body's next frames. Ok(true) when something moved.
     /// A write failure stops the sending (the upstream may have answered already); a failed
     /// request body is the request's error.
     fn poll_send(&mut self, cx: &mut Context<'_>, io: &mut Box<dyn ClientStream>) -> Result<bool, ClientError> {
-        if self.complete || self.write_error.is_some() {
+        if self.finished() {
             return Ok(false);
         }
         let mut progressed = false;
