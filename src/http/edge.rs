@@ -286,15 +286,15 @@ const TCHAR: [bool; 256] = {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use http::HeaderValue;
+
     #[test]
     fn tchar_is_rfc_9110s() {
         for b in 0..=255u8 {
-            assert_eq!(super::is_tchar(b), b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b), "{b}");
+            assert_eq!(is_tchar(b), b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b), "{b}");
         }
     }
-
-    use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn a_bare_lf_is_found_wherever_it_is() {

@@ -114,9 +114,9 @@ pub fn take_head(buf: &mut BytesMut, max_head: usize) -> HeadParse {
 /// Where each field of a head is in it: name start, name end, value start, value end. Only the
 /// first fields, as many as the head has, are written (a request has a handful, and room for
 /// the most would be cleared each time for nothing).
-type FieldSpans = [std::mem::MaybeUninit<[u32; 4]>; MAX_HEADERS];
+type Spans = [std::mem::MaybeUninit<[u32; 4]>; MAX_HEADERS];
 
-fn no_spans() -> FieldSpans {
+fn no_spans() -> Spans {
     [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
 }
 
@@ -124,7 +124,7 @@ fn no_spans() -> FieldSpans {
 /// (how many, beside the head): httparse reads the buffer as it is, and the fields are made
 /// values once the caller holds the head's bytes in a `Bytes` of their own. Or what else the
 /// bytes are (so far).
-fn read_spans(buf: &[u8], max_head: usize, spans: &mut FieldSpans) -> Result<(RequestHead, usize), HeadParse> {
+fn read_spans(buf: &[u8], max_head: usize, spans: &mut Spans) -> Result<(RequestHead, usize), HeadParse> {
     let base = buf.as_ptr() as usize;
     let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
