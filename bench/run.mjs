@@ -1119,9 +1119,24 @@ function iperf3Client(port, args, timeoutMs = 0) {
   return JSON.parse(out);
 }
 
+/**
+ * A section's table: its header lines and the rows `rows()` measures; or, should the section fail,
+ * a line saying why, so that one failed section does not lose the tables measured before it.
+ */
+async function sectionTable(name, header, rows) {
+  try {
+    return [...header, ...(await rows())].join('\n');
+  } catch (err) {
+    console.log(`${name}: FAILED ${err.message}`);
+    return `(failed: ${err.message})`;
+  }
+}
+
 function iperf(port, reverse) {
   const result = iperf3Client(port, ['-n', bytes, ...(reverse ? ['-R'] : [])]);
-  const bitsPerSecond = reverse ? result.end.sum_received.bits_per_second : result.end.sum_sent.bits_per_second;
+  const bitsPerSecond = reverse ? result.end?.sum_received?.bits_per_second : result.end?.sum_sent?.bits_per_second;
+  // iperf3 reports a failed test (a reset stream, a refused control connection) in its JSON.
+  if (typeof bitsPerSecond !== 'number') throw new Error(`iperf3 through port ${port} reported no result: ${result.error ?? 'no summary'}`);
   return bitsPerSecond / 8 / 1e6;
 }
 
@@ -1382,34 +1397,26 @@ async function main() {
   });
   const table = rows.length ? [header, header.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n') : '(not run)';
   const connectionTable = runConnections
-    ? ['| route target | connections/s | p50 latency | p99 latency |', '| --- | --- | --- | --- |', ...(await connectionRows())].join('\n')
+    ? await sectionTable(connectionScenario, ['| route target | connections/s | p50 latency | p99 latency |', '| --- | --- | --- | --- |'], connectionRows)
     : '(not run)';
-  const securityTable = runSecurity
-    ? ['| route security | req/s | vs none |', '| --- | --- | --- |', ...(await securityRows())].join('\n')
-    : '(not run)';
+  const securityTable = runSecurity ? await sectionTable(securityScenario, ['| route security | req/s | vs none |', '| --- | --- | --- |'], securityRows) : '(not run)';
   const tcpLayoutTable = runTcpLayout
-    ? ['| 1 GiB stream | upload | download | vs the first row (up / down) |', '| --- | --- | --- | --- |', ...(await tcpLayoutRows())].join('\n')
+    ? await sectionTable(tcpLayoutScenario, ['| 1 GiB stream | upload | download | vs the first row (up / down) |', '| --- | --- | --- | --- |'], tcpLayoutRows)
     : '(not run)';
   const kernelTable = runKernel
-    ? ['| 1 GiB stream | upload | download | vs direct (up / down) | proxy CPU seconds (both runs) |', '| --- | --- | --- | --- | --- |', ...(await kernelRows())].join('\n')
+    ? await sectionTable(kernelScenario, ['| 1 GiB stream | upload | download | vs direct (up / down) | proxy CPU seconds (both runs) |', '| --- | --- | --- | --- | --- |'], kernelRows)
     : '(not run: needs root and nft)';
   const udpTable = runUdp
-    ? ['| path | received datagrams/s | sent datagrams/s | loss | vs direct (received) | proxy CPU per million datagrams (s) |', '| --- | --- | --- | --- | --- | --- |', ...(await udpRows())].join('\n')
+    ? await sectionTable(udpScenario, ['| path | received datagrams/s | sent datagrams/s | loss | vs direct (received) | proxy CPU per million datagrams (s) |', '| --- | --- | --- | --- | --- | --- |'], udpRows)
     : '(not run)';
-  let http3Table = '(not run)';
-  if (runHttp3) {
-    try {
-      http3Table = ['| protocol (client), connections x streams | req/s | HTTP/3 / HTTP/2 (req/s) | proxy CPU per request (µs) | HTTP/3 / HTTP/2 (proxy CPU) | client CPU per request (µs) |', '| --- | --- | --- | --- | --- | --- |', ...(await http3Rows())].join('\n');
-    } catch (err) {
-      console.log(`${http3Scenario}: FAILED ${err.message}`);
-      http3Table = `(failed: ${err.message})`;
-    }
-  }
+  const http3Table = runHttp3
+    ? await sectionTable(http3Scenario, ['| protocol (client), connections x streams | req/s | HTTP/3 / HTTP/2 (req/s) | proxy CPU per request (µs) | HTTP/3 / HTTP/2 (proxy CPU) | client CPU per request (µs) |', '| --- | --- | --- | --- | --- | --- |'], http3Rows)
+    : '(not run)';
   const scaleOutTable = runScaleOut
-    ? ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await scaleOutRows())].join('\n')
+    ? await sectionTable(scaleOutScenario, ['| setup | req/s | vs its baseline | proxy CPU per request (µs) | baseline CPU / this CPU |', '| --- | --- | --- | --- | --- |'], scaleOutRows)
     : '(not run)';
   const operationsTable = runOperations
-    ? ['| setup | req/s | vs the first row | proxy CPU per request (µs) | first row CPU / this CPU |', '| --- | --- | --- | --- | --- |', ...(await operationsRows())].join('\n')
+    ? await sectionTable(operationsScenario, ['| setup | req/s | vs the first row | proxy CPU per request (µs) | first row CPU / this CPU |', '| --- | --- | --- | --- | --- |'], operationsRows)
     : '(not run)';
   const elapsed = (Date.now() - t0) / 1000;
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim();
