@@ -380,7 +380,7 @@ const newConnCpuRow = 'CPU time of the proxy per new connection (µs, lower is b
  * Small GETs with wrk -c`conns` (and `headers`: `Connection: close` for a new connection per
  * request), plus the proxy's CPU time per request in row `cpuRowName`.
  */
-function keepAliveScenario(name, cpuRowName, conns, headers = []) {
+function smallGetScenario(name, cpuRowName, conns, headers = []) {
   return {
     name,
     kind: 'http',
@@ -501,12 +501,12 @@ const scenarios = [
       return { value: r.p50us, notes: [['p99', r.p99us, 'µs']] };
     },
   },
-  keepAliveScenario('HTTP/1.1 keep-alive small GET (req/s)', cpuRow, 32),
+  smallGetScenario('HTTP/1.1 keep-alive small GET (req/s)', cpuRow, 32),
   // The same at other numbers of client connections (the 32-connection row above keeps its name).
-  ...keepAliveSweep.map((conns) => keepAliveScenario(`HTTP/1.1 keep-alive small GET, ${conns} conns (req/s)`, sweepCpuRow(conns), conns)),
+  ...keepAliveSweep.map((conns) => smallGetScenario(`HTTP/1.1 keep-alive small GET, ${conns} conns (req/s)`, sweepCpuRow(conns), conns)),
   // Sliced like the keep-alive rows: one 5 s run per proxy in turn let the host's slow spells
   // decide it, and the client's own CPU bounds the conn/s, so the CPU row is the proxy's figure.
-  keepAliveScenario('HTTP/1.1 new connection per request (conn/s)', newConnCpuRow, 32, ['Connection: close']),
+  smallGetScenario('HTTP/1.1 new connection per request (conn/s)', newConnCpuRow, 32, ['Connection: close']),
   {
     name: 'HTTP/1.1 1 MiB responses (MB/s)',
     kind: 'http',
