@@ -38,7 +38,7 @@ use crate::routing::table::Route;
 use crate::routing::table::RequestFacts;
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
-use crate::tcp::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
+use crate::tcp::{relay, relay_streams, ByteSinks, Held, RelayEnd, RelayLimits};
 use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
 
 pub use guards::ConnectionGuard;
@@ -516,21 +516,17 @@ impl Session {
                 }
             }
         }
-        if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
-            return Next::Ended(TerminationReason::BackendError);
-        }
-        if client_done {
-            let _ = backend.shutdown().await;
-        }
-        drop(initial);
 
-        // Relaying until both sides are done or a limit ends it.
+        // Relaying until both sides are done or a limit ends it. What the client sent while the
+        // backend was connected goes first, inside the relay: written here before it, to a backend
+        // that answers as it reads, it would wait for a reader of the answers that never came.
         self.state.advance(State::Relaying, self.id);
         let Ok(mut client) = client.into_registered() else {
             return Next::Ended(TerminationReason::ClientError);
         };
         let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
-        Next::Ended(match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, client_done)).await {
+        let held = Held { bytes: initial, client_done };
+        Next::Ended(match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, held)).await {
             RelayEnd::Completed => TerminationReason::Completed,
             RelayEnd::ClientError => TerminationReason::ClientError,
             RelayEnd::BackendError => TerminationReason::BackendError,

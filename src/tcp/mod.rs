@@ -5,4 +5,4 @@ mod activity;
 mod relay;
 
 pub use activity::Activity;
-pub use relay::{relay, relay_streams, ByteSinks, RelayEnd, RelayLimits};
+pub use relay::{relay, relay_streams, ByteSinks, Held, RelayEnd, RelayLimits};

@@ -59,19 +59,29 @@ enum Side {
     Backend,
 }
 
-/// Relays until both directions have ended or a limit fires. `client_done` says the client has
-/// already half-closed (its FIN arrived before the backend was connected, and was passed on).
+/// What the client sent while the backend was being connected: its bytes (counted already; freed
+/// once written) and whether its FIN came too.
+#[derive(Default)]
+pub struct Held {
+    pub bytes: Vec<u8>,
+    pub client_done: bool,
+}
+
+/// Relays until both directions have ended or a limit fires. `held` goes to the backend first,
+/// as part of the client's direction: the backend's direction flows meanwhile, so a backend that
+/// answers as it reads (an echo, a pipelining server) cannot block the bytes held for it, and the
+/// limits apply to them as to any others.
 pub async fn relay(
     client: &mut TcpStream,
     backend: &mut TcpStream,
     bytes: &ByteSinks<'_>,
     limits: RelayLimits,
     shutdown: &CancellationToken,
-    client_done: bool,
+    held: Held,
 ) -> RelayEnd {
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
-    relay_halves((client_read, client_write), (backend_read, backend_write), bytes, limits, shutdown, client_done).await
+    relay_halves((client_read, client_write), (backend_read, backend_write), bytes, limits, shutdown, held).await
 }
 
 /// `relay` for any two streams (a TLS session and a socket pair, say).
@@ -80,7 +90,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    relay_halves(tokio::io::split(client), tokio::io::split(backend), bytes, limits, shutdown, false).await
+    relay_halves(tokio::io::split(client), tokio::io::split(backend), bytes, limits, shutdown, Held::default()).await
 }
 
 async fn relay_halves<CR, CW, BR, BW>(
@@ -89,7 +99,7 @@ async fn relay_halves<CR, CW, BR, BW>(
     bytes: &ByteSinks<'_>,
     limits: RelayLimits,
     shutdown: &CancellationToken,
-    client_done: bool,
+    held: Held,
 ) -> RelayEnd
 where
     CR: AsyncRead + Unpin,
@@ -98,12 +108,12 @@ where
     BW: AsyncWrite + Unpin,
 {
     let activity = Activity::new();
-    let upstream = pump(client_read, backend_write, Side::Client, |n| bytes.add_in(n), |_| {}, &activity);
-    let downstream = pump(backend_read, client_write, Side::Backend, |_| {}, |n| bytes.add_out(n), &activity);
+    let upstream = pump(client_read, backend_write, Side::Client, held, |n| bytes.add_in(n), |_| {}, &activity);
+    let downstream = pump(backend_read, client_write, Side::Backend, Held::default(), |_| {}, |n| bytes.add_out(n), &activity);
     let idle = activity.quiet_for(limits.idle);
     tokio::pin!(upstream, downstream, idle);
 
-    let (mut up_done, mut down_done) = (client_done, false);
+    let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
             result = &mut upstream, if !up_done => {
@@ -135,12 +145,14 @@ impl From<Side> for RelayEnd {
     }
 }
 
-/// Copies `from` → `to` until `from` ends, then half-closes `to`. Errors name the side at fault:
-/// a failed read is the reading side's, a failed write the writing side's.
+/// Copies `first`, then `from` → `to` until `from` ends (at once if it ended before), then
+/// half-closes `to`. Errors name the side at fault: a failed read is the reading side's, a failed
+/// write the writing side's.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
     from_side: Side,
+    first: Held,
     on_read: impl Fn(usize),
     on_written: impl Fn(usize),
     activity: &Activity,
@@ -150,6 +162,19 @@ where
     W: AsyncWrite + Unpin,
 {
     let to_side = if from_side == Side::Client { Side::Backend } else { Side::Client };
+    let Held { bytes: held, client_done: from_done } = first;
+    if !held.is_empty() {
+        to.write_all(&held).await.map_err(|_| to_side)?;
+        to.flush().await.map_err(|_| to_side)?;
+        on_written(held.len());
+        activity.touch();
+    }
+    drop(held);
+    if from_done {
+        // The peer may already be gone; a failed FIN changes nothing for the other direction.
+        let _ = to.shutdown().await;
+        return Ok(());
+    }
     let mut buf = vec![0u8; INITIAL_BUFFER];
     loop {
         let n = from.read(&mut buf).await.map_err(|_| from_side)?;
@@ -168,5 +193,52 @@ where
         if n == buf.len() && buf.len() < MAX_BUFFER {
             buf.resize(buf.len() * 2, 0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Two ends of one loopback TCP connection.
+    async fn connected_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// More than the kernel buffers of both connections hold together, so that nothing reaches
+    /// the end unless someone reads the echo while the held bytes are still being written.
+    const HELD: usize = 32 * 1024 * 1024;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_held_during_connect_reach_a_backend_that_answers_as_it_reads() {
+        let (client, mut proxy_client) = connected_pair().await;
+        let (mut proxy_backend, echo) = connected_pair().await;
+        tokio::spawn(async move {
+            let (mut read, mut write) = echo.into_split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+            let _ = write.shutdown().await;
+        });
+        // The client sent everything, then its FIN, while the backend was being connected.
+        let (mut client_read, mut client_write) = client.into_split();
+        client_write.shutdown().await.expect("client FIN");
+        let echoed = tokio::spawn(async move {
+            let mut echoed = Vec::new();
+            client_read.read_to_end(&mut echoed).await.map(|_| echoed)
+        });
+        let limits = RelayLimits { idle: Duration::from_secs(30), deadline: Instant::now() + Duration::from_secs(60) };
+        let end = tokio::time::timeout(
+            Duration::from_secs(30),
+            relay(&mut proxy_client, &mut proxy_backend, &ByteSinks { sinks: &[] }, limits, &CancellationToken::new(), Held { bytes: vec![0x5a_u8; HELD], client_done: true }),
+        )
+        .await
+        .expect("the relay finished instead of waiting on itself");
+        assert_eq!(end, RelayEnd::Completed);
+        let echoed = echoed.await.expect("reader task").expect("client read");
+        assert_eq!(echoed.len(), HELD, "every held byte came back through the echo");
+        assert!(echoed.iter().all(|byte| *byte == 0x5a));
     }
 }
