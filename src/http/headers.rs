@@ -145,12 +145,12 @@ pub struct ConnectionValues {
 
 impl ConnectionValues {
     pub fn new(client_ip: IpAddr, local_port: u16) -> ConnectionValues {
-        // Written on the stack, then copied into an allocation of exactly its length: it lasts
-        // as long as the connection, idle ones included. At most 39 characters of an address
-        // (eight groups of four hex digits, seven colons) and five of a port.
-        let mut text = [0u8; 64];
+        // Written on the stack, then into the one allocation the values share, which counts
+        // their references too (a copied `Bytes` takes a second allocation for that when first
+        // cloned): it lasts as long as the connection, idle ones included.
+        let mut text = [0u8; CONNECTION_TEXT_MAX];
         let mut len = 0;
-        let put = |text: &mut [u8; 64], len: &mut usize, bytes: &[u8]| {
+        let put = |text: &mut [u8; CONNECTION_TEXT_MAX], len: &mut usize, bytes: &[u8]| {
             text[*len..*len + bytes.len()].copy_from_slice(bytes);
             *len += bytes.len();
         };
@@ -169,7 +169,13 @@ impl ConnectionValues {
         }
         let address_len = len as u8;
         put(&mut text, &mut len, itoa::Buffer::new().format(local_port).as_bytes());
-        ConnectionValues { text: Bytes::copy_from_slice(&text[..len]), address_len }
+        // An IPv4 client's text in an owner of its own size: the owner and its count then take
+        // no more than a copied text and its count took.
+        let text = match client_ip {
+            IpAddr::V4(_) => Bytes::from_owner(ConnectionText::<IPV4_TEXT_MAX>::new(&text[..len])),
+            IpAddr::V6(_) => Bytes::from_owner(ConnectionText::<CONNECTION_TEXT_MAX>::new(&text[..len])),
+        };
+        ConnectionValues { text, address_len }
     }
 
     pub fn client_ip(&self) -> HeaderValue {
@@ -184,6 +190,32 @@ impl ConnectionValues {
     pub fn local_port(&self) -> HeaderValue {
         // SAFETY: a port's decimal digits.
         unsafe { HeaderValue::from_maybe_shared_unchecked(self.text.slice(usize::from(self.address_len)..)) }
+    }
+}
+
+/// The longest text of an address and a port: 39 characters of an IPv6 address (eight groups of
+/// four hex digits, seven colons), five of a port.
+const CONNECTION_TEXT_MAX: usize = 44;
+/// The same for IPv4: 15 and five.
+const IPV4_TEXT_MAX: usize = 20;
+
+/// The owner of `ConnectionValues`' bytes.
+struct ConnectionText<const N: usize> {
+    text: [u8; N],
+    len: u8,
+}
+
+impl<const N: usize> ConnectionText<N> {
+    fn new(text: &[u8]) -> Self {
+        let mut owned = ConnectionText { text: [0; N], len: text.len() as u8 };
+        owned.text[..text.len()].copy_from_slice(text);
+        owned
+    }
+}
+
+impl<const N: usize> AsRef<[u8]> for ConnectionText<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
     }
 }
 
@@ -386,6 +418,13 @@ mod tests {
             assert_eq!(values.client_ip_text(), ip.to_string().as_bytes());
             assert_eq!(values.client_ip().as_bytes(), ip.to_string().as_bytes());
             assert_eq!(values.local_port().as_bytes(), b"8443");
+        }
+        // The longest texts fill their owners exactly.
+        for ip in ["255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"] {
+            let ip: IpAddr = ip.parse().expect("an address");
+            let values = ConnectionValues::new(ip, 65535);
+            assert_eq!(values.client_ip_text(), ip.to_string().as_bytes());
+            assert_eq!(values.local_port().as_bytes(), b"65535");
         }
     }
 

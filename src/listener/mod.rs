@@ -153,10 +153,13 @@ pub fn bind_dual_stack(kind: Type, port: u16) -> io::Result<Socket> {
 }
 
 async fn accept_loop(listener: AsyncFd<std::net::TcpListener>, port: u16, stop: CancellationToken, on_accept: OnAccept) {
+    // One wait on the token for the loop's life: a wait made afresh per turn would join and leave
+    // the token's waiter list (a lock each) for every batch of connections.
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = &mut stopped => return,
             accepted = listener.async_io(Interest::READABLE, accept_unregistered) => match accepted {
                 Ok((socket, peer)) => on_accept(AcceptedSocket::new(socket), peer, port),
                 Err(err) => {

@@ -317,7 +317,13 @@ impl Session {
                 };
             }
             Some(Sniffed::Http(head)) => {
-                self.domain = head.domain();
+                // A connection served request by request has no one domain (each request is
+                // routed by its own host): the first head's is read only for what decides on the
+                // whole connection, a socket handler's route, the connection event, a port that
+                // routes connections rather than requests.
+                if !plan.serves_http || plan.socket_handlers || env.http.scripts.wants(EventKind::Connection) {
+                    self.domain = head.domain();
+                }
                 first_head = Some(head);
             }
             // HTTP on a port whose routes read requests is answered, never relayed raw.

@@ -321,8 +321,11 @@ impl TunnelScope {
 
     /// Resolves when every tunnel of the connection has ended.
     pub async fn wait(&self) {
-        // Made here when no tunnel made it, so that one spawned from now on is waited for too.
-        let tasks = self.tasks.get_or_init(tokio_util::task::TaskTracker::new);
+        // No tunnel yet: nothing to wait for (a tracker made now would be empty, and its wait
+        // would return at once just the same).
+        let Some(tasks) = self.tasks.get() else {
+            return;
+        };
         tasks.close();
         tasks.wait().await;
     }
