@@ -26,6 +26,7 @@ mod tcp;
 mod templates;
 mod tls;
 mod udp;
+mod wake_gate;
 mod write_batch;
 
 use std::future::Future;

@@ -612,7 +612,7 @@ impl Engine {
             no_delay: o.no_delay,
             keep_alive: self.client_keep_alive(),
             draining,
-            force_close,
+            force_close: force_close.clone(),
             proxy_header_from: o.accept_proxy_protocol.then(|| self.trusted_proxies.clone()),
             trusted_proxies: self.trusted_proxies.clone(),
             trust_forwarded_headers: o.trust_forwarded_headers,
@@ -627,6 +627,7 @@ impl Engine {
                 affinity,
                 shared,
                 access_log,
+                force_close,
             }),
         }
     }

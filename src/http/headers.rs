@@ -150,25 +150,26 @@ impl ConnectionValues {
         // cloned): it lasts as long as the connection, idle ones included.
         let mut text = [0u8; CONNECTION_TEXT_MAX];
         let mut len = 0;
-        let put = |text: &mut [u8; CONNECTION_TEXT_MAX], len: &mut usize, bytes: &[u8]| {
-            text[*len..*len + bytes.len()].copy_from_slice(bytes);
-            *len += bytes.len();
-        };
         match client_ip {
-            // Most clients: four numbers, written without the formatting machinery `Display` goes
-            // through (one connection in each new-connection request pays it).
+            // Most clients: four numbers, written digit by digit rather than through the
+            // formatting machinery (one connection in each new-connection request pays it).
             IpAddr::V4(v4) => {
                 for (index, octet) in v4.octets().into_iter().enumerate() {
                     if index > 0 {
-                        put(&mut text, &mut len, b".");
+                        text[len] = b'.';
+                        len += 1;
                     }
-                    put(&mut text, &mut len, itoa::Buffer::new().format(octet).as_bytes());
+                    put_decimal(&mut text, &mut len, u16::from(octet));
                 }
             }
-            IpAddr::V6(v6) => put(&mut text, &mut len, v6.to_string().as_bytes()),
+            IpAddr::V6(v6) => {
+                let address = v6.to_string();
+                text[..address.len()].copy_from_slice(address.as_bytes());
+                len = address.len();
+            }
         }
         let address_len = len as u8;
-        put(&mut text, &mut len, itoa::Buffer::new().format(local_port).as_bytes());
+        put_decimal(&mut text, &mut len, local_port);
         // An IPv4 client's text in an owner of its own size: the owner and its count then take
         // no more than a copied text and its count took.
         let text = match client_ip {
@@ -190,6 +191,25 @@ impl ConnectionValues {
     pub fn local_port(&self) -> HeaderValue {
         // SAFETY: a port's decimal digits.
         unsafe { HeaderValue::from_maybe_shared_unchecked(self.text.slice(usize::from(self.address_len)..)) }
+    }
+}
+
+/// Appends `value` in decimal to `text` at `len`.
+fn put_decimal(text: &mut [u8; CONNECTION_TEXT_MAX], len: &mut usize, value: u16) {
+    let mut digits = [0u8; 5];
+    let mut start = digits.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[start..] {
+        text[*len] = digit;
+        *len += 1;
     }
 }
 
@@ -414,10 +434,12 @@ mod tests {
     fn connection_values_are_the_address_and_port_as_text() {
         for ip in ["127.0.0.1", "0.0.0.0", "255.255.255.255", "10.20.3.4", "::1", "2001:db8::8a2e:370:7334", "::ffff:1.2.3.4"] {
             let ip: IpAddr = ip.parse().expect("an address");
-            let values = ConnectionValues::new(ip, 8443);
-            assert_eq!(values.client_ip_text(), ip.to_string().as_bytes());
-            assert_eq!(values.client_ip().as_bytes(), ip.to_string().as_bytes());
-            assert_eq!(values.local_port().as_bytes(), b"8443");
+            for port in [0u16, 7, 80, 443, 8443] {
+                let values = ConnectionValues::new(ip, port);
+                assert_eq!(values.client_ip_text(), ip.to_string().as_bytes());
+                assert_eq!(values.client_ip().as_bytes(), ip.to_string().as_bytes());
+                assert_eq!(values.local_port().as_bytes(), port.to_string().as_bytes());
+            }
         }
         // The longest texts fill their owners exactly.
         for ip in ["255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"] {

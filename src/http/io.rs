@@ -14,12 +14,11 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::clock::{coarse_ms as now_ms, instant_at};
-use crate::metrics::ByteCounters;
 
 /// Where client-side byte counts go; shared with the session that owns the connection.
 pub struct ClientCounters {
     pub engine: Arc<crate::metrics::EngineMetrics>,
-    pub ip: Arc<ByteCounters>,
+    pub ip: Arc<crate::security::IpShare>,
     /// On the coarse clock (`crate::clock`).
     last_activity_ms: AtomicU64,
     /// Requests of the connection between their head and the end of their response.
@@ -32,7 +31,7 @@ pub struct ClientCounters {
 }
 
 impl ClientCounters {
-    pub fn new(engine: Arc<crate::metrics::EngineMetrics>, ip: Arc<ByteCounters>) -> Self {
+    pub fn new(engine: Arc<crate::metrics::EngineMetrics>, ip: Arc<crate::security::IpShare>) -> Self {
         ClientCounters {
             engine,
             ip,
@@ -80,9 +79,9 @@ impl ClientCounters {
     /// Bytes counted at once, by a connection whose transport counts them itself (QUIC).
     pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
         self.engine.bytes.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        self.ip.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        self.ip.bytes.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
         self.engine.bytes.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
-        self.ip.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+        self.ip.bytes.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
     }
 
     fn touch(&self) {
@@ -91,7 +90,7 @@ impl ClientCounters {
 
     fn add_in(&self, n: usize) {
         self.engine.bytes.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        self.ip.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.ip.bytes.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         let now = now_ms();
         self.last_activity_ms.store(now, Ordering::Relaxed);
         if self.times_heads.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Acquire) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
@@ -101,7 +100,7 @@ impl ClientCounters {
 
     fn add_out(&self, n: usize) {
         self.engine.bytes.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-        self.ip.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.ip.bytes.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         self.touch();
     }
 }

@@ -17,7 +17,8 @@ use crate::http::head::RequestHead;
 use crate::http::h1::server::{serve_h1, H1End};
 use crate::http::io::ClientCounters;
 use crate::http::pipeline::ConnectionContext;
-use crate::http::watchdog::{Watch, WatchEvent, WakeGated};
+use crate::http::watchdog::{Watch, WatchEvent};
+use crate::wake_gate::WakeGated;
 use crate::http::websocket::TunnelScope;
 use crate::metrics::TerminationReason;
 

@@ -3,18 +3,14 @@
 //! requests: the keep-alive timeout, or the head timeout once a later HTTP/1.x head has begun);
 //! its lifetime running out. The connection's future
 //! wakes the session task on every read, write and upstream answer, while these fire a few times
-//! per connection at most, so the watchdog is wake-gated: its timer and token hold a waker of its
-//! own that flags the wake, and the session task polls the watchdog only after such a wake instead
-//! of re-polling a timer and a token on every wake.
+//! per connection at most, so the watchdog runs wake-gated (`crate::wake_gate`): the session task
+//! polls it only after its timer or token woke it, instead of re-polling both on every wake.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use atomic_waker::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::io::ClientCounters;
@@ -46,18 +42,23 @@ pub struct Watch<'a> {
 impl Watch<'_> {
     /// The next event. Before `Draining` was reported it waits on `draining` (which a force close
     /// cancels too), afterwards on `force_close`: one token at a time, and one timer for both the
-    /// idle timeout and the lifetime.
+    /// idle timeout and the lifetime. A connection joins `draining`'s waiters only from the
+    /// timer's first check on (`JOIN_DRAIN_WAITERS_AFTER`), and looks at the token before that.
     /// (Polled by hand rather than through `select!`: what every connection holds while it
     /// waits is the timer, the token's wait and a reference, and no copies of them.)
     pub async fn next(&self, draining_reported: bool) -> WatchEvent {
         let token = if draining_reported { self.force_close } else { self.draining };
-        let timer = std::pin::pin!(tokio::time::sleep_until(self.next_check().into()));
+        // A force close must end the connection at once: its wait is joined from the start.
+        let mut joined = draining_reported;
+        let first_recheck = if joined { self.recheck_period() } else { self.recheck_period().min(JOIN_DRAIN_WAITERS_AFTER) };
+        let timer = std::pin::pin!(tokio::time::sleep_until(self.next_check(first_recheck).into()));
         let cancelled = std::pin::pin!(token.cancelled());
         let mut waits = (timer, cancelled);
         std::future::poll_fn(move |cx| {
             let (timer, cancelled) = &mut waits;
-            if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(if self.force_close.is_cancelled() { WatchEvent::ForceClose } else { WatchEvent::Draining });
+            let stopping = if joined { cancelled.as_mut().poll(cx).is_ready() } else { token.is_cancelled() };
+            if stopping {
+                return Poll::Ready(self.stop_event());
             }
             while timer.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
@@ -69,11 +70,25 @@ impl Watch<'_> {
                 if idle_at <= now {
                     return Poll::Ready(event);
                 }
-                timer.as_mut().reset(self.next_check().into());
+                if !joined {
+                    joined = true;
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(self.stop_event());
+                    }
+                }
+                timer.as_mut().reset(self.next_check(self.recheck_period()).into());
             }
             Poll::Pending
         })
         .await
+    }
+
+    fn stop_event(&self) -> WatchEvent {
+        if self.force_close.is_cancelled() {
+            WatchEvent::ForceClose
+        } else {
+            WatchEvent::Draining
+        }
     }
 
     /// When the connection has waited too long, and what it then waited for.
@@ -94,127 +109,36 @@ impl Watch<'_> {
         }
     }
 
-    /// The earliest point something may be due. Activity only moves points later, but a
-    /// request ending or a head beginning can move the point earlier than the timer was set for,
-    /// so the timer also looks again every half head timeout: a head is cut by 1.5 times
-    /// `headerTimeout` at worst, a keep-alive wait never before its timeout.
-    fn next_check(&self) -> Instant {
-        let recheck = after(Instant::now(), (self.header_timeout / 2).max(Duration::from_millis(10)));
+    /// The earliest point something may be due, and no later than `recheck_after` from now.
+    fn next_check(&self, recheck_after: Duration) -> Instant {
+        let recheck = after(Instant::now(), recheck_after);
         self.idle_at().0.min(self.deadline).min(recheck)
     }
+
+    /// Activity only moves points later, but a request ending or a head beginning can move the
+    /// point earlier than the timer was set for, so the timer also looks again every half head
+    /// timeout: a head is cut by 1.5 times `headerTimeout` at worst, a keep-alive wait never
+    /// before its timeout.
+    fn recheck_period(&self) -> Duration {
+        (self.header_timeout / 2).max(Duration::from_millis(10))
+    }
 }
+
+/// How long a connection's watchdog only looks at the drain token when its timer wakes it,
+/// before it joins the token's waiters (a lock to join, another to leave): a connection that ends
+/// sooner, as most that carry one request do, never joins, and one that is this young when a stop
+/// begins hears of it this much later at most. A force close is heard at once.
+const JOIN_DRAIN_WAITERS_AFTER: Duration = Duration::from_millis(100);
 
 /// `at + wait`, or a year on for a wait too long to add (configured timeouts may be huge).
 fn after(at: Instant, wait: Duration) -> Instant {
     at.checked_add(wait).unwrap_or_else(|| at + Duration::from_secs(365 * 24 * 3600))
 }
 
-/// Polls `inner` only on its first poll and after something `inner` waits on woke it; otherwise
-/// answers `Pending` at the cost of two atomic operations. Meant for a future that sits in a
-/// `select!` next to a busy one.
-pub struct WakeGated<F> {
-    inner: Pin<Box<F>>,
-    flag: Arc<WakeFlag>,
-    waker: Waker,
-}
-
-struct WakeFlag {
-    woken: AtomicBool,
-    /// The waker of the task polling the gate, from its latest poll.
-    task: AtomicWaker,
-}
-
-impl Wake for WakeFlag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl<F: Future> WakeGated<F> {
-    pub fn new(inner: F) -> Self {
-        // Woken at the start: the first poll must reach `inner` so it registers its wakers.
-        let flag = Arc::new(WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-        WakeGated { inner: Box::pin(inner), waker: Waker::from(flag.clone()), flag }
-    }
-}
-
-impl<F: Future> Future for WakeGated<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        // Registered before the flag is read: a wake between the two is seen by the read, and a
-        // wake after it reaches this task through the registered waker.
-        this.flag.task.register(cx.waker());
-        if !this.flag.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        this.inner.as_mut().poll(&mut Context::from_waker(&this.waker))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// Counts its polls; ready once `ready` is set, and wakes whoever `wake_me` holds then.
-    struct Probe {
-        polls: Arc<AtomicUsize>,
-        ready: Arc<AtomicBool>,
-        wake_me: Arc<parking_lot::Mutex<Option<Waker>>>,
-    }
-
-    impl Future for Probe {
-        type Output = ();
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            self.polls.fetch_add(1, Ordering::Relaxed);
-            if self.ready.load(Ordering::Relaxed) {
-                return Poll::Ready(());
-            }
-            *self.wake_me.lock() = Some(cx.waker().clone());
-            Poll::Pending
-        }
-    }
-
-    #[test]
-    fn inner_is_polled_only_after_its_own_wake() {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let ready = Arc::new(AtomicBool::new(false));
-        let wake_me = Arc::new(parking_lot::Mutex::new(None));
-        let mut gated = WakeGated::new(Probe { polls: polls.clone(), ready: ready.clone(), wake_me: wake_me.clone() });
-        let task_wakes = Arc::new(CountingWaker::default());
-        let task_waker = Waker::from(task_wakes.clone());
-        let mut cx = Context::from_waker(&task_waker);
-
-        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
-        assert_eq!(polls.load(Ordering::Relaxed), 1, "the first poll reaches the inner future");
-        for _ in 0..5 {
-            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
-        }
-        assert_eq!(polls.load(Ordering::Relaxed), 1, "polls without a wake of the inner future stop at the gate");
-
-        ready.store(true, Ordering::Relaxed);
-        let inner_waker = wake_me.lock().take().expect("the inner future registered a waker");
-        inner_waker.wake();
-        assert_eq!(task_wakes.0.load(Ordering::Relaxed), 1, "the inner wake reaches the polling task");
-        assert!(Pin::new(&mut gated).poll(&mut cx).is_ready());
-        assert_eq!(polls.load(Ordering::Relaxed), 2);
-    }
-
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    use crate::wake_gate::WakeGated;
 
     /// The engine's two tokens (draining a child of force_close) and one connection's counters.
     struct Fixture {
@@ -267,6 +191,22 @@ mod tests {
         });
         assert_eq!(next_event(&watch, true).await, WatchEvent::ForceClose);
         after_drain.await.expect("the canceller ran");
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_begins_while_the_watchdog_waits_is_reported() {
+        // Before the watchdog joined the token's waiters, and after.
+        for delay in [Duration::from_millis(5), JOIN_DRAIN_WAITERS_AFTER * 2] {
+            let fixture = Fixture::new();
+            let watch = fixture.watch(HOUR, 2 * HOUR);
+            let draining = fixture.draining.clone();
+            let canceller = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                draining.cancel();
+            });
+            assert_eq!(next_event(&watch, false).await, WatchEvent::Draining, "a drain {delay:?} after the watchdog started");
+            canceller.await.expect("the canceller ran");
+        }
     }
 
     #[tokio::test]

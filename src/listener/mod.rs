@@ -16,6 +16,8 @@ use tokio::io::Interest;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::wake_gate::WakeGated;
+
 const LISTEN_BACKLOG: i32 = 1024;
 /// After an accept error such as EMFILE, wait before retrying instead of spinning on it.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
@@ -153,9 +155,10 @@ pub fn bind_dual_stack(kind: Type, port: u16) -> io::Result<Socket> {
 }
 
 async fn accept_loop(listener: AsyncFd<std::net::TcpListener>, port: u16, stop: CancellationToken, on_accept: OnAccept) {
-    // One wait on the token for the loop's life: a wait made afresh per turn would join and leave
-    // the token's waiter list (a lock each) for every batch of connections.
-    let mut stopped = std::pin::pin!(stop.cancelled());
+    // One wait on the token for the loop's life, polled only once the token woke it: a wait made
+    // afresh per turn would join and leave the token's waiter list for every batch of
+    // connections, and even a standing wait takes the list's lock on each poll.
+    let mut stopped = WakeGated::new(stop.cancelled());
     loop {
         tokio::select! {
             biased;

@@ -7,7 +7,7 @@ pub mod http;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,11 +49,19 @@ pub struct ConnectionLimiter {
 
 #[derive(Debug)]
 struct IpEntry {
-    active: u32,
+    share: Arc<IpShare>,
     /// GCRA's theoretical arrival time of the next connection.
     next_arrival: Instant,
-    bytes: Arc<ByteCounters>,
     ring: RateRing,
+}
+
+/// What an address's open connections share with the limiter: their bytes, and how many they
+/// are. A connection gives its slot back by one atomic decrement, without the limiter's lock or a
+/// second lookup of its address.
+#[derive(Debug, Default)]
+pub struct IpShare {
+    pub bytes: ByteCounters,
+    active: AtomicU32,
 }
 
 impl ConnectionLimiter {
@@ -73,12 +81,13 @@ impl ConnectionLimiter {
         let now = Instant::now();
         let mut ips = self.ips.lock();
         let entry = ips.entry(ip).or_insert_with(|| IpEntry {
-            active: 0,
+            share: Arc::default(),
             next_arrival: now,
-            bytes: Arc::default(),
             ring: RateRing::new(PER_KEY_HISTORY_SECONDS),
         });
-        if self.max_per_ip > 0 && entry.active >= self.max_per_ip {
+        // Slots are taken only under the lock and given back by decrements: a count read here
+        // can only be too high, never let one connection too many in.
+        if self.max_per_ip > 0 && entry.share.active.load(Ordering::Acquire) >= self.max_per_ip {
             return Err(IpRefusal::TooManyConnections);
         }
         if !self.emission_interval.is_zero() {
@@ -88,8 +97,8 @@ impl ConnectionLimiter {
             }
             entry.next_arrival = arrival + self.emission_interval;
         }
-        entry.active += 1;
-        Ok(IpGuard { limiter: self.clone(), ip, bytes: entry.bytes.clone() })
+        entry.share.active.fetch_add(1, Ordering::Relaxed);
+        Ok(IpGuard { share: entry.share.clone() })
     }
 
     /// Drops addresses with no open connection whose rate state has fully recovered; called by the
@@ -97,16 +106,19 @@ impl ConnectionLimiter {
     pub fn sample_and_sweep(&self, now_ms: u64) {
         let now = Instant::now();
         let mut ips = self.ips.lock();
-        ips.retain(|_, e| e.active > 0 || e.next_arrival > now);
+        // An address with no open connection has no guard left that could count it again: a
+        // connection that comes later makes a fresh entry, under this lock.
+        ips.retain(|_, e| e.share.active.load(Ordering::Acquire) > 0 || e.next_arrival > now);
         for entry in ips.values_mut() {
-            let (i, o) = entry.bytes.totals();
+            let (i, o) = entry.share.bytes.totals();
             entry.ring.push(now_ms, i, o, 0, 0);
         }
     }
 
     /// Open connections per client IP (addresses with none are left out).
     pub fn active_by_ip(&self) -> Vec<(IpAddr, u32)> {
-        self.ips.lock().iter().filter(|(_, e)| e.active > 0).map(|(ip, e)| (*ip, e.active)).collect()
+        let ips = self.ips.lock();
+        ips.iter().map(|(ip, e)| (*ip, e.share.active.load(Ordering::Relaxed))).filter(|(_, active)| *active > 0).collect()
     }
 
     pub fn throughput_by_ip(&self, seconds: usize) -> Vec<(IpAddr, Rate)> {
@@ -122,16 +134,25 @@ impl ConnectionLimiter {
 /// One admitted connection from an IP; dropping it releases the IP's concurrency slot.
 #[derive(Debug)]
 pub struct IpGuard {
-    limiter: Arc<ConnectionLimiter>,
-    ip: IpAddr,
-    pub bytes: Arc<ByteCounters>,
+    share: Arc<IpShare>,
+}
+
+impl IpGuard {
+    /// The address's byte counters, which its connections add to.
+    pub fn bytes(&self) -> &ByteCounters {
+        &self.share.bytes
+    }
+
+    /// What the address's connections share, for a connection's own counters to hold.
+    pub fn share(&self) -> Arc<IpShare> {
+        self.share.clone()
+    }
 }
 
 impl Drop for IpGuard {
     fn drop(&mut self) {
-        if let Some(entry) = self.limiter.ips.lock().get_mut(&self.ip) {
-            entry.active = entry.active.saturating_sub(1);
-        }
+        // Release: the sweep that sees the count fall to zero sees this connection's bytes.
+        self.share.active.fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -37,7 +37,7 @@ use crate::matchers::ip::{canonical_ip, IpList};
 use crate::routing::table::Route;
 use crate::routing::table::RequestFacts;
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
-use crate::security::{ConnectionLimiter, IpPolicy, IpRefusal, RouteGuard};
+use crate::security::{ConnectionLimiter, IpGuard, IpPolicy, IpRefusal, RouteGuard};
 use crate::tcp::{relay, relay_streams, ByteSinks, Held, RelayEnd, RelayLimits};
 use crate::tls::client_hello::{fatal_alert, ALERT_UNRECOGNIZED_NAME};
 
@@ -255,7 +255,8 @@ impl Session {
         if env.proxy_header_from.as_ref().is_some_and(|from| from.matches(self.peer_ip)) {
             self.state.advance(State::ProxyHeader, self.id);
             let deadline = self.accepted_at + env.initial_data_timeout;
-            match read_proxy_header(&mut client, &mut initial, deadline).await {
+            // Boxed: only connections from a trusted balancer wait here.
+            match Box::pin(read_proxy_header(&mut client, &mut initial, deadline)).await {
                 Ok(header) => {
                     if let Some((source, destination)) = header.addresses {
                         self.client_ip = canonical_ip(source.ip());
@@ -283,7 +284,7 @@ impl Session {
         self.state.advance(State::Sniffing, self.id);
         let early_bytes = |n: usize| {
             env.metrics.bytes.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            ip_slot.bytes.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            ip_slot.bytes().bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         };
         let sniffed = if plan.needs_client_data {
             let deadline = self.accepted_at + env.initial_data_timeout;
@@ -343,8 +344,11 @@ impl Session {
                 None => None,
             };
             if let Some(response) = response {
-                let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
-                let _ = client.shutdown().await;
+                Box::pin(async {
+                    let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&response)).await;
+                    let _ = client.shutdown().await;
+                })
+                .await;
                 return Next::Ended(TerminationReason::Completed);
             }
         }
@@ -382,7 +386,7 @@ impl Session {
         };
         if protocol == Protocol::Http && plan.serves_http && handler_route.is_none() {
             self.state.advance(State::Http, self.id);
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.share()));
             let client_fd = client.as_raw_fd();
             // The head read here is the engine's first request: its bytes are not read again.
             let (first_head, replayed) = split_first_head(first_head, initial);
@@ -397,7 +401,24 @@ impl Session {
             return Next::ServeHttp(serve_http(io, version, first_head, counters, ctx, self.http_limits(env), Shutdown { draining: &env.draining, force_close: &env.force_close }));
         }
 
+        // Boxed: a connection served as HTTP (above) never carries room for what a routed one
+        // may need (a relay, a TLS session, a hand-off).
+        let routed = Routed { client, initial, first_head, protocol, handler_route, ip_slot };
+        Next::Ended(Box::pin(self.run_routed(env, table_arc, routed, counted, relayed)).await)
+    }
+
+    /// A connection routed as a whole: refused, handed to a socket handler, TLS terminated and
+    /// served as HTTP, or connected to its target and relayed.
+    async fn run_routed(&mut self, env: &SessionEnv, table_arc: &Arc<RouteTable>, routed: Routed, counted: &mut ConnectionGuard<'_>, relayed: &mut Relayed) -> TerminationReason {
+        let Routed { mut client, mut initial, first_head, protocol, handler_route, ip_slot } = routed;
         // Routed: the table this connection was accepted under decides, whatever updates follow.
+        let table: &RouteTable = table_arc;
+        let facts = ConnectionFacts {
+            local_port: self.local_port,
+            client_ip: self.client_ip,
+            domain: self.domain.as_deref(),
+            protocol,
+        };
         env.metrics.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.state.advance(State::Routed, self.id);
         let Some(route) = handler_route.as_ref().or_else(|| table.find(&facts)) else {
@@ -405,15 +426,15 @@ impl Session {
                 let alert = fatal_alert(ALERT_UNRECOGNIZED_NAME);
                 let _ = tokio::time::timeout(ALERT_WRITE_TIMEOUT, client.write_all(&alert)).await;
             }
-            return Next::Ended(TerminationReason::NoRoute);
+            return TerminationReason::NoRoute;
         };
         self.route_label = Some(route.label.clone());
         if !route.policy.admits(self.client_ip) {
             route.stats.forbidden.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Next::Ended(TerminationReason::RouteIpBlocked);
+            return TerminationReason::RouteIpBlocked;
         }
         let Some(route_slot) = RouteGuard::acquire(&route.stats, route.max_connections) else {
-            return Next::Ended(TerminationReason::RouteConnectionLimit);
+            return TerminationReason::RouteConnectionLimit;
         };
         if matches!(protocol, Protocol::Tls { .. }) || (protocol == Protocol::NotSniffed && route.tls.is_some()) {
             counted.mark_tls();
@@ -432,16 +453,16 @@ impl Session {
                 context.headers = Some(header_pairs(&head.headers));
             }
             let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) else {
-                let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes, &relayed.bytes] };
-                return Next::Ended(Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await);
+                let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, ip_slot.bytes(), &relayed.bytes] };
+                return Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await;
             };
             self.state.advance(State::Terminating, self.id);
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.share()));
             let io = Replay::new(ClientIo::new(client, counters), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
             // One boxed future from the handshake on: a TLS session held in this function's own
             // state would size the future of every connection, TLS or not.
-            return Next::Ended(Box::pin(async {
+            return Box::pin(async {
                 let stream = match accept_tls(acceptor, io, deadline, self.id).await {
                     Ok(stream) => stream,
                     Err(reason) => return reason,
@@ -453,7 +474,7 @@ impl Session {
                 let sinks = ByteSinks { sinks: &[&route_slot.stats.bytes, &relayed.bytes] };
                 self.hand_off_pair(env, handler, stream, context, &sinks).await
             })
-            .await);
+            .await;
         }
 
         // Terminating: TLS ends here and the HTTP engine serves what is inside, request by request
@@ -461,13 +482,13 @@ impl Session {
         if let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) {
             drop(route_slot);
             self.state.advance(State::Terminating, self.id);
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.bytes.clone()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.share()));
             let client_fd = client.as_raw_fd();
             let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
             // One boxed future from the handshake on: a TLS session held in this function's own
             // state would size the future of every connection, TLS or not.
-            return Next::Ended(Box::pin(async {
+            return Box::pin(async {
                 let stream = match accept_tls(acceptor, io, deadline, self.id).await {
                     Ok(stream) => stream,
                     Err(reason) => return reason,
@@ -478,17 +499,17 @@ impl Session {
                 let limits = self.http_limits(env);
                 serve_terminated(stream, counters, ctx, limits, deadline, env).await
             })
-            .await);
+            .await;
         }
         let Some(target) = route.select_target(self.local_port, self.client_ip) else {
-            return Next::Ended(TerminationReason::NoTarget);
+            return TerminationReason::NoTarget;
         };
         let server_ip = if target.functions.is_some() { client.server_address().map(|a| a.ip()) } else { None };
         let (target_host, target_port) = match Box::pin(env.http.scripts.endpoint(&target, || ScriptContext::for_route(&self.identity(server_ip), self.domain.as_deref(), route))).await {
             Ok(endpoint) => endpoint,
             Err(err) => {
                 tracing::debug!(id = self.id, route = &*route.label, error = %err, "target function failed");
-                return Next::Ended(TerminationReason::ScriptFailed);
+                return TerminationReason::ScriptFailed;
             }
         };
 
@@ -497,7 +518,7 @@ impl Session {
         if env.http.access_log.is_some() {
             relayed.upstream = Some((target_host.clone(), target_port));
         }
-        let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, &ip_slot.bytes, &relayed.bytes] };
+        let sinks = ByteSinks { sinks: &[&env.metrics.bytes, &route_slot.stats.bytes, ip_slot.bytes(), &relayed.bytes] };
         let connect_timeout = route.connect_timeout;
         let connected = Box::pin(connect_backend((&*target_host, target_port), connect_timeout, &mut client, &mut initial, env, &sinks)).await;
         if let Some(lease) = &target.lease {
@@ -509,7 +530,7 @@ impl Session {
         }
         let (mut backend, client_done) = match connected {
             Ok(connected) => connected,
-            Err(reason) => return Next::Ended(reason),
+            Err(reason) => return reason,
         };
         apply_socket_options(&backend, env);
         let proxy_version = target.send_proxy_protocol.unwrap_or(env.send_proxy_protocol);
@@ -518,7 +539,7 @@ impl Session {
             let header = destination.and_then(|d| proxy_protocol::encode(proxy_version, SocketAddr::new(self.client_ip, self.client_port), d));
             if let Some(header) = header {
                 if backend.write_all(&header).await.is_err() {
-                    return Next::Ended(TerminationReason::BackendError);
+                    return TerminationReason::BackendError;
                 }
             }
         }
@@ -528,18 +549,18 @@ impl Session {
         // that answers as it reads, it would wait for a reader of the answers that never came.
         self.state.advance(State::Relaying, self.id);
         let Ok(mut client) = client.into_registered() else {
-            return Next::Ended(TerminationReason::ClientError);
+            return TerminationReason::ClientError;
         };
         let limits = RelayLimits { idle: env.idle_timeout, deadline: self.accepted_at + env.max_lifetime };
         let held = Held { bytes: initial, client_done };
-        Next::Ended(match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, held)).await {
+        match Box::pin(relay(&mut client, &mut backend, &sinks, limits, &env.force_close, held)).await {
             RelayEnd::Completed => TerminationReason::Completed,
             RelayEnd::ClientError => TerminationReason::ClientError,
             RelayEnd::BackendError => TerminationReason::BackendError,
             RelayEnd::IdleTimeout => TerminationReason::IdleTimeout,
             RelayEnd::LifetimeExceeded => TerminationReason::LifetimeExceeded,
             RelayEnd::Shutdown => TerminationReason::Shutdown,
-        })
+        }
     }
 }
 
@@ -551,6 +572,18 @@ struct Relayed {
     upstream: Option<(Arc<str>, u16)>,
     /// TLS, passed through or ended here.
     tls: bool,
+}
+
+/// What routing hands the part of a connection that is routed as a whole.
+struct Routed {
+    client: AcceptedSocket,
+    /// What was read before the routing decision: sniffed bytes, or a PROXY header's remainder.
+    initial: Vec<u8>,
+    first_head: Option<Box<RequestHead>>,
+    protocol: Protocol,
+    /// The socket handler's route that the first request chose, if one did.
+    handler_route: Option<Arc<Route>>,
+    ip_slot: IpGuard,
 }
 
 /// How `drive` ends: with the connection's end, or with the serving of a plain HTTP connection
@@ -740,7 +773,7 @@ impl SessionEnv {
             server: peer.server,
             trusted_peer: self.trust_forwarded_headers && self.trusted_proxies.matches(peer.peer_ip),
             tls: tls_route.map(|route| Box::new(TerminatedTls { version: peer.tls_version, sni: sni.map(String::into_boxed_str), route })),
-            tunnels: TunnelScope::new(self.force_close.clone(), RelayLimits { idle: self.idle_timeout, deadline: peer.accepted_at + self.max_lifetime }),
+            tunnels: TunnelScope::new(RelayLimits { idle: self.idle_timeout, deadline: peer.accepted_at + self.max_lifetime }),
             header_values: ConnectionValues::new(peer.client.ip(), peer.local_port),
             client_fd,
             counters,
@@ -842,14 +875,16 @@ where
 
 /// The bytes a connection's first reading took, for the HTTP engine: past the request head that
 /// reading found (which the engine takes as its first request), or all of them.
-fn split_first_head(first_head: Option<Box<RequestHead>>, read: Vec<u8>) -> (Option<Box<RequestHead>>, Bytes) {
-    let read = Bytes::from(read);
+fn split_first_head(first_head: Option<Box<RequestHead>>, mut read: Vec<u8>) -> (Option<Box<RequestHead>>, Bytes) {
     match first_head {
-        Some(head) if head.len <= read.len() => {
-            let rest = read.slice(head.len..);
-            (Some(head), rest)
+        // Most often nothing came after the head: no bytes are kept (a slice of them would take
+        // an allocation of its own to share the buffer).
+        Some(head) if head.len == read.len() => (Some(head), Bytes::new()),
+        Some(head) if head.len < read.len() => {
+            read.drain(..head.len);
+            (Some(head), Bytes::from(read))
         }
-        _ => (None, read),
+        _ => (None, Bytes::from(read)),
     }
 }
 

@@ -37,10 +37,52 @@ const MAX_BODY_READ: usize = 256 * 1024;
 pub struct Connection {
     io: Box<dyn ClientStream>,
     buf: ReadBuffer,
-    /// The response timeout, one timer for the connection's life: each request moves its deadline
-    /// later, which the timer wheel takes without a lock; a timer made and dropped per request
-    /// went through the wheel's lock twice.
-    response_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The response timeout, one timer for the connection's life: a timer made and dropped per
+    /// request went through the wheel's lock twice.
+    response_timer: Option<Pin<Box<ResponseTimer>>>,
+}
+
+/// A connection's response timer and the deadline of its current request. The timer is set again
+/// only when a deadline comes before the one it is set for; a later one (every request of a
+/// connection whose routes share a timeout) is only written down, and a timer that fires before
+/// it is set again for it, once per timeout at most. (The deadline lives here, not in
+/// `Connection`, which is moved whole from the pool through every response.)
+struct ResponseTimer {
+    sleep: tokio::time::Sleep,
+    deadline: tokio::time::Instant,
+}
+
+impl ResponseTimer {
+    fn new(deadline: tokio::time::Instant) -> Pin<Box<ResponseTimer>> {
+        Box::pin(ResponseTimer { sleep: tokio::time::sleep_until(deadline), deadline })
+    }
+
+    /// Times the current request out at `deadline`.
+    fn set(mut self: Pin<&mut Self>, deadline: tokio::time::Instant) {
+        if deadline < self.sleep.deadline() {
+            self.as_mut().sleep().reset(deadline);
+        }
+        // SAFETY: `deadline` is never pinned (only `sleep` is); it is written in place.
+        unsafe { self.get_unchecked_mut().deadline = deadline };
+    }
+
+    /// Ready once the current request's deadline passed.
+    fn poll_expired(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        while self.as_mut().sleep().poll(cx).is_ready() {
+            if self.sleep.deadline() >= self.deadline {
+                return Poll::Ready(());
+            }
+            // Set for an earlier request's deadline: on to this one's.
+            let deadline = self.deadline;
+            self.as_mut().sleep().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    fn sleep(self: Pin<&mut Self>) -> Pin<&mut tokio::time::Sleep> {
+        // SAFETY: `sleep` is pinned with its owner and never moved out of it.
+        unsafe { self.map_unchecked_mut(|timer| &mut timer.sleep) }
+    }
 }
 
 /// The upstream connection of an answered upgrade (101), with the bytes read past its head.
@@ -149,14 +191,14 @@ pub async fn send(mut conn: Connection, parts: &Parts, forwarding: &ForwardingHe
     // A timeout too long to add is no timeout (a deadline decades away, as tokio's own).
     let deadline = now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30));
     match conn.response_timer.as_mut() {
-        Some(timer) => timer.as_mut().reset(deadline),
-        None => conn.response_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        Some(timer) => timer.as_mut().set(deadline),
+        None => conn.response_timer = Some(ResponseTimer::new(deadline)),
     }
     let head = poll_fn(|cx| {
         if let Poll::Ready(head) = poll_response_head(cx, &mut conn, &mut sending) {
             return Poll::Ready(head);
         }
-        match conn.response_timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+        match conn.response_timer.as_mut().map(|timer| timer.as_mut().poll_expired(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Err(ClientError::TimedOut)),
             _ => Poll::Pending,
         }
@@ -489,6 +531,67 @@ impl Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pooled connection carries requests whose routes may set different response timeouts: an
+    /// earlier deadline than the timer's is kept, and a later one does not end the request at the
+    /// earlier request's deadline.
+    #[tokio::test]
+    async fn each_request_on_a_pooled_connection_has_its_own_response_timeout() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Answers its connection's requests in turn, after the delays given.
+        async fn backend(listener: tokio::net::TcpListener, delays: Vec<Option<Duration>>) {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            for delay in delays {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the proxy closed");
+                    head.extend_from_slice(&buf[..n]);
+                }
+                match delay {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+                    }
+                    None => {
+                        // Never answers; holds the connection until the client gives up.
+                        let _ = socket.read(&mut buf).await;
+                        return;
+                    }
+                }
+            }
+        }
+        async fn exchange(conn: Connection, timeout: Duration) -> Result<Option<Connection>, ClientError> {
+            let (parts, ()) = http::Request::get("/").header(header::HOST, "backend").body(()).unwrap().into_parts();
+            let forwarding = ForwardingHeaders::default();
+            let sent = send(conn, &parts, &forwarding, None, crate::http::body::empty(), timeout);
+            let response = tokio::time::timeout(Duration::from_secs(10), sent).await.expect("the send ended by itself")?;
+            Ok(response.into_body().take_reusable())
+        }
+
+        // A long timeout first, then a short one: the second request times out.
+        let served = tokio::spawn(backend(listener, vec![Some(Duration::ZERO), None]));
+        let conn = Connection::new(Box::new(tokio::net::TcpStream::connect(address).await.unwrap()));
+        let conn = exchange(conn, Duration::from_secs(3600)).await.expect("answered").expect("reusable");
+        let started = std::time::Instant::now();
+        assert!(matches!(exchange(conn, Duration::from_millis(50)).await, Err(ClientError::TimedOut)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        served.await.unwrap();
+
+        // A short timeout first, then a longer one that the answer comes within, after the first's
+        // deadline had passed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let served = tokio::spawn(backend(listener, vec![Some(Duration::ZERO), Some(Duration::from_millis(150))]));
+        let conn = Connection::new(Box::new(tokio::net::TcpStream::connect(address).await.unwrap()));
+        let conn = exchange(conn, Duration::from_millis(30)).await.expect("answered").expect("reusable");
+        exchange(conn, Duration::from_secs(5)).await.expect("answered within its own timeout");
+        served.await.unwrap();
+    }
 
     /// An idle connection stays usable until the runtime sees its upstream close it or send
     /// something unasked; over plain TCP (readiness looked at, not registered for) and over any

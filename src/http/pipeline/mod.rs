@@ -64,6 +64,8 @@ pub struct HttpEnv {
     pub shared: Option<Arc<crate::shared_state::SharedRedis>>,
     /// `accessLog`, when enabled: a record per request and per TCP connection.
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// Cancelled when a stop's grace period is over: WebSocket tunnels close at once.
+    pub force_close: tokio_util::sync::CancellationToken,
 }
 
 /// What a connection whose TLS was terminated here adds to its context.

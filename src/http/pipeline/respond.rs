@@ -124,7 +124,7 @@ impl Tunnel {
         strip_hop_by_hop(&mut parts.headers, true);
         apply_templates(&mut parts.headers, &self.route.http.response_headers, templates);
         apply_templates(&mut parts.headers, target_templates, templates);
-        let (limits, shutdown) = (ctx.tunnels.limits(), ctx.tunnels.shutdown().clone());
+        let (limits, shutdown) = (ctx.tunnels.limits(), ctx.env.force_close.clone());
         let metrics = ctx.env.metrics.clone();
         let Tunnel { client_upgrade, route, _route_slot: route_slot, _backend_lease: backend_lease } = self;
         ctx.tunnels.spawn(async move {

@@ -294,22 +294,16 @@ pub struct TunnelScope {
     /// Made by the first tunnel (or at the end): most connections never upgrade, and an idle
     /// connection should hold only what it needs.
     tasks: std::sync::OnceLock<tokio_util::task::TaskTracker>,
-    /// The engine's "close now" (end of the grace period at stop).
-    shutdown: CancellationToken,
     limits: RelayLimits,
 }
 
 impl TunnelScope {
-    pub fn new(shutdown: CancellationToken, limits: RelayLimits) -> Self {
-        TunnelScope { tasks: std::sync::OnceLock::new(), shutdown, limits }
+    pub fn new(limits: RelayLimits) -> Self {
+        TunnelScope { tasks: std::sync::OnceLock::new(), limits }
     }
 
     pub fn limits(&self) -> RelayLimits {
         self.limits
-    }
-
-    pub fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
     }
 
     pub fn spawn<F>(&self, tunnel: F)
