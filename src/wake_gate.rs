@@ -13,47 +13,85 @@ use atomic_waker::AtomicWaker;
 
 /// Polls `inner` only on its first poll and after something `inner` waits on woke it; otherwise
 /// answers `Pending` at the cost of two atomic operations. Meant for a future that sits in a
-/// `select!` next to a busy one.
-pub struct WakeGated<F> {
+/// `select!` next to a busy one. The wake flag lives in `O`, which is the inner future's waker:
+/// an allocation of its own, or one the gate's user already has (a connection's counters).
+pub struct WakeGated<F, O: GateOwner = WakeFlag> {
     inner: Pin<Box<F>>,
-    flag: Arc<WakeFlag>,
+    owner: Arc<O>,
     waker: Waker,
 }
 
-struct WakeFlag {
+/// What a gate's wakes set.
+pub struct WakeFlag {
     woken: AtomicBool,
     /// The waker of the task polling the gate, from its latest poll.
     task: AtomicWaker,
 }
 
-impl Wake for WakeFlag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+impl WakeFlag {
+    pub fn new() -> WakeFlag {
+        WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() }
     }
 
-    fn wake_by_ref(self: &Arc<Self>) {
+    pub fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         self.task.wake();
     }
 }
 
-impl<F: Future> WakeGated<F> {
-    pub fn new(inner: F) -> Self {
-        // Woken at the start: the first poll must reach `inner` so it registers its wakers.
-        let flag = Arc::new(WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-        WakeGated { inner: Box::pin(inner), waker: Waker::from(flag.clone()), flag }
+impl Default for WakeFlag {
+    fn default() -> Self {
+        WakeFlag::new()
     }
 }
 
-impl<F: Future> Future for WakeGated<F> {
+/// Holds a gate's flag and wakes it (`Wake` calling `WakeFlag::wake`).
+pub trait GateOwner: Wake + Send + Sync + 'static {
+    fn wake_flag(&self) -> &WakeFlag;
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        WakeFlag::wake(&self);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        WakeFlag::wake(self);
+    }
+}
+
+impl GateOwner for WakeFlag {
+    fn wake_flag(&self) -> &WakeFlag {
+        self
+    }
+}
+
+impl<F: Future> WakeGated<F> {
+    pub fn new(inner: F) -> Self {
+        WakeGated::with_owner(inner, Arc::new(WakeFlag::new()))
+    }
+}
+
+impl<F: Future, O: GateOwner> WakeGated<F, O> {
+    /// A gate whose flag is `owner`'s. A gate that replaces another of the same owner may be made
+    /// before the old one is dropped: the old one's wakes then only cost the new one a poll.
+    pub fn with_owner(inner: F, owner: Arc<O>) -> Self {
+        // Woken at the start: the first poll must reach `inner` so it registers its wakers.
+        owner.wake_flag().woken.store(true, Ordering::Release);
+        WakeGated { inner: Box::pin(inner), waker: Waker::from(owner.clone()), owner }
+    }
+}
+
+impl<F: Future, O: GateOwner> Future for WakeGated<F, O> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        let flag = this.owner.wake_flag();
         // Registered before the flag is read: a wake between the two is seen by the read, and a
         // wake after it reaches this task through the registered waker.
-        this.flag.task.register(cx.waker());
-        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+        flag.task.register(cx.waker());
+        if !flag.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
         this.inner.as_mut().poll(&mut Context::from_waker(&this.waker))

@@ -2,6 +2,8 @@
 // limit, per-route maxConnections, and the idle timeout. Clients use distinct loopback addresses
 // (127.0.0.x) to be distinct IPs.
 import { tap, expect } from '@push.rocks/tapbundle';
+import * as http from 'node:http';
+import * as http2 from 'node:http2';
 import * as net from 'node:net';
 
 import { SmartProxy } from '../ts/index.js';
@@ -68,6 +70,65 @@ tap.test('maxConnectionsPerIP refuses the extra connection from one IP only', as
   expect(again.data).toEqual('welcome\n');
   for (const c of [second, otherIp, again]) c.socket.destroy();
   await proxy.stop();
+});
+
+// A connection served request by request (plain HTTP routed per request) held no slot once it was
+// handed to the HTTP engine: every idle keep-alive connection was uncounted and the limit never
+// refused one.
+tap.test('maxConnectionsPerIP holds for plain HTTP connections served request by request', async () => {
+  const server = http.createServer((_req, res) => res.end('ok'));
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const backendPort = (server.address() as net.AddressInfo).port;
+  const port = await freePort();
+  const proxy = new SmartProxy({
+    gracefulShutdownTimeout: 300,
+    maxConnectionsPerIP: 2,
+    routes: [{ match: { ports: port, domains: 'limited.test' }, action: { type: 'forward', target: { host: '127.0.0.1', port: backendPort } } }],
+  });
+  await proxy.start();
+  const request = 'GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n';
+  const first = await connectAndRead(port, request, '127.0.0.12');
+  const second = await connectAndRead(port, request, '127.0.0.12');
+  expect(first.data.startsWith('HTTP/1.1 200')).toBeTrue();
+  expect(second.data.startsWith('HTTP/1.1 200')).toBeTrue();
+  // Both answered and idle, both still open: each holds its slot.
+  expect(proxy.getMetrics().connections.byIP().get('127.0.0.12')).toEqual(2);
+  const third = await connectAndRead(port, request, '127.0.0.12');
+  expect(third.closed).toBeTrue();
+  expect(third.data).toEqual('');
+  const otherIp = await connectAndRead(port, request, '127.0.0.13');
+  expect(otherIp.data.startsWith('HTTP/1.1 200')).toBeTrue();
+  first.socket.destroy();
+  await waitFor(() => (proxy.getMetrics().connections.byIP().get('127.0.0.12') ?? 0) < 2, 3000, 'the slot to be freed');
+  const again = await connectAndRead(port, request, '127.0.0.12');
+  expect(again.data.startsWith('HTTP/1.1 200')).toBeTrue();
+  await waitFor(() => (proxy.getStatistics().terminationReasons.per_ip_limit ?? 0) >= 1, 2000, 'per_ip_limit');
+  for (const c of [second, otherIp, again]) c.socket.destroy();
+
+  // The same over HTTP/2 with prior knowledge, which the same engine serves.
+  const h2Get = (localAddress: string): Promise<http2.ClientHttp2Session | null> =>
+    new Promise((resolve) => {
+      const session = http2.connect(`http://127.0.0.1:${port}`, { createConnection: () => net.connect({ port, host: '127.0.0.1', localAddress }) });
+      session.on('error', () => resolve(null));
+      session.on('close', () => resolve(null));
+      const stream = session.request({ ':path': '/', ':authority': 'limited.test' });
+      stream.on('error', () => resolve(null));
+      stream.on('response', (headers) => {
+        stream.resume();
+        stream.on('end', () => resolve(headers[':status'] === 200 ? session : null));
+      });
+      stream.end();
+    });
+  await waitFor(() => (proxy.getMetrics().connections.byIP().get('127.0.0.12') ?? 0) === 0, 3000, 'the HTTP/1 connections to close');
+  const h2First = await h2Get('127.0.0.12');
+  const h2Second = await h2Get('127.0.0.12');
+  expect(h2First).not.toBeNull();
+  expect(h2Second).not.toBeNull();
+  expect(await h2Get('127.0.0.12')).toBeNull();
+  h2First?.destroy();
+  h2Second?.destroy();
+  await proxy.stop();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
 });
 
 tap.test('connectionRateLimitPerMinute refuses connections over the budget', async () => {

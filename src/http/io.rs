@@ -7,18 +7,21 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::clock::{coarse_ms as now_ms, instant_at};
+use crate::wake_gate::{GateOwner, WakeFlag};
 
 /// Where client-side byte counts go; shared with the session that owns the connection.
 pub struct ClientCounters {
     pub engine: Arc<crate::metrics::EngineMetrics>,
-    pub ip: Arc<crate::security::IpShare>,
+    /// The client address's slot and byte counters: the slot is given back when the last holder
+    /// of these counters lets go, which is when the connection (and any tunnel of it) ended.
+    pub ip: crate::security::IpGuard,
     /// On the coarse clock (`crate::clock`).
     last_activity_ms: AtomicU64,
     /// Requests of the connection between their head and the end of their response.
@@ -28,10 +31,29 @@ pub struct ClientCounters {
     /// When (on the coarse clock, plus one; 0 = none) the first byte was read while no request
     /// was in flight: a head on its way.
     head_started_ms: AtomicU64,
+    /// The connection's watchdog runs wake-gated, these counters its waker: they last as long
+    /// as the connection anyway, and the gate then needs no allocation of its own.
+    watchdog_wake: WakeFlag,
+}
+
+impl Wake for ClientCounters {
+    fn wake(self: Arc<Self>) {
+        self.watchdog_wake.wake();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.watchdog_wake.wake();
+    }
+}
+
+impl GateOwner for ClientCounters {
+    fn wake_flag(&self) -> &WakeFlag {
+        &self.watchdog_wake
+    }
 }
 
 impl ClientCounters {
-    pub fn new(engine: Arc<crate::metrics::EngineMetrics>, ip: Arc<crate::security::IpShare>) -> Self {
+    pub fn new(engine: Arc<crate::metrics::EngineMetrics>, ip: crate::security::IpGuard) -> Self {
         ClientCounters {
             engine,
             ip,
@@ -39,6 +61,7 @@ impl ClientCounters {
             in_flight: AtomicU32::new(0),
             times_heads: AtomicBool::new(false),
             head_started_ms: AtomicU64::new(0),
+            watchdog_wake: WakeFlag::new(),
         }
     }
 
@@ -79,9 +102,9 @@ impl ClientCounters {
     /// Bytes counted at once, by a connection whose transport counts them itself (QUIC).
     pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
         self.engine.bytes.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        self.ip.bytes.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        self.ip.bytes().bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
         self.engine.bytes.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
-        self.ip.bytes.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+        self.ip.bytes().bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
     }
 
     fn touch(&self) {
@@ -90,7 +113,7 @@ impl ClientCounters {
 
     fn add_in(&self, n: usize) {
         self.engine.bytes.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        self.ip.bytes.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.ip.bytes().bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         let now = now_ms();
         self.last_activity_ms.store(now, Ordering::Relaxed);
         if self.times_heads.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Acquire) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
@@ -100,7 +123,7 @@ impl ClientCounters {
 
     fn add_out(&self, n: usize) {
         self.engine.bytes.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-        self.ip.bytes.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.ip.bytes().bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         self.touch();
     }
 }

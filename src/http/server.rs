@@ -152,7 +152,7 @@ async fn after_serving(served: Result<TerminationReason, TerminationReason>, tun
 /// Runs a connection under the watchdog. `on_drain` is told when the engine starts draining and
 /// says whether to close at once. Err: the watchdog ended the connection.
 pub(crate) async fn watched<F: std::future::Future>(mut connection: std::pin::Pin<&mut F>, watch: &Watch<'_>, mut on_drain: impl FnMut(&Watch<'_>) -> bool) -> Result<F::Output, TerminationReason> {
-    let mut watchdog = WakeGated::new(watch.next(false));
+    let mut watchdog = WakeGated::with_owner(watch.next(false), watch.counters.clone());
     loop {
         tokio::select! {
             biased;
@@ -162,7 +162,7 @@ pub(crate) async fn watched<F: std::future::Future>(mut connection: std::pin::Pi
                     if on_drain(watch) {
                         return Err(TerminationReason::Completed);
                     }
-                    watchdog = WakeGated::new(watch.next(true));
+                    watchdog = WakeGated::with_owner(watch.next(true), watch.counters.clone());
                 }
                 WatchEvent::ForceClose => return Err(TerminationReason::Shutdown),
                 WatchEvent::IdleTimeout => return Err(TerminationReason::IdleTimeout),

@@ -4,7 +4,8 @@
 //! its lifetime running out. The connection's future
 //! wakes the session task on every read, write and upstream answer, while these fire a few times
 //! per connection at most, so the watchdog runs wake-gated (`crate::wake_gate`): the session task
-//! polls it only after its timer or token woke it, instead of re-polling both on every wake.
+//! polls it only after its timer or (once it waits on it) its token woke it, instead of re-polling
+//! both on every wake.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,7 +49,8 @@ impl Watch<'_> {
     /// waits is the timer, the token's wait and a reference, and no copies of them.)
     pub async fn next(&self, draining_reported: bool) -> WatchEvent {
         let token = if draining_reported { self.force_close } else { self.draining };
-        // A force close must end the connection at once: its wait is joined from the start.
+        // Once draining was reported, a force close must end the connection at once: its wait is
+        // joined from the start.
         let mut joined = draining_reported;
         let first_recheck = if joined { self.recheck_period() } else { self.recheck_period().min(JOIN_DRAIN_WAITERS_AFTER) };
         let timer = std::pin::pin!(tokio::time::sleep_until(self.next_check(first_recheck).into()));
@@ -127,7 +129,9 @@ impl Watch<'_> {
 /// How long a connection's watchdog only looks at the drain token when its timer wakes it,
 /// before it joins the token's waiters (a lock to join, another to leave): a connection that ends
 /// sooner, as most that carry one request do, never joins, and one that is this young when a stop
-/// begins hears of it this much later at most. A force close is heard at once.
+/// begins hears of it this much later at most, and so of a force close that comes before its
+/// first check (a stop with a grace period this short). A connection that was told of the drain
+/// hears the force close at once.
 const JOIN_DRAIN_WAITERS_AFTER: Duration = Duration::from_millis(100);
 
 /// `at + wait`, or a year on for a wait too long to add (configured timeouts may be huge).
@@ -151,7 +155,9 @@ mod tests {
         fn new() -> Fixture {
             let force_close = CancellationToken::new();
             let draining = force_close.child_token();
-            let counters = Arc::new(ClientCounters::new(Arc::new(crate::metrics::EngineMetrics::default()), Arc::new(Default::default())));
+            let limiter = Arc::new(crate::security::ConnectionLimiter::new(0, 0));
+            let ip_slot = limiter.admit(std::net::Ipv4Addr::LOCALHOST.into()).expect("no limits");
+            let counters = Arc::new(ClientCounters::new(Arc::new(crate::metrics::EngineMetrics::default()), ip_slot));
             Fixture { force_close, draining, counters }
         }
 
@@ -173,7 +179,7 @@ mod tests {
     /// The watchdog's next event; a watchdog that never reports one fails the test instead of
     /// hanging it.
     async fn next_event(watch: &Watch<'_>, draining_reported: bool) -> WatchEvent {
-        tokio::time::timeout(Duration::from_secs(5), WakeGated::new(watch.next(draining_reported))).await.expect("the watchdog reported an event")
+        tokio::time::timeout(Duration::from_secs(5), WakeGated::with_owner(watch.next(draining_reported), watch.counters.clone())).await.expect("the watchdog reported an event")
     }
 
     #[tokio::test]

@@ -405,7 +405,7 @@ async fn serve_connection(incoming: quinn::Incoming, port: u16, draining: Cancel
         .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|data| data.server_name)
         .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
-    let counters = Arc::new(ClientCounters::new(session.metrics.clone(), ip_slot.share()));
+    let counters = Arc::new(ClientCounters::new(session.metrics.clone(), ip_slot));
     let peer = HttpPeer {
         connection_id: env.next_id.fetch_add(1, Ordering::Relaxed),
         local_port: port,

@@ -59,8 +59,8 @@ struct IpEntry {
 /// are. A connection gives its slot back by one atomic decrement, without the limiter's lock or a
 /// second lookup of its address.
 #[derive(Debug, Default)]
-pub struct IpShare {
-    pub bytes: ByteCounters,
+struct IpShare {
+    bytes: ByteCounters,
     active: AtomicU32,
 }
 
@@ -143,10 +143,6 @@ impl IpGuard {
         &self.share.bytes
     }
 
-    /// What the address's connections share, for a connection's own counters to hold.
-    pub fn share(&self) -> Arc<IpShare> {
-        self.share.clone()
-    }
 }
 
 impl Drop for IpGuard {

@@ -386,7 +386,7 @@ impl Session {
         };
         if protocol == Protocol::Http && plan.serves_http && handler_route.is_none() {
             self.state.advance(State::Http, self.id);
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.share()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot));
             let client_fd = client.as_raw_fd();
             // The head read here is the engine's first request: its bytes are not read again.
             let (first_head, replayed) = split_first_head(first_head, initial);
@@ -457,7 +457,7 @@ impl Session {
                 return Box::pin(self.hand_off_tcp(env, handler, client, initial, context, &sinks)).await;
             };
             self.state.advance(State::Terminating, self.id);
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.share()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot));
             let io = Replay::new(ClientIo::new(client, counters), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
             // One boxed future from the handshake on: a TLS session held in this function's own
@@ -482,7 +482,7 @@ impl Session {
         if let Some(acceptor) = route.tls.as_ref().and_then(|tls| tls.acceptor.clone()) {
             drop(route_slot);
             self.state.advance(State::Terminating, self.id);
-            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot.share()));
+            let counters = Arc::new(ClientCounters::new(env.metrics.clone(), ip_slot));
             let client_fd = client.as_raw_fd();
             let io = Replay::new(ClientIo::new(client, counters.clone()), initial.into());
             let deadline = self.accepted_at + env.initial_data_timeout;
