@@ -142,7 +142,6 @@ impl IpGuard {
     pub fn bytes(&self) -> &ByteCounters {
         &self.share.bytes
     }
-
 }
 
 impl Drop for IpGuard {
