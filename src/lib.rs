@@ -16,6 +16,7 @@ mod listener;
 mod logging;
 mod matchers;
 mod metrics;
+mod pooled_future;
 mod proxy_protocol;
 mod quic;
 mod routing;

@@ -37,6 +37,8 @@ interface ISeen {
 const seen: ISeen[] = [];
 /** Responses still open (dripping ones), ended at teardown. */
 const open = new Set<http.ServerResponse>();
+/** Responses of `/wait` requests, held until a test ends them. */
+const waiting: Array<() => void> = [];
 const STREAM_PARTS = ['part1;', 'part2;', 'part3;', 'part4;', 'part5'];
 
 function handleBackend(req: http.IncomingMessage, res: http.ServerResponse): void {
@@ -76,6 +78,11 @@ function handleBackend(req: http.IncomingMessage, res: http.ServerResponse): voi
       clearTimeout(stop);
       open.delete(res);
     });
+    return;
+  }
+  if (url.startsWith('/wait')) {
+    // Answered only when a test says so.
+    req.on('end', () => waiting.push(() => res.end(`waited:${url}`)));
     return;
   }
   req.on('end', () => {
@@ -402,6 +409,7 @@ async function thenCleanup(what: string, body: () => Promise<void>): Promise<voi
 
 async function cleanup(what: string, afterFailure: boolean): Promise<void> {
   for (const c of [...rawClients]) c.destroy();
+  for (const answer of waiting.splice(0)) answer();
   try {
     await settled(what);
   } catch (err) {
@@ -437,6 +445,26 @@ tap.test('setup: a recording backend and a proxy with a plain port, a TLS-termin
     expect(r.body.toString()).toEqual('path:/p/hello');
   }
   await settled('setup');
+});
+
+tap.test('requests waiting for their response hold no read buffer, client side or upstream, plain and TLS', async () => {
+  // A read buffer is lent to a connection only while it has bytes at hand: these connections
+  // wait for the backend, so the pool lends none until the responses come.
+  const perPath = 8;
+  const answers: Array<Promise<INodeResponse>> = [];
+  for (const p of paths) {
+    for (let i = 0; i < perPath; i++) answers.push(nodeGet(p, `/wait/${p.name}-${i}`));
+  }
+  await thenCleanup('requests waiting upstream', async () => {
+    await waitFor(() => waiting.length === answers.length, 5000, `${answers.length} requests to reach the backend (now ${waiting.length})`);
+    await sleep(50);
+    expect(theProxy().getStatistics().readBuffersLent).toEqual(0);
+    for (const answer of waiting.splice(0)) answer();
+    const responses = await Promise.all(answers);
+    const bodies = responses.map((r) => `${r.status} ${r.body.toString()}`).sort();
+    const expected = paths.flatMap((p) => Array.from({ length: perPath }, (_, i) => `200 waited:/wait/${p.name}-${i}`)).sort();
+    expect(bodies).toEqual(expected);
+  });
 });
 
 // ---------------------------------------------------------------------------------------------

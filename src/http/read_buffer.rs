@@ -7,12 +7,16 @@
 //! whatever way connections ended.
 
 use std::cell::RefCell;
+use std::io;
 use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// The size of a buffer lent by the pool: a request head or a response head with the start of
 /// its body, in one read.
@@ -24,6 +28,9 @@ const MAX_KEPT: usize = 2 * BUFFER_SIZE;
 /// The most buffers a thread keeps for the next connections that have work: what a burst of
 /// requests on one worker reuses, and little enough that idle connections cost no more for it.
 const KEPT_PER_THREAD: usize = 32;
+/// What a connection that holds no buffer reads at most, into the stack (`poll_read_unlent`):
+/// most request heads, and most response heads with a small body, fit.
+pub const STACK_READ: usize = 2048;
 
 /// A connection's read buffer: empty and unallocated while the connection has nothing to work
 /// on, else a buffer lent by the pool. It is a `BytesMut` for everything else.
@@ -48,6 +55,27 @@ impl ReadBuffer {
         if self.bytes.capacity() - self.bytes.len() < additional {
             self.bytes.reserve(additional);
         }
+    }
+
+    /// A buffer from the pool is held.
+    pub fn is_lent(&self) -> bool {
+        self.lent
+    }
+
+    /// A read by a connection that holds no buffer: into the stack, and a buffer (with `room` at
+    /// least) is lent only for bytes that came. A connection that waits for its peer, however
+    /// long, so holds none, and the pool's buffers go to connections with bytes at hand: the
+    /// same few, still in the cache, rather than one per connection waiting.
+    pub fn poll_read_unlent<S: AsyncRead + Unpin + ?Sized>(&mut self, cx: &mut Context<'_>, io: &mut S, room: usize) -> Poll<io::Result<usize>> {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+        let mut read = ReadBuf::uninit(&mut stack);
+        std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        if n > 0 {
+            self.reserve(room.max(n * 2));
+            self.bytes.extend_from_slice(read.filled());
+        }
+        Poll::Ready(Ok(n))
     }
 
     /// Gives the buffer back, if there is one and it holds no unread bytes: the connection has
@@ -286,5 +314,33 @@ mod tests {
         let buf = handle.join().unwrap();
         assert!(lent() >= 1);
         drop(buf);
+    }
+    /// A read with nothing to read leaves the connection without a buffer; bytes that come are
+    /// put in a lent one, with the room asked for, and a read larger than the stack's comes in
+    /// parts without losing a byte.
+    #[tokio::test]
+    async fn a_waiting_connection_holds_no_buffer_until_its_bytes_come() {
+        use tokio::io::AsyncWriteExt;
+        let before = outstanding_here();
+        let (mut peer, mut io) = tokio::io::duplex(4 * STACK_READ);
+        let mut buf = ReadBuffer::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(buf.poll_read_unlent(&mut cx, &mut io, 100).is_pending());
+        assert!(!buf.is_lent());
+        assert_eq!(outstanding_here(), before);
+        let sent: Vec<u8> = (0..3 * STACK_READ).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&sent).await.unwrap();
+        let first = std::future::poll_fn(|cx| buf.poll_read_unlent(cx, &mut io, READ_ROOM)).await.unwrap();
+        assert_eq!(first, STACK_READ);
+        assert!(buf.is_lent());
+        assert!(buf.capacity() >= READ_ROOM);
+        assert_eq!(outstanding_here(), before + 1);
+        while buf.len() < sent.len() {
+            tokio::io::AsyncReadExt::read_buf(&mut io, &mut *buf).await.unwrap();
+        }
+        assert_eq!(&buf[..], &sent[..]);
+        buf.clear();
+        buf.release();
+        assert_eq!(outstanding_here(), before);
     }
 }

@@ -253,11 +253,17 @@ fn poll_response_head(cx: &mut Context<'_>, conn: &mut Connection, sending: &mut
                 None => {}
             }
         }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_ROOM);
-        }
         let seen_any = !conn.buf.is_empty();
-        match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut *conn.buf) {
+        // A connection waiting for its response holds no buffer: one is lent when bytes come.
+        let read = if conn.buf.is_lent() {
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(READ_ROOM);
+            }
+            tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut *conn.buf)
+        } else {
+            conn.buf.poll_read_unlent(cx, &mut conn.io, READ_ROOM)
+        };
+        match read {
             Poll::Ready(Ok(0)) if seen_any => return Poll::Ready(Err(ClientError::Incomplete)),
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(sending.write_error.take().map_or(ClientError::ClosedBeforeResponse(None), |e| ClientError::ClosedBeforeResponse(Some(e))))),
             Poll::Ready(Ok(_)) => {}

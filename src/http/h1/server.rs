@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use hyper::body::{Body, SizeHint};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +27,11 @@ use crate::http::h1::write::{Framing, Output, ResponseHead};
 use crate::http::head::{take_head, BodyLength, HeadParse, RequestHead};
 use crate::http::headers::connection_has;
 use crate::http::io::Replay;
-use crate::http::pipeline::{handle_boxed, Answered, ConnectionContext, HeadChecked};
+use crate::http::pipeline::{handle_pooled, Answered, ConnectionContext, HeadChecked};
+use crate::pooled_future::PooledFuture;
 use crate::http::read_buffer::ReadBuffer;
 
-/// What one read takes while a connection has no buffer: most request heads fit.
+/// The room a connection's first read after a wait is lent: most request heads fit.
 const FIRST_READ: usize = 2048;
 /// Room made in the read buffer for a body.
 const BODY_READ: usize = 16 * 1024;
@@ -121,6 +122,12 @@ where
                 Ok(exchange) => Box::new(exchange),
                 Err(refusal) => break refusal,
             };
+            if exchange.feed.is_none() {
+                // Nothing more is read from the client until the response is out: the buffer
+                // goes back to the pool while the request waits upstream (unless a pipelined
+                // request is in it).
+                buf.release();
+            }
             let outcome = std::future::poll_fn(|cx| exchange.poll(cx, &mut io, &mut buf)).await;
             match outcome {
                 Outcome::KeepAlive => {
@@ -164,8 +171,8 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut ReadBuffer, max_h
                 HeadParse::NotHttp | HeadParse::H2Preface => return HeadRead::Refused(Refusal::bad_request("malformed request line")),
             }
         }
-        let read = if buf.capacity() == 0 {
-            std::future::poll_fn(|cx| poll_first_read(cx, io, buf)).await
+        let read = if !buf.is_lent() {
+            std::future::poll_fn(|cx| buf.poll_read_unlent(cx, io, FIRST_READ)).await
         } else {
             if buf.capacity() - buf.len() < 512 {
                 buf.reserve(buf.capacity().max(FIRST_READ));
@@ -179,20 +186,6 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut ReadBuffer, max_h
             Err(_) => return HeadRead::Failed,
         }
     }
-}
-
-/// A read while the connection holds no buffer: into the stack, so that only a connection with
-/// bytes to work on allocates one.
-fn poll_first_read<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuffer) -> Poll<std::io::Result<usize>> {
-    let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
-    let mut read = ReadBuf::uninit(&mut stack);
-    std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
-    let n = read.filled().len();
-    if n > 0 {
-        buf.reserve(FIRST_READ.max(n * 2));
-        buf.extend_from_slice(read.filled());
-    }
-    Poll::Ready(Ok(n))
 }
 
 /// Answers a refused request and closes, lingering so the answer is read.
@@ -238,7 +231,7 @@ enum Outcome {
     Upgrade(oneshot::Sender<UpgradedClient>),
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Answered, std::convert::Infallible>> + Send>>;
+type ResponseFuture = PooledFuture<Result<Answered, std::convert::Infallible>>;
 
 /// The request body on its way from the client's socket to the pipeline.
 struct BodyFeed {
@@ -303,7 +296,7 @@ impl<'a> Exchange<'a> {
             sender
         });
         Ok(Exchange {
-            response: Some(handle_boxed(ctx.clone(), request, HeadChecked::Host)),
+            response: Some(handle_pooled(ctx.clone(), request, HeadChecked::Host)),
             feed: feed.map(|(sender, decoder)| BodyFeed { sender, decoder, expect_continue, broken: false, abandoned: false }),
             writing: None,
             out: Output::default(),
@@ -321,7 +314,7 @@ impl<'a> Exchange<'a> {
         loop {
             let mut progressed = self.poll_feed(cx, io, buf);
             if let Some(response) = self.response.as_mut() {
-                if let Poll::Ready(Ok(response)) = response.as_mut().poll(cx) {
+                if let Poll::Ready(Ok(response)) = Pin::new(response).poll(cx) {
                     self.response = None;
                     self.start_response(response, buf);
                     progressed = true;

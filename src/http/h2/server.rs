@@ -26,7 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::http::body::{BoxError, ClientBody, ProxyBody};
 use crate::http::h1::write::with_http_date;
 use crate::http::headers::{content_length, hop_index, strip_hop_by_hop};
-use crate::http::pipeline::{handle_boxed, Answered, ConnectionContext, HeadChecked};
+use crate::http::pipeline::{handle_pooled, Answered, ConnectionContext, HeadChecked};
+use crate::pooled_future::PooledFuture;
 use crate::http::server::{watched, HttpLimits};
 use crate::http::watchdog::Watch;
 use crate::metrics::TerminationReason;
@@ -71,7 +72,7 @@ where
                 loop {
                     match connection.poll_accept(cx) {
                         Poll::Ready(Some(Ok((request, mut respond)))) => {
-                            // The pipeline's future is made in its own allocation first: the
+                            // The pipeline's future is made in a block of its own first: the
                             // stream's future, moved into the set, holds a pointer to it.
                             let head_only = request.method() == Method::HEAD;
                             match start_pipeline(&ctx, request) {
@@ -117,17 +118,17 @@ where
 }
 
 /// The pipeline's future for a stream's request, or why the request is malformed.
-fn start_pipeline(ctx: &Arc<ConnectionContext>, request: Request<RecvStream>) -> Result<Pin<Box<impl Future<Output = Result<Answered, Infallible>> + Send>>, &'static str> {
+fn start_pipeline(ctx: &Arc<ConnectionContext>, request: Request<RecvStream>) -> Result<PooledFuture<Result<Answered, Infallible>>, &'static str> {
     let (parts, stream) = request.into_parts();
     let body = request_body(stream, &parts.headers)?;
-    Ok(handle_boxed(ctx.clone(), Request::from_parts(parts, body), HeadChecked::Nothing))
+    Ok(handle_pooled(ctx.clone(), Request::from_parts(parts, body), HeadChecked::Nothing))
 }
 
 /// One stream: the pipeline's answer to its request, unless the client resets the stream first
 /// (the pipeline, with its upstream exchange, is dropped then), and that answer written back.
-async fn serve_stream(mut pipeline: Pin<Box<impl Future<Output = Result<Answered, Infallible>>>>, mut respond: SendResponse<Bytes>, head_only: bool) {
+async fn serve_stream(mut pipeline: PooledFuture<Result<Answered, Infallible>>, mut respond: SendResponse<Bytes>, head_only: bool) {
     let answer = std::future::poll_fn(|cx| {
-        if let Poll::Ready(Ok(answered)) = pipeline.as_mut().poll(cx) {
+        if let Poll::Ready(Ok(answered)) = Pin::new(&mut pipeline).poll(cx) {
             return Poll::Ready(Some(answered.into_response()));
         }
         respond.poll_reset(cx).map(|_| None)

@@ -46,6 +46,7 @@ use crate::http::io::ClientCounters;
 use crate::http::pool::UpstreamPool;
 use crate::http::websocket::TunnelScope;
 use crate::metrics::EngineMetrics;
+use crate::pooled_future::PooledFuture;
 use crate::routing::table::{RequestFacts, Route, SelectedTarget};
 use crate::routing::{ConnectionFacts, Protocol, RouteTable};
 use crate::security::http::Admitted;
@@ -181,10 +182,10 @@ impl ConnectionContext {
 /// One request through the phases. The request is taken apart here, before the future is made:
 /// an `async fn` keeps each argument twice (as passed, and moved into its body), and a request
 /// is large, so the future captures its parts and uses them in place.
-/// `handle`'s future in an allocation of its own, written there as it is made: built first and
-/// boxed after, the whole pipeline state would be copied into the box.
-pub fn handle_boxed(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> std::pin::Pin<Box<impl Future<Output = Result<Answered, Infallible>> + Send>> {
-    Box::into_pin(Box::write(Box::new_uninit(), handle(conn, req, head_checked)))
+/// `handle`'s future in a block of its own, written there as it is made (built first and moved
+/// after, the whole pipeline state would be copied), which the thread keeps for its next request.
+pub fn handle_pooled(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> PooledFuture<Result<Answered, Infallible>> {
+    PooledFuture::new(|| handle(conn, req, head_checked))
 }
 
 #[inline(always)]
