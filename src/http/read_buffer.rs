@@ -28,9 +28,10 @@ const MAX_KEPT: usize = 2 * BUFFER_SIZE;
 /// The most buffers a thread keeps for the next connections that have work: what a burst of
 /// requests on one worker reuses, and little enough that idle connections cost no more for it.
 const KEPT_PER_THREAD: usize = 32;
-/// What a connection that holds no buffer reads at most, into the stack (`poll_read_unlent`):
-/// most request heads, and most response heads with a small body, fit.
-pub const STACK_READ: usize = 2048;
+/// What a connection that holds no buffer reads at most, into the stack (`poll_read_unlent`): as
+/// much as a lent buffer takes in one read, so that a response up to that size still comes in one
+/// system call (copying what came costs less than a second read).
+pub const STACK_READ: usize = BUFFER_SIZE;
 
 /// A connection's read buffer: empty and unallocated while the connection has nothing to work
 /// on, else a buffer lent by the pool. It is a `BytesMut` for everything else.
