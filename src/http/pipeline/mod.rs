@@ -179,15 +179,15 @@ impl ConnectionContext {
     }
 }
 
-/// One request through the phases. The request is taken apart here, before the future is made:
-/// an `async fn` keeps each argument twice (as passed, and moved into its body), and a request
-/// is large, so the future captures its parts and uses them in place.
 /// `handle`'s future in a block of its own, written there as it is made (built first and moved
 /// after, the whole pipeline state would be copied), which the thread keeps for its next request.
 pub fn handle_pooled(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> PooledFuture<Result<Answered, Infallible>> {
     PooledFuture::new(|| handle(conn, req, head_checked))
 }
 
+/// One request through the phases. The request is taken apart here, before the future is made:
+/// an `async fn` keeps each argument twice (as passed, and moved into its body), and a request
+/// is large, so the future captures its parts and uses them in place.
 #[inline(always)]
 pub fn handle(conn: Arc<ConnectionContext>, req: Request<ClientBody>, head_checked: HeadChecked) -> impl Future<Output = Result<Answered, Infallible>> + Send {
     conn.env.metrics.requests.fetch_add(1, Ordering::Relaxed);
